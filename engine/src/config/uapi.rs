@@ -1,0 +1,1 @@
+//! The WireGuard cross-platform UAPI text protocol (get=1 / set=1).

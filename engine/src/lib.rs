@@ -1,0 +1,20 @@
+//! meshvpn-engine: a userspace WireGuard engine with a userspace TCP/IP stack
+//! and a websocket supervisor tunnel, as a safe Rust API.
+//!
+//! Layers, top to bottom (no layer reaches up):
+//!
+//! | module    | owns                                                        | I/O |
+//! |-----------|-------------------------------------------------------------|-----|
+//! | `config`  | keys, peer specs, wg-quick `.conf`, the UAPI text protocol  | no  |
+//! | `wire`    | parsing untrusted bytes: IP headers, WireGuard framing      | no  |
+//! | `router`  | AllowedIPs longest-prefix match                             | no  |
+//! | `peer`    | one boringtun `Tunn` per peer, endpoint, stats, keepalive   | no  |
+//! | `runtime` | the `Engine`: threads, queues, packet sinks                 | yes |
+//! | `io`      | syscalls: UDP sockets, TUN devices, unix sockets            | yes |
+//!
+//! `unsafe` is confined to `io`.
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod router;
+pub mod wire;

@@ -1,0 +1,1 @@
+//! The C ABI of libmeshvpn (see `include/meshvpn.h`).
