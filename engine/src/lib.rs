@@ -16,5 +16,12 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod io;
+pub mod peer;
 pub mod router;
+pub mod runtime;
 pub mod wire;
+
+pub use config::{Config, InterfaceConfig, PeerConfig, PresharedKey, PrivateKey, PublicKey};
+pub use router::IpPrefix;
+pub use runtime::{Engine, EngineError, PeerUpdate, SendError};

@@ -145,7 +145,7 @@ impl PartialEq for PrivateKey {
 impl Eq for PrivateKey {}
 
 /// A Curve25519 public key: the identity of a peer.
-#[derive(Clone, Copy, Hash)]
+#[derive(Clone, Copy)]
 pub struct PublicKey([u8; KEY_LEN]);
 
 impl PublicKey {
@@ -186,6 +186,13 @@ impl PartialEq for PublicKey {
     }
 }
 impl Eq for PublicKey {}
+
+// Hash agrees with the constant-time `eq`: equal keys have equal bytes.
+impl std::hash::Hash for PublicKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state)
+    }
+}
 
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -38,6 +38,7 @@ impl IpPrefix {
     pub fn addr(&self) -> IpAddr {
         self.addr
     }
+    #[allow(clippy::len_without_is_empty)] // a prefix length, not a size
     pub fn len(&self) -> u8 {
         self.len
     }

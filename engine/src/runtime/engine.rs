@@ -1,0 +1,783 @@
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, TunnResult};
+use boringtun::x25519;
+use crossbeam_channel::{bounded, Receiver, Sender};
+use parking_lot::{Mutex, RwLock};
+
+use super::sink::{HostQueue, InnerSink};
+use crate::config::{Config, PeerConfig, PresharedKey, PrivateKey, PublicKey, DEFAULT_MTU};
+use crate::io::tun::Tun;
+use crate::io::udp::{normalize, UdpTransport};
+use crate::peer::{output_buffer_len, DropReason, Peer, PeerOutput, PeerStats};
+use crate::router::{AllowedIps, IpPrefix};
+use crate::wire::{IpHeader, MessageKind, WireMessage};
+
+/// How often peers' protocol timers run. boringtun's timers have 250 ms
+/// granularity in its own device; 100 ms keeps handshake retries prompt.
+const TIMER_TICK: Duration = Duration::from_millis(100);
+/// Handshake messages per second the whole engine processes before it
+/// demands cookies (boringtun's device uses the same order of magnitude).
+/// Each handshake passes the shared limiter twice (engine and `Tunn`), so
+/// the limiter is configured with twice this.
+const HANDSHAKES_PER_SECOND: u64 = 100;
+/// Largest datagram the engine reads: the largest UDP payload.
+const MAX_DATAGRAM: usize = 65535;
+/// Packets the host queue holds before new ones are dropped.
+const HOST_QUEUE_PACKETS: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot bind UDP port {port}: {source}")]
+    Bind { port: u16, source: io::Error },
+    #[error("peer {0} has a low-order public key; no handshake is possible with it")]
+    LowOrderKey(PublicKey),
+    #[error("peer {0} is this engine's own public key")]
+    OwnKey(PublicKey),
+    #[error("no peer {0}")]
+    NoSuchPeer(PublicKey),
+    #[error("the engine is closed")]
+    Closed,
+    #[error("cannot start a thread: {0}")]
+    Thread(io::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("not an IP packet")]
+    Malformed,
+    #[error("no peer's AllowedIPs covers the destination")]
+    NoRoute,
+    #[error("dropped: {}", .0.name())]
+    Dropped(DropReason),
+    #[error("the UDP send failed")]
+    Network,
+    #[error("the engine is closed")]
+    Closed,
+}
+
+/// A partial change to a peer, as the UAPI expresses it.
+#[derive(Debug, Clone, Default)]
+pub struct PeerUpdate {
+    /// `Some(None)` removes the preshared key.
+    pub preshared_key: Option<Option<PresharedKey>>,
+    pub endpoint: Option<SocketAddr>,
+    /// `Some(None)` or `Some(Some(0))` disables keepalive.
+    pub persistent_keepalive: Option<Option<u16>>,
+    /// Drop the peer's current AllowedIPs before adding `allowed_ips`.
+    pub replace_allowed_ips: bool,
+    pub allowed_ips: Vec<IpPrefix>,
+}
+
+/// Engine-wide counters for packets that never reached a peer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub rx_malformed: u64,
+    pub rx_unknown_index: u64,
+    pub rx_unknown_peer: u64,
+    pub rx_invalid_mac: u64,
+    pub cookie_replies_sent: u64,
+    pub tx_malformed: u64,
+    pub tx_no_route: u64,
+    pub udp_send_errors: u64,
+}
+
+#[derive(Default)]
+struct EngineCounters {
+    rx_malformed: AtomicU64,
+    rx_unknown_index: AtomicU64,
+    rx_unknown_peer: AtomicU64,
+    rx_invalid_mac: AtomicU64,
+    cookie_replies_sent: AtomicU64,
+    tx_malformed: AtomicU64,
+    tx_no_route: AtomicU64,
+    udp_send_errors: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Relaxed);
+}
+
+/// Our own key and what derives from it.
+struct Identity {
+    private_key: Option<PrivateKey>,
+    secret: Option<x25519::StaticSecret>,
+    public: Option<x25519::PublicKey>,
+    limiter: Arc<RateLimiter>,
+}
+
+impl Identity {
+    fn new(private_key: Option<PrivateKey>) -> Identity {
+        let secret = private_key.as_ref().map(|k| k.to_x25519());
+        let public = secret.as_ref().map(x25519::PublicKey::from);
+        let limiter = Arc::new(RateLimiter::new(
+            &public.unwrap_or(x25519::PublicKey::from([0u8; 32])),
+            2 * HANDSHAKES_PER_SECOND,
+        ));
+        Identity {
+            private_key,
+            secret,
+            public,
+            limiter,
+        }
+    }
+}
+
+#[derive(Default)]
+struct PeerTable {
+    by_key: HashMap<PublicKey, Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>>,
+    allowed_ips: AllowedIps<u32>,
+    /// Insertion order, for stable listings.
+    order: Vec<PublicKey>,
+}
+
+impl PeerTable {
+    fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
+        self.allowed_ips
+            .lookup(dst)
+            .and_then(|i| self.by_index.get(i))
+    }
+}
+
+struct Shared {
+    identity: RwLock<Identity>,
+    peers: RwLock<PeerTable>,
+    transport: RwLock<Arc<UdpTransport>>,
+    fwmark: Mutex<Option<u32>>,
+    sink: RwLock<Arc<dyn InnerSink>>,
+    host_queue: Arc<HostQueue>,
+    addresses: RwLock<Vec<IpPrefix>>,
+    mtu: u16,
+    counters: EngineCounters,
+    closed: AtomicBool,
+    device_gone: AtomicBool,
+}
+
+/// A running WireGuard engine. Cheap to share behind an `Arc`; every method
+/// takes `&self` and is safe to call from any thread.
+pub struct Engine {
+    shared: Arc<Shared>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stop_tx: Mutex<Option<Sender<()>>>,
+    stop_rx: Receiver<()>,
+}
+
+thread_local! {
+    static OUT_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; output_buffer_len(MAX_DATAGRAM)]);
+}
+
+impl Engine {
+    /// Binds the UDP port, adds the peers and starts the engine's threads.
+    /// Decrypted packets go to the host queue ([`Engine::recv_packet`])
+    /// until another sink is attached.
+    pub fn new(config: &Config) -> Result<Engine, EngineError> {
+        let iface = &config.interface;
+        let port = iface.listen_port.unwrap_or(0);
+        let transport = UdpTransport::bind(port, iface.fwmark)
+            .map_err(|source| EngineError::Bind { port, source })?;
+        let mtu = iface.mtu.unwrap_or(DEFAULT_MTU);
+        let host_queue = HostQueue::new(HOST_QUEUE_PACKETS, mtu as usize);
+        let shared = Arc::new(Shared {
+            identity: RwLock::new(Identity::new(iface.private_key.clone())),
+            peers: RwLock::new(PeerTable::default()),
+            transport: RwLock::new(Arc::new(transport)),
+            fwmark: Mutex::new(iface.fwmark),
+            sink: RwLock::new(host_queue.clone()),
+            host_queue,
+            addresses: RwLock::new(iface.addresses.clone()),
+            mtu,
+            counters: EngineCounters::default(),
+            closed: AtomicBool::new(false),
+            device_gone: AtomicBool::new(false),
+        });
+        let (stop_tx, stop_rx) = bounded(0);
+        let engine = Engine {
+            shared,
+            threads: Mutex::new(Vec::new()),
+            stop_tx: Mutex::new(Some(stop_tx)),
+            stop_rx,
+        };
+        for p in &config.peers {
+            engine.add_peer(p)?;
+        }
+        engine.spawn("meshvpn-rx4", |s, _| rx_loop(s, true))?;
+        engine.spawn("meshvpn-rx6", |s, _| rx_loop(s, false))?;
+        engine.spawn("meshvpn-timers", timer_loop)?;
+        Ok(engine)
+    }
+
+    fn spawn(
+        &self,
+        name: &str,
+        f: impl FnOnce(Arc<Shared>, Receiver<()>) + Send + 'static,
+    ) -> Result<(), EngineError> {
+        let shared = self.shared.clone();
+        let stop = self.stop_rx.clone();
+        let h = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || f(shared, stop))
+            .map_err(EngineError::Thread)?;
+        self.threads.lock().push(h);
+        Ok(())
+    }
+
+    pub fn public_key(&self) -> Option<PublicKey> {
+        self.shared
+            .identity
+            .read()
+            .private_key
+            .as_ref()
+            .map(|k| k.public_key())
+    }
+
+    pub fn private_key(&self) -> Option<PrivateKey> {
+        self.shared.identity.read().private_key.clone()
+    }
+
+    /// The UDP port actually bound (the one picked when 0 was asked for).
+    pub fn listen_port(&self) -> u16 {
+        self.shared.transport.read().port()
+    }
+
+    pub fn mtu(&self) -> u16 {
+        self.shared.mtu
+    }
+
+    pub fn fwmark(&self) -> Option<u32> {
+        *self.shared.fwmark.lock()
+    }
+
+    /// The host's own mesh addresses (`Address =`).
+    pub fn addresses(&self) -> Vec<IpPrefix> {
+        self.shared.addresses.read().clone()
+    }
+
+    pub fn set_addresses(&self, addresses: Vec<IpPrefix>) {
+        *self.shared.addresses.write() = addresses;
+    }
+
+    /// Replaces the private key while traffic flows: every session is
+    /// dropped and handshakes restart with the new key. A peer whose public
+    /// key is our new public key is removed (the kernel does the same).
+    pub fn set_private_key(&self, key: Option<PrivateKey>) {
+        let mut id = self.shared.identity.write();
+        if id.private_key == key {
+            return;
+        }
+        *id = Identity::new(key.clone());
+        let limiter = id.limiter.clone();
+        drop(id);
+        if let Some(k) = &key {
+            let own = k.public_key();
+            self.remove_peer(&own);
+            for p in self.shared.peers.read().by_key.values() {
+                p.set_private_key(k, limiter.clone());
+            }
+        }
+    }
+
+    /// Rebinds the UDP sockets on `port` (0 picks one); returns the port.
+    pub fn set_listen_port(&self, port: u16) -> Result<u16, EngineError> {
+        if port != 0 && port == self.listen_port() {
+            return Ok(port);
+        }
+        let fwmark = *self.shared.fwmark.lock();
+        let t = UdpTransport::bind(port, fwmark)
+            .map_err(|source| EngineError::Bind { port, source })?;
+        let chosen = t.port();
+        *self.shared.transport.write() = Arc::new(t);
+        Ok(chosen)
+    }
+
+    /// Sets SO_MARK on the UDP sockets (rebinding them on the same port).
+    pub fn set_fwmark(&self, mark: Option<u32>) -> Result<(), EngineError> {
+        *self.shared.fwmark.lock() = mark.filter(|&m| m != 0);
+        let port = self.listen_port();
+        let t =
+            UdpTransport::bind(port, mark).map_err(|source| EngineError::Bind { port, source })?;
+        *self.shared.transport.write() = Arc::new(t);
+        Ok(())
+    }
+
+    /// Adds a peer, or replaces an existing one's settings and AllowedIPs.
+    pub fn add_peer(&self, cfg: &PeerConfig) -> Result<(), EngineError> {
+        let update = PeerUpdate {
+            preshared_key: Some(cfg.preshared_key.clone()),
+            endpoint: cfg.endpoint,
+            persistent_keepalive: Some(cfg.persistent_keepalive),
+            replace_allowed_ips: true,
+            allowed_ips: cfg.allowed_ips.clone(),
+        };
+        self.update_peer(&cfg.public_key, &update, true)
+    }
+
+    /// Changes a peer; creates it first when `create` is true and it does
+    /// not exist (the UAPI's default; `update_only` passes false).
+    pub fn update_peer(
+        &self,
+        key: &PublicKey,
+        update: &PeerUpdate,
+        create: bool,
+    ) -> Result<(), EngineError> {
+        if self.shared.closed.load(Relaxed) {
+            return Err(EngineError::Closed);
+        }
+        if key.is_low_order() {
+            return Err(EngineError::LowOrderKey(*key));
+        }
+        let (private_key, limiter) = {
+            let id = self.shared.identity.read();
+            (id.private_key.clone(), id.limiter.clone())
+        };
+        if private_key.as_ref().is_some_and(|k| k.public_key() == *key) {
+            return Err(EngineError::OwnKey(*key));
+        }
+        // Peers need a private key to exist as protocol state; without one
+        // a placeholder is used and replaced by `set_private_key`.
+        let private_key = private_key.unwrap_or_else(|| PrivateKey::from_bytes([0u8; 32]));
+        let mut table = self.shared.peers.write();
+        let peer = match table.by_key.get(key) {
+            Some(p) => p.clone(),
+            None if !create => return Ok(()),
+            None => {
+                let index = loop {
+                    let i = random_u32() & 0x00ff_ffff;
+                    if !table.by_index.contains_key(&i) {
+                        break i;
+                    }
+                };
+                let cfg = PeerConfig {
+                    public_key: *key,
+                    preshared_key: update.preshared_key.clone().flatten(),
+                    allowed_ips: Vec::new(),
+                    endpoint: update.endpoint,
+                    persistent_keepalive: update.persistent_keepalive.flatten(),
+                };
+                let peer = Arc::new(Peer::new(&private_key, &cfg, index, limiter.clone()));
+                table.by_key.insert(*key, peer.clone());
+                table.by_index.insert(index, peer.clone());
+                table.order.push(*key);
+                tracing::debug!(peer = %key, "peer added");
+                peer
+            }
+        };
+        if let Some(psk) = &update.preshared_key {
+            peer.set_preshared_key(psk.clone(), &private_key, limiter);
+        }
+        if let Some(e) = update.endpoint {
+            peer.set_endpoint(e);
+        }
+        if let Some(k) = update.persistent_keepalive {
+            peer.set_persistent_keepalive(k);
+        }
+        let index = peer.index();
+        if update.replace_allowed_ips {
+            table.allowed_ips.remove_value(&index);
+        }
+        for p in &update.allowed_ips {
+            table.allowed_ips.insert(*p, index);
+        }
+        Ok(())
+    }
+
+    /// Removes a peer; its sessions end and its AllowedIPs route nowhere.
+    pub fn remove_peer(&self, key: &PublicKey) -> bool {
+        let mut table = self.shared.peers.write();
+        let Some(peer) = table.by_key.remove(key) else {
+            return false;
+        };
+        table.by_index.remove(&peer.index());
+        table.allowed_ips.remove_value(&peer.index());
+        table.order.retain(|k| k != key);
+        tracing::debug!(peer = %key, "peer removed");
+        true
+    }
+
+    /// Removes every peer.
+    pub fn clear_peers(&self) {
+        let mut table = self.shared.peers.write();
+        *table = PeerTable::default();
+    }
+
+    /// The public keys of the peers, in the order they were added.
+    pub fn peer_keys(&self) -> Vec<PublicKey> {
+        self.shared.peers.read().order.clone()
+    }
+
+    /// The current configuration of one peer.
+    pub fn peer_config(&self, key: &PublicKey) -> Option<PeerConfig> {
+        let table = self.shared.peers.read();
+        let peer = table.by_key.get(key)?;
+        Some(PeerConfig {
+            public_key: *key,
+            preshared_key: peer.preshared_key(),
+            allowed_ips: table.allowed_ips.prefixes_of(&peer.index()),
+            endpoint: peer.endpoint(),
+            persistent_keepalive: peer.persistent_keepalive(),
+        })
+    }
+
+    /// The whole running configuration (what `wg showconf` prints).
+    pub fn config(&self) -> Config {
+        let peers = self
+            .peer_keys()
+            .iter()
+            .filter_map(|k| self.peer_config(k))
+            .collect();
+        Config {
+            interface: crate::config::InterfaceConfig {
+                private_key: self.private_key(),
+                listen_port: Some(self.listen_port()),
+                addresses: self.addresses(),
+                mtu: Some(self.mtu()),
+                fwmark: self.fwmark(),
+            },
+            peers,
+        }
+    }
+
+    pub fn peer_stats(&self, key: &PublicKey) -> Option<PeerStats> {
+        self.shared.peers.read().by_key.get(key).map(|p| p.stats())
+    }
+
+    /// Stats of every peer, in the order they were added.
+    pub fn all_peer_stats(&self) -> Vec<PeerStats> {
+        let table = self.shared.peers.read();
+        table
+            .order
+            .iter()
+            .filter_map(|k| table.by_key.get(k))
+            .map(|p| p.stats())
+            .collect()
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.shared.counters;
+        EngineStats {
+            rx_malformed: c.rx_malformed.load(Relaxed),
+            rx_unknown_index: c.rx_unknown_index.load(Relaxed),
+            rx_unknown_peer: c.rx_unknown_peer.load(Relaxed),
+            rx_invalid_mac: c.rx_invalid_mac.load(Relaxed),
+            cookie_replies_sent: c.cookie_replies_sent.load(Relaxed),
+            tx_malformed: c.tx_malformed.load(Relaxed),
+            tx_no_route: c.tx_no_route.load(Relaxed),
+            udp_send_errors: c.udp_send_errors.load(Relaxed),
+        }
+    }
+
+    /// Starts a handshake with `key` now, without waiting for traffic.
+    pub fn initiate_handshake(&self, key: &PublicKey) -> Result<(), EngineError> {
+        let peer = self
+            .shared
+            .peers
+            .read()
+            .by_key
+            .get(key)
+            .cloned()
+            .ok_or(EngineError::NoSuchPeer(*key))?;
+        OUT_BUF.with_borrow_mut(|out| self.shared.emit(&peer, peer.initiate_handshake(out), out));
+        Ok(())
+    }
+
+    /// Sends one inner IP packet into the mesh: the packet API's send side,
+    /// and what the TUN reader and the userspace stack call. Runs on the
+    /// caller's thread, so callers on several threads encrypt in parallel.
+    pub fn send_packet(&self, packet: &[u8]) -> Result<(), SendError> {
+        self.shared.send_packet(packet)
+    }
+
+    /// The next decrypted packet for the host (packet API), waiting up to
+    /// `timeout`. Only packets no other sink took arrive here.
+    pub fn recv_packet(&self, timeout: Duration) -> Option<super::PacketBuf> {
+        self.shared.host_queue.recv_timeout(timeout)
+    }
+
+    /// The packet API's receive queue (to drain in batches or be notified).
+    pub fn host_queue(&self) -> &Arc<HostQueue> {
+        &self.shared.host_queue
+    }
+
+    /// The sink decrypted packets go to now.
+    pub fn sink(&self) -> Arc<dyn InnerSink> {
+        self.shared.sink.read().clone()
+    }
+
+    /// Routes decrypted packets to `sink` from now on.
+    pub fn set_sink(&self, sink: Arc<dyn InnerSink>) {
+        *self.shared.sink.write() = sink;
+    }
+
+    /// Moves the engine's inner side onto a TUN device: decrypted packets
+    /// are written to it and a reader thread sends what the kernel routes
+    /// into it.
+    pub fn attach_tun(&self, tun: Tun) -> Result<(), EngineError> {
+        let writer = tun.try_clone().map_err(EngineError::Thread)?;
+        self.set_sink(Arc::new(TunSink(writer)));
+        self.spawn("meshvpn-tun", move |s, stop| tun_loop(s, stop, tun))
+    }
+
+    /// True once an attached TUN device has gone away (interface deleted).
+    pub fn device_gone(&self) -> bool {
+        self.shared.device_gone.load(Relaxed)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Relaxed)
+    }
+
+    /// Stops every thread and waits for them. Idempotent; also done on drop.
+    pub fn close(&self) {
+        self.shared.closed.store(true, Relaxed);
+        self.stop_tx.lock().take();
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn random_u32() -> u32 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 4];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("system random number generator failed");
+    u32::from_le_bytes(b)
+}
+
+struct TunSink(Tun);
+
+impl InnerSink for TunSink {
+    fn deliver(&self, packet: &[u8]) -> bool {
+        self.0.write_packet(packet).is_ok()
+    }
+}
+
+impl Shared {
+    fn send_packet(&self, packet: &[u8]) -> Result<(), SendError> {
+        if self.closed.load(Relaxed) {
+            return Err(SendError::Closed);
+        }
+        let Ok(header) = IpHeader::new_checked(packet) else {
+            bump(&self.counters.tx_malformed);
+            return Err(SendError::Malformed);
+        };
+        let peer = {
+            let table = self.peers.read();
+            match table.route(header.dst) {
+                Some(p) => p.clone(),
+                None => {
+                    bump(&self.counters.tx_no_route);
+                    return Err(SendError::NoRoute);
+                }
+            }
+        };
+        let packet = &packet[..header.total_len];
+        OUT_BUF.with_borrow_mut(|out| {
+            let result = peer.encapsulate(packet, out);
+            match self.emit(&peer, result, out) {
+                PeerOutput::Dropped(r) => Err(SendError::Dropped(r)),
+                _ => Ok(()),
+            }
+        })
+    }
+
+    /// Does what a peer call asked: sends datagrams, delivers packets.
+    fn emit(&self, peer: &Peer, result: PeerOutput, out: &mut [u8]) -> PeerOutput {
+        match result {
+            PeerOutput::ToNetwork { len, to } => {
+                let transport = self.transport.read().clone();
+                if transport.send_to(&out[..len], to).is_err() {
+                    bump(&self.counters.udp_send_errors);
+                }
+            }
+            PeerOutput::ToHost { len, src } => {
+                let allowed = self.peers.read().allowed_ips.lookup(src) == Some(&peer.index());
+                if !allowed {
+                    return peer.drop_for(DropReason::SourceNotAllowed);
+                }
+                let sink = self.sink.read().clone();
+                if !sink.deliver(&out[..len]) {
+                    return peer.drop_for(DropReason::SinkFull);
+                }
+                peer.delivered(len);
+            }
+            PeerOutput::Done | PeerOutput::Dropped(_) => {}
+        }
+        result
+    }
+
+    /// One datagram from the network.
+    fn handle_datagram(&self, src: SocketAddr, datagram: &[u8], out: &mut [u8]) {
+        let src = normalize(src);
+        let Ok(msg) = WireMessage::new_checked(datagram) else {
+            bump(&self.counters.rx_malformed);
+            return;
+        };
+        let peer = match msg.receiver_index {
+            Some(index) => match self.peers.read().by_index.get(&(index >> 8)) {
+                Some(p) => p.clone(),
+                None => {
+                    bump(&self.counters.rx_unknown_index);
+                    return;
+                }
+            },
+            None => match self.initiation_sender(src, datagram, out) {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let result = peer.decapsulate(src, msg.kind, datagram, out);
+        self.emit(&peer, result, out);
+        if matches!(result, PeerOutput::ToNetwork { .. }) && msg.kind != MessageKind::Data {
+            // A handshake just completed: packets queued behind it go now.
+            while let r @ PeerOutput::ToNetwork { .. } = peer.flush_queued(out) {
+                self.emit(&peer, r, out);
+            }
+        }
+    }
+
+    /// Finds the peer that sent a handshake initiation. MAC1 and the
+    /// engine-wide rate limit are checked first, so a flood costs a keyed
+    /// hash per packet, not a Diffie-Hellman; under load a cookie reply
+    /// goes back instead.
+    fn initiation_sender(
+        &self,
+        src: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+    ) -> Option<Arc<Peer>> {
+        let id = self.identity.read();
+        let (Some(secret), Some(public)) = (&id.secret, &id.public) else {
+            bump(&self.counters.rx_unknown_peer);
+            return None;
+        };
+        let init = match id.limiter.verify_packet(Some(src.ip()), datagram, out) {
+            Ok(Packet::HandshakeInit(init)) => init,
+            Ok(_) => return None,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                let len = cookie.len();
+                drop(id);
+                bump(&self.counters.cookie_replies_sent);
+                let transport = self.transport.read().clone();
+                let _ = transport.send_to(&out[..len], src);
+                return None;
+            }
+            Err(_) => {
+                bump(&self.counters.rx_invalid_mac);
+                return None;
+            }
+        };
+        let half = match parse_handshake_anon(secret, public, &init) {
+            Ok(h) => h,
+            Err(_) => {
+                bump(&self.counters.rx_unknown_peer);
+                return None;
+            }
+        };
+        drop(id);
+        let key = PublicKey::from_bytes(half.peer_static_public);
+        let peer = self.peers.read().by_key.get(&key).cloned();
+        if peer.is_none() {
+            bump(&self.counters.rx_unknown_peer);
+        }
+        peer
+    }
+}
+
+fn rx_loop(shared: Arc<Shared>, v4: bool) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut out = vec![0u8; output_buffer_len(MAX_DATAGRAM)];
+    while !shared.closed.load(Relaxed) {
+        let transport = shared.transport.read().clone();
+        let sock = if v4 {
+            transport.v4.as_ref()
+        } else {
+            transport.v6.as_ref()
+        };
+        let Some(sock) = sock else {
+            std::thread::sleep(crate::io::udp::RECV_POLL);
+            continue;
+        };
+        match sock.recv_from(&mut buf) {
+            Ok((n, src)) => shared.handle_datagram(src, &buf[..n], &mut out),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            // ICMP errors surface as ECONNREFUSED on the next read; harmless.
+            Err(_) => {}
+        }
+    }
+}
+
+fn timer_loop(shared: Arc<Shared>, stop: Receiver<()>) {
+    let mut out = vec![0u8; output_buffer_len(MAX_DATAGRAM)];
+    let mut last_reset = Instant::now();
+    loop {
+        if stop.recv_timeout(TIMER_TICK).is_ok() || shared.closed.load(Relaxed) {
+            return;
+        }
+        let now = Instant::now();
+        if now.duration_since(last_reset) >= Duration::from_secs(1) {
+            shared.identity.read().limiter.reset_count();
+            last_reset = now;
+        }
+        let peers: Vec<Arc<Peer>> = shared.peers.read().by_key.values().cloned().collect();
+        for p in peers {
+            // A few rounds at most: a timer tick yields one datagram per call.
+            for _ in 0..4 {
+                match p.update_timers(now, &mut out) {
+                    r @ PeerOutput::ToNetwork { .. } => {
+                        shared.emit(&p, r, &mut out);
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+fn tun_loop(shared: Arc<Shared>, stop: Receiver<()>, mut tun: Tun) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        if shared.closed.load(Relaxed)
+            || matches!(
+                stop.try_recv(),
+                Err(crossbeam_channel::TryRecvError::Disconnected)
+            )
+        {
+            return;
+        }
+        match tun.read_timeout(&mut buf, crate::io::udp::RECV_POLL) {
+            Ok(Some(n)) if n > 0 => {
+                let _ = shared.send_packet(&buf[..n]);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::info!(device = tun.name(), error = %e, "TUN device gone");
+                shared.device_gone.store(true, Relaxed);
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,16 @@
+//! The running engine: threads, UDP sockets, packet sinks and the peer
+//! table, over the pure layers below.
+//!
+//! ```text
+//!   send:  host/TUN/netstack --send_packet--> router --> Peer::encapsulate --> UDP
+//!   recv:  UDP --rx thread--> framing --> Peer::decapsulate --> source check --> InnerSink
+//!   timer thread: Peer::update_timers every TIMER_TICK, rate limiter reset every second
+//! ```
+
+mod engine;
+mod pool;
+mod sink;
+
+pub use engine::{Engine, EngineError, EngineStats, PeerUpdate, SendError};
+pub use pool::{BufferPool, PacketBuf};
+pub use sink::{HostQueue, InnerSink};

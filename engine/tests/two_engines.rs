@@ -1,0 +1,334 @@
+//! Two (or three) engines back to back over real loopback UDP sockets.
+
+mod common;
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use common::{mesh, send_and_receive, udp_packet, wait_until};
+use meshvpn_engine::peer::DropReason;
+use meshvpn_engine::{PeerUpdate, PrivateKey, SendError};
+
+fn exchange_both_ways(underlay_v6: bool) {
+    let nodes = mesh(2, underlay_v6);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let mut sent_ab = (0u64, 0u64);
+    let mut sent_ba = (0u64, 0u64);
+    for (inner_v6, size) in [(false, 84), (false, 1400), (true, 104), (true, 1400)] {
+        let (sa, sb): (IpAddr, IpAddr) = if inner_v6 { (a.v6, b.v6) } else { (a.v4, b.v4) };
+        let payload = size - if inner_v6 { 48 } else { 28 };
+        let p = udp_packet(sa, sb, payload, 1);
+        assert_eq!(p.len(), size);
+        assert_eq!(
+            send_and_receive(&a.engine, &b.engine, &p).as_deref(),
+            Some(&p[..]),
+            "a->b {size} v6={inner_v6}"
+        );
+        sent_ab = (sent_ab.0 + 1, sent_ab.1 + size as u64);
+        let q = udp_packet(sb, sa, payload, 2);
+        assert_eq!(
+            send_and_receive(&b.engine, &a.engine, &q).as_deref(),
+            Some(&q[..]),
+            "b->a {size} v6={inner_v6}"
+        );
+        sent_ba = (sent_ba.0 + 1, sent_ba.1 + size as u64);
+    }
+    let sa = a.engine.peer_stats(&b.key.public_key()).unwrap();
+    let sb = b.engine.peer_stats(&a.key.public_key()).unwrap();
+    assert_eq!((sa.tx_packets, sa.tx_inner_bytes), sent_ab);
+    assert_eq!((sb.rx_packets, sb.rx_inner_bytes), sent_ab);
+    assert_eq!((sb.tx_packets, sb.tx_inner_bytes), sent_ba);
+    assert_eq!((sa.rx_packets, sa.rx_inner_bytes), sent_ba);
+    // Wire bytes: every data message is its inner packet plus 32 bytes, and
+    // one side's sent is the other's received (no loss on loopback).
+    assert!(sa.tx_bytes >= sent_ab.1 + 32 * sent_ab.0);
+    assert!(wait_until(Duration::from_secs(2), || {
+        let sa = a.engine.peer_stats(&b.key.public_key()).unwrap();
+        let sb = b.engine.peer_stats(&a.key.public_key()).unwrap();
+        sa.tx_bytes == sb.rx_bytes && sb.tx_bytes == sa.rx_bytes
+    }));
+    assert!(sa.last_handshake.is_some() && sb.last_handshake.is_some());
+    assert_eq!(sa.total_drops() + sb.total_drops(), 0);
+    let expected_host = if underlay_v6 { "::1" } else { "127.0.0.1" };
+    assert_eq!(
+        sb.endpoint.unwrap().ip(),
+        expected_host.parse::<IpAddr>().unwrap()
+    );
+}
+
+#[test]
+fn packets_cross_both_ways_v4_and_v6_inside_over_v4_underlay() {
+    exchange_both_ways(false);
+}
+
+#[test]
+fn packets_cross_both_ways_over_v6_underlay() {
+    exchange_both_ways(true);
+}
+
+#[test]
+fn inner_source_outside_allowed_ips_is_dropped_and_counted() {
+    let nodes = mesh(2, false);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let ok = udp_packet(a.v4, b.v4, 10, 0);
+    assert!(send_and_receive(&a.engine, &b.engine, &ok).is_some());
+    // a spoofs an inner source that b does not allow for a.
+    let spoofed = udp_packet("10.77.0.99".parse().unwrap(), b.v4, 10, 0);
+    a.engine.send_packet(&spoofed).unwrap();
+    assert!(b.engine.recv_packet(Duration::from_millis(500)).is_none());
+    let sb = b.engine.peer_stats(&a.key.public_key()).unwrap();
+    assert_eq!(sb.drops(DropReason::SourceNotAllowed), 1);
+    assert_eq!(sb.rx_packets, 1);
+}
+
+#[test]
+fn unrouted_and_malformed_packets_are_refused() {
+    let nodes = mesh(2, false);
+    let a = &nodes[0];
+    let p = udp_packet(a.v4, "10.99.0.1".parse().unwrap(), 10, 0);
+    assert_eq!(a.engine.send_packet(&p), Err(SendError::NoRoute));
+    assert_eq!(
+        a.engine.send_packet(&[0x45, 0, 0]),
+        Err(SendError::Malformed)
+    );
+    assert_eq!(a.engine.send_packet(&[]), Err(SendError::Malformed));
+    let s = a.engine.stats();
+    assert_eq!((s.tx_no_route, s.tx_malformed), (1, 2));
+}
+
+#[test]
+fn garbage_datagrams_are_counted_and_dropped() {
+    let nodes = mesh(2, false);
+    let b = &nodes[1];
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = ("127.0.0.1", b.engine.listen_port());
+    for len in [0usize, 1, 3, 4, 31, 100, 147, 149] {
+        sock.send_to(&vec![0xAB; len], to).unwrap();
+    }
+    // A data message for an index nobody has.
+    let mut data = vec![0u8; 48];
+    data[0] = 4;
+    sock.send_to(&data, to).unwrap();
+    // An initiation with a bad MAC1.
+    let mut init = vec![0u8; 148];
+    init[0] = 1;
+    sock.send_to(&init, to).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(2), || {
+            let s = b.engine.stats();
+            s.rx_malformed == 8 && s.rx_unknown_index == 1 && s.rx_invalid_mac == 1
+        }),
+        "{:?}",
+        b.engine.stats()
+    );
+    // The engine still works.
+    let a = &nodes[0];
+    assert!(send_and_receive(&a.engine, &b.engine, &udp_packet(a.v4, b.v4, 5, 0)).is_some());
+}
+
+#[test]
+fn removed_peer_stops_traffic_and_readding_restores_it() {
+    let nodes = mesh(2, false);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let p = udp_packet(a.v4, b.v4, 64, 3);
+    assert!(send_and_receive(&a.engine, &b.engine, &p).is_some());
+    let cfg_of_a = b.engine.peer_config(&a.key.public_key()).unwrap();
+    assert!(b.engine.remove_peer(&a.key.public_key()));
+    assert!(!b.engine.remove_peer(&a.key.public_key()));
+    a.engine.send_packet(&p).unwrap();
+    assert!(b.engine.recv_packet(Duration::from_millis(500)).is_none());
+    assert!(b.engine.stats().rx_unknown_index >= 1);
+    b.engine.add_peer(&cfg_of_a).unwrap();
+    // a's session is gone on b's side: a retries its handshake (REKEY_TIMEOUT
+    // 5 s) or b initiates when it has something to send.
+    let q = udp_packet(b.v4, a.v4, 64, 4);
+    assert_eq!(
+        send_and_receive(&b.engine, &a.engine, &q).as_deref(),
+        Some(&q[..])
+    );
+    assert_eq!(
+        send_and_receive(&a.engine, &b.engine, &p).as_deref(),
+        Some(&p[..])
+    );
+}
+
+#[test]
+fn allowed_ips_move_between_peers_and_updates_apply_live() {
+    let nodes = mesh(3, false);
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let shared: meshvpn_engine::IpPrefix = "10.88.0.0/24".parse().unwrap();
+    let add = |ips| PeerUpdate {
+        allowed_ips: vec![ips],
+        ..Default::default()
+    };
+    a.engine
+        .update_peer(&b.key.public_key(), &add(shared), false)
+        .unwrap();
+    assert!(a
+        .engine
+        .peer_config(&b.key.public_key())
+        .unwrap()
+        .allowed_ips
+        .contains(&shared));
+    a.engine
+        .update_peer(&c.key.public_key(), &add(shared), false)
+        .unwrap();
+    assert!(!a
+        .engine
+        .peer_config(&b.key.public_key())
+        .unwrap()
+        .allowed_ips
+        .contains(&shared));
+    assert!(a
+        .engine
+        .peer_config(&c.key.public_key())
+        .unwrap()
+        .allowed_ips
+        .contains(&shared));
+    // update_only on an unknown peer creates nothing.
+    let stranger = PrivateKey::generate().public_key();
+    a.engine
+        .update_peer(&stranger, &add(shared), false)
+        .unwrap();
+    assert!(a.engine.peer_config(&stranger).is_none());
+    // c accepts 10.88.0.5 from a only if c allows it for a: it does not, so
+    // send to c's own address instead and check routing went to c.
+    let p = udp_packet(a.v4, c.v4, 20, 0);
+    assert!(send_and_receive(&a.engine, &c.engine, &p).is_some());
+}
+
+#[test]
+fn low_order_and_own_keys_are_refused_as_peers() {
+    let nodes = mesh(1, false);
+    let a = &nodes[0];
+    let zero = meshvpn_engine::PublicKey::from_bytes([0u8; 32]);
+    let err = a
+        .engine
+        .add_peer(&meshvpn_engine::PeerConfig::new(zero))
+        .unwrap_err();
+    assert!(err.to_string().contains("low-order"), "{err}");
+    let own = a
+        .engine
+        .add_peer(&meshvpn_engine::PeerConfig::new(a.key.public_key()))
+        .unwrap_err();
+    assert!(own.to_string().contains("own public key"), "{own}");
+    assert!(a.engine.peer_keys().is_empty());
+}
+
+#[test]
+fn private_key_swap_while_traffic_flows_recovers() {
+    let nodes = mesh(2, false);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let p = udp_packet(a.v4, b.v4, 200, 5);
+    assert!(send_and_receive(&a.engine, &b.engine, &p).is_some());
+    let new_key = PrivateKey::generate();
+    a.engine.set_private_key(Some(new_key.clone()));
+    // b must learn a's new public key, as an operator would configure it.
+    let mut cfg = b.engine.peer_config(&a.key.public_key()).unwrap();
+    b.engine.remove_peer(&a.key.public_key());
+    cfg.public_key = new_key.public_key();
+    b.engine.add_peer(&cfg).unwrap();
+    assert_eq!(
+        send_and_receive(&a.engine, &b.engine, &p).as_deref(),
+        Some(&p[..])
+    );
+    let q = udp_packet(b.v4, a.v4, 200, 6);
+    assert_eq!(
+        send_and_receive(&b.engine, &a.engine, &q).as_deref(),
+        Some(&q[..])
+    );
+}
+
+#[test]
+fn persistent_keepalive_establishes_a_session_without_traffic() {
+    let nodes = mesh(2, false);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let upd = PeerUpdate {
+        persistent_keepalive: Some(Some(1)),
+        ..Default::default()
+    };
+    a.engine
+        .update_peer(&b.key.public_key(), &upd, false)
+        .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || {
+        b.engine
+            .peer_stats(&a.key.public_key())
+            .unwrap()
+            .keepalives_received
+            >= 2
+    }));
+    assert!(b
+        .engine
+        .peer_stats(&a.key.public_key())
+        .unwrap()
+        .last_handshake
+        .is_some());
+}
+
+#[test]
+fn roaming_follows_authenticated_packets() {
+    let nodes = mesh(2, false);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let p = udp_packet(a.v4, b.v4, 30, 0);
+    assert!(send_and_receive(&a.engine, &b.engine, &p).is_some());
+    let before = b
+        .engine
+        .peer_stats(&a.key.public_key())
+        .unwrap()
+        .endpoint
+        .unwrap();
+    assert_eq!(before.port(), a.engine.listen_port());
+    // a moves to a new port (its "public address" changes).
+    let new_port = a.engine.set_listen_port(0).unwrap();
+    assert_ne!(new_port, before.port());
+    assert_eq!(
+        send_and_receive(&a.engine, &b.engine, &p).as_deref(),
+        Some(&p[..])
+    );
+    let after = b
+        .engine
+        .peer_stats(&a.key.public_key())
+        .unwrap()
+        .endpoint
+        .unwrap();
+    assert_eq!(after.port(), new_port, "b follows a to its new address");
+    // and b's replies reach a at the new address.
+    let q = udp_packet(b.v4, a.v4, 30, 1);
+    assert_eq!(
+        send_and_receive(&b.engine, &a.engine, &q).as_deref(),
+        Some(&q[..])
+    );
+}
+
+#[test]
+fn close_while_traffic_flows_joins_every_thread() {
+    let nodes = mesh(2, false);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let p = udp_packet(a.v4, b.v4, 1000, 0);
+    assert!(send_and_receive(&a.engine, &b.engine, &p).is_some());
+    std::thread::scope(|s| {
+        let sender = s.spawn(|| {
+            let mut sent = 0;
+            for _ in 0..200_000 {
+                match a.engine.send_packet(&p) {
+                    Ok(()) => sent += 1,
+                    Err(SendError::Closed) => break,
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+            sent
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let t = std::time::Instant::now();
+        b.engine.close();
+        a.engine.close();
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "close took {:?}",
+            t.elapsed()
+        );
+        let sent = sender.join().unwrap();
+        assert!(sent > 0);
+    });
+    assert_eq!(a.engine.send_packet(&p), Err(SendError::Closed));
+}
