@@ -1,6 +1,29 @@
 //! The `meshvpn` command.
 
+mod demo;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "meshvpn", version, about = "Userspace WireGuard mesh, userspace TCP/IP and the k3s supervisor tunnel")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a mesh of engines on loopback (no root) and show handshakes, traffic and stats
+    Demo(demo::DemoArgs),
+}
+
 fn main() {
-    eprintln!("meshvpn: no commands yet");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("meshvpn: {e}");
+        std::process::exit(1);
+    }
 }
