@@ -30,8 +30,8 @@ struct Node {
 }
 
 const NAMES: [&str; 16] = [
-    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima",
-    "mike", "november", "oscar", "papa",
+    "alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet",
+    "kilo", "lima", "mike", "november", "oscar", "papa",
 ];
 
 pub fn run(args: DemoArgs) -> Result<(), String> {
@@ -59,7 +59,13 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
             key.public_key()
         );
         let (replies_tx, replies) = mpsc::channel();
-        nodes.push(Node { name: NAMES[i].to_string(), addr, engine: Arc::new(engine), replies, replies_tx });
+        nodes.push(Node {
+            name: NAMES[i].to_string(),
+            addr,
+            engine: Arc::new(engine),
+            replies,
+            replies_tx,
+        });
     }
     for a in &nodes {
         for (j, b) in nodes.iter().enumerate() {
@@ -67,7 +73,10 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
                 continue;
             }
             let mut p = PeerConfig::new(keys[j].public_key());
-            p.endpoint = Some(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), b.engine.listen_port()));
+            p.endpoint = Some(SocketAddr::new(
+                Ipv4Addr::LOCALHOST.into(),
+                b.engine.listen_port(),
+            ));
             p.allowed_ips = vec![IpPrefix::host(IpAddr::V4(b.addr))];
             a.engine.add_peer(&p).map_err(|e| e.to_string())?;
         }
@@ -80,7 +89,14 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
             a.engine.initiate_handshake(&k).map_err(|e| e.to_string())?;
         }
     }
-    let all_up = || nodes.iter().all(|a| a.engine.all_peer_stats().iter().all(|s| s.last_handshake.is_some()));
+    let all_up = || {
+        nodes.iter().all(|a| {
+            a.engine
+                .all_peer_stats()
+                .iter()
+                .all(|s| s.last_handshake.is_some())
+        })
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !all_up() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
@@ -88,7 +104,11 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
     if !all_up() {
         return Err("handshakes did not complete within 10 s".into());
     }
-    println!("\nhandshakes: all {} pairs up in {:.1} ms", n * (n - 1) / 2, t0.elapsed().as_secs_f64() * 1e3);
+    println!(
+        "\nhandshakes: all {} pairs up in {:.1} ms",
+        n * (n - 1) / 2,
+        t0.elapsed().as_secs_f64() * 1e3
+    );
 
     // Every engine echoes UDP datagrams addressed to it back to the sender.
     let stop = Arc::new(AtomicBool::new(false));
@@ -102,14 +122,18 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
         })
         .collect();
 
-    println!("\nround trips through the tunnels ({} per pair, UDP echo via the packet API):", args.pings);
+    println!(
+        "\nround trips through the tunnels ({} per pair, UDP echo via the packet API):",
+        args.pings
+    );
     let mut rtts = Vec::new();
     for a in &nodes {
         for b in &nodes {
             if a.addr == b.addr {
                 continue;
             }
-            let median = ping_pair(a, b, args.pings).ok_or_else(|| format!("{} -> {}: no echo came back", a.name, b.name))?;
+            let median = ping_pair(a, b, args.pings)
+                .ok_or_else(|| format!("{} -> {}: no echo came back", a.name, b.name))?;
             rtts.push((a.name.clone(), b.name.clone(), median));
         }
     }
@@ -118,10 +142,16 @@ pub fn run(args: DemoArgs) -> Result<(), String> {
         let _ = e.join();
     }
 
-    println!("\n{:<8} {:<8} {:<21} {:>10} {:>12} {:>12} {:>9} {:>10}", "engine", "peer", "endpoint", "handshake", "sent", "received", "drops", "rtt p50");
+    println!(
+        "\n{:<8} {:<8} {:<21} {:>10} {:>12} {:>12} {:>9} {:>10}",
+        "engine", "peer", "endpoint", "handshake", "sent", "received", "drops", "rtt p50"
+    );
     for a in &nodes {
         for s in a.engine.all_peer_stats() {
-            let peer = nodes.iter().find(|b| b.engine.public_key() == Some(s.public_key)).expect("peer is a node");
+            let peer = nodes
+                .iter()
+                .find(|b| b.engine.public_key() == Some(s.public_key))
+                .expect("peer is a node");
             let age = s
                 .last_handshake
                 .and_then(|t| t.elapsed().ok())
@@ -182,7 +212,10 @@ fn udp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) ->
 }
 
 fn ipv4_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header.chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]]) as u32).sum();
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]) as u32)
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -196,14 +229,22 @@ fn parse_udp4(p: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr, u16, u16, &[u8])> {
     }
     let src = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
     let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
-    Some((src, dst, u16::from_be_bytes([p[20], p[21]]), u16::from_be_bytes([p[22], p[23]]), &p[28..]))
+    Some((
+        src,
+        dst,
+        u16::from_be_bytes([p[20], p[21]]),
+        u16::from_be_bytes([p[22], p[23]]),
+        &p[28..],
+    ))
 }
 
 /// Reads everything decrypted for one engine: answers echo requests and
 /// hands echo replies to whoever is timing round trips.
 fn echo_loop(engine: &Engine, stop: &AtomicBool, replies: &mpsc::Sender<(Ipv4Addr, Vec<u8>)>) {
     while !stop.load(Ordering::Relaxed) {
-        let Some(pkt) = engine.recv_packet(Duration::from_millis(50)) else { continue };
+        let Some(pkt) = engine.recv_packet(Duration::from_millis(50)) else {
+            continue;
+        };
         match parse_udp4(&pkt) {
             Some((src, dst, sport, ECHO_PORT, payload)) => {
                 let _ = engine.send_packet(&udp4(dst, src, ECHO_PORT, sport, payload));
@@ -223,9 +264,14 @@ fn ping_pair(a: &Node, b: &Node, count: u32) -> Option<Duration> {
     for seq in 0..count {
         let payload = seq.to_be_bytes();
         let t = Instant::now();
-        a.engine.send_packet(&udp4(a.addr, b.addr, 40000, ECHO_PORT, &payload)).ok()?;
+        a.engine
+            .send_packet(&udp4(a.addr, b.addr, 40000, ECHO_PORT, &payload))
+            .ok()?;
         let deadline = t + Duration::from_secs(1);
-        while let Ok((from, p)) = a.replies.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        while let Ok((from, p)) = a
+            .replies
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
             if from == b.addr && p == payload {
                 samples.push(t.elapsed());
                 break;

@@ -5,7 +5,11 @@ mod demo;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "meshvpn", version, about = "Userspace WireGuard mesh, userspace TCP/IP and the k3s supervisor tunnel")]
+#[command(
+    name = "meshvpn",
+    version,
+    about = "Userspace WireGuard mesh, userspace TCP/IP and the k3s supervisor tunnel"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
