@@ -4,7 +4,7 @@
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
 const IFNAMSIZ: usize = 16;
@@ -22,6 +22,36 @@ struct IfReqMtu {
     name: [libc::c_char; IFNAMSIZ],
     mtu: libc::c_int,
     _pad: [u8; 20],
+}
+
+/// Packets one burst read takes at most.
+pub const TUN_BURST: usize = 64;
+/// Room per packet in a burst: the largest IP packet.
+const TUN_SLOT: usize = 65535;
+
+/// Buffers for [`Tun::read_burst`], reused across reads.
+pub struct TunBurst {
+    buf: Vec<u8>,
+    lens: [usize; TUN_BURST],
+}
+
+impl Default for TunBurst {
+    fn default() -> Self {
+        TunBurst {
+            buf: vec![0u8; TUN_BURST * TUN_SLOT],
+            lens: [0; TUN_BURST],
+        }
+    }
+}
+
+impl TunBurst {
+    /// The first `n` packets read.
+    pub fn packets(&self, n: usize) -> impl Iterator<Item = &[u8]> {
+        self.lens[..n]
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| &self.buf[i * TUN_SLOT..i * TUN_SLOT + len])
+    }
 }
 
 /// An open TUN device.
@@ -72,6 +102,7 @@ impl Tun {
             .take_while(|&&c| c != 0)
             .map(|&c| c as u8 as char)
             .collect();
+        set_nonblocking(&file)?;
         Ok(Tun { file, name })
     }
 
@@ -117,21 +148,35 @@ impl Tun {
         Ok(())
     }
 
-    /// Waits up to `timeout` for a packet; `Ok(None)` on timeout.
-    pub fn read_timeout(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<Option<usize>> {
-        if !wait_readable(self.file.as_raw_fd(), timeout)? {
-            return Ok(None);
+    /// Waits up to `timeout` for packets, then reads as many as are ready
+    /// (up to the burst's capacity) without blocking again. Returns how
+    /// many were read; 0 on timeout.
+    pub fn read_burst(&mut self, burst: &mut TunBurst, timeout: Duration) -> io::Result<usize> {
+        if !super::udp::poll(self.file.as_raw_fd(), libc::POLLIN, timeout)? {
+            return Ok(0);
         }
-        match self.file.read(buf) {
-            Ok(n) => Ok(Some(n)),
-            Err(e)
-                if e.kind() == io::ErrorKind::Interrupted
-                    || e.kind() == io::ErrorKind::WouldBlock =>
-            {
-                Ok(None)
+        let mut n = 0;
+        while n < TUN_BURST {
+            let slot = &mut burst.buf[n * TUN_SLOT..(n + 1) * TUN_SLOT];
+            match self.file.read(slot) {
+                Ok(len) => {
+                    burst.lens[n] = len;
+                    n += 1;
+                }
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    break
+                }
+                Err(e) if n > 0 => {
+                    tracing::debug!(error = %e, "TUN read failed after a burst");
+                    break;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => Err(e),
         }
+        Ok(n)
     }
 
     pub fn write_packet(&self, packet: &[u8]) -> io::Result<()> {
@@ -139,31 +184,17 @@ impl Tun {
     }
 }
 
-/// poll(2) for readability with a timeout.
-pub fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: one valid pollfd, count 1.
-    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-    match rc {
-        n if n < 0 => {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            }
-        }
-        0 => Ok(false),
-        _ if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
-            && pfd.revents & libc::POLLIN == 0 =>
-        {
-            Err(io::Error::new(io::ErrorKind::BrokenPipe, "device closed"))
-        }
-        _ => Ok(true),
+/// Reads never block: the reader polls first, then drains a burst.
+fn set_nonblocking(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no pointers involved.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
     }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

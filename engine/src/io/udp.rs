@@ -1,49 +1,191 @@
 //! The UDP underlay: one IPv4 and one IPv6 socket on the same port, as
 //! wireguard-go does, so each family can be missing without the other
 //! failing.
+//!
+//! I/O is batched: receives take up to [`RECV_BATCH`] datagrams per syscall
+//! (recvmmsg) and, where the kernel has UDP GRO, each of those may be a
+//! train of equal-sized datagrams; sends of a run of equal-sized datagrams
+//! to one destination go out in one syscall with UDP GSO. quinn-udp does the
+//! control-message work and falls back to one datagram per call where the
+//! kernel lacks an offload.
 
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// How long a receive blocks before the receive loop checks for shutdown.
+/// How long a receive waits before the receive loop checks for shutdown.
 pub const RECV_POLL: Duration = Duration::from_millis(200);
+
+/// Datagrams (or GRO trains) per receive syscall.
+pub const RECV_BATCH: usize = 32;
+
+/// Largest UDP payload; a GRO train is at most this long too.
+pub const MAX_DATAGRAM: usize = 65535;
 
 /// Socket buffer size asked of the kernel; bursts of a fast peer would
 /// otherwise overflow the default 208 KiB.
 const SOCKET_BUFFER: usize = 4 << 20;
 
+/// How long a send waits for room in a full socket buffer before the
+/// datagram is dropped (IP semantics: the sender's TCP retransmits).
+const SEND_WAIT: Duration = Duration::from_millis(5);
+
+/// One bound socket and its offload state.
+pub struct BoundSocket {
+    socket: UdpSocket,
+    state: UdpSocketState,
+}
+
+impl BoundSocket {
+    fn bind(domain: Domain, port: u16, fwmark: Option<u32>) -> io::Result<BoundSocket> {
+        let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        if domain == Domain::IPV6 {
+            s.set_only_v6(true)?;
+        }
+        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+        if let Some(mark) = fwmark.filter(|&m| m != 0) {
+            s.set_mark(mark)?;
+        }
+        let addr: SocketAddr = if domain == Domain::IPV4 {
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into()
+        } else {
+            SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0).into()
+        };
+        s.bind(&addr.into())?;
+        let socket: UdpSocket = s.into();
+        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        Ok(BoundSocket { socket, state })
+    }
+
+    pub fn local_port(&self) -> io::Result<u16> {
+        Ok(self.socket.local_addr()?.port())
+    }
+
+    /// Sends `contents` to `to`, as one datagram, or with `segment_size` as
+    /// datagrams of that size (the last may be shorter) in as few syscalls
+    /// as the kernel allows.
+    pub fn send(
+        &self,
+        contents: &[u8],
+        segment_size: Option<usize>,
+        to: SocketAddr,
+    ) -> io::Result<()> {
+        let max = self.state.max_gso_segments().max(1);
+        match segment_size {
+            Some(seg) if contents.len() > seg => {
+                for chunk in contents.chunks(seg * max) {
+                    let seg = if chunk.len() > seg { Some(seg) } else { None };
+                    self.send_one(chunk, seg, to)?;
+                }
+                Ok(())
+            }
+            _ => self.send_one(contents, None, to),
+        }
+    }
+
+    fn send_one(
+        &self,
+        contents: &[u8],
+        segment_size: Option<usize>,
+        to: SocketAddr,
+    ) -> io::Result<()> {
+        let t = Transmit {
+            destination: to,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip: None,
+        };
+        match self.state.try_send(UdpSockRef::from(&self.socket), &t) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                poll(self.socket.as_raw_fd(), libc::POLLOUT, SEND_WAIT)?;
+                self.state.try_send(UdpSockRef::from(&self.socket), &t)
+            }
+            r => r,
+        }
+    }
+
+    /// Waits up to `timeout` for datagrams and receives a batch into
+    /// `batch`; returns how many entries of `batch.meta` are filled.
+    pub fn recv(&self, batch: &mut RecvBatch, timeout: Duration) -> io::Result<usize> {
+        if !poll(self.socket.as_raw_fd(), libc::POLLIN, timeout)? {
+            return Ok(0);
+        }
+        let mut bufs = batch.bufs.iter_mut();
+        let mut slices: [IoSliceMut<'_>; RECV_BATCH] =
+            std::array::from_fn(|_| IoSliceMut::new(bufs.next().expect("RECV_BATCH buffers")));
+        match self
+            .state
+            .recv(UdpSockRef::from(&self.socket), &mut slices, &mut batch.meta)
+        {
+            Ok(n) => Ok(n),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(0)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// How many segments one GSO send may carry here (1: no GSO).
+    pub fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+}
+
+/// Receive buffers for one thread, reused across calls.
+pub struct RecvBatch {
+    bufs: Vec<Box<[u8]>>,
+    meta: Vec<RecvMeta>,
+}
+
+impl Default for RecvBatch {
+    fn default() -> Self {
+        RecvBatch {
+            bufs: (0..RECV_BATCH)
+                .map(|_| vec![0u8; MAX_DATAGRAM].into_boxed_slice())
+                .collect(),
+            meta: vec![RecvMeta::default(); RECV_BATCH],
+        }
+    }
+}
+
+impl RecvBatch {
+    /// The datagrams of the first `n` entries, GRO trains split: calls `f`
+    /// with (source, datagram) for each.
+    pub fn for_each(&self, n: usize, mut f: impl FnMut(SocketAddr, &[u8])) {
+        for (meta, buf) in self.meta.iter().zip(&self.bufs).take(n) {
+            let data = &buf[..meta.len.min(buf.len())];
+            if data.is_empty() {
+                // A zero-length datagram is still a datagram (to be counted).
+                f(meta.addr, data);
+                continue;
+            }
+            let stride = if meta.stride == 0 {
+                data.len()
+            } else {
+                meta.stride
+            };
+            for d in data.chunks(stride) {
+                f(meta.addr, d);
+            }
+        }
+    }
+}
+
 pub struct UdpTransport {
-    pub v4: Option<UdpSocket>,
-    pub v6: Option<UdpSocket>,
+    pub v4: Option<BoundSocket>,
+    pub v6: Option<BoundSocket>,
     port: u16,
-}
-
-fn socket(domain: Domain, fwmark: Option<u32>) -> io::Result<Socket> {
-    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
-    if domain == Domain::IPV6 {
-        s.set_only_v6(true)?;
-    }
-    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
-    if let Some(mark) = fwmark.filter(|&m| m != 0) {
-        s.set_mark(mark)?;
-    }
-    s.set_read_timeout(Some(RECV_POLL))?;
-    Ok(s)
-}
-
-fn bind(domain: Domain, port: u16, fwmark: Option<u32>) -> io::Result<UdpSocket> {
-    let s = socket(domain, fwmark)?;
-    let addr: SocketAddr = if domain == Domain::IPV4 {
-        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into()
-    } else {
-        SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0).into()
-    };
-    s.bind(&addr.into())?;
-    Ok(s.into())
 }
 
 impl UdpTransport {
@@ -52,12 +194,12 @@ impl UdpTransport {
     pub fn bind(port: u16, fwmark: Option<u32>) -> io::Result<UdpTransport> {
         let mut last_err = None;
         for _attempt in 0..8 {
-            let v4 = bind(Domain::IPV4, port, fwmark);
+            let v4 = BoundSocket::bind(Domain::IPV4, port, fwmark);
             let chosen = match &v4 {
-                Ok(s) => s.local_addr()?.port(),
+                Ok(s) => s.local_port()?,
                 Err(_) => port,
             };
-            let v6 = bind(Domain::IPV6, chosen, fwmark);
+            let v6 = BoundSocket::bind(Domain::IPV6, chosen, fwmark);
             match (v4, v6) {
                 (Ok(a), Ok(b)) => {
                     return Ok(UdpTransport {
@@ -78,7 +220,7 @@ impl UdpTransport {
                     })
                 }
                 (Err(_), Ok(b)) => {
-                    let chosen = b.local_addr()?.port();
+                    let chosen = b.local_port()?;
                     return Ok(UdpTransport {
                         v4: None,
                         v6: Some(b),
@@ -96,14 +238,20 @@ impl UdpTransport {
         self.port
     }
 
-    pub fn socket_for(&self, to: &SocketAddr) -> Option<&UdpSocket> {
+    pub fn socket_for(&self, to: &SocketAddr) -> Option<&BoundSocket> {
         match to {
             SocketAddr::V4(_) => self.v4.as_ref(),
             SocketAddr::V6(_) => self.v6.as_ref(),
         }
     }
 
-    pub fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
+    /// Sends one datagram, or a run of `segment_size` datagrams.
+    pub fn send(
+        &self,
+        contents: &[u8],
+        segment_size: Option<usize>,
+        to: SocketAddr,
+    ) -> io::Result<()> {
         let to = normalize(to);
         let sock = self.socket_for(&to).ok_or_else(|| {
             io::Error::new(
@@ -111,7 +259,11 @@ impl UdpTransport {
                 "no socket of that address family",
             )
         })?;
-        sock.send_to(datagram, to).map(|_| ())
+        sock.send(contents, segment_size, to)
+    }
+
+    pub fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<()> {
+        self.send(datagram, None, to)
     }
 }
 
@@ -124,4 +276,34 @@ pub fn normalize(addr: SocketAddr) -> SocketAddr {
         },
         v4 => v4,
     }
+}
+
+/// poll(2) one fd for `events` with a timeout; true when ready.
+pub fn poll(fd: std::os::fd::RawFd, events: libc::c_short, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: one valid, initialised pollfd and a count of 1.
+    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    if rc > 0
+        && pfd.revents & events == 0
+        && pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "descriptor closed or in error",
+        ));
+    }
+    Ok(rc > 0)
 }

@@ -16,8 +16,8 @@ use parking_lot::{Mutex, RwLock};
 
 use super::sink::{HostQueue, InnerSink};
 use crate::config::{Config, PeerConfig, PresharedKey, PrivateKey, PublicKey, DEFAULT_MTU};
-use crate::io::tun::Tun;
-use crate::io::udp::{normalize, UdpTransport};
+use crate::io::tun::{Tun, TunBurst};
+use crate::io::udp::{normalize, RecvBatch, UdpTransport, MAX_DATAGRAM, RECV_POLL};
 use crate::peer::{output_buffer_len, DropReason, Peer, PeerOutput, PeerStats};
 use crate::router::{AllowedIps, IpPrefix};
 use crate::wire::{IpHeader, MessageKind, WireMessage};
@@ -30,8 +30,6 @@ const TIMER_TICK: Duration = Duration::from_millis(100);
 /// Each handshake passes the shared limiter twice (engine and `Tunn`), so
 /// the limiter is configured with twice this.
 const HANDSHAKES_PER_SECOND: u64 = 100;
-/// Largest datagram the engine reads: the largest UDP payload.
-const MAX_DATAGRAM: usize = 65535;
 /// Packets the host queue holds before new ones are dropped.
 const HOST_QUEUE_PACKETS: usize = 4096;
 
@@ -174,6 +172,83 @@ pub struct Engine {
 
 thread_local! {
     static OUT_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0u8; output_buffer_len(MAX_DATAGRAM)]);
+    static TX_BATCH: RefCell<TxBatch> = RefCell::new(TxBatch::default());
+}
+
+/// Encrypted datagrams waiting to leave together: a run of equal-sized
+/// datagrams to one endpoint (the last may be shorter), as UDP GSO wants.
+struct TxBatch {
+    buf: Vec<u8>,
+    /// Bytes of `buf` holding encrypted datagrams.
+    used: usize,
+    /// Where the current run starts, its destination and segment size.
+    run_start: usize,
+    run: Option<(SocketAddr, usize)>,
+    /// True once the run has a short (final) segment.
+    run_closed: bool,
+}
+
+/// Bytes of encrypted datagrams a send batch holds (and so at most what
+/// one GSO send carries: the kernel's limit is 64 KiB).
+const TX_BATCH_BYTES: usize = 64 * 1024 - 1;
+
+impl Default for TxBatch {
+    fn default() -> Self {
+        TxBatch {
+            buf: vec![0u8; TX_BATCH_BYTES + output_buffer_len(MAX_DATAGRAM)],
+            used: 0,
+            run_start: 0,
+            run: None,
+            run_closed: false,
+        }
+    }
+}
+
+impl TxBatch {
+    fn room(&self) -> usize {
+        TX_BATCH_BYTES.saturating_sub(self.used)
+    }
+
+    /// Adds the datagram just written at `buf[at..at + len]`.
+    fn push(
+        &mut self,
+        at: usize,
+        len: usize,
+        to: SocketAddr,
+        t: &UdpTransport,
+        c: &EngineCounters,
+    ) {
+        let fits = match self.run {
+            Some((dst, seg)) => dst == to && !self.run_closed && len <= seg && at == self.used,
+            None => false,
+        };
+        if !fits {
+            self.send_run(t, c);
+            self.run_start = at;
+            self.run = Some((to, len));
+            self.run_closed = false;
+        } else if let Some((_, seg)) = self.run {
+            self.run_closed = len < seg;
+        }
+        self.used = at + len;
+    }
+
+    fn send_run(&mut self, t: &UdpTransport, c: &EngineCounters) {
+        if let Some((to, seg)) = self.run.take() {
+            if t.send(&self.buf[self.run_start..self.used], Some(seg), to)
+                .is_err()
+            {
+                bump(&c.udp_send_errors);
+            }
+        }
+        self.run_start = self.used;
+    }
+
+    fn flush(&mut self, t: &UdpTransport, c: &EngineCounters) {
+        self.send_run(t, c);
+        self.used = 0;
+        self.run_start = 0;
+    }
 }
 
 impl Engine {
@@ -496,6 +571,14 @@ impl Engine {
         self.shared.send_packet(packet)
     }
 
+    /// Sends a batch of inner IP packets: the fast path for a host with many
+    /// packets at hand (a TUN read burst, the userspace stack's output).
+    /// Unroutable or malformed packets are counted and skipped. Returns how
+    /// many were accepted.
+    pub fn send_packets<'a>(&self, packets: impl IntoIterator<Item = &'a [u8]>) -> usize {
+        self.shared.send_packets(packets)
+    }
+
     /// The next decrypted packet for the host (packet API), waiting up to
     /// `timeout`. Only packets no other sink took arrive here.
     pub fn recv_packet(&self, timeout: Duration) -> Option<super::PacketBuf> {
@@ -570,31 +653,69 @@ impl InnerSink for TunSink {
 }
 
 impl Shared {
-    fn send_packet(&self, packet: &[u8]) -> Result<(), SendError> {
-        if self.closed.load(Relaxed) {
-            return Err(SendError::Closed);
-        }
+    /// The peer that `packet` routes to, and the packet cut to its IP length.
+    fn route<'p>(
+        &self,
+        table: &PeerTable,
+        packet: &'p [u8],
+    ) -> Result<(Arc<Peer>, &'p [u8]), SendError> {
         let Ok(header) = IpHeader::new_checked(packet) else {
             bump(&self.counters.tx_malformed);
             return Err(SendError::Malformed);
         };
-        let peer = {
-            let table = self.peers.read();
-            match table.route(header.dst) {
-                Some(p) => p.clone(),
-                None => {
-                    bump(&self.counters.tx_no_route);
-                    return Err(SendError::NoRoute);
-                }
+        match table.route(header.dst) {
+            Some(p) => Ok((p.clone(), &packet[..header.total_len])),
+            None => {
+                bump(&self.counters.tx_no_route);
+                Err(SendError::NoRoute)
             }
-        };
-        let packet = &packet[..header.total_len];
+        }
+    }
+
+    fn send_packet(&self, packet: &[u8]) -> Result<(), SendError> {
+        if self.closed.load(Relaxed) {
+            return Err(SendError::Closed);
+        }
+        let (peer, packet) = self.route(&self.peers.read(), packet)?;
         OUT_BUF.with_borrow_mut(|out| {
             let result = peer.encapsulate(packet, out);
             match self.emit(&peer, result, out) {
                 PeerOutput::Dropped(r) => Err(SendError::Dropped(r)),
                 _ => Ok(()),
             }
+        })
+    }
+
+    /// Sends many packets; consecutive ones to the same endpoint are
+    /// encrypted into one buffer and leave in one GSO send. Returns how many
+    /// were accepted (encrypted, or queued behind a handshake).
+    fn send_packets<'a>(&self, packets: impl IntoIterator<Item = &'a [u8]>) -> usize {
+        if self.closed.load(Relaxed) {
+            return 0;
+        }
+        let transport = self.transport.read().clone();
+        TX_BATCH.with_borrow_mut(|batch| {
+            let mut accepted = 0;
+            for packet in packets {
+                // The table lock is held per lookup, never across a send.
+                let Ok((peer, packet)) = self.route(&self.peers.read(), packet) else {
+                    continue;
+                };
+                if batch.room() < output_buffer_len(packet.len()) {
+                    batch.flush(&transport, &self.counters);
+                }
+                let at = batch.used;
+                match peer.encapsulate(packet, &mut batch.buf[at..]) {
+                    PeerOutput::ToNetwork { len, to } => {
+                        accepted += 1;
+                        batch.push(at, len, to, &transport, &self.counters);
+                    }
+                    PeerOutput::Done => accepted += 1,
+                    _ => {}
+                }
+            }
+            batch.flush(&transport, &self.counters);
+            accepted
         })
     }
 
@@ -702,7 +823,7 @@ impl Shared {
 }
 
 fn rx_loop(shared: Arc<Shared>, v4: bool) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut batch = RecvBatch::default();
     let mut out = vec![0u8; output_buffer_len(MAX_DATAGRAM)];
     while !shared.closed.load(Relaxed) {
         let transport = shared.transport.read().clone();
@@ -712,20 +833,16 @@ fn rx_loop(shared: Arc<Shared>, v4: bool) {
             transport.v6.as_ref()
         };
         let Some(sock) = sock else {
-            std::thread::sleep(crate::io::udp::RECV_POLL);
+            std::thread::sleep(RECV_POLL);
             continue;
         };
-        match sock.recv_from(&mut buf) {
-            Ok((n, src)) => shared.handle_datagram(src, &buf[..n], &mut out),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
-            // ICMP errors surface as ECONNREFUSED on the next read; harmless.
-            Err(_) => {}
+        match sock.recv(&mut batch, RECV_POLL) {
+            Ok(n) => batch.for_each(n, |src, datagram| {
+                shared.handle_datagram(src, datagram, &mut out)
+            }),
+            // ICMP errors surface as ECONNREFUSED and the like on a read:
+            // harmless for a datagram protocol.
+            Err(_) => std::thread::sleep(Duration::from_millis(1)),
         }
     }
 }
@@ -758,7 +875,7 @@ fn timer_loop(shared: Arc<Shared>, stop: Receiver<()>) {
 }
 
 fn tun_loop(shared: Arc<Shared>, stop: Receiver<()>, mut tun: Tun) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut burst = TunBurst::default();
     loop {
         if shared.closed.load(Relaxed)
             || matches!(
@@ -768,11 +885,11 @@ fn tun_loop(shared: Arc<Shared>, stop: Receiver<()>, mut tun: Tun) {
         {
             return;
         }
-        match tun.read_timeout(&mut buf, crate::io::udp::RECV_POLL) {
-            Ok(Some(n)) if n > 0 => {
-                let _ = shared.send_packet(&buf[..n]);
+        match tun.read_burst(&mut burst, RECV_POLL) {
+            Ok(0) => {}
+            Ok(n) => {
+                shared.send_packets(burst.packets(n));
             }
-            Ok(_) => {}
             Err(e) => {
                 tracing::info!(device = tun.name(), error = %e, "TUN device gone");
                 shared.device_gone.store(true, Relaxed);
