@@ -99,7 +99,7 @@ use meshvpn_result::*;
 
 impl meshvpn_result {
     /// Every code, for tests and the message function.
-    pub const ALL: [meshvpn_result; 25] = [
+    pub(crate) const ALL: [meshvpn_result; 25] = [
         MESHVPN_OK,
         MESHVPN_PANIC,
         MESHVPN_NULL_PARAMETER,

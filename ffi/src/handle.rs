@@ -24,13 +24,13 @@ use crate::error::{meshvpn_result, Error, Result};
 
 #[cfg(target_pointer_width = "64")]
 mod bits {
-    pub const INDEX: u32 = 32;
-    pub const GENERATION: u32 = 24;
+    pub(crate) const INDEX: u32 = 32;
+    pub(crate) const GENERATION: u32 = 24;
 }
 #[cfg(target_pointer_width = "32")]
 mod bits {
-    pub const INDEX: u32 = 16;
-    pub const GENERATION: u32 = 12;
+    pub(crate) const INDEX: u32 = 16;
+    pub(crate) const GENERATION: u32 = 12;
 }
 const INDEX_MASK: usize = (1usize << bits::INDEX) - 1;
 const GENERATION_MASK: usize = (1usize << bits::GENERATION) - 1;
@@ -38,7 +38,7 @@ const TAG_SHIFT: u32 = bits::INDEX + bits::GENERATION;
 
 /// The type tags; distinct per C type, never 0.
 pub(crate) mod tag {
-    pub const ENGINE: usize = 1;
+    pub(crate) const ENGINE: usize = 1;
 }
 
 struct Slot<T> {
