@@ -7,7 +7,7 @@
 #   PREFIX/include/meshvpn.h
 #
 # Usage: ffi/install.sh PREFIX
-#   PROFILE=debug ffi/install.sh PREFIX   installs the (faster to build) dev build
+#   PROFILE=dev ffi/install.sh PREFIX     installs the (faster to build) dev build
 #   NO_BUILD=1 ffi/install.sh PREFIX      installs what target/ already holds
 #
 # Then: cc prog.c $(PKG_CONFIG_PATH=PREFIX/lib/pkgconfig pkg-config --cflags --libs meshvpn)
@@ -22,6 +22,7 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 mkdir -p "$1"
 prefix="$(cd "$1" && pwd)"
 profile="${PROFILE:-release}"
+[[ "$profile" == "debug" ]] && profile=dev
 
 if [[ -z "${NO_BUILD:-}" ]]; then
     if [[ "$profile" == "release" ]]; then

@@ -276,6 +276,64 @@ typedef uint32_t meshvpn_log_level;
 #endif // __cplusplus
 
 /**
+ * Why packets to or from a peer were dropped: the index into
+ * `meshvpn_peer_stats.drops`. Numbers are stable and never reused.
+ */
+enum meshvpn_drop_reason
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * Nowhere to send: the peer has no endpoint yet.
+   */
+  MESHVPN_DROP_NO_ENDPOINT = 0,
+  /**
+   * Decrypted, but the inner source is outside the peer's AllowedIPs.
+   */
+  MESHVPN_DROP_SOURCE_NOT_ALLOWED = 1,
+  /**
+   * Authentication or handshake cryptography did not verify.
+   */
+  MESHVPN_DROP_DECRYPT_FAILED = 2,
+  /**
+   * A replayed counter, or one older than the replay window.
+   */
+  MESHVPN_DROP_REPLAY = 3,
+  /**
+   * A data message for a session that does not exist (any more).
+   */
+  MESHVPN_DROP_NO_SESSION = 4,
+  /**
+   * Handshake initiations arriving faster than allowed.
+   */
+  MESHVPN_DROP_HANDSHAKE_FLOOD = 5,
+  /**
+   * A handshake message that failed the protocol's checks.
+   */
+  MESHVPN_DROP_HANDSHAKE_REJECTED = 6,
+  /**
+   * The decrypted packet is not a valid IP packet.
+   */
+  MESHVPN_DROP_INNER_MALFORMED = 7,
+  /**
+   * The receiving side (host queue, TUN, userspace stack) was full.
+   */
+  MESHVPN_DROP_SINK_FULL = 8,
+  /**
+   * Encryption failed or the session expired.
+   */
+  MESHVPN_DROP_SESSION_EXPIRED = 9,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum meshvpn_drop_reason meshvpn_drop_reason;
+#else
+typedef uint32_t meshvpn_drop_reason;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * A WireGuard engine. Opaque: created by `meshvpn_engine_new` or
  * `meshvpn_engine_new_wg_quick`, released by `meshvpn_engine_free`.
  * The value is a handle, not a pointer to memory: never dereference it.
@@ -414,12 +472,14 @@ typedef void (*meshvpn_log_callback)(void *userdata, const struct meshvpn_log_re
  * One packet in a caller-owned buffer.
  *
  * Sending: `data` points to `len` bytes of an IPv4 or IPv6 packet (read
- * only). Receiving: `data` points to a buffer of `len` bytes; on success
- * `len` is overwritten with the length of the packet written there.
+ * only); `capacity` is ignored. Receiving: `data` points to a buffer of
+ * `capacity` bytes; on success the packet's length is written to `len`.
+ * An array of these can be reused from call to call unchanged.
  */
 typedef struct meshvpn_packet {
   uint8_t *data;
   size_t len;
+  size_t capacity;
 } meshvpn_packet;
 
 /**
@@ -430,7 +490,7 @@ typedef void (*meshvpn_recv_callback)(void *userdata);
 /**
  * Engine-wide counters of packets that never reached a peer.
  */
-typedef struct meshvpn_engine_stats {
+typedef struct meshvpn_stats {
   /**
    * Datagrams that are not WireGuard messages.
    */
@@ -463,7 +523,7 @@ typedef struct meshvpn_engine_stats {
    * UDP sends that failed.
    */
   uint64_t udp_send_errors;
-} meshvpn_engine_stats;
+} meshvpn_stats;
 
 /**
  * A point-in-time view of one peer.
@@ -957,9 +1017,9 @@ meshvpn_result meshvpn_engine_send_packets(struct meshvpn_engine *engine,
  * deadline) for the first packet, then takes as many more as are already
  * queued, up to `count`. Packet `i` is copied into `packets[i].data` and
  * its length written to `packets[i].len`; the number received goes to
- * `*out_received`.
+ * `*out_received`. Nothing else is written.
  *
- * Every buffer must hold the engine's MTU (`meshvpn_engine_mtu`), the
+ * Every buffer's `capacity` must be at least the engine's MTU (`meshvpn_engine_mtu`), the
  * largest packet it delivers; this is checked before anything is taken
  * from the queue, so no packet is ever truncated or lost to a small
  * buffer.
@@ -1028,7 +1088,7 @@ meshvpn_result meshvpn_engine_set_recv_callback(struct meshvpn_engine *engine,
  * are read one by one while traffic flows, not as an atomic snapshot.
  */
 meshvpn_result meshvpn_engine_stats(const struct meshvpn_engine *engine,
-                                    struct meshvpn_engine_stats *out_stats);
+                                    struct meshvpn_stats *out_stats);
 
 /**
  * Copies the counters of the peer with `public_key` into `*out_stats`.

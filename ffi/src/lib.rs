@@ -9,7 +9,7 @@
 //! | `key`    | `meshvpn_key`, generation and conversion    |
 //! | `config` | `meshvpn_config`, `meshvpn_peer_config`, `meshvpn_peer_update` |
 //! | `engine` | `meshvpn_engine`: lifecycle, keys, peers, configuration |
-//! | `stats`  | `meshvpn_engine_stats`, `meshvpn_peer_stats` |
+//! | `stats`  | `meshvpn_stats`, `meshvpn_peer_stats` |
 //! | `packet` | `meshvpn_packet`: batched send/receive, eventfd and callback wakeups |
 //! | `log`    | `meshvpn_set_log_callback`                  |
 //!

@@ -44,12 +44,14 @@ const STOP_POLL: Duration = Duration::from_millis(20);
 /// One packet in a caller-owned buffer.
 ///
 /// Sending: `data` points to `len` bytes of an IPv4 or IPv6 packet (read
-/// only). Receiving: `data` points to a buffer of `len` bytes; on success
-/// `len` is overwritten with the length of the packet written there.
+/// only); `capacity` is ignored. Receiving: `data` points to a buffer of
+/// `capacity` bytes; on success the packet's length is written to `len`.
+/// An array of these can be reused from call to call unchanged.
 #[repr(C)]
 pub struct meshvpn_packet {
     pub data: *mut u8,
     pub len: usize,
+    pub capacity: usize,
 }
 
 /// Called when packets are waiting (see `meshvpn_engine_set_recv_callback`).
@@ -77,6 +79,15 @@ impl Wakeup {
     fn packet_queued(&self) {
         if self.armed.swap(false, Ordering::SeqCst) {
             self.signal();
+        }
+    }
+
+    /// A wakeup that starts being watched now must not miss packets that
+    /// arrived before: re-arm, and fire at once if any are waiting.
+    fn rearm(&self, engine: Option<&Engine>) {
+        self.armed.store(true, Ordering::SeqCst);
+        if engine.is_some_and(|e| !e.host_queue().is_empty()) {
+            self.packet_queued();
         }
     }
 
@@ -224,9 +235,9 @@ fn check_batch(count: usize) -> Result<()> {
 /// deadline) for the first packet, then takes as many more as are already
 /// queued, up to `count`. Packet `i` is copied into `packets[i].data` and
 /// its length written to `packets[i].len`; the number received goes to
-/// `*out_received`.
+/// `*out_received`. Nothing else is written.
 ///
-/// Every buffer must hold the engine's MTU (`meshvpn_engine_mtu`), the
+/// Every buffer's `capacity` must be at least the engine's MTU (`meshvpn_engine_mtu`), the
 /// largest packet it delivers; this is checked before anything is taken
 /// from the queue, so no packet is ever truncated or lost to a small
 /// buffer.
@@ -265,10 +276,10 @@ pub unsafe extern "C" fn meshvpn_engine_recv_packets(
             if p.data.is_null() {
                 return Err(Error::null(&format!("packets[{i}].data")));
             }
-            if p.len < mtu {
+            if p.capacity < mtu {
                 return Err(Error::new(
                     meshvpn_result::MESHVPN_BUFFER_TOO_SMALL,
-                    format!("packets[{i}]: {} bytes, the engine's MTU is {mtu}", p.len),
+                    format!("packets[{i}]: capacity {}, the engine's MTU is {mtu}", p.capacity),
                 ));
             }
         }
@@ -299,7 +310,7 @@ pub unsafe extern "C" fn meshvpn_engine_recv_packets(
         let mut next = Some(first);
         while let Some(p) = next {
             let slot = &mut packets[n];
-            // SAFETY: the caller promised `slot.len` (>= MTU >= p.len())
+            // SAFETY: the caller promised `slot.capacity` (>= MTU >= p.len())
             // writable bytes at `slot.data`.
             unsafe { ptr::copy_bytes(slot.data, &p) };
             slot.len = p.len();
@@ -316,7 +327,8 @@ pub unsafe extern "C" fn meshvpn_engine_recv_packets(
 
 /// Writes into `*out_fd` an eventfd that becomes readable when packets
 /// wait (see the module's wakeup rules): poll it for `POLLIN`, then read 8
-/// bytes from it to reset it before receiving. The engine owns the fd (the
+/// bytes from it to reset it before receiving. If packets are already
+/// waiting, it is made readable at once. The engine owns the fd (the
 /// same one on every call, across stop/start); it is closed by
 /// `meshvpn_engine_free`, so stop polling it before freeing. Do not close it.
 ///
@@ -333,14 +345,17 @@ pub unsafe extern "C" fn meshvpn_engine_recv_fd(
     ffi_boundary! {{
         let handle = lookup(engine)?;
         let out = Out::new(out_fd, "out_fd")?;
-        out.write(handle.wakeup.eventfd()?);
+        let fd = handle.wakeup.eventfd()?;
+        handle.wakeup.rearm(handle.running().ok().as_deref());
+        out.write(fd);
         Ok(())
     }}
 }
 
 /// Registers `callback` to be called with `userdata` when packets wait
 /// (see the module's wakeup rules), or removes it when `callback` is NULL.
-/// It replaces any previous callback.
+/// It replaces any previous callback. If packets are already waiting, it is
+/// called at once, on the calling thread, before this returns.
 ///
 /// The callback runs on the engine's receive thread while that thread
 /// cannot receive more: it should only note the event (signal a
@@ -363,6 +378,7 @@ pub unsafe extern "C" fn meshvpn_engine_set_recv_callback(
     ffi_boundary! {{
         let handle = lookup(engine)?;
         *handle.wakeup.callback.lock() = callback.map(|f| (f, Userdata(userdata)));
+        handle.wakeup.rearm(handle.running().ok().as_deref());
         Ok(())
     }}
 }

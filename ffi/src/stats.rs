@@ -1,4 +1,4 @@
-//! `meshvpn_engine_stats` and `meshvpn_peer_stats`: counters, copied out
+//! `meshvpn_stats` and `meshvpn_peer_stats`: counters, copied out
 //! as plain structs.
 
 use std::ffi::c_char;
@@ -69,7 +69,7 @@ fn drop_index(r: DropReason) -> meshvpn_drop_reason {
 /// Engine-wide counters of packets that never reached a peer.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
-pub struct meshvpn_engine_stats {
+pub struct meshvpn_stats {
     /// Datagrams that are not WireGuard messages.
     pub rx_malformed: u64,
     /// Messages for a session index no peer has.
@@ -88,9 +88,9 @@ pub struct meshvpn_engine_stats {
     pub udp_send_errors: u64,
 }
 
-impl From<EngineStats> for meshvpn_engine_stats {
+impl From<EngineStats> for meshvpn_stats {
     fn from(s: EngineStats) -> Self {
-        meshvpn_engine_stats {
+        meshvpn_stats {
             rx_malformed: s.rx_malformed,
             rx_unknown_index: s.rx_unknown_index,
             rx_unknown_peer: s.rx_unknown_peer,
@@ -184,7 +184,7 @@ impl From<&PeerStats> for meshvpn_peer_stats {
 #[no_mangle]
 pub unsafe extern "C" fn meshvpn_engine_stats(
     engine: *const meshvpn_engine,
-    out_stats: *mut meshvpn_engine_stats,
+    out_stats: *mut meshvpn_stats,
 ) -> meshvpn_result {
     ffi_boundary! {{
         let e = lookup(engine)?.running()?;
