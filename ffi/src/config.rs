@@ -130,7 +130,11 @@ pub(crate) unsafe fn read_peer(p: &meshvpn_peer_config, field: &str) -> Result<P
     cfg.preshared_key = unsafe { p.preshared_key.as_ref() }.map(meshvpn_key::preshared);
     // SAFETY: as above.
     cfg.allowed_ips = unsafe {
-        read_prefixes(p.allowed_ips, p.allowed_ips_len, &format!("{field}.allowed_ips"))
+        read_prefixes(
+            p.allowed_ips,
+            p.allowed_ips_len,
+            &format!("{field}.allowed_ips"),
+        )
     }?;
     // SAFETY: as above.
     if let Some(e) = unsafe { ptr::try_opt_str(p.endpoint, &format!("{field}.endpoint")) }? {
@@ -171,14 +175,23 @@ pub(crate) unsafe fn read_update(
     }
     if has(MESHVPN_PEER_UPDATE_PRESHARED_KEY) {
         // SAFETY: as above.
-        update.preshared_key = Some(unsafe { u.preshared_key.as_ref() }.map(meshvpn_key::preshared));
+        update.preshared_key =
+            Some(unsafe { u.preshared_key.as_ref() }.map(meshvpn_key::preshared));
     }
-    Ok((u.public_key.public(), update, has(MESHVPN_PEER_UPDATE_CREATE)))
+    Ok((
+        u.public_key.public(),
+        update,
+        has(MESHVPN_PEER_UPDATE_CREATE),
+    ))
 }
 
 /// # Safety
 /// `list` is NULL or points to `len` NUL-terminated strings.
-unsafe fn read_prefixes(list: *const *const c_char, len: usize, field: &str) -> Result<Vec<IpPrefix>> {
+unsafe fn read_prefixes(
+    list: *const *const c_char,
+    len: usize,
+    field: &str,
+) -> Result<Vec<IpPrefix>> {
     // SAFETY: forwarded promise.
     let items = unsafe { ptr::try_slice(list, len, field) }?;
     items
@@ -189,7 +202,10 @@ unsafe fn read_prefixes(list: *const *const c_char, len: usize, field: &str) -> 
             // SAFETY: forwarded promise, per element.
             let text = unsafe { ptr::try_str(s, &what) }?;
             text.trim().parse::<IpPrefix>().map_err(|e| {
-                Error::new(meshvpn_result::MESHVPN_PREFIX_INVALID, format!("{what}: {e}"))
+                Error::new(
+                    meshvpn_result::MESHVPN_PREFIX_INVALID,
+                    format!("{what}: {e}"),
+                )
             })
         })
         .collect()
@@ -265,7 +281,11 @@ mod tests {
         // SAFETY: as above.
         let e = unsafe { read_config(&c) }.unwrap_err();
         assert_eq!(e.code, MESHVPN_PREFIX_INVALID);
-        assert!(e.message.starts_with("peers[0].allowed_ips[1]"), "{}", e.message);
+        assert!(
+            e.message.starts_with("peers[0].allowed_ips[1]"),
+            "{}",
+            e.message
+        );
 
         let peers3 = [meshvpn_peer_config {
             endpoint: c"nonsense".as_ptr(),
@@ -294,13 +314,19 @@ mod tests {
             allowed_ips_len: 0,
         };
         // SAFETY: no pointer is read.
-        assert_eq!(unsafe { read_update(&u) }.unwrap_err().code, MESHVPN_INVALID_ARGUMENT);
+        assert_eq!(
+            unsafe { read_update(&u) }.unwrap_err().code,
+            MESHVPN_INVALID_ARGUMENT
+        );
         let u = meshvpn_peer_update {
             flags: MESHVPN_PEER_UPDATE_ENDPOINT,
             ..u
         };
         // SAFETY: NULL endpoint is refused.
-        assert_eq!(unsafe { read_update(&u) }.unwrap_err().code, MESHVPN_NULL_PARAMETER);
+        assert_eq!(
+            unsafe { read_update(&u) }.unwrap_err().code,
+            MESHVPN_NULL_PARAMETER
+        );
         let u = meshvpn_peer_update {
             flags: MESHVPN_PEER_UPDATE_PRESHARED_KEY | MESHVPN_PEER_UPDATE_KEEPALIVE,
             ..u

@@ -336,19 +336,33 @@ mod tests {
     fn message_buffer_protocol() {
         let mut needed = 0usize;
         // SAFETY: NULL buffer with length 0 is the size query.
-        let r = unsafe { meshvpn_result_message(MESHVPN_NO_ROUTE as u32, std::ptr::null_mut(), 0, &mut needed) };
+        let r = unsafe {
+            meshvpn_result_message(
+                MESHVPN_NO_ROUTE as u32,
+                std::ptr::null_mut(),
+                0,
+                &mut needed,
+            )
+        };
         assert_eq!(r, MESHVPN_OK);
         assert_eq!(needed, MESHVPN_NO_ROUTE.text().len() + 1);
         let mut small = [0x55 as c_char; 4];
         let mut n = 777usize;
         // SAFETY: `small` has 4 writable bytes.
-        let r = unsafe { meshvpn_result_message(MESHVPN_NO_ROUTE as u32, small.as_mut_ptr(), 4, &mut n) };
+        let r = unsafe {
+            meshvpn_result_message(MESHVPN_NO_ROUTE as u32, small.as_mut_ptr(), 4, &mut n)
+        };
         assert_eq!(r, MESHVPN_BUFFER_TOO_SMALL);
         assert_eq!(n, 777, "out_len untouched on failure");
-        assert!(small.iter().all(|&c| c == 0x55), "buffer untouched on failure");
+        assert!(
+            small.iter().all(|&c| c == 0x55),
+            "buffer untouched on failure"
+        );
         let mut buf = vec![0 as c_char; needed];
         // SAFETY: `buf` has `needed` writable bytes.
-        let r = unsafe { meshvpn_result_message(MESHVPN_NO_ROUTE as u32, buf.as_mut_ptr(), needed, &mut n) };
+        let r = unsafe {
+            meshvpn_result_message(MESHVPN_NO_ROUTE as u32, buf.as_mut_ptr(), needed, &mut n)
+        };
         assert_eq!(r, MESHVPN_OK);
         assert_eq!(n, needed - 1);
         // SAFETY: written NUL-terminated above.

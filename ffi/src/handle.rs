@@ -115,9 +115,11 @@ impl<C, T> HandleTable<C, T> {
         Ok(value)
     }
 
-    fn live<'a>(s: &'a Slots<T>, index: usize, handle: *const C) -> Option<&'a Slot<T>> {
+    fn live(s: &Slots<T>, index: usize, handle: *const C) -> Option<&Slot<T>> {
         let generation = (handle as usize >> bits::INDEX) & GENERATION_MASK;
-        s.slots.get(index).filter(|slot| slot.generation == generation)
+        s.slots
+            .get(index)
+            .filter(|slot| slot.generation == generation)
     }
 
     fn encode(&self, index: usize, generation: usize) -> *mut C {
@@ -167,17 +169,29 @@ mod tests {
         assert_eq!(e.code, meshvpn_result::MESHVPN_INVALID_HANDLE);
         assert_eq!(*table.remove(h).unwrap(), 7);
         // Use after free and double free.
-        assert_eq!(table.get(h).unwrap_err().code, meshvpn_result::MESHVPN_INVALID_HANDLE);
-        assert_eq!(table.remove(h).unwrap_err().code, meshvpn_result::MESHVPN_INVALID_HANDLE);
+        assert_eq!(
+            table.get(h).unwrap_err().code,
+            meshvpn_result::MESHVPN_INVALID_HANDLE
+        );
+        assert_eq!(
+            table.remove(h).unwrap_err().code,
+            meshvpn_result::MESHVPN_INVALID_HANDLE
+        );
         // The slot is reused with a new generation: the old handle stays dead.
         let h2 = table.insert(Arc::new(8)).unwrap();
         assert_ne!(h, h2);
-        assert_eq!(table.get(h).unwrap_err().code, meshvpn_result::MESHVPN_INVALID_HANDLE);
+        assert_eq!(
+            table.get(h).unwrap_err().code,
+            meshvpn_result::MESHVPN_INVALID_HANDLE
+        );
         assert_eq!(*table.get(h2).unwrap(), 8);
         // Made-up values.
         for raw in [1usize, 0xdead_beef, usize::MAX, h2 as usize + 1] {
             let fake = std::ptr::without_provenance::<Opaque>(raw);
-            assert_eq!(table.get(fake).unwrap_err().code, meshvpn_result::MESHVPN_INVALID_HANDLE);
+            assert_eq!(
+                table.get(fake).unwrap_err().code,
+                meshvpn_result::MESHVPN_INVALID_HANDLE
+            );
         }
         assert_eq!(
             table.get(std::ptr::null()).unwrap_err().code,

@@ -39,7 +39,9 @@ impl meshvpn_key {
         PresharedKey::from_bytes(self.bytes)
     }
     pub(crate) fn from_public(k: &PublicKey) -> meshvpn_key {
-        meshvpn_key { bytes: *k.as_bytes() }
+        meshvpn_key {
+            bytes: *k.as_bytes(),
+        }
     }
 }
 
@@ -60,7 +62,9 @@ pub unsafe extern "C" fn meshvpn_key_generate(out_private: *mut meshvpn_key) -> 
 ///
 /// Thread safety: safe to call from any thread at any time.
 #[no_mangle]
-pub unsafe extern "C" fn meshvpn_key_generate_preshared(out_key: *mut meshvpn_key) -> meshvpn_result {
+pub unsafe extern "C" fn meshvpn_key_generate_preshared(
+    out_key: *mut meshvpn_key,
+) -> meshvpn_result {
     ffi_boundary! {{
         let out = Out::new(out_key, "out_key")?;
         out.write(meshvpn_key { bytes: *PresharedKey::generate().as_bytes() });
@@ -207,11 +211,20 @@ mod tests {
             assert_eq!(meshvpn_key_public(&k, &mut p), MESHVPN_OK);
             let mut buf = [0 as c_char; MESHVPN_KEY_BASE64_LEN];
             let mut n = 0;
-            assert_eq!(meshvpn_key_to_base64(&p, buf.as_mut_ptr(), buf.len(), &mut n), MESHVPN_OK);
+            assert_eq!(
+                meshvpn_key_to_base64(&p, buf.as_mut_ptr(), buf.len(), &mut n),
+                MESHVPN_OK
+            );
             assert_eq!(n, 44);
-            assert_eq!(std::ffi::CStr::from_ptr(buf.as_ptr()).to_str().unwrap(), PUB);
+            assert_eq!(
+                std::ffi::CStr::from_ptr(buf.as_ptr()).to_str().unwrap(),
+                PUB
+            );
             let mut hex = [0 as c_char; MESHVPN_KEY_HEX_LEN];
-            assert_eq!(meshvpn_key_to_hex(&p, hex.as_mut_ptr(), hex.len(), &mut n), MESHVPN_OK);
+            assert_eq!(
+                meshvpn_key_to_hex(&p, hex.as_mut_ptr(), hex.len(), &mut n),
+                MESHVPN_OK
+            );
             let mut back = meshvpn_key { bytes: [0; 32] };
             assert_eq!(meshvpn_key_from_hex(hex.as_ptr(), &mut back), MESHVPN_OK);
             assert_eq!(back.bytes, p.bytes);
@@ -243,7 +256,10 @@ mod tests {
         unsafe {
             assert_eq!(meshvpn_key_generate(&mut a), MESHVPN_OK);
             assert_eq!(meshvpn_key_generate_preshared(&mut b), MESHVPN_OK);
-            assert_eq!(meshvpn_key_generate(std::ptr::null_mut()), MESHVPN_NULL_PARAMETER);
+            assert_eq!(
+                meshvpn_key_generate(std::ptr::null_mut()),
+                MESHVPN_NULL_PARAMETER
+            );
         }
         assert_ne!(a.bytes, b.bytes);
         assert_eq!(a.bytes[0] & 7, 0);

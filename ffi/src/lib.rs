@@ -30,6 +30,11 @@
 //! tunnel functions are added as further modules in the same shape.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![allow(non_camel_case_types)]
+// Every exported function's doc comment is its C contract (which pointers
+// may be NULL, how much memory they cover, how long they are read); the
+// header carries it verbatim, so a Rust-only `# Safety` heading would say
+// it twice.
+#![allow(clippy::missing_safety_doc)]
 
 #[macro_use]
 mod panic;
@@ -95,9 +100,8 @@ mod tests {
 
     #[test]
     fn version_macros_match_the_crate_version() {
-        let expected = format!(
-            "{MESHVPN_VERSION_MAJOR}.{MESHVPN_VERSION_MINOR}.{MESHVPN_VERSION_PATCH}"
-        );
+        let expected =
+            format!("{MESHVPN_VERSION_MAJOR}.{MESHVPN_VERSION_MINOR}.{MESHVPN_VERSION_PATCH}");
         assert_eq!(expected, env!("CARGO_PKG_VERSION"));
         // SAFETY: meshvpn_version returns a pointer to a static NUL-terminated string.
         let linked = unsafe { std::ffi::CStr::from_ptr(meshvpn_version()) };

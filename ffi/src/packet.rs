@@ -326,9 +326,16 @@ pub unsafe extern "C" fn meshvpn_engine_recv_packets(
 }
 
 /// Writes into `*out_fd` an eventfd that becomes readable when packets
-/// wait (see the module's wakeup rules): poll it for `POLLIN`, then read 8
-/// bytes from it to reset it before receiving. If packets are already
-/// waiting, it is made readable at once. The engine owns the fd (the
+/// wait: poll it for `POLLIN`, read 8 bytes from it to reset it, then call
+/// `meshvpn_engine_recv_packets`.
+///
+/// Wakeup rules (the eventfd and the receive callback alike): every
+/// receive call re-arms the wakeup, and the next packet to arrive fires it
+/// once; a receive call that leaves packets queued fires it again at once,
+/// so receiving one batch per wakeup never strands packets. A wakeup that
+/// is registered while packets wait fires at once. Wakeups can be spurious
+/// (a receive with timeout 0 then returns `MESHVPN_TIMEOUT`).
+/// The engine owns the fd (the
 /// same one on every call, across stop/start); it is closed by
 /// `meshvpn_engine_free`, so stop polling it before freeing. Do not close it.
 ///
@@ -353,7 +360,8 @@ pub unsafe extern "C" fn meshvpn_engine_recv_fd(
 }
 
 /// Registers `callback` to be called with `userdata` when packets wait
-/// (see the module's wakeup rules), or removes it when `callback` is NULL.
+/// (under the wakeup rules of `meshvpn_engine_recv_fd`), or removes it
+/// when `callback` is NULL.
 /// It replaces any previous callback. If packets are already waiting, it is
 /// called at once, on the calling thread, before this returns.
 ///

@@ -64,7 +64,9 @@ pub(crate) unsafe fn try_slice_mut<'a, T>(
 fn check_len<T>(len: usize, what: &str) -> Result<()> {
     match len.checked_mul(size_of::<T>().max(1)) {
         Some(bytes) if bytes <= isize::MAX as usize => Ok(()),
-        _ => Err(Error::invalid(format!("{what}: length {len} is impossible"))),
+        _ => Err(Error::invalid(format!(
+            "{what}: length {len} is impossible"
+        ))),
     }
 }
 
@@ -166,8 +168,8 @@ mod tests {
 
     #[test]
     fn impossible_lengths_are_refused_before_reading() {
-        let p = 8usize as *const u64; // never dereferenced
-        // SAFETY: the length check fails before the pointer is used.
+        let p = std::ptr::dangling::<u64>(); // never dereferenced
+                                             // SAFETY: the length check fails before the pointer is used.
         let e = unsafe { try_slice(p, usize::MAX, "packets") }.unwrap_err();
         assert_eq!(e.code, MESHVPN_INVALID_ARGUMENT);
         // SAFETY: as above.
@@ -185,10 +187,15 @@ mod tests {
     #[test]
     fn text_copy_protocol() {
         // SAFETY: NULL with 0 is the size query.
-        assert_eq!(unsafe { copy_text(std::ptr::null_mut(), 0, "abc") }.unwrap(), 4);
+        assert_eq!(
+            unsafe { copy_text(std::ptr::null_mut(), 0, "abc") }.unwrap(),
+            4
+        );
         // SAFETY: NULL with a length is refused.
         assert_eq!(
-            unsafe { copy_text(std::ptr::null_mut(), 9, "abc") }.unwrap_err().code,
+            unsafe { copy_text(std::ptr::null_mut(), 9, "abc") }
+                .unwrap_err()
+                .code,
             MESHVPN_NULL_PARAMETER
         );
         let mut b = [1 as c_char; 3];
