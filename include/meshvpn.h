@@ -1052,9 +1052,10 @@ meshvpn_result meshvpn_engine_recv_packets(struct meshvpn_engine *engine,
  * so receiving one batch per wakeup never strands packets. A wakeup that
  * is registered while packets wait fires at once. Wakeups can be spurious
  * (a receive with timeout 0 then returns `MESHVPN_TIMEOUT`).
- * The engine owns the fd (the
- * same one on every call, across stop/start); it is closed by
- * `meshvpn_engine_free`, so stop polling it before freeing. Do not close it.
+ *
+ * The engine owns the fd (the same one on every call, across stop/start);
+ * it is closed by `meshvpn_engine_free`, so stop polling it before
+ * freeing. Do not close it.
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
  * `MESHVPN_UNSUPPORTED` (not Linux), `MESHVPN_INVALID_ARGUMENT` (the
