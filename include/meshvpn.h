@@ -995,10 +995,11 @@ meshvpn_result meshvpn_engine_send_packet(struct meshvpn_engine *engine,
 /**
  * Sends a batch of packets, in order, like `sendmmsg`: it stops at the
  * first packet that fails. If at least one was sent, it returns
- * `MESHVPN_OK` and writes how many to `*out_sent`; the caller may retry
- * from there to learn the error of the packet that stopped it. If the
- * first packet fails, that packet's error is returned and nothing is
- * written. `count` 0 sends nothing and writes 0. The packets and their
+ * `MESHVPN_OK` and writes how many to `*out_sent`; when that is fewer than
+ * `count`, `meshvpn_last_error()` and `meshvpn_last_error_message()` on
+ * the calling thread tell why packet `*out_sent` failed (it was not sent
+ * and is counted once in the stats). If the first packet fails, that
+ * packet's error is returned and nothing is written. `count` 0 sends nothing and writes 0. The packets and their
  * data are only read during the call.
  *
  * Errors: as `meshvpn_engine_send_packet`, plus `MESHVPN_INVALID_ARGUMENT`

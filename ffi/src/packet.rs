@@ -173,19 +173,18 @@ unsafe fn packet_bytes<'a>(data: *const u8, len: usize, what: &str) -> Result<&'
             "{what}: {len} bytes is longer than any IP packet ({MESHVPN_MAX_PACKET})"
         )));
     }
-    if data.is_null() {
-        return Err(Error::null(what));
-    }
-    // SAFETY: forwarded promise; `len` is bounded above.
+    // SAFETY: forwarded promise; `len` is bounded above. An empty packet
+    // may come with a NULL pointer (and is then malformed, not NULL).
     unsafe { ptr::try_slice(data, len, what) }
 }
 
 /// Sends a batch of packets, in order, like `sendmmsg`: it stops at the
 /// first packet that fails. If at least one was sent, it returns
-/// `MESHVPN_OK` and writes how many to `*out_sent`; the caller may retry
-/// from there to learn the error of the packet that stopped it. If the
-/// first packet fails, that packet's error is returned and nothing is
-/// written. `count` 0 sends nothing and writes 0. The packets and their
+/// `MESHVPN_OK` and writes how many to `*out_sent`; when that is fewer than
+/// `count`, `meshvpn_last_error()` and `meshvpn_last_error_message()` on
+/// the calling thread tell why packet `*out_sent` failed (it was not sent
+/// and is counted once in the stats). If the first packet fails, that
+/// packet's error is returned and nothing is written. `count` 0 sends nothing and writes 0. The packets and their
 /// data are only read during the call.
 ///
 /// Errors: as `meshvpn_engine_send_packet`, plus `MESHVPN_INVALID_ARGUMENT`
@@ -213,7 +212,12 @@ pub unsafe extern "C" fn meshvpn_engine_send_packets(
             match result {
                 Ok(()) => sent += 1,
                 Err(err) if sent == 0 => return Err(err),
-                Err(_) => break,
+                Err(err) => {
+                    // Success overall; why the batch stopped is this
+                    // thread's last error.
+                    crate::error::record(err);
+                    break;
+                }
             }
         }
         out_sent.write(sent);
