@@ -1,0 +1,29 @@
+// Package meshvpn is the Go binding of libmeshvpn: a userspace WireGuard
+// engine (boringtun's protocol core) built as a Rust library with a C ABI,
+// linked statically through cgo so that a Go program stays one binary.
+//
+// An Engine is created from a Config or from wg-quick text, runs its own
+// threads, and is released with Close:
+//
+//	key, _ := meshvpn.GenerateKey()
+//	e, err := meshvpn.New(meshvpn.Config{PrivateKey: &key, ListenPort: 51820})
+//	if err != nil { ... }
+//	defer e.Close()
+//	err = e.AddPeer(meshvpn.PeerConfig{
+//		PublicKey:  peerKey,
+//		AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.42.1.0/24")},
+//		Endpoint:   "192.0.2.7:51820",
+//	})
+//
+// Inner IP packets go in with SendPacket/SendPackets and come out with
+// ReadPackets (the packet API); every call is safe for concurrent use.
+//
+// Errors are *Error values that wrap a Result code: test them with
+// errors.Is(err, meshvpn.ErrNoRoute), errors.Is(err, net.ErrClosed) (after
+// Close), or errors.Is(err, os.ErrDeadlineExceeded) (a read timeout).
+//
+// Building: see README.md. By default the package links
+// bindings/go/lib/libmeshvpn.a, made by `make -C bindings/go lib`, and the
+// header include/meshvpn.h of the repository; with -tags meshvpn_pkgconfig
+// it uses an installed library found by pkg-config.
+package meshvpn

@@ -1,0 +1,363 @@
+package meshvpn
+
+// #include <stdint.h>
+// #include <stdlib.h>
+// #include <string.h>
+// #include <meshvpn.h>
+//
+// // A handle is an integer the library issues, not a pointer to memory; Go
+// // keeps it as a uintptr and turns it into the C type only for the call.
+// static inline meshvpn_engine *mv_engine(uintptr_t h) { return (meshvpn_engine *)h; }
+import "C"
+
+import (
+	"net/netip"
+	"runtime"
+	"sync/atomic"
+	"time"
+	"unsafe"
+)
+
+// Engine is a running WireGuard engine: a UDP socket, its peers, and the
+// threads that encrypt and decrypt. All methods are safe for concurrent
+// use, Close included: a method racing with Close fails with an error
+// that matches net.ErrClosed.
+type Engine struct {
+	handle atomic.Uintptr // 0 once closed
+}
+
+// New creates an engine from cfg and starts it.
+func New(cfg Config) (*Engine, error) {
+	var a arena
+	defer a.free()
+	c := a.config(&cfg)
+	return newEngine("New", func(out **C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_new(c, out)
+	})
+}
+
+// NewFromWgQuick creates an engine from the text of a wg-quick file
+// ([Interface] and [Peer] sections; wg-quick-only keys such as DNS or
+// PostUp are ignored) and starts it.
+func NewFromWgQuick(text string) (*Engine, error) {
+	var a arena
+	defer a.free()
+	t := a.str(text)
+	return newEngine("NewFromWgQuick", func(out **C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_new_wg_quick(t, out)
+	})
+}
+
+func newEngine(op string, create func(**C.meshvpn_engine) C.meshvpn_result) (*Engine, error) {
+	// The handle lands in an integer, never in a Go pointer variable.
+	var h C.uintptr_t
+	if err := call(op, func() C.meshvpn_result {
+		return create((**C.meshvpn_engine)(unsafe.Pointer(&h)))
+	}); err != nil {
+		return nil, err
+	}
+	e := &Engine{}
+	e.handle.Store(uintptr(h))
+	// A backstop only: an engine holds a socket and threads, so programs
+	// should Close it.
+	runtime.SetFinalizer(e, func(e *Engine) { _ = e.Close() })
+	return e, nil
+}
+
+// Close stops the engine and releases it. It is idempotent: later calls
+// return nil. Blocked ReadPackets calls return within about 20 ms with
+// an error matching net.ErrClosed.
+func (e *Engine) Close() error {
+	h := e.handle.Swap(0)
+	if h == 0 {
+		return nil
+	}
+	runtime.SetFinalizer(e, nil)
+	return call("Engine.Close", func() C.meshvpn_result {
+		return C.meshvpn_engine_free(C.mv_engine(C.uintptr_t(h)))
+	})
+}
+
+// do runs one C call on the engine's handle.
+func (e *Engine) do(op string, f func(*C.meshvpn_engine) C.meshvpn_result) error {
+	h := e.handle.Load()
+	if h == 0 {
+		return errClosed(op)
+	}
+	err := call(op, func() C.meshvpn_result { return f(C.mv_engine(C.uintptr_t(h))) })
+	runtime.KeepAlive(e)
+	return err
+}
+
+// Start starts a stopped engine again with the configuration it had.
+// Starting a running engine does nothing.
+func (e *Engine) Start() error {
+	return e.do("Engine.Start", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_start(h)
+	})
+}
+
+// Stop stops the engine (threads end, the socket closes) but keeps it and
+// its configuration for Start. Other methods fail with ErrEngineStopped
+// meanwhile.
+func (e *Engine) Stop() error {
+	return e.do("Engine.Stop", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_stop(h)
+	})
+}
+
+// Running reports whether the engine runs (false after Stop or Close).
+func (e *Engine) Running() bool {
+	var r C.bool
+	err := e.do("Engine.Running", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_is_running(h, &r)
+	})
+	return err == nil && bool(r)
+}
+
+// PublicKey returns the engine's public key.
+func (e *Engine) PublicKey() (Key, error) {
+	var k C.meshvpn_key
+	err := e.do("Engine.PublicKey", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_public_key(h, &k)
+	})
+	return fromC(&k), err
+}
+
+// SetPrivateKey replaces the engine's private key while it runs; sessions
+// restart with the new key.
+func (e *Engine) SetPrivateKey(k Key) error {
+	var a arena
+	defer a.free()
+	ck := a.key(k)
+	return e.do("Engine.SetPrivateKey", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_set_private_key(h, ck)
+	})
+}
+
+// ListenPort returns the UDP port the engine listens on.
+func (e *Engine) ListenPort() (uint16, error) {
+	var p C.uint16_t
+	err := e.do("Engine.ListenPort", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_listen_port(h, &p)
+	})
+	return uint16(p), err
+}
+
+// MTU returns the inner MTU: the largest packet ReadPackets delivers.
+func (e *Engine) MTU() (int, error) {
+	var m C.uint16_t
+	err := e.do("Engine.MTU", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_mtu(h, &m)
+	})
+	return int(m), err
+}
+
+// AddPeer adds a peer or replaces an existing one's settings and
+// AllowedIPs.
+func (e *Engine) AddPeer(p PeerConfig) error {
+	var a arena
+	defer a.free()
+	cp := (*C.meshvpn_peer_config)(a.alloc(int(unsafe.Sizeof(C.meshvpn_peer_config{}))))
+	a.peer(cp, &p)
+	return e.do("Engine.AddPeer", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_add_peer(h, cp)
+	})
+}
+
+// UpdatePeer changes some settings of a peer.
+func (e *Engine) UpdatePeer(u PeerUpdate) error {
+	var a arena
+	defer a.free()
+	cu := a.update(&u)
+	return e.do("Engine.UpdatePeer", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_update_peer(h, cu)
+	})
+}
+
+// RemovePeer removes a peer; ErrNoSuchPeer if there is none.
+func (e *Engine) RemovePeer(publicKey Key) error {
+	k := publicKey.c()
+	return e.do("Engine.RemovePeer", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_remove_peer(h, &k)
+	})
+}
+
+// InitiateHandshake starts a handshake with a peer now.
+func (e *Engine) InitiateHandshake(publicKey Key) error {
+	k := publicKey.c()
+	return e.do("Engine.InitiateHandshake", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_initiate_handshake(h, &k)
+	})
+}
+
+// Peers returns the public keys of the peers, in the order they were added.
+func (e *Engine) Peers() ([]Key, error) {
+	for {
+		var n C.size_t
+		if err := e.do("Engine.Peers", func(h *C.meshvpn_engine) C.meshvpn_result {
+			return C.meshvpn_engine_peer_keys(h, nil, 0, &n)
+		}); err != nil {
+			return nil, err
+		}
+		if n == 0 {
+			return nil, nil
+		}
+		keys := make([]C.meshvpn_key, n)
+		var got C.size_t
+		err := e.do("Engine.Peers", func(h *C.meshvpn_engine) C.meshvpn_result {
+			return C.meshvpn_engine_peer_keys(h, &keys[0], n, &got)
+		})
+		if code, ok := codeOf(err); ok && code == ErrBufferTooSmall {
+			continue // peers were added meanwhile
+		}
+		if err != nil {
+			return nil, err
+		}
+		out := make([]Key, got)
+		for i := range out {
+			out[i] = fromC(&keys[i])
+		}
+		return out, nil
+	}
+}
+
+// ConfigText returns the running configuration as wg-quick text. It
+// contains the private key: treat it as a secret.
+func (e *Engine) ConfigText() (string, error) {
+	for {
+		var n C.size_t
+		if err := e.do("Engine.ConfigText", func(h *C.meshvpn_engine) C.meshvpn_result {
+			return C.meshvpn_engine_config_text(h, nil, 0, &n)
+		}); err != nil {
+			return "", err
+		}
+		buf := (*C.char)(C.calloc(1, n))
+		var got C.size_t
+		err := e.do("Engine.ConfigText", func(h *C.meshvpn_engine) C.meshvpn_result {
+			return C.meshvpn_engine_config_text(h, buf, n, &got)
+		})
+		text := ""
+		if err == nil {
+			text = C.GoStringN(buf, C.int(got))
+		}
+		C.memset(unsafe.Pointer(buf), 0, n)
+		C.free(unsafe.Pointer(buf))
+		if code, ok := codeOf(err); ok && code == ErrBufferTooSmall {
+			continue
+		}
+		return text, err
+	}
+}
+
+// Stats are engine-wide counters of packets that never reached a peer.
+type Stats struct {
+	RxMalformed       uint64 // datagrams that are not WireGuard messages
+	RxUnknownIndex    uint64 // messages for a session index no peer has
+	RxUnknownPeer     uint64 // initiations from keys that are not peers
+	RxInvalidMAC      uint64 // handshake messages whose MAC1 failed
+	CookieRepliesSent uint64
+	TxMalformed       uint64 // packets from the host that are not IP
+	TxNoRoute         uint64 // packets from the host no peer routes
+	UDPSendErrors     uint64
+}
+
+// Stats returns the engine-wide counters.
+func (e *Engine) Stats() (Stats, error) {
+	var s C.meshvpn_stats
+	err := e.do("Engine.Stats", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_stats(h, &s)
+	})
+	return Stats{
+		RxMalformed:       uint64(s.rx_malformed),
+		RxUnknownIndex:    uint64(s.rx_unknown_index),
+		RxUnknownPeer:     uint64(s.rx_unknown_peer),
+		RxInvalidMAC:      uint64(s.rx_invalid_mac),
+		CookieRepliesSent: uint64(s.cookie_replies_sent),
+		TxMalformed:       uint64(s.tx_malformed),
+		TxNoRoute:         uint64(s.tx_no_route),
+		UDPSendErrors:     uint64(s.udp_send_errors),
+	}, err
+}
+
+// DropReason indexes PeerStats.Drops.
+type DropReason int
+
+// Why packets to or from a peer were dropped.
+const (
+	DropNoEndpoint        DropReason = C.MESHVPN_DROP_NO_ENDPOINT
+	DropSourceNotAllowed  DropReason = C.MESHVPN_DROP_SOURCE_NOT_ALLOWED
+	DropDecryptFailed     DropReason = C.MESHVPN_DROP_DECRYPT_FAILED
+	DropReplay            DropReason = C.MESHVPN_DROP_REPLAY
+	DropNoSession         DropReason = C.MESHVPN_DROP_NO_SESSION
+	DropHandshakeFlood    DropReason = C.MESHVPN_DROP_HANDSHAKE_FLOOD
+	DropHandshakeRejected DropReason = C.MESHVPN_DROP_HANDSHAKE_REJECTED
+	DropInnerMalformed    DropReason = C.MESHVPN_DROP_INNER_MALFORMED
+	DropSinkFull          DropReason = C.MESHVPN_DROP_SINK_FULL
+	DropSessionExpired    DropReason = C.MESHVPN_DROP_SESSION_EXPIRED
+)
+
+// PeerStats is a point-in-time view of one peer.
+type PeerStats struct {
+	PublicKey Key
+	Endpoint  netip.AddrPort // zero when none is known
+	// LastHandshake is the time of the last completed handshake; zero if
+	// there was none.
+	LastHandshake time.Time
+	// HandshakeRTT is the round trip of the last handshake this side
+	// initiated; -1 when none was measured.
+	HandshakeRTT        time.Duration
+	PersistentKeepalive uint16
+	TxBytes, RxBytes    uint64 // encrypted bytes on the wire
+	TxPackets           uint64 // inner packets sent to the peer
+	RxPackets           uint64
+	TxInnerBytes        uint64
+	RxInnerBytes        uint64
+	HandshakesInitiated uint64
+	HandshakesReceived  uint64
+	KeepalivesReceived  uint64
+	Drops               [C.MESHVPN_DROP_REASON_COUNT]uint64 // by DropReason
+}
+
+// PeerStats returns the counters of one peer; ErrNoSuchPeer if unknown.
+func (e *Engine) PeerStats(publicKey Key) (PeerStats, error) {
+	k := publicKey.c()
+	var s C.meshvpn_peer_stats
+	if err := e.do("Engine.PeerStats", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_peer_stats(h, &k, &s)
+	}); err != nil {
+		return PeerStats{}, err
+	}
+	out := PeerStats{
+		PublicKey:           fromC(&s.public_key),
+		HandshakeRTT:        -1,
+		PersistentKeepalive: uint16(s.persistent_keepalive),
+		TxBytes:             uint64(s.tx_bytes),
+		RxBytes:             uint64(s.rx_bytes),
+		TxPackets:           uint64(s.tx_packets),
+		RxPackets:           uint64(s.rx_packets),
+		TxInnerBytes:        uint64(s.tx_inner_bytes),
+		RxInnerBytes:        uint64(s.rx_inner_bytes),
+		HandshakesInitiated: uint64(s.handshakes_initiated),
+		HandshakesReceived:  uint64(s.handshakes_received),
+		KeepalivesReceived:  uint64(s.keepalives_received),
+	}
+	out.Endpoint, _ = netip.ParseAddrPort(C.GoString(&s.endpoint[0]))
+	if ms := uint64(s.last_handshake_unix_ms); ms != 0 {
+		out.LastHandshake = time.UnixMilli(int64(ms))
+	}
+	if rtt := uint32(s.handshake_rtt_ms); rtt != C.MESHVPN_RTT_UNKNOWN {
+		out.HandshakeRTT = time.Duration(rtt) * time.Millisecond
+	}
+	for i := range out.Drops {
+		out.Drops[i] = uint64(s.drops[i])
+	}
+	return out, nil
+}
+
+func codeOf(err error) (Result, bool) {
+	if e, ok := err.(*Error); ok {
+		return e.Code, true
+	}
+	return 0, false
+}

@@ -1,0 +1,3 @@
+module github.com/meshvpn/libmeshvpn/bindings/go
+
+go 1.24

@@ -1,0 +1,220 @@
+//! `meshvpn_stats` and `meshvpn_peer_stats`: counters, copied out
+//! as plain structs.
+
+use std::ffi::c_char;
+use std::time::UNIX_EPOCH;
+
+use ::meshvpn_engine::peer::{DropReason, PeerStats};
+use ::meshvpn_engine::runtime::EngineStats;
+
+use crate::engine::{lookup, meshvpn_engine};
+use crate::error::{meshvpn_result, Error};
+use crate::key::meshvpn_key;
+use crate::ptr::{self, Out};
+
+/// Why packets to or from a peer were dropped: the index into
+/// `meshvpn_peer_stats.drops`. Numbers are stable and never reused.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum meshvpn_drop_reason {
+    /// Nowhere to send: the peer has no endpoint yet.
+    MESHVPN_DROP_NO_ENDPOINT = 0,
+    /// Decrypted, but the inner source is outside the peer's AllowedIPs.
+    MESHVPN_DROP_SOURCE_NOT_ALLOWED = 1,
+    /// Authentication or handshake cryptography did not verify.
+    MESHVPN_DROP_DECRYPT_FAILED = 2,
+    /// A replayed counter, or one older than the replay window.
+    MESHVPN_DROP_REPLAY = 3,
+    /// A data message for a session that does not exist (any more).
+    MESHVPN_DROP_NO_SESSION = 4,
+    /// Handshake initiations arriving faster than allowed.
+    MESHVPN_DROP_HANDSHAKE_FLOOD = 5,
+    /// A handshake message that failed the protocol's checks.
+    MESHVPN_DROP_HANDSHAKE_REJECTED = 6,
+    /// The decrypted packet is not a valid IP packet.
+    MESHVPN_DROP_INNER_MALFORMED = 7,
+    /// The receiving side (host queue, TUN, userspace stack) was full.
+    MESHVPN_DROP_SINK_FULL = 8,
+    /// Encryption failed or the session expired.
+    MESHVPN_DROP_SESSION_EXPIRED = 9,
+}
+
+/// Room in `meshvpn_peer_stats.drops`; reasons added later use the unused
+/// slots, so the struct keeps its size.
+pub const MESHVPN_DROP_REASON_COUNT: usize = 16;
+/// Size of `meshvpn_peer_stats.endpoint` (the longest IPv6 endpoint with a
+/// scope and port fits).
+pub const MESHVPN_ENDPOINT_TEXT_LEN: usize = 64;
+/// `meshvpn_peer_stats.handshake_rtt_ms` when no round trip was measured.
+pub const MESHVPN_RTT_UNKNOWN: u32 = u32::MAX;
+
+const _: () = assert!(DropReason::ALL.len() <= MESHVPN_DROP_REASON_COUNT);
+
+fn drop_index(r: DropReason) -> meshvpn_drop_reason {
+    use meshvpn_drop_reason::*;
+    match r {
+        DropReason::NoEndpoint => MESHVPN_DROP_NO_ENDPOINT,
+        DropReason::SourceNotAllowed => MESHVPN_DROP_SOURCE_NOT_ALLOWED,
+        DropReason::DecryptFailed => MESHVPN_DROP_DECRYPT_FAILED,
+        DropReason::Replay => MESHVPN_DROP_REPLAY,
+        DropReason::NoSession => MESHVPN_DROP_NO_SESSION,
+        DropReason::HandshakeFlood => MESHVPN_DROP_HANDSHAKE_FLOOD,
+        DropReason::HandshakeRejected => MESHVPN_DROP_HANDSHAKE_REJECTED,
+        DropReason::InnerMalformed => MESHVPN_DROP_INNER_MALFORMED,
+        DropReason::SinkFull => MESHVPN_DROP_SINK_FULL,
+        DropReason::SessionExpired => MESHVPN_DROP_SESSION_EXPIRED,
+    }
+}
+
+/// Engine-wide counters of packets that never reached a peer.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct meshvpn_stats {
+    /// Datagrams that are not WireGuard messages.
+    pub rx_malformed: u64,
+    /// Messages for a session index no peer has.
+    pub rx_unknown_index: u64,
+    /// Handshake initiations from keys that are not peers.
+    pub rx_unknown_peer: u64,
+    /// Handshake messages whose MAC1 did not verify.
+    pub rx_invalid_mac: u64,
+    /// Cookie replies sent while under load.
+    pub cookie_replies_sent: u64,
+    /// Packets from the host that are not IP packets.
+    pub tx_malformed: u64,
+    /// Packets from the host no peer's AllowedIPs covers.
+    pub tx_no_route: u64,
+    /// UDP sends that failed.
+    pub udp_send_errors: u64,
+}
+
+impl From<EngineStats> for meshvpn_stats {
+    fn from(s: EngineStats) -> Self {
+        meshvpn_stats {
+            rx_malformed: s.rx_malformed,
+            rx_unknown_index: s.rx_unknown_index,
+            rx_unknown_peer: s.rx_unknown_peer,
+            rx_invalid_mac: s.rx_invalid_mac,
+            cookie_replies_sent: s.cookie_replies_sent,
+            tx_malformed: s.tx_malformed,
+            tx_no_route: s.tx_no_route,
+            udp_send_errors: s.udp_send_errors,
+        }
+    }
+}
+
+/// A point-in-time view of one peer.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct meshvpn_peer_stats {
+    pub public_key: meshvpn_key,
+    /// The current endpoint as NUL-terminated text (`"192.0.2.1:51820"`,
+    /// `"[2001:db8::1]:51820"`), empty when none is known.
+    pub endpoint: [c_char; MESHVPN_ENDPOINT_TEXT_LEN],
+    /// Wall-clock time of the last completed handshake, in milliseconds
+    /// since the Unix epoch; 0 if there has been none.
+    pub last_handshake_unix_ms: u64,
+    /// Round trip of the last handshake this side initiated, or
+    /// `MESHVPN_RTT_UNKNOWN`.
+    pub handshake_rtt_ms: u32,
+    /// Seconds between keepalives; 0 when off.
+    pub persistent_keepalive: u16,
+    /// Encrypted bytes sent and received over the network (WireGuard
+    /// messages, handshakes included).
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    /// Inner packets and their bytes, sent to and received from the peer.
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+    pub tx_inner_bytes: u64,
+    pub rx_inner_bytes: u64,
+    /// Handshake initiations sent (retries included).
+    pub handshakes_initiated: u64,
+    /// Authenticated handshake messages received.
+    pub handshakes_received: u64,
+    pub keepalives_received: u64,
+    /// Dropped packets, indexed by `meshvpn_drop_reason`.
+    pub drops: [u64; MESHVPN_DROP_REASON_COUNT],
+}
+
+impl From<&PeerStats> for meshvpn_peer_stats {
+    fn from(s: &PeerStats) -> Self {
+        let mut endpoint = [0 as c_char; MESHVPN_ENDPOINT_TEXT_LEN];
+        if let Some(e) = s.endpoint {
+            let text = e.to_string();
+            let n = text.len().min(MESHVPN_ENDPOINT_TEXT_LEN - 1);
+            for (d, b) in endpoint.iter_mut().zip(&text.as_bytes()[..n]) {
+                *d = *b as c_char;
+            }
+        }
+        let mut drops = [0u64; MESHVPN_DROP_REASON_COUNT];
+        for (reason, count) in s.drops {
+            drops[drop_index(reason) as usize] = count;
+        }
+        meshvpn_peer_stats {
+            public_key: meshvpn_key::from_public(&s.public_key),
+            endpoint,
+            last_handshake_unix_ms: s
+                .last_handshake
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as u64),
+            handshake_rtt_ms: s.handshake_rtt_ms.unwrap_or(MESHVPN_RTT_UNKNOWN),
+            persistent_keepalive: s.persistent_keepalive.unwrap_or(0),
+            tx_bytes: s.tx_bytes,
+            rx_bytes: s.rx_bytes,
+            tx_packets: s.tx_packets,
+            rx_packets: s.rx_packets,
+            tx_inner_bytes: s.tx_inner_bytes,
+            rx_inner_bytes: s.rx_inner_bytes,
+            handshakes_initiated: s.handshakes_initiated,
+            handshakes_received: s.handshakes_received,
+            keepalives_received: s.keepalives_received,
+            drops,
+        }
+    }
+}
+
+/// Copies the engine-wide counters into `*out_stats`.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_ENGINE_STOPPED`.
+///
+/// Thread safety: safe to call from any thread at any time; the counters
+/// are read one by one while traffic flows, not as an atomic snapshot.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_engine_stats(
+    engine: *const meshvpn_engine,
+    out_stats: *mut meshvpn_stats,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let e = lookup(engine)?.running()?;
+        Out::new(out_stats, "out_stats")?.write(e.stats().into());
+        Ok(())
+    }}
+}
+
+/// Copies the counters of the peer with `public_key` into `*out_stats`.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_ENGINE_STOPPED`, `MESHVPN_NO_SUCH_PEER`.
+///
+/// Thread safety: safe to call from any thread at any time; see
+/// `meshvpn_engine_stats` on consistency.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_engine_peer_stats(
+    engine: *const meshvpn_engine,
+    public_key: *const meshvpn_key,
+    out_stats: *mut meshvpn_peer_stats,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let e = lookup(engine)?.running()?;
+        // SAFETY: the caller passes a valid key or NULL.
+        let key = unsafe { ptr::try_ref(public_key, "public_key") }?.public();
+        let out = Out::new(out_stats, "out_stats")?;
+        let stats = e
+            .peer_stats(&key)
+            .ok_or_else(|| Error::new(meshvpn_result::MESHVPN_NO_SUCH_PEER, format!("no peer {key}")))?;
+        out.write((&stats).into());
+        Ok(())
+    }}
+}
