@@ -92,6 +92,14 @@ impl UdpTransport {
             .unwrap_or_else(|| io::Error::new(io::ErrorKind::AddrInUse, "no free UDP port")))
     }
 
+    /// Sets (or with `None` clears) SO_MARK on the bound sockets in place.
+    pub fn set_mark(&self, fwmark: Option<u32>) -> io::Result<()> {
+        for s in self.v4.iter().chain(self.v6.iter()) {
+            socket2::SockRef::from(s).set_mark(fwmark.unwrap_or(0))?;
+        }
+        Ok(())
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -170,6 +170,8 @@ pub struct Engine {
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop_tx: Mutex<Option<Sender<()>>>,
     stop_rx: Receiver<()>,
+    /// Serialises UAPI transactions, as wireguard-go's `ipcMutex` does.
+    uapi: Mutex<()>,
 }
 
 thread_local! {
@@ -206,6 +208,7 @@ impl Engine {
             threads: Mutex::new(Vec::new()),
             stop_tx: Mutex::new(Some(stop_tx)),
             stop_rx,
+            uapi: Mutex::new(()),
         };
         for p in &config.peers {
             engine.add_peer(p)?;
@@ -299,13 +302,20 @@ impl Engine {
         Ok(chosen)
     }
 
-    /// Sets SO_MARK on the UDP sockets (rebinding them on the same port).
+    /// Sets SO_MARK on the UDP sockets in place (0 or `None` clears it).
+    /// Rebinding instead would collide with the sockets still holding the
+    /// port.
     pub fn set_fwmark(&self, mark: Option<u32>) -> Result<(), EngineError> {
-        *self.shared.fwmark.lock() = mark.filter(|&m| m != 0);
-        let port = self.listen_port();
-        let t =
-            UdpTransport::bind(port, mark).map_err(|source| EngineError::Bind { port, source })?;
-        *self.shared.transport.write() = Arc::new(t);
+        let mark = mark.filter(|&m| m != 0);
+        let mut current = self.shared.fwmark.lock();
+        let transport = self.shared.transport.read().clone();
+        transport
+            .set_mark(mark)
+            .map_err(|source| EngineError::Bind {
+                port: transport.port(),
+                source,
+            })?;
+        *current = mark;
         Ok(())
     }
 
@@ -427,12 +437,42 @@ impl Engine {
         })
     }
 
+    /// Every peer's configuration and stats, in the order they were added,
+    /// read under one lock (one pass over AllowedIPs, however many peers).
+    pub fn peer_snapshot(&self) -> Vec<(PeerConfig, PeerStats)> {
+        let table = self.shared.peers.read();
+        let mut allowed: HashMap<u32, Vec<IpPrefix>> = HashMap::new();
+        for (prefix, index) in table.allowed_ips.iter() {
+            allowed.entry(index).or_default().push(prefix);
+        }
+        table
+            .order
+            .iter()
+            .filter_map(|k| table.by_key.get(k))
+            .map(|peer| {
+                let cfg = PeerConfig {
+                    public_key: peer.public_key(),
+                    preshared_key: peer.preshared_key(),
+                    allowed_ips: allowed.remove(&peer.index()).unwrap_or_default(),
+                    endpoint: peer.endpoint(),
+                    persistent_keepalive: peer.persistent_keepalive(),
+                };
+                (cfg, peer.stats())
+            })
+            .collect()
+    }
+
+    /// Held for the whole of one UAPI get or set.
+    pub(super) fn uapi_lock(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.uapi.lock()
+    }
+
     /// The whole running configuration (what `wg showconf` prints).
     pub fn config(&self) -> Config {
         let peers = self
-            .peer_keys()
-            .iter()
-            .filter_map(|k| self.peer_config(k))
+            .peer_snapshot()
+            .into_iter()
+            .map(|(cfg, _)| cfg)
             .collect();
         Config {
             interface: crate::config::InterfaceConfig {
