@@ -35,7 +35,10 @@ fn genkey_then_pubkey_matches_wg() {
     assert_ne!(public, key);
 
     // A fixed vector, independent of any installed tool.
-    let vector = meshvpn(&["pubkey"], b"yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n");
+    let vector = meshvpn(
+        &["pubkey"],
+        b"yAnz5TF+lXXJte14tji3zlMNq+hd2rYUIgJBgB3fBmk=\n",
+    );
     assert_eq!(
         stdout(&vector),
         "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=\n"
@@ -78,7 +81,13 @@ fn help_version_and_bad_names() {
     let o = meshvpn(&["--help"], b"");
     assert!(o.status.success());
     let help = stdout(&o);
-    for want in ["IFNAME", "--foreground", "genkey", "pubkey", "WG_QUICK_USERSPACE_IMPLEMENTATION"] {
+    for want in [
+        "IFNAME",
+        "--foreground",
+        "genkey",
+        "pubkey",
+        "WG_QUICK_USERSPACE_IMPLEMENTATION",
+    ] {
         assert!(help.contains(want), "--help lacks {want}");
     }
     let o = meshvpn(&["--version"], b"");

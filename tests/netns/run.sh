@@ -132,7 +132,7 @@ make_pair() {
 start_impl() {
 	local impl=$1 ns=$2 ifname=$3
 	case $impl in
-	meshvpn) in_ns "$ns" env LOG_LEVEL=info meshvpn "$ifname" >>"$T/$ifname.log" 2>&1 ;;
+	meshvpn) in_ns "$ns" env LOG_LEVEL="$MESHVPN_LOG_LEVEL" meshvpn "$ifname" >>"$T/$ifname.log" 2>&1 ;;
 	wireguard-go) in_ns "$ns" env LOG_LEVEL=error wireguard-go "$ifname" >>"$T/$ifname.log" 2>&1 ;;
 	esac || return 1
 	local i
@@ -144,10 +144,12 @@ start_impl() {
 }
 
 # configure NS IFNAME KEYFILE PORT PEER_PUB PEER_ENDPOINT INNER4 INNER6 PEER4 PEER6
+# (with the preshared key in $T/psk)
 configure() {
 	local ns=$1 ifname=$2 key=$3 port=$4 peer=$5 endpoint=$6 in4=$7 in6=$8 p4=$9 p6=${10}
 	in_ns "$ns" wg set "$ifname" private-key "$key" listen-port "$port" \
-		peer "$peer" endpoint "$endpoint" allowed-ips "$p4/32,$p6/128" || return 1
+		peer "$peer" preshared-key "$T/psk" endpoint "$endpoint" \
+		allowed-ips "$p4/32,$p6/128" || return 1
 	ip -n "$ns" addr add "$in4/24" dev "$ifname"
 	ip -n "$ns" addr add "$in6/64" dev "$ifname" nodad
 	ip -n "$ns" link set "$ifname" up
@@ -158,6 +160,7 @@ tunnel_pair() {
 	local ia=$1 ib=$2 a=$3 b=$4 ifa=$5 ifb=$6
 	wg genkey >"$T/$ifa.key"
 	wg genkey >"$T/$ifb.key"
+	wg genpsk >"$T/psk"
 	PUB_A=$(wg pubkey <"$T/$ifa.key")
 	PUB_B=$(wg pubkey <"$T/$ifb.key")
 	make_pair "$a" "$b" || return 1
@@ -190,6 +193,8 @@ iperf() {
 		awk '/receiver/ { for (i = 1; i <= NF; i++) if ($i == "Gbits/sec") print $(i - 1) }'
 	wait "$spid" 2>/dev/null
 }
+
+hex() { printf '%s' "$1" | base64 -d | od -An -tx1 | tr -d ' \n'; }
 
 positive() { awk -v x="${1:-0}" 'BEGIN { exit !(x > 0) }'; }
 
@@ -369,6 +374,14 @@ scenarios() {
 	else
 		fail "wg-quick up/down with meshvpn: $(tr '\n' ' ' <"$T/wg-quick.log")"
 	fi
+	# Logs at debug level never carry the private or preshared key.
+	local secret leaked=
+	for secret in "$(cat "$T/$IFA.key")" "$(cat "$T/psk")" "$(cat "$T/q.key")"; do
+		grep -qF -e "$secret" -e "$(hex "$secret")" "$T"/mv*.log && leaked=1
+	done
+	[[ -s $T/$IFA.log && -z $leaked ]] &&
+		pass "meshvpn's debug log ($(wc -l <"$T/$IFA.log") lines) holds no private or preshared key" ||
+		fail "meshvpn's debug log is missing or holds a key"
 	echo "scenarios took $((SECONDS - started)) s"
 }
 
@@ -405,8 +418,10 @@ matrix() {
 }
 
 if [[ $MODE == matrix ]]; then
+	MESHVPN_LOG_LEVEL=error
 	matrix
 else
+	MESHVPN_LOG_LEVEL=debug
 	scenarios
 fi
 echo "netns: $PASSED passed, $FAILED failed"
