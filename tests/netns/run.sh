@@ -177,6 +177,11 @@ pings() {
 	in_ns "$1" ping -q -c 3 -i 0.2 -W 2 -w 10 "$2" >/dev/null 2>&1
 }
 
+# no_pings NS DST: not one of ten echoes in 3 s comes back.
+no_pings() {
+	! in_ns "$1" ping -q -c 10 -i 0.2 -W 1 -w 3 "$2" >/dev/null 2>&1
+}
+
 # iperf NS_SERVER NS_CLIENT SERVER_ADDR [-R]: prints Gbit/s of a 5 s TCP run
 # (client to server, or server to client with -R), or nothing.
 iperf() {
@@ -197,6 +202,14 @@ iperf() {
 hex() { printf '%s' "$1" | base64 -d | od -An -tx1 | tr -d ' \n'; }
 
 positive() { awk -v x="${1:-0}" 'BEGIN { exit !(x > 0) }'; }
+
+# iperf_both NS_SERVER NS_CLIENT SERVER_ADDR: sets UP (client to server) and
+# DOWN (server to client) in Gbit/s; fails unless both are positive.
+iperf_both() {
+	UP=$(iperf "$@")
+	DOWN=$(iperf "$@" -R)
+	positive "$UP" && positive "$DOWN"
+}
 
 # wait_gone NS IFNAME: the daemon of IFNAME has exited and removed its socket.
 wait_gone() {
@@ -240,13 +253,10 @@ scenarios() {
 		fail "wg show $IFA: handshake='$hs' rx='$rx' tx='$tx'"
 	fi
 
-	local up down
-	up=$(iperf "$B" "$A" 10.232.0.2)
-	down=$(iperf "$B" "$A" 10.232.0.2 -R)
-	if positive "$up" && positive "$down"; then
-		pass "iperf3 TCP 5 s: meshvpn->wireguard-go $up Gbit/s, wireguard-go->meshvpn $down Gbit/s"
+	if iperf_both "$B" "$A" 10.232.0.2; then
+		pass "iperf3 TCP 5 s: meshvpn->wireguard-go $UP Gbit/s, wireguard-go->meshvpn $DOWN Gbit/s"
 	else
-		fail "iperf3 TCP 5 s: up='$up' down='$down' Gbit/s"
+		fail "iperf3 TCP 5 s: up='$UP' down='$DOWN' Gbit/s"
 	fi
 
 	# v6 underlay: both sides point at each other's v6 address.
@@ -323,7 +333,7 @@ scenarios() {
 
 	# A removed peer stops traffic.
 	in_ns "$A" wg set "$IFA" peer "$PUB_B" remove
-	if [[ -z $(in_ns "$A" wg show "$IFA" peers) ]] && ! pings "$A" 10.232.0.2 && ! pings "$B" 10.232.0.1; then
+	if [[ -z $(in_ns "$A" wg show "$IFA" peers) ]] && no_pings "$A" 10.232.0.2 && no_pings "$B" 10.232.0.1; then
 		pass "wg set ... remove: peer gone, no traffic either way"
 	else
 		fail "wg set ... remove: traffic still flows or peer still listed"
@@ -392,20 +402,18 @@ matrix() {
 	for pair in "meshvpn meshvpn" "meshvpn wireguard-go" "wireguard-go wireguard-go"; do
 		read -r ia ib <<<"$pair"
 		n=$((n + 1))
-		local A=mvm$ID-$n-a B=mvm$ID-$n-b IFA=mma$n$ID IFB=mmb$n$ID up down
+		local A=mvm$ID-$n-a B=mvm$ID-$n-b IFA=mma$n$ID IFB=mmb$n$ID
 		if ! tunnel_pair "$ia" "$ib" "$A" "$B" "$IFA" "$IFB" || ! pings "$A" 10.232.0.2; then
 			fail "$ia <-> $ib: no tunnel"
 			rows+=("$(printf '%-28s %10s %10s' "$ia <-> $ib" - -)")
 			continue
 		fi
-		up=$(iperf "$B" "$A" 10.232.0.2)
-		down=$(iperf "$B" "$A" 10.232.0.2 -R)
-		if positive "$up" && positive "$down"; then
+		if iperf_both "$B" "$A" 10.232.0.2; then
 			pass "$ia <-> $ib measured"
 		else
-			fail "$ia <-> $ib: iperf3 gave up='$up' down='$down'"
+			fail "$ia <-> $ib: iperf3 gave up='$UP' down='$DOWN'"
 		fi
-		rows+=("$(printf '%-28s %10s %10s' "$ia -> $ib" "${up:--}" "${down:--}")")
+		rows+=("$(printf '%-28s %10s %10s' "$ia -> $ib" "${UP:--}" "${DOWN:--}")")
 		# Free the CPU for the next row.
 		for pid in $(ip netns pids "$A") $(ip netns pids "$B"); do kill -TERM "$pid" 2>/dev/null; done
 		sleep 0.5

@@ -757,13 +757,7 @@ fn rx_loop(shared: Arc<Shared>, v4: bool) {
         };
         match sock.recv_from(&mut buf) {
             Ok((n, src)) => shared.handle_datagram(src, &buf[..n], &mut out),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if crate::io::is_retryable(&e) => {}
             // ICMP errors surface as ECONNREFUSED on the next read; harmless.
             Err(_) => {}
         }

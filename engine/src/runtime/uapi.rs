@@ -383,14 +383,7 @@ fn read_line(
     loop {
         let available = match r.fill_buf() {
             Ok(b) => b,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) =>
-            {
+            Err(e) if crate::io::is_retryable(&e) => {
                 idle += POLL;
                 if stop.load(Relaxed) || idle >= IDLE_TIMEOUT {
                     return Err(io::Error::new(io::ErrorKind::TimedOut, "idle or stopping"));
