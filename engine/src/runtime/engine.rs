@@ -342,23 +342,26 @@ impl Engine {
         if self.shared.closed.load(Relaxed) {
             return Err(EngineError::Closed);
         }
-        if key.is_low_order() {
-            return Err(EngineError::LowOrderKey(*key));
-        }
-        let (private_key, limiter) = {
+        // Our public key is cached in the identity: deriving it here cost a
+        // scalar multiplication per call (per peer, in a large UAPI set).
+        let (private_key, own_public, limiter) = {
             let id = self.shared.identity.read();
-            (id.private_key.clone(), id.limiter.clone())
+            (id.private_key.clone(), id.public, id.limiter.clone())
         };
-        if private_key.as_ref().is_some_and(|k| k.public_key() == *key) {
+        if own_public.is_some_and(|p| p.as_bytes() == key.as_bytes()) {
             return Err(EngineError::OwnKey(*key));
         }
         // Peers need a private key to exist as protocol state; without one
         // a placeholder is used and replaced by `set_private_key`.
         let private_key = private_key.unwrap_or_else(|| PrivateKey::from_bytes([0u8; 32]));
         let mut table = self.shared.peers.write();
+        let existed = table.by_key.contains_key(key);
         let peer = match table.by_key.get(key) {
             Some(p) => p.clone(),
             None if !create => return Ok(()),
+            // Checked once, when the peer is created: it costs a
+            // Diffie-Hellman, and an existing peer passed it already.
+            None if key.is_low_order() => return Err(EngineError::LowOrderKey(*key)),
             None => {
                 let index = loop {
                     let i = random_u32() & 0x00ff_ffff;
@@ -391,7 +394,9 @@ impl Engine {
             peer.set_persistent_keepalive(k);
         }
         let index = peer.index();
-        if update.replace_allowed_ips {
+        // A peer created just now holds no prefix; skipping the walk over
+        // the whole table keeps a large `wg setconf` linear.
+        if update.replace_allowed_ips && existed {
             table.allowed_ips.remove_value(&index);
         }
         for p in &update.allowed_ips {

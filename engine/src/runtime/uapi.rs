@@ -28,6 +28,7 @@ use crate::config::uapi::{
     errno, parse_set, GetReply, InterfaceChange, PeerChange, PeerReply, PeerSet, SetRequest,
     UapiError,
 };
+use crate::config::PublicKey;
 
 /// Where wireguard-go and `wg` put and look for interface sockets.
 pub const UAPI_DIR: &str = "/var/run/wireguard";
@@ -100,17 +101,18 @@ impl Engine {
             };
             result.map_err(|e| rejected(line, interface_key(change), e))?;
         }
+        let own = self.public_key();
         for peer in &request.peers {
-            self.apply_peer(peer)?;
+            self.apply_peer(peer, own.as_ref())?;
         }
         Ok(())
     }
 
-    fn apply_peer(&self, set: &PeerSet) -> Result<(), UapiError> {
+    fn apply_peer(&self, set: &PeerSet, own: Option<&PublicKey>) -> Result<(), UapiError> {
         // A block for our own key is parsed and ignored (wireguard-go's
         // "dummy" peer), as is one for a missing peer under update_only
         // and anything after `remove`.
-        let mut ignored = self.public_key() == Some(set.public_key);
+        let mut ignored = own == Some(&set.public_key);
         let exists = self.peer_stats(&set.public_key).is_some();
         let mut update = PeerUpdate::default();
         for (_, change) in &set.changes {
