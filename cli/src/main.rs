@@ -2,7 +2,10 @@
 //! WireGuard key tools, and one file per further subcommand.
 //!
 //! Each subcommand is one variant of [`Command`] and one module; the
-//! variant's doc comment is its `--help` line.
+//! variant's doc comment is its `--help` line. Adding one is three lines
+//! here: `mod demo;`, a variant `Demo(demo::DemoArgs)` (a clap `Args`
+//! struct in that module), and `Some(Command::Demo(a)) => demo::run(a)`
+//! returning [`CliResult`].
 
 mod daemon;
 mod keys;
