@@ -34,7 +34,7 @@ const NAMES: [&str; 16] = [
     "kilo", "lima", "mike", "november", "oscar", "papa",
 ];
 
-pub fn run(args: DemoArgs) -> Result<(), String> {
+pub fn run(args: &DemoArgs) -> Result<(), String> {
     let n = args.nodes as usize;
     println!("meshvpn demo: {n} engines on 127.0.0.1, each a WireGuard peer of every other\n");
     let keys: Vec<PrivateKey> = (0..n).map(|_| PrivateKey::generate()).collect();

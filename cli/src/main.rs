@@ -1,30 +1,101 @@
-//! The `meshvpn` command.
+//! The `meshvpn` command: a drop-in for wireguard-go (`meshvpn IFNAME`),
+//! WireGuard key tools, and one file per further subcommand.
+//!
+//! Each subcommand is one variant of [`Command`] and one module; the
+//! variant's doc comment is its `--help` line. Adding one is three lines
+//! here: `mod demo;`, a variant `Demo(demo::DemoArgs)` (a clap `Args`
+//! struct in that module), and `Some(Command::Demo(a)) => demo::run(a)`
+//! returning [`CliResult`].
 
+mod daemon;
 mod demo;
+mod keys;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, Parser, Subcommand};
+
+/// What a subcommand returns; errors are printed as `meshvpn: <error>` and
+/// exit with status 1, so they should say what to do next.
+pub type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 #[derive(Parser)]
 #[command(
     name = "meshvpn",
     version,
-    about = "Userspace WireGuard mesh, userspace TCP/IP and the k3s supervisor tunnel"
+    about = "Userspace WireGuard: a drop-in for wireguard-go, and the libmeshvpn tools",
+    long_about = "Userspace WireGuard: a drop-in for wireguard-go, and the libmeshvpn tools.\n\n\
+        `meshvpn IFNAME` creates the TUN interface IFNAME and its configuration socket \
+        /var/run/wireguard/IFNAME.sock, then runs in the background until the interface is \
+        deleted or it gets SIGTERM. Configure it with `wg` (wireguard-tools), or let wg-quick \
+        start it: WG_QUICK_USERSPACE_IMPLEMENTATION=meshvpn wg-quick up ./wg0.conf",
+    args_conflicts_with_subcommands = true,
+    arg_required_else_help = true
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+
+    #[command(flatten)]
+    interface: daemon::InterfaceArgs,
+
+    /// More log output on stderr: -v info, -vv debug, -vvv trace. Without
+    /// it, LOG_LEVEL=error|verbose|debug|silent is read as wireguard-go does.
+    #[arg(short, long, action = ArgAction::Count, global = true)]
+    verbose: u8,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a mesh of engines on loopback (no root) and show handshakes, traffic and stats
+    /// Print a new private key in base64 (like `wg genkey`).
+    Genkey,
+    /// Read a private key on stdin, print its public key (like `wg pubkey`).
+    Pubkey,
+    /// Print a new preshared key in base64 (like `wg genpsk`).
+    Genpsk,
+    /// Run a mesh of engines on loopback (no root) and show handshakes, traffic and stats.
     Demo(demo::DemoArgs),
+}
+
+/// The log level: `-v` wins, then `LOG_LEVEL`; `None` is silent. Logs never
+/// carry private or preshared keys: the engine does not log them.
+fn log_level(verbose: u8) -> Option<tracing::Level> {
+    use tracing::Level;
+    match verbose {
+        0 => {}
+        1 => return Some(Level::INFO),
+        2 => return Some(Level::DEBUG),
+        _ => return Some(Level::TRACE),
+    }
+    match std::env::var("LOG_LEVEL").as_deref() {
+        Ok("silent") => None,
+        Ok("error") => Some(Level::ERROR),
+        Ok("warn") => Some(Level::WARN),
+        Ok("info") => Some(Level::INFO),
+        Ok("verbose" | "debug") => Some(Level::DEBUG),
+        Ok("trace") => Some(Level::TRACE),
+        _ => Some(Level::WARN),
+    }
 }
 
 fn main() {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Demo(args) => demo::run(args),
+    if let Some(level) = log_level(cli.verbose) {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_max_level(level)
+            .with_target(false)
+            .init();
+    }
+    let result = match &cli.command {
+        Some(Command::Genkey) => keys::genkey(),
+        Some(Command::Pubkey) => keys::pubkey(),
+        Some(Command::Genpsk) => keys::genpsk(),
+        Some(Command::Demo(a)) => demo::run(a).map_err(Into::into),
+        None => {
+            // Keep the daemon's stderr when the user asked for logs, as
+            // wireguard-go does with LOG_LEVEL.
+            let keep_stdio = cli.verbose > 0 || std::env::var_os("LOG_LEVEL").is_some();
+            daemon::run(&cli.interface, keep_stdio)
+        }
     };
     if let Err(e) = result {
         eprintln!("meshvpn: {e}");

@@ -22,6 +22,7 @@ pub mod router;
 pub mod runtime;
 pub mod wire;
 
+pub use config::uapi::UapiError;
 pub use config::{Config, InterfaceConfig, PeerConfig, PresharedKey, PrivateKey, PublicKey};
 pub use router::IpPrefix;
-pub use runtime::{Engine, EngineError, PeerUpdate, SendError};
+pub use runtime::{Engine, EngineError, PeerUpdate, SendError, UapiServer};

@@ -1,6 +1,52 @@
-//! Syscalls: UDP sockets, TUN devices. The only module (with the FFI crate)
+//! Syscalls: UDP sockets, TUN devices, unix sockets. The only module (with the FFI crate)
 //! allowed `unsafe`; every block says why it is sound.
 #![allow(unsafe_code)]
 
 pub mod tun;
 pub mod udp;
+pub mod unix;
+
+/// True for the errors a read with a timeout returns when nothing came
+/// (or a signal cut it short): retry, they are not failures.
+pub fn is_retryable(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::Interrupted
+    )
+}
+
+/// poll(2) one fd for `events` with a timeout; true when ready.
+pub fn poll(
+    fd: std::os::fd::RawFd,
+    events: libc::c_short,
+    timeout: std::time::Duration,
+) -> std::io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: one valid, initialised pollfd and a count of 1.
+    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    if rc > 0
+        && pfd.revents & events == 0
+        && pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::BrokenPipe,
+            "descriptor closed or in error",
+        ));
+    }
+    Ok(rc > 0)
+}

@@ -152,7 +152,7 @@ impl Tun {
     /// (up to the burst's capacity) without blocking again. Returns how
     /// many were read; 0 on timeout.
     pub fn read_burst(&mut self, burst: &mut TunBurst, timeout: Duration) -> io::Result<usize> {
-        if !super::udp::poll(self.file.as_raw_fd(), libc::POLLIN, timeout)? {
+        if !super::poll(self.file.as_raw_fd(), libc::POLLIN, timeout)? {
             return Ok(0);
         }
         let mut n = 0;

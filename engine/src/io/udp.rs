@@ -103,7 +103,7 @@ impl BoundSocket {
         };
         match self.state.try_send(UdpSockRef::from(&self.socket), &t) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                poll(self.socket.as_raw_fd(), libc::POLLOUT, SEND_WAIT)?;
+                super::poll(self.socket.as_raw_fd(), libc::POLLOUT, SEND_WAIT)?;
                 self.state.try_send(UdpSockRef::from(&self.socket), &t)
             }
             r => r,
@@ -113,7 +113,7 @@ impl BoundSocket {
     /// Waits up to `timeout` for datagrams and receives a batch into
     /// `batch`; returns how many entries of `batch.meta` are filled.
     pub fn recv(&self, batch: &mut RecvBatch, timeout: Duration) -> io::Result<usize> {
-        if !poll(self.socket.as_raw_fd(), libc::POLLIN, timeout)? {
+        if !super::poll(self.socket.as_raw_fd(), libc::POLLIN, timeout)? {
             return Ok(0);
         }
         let mut bufs = batch.bufs.iter_mut();
@@ -234,6 +234,14 @@ impl UdpTransport {
             .unwrap_or_else(|| io::Error::new(io::ErrorKind::AddrInUse, "no free UDP port")))
     }
 
+    /// Sets (or with `None` clears) SO_MARK on the bound sockets in place.
+    pub fn set_mark(&self, fwmark: Option<u32>) -> io::Result<()> {
+        for s in self.v4.iter().chain(self.v6.iter()) {
+            socket2::SockRef::from(&s.socket).set_mark(fwmark.unwrap_or(0))?;
+        }
+        Ok(())
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -276,34 +284,4 @@ pub fn normalize(addr: SocketAddr) -> SocketAddr {
         },
         v4 => v4,
     }
-}
-
-/// poll(2) one fd for `events` with a timeout; true when ready.
-pub fn poll(fd: std::os::fd::RawFd, events: libc::c_short, timeout: Duration) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
-    // SAFETY: one valid, initialised pollfd and a count of 1.
-    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted {
-            Ok(false)
-        } else {
-            Err(e)
-        };
-    }
-    if rc > 0
-        && pfd.revents & events == 0
-        && pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
-    {
-        return Err(io::Error::new(
-            io::ErrorKind::BrokenPipe,
-            "descriptor closed or in error",
-        ));
-    }
-    Ok(rc > 0)
 }

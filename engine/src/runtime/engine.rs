@@ -168,6 +168,8 @@ pub struct Engine {
     threads: Mutex<Vec<JoinHandle<()>>>,
     stop_tx: Mutex<Option<Sender<()>>>,
     stop_rx: Receiver<()>,
+    /// Serialises UAPI transactions, as wireguard-go's `ipcMutex` does.
+    uapi: Mutex<()>,
 }
 
 thread_local! {
@@ -281,6 +283,7 @@ impl Engine {
             threads: Mutex::new(Vec::new()),
             stop_tx: Mutex::new(Some(stop_tx)),
             stop_rx,
+            uapi: Mutex::new(()),
         };
         for p in &config.peers {
             engine.add_peer(p)?;
@@ -374,13 +377,20 @@ impl Engine {
         Ok(chosen)
     }
 
-    /// Sets SO_MARK on the UDP sockets (rebinding them on the same port).
+    /// Sets SO_MARK on the UDP sockets in place (0 or `None` clears it).
+    /// Rebinding instead would collide with the sockets still holding the
+    /// port.
     pub fn set_fwmark(&self, mark: Option<u32>) -> Result<(), EngineError> {
-        *self.shared.fwmark.lock() = mark.filter(|&m| m != 0);
-        let port = self.listen_port();
-        let t =
-            UdpTransport::bind(port, mark).map_err(|source| EngineError::Bind { port, source })?;
-        *self.shared.transport.write() = Arc::new(t);
+        let mark = mark.filter(|&m| m != 0);
+        let mut current = self.shared.fwmark.lock();
+        let transport = self.shared.transport.read().clone();
+        transport
+            .set_mark(mark)
+            .map_err(|source| EngineError::Bind {
+                port: transport.port(),
+                source,
+            })?;
+        *current = mark;
         Ok(())
     }
 
@@ -407,23 +417,26 @@ impl Engine {
         if self.shared.closed.load(Relaxed) {
             return Err(EngineError::Closed);
         }
-        if key.is_low_order() {
-            return Err(EngineError::LowOrderKey(*key));
-        }
-        let (private_key, limiter) = {
+        // Our public key is cached in the identity: deriving it here cost a
+        // scalar multiplication per call (per peer, in a large UAPI set).
+        let (private_key, own_public, limiter) = {
             let id = self.shared.identity.read();
-            (id.private_key.clone(), id.limiter.clone())
+            (id.private_key.clone(), id.public, id.limiter.clone())
         };
-        if private_key.as_ref().is_some_and(|k| k.public_key() == *key) {
+        if own_public.is_some_and(|p| p.as_bytes() == key.as_bytes()) {
             return Err(EngineError::OwnKey(*key));
         }
         // Peers need a private key to exist as protocol state; without one
         // a placeholder is used and replaced by `set_private_key`.
         let private_key = private_key.unwrap_or_else(|| PrivateKey::from_bytes([0u8; 32]));
         let mut table = self.shared.peers.write();
+        let existed = table.by_key.contains_key(key);
         let peer = match table.by_key.get(key) {
             Some(p) => p.clone(),
             None if !create => return Ok(()),
+            // Checked once, when the peer is created: it costs a
+            // Diffie-Hellman, and an existing peer passed it already.
+            None if key.is_low_order() => return Err(EngineError::LowOrderKey(*key)),
             None => {
                 let index = loop {
                     let i = random_u32() & 0x00ff_ffff;
@@ -456,7 +469,9 @@ impl Engine {
             peer.set_persistent_keepalive(k);
         }
         let index = peer.index();
-        if update.replace_allowed_ips {
+        // A peer created just now holds no prefix; skipping the walk over
+        // the whole table keeps a large `wg setconf` linear.
+        if update.replace_allowed_ips && existed {
             table.allowed_ips.remove_value(&index);
         }
         for p in &update.allowed_ips {
@@ -502,12 +517,42 @@ impl Engine {
         })
     }
 
+    /// Every peer's configuration and stats, in the order they were added,
+    /// read under one lock (one pass over AllowedIPs, however many peers).
+    pub fn peer_snapshot(&self) -> Vec<(PeerConfig, PeerStats)> {
+        let table = self.shared.peers.read();
+        let mut allowed: HashMap<u32, Vec<IpPrefix>> = HashMap::new();
+        for (prefix, index) in table.allowed_ips.iter() {
+            allowed.entry(index).or_default().push(prefix);
+        }
+        table
+            .order
+            .iter()
+            .filter_map(|k| table.by_key.get(k))
+            .map(|peer| {
+                let cfg = PeerConfig {
+                    public_key: peer.public_key(),
+                    preshared_key: peer.preshared_key(),
+                    allowed_ips: allowed.remove(&peer.index()).unwrap_or_default(),
+                    endpoint: peer.endpoint(),
+                    persistent_keepalive: peer.persistent_keepalive(),
+                };
+                (cfg, peer.stats())
+            })
+            .collect()
+    }
+
+    /// Held for the whole of one UAPI get or set.
+    pub(super) fn uapi_lock(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.uapi.lock()
+    }
+
     /// The whole running configuration (what `wg showconf` prints).
     pub fn config(&self) -> Config {
         let peers = self
-            .peer_keys()
-            .iter()
-            .filter_map(|k| self.peer_config(k))
+            .peer_snapshot()
+            .into_iter()
+            .map(|(cfg, _)| cfg)
             .collect();
         Config {
             interface: crate::config::InterfaceConfig {

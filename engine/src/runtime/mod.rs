@@ -5,12 +5,15 @@
 //!   send:  host/TUN/netstack --send_packet--> router --> Peer::encapsulate --> UDP
 //!   recv:  UDP --rx thread--> framing --> Peer::decapsulate --> source check --> InnerSink
 //!   timer thread: Peer::update_timers every TIMER_TICK, rate limiter reset every second
+//!   UAPI: Engine::uapi_get / uapi_set, and UapiServer on /var/run/wireguard/IFNAME.sock
 //! ```
 
 mod engine;
 mod pool;
 mod sink;
+mod uapi;
 
 pub use engine::{Engine, EngineError, EngineStats, PeerUpdate, SendError};
 pub use pool::{BufferPool, PacketBuf};
 pub use sink::{HostQueue, InnerSink};
+pub use uapi::{UapiServer, MAX_CONNECTIONS, MAX_REQUEST_BYTES, UAPI_DIR};

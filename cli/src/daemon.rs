@@ -1,0 +1,213 @@
+//! `meshvpn [-f] IFNAME`: what wireguard-go does. Creates the TUN
+//! interface and its UAPI socket, then serves until SIGTERM/SIGINT or until
+//! the interface is deleted (`ip link del`, `wg-quick down`).
+//!
+//! ```text
+//!   parent ──fork──> child: setsid, TUN, engine, UAPI socket ──"ok"──> parent exits 0
+//!                    │ (or the error text ──> parent prints it, exits 1)
+//!                    └─ serves; stdio on /dev/null unless logs were asked for
+//! ```
+//!
+//! The fork happens before any thread exists; signals are blocked before
+//! the engine starts its threads and taken by one thread with sigwait, so
+//! no signal handler runs anywhere.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use clap::Args;
+use meshvpn_engine::config::DEFAULT_MTU;
+use meshvpn_engine::io::tun::Tun;
+use meshvpn_engine::{Config, Engine, InterfaceConfig, UapiServer};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::CliResult;
+
+#[derive(Args)]
+pub struct InterfaceArgs {
+    /// Stay in the foreground instead of daemonizing (also when
+    /// WG_PROCESS_FOREGROUND=1, as for wireguard-go).
+    #[arg(short, long)]
+    pub foreground: bool,
+
+    /// The interface to create, e.g. wg0 (at most 15 bytes).
+    #[arg(value_name = "IFNAME")]
+    pub ifname: Option<String>,
+}
+
+/// What the child tells the parent once it serves.
+const READY: &[u8] = b"ok\n";
+/// How often the main thread checks whether the interface still exists.
+const DEVICE_POLL: Duration = Duration::from_millis(200);
+
+pub fn run(args: &InterfaceArgs, keep_stdio: bool) -> CliResult {
+    let name = args
+        .ifname
+        .as_deref()
+        .ok_or("no interface name; run `meshvpn wg0` or see `meshvpn --help`")?;
+    check_name(name)?;
+    let foreground =
+        args.foreground || std::env::var("WG_PROCESS_FOREGROUND").is_ok_and(|v| v == "1");
+    if foreground {
+        return serve(name, None, true);
+    }
+    let (mut from_child, to_child) = UnixStream::pair()?;
+    // SAFETY: nothing in this process has started a thread yet (the log
+    // subscriber starts none), so the child is a complete copy of a
+    // single-threaded process and may do anything afterwards.
+    match unsafe { nix::unistd::fork() }? {
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(to_child);
+            let mut status = Vec::new();
+            from_child.read_to_end(&mut status)?;
+            if status == READY {
+                return Ok(());
+            }
+            let text = String::from_utf8_lossy(&status);
+            if text.is_empty() {
+                Err(format!(
+                    "the daemon (pid {child}) exited before it was ready; \
+                     run `meshvpn -f {name}` to see why"
+                )
+                .into())
+            } else {
+                Err(text.into_owned().into())
+            }
+        }
+        nix::unistd::ForkResult::Child => {
+            drop(from_child);
+            // A session of its own: no controlling terminal, and the
+            // caller's Ctrl-C or hangup does not reach the daemon.
+            nix::unistd::setsid()?;
+            let _ = std::env::set_current_dir("/");
+            serve(name, Some(to_child), keep_stdio)
+        }
+    }
+}
+
+fn check_name(name: &str) -> CliResult {
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) || name == "." {
+        return Err(format!(
+            "`{name}` is not an interface name: use 1 to 15 characters without '/' or spaces, e.g. wg0"
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// The running interface. Dropped in field order: the socket goes first,
+/// so `wg` stops seeing the interface before the engine stops.
+struct Interface {
+    uapi: UapiServer,
+    engine: Arc<Engine>,
+}
+
+fn bring_up(name: &str) -> Result<Interface, String> {
+    let tun = Tun::create(name).map_err(|e| {
+        let hint = match e.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EACCES) => "; run as root or with CAP_NET_ADMIN",
+            Some(libc::ENOENT) | Some(libc::ENODEV) => {
+                "; /dev/net/tun is missing: load the tun module (modprobe tun)"
+            }
+            Some(libc::EBUSY) => "; another process already runs this interface",
+            Some(libc::EINVAL) => "; an interface of another type has this name",
+            _ => "",
+        };
+        format!("cannot create TUN interface {name}: {e}{hint}")
+    })?;
+    tun.set_mtu(DEFAULT_MTU)
+        .map_err(|e| format!("cannot set the MTU of {name}: {e}"))?;
+    let config = Config {
+        interface: InterfaceConfig {
+            listen_port: Some(0),
+            mtu: Some(DEFAULT_MTU),
+            ..Default::default()
+        },
+        peers: Vec::new(),
+    };
+    let engine = Arc::new(Engine::new(&config).map_err(|e| format!("cannot start: {e}"))?);
+    engine
+        .attach_tun(tun)
+        .map_err(|e| format!("cannot start the TUN reader: {e}"))?;
+    let uapi = UapiServer::start(engine.clone(), name).map_err(|e| {
+        format!(
+            "cannot listen on {}: {e}",
+            UapiServer::socket_path(name).display()
+        )
+    })?;
+    Ok(Interface { uapi, engine })
+}
+
+fn serve(name: &str, mut ready: Option<UnixStream>, keep_stdio: bool) -> CliResult {
+    // Blocked here, before the engine starts threads, so every thread
+    // inherits the mask and only the sigwait thread below receives them.
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.add(Signal::SIGHUP);
+    signals.thread_block()?;
+
+    let iface = match bring_up(name) {
+        Ok(i) => i,
+        Err(e) => {
+            if let Some(mut parent) = ready.take() {
+                // The parent prints it; the daemon just ends.
+                let _ = parent.write_all(e.as_bytes());
+                std::process::exit(1);
+            }
+            return Err(e.into());
+        }
+    };
+    tracing::info!(
+        interface = name,
+        port = iface.engine.listen_port(),
+        socket = %iface.uapi.path().display(),
+        "interface up"
+    );
+    let (sig_tx, sig_rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("meshvpn-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                let _ = sig_tx.send(sig);
+            }
+        })?;
+    if let Some(mut parent) = ready.take() {
+        parent.write_all(READY)?;
+        drop(parent);
+        if !keep_stdio {
+            detach_stdio()?;
+        }
+    }
+    let reason = loop {
+        match sig_rx.recv_timeout(DEVICE_POLL) {
+            Ok(sig) => break format!("got {sig}"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break "signal thread ended".into(),
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if iface.engine.device_gone() {
+            break "the interface was deleted".to_string();
+        }
+    };
+    tracing::info!(interface = name, "shutting down: {reason}");
+    let Interface { uapi, engine } = iface;
+    drop(uapi);
+    engine.close();
+    Ok(())
+}
+
+/// Points stdin, stdout and stderr at /dev/null, so the daemon holds no
+/// terminal or pipe of whoever started it (a caller reading our output
+/// would otherwise wait for it forever).
+fn detach_stdio() -> CliResult {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    nix::unistd::dup2_stdin(&null)?;
+    nix::unistd::dup2_stdout(&null)?;
+    nix::unistd::dup2_stderr(&null)?;
+    Ok(())
+}
