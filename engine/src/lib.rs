@@ -17,4 +17,6 @@
 
 pub mod config;
 pub mod router;
+pub mod runtime;
+pub mod tunnel;
 pub mod wire;
