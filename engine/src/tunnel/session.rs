@@ -294,10 +294,12 @@ impl TunnelSession {
                 if let Some(c) = self.conns.get_mut(&id) {
                     c.paused_by_peer = true;
                     self.stats.pauses_received += 1;
+                    tracing::debug!(conn = id.0, "tunnel: peer sent Pause");
                 }
             }
             Body::Resume => {
                 if let Some(c) = self.conns.get_mut(&id) {
+                    tracing::debug!(conn = id.0, "tunnel: peer sent Resume");
                     c.paused_by_peer = false;
                     let wake = c.send_blocked;
                     c.send_blocked = false;
