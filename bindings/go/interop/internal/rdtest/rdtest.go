@@ -246,3 +246,19 @@ func RunClient(ctx context.Context, url string, p *PKI, token string, allow func
 		}
 	}
 }
+
+// RunClientCert runs a Go remotedialer client authenticating with the node's
+// client certificate, reconnecting until ctx ends.
+func RunClientCert(ctx context.Context, url string, p *PKI, allow func(proto, address string) bool) {
+	dialer := &websocket.Dialer{
+		TLSClientConfig:  &tls.Config{RootCAs: p.CAPool, Certificates: []tls.Certificate{p.Client}},
+		HandshakeTimeout: 10 * time.Second,
+	}
+	for ctx.Err() == nil {
+		_ = remotedialer.ConnectToProxy(ctx, url, nil, allow, dialer, nil)
+		select {
+		case <-ctx.Done():
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
