@@ -147,7 +147,7 @@ fn drive(
     client_key: String,
     hooks: &dyn SessionHooks,
 ) -> io::Result<String> {
-    ws.get_mut().sock.into_nonblocking()?;
+    ws.get_mut().sock.enter_session_mode()?;
     let mut poll = Poll::new()?;
     let fd = ws.get_ref().sock.raw_fd();
     poll.registry().register(

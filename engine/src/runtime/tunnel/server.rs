@@ -265,6 +265,8 @@ fn reject(status: StatusCode, text: &str) -> ErrorResponse {
     response
 }
 
+// tungstenite's callback returns its `ErrorResponse` (an http::Response) by value.
+#[allow(clippy::result_large_err)]
 fn handshake(
     config: &ServerConfig,
     tcp: TcpStream,

@@ -44,7 +44,7 @@ impl Socket {
     }
 
     /// Leaves handshake mode: non-blocking, no deadline.
-    pub(crate) fn into_nonblocking(&mut self) -> io::Result<()> {
+    pub(crate) fn enter_session_mode(&mut self) -> io::Result<()> {
         self.deadline = None;
         self.tcp.set_read_timeout(None)?;
         self.tcp.set_write_timeout(None)?;
