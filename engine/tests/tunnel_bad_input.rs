@@ -330,18 +330,13 @@ fn agent_survives_hostile_server_messages() {
     let mut errors = Vec::new();
     let mut echoed = Vec::new();
     while errors.len() < 2 || echoed.len() < 4 {
-        match ws.read().unwrap() {
-            Message::Binary(b) => {
-                let m = decode(&b).unwrap();
-                match m.body {
-                    Body::Error(t) => {
-                        errors.push((m.conn_id, String::from_utf8_lossy(t).into_owned()))
-                    }
-                    Body::Data(d) if m.conn_id == 4 => echoed.extend_from_slice(d),
-                    _ => {}
-                }
+        if let Message::Binary(b) = ws.read().unwrap() {
+            let m = decode(&b).unwrap();
+            match m.body {
+                Body::Error(t) => errors.push((m.conn_id, String::from_utf8_lossy(t).into_owned())),
+                Body::Data(d) if m.conn_id == 4 => echoed.extend_from_slice(d),
+                _ => {}
             }
-            _ => {}
         }
     }
     assert_eq!(

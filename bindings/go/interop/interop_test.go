@@ -361,15 +361,31 @@ func TestFiftyMegabytesSlowReader(t *testing.T) {
 	}
 }
 
+// roundTrip writes msg and reads it back, failing after `wait`. It sets no
+// deadline on c: a remotedialer connection closes itself when a write
+// deadline passes, even long after the write finished.
 func roundTrip(t *testing.T, c net.Conn, msg string) {
 	t.Helper()
-	c.SetDeadline(time.Now().Add(wait))
-	if _, err := c.Write([]byte(msg)); err != nil {
-		t.Fatalf("write: %v", err)
-	}
-	back := make([]byte, len(msg))
-	if _, err := io.ReadFull(c, back); err != nil || string(back) != msg {
-		t.Fatalf("read %q, %v", back, err)
+	done := make(chan error, 1)
+	go func() {
+		if _, err := c.Write([]byte(msg)); err != nil {
+			done <- fmt.Errorf("write: %w", err)
+			return
+		}
+		back := make([]byte, len(msg))
+		if _, err := io.ReadFull(c, back); err != nil || string(back) != msg {
+			done <- fmt.Errorf("read %q, %v", back, err)
+			return
+		}
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(wait):
+		t.Fatalf("round trip of %q timed out", msg)
 	}
 }
 
