@@ -431,6 +431,7 @@ func TestIdleSeventySeconds(t *testing.T) {
 					_, err = io.ReadFull(c, b)
 				}
 				if err == nil {
+					c.SetDeadline(time.Time{})
 					break
 				}
 				c.Close()
