@@ -19,7 +19,6 @@ fn dial_through_agent_with_client_certificate() {
     let server = start_server(&pki, loopback());
     let agent = start_agent(&pki, server.local_addr(), &[&format!("tcp/{echo}")]);
     assert!(server.wait_for_client(NODE, WAIT), "agent never registered");
-    assert!(agent.wait_connected(WAIT));
     assert_eq!(server.clients(), vec![NODE.to_owned()]);
 
     let stream = server.dial(NODE, "tcp", &echo.to_string()).unwrap();
@@ -36,9 +35,17 @@ fn dial_through_agent_with_client_certificate() {
 
     // A dial the agent's OS refuses carries the dial error text.
     let closed_port = TcpListener::bind(loopback()).unwrap().local_addr().unwrap();
-    drop(agent);
-    let agent = start_agent(&pki, server.local_addr(), &["tcp/127.0.0.1:*"]);
-    assert!(agent.wait_connected(WAIT));
+    agent.stop();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !server.clients().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stopped agent's session lingers"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _agent = start_agent(&pki, server.local_addr(), &["tcp/127.0.0.1:*"]);
+    assert!(server.wait_for_client(NODE, WAIT));
     let mut failed = server.dial(NODE, "tcp", &closed_port.to_string()).unwrap();
     let err = failed.read(&mut [0u8; 8]).unwrap_err();
     assert!(err.to_string().to_lowercase().contains("refused"), "{err}");
@@ -143,11 +150,13 @@ fn a_stalled_stream_does_not_stall_others() {
     let stalled = server.dial(NODE, "tcp", &sink_addr.to_string()).unwrap();
     let (done_tx, done_rx) = mpsc::channel();
     std::thread::spawn(move || {
-        // 32 MiB into a target that never reads: fills socket buffers, the agent's
-        // stream buffer (Pause at 2 MiB), then blocks this writer.
+        // Up to 256 MiB into a target that never reads: fills socket buffers and
+        // the agent's stream buffer (Pause at 2 MiB), then blocks this writer. If
+        // Pause were ignored the agent would reset the stream at its hard cap
+        // (32 MiB) and the writer would finish with an error.
         let chunk = vec![0u8; 1 << 20];
         let mut written = 0usize;
-        for _ in 0..32 {
+        for _ in 0..256 {
             if (&stalled).write_all(&chunk).is_err() {
                 break;
             }
@@ -205,15 +214,28 @@ fn new_session_for_same_client_replaces_old() {
     let echo = echo_server();
     let server = start_server(&pki, loopback());
     let first = start_agent(&pki, server.local_addr(), &[&format!("tcp/{echo}")]);
-    assert!(first.wait_connected(WAIT));
+    assert!(server.wait_for_client(NODE, WAIT));
     let old = server.dial(NODE, "tcp", &echo.to_string()).unwrap();
     assert_eq!(round_trip(&old, b"1").unwrap(), b"1");
-    first.stop();
+    // A second agent with the same identity: its session replaces the first one.
     let second = start_agent(&pki, server.local_addr(), &[&format!("tcp/{echo}")]);
+    let err = (&old).read(&mut [0u8; 1]).unwrap_err();
+    assert!(err.to_string().contains("tunnel disconnect"), "{err}");
     assert!(second.wait_connected(WAIT));
-    assert!((&old).read(&mut [0u8; 1]).is_err());
-    assert!(server.wait_for_client(NODE, WAIT));
-    let new = server.dial(NODE, "tcp", &echo.to_string()).unwrap();
-    assert_eq!(round_trip(&new, b"2").unwrap(), b"2");
+    first.stop();
+    // Once only the second agent is left, dials go through it.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(s) = server.dial(NODE, "tcp", &echo.to_string()) {
+            if round_trip(&s, b"2").is_ok_and(|b| b == b"2") {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no working session after replacement"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert_eq!(server.clients().len(), 1);
 }

@@ -21,8 +21,10 @@ pub const SYNC_INTERVAL: Duration = Duration::from_secs(60);
 pub struct Limits {
     /// Live connections per session; a Connect beyond it is answered with an Error.
     pub max_connections: usize,
-    /// Bytes one connection may have buffered before it is reset; a peer that
-    /// honours Pause never reaches it.
+    /// Bytes one connection may have buffered before it is reset. A peer that
+    /// honours Pause stays below 2 MiB plus what was in flight when it got the
+    /// Pause (TCP buffers: ~10 MB at most on Linux defaults), so this is well
+    /// above that.
     pub recv_buffer_hard: usize,
     /// Bytes buffered over all connections above which every connection with
     /// more than `session_pause_floor` buffered is paused early.
@@ -54,7 +56,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
-            recv_buffer_hard: 4 * PAUSE_THRESHOLD,
+            recv_buffer_hard: 16 * PAUSE_THRESHOLD,
             session_buffer_soft: 64 << 20,
             session_buffer_hard: 256 << 20,
             session_pause_floor: 64 << 10,
