@@ -10,6 +10,7 @@
 mod daemon;
 mod demo;
 mod keys;
+mod tunnel;
 
 use clap::{ArgAction, Parser, Subcommand};
 
@@ -53,11 +54,14 @@ enum Command {
     Genpsk,
     /// Run a mesh of engines on loopback (no root) and show handshakes, traffic and stats.
     Demo(demo::DemoArgs),
+    /// The k3s supervisor tunnel (remotedialer protocol): `serve` or `connect`.
+    Tunnel(tunnel::TunnelArgs),
 }
 
-/// The log level: `-v` wins, then `LOG_LEVEL`; `None` is silent. Logs never
-/// carry private or preshared keys: the engine does not log them.
-fn log_level(verbose: u8) -> Option<tracing::Level> {
+/// The log level: `-v` wins, then `LOG_LEVEL`, then `default`; `None` is
+/// silent. Logs never carry private or preshared keys: the engine does not
+/// log them.
+fn log_level(verbose: u8, default: tracing::Level) -> Option<tracing::Level> {
     use tracing::Level;
     match verbose {
         0 => {}
@@ -72,24 +76,41 @@ fn log_level(verbose: u8) -> Option<tracing::Level> {
         Ok("info") => Some(Level::INFO),
         Ok("verbose" | "debug") => Some(Level::DEBUG),
         Ok("trace") => Some(Level::TRACE),
-        _ => Some(Level::WARN),
+        _ => Some(default),
     }
+}
+
+/// Logs to stderr. `RUST_LOG` (per-module directives such as
+/// `meshvpn_engine=debug`) overrides the level when it is set.
+fn init_logging(verbose: u8, default: tracing::Level) {
+    let filter = match tracing_subscriber::EnvFilter::try_from_env("RUST_LOG") {
+        Ok(f) => f,
+        Err(_) => match log_level(verbose, default) {
+            Some(level) => tracing_subscriber::EnvFilter::new(level.as_str()),
+            None => return,
+        },
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 fn main() {
     let cli = Cli::parse();
-    if let Some(level) = log_level(cli.verbose) {
-        tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_max_level(level)
-            .with_target(false)
-            .init();
-    }
-    let result = match &cli.command {
+    // Long-running services say what they do at info; the rest only warn.
+    let default = match cli.command {
+        Some(Command::Tunnel(_)) => tracing::Level::INFO,
+        _ => tracing::Level::WARN,
+    };
+    init_logging(cli.verbose, default);
+    let result = match cli.command {
         Some(Command::Genkey) => keys::genkey(),
         Some(Command::Pubkey) => keys::pubkey(),
         Some(Command::Genpsk) => keys::genpsk(),
-        Some(Command::Demo(a)) => demo::run(a).map_err(Into::into),
+        Some(Command::Demo(a)) => demo::run(&a).map_err(Into::into),
+        Some(Command::Tunnel(a)) => tunnel::run(a).map_err(Into::into),
         None => {
             // Keep the daemon's stderr when the user asked for logs, as
             // wireguard-go does with LOG_LEVEL.

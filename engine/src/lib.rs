@@ -20,6 +20,7 @@ pub mod io;
 pub mod peer;
 pub mod router;
 pub mod runtime;
+pub mod tunnel;
 pub mod wire;
 
 pub use config::uapi::UapiError;

@@ -17,3 +17,4 @@ pub use engine::{Engine, EngineError, EngineStats, PeerUpdate, SendError};
 pub use pool::{BufferPool, PacketBuf};
 pub use sink::{HostQueue, InnerSink};
 pub use uapi::{UapiServer, MAX_CONNECTIONS, MAX_REQUEST_BYTES, UAPI_DIR};
+pub mod tunnel;

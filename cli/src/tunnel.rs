@@ -1,0 +1,286 @@
+//! `meshvpn tunnel serve|connect`: the k3s-compatible supervisor tunnel
+//! (rancher/remotedialer wire format) as a stand-alone server and agent.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use meshvpn_engine::runtime::tunnel::{
+    pump, tls, Agent, AgentConfig, AllowList, DialedTarget, OsDialer, ServerAuth, ServerConfig,
+    TargetPattern, TunnelServer,
+};
+
+/// Websocket supervisor tunnel, wire-compatible with k3s (rancher/remotedialer).
+#[derive(Debug, Args)]
+pub struct TunnelArgs {
+    #[command(subcommand)]
+    pub command: TunnelCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TunnelCommand {
+    /// Accept agents over HTTPS and dial through them.
+    ///
+    /// Example: meshvpn tunnel serve --listen 0.0.0.0:6443 --cert server.pem --key server.key
+    ///   --client-ca ca.pem --forward 127.0.0.1:10250=system:node:worker-1/tcp/127.0.0.1:10250
+    Serve(ServeArgs),
+    /// Connect to a tunnel server as an agent and serve its dials.
+    ///
+    /// Example: meshvpn tunnel connect --url wss://server:6443/v1-k3s/connect --ca ca.pem
+    ///   --cert node.pem --key node.key
+    Connect(ConnectArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:6443")]
+    pub listen: SocketAddr,
+    /// Server certificate chain (PEM).
+    #[arg(long, required_unless_present = "plain")]
+    pub cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, required_unless_present = "plain")]
+    pub key: Option<PathBuf>,
+    /// CA (PEM) for client certificates; a verified certificate's subject CN
+    /// becomes the client key (k3s: system:node:NAME).
+    #[arg(long)]
+    pub client_ca: Option<PathBuf>,
+    /// File of bearer tokens, one "CLIENTKEY TOKEN" per line ('#' comments).
+    #[arg(long)]
+    pub tokens: Option<PathBuf>,
+    /// Websocket upgrade path.
+    #[arg(long, default_value = "/v1-k3s/connect")]
+    pub path: String,
+    /// Serve plain HTTP without TLS (tests on loopback only).
+    #[arg(long)]
+    pub plain: bool,
+    /// Listen on LOCAL and dial every connection through agent CLIENTKEY to
+    /// PROTO/TARGET: LOCAL=CLIENTKEY/PROTO/TARGET, e.g.
+    /// 127.0.0.1:9000=system:node:a/tcp/127.0.0.1:10250. Repeatable.
+    #[arg(long, value_name = "LOCAL=CLIENTKEY/PROTO/TARGET")]
+    pub forward: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// Server URL, e.g. wss://server:6443/v1-k3s/connect (ws:// for tests).
+    #[arg(long)]
+    pub url: String,
+    /// CA (PEM) that signed the server's certificate. Required for wss://;
+    /// there is no option to skip verification.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain (PEM), k3s style authentication.
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+    /// File holding a bearer token (or set MESHVPN_TUNNEL_TOKEN).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Targets the server may dial, PROTO/HOST:PORT with HOST an IP, CIDR,
+    /// name or '*', PORT a number, LOW-HIGH or '*'. Repeatable. Default: the
+    /// kubelet and stream ports on loopback, as k3s (tcp/127.0.0.1:10250,
+    /// tcp/127.0.0.1:10010 and the same on [::1]).
+    #[arg(long, value_name = "PATTERN")]
+    pub allow: Vec<String>,
+    /// Extra request header NAME=VALUE (e.g. X-Tunnel-ID=node1). Repeatable.
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub header: Vec<String>,
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Runs `meshvpn tunnel ...`; returns only on error.
+pub fn run(args: TunnelArgs) -> Result<(), String> {
+    match args.command {
+        TunnelCommand::Serve(a) => serve(a),
+        TunnelCommand::Connect(a) => connect(a),
+    }
+}
+
+fn parse_tokens(text: &str) -> Result<Vec<(String, String)>, String> {
+    let mut tokens = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, token) = line
+            .split_once(char::is_whitespace)
+            .ok_or_else(|| format!("tokens file line {}: want \"CLIENTKEY TOKEN\"", n + 1))?;
+        tokens.push((token.trim().to_owned(), key.to_owned()));
+    }
+    Ok(tokens)
+}
+
+struct Forward {
+    local: SocketAddr,
+    client_key: String,
+    proto: String,
+    target: String,
+}
+
+fn parse_forward(spec: &str) -> Result<Forward, String> {
+    let bad = || format!("bad --forward {spec:?}: want LOCAL=CLIENTKEY/PROTO/TARGET");
+    let (local, rest) = spec.split_once('=').ok_or_else(bad)?;
+    let local = local.parse().map_err(|_| bad())?;
+    // Client keys may contain ':' but not '/'.
+    let (client_key, rest) = rest.split_once('/').ok_or_else(bad)?;
+    let (proto, target) = rest.split_once('/').ok_or_else(bad)?;
+    if client_key.is_empty() || proto.is_empty() || target.is_empty() {
+        return Err(bad());
+    }
+    Ok(Forward {
+        local,
+        client_key: client_key.into(),
+        proto: proto.into(),
+        target: target.into(),
+    })
+}
+
+fn serve(a: ServeArgs) -> Result<(), String> {
+    let tls = if a.plain {
+        None
+    } else {
+        let (cert, key) = (
+            a.cert.as_ref().ok_or("--cert is required")?,
+            a.key.as_ref().ok_or("--key is required")?,
+        );
+        let client_ca = a.client_ca.as_ref().map(read).transpose()?;
+        let require = a.tokens.is_none() && client_ca.is_some();
+        Some(
+            tls::server_config(&read(cert)?, &read(key)?, client_ca.as_deref(), require)
+                .map_err(|e| e.to_string())?,
+        )
+    };
+    let tokens = match &a.tokens {
+        Some(p) => parse_tokens(&String::from_utf8_lossy(&read(p)?))?,
+        None => Vec::new(),
+    };
+    if tokens.is_empty() && a.client_ca.is_none() {
+        return Err("no way to authenticate agents: give --client-ca and/or --tokens".into());
+    }
+    let auth = ServerAuth {
+        tokens,
+        client_cert_cn: a.client_ca.is_some(),
+    };
+    let forwards = a
+        .forward
+        .iter()
+        .map(|f| parse_forward(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    let server = Arc::new(
+        TunnelServer::bind(a.listen, ServerConfig::new(a.path, tls, auth))
+            .map_err(|e| e.to_string())?,
+    );
+    tracing::info!(addr = %server.local_addr(), "tunnel server listening");
+    for f in forwards {
+        let listener =
+            TcpListener::bind(f.local).map_err(|e| format!("--forward {}: {e}", f.local))?;
+        tracing::info!(local = %f.local, client = %f.client_key, target = %format!("{}/{}", f.proto, f.target), "forwarding");
+        let server = server.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let stream = match server.dial(&f.client_key, &f.proto, &f.target) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "forward: dial failed");
+                        continue;
+                    }
+                };
+                let Ok(target) = DialedTarget::from_tcp(conn) else {
+                    continue;
+                };
+                let _ = std::thread::Builder::new()
+                    .stack_size(256 << 10)
+                    .spawn(move || pump(stream, target));
+            }
+        });
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn connect(a: ConnectArgs) -> Result<(), String> {
+    let policy = if a.allow.is_empty() {
+        AllowList::k3s_default()
+    } else {
+        AllowList(
+            a.allow
+                .iter()
+                .map(|p| p.parse::<TargetPattern>())
+                .collect::<Result<_, _>>()?,
+        )
+    };
+    let mut config = AgentConfig::new(
+        a.url.clone(),
+        Arc::new(policy),
+        Arc::new(OsDialer::default()),
+    );
+    if a.url.starts_with("wss://") {
+        let ca =
+            a.ca.as_ref()
+                .ok_or("--ca is required for wss:// (the server is always verified)")?;
+        let identity = match (&a.cert, &a.key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        let identity_ref = identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice()));
+        config.tls = Some(tls::client_config(&read(ca)?, identity_ref).map_err(|e| e.to_string())?);
+    }
+    config.token = match &a.token_file {
+        Some(p) => Some(String::from_utf8_lossy(&read(p)?).trim().to_owned()),
+        None => std::env::var("MESHVPN_TUNNEL_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
+    for h in &a.header {
+        let (name, value) = h
+            .split_once('=')
+            .ok_or_else(|| format!("bad --header {h:?}: want NAME=VALUE"))?;
+        config.headers.push((name.to_owned(), value.to_owned()));
+    }
+    let agent = Agent::start(config).map_err(|e| e.to_string())?;
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+        let _ = agent.status();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_spec() {
+        let f = parse_forward("127.0.0.1:9000=system:node:a/tcp/127.0.0.1:10250").unwrap();
+        assert_eq!(
+            (f.client_key.as_str(), f.proto.as_str(), f.target.as_str()),
+            ("system:node:a", "tcp", "127.0.0.1:10250")
+        );
+        assert!(parse_forward("127.0.0.1:9000=a/tcp").is_err());
+        assert!(parse_forward("nope=a/tcp/x:1").is_err());
+    }
+
+    #[test]
+    fn tokens_file() {
+        let t = parse_tokens("# comment\nnode1 abc\n\nnode2   def \n").unwrap();
+        assert_eq!(
+            t,
+            vec![
+                ("abc".into(), "node1".into()),
+                ("def".into(), "node2".into())
+            ]
+        );
+        assert!(parse_tokens("lonely").is_err());
+    }
+}

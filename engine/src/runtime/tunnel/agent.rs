@@ -1,0 +1,367 @@
+//! The agent role: keeps a websocket open to the server (reconnecting with
+//! exponential backoff and jitter) and dials the targets the server asks for,
+//! when its policy allows them.
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::http::HeaderValue;
+
+use super::driver::{self, Incoming, SessionHooks, SessionShared};
+use super::target::{pump, ConnectPolicy, TargetDialer};
+use super::transport::{Socket, Transport};
+use super::{TunnelError, TunnelStream};
+use crate::tunnel::{Limits, Role};
+
+/// How an agent connects and what it allows.
+pub struct AgentConfig {
+    /// `wss://host:port/path` (or `ws://` for tests), e.g.
+    /// `wss://server:6443/v1-k3s/connect`.
+    pub url: String,
+    /// Required for `wss://`: the trusted CA and the optional client identity.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Sent as `Authorization: Bearer ...`. Never logged.
+    pub token: Option<String>,
+    /// Extra request headers (e.g. `X-Tunnel-ID`).
+    pub headers: Vec<(String, String)>,
+    pub policy: Arc<dyn ConnectPolicy>,
+    pub dialer: Arc<dyn TargetDialer>,
+    pub limits: Limits,
+    pub handshake_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("url", &self.url)
+            .field("tls", &self.tls.is_some())
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentConfig {
+    pub fn new(
+        url: impl Into<String>,
+        policy: Arc<dyn ConnectPolicy>,
+        dialer: Arc<dyn TargetDialer>,
+    ) -> Self {
+        Self {
+            url: url.into(),
+            tls: None,
+            token: None,
+            headers: Vec::new(),
+            policy,
+            dialer,
+            limits: Limits::default(),
+            handshake_timeout: Duration::from_secs(10),
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What an agent is doing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentStatus {
+    pub connected: bool,
+    /// Sessions established so far.
+    pub sessions: u64,
+    /// Why the last session or attempt ended.
+    pub last_error: Option<String>,
+}
+
+struct AgentShared {
+    config: AgentConfig,
+    stop: AtomicBool,
+    sessions: AtomicU64,
+    status: Mutex<AgentStatus>,
+    changed: Condvar,
+    current: Mutex<Option<Arc<SessionShared>>>,
+}
+
+/// A running agent. Dropping it stops it.
+pub struct Agent {
+    shared: Arc<AgentShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts connecting in the background.
+    pub fn start(config: AgentConfig) -> Result<Self, TunnelError> {
+        let request = config
+            .url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| TunnelError::Config(e.to_string()))?;
+        let scheme = request.uri().scheme_str().unwrap_or("");
+        if scheme == "wss" && config.tls.is_none() {
+            return Err(TunnelError::Config(
+                "wss:// needs a TLS configuration with the server's CA".into(),
+            ));
+        }
+        if scheme != "wss" && scheme != "ws" {
+            return Err(TunnelError::Config(format!(
+                "unsupported URL scheme {scheme:?}"
+            )));
+        }
+        let shared = Arc::new(AgentShared {
+            config,
+            stop: AtomicBool::new(false),
+            sessions: AtomicU64::new(0),
+            status: Mutex::new(AgentStatus::default()),
+            changed: Condvar::new(),
+            current: Mutex::new(None),
+        });
+        let worker = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("tunnel-agent".into())
+            .spawn(move || connect_loop(&worker))
+            .map_err(TunnelError::Io)?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn status(&self) -> AgentStatus {
+        self.shared.status.lock().clone()
+    }
+
+    /// Waits until a session is up (`true`) or `timeout` passes.
+    pub fn wait_connected(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut status = self.shared.status.lock();
+        while !status.connected {
+            if self
+                .shared
+                .changed
+                .wait_until(&mut status, deadline)
+                .timed_out()
+            {
+                return status.connected;
+            }
+        }
+        true
+    }
+
+    /// Stops and waits for the background thread; open streams fail.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(s) = self.shared.current.lock().as_ref() {
+            s.stop("agent stopped");
+        }
+        self.shared.changed.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Cheap jitter without a random source: the clock's nanoseconds, mixed.
+fn jitter_fraction() -> f64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut x = u64::from(nanos) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    (x % 1000) as f64 / 1000.0
+}
+
+fn connect_loop(shared: &Arc<AgentShared>) {
+    let config = &shared.config;
+    let mut backoff = config.backoff_initial;
+    while !shared.stop.load(Ordering::SeqCst) {
+        let started = Instant::now();
+        let result = connect_once(config).map(|ws| {
+            shared.sessions.fetch_add(1, Ordering::SeqCst);
+            tracing::info!(url = %config.url, "tunnel: connected");
+            let hooks = AgentHooks {
+                shared: shared.clone(),
+            };
+            driver::run(
+                ws,
+                Role::Agent,
+                config.limits.clone(),
+                "server".into(),
+                &hooks,
+            )
+        });
+        *shared.current.lock() = None;
+        let error = match result {
+            Ok(reason) => {
+                tracing::warn!(url = %config.url, %reason, "tunnel: session ended");
+                reason
+            }
+            Err(e) => {
+                tracing::warn!(url = %config.url, error = %e, "tunnel: connect failed");
+                e.to_string()
+            }
+        };
+        {
+            let mut status = shared.status.lock();
+            status.connected = false;
+            status.last_error = Some(error);
+        }
+        shared.changed.notify_all();
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = config.backoff_initial;
+        }
+        // Full backoff times a factor in [0.5, 1.0).
+        let delay = backoff.mul_f64(0.5 + jitter_fraction() / 2.0);
+        backoff = (backoff * 2).min(config.backoff_max);
+        let deadline = Instant::now() + delay;
+        let mut status = shared.status.lock();
+        while !shared.stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+            shared.changed.wait_until(&mut status, deadline);
+        }
+    }
+}
+
+fn connect_once(config: &AgentConfig) -> Result<tungstenite::WebSocket<Transport>, TunnelError> {
+    let mut request = config
+        .url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| TunnelError::Config(e.to_string()))?;
+    let uri = request.uri().clone();
+    let secure = uri.scheme_str() == Some("wss");
+    let host = uri
+        .host()
+        .ok_or_else(|| TunnelError::Config("URL has no host".into()))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    if let Some(token) = &config.token {
+        let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| TunnelError::Config("token is not a valid header value".into()))?;
+        value.set_sensitive(true);
+        request.headers_mut().insert("Authorization", value);
+    }
+    for (name, value) in &config.headers {
+        let name = tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| TunnelError::Config(format!("bad header name {name}")))?;
+        let value = HeaderValue::from_str(value)
+            .map_err(|_| TunnelError::Config("bad header value".into()))?;
+        request.headers_mut().insert(name, value);
+    }
+    let deadline = Instant::now() + config.handshake_timeout;
+    let mut last = None;
+    let mut tcp = None;
+    for addr in (host.as_str(), port).to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, config.handshake_timeout) {
+            Ok(s) => {
+                tcp = Some(s);
+                break;
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let tcp = match (tcp, last) {
+        (Some(t), _) => t,
+        (None, Some(e)) => return Err(TunnelError::Io(e)),
+        (None, None) => return Err(TunnelError::Config(format!("{host} has no address"))),
+    };
+    tcp.set_nodelay(true)?;
+    let sock = Socket::with_deadline(tcp, deadline);
+    let transport = if secure {
+        let tls = config
+            .tls
+            .clone()
+            .ok_or_else(|| TunnelError::Config("wss:// needs TLS settings".into()))?;
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|_| TunnelError::Config(format!("bad server name {host}")))?;
+        let conn = rustls::ClientConnection::new(tls, name)
+            .map_err(|e| TunnelError::Tls(e.to_string()))?;
+        Transport::tls(sock, conn.into()).map_err(|e| TunnelError::Tls(e.to_string()))?
+    } else {
+        Transport::plain(sock)
+    };
+    let (ws, _response) = tungstenite::client::client_with_config(
+        request,
+        transport,
+        Some(driver::websocket_config()),
+    )
+    .map_err(|e| match e {
+        tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => {
+            TunnelError::Handshake(format!("server answered HTTP {}", resp.status()))
+        }
+        other => TunnelError::Handshake(other.to_string()),
+    })?;
+    Ok(ws)
+}
+
+struct AgentHooks {
+    shared: Arc<AgentShared>,
+}
+
+impl SessionHooks for AgentHooks {
+    fn started(&self, session: &Arc<SessionShared>) {
+        *self.shared.current.lock() = Some(session.clone());
+        let mut status = self.shared.status.lock();
+        status.connected = true;
+        status.sessions = self.shared.sessions.load(Ordering::SeqCst);
+        drop(status);
+        self.shared.changed.notify_all();
+        if self.shared.stop.load(Ordering::SeqCst) {
+            session.stop("agent stopped");
+        }
+    }
+
+    fn incoming(&self, session: &Arc<SessionShared>, incoming: Incoming) {
+        let Incoming {
+            conn,
+            proto,
+            address,
+        } = incoming;
+        let mut inner = session.lock();
+        if !self.shared.config.policy.allows(&proto, &address) {
+            tracing::info!(conn = conn.0, %proto, %address, "tunnel: refused connect");
+            inner.core.refuse(conn, "connect not allowed");
+            session.after_op(&mut inner);
+            return;
+        }
+        if inner.core.accept(conn).is_err() {
+            return;
+        }
+        let stream = TunnelStream::register(session, &mut inner, conn);
+        session.after_op(&mut inner);
+        drop(inner);
+        tracing::debug!(conn = conn.0, %proto, %address, "tunnel: dialing");
+        let dialer = self.shared.config.dialer.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tunnel-dial".into())
+            .stack_size(256 << 10)
+            .spawn(move || match dialer.dial(&proto, &address) {
+                Ok(target) => pump(stream, target),
+                Err(e) => {
+                    tracing::debug!(conn = conn.0, error = %e, "tunnel: dial failed");
+                    stream.close_with(Some(&e.to_string()));
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "tunnel: cannot start a dial thread");
+        }
+    }
+}

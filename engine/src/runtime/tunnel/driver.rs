@@ -1,0 +1,308 @@
+//! One thread per websocket drives a [`TunnelSession`]: it reads websocket
+//! messages into the session, writes the session's frames out, and runs its
+//! timers. Stream handles on other threads call into the same session under
+//! its mutex and wake this thread through a `mio::Waker` when they queued
+//! something to send.
+//!
+//! ```text
+//!   socket ──read──► ws.read ──► core.handle_message ──► events ──► stream condvars / incoming
+//!   stream.write ──► core.send ──wake──► core.poll_transmit ──► ws.write ──► socket
+//! ```
+//!
+//! The loop only sleeps when the socket said WouldBlock for reading and
+//! either nothing is left to write or the socket said WouldBlock for writing
+//! (mio is edge-triggered), or until the session's next timer.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::{Message, WebSocket};
+
+use super::transport::Transport;
+use crate::tunnel::{ConnId, Event, Limits, Role, Transmit, TunnelSession};
+
+const SOCKET: Token = Token(0);
+const WAKER: Token = Token(1);
+/// Messages read per lock of the session.
+const READ_BATCH: usize = 64;
+
+/// Websocket limits: a message is one tunnel message; Data payloads from Go
+/// are at most the size of one `Write` (32 KiB from io.Copy), so 1 MiB is a
+/// generous ceiling that still bounds what one frame can make us allocate.
+pub(crate) fn websocket_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(1 << 20))
+        .max_frame_size(Some(1 << 20))
+        .write_buffer_size(64 << 10)
+        .max_write_buffer_size(1 << 20)
+}
+
+pub(crate) struct Inner {
+    pub(crate) core: TunnelSession,
+    pub(crate) signals: HashMap<ConnId, Arc<Condvar>>,
+    io_sleeping: bool,
+    stop: Option<String>,
+    pub(crate) ended: bool,
+}
+
+/// What stream handles and the registry share with the I/O thread.
+pub(crate) struct SessionShared {
+    pub(crate) inner: Mutex<Inner>,
+    waker: Waker,
+    pub(crate) client_key: String,
+}
+
+impl SessionShared {
+    /// Call after any operation on `core` from outside the I/O thread:
+    /// delivers events and wakes the I/O thread when frames wait.
+    pub(crate) fn after_op(&self, inner: &mut Inner) {
+        deliver(inner, &mut Vec::new());
+        if inner.io_sleeping && inner.core.has_transmit() {
+            inner.io_sleeping = false;
+            let _ = self.waker.wake();
+        }
+    }
+
+    /// Ends the session (e.g. replaced by a newer one for the same client).
+    pub(crate) fn stop(&self, reason: &str) {
+        let mut inner = self.inner.lock();
+        if inner.stop.is_none() {
+            inner.stop = Some(reason.to_owned());
+        }
+        drop(inner);
+        let _ = self.waker.wake();
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock()
+    }
+}
+
+pub(crate) struct Incoming {
+    pub(crate) conn: ConnId,
+    pub(crate) proto: String,
+    pub(crate) address: String,
+}
+
+fn deliver(inner: &mut Inner, incoming: &mut Vec<Incoming>) {
+    while let Some(event) = inner.core.poll_event() {
+        match event {
+            Event::Readable(id) | Event::Writable(id) | Event::Closed(id) => {
+                if let Some(signal) = inner.signals.get(&id) {
+                    signal.notify_all();
+                }
+            }
+            Event::Incoming {
+                conn,
+                proto,
+                address,
+            } => incoming.push(Incoming {
+                conn,
+                proto,
+                address,
+            }),
+        }
+    }
+}
+
+/// Hooks of the role running a session.
+pub(crate) trait SessionHooks {
+    /// The session is up; stream handles may be made from `shared` now.
+    fn started(&self, shared: &Arc<SessionShared>);
+    /// The peer asks to open a connection (agents). Must answer it through
+    /// `shared` (accept or refuse) without blocking for long.
+    fn incoming(&self, shared: &Arc<SessionShared>, incoming: Incoming);
+}
+
+/// Runs a session over an upgraded websocket until it ends; returns why it ended.
+pub(crate) fn run(
+    mut ws: WebSocket<Transport>,
+    role: Role,
+    limits: Limits,
+    client_key: String,
+    hooks: &dyn SessionHooks,
+) -> String {
+    let reason = match drive(&mut ws, role, limits, client_key, hooks) {
+        Ok(reason) => reason,
+        Err(e) => e.to_string(),
+    };
+    // Best effort: tell the peer, without waiting.
+    let _ = ws.close(None);
+    let _ = ws.flush();
+    let _ = ws.get_ref().sock.tcp.shutdown(std::net::Shutdown::Both);
+    reason
+}
+
+fn drive(
+    ws: &mut WebSocket<Transport>,
+    role: Role,
+    limits: Limits,
+    client_key: String,
+    hooks: &dyn SessionHooks,
+) -> io::Result<String> {
+    ws.get_mut().sock.enter_session_mode()?;
+    let mut poll = Poll::new()?;
+    let fd = ws.get_ref().sock.raw_fd();
+    poll.registry().register(
+        &mut SourceFd(&fd),
+        SOCKET,
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    let waker = Waker::new(poll.registry(), WAKER)?;
+    let shared = Arc::new(SessionShared {
+        inner: Mutex::new(Inner {
+            core: TunnelSession::new(role, limits, Instant::now()),
+            signals: HashMap::new(),
+            io_sleeping: false,
+            stop: None,
+            ended: false,
+        }),
+        waker,
+        client_key,
+    });
+    hooks.started(&shared);
+    let reason = pump_websocket(ws, &shared, &mut poll, hooks);
+    let mut inner = shared.lock();
+    inner.core.close_all("tunnel disconnect");
+    inner.ended = true;
+    deliver(&mut inner, &mut Vec::new());
+    for signal in inner.signals.values() {
+        signal.notify_all();
+    }
+    Ok(reason)
+}
+
+fn is_would_block(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
+}
+
+fn pump_websocket(
+    ws: &mut WebSocket<Transport>,
+    shared: &Arc<SessionShared>,
+    poll: &mut Poll,
+    hooks: &dyn SessionHooks,
+) -> String {
+    let mut events = Events::with_capacity(8);
+    let mut batch: Vec<Bytes> = Vec::with_capacity(READ_BATCH);
+    let mut incoming = Vec::new();
+    let mut stalled: Option<Message> = None;
+    loop {
+        // Read what the socket has.
+        let mut read_blocked = false;
+        let mut read_any = false;
+        let mut batches = 0;
+        // A bounded number of batches, so a busy reader never starves writes (Pause, pongs).
+        while !read_blocked && batches < 8 {
+            batches += 1;
+            batch.clear();
+            let mut keepalives = 0usize;
+            while batch.len() < READ_BATCH {
+                match ws.read() {
+                    Ok(Message::Binary(b)) => batch.push(b),
+                    Ok(Message::Ping(_) | Message::Pong(_)) => keepalives += 1,
+                    Ok(Message::Text(_)) => return "peer sent a text message".into(),
+                    Ok(Message::Close(_)) => return "peer closed the websocket".into(),
+                    Ok(Message::Frame(_)) => {}
+                    Err(e) if is_would_block(&e) => {
+                        read_blocked = true;
+                        break;
+                    }
+                    Err(
+                        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
+                    ) => return "websocket closed".into(),
+                    Err(e) => return format!("websocket read: {e}"),
+                }
+            }
+            if batch.is_empty() && keepalives == 0 {
+                break;
+            }
+            read_any = true;
+            let now = Instant::now();
+            let mut inner = shared.lock();
+            if keepalives > 0 {
+                inner.core.handle_keepalive(now);
+            }
+            for frame in batch.drain(..) {
+                if let Err(e) = inner.core.handle_message(now, frame) {
+                    return e.to_string();
+                }
+            }
+            deliver(&mut inner, &mut incoming);
+            drop(inner);
+            for inc in incoming.drain(..) {
+                hooks.incoming(shared, inc);
+            }
+        }
+
+        // Timers, stop requests, and everything queued to send.
+        let mut wrote_any = false;
+        {
+            let mut inner = shared.lock();
+            if let Some(reason) = inner.stop.take() {
+                return reason;
+            }
+            if let Err(e) = inner.core.handle_timeout(Instant::now()) {
+                return e.to_string();
+            }
+            loop {
+                let msg = match stalled.take() {
+                    Some(m) => m,
+                    None => match inner.core.poll_transmit() {
+                        Some(Transmit::Message(m)) => Message::Binary(Bytes::from(m)),
+                        Some(Transmit::Ping) => Message::Ping(Bytes::new()),
+                        None => break,
+                    },
+                };
+                wrote_any = true;
+                match ws.write(msg) {
+                    Ok(()) => {}
+                    Err(tungstenite::Error::WriteBufferFull(m)) => {
+                        // Not the socket: flush below, then go on.
+                        stalled = Some(*m);
+                        break;
+                    }
+                    // The frame is buffered; the flush below says whether the socket is full.
+                    Err(e) if is_would_block(&e) => break,
+                    Err(e) => return format!("websocket write: {e}"),
+                }
+            }
+            deliver(&mut inner, &mut incoming);
+        }
+        let write_blocked = match ws.flush() {
+            Ok(()) => false,
+            Err(e) if is_would_block(&e) => true,
+            Err(e) => return format!("websocket flush: {e}"),
+        };
+        if read_any || (wrote_any && !write_blocked) {
+            continue;
+        }
+
+        // Sleep until the socket, a stream or a timer needs us.
+        let timeout = {
+            let mut inner = shared.lock();
+            if inner.stop.is_some() || (!write_blocked && inner.core.has_transmit()) {
+                continue;
+            }
+            inner.io_sleeping = !write_blocked;
+            inner
+                .core
+                .poll_timeout()
+                .saturating_duration_since(Instant::now())
+        };
+        let timeout = timeout.max(Duration::from_millis(1));
+        let result = poll.poll(&mut events, Some(timeout));
+        shared.lock().io_sleeping = false;
+        if let Err(e) = result {
+            if e.kind() != io::ErrorKind::Interrupted {
+                return format!("poll: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! The I/O side of the supervisor tunnel: websocket (tungstenite) over TLS
+//! (rustls, ring provider) or plain TCP, on blocking std threads.
+//!
+//! - [`Agent`]: opens the websocket to a server, reconnects with backoff,
+//!   dials the targets its [`ConnectPolicy`] allows through a [`TargetDialer`].
+//! - [`TunnelServer`]: accepts agents on one path, authenticates them
+//!   (token or client certificate CN), and [`TunnelServer::dial`]s through them.
+//! - [`TunnelStream`]: one connection through a session, `Read + Write`.
+//!
+//! Threads: one per session (see `driver`), one per handshake in progress
+//! (bounded), one listener, and two per stream an agent pumps to a target.
+//! The protocol itself lives in [`crate::tunnel`]; nothing here parses
+//! tunnel messages.
+
+mod agent;
+mod driver;
+mod server;
+mod stream;
+mod target;
+pub mod tls;
+mod transport;
+
+pub use agent::{Agent, AgentConfig, AgentStatus};
+pub use server::{ServerAuth, ServerConfig, TunnelServer};
+pub use stream::TunnelStream;
+pub use target::{
+    pump, AllowList, ConnectPolicy, DialedTarget, OsDialer, TargetDialer, TargetPattern,
+};
+
+use crate::tunnel::DialError;
+
+/// Errors of the tunnel runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("websocket handshake: {0}")]
+    Handshake(String),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("no tunnel session for client {0:?}")]
+    NoSession(String),
+    #[error("dial: {0}")]
+    Dial(#[from] DialError),
+}

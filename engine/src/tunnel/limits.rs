@@ -1,0 +1,72 @@
+//! Bounds on what one tunnel session may hold, and the protocol's timers.
+
+use std::time::Duration;
+
+/// Go's `MaxBuffer`: above this much buffered for one connection the receiver
+/// sends Pause.
+pub const PAUSE_THRESHOLD: usize = 1 << 21;
+/// Go's `MaxBuffer / 8`: once reads bring the buffer under this, Resume.
+pub const RESUME_THRESHOLD: usize = PAUSE_THRESHOLD / 8;
+/// Go's `PingWriteInterval`.
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// Go's `PingWaitDuration`: the read deadline of a session.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Go's `SyncConnectionsInterval`.
+pub const SYNC_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Per-session limits. Memory held by a session is at most about
+/// `session_buffer_hard + max_connections * (send_queue + data_chunk)` plus
+/// `max_control_queue` small frames.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Live connections per session; a Connect beyond it is answered with an Error.
+    pub max_connections: usize,
+    /// Bytes one connection may have buffered before it is reset. A peer that
+    /// honours Pause stays below 2 MiB plus what was in flight when it got the
+    /// Pause (TCP buffers: ~10 MB at most on Linux defaults), so this is well
+    /// above that.
+    pub recv_buffer_hard: usize,
+    /// Bytes buffered over all connections above which every connection with
+    /// more than `session_pause_floor` buffered is paused early.
+    pub session_buffer_soft: usize,
+    /// Bytes buffered over all connections above which a connection receiving
+    /// more data is reset.
+    pub session_buffer_hard: usize,
+    /// See `session_buffer_soft`.
+    pub session_pause_floor: usize,
+    /// Bytes queued for sending per connection before writers block.
+    pub send_queue: usize,
+    /// Largest Data payload this side sends in one message.
+    pub data_chunk: usize,
+    /// Control frames (Pause, Resume, Error, ...) queued before unsolicited
+    /// replies ("connection not found") are dropped.
+    pub max_control_queue: usize,
+    /// The read deadline: the session ends when nothing arrived for this long.
+    pub read_timeout: Duration,
+    /// Agent only: websocket Ping interval.
+    pub ping_interval: Duration,
+    /// Agent only: SyncConnections interval.
+    pub sync_interval: Duration,
+    /// Server only: a connection younger than this is never closed by a
+    /// SyncConnections that does not list it (its Connect may still be in flight).
+    pub sync_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            recv_buffer_hard: 16 * PAUSE_THRESHOLD,
+            session_buffer_soft: 64 << 20,
+            session_buffer_hard: 256 << 20,
+            session_pause_floor: 64 << 10,
+            send_queue: 256 << 10,
+            data_chunk: 32 << 10,
+            max_control_queue: 4096,
+            read_timeout: READ_TIMEOUT,
+            ping_interval: PING_INTERVAL,
+            sync_interval: SYNC_INTERVAL,
+            sync_grace: Duration::from_secs(10),
+        }
+    }
+}
