@@ -358,6 +358,17 @@ impl Inner {
 /// The netstack thread: waits for packets, kicks or the next socket
 /// deadline, then polls once for the whole batch and sends its output.
 fn run(inner: Arc<Inner>, packets: Receiver<PacketBuf>, kicks: Receiver<()>) {
+    // However the loop ends (engine gone, stack closed, or a panic), the
+    // stack is marked closed and every blocked caller wakes.
+    struct Stopped<'a>(&'a Inner);
+    impl Drop for Stopped<'_> {
+        fn drop(&mut self) {
+            self.0.closed.store(true, SeqCst);
+            self.0.detached.store(true, SeqCst);
+            self.0.wake_all();
+        }
+    }
+    let _stopped = Stopped(&inner);
     let mut out: Vec<Vec<u8>> = Vec::new();
     let mut spare: Vec<Vec<u8>> = Vec::new();
     let mut unreachable: Vec<IpAddr> = Vec::new();
@@ -410,9 +421,6 @@ fn run(inner: Arc<Inner>, packets: Receiver<PacketBuf>, kicks: Receiver<()>) {
             delay = Duration::ZERO;
         }
     }
-    inner.closed.store(true, SeqCst);
-    inner.detached.store(true, SeqCst);
-    inner.wake_all();
 }
 
 /// A std duration as smoltcp's.
