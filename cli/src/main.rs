@@ -1,6 +1,7 @@
 //! The `meshvpn` command.
 
 mod demo;
+mod forward;
 
 use clap::{Parser, Subcommand};
 
@@ -19,12 +20,15 @@ struct Cli {
 enum Command {
     /// Run a mesh of engines on loopback (no root) and show handshakes, traffic and stats
     Demo(demo::DemoArgs),
+    /// Forward ports through the userspace stack (no root, no TUN)
+    Forward(forward::ForwardArgs),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
+        Command::Forward(args) => forward::run(args),
     };
     if let Err(e) = result {
         eprintln!("meshvpn: {e}");

@@ -16,10 +16,7 @@ fn udp_echo_v4_and_v6_up_to_the_mtu() {
     let nodes = stack_mesh(2, NetstackConfig::default());
     let (a, b) = (&nodes[0], &nodes[1]);
     for v6 in [false, true] {
-        let server = b
-            .stack
-            .udp_bind(SocketAddr::new(b.addr(v6), 7))
-            .unwrap();
+        let server = b.stack.udp_bind(SocketAddr::new(b.addr(v6), 7)).unwrap();
         let client = a.stack.udp_bind(SocketAddr::new(a.addr(v6), 0)).unwrap();
         let max = client.max_payload(b.addr(v6));
         assert_eq!(max, 1420 - if v6 { 48 } else { 28 });
@@ -110,7 +107,10 @@ fn dial_errors_are_distinct() {
     a.node.engine.add_peer(&p).unwrap();
     assert_eq!(
         a.stack
-            .tcp_connect("10.88.0.1:80".parse().unwrap(), Some(Duration::from_millis(300)))
+            .tcp_connect(
+                "10.88.0.1:80".parse().unwrap(),
+                Some(Duration::from_millis(300))
+            )
             .err(),
         Some(NetstackError::TimedOut)
     );
@@ -129,13 +129,18 @@ fn dial_errors_are_distinct() {
         a.stack.udp_bind("10.1.2.3:0".parse().unwrap()).err(),
         Some(NetstackError::AddrNotAvailable)
     );
-    let l = a.stack.tcp_listen("0.0.0.0:80".parse().unwrap(), 1).unwrap();
+    let l = a
+        .stack
+        .tcp_listen("0.0.0.0:80".parse().unwrap(), 1)
+        .unwrap();
     assert_eq!(
         a.stack.tcp_listen("0.0.0.0:80".parse().unwrap(), 1).err(),
         Some(NetstackError::AddrInUse)
     );
     drop(l);
-    a.stack.tcp_listen("0.0.0.0:80".parse().unwrap(), 1).unwrap();
+    a.stack
+        .tcp_listen("0.0.0.0:80".parse().unwrap(), 1)
+        .unwrap();
 }
 
 #[test]
@@ -150,7 +155,10 @@ fn socket_cap_is_a_clear_error_and_frees_on_close() {
     let a = &nodes[0];
     let any: SocketAddr = "0.0.0.0:0".parse().unwrap();
     let socks: Vec<_> = (0..3).map(|_| a.stack.udp_bind(any).unwrap()).collect();
-    assert_eq!(a.stack.udp_bind(any).err(), Some(NetstackError::SocketLimit(3)));
+    assert_eq!(
+        a.stack.udp_bind(any).err(),
+        Some(NetstackError::SocketLimit(3))
+    );
     assert_eq!(
         a.stack
             .tcp_connect(SocketAddr::new(nodes[1].node.v4, 80), Some(T))
@@ -172,10 +180,7 @@ fn a_connection_reset_by_the_listener_closing_is_reported() {
     // Connected but never accepted: closing the listener resets it.
     listener.close();
     let mut buf = [0u8; 8];
-    assert_eq!(
-        c.read_timeout(&mut buf, Some(T)),
-        Err(NetstackError::Reset)
-    );
+    assert_eq!(c.read_timeout(&mut buf, Some(T)), Err(NetstackError::Reset));
 }
 
 #[test]
@@ -211,7 +216,10 @@ fn blocked_calls_wake_on_close_and_on_shutdown() {
     assert_eq!(server_side.read_timeout(&mut buf, Some(T)), Ok(0));
 
     // Closing the engine wakes a read blocked on b's stack.
-    let listener = b.stack.tcp_listen(SocketAddr::new(b.node.v4, 9200), 8).unwrap();
+    let listener = b
+        .stack
+        .tcp_listen(SocketAddr::new(b.node.v4, 9200), 8)
+        .unwrap();
     let _conn = a
         .stack
         .tcp_connect(SocketAddr::new(b.node.v4, 9200), Some(T))
@@ -234,7 +242,10 @@ fn blocked_calls_wake_on_close_and_on_shutdown() {
 
     // Closing a stack wakes what blocks on it, and its addresses fall
     // through to the host queue again.
-    let l = a.stack.tcp_listen("0.0.0.0:9300".parse().unwrap(), 1).unwrap();
+    let l = a
+        .stack
+        .tcp_listen("0.0.0.0:9300".parse().unwrap(), 1)
+        .unwrap();
     std::thread::scope(|s| {
         let acceptor = s.spawn(|| l.accept_timeout(None).map(|_| ()));
         std::thread::sleep(Duration::from_millis(100));
@@ -270,5 +281,9 @@ fn packets_not_for_the_stack_reach_the_host_queue() {
     // ...while a packet for the stack's own address does not.
     let pkt = common::udp_packet(a.node.v4, b.node.v4, 32, 9);
     a.node.engine.send_packet(&pkt).unwrap();
-    assert!(b.node.engine.recv_packet(Duration::from_millis(300)).is_none());
+    assert!(b
+        .node
+        .engine
+        .recv_packet(Duration::from_millis(300))
+        .is_none());
 }

@@ -102,10 +102,7 @@ fn hostile_tcp_does_not_panic_and_valid_peers_still_work() {
         [127, 0, 0, 1].into(),
         attacker.engine.listen_port(),
     ));
-    p.allowed_ips = vec![
-        IpPrefix::host(attacker.v4),
-        "0.0.0.0/32".parse().unwrap(),
-    ];
+    p.allowed_ips = vec![IpPrefix::host(attacker.v4), "0.0.0.0/32".parse().unwrap()];
     a.engine.add_peer(&p).unwrap();
     let a = attach(a, NetstackConfig::default());
     let c = attach(c, NetstackConfig::default());
@@ -159,7 +156,11 @@ fn hostile_tcp_does_not_panic_and_valid_peers_still_work() {
     syn_ack(&attacker, 40001);
 
     // A SYN from 0.0.0.0, and one with a bad checksum.
-    send(&segment(Ipv4Addr::UNSPECIFIED, target, &syn(40002, 5, None)));
+    send(&segment(
+        Ipv4Addr::UNSPECIFIED,
+        target,
+        &syn(40002, 5, None),
+    ));
     let mut bad = segment(me, target, &syn(40003, 5, None));
     bad[20 + 16] ^= 0xFF;
     send(&bad);
@@ -186,7 +187,11 @@ fn hostile_tcp_does_not_panic_and_valid_peers_still_work() {
     let mut noise = [0u8; 8];
     for i in 0..3000u32 {
         pat.fill(&mut noise);
-        let mut s = syn(41000 + (i % 500) as u16, u32::from_le_bytes(noise[..4].try_into().unwrap()), None);
+        let mut s = syn(
+            41000 + (i % 500) as u16,
+            u32::from_le_bytes(noise[..4].try_into().unwrap()),
+            None,
+        );
         if i % 3 == 0 {
             s.control = TcpControl::None;
             s.ack_number = Some(TcpSeqNumber(noise[4] as i32));

@@ -47,5 +47,8 @@ fn bulk_transfer_across_a_lossy_reordering_link_arrives_intact() {
 }
 
 fn env_f(k: &str, d: f64) -> f64 {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }

@@ -28,10 +28,8 @@ impl StackNode {
 
 /// Attaches a stack owning the node's mesh addresses.
 pub fn attach(node: Node, config: NetstackConfig) -> StackNode {
-    node.engine.set_addresses(vec![
-        IpPrefix::host(node.v4),
-        IpPrefix::host(node.v6),
-    ]);
+    node.engine
+        .set_addresses(vec![IpPrefix::host(node.v4), IpPrefix::host(node.v6)]);
     let stack = Netstack::attach(&node.engine, config).expect("stack attaches");
     StackNode { stack, node }
 }
@@ -83,7 +81,10 @@ pub fn send_pattern(mut s: &TcpStream, total: u64, seed: u64, deadline: Instant)
     let mut left = total;
     s.set_write_timeout(Some(Duration::from_secs(30)));
     while left > 0 {
-        assert!(Instant::now() < deadline, "sender ran out of time with {left} bytes left");
+        assert!(
+            Instant::now() < deadline,
+            "sender ran out of time with {left} bytes left"
+        );
         let n = left.min(buf.len() as u64) as usize;
         pat.fill(&mut buf[..n]);
         s.write_all(&buf[..n]).expect("write");
@@ -101,7 +102,10 @@ pub fn recv_all(mut s: &TcpStream, deadline: Instant) -> (u64, [u8; 32]) {
     let mut total = 0u64;
     s.set_read_timeout(Some(Duration::from_secs(30)));
     loop {
-        assert!(Instant::now() < deadline, "receiver ran out of time after {total} bytes");
+        assert!(
+            Instant::now() < deadline,
+            "receiver ran out of time after {total} bytes"
+        );
         let n = s.read(&mut buf).expect("read");
         if n == 0 {
             break;
