@@ -105,6 +105,7 @@ struct Counts {
 /// Runs until killed.
 pub fn run(args: ForwardArgs) -> Result<(), String> {
     let fw = start(&args)?;
+    tracing::info!(local = ?fw.local_addrs, remote = args.remote.len(), "forward: running");
     let mut last = (u64::MAX, u64::MAX);
     loop {
         std::thread::sleep(Duration::from_secs(30));

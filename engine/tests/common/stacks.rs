@@ -128,7 +128,7 @@ pub fn transfer_both_ways(a: &StackNode, b: &StackNode, v6: bool, bytes: u64, li
     std::thread::scope(|scope| {
         let server = scope.spawn(|| {
             let (conn, peer) = listener
-                .accept_timeout(Some(Duration::from_secs(10)))
+                .accept_timeout(Some(Duration::from_secs(60)))
                 .expect("accept");
             assert_eq!(peer.ip(), a.addr(v6));
             std::thread::scope(|inner| {
@@ -139,7 +139,7 @@ pub fn transfer_both_ways(a: &StackNode, b: &StackNode, v6: bool, bytes: u64, li
         });
         let conn = a
             .stack
-            .tcp_connect(remote, Some(Duration::from_secs(10)))
+            .tcp_connect(remote, Some(Duration::from_secs(60)))
             .expect("connect");
         assert_eq!(conn.peer_addr(), remote);
         assert_eq!(conn.local_addr().ip(), a.addr(v6));
