@@ -9,6 +9,7 @@
 
 mod daemon;
 mod demo;
+mod forward;
 mod keys;
 mod tunnel;
 
@@ -54,6 +55,8 @@ enum Command {
     Genpsk,
     /// Run a mesh of engines on loopback (no root) and show handshakes, traffic and stats.
     Demo(demo::DemoArgs),
+    /// Forward ports through the userspace stack (no root, no TUN).
+    Forward(forward::ForwardArgs),
     /// The k3s supervisor tunnel (remotedialer protocol): `serve` or `connect`.
     Tunnel(tunnel::TunnelArgs),
 }
@@ -101,7 +104,7 @@ fn main() {
     let cli = Cli::parse();
     // Long-running services say what they do at info; the rest only warn.
     let default = match cli.command {
-        Some(Command::Tunnel(_)) => tracing::Level::INFO,
+        Some(Command::Tunnel(_) | Command::Forward(_)) => tracing::Level::INFO,
         _ => tracing::Level::WARN,
     };
     init_logging(cli.verbose, default);
@@ -111,6 +114,7 @@ fn main() {
         Some(Command::Genpsk) => keys::genpsk(),
         Some(Command::Demo(a)) => demo::run(&a).map_err(Into::into),
         Some(Command::Tunnel(a)) => tunnel::run(a).map_err(Into::into),
+        Some(Command::Forward(a)) => forward::run(a).map_err(Into::into),
         None => {
             // Keep the daemon's stderr when the user asked for logs, as
             // wireguard-go does with LOG_LEVEL.

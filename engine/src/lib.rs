@@ -9,6 +9,7 @@
 //! | `wire`    | parsing untrusted bytes: IP headers, WireGuard framing      | no  |
 //! | `router`  | AllowedIPs longest-prefix match                             | no  |
 //! | `peer`    | one boringtun `Tunn` per peer, endpoint, stats, keepalive   | no  |
+//! | `netstack`| smoltcp TCP/UDP/ICMP for the host over the mesh (no root)  | no  |
 //! | `runtime` | the `Engine`: threads, queues, packet sinks                 | yes |
 //! | `io`      | syscalls: UDP sockets, TUN devices, unix sockets            | yes |
 //!
@@ -17,6 +18,7 @@
 
 pub mod config;
 pub mod io;
+pub mod netstack;
 pub mod peer;
 pub mod router;
 pub mod runtime;
@@ -25,5 +27,6 @@ pub mod wire;
 
 pub use config::uapi::UapiError;
 pub use config::{Config, InterfaceConfig, PeerConfig, PresharedKey, PrivateKey, PublicKey};
+pub use netstack::{Netstack, NetstackConfig, NetstackError};
 pub use router::IpPrefix;
 pub use runtime::{Engine, EngineError, PeerUpdate, SendError, UapiServer};

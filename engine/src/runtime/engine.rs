@@ -624,6 +624,13 @@ impl Engine {
         self.shared.send_packets(packets)
     }
 
+    /// The peer whose AllowedIPs cover `dst`, if any: where
+    /// [`Engine::send_packet`] would send a packet for `dst`. The userspace
+    /// stack asks before it dials, so "no route" is an immediate error.
+    pub fn peer_for(&self, dst: IpAddr) -> Option<PublicKey> {
+        self.shared.peers.read().route(dst).map(|p| p.public_key())
+    }
+
     /// The next decrypted packet for the host (packet API), waiting up to
     /// `timeout`. Only packets no other sink took arrive here.
     pub fn recv_packet(&self, timeout: Duration) -> Option<super::PacketBuf> {

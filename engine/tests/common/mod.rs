@@ -1,7 +1,11 @@
 //! Helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
+pub mod lossy_relay;
+pub mod stacks;
+
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshvpn_engine::{Config, Engine, InterfaceConfig, PeerConfig, PrivateKey};
@@ -48,7 +52,7 @@ pub fn udp_packet(src: IpAddr, dst: IpAddr, payload_len: usize, seed: u8) -> Vec
 
 pub struct Node {
     pub key: PrivateKey,
-    pub engine: Engine,
+    pub engine: Arc<Engine>,
     pub v4: IpAddr,
     pub v6: IpAddr,
 }
@@ -72,7 +76,7 @@ pub fn mesh(n: usize, underlay_v6: bool) -> Vec<Node> {
             };
             Node {
                 key: k.clone(),
-                engine: Engine::new(&cfg).expect("engine starts"),
+                engine: Arc::new(Engine::new(&cfg).expect("engine starts")),
                 v4: format!("10.77.0.{}", i + 1).parse().unwrap(),
                 v6: format!("fd77::{}", i + 1).parse().unwrap(),
             }

@@ -1,0 +1,165 @@
+//! The userspace TCP/IP stack: smoltcp over the mesh, so a host can dial,
+//! listen, send datagrams and ping over WireGuard with no TUN device and no
+//! root (what tsnet and wireguard-go's `tun/netstack` do).
+//!
+//! ```text
+//!   engine rx thread --InnerSink--> NetstackSink --(ours?)--> bounded queue --> netstack thread
+//!                                        \--(not ours)--> previous sink (host queue, TUN)
+//!   netstack thread: drain a batch --> Interface ingress + egress --> Engine::send_packet
+//!   TcpStream / TcpListener / UdpSocket / ping: lock the stack, move bytes in or
+//!   out of a socket buffer, kick the netstack thread, sleep on the socket's signal
+//! ```
+//!
+//! One lock guards the smoltcp `Interface` and `SocketSet`. The netstack
+//! thread takes it once per batch of packets (not per packet) and on socket
+//! deadlines (`poll_delay`); it encrypts and sends the batch's output after
+//! releasing it. Callers' threads take it only to copy bytes. smoltcp wakes a
+//! socket's [`signal::Signal`] while the lock is held, and a caller reads the
+//! signal's generation while still holding it, so no wake-up is lost.
+//!
+//! Memory is bounded by [`NetstackConfig`]: at most `max_sockets` sockets,
+//! each with fixed buffers, and at most `rx_queue_packets` queued packets.
+//!
+//! This layer opens no OS socket and reads no device: packets come from the
+//! engine's sink and leave through [`Engine::send_packet`].
+
+mod device;
+mod error;
+mod icmp;
+mod signal;
+mod sink;
+mod stack;
+mod tcp;
+mod udp;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::NetstackError;
+pub use stack::NetstackStats;
+pub use tcp::{TcpListener, TcpStream};
+pub use udp::UdpSocket;
+
+use crate::router::IpPrefix;
+use crate::runtime::Engine;
+use stack::Inner;
+
+/// Sizes and limits of one stack. The memory ceiling is about
+/// `max_sockets * (tcp_rx_buffer + tcp_tx_buffer) + rx_queue_packets * mtu`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetstackConfig {
+    /// The addresses the stack owns; `None` takes the engine's `Address =`.
+    pub addresses: Option<Vec<IpPrefix>>,
+    /// Sockets of every kind (including listening and closing ones); past
+    /// it, dial/bind fail with [`NetstackError::SocketLimit`] and new
+    /// connections to listeners are not accepted.
+    pub max_sockets: usize,
+    /// Bytes of receive buffer per TCP socket; above 64 KiB the window is
+    /// scaled (RFC 7323).
+    pub tcp_rx_buffer: usize,
+    /// Bytes of send buffer per TCP socket.
+    pub tcp_tx_buffer: usize,
+    /// Bytes of payload buffer per UDP socket, each direction.
+    pub udp_buffer: usize,
+    /// Decrypted packets queued for the stack before new ones are dropped.
+    pub rx_queue_packets: usize,
+    /// Disable Nagle's algorithm on new TCP sockets (Go's default too).
+    pub tcp_nodelay: bool,
+    /// Abort an established connection when the peer stays silent this long
+    /// while data waits to be acknowledged.
+    pub tcp_timeout: Option<Duration>,
+    /// How long a closed connection may take to deliver its last bytes and
+    /// FIN before it is reset.
+    pub close_linger: Duration,
+}
+
+impl Default for NetstackConfig {
+    fn default() -> Self {
+        NetstackConfig {
+            addresses: None,
+            max_sockets: 1024,
+            tcp_rx_buffer: 256 << 10,
+            tcp_tx_buffer: 256 << 10,
+            udp_buffer: 64 << 10,
+            rx_queue_packets: 4096,
+            tcp_nodelay: true,
+            tcp_timeout: Some(Duration::from_secs(120)),
+            close_linger: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A userspace stack attached to an engine. Dropping it (or
+/// [`Netstack::close`]) stops the stack: every blocking call returns
+/// [`NetstackError::Closed`] and packets for its addresses go to the
+/// engine's previous sink again.
+pub struct Netstack {
+    inner: Arc<Inner>,
+}
+
+impl Netstack {
+    /// Attaches a stack to `engine`: packets for the stack's addresses go to
+    /// it, everything else to the sink that was there before. The stack
+    /// holds the engine weakly and shuts down when the engine closes.
+    pub fn attach(engine: &Arc<Engine>, config: NetstackConfig) -> Result<Netstack, NetstackError> {
+        Ok(Netstack {
+            inner: Inner::start(engine, config)?,
+        })
+    }
+
+    /// The addresses the stack answers on.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        self.inner.addresses().to_vec()
+    }
+
+    /// Opens a TCP connection to `remote`, waiting up to `timeout` (`None`:
+    /// until it succeeds, fails, or the stack closes).
+    pub fn tcp_connect(
+        &self,
+        remote: SocketAddr,
+        timeout: Option<Duration>,
+    ) -> Result<TcpStream, NetstackError> {
+        TcpStream::connect(&self.inner, remote, timeout)
+    }
+
+    /// Listens for TCP connections on `local` (an unspecified IP listens on
+    /// every address of the stack; port 0 picks one). At most `backlog`
+    /// connections wait to be accepted; beyond that new SYNs are ignored
+    /// and the dialer retries, as with a full Linux backlog.
+    pub fn tcp_listen(
+        &self,
+        local: SocketAddr,
+        backlog: usize,
+    ) -> Result<TcpListener, NetstackError> {
+        TcpListener::bind(&self.inner, local, backlog)
+    }
+
+    /// Binds a UDP socket on `local` (unspecified IP: every address; port 0
+    /// picks one).
+    pub fn udp_bind(&self, local: SocketAddr) -> Result<UdpSocket, NetstackError> {
+        UdpSocket::bind(&self.inner, local)
+    }
+
+    /// Sends one ICMP echo request to `addr` and returns the round-trip time
+    /// of its reply.
+    pub fn ping(&self, addr: IpAddr, timeout: Duration) -> Result<Duration, NetstackError> {
+        icmp::ping(&self.inner, addr, timeout)
+    }
+
+    pub fn stats(&self) -> NetstackStats {
+        self.inner.stats()
+    }
+
+    /// Stops the stack and wakes every blocked call. Idempotent; also done
+    /// on drop.
+    pub fn close(&self) {
+        self.inner.shutdown();
+    }
+}
+
+impl Drop for Netstack {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

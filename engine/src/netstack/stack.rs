@@ -1,0 +1,750 @@
+//! The shared state of one stack and its thread.
+//!
+//! [`Inner`] is what every handle holds; [`Stack`] is what the lock guards:
+//! the smoltcp interface and socket set, the device queues, and our own
+//! bookkeeping per socket (its signal, whether its handle closed, the port
+//! it owns), per listener (the idle listening socket and the connections
+//! waiting for `accept`) and of sockets draining after close.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Weak};
+use std::task::Waker;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender};
+use parking_lot::Mutex;
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant as SmolInstant;
+use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint, Ipv4Packet, Ipv6Packet, TcpPacket};
+
+use super::device::MeshDevice;
+use super::signal::Signal;
+use super::sink::NetstackSink;
+use super::{NetstackConfig, NetstackError};
+use crate::peer::DropReason;
+use crate::runtime::{BufferPool, Engine, PacketBuf, SendError};
+use crate::wire::IpHeader;
+
+/// Packets taken from the queue per poll.
+const RX_BATCH: usize = 256;
+/// Longest sleep of an idle stack thread: how late it may notice that the
+/// engine closed.
+const IDLE_CHECK: Duration = Duration::from_millis(100);
+/// How often sockets closed by their handles are checked for removal.
+const REAP_EVERY: Duration = Duration::from_millis(10);
+/// Ephemeral ports (RFC 6335 dynamic range).
+const EPHEMERAL: std::ops::RangeInclusive<u16> = 49152..=65535;
+
+/// Counters of one stack.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetstackStats {
+    /// Sockets of every kind, listening and closing ones included.
+    pub sockets: usize,
+    /// Packets for the stack dropped because its queue was full.
+    pub rx_dropped: u64,
+    /// SYNs ignored because a listener's backlog or the socket limit was full.
+    pub syns_dropped: u64,
+    /// Packets the stack sent that the engine had no peer (or endpoint) for.
+    pub tx_unroutable: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Kind {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// A handle's reference to its socket: smoltcp reuses handles, so the id
+/// tells a socket from a later one in the same slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SockRef {
+    pub handle: SocketHandle,
+    pub id: u64,
+}
+
+pub(crate) struct Entry {
+    pub id: u64,
+    pub kind: Kind,
+    pub signal: Arc<Signal>,
+    /// The port (or ICMP identifier) this socket holds and frees on removal.
+    pub owned_port: Option<u16>,
+    /// A dial in progress: an unroutable SYN fails it as unreachable.
+    pub connecting: bool,
+    pub unreachable: bool,
+    /// The handle was closed; the socket only drains.
+    pub closed: bool,
+}
+
+pub(crate) struct Listener {
+    pub id: u64,
+    pub endpoint: IpListenEndpoint,
+    pub backlog: usize,
+    pub signal: Arc<Signal>,
+    pub waker: Waker,
+    /// The socket waiting in LISTEN for the next SYN, created on demand so
+    /// an idle listener holds no buffers.
+    pub idle: Option<SocketHandle>,
+    /// Sockets that left LISTEN, in arrival order, until accepted.
+    pub pending: VecDeque<SocketHandle>,
+}
+
+pub(crate) struct Stack {
+    pub iface: Interface,
+    pub sockets: SocketSet<'static>,
+    pub device: MeshDevice,
+    pub entries: HashMap<SocketHandle, Entry>,
+    pub listeners: HashMap<u16, Listener>,
+    closing: Vec<(SocketHandle, Instant)>,
+    ports: HashMap<Kind, HashSet<u16>>,
+    next_port: u16,
+    next_id: u64,
+    epoch: Instant,
+    last_reap: Instant,
+}
+
+struct Counters {
+    rx_dropped: Arc<AtomicU64>,
+    syns_dropped: AtomicU64,
+    tx_unroutable: AtomicU64,
+}
+
+pub(crate) struct Inner {
+    pub stack: Mutex<Stack>,
+    pub config: NetstackConfig,
+    pub mtu: usize,
+    addresses: Vec<IpAddr>,
+    engine: Weak<Engine>,
+    kick: Sender<()>,
+    closed: AtomicBool,
+    detached: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    counters: Counters,
+}
+
+fn random_u64() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .expect("system random number generator failed");
+    u64::from_le_bytes(b)
+}
+
+impl Inner {
+    pub fn start(
+        engine: &Arc<Engine>,
+        config: NetstackConfig,
+    ) -> Result<Arc<Inner>, NetstackError> {
+        if config.max_sockets == 0 || config.rx_queue_packets == 0 {
+            return Err(NetstackError::InvalidInput(
+                "max_sockets and rx_queue_packets must be positive",
+            ));
+        }
+        if config.tcp_rx_buffer == 0 || config.tcp_rx_buffer > 1 << 30 || config.tcp_tx_buffer == 0
+        {
+            return Err(NetstackError::InvalidInput(
+                "TCP buffers must be between 1 byte and 1 GiB",
+            ));
+        }
+        let prefixes = config
+            .addresses
+            .clone()
+            .unwrap_or_else(|| engine.addresses());
+        if prefixes.is_empty() {
+            return Err(NetstackError::NoAddress);
+        }
+        let mtu = engine.mtu() as usize;
+        let mut device = MeshDevice::new(mtu);
+        let epoch = Instant::now();
+        let mut iface_config = IfaceConfig::new(HardwareAddress::Ip);
+        iface_config.random_seed = random_u64();
+        let mut iface = Interface::new(iface_config, &mut device, SmolInstant::ZERO);
+        let mut addresses = Vec::new();
+        iface.update_ip_addrs(|addrs| {
+            for p in &prefixes {
+                if addrs.push(IpCidr::new(p.addr().into(), p.len())).is_ok() {
+                    addresses.push(p.addr());
+                } else {
+                    tracing::warn!(address = %p, "netstack: too many addresses, ignoring");
+                }
+            }
+        });
+        // Everything off-link goes to the mesh: with Medium::Ip the
+        // gateway is never looked up, a default route just has to exist.
+        for a in &addresses {
+            match a {
+                IpAddr::V4(v4) if iface.ipv4_addr() == Some(*v4) => {
+                    let _ = iface.routes_mut().add_default_ipv4_route(*v4);
+                }
+                IpAddr::V6(v6) if iface.ipv6_addr() == Some(*v6) => {
+                    let _ = iface.routes_mut().add_default_ipv6_route(*v6);
+                }
+                _ => {}
+            }
+        }
+
+        let (packets_tx, packets_rx) = bounded(config.rx_queue_packets);
+        let (kick_tx, kick_rx) = bounded(1);
+        let detached = Arc::new(AtomicBool::new(false));
+        let rx_dropped = Arc::new(AtomicU64::new(0));
+        let inner = Arc::new(Inner {
+            stack: Mutex::new(Stack {
+                iface,
+                sockets: SocketSet::new(Vec::new()),
+                device,
+                entries: HashMap::new(),
+                listeners: HashMap::new(),
+                closing: Vec::new(),
+                ports: HashMap::new(),
+                next_port: *EPHEMERAL.start() + (random_u64() % 16384) as u16,
+                next_id: 1,
+                epoch,
+                last_reap: epoch,
+            }),
+            mtu,
+            addresses: addresses.clone(),
+            engine: Arc::downgrade(engine),
+            kick: kick_tx,
+            closed: AtomicBool::new(false),
+            detached: detached.clone(),
+            thread: Mutex::new(None),
+            counters: Counters {
+                rx_dropped: rx_dropped.clone(),
+                syns_dropped: AtomicU64::new(0),
+                tx_unroutable: AtomicU64::new(0),
+            },
+            config,
+        });
+        let t = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("meshvpn-netstack".into())
+                .spawn(move || run(inner, packets_rx, kick_rx))
+                .map_err(|_| NetstackError::Thread)?
+        };
+        *inner.thread.lock() = Some(t);
+        let sink = NetstackSink {
+            addresses,
+            queue: packets_tx,
+            pool: BufferPool::new(inner.config.rx_queue_packets.min(1024), mtu),
+            max_len: mtu,
+            next: engine.sink(),
+            detached,
+            dropped: rx_dropped,
+        };
+        engine.set_sink(Arc::new(sink));
+        Ok(inner)
+    }
+
+    pub fn addresses(&self) -> &[IpAddr] {
+        &self.addresses
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(SeqCst)
+    }
+
+    /// The engine, or `Closed` once it is gone or closed.
+    pub fn engine(&self) -> Result<Arc<Engine>, NetstackError> {
+        match self.engine.upgrade() {
+            Some(e) if !e.is_closed() && !self.is_closed() => Ok(e),
+            _ => Err(NetstackError::Closed),
+        }
+    }
+
+    /// Checks that `dst` can be reached: the stack has an address of its
+    /// family and a peer's AllowedIPs cover it.
+    pub fn check_route(&self, dst: IpAddr) -> Result<(), NetstackError> {
+        if dst.is_unspecified() || dst.is_multicast() {
+            return Err(NetstackError::InvalidInput(
+                "unspecified or multicast address",
+            ));
+        }
+        if !self.addresses.iter().any(|a| a.is_ipv4() == dst.is_ipv4()) {
+            return Err(NetstackError::NoAddress);
+        }
+        match self.engine()?.peer_for(dst) {
+            Some(_) => Ok(()),
+            None => Err(NetstackError::Unreachable),
+        }
+    }
+
+    /// Checks a local address to bind: unspecified or one of ours.
+    pub fn check_local(&self, ip: IpAddr) -> Result<(), NetstackError> {
+        if ip.is_unspecified() || self.addresses.contains(&ip) {
+            Ok(())
+        } else {
+            Err(NetstackError::AddrNotAvailable)
+        }
+    }
+
+    /// Asks the stack thread to poll (after a caller queued data to send or
+    /// made room to receive). Kicks coalesce.
+    pub fn kick(&self) {
+        let _ = self.kick.try_send(());
+    }
+
+    /// Runs `attempt` under the stack lock until it gives a result, sleeping
+    /// on `signal` in between. `attempt` registers the socket's waker when
+    /// it returns `None`. Wakes on the signal (socket change, handle close,
+    /// stack shutdown) and fails with `TimedOut` at `deadline`.
+    pub fn wait<T>(
+        &self,
+        signal: &Signal,
+        deadline: Option<Instant>,
+        nonblocking: bool,
+        mut attempt: impl FnMut(&mut Stack) -> Option<Result<T, NetstackError>>,
+    ) -> Result<T, NetstackError> {
+        loop {
+            let seen = {
+                let mut st = self.stack.lock();
+                if self.is_closed() {
+                    return Err(NetstackError::Closed);
+                }
+                if let Some(r) = attempt(&mut st) {
+                    return r;
+                }
+                signal.generation()
+            };
+            if nonblocking {
+                return Err(NetstackError::WouldBlock);
+            }
+            if !signal.wait(seen, deadline) {
+                return Err(NetstackError::TimedOut);
+            }
+        }
+    }
+
+    pub fn stats(&self) -> NetstackStats {
+        NetstackStats {
+            sockets: self.stack.lock().entries.len(),
+            rx_dropped: self.counters.rx_dropped.load(Relaxed),
+            syns_dropped: self.counters.syns_dropped.load(Relaxed),
+            tx_unroutable: self.counters.tx_unroutable.load(Relaxed),
+        }
+    }
+
+    /// Stops the stack: the sink passes everything on, the thread exits,
+    /// every blocked call wakes with `Closed`.
+    pub fn shutdown(&self) {
+        self.closed.store(true, SeqCst);
+        self.detached.store(true, SeqCst);
+        self.kick();
+        let t = self.thread.lock().take();
+        if let Some(t) = t {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+        self.wake_all();
+    }
+
+    fn wake_all(&self) {
+        let st = self.stack.lock();
+        for e in st.entries.values() {
+            e.signal.notify();
+        }
+        for l in st.listeners.values() {
+            l.signal.notify();
+        }
+    }
+}
+
+/// The netstack thread: waits for packets, kicks or the next socket
+/// deadline, then polls once for the whole batch and sends its output.
+fn run(inner: Arc<Inner>, packets: Receiver<PacketBuf>, kicks: Receiver<()>) {
+    // However the loop ends (engine gone, stack closed, or a panic), the
+    // stack is marked closed and every blocked caller wakes.
+    struct Stopped<'a>(&'a Inner);
+    impl Drop for Stopped<'_> {
+        fn drop(&mut self) {
+            self.0.closed.store(true, SeqCst);
+            self.0.detached.store(true, SeqCst);
+            self.0.wake_all();
+        }
+    }
+    let _stopped = Stopped(&inner);
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut spare: Vec<Vec<u8>> = Vec::new();
+    let mut unreachable: Vec<IpAddr> = Vec::new();
+    let mut delay = Duration::ZERO;
+    loop {
+        let first = if delay.is_zero() {
+            packets.try_recv().ok()
+        } else {
+            select! {
+                recv(packets) -> p => p.ok(),
+                recv(kicks) -> _ => None,
+                default(delay) => None,
+            }
+        };
+        while kicks.try_recv().is_ok() {}
+        let Ok(engine) = inner.engine() else { break };
+        {
+            let mut guard = inner.stack.lock();
+            let st = &mut *guard;
+            st.device.rx.extend(first);
+            while st.device.rx.len() < RX_BATCH {
+                match packets.try_recv() {
+                    Ok(p) => st.device.rx.push_back(p),
+                    Err(_) => break,
+                }
+            }
+            st.device.free.append(&mut spare);
+            if !unreachable.is_empty() {
+                st.fail_unreachable(&unreachable);
+                unreachable.clear();
+            }
+            st.poll(&inner);
+            delay = st.delay().min(IDLE_CHECK);
+            std::mem::swap(&mut out, &mut st.device.tx);
+        }
+        for p in out.drain(..) {
+            if let Err(SendError::NoRoute | SendError::Dropped(DropReason::NoEndpoint)) =
+                engine.send_packet(&p)
+            {
+                inner.counters.tx_unroutable.fetch_add(1, Relaxed);
+                if let Ok(h) = IpHeader::new_checked(&p) {
+                    if !unreachable.contains(&h.dst) {
+                        unreachable.push(h.dst);
+                    }
+                }
+            }
+            spare.push(p);
+        }
+        if !unreachable.is_empty() || !packets.is_empty() {
+            delay = Duration::ZERO;
+        }
+    }
+}
+
+/// A std duration as smoltcp's.
+pub(crate) fn smol_timeout(d: Option<Duration>) -> Option<smoltcp::time::Duration> {
+    d.map(|d| smoltcp::time::Duration::from_micros(d.as_micros() as u64))
+}
+
+/// The destination port of a TCP SYN (without ACK), the packets that open
+/// connections to listeners.
+fn syn_port(packet: &[u8]) -> Option<u16> {
+    let payload = match packet.first()? >> 4 {
+        4 => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            if ip.next_header() != smoltcp::wire::IpProtocol::Tcp || ip.frag_offset() != 0 {
+                return None;
+            }
+            ip.payload()
+        }
+        6 => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            if ip.next_header() != smoltcp::wire::IpProtocol::Tcp {
+                return None;
+            }
+            ip.payload()
+        }
+        _ => return None,
+    };
+    let tcp = TcpPacket::new_checked(payload).ok()?;
+    (tcp.syn() && !tcp.ack()).then(|| tcp.dst_port())
+}
+
+impl Stack {
+    pub fn now(&self) -> SmolInstant {
+        SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    /// The live entry of `r`, or `Closed` when its handle closed or the
+    /// socket is gone.
+    pub fn entry(&mut self, r: SockRef) -> Result<&mut Entry, NetstackError> {
+        self.entries
+            .get_mut(&r.handle)
+            .filter(|e| e.id == r.id && !e.closed)
+            .ok_or(NetstackError::Closed)
+    }
+
+    pub fn tcp(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(h)
+    }
+
+    pub fn check_capacity(&self, max: usize) -> Result<(), NetstackError> {
+        if self.entries.len() >= max {
+            return Err(NetstackError::SocketLimit(max));
+        }
+        Ok(())
+    }
+
+    /// Takes `port` (0: a free ephemeral one) of `kind`'s namespace.
+    pub fn take_port(&mut self, kind: Kind, port: u16) -> Result<u16, NetstackError> {
+        let used = self.ports.entry(kind).or_default();
+        if port != 0 {
+            return if used.insert(port) {
+                Ok(port)
+            } else {
+                Err(NetstackError::AddrInUse)
+            };
+        }
+        let span = EPHEMERAL.end() - EPHEMERAL.start() + 1;
+        for _ in 0..span {
+            let p = self.next_port;
+            self.next_port = if p == *EPHEMERAL.end() {
+                *EPHEMERAL.start()
+            } else {
+                p + 1
+            };
+            if used.insert(p) {
+                return Ok(p);
+            }
+        }
+        Err(NetstackError::AddrInUse)
+    }
+
+    pub fn free_port(&mut self, kind: Kind, port: u16) {
+        if let Some(used) = self.ports.get_mut(&kind) {
+            used.remove(&port);
+        }
+    }
+
+    pub fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    pub fn add<S: smoltcp::socket::AnySocket<'static>>(
+        &mut self,
+        socket: S,
+        kind: Kind,
+        owned_port: Option<u16>,
+        signal: Arc<Signal>,
+    ) -> SockRef {
+        let handle = self.sockets.add(socket);
+        let id = self.next_id();
+        self.entries.insert(
+            handle,
+            Entry {
+                id,
+                kind,
+                signal,
+                owned_port,
+                connecting: false,
+                unreachable: false,
+                closed: false,
+            },
+        );
+        SockRef { handle, id }
+    }
+
+    /// Removes a socket now and frees what it held.
+    pub fn release(&mut self, h: SocketHandle) {
+        if let Some(e) = self.entries.remove(&h) {
+            if let Some(p) = e.owned_port {
+                self.free_port(e.kind, p);
+            }
+            e.signal.notify();
+            self.sockets.remove(h);
+        }
+    }
+
+    /// A TCP socket with the configured buffers and options.
+    pub fn new_tcp_socket(config: &NetstackConfig) -> tcp::Socket<'static> {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; config.tcp_rx_buffer]),
+            tcp::SocketBuffer::new(vec![0u8; config.tcp_tx_buffer]),
+        );
+        s.set_congestion_control(tcp::CongestionControl::Cubic);
+        s.set_nagle_enabled(!config.tcp_nodelay);
+        s
+    }
+
+    /// A closed handle's TCP socket: FIN after the queued bytes, removed
+    /// once closed (or reset after `linger`).
+    pub fn close_tcp(&mut self, r: SockRef, linger: Duration) {
+        let Ok(e) = self.entry(r) else { return };
+        e.closed = true;
+        e.signal.notify();
+        self.tcp(r.handle).close();
+        self.closing.push((r.handle, Instant::now() + linger));
+    }
+
+    /// Closes a UDP or ICMP handle's socket: nothing to drain.
+    pub fn close_now(&mut self, r: SockRef) {
+        if self.entry(r).is_ok() {
+            self.release(r.handle);
+        }
+    }
+
+    fn poll(&mut self, inner: &Inner) {
+        let now = self.now();
+        self.iface.poll_maintenance(now);
+        self.ingress(now, inner);
+        while self
+            .iface
+            .poll_egress(now, &mut self.device, &mut self.sockets)
+            != smoltcp::iface::PollResult::None
+        {}
+        if !self.closing.is_empty() && self.last_reap.elapsed() >= REAP_EVERY {
+            self.reap();
+        }
+    }
+
+    fn delay(&mut self) -> Duration {
+        let now = self.now();
+        match self.iface.poll_delay(now, &self.sockets) {
+            Some(d) => Duration::from_micros(d.total_micros()),
+            None => IDLE_CHECK,
+        }
+    }
+
+    /// Feeds the queued packets to smoltcp one by one; a SYN for a listener
+    /// first gets a listening socket (or is dropped when the backlog or the
+    /// socket limit is full).
+    fn ingress(&mut self, now: SmolInstant, inner: &Inner) {
+        while let Some(front) = self.device.rx.front() {
+            let port = if self.listeners.is_empty() {
+                None
+            } else {
+                syn_port(front).filter(|p| self.listeners.contains_key(p))
+            };
+            if let Some(port) = port {
+                if !self.ready_listener(port, &inner.config) {
+                    self.device.rx.pop_front();
+                    inner.counters.syns_dropped.fetch_add(1, Relaxed);
+                    continue;
+                }
+            }
+            self.iface
+                .poll_ingress_single(now, &mut self.device, &mut self.sockets);
+            if let Some(port) = port {
+                self.settle_listener(port);
+            }
+        }
+    }
+
+    /// Makes sure listener `port` has a socket in LISTEN. False when its
+    /// backlog or the socket limit is full.
+    fn ready_listener(&mut self, port: u16, config: &NetstackConfig) -> bool {
+        self.settle_listener(port);
+        let Some(l) = self.listeners.get_mut(&port) else {
+            return false;
+        };
+        if l.idle.is_some() {
+            return true;
+        }
+        if l.pending.len() >= l.backlog {
+            // Make room from connections that died before being accepted.
+            let dead: Vec<SocketHandle> = l
+                .pending
+                .iter()
+                .copied()
+                .filter(|h| self.sockets.get::<tcp::Socket>(*h).state() == tcp::State::Closed)
+                .collect();
+            l.pending.retain(|h| !dead.contains(h));
+            for h in dead {
+                self.release(h);
+            }
+        }
+        let Some(l) = self.listeners.get(&port) else {
+            return false;
+        };
+        if l.pending.len() >= l.backlog || self.entries.len() >= config.max_sockets {
+            return false;
+        }
+        let (endpoint, signal, waker) = (l.endpoint, l.signal.clone(), l.waker.clone());
+        let mut s = Self::new_tcp_socket(config);
+        // A handshake that never completes must not hold a backlog slot.
+        s.set_timeout(smol_timeout(config.tcp_timeout));
+        if s.listen(endpoint).is_err() {
+            return false;
+        }
+        s.register_recv_waker(&waker);
+        let r = self.add(s, Kind::Tcp, None, signal);
+        if let Some(l) = self.listeners.get_mut(&port) {
+            l.idle = Some(r.handle);
+        }
+        true
+    }
+
+    /// Moves listener `port`'s idle socket to the pending queue once a SYN
+    /// took it out of LISTEN.
+    fn settle_listener(&mut self, port: u16) {
+        let Some(l) = self.listeners.get_mut(&port) else {
+            return;
+        };
+        let Some(h) = l.idle else { return };
+        let s = self.sockets.get_mut::<tcp::Socket>(h);
+        if s.state() != tcp::State::Listen {
+            s.register_recv_waker(&l.waker);
+            l.pending.push_back(h);
+            l.idle = None;
+            l.signal.notify();
+        }
+    }
+
+    /// Removes sockets closed by their handles once they finish closing, and
+    /// resets those that outstayed their linger.
+    fn reap(&mut self) {
+        let now = Instant::now();
+        self.last_reap = now;
+        let mut i = 0;
+        while i < self.closing.len() {
+            let (h, deadline) = self.closing[i];
+            let s = self.sockets.get_mut::<tcp::Socket>(h);
+            match s.state() {
+                tcp::State::Closed | tcp::State::TimeWait => {
+                    self.closing.swap_remove(i);
+                    self.release(h);
+                }
+                _ => {
+                    if now >= deadline {
+                        s.abort();
+                    }
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    /// Fails dials whose SYN the engine could not route.
+    fn fail_unreachable(&mut self, dsts: &[IpAddr]) {
+        for (h, e) in self.entries.iter_mut() {
+            if !e.connecting || e.unreachable {
+                continue;
+            }
+            let s = self.sockets.get_mut::<tcp::Socket>(*h);
+            if let Some(remote) = s.remote_endpoint() {
+                if dsts.contains(&IpAddr::from(remote.addr)) {
+                    e.unreachable = true;
+                    s.abort();
+                    e.signal.notify();
+                }
+            }
+        }
+    }
+
+    /// Closes a listener: its idle socket goes, connections not yet
+    /// accepted are reset.
+    pub fn close_listener(&mut self, port: u16, id: u64) {
+        if self.listeners.get(&port).is_none_or(|l| l.id != id) {
+            return;
+        }
+        let Some(l) = self.listeners.remove(&port) else {
+            return;
+        };
+        if let Some(h) = l.idle {
+            self.release(h);
+        }
+        let now = Instant::now();
+        for h in l.pending {
+            self.tcp(h).abort();
+            if let Some(e) = self.entries.get_mut(&h) {
+                e.closed = true;
+            }
+            self.closing.push((h, now));
+        }
+        self.free_port(Kind::Tcp, port);
+        l.signal.notify();
+    }
+}

@@ -1,0 +1,208 @@
+//! UDP over the stack.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use smoltcp::socket::udp;
+use smoltcp::wire::IpListenEndpoint;
+
+use super::signal::Signal;
+use super::stack::{Inner, Kind, SockRef};
+use super::NetstackError;
+
+/// Datagrams a UDP socket's buffer describes, per 64 KiB of payload room.
+const DATAGRAMS_PER_64K: usize = 64;
+
+const UDP_HEADER: usize = 8;
+
+/// The largest IP header the stack sends for `ip`'s family.
+pub(crate) fn ip_header_len(ip: std::net::IpAddr) -> usize {
+    if ip.is_ipv4() {
+        20
+    } else {
+        40
+    }
+}
+
+/// A UDP socket on the stack's addresses.
+pub struct UdpSocket {
+    inner: Arc<Inner>,
+    sock: SockRef,
+    signal: Arc<Signal>,
+    waker: Waker,
+    local: SocketAddr,
+    nonblocking: AtomicBool,
+    closed: AtomicBool,
+    read_limit: Mutex<Option<Duration>>,
+}
+
+fn packet_buffer(bytes: usize) -> udp::PacketBuffer<'static> {
+    let datagrams = (bytes * DATAGRAMS_PER_64K / 65536).max(8);
+    udp::PacketBuffer::new(
+        vec![udp::PacketMetadata::EMPTY; datagrams],
+        vec![0u8; bytes],
+    )
+}
+
+impl UdpSocket {
+    pub(crate) fn bind(inner: &Arc<Inner>, local: SocketAddr) -> Result<UdpSocket, NetstackError> {
+        if inner.is_closed() {
+            return Err(NetstackError::Closed);
+        }
+        inner.check_local(local.ip())?;
+        let signal = Signal::new();
+        let (sock, port) = {
+            let mut st = inner.stack.lock();
+            st.check_capacity(inner.config.max_sockets)?;
+            let port = st.take_port(Kind::Udp, local.port())?;
+            let mut s = udp::Socket::new(
+                packet_buffer(inner.config.udp_buffer),
+                packet_buffer(inner.config.udp_buffer),
+            );
+            let endpoint = IpListenEndpoint {
+                addr: (!local.ip().is_unspecified()).then(|| local.ip().into()),
+                port,
+            };
+            if s.bind(endpoint).is_err() {
+                st.free_port(Kind::Udp, port);
+                return Err(NetstackError::InvalidInput("local address"));
+            }
+            (st.add(s, Kind::Udp, Some(port), signal.clone()), port)
+        };
+        Ok(UdpSocket {
+            inner: inner.clone(),
+            sock,
+            waker: signal.waker(),
+            signal,
+            local: SocketAddr::new(local.ip(), port),
+            nonblocking: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            read_limit: Mutex::new(None),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    pub fn set_nonblocking(&self, nonblocking: bool) {
+        self.nonblocking.store(nonblocking, Relaxed);
+    }
+
+    /// Timeout of [`UdpSocket::recv_from`] (`None`: none).
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) {
+        *self.read_limit.lock() = timeout;
+    }
+
+    /// The largest datagram payload to `dst` that fits the MTU.
+    pub fn max_payload(&self, dst: std::net::IpAddr) -> usize {
+        self.inner.mtu - ip_header_len(dst) - UDP_HEADER
+    }
+
+    fn check_open(&self) -> Result<(), NetstackError> {
+        if self.closed.load(Relaxed) {
+            return Err(NetstackError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Sends one datagram (at most the MTU less headers); waits for room in
+    /// the socket's buffer unless non-blocking.
+    pub fn send_to(&self, buf: &[u8], dst: SocketAddr) -> Result<usize, NetstackError> {
+        self.check_open()?;
+        let max = self.max_payload(dst.ip());
+        if buf.len() > max {
+            return Err(NetstackError::MessageTooLarge {
+                len: buf.len(),
+                max,
+            });
+        }
+        if dst.port() == 0 {
+            return Err(NetstackError::InvalidInput("port 0"));
+        }
+        self.inner.check_route(dst.ip())?;
+        let sock = self.sock;
+        let r = self
+            .inner
+            .wait(&self.signal, None, self.nonblocking.load(Relaxed), |st| {
+                if let Err(e) = st.entry(sock) {
+                    return Some(Err(e));
+                }
+                let s = st.sockets.get_mut::<udp::Socket>(sock.handle);
+                match s.send_slice(buf, dst) {
+                    Ok(()) => Some(Ok(buf.len())),
+                    Err(udp::SendError::BufferFull) => {
+                        s.register_send_waker(&self.waker);
+                        None
+                    }
+                    Err(udp::SendError::Unaddressable) => {
+                        Some(Err(NetstackError::InvalidInput("destination")))
+                    }
+                }
+            });
+        if r.is_ok() {
+            self.inner.kick();
+        }
+        r
+    }
+
+    /// The next datagram and its sender, waiting up to the read timeout. A
+    /// datagram longer than `buf` is truncated.
+    pub fn recv_from(&self, buf: &mut [u8]) -> Result<(usize, SocketAddr), NetstackError> {
+        let t = *self.read_limit.lock();
+        self.recv_from_timeout(buf, t)
+    }
+
+    /// The next datagram and its sender, waiting up to `timeout` (`None`:
+    /// no limit).
+    pub fn recv_from_timeout(
+        &self,
+        buf: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> Result<(usize, SocketAddr), NetstackError> {
+        self.check_open()?;
+        let sock = self.sock;
+        self.inner.wait(
+            &self.signal,
+            timeout.map(|t| Instant::now() + t),
+            self.nonblocking.load(Relaxed),
+            |st| {
+                if let Err(e) = st.entry(sock) {
+                    return Some(Err(e));
+                }
+                let s = st.sockets.get_mut::<udp::Socket>(sock.handle);
+                match s.recv() {
+                    Ok((data, meta)) => {
+                        let n = data.len().min(buf.len());
+                        buf[..n].copy_from_slice(&data[..n]);
+                        Some(Ok((n, SocketAddr::from(meta.endpoint))))
+                    }
+                    Err(_) => {
+                        s.register_recv_waker(&self.waker);
+                        None
+                    }
+                }
+            },
+        )
+    }
+
+    /// Closes the socket; blocked calls wake with `Closed`. Idempotent; also
+    /// done on drop.
+    pub fn close(&self) {
+        if self.closed.swap(true, Relaxed) {
+            return;
+        }
+        self.inner.stack.lock().close_now(self.sock);
+        self.signal.notify();
+    }
+}
+
+impl Drop for UdpSocket {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
