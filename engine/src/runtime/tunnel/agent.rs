@@ -209,7 +209,12 @@ fn connect_loop(shared: &Arc<AgentShared>) {
         *shared.current.lock() = None;
         let error = match result {
             Ok(reason) => {
-                tracing::warn!(url = %config.url, %reason, "tunnel: session ended");
+                // Ending because we were told to stop is no news.
+                if shared.stop.load(Ordering::SeqCst) {
+                    tracing::debug!(url = %config.url, %reason, "tunnel: session ended");
+                } else {
+                    tracing::warn!(url = %config.url, %reason, "tunnel: session ended");
+                }
                 reason
             }
             Err(e) => {
