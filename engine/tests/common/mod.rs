@@ -1,6 +1,9 @@
 //! Helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
+pub mod initiator;
+pub mod link;
+
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
