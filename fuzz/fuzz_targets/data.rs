@@ -44,11 +44,7 @@ fuzz_target!(|msgs: Vec<Msg>| {
     let (k_init, k_resp) = (key(1), key(2));
     let p = peer(&k_resp, &k_init, 3, u64::MAX / 2);
     let src: SocketAddr = "192.0.2.1:51820".parse().unwrap();
-    let mut init = Initiator::new(
-        *k_init.as_bytes(),
-        *k_resp.public_key().as_bytes(),
-        None,
-    );
+    let mut init = Initiator::new(*k_init.as_bytes(), *k_resp.public_key().as_bytes(), None);
     let msg = init.initiation(&InitiationFields {
         sender_index: 0x77,
         ephemeral_private: [7; 32],
@@ -60,7 +56,9 @@ fuzz_target!(|msgs: Vec<Msg>| {
     else {
         panic!("a valid initiation was refused");
     };
-    let session = init.consume_response(&out[..len]).expect("response verifies");
+    let session = init
+        .consume_response(&out[..len])
+        .expect("response verifies");
 
     let mut seen = HashSet::new();
     let mut newest: Option<u64> = None;
@@ -97,11 +95,19 @@ fuzz_target!(|msgs: Vec<Msg>| {
             && !seen.contains(&counter)
             && newest.is_none_or(|n| counter + 1023 >= n);
         if !window_ok {
-            assert_eq!(r, PeerOutput::Dropped(DropReason::Replay), "counter {counter}");
+            assert_eq!(
+                r,
+                PeerOutput::Dropped(DropReason::Replay),
+                "counter {counter}"
+            );
             continue;
         }
         if !intact {
-            assert_eq!(r, PeerOutput::Dropped(DropReason::DecryptFailed), "counter {counter}");
+            assert_eq!(
+                r,
+                PeerOutput::Dropped(DropReason::DecryptFailed),
+                "counter {counter}"
+            );
             continue;
         }
         // Decrypted: the counter is now used whatever the plaintext was.

@@ -21,14 +21,39 @@ use mock_instant::MockClock;
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Send { from_b: bool, len: u16 },
-    Deliver { to_b: bool, pick: u8 },
-    Duplicate { to_b: bool, pick: u8 },
-    Drop { to_b: bool, pick: u8 },
-    Corrupt { to_b: bool, pick: u8, at: u16, xor: u8 },
-    FromStranger { to_b: bool, pick: u8 },
-    Handshake { from_b: bool },
-    Tick { millis: u16, seconds: u8 },
+    Send {
+        from_b: bool,
+        len: u16,
+    },
+    Deliver {
+        to_b: bool,
+        pick: u8,
+    },
+    Duplicate {
+        to_b: bool,
+        pick: u8,
+    },
+    Drop {
+        to_b: bool,
+        pick: u8,
+    },
+    Corrupt {
+        to_b: bool,
+        pick: u8,
+        at: u16,
+        xor: u8,
+    },
+    FromStranger {
+        to_b: bool,
+        pick: u8,
+    },
+    Handshake {
+        from_b: bool,
+    },
+    Tick {
+        millis: u16,
+        seconds: u8,
+    },
 }
 
 struct Side {
@@ -53,7 +78,10 @@ fn side(own: u8, other: u8, index: u32, addr: &str) -> Side {
 }
 
 fuzz_target!(|ops: Vec<Op>| {
-    let mut s = [side(1, 2, 0x1, "192.0.2.1:1"), side(2, 1, 0x2, "192.0.2.2:2")];
+    let mut s = [
+        side(1, 2, 0x1, "192.0.2.1:1"),
+        side(2, 1, 0x2, "192.0.2.2:2"),
+    ];
     s[0].peer.set_endpoint(s[1].addr);
     s[1].peer.set_endpoint(s[0].addr);
     let stranger: SocketAddr = "198.51.100.7:9".parse().unwrap();
@@ -81,11 +109,15 @@ fuzz_target!(|ops: Vec<Op>| {
                 }
             }
             Op::Tick { millis, seconds } => {
-                MockClock::advance(Duration::from_millis(millis as u64 % 1000 + seconds as u64 * 1000));
+                MockClock::advance(Duration::from_millis(
+                    millis as u64 % 1000 + seconds as u64 * 1000,
+                ));
                 for i in 0..2 {
                     for _ in 0..4 {
                         match s[i].peer.update_timers(Instant::now(), &mut out) {
-                            PeerOutput::ToNetwork { len, .. } => s[1 - i].inbox.push(out[..len].to_vec()),
+                            PeerOutput::ToNetwork { len, .. } => {
+                                s[1 - i].inbox.push(out[..len].to_vec())
+                            }
                             _ => break,
                         }
                     }
@@ -106,7 +138,12 @@ fuzz_target!(|ops: Vec<Op>| {
                     arrival = Some((j, d, from));
                 }
             }
-            Op::Corrupt { to_b, pick, at, xor } => {
+            Op::Corrupt {
+                to_b,
+                pick,
+                at,
+                xor,
+            } => {
                 let j = to_b as usize;
                 if s[j].inbox.is_empty() {
                     continue;
@@ -157,12 +194,20 @@ fuzz_target!(|ops: Vec<Op>| {
                 s[j].delivered += 1;
             }
             PeerOutput::Dropped(_) => {
-                assert_eq!(s[j].peer.endpoint(), before, "a dropped datagram moved the endpoint");
+                assert_eq!(
+                    s[j].peer.endpoint(),
+                    before,
+                    "a dropped datagram moved the endpoint"
+                );
             }
             PeerOutput::Done => {}
         }
         if msg.kind == meshvpn_engine::wire::MessageKind::CookieReply {
-            assert_eq!(s[j].peer.endpoint(), before, "a cookie reply moved the endpoint");
+            assert_eq!(
+                s[j].peer.endpoint(),
+                before,
+                "a cookie reply moved the endpoint"
+            );
         }
     }
     for x in &s {

@@ -74,9 +74,9 @@ fn edit(msg: &mut [u8], e: &Edit, responder_public: &[u8; 32]) -> Vec<usize> {
 /// True when every changed offset is one the protocol does not
 /// authenticate: the sender index, MAC2, and MAC1 if it was recomputed.
 fn only_unauthenticated(changed: &[usize], len: usize, fixed_mac1: bool) -> bool {
-    changed.iter().all(|&i| {
-        (4..8).contains(&i) || i >= len - 16 || (fixed_mac1 && i >= len - 32)
-    })
+    changed
+        .iter()
+        .all(|&i| (4..8).contains(&i) || i >= len - 16 || (fixed_mac1 && i >= len - 32))
 }
 
 fuzz_target!(|steps: Vec<Step>| {
@@ -130,7 +130,14 @@ fuzz_target!(|steps: Vec<Step>| {
                 };
                 assert_eq!(msg.len(), if cookie { 64 } else { 92 });
                 let fix = e.fix_mac1 && !cookie;
-                let changed = edit(&mut msg, &Edit { flips: e.flips.clone(), fix_mac1: fix }, &peer_public);
+                let changed = edit(
+                    &mut msg,
+                    &Edit {
+                        flips: e.flips.clone(),
+                        fix_mac1: fix,
+                    },
+                    &peer_public,
+                );
                 let r = dut.decapsulate(Some(SRC), &msg, &mut out);
                 let accepted = if cookie {
                     matches!(r, TunnResult::Done)
@@ -143,7 +150,10 @@ fuzz_target!(|steps: Vec<Step>| {
                     } else {
                         only_unauthenticated(&changed, msg.len(), fix)
                     };
-                    assert!(ok, "message accepted after editing authenticated bytes {changed:?}");
+                    assert!(
+                        ok,
+                        "message accepted after editing authenticated bytes {changed:?}"
+                    );
                 }
             }
             Step::Raw { bytes, fix_mac1 } => {
@@ -155,6 +165,11 @@ fuzz_target!(|steps: Vec<Step>| {
             }
         }
         // Whatever happened, the tunnel must still encrypt or queue.
-        let _ = dut.encapsulate(&[0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2], &mut out);
+        let _ = dut.encapsulate(
+            &[
+                0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+            ],
+            &mut out,
+        );
     }
 });

@@ -53,7 +53,11 @@ fuzz_target!(|ops: Vec<Op>| {
     let mut model: Vec<(IpPrefix, u8)> = Vec::new();
     for op in ops.iter().take(512) {
         match op {
-            Op::Insert { addr: a, len, value } => {
+            Op::Insert {
+                addr: a,
+                len,
+                value,
+            } => {
                 let a = addr(a);
                 let max = if a.is_ipv4() { 33 } else { 129 };
                 let Ok(p) = IpPrefix::new(a, len % max) else {
