@@ -45,7 +45,7 @@ pub fn parse_wg_quick(text: &str) -> Result<Config, ConfError> {
     })
 }
 
-pub(crate) fn parse_wg_quick_with(
+pub fn parse_wg_quick_with(
     text: &str,
     resolve: &mut dyn FnMut(&str) -> Option<SocketAddr>,
 ) -> Result<Config, ConfError> {

@@ -11,7 +11,7 @@ pub mod uapi;
 
 use std::net::SocketAddr;
 
-pub use conf::{emit_wg_quick, parse_wg_quick, ConfError};
+pub use conf::{emit_wg_quick, parse_wg_quick, parse_wg_quick_with, ConfError};
 pub use key::{KeyError, PresharedKey, PrivateKey, PublicKey, KEY_LEN};
 
 use crate::router::IpPrefix;

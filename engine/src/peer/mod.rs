@@ -221,6 +221,14 @@ impl Peer {
         datagram: &[u8],
         out: &mut [u8],
     ) -> PeerOutput {
+        // boringtun checks the replay window with `counter + window`, which
+        // overflows for counters near 2^64; the kernel refuses those first.
+        if kind == MessageKind::Data
+            && crate::wire::message::data_counter(datagram)
+                .is_some_and(|c| c >= crate::wire::message::REJECT_AFTER_MESSAGES)
+        {
+            return self.drop_for(DropReason::Replay);
+        }
         let mut st = self.state.lock();
         if kind == MessageKind::HandshakeInitiation {
             let now = Instant::now();

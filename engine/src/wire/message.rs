@@ -10,7 +10,14 @@ pub const COOKIE_REPLY_LEN: usize = 64;
 /// Header (16) plus Poly1305 tag (16): an empty data message is a keepalive.
 pub const DATA_OVERHEAD: usize = 32;
 
+/// Data messages with a counter at or above this are refused: the paper's
+/// Reject-After-Messages, 2^64 - 2^13 - 1 (WireGuard paper, section 6.4;
+/// the kernel's `REJECT_AFTER_MESSAGES`). It also keeps `counter + window`
+/// from overflowing in boringtun's replay check.
+pub const REJECT_AFTER_MESSAGES: u64 = u64::MAX - (1 << 13);
+
 const TYPE: Range<usize> = 0..4;
+const DATA_COUNTER: Range<usize> = 8..16;
 const RESPONSE_RECEIVER: Range<usize> = 8..12;
 const COOKIE_OR_DATA_RECEIVER: Range<usize> = 4..8;
 
@@ -59,6 +66,14 @@ impl WireMessage {
             receiver_index: index.map(|r| u32::from_le_bytes(le4(&datagram[r]))),
         })
     }
+}
+
+/// The counter of a data message (`None` for anything shorter than one).
+pub fn data_counter(datagram: &[u8]) -> Option<u64> {
+    let b = datagram.get(DATA_COUNTER)?;
+    Some(u64::from_le_bytes([
+        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+    ]))
 }
 
 fn le4(b: &[u8]) -> [u8; 4] {

@@ -1,6 +1,8 @@
 //! Helpers shared by the engine's integration tests.
 #![allow(dead_code)]
 
+pub mod initiator;
+pub mod link;
 pub mod lossy_relay;
 pub mod stacks;
 
