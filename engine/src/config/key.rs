@@ -92,6 +92,44 @@ fn random_bytes() -> [u8; KEY_LEN] {
     bytes
 }
 
+/// The text forms and constant-time equality every key type shares:
+/// base64 (wg-quick, `wg`), hex (the UAPI), raw bytes.
+macro_rules! key_codec {
+    ($ty:ident, $conf_field:literal, $uapi_field:literal) => {
+        impl $ty {
+            pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+                $ty(bytes)
+            }
+            pub fn from_base64(s: &str) -> Result<Self, KeyError> {
+                decode_base64(s, $conf_field).map($ty)
+            }
+            pub fn from_hex(s: &str) -> Result<Self, KeyError> {
+                decode_hex(s, $uapi_field).map($ty)
+            }
+            pub fn to_base64(&self) -> String {
+                BASE64.encode(self.0)
+            }
+            pub fn to_hex(&self) -> String {
+                encode_hex(&self.0)
+            }
+            pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
+                &self.0
+            }
+        }
+
+        impl PartialEq for $ty {
+            fn eq(&self, other: &Self) -> bool {
+                self.0.ct_eq(&other.0).into()
+            }
+        }
+        impl Eq for $ty {}
+    };
+}
+
+key_codec!(PrivateKey, "PrivateKey", "private_key");
+key_codec!(PublicKey, "PublicKey", "public_key");
+key_codec!(PresharedKey, "PresharedKey", "preshared_key");
+
 /// A Curve25519 private key. Zeroed on drop; `Debug` never shows it.
 #[derive(Clone, Zeroize, ZeroizeOnDrop)]
 pub struct PrivateKey([u8; KEY_LEN]);
@@ -104,24 +142,6 @@ impl PrivateKey {
         bytes[31] &= 127;
         bytes[31] |= 64;
         PrivateKey(bytes)
-    }
-    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        PrivateKey(bytes)
-    }
-    pub fn from_base64(s: &str) -> Result<Self, KeyError> {
-        decode_base64(s, "PrivateKey").map(PrivateKey)
-    }
-    pub fn from_hex(s: &str) -> Result<Self, KeyError> {
-        decode_hex(s, "private_key").map(PrivateKey)
-    }
-    pub fn to_base64(&self) -> String {
-        BASE64.encode(self.0)
-    }
-    pub fn to_hex(&self) -> String {
-        encode_hex(&self.0)
-    }
-    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
-        &self.0
     }
     pub fn public_key(&self) -> PublicKey {
         PublicKey(x25519::PublicKey::from(&self.to_x25519()).to_bytes())
@@ -137,36 +157,11 @@ impl fmt::Debug for PrivateKey {
     }
 }
 
-impl PartialEq for PrivateKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.ct_eq(&other.0).into()
-    }
-}
-impl Eq for PrivateKey {}
-
 /// A Curve25519 public key: the identity of a peer.
 #[derive(Clone, Copy)]
 pub struct PublicKey([u8; KEY_LEN]);
 
 impl PublicKey {
-    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        PublicKey(bytes)
-    }
-    pub fn from_base64(s: &str) -> Result<Self, KeyError> {
-        decode_base64(s, "PublicKey").map(PublicKey)
-    }
-    pub fn from_hex(s: &str) -> Result<Self, KeyError> {
-        decode_hex(s, "public_key").map(PublicKey)
-    }
-    pub fn to_base64(&self) -> String {
-        BASE64.encode(self.0)
-    }
-    pub fn to_hex(&self) -> String {
-        encode_hex(&self.0)
-    }
-    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
-        &self.0
-    }
     /// True when this key is one of the points of small order (or the
     /// all-zero key): a Diffie-Hellman with it yields a known, all-zero
     /// shared secret, so no handshake may be made with such a peer.
@@ -179,13 +174,6 @@ impl PublicKey {
         x25519::PublicKey::from(self.0)
     }
 }
-
-impl PartialEq for PublicKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.ct_eq(&other.0).into()
-    }
-}
-impl Eq for PublicKey {}
 
 // Hash agrees with the constant-time `eq`: equal keys have equal bytes.
 impl std::hash::Hash for PublicKey {
@@ -214,24 +202,6 @@ impl PresharedKey {
     pub fn generate() -> Self {
         PresharedKey(random_bytes())
     }
-    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        PresharedKey(bytes)
-    }
-    pub fn from_base64(s: &str) -> Result<Self, KeyError> {
-        decode_base64(s, "PresharedKey").map(PresharedKey)
-    }
-    pub fn from_hex(s: &str) -> Result<Self, KeyError> {
-        decode_hex(s, "preshared_key").map(PresharedKey)
-    }
-    pub fn to_base64(&self) -> String {
-        BASE64.encode(self.0)
-    }
-    pub fn to_hex(&self) -> String {
-        encode_hex(&self.0)
-    }
-    pub fn as_bytes(&self) -> &[u8; KEY_LEN] {
-        &self.0
-    }
     /// The all-zero key, which the UAPI uses to mean "no preshared key".
     pub fn is_zero(&self) -> bool {
         self.0.ct_eq(&[0u8; KEY_LEN]).into()
@@ -243,13 +213,6 @@ impl fmt::Debug for PresharedKey {
         f.write_str("PresharedKey(<redacted>)")
     }
 }
-
-impl PartialEq for PresharedKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.ct_eq(&other.0).into()
-    }
-}
-impl Eq for PresharedKey {}
 
 #[cfg(test)]
 mod tests {
