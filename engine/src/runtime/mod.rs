@@ -13,8 +13,9 @@ mod pool;
 mod sink;
 mod uapi;
 
+pub use crate::peer::{BufferBudget, DEFAULT_BUFFER_LIMIT};
 pub use engine::{Engine, EngineError, EngineStats, PeerUpdate, SendError};
 pub use pool::{BufferPool, PacketBuf};
-pub use sink::{HostQueue, InnerSink};
+pub use sink::{HostQueue, InnerBurst, InnerSink};
 pub use uapi::{UapiServer, MAX_CONNECTIONS, MAX_REQUEST_BYTES, UAPI_DIR};
 pub mod tunnel;
