@@ -79,28 +79,7 @@ fn peer_encapsulate_and_decapsulate_allocate_nothing_per_packet() {
 
 #[test]
 fn engine_send_packet_allocates_nothing_on_the_callers_thread() {
-    use meshvpn_engine::{Config, Engine, InterfaceConfig, IpPrefix, PeerConfig, PrivateKey};
-    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
-    let new = |k: &PrivateKey| {
-        Engine::new(&Config {
-            interface: InterfaceConfig {
-                private_key: Some(k.clone()),
-                listen_port: Some(0),
-                ..Default::default()
-            },
-            peers: vec![],
-        })
-        .unwrap()
-    };
-    let (a, b) = (new(&ka), new(&kb));
-    let mut p = PeerConfig::new(kb.public_key());
-    p.endpoint = Some(format!("127.0.0.1:{}", b.listen_port()).parse().unwrap());
-    p.allowed_ips = vec![IpPrefix::host("10.0.0.2".parse().unwrap())];
-    a.add_peer(&p).unwrap();
-    let mut q = PeerConfig::new(ka.public_key());
-    q.endpoint = Some(format!("127.0.0.1:{}", a.listen_port()).parse().unwrap());
-    q.allowed_ips = vec![IpPrefix::host("10.0.0.1".parse().unwrap())];
-    b.add_peer(&q).unwrap();
+    let [(a, _), (b, _)] = meshvpn_benches::engine_pair();
     let packet = ipv4_packet(1420);
     a.send_packet(&packet).unwrap();
     assert!(b.recv_packet(Duration::from_secs(5)).is_some());

@@ -11,8 +11,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::initiator::{tai64n_now, InitiationFields, Initiator, Session};
-use common::{mesh, udp_packet};
+use common::initiator::{Initiator, Session};
+use common::{fields, mesh, resident_kib, spoofed_sockets, udp_packet};
 use meshvpn_engine::peer::DropReason;
 use meshvpn_engine::{
     Config, Engine, EngineError, InterfaceConfig, IpPrefix, PeerConfig, PeerUpdate, PrivateKey,
@@ -84,14 +84,6 @@ impl Fixture {
             .send_to(&session.data(counter, &p), self.to_engine)
             .unwrap();
         self.engine.recv_packet(Duration::from_secs(2)).as_deref() == Some(&p[..])
-    }
-}
-
-fn fields(index: u32, extra_nanos: u64) -> InitiationFields {
-    InitiationFields {
-        sender_index: index,
-        ephemeral_private: *PrivateKey::generate().as_bytes(),
-        timestamp: tai64n_now(extra_nanos),
     }
 }
 
@@ -185,29 +177,6 @@ fn initiations_every_5ms_from_one_peer_are_processed_at_most_50_per_second() {
     assert!(responses <= bound, "{responses} responses > {bound}");
     assert!(responses >= 5, "the peer was locked out entirely");
     assert!(flood > 0, "the flood guard never acted");
-}
-
-/// Loopback addresses 127.0.1.1 .. 127.0.1.n, one socket each: the
-/// "spoofed" sources of a flood (on Linux all of 127/8 is local).
-fn spoofed_sockets(n: u8) -> Vec<UdpSocket> {
-    (1..=n)
-        .map(|i| {
-            let s = UdpSocket::bind(("127.0.1.".to_string() + &i.to_string(), 0)).unwrap();
-            s.set_nonblocking(true).unwrap();
-            s
-        })
-        .collect()
-}
-
-fn resident_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 #[test]

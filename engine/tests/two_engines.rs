@@ -5,7 +5,7 @@ mod common;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use common::{mesh, send_and_receive, udp_packet, wait_until};
+use common::{mesh, mesh_with_mtu, send_and_receive, udp_packet, wait_until};
 use meshvpn_engine::peer::DropReason;
 use meshvpn_engine::{PeerUpdate, PrivateKey, SendError};
 
@@ -381,5 +381,35 @@ fn batched_sends_deliver_every_packet_in_order_across_peers() {
         }
         assert_eq!(got.len(), expected.len());
         assert!(got == expected, "packets arrive intact and in order");
+    }
+}
+
+#[test]
+fn inner_mtu_1280_1420_and_jumbo_arrive_untruncated() {
+    for mtu in [1280u16, 1420, 9000] {
+        let nodes = mesh_with_mtu(2, false, Some(mtu));
+        let (a, b) = (&nodes[0], &nodes[1]);
+        for (src, dst, header) in [(a.v4, b.v4, 28), (a.v6, b.v6, 48), (b.v4, a.v4, 28)] {
+            let (from, to) = if src == a.v4 || src == a.v6 {
+                (a, b)
+            } else {
+                (b, a)
+            };
+            // Exactly the MTU, and the smallest packet for comparison.
+            for len in [mtu as usize, header + 1] {
+                let p = udp_packet(src, dst, len - header, len as u8);
+                assert_eq!(p.len(), len);
+                let got = send_and_receive(&from.engine, &to.engine, &p);
+                assert_eq!(
+                    got.as_deref().map(<[u8]>::len),
+                    Some(len),
+                    "MTU {mtu}: a {len}-byte packet {src} -> {dst}"
+                );
+                assert_eq!(got.unwrap(), p, "MTU {mtu}: {len}-byte packet changed");
+            }
+        }
+        for n in &nodes {
+            n.engine.close();
+        }
     }
 }

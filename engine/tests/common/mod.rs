@@ -63,6 +63,11 @@ pub struct Node {
 /// 10.77.0.(i+1)/32 and fd77::(i+1)/128. `underlay_v6` picks `[::1]`
 /// endpoints instead of 127.0.0.1.
 pub fn mesh(n: usize, underlay_v6: bool) -> Vec<Node> {
+    mesh_with_mtu(n, underlay_v6, None)
+}
+
+/// [`mesh`] with every interface's MTU set (`None`: the default).
+pub fn mesh_with_mtu(n: usize, underlay_v6: bool, mtu: Option<u16>) -> Vec<Node> {
     let keys: Vec<PrivateKey> = (0..n).map(|_| PrivateKey::generate()).collect();
     let nodes: Vec<Node> = keys
         .iter()
@@ -72,6 +77,7 @@ pub fn mesh(n: usize, underlay_v6: bool) -> Vec<Node> {
                 interface: InterfaceConfig {
                     private_key: Some(k.clone()),
                     listen_port: Some(0),
+                    mtu,
                     ..Default::default()
                 },
                 peers: vec![],
@@ -122,4 +128,62 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn send_and_receive(from: &Engine, to: &Engine, packet: &[u8]) -> Option<Vec<u8>> {
     from.send_packet(packet).ok()?;
     to.recv_packet(Duration::from_secs(5)).map(|p| p.to_vec())
+}
+
+/// Fields of a fresh initiation: a new ephemeral key, the current TAI64N
+/// time plus `extra_nanos` (so successive initiations are newer).
+pub fn fields(index: u32, extra_nanos: u64) -> initiator::InitiationFields {
+    initiator::InitiationFields {
+        sender_index: index,
+        ephemeral_private: *PrivateKey::generate().as_bytes(),
+        timestamp: initiator::tai64n_now(extra_nanos),
+    }
+}
+
+/// Loopback addresses 127.0.1.1 .. 127.0.1.n, one socket each: the
+/// "spoofed" sources of a flood (on Linux all of 127/8 is local).
+pub fn spoofed_sockets(n: u8) -> Vec<std::net::UdpSocket> {
+    (1..=n)
+        .map(|i| {
+            let s =
+                std::net::UdpSocket::bind(("127.0.1.".to_string() + &i.to_string(), 0)).unwrap();
+            s.set_nonblocking(true).unwrap();
+            s
+        })
+        .collect()
+}
+
+/// This process's resident memory, KiB.
+pub fn resident_kib() -> u64 {
+    proc_status_kib("VmRSS:")
+}
+
+/// This process's peak resident memory, KiB.
+pub fn peak_resident_kib() -> u64 {
+    proc_status_kib("VmHWM:")
+}
+
+fn proc_status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Threads of this process.
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Open file descriptors of this process.
+pub fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
