@@ -121,7 +121,7 @@ fn tun_offload_split_and_coalesce_allocate_nothing() {
     };
     let mut out = vec![0u8; 128 * 1024];
     let mut co = Coalescer::default();
-    let mut round = |out: &mut [u8], co: &mut Coalescer| {
+    let round = |out: &mut [u8], co: &mut Coalescer| {
         let mut spans = [(0usize, 0usize); 64];
         let mut n = 0;
         split(&hdr, &big, out, |r| {
