@@ -200,7 +200,8 @@ or_dash() { echo "${1:--}"; }
 
 DONE=()
 n=0
-echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "load before: $LOAD_BEFORE"
 for impl in $IMPLS; do
 	available "$impl" || continue
 	n=$((n + 1))
@@ -231,7 +232,7 @@ fi
 	echo "iperf3 between the tunnel addresses; medians of $RUNS runs of $TIME s."
 	echo
 	echo "Machine: $(nproc) CPUs, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r),"
-	echo "load average $(cut -d' ' -f1-3 /proc/loadavg) at the end (before the run: see the log; other jobs share this machine)."
+	echo "load average $LOAD_BEFORE before the run and $LOAD_AFTER after it (other jobs share this machine)."
 	echo
 	echo "| implementation | TCP 1 flow Gbit/s | TCP 4 flows Gbit/s | UDP $UDP_RATE offered: received Gbit/s | UDP loss % | ping idle ms | ping under load ms | CPU s/GB |"
 	echo "|---|---|---|---|---|---|---|---|"
