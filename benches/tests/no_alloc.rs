@@ -93,3 +93,56 @@ fn engine_send_packet_allocates_nothing_on_the_callers_thread() {
     });
     assert_eq!(n, 0, "{n} allocations for 1000 send_packet calls");
 }
+
+/// An IPv4 TCP segment (ACK) of `size` bytes with sequence number `seq`.
+fn tcp_segment(seq: u32, size: usize) -> Vec<u8> {
+    let mut p = ipv4_packet(size);
+    p[6] = 0x40; // DF, not a fragment
+    p[7] = 0;
+    p[9] = 6;
+    p[24..28].copy_from_slice(&seq.to_be_bytes());
+    p[32] = 5 << 4;
+    p[33] = 0x10;
+    p
+}
+
+#[test]
+fn tun_offload_split_and_coalesce_allocate_nothing() {
+    use meshvpn_engine::io::offload::{split, Coalescer, VirtioNetHdr, F_NEEDS_CSUM, GSO_TCPV4};
+    const MSS: usize = 1380;
+    let big = tcp_segment(1, 40 + 46 * MSS);
+    let hdr = VirtioNetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_TCPV4,
+        hdr_len: 40,
+        gso_size: MSS as u16,
+        csum_start: 20,
+        csum_offset: 16,
+    };
+    let mut out = vec![0u8; 128 * 1024];
+    let mut co = Coalescer::default();
+    let round = |out: &mut [u8], co: &mut Coalescer| {
+        let mut spans = [(0usize, 0usize); 64];
+        let mut n = 0;
+        split(&hdr, &big, out, |r| {
+            spans[n] = (r.start, r.end);
+            n += 1;
+        })
+        .unwrap();
+        for &(s, e) in &spans[..n] {
+            assert!(co.push(&out[s..e]));
+        }
+        let mut writes = (0, 0);
+        co.drain(|bytes, segments| writes = (bytes.len(), segments));
+        assert_eq!(writes, (10 + big.len(), 46), "one aggregate of all 46");
+    };
+    for _ in 0..10 {
+        round(&mut out, &mut co);
+    }
+    let n = allocations_in(|| {
+        for _ in 0..1000 {
+            round(&mut out, &mut co);
+        }
+    });
+    assert_eq!(n, 0, "{n} allocations for 1000 split + coalesce rounds");
+}

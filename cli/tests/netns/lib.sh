@@ -7,8 +7,9 @@
 # add_ns and deletes them. The caller sets ROOT and MESHVPN_BIN first, and
 # may set NETNS_TOOLS (default: wireguard-go wg wg-quick iperf3 ping).
 #
-# Functions: skip pass fail in_ns add_ns make_pair start_impl configure
-# tunnel_pair pings no_pings iperf iperf_both wait_gone field hex positive.
+# Functions: skip pass fail in_ns add_ns del_ns make_pair start_impl
+# configure tunnel_pair pings no_pings iperf_server iperf iperf_both
+# wait_gone field hex positive.
 # Counters: PASSED FAILED. Namespaces: NAMESPACES.
 
 skip() {
@@ -55,21 +56,26 @@ fail() {
 	FAILED=$((FAILED + 1))
 }
 
-cleanup() {
+# del_ns NS...: stops the processes inside the namespaces (only those: our
+# daemons and iperf3) and deletes them.
+del_ns() {
 	local ns pid
-	for ns in "${NAMESPACES[@]}"; do
-		# Only processes inside namespaces this script made: our daemons and iperf3.
+	for ns in "$@"; do
 		for pid in $(ip netns pids "$ns" 2>/dev/null); do
 			kill -TERM "$pid" 2>/dev/null
 		done
 	done
 	sleep 0.5
-	for ns in "${NAMESPACES[@]}"; do
+	for ns in "$@"; do
 		for pid in $(ip netns pids "$ns" 2>/dev/null); do
 			kill -KILL "$pid" 2>/dev/null
 		done
 		ip netns del "$ns" 2>/dev/null
 	done
+}
+
+cleanup() {
+	del_ns "${NAMESPACES[@]}"
 	rm -f /var/run/wireguard/*"$ID".sock
 	rm -rf "$T"
 }
@@ -101,12 +107,18 @@ make_pair() {
 }
 
 # start_impl IMPL NS IFNAME: runs meshvpn or wireguard-go, daemonized as
-# wg-quick would, and waits for its UAPI socket.
+# wg-quick would, and waits for its UAPI socket. The benchmarks add
+# meshvpn-plain (TUN offloads off), boringtun (boringtun-cli) and wggo
+# (current wireguard-go, built from benches/wggo into $WGGO_BIN).
 start_impl() {
 	local impl=$1 ns=$2 ifname=$3
 	case $impl in
-	meshvpn) in_ns "$ns" env LOG_LEVEL="$MESHVPN_LOG_LEVEL" meshvpn "$ifname" >>"$T/$ifname.log" 2>&1 ;;
+	meshvpn) in_ns "$ns" env LOG_LEVEL="${MESHVPN_LOG_LEVEL:-}" meshvpn "$ifname" >>"$T/$ifname.log" 2>&1 ;;
+	meshvpn-plain) in_ns "$ns" env MESHVPN_TUN_OFFLOAD=0 meshvpn "$ifname" >>"$T/$ifname.log" 2>&1 ;;
 	wireguard-go) in_ns "$ns" env LOG_LEVEL=error wireguard-go "$ifname" >>"$T/$ifname.log" 2>&1 ;;
+	boringtun) in_ns "$ns" env WG_LOG_LEVEL=error boringtun-cli --disable-drop-privileges --log "$T/$ifname.boringtun.log" "$ifname" >>"$T/$ifname.log" 2>&1 ;;
+	wggo) (in_ns "$ns" setsid "$WGGO_BIN" "$ifname" >>"$T/$ifname.log" 2>&1 &) ;;
+	*) return 1 ;;
 	esac || return 1
 	local i
 	for i in $(seq 50); do
@@ -155,21 +167,28 @@ no_pings() {
 	! in_ns "$1" ping -q -c 10 -i 0.2 -W 1 -w 3 "$2" >/dev/null 2>&1
 }
 
+# iperf_server NS ADDR [SECONDS]: a one-shot iperf3 server on ADDR:5201,
+# listening when this returns (its pid in IPERF_SERVER), gone after
+# SECONDS (default 20) at the latest.
+iperf_server() {
+	in_ns "$1" timeout "${3:-20}" iperf3 -s -1 -B "$2" -p 5201 >/dev/null 2>&1 &
+	IPERF_SERVER=$!
+	local i
+	for i in $(seq 30); do
+		in_ns "$1" ss -Hltn "sport = :5201" 2>/dev/null | grep -q . && break
+		sleep 0.1
+	done
+}
+
 # iperf NS_SERVER NS_CLIENT SERVER_ADDR [-R]: prints Gbit/s of a 5 s TCP run
 # (client to server, or server to client with -R), or nothing.
 iperf() {
 	local srv=$1 cli=$2 addr=$3
 	shift 3
-	in_ns "$srv" timeout 20 iperf3 -s -1 -B "$addr" -p 5201 >/dev/null 2>&1 &
-	local spid=$!
-	local i
-	for i in $(seq 30); do
-		in_ns "$srv" ss -Hltn "sport = :5201" 2>/dev/null | grep -q . && break
-		sleep 0.1
-	done
+	iperf_server "$srv" "$addr"
 	in_ns "$cli" timeout 20 iperf3 -c "$addr" -p 5201 -t 5 -f g "$@" 2>/dev/null |
 		awk '/receiver/ { for (i = 1; i <= NF; i++) if ($i == "Gbits/sec") print $(i - 1) }'
-	wait "$spid" 2>/dev/null
+	wait "$IPERF_SERVER" 2>/dev/null
 }
 
 hex() { printf '%s' "$1" | base64 -d | od -An -tx1 | tr -d ' \n'; }

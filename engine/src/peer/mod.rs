@@ -6,6 +6,7 @@
 //! [`PeerOutput`] saying what to write where; the runtime does the writing
 //! after the peer's lock is released, so no lock is held across a syscall.
 
+mod budget;
 mod stats;
 
 use std::net::{IpAddr, SocketAddr};
@@ -16,6 +17,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use parking_lot::Mutex;
 
+pub use budget::{BufferBudget, DEFAULT_BUFFER_LIMIT};
 pub use stats::{DropReason, PeerCounters, PeerStats};
 
 use crate::config::{PeerConfig, PresharedKey, PrivateKey, PublicKey};
@@ -28,6 +30,14 @@ const COOKIE_REPLY_TYPE: u8 = 3;
 /// any cryptography: the kernel's `INITIATIONS_PER_SECOND` (50) flood guard
 /// (drivers/net/wireguard/noise.c, `wg_noise_handshake_consume_initiation`).
 pub const MIN_INITIATION_INTERVAL: Duration = Duration::from_millis(1000 / 50);
+
+/// Packets boringtun queues per peer behind a handshake (its
+/// `MAX_QUEUE_DEPTH`); more are dropped.
+const HANDSHAKE_QUEUE_PACKETS: usize = 256;
+
+/// How long handshake attempts go on before the peer gives up and its
+/// queue is cleared: REKEY_ATTEMPT_TIME in the WireGuard paper, section 6.1.
+const REKEY_ATTEMPT_TIME: Duration = Duration::from_secs(90);
 
 /// The extra room an encrypted datagram needs over its plaintext, and the
 /// smallest buffer boringtun accepts (a handshake initiation).
@@ -55,12 +65,65 @@ pub enum PeerOutput {
 }
 
 struct PeerState {
-    tunn: Tunn,
+    /// Created on first use ([`PeerState::tunn`]): an idle configured peer
+    /// costs no session table and no Diffie-Hellman, so tens of thousands
+    /// of them fit in a few tens of MiB. Boxed: a `Tunn` is 11 KiB, which
+    /// an inline `None` would take too.
+    tunn: Option<Box<Tunn>>,
+    /// What the `Tunn` is made from.
+    private_key: PrivateKey,
+    limiter: Arc<RateLimiter>,
     endpoint: Option<SocketAddr>,
     preshared_key: Option<PresharedKey>,
     persistent_keepalive: Option<u16>,
     last_sent: Option<Instant>,
     last_initiation: Option<Instant>,
+    /// Packets waiting behind a handshake, as charged to `budget`.
+    queue: HandshakeQueue,
+}
+
+/// What a peer's packets waiting for a session hold of the engine's
+/// buffer budget (boringtun keeps the packets; this keeps the count).
+#[derive(Default)]
+struct HandshakeQueue {
+    budget: Option<Arc<BufferBudget>>,
+    packets: usize,
+    bytes: usize,
+    since: Option<Instant>,
+}
+
+impl HandshakeQueue {
+    /// Charges one packet; false when it must be dropped instead.
+    fn admit(&mut self, len: usize) -> bool {
+        if self.packets >= HANDSHAKE_QUEUE_PACKETS {
+            return false;
+        }
+        if let Some(b) = &self.budget {
+            if !b.try_take(len) {
+                return false;
+            }
+        }
+        self.packets += 1;
+        self.bytes += len;
+        self.since.get_or_insert_with(Instant::now);
+        true
+    }
+
+    /// The queue was sent or cleared.
+    fn release(&mut self) {
+        if let Some(b) = &self.budget {
+            b.give_back(self.bytes);
+        }
+        self.packets = 0;
+        self.bytes = 0;
+        self.since = None;
+    }
+}
+
+impl Drop for HandshakeQueue {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// A configured peer. Shared between threads; its protocol state sits behind
@@ -73,23 +136,23 @@ pub struct Peer {
     counters: PeerCounters,
 }
 
-fn new_tunn(
-    private_key: &PrivateKey,
-    cfg_key: PublicKey,
-    psk: Option<&PresharedKey>,
-    index: u32,
-    limiter: Arc<RateLimiter>,
-) -> Tunn {
-    // Persistent keepalive is ours (see `update_timers`), so it can change
-    // without tearing down the session; boringtun gets `None`.
-    Tunn::new(
-        private_key.to_x25519(),
-        cfg_key.to_x25519(),
-        psk.map(|k| *k.as_bytes()),
-        None,
-        index,
-        Some(limiter),
-    )
+impl PeerState {
+    /// The protocol state, made now if this is its first use.
+    fn tunn(&mut self, public_key: PublicKey, index: u32) -> &mut Tunn {
+        let (key, psk, limiter) = (&self.private_key, &self.preshared_key, &self.limiter);
+        self.tunn.get_or_insert_with(|| {
+            // Persistent keepalive is ours (see `update_timers`), so it can
+            // change without tearing down the session; boringtun gets `None`.
+            Box::new(Tunn::new(
+                key.to_x25519(),
+                public_key.to_x25519(),
+                psk.as_ref().map(|k| *k.as_bytes()),
+                None,
+                index,
+                Some(limiter.clone()),
+            ))
+        })
+    }
 }
 
 impl Peer {
@@ -99,23 +162,19 @@ impl Peer {
         index: u32,
         limiter: Arc<RateLimiter>,
     ) -> Peer {
-        let tunn = new_tunn(
-            private_key,
-            cfg.public_key,
-            cfg.preshared_key.as_ref(),
-            index,
-            limiter,
-        );
         Peer {
             public_key: cfg.public_key,
             index,
             state: Mutex::new(PeerState {
-                tunn,
+                tunn: None,
+                private_key: private_key.clone(),
+                limiter,
                 endpoint: cfg.endpoint,
                 preshared_key: cfg.preshared_key.clone(),
                 persistent_keepalive: cfg.persistent_keepalive.filter(|&k| k > 0),
                 last_sent: None,
                 last_initiation: None,
+                queue: HandshakeQueue::default(),
             }),
             counters: PeerCounters::default(),
         }
@@ -165,27 +224,33 @@ impl Peer {
         if st.preshared_key == key {
             return;
         }
-        st.tunn = new_tunn(
-            private_key,
-            self.public_key,
-            key.as_ref(),
-            self.index,
-            limiter,
-        );
+        st.tunn = None;
+        st.queue.release();
+        st.private_key = private_key.clone();
+        st.limiter = limiter;
         st.preshared_key = key;
     }
 
     /// Our private key changed: sessions are dropped, handshakes restart.
     pub fn set_private_key(&self, private_key: &PrivateKey, limiter: Arc<RateLimiter>) {
         let mut st = self.state.lock();
-        let psk = st.preshared_key.clone();
-        st.tunn = new_tunn(
-            private_key,
-            self.public_key,
-            psk.as_ref(),
-            self.index,
-            limiter,
-        );
+        st.tunn = None;
+        st.queue.release();
+        st.private_key = private_key.clone();
+        st.limiter = limiter;
+    }
+
+    /// Charges packets queued behind a handshake to `budget` from now on.
+    pub fn set_budget(&self, budget: Arc<BufferBudget>) {
+        let mut st = self.state.lock();
+        st.queue.release();
+        st.queue.budget = Some(budget);
+    }
+
+    /// True once the peer's protocol state exists (it is made on first
+    /// use: traffic, a handshake, a keepalive).
+    pub fn is_active(&self) -> bool {
+        self.state.lock().tunn.is_some()
     }
 
     /// Encrypts one IP packet for this peer into `out` (at least
@@ -197,7 +262,16 @@ impl Peer {
             drop(st);
             return self.drop_for(DropReason::NoEndpoint);
         };
-        let result = match st.tunn.encapsulate(packet, out) {
+        let tunn = st.tunn(self.public_key, self.index);
+        // Without a session boringtun queues the packet: charge it first.
+        if tunn.time_since_last_handshake().is_none() && !st.queue.admit(packet.len()) {
+            drop(st);
+            return self.drop_for(DropReason::SinkFull);
+        }
+        let result = match st
+            .tunn(self.public_key, self.index)
+            .encapsulate(packet, out)
+        {
             TunnResult::WriteToNetwork(d) => {
                 st.last_sent = Some(Instant::now());
                 PeerOutput::ToNetwork { len: d.len(), to }
@@ -241,7 +315,14 @@ impl Peer {
             }
             st.last_initiation = Some(now);
         }
-        let result = match st.tunn.decapsulate(Some(src.ip()), datagram, out) {
+        // Only a handshake makes a session: data or a cookie for a peer
+        // never used is answered by nothing (and allocates nothing).
+        if st.tunn.is_none() && kind != MessageKind::HandshakeInitiation {
+            drop(st);
+            return self.drop_for(DropReason::NoSession);
+        }
+        let tunn = st.tunn(self.public_key, self.index);
+        let result = match tunn.decapsulate(Some(src.ip()), datagram, out) {
             TunnResult::WriteToNetwork(d) => {
                 st.last_sent = Some(Instant::now());
                 PeerOutput::ToNetwork {
@@ -293,12 +374,18 @@ impl Peer {
         let Some(to) = st.endpoint else {
             return PeerOutput::Done;
         };
-        let result = match st.tunn.decapsulate(None, &[], out) {
+        let Some(tunn) = st.tunn.as_mut() else {
+            return PeerOutput::Done;
+        };
+        let result = match tunn.decapsulate(None, &[], out) {
             TunnResult::WriteToNetwork(d) => {
                 st.last_sent = Some(Instant::now());
                 PeerOutput::ToNetwork { len: d.len(), to }
             }
-            _ => PeerOutput::Done,
+            _ => {
+                st.queue.release();
+                PeerOutput::Done
+            }
         };
         drop(st);
         let inner = match result {
@@ -313,8 +400,18 @@ impl Peer {
     pub fn update_timers(&self, now: Instant, out: &mut [u8]) -> PeerOutput {
         let mut st = self.state.lock();
         let endpoint = st.endpoint;
-        let mut result = match st.tunn.update_timers(out) {
-            TunnResult::WriteToNetwork(d) => match endpoint {
+        // A peer never used has no timers to run.
+        let timers = st.tunn.as_mut().map(|t| t.update_timers(out));
+        // boringtun clears its queue when handshake attempts time out.
+        if st
+            .queue
+            .since
+            .is_some_and(|t| now.duration_since(t) > REKEY_ATTEMPT_TIME)
+        {
+            st.queue.release();
+        }
+        let mut result = match timers {
+            Some(TunnResult::WriteToNetwork(d)) => match endpoint {
                 Some(to) => PeerOutput::ToNetwork { len: d.len(), to },
                 None => PeerOutput::Done,
             },
@@ -328,7 +425,8 @@ impl Peer {
                 if due {
                     // An empty packet: a keepalive, or the handshake that
                     // must come before one.
-                    if let TunnResult::WriteToNetwork(d) = st.tunn.encapsulate(&[], out) {
+                    let tunn = st.tunn(self.public_key, self.index);
+                    if let TunnResult::WriteToNetwork(d) = tunn.encapsulate(&[], out) {
                         result = PeerOutput::ToNetwork { len: d.len(), to };
                     }
                 }
@@ -347,7 +445,8 @@ impl Peer {
         let Some(to) = st.endpoint else {
             return PeerOutput::Done;
         };
-        let result = match st.tunn.format_handshake_initiation(out, false) {
+        let tunn = st.tunn(self.public_key, self.index);
+        let result = match tunn.format_handshake_initiation(out, false) {
             TunnResult::WriteToNetwork(d) => {
                 st.last_sent = Some(Instant::now());
                 PeerOutput::ToNetwork { len: d.len(), to }
@@ -373,7 +472,13 @@ impl Peer {
     /// A snapshot for `wg show` and the stats APIs.
     pub fn stats(&self) -> PeerStats {
         let st = self.state.lock();
-        let (since_handshake, _, _, _, rtt) = st.tunn.stats();
+        let (since_handshake, rtt) = match &st.tunn {
+            Some(t) => {
+                let (since, _, _, _, rtt) = t.stats();
+                (since, rtt)
+            }
+            None => (None, None),
+        };
         let endpoint = st.endpoint;
         let keepalive = st.persistent_keepalive;
         drop(st);

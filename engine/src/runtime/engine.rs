@@ -14,11 +14,11 @@ use boringtun::x25519;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
 
-use super::sink::{HostQueue, InnerSink};
+use super::sink::{HostQueue, InnerBurst, InnerSink};
 use crate::config::{Config, PeerConfig, PresharedKey, PrivateKey, PublicKey, DEFAULT_MTU};
 use crate::io::tun::{Tun, TunBurst};
 use crate::io::udp::{normalize, RecvBatch, UdpTransport, MAX_DATAGRAM, RECV_POLL};
-use crate::peer::{output_buffer_len, DropReason, Peer, PeerOutput, PeerStats};
+use crate::peer::{output_buffer_len, BufferBudget, DropReason, Peer, PeerOutput, PeerStats};
 use crate::router::{AllowedIps, IpPrefix};
 use crate::wire::{IpHeader, MessageKind, WireMessage};
 
@@ -87,6 +87,10 @@ pub struct EngineStats {
     pub tx_malformed: u64,
     pub tx_no_route: u64,
     pub udp_send_errors: u64,
+    /// Packets dropped because the buffer ceiling
+    /// ([`Engine::set_buffer_limit`]) was reached (also counted as
+    /// `sink_full` on their peer).
+    pub buffer_limit_drops: u64,
 }
 
 #[derive(Default)]
@@ -154,6 +158,7 @@ struct Shared {
     fwmark: Mutex<Option<u32>>,
     sink: RwLock<Arc<dyn InnerSink>>,
     host_queue: Arc<HostQueue>,
+    budget: Arc<BufferBudget>,
     addresses: RwLock<Vec<IpPrefix>>,
     mtu: u16,
     counters: EngineCounters,
@@ -263,7 +268,8 @@ impl Engine {
         let transport = UdpTransport::bind(port, iface.fwmark)
             .map_err(|source| EngineError::Bind { port, source })?;
         let mtu = iface.mtu.unwrap_or(DEFAULT_MTU);
-        let host_queue = HostQueue::new(HOST_QUEUE_PACKETS, mtu as usize);
+        let budget = Arc::new(BufferBudget::default());
+        let host_queue = HostQueue::new(HOST_QUEUE_PACKETS, mtu as usize, budget.clone());
         let shared = Arc::new(Shared {
             identity: RwLock::new(Identity::new(iface.private_key.clone())),
             peers: RwLock::new(PeerTable::default()),
@@ -271,6 +277,7 @@ impl Engine {
             fwmark: Mutex::new(iface.fwmark),
             sink: RwLock::new(host_queue.clone()),
             host_queue,
+            budget,
             addresses: RwLock::new(iface.addresses.clone()),
             mtu,
             counters: EngineCounters::default(),
@@ -452,6 +459,7 @@ impl Engine {
                     persistent_keepalive: update.persistent_keepalive.flatten(),
                 };
                 let peer = Arc::new(Peer::new(&private_key, &cfg, index, limiter.clone()));
+                peer.set_budget(self.shared.budget.clone());
                 table.by_key.insert(*key, peer.clone());
                 table.by_index.insert(index, peer.clone());
                 table.order.push(*key);
@@ -592,7 +600,24 @@ impl Engine {
             tx_malformed: c.tx_malformed.load(Relaxed),
             tx_no_route: c.tx_no_route.load(Relaxed),
             udp_send_errors: c.udp_send_errors.load(Relaxed),
+            buffer_limit_drops: self.shared.budget.drops(),
         }
+    }
+
+    /// Sets the ceiling on bytes of packets held in queues (waiting behind
+    /// a handshake, or for the host to read them); past it new packets are
+    /// dropped and counted. Default [`super::DEFAULT_BUFFER_LIMIT`].
+    pub fn set_buffer_limit(&self, bytes: usize) {
+        self.shared.budget.set_limit(bytes);
+    }
+
+    pub fn buffer_limit(&self) -> usize {
+        self.shared.budget.limit()
+    }
+
+    /// Bytes of packets held in queues now.
+    pub fn buffered_bytes(&self) -> usize {
+        self.shared.budget.used()
     }
 
     /// Starts a handshake with `key` now, without waiting for traffic.
@@ -702,6 +727,53 @@ impl InnerSink for TunSink {
     fn deliver(&self, packet: &[u8]) -> bool {
         self.0.write_packet(packet).is_ok()
     }
+
+    fn deliver_burst(&self, burst: &mut InnerBurst) {
+        let (packets, delivered) = burst.parts();
+        self.0.write_burst(packets, |i, ok| {
+            if let Some(d) = delivered.get_mut(i) {
+                *d = ok;
+            }
+        });
+    }
+}
+
+/// Bytes of decrypted packets one receive thread gathers before handing
+/// them to the sink, and how many packets at most.
+const RX_BURST_BYTES: usize = 512 * 1024;
+const RX_BURST_PACKETS: usize = 1024;
+
+/// What one receive thread decrypted since its last delivery, and from
+/// which peer each packet came (for the counters).
+struct RxBurst {
+    packets: InnerBurst,
+    peers: Vec<Arc<Peer>>,
+}
+
+impl RxBurst {
+    fn new() -> RxBurst {
+        RxBurst {
+            packets: InnerBurst::new(RX_BURST_BYTES, RX_BURST_PACKETS),
+            peers: Vec::with_capacity(RX_BURST_PACKETS),
+        }
+    }
+
+    /// Hands the gathered packets to the sink, counts them, and empties.
+    fn deliver(&mut self, shared: &Shared) {
+        if self.packets.is_empty() {
+            return;
+        }
+        let sink = shared.sink.read().clone();
+        sink.deliver_burst(&mut self.packets);
+        for (i, peer) in self.peers.drain(..).enumerate() {
+            if self.packets.delivered(i) {
+                peer.delivered(self.packets.packet(i).len());
+            } else {
+                peer.drop_for(DropReason::SinkFull);
+            }
+        }
+        self.packets.clear();
+    }
 }
 
 impl Shared {
@@ -771,6 +843,12 @@ impl Shared {
         })
     }
 
+    /// True when `src` routes back to `peer`: a decrypted packet's inner
+    /// source must be inside its sender's AllowedIPs.
+    fn source_allowed(&self, peer: &Peer, src: IpAddr) -> bool {
+        self.peers.read().allowed_ips.lookup(src) == Some(&peer.index())
+    }
+
     /// Does what a peer call asked: sends datagrams, delivers packets.
     fn emit(&self, peer: &Peer, result: PeerOutput, out: &mut [u8]) -> PeerOutput {
         match result {
@@ -781,8 +859,7 @@ impl Shared {
                 }
             }
             PeerOutput::ToHost { len, src } => {
-                let allowed = self.peers.read().allowed_ips.lookup(src) == Some(&peer.index());
-                if !allowed {
+                if !self.source_allowed(peer, src) {
                     return peer.drop_for(DropReason::SourceNotAllowed);
                 }
                 let sink = self.sink.read().clone();
@@ -796,8 +873,13 @@ impl Shared {
         result
     }
 
-    /// One datagram from the network.
-    fn handle_datagram(&self, src: SocketAddr, datagram: &[u8], out: &mut [u8]) {
+    /// One datagram from the network. A decrypted packet joins `rx`, to
+    /// reach the sink with the rest of its batch.
+    fn handle_datagram(&self, src: SocketAddr, datagram: &[u8], rx: &mut RxBurst) {
+        if rx.packets.is_full(output_buffer_len(datagram.len())) {
+            rx.deliver(self);
+        }
+        let out = rx.packets.spare();
         let src = normalize(src);
         let Ok(msg) = WireMessage::new_checked(datagram) else {
             bump(&self.counters.rx_malformed);
@@ -817,6 +899,15 @@ impl Shared {
             },
         };
         let result = peer.decapsulate(src, msg.kind, datagram, out);
+        if let PeerOutput::ToHost { len, src } = result {
+            if !self.source_allowed(&peer, src) {
+                peer.drop_for(DropReason::SourceNotAllowed);
+                return;
+            }
+            rx.packets.commit(len);
+            rx.peers.push(peer);
+            return;
+        }
         self.emit(&peer, result, out);
         if matches!(result, PeerOutput::ToNetwork { .. }) && msg.kind != MessageKind::Data {
             // A handshake just completed: packets queued behind it go now.
@@ -876,7 +967,7 @@ impl Shared {
 
 fn rx_loop(shared: Arc<Shared>, v4: bool) {
     let mut batch = RecvBatch::default();
-    let mut out = vec![0u8; output_buffer_len(MAX_DATAGRAM)];
+    let mut rx = RxBurst::new();
     while !shared.closed.load(Relaxed) {
         let transport = shared.transport.read().clone();
         let sock = if v4 {
@@ -889,9 +980,12 @@ fn rx_loop(shared: Arc<Shared>, v4: bool) {
             continue;
         };
         match sock.recv(&mut batch, RECV_POLL) {
-            Ok(n) => batch.for_each(n, |src, datagram| {
-                shared.handle_datagram(src, datagram, &mut out)
-            }),
+            Ok(n) => {
+                batch.for_each(n, |src, datagram| {
+                    shared.handle_datagram(src, datagram, &mut rx)
+                });
+                rx.deliver(&shared);
+            }
             // ICMP errors surface as ECONNREFUSED and the like on a read:
             // harmless for a datagram protocol.
             Err(_) => std::thread::sleep(Duration::from_millis(1)),

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //!   send:  host/TUN/netstack --send_packet--> router --> Peer::encapsulate --> UDP
-//!   recv:  UDP --rx thread--> framing --> Peer::decapsulate --> source check --> InnerSink
+//!   recv:  UDP --rx thread--> framing --> Peer::decapsulate --> source check
+//!          --> RxBurst (one receive call's packets) --> InnerSink::deliver_burst
 //!   timer thread: Peer::update_timers every TIMER_TICK, rate limiter reset every second
 //!   UAPI: Engine::uapi_get / uapi_set, and UapiServer on /var/run/wireguard/IFNAME.sock
 //! ```
@@ -13,8 +14,9 @@ mod pool;
 mod sink;
 mod uapi;
 
+pub use crate::peer::{BufferBudget, DEFAULT_BUFFER_LIMIT};
 pub use engine::{Engine, EngineError, EngineStats, PeerUpdate, SendError};
 pub use pool::{BufferPool, PacketBuf};
-pub use sink::{HostQueue, InnerSink};
+pub use sink::{HostQueue, InnerBurst, InnerSink};
 pub use uapi::{UapiServer, MAX_CONNECTIONS, MAX_REQUEST_BYTES, UAPI_DIR};
 pub mod tunnel;

@@ -10,12 +10,101 @@ use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use parking_lot::Mutex;
 
 use super::pool::{BufferPool, PacketBuf};
+use crate::peer::BufferBudget;
 
 /// A consumer of decrypted, source-checked inner IP packets.
 pub trait InnerSink: Send + Sync {
     /// Takes one packet. Returns false when the sink is full and the packet
     /// was dropped (the engine counts it).
     fn deliver(&self, packet: &[u8]) -> bool;
+
+    /// Takes every packet of one receive batch, in order, and marks each
+    /// delivered or not. A sink that gains from seeing the batch whole (the
+    /// TUN device joins a flow's segments into one write) overrides it.
+    fn deliver_burst(&self, burst: &mut InnerBurst) {
+        for i in 0..burst.len() {
+            let ok = self.deliver(burst.packet(i));
+            burst.set_delivered(i, ok);
+        }
+    }
+}
+
+/// Decrypted packets of one receive batch, written by the decryption
+/// straight into one reused buffer.
+pub struct InnerBurst {
+    buf: Vec<u8>,
+    used: usize,
+    spans: Vec<(usize, usize)>,
+    delivered: Vec<bool>,
+}
+
+impl InnerBurst {
+    /// Room for `bytes` of packets, `packets` of them at most.
+    pub fn new(bytes: usize, packets: usize) -> InnerBurst {
+        InnerBurst {
+            buf: vec![0u8; bytes],
+            used: 0,
+            spans: Vec::with_capacity(packets),
+            delivered: Vec::with_capacity(packets),
+        }
+    }
+
+    /// The free part of the buffer, to decrypt the next packet into.
+    pub fn spare(&mut self) -> &mut [u8] {
+        &mut self.buf[self.used..]
+    }
+
+    /// True when a packet of up to `len` bytes no longer fits.
+    pub fn is_full(&self, len: usize) -> bool {
+        self.buf.len() - self.used < len || self.spans.len() == self.spans.capacity()
+    }
+
+    /// Keeps the first `len` bytes of [`InnerBurst::spare`] as a packet.
+    pub fn commit(&mut self, len: usize) {
+        self.spans.push((self.used, len));
+        self.delivered.push(false);
+        self.used += len;
+    }
+
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    pub fn packet(&self, i: usize) -> &[u8] {
+        let (at, len) = self.spans[i];
+        &self.buf[at..at + len]
+    }
+
+    pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
+        self.spans.iter().map(|&(at, len)| &self.buf[at..at + len])
+    }
+
+    /// The packets and their delivered marks, to fill in together.
+    pub fn parts(&mut self) -> (impl Iterator<Item = &[u8]>, &mut [bool]) {
+        let (buf, spans) = (&self.buf, &self.spans);
+        let packets = spans.iter().map(move |&(at, len)| &buf[at..at + len]);
+        (packets, &mut self.delivered[..])
+    }
+
+    pub fn set_delivered(&mut self, i: usize, ok: bool) {
+        if let Some(d) = self.delivered.get_mut(i) {
+            *d = ok;
+        }
+    }
+
+    pub fn delivered(&self, i: usize) -> bool {
+        self.delivered.get(i).copied().unwrap_or(false)
+    }
+
+    pub fn clear(&mut self) {
+        self.used = 0;
+        self.spans.clear();
+        self.delivered.clear();
+    }
 }
 
 type Notify = Box<dyn Fn() + Send + Sync>;
@@ -26,26 +115,37 @@ pub struct HostQueue {
     rx: Receiver<PacketBuf>,
     pool: Arc<BufferPool>,
     notify: Mutex<Option<Notify>>,
+    /// Queued packets count against the engine's buffer ceiling.
+    budget: Arc<BufferBudget>,
 }
 
 impl HostQueue {
-    pub fn new(capacity: usize, packet_len: usize) -> Arc<HostQueue> {
+    pub fn new(capacity: usize, packet_len: usize, budget: Arc<BufferBudget>) -> Arc<HostQueue> {
         let (tx, rx) = bounded(capacity);
         Arc::new(HostQueue {
             tx,
             rx,
             pool: BufferPool::new(capacity, packet_len),
             notify: Mutex::new(None),
+            budget,
         })
     }
 
     /// The next packet, waiting up to `timeout`.
     pub fn recv_timeout(&self, timeout: Duration) -> Option<PacketBuf> {
-        self.rx.recv_timeout(timeout).ok()
+        self.taken(self.rx.recv_timeout(timeout).ok())
     }
 
     pub fn try_recv(&self) -> Option<PacketBuf> {
-        self.rx.try_recv().ok()
+        self.taken(self.rx.try_recv().ok())
+    }
+
+    /// A packet left the queue: its bytes no longer count.
+    fn taken(&self, p: Option<PacketBuf>) -> Option<PacketBuf> {
+        if let Some(p) = &p {
+            self.budget.give_back(p.len());
+        }
+        p
     }
 
     pub fn len(&self) -> usize {
@@ -65,6 +165,9 @@ impl HostQueue {
 
 impl InnerSink for HostQueue {
     fn deliver(&self, packet: &[u8]) -> bool {
+        if !self.budget.try_take(packet.len()) {
+            return false;
+        }
         match self.tx.try_send(self.pool.take_copy(packet)) {
             Ok(()) => {
                 if let Some(n) = self.notify.lock().as_ref() {
@@ -72,7 +175,10 @@ impl InnerSink for HostQueue {
                 }
                 true
             }
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+            Err(TrySendError::Full(p) | TrySendError::Disconnected(p)) => {
+                self.budget.give_back(p.len());
+                false
+            }
         }
     }
 }

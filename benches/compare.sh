@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# Side-by-side throughput of userspace WireGuard implementations through
+# TUN, on this machine, in one run: two network namespaces joined by a veth,
+# the same implementation at both ends, iperf3 between the tunnel addresses.
+#
+#   benches/compare.sh [--runs N] [--time S] [--udp-rate R] [--impls "LIST"] [--out FILE]
+#   benches/compare.sh --smoke     one short run each; fails unless each
+#                                  implementation available moved data
+#
+# Implementations (all by default, each skipped with a line when missing):
+#   meshvpn        this repository's daemon (target/release/meshvpn, or MESHVPN_BIN)
+#   meshvpn-plain  the same with TUN offloads off (MESHVPN_TUN_OFFLOAD=0)
+#   wireguard-go   Debian's package
+#   wggo           current wireguard-go, built from benches/wggo (Go module)
+#   boringtun      boringtun-cli (cargo install --locked boringtun-cli)
+#
+# Per implementation: single-flow TCP, four flows (-P 4), UDP at a fixed
+# offered rate (received rate and loss), each the median of N runs of S
+# seconds; ping RTT through the tunnel idle and under a TCP load; CPU
+# seconds per GB moved (utime+stime of the processes in both namespaces
+# other than iperf3 and ping, from /proc/PID/stat). Writes the tables with
+# machine details and ratios to benches/RESULTS.md (or --out). Needs root.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+MESHVPN_BIN=${MESHVPN_BIN:-$ROOT/target/release/meshvpn}
+RUNS=3
+TIME=5
+UDP_RATE=1G
+IMPLS="meshvpn meshvpn-plain wireguard-go wggo boringtun"
+OUT=$ROOT/benches/RESULTS.md
+SMOKE=0
+while (($#)); do
+	case $1 in
+	--smoke) SMOKE=1 ;;
+	--runs) RUNS=$2 && shift ;;
+	--time) TIME=$2 && shift ;;
+	--udp-rate) UDP_RATE=$2 && shift ;;
+	--impls) IMPLS=$2 && shift ;;
+	--out) OUT=$2 && shift ;;
+	-h | --help)
+		sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+		exit 0
+		;;
+	*)
+		echo "usage: $0 [--smoke] [--runs N] [--time S] [--udp-rate R] [--impls LIST] [--out FILE]" >&2
+		exit 2
+		;;
+	esac
+	shift
+done
+if ((SMOKE)); then
+	RUNS=1
+	TIME=2
+	IMPLS=${SMOKE_IMPLS:-meshvpn wireguard-go boringtun}
+fi
+[[ $RUNS =~ ^[1-9][0-9]?$ && $TIME =~ ^[1-9][0-9]?$ ]] || {
+	echo "--runs and --time take 1..99" >&2
+	exit 2
+}
+
+NETNS_TOOLS="wireguard-go wg iperf3 ping python3"
+# shellcheck source=cli/tests/netns/lib.sh
+source "$ROOT/cli/tests/netns/lib.sh"
+
+# Implementations that cannot run here are left out with a reason.
+available() {
+	case $1 in
+	meshvpn | meshvpn-plain | wireguard-go) return 0 ;;
+	boringtun)
+		command -v boringtun-cli >/dev/null && return 0
+		echo "SKIP boringtun: boringtun-cli not on PATH (cargo install --locked boringtun-cli)"
+		return 1
+		;;
+	wggo)
+		WGGO_BIN=$T/wggo
+		if ! command -v go >/dev/null; then
+			echo "SKIP wggo: no go command"
+			return 1
+		fi
+		if ! (cd "$ROOT/benches/wggo" && timeout 300 go build -o "$WGGO_BIN" .) >"$T/wggo-build.log" 2>&1; then
+			echo "SKIP wggo: go build failed: $(tail -3 "$T/wggo-build.log")"
+			return 1
+		fi
+		export WGGO_BIN
+		return 0
+		;;
+	*)
+		echo "SKIP $1: unknown implementation"
+		return 1
+		;;
+	esac
+}
+
+# cpu_ticks NS...: utime+stime clock ticks of the tunnel daemons (every
+# process in the namespaces but iperf3 and ping).
+cpu_ticks() {
+	local ns pid total=0 comm t
+	for ns in "$@"; do
+		for pid in $(ip netns pids "$ns" 2>/dev/null); do
+			comm=$(cat "/proc/$pid/comm" 2>/dev/null) || continue
+			[[ $comm == iperf3 || $comm == ping || $comm == timeout ]] && continue
+			t=$(awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat" 2>/dev/null) || continue
+			total=$((total + ${t:-0}))
+		done
+	done
+	echo "$total"
+}
+
+# client NS_SERVER NS_CLIENT ADDR ARGS...: one iperf3 run, its JSON on stdout.
+client() {
+	local srv=$1 cli=$2 addr=$3
+	shift 3
+	iperf_server "$srv" "$addr" $((TIME + 20))
+	in_ns "$cli" timeout $((TIME + 15)) iperf3 -c "$addr" -p 5201 -t "$TIME" -J "$@" 2>/dev/null
+	wait "$IPERF_SERVER" 2>/dev/null
+}
+
+# json FIELD < iperf3 JSON: bits_per_second of the receiver (tcp), or
+# "rate lost_percent" of the receiver (udp).
+json() {
+	python3 -c '
+import json, sys
+try:
+    d = json.load(sys.stdin)["end"]
+except Exception:
+    sys.exit(0)
+if sys.argv[1] == "tcp":
+    print(d["sum_received"]["bits_per_second"], d["sum_received"]["bytes"])
+else:
+    # Newer iperf3 reports the receiver apart; older ones only the loss.
+    s = d["sum"]
+    r = d.get("sum_received")
+    rate = r["bits_per_second"] if r else s["bits_per_second"] * (1 - s["lost_percent"] / 100)
+    print(rate, s["lost_percent"], s["bytes"])
+' "$1"
+}
+
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
+
+# rtt NS DST COUNT: average ping RTT in ms.
+rtt() {
+	in_ns "$1" ping -q -c "$3" -i 0.05 -W 1 "$2" 2>/dev/null | awk -F/ '/^rtt|^round-trip/ { print $5 }'
+}
+
+declare -A R # results: R[impl,key]
+TICK=$(getconf CLK_TCK)
+
+measure() {
+	local impl=$1 n=$2
+	local A=mvc$ID-a$n B=mvc$ID-b$n IFA=c${n}a$ID IFB=c${n}b$ID
+	if ! tunnel_pair "$impl" "$impl" "$A" "$B" "$IFA" "$IFB"; then
+		echo "FAIL $impl: setup (logs: $(cat "$T/$IFA.log" "$T/$IFB.log" 2>/dev/null | tail -5))"
+		R[$impl,fail]=1
+		del_ns "$A" "$B"
+		return
+	fi
+	if ! pings "$A" 10.232.0.2; then
+		echo "FAIL $impl: no ping through the tunnel"
+		R[$impl,fail]=1
+		del_ns "$A" "$B"
+		return
+	fi
+	R[$impl,rtt_idle]=$(rtt "$A" 10.232.0.2 40)
+	local r tcp1=() tcp4=() udp=() loss=() cpu=() out c0 c1 bytes
+	for r in $(seq "$RUNS"); do
+		c0=$(cpu_ticks "$A" "$B")
+		out=$(client "$B" "$A" 10.232.0.2 | json tcp)
+		c1=$(cpu_ticks "$A" "$B")
+		tcp1+=("${out%% *}")
+		bytes=${out##* }
+		if [[ -n $out ]] && positive "$bytes"; then
+			cpu+=("$(awk -v t=$((c1 - c0)) -v hz="$TICK" -v b="$bytes" 'BEGIN { printf "%.2f", t / hz / (b / 1e9) }')")
+		fi
+		out=$(client "$B" "$A" 10.232.0.2 -P 4 | json tcp)
+		tcp4+=("${out%% *}")
+		out=$(client "$B" "$A" 10.232.0.2 -u -b "$UDP_RATE" -l 1350 | json udp)
+		udp+=("$(echo "$out" | awk '{ print $1 }')")
+		loss+=("$(echo "$out" | awk '{ print $2 }')")
+	done
+	# RTT under load: pings while a single-flow TCP run fills the tunnel.
+	iperf_server "$B" 10.232.0.2 $((TIME + 20))
+	in_ns "$A" timeout $((TIME + 15)) iperf3 -c 10.232.0.2 -p 5201 -t "$TIME" >/dev/null 2>&1 &
+	local load=$!
+	sleep 1
+	R[$impl,rtt_load]=$(rtt "$A" 10.232.0.2 $((TIME > 3 ? (TIME - 2) * 20 : 20)))
+	wait "$load" "$IPERF_SERVER" 2>/dev/null
+	R[$impl,tcp1]=$(median "${tcp1[@]}")
+	R[$impl,tcp4]=$(median "${tcp4[@]}")
+	R[$impl,udp]=$(median "${udp[@]}")
+	R[$impl,loss]=$(median "${loss[@]}" | awk '{ printf "%.1f", $1 }')
+	R[$impl,cpu]=$(median "${cpu[@]}")
+	echo "$impl: TCP ${R[$impl,tcp1]:-?} bit/s (runs: ${tcp1[*]}), TCP x4 ${R[$impl,tcp4]:-?}, UDP ${R[$impl,udp]:-?} loss ${R[$impl,loss]:-?}%, RTT ${R[$impl,rtt_idle]:-?}/${R[$impl,rtt_load]:-?} ms, CPU ${R[$impl,cpu]:-?} s/GB"
+	del_ns "$A" "$B"
+}
+
+gbit() { awk -v x="${1:-}" 'BEGIN { if (x == "") print "-"; else printf "%.2f", x / 1e9 }'; }
+ratio() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN { if (a == "" || b == "" || b == 0) print "-"; else printf "%.2fx", a / b }'; }
+or_dash() { echo "${1:--}"; }
+
+DONE=()
+n=0
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "load before: $LOAD_BEFORE"
+for impl in $IMPLS; do
+	available "$impl" || continue
+	n=$((n + 1))
+	measure "$impl" "$n"
+	DONE+=("$impl")
+done
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+
+if ((SMOKE)); then
+	status=0
+	for impl in "${DONE[@]}"; do
+		if [[ -z ${R[$impl,fail]:-} ]] && positive "${R[$impl,tcp1]:-0}" && positive "${R[$impl,udp]:-0}"; then
+			pass "compare smoke: $impl moved TCP $(gbit "${R[$impl,tcp1]}") Gbit/s and UDP $(gbit "${R[$impl,udp]}") Gbit/s"
+		else
+			fail "compare smoke: $impl produced no positive rate"
+			status=1
+		fi
+	done
+	echo "$PASSED passed, $FAILED failed"
+	exit $status
+fi
+
+{
+	echo "# Userspace WireGuard through TUN, side by side"
+	echo
+	echo "Regenerated by \`benches/compare.sh --runs $RUNS --time $TIME --udp-rate $UDP_RATE\` on $(date -u '+%Y-%m-%d %H:%M UTC')."
+	echo "Two network namespaces joined by a veth, the same implementation at both ends,"
+	echo "iperf3 between the tunnel addresses; medians of $RUNS runs of $TIME s."
+	echo
+	echo "Machine: $(nproc) CPUs, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r),"
+	echo "load average $LOAD_BEFORE before the run and $LOAD_AFTER after it (other jobs share this machine)."
+	echo
+	echo "| implementation | TCP 1 flow Gbit/s | TCP 4 flows Gbit/s | UDP $UDP_RATE offered: received Gbit/s | UDP loss % | ping idle ms | ping under load ms | CPU s/GB |"
+	echo "|---|---|---|---|---|---|---|---|"
+	for impl in "${DONE[@]}"; do
+		if [[ -n ${R[$impl,fail]:-} ]]; then
+			echo "| $impl | failed | | | | | | |"
+			continue
+		fi
+		echo "| $impl | $(gbit "${R[$impl,tcp1]:-}") | $(gbit "${R[$impl,tcp4]:-}") | $(gbit "${R[$impl,udp]:-}") | $(or_dash "${R[$impl,loss]:-}") | $(or_dash "${R[$impl,rtt_idle]:-}") | $(or_dash "${R[$impl,rtt_load]:-}") | $(or_dash "${R[$impl,cpu]:-}") |"
+	done
+	echo
+	echo "meshvpn relative to each (higher is better for throughput):"
+	echo
+	echo "| vs | TCP 1 flow | TCP 4 flows | UDP received |"
+	echo "|---|---|---|---|"
+	for impl in "${DONE[@]}"; do
+		[[ $impl == meshvpn ]] && continue
+		echo "| $impl | $(ratio "${R[meshvpn,tcp1]:-}" "${R[$impl,tcp1]:-}") | $(ratio "${R[meshvpn,tcp4]:-}" "${R[$impl,tcp4]:-}") | $(ratio "${R[meshvpn,udp]:-}" "${R[$impl,udp]:-}") |"
+	done
+	echo
+	echo "CPU s/GB counts both ends' daemons during the single-flow TCP runs. Ping: 50 ms"
+	echo "interval; under load, while a single TCP flow fills the tunnel."
+} >"$OUT.tmp" && mv "$OUT.tmp" "$OUT"
+echo "load after: $LOAD_AFTER"
+cat "$OUT"
