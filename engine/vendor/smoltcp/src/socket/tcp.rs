@@ -19,6 +19,9 @@ use crate::wire::{
 };
 
 mod congestion;
+mod scoreboard;
+
+use scoreboard::Scoreboard;
 
 macro_rules! tcp_trace {
     ($($arg:expr),*) => (net_log!(trace, $($arg),*));
@@ -152,7 +155,9 @@ const RTTE_K: u32 = 4;
 
 // RFC 6298 (2.4): Whenever RTO is computed, if it is less than 1 second, then the
 // RTO SHOULD be rounded up to 1 second.
-const RTTE_MIN_RTO: u32 = 1000;
+// meshvpn patch: 200 ms, Linux's TCP_RTO_MIN. With a 1 s floor every loss
+// the fast retransmit path misses costs a second of silence.
+const RTTE_MIN_RTO: u32 = 200;
 
 // RFC 6298 (2.5) A maximum value MAY be placed on RTO provided it is at least 60
 // seconds
@@ -270,6 +275,17 @@ impl RttEstimator {
         }
     }
 
+    /// meshvpn patch: a retransmission of `[start, end)` only spoils the RTT
+    /// sample (Karn's algorithm) when the sampled segment is inside it.
+    fn on_retransmit_range(&mut self, start: TcpSeqNumber, end: TcpSeqNumber) {
+        if let Some((_, seq)) = self.timestamp
+            && seq > start
+            && seq <= end
+        {
+            self.on_retransmit();
+        }
+    }
+
     fn on_retransmit(&mut self) {
         if self.timestamp.is_some() {
             tcp_trace!("rtte: abort sampling due to retransmit");
@@ -287,7 +303,6 @@ enum Timer {
     Retransmit {
         expires_at: Instant,
     },
-    FastRetransmit,
     ZeroWindowProbe {
         expires_at: Instant,
         delay: Duration,
@@ -319,7 +334,6 @@ impl Timer {
     fn should_retransmit(&self, timestamp: Instant) -> bool {
         match *self {
             Timer::Retransmit { expires_at } if timestamp >= expires_at => true,
-            Timer::FastRetransmit => true,
             _ => false,
         }
     }
@@ -348,7 +362,6 @@ impl Timer {
             } => PollAt::Ingress,
             Timer::ZeroWindowProbe { expires_at, .. } => PollAt::Time(expires_at),
             Timer::Retransmit { expires_at, .. } => PollAt::Time(expires_at),
-            Timer::FastRetransmit => PollAt::Now,
             Timer::Close { expires_at } => PollAt::Time(expires_at),
         }
     }
@@ -376,7 +389,6 @@ impl Timer {
     fn set_for_retransmit(&mut self, timestamp: Instant, delay: Duration) {
         match *self {
             Timer::Idle { .. }
-            | Timer::FastRetransmit
             | Timer::Retransmit { .. }
             | Timer::ZeroWindowProbe { .. } => {
                 *self = Timer::Retransmit {
@@ -385,10 +397,6 @@ impl Timer {
             }
             Timer::Close { .. } => (),
         }
-    }
-
-    fn set_for_fast_retransmit(&mut self) {
-        *self = Timer::FastRetransmit
     }
 
     fn set_for_close(&mut self, timestamp: Instant) {
@@ -423,7 +431,7 @@ impl Timer {
     }
 
     fn is_retransmit(&self) -> bool {
-        matches!(self, Timer::Retransmit { .. } | Timer::FastRetransmit)
+        matches!(self, Timer::Retransmit { .. })
     }
 }
 
@@ -523,6 +531,14 @@ pub struct Socket<'a> {
     local_rx_dup_acks: u8,
     /// If a fast retransmit needs to occur
     pending_fast_retransmit: bool,
+    /// meshvpn patch: in loss recovery until SND.UNA reaches this (RFC 6582's
+    /// "recover": SND.NXT when the recovery started).
+    recover: Option<TcpSeqNumber>,
+    /// meshvpn patch: during recovery, where to look for the next hole to
+    /// retransmit (everything below was retransmitted or acknowledged).
+    rtx_next: TcpSeqNumber,
+    /// meshvpn patch: what the remote's SACK blocks say it holds above SND.UNA.
+    sacked: Scoreboard,
 
     /// Duration for Delayed ACK. If None no ACKs will be delayed.
     ack_delay: Option<Duration>,
@@ -614,6 +630,9 @@ impl<'a> Socket<'a> {
             local_rx_last_seq: None,
             local_rx_dup_acks: 0,
             pending_fast_retransmit: false,
+            recover: None,
+            rtx_next: TcpSeqNumber::default(),
+            sacked: Scoreboard::default(),
             ack_delay: Some(ACK_DELAY_DEFAULT),
             ack_delay_timer: AckDelayTimer::Idle,
             challenge_ack_timer: Instant::from_secs(0),
@@ -926,6 +945,7 @@ impl<'a> Socket<'a> {
         self.remote_last_ts = None;
         self.ack_delay_timer = AckDelayTimer::Idle;
         self.challenge_ack_timer = Instant::from_secs(0);
+        self.end_recovery();
 
         #[cfg(feature = "async")]
         {
@@ -1398,6 +1418,28 @@ impl<'a> Socket<'a> {
         self.remote_last_seq - self.local_seq_no
     }
 
+    /// meshvpn patch: leaves loss recovery and forgets the SACK scoreboard.
+    fn end_recovery(&mut self) {
+        self.recover = None;
+        self.sacked.clear();
+        self.pending_fast_retransmit = false;
+    }
+
+    /// meshvpn patch: the next hole to retransmit in recovery, from
+    /// `rtx_next` (or SND.UNA `una`) up: unSACKed bytes already sent.
+    fn next_hole(&self, una: TcpSeqNumber) -> Option<(TcpSeqNumber, usize)> {
+        self.sacked
+            .hole_from(self.rtx_next.max(una), self.remote_last_seq)
+    }
+
+    /// meshvpn patch: the next hole that SACK shows lost: at least three
+    /// segments' worth of data above it arrived (RFC 6675's DupThresh).
+    fn lost_hole(&self, una: TcpSeqNumber) -> Option<(TcpSeqNumber, usize)> {
+        let (start, len) = self.next_hole(una)?;
+        let highest = self.sacked.highest()?;
+        (highest > start && highest - start >= len + 3 * self.remote_mss).then_some((start, len))
+    }
+
     fn cwnd_remaining(&self) -> usize {
         self.congestion_controller
             .inner()
@@ -1528,6 +1570,19 @@ impl<'a> Socket<'a> {
                     .map(|(left, right)| (ack + left, ack + right))
                     .next()
                     .map(|(left, right)| (left.0 as u32, right.0 as u32));
+            }
+
+            // meshvpn patch: fill the other two blocks with the lowest other
+            // ranges, so one lost ACK does not hide a hole from the sender.
+            let first = reply_repr.sack_ranges[0];
+            let others = self
+                .assembler
+                .iter_data()
+                .map(|(left, right)| ((ack + left).0 as u32, (ack + right).0 as u32))
+                .filter(|r| Some(*r) != first)
+                .take(2);
+            for (slot, range) in reply_repr.sack_ranges[1..].iter_mut().zip(others) {
+                *slot = Some(range);
             }
         }
 
@@ -2092,15 +2147,23 @@ impl<'a> Socket<'a> {
             // TODO: When flow control is implemented,
             // refractor the following block within that implementation
 
+            // meshvpn patch: remember what the SACK blocks say the remote holds.
+            let sack_grew = self.remote_has_sack
+                && self
+                    .sacked
+                    .update(ack_number, self.remote_last_seq, &repr.sack_ranges);
+
             match self.local_rx_last_ack {
                 // Duplicate ACK if payload empty and ACK doesn't move send window ->
                 // Increment duplicate ACK count, notify congestion controller and
-                // set for retransmit if we just received the third duplicate ACK
+                // start loss recovery if we just received the third duplicate ACK
+                // (meshvpn patch: an ACK whose SACK blocks report new data is a
+                // duplicate even when the window moved or it carries data, as
+                // in RFC 6675)
                 Some(last_rx_ack)
-                    if repr.payload.is_empty()
-                        && last_rx_ack == ack_number
+                    if last_rx_ack == ack_number
                         && ack_number < self.remote_last_seq
-                        && !is_window_update =>
+                        && ((repr.payload.is_empty() && !is_window_update) || sack_grew) =>
                 {
                     // Increment duplicate ACK count
                     self.local_rx_dup_acks = self.local_rx_dup_acks.saturating_add(1);
@@ -2116,18 +2179,32 @@ impl<'a> Socket<'a> {
                         }
                     );
 
-                    if self.local_rx_dup_acks == 3 {
-                        self.timer.set_for_fast_retransmit();
-                        net_debug!("started fast retransmit");
-                    }
-
-                    // Notify of duplicate ACK
                     let in_flight = self.flight_size();
-                    self.congestion_controller.inner_mut().on_dup_ack(
-                        cx.now(),
-                        self.remote_mss,
-                        in_flight,
-                    );
+                    if self.recover.is_none() {
+                        // RFC 5681 (3 duplicates) or RFC 6675 (3 segments SACKed).
+                        if self.local_rx_dup_acks >= 3
+                            || self.sacked.sacked_bytes() >= 3 * self.remote_mss
+                        {
+                            net_debug!("started fast retransmit");
+                            self.recover = Some(self.remote_last_seq);
+                            self.rtx_next = ack_number;
+                            self.pending_fast_retransmit = true;
+                            self.congestion_controller
+                                .inner_mut()
+                                .on_loss(cx.now(), in_flight);
+                        }
+                    } else {
+                        // In recovery: each duplicate lets one more hole that
+                        // SACK shows lost be retransmitted.
+                        self.congestion_controller.inner_mut().on_dup_ack(
+                            cx.now(),
+                            self.remote_mss,
+                            in_flight,
+                        );
+                        if self.lost_hole(ack_number).is_some() {
+                            self.pending_fast_retransmit = true;
+                        }
+                    }
                 }
 
                 // No duplicate ACK means we reset the duplicate ACK count
@@ -2148,6 +2225,22 @@ impl<'a> Socket<'a> {
                         new_flight_size,
                         &self.rtte,
                     );
+
+                    // meshvpn patch: NewReno (RFC 6582). An ACK that covers the
+                    // recovery point ends recovery; a partial ACK means the
+                    // segment at the new SND.UNA was lost too: retransmit it now
+                    // rather than after a timeout.
+                    if let Some(recover) = self.recover {
+                        if ack_number >= recover {
+                            self.end_recovery();
+                        } else if ack_len > 0 {
+                            self.rtx_next = self.rtx_next.max(ack_number);
+                            if self.rtx_next == ack_number || self.lost_hole(ack_number).is_some()
+                            {
+                                self.pending_fast_retransmit = true;
+                            }
+                        }
+                    }
                 }
             };
 
@@ -2172,7 +2265,7 @@ impl<'a> Socket<'a> {
 
         // update timers.
         match self.timer {
-            Timer::Retransmit { .. } | Timer::FastRetransmit => {
+            Timer::Retransmit { .. } => {
                 if ack_all {
                     // RFC 6298: (5.2) ACK of all outstanding data turn off the retransmit timer.
                     self.timer.set_for_idle(cx.now(), self.keep_alive);
@@ -2278,11 +2371,21 @@ impl<'a> Socket<'a> {
         // Per RFC 5681, we should send an immediate ACK when either:
         //  1) an out-of-order segment is received, or
         //  2) a segment arrives that fills in all or part of a gap in sequence space.
-        if !self.assembler.is_empty() || !assembler_was_empty {
+        // meshvpn patch: and (RFC 9293 SHLD-19) for every second full-sized
+        // segment: when the socket is polled once per batch of packets, an
+        // ACK left to `dispatch` would acknowledge a whole batch at once and
+        // starve the sender's ACK clock and congestion window growth.
+        if !self.assembler.is_empty()
+            || !assembler_was_empty
+            || self.immediate_ack_to_transmit()
+        {
             // Note that we change the transmitter state here.
             // This is fine because smoltcp assumes that it can always transmit zero or one
             // packets for every packet it receives.
             tcp_trace!("ACKing incoming segment");
+            // meshvpn patch: this ACK covers everything received, as one
+            // from `dispatch` would: no delayed ACK is pending any more.
+            self.ack_delay_timer = AckDelayTimer::Idle;
             Some(self.ack_reply(ip_repr, repr))
         } else {
             None
@@ -2472,7 +2575,9 @@ impl<'a> Socket<'a> {
             net_debug!("timeout exceeded");
             self.set_state(State::Closed);
         } else if self.timer.should_retransmit(cx.now()) {
-            if let Timer::Retransmit { .. } = self.timer {
+            // meshvpn patch: fast retransmits are started from the ACK path
+            // (`pending_fast_retransmit`), so only the RTO timer is left here.
+            {
                 // If a retransmit timer expired, we should resend data starting at the last ACK.
                 net_debug!("retransmitting after rto");
 
@@ -2489,17 +2594,13 @@ impl<'a> Socket<'a> {
 
                 // Inform RTTE, so that it can can handle RTO backoff
                 self.rtte.on_rto();
-            } else {
-                // If a fast rentrasmit timer expired, we should resend only the earliest unAcked segment
-                net_debug!("retransmitting for fast-retransmit");
 
-                // Inform the congestion controller that we're doing a fast retransmit and should enter the fast recovery state
-                let in_flight = self.flight_size();
-                self.congestion_controller
-                    .inner_mut()
-                    .on_loss(cx.now(), in_flight);
+                // meshvpn patch: go-back-N resends everything; RFC 2018 asks the
+                // sender to forget SACK information after a timeout.
+                self.end_recovery();
 
-                self.pending_fast_retransmit = true;
+                // Inform RTTE, so that it can avoid bogus measurements.
+                self.rtte.on_retransmit();
             }
 
             // Clear the `should_retransmit` state. If we can't retransmit right
@@ -2507,9 +2608,6 @@ impl<'a> Socket<'a> {
             // infinite polling loop where `poll_at` returns `Now` but `dispatch`
             // can't actually do anything.
             self.timer.set_for_idle(cx.now(), self.keep_alive);
-
-            // Inform RTTE, so that it can avoid bogus measurements.
-            self.rtte.on_retransmit();
         }
 
         #[cfg(feature = "socket-tcp-pause-synack")]
@@ -2631,14 +2729,25 @@ impl<'a> Socket<'a> {
                 let local_mss = cx.ip_mtu() - ip_repr.header_len() - TCP_HEADER_LEN;
                 let effective_mss = local_mss.min(self.remote_mss).saturating_sub(options_len);
 
-                let offset = if self.pending_fast_retransmit {
-                    let size = effective_mss.min(self.tx_buffer.len());
-                    repr.seq_number = self.local_seq_no;
-                    repr.payload = self.tx_buffer.get_allocated(0, size);
-
+                // meshvpn patch: a retransmission in recovery resends the next
+                // hole (RFC 6675 / RFC 6582), not always SND.UNA.
+                let hole = if self.pending_fast_retransmit {
                     self.pending_fast_retransmit = false;
+                    self.next_hole(self.local_seq_no)
+                } else {
+                    None
+                };
+                let offset = if let Some((start, len)) = hole {
+                    let offset = start - self.local_seq_no;
+                    let size = effective_mss
+                        .min(len)
+                        .min(self.tx_buffer.len().saturating_sub(offset));
+                    repr.seq_number = start;
+                    repr.payload = self.tx_buffer.get_allocated(offset, size);
+                    self.rtx_next = start + repr.payload.len();
+                    self.rtte.on_retransmit_range(start, self.rtx_next);
 
-                    0
+                    offset
                 } else {
                     // Right edge of window, ie the max sequence number we're allowed to send.
                     let win_right_edge = self.local_seq_no + self.remote_win_len;
@@ -4730,7 +4839,8 @@ mod test {
         }
         assert_eq!(segment.len(), 1400);
 
-        // Send the frame
+        // Send the frame. meshvpn patch: more than one RMSS unacknowledged,
+        // so the ACK is the immediate reply.
         send!(
             s,
             TcpRepr {
@@ -4738,19 +4848,16 @@ mod test {
                 ack_number: Some(LOCAL_SEQ + 1),
                 payload: &segment,
                 ..SEND_TEMPL
-            }
-        );
-
-        // Ensure that the received window size is shifted right by 2.
-        recv!(
-            s,
-            [TcpRepr {
+            },
+            // Ensure that the received window size is shifted right by 2.
+            Some(TcpRepr {
                 seq_number: LOCAL_SEQ + 1,
                 ack_number: Some(REMOTE_SEQ + 1 + 1400),
                 window_len: 65185,
                 ..RECV_TEMPL
-            }]
+            })
         );
+        recv_nothing!(s);
     }
 
     #[test]
@@ -7023,6 +7130,125 @@ mod test {
         });
     }
 
+    // meshvpn patch: helpers and tests of SACK / NewReno loss recovery.
+    fn sack(ranges: &[(usize, usize)]) -> [Option<(u32, u32)>; 3] {
+        let mut out = [None; 3];
+        for (slot, &(l, r)) in out.iter_mut().zip(ranges) {
+            *slot = Some(((LOCAL_SEQ + l).0 as u32, (LOCAL_SEQ + r).0 as u32));
+        }
+        out
+    }
+
+    /// Seven 3-byte segments sent at t=1000 from an established socket.
+    fn socket_with_seven_segments_in_flight(has_sack: bool) -> TestSocket {
+        let mut s = socket_established();
+        s.remote_mss = 3;
+        s.remote_has_sack = has_sack;
+        send!(s, time 0, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1),
+            ..SEND_TEMPL
+        });
+        s.send_slice(b"aaaBBBcccDDDeeeFFFggg").unwrap();
+        for (i, chunk) in b"aaaBBBcccDDDeeeFFFggg".chunks(3).enumerate() {
+            recv!(s, time 1000, Ok(TcpRepr {
+                seq_number: LOCAL_SEQ + 1 + 3 * i,
+                ack_number: Some(REMOTE_SEQ + 1),
+                payload: chunk,
+                ..RECV_TEMPL
+            }));
+        }
+        recv_nothing!(s, time 1000);
+        s
+    }
+
+    #[test]
+    fn test_sack_recovery_retransmits_every_lost_hole() {
+        // "aaa" and "ccc" are lost; the remote SACKs the rest as it arrives.
+        let mut s = socket_with_seven_segments_in_flight(true);
+        let dup = |ranges: &[(usize, usize)]| TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1),
+            sack_ranges: sack(ranges),
+            ..SEND_TEMPL
+        };
+        send!(s, time 1010, dup(&[(4, 7)]));
+        send!(s, time 1011, dup(&[(10, 13), (4, 7)]));
+        recv_nothing!(s, time 1011);
+        send!(s, time 1012, dup(&[(10, 16), (4, 7)]));
+        // Third duplicate: the first hole goes out at once.
+        recv!(s, time 1012, [TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload: &b"aaa"[..],
+            ..RECV_TEMPL
+        }]);
+        // Three segments above "ccc" are SACKed: it is lost, resend it on the
+        // next duplicate instead of waiting for the timer.
+        send!(s, time 1013, dup(&[(10, 19), (4, 7)]));
+        recv!(s, time 1013, [TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + 6,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload: &b"ccc"[..],
+            ..RECV_TEMPL
+        }]);
+        // The retransmitted "aaa" arrives: a partial ACK, nothing new to resend.
+        send!(s, time 1014, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1 + 6),
+            sack_ranges: sack(&[(10, 22)]),
+            ..SEND_TEMPL
+        });
+        recv_nothing!(s, time 1014);
+        assert!(s.recover.is_some());
+        send!(s, time 1015, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1 + 21),
+            ..SEND_TEMPL
+        });
+        assert!(s.recover.is_none());
+        assert!(s.sacked.is_empty());
+        recv_nothing!(s, time 1015);
+    }
+
+    #[test]
+    fn test_newreno_partial_ack_retransmits_next_hole() {
+        // No SACK: "aaa" and "ccc" are lost; the partial ACK after the
+        // retransmitted "aaa" resends "ccc" without waiting for the timer.
+        let mut s = socket_with_seven_segments_in_flight(false);
+        for t in 0..3 {
+            send!(s, time 1010 + t, TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                ..SEND_TEMPL
+            });
+        }
+        recv!(s, time 1013, [TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload: &b"aaa"[..],
+            ..RECV_TEMPL
+        }]);
+        send!(s, time 1020, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1 + 6),
+            ..SEND_TEMPL
+        });
+        recv!(s, time 1020, [TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + 6,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload: &b"ccc"[..],
+            ..RECV_TEMPL
+        }]);
+        // Everything arrived: recovery is over.
+        send!(s, time 1030, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1 + 21),
+            ..SEND_TEMPL
+        });
+        assert!(s.recover.is_none());
+    }
+
     #[test]
     fn test_fast_retransmit_duplicate_detection_with_data() {
         let mut s = socket_established();
@@ -7673,7 +7899,8 @@ mod test {
         );
         recv_nothing!(s);
 
-        // RMSS+1 bytes of data has been received, so ACK is sent without delay.
+        // RMSS+1 bytes of data has been received, so ACK is sent without delay
+        // (meshvpn patch: as the immediate reply).
         send!(
             s,
             TcpRepr {
@@ -7682,11 +7909,8 @@ mod test {
                 ack_number: Some(LOCAL_SEQ + 1),
                 payload: &[0; 1],
                 ..SEND_TEMPL
-            }
-        );
-        recv!(
-            s,
-            Ok(TcpRepr {
+            },
+            Some(TcpRepr {
                 seq_number: LOCAL_SEQ + 1,
                 ack_number: Some(REMOTE_SEQ + 34),
                 window_len: 31,
@@ -9284,6 +9508,8 @@ mod test {
         // No ACK is immediately sent.
         recv_nothing!(s);
 
+        // RMSS+1 bytes of data has been received, so ACK is sent without delay
+        // (meshvpn patch: as the immediate reply).
         send!(
             s,
             TcpRepr {
@@ -9291,19 +9517,15 @@ mod test {
                 ack_number: Some(LOCAL_SEQ + 1),
                 payload: &b"a"[..],
                 ..SEND_TEMPL
-            }
-        );
-
-        // RMSS+1 bytes of data has been received, so ACK is sent without delay.
-        recv!(
-            s,
-            Ok(TcpRepr {
+            },
+            Some(TcpRepr {
                 seq_number: LOCAL_SEQ + 1,
                 ack_number: Some(REMOTE_SEQ + 1 + (DEFAULT_MSS + 1)),
                 window_len: (DEFAULT_MSS - 1) as u16,
                 ..RECV_TEMPL
             })
         );
+        recv_nothing!(s);
     }
 
     #[test]
@@ -9323,6 +9545,8 @@ mod test {
         // No ACK is immediately sent.
         recv_nothing!(s);
 
+        // meshvpn patch: RMSS+1 bytes of data has been received, so the ACK
+        // is the immediate reply.
         send!(
             s,
             TcpRepr {
@@ -9330,7 +9554,13 @@ mod test {
                 ack_number: Some(LOCAL_SEQ + 1),
                 payload: &b"a"[..],
                 ..SEND_TEMPL
-            }
+            },
+            Some(TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + (DEFAULT_MSS + 1)),
+                window_len: (DEFAULT_MSS - 1) as u16,
+                ..RECV_TEMPL
+            })
         );
 
         send!(
@@ -9343,9 +9573,11 @@ mod test {
             }
         );
 
-        // RMSS+2 bytes of data has been received, so ACK is sent without delay.
+        // The last byte waits for the delayed ACK.
+        recv_nothing!(s);
         recv!(
             s,
+            time 1000,
             Ok(TcpRepr {
                 seq_number: LOCAL_SEQ + 1,
                 ack_number: Some(REMOTE_SEQ + 1 + (DEFAULT_MSS + 2)),
