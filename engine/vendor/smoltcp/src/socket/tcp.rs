@@ -159,6 +159,11 @@ const RTTE_K: u32 = 4;
 // the fast retransmit path misses costs a second of silence.
 const RTTE_MIN_RTO: u32 = 200;
 
+// meshvpn patch: the shortest recovery timeout (see `retransmit_delay`), and
+// how many may fire in a row before the regular RTO takes over.
+const RECOVERY_TIMEOUT_MIN_MS: u32 = 10;
+const MAX_RECOVERY_TIMEOUTS: u8 = 3;
+
 // RFC 6298 (2.5) A maximum value MAY be placed on RTO provided it is at least 60
 // seconds
 const RTTE_MAX_RTO: u32 = 60_000;
@@ -388,9 +393,7 @@ impl Timer {
 
     fn set_for_retransmit(&mut self, timestamp: Instant, delay: Duration) {
         match *self {
-            Timer::Idle { .. }
-            | Timer::Retransmit { .. }
-            | Timer::ZeroWindowProbe { .. } => {
+            Timer::Idle { .. } | Timer::Retransmit { .. } | Timer::ZeroWindowProbe { .. } => {
                 *self = Timer::Retransmit {
                     expires_at: timestamp + delay,
                 }
@@ -539,6 +542,11 @@ pub struct Socket<'a> {
     rtx_next: TcpSeqNumber,
     /// meshvpn patch: what the remote's SACK blocks say it holds above SND.UNA.
     sacked: Scoreboard,
+    /// meshvpn patch: the highest sequence number sent, while a timeout's
+    /// go-back-N rewound `remote_last_seq` below it.
+    snd_max: Option<TcpSeqNumber>,
+    /// meshvpn patch: recovery timeouts in a row without SND.UNA moving.
+    recovery_timeouts: u8,
 
     /// Duration for Delayed ACK. If None no ACKs will be delayed.
     ack_delay: Option<Duration>,
@@ -633,6 +641,8 @@ impl<'a> Socket<'a> {
             recover: None,
             rtx_next: TcpSeqNumber::default(),
             sacked: Scoreboard::default(),
+            snd_max: None,
+            recovery_timeouts: 0,
             ack_delay: Some(ACK_DELAY_DEFAULT),
             ack_delay_timer: AckDelayTimer::Idle,
             challenge_ack_timer: Instant::from_secs(0),
@@ -946,6 +956,7 @@ impl<'a> Socket<'a> {
         self.ack_delay_timer = AckDelayTimer::Idle;
         self.challenge_ack_timer = Instant::from_secs(0);
         self.end_recovery();
+        self.snd_max = None;
 
         #[cfg(feature = "async")]
         {
@@ -1418,8 +1429,39 @@ impl<'a> Socket<'a> {
         self.remote_last_seq - self.local_seq_no
     }
 
+    /// meshvpn patch: the sequence number of a segment that occupies no
+    /// sequence space (a bare ACK). It must be SND.MAX even while a timeout
+    /// rewound `remote_last_seq`: the remote drops a bare segment whose
+    /// sequence number is below its RCV.NXT (RFC 9293 3.10.7.4) together with
+    /// the ACK it carries, and when both sides send data, both sides timing
+    /// out then ignore each other's ACKs until their next timeouts.
+    fn bare_seq(&self) -> TcpSeqNumber {
+        match self.snd_max {
+            Some(max) if max > self.remote_last_seq => max,
+            _ => self.remote_last_seq,
+        }
+    }
+
+    /// meshvpn patch: the retransmission timer's delay. In recovery with a
+    /// scoreboard, a retransmitted hole the remote did not acknowledge within
+    /// a few RTTs was lost again: resend it then rather than after the RTO
+    /// (at most `MAX_RECOVERY_TIMEOUTS` times in a row, then the RTO rules).
+    fn retransmit_delay(&self) -> Duration {
+        let rto = self.rtte.retransmission_timeout();
+        if self.recover.is_none()
+            || self.sacked.is_empty()
+            || !self.rtte.have_measurement
+            || self.recovery_timeouts >= MAX_RECOVERY_TIMEOUTS
+        {
+            return rto;
+        }
+        let quick = (2 * self.rtte.srtt + 4 * self.rtte.rttvar).max(RECOVERY_TIMEOUT_MIN_MS);
+        rto.min(Duration::from_millis(quick as u64))
+    }
+
     /// meshvpn patch: leaves loss recovery and forgets the SACK scoreboard.
     fn end_recovery(&mut self) {
+        self.recovery_timeouts = 0;
         self.recover = None;
         self.sacked.clear();
         self.pending_fast_retransmit = false;
@@ -1441,10 +1483,17 @@ impl<'a> Socket<'a> {
     }
 
     fn cwnd_remaining(&self) -> usize {
+        // meshvpn patch: what the remote SACKed has left the network (RFC
+        // 6675's "pipe"), so it makes room for new segments; these elicit
+        // the duplicate ACKs that start recovery when the window is small
+        // (as RFC 3042's limited transmit does).
+        let pipe = self
+            .flight_size()
+            .saturating_sub(self.sacked.sacked_bytes());
         self.congestion_controller
             .inner()
             .window()
-            .saturating_sub(self.flight_size())
+            .saturating_sub(pipe)
     }
 
     /// Return the amount of octets queued in the receive buffer. This value can be larger than
@@ -1524,7 +1573,7 @@ impl<'a> Socket<'a> {
         // [...] an empty acknowledgment segment containing the current send-sequence number
         // and an acknowledgment indicating the next sequence number expected
         // to be received.
-        reply_repr.seq_number = self.remote_last_seq;
+        reply_repr.seq_number = self.bare_seq();
         reply_repr.ack_number = Some(self.remote_seq_no + self.rx_buffer.len());
         self.remote_last_ack = reply_repr.ack_number;
 
@@ -1657,6 +1706,9 @@ impl<'a> Socket<'a> {
         };
         let control_len = (sent_syn as usize) + (sent_fin as usize);
 
+        // meshvpn patch: set when the segment acknowledges less than SND.UNA.
+        let mut stale_ack = None;
+
         // Reject unacceptable acknowledgements.
         match (self.state, repr.control, repr.ack_number) {
             // An RST received in response to initial SYN is acceptable if it acknowledges
@@ -1743,7 +1795,14 @@ impl<'a> Socket<'a> {
                         ack_min,
                         ack_max
                     );
-                    return None;
+                    // meshvpn patch: RFC 9293 (3.10.7.4): an old ACK is ignored,
+                    // the segment's data is not. A reordered or duplicated data
+                    // segment must not be lost just because the ACK it carries
+                    // was overtaken.
+                    if repr.payload.is_empty() && repr.control != TcpControl::Fin {
+                        return None;
+                    }
+                    stale_ack = Some(ack_min);
                 }
 
                 if ack_number > ack_max {
@@ -1757,6 +1816,23 @@ impl<'a> Socket<'a> {
                 }
             }
         }
+
+        // meshvpn patch: process a segment with an old ACK as if it
+        // acknowledged exactly SND.UNA and said nothing about the window.
+        let stale_repr;
+        let repr = match stale_ack {
+            Some(una) => {
+                stale_repr = TcpRepr {
+                    ack_number: Some(una),
+                    window_len: (self.remote_win_len >> self.remote_win_scale.unwrap_or(0))
+                        .min(u16::MAX as usize) as u16,
+                    sack_ranges: [None; 3],
+                    ..*repr
+                };
+                &stale_repr
+            }
+            None => repr,
+        };
 
         let window_start = self.remote_seq_no + self.rx_buffer.len();
         let window_end = if let Some(last_ack) = self.remote_last_ack {
@@ -1793,7 +1869,11 @@ impl<'a> Socket<'a> {
                         }
                     }
                     (true, false) => {
-                        if window_start <= segment_start && segment_start < window_end {
+                        // meshvpn patch: `<=` at the right edge, as Linux does: a
+                        // remote that sent up to the edge of our window sends its
+                        // bare ACKs with SEG.SEQ = RCV.NXT + RCV.WND, and dropping
+                        // them stalls the remote's own data until its timeout.
+                        if window_start <= segment_start && segment_start <= window_end {
                             true
                         } else {
                             net_debug!("zero-length segment not inside window, will send an ACK.");
@@ -2235,8 +2315,7 @@ impl<'a> Socket<'a> {
                             self.end_recovery();
                         } else if ack_len > 0 {
                             self.rtx_next = self.rtx_next.max(ack_number);
-                            if self.rtx_next == ack_number || self.lost_hole(ack_number).is_some()
-                            {
+                            if self.rtx_next == ack_number || self.lost_hole(ack_number).is_some() {
                                 self.pending_fast_retransmit = true;
                             }
                         }
@@ -2271,7 +2350,8 @@ impl<'a> Socket<'a> {
                     self.timer.set_for_idle(cx.now(), self.keep_alive);
                 } else if ack_len > 0 {
                     // (5.3) ACK of new data in ESTABLISHED state restart the retransmit timer.
-                    let rto = self.rtte.retransmission_timeout();
+                    self.recovery_timeouts = 0;
+                    let rto = self.retransmit_delay();
                     self.timer.set_for_retransmit(cx.now(), rto);
                 }
             }
@@ -2294,6 +2374,18 @@ impl<'a> Socket<'a> {
         if self.remote_win_len != 0 && self.timer.is_zero_window_probe() {
             tcp_trace!("stopping zero-window-probe timer");
             self.timer.set_for_idle(cx.now(), self.keep_alive);
+        }
+        // meshvpn patch: sent data that is not acknowledged always has a
+        // retransmission timer. Without this, a window that closed (the
+        // zero-window probe replaced the timer) and reopened left lost
+        // segments in flight with no timer at all: the connection stalled
+        // until the peer happened to send something.
+        if self.timer.is_idle()
+            && self.remote_win_len != 0
+            && self.remote_last_seq > self.local_seq_no
+        {
+            let rto = self.retransmit_delay();
+            self.timer.set_for_retransmit(cx.now(), rto);
         }
 
         let payload_len = payload.len();
@@ -2375,10 +2467,7 @@ impl<'a> Socket<'a> {
         // segment: when the socket is polled once per batch of packets, an
         // ACK left to `dispatch` would acknowledge a whole batch at once and
         // starve the sender's ACK clock and congestion window growth.
-        if !self.assembler.is_empty()
-            || !assembler_was_empty
-            || self.immediate_ack_to_transmit()
-        {
+        if !self.assembler.is_empty() || !assembler_was_empty || self.immediate_ack_to_transmit() {
             // Note that we change the transmitter state here.
             // This is fine because smoltcp assumes that it can always transmit zero or one
             // packets for every packet it receives.
@@ -2576,8 +2665,18 @@ impl<'a> Socket<'a> {
             self.set_state(State::Closed);
         } else if self.timer.should_retransmit(cx.now()) {
             // meshvpn patch: fast retransmits are started from the ACK path
-            // (`pending_fast_retransmit`), so only the RTO timer is left here.
+            // (`pending_fast_retransmit`), so only timeouts are left here. In
+            // recovery, a timeout first resends the holes from SND.UNA again,
+            // keeping the window and the scoreboard (see `retransmit_delay`).
+            if self.recover.is_some()
+                && !self.sacked.is_empty()
+                && self.recovery_timeouts < MAX_RECOVERY_TIMEOUTS
             {
+                net_debug!("recovery timeout: retransmitting holes again");
+                self.recovery_timeouts += 1;
+                self.rtx_next = self.local_seq_no;
+                self.pending_fast_retransmit = true;
+            } else {
                 // If a retransmit timer expired, we should resend data starting at the last ACK.
                 net_debug!("retransmitting after rto");
 
@@ -2590,6 +2689,7 @@ impl<'a> Socket<'a> {
                 // Rewind "last sequence number sent", as if we never
                 // had sent them. This will cause all data in the queue
                 // to be sent again.
+                self.snd_max = Some(self.bare_seq());
                 self.remote_last_seq = self.local_seq_no;
 
                 // Inform RTTE, so that it can can handle RTO backoff
@@ -2896,6 +2996,9 @@ impl<'a> Socket<'a> {
         // Bailing out if the packet isn't placed in the device buffer allows us
         // to not waste time waiting for the retransmit timer on packets that we know
         // for sure will not be successfully transmitted.
+        if repr.segment_len() == 0 && repr.control == TcpControl::None {
+            repr.seq_number = self.bare_seq();
+        }
         ip_repr.set_payload_len(repr.buffer_len());
         emit(cx, packet_meta, (ip_repr, repr))?;
 
@@ -2930,9 +3033,16 @@ impl<'a> Socket<'a> {
         // We've sent a packet successfully, so we can update the internal state now.
         // Use max() so a fast-retransmit segment (whose seq_number is local_seq_no, well
         // behind the current frontier) doesn't rewind the tracked "highest sent" sequence.
-        self.remote_last_seq = self
-            .remote_last_seq
-            .max(repr.seq_number + repr.segment_len());
+        // meshvpn patch: only segments that occupy sequence space move it (a
+        // bare ACK carries SND.MAX, see `bare_seq`).
+        if repr.segment_len() > 0 {
+            self.remote_last_seq = self
+                .remote_last_seq
+                .max(repr.seq_number + repr.segment_len());
+        }
+        if self.snd_max.is_some_and(|max| self.remote_last_seq >= max) {
+            self.snd_max = None;
+        }
         self.remote_last_ack = repr.ack_number;
         self.remote_last_win = repr.window_len;
 
@@ -2948,7 +3058,7 @@ impl<'a> Socket<'a> {
             // RFC 6298 (5.1) Every time a packet containing data is sent (including a
             // retransmission), if the timer is not running, start it running
             // so that it will expire after RTO seconds.
-            let rto = self.rtte.retransmission_timeout();
+            let rto = self.retransmit_delay();
             self.timer.set_for_retransmit(cx.now(), rto);
         }
 

@@ -120,7 +120,11 @@ impl Scoreboard {
 
     /// The first hole at or above `from` and below `end`: its start and its
     /// length (up to the next block, or `end`).
-    pub fn hole_from(&self, mut from: TcpSeqNumber, end: TcpSeqNumber) -> Option<(TcpSeqNumber, usize)> {
+    pub fn hole_from(
+        &self,
+        mut from: TcpSeqNumber,
+        end: TcpSeqNumber,
+    ) -> Option<(TcpSeqNumber, usize)> {
         for &(l, r) in self.blocks() {
             if from >= end {
                 return None;
@@ -176,7 +180,11 @@ mod test {
         let mut b = Scoreboard::default();
         let una = s(i32::MAX - 100);
         let hi = una + 1000;
-        assert!(b.update(una, hi, &[Some(((una + 200).0 as u32, (una + 300).0 as u32))]));
+        assert!(b.update(
+            una,
+            hi,
+            &[Some(((una + 200).0 as u32, (una + 300).0 as u32))]
+        ));
         assert_eq!(b.hole_from(una, hi), Some((una, 200)));
         assert_eq!(b.hole_from(una + 200, hi), Some((una + 300, 700)));
     }
