@@ -167,8 +167,12 @@ iperf() {
 	in_ns "$srv" timeout 20 iperf3 -s -1 -B "$addr" -p 5201 >/dev/null 2>&1 &
 	local spid=$!
 	wait_listen "$srv" 5201
-	in_ns "$cli" timeout 20 iperf3 -c "${dial[0]}" -p "${dial[1]}" -t 5 -f g "$@" 2>/dev/null |
-		awk '/receiver/ { for (i = 1; i <= NF; i++) if ($i == "Gbits/sec") print $(i - 1) }'
+	# iperf3 picks the unit (Kbits, Mbits, Gbits); print Gbit/s, 3 decimals.
+	in_ns "$cli" timeout 20 iperf3 -c "${dial[0]}" -p "${dial[1]}" -t 5 "$@" 2>/dev/null |
+		awk '/receiver/ { for (i = 1; i <= NF; i++) {
+			if ($i == "Gbits/sec") printf "%.3f\n", $(i - 1)
+			if ($i == "Mbits/sec") printf "%.3f\n", $(i - 1) / 1e3
+			if ($i == "Kbits/sec") printf "%.3f\n", $(i - 1) / 1e6 } }'
 	wait "$spid" 2>/dev/null
 }
 
