@@ -9,7 +9,7 @@
 #
 # Functions: skip pass fail in_ns add_ns del_ns make_pair start_impl
 # configure tunnel_pair pings no_pings iperf_server iperf iperf_both
-# wait_gone field hex positive.
+# wait_gone field hex positive userspace_setup userspace_peer wait_listen.
 # Counters: PASSED FAILED. Namespaces: NAMESPACES.
 
 skip() {
@@ -173,21 +173,27 @@ no_pings() {
 iperf_server() {
 	in_ns "$1" timeout "${3:-20}" iperf3 -s -1 -B "$2" -p 5201 >/dev/null 2>&1 &
 	IPERF_SERVER=$!
-	local i
-	for i in $(seq 30); do
-		in_ns "$1" ss -Hltn "sport = :5201" 2>/dev/null | grep -q . && break
-		sleep 0.1
-	done
+	wait_listen "$1" 5201
 }
 
 # iperf NS_SERVER NS_CLIENT SERVER_ADDR [-R]: prints Gbit/s of a 5 s TCP run
-# (client to server, or server to client with -R), or nothing.
+# (client to server, or server to client with -R), or nothing. The client
+# dials SERVER_ADDR port 5201 unless IPERF_DIAL="ADDR PORT" says otherwise
+# (a port forward in front of the server).
 iperf() {
 	local srv=$1 cli=$2 addr=$3
 	shift 3
+	local dial=(${IPERF_DIAL:-$addr 5201})
 	iperf_server "$srv" "$addr"
-	in_ns "$cli" timeout 20 iperf3 -c "$addr" -p 5201 -t 5 -f g "$@" 2>/dev/null |
-		awk '/receiver/ { for (i = 1; i <= NF; i++) if ($i == "Gbits/sec") print $(i - 1) }'
+	# iperf3 picks the unit (Kbits, Mbits, Gbits); print Gbit/s, 3 decimals.
+	in_ns "$cli" timeout 20 iperf3 -c "${dial[0]}" -p "${dial[1]}" -t 5 "$@" 2>/dev/null |
+		awk '/receiver/ { for (i = 1; i <= NF; i++) {
+			if ($i == "Gbits/sec") printf "%.3f
+", $(i - 1)
+			if ($i == "Mbits/sec") printf "%.3f
+", $(i - 1) / 1e3
+			if ($i == "Kbits/sec") printf "%.3f
+", $(i - 1) / 1e6 } }'
 	wait "$IPERF_SERVER" 2>/dev/null
 }
 
@@ -219,3 +225,53 @@ field() { # field NS IFNAME WHAT PEER COLUMN: one column of `wg show IFNAME WHAT
 	in_ns "$1" wg show "$2" "$3" | awk -v p="$4" -v c="$5" '$1 == p { print $c }'
 }
 
+
+# userspace_setup NS_A NS_B IF_B: namespaces for userspace clients (no TUN)
+# in NS_A against Debian wireguard-go IF_B in NS_B (10.232.0.2, fd32::2,
+# port 51821, no peers yet; PUB_B set). Add clients with userspace_peer.
+userspace_setup() {
+	local a=$1 b=$2 ifb=$3
+	wg genkey >"$T/$ifb.key"
+	wg genpsk >"$T/psk"
+	PUB_B=$(wg pubkey <"$T/$ifb.key")
+	make_pair "$a" "$b" || return 1
+	start_impl wireguard-go "$b" "$ifb" || return 1
+	in_ns "$b" wg set "$ifb" private-key "$T/$ifb.key" listen-port 51821 || return 1
+	ip -n "$b" addr add 10.232.0.2/24 dev "$ifb"
+	ip -n "$b" addr add fd32::2/64 dev "$ifb" nodad
+	ip -n "$b" link set "$ifb" up
+}
+
+# userspace_peer NS_B IF_B NAME PORT INNER4 INNER6: a key for client NAME
+# (listening on underlay port PORT in the other namespace, owning the inner
+# addresses), added as a peer of IF_B with the preshared key; writes
+# $T/NAME.key and $T/NAME.conf (wg-quick, with `Address =`).
+userspace_peer() {
+	local b=$1 ifb=$2 name=$3 port=$4 in4=$5 in6=$6
+	wg genkey >"$T/$name.key"
+	in_ns "$b" wg set "$ifb" peer "$(wg pubkey <"$T/$name.key")" preshared-key "$T/psk" \
+		allowed-ips "$in4/32,$in6/128" || return 1
+	cat >"$T/$name.conf" <<CONF
+[Interface]
+PrivateKey = $(cat "$T/$name.key")
+ListenPort = $port
+Address = $in4/32, $in6/128
+
+[Peer]
+PublicKey = $PUB_B
+PresharedKey = $(cat "$T/psk")
+Endpoint = 10.231.0.2:51821
+AllowedIPs = 10.232.0.2/32, fd32::2/128
+PersistentKeepalive = 25
+CONF
+}
+
+# wait_listen NS PORT: a TCP socket listens on PORT in NS (5 s at most).
+wait_listen() {
+	local ns=$1 port=$2 i
+	for i in $(seq 50); do
+		in_ns "$ns" ss -Hltn "sport = :$port" 2>/dev/null | grep -q . && return 0
+		sleep 0.1
+	done
+	return 1
+}

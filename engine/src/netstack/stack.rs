@@ -556,6 +556,11 @@ impl Stack {
         );
         s.set_congestion_control(tcp::CongestionControl::Cubic);
         s.set_nagle_enabled(!config.tcp_nodelay);
+        // The stack is polled once per batch of packets, which already
+        // coalesces ACKs; the patched smoltcp (engine/vendor/README.md) ACKs
+        // every second segment. A delayed-ACK timer on top only slows the
+        // sender's recovery.
+        s.set_ack_delay(None);
         s
     }
 
