@@ -101,11 +101,12 @@ make_pair() {
 }
 
 # start_impl IMPL NS IFNAME: runs meshvpn or wireguard-go, daemonized as
-# wg-quick would, and waits for its UAPI socket.
+# wg-quick would, and waits for its UAPI socket. meshvpn gets the options
+# in the array MESHVPN_ARGS, when set.
 start_impl() {
 	local impl=$1 ns=$2 ifname=$3
 	case $impl in
-	meshvpn) in_ns "$ns" env LOG_LEVEL="$MESHVPN_LOG_LEVEL" meshvpn "$ifname" >>"$T/$ifname.log" 2>&1 ;;
+	meshvpn) in_ns "$ns" env LOG_LEVEL="$MESHVPN_LOG_LEVEL" meshvpn ${MESHVPN_ARGS[@]+"${MESHVPN_ARGS[@]}"} "$ifname" >>"$T/$ifname.log" 2>&1 ;;
 	wireguard-go) in_ns "$ns" env LOG_LEVEL=error wireguard-go "$ifname" >>"$T/$ifname.log" 2>&1 ;;
 	esac || return 1
 	local i

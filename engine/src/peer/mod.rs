@@ -6,6 +6,7 @@
 //! [`PeerOutput`] saying what to write where; the runtime does the writing
 //! after the peer's lock is released, so no lock is held across a syscall.
 
+mod path;
 mod stats;
 
 use std::net::{IpAddr, SocketAddr};
@@ -16,6 +17,7 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Tunn, TunnResult};
 use parking_lot::Mutex;
 
+pub use path::{relay_endpoint, relay_index, PeerPath};
 pub use stats::{DropReason, PeerCounters, PeerStats};
 
 use crate::config::{PeerConfig, PresharedKey, PrivateKey, PublicKey};
@@ -356,6 +358,40 @@ impl Peer {
         };
         drop(st);
         self.account(result, out, 0)
+    }
+
+    /// Starts a handshake now to the current endpoint, even if one is in
+    /// flight (a path change: the one in flight went where nobody answers).
+    pub fn force_handshake(&self, out: &mut [u8]) -> PeerOutput {
+        let mut st = self.state.lock();
+        let Some(to) = st.endpoint else {
+            return PeerOutput::Done;
+        };
+        let result = match st.tunn.format_handshake_initiation(out, true) {
+            TunnResult::WriteToNetwork(d) => {
+                st.last_sent = Some(Instant::now());
+                PeerOutput::ToNetwork { len: d.len(), to }
+            }
+            _ => PeerOutput::Done,
+        };
+        drop(st);
+        self.account(result, out, 0)
+    }
+
+    /// A handshake initiation to try another path with, without moving the
+    /// endpoint: the answer comes back over the path the initiation took,
+    /// and its authenticating moves the endpoint there (roaming). `None`
+    /// while a handshake is in flight. Returns its length in `out`.
+    pub fn probe(&self, out: &mut [u8]) -> Option<usize> {
+        let mut st = self.state.lock();
+        let len = match st.tunn.format_handshake_initiation(out, false) {
+            TunnResult::WriteToNetwork(d) => d.len(),
+            _ => return None,
+        };
+        st.last_sent = Some(Instant::now());
+        drop(st);
+        self.counters.sent_datagram(&out[..len], 0);
+        Some(len)
     }
 
     /// Counts what an outgoing call produced.

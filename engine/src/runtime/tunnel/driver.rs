@@ -179,7 +179,7 @@ fn drive(
     Ok(reason)
 }
 
-fn is_would_block(e: &tungstenite::Error) -> bool {
+pub(crate) fn is_would_block(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
 }
 

@@ -14,6 +14,9 @@
 
 mod agent;
 mod driver;
+mod relay_client;
+mod relay_pump;
+mod relay_server;
 mod server;
 mod stream;
 mod target;
@@ -21,6 +24,8 @@ pub mod tls;
 mod transport;
 
 pub use agent::{Agent, AgentConfig, AgentStatus};
+pub use relay_client::{RelayClient, RelayConfig, RelayOwner, RelayStatus};
+pub use relay_server::{RelayServerConfig, RelayServerStats, RELAY_PATH};
 pub use server::{ServerAuth, ServerConfig, TunnelServer};
 pub use stream::TunnelStream;
 pub use target::{
