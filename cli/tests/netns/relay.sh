@@ -3,7 +3,7 @@
 # blackholed, and back to UDP when it returns, in network namespaces:
 #
 #   ns A (meshvpn, TUN) ====veth 10.231.0.0/24==== ns B (meshvpn, TUN)
-#        \ ar 10.233.1.2                     br 10.233.2.2 /
+#        \ rva 10.233.1.2                   rvb 10.233.2.2 /
 #         \                                               /
 #          ns R: `meshvpn tunnel serve --relay` on 10.233.0.1:6443 (TLS)
 #
@@ -24,7 +24,7 @@ if [[ -z ${MESHVPN_BIN:-} ]]; then
 	[[ -x $MESHVPN_BIN ]] || MESHVPN_BIN=$ROOT/target/debug/meshvpn
 fi
 NETNS_TOOLS="wg ping openssl ss"
-MESHVPN_LOG_LEVEL=info
+MESHVPN_LOG_LEVEL=${MESHVPN_LOG_LEVEL:-info}
 # shellcheck source=cli/tests/netns/lib.sh
 source "$ROOT/cli/tests/netns/lib.sh"
 
@@ -47,30 +47,31 @@ certs() {
 relay_ns() {
 	add_ns "$R" || return 1
 	ip -n "$R" addr add "$RELAY_IP/32" dev lo
-	ip -n "$R" link add ra type veth peer name ar netns "$A"
-	ip -n "$R" link add rb type veth peer name br netns "$B"
-	ip -n "$R" addr add 10.233.1.1/24 dev ra
-	ip -n "$A" addr add 10.233.1.2/24 dev ar
-	ip -n "$R" addr add 10.233.2.1/24 dev rb
-	ip -n "$B" addr add 10.233.2.2/24 dev br
-	ip -n "$R" link set ra up
-	ip -n "$R" link set rb up
-	ip -n "$A" link set ar up
-	ip -n "$B" link set br up
-	ip -n "$A" route add "$RELAY_IP/32" via 10.233.1.1
-	ip -n "$B" route add "$RELAY_IP/32" via 10.233.2.1
+	ip -n "$R" link add rra type veth peer name rva netns "$A"
+	ip -n "$R" link add rrb type veth peer name rvb netns "$B"
+	ip -n "$R" addr add 10.233.1.1/24 dev rra
+	ip -n "$A" addr add 10.233.1.2/24 dev rva
+	ip -n "$R" addr add 10.233.2.1/24 dev rrb
+	ip -n "$B" addr add 10.233.2.2/24 dev rvb
+	ip -n "$R" link set dev rra up
+	ip -n "$R" link set dev rrb up
+	ip -n "$A" link set dev rva up
+	ip -n "$B" link set dev rvb up
+	ip -n "$A" route add "$RELAY_IP/32" via 10.233.1.1 dev rva &&
+		ip -n "$B" route add "$RELAY_IP/32" via 10.233.2.1 dev rvb
 }
 
 # endpoint NS IFNAME PEER: the peer's endpoint as `wg show` prints it.
 endpoint() { field "$1" "$2" endpoints "$3" 2; }
 
-# wait_endpoint NS IFNAME PEER PATTERN PING_DST: pings (bounded) until the
-# endpoint matches PATTERN, at most 30 s.
+# wait_endpoint NS IFNAME PEER PATTERN PING_DST: pings (one every 0.5 s)
+# until the endpoint matches PATTERN, at most 30 s.
 wait_endpoint() {
-	local ns=$1 ifname=$2 peer=$3 pattern=$4 dst=$5 i
-	for i in $(seq 30); do
+	local ns=$1 ifname=$2 peer=$3 pattern=$4 dst=$5 end=$((SECONDS + 30))
+	while ((SECONDS < end)); do
 		[[ $(endpoint "$ns" "$ifname" "$peer") == $pattern ]] && return 0
 		in_ns "$ns" ping -q -c 1 -W 1 "$dst" >/dev/null 2>&1 || true
+		sleep 0.5
 	done
 	[[ $(endpoint "$ns" "$ifname" "$peer") == $pattern ]]
 }
@@ -107,9 +108,11 @@ main() {
 
 	# The first handshake goes unanswered over UDP; after its retry the
 	# peers move to the relay.
+	local t0=$SECONDS
 	in_ns "$A" ping -q -c 1 -W 1 -w 20 10.232.0.2 >/dev/null 2>&1
+	local first=$((SECONDS - t0))
 	if pings "$A" 10.232.0.2 && pings "$B" 10.232.0.1 && pings "$A" fd32::2; then
-		pass "ping v4 and v6 inside, both ways, UDP blackholed"
+		pass "ping v4 and v6 inside, both ways, UDP blackholed (first reply after ${first} s)"
 	else
 		fail "ping through the relay (A: $(tail -5 "$T/$IFA.log"))"
 	fi
@@ -124,11 +127,12 @@ main() {
 
 	ip -n "$A" route del blackhole 10.231.0.2/32
 	ip -n "$B" route del blackhole 10.231.0.1/32
+	t0=$SECONDS
 	if wait_endpoint "$A" "$IFA" "$PUB_B" "10.231.0.2:51821" 10.232.0.2 &&
 		wait_endpoint "$B" "$IFB" "$PUB_A" "10.231.0.1:51820" 10.232.0.1; then
-		pass "UDP restored: both peers back on their UDP endpoints"
+		pass "UDP restored: both peers back on their UDP endpoints within $((SECONDS - t0)) s"
 	else
-		fail "still on the relay: A '$(endpoint "$A" "$IFA" "$PUB_B")' B '$(endpoint "$B" "$IFB" "$PUB_A")'"
+		fail "still on the relay: A '$(endpoint "$A" "$IFA" "$PUB_B")' B '$(endpoint "$B" "$IFB" "$PUB_A")' (A: $(tail -5 "$T/$IFA.log"); B: $(tail -5 "$T/$IFB.log"))"
 	fi
 	pings "$A" 10.232.0.2 && pings "$B" 10.232.0.1 &&
 		pass "ping inside over UDP again" || fail "ping after UDP came back"
