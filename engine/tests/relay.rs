@@ -165,10 +165,13 @@ fn secret(key: &PrivateKey) -> boringtun::x25519::StaticSecret {
     boringtun::x25519::StaticSecret::from(*key.as_bytes())
 }
 
+/// What a test owner was handed: (source key, datagram).
+type Delivered = ([u8; 32], Vec<u8>);
+
 /// A relay owner for tests: a fixed key, deliveries into a channel.
 struct Owner {
     key: PrivateKey,
-    got: Sender<([u8; 32], Vec<u8>)>,
+    got: Sender<Delivered>,
 }
 
 impl RelayOwner for Owner {
@@ -184,7 +187,7 @@ fn client(
     pki: &Pki,
     server: &TunnelServer,
     key: &PrivateKey,
-) -> (RelayClient, Receiver<([u8; 32], Vec<u8>)>) {
+) -> (RelayClient, Receiver<Delivered>) {
     let (tx, rx) = unbounded();
     let owner = Arc::new(Owner {
         key: key.clone(),

@@ -212,11 +212,7 @@ fn path_loop(shared: Weak<Shared>, stop: Receiver<()>, probe_interval: Duration)
     let mut peers: HashMap<PublicKey, PathState> = HashMap::new();
     let mut own_key = None;
     let mut out = vec![0u8; output_buffer_len(MAX_DATAGRAM)];
-    loop {
-        match stop.recv_timeout(PATH_TICK) {
-            Err(RecvTimeoutError::Timeout) => {}
-            _ => break,
-        }
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(PATH_TICK) {
         let Some(shared) = shared.upgrade() else {
             break;
         };
