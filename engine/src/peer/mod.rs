@@ -345,29 +345,21 @@ impl Peer {
 
     /// Starts a handshake now (if none is in flight).
     pub fn initiate_handshake(&self, out: &mut [u8]) -> PeerOutput {
-        let mut st = self.state.lock();
-        let Some(to) = st.endpoint else {
-            return PeerOutput::Done;
-        };
-        let result = match st.tunn.format_handshake_initiation(out, false) {
-            TunnResult::WriteToNetwork(d) => {
-                st.last_sent = Some(Instant::now());
-                PeerOutput::ToNetwork { len: d.len(), to }
-            }
-            _ => PeerOutput::Done,
-        };
-        drop(st);
-        self.account(result, out, 0)
+        self.handshake_to_endpoint(out, false)
     }
 
     /// Starts a handshake now to the current endpoint, even if one is in
     /// flight (a path change: the one in flight went where nobody answers).
     pub fn force_handshake(&self, out: &mut [u8]) -> PeerOutput {
+        self.handshake_to_endpoint(out, true)
+    }
+
+    fn handshake_to_endpoint(&self, out: &mut [u8], force: bool) -> PeerOutput {
         let mut st = self.state.lock();
         let Some(to) = st.endpoint else {
             return PeerOutput::Done;
         };
-        let result = match st.tunn.format_handshake_initiation(out, true) {
+        let result = match st.tunn.format_handshake_initiation(out, force) {
             TunnResult::WriteToNetwork(d) => {
                 st.last_sent = Some(Instant::now());
                 PeerOutput::ToNetwork { len: d.len(), to }

@@ -122,19 +122,9 @@ impl Agent {
 
     /// Waits until a session is up (`true`) or `timeout` passes.
     pub fn wait_connected(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut status = self.shared.status.lock();
-        while !status.connected {
-            if self
-                .shared
-                .changed
-                .wait_until(&mut status, deadline)
-                .timed_out()
-            {
-                return status.connected;
-            }
-        }
-        true
+        super::wait_for(&self.shared.status, &self.shared.changed, timeout, |s| {
+            s.connected
+        })
     }
 
     /// Stops and waits for the background thread; open streams fail.

@@ -32,7 +32,29 @@ pub use target::{
     pump, AllowList, ConnectPolicy, DialedTarget, OsDialer, TargetDialer, TargetPattern,
 };
 
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
 use crate::tunnel::DialError;
+
+/// Waits on `changed` until `done` holds for the value behind `lock`
+/// (`true`) or `timeout` passes (`false`, unless it holds by then).
+pub(crate) fn wait_for<T>(
+    lock: &Mutex<T>,
+    changed: &Condvar,
+    timeout: Duration,
+    done: impl Fn(&T) -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut value = lock.lock();
+    while !done(&value) {
+        if changed.wait_until(&mut value, deadline).timed_out() {
+            return done(&value);
+        }
+    }
+    true
+}
 
 /// Errors of the tunnel runtime.
 #[derive(Debug, thiserror::Error)]

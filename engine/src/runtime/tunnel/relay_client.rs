@@ -171,19 +171,9 @@ impl RelayClient {
 
     /// Waits until registered (`true`) or `timeout` passes.
     pub fn wait_connected(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut status = self.shared.status.lock();
-        while !status.connected {
-            if self
-                .shared
-                .changed
-                .wait_until(&mut status, deadline)
-                .timed_out()
-            {
-                return status.connected;
-            }
-        }
-        true
+        super::wait_for(&self.shared.status, &self.shared.changed, timeout, |s| {
+            s.connected
+        })
     }
 
     /// Ends the current session; the client registers again at once (with

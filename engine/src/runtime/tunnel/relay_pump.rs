@@ -18,18 +18,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
-use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Poll, Waker};
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
-use super::driver::is_would_block;
+use super::driver::{is_would_block, read_one, session_poll, write_queued, Received};
 use super::transport::Transport;
 use super::TunnelError;
 use crate::tunnel::relay::{EXPORTER_LABEL, EXPORTER_LEN, MAX_FRAME};
 
-const SOCKET: Token = Token(0);
-const WAKER: Token = Token(1);
 /// Messages read before the loop turns to writing.
 const READ_BATCH: usize = 256;
 
@@ -120,15 +117,7 @@ impl Pump {
     /// Switches the websocket's socket to non-blocking session mode and
     /// makes a pump with a send queue of `capacity` messages.
     pub(crate) fn new(ws: &mut WebSocket<Transport>, capacity: usize) -> io::Result<Pump> {
-        ws.get_mut().sock.enter_session_mode()?;
-        let poll = Poll::new()?;
-        let fd = ws.get_ref().sock.raw_fd();
-        poll.registry().register(
-            &mut SourceFd(&fd),
-            SOCKET,
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
-        let waker = Waker::new(poll.registry(), WAKER)?;
+        let (poll, waker) = session_poll(ws)?;
         let (tx, rx) = bounded(capacity);
         Ok(Pump {
             poll,
@@ -178,23 +167,18 @@ impl Pump {
             }
             let mut read_blocked = false;
             for _ in 0..READ_BATCH {
-                match ws.read() {
-                    Ok(Message::Binary(b)) => {
+                match read_one(ws) {
+                    Ok(Received::Binary(b)) => {
                         last_rx = Instant::now();
                         on_frame(b);
                     }
-                    Ok(Message::Ping(_) | Message::Pong(_)) => last_rx = Instant::now(),
-                    Ok(Message::Frame(_)) => {}
-                    Ok(Message::Text(_)) => return "peer sent a text message".into(),
-                    Ok(Message::Close(_)) => return "peer closed the websocket".into(),
-                    Err(e) if is_would_block(&e) => {
+                    Ok(Received::Keepalive) => last_rx = Instant::now(),
+                    Ok(Received::Other) => {}
+                    Ok(Received::Blocked) => {
                         read_blocked = true;
                         break;
                     }
-                    Err(
-                        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
-                    ) => return "websocket closed".into(),
-                    Err(e) => return format!("websocket read: {e}"),
+                    Err(reason) => return reason,
                 }
             }
 
@@ -208,26 +192,12 @@ impl Pump {
                     next_ping = Some(now + every);
                 }
             }
-            let mut wrote = false;
-            loop {
-                let msg = match stalled.take() {
-                    Some(m) => m,
-                    None => match self.rx.try_recv() {
-                        Ok(b) => Message::Binary(b),
-                        Err(_) => break,
-                    },
-                };
-                wrote = true;
-                match ws.write(msg) {
-                    Ok(()) => {}
-                    Err(tungstenite::Error::WriteBufferFull(m)) => {
-                        stalled = Some(*m);
-                        break;
-                    }
-                    Err(e) if is_would_block(&e) => break,
-                    Err(e) => return format!("websocket write: {e}"),
-                }
-            }
+            let wrote = match write_queued(ws, &mut stalled, || {
+                self.rx.try_recv().ok().map(Message::Binary)
+            }) {
+                Ok(w) => w,
+                Err(e) => return e,
+            };
             let write_blocked = match ws.flush() {
                 Ok(()) => false,
                 Err(e) if is_would_block(&e) => true,

@@ -163,19 +163,9 @@ impl TunnelServer {
 
     /// Waits until `client_key` has a session (`true`) or `timeout` passes.
     pub fn wait_for_client(&self, client_key: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut sessions = self.shared.sessions.lock();
-        while !sessions.contains_key(client_key) {
-            if self
-                .shared
-                .changed
-                .wait_until(&mut sessions, deadline)
-                .timed_out()
-            {
-                return sessions.contains_key(client_key);
-            }
-        }
-        true
+        super::wait_for(&self.shared.sessions, &self.shared.changed, timeout, |s| {
+            s.contains_key(client_key)
+        })
     }
 
     /// Opens a connection to `proto/address` as seen from the agent `client_key`.
