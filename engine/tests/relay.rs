@@ -328,3 +328,24 @@ fn relay_refuses_bad_proofs_and_bounds_messages() {
     );
     assert_eq!(server.relay_stats().unwrap().replaced, 1);
 }
+
+#[test]
+fn relay_admits_only_listed_keys_when_given_a_list() {
+    let (listed, other) = (PrivateKey::generate(), PrivateKey::generate());
+    let mut config = ServerConfig::new("/v1-k3s/connect", None, ServerAuth::default());
+    config.relay = Some(RelayServerConfig {
+        allowed_keys: Some(vec![listed.public_key()]),
+        ..Default::default()
+    });
+    let server = TunnelServer::bind(loopback(), config).unwrap();
+    let _ok = register(&server, &listed);
+    // A valid proof for a key not on the list: refused.
+    let mut ws = raw(&server);
+    let challenge = binary(&mut ws).unwrap();
+    let proof = relay::prove(&challenge, &secret(&other), &[0; 32]).unwrap();
+    ws.send(Message::Binary(Bytes::copy_from_slice(&proof)))
+        .unwrap();
+    assert!(binary(&mut ws).is_none(), "an unlisted key registered");
+    let stats = server.relay_stats().unwrap();
+    assert_eq!((stats.clients, stats.refused), (1, 1));
+}
