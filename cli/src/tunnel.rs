@@ -76,6 +76,10 @@ pub struct ServeArgs {
     /// proves it.
     #[arg(long, value_name = "FILE", requires = "relay")]
     pub relay_keys: Option<PathBuf>,
+    /// Relay clients must also present a token from --tokens (or a client
+    /// certificate from --client-ca), as agents do.
+    #[arg(long, requires = "relay")]
+    pub relay_require_auth: bool,
 }
 
 #[derive(Debug, Args)]
@@ -189,7 +193,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         Some(p) => parse_tokens(&String::from_utf8_lossy(&read(p)?))?,
         None => Vec::new(),
     };
-    if tokens.is_empty() && a.client_ca.is_none() && !a.relay {
+    if tokens.is_empty() && a.client_ca.is_none() && (!a.relay || a.relay_require_auth) {
         return Err("no way to authenticate agents: give --client-ca and/or --tokens".into());
     }
     let relay = if a.relay {
@@ -200,6 +204,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         Some(RelayServerConfig {
             path: a.relay_path.clone(),
             allowed_keys,
+            require_auth: a.relay_require_auth,
             ..Default::default()
         })
     } else {

@@ -349,3 +349,43 @@ fn relay_admits_only_listed_keys_when_given_a_list() {
     let stats = server.relay_stats().unwrap();
     assert_eq!((stats.clients, stats.refused), (1, 1));
 }
+
+#[test]
+fn relay_can_require_the_tunnel_credentials() {
+    let pki = pki();
+    let tls = tls::server_config(
+        pki.server_cert.as_bytes(),
+        pki.server_key.as_bytes(),
+        None,
+        false,
+    )
+    .unwrap();
+    let auth = ServerAuth {
+        tokens: vec![("s3cret-token".into(), "node-a".into())],
+        client_cert_cn: false,
+    };
+    let mut config = ServerConfig::new("/v1-k3s/connect", Some(tls), auth);
+    config.relay = Some(RelayServerConfig {
+        require_auth: true,
+        ..Default::default()
+    });
+    let server = TunnelServer::bind(loopback(), config).unwrap();
+    let (tx, _rx) = unbounded();
+    let owner = Arc::new(Owner {
+        key: PrivateKey::generate(),
+        got: tx,
+    });
+    let without =
+        RelayClient::start(relay_config(&pki, server.local_addr()), owner.clone()).unwrap();
+    assert!(wait_until(WAIT, || without
+        .status()
+        .last_error
+        .is_some_and(|e| e.contains("401"))));
+    assert!(!without.status().connected);
+    drop(without);
+    let mut with = relay_config(&pki, server.local_addr());
+    with.token = Some("s3cret-token".into());
+    let with = RelayClient::start(with, owner).unwrap();
+    assert!(with.wait_connected(WAIT), "{:?}", with.status());
+    assert_eq!(server.relay_stats().unwrap().clients, 1);
+}

@@ -41,6 +41,9 @@ pub struct RelayServerConfig {
     pub queue: usize,
     /// A session with no message (clients ping every 15 s) for this long ends.
     pub idle: Duration,
+    /// Also require the tunnel's own credentials (a bearer token or a client
+    /// certificate, as for agents) before the key proof.
+    pub require_auth: bool,
 }
 
 impl Default for RelayServerConfig {
@@ -50,6 +53,7 @@ impl Default for RelayServerConfig {
             allowed_keys: None,
             queue: 1024,
             idle: Duration::from_secs(60),
+            require_auth: false,
         }
     }
 }

@@ -304,12 +304,21 @@ fn handshake(
     let mut client_key = None;
     let mut relay = false;
     let callback = |request: &Request, response: Response| {
-        if config
+        if let Some(r) = config
             .relay
             .as_ref()
-            .is_some_and(|r| request.uri().path() == r.path)
+            .filter(|r| request.uri().path() == r.path)
         {
-            // Relay clients authenticate by proving their WireGuard key.
+            // Relay clients prove their WireGuard key next; the tunnel's
+            // credentials only when asked for.
+            if r.require_auth
+                && config
+                    .auth
+                    .client_key(request, cert_cn.as_deref())
+                    .is_none()
+            {
+                return Err(reject(StatusCode::UNAUTHORIZED, "failed authentication"));
+            }
             relay = true;
             return Ok(response);
         }
