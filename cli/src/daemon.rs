@@ -20,6 +20,7 @@ use std::time::Duration;
 use clap::Args;
 use meshvpn_engine::config::DEFAULT_MTU;
 use meshvpn_engine::io::tun::Tun;
+use meshvpn_engine::runtime::tunnel::{tls, RelayConfig};
 use meshvpn_engine::{Config, Engine, InterfaceConfig, UapiServer};
 use nix::sys::signal::{SigSet, Signal};
 
@@ -35,6 +36,27 @@ pub struct InterfaceArgs {
     /// The interface to create, e.g. wg0 (at most 15 bytes).
     #[arg(value_name = "IFNAME")]
     pub ifname: Option<String>,
+
+    /// A WireGuard relay (`meshvpn tunnel serve --relay`), e.g.
+    /// wss://server:6443/v1-meshvpn/relay. Peers whose UDP handshakes go
+    /// unanswered move to it, and back when UDP answers again; `wg show`
+    /// shows such a peer's endpoint as [100::N]:0.
+    #[arg(long, value_name = "URL")]
+    pub relay_url: Option<String>,
+
+    /// CA (PEM) that signed the relay's certificate (required for wss://;
+    /// the relay is always verified).
+    #[arg(long, value_name = "FILE", requires = "relay_url")]
+    pub relay_ca: Option<std::path::PathBuf>,
+
+    /// File holding a bearer token for the relay, if it asks for one.
+    #[arg(long, value_name = "FILE", requires = "relay_url")]
+    pub relay_token_file: Option<std::path::PathBuf>,
+
+    /// Seconds between UDP probes of a peer on the relay.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5, requires = "relay_url",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub relay_probe: u64,
 }
 
 /// What the child tells the parent once it serves.
@@ -51,7 +73,7 @@ pub fn run(args: &InterfaceArgs, keep_stdio: bool) -> CliResult {
     let foreground =
         args.foreground || std::env::var("WG_PROCESS_FOREGROUND").is_ok_and(|v| v == "1");
     if foreground {
-        return serve(name, None, true);
+        return serve(name, args, None, true);
     }
     let (mut from_child, to_child) = UnixStream::pair()?;
     // SAFETY: nothing in this process has started a thread yet (the log
@@ -82,7 +104,7 @@ pub fn run(args: &InterfaceArgs, keep_stdio: bool) -> CliResult {
             // caller's Ctrl-C or hangup does not reach the daemon.
             nix::unistd::setsid()?;
             let _ = std::env::set_current_dir("/");
-            serve(name, Some(to_child), keep_stdio)
+            serve(name, args, Some(to_child), keep_stdio)
         }
     }
 }
@@ -104,7 +126,34 @@ struct Interface {
     engine: Arc<Engine>,
 }
 
-fn bring_up(name: &str) -> Result<Interface, String> {
+/// The relay settings from the command line, read before the engine starts.
+fn relay_config(args: &InterfaceArgs) -> Result<Option<RelayConfig>, String> {
+    let Some(url) = &args.relay_url else {
+        return Ok(None);
+    };
+    let read =
+        |p: &std::path::PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let tls = match &args.relay_ca {
+        Some(ca) => {
+            Some(tls::client_config(&read(ca)?, None).map_err(|e| format!("--relay-ca: {e}"))?)
+        }
+        None if url.starts_with("wss://") => {
+            return Err(
+                "--relay-ca is required for a wss:// relay (the relay is always verified)".into(),
+            )
+        }
+        None => None,
+    };
+    let mut config = RelayConfig::new(url.clone(), tls);
+    config.probe_interval = Duration::from_secs(args.relay_probe);
+    if let Some(p) = &args.relay_token_file {
+        config.token = Some(String::from_utf8_lossy(&read(p)?).trim().to_owned());
+    }
+    Ok(Some(config))
+}
+
+fn bring_up(name: &str, args: &InterfaceArgs) -> Result<Interface, String> {
+    let relay = relay_config(args)?;
     let tun = Tun::create(name).map_err(|e| {
         let hint = match e.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EACCES) => "; run as root or with CAP_NET_ADMIN",
@@ -131,6 +180,12 @@ fn bring_up(name: &str) -> Result<Interface, String> {
     engine
         .attach_tun(tun)
         .map_err(|e| format!("cannot start the TUN reader: {e}"))?;
+    if let Some(relay) = relay {
+        let url = relay.url.clone();
+        engine
+            .start_relay(relay)
+            .map_err(|e| format!("--relay-url {url}: {e}"))?;
+    }
     let uapi = UapiServer::start(engine.clone(), name).map_err(|e| {
         format!(
             "cannot listen on {}: {e}",
@@ -140,7 +195,12 @@ fn bring_up(name: &str) -> Result<Interface, String> {
     Ok(Interface { uapi, engine })
 }
 
-fn serve(name: &str, mut ready: Option<UnixStream>, keep_stdio: bool) -> CliResult {
+fn serve(
+    name: &str,
+    args: &InterfaceArgs,
+    mut ready: Option<UnixStream>,
+    keep_stdio: bool,
+) -> CliResult {
     // Blocked here, before the engine starts threads, so every thread
     // inherits the mask and only the sigwait thread below receives them.
     let mut signals = SigSet::empty();
@@ -149,7 +209,7 @@ fn serve(name: &str, mut ready: Option<UnixStream>, keep_stdio: bool) -> CliResu
     signals.add(Signal::SIGHUP);
     signals.thread_block()?;
 
-    let iface = match bring_up(name) {
+    let iface = match bring_up(name, args) {
         Ok(i) => i,
         Err(e) => {
             if let Some(mut parent) = ready.take() {

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use meshvpn_engine::runtime::tunnel::{
-    pump, tls, Agent, AgentConfig, AllowList, DialedTarget, OsDialer, ServerAuth, ServerConfig,
-    TargetPattern, TunnelServer,
+    pump, tls, Agent, AgentConfig, AllowList, DialedTarget, OsDialer, RelayServerConfig,
+    ServerAuth, ServerConfig, TargetPattern, TunnelServer, RELAY_PATH,
 };
+use meshvpn_engine::PublicKey;
 
 /// Websocket supervisor tunnel, wire-compatible with k3s (rancher/remotedialer).
 #[derive(Debug, Args)]
@@ -62,6 +63,23 @@ pub struct ServeArgs {
     /// 127.0.0.1:9000=system:node:a/tcp/127.0.0.1:10250. Repeatable.
     #[arg(long, value_name = "LOCAL=CLIENTKEY/PROTO/TARGET")]
     pub forward: Vec<String>,
+    /// Also relay WireGuard datagrams between `meshvpn` engines that cannot
+    /// reach each other over UDP (clients prove they own their WireGuard
+    /// key; the relay never sees plaintext).
+    #[arg(long)]
+    pub relay: bool,
+    /// Websocket upgrade path of the relay.
+    #[arg(long, default_value = RELAY_PATH, requires = "relay")]
+    pub relay_path: String,
+    /// Only these WireGuard public keys (base64, one per line, '#'
+    /// comments) may register with the relay. Default: any key whose owner
+    /// proves it.
+    #[arg(long, value_name = "FILE", requires = "relay")]
+    pub relay_keys: Option<PathBuf>,
+    /// Relay clients must also present a token from --tokens (or a client
+    /// certificate from --client-ca), as agents do.
+    #[arg(long, requires = "relay")]
+    pub relay_require_auth: bool,
 }
 
 #[derive(Debug, Args)]
@@ -120,6 +138,17 @@ fn parse_tokens(text: &str) -> Result<Vec<(String, String)>, String> {
     Ok(tokens)
 }
 
+fn parse_keys(text: &str) -> Result<Vec<PublicKey>, String> {
+    text.lines()
+        .map(str::trim)
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+        .map(|(n, l)| {
+            PublicKey::from_base64(l).map_err(|e| format!("relay keys file line {}: {e}", n + 1))
+        })
+        .collect()
+}
+
 struct Forward {
     local: SocketAddr,
     client_key: String,
@@ -164,9 +193,23 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         Some(p) => parse_tokens(&String::from_utf8_lossy(&read(p)?))?,
         None => Vec::new(),
     };
-    if tokens.is_empty() && a.client_ca.is_none() {
+    if tokens.is_empty() && a.client_ca.is_none() && (!a.relay || a.relay_require_auth) {
         return Err("no way to authenticate agents: give --client-ca and/or --tokens".into());
     }
+    let relay = if a.relay {
+        let allowed_keys = match &a.relay_keys {
+            Some(p) => Some(parse_keys(&String::from_utf8_lossy(&read(p)?))?),
+            None => None,
+        };
+        Some(RelayServerConfig {
+            path: a.relay_path.clone(),
+            allowed_keys,
+            require_auth: a.relay_require_auth,
+            ..Default::default()
+        })
+    } else {
+        None
+    };
     let auth = ServerAuth {
         tokens,
         client_cert_cn: a.client_ca.is_some(),
@@ -176,11 +219,10 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         .iter()
         .map(|f| parse_forward(f))
         .collect::<Result<Vec<_>, _>>()?;
-    let server = Arc::new(
-        TunnelServer::bind(a.listen, ServerConfig::new(a.path, tls, auth))
-            .map_err(|e| e.to_string())?,
-    );
-    tracing::info!(addr = %server.local_addr(), "tunnel server listening");
+    let mut config = ServerConfig::new(a.path, tls, auth);
+    config.relay = relay;
+    let server = Arc::new(TunnelServer::bind(a.listen, config).map_err(|e| e.to_string())?);
+    tracing::info!(addr = %server.local_addr(), relay = a.relay, "tunnel server listening");
     for f in forwards {
         let listener =
             TcpListener::bind(f.local).map_err(|e| format!("--forward {}: {e}", f.local))?;
@@ -282,5 +324,14 @@ mod tests {
             ]
         );
         assert!(parse_tokens("lonely").is_err());
+    }
+
+    #[test]
+    fn relay_keys_file() {
+        let k = meshvpn_engine::PrivateKey::generate().public_key();
+        let keys = parse_keys(&format!("# nodes\n{}\n\n", k.to_base64())).unwrap();
+        assert_eq!(keys, vec![k]);
+        let err = parse_keys("# x\nnot-a-key\n").unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
     }
 }

@@ -107,13 +107,14 @@ make_pair() {
 }
 
 # start_impl IMPL NS IFNAME: runs meshvpn or wireguard-go, daemonized as
-# wg-quick would, and waits for its UAPI socket. The benchmarks add
-# meshvpn-plain (TUN offloads off), boringtun (boringtun-cli) and wggo
-# (current wireguard-go, built from benches/wggo into $WGGO_BIN).
+# wg-quick would, and waits for its UAPI socket. meshvpn gets the options
+# in the array MESHVPN_ARGS, when set. The benchmarks add meshvpn-plain
+# (TUN offloads off), boringtun (boringtun-cli) and wggo (current
+# wireguard-go, built from benches/wggo into $WGGO_BIN).
 start_impl() {
 	local impl=$1 ns=$2 ifname=$3
 	case $impl in
-	meshvpn) in_ns "$ns" env LOG_LEVEL="${MESHVPN_LOG_LEVEL:-}" meshvpn "$ifname" >>"$T/$ifname.log" 2>&1 ;;
+	meshvpn) in_ns "$ns" env LOG_LEVEL="${MESHVPN_LOG_LEVEL:-}" meshvpn ${MESHVPN_ARGS[@]+"${MESHVPN_ARGS[@]}"} "$ifname" >>"$T/$ifname.log" 2>&1 ;;
 	meshvpn-plain) in_ns "$ns" env MESHVPN_TUN_OFFLOAD=0 meshvpn "$ifname" >>"$T/$ifname.log" 2>&1 ;;
 	wireguard-go) in_ns "$ns" env LOG_LEVEL=error wireguard-go "$ifname" >>"$T/$ifname.log" 2>&1 ;;
 	boringtun) in_ns "$ns" env WG_LOG_LEVEL=error boringtun-cli --disable-drop-privileges --log "$T/$ifname.boringtun.log" "$ifname" >>"$T/$ifname.log" 2>&1 ;;

@@ -7,6 +7,7 @@
 //! after the peer's lock is released, so no lock is held across a syscall.
 
 mod budget;
+mod path;
 mod stats;
 
 use std::net::{IpAddr, SocketAddr};
@@ -18,6 +19,7 @@ use boringtun::noise::{Tunn, TunnResult};
 use parking_lot::Mutex;
 
 pub use budget::{BufferBudget, DEFAULT_BUFFER_LIMIT};
+pub use path::{relay_endpoint, relay_index, PeerPath};
 pub use stats::{DropReason, PeerCounters, PeerStats};
 
 use crate::config::{PeerConfig, PresharedKey, PrivateKey, PublicKey};
@@ -441,12 +443,22 @@ impl Peer {
 
     /// Starts a handshake now (if none is in flight).
     pub fn initiate_handshake(&self, out: &mut [u8]) -> PeerOutput {
+        self.handshake_to_endpoint(out, false)
+    }
+
+    /// Starts a handshake now to the current endpoint, even if one is in
+    /// flight (a path change: the one in flight went where nobody answers).
+    pub fn force_handshake(&self, out: &mut [u8]) -> PeerOutput {
+        self.handshake_to_endpoint(out, true)
+    }
+
+    fn handshake_to_endpoint(&self, out: &mut [u8], force: bool) -> PeerOutput {
         let mut st = self.state.lock();
         let Some(to) = st.endpoint else {
             return PeerOutput::Done;
         };
         let tunn = st.tunn(self.public_key, self.index);
-        let result = match tunn.format_handshake_initiation(out, false) {
+        let result = match tunn.format_handshake_initiation(out, force) {
             TunnResult::WriteToNetwork(d) => {
                 st.last_sent = Some(Instant::now());
                 PeerOutput::ToNetwork { len: d.len(), to }
@@ -455,6 +467,23 @@ impl Peer {
         };
         drop(st);
         self.account(result, out, 0)
+    }
+
+    /// A handshake initiation to try another path with, without moving the
+    /// endpoint: the answer comes back over the path the initiation took,
+    /// and its authenticating moves the endpoint there (roaming). `None`
+    /// while a handshake is in flight. Returns its length in `out`.
+    pub fn probe(&self, out: &mut [u8]) -> Option<usize> {
+        let mut st = self.state.lock();
+        let tunn = st.tunn(self.public_key, self.index);
+        let len = match tunn.format_handshake_initiation(out, false) {
+            TunnResult::WriteToNetwork(d) => d.len(),
+            _ => return None,
+        };
+        st.last_sent = Some(Instant::now());
+        drop(st);
+        self.counters.sent_datagram(&out[..len], 0);
+        Some(len)
     }
 
     /// Counts what an outgoing call produced.

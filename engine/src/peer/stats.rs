@@ -144,6 +144,7 @@ impl PeerCounters {
     ) -> PeerStats {
         PeerStats {
             public_key,
+            path: super::PeerPath::of(endpoint),
             endpoint,
             last_handshake: since_handshake.and_then(|d| SystemTime::now().checked_sub(d)),
             handshake_rtt_ms: rtt_ms,
@@ -166,6 +167,9 @@ impl PeerCounters {
 #[derive(Debug, Clone)]
 pub struct PeerStats {
     pub public_key: PublicKey,
+    /// UDP, or the relay (then `endpoint` is the reserved relay endpoint,
+    /// see [`super::relay_endpoint`]).
+    pub path: super::PeerPath,
     pub endpoint: Option<SocketAddr>,
     /// Wall-clock time of the last completed handshake.
     pub last_handshake: Option<SystemTime>,

@@ -14,6 +14,8 @@ use boringtun::x25519;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
 
+mod relay_path;
+
 use super::sink::{HostQueue, InnerBurst, InnerSink};
 use crate::config::{Config, PeerConfig, PresharedKey, PrivateKey, PublicKey, DEFAULT_MTU};
 use crate::io::tun::{Tun, TunBurst};
@@ -164,6 +166,7 @@ struct Shared {
     counters: EngineCounters,
     closed: AtomicBool,
     device_gone: AtomicBool,
+    relay: relay_path::RelaySlot,
 }
 
 /// A running WireGuard engine. Cheap to share behind an `Arc`; every method
@@ -283,6 +286,7 @@ impl Engine {
             counters: EngineCounters::default(),
             closed: AtomicBool::new(false),
             device_gone: AtomicBool::new(false),
+            relay: Default::default(),
         });
         let (stop_tx, stop_rx) = bounded(0);
         let engine = Engine {
@@ -698,6 +702,7 @@ impl Engine {
     /// Stops every thread and waits for them. Idempotent; also done on drop.
     pub fn close(&self) {
         self.shared.closed.store(true, Relaxed);
+        self.stop_relay();
         self.stop_tx.lock().take();
         let threads = std::mem::take(&mut *self.threads.lock());
         for t in threads {
@@ -832,6 +837,10 @@ impl Shared {
                 match peer.encapsulate(packet, &mut batch.buf[at..]) {
                     PeerOutput::ToNetwork { len, to } => {
                         accepted += 1;
+                        if crate::peer::relay_index(to).is_some() {
+                            self.send_relay(&peer.public_key(), &batch.buf[at..at + len]);
+                            continue;
+                        }
                         batch.push(at, len, to, &transport, &self.counters);
                     }
                     PeerOutput::Done => accepted += 1,
@@ -852,12 +861,7 @@ impl Shared {
     /// Does what a peer call asked: sends datagrams, delivers packets.
     fn emit(&self, peer: &Peer, result: PeerOutput, out: &mut [u8]) -> PeerOutput {
         match result {
-            PeerOutput::ToNetwork { len, to } => {
-                let transport = self.transport.read().clone();
-                if transport.send_to(&out[..len], to).is_err() {
-                    bump(&self.counters.udp_send_errors);
-                }
-            }
+            PeerOutput::ToNetwork { len, to } => self.send_datagram(&out[..len], to),
             PeerOutput::ToHost { len, src } => {
                 if !self.source_allowed(peer, src) {
                     return peer.drop_for(DropReason::SourceNotAllowed);
@@ -939,8 +943,7 @@ impl Shared {
                 let len = cookie.len();
                 drop(id);
                 bump(&self.counters.cookie_replies_sent);
-                let transport = self.transport.read().clone();
-                let _ = transport.send_to(&out[..len], src);
+                self.send_datagram(&out[..len], src);
                 return None;
             }
             Err(_) => {

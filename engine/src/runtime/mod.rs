@@ -2,9 +2,10 @@
 //! table, over the pure layers below.
 //!
 //! ```text
-//!   send:  host/TUN/netstack --send_packet--> router --> Peer::encapsulate --> UDP
+//!   send:  host/TUN/netstack --send_packet--> router --> Peer::encapsulate --> UDP or relay
 //!   recv:  UDP --rx thread--> framing --> Peer::decapsulate --> source check
 //!          --> RxBurst (one receive call's packets) --> InnerSink::deliver_burst
+//!          relay --relay thread--^   (engine/relay_path.rs; see engine/docs/relay.md)
 //!   timer thread: Peer::update_timers every TIMER_TICK, rate limiter reset every second
 //!   UAPI: Engine::uapi_get / uapi_set, and UapiServer on /var/run/wireguard/IFNAME.sock
 //! ```

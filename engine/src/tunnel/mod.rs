@@ -19,6 +19,7 @@
 pub mod error;
 pub mod limits;
 pub mod message;
+pub mod relay;
 pub mod session;
 pub mod varint;
 

@@ -42,6 +42,8 @@ pub struct LossyRelay {
     /// Where B must send to reach A.
     pub toward_a: SocketAddr,
     pub stats: Arc<RelayStats>,
+    /// While set, every datagram is dropped (a blackholed UDP path).
+    blocked: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -69,6 +71,7 @@ fn forward(
     to: SocketAddr,
     profile: LinkProfile,
     stats: Arc<RelayStats>,
+    blocked: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 ) {
     let mut rng = Rng(profile.seed);
@@ -86,7 +89,7 @@ fn forward(
             }
         };
         let d = &buf[..n];
-        if rng.next_f64() < profile.drop {
+        if blocked.load(Relaxed) || rng.next_f64() < profile.drop {
             stats.dropped.fetch_add(1, Relaxed);
             continue;
         }
@@ -114,12 +117,13 @@ impl LossyRelay {
         let toward_a = UdpSocket::bind("127.0.0.1:0").unwrap();
         let stats = Arc::new(RelayStats::default());
         let stop = Arc::new(AtomicBool::new(false));
+        let blocked = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         let spawn = |from: &UdpSocket, out: &UdpSocket, to, seed| {
             let (from, out) = (from.try_clone().unwrap(), out.try_clone().unwrap());
-            let (stats, stop) = (stats.clone(), stop.clone());
+            let (stats, blocked, stop) = (stats.clone(), blocked.clone(), stop.clone());
             let profile = LinkProfile { seed, ..profile };
-            std::thread::spawn(move || forward(from, out, to, profile, stats, stop))
+            std::thread::spawn(move || forward(from, out, to, profile, stats, blocked, stop))
         };
         threads.push(spawn(&toward_b, &toward_a, b, profile.seed));
         threads.push(spawn(&toward_a, &toward_b, a, profile.seed ^ 0x5555));
@@ -127,9 +131,15 @@ impl LossyRelay {
             toward_b: toward_b.local_addr().unwrap(),
             toward_a: toward_a.local_addr().unwrap(),
             stats,
+            blocked,
             stop,
             threads,
         }
+    }
+
+    /// Blackholes the link (`true`) or restores it.
+    pub fn set_blocked(&self, blocked: bool) {
+        self.blocked.store(blocked, Relaxed);
     }
 
     /// Puts a relay between two engines that are peers of each other.

@@ -96,22 +96,7 @@ pub struct Agent {
 impl Agent {
     /// Starts connecting in the background.
     pub fn start(config: AgentConfig) -> Result<Self, TunnelError> {
-        let request = config
-            .url
-            .as_str()
-            .into_client_request()
-            .map_err(|e| TunnelError::Config(e.to_string()))?;
-        let scheme = request.uri().scheme_str().unwrap_or("");
-        if scheme == "wss" && config.tls.is_none() {
-            return Err(TunnelError::Config(
-                "wss:// needs a TLS configuration with the server's CA".into(),
-            ));
-        }
-        if scheme != "wss" && scheme != "ws" {
-            return Err(TunnelError::Config(format!(
-                "unsupported URL scheme {scheme:?}"
-            )));
-        }
+        check_url(&config.url, config.tls.is_some())?;
         let shared = Arc::new(AgentShared {
             config,
             stop: AtomicBool::new(false),
@@ -137,19 +122,9 @@ impl Agent {
 
     /// Waits until a session is up (`true`) or `timeout` passes.
     pub fn wait_connected(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut status = self.shared.status.lock();
-        while !status.connected {
-            if self
-                .shared
-                .changed
-                .wait_until(&mut status, deadline)
-                .timed_out()
-            {
-                return status.connected;
-            }
-        }
-        true
+        super::wait_for(&self.shared.status, &self.shared.changed, timeout, |s| {
+            s.connected
+        })
     }
 
     /// Stops and waits for the background thread; open streams fail.
@@ -176,6 +151,35 @@ impl Drop for Agent {
 }
 
 /// Cheap jitter without a random source: the clock's nanoseconds, mixed.
+/// Exponential backoff with jitter between reconnect attempts.
+pub(crate) struct Backoff {
+    initial: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Backoff {
+        Backoff {
+            initial,
+            max,
+            next: initial,
+        }
+    }
+
+    /// The wait before the next attempt: the full backoff times a factor
+    /// in [0.5, 1.0), doubling up to the maximum; a session that lasted
+    /// over 30 s starts again from the initial value.
+    pub(crate) fn next(&mut self, session_lasted: Duration) -> Duration {
+        if session_lasted > Duration::from_secs(30) {
+            self.next = self.initial;
+        }
+        let delay = self.next.mul_f64(0.5 + jitter_fraction() / 2.0);
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+}
+
 fn jitter_fraction() -> f64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -189,7 +193,7 @@ fn jitter_fraction() -> f64 {
 
 fn connect_loop(shared: &Arc<AgentShared>) {
     let config = &shared.config;
-    let mut backoff = config.backoff_initial;
+    let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
     while !shared.stop.load(Ordering::SeqCst) {
         let started = Instant::now();
         let result = connect_once(config).map(|ws| {
@@ -228,12 +232,7 @@ fn connect_loop(shared: &Arc<AgentShared>) {
             status.last_error = Some(error);
         }
         shared.changed.notify_all();
-        if started.elapsed() > Duration::from_secs(30) {
-            backoff = config.backoff_initial;
-        }
-        // Full backoff times a factor in [0.5, 1.0).
-        let delay = backoff.mul_f64(0.5 + jitter_fraction() / 2.0);
-        backoff = (backoff * 2).min(config.backoff_max);
+        let delay = backoff.next(started.elapsed());
         let deadline = Instant::now() + delay;
         let mut status = shared.status.lock();
         while !shared.stop.load(Ordering::SeqCst) && Instant::now() < deadline {
@@ -243,9 +242,55 @@ fn connect_loop(shared: &Arc<AgentShared>) {
 }
 
 fn connect_once(config: &AgentConfig) -> Result<tungstenite::WebSocket<Transport>, TunnelError> {
-    let mut request = config
+    open_websocket(
+        &WebsocketTarget {
+            url: &config.url,
+            tls: config.tls.as_ref(),
+            token: config.token.as_deref(),
+            headers: &config.headers,
+            timeout: config.handshake_timeout,
+        },
+        driver::websocket_config(),
+    )
+}
+
+/// Where a client websocket goes and how it authenticates.
+pub(crate) struct WebsocketTarget<'a> {
+    pub(crate) url: &'a str,
+    pub(crate) tls: Option<&'a Arc<rustls::ClientConfig>>,
+    pub(crate) token: Option<&'a str>,
+    pub(crate) headers: &'a [(String, String)],
+    pub(crate) timeout: Duration,
+}
+
+/// Checks a client URL: `wss://` with TLS settings, or `ws://` (tests).
+pub(crate) fn check_url(url: &str, has_tls: bool) -> Result<(), TunnelError> {
+    let request = url
+        .into_client_request()
+        .map_err(|e| TunnelError::Config(e.to_string()))?;
+    let scheme = request.uri().scheme_str().unwrap_or("");
+    if scheme == "wss" && !has_tls {
+        return Err(TunnelError::Config(
+            "wss:// needs a TLS configuration with the server's CA".into(),
+        ));
+    }
+    if scheme != "wss" && scheme != "ws" {
+        return Err(TunnelError::Config(format!(
+            "unsupported URL scheme {scheme:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Connects, runs TLS and the HTTP upgrade. The socket stays in handshake
+/// mode (blocking, with the deadline `target.timeout` from now) so the
+/// caller can finish its own exchange within the same deadline.
+pub(crate) fn open_websocket(
+    target: &WebsocketTarget<'_>,
+    ws_config: tungstenite::protocol::WebSocketConfig,
+) -> Result<tungstenite::WebSocket<Transport>, TunnelError> {
+    let mut request = target
         .url
-        .as_str()
         .into_client_request()
         .map_err(|e| TunnelError::Config(e.to_string()))?;
     let uri = request.uri().clone();
@@ -258,24 +303,24 @@ fn connect_once(config: &AgentConfig) -> Result<tungstenite::WebSocket<Transport
         .trim_end_matches(']')
         .to_owned();
     let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
-    if let Some(token) = &config.token {
+    if let Some(token) = target.token {
         let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
             .map_err(|_| TunnelError::Config("token is not a valid header value".into()))?;
         value.set_sensitive(true);
         request.headers_mut().insert("Authorization", value);
     }
-    for (name, value) in &config.headers {
+    for (name, value) in target.headers {
         let name = tungstenite::http::HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| TunnelError::Config(format!("bad header name {name}")))?;
         let value = HeaderValue::from_str(value)
             .map_err(|_| TunnelError::Config("bad header value".into()))?;
         request.headers_mut().insert(name, value);
     }
-    let deadline = Instant::now() + config.handshake_timeout;
+    let deadline = Instant::now() + target.timeout;
     let mut last = None;
     let mut tcp = None;
     for addr in (host.as_str(), port).to_socket_addrs()? {
-        match TcpStream::connect_timeout(&addr, config.handshake_timeout) {
+        match TcpStream::connect_timeout(&addr, target.timeout) {
             Ok(s) => {
                 tcp = Some(s);
                 break;
@@ -291,9 +336,9 @@ fn connect_once(config: &AgentConfig) -> Result<tungstenite::WebSocket<Transport
     tcp.set_nodelay(true)?;
     let sock = Socket::with_deadline(tcp, deadline);
     let transport = if secure {
-        let tls = config
+        let tls = target
             .tls
-            .clone()
+            .cloned()
             .ok_or_else(|| TunnelError::Config("wss:// needs TLS settings".into()))?;
         let name = rustls::pki_types::ServerName::try_from(host.clone())
             .map_err(|_| TunnelError::Config(format!("bad server name {host}")))?;
@@ -303,17 +348,15 @@ fn connect_once(config: &AgentConfig) -> Result<tungstenite::WebSocket<Transport
     } else {
         Transport::plain(sock)
     };
-    let (ws, _response) = tungstenite::client::client_with_config(
-        request,
-        transport,
-        Some(driver::websocket_config()),
-    )
-    .map_err(|e| match e {
-        tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => {
-            TunnelError::Handshake(format!("server answered HTTP {}", resp.status()))
-        }
-        other => TunnelError::Handshake(other.to_string()),
-    })?;
+    let (ws, _response) =
+        tungstenite::client::client_with_config(request, transport, Some(ws_config)).map_err(
+            |e| match e {
+                tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => {
+                    TunnelError::Handshake(format!("server answered HTTP {}", resp.status()))
+                }
+                other => TunnelError::Handshake(other.to_string()),
+            },
+        )?;
     Ok(ws)
 }
 

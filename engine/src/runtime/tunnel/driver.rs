@@ -147,15 +147,7 @@ fn drive(
     client_key: String,
     hooks: &dyn SessionHooks,
 ) -> io::Result<String> {
-    ws.get_mut().sock.enter_session_mode()?;
-    let mut poll = Poll::new()?;
-    let fd = ws.get_ref().sock.raw_fd();
-    poll.registry().register(
-        &mut SourceFd(&fd),
-        SOCKET,
-        Interest::READABLE | Interest::WRITABLE,
-    )?;
-    let waker = Waker::new(poll.registry(), WAKER)?;
+    let (mut poll, waker) = session_poll(ws)?;
     let shared = Arc::new(SessionShared {
         inner: Mutex::new(Inner {
             core: TunnelSession::new(role, limits, Instant::now()),
@@ -179,7 +171,76 @@ fn drive(
     Ok(reason)
 }
 
-fn is_would_block(e: &tungstenite::Error) -> bool {
+/// Switches the websocket's socket to non-blocking session mode and
+/// registers it (token `SOCKET`, edge-triggered, both directions) with a
+/// new poll, plus a waker (token `WAKER`) for other threads.
+pub(crate) fn session_poll(ws: &mut WebSocket<Transport>) -> io::Result<(Poll, Waker)> {
+    ws.get_mut().sock.enter_session_mode()?;
+    let poll = Poll::new()?;
+    let fd = ws.get_ref().sock.raw_fd();
+    poll.registry().register(
+        &mut SourceFd(&fd),
+        SOCKET,
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    let waker = Waker::new(poll.registry(), WAKER)?;
+    Ok((poll, waker))
+}
+
+/// What one read from a session's websocket gave.
+pub(crate) enum Received {
+    Binary(Bytes),
+    /// A ping or pong (tungstenite queues the pong for a ping itself).
+    Keepalive,
+    /// A partial frame or nothing of interest.
+    Other,
+    /// The socket would block.
+    Blocked,
+}
+
+/// Reads one message; `Err` is why the session ends (text messages, close,
+/// errors).
+pub(crate) fn read_one(ws: &mut WebSocket<Transport>) -> Result<Received, String> {
+    match ws.read() {
+        Ok(Message::Binary(b)) => Ok(Received::Binary(b)),
+        Ok(Message::Ping(_) | Message::Pong(_)) => Ok(Received::Keepalive),
+        Ok(Message::Frame(_)) => Ok(Received::Other),
+        Ok(Message::Text(_)) => Err("peer sent a text message".into()),
+        Ok(Message::Close(_)) => Err("peer closed the websocket".into()),
+        Err(e) if is_would_block(&e) => Ok(Received::Blocked),
+        Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+            Err("websocket closed".into())
+        }
+        Err(e) => Err(format!("websocket read: {e}")),
+    }
+}
+
+/// Writes `stalled`, then what `next` yields, until tungstenite's buffer is
+/// full (the message that did not fit goes back to `stalled`; flush, then
+/// call again) or the socket would block (the frame is buffered; the flush
+/// says whether the socket is full). Returns whether anything was written.
+pub(crate) fn write_queued(
+    ws: &mut WebSocket<Transport>,
+    stalled: &mut Option<Message>,
+    mut next: impl FnMut() -> Option<Message>,
+) -> Result<bool, String> {
+    let mut wrote = false;
+    while let Some(msg) = stalled.take().or_else(&mut next) {
+        wrote = true;
+        match ws.write(msg) {
+            Ok(()) => {}
+            Err(tungstenite::Error::WriteBufferFull(m)) => {
+                *stalled = Some(*m);
+                break;
+            }
+            Err(e) if is_would_block(&e) => break,
+            Err(e) => return Err(format!("websocket write: {e}")),
+        }
+    }
+    Ok(wrote)
+}
+
+pub(crate) fn is_would_block(e: &tungstenite::Error) -> bool {
     matches!(e, tungstenite::Error::Io(io) if io.kind() == io::ErrorKind::WouldBlock)
 }
 
@@ -204,20 +265,15 @@ fn pump_websocket(
             batch.clear();
             let mut keepalives = 0usize;
             while batch.len() < READ_BATCH {
-                match ws.read() {
-                    Ok(Message::Binary(b)) => batch.push(b),
-                    Ok(Message::Ping(_) | Message::Pong(_)) => keepalives += 1,
-                    Ok(Message::Text(_)) => return "peer sent a text message".into(),
-                    Ok(Message::Close(_)) => return "peer closed the websocket".into(),
-                    Ok(Message::Frame(_)) => {}
-                    Err(e) if is_would_block(&e) => {
+                match read_one(ws) {
+                    Ok(Received::Binary(b)) => batch.push(b),
+                    Ok(Received::Keepalive) => keepalives += 1,
+                    Ok(Received::Other) => {}
+                    Ok(Received::Blocked) => {
                         read_blocked = true;
                         break;
                     }
-                    Err(
-                        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed,
-                    ) => return "websocket closed".into(),
-                    Err(e) => return format!("websocket read: {e}"),
+                    Err(reason) => return reason,
                 }
             }
             if batch.is_empty() && keepalives == 0 {
@@ -242,8 +298,7 @@ fn pump_websocket(
         }
 
         // Timers, stop requests, and everything queued to send.
-        let mut wrote_any = false;
-        {
+        let wrote_any = {
             let mut inner = shared.lock();
             if let Some(reason) = inner.stop.take() {
                 return reason;
@@ -251,30 +306,18 @@ fn pump_websocket(
             if let Err(e) = inner.core.handle_timeout(Instant::now()) {
                 return e.to_string();
             }
-            loop {
-                let msg = match stalled.take() {
-                    Some(m) => m,
-                    None => match inner.core.poll_transmit() {
-                        Some(Transmit::Message(m)) => Message::Binary(Bytes::from(m)),
-                        Some(Transmit::Ping) => Message::Ping(Bytes::new()),
-                        None => break,
-                    },
-                };
-                wrote_any = true;
-                match ws.write(msg) {
-                    Ok(()) => {}
-                    Err(tungstenite::Error::WriteBufferFull(m)) => {
-                        // Not the socket: flush below, then go on.
-                        stalled = Some(*m);
-                        break;
-                    }
-                    // The frame is buffered; the flush below says whether the socket is full.
-                    Err(e) if is_would_block(&e) => break,
-                    Err(e) => return format!("websocket write: {e}"),
-                }
-            }
+            let next = || match inner.core.poll_transmit() {
+                Some(Transmit::Message(m)) => Some(Message::Binary(Bytes::from(m))),
+                Some(Transmit::Ping) => Some(Message::Ping(Bytes::new())),
+                None => None,
+            };
+            let wrote = match write_queued(ws, &mut stalled, next) {
+                Ok(w) => w,
+                Err(e) => return e,
+            };
             deliver(&mut inner, &mut incoming);
-        }
+            wrote
+        };
         let write_blocked = match ws.flush() {
             Ok(()) => false,
             Err(e) if is_would_block(&e) => true,

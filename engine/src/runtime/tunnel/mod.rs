@@ -14,6 +14,9 @@
 
 mod agent;
 mod driver;
+mod relay_client;
+mod relay_pump;
+mod relay_server;
 mod server;
 mod stream;
 mod target;
@@ -21,13 +24,37 @@ pub mod tls;
 mod transport;
 
 pub use agent::{Agent, AgentConfig, AgentStatus};
+pub use relay_client::{RelayClient, RelayConfig, RelayOwner, RelayStatus};
+pub use relay_server::{RelayServerConfig, RelayServerStats, RELAY_PATH};
 pub use server::{ServerAuth, ServerConfig, TunnelServer};
 pub use stream::TunnelStream;
 pub use target::{
     pump, AllowList, ConnectPolicy, DialedTarget, OsDialer, TargetDialer, TargetPattern,
 };
 
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
 use crate::tunnel::DialError;
+
+/// Waits on `changed` until `done` holds for the value behind `lock`
+/// (`true`) or `timeout` passes (`false`, unless it holds by then).
+pub(crate) fn wait_for<T>(
+    lock: &Mutex<T>,
+    changed: &Condvar,
+    timeout: Duration,
+    done: impl Fn(&T) -> bool,
+) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut value = lock.lock();
+    while !done(&value) {
+        if changed.wait_until(&mut value, deadline).timed_out() {
+            return done(&value);
+        }
+    }
+    true
+}
 
 /// Errors of the tunnel runtime.
 #[derive(Debug, thiserror::Error)]

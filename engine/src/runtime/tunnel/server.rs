@@ -20,6 +20,8 @@ use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::http::StatusCode;
 
 use super::driver::{self, Incoming, SessionHooks, SessionShared};
+use super::relay_pump;
+use super::relay_server::{Relay, RelayServerConfig, RelayServerStats};
 use super::tls::certificate_common_name;
 use super::transport::{Socket, Transport};
 use super::{TunnelError, TunnelStream};
@@ -82,6 +84,8 @@ pub struct ServerConfig {
     pub handshake_timeout: Duration,
     /// Handshakes in progress at once; more connections are closed at once.
     pub max_handshakes: usize,
+    /// Also serve the WireGuard relay (on its own path).
+    pub relay: Option<RelayServerConfig>,
 }
 
 impl ServerConfig {
@@ -97,6 +101,7 @@ impl ServerConfig {
             limits: Limits::default(),
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 256,
+            relay: None,
         }
     }
 }
@@ -108,6 +113,7 @@ struct ServerShared {
     handshakes: AtomicUsize,
     sessions: Mutex<HashMap<String, Arc<SessionShared>>>,
     changed: Condvar,
+    relay: Option<Relay>,
 }
 
 /// A running tunnel server. Dropping it stops listening and ends its sessions.
@@ -122,6 +128,7 @@ impl TunnelServer {
         let listener = TcpListener::bind(addr)?;
         let shared = Arc::new(ServerShared {
             local_addr: listener.local_addr()?,
+            relay: config.relay.clone().map(Relay::new),
             config,
             stop: AtomicBool::new(false),
             handshakes: AtomicUsize::new(0),
@@ -149,21 +156,16 @@ impl TunnelServer {
         keys
     }
 
+    /// The relay's counters, when it serves one.
+    pub fn relay_stats(&self) -> Option<RelayServerStats> {
+        self.shared.relay.as_ref().map(Relay::stats)
+    }
+
     /// Waits until `client_key` has a session (`true`) or `timeout` passes.
     pub fn wait_for_client(&self, client_key: &str, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut sessions = self.shared.sessions.lock();
-        while !sessions.contains_key(client_key) {
-            if self
-                .shared
-                .changed
-                .wait_until(&mut sessions, deadline)
-                .timed_out()
-            {
-                return sessions.contains_key(client_key);
-            }
-        }
-        true
+        super::wait_for(&self.shared.sessions, &self.shared.changed, timeout, |s| {
+            s.contains_key(client_key)
+        })
     }
 
     /// Opens a connection to `proto/address` as seen from the agent `client_key`.
@@ -209,6 +211,9 @@ impl TunnelServer {
         for session in self.shared.sessions.lock().values() {
             session.stop("server shutting down");
         }
+        if let Some(relay) = &self.shared.relay {
+            relay.stop_all();
+        }
     }
 }
 
@@ -243,9 +248,13 @@ fn accept_loop(shared: &Arc<ServerShared>, listener: TcpListener) {
             .spawn(move || {
                 let peer = tcp.peer_addr().ok();
                 match handshake(&worker.config, tcp) {
-                    Ok((ws, client_key)) => {
+                    Ok((ws, Upgraded::Tunnel(client_key))) => {
                         worker.handshakes.fetch_sub(1, Ordering::SeqCst);
                         serve_session(&worker, ws, client_key);
+                    }
+                    Ok((ws, Upgraded::Relay)) => {
+                        // The key proof still counts as handshake (deadline and slot).
+                        serve_relay(&worker, ws);
                     }
                     Err(e) => {
                         worker.handshakes.fetch_sub(1, Ordering::SeqCst);
@@ -265,12 +274,20 @@ fn reject(status: StatusCode, text: &str) -> ErrorResponse {
     response
 }
 
+/// What a connection upgraded to.
+enum Upgraded {
+    /// A tunnel agent, authenticated as this client key.
+    Tunnel(String),
+    /// A relay client; it proves its key next.
+    Relay,
+}
+
 // tungstenite's callback returns its `ErrorResponse` (an http::Response) by value.
 #[allow(clippy::result_large_err)]
 fn handshake(
     config: &ServerConfig,
     tcp: TcpStream,
-) -> Result<(tungstenite::WebSocket<Transport>, String), TunnelError> {
+) -> Result<(tungstenite::WebSocket<Transport>, Upgraded), TunnelError> {
     tcp.set_nodelay(true)?;
     let sock = Socket::with_deadline(tcp, Instant::now() + config.handshake_timeout);
     let transport = match &config.tls {
@@ -285,7 +302,26 @@ fn handshake(
         .peer_leaf_certificate()
         .and_then(certificate_common_name);
     let mut client_key = None;
+    let mut relay = false;
     let callback = |request: &Request, response: Response| {
+        if let Some(r) = config
+            .relay
+            .as_ref()
+            .filter(|r| request.uri().path() == r.path)
+        {
+            // Relay clients prove their WireGuard key next; the tunnel's
+            // credentials only when asked for.
+            if r.require_auth
+                && config
+                    .auth
+                    .client_key(request, cert_cn.as_deref())
+                    .is_none()
+            {
+                return Err(reject(StatusCode::UNAUTHORIZED, "failed authentication"));
+            }
+            relay = true;
+            return Ok(response);
+        }
         if request.uri().path() != config.path {
             return Err(reject(StatusCode::NOT_FOUND, "not found"));
         }
@@ -297,11 +333,35 @@ fn handshake(
             None => Err(reject(StatusCode::UNAUTHORIZED, "failed authentication")),
         }
     };
-    let ws =
+    let mut ws =
         tungstenite::accept_hdr_with_config(transport, callback, Some(driver::websocket_config()))
             .map_err(|e| TunnelError::Handshake(e.to_string()))?;
+    if relay {
+        ws.set_config(|c| *c = relay_pump::websocket_config());
+        return Ok((ws, Upgraded::Relay));
+    }
     let client_key = client_key.ok_or_else(|| TunnelError::Handshake("no client key".into()))?;
-    Ok((ws, client_key))
+    Ok((ws, Upgraded::Tunnel(client_key)))
+}
+
+fn serve_relay(shared: &Arc<ServerShared>, ws: tungstenite::WebSocket<Transport>) {
+    let Some(relay) = &shared.relay else {
+        shared.handshakes.fetch_sub(1, Ordering::SeqCst);
+        return;
+    };
+    let peer = ws.get_ref().sock.tcp.peer_addr().ok();
+    let mut counted = true;
+    let result = relay.serve(ws, &mut || {
+        if std::mem::take(&mut counted) {
+            shared.handshakes.fetch_sub(1, Ordering::SeqCst);
+        }
+    });
+    if counted {
+        shared.handshakes.fetch_sub(1, Ordering::SeqCst);
+    }
+    if let Err(e) = result {
+        tracing::info!(?peer, error = %e, "relay: registration refused");
+    }
 }
 
 struct ServerHooks {

@@ -1,0 +1,229 @@
+//! The relay service of a tunnel server: WireGuard datagrams between clients
+//! that cannot reach each other over UDP, forwarded by public key, never
+//! decrypted (the relay has no key that could).
+//!
+//! A client upgrades on the relay path of the same HTTPS listener, proves it
+//! owns the private key of the public key it registers
+//! ([`crate::tunnel::relay`]), and then sends `[destination key][datagram]`
+//! messages; each is re-tagged `[source key][datagram]` and queued to the
+//! destination's session. A frame to a key with no session, or to a session
+//! whose queue is full, is dropped and counted. A newer registration of a
+//! key replaces (and ends) the older session.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use ring::rand::SecureRandom;
+use tungstenite::{Message, WebSocket};
+
+use super::relay_pump::{exporter, read_binary, Outbox, Pump, PumpTimers};
+use super::transport::Transport;
+use super::TunnelError;
+use crate::config::PublicKey;
+use crate::tunnel::relay::{Frame, ServerHandshake, ACCEPTED, KEY_LEN};
+
+/// The default upgrade path of the relay.
+pub const RELAY_PATH: &str = "/v1-meshvpn/relay";
+
+/// Relay settings of a [`super::TunnelServer`].
+#[derive(Debug, Clone)]
+pub struct RelayServerConfig {
+    /// The upgrade path (next to the tunnel's own on the same listener).
+    pub path: String,
+    /// Only these keys may register; `None` admits any key whose owner
+    /// proves possession.
+    pub allowed_keys: Option<Vec<PublicKey>>,
+    /// Messages queued toward one client before new ones are dropped.
+    pub queue: usize,
+    /// A session with no message (clients ping every 15 s) for this long ends.
+    pub idle: Duration,
+    /// Also require the tunnel's own credentials (a bearer token or a client
+    /// certificate, as for agents) before the key proof.
+    pub require_auth: bool,
+}
+
+impl Default for RelayServerConfig {
+    fn default() -> Self {
+        RelayServerConfig {
+            path: RELAY_PATH.into(),
+            allowed_keys: None,
+            queue: 1024,
+            idle: Duration::from_secs(60),
+            require_auth: false,
+        }
+    }
+}
+
+/// Counters of a relay, since it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayServerStats {
+    /// Keys with a live session.
+    pub clients: usize,
+    pub registrations: u64,
+    /// Registrations that replaced a live session of the same key.
+    pub replaced: u64,
+    /// Proofs that failed, and keys outside `allowed_keys`.
+    pub refused: u64,
+    pub forwarded: u64,
+    /// Frames to a key without a session.
+    pub dropped_unknown: u64,
+    /// Frames to a session whose queue was full.
+    pub dropped_full: u64,
+    /// Frames too short to hold a key and a datagram.
+    pub dropped_malformed: u64,
+}
+
+struct Client {
+    session: u64,
+    outbox: Arc<Outbox>,
+}
+
+#[derive(Default)]
+struct Counters {
+    registrations: AtomicU64,
+    replaced: AtomicU64,
+    refused: AtomicU64,
+    forwarded: AtomicU64,
+    dropped_unknown: AtomicU64,
+    dropped_full: AtomicU64,
+    dropped_malformed: AtomicU64,
+    sessions: AtomicU64,
+}
+
+/// The registry of relay clients, shared by the server's session threads.
+pub(crate) struct Relay {
+    pub(crate) config: RelayServerConfig,
+    clients: RwLock<HashMap<[u8; KEY_LEN], Client>>,
+    counters: Counters,
+}
+
+impl Relay {
+    pub(crate) fn new(config: RelayServerConfig) -> Relay {
+        Relay {
+            config,
+            clients: RwLock::new(HashMap::new()),
+            counters: Counters::default(),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> RelayServerStats {
+        let c = &self.counters;
+        RelayServerStats {
+            clients: self.clients.read().len(),
+            registrations: c.registrations.load(Relaxed),
+            replaced: c.replaced.load(Relaxed),
+            refused: c.refused.load(Relaxed),
+            forwarded: c.forwarded.load(Relaxed),
+            dropped_unknown: c.dropped_unknown.load(Relaxed),
+            dropped_full: c.dropped_full.load(Relaxed),
+            dropped_malformed: c.dropped_malformed.load(Relaxed),
+        }
+    }
+
+    /// Ends every session (server shutdown).
+    pub(crate) fn stop_all(&self) {
+        for c in self.clients.read().values() {
+            c.outbox.stop();
+        }
+    }
+
+    /// Serves one upgraded websocket: the key proof (still within the
+    /// handshake deadline), then frames until the session ends.
+    /// `registered` runs once the proof is settled, either way.
+    pub(crate) fn serve(
+        &self,
+        mut ws: WebSocket<Transport>,
+        registered: &mut dyn FnMut(),
+    ) -> Result<String, TunnelError> {
+        let proof = self.authenticate(&mut ws);
+        registered();
+        let key = match proof {
+            Ok(k) => k,
+            Err(e) => {
+                self.counters.refused.fetch_add(1, Relaxed);
+                let _ = ws.close(None);
+                let _ = ws.flush();
+                return Err(e);
+            }
+        };
+        let mut pump = Pump::new(&mut ws, self.config.queue)?;
+        let session = self.counters.sessions.fetch_add(1, Relaxed);
+        let old = self.clients.write().insert(
+            key,
+            Client {
+                session,
+                outbox: pump.outbox(),
+            },
+        );
+        self.counters.registrations.fetch_add(1, Relaxed);
+        if let Some(old) = old {
+            self.counters.replaced.fetch_add(1, Relaxed);
+            old.outbox.stop();
+        }
+        let who = PublicKey::from_bytes(key);
+        tracing::info!(key = %who, "relay: client registered");
+        let timers = PumpTimers {
+            ping_every: None,
+            idle: self.config.idle,
+        };
+        let reason = pump.run(&mut ws, &timers, &mut |m| self.forward(&key, m));
+        let mut clients = self.clients.write();
+        if clients.get(&key).is_some_and(|c| c.session == session) {
+            clients.remove(&key);
+        }
+        drop(clients);
+        tracing::info!(key = %who, %reason, "relay: client gone");
+        Ok(reason)
+    }
+
+    fn authenticate(&self, ws: &mut WebSocket<Transport>) -> Result<[u8; KEY_LEN], TunnelError> {
+        let mut random = [0u8; 64];
+        ring::rand::SystemRandom::new()
+            .fill(&mut random)
+            .map_err(|_| TunnelError::Config("no system randomness".into()))?;
+        let hs = ServerHandshake::new(random);
+        ws.send(Message::Binary(Bytes::copy_from_slice(&hs.challenge())))
+            .map_err(|e| TunnelError::Handshake(e.to_string()))?;
+        let proof = read_binary(ws)?;
+        let key = hs
+            .verify(&proof, &exporter(ws.get_ref())?)
+            .map_err(|e| TunnelError::Handshake(format!("relay registration: {e}")))?;
+        if let Some(allowed) = &self.config.allowed_keys {
+            if !allowed.iter().any(|k| k.as_bytes() == &key) {
+                return Err(TunnelError::Handshake(format!(
+                    "relay registration: key {} is not allowed",
+                    PublicKey::from_bytes(key)
+                )));
+            }
+        }
+        ws.send(Message::Binary(Bytes::copy_from_slice(&ACCEPTED)))
+            .map_err(|e| TunnelError::Handshake(e.to_string()))?;
+        Ok(key)
+    }
+
+    fn forward(&self, source: &[u8; KEY_LEN], message: Bytes) {
+        let mut message = Vec::from(message);
+        let destination = match Frame::decode(&message) {
+            Ok(f) => *f.key,
+            Err(_) => {
+                self.counters.dropped_malformed.fetch_add(1, Relaxed);
+                return;
+            }
+        };
+        message[..KEY_LEN].copy_from_slice(source);
+        let clients = self.clients.read();
+        let Some(to) = clients.get(&destination) else {
+            self.counters.dropped_unknown.fetch_add(1, Relaxed);
+            return;
+        };
+        if to.outbox.push(Bytes::from(message)) {
+            self.counters.forwarded.fetch_add(1, Relaxed);
+        } else {
+            self.counters.dropped_full.fetch_add(1, Relaxed);
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! WireGuard over the websocket relay: two engines whose UDP path is
+//! blackholed talk through a real TLS relay server and move back to UDP
+//! when it returns; the relay's registration proof, forwarding,
+//! replacement, unknown keys and size limits over real sockets.
+
+mod common;
+mod tunnel_support;
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use meshvpn_engine::peer::{PeerPath, PeerStats};
+use meshvpn_engine::runtime::tunnel::{
+    tls, RelayClient, RelayConfig, RelayOwner, RelayServerConfig, ServerAuth, ServerConfig,
+    TunnelServer, RELAY_PATH,
+};
+use meshvpn_engine::tunnel::relay::{self, MAX_FRAME};
+use meshvpn_engine::{Engine, PrivateKey};
+use tungstenite::Message;
+
+use common::lossy_relay::{LinkProfile, LossyRelay};
+use common::{mesh, udp_packet, wait_until};
+use tunnel_support::{loopback, pki, Pki};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn relay_server(pki: Option<&Pki>) -> TunnelServer {
+    let tls = pki.map(|p| {
+        tls::server_config(
+            p.server_cert.as_bytes(),
+            p.server_key.as_bytes(),
+            None,
+            false,
+        )
+        .unwrap()
+    });
+    let mut config = ServerConfig::new("/v1-k3s/connect", tls, ServerAuth::default());
+    config.relay = Some(RelayServerConfig::default());
+    TunnelServer::bind(loopback(), config).unwrap()
+}
+
+fn relay_config(pki: &Pki, server: SocketAddr) -> RelayConfig {
+    let tls = tls::client_config(pki.ca_pem.as_bytes(), None).unwrap();
+    let mut c = RelayConfig::new(format!("wss://{server}{RELAY_PATH}"), Some(tls));
+    c.backoff_initial = Duration::from_millis(100);
+    c.backoff_max = Duration::from_millis(500);
+    c.probe_interval = Duration::from_secs(1);
+    c
+}
+
+fn peer_of(engine: &Engine, key: &PrivateKey) -> PeerStats {
+    engine.peer_stats(&key.public_key()).unwrap()
+}
+
+/// Sends packets from `from` until one arrives at `to` (or `WAIT` passes).
+fn traffic_flows(from: &Engine, to: &Engine, src: std::net::IpAddr, dst: std::net::IpAddr) -> bool {
+    let deadline = Instant::now() + WAIT;
+    for seed in 0..=255u8 {
+        let p = udp_packet(src, dst, 200, seed);
+        let _ = from.send_packet(&p);
+        while let Some(got) = to.recv_packet(Duration::from_millis(300)) {
+            if *got == p[..] {
+                return true;
+            }
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+    }
+    false
+}
+
+#[test]
+fn engines_fall_back_to_the_relay_and_return_to_udp() {
+    let pki = pki();
+    let server = relay_server(Some(&pki));
+    let nodes = mesh(2, false);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let link = LossyRelay::between(
+        &a.engine,
+        a.key.public_key(),
+        &b.engine,
+        b.key.public_key(),
+        LinkProfile {
+            drop: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+            seed: 1,
+        },
+    );
+    link.set_blocked(true);
+    for n in &nodes {
+        n.engine
+            .start_relay(relay_config(&pki, server.local_addr()))
+            .unwrap();
+    }
+    for n in &nodes {
+        assert!(
+            n.engine.wait_relay_connected(WAIT),
+            "{:?}",
+            n.engine.relay_status()
+        );
+    }
+    assert_eq!(server.relay_stats().unwrap().clients, 2);
+
+    // UDP blackholed: the handshake goes unanswered, then the relay carries it.
+    assert!(
+        traffic_flows(&a.engine, &b.engine, a.v4, b.v4),
+        "nothing through the relay: {:?} {:?}",
+        a.engine.relay_status(),
+        server.relay_stats()
+    );
+    assert!(traffic_flows(&b.engine, &a.engine, b.v4, a.v4));
+    assert_eq!(peer_of(&a.engine, &b.key).path, PeerPath::Relay);
+    assert_eq!(peer_of(&b.engine, &a.key).path, PeerPath::Relay);
+    // wg show sees the reserved "via relay" endpoint.
+    let shown = peer_of(&a.engine, &b.key).endpoint.unwrap();
+    assert!(shown.to_string().starts_with("[100::"), "{shown}");
+    let relayed = server.relay_stats().unwrap().forwarded;
+    assert!(relayed >= 4, "relay forwarded {relayed}");
+    assert!(a.engine.relay_status().unwrap().frames_received > 0);
+    // v6 inside too.
+    assert!(traffic_flows(&a.engine, &b.engine, a.v6, b.v6));
+
+    // UDP back: probes over UDP get answered and both move back.
+    link.set_blocked(false);
+    let back = wait_until(WAIT, || {
+        let _ = a.engine.send_packet(&udp_packet(a.v4, b.v4, 50, 1));
+        let _ = b.engine.send_packet(&udp_packet(b.v4, a.v4, 50, 2));
+        while a.engine.recv_packet(Duration::ZERO).is_some() {}
+        while b.engine.recv_packet(Duration::ZERO).is_some() {}
+        peer_of(&a.engine, &b.key).path == PeerPath::Udp
+            && peer_of(&b.engine, &a.key).path == PeerPath::Udp
+    });
+    assert!(
+        back,
+        "still on the relay: {:?} {:?}",
+        peer_of(&a.engine, &b.key).endpoint,
+        peer_of(&b.engine, &a.key).endpoint
+    );
+    assert_eq!(peer_of(&a.engine, &b.key).endpoint, Some(link.toward_b));
+    let forwarded_before = link
+        .stats
+        .forwarded
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(traffic_flows(&a.engine, &b.engine, a.v4, b.v4));
+    assert!(traffic_flows(&b.engine, &a.engine, b.v4, a.v4));
+    assert!(
+        link.stats
+            .forwarded
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > forwarded_before
+    );
+
+    // Stopping the relay leaves UDP peers alone.
+    a.engine.stop_relay();
+    assert!(a.engine.relay_status().is_none());
+    assert!(traffic_flows(&a.engine, &b.engine, a.v4, b.v4));
+}
+
+fn secret(key: &PrivateKey) -> boringtun::x25519::StaticSecret {
+    boringtun::x25519::StaticSecret::from(*key.as_bytes())
+}
+
+/// What a test owner was handed: (source key, datagram).
+type Delivered = ([u8; 32], Vec<u8>);
+
+/// A relay owner for tests: a fixed key, deliveries into a channel.
+struct Owner {
+    key: PrivateKey,
+    got: Sender<Delivered>,
+}
+
+impl RelayOwner for Owner {
+    fn static_secret(&self) -> Option<boringtun::x25519::StaticSecret> {
+        Some(secret(&self.key))
+    }
+    fn deliver(&self, source: &[u8; 32], datagram: &[u8]) {
+        let _ = self.got.send((*source, datagram.to_vec()));
+    }
+}
+
+fn client(
+    pki: &Pki,
+    server: &TunnelServer,
+    key: &PrivateKey,
+) -> (RelayClient, Receiver<Delivered>) {
+    let (tx, rx) = unbounded();
+    let owner = Arc::new(Owner {
+        key: key.clone(),
+        got: tx,
+    });
+    let c = RelayClient::start(relay_config(pki, server.local_addr()), owner).unwrap();
+    assert!(c.wait_connected(WAIT), "{:?}", c.status());
+    (c, rx)
+}
+
+#[test]
+fn relay_forwards_by_key_and_drops_unknown_keys() {
+    let pki = pki();
+    let server = relay_server(Some(&pki));
+    let (k1, k2) = (PrivateKey::generate(), PrivateKey::generate());
+    let (c1, rx1) = client(&pki, &server, &k1);
+    let (c2, rx2) = client(&pki, &server, &k2);
+
+    assert!(c1.send(k2.public_key().as_bytes(), b"\x04datagram one"));
+    let (src, d) = rx2.recv_timeout(WAIT).unwrap();
+    assert_eq!(
+        src,
+        *k1.public_key().as_bytes(),
+        "tagged with the sender's key"
+    );
+    assert_eq!(d, b"\x04datagram one");
+    assert!(c2.send(k1.public_key().as_bytes(), b"\x04back"));
+    assert_eq!(rx1.recv_timeout(WAIT).unwrap().1, b"\x04back");
+
+    // A key with no session: dropped and counted.
+    let nobody = PrivateKey::generate().public_key();
+    assert!(c1.send(nobody.as_bytes(), b"\x04lost"));
+    assert!(wait_until(WAIT, || server
+        .relay_stats()
+        .unwrap()
+        .dropped_unknown
+        == 1));
+    // Oversized datagrams never leave the client.
+    assert!(!c1.send(
+        k2.public_key().as_bytes(),
+        &vec![4u8; relay::MAX_DATAGRAM + 1]
+    ));
+    assert!(!c1.send(k2.public_key().as_bytes(), &[]));
+
+    // k1 registers again from a new client: frames go to the new one.
+    drop(c1);
+    let (c3, rx3) = client(&pki, &server, &k1);
+    assert!(c2.send(k1.public_key().as_bytes(), b"\x04to the new one"));
+    assert_eq!(rx3.recv_timeout(WAIT).unwrap().1, b"\x04to the new one");
+    let stats = server.relay_stats().unwrap();
+    assert_eq!(stats.registrations, 3);
+    assert_eq!(stats.clients, 2);
+    drop(c3);
+    assert!(wait_until(WAIT, || server.relay_stats().unwrap().clients == 1));
+}
+
+type Ws = tungstenite::WebSocket<TcpStream>;
+
+/// A raw websocket to a plain-HTTP relay (the test owns every byte).
+fn raw(server: &TunnelServer) -> Ws {
+    let tcp = TcpStream::connect(server.local_addr()).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    let url = format!("ws://{}{RELAY_PATH}", server.local_addr());
+    tungstenite::client(url, tcp).unwrap().0
+}
+
+fn binary(ws: &mut Ws) -> Option<Bytes> {
+    loop {
+        match ws.read() {
+            Ok(Message::Binary(b)) => return Some(b),
+            Ok(Message::Ping(_) | Message::Pong(_)) => {}
+            _ => return None,
+        }
+    }
+}
+
+fn register(server: &TunnelServer, key: &PrivateKey) -> Ws {
+    let mut ws = raw(server);
+    let challenge = binary(&mut ws).unwrap();
+    // A plain connection has no TLS session: its exporter value is zeros.
+    let proof = relay::prove(&challenge, &secret(key), &[0; 32]).unwrap();
+    ws.send(Message::Binary(Bytes::copy_from_slice(&proof)))
+        .unwrap();
+    assert_eq!(&binary(&mut ws).unwrap()[..], &relay::ACCEPTED);
+    ws
+}
+
+#[test]
+fn relay_refuses_bad_proofs_and_bounds_messages() {
+    let server = relay_server(None);
+
+    // A proof for another key than the one claimed: refused, connection closed.
+    let mut ws = raw(&server);
+    let challenge = binary(&mut ws).unwrap();
+    let mut proof = relay::prove(&challenge, &secret(&PrivateKey::generate()), &[0; 32]).unwrap();
+    proof[1..33].copy_from_slice(PrivateKey::generate().public_key().as_bytes());
+    ws.send(Message::Binary(Bytes::copy_from_slice(&proof)))
+        .unwrap();
+    assert!(binary(&mut ws).is_none(), "a forged proof was accepted");
+    // Garbage instead of a proof.
+    let mut ws = raw(&server);
+    binary(&mut ws).unwrap();
+    ws.send(Message::Binary(Bytes::from_static(b"hello")))
+        .unwrap();
+    assert!(binary(&mut ws).is_none());
+    assert!(wait_until(WAIT, || server.relay_stats().unwrap().refused == 2));
+    assert_eq!(server.relay_stats().unwrap().clients, 0);
+
+    // Registered: a too-short frame is dropped and counted, the session stays.
+    let (k1, k2) = (PrivateKey::generate(), PrivateKey::generate());
+    let mut w1 = register(&server, &k1);
+    let mut w2 = register(&server, &k2);
+    w1.send(Message::Binary(Bytes::from_static(&[7u8; 32])))
+        .unwrap();
+    let frame = relay::Frame::encode(k2.public_key().as_bytes(), b"\x04ok").unwrap();
+    w1.send(Message::Binary(Bytes::from(frame))).unwrap();
+    let got = binary(&mut w2).unwrap();
+    assert_eq!(&got[..32], k1.public_key().as_bytes());
+    assert_eq!(&got[32..], b"\x04ok");
+    assert_eq!(server.relay_stats().unwrap().dropped_malformed, 1);
+
+    // A message over the limit ends that session before it is buffered;
+    // the other one is unaffected.
+    let _ = w1.send(Message::Binary(Bytes::from(vec![0u8; MAX_FRAME + 1])));
+    assert!(binary(&mut w1).is_none());
+    assert!(wait_until(WAIT, || server.relay_stats().unwrap().clients == 1));
+    let k3 = PrivateKey::generate();
+    let mut w3 = register(&server, &k3);
+    let frame = relay::Frame::encode(k2.public_key().as_bytes(), b"\x04still").unwrap();
+    w3.send(Message::Binary(Bytes::from(frame))).unwrap();
+    assert_eq!(&binary(&mut w2).unwrap()[32..], b"\x04still");
+
+    // Replacement on the wire: a new registration of k2 ends the old socket.
+    let _w2b = register(&server, &k2);
+    assert!(
+        binary(&mut w2).is_none(),
+        "the replaced session stayed open"
+    );
+    assert_eq!(server.relay_stats().unwrap().replaced, 1);
+}
+
+#[test]
+fn relay_admits_only_listed_keys_when_given_a_list() {
+    let (listed, other) = (PrivateKey::generate(), PrivateKey::generate());
+    let mut config = ServerConfig::new("/v1-k3s/connect", None, ServerAuth::default());
+    config.relay = Some(RelayServerConfig {
+        allowed_keys: Some(vec![listed.public_key()]),
+        ..Default::default()
+    });
+    let server = TunnelServer::bind(loopback(), config).unwrap();
+    let _ok = register(&server, &listed);
+    // A valid proof for a key not on the list: refused.
+    let mut ws = raw(&server);
+    let challenge = binary(&mut ws).unwrap();
+    let proof = relay::prove(&challenge, &secret(&other), &[0; 32]).unwrap();
+    ws.send(Message::Binary(Bytes::copy_from_slice(&proof)))
+        .unwrap();
+    assert!(binary(&mut ws).is_none(), "an unlisted key registered");
+    let stats = server.relay_stats().unwrap();
+    assert_eq!((stats.clients, stats.refused), (1, 1));
+}
+
+#[test]
+fn relay_can_require_the_tunnel_credentials() {
+    let pki = pki();
+    let tls = tls::server_config(
+        pki.server_cert.as_bytes(),
+        pki.server_key.as_bytes(),
+        None,
+        false,
+    )
+    .unwrap();
+    let auth = ServerAuth {
+        tokens: vec![("s3cret-token".into(), "node-a".into())],
+        client_cert_cn: false,
+    };
+    let mut config = ServerConfig::new("/v1-k3s/connect", Some(tls), auth);
+    config.relay = Some(RelayServerConfig {
+        require_auth: true,
+        ..Default::default()
+    });
+    let server = TunnelServer::bind(loopback(), config).unwrap();
+    let (tx, _rx) = unbounded();
+    let owner = Arc::new(Owner {
+        key: PrivateKey::generate(),
+        got: tx,
+    });
+    let without =
+        RelayClient::start(relay_config(&pki, server.local_addr()), owner.clone()).unwrap();
+    assert!(wait_until(WAIT, || without
+        .status()
+        .last_error
+        .is_some_and(|e| e.contains("401"))));
+    assert!(!without.status().connected);
+    drop(without);
+    let mut with = relay_config(&pki, server.local_addr());
+    with.token = Some("s3cret-token".into());
+    let with = RelayClient::start(with, owner).unwrap();
+    assert!(with.wait_connected(WAIT), "{:?}", with.status());
+    assert_eq!(server.relay_stats().unwrap().clients, 1);
+}
