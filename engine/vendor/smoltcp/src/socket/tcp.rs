@@ -7360,6 +7360,41 @@ mod test {
     }
 
     #[test]
+    fn test_data_with_an_old_ack_is_kept() {
+        // meshvpn patch: a reordered data segment whose ACK was overtaken.
+        let mut s = socket_established();
+        s.send_slice(b"abcdef").unwrap();
+        recv!(
+            s,
+            [TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1),
+                payload: &b"abcdef"[..],
+                ..RECV_TEMPL
+            }]
+        );
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1 + 6),
+                ..SEND_TEMPL
+            }
+        );
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"xyz"[..],
+                ..SEND_TEMPL
+            }
+        );
+        assert_eq!(s.recv_queue(), 3);
+        assert_eq!(s.local_seq_no, LOCAL_SEQ + 1 + 6);
+    }
+
+    #[test]
     fn test_fast_retransmit_duplicate_detection_with_data() {
         let mut s = socket_established();
 
