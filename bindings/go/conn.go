@@ -12,10 +12,7 @@ import (
 	"context"
 	"io"
 	"net"
-	"net/netip"
-	"os"
 	"runtime"
-	"sync/atomic"
 	"time"
 	"unsafe"
 )
@@ -24,40 +21,26 @@ import (
 // working deadlines. Safe for concurrent use: one goroutine may read
 // while another writes and a third sets deadlines or closes.
 type Conn struct {
-	handle        atomic.Uintptr // 0 once closed
+	socket
 	local, remote *net.TCPAddr
-	rd, wd        deadline
 }
 
 var _ net.Conn = (*Conn)(nil)
 
+func interruptConn(h uintptr) { C.meshvpn_conn_interrupt(C.mv_conn(C.uintptr_t(h))) }
+
 func newConn(h uintptr) *Conn {
-	c := &Conn{}
+	c := &Conn{socket: socket{interrupt: interruptConn}}
 	c.handle.Store(h)
-	c.local = c.addr(true)
-	c.remote = c.addr(false)
+	ch := C.mv_conn(C.uintptr_t(h))
+	c.local = net.TCPAddrFromAddrPort(addrFromC(func(b *C.char, n C.size_t, out *C.size_t) C.meshvpn_result {
+		return C.meshvpn_conn_local_addr(ch, b, n, out)
+	}))
+	c.remote = net.TCPAddrFromAddrPort(addrFromC(func(b *C.char, n C.size_t, out *C.size_t) C.meshvpn_result {
+		return C.meshvpn_conn_peer_addr(ch, b, n, out)
+	}))
 	runtime.SetFinalizer(c, func(c *Conn) { _ = c.Close() })
 	return c
-}
-
-func (c *Conn) addr(local bool) *net.TCPAddr {
-	var buf [C.MESHVPN_ADDR_MAX]C.char
-	var n C.size_t
-	h := C.mv_conn(C.uintptr_t(c.handle.Load()))
-	var r C.meshvpn_result
-	if local {
-		r = C.meshvpn_conn_local_addr(h, &buf[0], C.size_t(len(buf)), &n)
-	} else {
-		r = C.meshvpn_conn_peer_addr(h, &buf[0], C.size_t(len(buf)), &n)
-	}
-	if r != C.MESHVPN_OK {
-		return &net.TCPAddr{}
-	}
-	ap, err := netip.ParseAddrPort(C.GoStringN(&buf[0], C.int(n)))
-	if err != nil {
-		return &net.TCPAddr{}
-	}
-	return net.TCPAddrFromAddrPort(ap)
 }
 
 // Dial connects to address ("10.0.0.2:80") over the mesh.
@@ -119,40 +102,19 @@ func (ns *Netstack) DialContext(ctx context.Context, network, address string) (n
 }
 
 func (c *Conn) opErr(op string, err error) error {
-	if code, ok := codeOf(err); ok {
-		switch code {
-		case ErrTimeout:
-			err = os.ErrDeadlineExceeded
-		case ErrClosed, ErrInvalidHandle:
-			err = net.ErrClosed
-		}
-	}
-	return &net.OpError{Op: op, Net: "tcp", Source: c.local, Addr: c.remote, Err: err}
+	return &net.OpError{Op: op, Net: "tcp", Source: c.local, Addr: c.remote, Err: netErr(err)}
 }
 
-// io runs a read or write until it succeeds, fails, or its deadline
-// passes; interrupts (a deadline set meanwhile) make it look again.
+// io runs a read or write (see socket.retry) and returns its count.
 func (c *Conn) io(op string, d *deadline, f func(*C.meshvpn_conn, C.int64_t, *C.size_t) C.meshvpn_result) (int, error) {
-	for {
-		h := c.handle.Load()
-		if h == 0 {
-			return 0, c.opErr(op, net.ErrClosed)
-		}
-		ms, expired := d.timeoutMs()
-		if expired {
-			return 0, c.opErr(op, os.ErrDeadlineExceeded)
-		}
-		var n C.size_t
-		err := call("Conn."+op, func() C.meshvpn_result { return f(C.mv_conn(C.uintptr_t(h)), C.int64_t(ms), &n) })
-		runtime.KeepAlive(c)
-		if err == nil {
-			return int(n), nil
-		}
-		if code, _ := codeOf(err); code == ErrInterrupted || (code == ErrTimeout && ms >= 0) {
-			continue
-		}
+	var n C.size_t
+	err := c.retry(d, func(h uintptr, ms int64) error {
+		return call("Conn."+op, func() C.meshvpn_result { return f(C.mv_conn(C.uintptr_t(h)), C.int64_t(ms), &n) })
+	})
+	if err != nil {
 		return 0, c.opErr(op, err)
 	}
+	return int(n), nil
 }
 
 // Read reads what has arrived, waiting for at least one byte until the
@@ -162,7 +124,7 @@ func (c *Conn) Read(b []byte) (int, error) {
 		return 0, nil
 	}
 	n, err := c.io("read", &c.rd, func(h *C.meshvpn_conn, ms C.int64_t, n *C.size_t) C.meshvpn_result {
-		return C.meshvpn_conn_read(h, (*C.uint8_t)(unsafe.Pointer(&b[0])), C.size_t(len(b)), ms, n)
+		return C.meshvpn_conn_read(h, ptr(b), C.size_t(len(b)), ms, n)
 	})
 	if err == nil && n == 0 {
 		return 0, io.EOF
@@ -177,7 +139,7 @@ func (c *Conn) Write(b []byte) (int, error) {
 	for total < len(b) {
 		rest := b[total:]
 		n, err := c.io("write", &c.wd, func(h *C.meshvpn_conn, ms C.int64_t, n *C.size_t) C.meshvpn_result {
-			return C.meshvpn_conn_write(h, (*C.uint8_t)(unsafe.Pointer(&rest[0])), C.size_t(len(rest)), ms, n)
+			return C.meshvpn_conn_write(h, ptr(rest), C.size_t(len(rest)), ms, n)
 		})
 		total += n
 		if err != nil {
@@ -217,30 +179,3 @@ func (c *Conn) Close() error {
 
 func (c *Conn) LocalAddr() net.Addr  { return c.local }
 func (c *Conn) RemoteAddr() net.Addr { return c.remote }
-
-// interrupt wakes blocked calls so they see a new deadline.
-func (c *Conn) interrupt() {
-	if h := c.handle.Load(); h != 0 {
-		C.meshvpn_conn_interrupt(C.mv_conn(C.uintptr_t(h)))
-	}
-	runtime.KeepAlive(c)
-}
-
-func (c *Conn) SetDeadline(t time.Time) error {
-	c.rd.set(t)
-	c.wd.set(t)
-	c.interrupt()
-	return nil
-}
-
-func (c *Conn) SetReadDeadline(t time.Time) error {
-	c.rd.set(t)
-	c.interrupt()
-	return nil
-}
-
-func (c *Conn) SetWriteDeadline(t time.Time) error {
-	c.wd.set(t)
-	c.interrupt()
-	return nil
-}

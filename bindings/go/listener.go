@@ -9,7 +9,6 @@ import "C"
 
 import (
 	"net"
-	"net/netip"
 	"runtime"
 	"sync/atomic"
 	"unsafe"
@@ -33,44 +32,23 @@ var _ net.Listener = (*Listener)(nil)
 // for every address of the stack, or one of its addresses; port 0 picks
 // one).
 func (ns *Netstack) Listen(network, address string) (net.Listener, error) {
-	opErr := func(err error) error {
-		return &net.OpError{Op: "listen", Net: network, Err: err}
-	}
-	if err := checkNetwork(network, "tcp"); err != nil {
-		return nil, opErr(err)
-	}
-	ap, err := parseAddrPort(network, address)
+	h, err := ns.open("Netstack.Listen", network, address, "tcp", func(nh *C.meshvpn_netstack, s *C.char, out *C.uintptr_t) C.meshvpn_result {
+		return C.meshvpn_listener_new(nh, s, DefaultBacklog, (**C.meshvpn_listener)(unsafe.Pointer(out)))
+	})
 	if err != nil {
-		return nil, opErr(err)
-	}
-	var a arena
-	defer a.free()
-	s := a.str(ap.String())
-	var h C.uintptr_t
-	if err := ns.do("Netstack.Listen", func(nh *C.meshvpn_netstack) C.meshvpn_result {
-		return C.meshvpn_listener_new(nh, s, DefaultBacklog, (**C.meshvpn_listener)(unsafe.Pointer(&h)))
-	}); err != nil {
-		return nil, opErr(err)
+		return nil, err
 	}
 	l := &Listener{}
-	l.handle.Store(uintptr(h))
-	var buf [C.MESHVPN_ADDR_MAX]C.char
-	var n C.size_t
-	l.addr = &net.TCPAddr{}
-	if C.meshvpn_listener_local_addr(C.mv_listener(h), &buf[0], C.size_t(len(buf)), &n) == C.MESHVPN_OK {
-		if ap, err := netip.ParseAddrPort(C.GoStringN(&buf[0], C.int(n))); err == nil {
-			l.addr = net.TCPAddrFromAddrPort(ap)
-		}
-	}
+	l.handle.Store(h)
+	l.addr = net.TCPAddrFromAddrPort(addrFromC(func(b *C.char, n C.size_t, out *C.size_t) C.meshvpn_result {
+		return C.meshvpn_listener_local_addr(C.mv_listener(C.uintptr_t(h)), b, n, out)
+	}))
 	runtime.SetFinalizer(l, func(l *Listener) { _ = l.Close() })
 	return l, nil
 }
 
 func (l *Listener) opErr(err error) error {
-	if code, ok := codeOf(err); ok && (code == ErrClosed || code == ErrInvalidHandle) {
-		err = net.ErrClosed
-	}
-	return &net.OpError{Op: "accept", Net: "tcp", Addr: l.addr, Err: err}
+	return &net.OpError{Op: "accept", Net: "tcp", Addr: l.addr, Err: netErr(err)}
 }
 
 // Accept waits for the next connection.

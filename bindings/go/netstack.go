@@ -14,6 +14,7 @@ import (
 	"math"
 	"net"
 	"net/netip"
+	"os"
 	"runtime"
 	"strings"
 	"sync"
@@ -168,6 +169,112 @@ func (d *deadline) timeoutMs() (ms int64, expired bool) {
 		return 0, true
 	}
 	return ceilMillis(left), false
+}
+
+// socket is what Conn and PacketConn share: the handle, the deadlines,
+// and the C call that wakes blocked calls when a deadline changes (a
+// plain function, so that it holds no reference to its owner).
+type socket struct {
+	handle    atomic.Uintptr // 0 once closed
+	rd, wd    deadline
+	interrupt func(h uintptr)
+}
+
+func (s *socket) wake() {
+	if h := s.handle.Load(); h != 0 {
+		s.interrupt(h)
+	}
+	runtime.KeepAlive(s)
+}
+
+func (s *socket) SetDeadline(t time.Time) error {
+	s.rd.set(t)
+	s.wd.set(t)
+	s.wake()
+	return nil
+}
+
+func (s *socket) SetReadDeadline(t time.Time) error {
+	s.rd.set(t)
+	s.wake()
+	return nil
+}
+
+func (s *socket) SetWriteDeadline(t time.Time) error {
+	s.wd.set(t)
+	s.wake()
+	return nil
+}
+
+// retry runs attempt with the time left until d until it succeeds, fails,
+// or d passes; an interrupt (a deadline set meanwhile) or a timeout makes
+// it look at d again. Errors come back as netErr makes them.
+func (s *socket) retry(d *deadline, attempt func(h uintptr, ms int64) error) error {
+	for {
+		h := s.handle.Load()
+		if h == 0 {
+			return net.ErrClosed
+		}
+		ms, expired := d.timeoutMs()
+		if expired {
+			return os.ErrDeadlineExceeded
+		}
+		err := attempt(h, ms)
+		runtime.KeepAlive(s)
+		if err == nil {
+			return nil
+		}
+		if code, _ := codeOf(err); code == ErrInterrupted || (code == ErrTimeout && ms >= 0) {
+			continue
+		}
+		return netErr(err)
+	}
+}
+
+// netErr turns the codes the standard library has sentinels for into
+// those sentinels (what net/http and friends test for).
+func netErr(err error) error {
+	switch code, _ := codeOf(err); code {
+	case ErrTimeout:
+		return os.ErrDeadlineExceeded
+	case ErrClosed, ErrInvalidHandle:
+		return net.ErrClosed
+	}
+	return err
+}
+
+// open checks network and address, then makes a listener or UDP socket
+// with create, and returns its handle.
+func (ns *Netstack) open(op, network, address, kind string, create func(*C.meshvpn_netstack, *C.char, *C.uintptr_t) C.meshvpn_result) (uintptr, error) {
+	opErr := func(err error) error {
+		return &net.OpError{Op: "listen", Net: network, Err: err}
+	}
+	if err := checkNetwork(network, kind); err != nil {
+		return 0, opErr(err)
+	}
+	ap, err := parseAddrPort(network, address)
+	if err != nil {
+		return 0, opErr(err)
+	}
+	var a arena
+	defer a.free()
+	s := a.str(ap.String())
+	var h C.uintptr_t
+	if err := ns.do(op, func(nh *C.meshvpn_netstack) C.meshvpn_result { return create(nh, s, &h) }); err != nil {
+		return 0, opErr(netErr(err))
+	}
+	return uintptr(h), nil
+}
+
+// addrFromC reads an address the library writes as text.
+func addrFromC(get func(*C.char, C.size_t, *C.size_t) C.meshvpn_result) netip.AddrPort {
+	var buf [C.MESHVPN_ADDR_MAX]C.char
+	var n C.size_t
+	if get(&buf[0], C.size_t(len(buf)), &n) != C.MESHVPN_OK {
+		return netip.AddrPort{}
+	}
+	ap, _ := netip.ParseAddrPort(C.GoStringN(&buf[0], C.int(n)))
+	return ap
 }
 
 // parseAddrPort takes "ip:port" (names are not resolved: mesh addresses

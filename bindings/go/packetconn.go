@@ -10,109 +10,65 @@ import "C"
 import (
 	"net"
 	"net/netip"
-	"os"
 	"runtime"
-	"sync/atomic"
-	"time"
 	"unsafe"
 )
 
 // PacketConn is a UDP socket on the mesh; it implements net.PacketConn
 // with working deadlines. Safe for concurrent use.
 type PacketConn struct {
-	handle atomic.Uintptr // 0 once closed
-	local  *net.UDPAddr
-	rd, wd deadline
+	socket
+	local *net.UDPAddr
 }
 
 var _ net.PacketConn = (*PacketConn)(nil)
 
+func interruptUDP(h uintptr) { C.meshvpn_udp_interrupt(C.mv_udp(C.uintptr_t(h))) }
+
 // ListenPacket binds a UDP socket on address (":53", "10.0.0.1:0").
 func (ns *Netstack) ListenPacket(network, address string) (net.PacketConn, error) {
-	opErr := func(err error) error {
-		return &net.OpError{Op: "listen", Net: network, Err: err}
-	}
-	if err := checkNetwork(network, "udp"); err != nil {
-		return nil, opErr(err)
-	}
-	ap, err := parseAddrPort(network, address)
+	h, err := ns.open("Netstack.ListenPacket", network, address, "udp", func(nh *C.meshvpn_netstack, s *C.char, out *C.uintptr_t) C.meshvpn_result {
+		return C.meshvpn_udp_bind(nh, s, (**C.meshvpn_udp)(unsafe.Pointer(out)))
+	})
 	if err != nil {
-		return nil, opErr(err)
+		return nil, err
 	}
-	var a arena
-	defer a.free()
-	s := a.str(ap.String())
-	var h C.uintptr_t
-	if err := ns.do("Netstack.ListenPacket", func(nh *C.meshvpn_netstack) C.meshvpn_result {
-		return C.meshvpn_udp_bind(nh, s, (**C.meshvpn_udp)(unsafe.Pointer(&h)))
-	}); err != nil {
-		return nil, opErr(err)
-	}
-	p := &PacketConn{local: &net.UDPAddr{}}
-	p.handle.Store(uintptr(h))
-	var buf [C.MESHVPN_ADDR_MAX]C.char
-	var n C.size_t
-	if C.meshvpn_udp_local_addr(C.mv_udp(h), &buf[0], C.size_t(len(buf)), &n) == C.MESHVPN_OK {
-		if ap, err := netip.ParseAddrPort(C.GoStringN(&buf[0], C.int(n))); err == nil {
-			p.local = net.UDPAddrFromAddrPort(ap)
-		}
-	}
+	p := &PacketConn{socket: socket{interrupt: interruptUDP}}
+	p.handle.Store(h)
+	p.local = net.UDPAddrFromAddrPort(addrFromC(func(b *C.char, n C.size_t, out *C.size_t) C.meshvpn_result {
+		return C.meshvpn_udp_local_addr(C.mv_udp(C.uintptr_t(h)), b, n, out)
+	}))
 	runtime.SetFinalizer(p, func(p *PacketConn) { _ = p.Close() })
 	return p, nil
 }
 
 func (p *PacketConn) opErr(op string, addr net.Addr, err error) error {
-	if code, ok := codeOf(err); ok {
-		switch code {
-		case ErrTimeout:
-			err = os.ErrDeadlineExceeded
-		case ErrClosed, ErrInvalidHandle:
-			err = net.ErrClosed
-		}
-	}
-	return &net.OpError{Op: op, Net: "udp", Source: p.local, Addr: addr, Err: err}
+	return &net.OpError{Op: op, Net: "udp", Source: p.local, Addr: addr, Err: netErr(err)}
 }
 
-// io runs one call until it succeeds, fails, or d passes.
-func (p *PacketConn) io(op string, addr net.Addr, d *deadline, f func(*C.meshvpn_udp, C.int64_t) C.meshvpn_result) error {
-	for {
-		h := p.handle.Load()
-		if h == 0 {
-			return p.opErr(op, addr, net.ErrClosed)
-		}
-		ms, expired := d.timeoutMs()
-		if expired {
-			return p.opErr(op, addr, os.ErrDeadlineExceeded)
-		}
-		err := call("PacketConn."+op, func() C.meshvpn_result { return f(C.mv_udp(C.uintptr_t(h)), C.int64_t(ms)) })
-		runtime.KeepAlive(p)
-		if err == nil {
-			return nil
-		}
-		if code, _ := codeOf(err); code == ErrInterrupted || (code == ErrTimeout && ms >= 0) {
-			continue
-		}
-		return p.opErr(op, addr, err)
+// ptr is b's first byte for C, or NULL when b is empty.
+func ptr(b []byte) *C.uint8_t {
+	if len(b) == 0 {
+		return nil
 	}
+	return (*C.uint8_t)(unsafe.Pointer(&b[0]))
 }
 
 // ReadFrom reads the next datagram (truncated to len(b)) and its sender.
 func (p *PacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
 	var from [C.MESHVPN_ADDR_MAX]C.char
 	var n C.size_t
-	err := p.io("read", nil, &p.rd, func(h *C.meshvpn_udp, ms C.int64_t) C.meshvpn_result {
-		var bp *C.uint8_t
-		if len(b) > 0 {
-			bp = (*C.uint8_t)(unsafe.Pointer(&b[0]))
-		}
-		return C.meshvpn_udp_recv_from(h, bp, C.size_t(len(b)), ms, &from[0], C.size_t(len(from)), &n)
+	err := p.retry(&p.rd, func(h uintptr, ms int64) error {
+		return call("PacketConn.ReadFrom", func() C.meshvpn_result {
+			return C.meshvpn_udp_recv_from(C.mv_udp(C.uintptr_t(h)), ptr(b), C.size_t(len(b)), C.int64_t(ms), &from[0], C.size_t(len(from)), &n)
+		})
 	})
 	if err != nil {
-		return 0, nil, err
+		return 0, nil, p.opErr("read", nil, err)
 	}
-	ap, perr := netip.ParseAddrPort(C.GoString(&from[0]))
-	if perr != nil {
-		return int(n), nil, p.opErr("read", nil, perr)
+	ap, err := netip.ParseAddrPort(C.GoString(&from[0]))
+	if err != nil {
+		return int(n), nil, p.opErr("read", nil, err)
 	}
 	return int(n), net.UDPAddrFromAddrPort(ap), nil
 }
@@ -127,15 +83,13 @@ func (p *PacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	var a arena
 	defer a.free()
 	s := a.str(netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()).String())
-	err = p.io("write", addr, &p.wd, func(h *C.meshvpn_udp, _ C.int64_t) C.meshvpn_result {
-		var bp *C.uint8_t
-		if len(b) > 0 {
-			bp = (*C.uint8_t)(unsafe.Pointer(&b[0]))
-		}
-		return C.meshvpn_udp_send_to(h, bp, C.size_t(len(b)), s)
+	err = p.retry(&p.wd, func(h uintptr, _ int64) error {
+		return call("PacketConn.WriteTo", func() C.meshvpn_result {
+			return C.meshvpn_udp_send_to(C.mv_udp(C.uintptr_t(h)), ptr(b), C.size_t(len(b)), s)
+		})
 	})
 	if err != nil {
-		return 0, err
+		return 0, p.opErr("write", addr, err)
 	}
 	return len(b), nil
 }
@@ -155,29 +109,3 @@ func (p *PacketConn) Close() error {
 }
 
 func (p *PacketConn) LocalAddr() net.Addr { return p.local }
-
-func (p *PacketConn) interrupt() {
-	if h := p.handle.Load(); h != 0 {
-		C.meshvpn_udp_interrupt(C.mv_udp(C.uintptr_t(h)))
-	}
-	runtime.KeepAlive(p)
-}
-
-func (p *PacketConn) SetDeadline(t time.Time) error {
-	p.rd.set(t)
-	p.wd.set(t)
-	p.interrupt()
-	return nil
-}
-
-func (p *PacketConn) SetReadDeadline(t time.Time) error {
-	p.rd.set(t)
-	p.interrupt()
-	return nil
-}
-
-func (p *PacketConn) SetWriteDeadline(t time.Time) error {
-	p.wd.set(t)
-	p.interrupt()
-	return nil
-}

@@ -15,9 +15,9 @@ use std::ffi::c_char;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use ::meshvpn_engine::netstack::{Interrupter, TcpStream};
+use ::meshvpn_engine::netstack::{Interrupter, NetstackError, TcpStream};
 use parking_lot::Mutex;
 
 use crate::error::{meshvpn_result, Error, Result};
@@ -75,6 +75,24 @@ impl Conn {
         }
         // Wakes a dial in progress.
         self.interrupter.interrupt();
+    }
+
+    /// Runs a read or write on the stream with `timeout_ms`. A call that a
+    /// close woke reports `MESHVPN_CLOSED`, whatever the stream said.
+    fn transfer(
+        &self,
+        timeout_ms: i64,
+        f: impl FnOnce(&TcpStream, Option<Duration>) -> std::result::Result<usize, NetstackError>,
+    ) -> Result<usize> {
+        let stream = self.stream()?;
+        let limit = timeout(timeout_ms);
+        timed(Instant::now(), limit, f(&stream, limit)).map_err(|e| {
+            if self.closed.load(SeqCst) {
+                closed()
+            } else {
+                e
+            }
+        })
     }
 
     fn dial(&self, remote: SocketAddr, timeout_ms: i64) -> Result<()> {
@@ -206,10 +224,7 @@ pub unsafe extern "C" fn meshvpn_conn_read(
         }
         // SAFETY: the caller promises `len` writable bytes at `buf`.
         let buf = unsafe { ptr::try_slice_mut(buf, len, "buf") }?;
-        let stream = c.stream()?;
-        let start = Instant::now();
-        let limit = timeout(timeout_ms);
-        let n = timed(start, limit, stream.read_timeout(buf, limit)).map_err(|e| after_close(&c, e))?;
+        let n = c.transfer(timeout_ms, |s, limit| s.read_timeout(buf, limit))?;
         out.write(n);
         Ok(())
     }}
@@ -239,23 +254,10 @@ pub unsafe extern "C" fn meshvpn_conn_write(
         let out = Out::new(out_n, "out_n")?;
         // SAFETY: the caller promises `len` readable bytes at `buf`.
         let buf = unsafe { ptr::try_slice(buf, len, "buf") }?;
-        let stream = c.stream()?;
-        let start = Instant::now();
-        let limit = timeout(timeout_ms);
-        let n = timed(start, limit, stream.write_timeout(buf, limit)).map_err(|e| after_close(&c, e))?;
+        let n = c.transfer(timeout_ms, |s, limit| s.write_timeout(buf, limit))?;
         out.write(n);
         Ok(())
     }}
-}
-
-/// A blocked call that a close woke reports `MESHVPN_CLOSED`, whatever the
-/// stream said.
-fn after_close(c: &Conn, e: Error) -> Error {
-    if c.closed.load(SeqCst) {
-        closed()
-    } else {
-        e
-    }
 }
 
 /// Sends FIN after the bytes already written; reading goes on until the
@@ -328,6 +330,24 @@ pub extern "C" fn meshvpn_conn_free(conn: *mut meshvpn_conn) -> meshvpn_result {
     }}
 }
 
+/// One of the stream's addresses, as text, for C.
+///
+/// # Safety
+/// A non-NULL `buf` has `buf_len` writable bytes.
+unsafe fn conn_addr(
+    conn: *const meshvpn_conn,
+    which: fn(&TcpStream) -> SocketAddr,
+    buf: *mut c_char,
+    buf_len: usize,
+    out_len: *mut usize,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let addr = which(&*lookup(conn)?.stream()?);
+        // SAFETY: the caller promises `buf` has `buf_len` writable bytes.
+        unsafe { netstack::write_addr(addr, buf, buf_len, out_len) }
+    }}
+}
+
 /// Writes the local address (`"10.0.0.1:49153"`) into `buf`, following the
 /// buffer protocol of `meshvpn_result_message` (`MESHVPN_ADDR_MAX` bytes
 /// suffice).
@@ -344,11 +364,8 @@ pub unsafe extern "C" fn meshvpn_conn_local_addr(
     buf_len: usize,
     out_len: *mut usize,
 ) -> meshvpn_result {
-    ffi_boundary! {{
-        let addr = lookup(conn)?.stream()?.local_addr();
-        // SAFETY: the caller promises `buf` has `buf_len` writable bytes.
-        unsafe { netstack::write_addr(addr, buf, buf_len, out_len) }
-    }}
+    // SAFETY: forwarded promise.
+    unsafe { conn_addr(conn, TcpStream::local_addr, buf, buf_len, out_len) }
 }
 
 /// Writes the remote address into `buf`; as `meshvpn_conn_local_addr`.
@@ -364,9 +381,6 @@ pub unsafe extern "C" fn meshvpn_conn_peer_addr(
     buf_len: usize,
     out_len: *mut usize,
 ) -> meshvpn_result {
-    ffi_boundary! {{
-        let addr = lookup(conn)?.stream()?.peer_addr();
-        // SAFETY: the caller promises `buf` has `buf_len` writable bytes.
-        unsafe { netstack::write_addr(addr, buf, buf_len, out_len) }
-    }}
+    // SAFETY: forwarded promise.
+    unsafe { conn_addr(conn, TcpStream::peer_addr, buf, buf_len, out_len) }
 }

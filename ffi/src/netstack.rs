@@ -186,9 +186,7 @@ pub(crate) unsafe fn write_addr(
 ) -> Result<()> {
     let out_len = Out::new(out_len, "out_len")?;
     // SAFETY: forwarded promise.
-    let n = unsafe { ptr::copy_text(buf, buf_len, &addr.to_string()) }?;
-    out_len.write(n);
-    Ok(())
+    unsafe { ptr::write_text(buf, buf_len, out_len, &addr.to_string()) }
 }
 
 /// Writes the default options (those `meshvpn_netstack_new` uses for a

@@ -7,7 +7,6 @@
 use std::ffi::c_char;
 
 use ::meshvpn_engine::UapiError;
-use zeroize::Zeroize;
 
 use crate::engine::{lookup, meshvpn_engine};
 use crate::error::{meshvpn_result, Error};
@@ -49,12 +48,8 @@ pub unsafe extern "C" fn meshvpn_engine_uapi_get(
     ffi_boundary! {{
         let e = lookup(engine)?.running()?;
         let out_len = Out::new(out_len, "out_len")?;
-        let mut text = e.uapi_get();
         // SAFETY: the caller promises `buf` has `buf_len` writable bytes.
-        let n = unsafe { ptr::copy_text(buf, buf_len, &text) };
-        text.zeroize();
-        out_len.write(n?);
-        Ok(())
+        unsafe { ptr::write_secret_text(buf, buf_len, out_len, e.uapi_get()) }
     }}
 }
 
