@@ -1339,9 +1339,10 @@ meshvpn_result meshvpn_conn_shutdown_write(struct meshvpn_conn *conn);
 
 /**
  * Wakes the calls blocked on the conn (dial, read, write) without
- * closing it: they return `MESHVPN_INTERRUPTED` (if none is blocked, the
- * next one does, once). For callers whose deadline changed while a call
- * waited, like Go's `SetDeadline`.
+ * closing it: they return `MESHVPN_INTERRUPTED`, and so does the next
+ * call that starts after it (once; it may be spurious: treat it as "look
+ * at the deadline again"). For callers whose deadline changed while a
+ * call waited, like Go's `SetDeadline`.
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
  *
@@ -1649,7 +1650,9 @@ meshvpn_result meshvpn_udp_recv_from(struct meshvpn_udp *udp,
 
 /**
  * Wakes the calls blocked on the socket without closing it: they return
- * `MESHVPN_INTERRUPTED` (if none is blocked, the next one does, once).
+ * `MESHVPN_INTERRUPTED`, and so does the next call that starts
+ * after it (once; it may be spurious: treat it as "look at the deadline
+ * again").
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
  *

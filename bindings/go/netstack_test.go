@@ -442,3 +442,36 @@ func BenchmarkCopy(b *testing.B) {
 		b.Fatalf("received %d bytes, sent %d", n, int64(b.N)*chunk)
 	}
 }
+
+func TestSetDeadlineWakesABlockedReadAndWriteTogether(t *testing.T) {
+	_, b, na, nb := stacks(t)
+	c, _ := connPair(t, na, nb, b.addr)
+	errs := make(chan error, 2)
+	go func() {
+		_, err := c.Read(make([]byte, 10))
+		errs <- err
+	}()
+	go func() {
+		// The peer never reads: this blocks once both buffers are full.
+		chunk := make([]byte, 1<<16)
+		for i := 0; i < 1000; i++ {
+			if _, err := c.Write(chunk); err != nil {
+				errs <- err
+				return
+			}
+		}
+		errs <- errors.New("1000 writes of 64 KiB did not block")
+	}()
+	time.Sleep(300 * time.Millisecond)
+	c.SetDeadline(time.Unix(1, 0))
+	for i := 0; i < 2; i++ {
+		select {
+		case err := <-errs:
+			if !errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("blocked call after SetDeadline: %v", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("SetDeadline did not wake both blocked calls")
+		}
+	}
+}

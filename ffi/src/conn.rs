@@ -276,9 +276,10 @@ pub extern "C" fn meshvpn_conn_shutdown_write(conn: *mut meshvpn_conn) -> meshvp
 }
 
 /// Wakes the calls blocked on the conn (dial, read, write) without
-/// closing it: they return `MESHVPN_INTERRUPTED` (if none is blocked, the
-/// next one does, once). For callers whose deadline changed while a call
-/// waited, like Go's `SetDeadline`.
+/// closing it: they return `MESHVPN_INTERRUPTED`, and so does the next
+/// call that starts after it (once; it may be spurious: treat it as "look
+/// at the deadline again"). For callers whose deadline changed while a
+/// call waited, like Go's `SetDeadline`.
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
 ///

@@ -134,7 +134,9 @@ pub unsafe extern "C" fn meshvpn_udp_recv_from(
 }
 
 /// Wakes the calls blocked on the socket without closing it: they return
-/// `MESHVPN_INTERRUPTED` (if none is blocked, the next one does, once).
+/// `MESHVPN_INTERRUPTED`, and so does the next call that starts
+/// after it (once; it may be spurious: treat it as "look at the deadline
+/// again").
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
 ///

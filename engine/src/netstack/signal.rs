@@ -7,9 +7,11 @@
 //! wake between the check and the wait cannot be missed.
 //!
 //! [`Signal::interrupt`] is the one wake that does not come from the stack:
-//! it makes the current (or, if none is waiting, the next) wait give up as
-//! if its deadline had passed. The flag lives under the same mutex as the
-//! generation and stays set until a wait consumes it, so it cannot be lost.
+//! every wait whose snapshot predates it gives up as if its deadline had
+//! passed, and so does the next wait that starts after it (a caller that
+//! was between two waits when it came). Both live under the same mutex as
+//! the generation, so an interrupt cannot be lost; a caller may see one
+//! spurious interrupt, which it treats as "look at your deadline again".
 
 use std::sync::Arc;
 use std::task::{Wake, Waker};
@@ -20,7 +22,10 @@ use parking_lot::{Condvar, Mutex};
 #[derive(Default)]
 struct State {
     generation: u64,
-    interrupted: bool,
+    /// The generation the last interrupt made.
+    interrupted_at: u64,
+    /// An interrupt that no wait starting after it has seen yet.
+    pending: bool,
 }
 
 #[derive(Default)]
@@ -47,11 +52,12 @@ impl Signal {
         self.changed.notify_all();
     }
 
-    /// Makes the waiting (or next) [`Signal::wait`] return false.
+    /// Makes the waiting [`Signal::wait`]s, and the next one, return false.
     pub fn interrupt(&self) {
         let mut s = self.state.lock();
-        s.interrupted = true;
         s.generation += 1;
+        s.interrupted_at = s.generation;
+        s.pending = true;
         self.changed.notify_all();
     }
 
@@ -60,7 +66,10 @@ impl Signal {
     pub fn wait(&self, seen: u64, deadline: Option<Instant>) -> bool {
         let mut s = self.state.lock();
         loop {
-            if std::mem::take(&mut s.interrupted) {
+            if s.interrupted_at > seen {
+                return false;
+            }
+            if std::mem::take(&mut s.pending) {
                 return false;
             }
             if s.generation != seen {
@@ -69,7 +78,9 @@ impl Signal {
             match deadline {
                 Some(d) => {
                     if self.changed.wait_until(&mut s, d).timed_out() {
-                        return !std::mem::take(&mut s.interrupted) && s.generation != seen;
+                        return s.interrupted_at <= seen
+                            && !std::mem::take(&mut s.pending)
+                            && s.generation != seen;
                     }
                 }
                 None => self.changed.wait(&mut s),
@@ -91,9 +102,10 @@ impl Wake for Signal {
 /// A handle that wakes a thread blocked on one connection or socket of the
 /// stack (or on a dial in progress) without closing it: the blocked call
 /// returns [`super::NetstackError::TimedOut`] early, so its caller can look
-/// again at a deadline that changed (what Go's `SetDeadline` needs). If no
-/// call is blocked, the next one returns at once. Cloning is cheap; every
-/// method is safe from any thread.
+/// again at a deadline that changed (what Go's `SetDeadline` needs). Every
+/// call blocked at that moment returns, and so does the next call that
+/// starts after it (once; it may be spurious, so treat it as "look
+/// again"). Cloning is cheap; every method is safe from any thread.
 #[derive(Clone, Default)]
 pub struct Interrupter {
     pub(crate) signal: Arc<Signal>,
@@ -115,24 +127,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_interrupt_is_consumed_by_exactly_one_wait() {
+    fn an_interrupt_ends_earlier_waits_and_the_next_one() {
         let s = Signal::new();
-        let seen = s.generation();
+        let before = s.generation();
         s.interrupt();
-        assert!(!s.wait(seen, None), "interrupt set before the wait");
+        // Two callers that looked before the interrupt both see it.
+        assert!(!s.wait(before, None));
+        assert!(!s.wait(before, None));
+        // So does the first that looks after it, once.
+        let after = s.generation();
+        assert!(!s.wait(after, None));
         let seen = s.generation();
         s.notify();
         assert!(s.wait(seen, None), "a plain notify is not an interrupt");
     }
 
     #[test]
-    fn an_interrupt_wakes_a_blocked_wait() {
+    fn an_interrupt_wakes_every_blocked_wait() {
         let s = Signal::new();
         let seen = s.generation();
         std::thread::scope(|t| {
-            let h = t.spawn(|| s.wait(seen, None));
+            let a = t.spawn(|| s.wait(seen, None));
+            let b = t.spawn(|| s.wait(seen, None));
             s.interrupt();
-            assert!(!h.join().unwrap());
+            assert!(!a.join().unwrap());
+            assert!(!b.join().unwrap());
         });
     }
 }
