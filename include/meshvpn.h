@@ -122,6 +122,17 @@
 #define MESHVPN_RTT_UNKNOWN UINT32_MAX
 
 /**
+ * Bytes that hold any address this library writes, NUL included
+ * (`"[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]:65535"`).
+ */
+#define MESHVPN_ADDR_MAX 64
+
+/**
+ * A blocking call's `timeout_ms` that means "no limit".
+ */
+#define MESHVPN_TIMEOUT_INFINITE -1
+
+/**
  * The outcome of a call. `MESHVPN_OK` is success; anything else is an
  * error whose detail `meshvpn_last_error_message` reads back on the same
  * thread.
@@ -240,6 +251,63 @@ enum meshvpn_result
    * The UDP send failed.
    */
   MESHVPN_NETWORK_ERROR = 213,
+  /**
+   * A UAPI `set` request is malformed: a line that is not `key=value`,
+   * an unknown key, a bad value, too large. Nothing was changed.
+   */
+  MESHVPN_UAPI_INVALID = 300,
+  /**
+   * A valid UAPI `set` request that the engine could not carry out (a
+   * port in use, a refused key); the lines before it were applied.
+   */
+  MESHVPN_UAPI_REJECTED = 301,
+  /**
+   * The connection, listener or socket was closed (also while the call
+   * waited: a close from another thread wakes it with this), or its
+   * netstack or engine closed.
+   */
+  MESHVPN_CLOSED = 400,
+  /**
+   * The remote answered with a reset: nothing listens on that port.
+   */
+  MESHVPN_CONNECTION_REFUSED = 401,
+  /**
+   * No peer's AllowedIPs cover the address, or that peer has no endpoint.
+   */
+  MESHVPN_UNREACHABLE = 402,
+  /**
+   * The remote reset an established connection, or it timed out.
+   */
+  MESHVPN_CONNECTION_RESET = 403,
+  /**
+   * The netstack's socket limit (`max_sockets`) is reached.
+   */
+  MESHVPN_SOCKET_LIMIT = 404,
+  /**
+   * The port is taken.
+   */
+  MESHVPN_ADDRESS_IN_USE = 405,
+  /**
+   * The local address is not one of the netstack's.
+   */
+  MESHVPN_ADDRESS_NOT_AVAILABLE = 406,
+  /**
+   * A datagram larger than the MTU allows.
+   */
+  MESHVPN_MESSAGE_TOO_LARGE = 407,
+  /**
+   * The netstack has no address of the destination's family (IPv4/IPv6).
+   */
+  MESHVPN_NO_ADDRESS = 408,
+  /**
+   * A blocked call was woken by `meshvpn_conn_interrupt` or
+   * `meshvpn_udp_interrupt` before its timeout.
+   */
+  MESHVPN_INTERRUPTED = 409,
+  /**
+   * The connection is not dialed yet.
+   */
+  MESHVPN_NOT_CONNECTED = 410,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -334,11 +402,39 @@ typedef uint32_t meshvpn_drop_reason;
 #endif // __cplusplus
 
 /**
+ * A TCP connection. Opaque: created by `meshvpn_conn_new` or
+ * `meshvpn_listener_accept`, released by `meshvpn_conn_free`. The value
+ * is a handle, not a pointer to memory: never dereference it.
+ */
+typedef struct meshvpn_conn meshvpn_conn;
+
+/**
  * A WireGuard engine. Opaque: created by `meshvpn_engine_new` or
  * `meshvpn_engine_new_wg_quick`, released by `meshvpn_engine_free`.
  * The value is a handle, not a pointer to memory: never dereference it.
  */
 typedef struct meshvpn_engine meshvpn_engine;
+
+/**
+ * A TCP listener. Opaque: created by `meshvpn_listener_new`, released by
+ * `meshvpn_listener_free`. The value is a handle, not a pointer to
+ * memory: never dereference it.
+ */
+typedef struct meshvpn_listener meshvpn_listener;
+
+/**
+ * A userspace TCP/IP stack on an engine. Opaque: created by
+ * `meshvpn_netstack_new`, released by `meshvpn_netstack_free`. The value
+ * is a handle, not a pointer to memory: never dereference it.
+ */
+typedef struct meshvpn_netstack meshvpn_netstack;
+
+/**
+ * A UDP socket. Opaque: created by `meshvpn_udp_bind`, released by
+ * `meshvpn_udp_free`. The value is a handle, not a pointer to memory:
+ * never dereference it.
+ */
+typedef struct meshvpn_udp meshvpn_udp;
 
 /**
  * A WireGuard key: 32 raw bytes. Which kind (private, public, preshared)
@@ -576,6 +672,50 @@ typedef struct meshvpn_peer_stats {
    */
   uint64_t drops[MESHVPN_DROP_REASON_COUNT];
 } meshvpn_peer_stats;
+
+/**
+ * Sizes and limits of a stack. Fill it with
+ * `meshvpn_netstack_options_default` and change what you need. Memory is
+ * bounded by about `max_sockets * (tcp_rx_buffer + tcp_tx_buffer) +
+ * rx_queue_packets * MTU`.
+ */
+typedef struct meshvpn_netstack_options {
+  /**
+   * Sockets of every kind (listening and closing ones included); past
+   * it, dial and bind fail with `MESHVPN_SOCKET_LIMIT`. At least 1.
+   */
+  uint32_t max_sockets;
+  /**
+   * Receive buffer per TCP connection, bytes (1 .. 1 GiB).
+   */
+  uint32_t tcp_rx_buffer;
+  /**
+   * Send buffer per TCP connection, bytes (at least 1).
+   */
+  uint32_t tcp_tx_buffer;
+  /**
+   * Payload buffer per UDP socket and direction, bytes.
+   */
+  uint32_t udp_buffer;
+  /**
+   * Decrypted packets queued for the stack before new ones are dropped.
+   * At least 1.
+   */
+  uint32_t rx_queue_packets;
+  /**
+   * Disable Nagle's algorithm on new connections.
+   */
+  bool tcp_nodelay;
+  /**
+   * Abort a connection whose peer stays silent this long while data
+   * waits to be acknowledged; 0: never.
+   */
+  uint32_t tcp_timeout_ms;
+  /**
+   * How long a closed connection may take to deliver its last bytes.
+   */
+  uint32_t close_linger_ms;
+} meshvpn_netstack_options;
 
 #ifdef __cplusplus
 extern "C" {
@@ -1114,6 +1254,448 @@ meshvpn_result meshvpn_engine_stats(const struct meshvpn_engine *engine,
 meshvpn_result meshvpn_engine_peer_stats(const struct meshvpn_engine *engine,
                                          const struct meshvpn_key *public_key,
                                          struct meshvpn_peer_stats *out_stats);
+
+/**
+ * Creates an unconnected TCP connection on `netstack`; connect it with
+ * `meshvpn_conn_dial`. On success `*out_conn` receives a handle the
+ * caller owns and must release with `meshvpn_conn_free`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
+ *
+ * Thread safety: safe from any thread at any time, concurrently with
+ * any other call on the same conn (see the module doc).
+ */
+meshvpn_result meshvpn_conn_new(struct meshvpn_netstack *netstack, struct meshvpn_conn **out_conn);
+
+/**
+ * Connects to `addr` (`"10.0.0.2:80"`, `"[fd00::2]:80"`), waiting up to
+ * `timeout_ms` (negative: no limit) for the handshake. A conn is dialed
+ * once.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_INVALID_ARGUMENT` (bad address, port 0, dialed already),
+ * `MESHVPN_CONNECTION_REFUSED` (nothing listens there),
+ * `MESHVPN_UNREACHABLE` (no peer routes the address, or it has no
+ * endpoint), `MESHVPN_NO_ADDRESS` (the stack has no address of that
+ * family), `MESHVPN_TIMEOUT`, `MESHVPN_INTERRUPTED` (woken by
+ * `meshvpn_conn_interrupt`), `MESHVPN_CLOSED` (closed from another
+ * thread, or the stack or engine closed), `MESHVPN_SOCKET_LIMIT`.
+ *
+ * Thread safety: safe from any thread at any time, concurrently with
+ * any other call on the same conn (see the module doc).
+ */
+meshvpn_result meshvpn_conn_dial(struct meshvpn_conn *conn, const char *addr, int64_t timeout_ms);
+
+/**
+ * Reads up to `len` bytes into `buf`, waiting up to `timeout_ms`
+ * (negative: no limit; 0: only what has arrived) for at least one, and
+ * writes how many into `*out_n`. `*out_n == 0` with `MESHVPN_OK` is the
+ * end of the stream (the peer sent FIN).
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_INVALID_ARGUMENT` (`len` 0 or impossible), `MESHVPN_TIMEOUT`,
+ * `MESHVPN_INTERRUPTED`, `MESHVPN_CLOSED`, `MESHVPN_CONNECTION_RESET`,
+ * `MESHVPN_NOT_CONNECTED`.
+ *
+ * Thread safety: safe from any thread at any time, concurrently with
+ * any other call on the same conn (see the module doc).
+ */
+meshvpn_result meshvpn_conn_read(struct meshvpn_conn *conn,
+                                 uint8_t *buf,
+                                 size_t len,
+                                 int64_t timeout_ms,
+                                 size_t *out_n);
+
+/**
+ * Queues up to `len` bytes of `buf` to send, waiting up to `timeout_ms`
+ * for room in the send buffer, and writes how many were queued (at least
+ * one, unless `len` is 0) into `*out_n`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_TIMEOUT`, `MESHVPN_INTERRUPTED`,
+ * `MESHVPN_CLOSED` (also after `meshvpn_conn_shutdown_write`),
+ * `MESHVPN_CONNECTION_RESET`, `MESHVPN_NOT_CONNECTED`.
+ *
+ * Thread safety: safe from any thread at any time, concurrently with
+ * any other call on the same conn (see the module doc).
+ */
+meshvpn_result meshvpn_conn_write(struct meshvpn_conn *conn,
+                                  const uint8_t *buf,
+                                  size_t len,
+                                  int64_t timeout_ms,
+                                  size_t *out_n);
+
+/**
+ * Sends FIN after the bytes already written; reading goes on until the
+ * peer's FIN. Idempotent.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_CLOSED`, `MESHVPN_NOT_CONNECTED`.
+ *
+ * Thread safety: safe from any thread at any time, concurrently with
+ * any other call on the same conn (see the module doc).
+ */
+meshvpn_result meshvpn_conn_shutdown_write(struct meshvpn_conn *conn);
+
+/**
+ * Wakes the calls blocked on the conn (dial, read, write) without
+ * closing it: they return `MESHVPN_INTERRUPTED`, and so does the next
+ * call that starts after it (once; it may be spurious: treat it as "look
+ * at the deadline again"). For callers whose deadline changed while a
+ * call waited, like Go's `SetDeadline`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
+ *
+ * Thread safety: safe from any thread at any time, concurrently with
+ * any other call on the same conn (see the module doc).
+ */
+meshvpn_result meshvpn_conn_interrupt(struct meshvpn_conn *conn);
+
+/**
+ * Closes the connection: bytes already written and a FIN still go out
+ * (for at most the stack's `close_linger_ms`), calls blocked on it wake
+ * with `MESHVPN_CLOSED`, and later calls fail with `MESHVPN_CLOSED`. The
+ * handle stays valid until `meshvpn_conn_free`. Idempotent.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
+ *
+ * Thread safety: safe from any thread at any time, concurrently with
+ * any other call on the same conn (see the module doc).
+ */
+meshvpn_result meshvpn_conn_close(struct meshvpn_conn *conn);
+
+/**
+ * Closes the connection (as `meshvpn_conn_close`) and releases the
+ * handle; every copy of it is dead afterwards (`MESHVPN_INVALID_HANDLE`,
+ * so a double free is reported). Freeing NULL is a no-op.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_WOULD_DEADLOCK` (from the log
+ * callback).
+ *
+ * Thread safety: safe from any thread at any time, concurrently with
+ * any other call on the same conn (see the module doc).
+ */
+meshvpn_result meshvpn_conn_free(struct meshvpn_conn *conn);
+
+/**
+ * Writes the local address (`"10.0.0.1:49153"`) into `buf`, following the
+ * buffer protocol of `meshvpn_result_message` (`MESHVPN_ADDR_MAX` bytes
+ * suffice).
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_BUFFER_TOO_SMALL`, `MESHVPN_CLOSED`, `MESHVPN_NOT_CONNECTED`.
+ *
+ * Thread safety: safe from any thread at any time, concurrently with
+ * any other call on the same conn (see the module doc).
+ */
+meshvpn_result meshvpn_conn_local_addr(const struct meshvpn_conn *conn,
+                                       char *buf,
+                                       size_t buf_len,
+                                       size_t *out_len);
+
+/**
+ * Writes the remote address into `buf`; as `meshvpn_conn_local_addr`.
+ *
+ * Errors: as `meshvpn_conn_local_addr`.
+ *
+ * Thread safety: safe from any thread at any time, concurrently with
+ * any other call on the same conn (see the module doc).
+ */
+meshvpn_result meshvpn_conn_peer_addr(const struct meshvpn_conn *conn,
+                                      char *buf,
+                                      size_t buf_len,
+                                      size_t *out_len);
+
+/**
+ * Listens on `addr` (`"0.0.0.0:80"` or `"[::]:80"` for every address of
+ * the stack, or one of its addresses; port 0 picks a free one, see
+ * `meshvpn_listener_local_addr`). At most `backlog` (at least 1)
+ * connections wait to be accepted; further SYNs are ignored and their
+ * dialers retry. On success `*out_listener` receives a handle the caller
+ * owns and must release with `meshvpn_listener_free`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_INVALID_ARGUMENT` (bad address, backlog 0),
+ * `MESHVPN_ADDRESS_IN_USE`, `MESHVPN_ADDRESS_NOT_AVAILABLE` (not an
+ * address of the stack), `MESHVPN_CLOSED` (the stack closed).
+ *
+ * Thread safety: safe from any thread at any time.
+ */
+meshvpn_result meshvpn_listener_new(struct meshvpn_netstack *netstack,
+                                    const char *addr,
+                                    uint32_t backlog,
+                                    struct meshvpn_listener **out_listener);
+
+/**
+ * Waits up to `timeout_ms` (negative: no limit; 0: only a connection that
+ * is ready) for the next established connection; on success
+ * `*out_conn` receives a connected `meshvpn_conn` the caller owns and
+ * must release with `meshvpn_conn_free`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_TIMEOUT`, `MESHVPN_CLOSED` (the listener, its stack or its
+ * engine closed, also while waiting).
+ *
+ * Thread safety: safe from any thread; accepts may run concurrently, each
+ * connection goes to one of them.
+ */
+meshvpn_result meshvpn_listener_accept(struct meshvpn_listener *listener,
+                                       int64_t timeout_ms,
+                                       struct meshvpn_conn **out_conn);
+
+/**
+ * Writes the listening address into `buf` (buffer protocol of
+ * `meshvpn_result_message`; `MESHVPN_ADDR_MAX` bytes suffice).
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_BUFFER_TOO_SMALL`.
+ *
+ * Thread safety: safe from any thread at any time.
+ */
+meshvpn_result meshvpn_listener_local_addr(const struct meshvpn_listener *listener,
+                                           char *buf,
+                                           size_t buf_len,
+                                           size_t *out_len);
+
+/**
+ * Stops listening: connections not yet accepted are reset, blocked
+ * accepts wake with `MESHVPN_CLOSED`, later ones fail with it. The handle
+ * stays valid until `meshvpn_listener_free`. Idempotent.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
+ *
+ * Thread safety: safe from any thread, concurrently with accepts.
+ */
+meshvpn_result meshvpn_listener_close(struct meshvpn_listener *listener);
+
+/**
+ * Closes the listener (as `meshvpn_listener_close`) and releases the
+ * handle; copies of it are dead afterwards (`MESHVPN_INVALID_HANDLE`).
+ * Accepted connections live on. Freeing NULL is a no-op.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_WOULD_DEADLOCK` (from the log
+ * callback).
+ *
+ * Thread safety: safe from any thread, concurrently with accepts.
+ */
+meshvpn_result meshvpn_listener_free(struct meshvpn_listener *listener);
+
+/**
+ * Writes the default options (those `meshvpn_netstack_new` uses for a
+ * NULL `options`) into `*out_options`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`.
+ *
+ * Thread safety: safe from any thread at any time.
+ */
+meshvpn_result meshvpn_netstack_options_default(struct meshvpn_netstack_options *out_options);
+
+/**
+ * Attaches a userspace stack to a running engine. The stack answers on the
+ * engine's `Address =` addresses: packets to them go to the stack, all
+ * other decrypted packets where they went before (the packet API).
+ * `options` may be NULL (defaults) and is only read during the call.
+ *
+ * On success `*out_netstack` receives a handle the caller owns and must
+ * release with `meshvpn_netstack_free`. The stack ends when its engine is
+ * stopped or freed (calls then fail with `MESHVPN_CLOSED`); a restarted
+ * engine needs a new stack.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_ENGINE_STOPPED`, `MESHVPN_INVALID_ARGUMENT` (a zero size),
+ * `MESHVPN_NO_ADDRESS` (the engine has no address), `MESHVPN_THREAD_FAILED`.
+ *
+ * Thread safety: safe from any thread at any time.
+ */
+meshvpn_result meshvpn_netstack_new(struct meshvpn_engine *engine,
+                                    const struct meshvpn_netstack_options *options,
+                                    struct meshvpn_netstack **out_netstack);
+
+/**
+ * Stops the stack and releases it: every blocked call on its connections,
+ * listeners and UDP sockets wakes with `MESHVPN_CLOSED`, and later calls on
+ * them fail with `MESHVPN_CLOSED` (their handles stay valid until freed).
+ * Packets for the stack's addresses go to the packet API again. The
+ * handle is dead afterwards (`MESHVPN_INVALID_HANDLE`, so a double free is
+ * reported). Freeing NULL is a no-op.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_WOULD_DEADLOCK` (from the log
+ * callback).
+ *
+ * Thread safety: safe from any thread, concurrently with any call on the
+ * stack and its sockets.
+ */
+meshvpn_result meshvpn_netstack_free(struct meshvpn_netstack *netstack);
+
+/**
+ * Sends one ICMP echo request to `addr` (an IP literal, no port) and
+ * writes the round-trip time of its reply, in microseconds, into
+ * `*out_rtt_us`. Waits at most `timeout_ms` (which must be positive).
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_UNREACHABLE` (no peer routes the
+ * address), `MESHVPN_NO_ADDRESS`, `MESHVPN_TIMEOUT`, `MESHVPN_CLOSED`
+ * (the stack or its engine closed meanwhile), `MESHVPN_SOCKET_LIMIT`.
+ *
+ * Thread safety: safe from any thread; pings may run concurrently.
+ */
+meshvpn_result meshvpn_netstack_ping(struct meshvpn_netstack *netstack,
+                                     const char *addr,
+                                     uint32_t timeout_ms,
+                                     uint64_t *out_rtt_us);
+
+/**
+ * Writes the engine's `get=1` reply (`private_key=...`, `listen_port=...`,
+ * `public_key=...` lines, as wireguard-go sends them, without the closing
+ * `errno=0` line) into `buf`, NUL-terminated, and its length without the
+ * NUL into `*out_len`. Follows the buffer protocol of
+ * `meshvpn_result_message`: `buf` NULL and `buf_len` 0 writes the size
+ * needed (NUL included) into `*out_len`; a buffer too small gets
+ * `MESHVPN_BUFFER_TOO_SMALL` and nothing is written. The size may grow
+ * between two calls (a handshake, new peers): retry with the new size.
+ *
+ * The text holds the private and preshared keys: a secret; wipe it.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_ENGINE_STOPPED`, `MESHVPN_BUFFER_TOO_SMALL`.
+ *
+ * Thread safety: safe from any thread at any time.
+ */
+meshvpn_result meshvpn_engine_uapi_get(const struct meshvpn_engine *engine,
+                                       char *buf,
+                                       size_t buf_len,
+                                       size_t *out_len);
+
+/**
+ * Applies a `set=1` request: NUL-terminated `key=value` lines, with or
+ * without the leading `set=1` line and the closing blank line, with
+ * wireguard-go's meaning (`replace_peers=true`, `public_key=` starting a
+ * peer, `remove=true`, `allowed_ip=`, ...). The request is parsed whole
+ * first: malformed text changes nothing. A request that fails while
+ * being applied keeps the changes before the failing line, as in
+ * wireguard-go. `text` is only read during the call.
+ *
+ * `out_errno` may be NULL. Otherwise it receives the number a UAPI socket
+ * would answer with `errno=`: 0 on `MESHVPN_OK`, the error's errno
+ * (`EPROTO`, `EINVAL`, `EMSGSIZE`, `EADDRINUSE`, ...) on
+ * `MESHVPN_UAPI_INVALID` and `MESHVPN_UAPI_REJECTED`. It is the one
+ * output written on failure; on other errors it is left untouched.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_INVALID_ARGUMENT` (not UTF-8), `MESHVPN_ENGINE_STOPPED`,
+ * `MESHVPN_UAPI_INVALID` (the message names the line and key),
+ * `MESHVPN_UAPI_REJECTED`.
+ *
+ * Thread safety: safe from any thread at any time, while traffic flows.
+ */
+meshvpn_result meshvpn_engine_uapi_set(struct meshvpn_engine *engine,
+                                       const char *text,
+                                       int32_t *out_errno);
+
+/**
+ * Binds a UDP socket to `addr` (`"0.0.0.0:53"` for every address of the
+ * stack, or one of its addresses; port 0 picks a free one). On success
+ * `*out_udp` receives a handle the caller owns and must release with
+ * `meshvpn_udp_free`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_ADDRESS_IN_USE`,
+ * `MESHVPN_ADDRESS_NOT_AVAILABLE`, `MESHVPN_SOCKET_LIMIT`,
+ * `MESHVPN_CLOSED`.
+ *
+ * Thread safety: safe from any thread at any time.
+ */
+meshvpn_result meshvpn_udp_bind(struct meshvpn_netstack *netstack,
+                                const char *addr,
+                                struct meshvpn_udp **out_udp);
+
+/**
+ * Sends `len` bytes of `buf` as one datagram to `addr`, waiting for room
+ * in the socket's buffer if needed. `len` may be 0; at most the MTU less
+ * the IP and UDP headers.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_MESSAGE_TOO_LARGE`,
+ * `MESHVPN_UNREACHABLE`, `MESHVPN_NO_ADDRESS`, `MESHVPN_INTERRUPTED`,
+ * `MESHVPN_CLOSED`.
+ *
+ * Thread safety: safe from any thread at any time.
+ */
+meshvpn_result meshvpn_udp_send_to(struct meshvpn_udp *udp,
+                                   const uint8_t *buf,
+                                   size_t len,
+                                   const char *addr);
+
+/**
+ * Waits up to `timeout_ms` (negative: no limit; 0: only what has arrived)
+ * for the next datagram, copies it into `buf` (a longer one is truncated
+ * to `len`), writes its sender (`"10.0.0.2:53"`) into `from_buf` unless
+ * that is NULL, and the number of bytes copied into `*out_n`. A non-NULL
+ * `from_buf` must have `from_buf_len >= MESHVPN_ADDR_MAX`, checked before
+ * anything is received.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_BUFFER_TOO_SMALL` (`from_buf_len`),
+ * `MESHVPN_TIMEOUT`, `MESHVPN_INTERRUPTED`, `MESHVPN_CLOSED`.
+ *
+ * Thread safety: safe from any thread at any time.
+ */
+meshvpn_result meshvpn_udp_recv_from(struct meshvpn_udp *udp,
+                                     uint8_t *buf,
+                                     size_t len,
+                                     int64_t timeout_ms,
+                                     char *from_buf,
+                                     size_t from_buf_len,
+                                     size_t *out_n);
+
+/**
+ * Wakes the calls blocked on the socket without closing it: they return
+ * `MESHVPN_INTERRUPTED`, and so does the next call that starts
+ * after it (once; it may be spurious: treat it as "look at the deadline
+ * again").
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
+ *
+ * Thread safety: safe from any thread at any time.
+ */
+meshvpn_result meshvpn_udp_interrupt(struct meshvpn_udp *udp);
+
+/**
+ * Writes the bound address into `buf` (buffer protocol of
+ * `meshvpn_result_message`; `MESHVPN_ADDR_MAX` bytes suffice).
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_BUFFER_TOO_SMALL`.
+ *
+ * Thread safety: safe from any thread at any time.
+ */
+meshvpn_result meshvpn_udp_local_addr(const struct meshvpn_udp *udp,
+                                      char *buf,
+                                      size_t buf_len,
+                                      size_t *out_len);
+
+/**
+ * Closes the socket: blocked calls wake with `MESHVPN_CLOSED`, later
+ * calls fail with it; the port is free again. The handle stays valid
+ * until `meshvpn_udp_free`. Idempotent.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
+ *
+ * Thread safety: safe from any thread, concurrently with other calls.
+ */
+meshvpn_result meshvpn_udp_close(struct meshvpn_udp *udp);
+
+/**
+ * Closes the socket (as `meshvpn_udp_close`) and releases the handle;
+ * copies of it are dead afterwards (`MESHVPN_INVALID_HANDLE`). Freeing
+ * NULL is a no-op.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_WOULD_DEADLOCK` (from the log
+ * callback).
+ *
+ * Thread safety: safe from any thread, concurrently with other calls.
+ */
+meshvpn_result meshvpn_udp_free(struct meshvpn_udp *udp);
 
 #ifdef __cplusplus
 }  // extern "C"

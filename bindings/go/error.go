@@ -43,6 +43,23 @@ const (
 	ErrNoRoute         Result = C.MESHVPN_NO_ROUTE
 	ErrPacketDropped   Result = C.MESHVPN_PACKET_DROPPED
 	ErrNetwork         Result = C.MESHVPN_NETWORK_ERROR
+
+	// The UAPI (see Engine.UAPISet).
+	ErrUAPIInvalid  Result = C.MESHVPN_UAPI_INVALID
+	ErrUAPIRejected Result = C.MESHVPN_UAPI_REJECTED
+
+	// The userspace stack (see Netstack).
+	ErrClosed              Result = C.MESHVPN_CLOSED
+	ErrConnectionRefused   Result = C.MESHVPN_CONNECTION_REFUSED
+	ErrUnreachable         Result = C.MESHVPN_UNREACHABLE
+	ErrConnectionReset     Result = C.MESHVPN_CONNECTION_RESET
+	ErrSocketLimit         Result = C.MESHVPN_SOCKET_LIMIT
+	ErrAddressInUse        Result = C.MESHVPN_ADDRESS_IN_USE
+	ErrAddressNotAvailable Result = C.MESHVPN_ADDRESS_NOT_AVAILABLE
+	ErrMessageTooLarge     Result = C.MESHVPN_MESSAGE_TOO_LARGE
+	ErrNoAddress           Result = C.MESHVPN_NO_ADDRESS
+	ErrInterrupted         Result = C.MESHVPN_INTERRUPTED
+	ErrNotConnected        Result = C.MESHVPN_NOT_CONNECTED
 )
 
 // Error returns the library's fixed text for the code.
@@ -61,7 +78,7 @@ func (r Result) Error() string {
 func (r Result) Is(target error) bool {
 	switch target {
 	case net.ErrClosed:
-		return r == ErrInvalidHandle || r == ErrEngineStopped
+		return r == ErrInvalidHandle || r == ErrEngineStopped || r == ErrClosed
 	case os.ErrDeadlineExceeded:
 		return r == ErrTimeout
 	}

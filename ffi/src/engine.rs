@@ -18,7 +18,6 @@ use std::sync::Arc;
 use ::meshvpn_engine::config::{emit_wg_quick, parse_wg_quick};
 use ::meshvpn_engine::{Config, Engine};
 use parking_lot::RwLock;
-use zeroize::Zeroize;
 
 use crate::callback::{self, Inside};
 use crate::config::{self, meshvpn_config, meshvpn_peer_config, meshvpn_peer_update};
@@ -502,11 +501,7 @@ pub unsafe extern "C" fn meshvpn_engine_config_text(
     ffi_boundary! {{
         let e = lookup(engine)?.running()?;
         let out_len = Out::new(out_len, "out_len")?;
-        let mut text = emit_wg_quick(&e.config());
         // SAFETY: the caller promises `buf` has `buf_len` writable bytes.
-        let n = unsafe { ptr::copy_text(buf, buf_len, &text) };
-        text.zeroize();
-        out_len.write(n?);
-        Ok(())
+        unsafe { ptr::write_secret_text(buf, buf_len, out_len, emit_wg_quick(&e.config())) }
     }}
 }

@@ -10,8 +10,8 @@
 //! | 0-99    | the ABI itself (handles, pointers, buffers, panics) |
 //! | 100-199 | configuration: keys, prefixes, endpoints, wg-quick text |
 //! | 200-299 | the engine and the packet API            |
-//! | 300-399 | reserved: the UAPI text protocol          |
-//! | 400-499 | reserved: the userspace TCP/IP stack      |
+//! | 300-399 | the UAPI text protocol                   |
+//! | 400-499 | the userspace TCP/IP stack               |
 //! | 500-599 | reserved: the websocket tunnel            |
 //!
 //! A failing call also records a detailed message (which field, which line,
@@ -93,13 +93,46 @@ pub enum meshvpn_result {
     MESHVPN_PACKET_DROPPED = 212,
     /// The UDP send failed.
     MESHVPN_NETWORK_ERROR = 213,
+
+    /// A UAPI `set` request is malformed: a line that is not `key=value`,
+    /// an unknown key, a bad value, too large. Nothing was changed.
+    MESHVPN_UAPI_INVALID = 300,
+    /// A valid UAPI `set` request that the engine could not carry out (a
+    /// port in use, a refused key); the lines before it were applied.
+    MESHVPN_UAPI_REJECTED = 301,
+
+    /// The connection, listener or socket was closed (also while the call
+    /// waited: a close from another thread wakes it with this), or its
+    /// netstack or engine closed.
+    MESHVPN_CLOSED = 400,
+    /// The remote answered with a reset: nothing listens on that port.
+    MESHVPN_CONNECTION_REFUSED = 401,
+    /// No peer's AllowedIPs cover the address, or that peer has no endpoint.
+    MESHVPN_UNREACHABLE = 402,
+    /// The remote reset an established connection, or it timed out.
+    MESHVPN_CONNECTION_RESET = 403,
+    /// The netstack's socket limit (`max_sockets`) is reached.
+    MESHVPN_SOCKET_LIMIT = 404,
+    /// The port is taken.
+    MESHVPN_ADDRESS_IN_USE = 405,
+    /// The local address is not one of the netstack's.
+    MESHVPN_ADDRESS_NOT_AVAILABLE = 406,
+    /// A datagram larger than the MTU allows.
+    MESHVPN_MESSAGE_TOO_LARGE = 407,
+    /// The netstack has no address of the destination's family (IPv4/IPv6).
+    MESHVPN_NO_ADDRESS = 408,
+    /// A blocked call was woken by `meshvpn_conn_interrupt` or
+    /// `meshvpn_udp_interrupt` before its timeout.
+    MESHVPN_INTERRUPTED = 409,
+    /// The connection is not dialed yet.
+    MESHVPN_NOT_CONNECTED = 410,
 }
 
 use meshvpn_result::*;
 
 impl meshvpn_result {
     /// Every code, for tests and the message function.
-    pub(crate) const ALL: [meshvpn_result; 25] = [
+    pub(crate) const ALL: [meshvpn_result; 38] = [
         MESHVPN_OK,
         MESHVPN_PANIC,
         MESHVPN_NULL_PARAMETER,
@@ -125,6 +158,19 @@ impl meshvpn_result {
         MESHVPN_NO_ROUTE,
         MESHVPN_PACKET_DROPPED,
         MESHVPN_NETWORK_ERROR,
+        MESHVPN_UAPI_INVALID,
+        MESHVPN_UAPI_REJECTED,
+        MESHVPN_CLOSED,
+        MESHVPN_CONNECTION_REFUSED,
+        MESHVPN_UNREACHABLE,
+        MESHVPN_CONNECTION_RESET,
+        MESHVPN_SOCKET_LIMIT,
+        MESHVPN_ADDRESS_IN_USE,
+        MESHVPN_ADDRESS_NOT_AVAILABLE,
+        MESHVPN_MESSAGE_TOO_LARGE,
+        MESHVPN_NO_ADDRESS,
+        MESHVPN_INTERRUPTED,
+        MESHVPN_NOT_CONNECTED,
     ];
 
     fn from_u32(n: u32) -> Option<meshvpn_result> {
@@ -159,6 +205,19 @@ impl meshvpn_result {
             MESHVPN_NO_ROUTE => "no route: no peer's AllowedIPs covers the destination",
             MESHVPN_PACKET_DROPPED => "packet dropped",
             MESHVPN_NETWORK_ERROR => "UDP send failed",
+            MESHVPN_UAPI_INVALID => "malformed UAPI request",
+            MESHVPN_UAPI_REJECTED => "UAPI request rejected by the engine",
+            MESHVPN_CLOSED => "closed",
+            MESHVPN_CONNECTION_REFUSED => "connection refused",
+            MESHVPN_UNREACHABLE => "no route to the address",
+            MESHVPN_CONNECTION_RESET => "connection reset",
+            MESHVPN_SOCKET_LIMIT => "the netstack's socket limit is reached",
+            MESHVPN_ADDRESS_IN_USE => "address in use",
+            MESHVPN_ADDRESS_NOT_AVAILABLE => "address not available",
+            MESHVPN_MESSAGE_TOO_LARGE => "datagram too large",
+            MESHVPN_NO_ADDRESS => "the netstack has no address of that family",
+            MESHVPN_INTERRUPTED => "interrupted",
+            MESHVPN_NOT_CONNECTED => "not connected",
         }
     }
 }

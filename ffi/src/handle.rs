@@ -39,6 +39,11 @@ const TAG_SHIFT: u32 = bits::INDEX + bits::GENERATION;
 /// The type tags; distinct per C type, never 0.
 pub(crate) mod tag {
     pub(crate) const ENGINE: usize = 1;
+    // The userspace stack's types (at most 15: 4 tag bits on 32-bit targets).
+    pub(crate) const NETSTACK: usize = 10;
+    pub(crate) const CONN: usize = 11;
+    pub(crate) const LISTENER: usize = 12;
+    pub(crate) const UDP: usize = 13;
 }
 
 struct Slot<T> {

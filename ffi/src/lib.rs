@@ -12,6 +12,11 @@
 //! | `stats`  | `meshvpn_stats`, `meshvpn_peer_stats` |
 //! | `packet` | `meshvpn_packet`: batched send/receive, eventfd and callback wakeups |
 //! | `log`    | `meshvpn_set_log_callback`                  |
+//! | `uapi`   | `meshvpn_engine_uapi_get/set`: the WireGuard UAPI as calls |
+//! | `netstack` | `meshvpn_netstack`: the userspace stack, options, ping |
+//! | `conn`   | `meshvpn_conn`: TCP dial/read/write/shutdown/close |
+//! | `listener` | `meshvpn_listener`: TCP listen/accept       |
+//! | `udp`    | `meshvpn_udp`: UDP bind/send_to/recv_from   |
 //!
 //! Rules every exported function follows:
 //!
@@ -26,8 +31,7 @@
 //! - Raw pointers are turned into references only through the typed helpers
 //!   in `ptr`, which check for NULL and impossible lengths.
 //!
-//! The netstack (`meshvpn_conn`, `meshvpn_listener`, `meshvpn_udp`), UAPI and
-//! tunnel functions are added as further modules in the same shape.
+//! The tunnel functions are added as further modules in the same shape.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![allow(non_camel_case_types)]
 // Every exported function's doc comment is its C contract (which pointers
@@ -49,6 +53,12 @@ pub mod log;
 pub mod packet;
 mod ptr;
 pub mod stats;
+// The UAPI and the userspace stack.
+pub mod conn;
+pub mod listener;
+pub mod netstack;
+pub mod uapi;
+pub mod udp;
 
 use std::ffi::c_char;
 

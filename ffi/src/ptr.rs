@@ -151,6 +151,39 @@ pub(crate) unsafe fn copy_text(buf: *mut c_char, buf_len: usize, text: &str) -> 
     Ok(text.len())
 }
 
+/// `copy_text`, then the length the caller should see into `out_len`.
+///
+/// # Safety
+/// As `copy_text`.
+pub(crate) unsafe fn write_text(
+    buf: *mut c_char,
+    buf_len: usize,
+    out_len: Out<usize>,
+    text: &str,
+) -> Result<()> {
+    // SAFETY: forwarded promise.
+    let n = unsafe { copy_text(buf, buf_len, text) }?;
+    out_len.write(n);
+    Ok(())
+}
+
+/// `write_text` for text that holds keys: it is wiped whether or not it
+/// fit.
+///
+/// # Safety
+/// As `copy_text`.
+pub(crate) unsafe fn write_secret_text(
+    buf: *mut c_char,
+    buf_len: usize,
+    out_len: Out<usize>,
+    mut text: String,
+) -> Result<()> {
+    // SAFETY: forwarded promise.
+    let r = unsafe { write_text(buf, buf_len, out_len, &text) };
+    zeroize::Zeroize::zeroize(&mut text);
+    r
+}
+
 /// Copies `src` to the caller's `dst` (which has at least `src.len()`
 /// bytes, checked by the caller against its declared capacity).
 ///

@@ -37,6 +37,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::NetstackError;
+pub use signal::Interrupter;
 pub use stack::NetstackStats;
 pub use tcp::{TcpListener, TcpStream};
 pub use udp::UdpSocket;
@@ -120,7 +121,20 @@ impl Netstack {
         remote: SocketAddr,
         timeout: Option<Duration>,
     ) -> Result<TcpStream, NetstackError> {
-        TcpStream::connect(&self.inner, remote, timeout)
+        TcpStream::connect(&self.inner, remote, timeout, signal::Signal::new())
+    }
+
+    /// Like [`Netstack::tcp_connect`], but `interrupter` can end the dial
+    /// early from another thread (it then fails with
+    /// [`NetstackError::TimedOut`]) and stays tied to the connection: it
+    /// also wakes the stream's blocked reads and writes later.
+    pub fn tcp_connect_with(
+        &self,
+        remote: SocketAddr,
+        timeout: Option<Duration>,
+        interrupter: &Interrupter,
+    ) -> Result<TcpStream, NetstackError> {
+        TcpStream::connect(&self.inner, remote, timeout, interrupter.signal.clone())
     }
 
     /// Listens for TCP connections on `local` (an unspecified IP listens on

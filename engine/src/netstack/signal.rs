@@ -5,6 +5,13 @@
 //! socket and reads the generation while holding the stack lock, then waits
 //! for the generation to move. smoltcp only wakes under that same lock, so a
 //! wake between the check and the wait cannot be missed.
+//!
+//! [`Signal::interrupt`] is the one wake that does not come from the stack:
+//! every wait whose snapshot predates it gives up as if its deadline had
+//! passed, and so does the next wait that starts after it (a caller that
+//! was between two waits when it came). Both live under the same mutex as
+//! the generation, so an interrupt cannot be lost; a caller may see one
+//! spurious interrupt, which it treats as "look at your deadline again".
 
 use std::sync::Arc;
 use std::task::{Wake, Waker};
@@ -13,8 +20,17 @@ use std::time::Instant;
 use parking_lot::{Condvar, Mutex};
 
 #[derive(Default)]
+struct State {
+    generation: u64,
+    /// The generation the last interrupt made.
+    interrupted_at: u64,
+    /// An interrupt that no wait starting after it has seen yet.
+    pending: bool,
+}
+
+#[derive(Default)]
 pub(crate) struct Signal {
-    generation: Mutex<u64>,
+    state: Mutex<State>,
     changed: Condvar,
 }
 
@@ -28,29 +44,48 @@ impl Signal {
     }
 
     pub fn generation(&self) -> u64 {
-        *self.generation.lock()
+        self.state.lock().generation
     }
 
     pub fn notify(&self) {
-        *self.generation.lock() += 1;
+        self.state.lock().generation += 1;
+        self.changed.notify_all();
+    }
+
+    /// Makes the waiting [`Signal::wait`]s, and the next one, return false.
+    pub fn interrupt(&self) {
+        let mut s = self.state.lock();
+        s.generation += 1;
+        s.interrupted_at = s.generation;
+        s.pending = true;
         self.changed.notify_all();
     }
 
     /// Sleeps until the generation differs from `seen`. False when
-    /// `deadline` passed first.
+    /// `deadline` passed first or the wait was interrupted.
     pub fn wait(&self, seen: u64, deadline: Option<Instant>) -> bool {
-        let mut g = self.generation.lock();
-        while *g == seen {
+        let mut s = self.state.lock();
+        loop {
+            if s.interrupted_at > seen {
+                return false;
+            }
+            if std::mem::take(&mut s.pending) {
+                return false;
+            }
+            if s.generation != seen {
+                return true;
+            }
             match deadline {
                 Some(d) => {
-                    if self.changed.wait_until(&mut g, d).timed_out() {
-                        return *g != seen;
+                    if self.changed.wait_until(&mut s, d).timed_out() {
+                        return s.interrupted_at <= seen
+                            && !std::mem::take(&mut s.pending)
+                            && s.generation != seen;
                     }
                 }
-                None => self.changed.wait(&mut g),
+                None => self.changed.wait(&mut s),
             }
         }
-        true
     }
 }
 
@@ -61,5 +96,62 @@ impl Wake for Signal {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.notify();
+    }
+}
+
+/// A handle that wakes a thread blocked on one connection or socket of the
+/// stack (or on a dial in progress) without closing it: the blocked call
+/// returns [`super::NetstackError::TimedOut`] early, so its caller can look
+/// again at a deadline that changed (what Go's `SetDeadline` needs). Every
+/// call blocked at that moment returns, and so does the next call that
+/// starts after it (once; it may be spurious, so treat it as "look
+/// again"). Cloning is cheap; every method is safe from any thread.
+#[derive(Clone, Default)]
+pub struct Interrupter {
+    pub(crate) signal: Arc<Signal>,
+}
+
+impl Interrupter {
+    /// A fresh interrupter, for [`super::Netstack::tcp_connect_with`].
+    pub fn new() -> Interrupter {
+        Interrupter::default()
+    }
+
+    pub fn interrupt(&self) {
+        self.signal.interrupt();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupt_ends_earlier_waits_and_the_next_one() {
+        let s = Signal::new();
+        let before = s.generation();
+        s.interrupt();
+        // Two callers that looked before the interrupt both see it.
+        assert!(!s.wait(before, None));
+        assert!(!s.wait(before, None));
+        // So does the first that looks after it, once.
+        let after = s.generation();
+        assert!(!s.wait(after, None));
+        let seen = s.generation();
+        s.notify();
+        assert!(s.wait(seen, None), "a plain notify is not an interrupt");
+    }
+
+    #[test]
+    fn an_interrupt_wakes_every_blocked_wait() {
+        let s = Signal::new();
+        let seen = s.generation();
+        std::thread::scope(|t| {
+            let a = t.spawn(|| s.wait(seen, None));
+            let b = t.spawn(|| s.wait(seen, None));
+            s.interrupt();
+            assert!(!a.join().unwrap());
+            assert!(!b.join().unwrap());
+        });
     }
 }

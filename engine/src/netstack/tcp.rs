@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use smoltcp::socket::tcp;
 use smoltcp::wire::IpListenEndpoint;
 
-use super::signal::Signal;
+use super::signal::{Interrupter, Signal};
 use super::stack::{smol_timeout, Inner, Kind, Listener, SockRef, Stack};
 use super::NetstackError;
 
@@ -59,13 +59,13 @@ impl TcpStream {
         inner: &Arc<Inner>,
         remote: SocketAddr,
         timeout: Option<Duration>,
+        signal: Arc<Signal>,
     ) -> Result<TcpStream, NetstackError> {
         if remote.port() == 0 {
             return Err(NetstackError::InvalidInput("port 0"));
         }
         inner.check_route(remote.ip())?;
         let deadline = deadline(timeout);
-        let signal = Signal::new();
         let sock = {
             let mut st = inner.stack.lock();
             st.check_capacity(inner.config.max_sockets)?;
@@ -118,6 +118,13 @@ impl TcpStream {
 
     pub fn peer_addr(&self) -> SocketAddr {
         self.peer
+    }
+
+    /// Wakes a blocked read or write early (see [`Interrupter`]).
+    pub fn interrupter(&self) -> Interrupter {
+        Interrupter {
+            signal: self.signal.clone(),
+        }
     }
 
     /// Makes `read`/`write` return `WouldBlock` instead of sleeping.

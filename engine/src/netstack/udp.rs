@@ -10,7 +10,7 @@ use parking_lot::Mutex;
 use smoltcp::socket::udp;
 use smoltcp::wire::IpListenEndpoint;
 
-use super::signal::Signal;
+use super::signal::{Interrupter, Signal};
 use super::stack::{Inner, Kind, SockRef};
 use super::NetstackError;
 
@@ -87,6 +87,13 @@ impl UdpSocket {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// Wakes a blocked send or receive early (see [`Interrupter`]).
+    pub fn interrupter(&self) -> Interrupter {
+        Interrupter {
+            signal: self.signal.clone(),
+        }
     }
 
     pub fn set_nonblocking(&self, nonblocking: bool) {

@@ -1,0 +1,206 @@
+//! `meshvpn_udp`: a UDP socket on a `meshvpn_netstack`.
+//!
+//! Thread safety, for every function here: a socket may be used from any
+//! number of threads at once; `meshvpn_udp_close` and `meshvpn_udp_free`
+//! wake blocked calls with `MESHVPN_CLOSED`.
+
+use std::ffi::c_char;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ::meshvpn_engine::netstack::UdpSocket;
+
+use crate::error::{meshvpn_result, Error, Result};
+use crate::handle::{tag, HandleTable};
+use crate::netstack::{
+    self, lookup as netstack_lookup, meshvpn_netstack, refuse_in_log, timed, timeout,
+    MESHVPN_ADDR_MAX,
+};
+use crate::ptr::{self, Out};
+
+/// A UDP socket. Opaque: created by `meshvpn_udp_bind`, released by
+/// `meshvpn_udp_free`. The value is a handle, not a pointer to memory:
+/// never dereference it.
+pub struct meshvpn_udp {
+    _private: [u8; 0],
+}
+
+static UDPS: HandleTable<meshvpn_udp, UdpSocket> = HandleTable::new(tag::UDP);
+
+fn lookup(udp: *const meshvpn_udp) -> Result<Arc<UdpSocket>> {
+    refuse_in_log("a udp function")?;
+    UDPS.get(udp)
+}
+
+/// Binds a UDP socket to `addr` (`"0.0.0.0:53"` for every address of the
+/// stack, or one of its addresses; port 0 picks a free one). On success
+/// `*out_udp` receives a handle the caller owns and must release with
+/// `meshvpn_udp_free`.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_ADDRESS_IN_USE`,
+/// `MESHVPN_ADDRESS_NOT_AVAILABLE`, `MESHVPN_SOCKET_LIMIT`,
+/// `MESHVPN_CLOSED`.
+///
+/// Thread safety: safe from any thread at any time.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_udp_bind(
+    netstack: *mut meshvpn_netstack,
+    addr: *const c_char,
+    out_udp: *mut *mut meshvpn_udp,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let ns = netstack_lookup(netstack)?;
+        // SAFETY: the caller passes a NUL-terminated string or NULL.
+        let local = unsafe { netstack::socket_addr(addr, "addr") }?;
+        let out = Out::new(out_udp, "out_udp")?;
+        let s = ns.stack.udp_bind(local)?;
+        out.write(UDPS.insert(Arc::new(s))?);
+        Ok(())
+    }}
+}
+
+/// Sends `len` bytes of `buf` as one datagram to `addr`, waiting for room
+/// in the socket's buffer if needed. `len` may be 0; at most the MTU less
+/// the IP and UDP headers.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_MESSAGE_TOO_LARGE`,
+/// `MESHVPN_UNREACHABLE`, `MESHVPN_NO_ADDRESS`, `MESHVPN_INTERRUPTED`,
+/// `MESHVPN_CLOSED`.
+///
+/// Thread safety: safe from any thread at any time.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_udp_send_to(
+    udp: *mut meshvpn_udp,
+    buf: *const u8,
+    len: usize,
+    addr: *const c_char,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let s = lookup(udp)?;
+        // SAFETY: the caller promises `len` readable bytes at `buf`.
+        let buf = unsafe { ptr::try_slice(buf, len, "buf") }?;
+        // SAFETY: the caller passes a NUL-terminated string or NULL.
+        let dst = unsafe { netstack::socket_addr(addr, "addr") }?;
+        timed(Instant::now(), None, s.send_to(buf, dst))?;
+        Ok(())
+    }}
+}
+
+/// Waits up to `timeout_ms` (negative: no limit; 0: only what has arrived)
+/// for the next datagram, copies it into `buf` (a longer one is truncated
+/// to `len`), writes its sender (`"10.0.0.2:53"`) into `from_buf` unless
+/// that is NULL, and the number of bytes copied into `*out_n`. A non-NULL
+/// `from_buf` must have `from_buf_len >= MESHVPN_ADDR_MAX`, checked before
+/// anything is received.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_BUFFER_TOO_SMALL` (`from_buf_len`),
+/// `MESHVPN_TIMEOUT`, `MESHVPN_INTERRUPTED`, `MESHVPN_CLOSED`.
+///
+/// Thread safety: safe from any thread at any time.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_udp_recv_from(
+    udp: *mut meshvpn_udp,
+    buf: *mut u8,
+    len: usize,
+    timeout_ms: i64,
+    from_buf: *mut c_char,
+    from_buf_len: usize,
+    out_n: *mut usize,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let s = lookup(udp)?;
+        let out = Out::new(out_n, "out_n")?;
+        if !from_buf.is_null() && from_buf_len < MESHVPN_ADDR_MAX {
+            return Err(Error::new(
+                meshvpn_result::MESHVPN_BUFFER_TOO_SMALL,
+                format!("from_buf needs MESHVPN_ADDR_MAX ({MESHVPN_ADDR_MAX}) bytes, it has {from_buf_len}"),
+            ));
+        }
+        // SAFETY: the caller promises `len` writable bytes at `buf`.
+        let buf = unsafe { ptr::try_slice_mut(buf, len, "buf") }?;
+        let limit = timeout(timeout_ms);
+        let (n, from) = timed(Instant::now(), limit, s.recv_from_timeout(buf, limit))?;
+        if !from_buf.is_null() {
+            // SAFETY: `from_buf` has `from_buf_len` writable bytes, at
+            // least MESHVPN_ADDR_MAX, which any address text fits.
+            unsafe { ptr::copy_text(from_buf, from_buf_len, &from.to_string()) }?;
+        }
+        out.write(n);
+        Ok(())
+    }}
+}
+
+/// Wakes the calls blocked on the socket without closing it: they return
+/// `MESHVPN_INTERRUPTED`, and so does the next call that starts
+/// after it (once; it may be spurious: treat it as "look at the deadline
+/// again").
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
+///
+/// Thread safety: safe from any thread at any time.
+#[no_mangle]
+pub extern "C" fn meshvpn_udp_interrupt(udp: *mut meshvpn_udp) -> meshvpn_result {
+    ffi_boundary! {{
+        lookup(udp)?.interrupter().interrupt();
+        Ok(())
+    }}
+}
+
+/// Writes the bound address into `buf` (buffer protocol of
+/// `meshvpn_result_message`; `MESHVPN_ADDR_MAX` bytes suffice).
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_BUFFER_TOO_SMALL`.
+///
+/// Thread safety: safe from any thread at any time.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_udp_local_addr(
+    udp: *const meshvpn_udp,
+    buf: *mut c_char,
+    buf_len: usize,
+    out_len: *mut usize,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let addr = lookup(udp)?.local_addr();
+        // SAFETY: the caller promises `buf` has `buf_len` writable bytes.
+        unsafe { netstack::write_addr(addr, buf, buf_len, out_len) }
+    }}
+}
+
+/// Closes the socket: blocked calls wake with `MESHVPN_CLOSED`, later
+/// calls fail with it; the port is free again. The handle stays valid
+/// until `meshvpn_udp_free`. Idempotent.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
+///
+/// Thread safety: safe from any thread, concurrently with other calls.
+#[no_mangle]
+pub extern "C" fn meshvpn_udp_close(udp: *mut meshvpn_udp) -> meshvpn_result {
+    ffi_boundary! {{
+        lookup(udp)?.close();
+        Ok(())
+    }}
+}
+
+/// Closes the socket (as `meshvpn_udp_close`) and releases the handle;
+/// copies of it are dead afterwards (`MESHVPN_INVALID_HANDLE`). Freeing
+/// NULL is a no-op.
+///
+/// Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_WOULD_DEADLOCK` (from the log
+/// callback).
+///
+/// Thread safety: safe from any thread, concurrently with other calls.
+#[no_mangle]
+pub extern "C" fn meshvpn_udp_free(udp: *mut meshvpn_udp) -> meshvpn_result {
+    ffi_boundary! {{
+        if udp.is_null() {
+            return Ok(());
+        }
+        refuse_in_log("meshvpn_udp_free")?;
+        UDPS.remove(udp)?.close();
+        Ok(())
+    }}
+}
