@@ -61,7 +61,7 @@ func (r Result) Error() string {
 func (r Result) Is(target error) bool {
 	switch target {
 	case net.ErrClosed:
-		return r == ErrInvalidHandle || r == ErrEngineStopped
+		return r == ErrInvalidHandle || r == ErrEngineStopped || r == ErrTunnelClosed
 	case os.ErrDeadlineExceeded:
 		return r == ErrTimeout
 	}

@@ -39,6 +39,10 @@ const TAG_SHIFT: u32 = bits::INDEX + bits::GENERATION;
 /// The type tags; distinct per C type, never 0.
 pub(crate) mod tag {
     pub(crate) const ENGINE: usize = 1;
+    // The tunnel's types take the top of the 4-bit range 32-bit targets have.
+    pub(crate) const TUNNEL_AGENT: usize = 13;
+    pub(crate) const TUNNEL_SERVER: usize = 14;
+    pub(crate) const TUNNEL_STREAM: usize = 15;
 }
 
 struct Slot<T> {

@@ -12,6 +12,7 @@
 //! | `stats`  | `meshvpn_stats`, `meshvpn_peer_stats` |
 //! | `packet` | `meshvpn_packet`: batched send/receive, eventfd and callback wakeups |
 //! | `log`    | `meshvpn_set_log_callback`                  |
+//! | `tunnel` | `meshvpn_tunnel_agent`, `meshvpn_tunnel_server`, `meshvpn_tunnel_stream` |
 //!
 //! Rules every exported function follows:
 //!
@@ -26,8 +27,8 @@
 //! - Raw pointers are turned into references only through the typed helpers
 //!   in `ptr`, which check for NULL and impossible lengths.
 //!
-//! The netstack (`meshvpn_conn`, `meshvpn_listener`, `meshvpn_udp`), UAPI and
-//! tunnel functions are added as further modules in the same shape.
+//! The netstack (`meshvpn_conn`, `meshvpn_listener`, `meshvpn_udp`) and UAPI
+//! functions are added as further modules in the same shape.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![allow(non_camel_case_types)]
 // Every exported function's doc comment is its C contract (which pointers
@@ -49,6 +50,7 @@ pub mod log;
 pub mod packet;
 mod ptr;
 pub mod stats;
+pub mod tunnel;
 
 use std::ffi::c_char;
 

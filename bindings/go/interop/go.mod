@@ -3,6 +3,7 @@ module github.com/meshvpn/libmeshvpn/bindings/go/interop
 go 1.26.8
 
 require (
+	github.com/meshvpn/libmeshvpn/bindings/go v0.0.0
 	github.com/gorilla/websocket v1.5.4-0.20250319132907-e064f32e3674
 	github.com/rancher/remotedialer v0.6.0-rc.1.0.20250916111157-f160aa32568d
 )
@@ -21,3 +22,6 @@ require (
 	golang.org/x/sys v0.31.0 // indirect
 	google.golang.org/protobuf v1.36.5 // indirect
 )
+
+// The binding under test, from this checkout (it has no dependencies).
+replace github.com/meshvpn/libmeshvpn/bindings/go => ../

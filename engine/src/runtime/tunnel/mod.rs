@@ -20,7 +20,7 @@ mod target;
 pub mod tls;
 mod transport;
 
-pub use agent::{Agent, AgentConfig, AgentStatus};
+pub use agent::{Agent, AgentConfig, AgentEvent, AgentEventHook, AgentStatus};
 pub use server::{ServerAuth, ServerConfig, TunnelServer};
 pub use stream::TunnelStream;
 pub use target::{
@@ -38,6 +38,9 @@ pub enum TunnelError {
     Tls(String),
     #[error("websocket handshake: {0}")]
     Handshake(String),
+    /// The server refused the upgrade (401: authentication failed).
+    #[error("websocket handshake: server answered HTTP {0}")]
+    Rejected(tungstenite::http::StatusCode),
     #[error("configuration: {0}")]
     Config(String),
     #[error("no tunnel session for client {0:?}")]
