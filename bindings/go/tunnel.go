@@ -71,6 +71,20 @@ func (h *handle) do(op string, f func(C.uintptr_t) C.meshvpn_result) error {
 	return call(op, func() C.meshvpn_result { return f(C.uintptr_t(v)) })
 }
 
+// release frees the handle once and reports whether this call did; if
+// the free fails (Close from inside a callback), the handle stays usable.
+func (h *handle) release(op string, free func(C.uintptr_t) C.meshvpn_result) (bool, error) {
+	v := h.v.Swap(0)
+	if v == 0 {
+		return false, nil
+	}
+	if err := call(op, func() C.meshvpn_result { return free(C.uintptr_t(v)) }); err != nil {
+		h.v.Store(v)
+		return false, err
+	}
+	return true, nil
+}
+
 // newHandle runs a C constructor that writes a handle.
 func newHandle(op string, create func(out unsafe.Pointer) C.meshvpn_result) (uintptr, error) {
 	var h C.uintptr_t
@@ -272,21 +286,16 @@ func (a *TunnelAgent) Status() (TunnelAgentStatus, error) {
 // Close stops the agent and releases it; no callback runs after it
 // returns. It is idempotent: later calls return nil.
 func (a *TunnelAgent) Close() error {
-	h := a.h.v.Swap(0)
-	if h == 0 {
-		return nil
-	}
-	runtime.SetFinalizer(a, nil)
-	err := call("TunnelAgent.Close", func() C.meshvpn_result {
-		return C.meshvpn_tunnel_agent_free(C.mv_agent(C.uintptr_t(h)))
+	freed, err := a.h.release("TunnelAgent.Close", func(h C.uintptr_t) C.meshvpn_result {
+		return C.meshvpn_tunnel_agent_free(C.mv_agent(h))
 	})
-	if err != nil {
-		// Still alive (Close from inside OnEvent): keep it closable.
-		a.h.v.Store(h)
+	if !freed {
 		return err
 	}
+	runtime.SetFinalizer(a, nil)
 	if a.callbacks != 0 {
 		a.callbacks.Delete()
+		a.callbacks = 0
 	}
 	return nil
 }
@@ -485,14 +494,11 @@ func (s *TunnelServer) DialContext(ctx context.Context, clientKey, network, addr
 // Close stops the server and releases it. It is idempotent. Connections
 // dialed through it fail but must still be closed.
 func (s *TunnelServer) Close() error {
-	h := s.h.v.Swap(0)
-	if h == 0 {
-		return nil
-	}
 	runtime.SetFinalizer(s, nil)
-	return call("TunnelServer.Close", func() C.meshvpn_result {
-		return C.meshvpn_tunnel_server_free(C.mv_server(C.uintptr_t(h)))
+	_, err := s.h.release("TunnelServer.Close", func(h C.uintptr_t) C.meshvpn_result {
+		return C.meshvpn_tunnel_server_free(C.mv_server(h))
 	})
+	return err
 }
 
 // ------------------------------------------------------------------ conn
@@ -588,14 +594,11 @@ func (c *tunnelConn) CloseWrite() error {
 // Close closes the connection; blocked Reads and Writes return an error
 // matching net.ErrClosed. Idempotent.
 func (c *tunnelConn) Close() error {
-	h := c.h.v.Swap(0)
-	if h == 0 {
-		return nil
-	}
 	runtime.SetFinalizer(c, nil)
-	return call("TunnelConn.Close", func() C.meshvpn_result {
-		return C.meshvpn_tunnel_stream_free(C.mv_stream(C.uintptr_t(h)))
+	_, err := c.h.release("TunnelConn.Close", func(h C.uintptr_t) C.meshvpn_result {
+		return C.meshvpn_tunnel_stream_free(C.mv_stream(h))
 	})
+	return err
 }
 
 func (c *tunnelConn) LocalAddr() net.Addr  { return c.local }

@@ -81,6 +81,13 @@ func newTunnelPKI(t *testing.T) *tunnelPKI {
 	return p
 }
 
+// okService is an HTTP server that answers "ok".
+func okService(t *testing.T) *httptest.Server {
+	svc := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok")) }))
+	t.Cleanup(svc.Close)
+	return svc
+}
+
 func startTunnelServer(t *testing.T, p *tunnelPKI) (*TunnelServer, string) {
 	t.Helper()
 	s, err := NewTunnelServer(TunnelServerConfig{
@@ -218,8 +225,7 @@ func TestTunnelServerDialsThroughAgent(t *testing.T) {
 
 func TestTunnelRefusedTarget(t *testing.T) {
 	p := newTunnelPKI(t)
-	svc := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
-	defer svc.Close()
+	svc := okService(t)
 	s, url := startTunnelServer(t, p)
 	// The default policy (kubelet and stream ports only) refuses svc.
 	startTunnelAgent(t, TunnelAgentConfig{URL: url, CAPEM: p.ca, Token: tunToken})
@@ -247,8 +253,7 @@ func TestTunnelRefusedTarget(t *testing.T) {
 
 func TestTunnelAllowFuncAndAuthFailure(t *testing.T) {
 	p := newTunnelPKI(t)
-	svc := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok")) }))
-	defer svc.Close()
+	svc := okService(t)
 	s, url := startTunnelServer(t, p)
 	var mu sync.Mutex
 	var asked []string
@@ -284,8 +289,7 @@ func TestTunnelAllowFuncAndAuthFailure(t *testing.T) {
 
 func TestTunnelServerRestart(t *testing.T) {
 	p := newTunnelPKI(t)
-	svc := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write([]byte("ok")) }))
-	defer svc.Close()
+	svc := okService(t)
 	s, url := startTunnelServer(t, p)
 	var events eventLog
 	a := startTunnelAgent(t, TunnelAgentConfig{URL: url, CAPEM: p.ca, Token: tunToken,

@@ -104,6 +104,21 @@ fn refuse_in_log() -> Result<()> {
     callback::refuse_inside(&[Inside::Log], "a tunnel function")
 }
 
+/// The body of every `_free`: NULL is a no-op; otherwise the handle dies
+/// and `shut` ends what its object runs.
+fn free_handle<C, T>(
+    table: &HandleTable<C, T>,
+    handle: *mut C,
+    shut: impl FnOnce(&T),
+) -> Result<()> {
+    if handle.is_null() {
+        return Ok(());
+    }
+    refuse_in_log()?;
+    shut(&*table.remove(handle)?);
+    Ok(())
+}
+
 // ------------------------------------------------------------------ agent
 
 /// A tunnel agent. Opaque: created by `meshvpn_tunnel_agent_new`, released
@@ -699,13 +714,8 @@ pub extern "C" fn meshvpn_tunnel_agent_get_status(
 #[no_mangle]
 pub extern "C" fn meshvpn_tunnel_agent_free(agent: *mut meshvpn_tunnel_agent) -> meshvpn_result {
     ffi_boundary! {{
-        if agent.is_null() {
-            return Ok(());
-        }
         callback::refuse_inside(&[Inside::Tunnel], "meshvpn_tunnel_agent_free")?;
-        refuse_in_log()?;
-        AGENTS.remove(agent)?.stop();
-        Ok(())
+        free_handle(&AGENTS, agent, AgentHandle::stop)
     }}
 }
 
@@ -1069,12 +1079,7 @@ pub unsafe extern "C" fn meshvpn_tunnel_server_dial(
 #[no_mangle]
 pub extern "C" fn meshvpn_tunnel_server_free(server: *mut meshvpn_tunnel_server) -> meshvpn_result {
     ffi_boundary! {{
-        if server.is_null() {
-            return Ok(());
-        }
-        refuse_in_log()?;
-        SERVERS.remove(server)?.stop();
-        Ok(())
+        free_handle(&SERVERS, server, ServerHandle::stop)
     }}
 }
 
@@ -1235,12 +1240,7 @@ pub extern "C" fn meshvpn_tunnel_stream_close(
 #[no_mangle]
 pub extern "C" fn meshvpn_tunnel_stream_free(stream: *mut meshvpn_tunnel_stream) -> meshvpn_result {
     ffi_boundary! {{
-        if stream.is_null() {
-            return Ok(());
-        }
-        refuse_in_log()?;
-        STREAMS.remove(stream)?.close();
-        Ok(())
+        free_handle(&STREAMS, stream, StreamHandle::close)
     }}
 }
 

@@ -168,6 +168,20 @@ static int wait_for(atomic_int *counter, int at_least, int ms) {
 
 /* ------------------------------------------------ helpers */
 
+/* Runs an agent from `ac` that cannot connect and checks the reason's code. */
+static void expect_connect_error(meshvpn_tunnel_agent_config *ac, meshvpn_result want) {
+    struct events ev = {0};
+    ac->event_callback = on_event;
+    ac->event_userdata = &ev;
+    meshvpn_tunnel_agent *a = NULL;
+    OK(meshvpn_tunnel_agent_new(ac, &a));
+    OK(meshvpn_tunnel_agent_start(a));
+    CHECK(wait_for(&ev.errors, 1, WAIT_MS));
+    CHECK(ev.last_error_result == (int)want);
+    CHECK_RC(meshvpn_tunnel_agent_wait_connected(a, 50), MESHVPN_TIMEOUT);
+    OK(meshvpn_tunnel_agent_free(a));
+}
+
 static meshvpn_tunnel_server *new_server(void) {
     meshvpn_tunnel_token tokens[] = {{.token = "tok-1", .client_key = "edge1"}};
     meshvpn_tunnel_server_config c = {
@@ -407,38 +421,17 @@ static void test_token_callback_and_auth_failures(void) {
     OK(meshvpn_tunnel_server_start(s));
 
     /* A wrong token: the server answers 401, the agent reports AUTH. */
-    struct events bad = {0};
     ac.token = "wrong";
     ac.allow_callback = NULL;
-    ac.event_userdata = &bad;
-    OK(meshvpn_tunnel_agent_new(&ac, &a));
-    OK(meshvpn_tunnel_agent_start(a));
-    CHECK(wait_for(&bad.errors, 1, WAIT_MS));
-    CHECK(bad.last_error_result == MESHVPN_TUNNEL_AUTH);
-    CHECK_RC(meshvpn_tunnel_agent_wait_connected(a, 50), MESHVPN_TIMEOUT);
-    OK(meshvpn_tunnel_agent_free(a));
-
+    expect_connect_error(&ac, MESHVPN_TUNNEL_AUTH);
     /* A CA that did not sign the server's certificate: TLS. */
-    struct events tls = {0};
     ac.token = "tok-1";
     ac.ca_pem = other_ca_pem;
-    ac.event_userdata = &tls;
-    OK(meshvpn_tunnel_agent_new(&ac, &a));
-    OK(meshvpn_tunnel_agent_start(a));
-    CHECK(wait_for(&tls.errors, 1, WAIT_MS));
-    CHECK(tls.last_error_result == MESHVPN_TUNNEL_TLS);
-    OK(meshvpn_tunnel_agent_free(a));
-
+    expect_connect_error(&ac, MESHVPN_TUNNEL_TLS);
     /* A wrong path: the upgrade fails. */
-    struct events path = {0};
     ac.ca_pem = ca_pem;
     ac.path = "/elsewhere";
-    ac.event_userdata = &path;
-    OK(meshvpn_tunnel_agent_new(&ac, &a));
-    OK(meshvpn_tunnel_agent_start(a));
-    CHECK(wait_for(&path.errors, 1, WAIT_MS));
-    CHECK(path.last_error_result == MESHVPN_TUNNEL_HANDSHAKE);
-    OK(meshvpn_tunnel_agent_free(a));
+    expect_connect_error(&ac, MESHVPN_TUNNEL_HANDSHAKE);
 
     OK(meshvpn_tunnel_server_free(s));
 }
