@@ -1122,6 +1122,15 @@ fn lookup_stream(handle: *const meshvpn_tunnel_stream) -> Result<Arc<StreamHandl
     STREAMS.get(handle)
 }
 
+/// A stream for reading or writing: not closed on this side.
+fn lookup_open_stream(handle: *const meshvpn_tunnel_stream) -> Result<Arc<StreamHandle>> {
+    let s = lookup_stream(handle)?;
+    if s.closed.load(Ordering::SeqCst) {
+        return Err(Error::new(MESHVPN_TUNNEL_CLOSED, "the stream was closed"));
+    }
+    Ok(s)
+}
+
 /// Reads up to `len` bytes into `buf`, waiting up to `timeout_ms` for data
 /// (0: do not wait; `MESHVPN_WAIT_FOREVER`: no deadline). On success
 /// `*out_n` receives the count; 0 means the far side closed the stream
@@ -1147,10 +1156,7 @@ pub unsafe extern "C" fn meshvpn_tunnel_stream_read(
         let out = Out::new(out_n, "out_n")?;
         // SAFETY: the caller promises `buf` has `len` writable bytes.
         let buf = unsafe { ptr::try_slice_mut(buf, len, "buf") }?;
-        let s = lookup_stream(stream)?;
-        if s.closed.load(Ordering::SeqCst) {
-            return Err(Error::new(MESHVPN_TUNNEL_CLOSED, "the stream was closed"));
-        }
+        let s = lookup_open_stream(stream)?;
         let n = s.stream.read_until(buf, deadline(timeout_ms)).map_err(|e| s.io_error(&e))?;
         if n == 0 && !buf.is_empty() && s.closed.load(Ordering::SeqCst) {
             return Err(Error::new(MESHVPN_TUNNEL_CLOSED, "the stream was closed while reading"));
@@ -1183,10 +1189,7 @@ pub unsafe extern "C" fn meshvpn_tunnel_stream_write(
         let out = Out::new(out_n, "out_n")?;
         // SAFETY: the caller promises `buf` has `len` readable bytes.
         let buf = unsafe { ptr::try_slice(buf, len, "buf") }?;
-        let s = lookup_stream(stream)?;
-        if s.closed.load(Ordering::SeqCst) {
-            return Err(Error::new(MESHVPN_TUNNEL_CLOSED, "the stream was closed"));
-        }
+        let s = lookup_open_stream(stream)?;
         let n = s.stream.write_until(buf, deadline(timeout_ms)).map_err(|e| s.io_error(&e))?;
         out.write(n);
         Ok(())

@@ -356,8 +356,9 @@ impl SessionHooks for AgentHooks {
         status.connected = true;
         status.sessions = self.shared.sessions.load(Ordering::SeqCst);
         drop(status);
-        self.shared.changed.notify_all();
+        // Before waking waiters, so that one woken by the connect sees its event too.
         self.shared.event(AgentEvent::Connected);
+        self.shared.changed.notify_all();
         if self.shared.stop.load(Ordering::SeqCst) {
             session.stop("agent stopped");
         }
