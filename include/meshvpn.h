@@ -308,6 +308,55 @@ enum meshvpn_result
    * The connection is not dialed yet.
    */
   MESHVPN_NOT_CONNECTED = 410,
+  /**
+   * No tunnel session for that client key (the agent is not connected),
+   * or the session ended.
+   */
+  MESHVPN_TUNNEL_NO_SESSION = 500,
+  /**
+   * The agent refused the target: its policy does not allow it, or the
+   * target refused the connection.
+   */
+  MESHVPN_TUNNEL_REFUSED = 501,
+  /**
+   * The stream was closed on this side (`meshvpn_tunnel_stream_close`).
+   */
+  MESHVPN_TUNNEL_CLOSED = 502,
+  /**
+   * The far side ended the stream with an error, or the tunnel under it
+   * went down; the message has the far side's text.
+   */
+  MESHVPN_TUNNEL_RESET = 503,
+  /**
+   * TLS settings that cannot be used (bad PEM, a key that does not match
+   * its certificate) or a failed TLS handshake.
+   */
+  MESHVPN_TUNNEL_TLS = 504,
+  /**
+   * The server did not accept the agent's credentials (HTTP 401/403).
+   */
+  MESHVPN_TUNNEL_AUTH = 505,
+  /**
+   * The websocket upgrade failed otherwise (wrong path, not a tunnel
+   * server).
+   */
+  MESHVPN_TUNNEL_HANDSHAKE = 506,
+  /**
+   * The server cannot listen on its address.
+   */
+  MESHVPN_TUNNEL_LISTEN_FAILED = 507,
+  /**
+   * The agent cannot reach the server (TCP connect failed).
+   */
+  MESHVPN_TUNNEL_CONNECT_FAILED = 508,
+  /**
+   * The session already carries as many streams as its limit allows.
+   */
+  MESHVPN_TUNNEL_LIMIT = 509,
+  /**
+   * The server or agent is not started.
+   */
+  MESHVPN_TUNNEL_NOT_RUNNING = 510,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -340,6 +389,35 @@ enum meshvpn_log_level
 typedef enum meshvpn_log_level meshvpn_log_level;
 #else
 typedef uint32_t meshvpn_log_level;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * What happened to an agent.
+ */
+enum meshvpn_tunnel_event_kind
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * A session with the server is up.
+   */
+  MESHVPN_TUNNEL_EVENT_CONNECTED = 1,
+  /**
+   * The session ended; the agent reconnects unless stopped.
+   */
+  MESHVPN_TUNNEL_EVENT_DISCONNECTED = 2,
+  /**
+   * A connection attempt failed; the agent retries after a backoff.
+   */
+  MESHVPN_TUNNEL_EVENT_ERROR = 3,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum meshvpn_tunnel_event_kind meshvpn_tunnel_event_kind;
+#else
+typedef uint32_t meshvpn_tunnel_event_kind;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
@@ -428,6 +506,25 @@ typedef struct meshvpn_listener meshvpn_listener;
  * is a handle, not a pointer to memory: never dereference it.
  */
 typedef struct meshvpn_netstack meshvpn_netstack;
+
+/**
+ * A tunnel agent. Opaque: created by `meshvpn_tunnel_agent_new`, released
+ * by `meshvpn_tunnel_agent_free`. The value is a handle, not a pointer to
+ * memory: never dereference it.
+ */
+typedef struct meshvpn_tunnel_agent meshvpn_tunnel_agent;
+
+/**
+ * A tunnel server. Opaque: created by `meshvpn_tunnel_server_new`,
+ * released by `meshvpn_tunnel_server_free`. A handle, never dereferenced.
+ */
+typedef struct meshvpn_tunnel_server meshvpn_tunnel_server;
+
+/**
+ * A stream through a tunnel, from `meshvpn_tunnel_server_dial`. Opaque:
+ * released by `meshvpn_tunnel_stream_free`. A handle, never dereferenced.
+ */
+typedef struct meshvpn_tunnel_stream meshvpn_tunnel_stream;
 
 /**
  * A UDP socket. Opaque: created by `meshvpn_udp_bind`, released by
@@ -716,6 +813,187 @@ typedef struct meshvpn_netstack_options {
    */
   uint32_t close_linger_ms;
 } meshvpn_netstack_options;
+
+/**
+ * Decides whether the agent may dial `network`/`address` for the server
+ * (e.g. `"tcp"`, `"127.0.0.1:10250"`); both are NUL-terminated and valid
+ * only during the call. Return true to dial, false to refuse (the server
+ * reads `MESHVPN_TUNNEL_REFUSED` on that stream; the tunnel stays up).
+ *
+ * Called on the agent's session thread with the session locked: it must
+ * return quickly and must not call `meshvpn_tunnel_agent_stop` or
+ * `meshvpn_tunnel_agent_free` (they return `MESHVPN_WOULD_DEADLOCK`).
+ */
+typedef bool (*meshvpn_tunnel_allow_callback)(void *userdata,
+                                              const char *network,
+                                              const char *address);
+
+/**
+ * One agent event, valid only during the callback.
+ */
+typedef struct meshvpn_tunnel_event {
+  meshvpn_tunnel_event_kind kind;
+  /**
+   * For `MESHVPN_TUNNEL_EVENT_ERROR`: why, as a code
+   * (`MESHVPN_TUNNEL_TLS`, `MESHVPN_TUNNEL_AUTH`,
+   * `MESHVPN_TUNNEL_HANDSHAKE`, `MESHVPN_TUNNEL_CONNECT_FAILED`);
+   * `MESHVPN_OK` otherwise.
+   */
+  meshvpn_result result;
+  /**
+   * NUL-terminated UTF-8: the reason for a disconnect or error, empty on
+   * connect. Never contains the token or a private key.
+   */
+  const char *message;
+} meshvpn_tunnel_event;
+
+/**
+ * Receives agent events. Called on the agent's thread, one at a time;
+ * must not call `meshvpn_tunnel_agent_stop` or `meshvpn_tunnel_agent_free`
+ * (they return `MESHVPN_WOULD_DEADLOCK`).
+ */
+typedef void (*meshvpn_tunnel_event_callback)(void *userdata,
+                                              const struct meshvpn_tunnel_event *event);
+
+/**
+ * How an agent connects and what it allows. Strings are NUL-terminated
+ * and only read during `meshvpn_tunnel_agent_new`; optional ones may be NULL.
+ */
+typedef struct meshvpn_tunnel_agent_config {
+  /**
+   * `wss://host:port` or a full `wss://host:port/path` (`ws://` is plain
+   * HTTP, for tests). Required.
+   */
+  const char *url;
+  /**
+   * The upgrade path, replacing the URL's path; NULL keeps the URL's
+   * path, or `/v1-k3s/connect` when the URL has none.
+   */
+  const char *path;
+  /**
+   * PEM: the CA the server's certificate must chain to. Required for
+   * `wss://`; there is no mode that skips verification.
+   */
+  const char *ca_pem;
+  /**
+   * PEM: the agent's client certificate chain (k3s: CN
+   * `system:node:NAME`), with `client_key_pem`; both or neither.
+   */
+  const char *client_cert_pem;
+  /**
+   * PEM: the private key of `client_cert_pem`.
+   */
+  const char *client_key_pem;
+  /**
+   * Sent as `Authorization: Bearer TOKEN`; optional. Never logged.
+   */
+  const char *token;
+  /**
+   * Sent as the `X-Tunnel-ID` header (remotedialer's example servers
+   * take the client key from it); optional.
+   */
+  const char *client_id;
+  /**
+   * `allow_len` target patterns `NETWORK/HOST:PORT`, where HOST is `*`,
+   * an address, a CIDR (`10.42.0.0/16`) or a name and PORT is `*`, a
+   * number or `LOW-HIGH`. With none and no `allow_callback`: what k3s
+   * allows, the kubelet (10250) and stream server (10010) on loopback.
+   */
+  const char *const *allow;
+  size_t allow_len;
+  /**
+   * Decides instead of `allow` (then `allow_len` must be 0); may be NULL.
+   */
+  meshvpn_tunnel_allow_callback allow_callback;
+  void *allow_userdata;
+  /**
+   * Receives events; may be NULL.
+   */
+  meshvpn_tunnel_event_callback event_callback;
+  void *event_userdata;
+} meshvpn_tunnel_agent_config;
+
+/**
+ * An agent's counters, from `meshvpn_tunnel_agent_get_status`.
+ */
+typedef struct meshvpn_tunnel_agent_status {
+  /**
+   * A session with the server is up now.
+   */
+  bool connected;
+  /**
+   * Sessions established since the agent was created.
+   */
+  uint64_t sessions;
+  /**
+   * Sessions after the first one: how often the agent reconnected.
+   */
+  uint64_t reconnects;
+  /**
+   * Streams the agent is relaying to targets now.
+   */
+  uint64_t streams_active;
+  /**
+   * Streams the agent has dialed since it was created.
+   */
+  uint64_t streams_total;
+  /**
+   * Targets the policy refused.
+   */
+  uint64_t streams_refused;
+  /**
+   * Bytes written to targets (from the server).
+   */
+  uint64_t bytes_to_targets;
+  /**
+   * Bytes read from targets (to the server).
+   */
+  uint64_t bytes_from_targets;
+} meshvpn_tunnel_agent_status;
+
+/**
+ * A bearer token and the client key an agent presenting it gets.
+ */
+typedef struct meshvpn_tunnel_token {
+  const char *token;
+  const char *client_key;
+} meshvpn_tunnel_token;
+
+/**
+ * How a server listens and whom it accepts. Strings are NUL-terminated
+ * and only read during `meshvpn_tunnel_server_new`.
+ */
+typedef struct meshvpn_tunnel_server_config {
+  /**
+   * `"ADDRESS:PORT"` to listen on, e.g. `"127.0.0.1:0"` (port 0 picks a
+   * free one, kept across stop and start). Required.
+   */
+  const char *listen;
+  /**
+   * The upgrade path; NULL means `/v1-k3s/connect`.
+   */
+  const char *path;
+  /**
+   * PEM: the server's certificate chain. Required (HTTPS only).
+   */
+  const char *cert_pem;
+  /**
+   * PEM: its private key. Required.
+   */
+  const char *key_pem;
+  /**
+   * PEM: the CA that signs agents' client certificates; a verified
+   * certificate's subject CN becomes the client key (k3s:
+   * `system:node:NAME`). NULL accepts no certificates.
+   */
+  const char *client_ca_pem;
+  /**
+   * `tokens_len` bearer tokens; may be NULL when `tokens_len` is 0. At
+   * least one of `client_ca_pem` and a token is required.
+   */
+  const struct meshvpn_tunnel_token *tokens;
+  size_t tokens_len;
+} meshvpn_tunnel_server_config;
 
 #ifdef __cplusplus
 extern "C" {
@@ -1696,6 +1974,281 @@ meshvpn_result meshvpn_udp_close(struct meshvpn_udp *udp);
  * Thread safety: safe from any thread, concurrently with other calls.
  */
 meshvpn_result meshvpn_udp_free(struct meshvpn_udp *udp);
+
+/**
+ * Creates an agent from `config` without starting it. On success
+ * `*out_agent` receives a handle the caller owns and must release with
+ * `meshvpn_tunnel_agent_free`. `config` and its strings are only read
+ * during the call (the callbacks and userdata pointers are kept).
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_ARGUMENT` (no scheme,
+ * `wss://` without `ca_pem`, a bad allow pattern, both patterns and a
+ * callback, text that is not UTF-8), `MESHVPN_TUNNEL_TLS` (a PEM that does
+ * not parse, a key that does not fit its certificate).
+ *
+ * Thread safety: safe to call from any thread at any time.
+ */
+meshvpn_result meshvpn_tunnel_agent_new(const struct meshvpn_tunnel_agent_config *config,
+                                        struct meshvpn_tunnel_agent **out_agent);
+
+/**
+ * Starts the agent: it connects in the background and reconnects with
+ * exponential backoff (0.5 s up to 30 s, with jitter) whenever the session
+ * ends, until stopped. Returns at once; connection failures arrive as
+ * events (and in the status), not here. Starting a started agent does
+ * nothing.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_THREAD_FAILED`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_tunnel_agent_start(struct meshvpn_tunnel_agent *agent);
+
+/**
+ * Stops the agent: the session ends (streams through it fail on the
+ * server with `MESHVPN_TUNNEL_RESET`) and its threads are joined before
+ * this returns; no event callback runs afterwards. Stopping a stopped
+ * agent does nothing; `meshvpn_tunnel_agent_start` starts it again.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`; `MESHVPN_WOULD_DEADLOCK` from inside
+ * the agent's own callbacks.
+ *
+ * Thread safety: safe to call from any thread except the agent's callbacks.
+ */
+meshvpn_result meshvpn_tunnel_agent_stop(struct meshvpn_tunnel_agent *agent);
+
+/**
+ * Waits until the agent has a session with the server (`MESHVPN_OK`) or
+ * `timeout_ms` passes (`MESHVPN_TIMEOUT`; `MESHVPN_WAIT_FOREVER` waits
+ * without a deadline).
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_TIMEOUT`,
+ * `MESHVPN_TUNNEL_NOT_RUNNING` (not started, or stopped while waiting).
+ *
+ * Thread safety: safe to call from any thread; do not call it from the
+ * agent's callbacks (it would wait for the thread it runs on).
+ */
+meshvpn_result meshvpn_tunnel_agent_wait_connected(struct meshvpn_tunnel_agent *agent,
+                                                   uint32_t timeout_ms);
+
+/**
+ * Writes the agent's counters into `*out_status`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
+ *
+ * Thread safety: safe to call from any thread, including the agent's
+ * callbacks.
+ */
+meshvpn_result meshvpn_tunnel_agent_get_status(struct meshvpn_tunnel_agent *agent,
+                                               struct meshvpn_tunnel_agent_status *out_status);
+
+/**
+ * Stops the agent (as `meshvpn_tunnel_agent_stop`) and releases it. The
+ * handle and its copies are dead afterwards (`MESHVPN_INVALID_HANDLE`).
+ * Freeing NULL is a no-op.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`; `MESHVPN_WOULD_DEADLOCK` from inside
+ * the agent's callbacks (nothing is freed then).
+ *
+ * Thread safety: safe to call from any thread except the agent's callbacks.
+ */
+meshvpn_result meshvpn_tunnel_agent_free(struct meshvpn_tunnel_agent *agent);
+
+/**
+ * Creates a server from `config` without listening yet. On success
+ * `*out_server` receives a handle the caller owns and must release with
+ * `meshvpn_tunnel_server_free`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_ARGUMENT` (a bad
+ * listen address or path, no way to authenticate agents, empty tokens),
+ * `MESHVPN_TUNNEL_TLS` (a PEM that does not parse, a key that does not
+ * fit its certificate).
+ *
+ * Thread safety: safe to call from any thread at any time.
+ */
+meshvpn_result meshvpn_tunnel_server_new(const struct meshvpn_tunnel_server_config *config,
+                                         struct meshvpn_tunnel_server **out_server);
+
+/**
+ * Binds the listen address and serves agents in the background. After a
+ * stop it binds the address it had (a port chosen by the system included).
+ * Starting a started server does nothing.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_TUNNEL_LISTEN_FAILED`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_tunnel_server_start(struct meshvpn_tunnel_server *server);
+
+/**
+ * Stops listening and ends every session (their streams fail with
+ * `MESHVPN_TUNNEL_RESET`; agents reconnect when it starts again).
+ * Stopping a stopped server does nothing.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_tunnel_server_stop(struct meshvpn_tunnel_server *server);
+
+/**
+ * Writes the address the server listens on (e.g. `"127.0.0.1:41234"`)
+ * into `buf`, NUL-terminated, following the buffer protocol of
+ * `meshvpn_result_message`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_BUFFER_TOO_SMALL`, `MESHVPN_TUNNEL_NOT_RUNNING`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_tunnel_server_local_addr(struct meshvpn_tunnel_server *server,
+                                                char *buf,
+                                                size_t buf_len,
+                                                size_t *out_len);
+
+/**
+ * Writes the client keys that have a session now, sorted, one per line
+ * (`"key1\nkey2"`; empty with none), into `buf` following the buffer
+ * protocol of `meshvpn_result_message`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_BUFFER_TOO_SMALL`, `MESHVPN_TUNNEL_NOT_RUNNING`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_tunnel_server_sessions(struct meshvpn_tunnel_server *server,
+                                              char *buf,
+                                              size_t buf_len,
+                                              size_t *out_len);
+
+/**
+ * Waits until the agent `client_key` has a session, for at most
+ * `timeout_ms` (`MESHVPN_WAIT_FOREVER`: no deadline). Returns at once
+ * when the session is up already.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_TUNNEL_NO_SESSION` (none within the timeout),
+ * `MESHVPN_TUNNEL_NOT_RUNNING` (not started, or stopped while waiting).
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_tunnel_server_wait_session(struct meshvpn_tunnel_server *server,
+                                                  const char *client_key,
+                                                  uint32_t timeout_ms);
+
+/**
+ * Opens a stream to `address` (e.g. `"127.0.0.1:10250"`) over `network`
+ * (`"tcp"`) as seen from the agent `client_key`, waiting up to
+ * `timeout_ms` for that agent's session (0: fail at once without one;
+ * `MESHVPN_WAIT_FOREVER`: no deadline). The protocol has no
+ * acknowledgement: this returns as soon as the request is queued, and a
+ * target the agent refuses shows as `MESHVPN_TUNNEL_REFUSED` on the
+ * stream's first read or write.
+ *
+ * On success `*out_stream` receives a handle the caller owns and must
+ * release with `meshvpn_tunnel_stream_free`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_INVALID_ARGUMENT` (`network/address` longer than the
+ * protocol's 266 bytes, or a `/` in `network`), `MESHVPN_TUNNEL_NO_SESSION`,
+ * `MESHVPN_TUNNEL_LIMIT`, `MESHVPN_TUNNEL_NOT_RUNNING`.
+ *
+ * Thread safety: safe to call from any thread, any number at once.
+ */
+meshvpn_result meshvpn_tunnel_server_dial(struct meshvpn_tunnel_server *server,
+                                          const char *client_key,
+                                          const char *network,
+                                          const char *address,
+                                          uint32_t timeout_ms,
+                                          struct meshvpn_tunnel_stream **out_stream);
+
+/**
+ * Stops the server (as `meshvpn_tunnel_server_stop`) and releases it. The
+ * handle and its copies are dead afterwards; streams dialed through it
+ * stay valid handles (their calls fail) until freed. Freeing NULL is a
+ * no-op.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_tunnel_server_free(struct meshvpn_tunnel_server *server);
+
+/**
+ * Reads up to `len` bytes into `buf`, waiting up to `timeout_ms` for data
+ * (0: do not wait; `MESHVPN_WAIT_FOREVER`: no deadline). On success
+ * `*out_n` receives the count; 0 means the far side closed the stream
+ * cleanly (end of stream), or `len` was 0.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_INVALID_ARGUMENT` (impossible `len`), `MESHVPN_TIMEOUT`,
+ * `MESHVPN_TUNNEL_CLOSED` (closed on this side, also while waiting),
+ * `MESHVPN_TUNNEL_REFUSED` (the agent refused the target),
+ * `MESHVPN_TUNNEL_RESET` (the far side failed it or the tunnel went down).
+ *
+ * Thread safety: safe to call from any thread; one reader and one writer
+ * may run at once, and close or free from a third thread wakes both.
+ */
+meshvpn_result meshvpn_tunnel_stream_read(struct meshvpn_tunnel_stream *stream,
+                                          uint8_t *buf,
+                                          size_t len,
+                                          uint32_t timeout_ms,
+                                          size_t *out_n);
+
+/**
+ * Writes up to `len` bytes of `buf`, waiting up to `timeout_ms` while the
+ * far side has paused the stream or its queue is full; on success `*out_n`
+ * receives how many were taken (at least 1 unless `len` is 0; call again
+ * for the rest).
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_TIMEOUT`, `MESHVPN_TUNNEL_CLOSED`
+ * (closed or shut down for writing on this side), `MESHVPN_TUNNEL_REFUSED`,
+ * `MESHVPN_TUNNEL_RESET`.
+ *
+ * Thread safety: as `meshvpn_tunnel_stream_read`.
+ */
+meshvpn_result meshvpn_tunnel_stream_write(struct meshvpn_tunnel_stream *stream,
+                                           const uint8_t *buf,
+                                           size_t len,
+                                           uint32_t timeout_ms,
+                                           size_t *out_n);
+
+/**
+ * Ends writing: data already written still goes out, then the far side
+ * reads end of stream. The remotedialer protocol has no half-close, so
+ * this ends the stream in both directions: later reads return end of
+ * stream (`*out_n` 0), later writes `MESHVPN_TUNNEL_CLOSED`.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_tunnel_stream_shutdown_write(struct meshvpn_tunnel_stream *stream);
+
+/**
+ * Closes the stream (the far side reads end of stream after the data
+ * already written) and wakes every read and write blocked on it, which
+ * return `MESHVPN_TUNNEL_CLOSED`, as do later calls. The handle stays
+ * valid until `meshvpn_tunnel_stream_free`. Closing twice does nothing.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`.
+ *
+ * Thread safety: safe to call from any thread, concurrently with reads
+ * and writes on the same stream.
+ */
+meshvpn_result meshvpn_tunnel_stream_close(struct meshvpn_tunnel_stream *stream);
+
+/**
+ * Closes the stream (as `meshvpn_tunnel_stream_close`) and releases it.
+ * The handle and its copies are dead afterwards; calls blocked on it on
+ * other threads return `MESHVPN_TUNNEL_CLOSED`. Freeing NULL is a no-op.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_tunnel_stream_free(struct meshvpn_tunnel_stream *stream);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -78,7 +78,7 @@ func (r Result) Error() string {
 func (r Result) Is(target error) bool {
 	switch target {
 	case net.ErrClosed:
-		return r == ErrInvalidHandle || r == ErrEngineStopped || r == ErrClosed
+		return r == ErrInvalidHandle || r == ErrEngineStopped || r == ErrClosed || r == ErrTunnelClosed
 	case os.ErrDeadlineExceeded:
 		return r == ErrTimeout
 	}

@@ -245,3 +245,80 @@ fn new_session_for_same_client_replaces_old() {
     }
     assert_eq!(server.clients().len(), 1);
 }
+
+#[test]
+fn agent_events_and_stream_deadlines() {
+    use meshvpn_engine::runtime::tunnel::{AgentEvent, TunnelError};
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+
+    let pki = pki();
+    let echo = echo_server();
+    let server = start_server(&pki, loopback());
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let record = |seen: &Arc<Mutex<Vec<String>>>| {
+        let seen = seen.clone();
+        Arc::new(move |e: AgentEvent<'_>| {
+            let text = match e {
+                AgentEvent::Connected => "connected".to_owned(),
+                AgentEvent::Disconnected(_) => "disconnected".to_owned(),
+                AgentEvent::ConnectFailed(TunnelError::Rejected(s)) => format!("rejected {s}"),
+                AgentEvent::ConnectFailed(other) => format!("failed {other}"),
+            };
+            seen.lock().unwrap().push(text);
+        })
+    };
+    let wait_event = |seen: &Arc<Mutex<Vec<String>>>, prefix: &str| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let events = seen.lock().unwrap().clone();
+            if events.iter().any(|e| e.starts_with(prefix)) {
+                return events;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {prefix:?} event in {events:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let mut config = agent_config(&pki, server.local_addr(), &[&format!("tcp/{echo}")]);
+    config.on_event = Some(record(&seen));
+    let agent = Agent::start(config).unwrap();
+    assert!(agent.wait_connected(WAIT));
+    assert!(server.wait_for_client(NODE, WAIT));
+    assert_eq!(wait_event(&seen, "connected"), ["connected"]);
+
+    // Nothing to read: the deadline ends the wait; then data arrives.
+    let stream = server.dial(NODE, "tcp", &echo.to_string()).unwrap();
+    let mut buf = [0u8; 8];
+    let err = stream
+        .read_until(&mut buf, Some(Instant::now() + Duration::from_millis(100)))
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    assert_eq!(
+        stream
+            .write_until(b"ping", Some(Instant::now() + WAIT))
+            .unwrap(),
+        4
+    );
+    let n = stream
+        .read_until(&mut buf, Some(Instant::now() + WAIT))
+        .unwrap();
+    assert_eq!(&buf[..n], b"ping"[..n].as_ref());
+
+    // The server goes away: the session's end is reported.
+    server.shutdown();
+    wait_event(&seen, "disconnected");
+    drop(agent);
+
+    // A server that takes tokens only answers 401: reported as Rejected.
+    let mut config = server_config(&pki, &[("t", "k")]);
+    config.auth.client_cert_cn = false;
+    let server = TunnelServer::bind(loopback(), config).unwrap();
+    let rejected = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut config = agent_config(&pki, server.local_addr(), &[]);
+    config.on_event = Some(record(&rejected));
+    let _agent = Agent::start(config).unwrap();
+    wait_event(&rejected, "rejected 401");
+}

@@ -29,6 +29,9 @@ pub(crate) enum Inside {
     /// An engine's receive callback, on that engine's receive thread:
     /// stopping or freeing the engine would join the calling thread.
     Recv,
+    /// A tunnel agent's event or allow callback, on the agent's thread:
+    /// stopping or freeing the agent would join the calling thread.
+    Tunnel,
 }
 
 thread_local! {

@@ -12,7 +12,7 @@
 //! | 200-299 | the engine and the packet API            |
 //! | 300-399 | the UAPI text protocol                   |
 //! | 400-499 | the userspace TCP/IP stack               |
-//! | 500-599 | reserved: the websocket tunnel            |
+//! | 500-599 | the websocket tunnel                     |
 //!
 //! A failing call also records a detailed message (which field, which line,
 //! which value) for the calling thread; `meshvpn_last_error_message` reads
@@ -126,13 +126,41 @@ pub enum meshvpn_result {
     MESHVPN_INTERRUPTED = 409,
     /// The connection is not dialed yet.
     MESHVPN_NOT_CONNECTED = 410,
+
+    /// No tunnel session for that client key (the agent is not connected),
+    /// or the session ended.
+    MESHVPN_TUNNEL_NO_SESSION = 500,
+    /// The agent refused the target: its policy does not allow it, or the
+    /// target refused the connection.
+    MESHVPN_TUNNEL_REFUSED = 501,
+    /// The stream was closed on this side (`meshvpn_tunnel_stream_close`).
+    MESHVPN_TUNNEL_CLOSED = 502,
+    /// The far side ended the stream with an error, or the tunnel under it
+    /// went down; the message has the far side's text.
+    MESHVPN_TUNNEL_RESET = 503,
+    /// TLS settings that cannot be used (bad PEM, a key that does not match
+    /// its certificate) or a failed TLS handshake.
+    MESHVPN_TUNNEL_TLS = 504,
+    /// The server did not accept the agent's credentials (HTTP 401/403).
+    MESHVPN_TUNNEL_AUTH = 505,
+    /// The websocket upgrade failed otherwise (wrong path, not a tunnel
+    /// server).
+    MESHVPN_TUNNEL_HANDSHAKE = 506,
+    /// The server cannot listen on its address.
+    MESHVPN_TUNNEL_LISTEN_FAILED = 507,
+    /// The agent cannot reach the server (TCP connect failed).
+    MESHVPN_TUNNEL_CONNECT_FAILED = 508,
+    /// The session already carries as many streams as its limit allows.
+    MESHVPN_TUNNEL_LIMIT = 509,
+    /// The server or agent is not started.
+    MESHVPN_TUNNEL_NOT_RUNNING = 510,
 }
 
 use meshvpn_result::*;
 
 impl meshvpn_result {
     /// Every code, for tests and the message function.
-    pub(crate) const ALL: [meshvpn_result; 38] = [
+    pub(crate) const ALL: [meshvpn_result; 49] = [
         MESHVPN_OK,
         MESHVPN_PANIC,
         MESHVPN_NULL_PARAMETER,
@@ -171,6 +199,17 @@ impl meshvpn_result {
         MESHVPN_NO_ADDRESS,
         MESHVPN_INTERRUPTED,
         MESHVPN_NOT_CONNECTED,
+        MESHVPN_TUNNEL_NO_SESSION,
+        MESHVPN_TUNNEL_REFUSED,
+        MESHVPN_TUNNEL_CLOSED,
+        MESHVPN_TUNNEL_RESET,
+        MESHVPN_TUNNEL_TLS,
+        MESHVPN_TUNNEL_AUTH,
+        MESHVPN_TUNNEL_HANDSHAKE,
+        MESHVPN_TUNNEL_LISTEN_FAILED,
+        MESHVPN_TUNNEL_CONNECT_FAILED,
+        MESHVPN_TUNNEL_LIMIT,
+        MESHVPN_TUNNEL_NOT_RUNNING,
     ];
 
     fn from_u32(n: u32) -> Option<meshvpn_result> {
@@ -218,6 +257,17 @@ impl meshvpn_result {
             MESHVPN_NO_ADDRESS => "the netstack has no address of that family",
             MESHVPN_INTERRUPTED => "interrupted",
             MESHVPN_NOT_CONNECTED => "not connected",
+            MESHVPN_TUNNEL_NO_SESSION => "no tunnel session for that client",
+            MESHVPN_TUNNEL_REFUSED => "the tunnel agent refused the target",
+            MESHVPN_TUNNEL_CLOSED => "the tunnel stream is closed",
+            MESHVPN_TUNNEL_RESET => "the tunnel stream was reset",
+            MESHVPN_TUNNEL_TLS => "tunnel TLS failure",
+            MESHVPN_TUNNEL_AUTH => "the tunnel server refused the credentials",
+            MESHVPN_TUNNEL_HANDSHAKE => "tunnel websocket upgrade failed",
+            MESHVPN_TUNNEL_LISTEN_FAILED => "the tunnel server cannot listen",
+            MESHVPN_TUNNEL_CONNECT_FAILED => "cannot connect to the tunnel server",
+            MESHVPN_TUNNEL_LIMIT => "the tunnel session is at its stream limit",
+            MESHVPN_TUNNEL_NOT_RUNNING => "the tunnel server or agent is not started",
         }
     }
 }

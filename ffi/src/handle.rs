@@ -39,11 +39,16 @@ const TAG_SHIFT: u32 = bits::INDEX + bits::GENERATION;
 /// The type tags; distinct per C type, never 0.
 pub(crate) mod tag {
     pub(crate) const ENGINE: usize = 1;
-    // The userspace stack's types (at most 15: 4 tag bits on 32-bit targets).
-    pub(crate) const NETSTACK: usize = 10;
-    pub(crate) const CONN: usize = 11;
-    pub(crate) const LISTENER: usize = 12;
-    pub(crate) const UDP: usize = 13;
+    // The userspace stack's types.
+    pub(crate) const NETSTACK: usize = 2;
+    pub(crate) const CONN: usize = 3;
+    pub(crate) const LISTENER: usize = 4;
+    pub(crate) const UDP: usize = 5;
+    // The tunnel's types.
+    pub(crate) const TUNNEL_AGENT: usize = 6;
+    pub(crate) const TUNNEL_SERVER: usize = 7;
+    pub(crate) const TUNNEL_STREAM: usize = 8;
+    // At most 15 types: 4 tag bits on 32-bit targets.
 }
 
 struct Slot<T> {

@@ -17,6 +17,7 @@
 //! | `conn`   | `meshvpn_conn`: TCP dial/read/write/shutdown/close |
 //! | `listener` | `meshvpn_listener`: TCP listen/accept       |
 //! | `udp`    | `meshvpn_udp`: UDP bind/send_to/recv_from   |
+//! | `tunnel` | `meshvpn_tunnel_agent`, `meshvpn_tunnel_server`, `meshvpn_tunnel_stream` |
 //!
 //! Rules every exported function follows:
 //!
@@ -30,8 +31,6 @@
 //!   `MESHVPN_INVALID_HANDLE` instead of touching freed memory.
 //! - Raw pointers are turned into references only through the typed helpers
 //!   in `ptr`, which check for NULL and impossible lengths.
-//!
-//! The tunnel functions are added as further modules in the same shape.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![allow(non_camel_case_types)]
 // Every exported function's doc comment is its C contract (which pointers
@@ -59,6 +58,8 @@ pub mod listener;
 pub mod netstack;
 pub mod uapi;
 pub mod udp;
+// The supervisor tunnel.
+pub mod tunnel;
 
 use std::ffi::c_char;
 

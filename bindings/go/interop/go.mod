@@ -3,8 +3,8 @@ module github.com/meshvpn/libmeshvpn/bindings/go/interop
 go 1.26.8
 
 require (
-	github.com/gorilla/websocket v1.5.4-0.20250319132907-e064f32e3674
 	github.com/meshvpn/libmeshvpn/bindings/go v0.0.0
+	github.com/gorilla/websocket v1.5.4-0.20250319132907-e064f32e3674
 	github.com/rancher/remotedialer v0.6.0-rc.1.0.20250916111157-f160aa32568d
 	golang.zx2c4.com/wireguard v0.0.0-20260522210424-ecfc5a8d5446
 )
@@ -32,4 +32,5 @@ require (
 	google.golang.org/protobuf v1.36.5 // indirect
 )
 
+// The binding under test, from this checkout (it has no dependencies).
 replace github.com/meshvpn/libmeshvpn/bindings/go => ../

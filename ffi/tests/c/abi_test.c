@@ -12,6 +12,8 @@
 #define _GNU_SOURCE
 #include <meshvpn.h>
 
+#include "check.h"
+
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -22,41 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static atomic_int passed, failed;
-
-static void last_error(char *buf, size_t len) {
-    size_t n = 0;
-    if (meshvpn_last_error_message(buf, len, &n) != MESHVPN_OK) {
-        snprintf(buf, len, "(message too long)");
-    }
-}
-
-#define CHECK(cond)                                                              \
-    do {                                                                         \
-        if (cond) {                                                              \
-            passed++;                                                            \
-        } else {                                                                 \
-            failed++;                                                            \
-            fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, #cond);      \
-        }                                                                        \
-    } while (0)
-
-#define CHECK_RC(call, expected)                                                 \
-    do {                                                                         \
-        meshvpn_result rc_ = (call);                                             \
-        if (rc_ == (meshvpn_result)(expected)) {                                 \
-            passed++;                                                            \
-        } else {                                                                 \
-            char msg_[512];                                                      \
-            last_error(msg_, sizeof msg_);                                       \
-            failed++;                                                            \
-            fprintf(stderr, "FAIL %s:%d: %s returned %u, expected %s (%u); last error: %s\n", \
-                    __FILE__, __LINE__, #call, (unsigned)rc_, #expected,         \
-                    (unsigned)(expected), msg_);                                 \
-        }                                                                        \
-    } while (0)
-
-#define OK(call) CHECK_RC(call, MESHVPN_OK)
+CHECK_COUNTERS;
 
 /* A handle value nobody issued. */
 #define BOGUS_ENGINE ((meshvpn_engine *)(uintptr_t)0x1234)

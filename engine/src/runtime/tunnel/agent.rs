@@ -35,7 +35,24 @@ pub struct AgentConfig {
     pub handshake_timeout: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// Called on the agent's threads as sessions come and go; must not
+    /// block for long and must not stop the agent.
+    pub on_event: Option<AgentEventHook>,
 }
+
+/// What an agent reports to its `on_event` hook.
+#[derive(Debug)]
+pub enum AgentEvent<'a> {
+    /// A session is up.
+    Connected,
+    /// The session ended, for this reason; the agent reconnects unless stopped.
+    Disconnected(&'a str),
+    /// An attempt to connect failed; the agent retries after a backoff.
+    ConnectFailed(&'a TunnelError),
+}
+
+/// See [`AgentConfig::on_event`].
+pub type AgentEventHook = Arc<dyn Fn(AgentEvent<'_>) + Send + Sync>;
 
 impl std::fmt::Debug for AgentConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,6 +81,7 @@ impl AgentConfig {
             handshake_timeout: Duration::from_secs(10),
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
+            on_event: None,
         }
     }
 }
@@ -85,6 +103,14 @@ struct AgentShared {
     status: Mutex<AgentStatus>,
     changed: Condvar,
     current: Mutex<Option<Arc<SessionShared>>>,
+}
+
+impl AgentShared {
+    fn event(&self, event: AgentEvent<'_>) {
+        if let Some(hook) = &self.config.on_event {
+            hook(event);
+        }
+    }
 }
 
 /// A running agent. Dropping it stops it.
@@ -219,10 +245,12 @@ fn connect_loop(shared: &Arc<AgentShared>) {
                 } else {
                     tracing::warn!(url = %config.url, %reason, "tunnel: session ended");
                 }
+                shared.event(AgentEvent::Disconnected(&reason));
                 reason
             }
             Err(e) => {
                 tracing::warn!(url = %config.url, error = %e, "tunnel: connect failed");
+                shared.event(AgentEvent::ConnectFailed(&e));
                 e.to_string()
             }
         };
@@ -352,7 +380,7 @@ pub(crate) fn open_websocket(
         tungstenite::client::client_with_config(request, transport, Some(ws_config)).map_err(
             |e| match e {
                 tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => {
-                    TunnelError::Handshake(format!("server answered HTTP {}", resp.status()))
+                    TunnelError::Rejected(resp.status())
                 }
                 other => TunnelError::Handshake(other.to_string()),
             },
@@ -371,6 +399,8 @@ impl SessionHooks for AgentHooks {
         status.connected = true;
         status.sessions = self.shared.sessions.load(Ordering::SeqCst);
         drop(status);
+        // Before waking waiters, so that one woken by the connect sees its event too.
+        self.shared.event(AgentEvent::Connected);
         self.shared.changed.notify_all();
         if self.shared.stop.load(Ordering::SeqCst) {
             session.stop("agent stopped");

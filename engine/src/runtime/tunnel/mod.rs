@@ -23,7 +23,7 @@ mod target;
 pub mod tls;
 mod transport;
 
-pub use agent::{Agent, AgentConfig, AgentStatus};
+pub use agent::{Agent, AgentConfig, AgentEvent, AgentEventHook, AgentStatus};
 pub use relay_client::{RelayClient, RelayConfig, RelayOwner, RelayStatus};
 pub use relay_server::{RelayServerConfig, RelayServerStats, RELAY_PATH};
 pub use server::{ServerAuth, ServerConfig, TunnelServer};
@@ -65,6 +65,9 @@ pub enum TunnelError {
     Tls(String),
     #[error("websocket handshake: {0}")]
     Handshake(String),
+    /// The server refused the upgrade (401: authentication failed).
+    #[error("websocket handshake: server answered HTTP {0}")]
+    Rejected(tungstenite::http::StatusCode),
     #[error("configuration: {0}")]
     Config(String),
     #[error("no tunnel session for client {0:?}")]

@@ -2,8 +2,9 @@
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
+use std::time::Instant;
 
-use parking_lot::Condvar;
+use parking_lot::{Condvar, MutexGuard};
 
 use super::driver::SessionShared;
 use crate::tunnel::{ConnId, StreamError};
@@ -81,7 +82,39 @@ impl TunnelStream {
         self.close_with(None);
     }
 
-    fn read_inner(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Sleeps until this stream's signal or `deadline` (`None`: no deadline).
+    fn wait(
+        &self,
+        inner: &mut MutexGuard<'_, super::driver::Inner>,
+        deadline: Option<Instant>,
+    ) -> io::Result<()> {
+        match deadline {
+            None => self.signal.wait(inner),
+            Some(d) => {
+                if Instant::now() >= d || self.signal.wait_until(inner, d).timed_out() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "tunnel stream deadline passed",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `Read::read` that fails with `TimedOut` once `deadline` passes with
+    /// nothing to read (`None` waits as long as it takes).
+    pub fn read_until(&self, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<usize> {
+        self.read_inner(buf, deadline)
+    }
+
+    /// `Write::write` that fails with `TimedOut` once `deadline` passes
+    /// without room to write (`None` waits as long as it takes).
+    pub fn write_until(&self, buf: &[u8], deadline: Option<Instant>) -> io::Result<usize> {
+        self.write_inner(buf, deadline)
+    }
+
+    fn read_inner(&self, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
@@ -92,7 +125,7 @@ impl TunnelStream {
                     self.session.after_op(&mut inner);
                     return Ok(n);
                 }
-                Err(StreamError::WouldBlock) => self.signal.wait(&mut inner),
+                Err(StreamError::WouldBlock) => self.wait(&mut inner, deadline)?,
                 // Closed here: reading after our own close is end of stream.
                 Err(StreamError::Closed) => return Ok(0),
                 Err(e) => return Err(to_io(e)),
@@ -100,7 +133,7 @@ impl TunnelStream {
         }
     }
 
-    fn write_inner(&self, buf: &[u8]) -> io::Result<usize> {
+    fn write_inner(&self, buf: &[u8], deadline: Option<Instant>) -> io::Result<usize> {
         let mut inner = self.session.lock();
         loop {
             match inner.core.send(self.id, buf) {
@@ -108,7 +141,7 @@ impl TunnelStream {
                     self.session.after_op(&mut inner);
                     return Ok(n);
                 }
-                Err(StreamError::WouldBlock) => self.signal.wait(&mut inner),
+                Err(StreamError::WouldBlock) => self.wait(&mut inner, deadline)?,
                 Err(e) => return Err(to_io(e)),
             }
         }
@@ -117,13 +150,13 @@ impl TunnelStream {
 
 impl Read for &TunnelStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read_inner(buf)
+        self.read_inner(buf, None)
     }
 }
 
 impl Write for &TunnelStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write_inner(buf)
+        self.write_inner(buf, None)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -133,13 +166,13 @@ impl Write for &TunnelStream {
 
 impl Read for TunnelStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.read_inner(buf)
+        self.read_inner(buf, None)
     }
 }
 
 impl Write for TunnelStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.write_inner(buf)
+        self.write_inner(buf, None)
     }
 
     fn flush(&mut self) -> io::Result<()> {

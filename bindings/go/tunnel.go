@@ -1,0 +1,628 @@
+package meshvpn
+
+// #include <stdbool.h>
+// #include <stdint.h>
+// #include <stdlib.h>
+// #include <meshvpn.h>
+//
+// extern void meshvpnGoTunnelEvent(void *userdata, meshvpn_tunnel_event *event);
+// extern bool meshvpnGoTunnelAllow(void *userdata, char *network, char *address);
+//
+// static void mv_tunnel_event(void *userdata, const meshvpn_tunnel_event *event) {
+//     meshvpnGoTunnelEvent(userdata, (meshvpn_tunnel_event *)event);
+// }
+// static bool mv_tunnel_allow(void *userdata, const char *network, const char *address) {
+//     return meshvpnGoTunnelAllow(userdata, (char *)network, (char *)address);
+// }
+// // The Go side's callbacks are a cgo.Handle, an integer, carried as userdata.
+// static void mv_tunnel_callbacks(meshvpn_tunnel_agent_config *c, uintptr_t h, bool allow, bool event) {
+//     if (allow) { c->allow_callback = mv_tunnel_allow; c->allow_userdata = (void *)h; }
+//     if (event) { c->event_callback = mv_tunnel_event; c->event_userdata = (void *)h; }
+// }
+// static meshvpn_tunnel_agent *mv_agent(uintptr_t h) { return (meshvpn_tunnel_agent *)h; }
+// static meshvpn_tunnel_server *mv_server(uintptr_t h) { return (meshvpn_tunnel_server *)h; }
+// static meshvpn_tunnel_stream *mv_stream(uintptr_t h) { return (meshvpn_tunnel_stream *)h; }
+import "C"
+
+import (
+	"context"
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"runtime/cgo"
+	"sort"
+	"strings"
+	"sync/atomic"
+	"time"
+	"unsafe"
+)
+
+// The tunnel's result codes (500-599).
+const (
+	ErrTunnelNoSession     Result = C.MESHVPN_TUNNEL_NO_SESSION
+	ErrTunnelRefused       Result = C.MESHVPN_TUNNEL_REFUSED
+	ErrTunnelClosed        Result = C.MESHVPN_TUNNEL_CLOSED
+	ErrTunnelReset         Result = C.MESHVPN_TUNNEL_RESET
+	ErrTunnelTLS           Result = C.MESHVPN_TUNNEL_TLS
+	ErrTunnelAuth          Result = C.MESHVPN_TUNNEL_AUTH
+	ErrTunnelHandshake     Result = C.MESHVPN_TUNNEL_HANDSHAKE
+	ErrTunnelListenFailed  Result = C.MESHVPN_TUNNEL_LISTEN_FAILED
+	ErrTunnelConnectFailed Result = C.MESHVPN_TUNNEL_CONNECT_FAILED
+	ErrTunnelLimit         Result = C.MESHVPN_TUNNEL_LIMIT
+	ErrTunnelNotRunning    Result = C.MESHVPN_TUNNEL_NOT_RUNNING
+)
+
+// waitSlice bounds each blocking C call, so that a changed deadline or a
+// cancelled context takes effect within it.
+const waitSlice = 100 * time.Millisecond
+
+// handle is a C handle kept as an integer (0 once closed) with the Go-side
+// plumbing every tunnel type shares.
+type handle struct{ v atomic.Uintptr }
+
+// do runs f on the live handle; after Close it fails with an error that
+// matches net.ErrClosed.
+func (h *handle) do(op string, f func(C.uintptr_t) C.meshvpn_result) error {
+	v := h.v.Load()
+	if v == 0 {
+		return &Error{Op: op, Code: ErrInvalidHandle, Message: "closed"}
+	}
+	return call(op, func() C.meshvpn_result { return f(C.uintptr_t(v)) })
+}
+
+// release frees the handle once and reports whether this call did; if
+// the free fails (Close from inside a callback), the handle stays usable.
+func (h *handle) release(op string, free func(C.uintptr_t) C.meshvpn_result) (bool, error) {
+	v := h.v.Swap(0)
+	if v == 0 {
+		return false, nil
+	}
+	if err := call(op, func() C.meshvpn_result { return free(C.uintptr_t(v)) }); err != nil {
+		h.v.Store(v)
+		return false, err
+	}
+	return true, nil
+}
+
+// newHandle runs a C constructor that writes a handle.
+func newHandle(op string, create func(out unsafe.Pointer) C.meshvpn_result) (uintptr, error) {
+	var h C.uintptr_t
+	err := call(op, func() C.meshvpn_result { return create(unsafe.Pointer(&h)) })
+	return uintptr(h), err
+}
+
+// textOut reads a string a C function writes with the buffer protocol.
+func (h *handle) textOut(op string, fill func(C.uintptr_t, *C.char, C.size_t, *C.size_t) C.meshvpn_result) (string, error) {
+	for size := 256; ; size *= 4 {
+		buf := make([]byte, size)
+		var n C.size_t
+		err := h.do(op, func(v C.uintptr_t) C.meshvpn_result {
+			return fill(v, (*C.char)(unsafe.Pointer(&buf[0])), C.size_t(len(buf)), &n)
+		})
+		if err == nil {
+			return string(buf[:n]), nil
+		}
+		if e, ok := err.(*Error); !ok || e.Code != ErrBufferTooSmall || size > 1<<20 {
+			return "", err
+		}
+	}
+}
+
+func msTimeout(d time.Duration) C.uint32_t {
+	if d <= 0 {
+		return 0
+	}
+	ms := (d + time.Millisecond - 1) / time.Millisecond
+	return C.uint32_t(ms)
+}
+
+// ------------------------------------------------------------------ agent
+
+// TunnelEventKind says what happened to a TunnelAgent.
+type TunnelEventKind int
+
+const (
+	// TunnelConnected: a session with the server is up.
+	TunnelConnected TunnelEventKind = C.MESHVPN_TUNNEL_EVENT_CONNECTED
+	// TunnelDisconnected: the session ended; the agent reconnects unless closed.
+	TunnelDisconnected TunnelEventKind = C.MESHVPN_TUNNEL_EVENT_DISCONNECTED
+	// TunnelConnectError: an attempt to connect failed; the agent retries
+	// after a backoff. Err says why (ErrTunnelTLS, ErrTunnelAuth, ...).
+	TunnelConnectError TunnelEventKind = C.MESHVPN_TUNNEL_EVENT_ERROR
+)
+
+// TunnelEvent is one thing that happened to a TunnelAgent.
+type TunnelEvent struct {
+	Kind    TunnelEventKind
+	Message string // why the session ended or the attempt failed
+	Err     error  // for TunnelConnectError: an *Error with the code
+}
+
+// TunnelAgentConfig says how a TunnelAgent connects and what it allows.
+type TunnelAgentConfig struct {
+	// URL is wss://host:port, or wss://host:port/path.
+	URL string
+	// Path replaces the URL's path; empty keeps it, or /v1-k3s/connect
+	// (where k3s mounts the tunnel) when the URL has none.
+	Path string
+	// CAPEM is the CA the server's certificate must chain to (required;
+	// there is no mode without verification).
+	CAPEM []byte
+	// ClientCertPEM and ClientKeyPEM: the agent's client certificate (k3s:
+	// CN system:node:NAME), both or neither.
+	ClientCertPEM, ClientKeyPEM []byte
+	// Token is sent as "Authorization: Bearer TOKEN" when not empty. Never logged.
+	Token string
+	// ClientID is sent as the X-Tunnel-ID header when not empty.
+	ClientID string
+	// Allow lists the targets the server may dial, as NETWORK/HOST:PORT
+	// patterns (tcp/127.0.0.1:10250, tcp/10.42.0.0/16:*, tcp/[::1]:8000-9000).
+	// With neither Allow nor AllowFunc: what k3s allows, the kubelet
+	// (10250) and the stream server (10010) on loopback.
+	Allow []string
+	// AllowFunc decides instead of Allow. It runs on the library's threads
+	// with the session locked: it must return quickly.
+	AllowFunc func(network, address string) bool
+	// OnEvent receives the agent's events, one at a time, on the library's
+	// thread. It must not call Stop or Close (they fail with ErrWouldDeadlock).
+	OnEvent func(TunnelEvent)
+}
+
+// TunnelAgentStatus holds a TunnelAgent's counters.
+type TunnelAgentStatus struct {
+	Connected        bool
+	Sessions         uint64 // sessions established
+	Reconnects       uint64 // sessions after the first
+	StreamsActive    uint64 // relays to targets now
+	StreamsTotal     uint64 // targets dialed
+	StreamsRefused   uint64 // targets the policy refused
+	BytesToTargets   uint64
+	BytesFromTargets uint64
+}
+
+// TunnelAgent keeps a websocket tunnel open to a TunnelServer (or to a k3s
+// server, or any rancher/remotedialer server) and dials the targets it
+// allows for the server. All methods are safe for concurrent use.
+type TunnelAgent struct {
+	h         handle
+	callbacks cgo.Handle // 0 without Go callbacks
+}
+
+type agentCallbacks struct {
+	allow   func(network, address string) bool
+	onEvent func(TunnelEvent)
+}
+
+// NewTunnelAgent checks cfg and creates an agent; Start connects it.
+func NewTunnelAgent(cfg TunnelAgentConfig) (*TunnelAgent, error) {
+	var a arena
+	defer a.free()
+	c := (*C.meshvpn_tunnel_agent_config)(a.alloc(int(unsafe.Sizeof(C.meshvpn_tunnel_agent_config{}))))
+	c.url = a.str(cfg.URL)
+	opt := func(s string) *C.char {
+		if s == "" {
+			return nil
+		}
+		return a.str(s)
+	}
+	c.path = opt(cfg.Path)
+	c.ca_pem = opt(string(cfg.CAPEM))
+	c.client_cert_pem = opt(string(cfg.ClientCertPEM))
+	c.client_key_pem = opt(string(cfg.ClientKeyPEM))
+	c.token = opt(cfg.Token)
+	c.client_id = opt(cfg.ClientID)
+	c.allow, c.allow_len = a.strs(cfg.Allow)
+	agent := &TunnelAgent{}
+	if cfg.AllowFunc != nil || cfg.OnEvent != nil {
+		agent.callbacks = cgo.NewHandle(&agentCallbacks{allow: cfg.AllowFunc, onEvent: cfg.OnEvent})
+		C.mv_tunnel_callbacks(c, C.uintptr_t(agent.callbacks), C.bool(cfg.AllowFunc != nil), C.bool(cfg.OnEvent != nil))
+	}
+	h, err := newHandle("NewTunnelAgent", func(out unsafe.Pointer) C.meshvpn_result {
+		return C.meshvpn_tunnel_agent_new(c, (**C.meshvpn_tunnel_agent)(out))
+	})
+	if err != nil {
+		if agent.callbacks != 0 {
+			agent.callbacks.Delete()
+		}
+		return nil, err
+	}
+	agent.h.v.Store(h)
+	runtime.SetFinalizer(agent, func(a *TunnelAgent) { _ = a.Close() })
+	return agent, nil
+}
+
+func (a *TunnelAgent) do(op string, f func(*C.meshvpn_tunnel_agent) C.meshvpn_result) error {
+	err := a.h.do(op, func(h C.uintptr_t) C.meshvpn_result { return f(C.mv_agent(h)) })
+	runtime.KeepAlive(a)
+	return err
+}
+
+// Start connects in the background and keeps reconnecting (exponential
+// backoff with jitter, 0.5 s up to 30 s) until Stop or Close. Connection
+// failures arrive as events and in Status, not here.
+func (a *TunnelAgent) Start() error {
+	return a.do("TunnelAgent.Start", func(h *C.meshvpn_tunnel_agent) C.meshvpn_result {
+		return C.meshvpn_tunnel_agent_start(h)
+	})
+}
+
+// Stop ends the session and waits for the agent's threads; Start connects again.
+func (a *TunnelAgent) Stop() error {
+	return a.do("TunnelAgent.Stop", func(h *C.meshvpn_tunnel_agent) C.meshvpn_result {
+		return C.meshvpn_tunnel_agent_stop(h)
+	})
+}
+
+// WaitConnected waits until the agent has a session or ctx ends.
+func (a *TunnelAgent) WaitConnected(ctx context.Context) error {
+	for {
+		err := a.do("TunnelAgent.WaitConnected", func(h *C.meshvpn_tunnel_agent) C.meshvpn_result {
+			return C.meshvpn_tunnel_agent_wait_connected(h, msTimeout(waitSlice))
+		})
+		if e, ok := err.(*Error); !ok || e.Code != ErrTimeout {
+			return err
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+}
+
+// Status returns the agent's counters.
+func (a *TunnelAgent) Status() (TunnelAgentStatus, error) {
+	var s C.meshvpn_tunnel_agent_status
+	err := a.do("TunnelAgent.Status", func(h *C.meshvpn_tunnel_agent) C.meshvpn_result {
+		return C.meshvpn_tunnel_agent_get_status(h, &s)
+	})
+	return TunnelAgentStatus{
+		Connected: bool(s.connected), Sessions: uint64(s.sessions), Reconnects: uint64(s.reconnects),
+		StreamsActive: uint64(s.streams_active), StreamsTotal: uint64(s.streams_total),
+		StreamsRefused: uint64(s.streams_refused), BytesToTargets: uint64(s.bytes_to_targets),
+		BytesFromTargets: uint64(s.bytes_from_targets),
+	}, err
+}
+
+// Close stops the agent and releases it; no callback runs after it
+// returns. It is idempotent: later calls return nil.
+func (a *TunnelAgent) Close() error {
+	freed, err := a.h.release("TunnelAgent.Close", func(h C.uintptr_t) C.meshvpn_result {
+		return C.meshvpn_tunnel_agent_free(C.mv_agent(h))
+	})
+	if !freed {
+		return err
+	}
+	runtime.SetFinalizer(a, nil)
+	if a.callbacks != 0 {
+		a.callbacks.Delete()
+		a.callbacks = 0
+	}
+	return nil
+}
+
+//export meshvpnGoTunnelEvent
+func meshvpnGoTunnelEvent(userdata unsafe.Pointer, event *C.meshvpn_tunnel_event) {
+	cb := cgo.Handle(uintptr(userdata)).Value().(*agentCallbacks)
+	if cb.onEvent == nil || event == nil {
+		return
+	}
+	ev := TunnelEvent{Kind: TunnelEventKind(event.kind), Message: C.GoString(event.message)}
+	if event.result != C.MESHVPN_OK {
+		ev.Err = &Error{Op: "TunnelAgent", Code: Result(event.result), Message: ev.Message}
+	}
+	cb.onEvent(ev)
+}
+
+//export meshvpnGoTunnelAllow
+func meshvpnGoTunnelAllow(userdata unsafe.Pointer, network, address *C.char) C.bool {
+	cb := cgo.Handle(uintptr(userdata)).Value().(*agentCallbacks)
+	return C.bool(cb.allow != nil && cb.allow(C.GoString(network), C.GoString(address)))
+}
+
+// ------------------------------------------------------------------ server
+
+// TunnelServerConfig says where a TunnelServer listens and whom it accepts.
+type TunnelServerConfig struct {
+	// Addr to listen on, e.g. "127.0.0.1:0" (a free port, kept across
+	// Stop and Listen).
+	Addr string
+	// Path to upgrade on; empty means /v1-k3s/connect.
+	Path string
+	// CertPEM and KeyPEM: the server's certificate chain and key (required).
+	CertPEM, KeyPEM []byte
+	// ClientCAPEM: agents may present a client certificate signed by it;
+	// its CN becomes the client key (k3s: system:node:NAME).
+	ClientCAPEM []byte
+	// Tokens maps bearer tokens to the client key an agent presenting one
+	// gets. At least one of ClientCAPEM and Tokens is required.
+	Tokens map[string]string
+}
+
+// TunnelServer accepts TunnelAgents (or k3s agents, or any
+// rancher/remotedialer client) and dials through them. All methods are
+// safe for concurrent use.
+type TunnelServer struct {
+	h handle
+}
+
+// NewTunnelServer checks cfg and creates a server; Listen starts it.
+func NewTunnelServer(cfg TunnelServerConfig) (*TunnelServer, error) {
+	var a arena
+	defer a.free()
+	c := (*C.meshvpn_tunnel_server_config)(a.alloc(int(unsafe.Sizeof(C.meshvpn_tunnel_server_config{}))))
+	c.listen = a.str(cfg.Addr)
+	if cfg.Path != "" {
+		c.path = a.str(cfg.Path)
+	}
+	c.cert_pem = a.str(string(cfg.CertPEM))
+	c.key_pem = a.str(string(cfg.KeyPEM))
+	if len(cfg.ClientCAPEM) > 0 {
+		c.client_ca_pem = a.str(string(cfg.ClientCAPEM))
+	}
+	if n := len(cfg.Tokens); n > 0 {
+		tokens := unsafe.Slice((*C.meshvpn_tunnel_token)(a.alloc(n*int(unsafe.Sizeof(C.meshvpn_tunnel_token{})))), n)
+		i := 0
+		for token, key := range cfg.Tokens {
+			tokens[i].token = a.str(token)
+			tokens[i].client_key = a.str(key)
+			i++
+		}
+		c.tokens, c.tokens_len = &tokens[0], C.size_t(n)
+	}
+	h, err := newHandle("NewTunnelServer", func(out unsafe.Pointer) C.meshvpn_result {
+		return C.meshvpn_tunnel_server_new(c, (**C.meshvpn_tunnel_server)(out))
+	})
+	if err != nil {
+		return nil, err
+	}
+	s := &TunnelServer{}
+	s.h.v.Store(h)
+	runtime.SetFinalizer(s, func(s *TunnelServer) { _ = s.Close() })
+	return s, nil
+}
+
+func (s *TunnelServer) do(op string, f func(*C.meshvpn_tunnel_server) C.meshvpn_result) error {
+	err := s.h.do(op, func(h C.uintptr_t) C.meshvpn_result { return f(C.mv_server(h)) })
+	runtime.KeepAlive(s)
+	return err
+}
+
+func (s *TunnelServer) text(op string, fill func(*C.meshvpn_tunnel_server, *C.char, C.size_t, *C.size_t) C.meshvpn_result) (string, error) {
+	return s.h.textOut(op, func(h C.uintptr_t, buf *C.char, n C.size_t, out *C.size_t) C.meshvpn_result {
+		r := fill(C.mv_server(h), buf, n, out)
+		runtime.KeepAlive(s)
+		return r
+	})
+}
+
+// Listen binds the address and serves agents in the background. After
+// Stop, it binds the address it had before (the same port).
+func (s *TunnelServer) Listen() error {
+	return s.do("TunnelServer.Listen", func(h *C.meshvpn_tunnel_server) C.meshvpn_result {
+		return C.meshvpn_tunnel_server_start(h)
+	})
+}
+
+// Stop stops listening and ends every session; streams through them fail
+// with ErrTunnelReset. Listen starts it again.
+func (s *TunnelServer) Stop() error {
+	return s.do("TunnelServer.Stop", func(h *C.meshvpn_tunnel_server) C.meshvpn_result {
+		return C.meshvpn_tunnel_server_stop(h)
+	})
+}
+
+// Addr returns the address the server listens on, e.g. "127.0.0.1:41234".
+func (s *TunnelServer) Addr() (string, error) {
+	return s.text("TunnelServer.Addr", func(h *C.meshvpn_tunnel_server, buf *C.char, n C.size_t, out *C.size_t) C.meshvpn_result {
+		return C.meshvpn_tunnel_server_local_addr(h, buf, n, out)
+	})
+}
+
+// Sessions returns the client keys with a session now, sorted.
+func (s *TunnelServer) Sessions() ([]string, error) {
+	text, err := s.text("TunnelServer.Sessions", func(h *C.meshvpn_tunnel_server, buf *C.char, n C.size_t, out *C.size_t) C.meshvpn_result {
+		return C.meshvpn_tunnel_server_sessions(h, buf, n, out)
+	})
+	if err != nil || text == "" {
+		return nil, err
+	}
+	keys := strings.Split(text, "\n")
+	sort.Strings(keys)
+	return keys, nil
+}
+
+// WaitSession waits until clientKey has a session or ctx ends.
+func (s *TunnelServer) WaitSession(ctx context.Context, clientKey string) error {
+	key := C.CString(clientKey)
+	defer C.free(unsafe.Pointer(key))
+	for {
+		err := s.do("TunnelServer.WaitSession", func(h *C.meshvpn_tunnel_server) C.meshvpn_result {
+			return C.meshvpn_tunnel_server_wait_session(h, key, msTimeout(waitSlice))
+		})
+		if e, ok := err.(*Error); !ok || e.Code != ErrTunnelNoSession || ctx.Err() != nil {
+			if err != nil && ctx.Err() != nil {
+				return ctx.Err()
+			}
+			return err
+		}
+	}
+}
+
+// Dial is DialContext with context.Background().
+func (s *TunnelServer) Dial(clientKey, network, address string) (net.Conn, error) {
+	return s.DialContext(context.Background(), clientKey, network, address)
+}
+
+// DialContext opens a connection to address (e.g. "127.0.0.1:10250") over
+// network ("tcp") as seen from the agent clientKey. Without a session for
+// clientKey it fails with ErrTunnelNoSession at once, or, when ctx has a
+// deadline, after waiting for one until then. The protocol has no
+// acknowledgement: a target the agent refuses shows as ErrTunnelRefused on
+// the connection's first Read or Write.
+func (s *TunnelServer) DialContext(ctx context.Context, clientKey, network, address string) (net.Conn, error) {
+	var a arena
+	defer a.free()
+	key, nw, addr := a.str(clientKey), a.str(network), a.str(address)
+	deadline, hasDeadline := ctx.Deadline()
+	for {
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+		var wait C.uint32_t
+		if hasDeadline {
+			wait = msTimeout(min(time.Until(deadline), waitSlice))
+		}
+		var h C.uintptr_t
+		err := s.do("TunnelServer.DialContext", func(srv *C.meshvpn_tunnel_server) C.meshvpn_result {
+			return C.meshvpn_tunnel_server_dial(srv, key, nw, addr, wait, (**C.meshvpn_tunnel_stream)(unsafe.Pointer(&h)))
+		})
+		if err == nil {
+			c := &tunnelConn{
+				local:  tunnelAddr{network, "tunnel:" + clientKey},
+				remote: tunnelAddr{network, address},
+			}
+			c.h.v.Store(uintptr(h))
+			runtime.SetFinalizer(c, func(c *tunnelConn) { _ = c.Close() })
+			return c, nil
+		}
+		if e, ok := err.(*Error); !ok || e.Code != ErrTunnelNoSession || !hasDeadline || !time.Now().Before(deadline) {
+			return nil, err
+		}
+	}
+}
+
+// Close stops the server and releases it. It is idempotent. Connections
+// dialed through it fail but must still be closed.
+func (s *TunnelServer) Close() error {
+	runtime.SetFinalizer(s, nil)
+	_, err := s.h.release("TunnelServer.Close", func(h C.uintptr_t) C.meshvpn_result {
+		return C.meshvpn_tunnel_server_free(C.mv_server(h))
+	})
+	return err
+}
+
+// ------------------------------------------------------------------ conn
+
+type tunnelAddr struct{ network, addr string }
+
+func (a tunnelAddr) Network() string { return a.network }
+func (a tunnelAddr) String() string  { return a.addr }
+
+// tunnelConn is a net.Conn over a meshvpn_tunnel_stream. Deadlines are
+// checked between C calls of at most waitSlice, so a deadline set while a
+// call blocks takes effect within that.
+type tunnelConn struct {
+	h             handle
+	local, remote tunnelAddr
+	readDeadline  atomic.Int64 // unix nanoseconds; 0: none
+	writeDeadline atomic.Int64
+}
+
+func (c *tunnelConn) closedErr(op string) error {
+	return &net.OpError{Op: op, Net: c.remote.network, Source: c.local, Addr: c.remote, Err: net.ErrClosed}
+}
+
+// step runs one read or write call, in slices of at most waitSlice until
+// it succeeds, fails, or the deadline passes.
+func (c *tunnelConn) step(op string, deadline *atomic.Int64, f func(h *C.meshvpn_tunnel_stream, timeout C.uint32_t, n *C.size_t) C.meshvpn_result) (int, error) {
+	for {
+		wait := waitSlice
+		if d := deadline.Load(); d != 0 {
+			left := time.Until(time.Unix(0, d))
+			if left <= 0 {
+				return 0, &net.OpError{Op: op, Net: c.remote.network, Source: c.local, Addr: c.remote, Err: os.ErrDeadlineExceeded}
+			}
+			wait = min(wait, left)
+		}
+		var n C.size_t
+		err := c.h.do("TunnelConn."+op, func(h C.uintptr_t) C.meshvpn_result {
+			return f(C.mv_stream(h), msTimeout(wait), &n)
+		})
+		runtime.KeepAlive(c)
+		if err == nil {
+			return int(n), nil
+		}
+		e := err.(*Error)
+		switch e.Code {
+		case ErrTimeout:
+			continue
+		case ErrInvalidHandle, ErrTunnelClosed:
+			return 0, c.closedErr(op)
+		}
+		return 0, &net.OpError{Op: op, Net: c.remote.network, Source: c.local, Addr: c.remote, Err: err}
+	}
+}
+
+func (c *tunnelConn) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	n, err := c.step("read", &c.readDeadline, func(h *C.meshvpn_tunnel_stream, t C.uint32_t, n *C.size_t) C.meshvpn_result {
+		return C.meshvpn_tunnel_stream_read(h, (*C.uint8_t)(unsafe.Pointer(&p[0])), C.size_t(len(p)), t, n)
+	})
+	if err == nil && n == 0 {
+		return 0, io.EOF
+	}
+	return n, err
+}
+
+func (c *tunnelConn) Write(p []byte) (int, error) {
+	written := 0
+	for written < len(p) {
+		rest := p[written:]
+		n, err := c.step("write", &c.writeDeadline, func(h *C.meshvpn_tunnel_stream, t C.uint32_t, n *C.size_t) C.meshvpn_result {
+			return C.meshvpn_tunnel_stream_write(h, (*C.uint8_t)(unsafe.Pointer(&rest[0])), C.size_t(len(rest)), t, n)
+		})
+		written += n
+		if err != nil {
+			return written, err
+		}
+	}
+	return written, nil
+}
+
+// CloseWrite ends writing. The tunnel protocol has no half-close: the far
+// side reads end of stream and this side's reads end too.
+func (c *tunnelConn) CloseWrite() error {
+	err := c.h.do("TunnelConn.CloseWrite", func(h C.uintptr_t) C.meshvpn_result {
+		return C.meshvpn_tunnel_stream_shutdown_write(C.mv_stream(h))
+	})
+	runtime.KeepAlive(c)
+	return err
+}
+
+// Close closes the connection; blocked Reads and Writes return an error
+// matching net.ErrClosed. Idempotent.
+func (c *tunnelConn) Close() error {
+	runtime.SetFinalizer(c, nil)
+	_, err := c.h.release("TunnelConn.Close", func(h C.uintptr_t) C.meshvpn_result {
+		return C.meshvpn_tunnel_stream_free(C.mv_stream(h))
+	})
+	return err
+}
+
+func (c *tunnelConn) LocalAddr() net.Addr  { return c.local }
+func (c *tunnelConn) RemoteAddr() net.Addr { return c.remote }
+
+func unixNanos(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
+
+func (c *tunnelConn) SetDeadline(t time.Time) error {
+	c.readDeadline.Store(unixNanos(t))
+	c.writeDeadline.Store(unixNanos(t))
+	return nil
+}
+
+func (c *tunnelConn) SetReadDeadline(t time.Time) error {
+	c.readDeadline.Store(unixNanos(t))
+	return nil
+}
+
+func (c *tunnelConn) SetWriteDeadline(t time.Time) error {
+	c.writeDeadline.Store(unixNanos(t))
+	return nil
+}
