@@ -24,6 +24,7 @@
 //! engine's sink and leave through [`Engine::send_packet`].
 
 mod device;
+mod dialer;
 mod error;
 mod icmp;
 mod signal;
@@ -36,6 +37,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use dialer::MeshDialer;
 pub use error::NetstackError;
 pub use signal::Interrupter;
 pub use stack::NetstackStats;

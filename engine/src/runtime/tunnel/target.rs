@@ -185,8 +185,8 @@ pub struct DialedTarget {
     pub shutdown: Box<dyn Fn() + Send + Sync>,
 }
 
-/// Opens connections to allowed targets: the OS by default, the userspace
-/// TCP/IP stack for mesh addresses later.
+/// Opens connections to allowed targets: [`OsDialer`] by default;
+/// `netstack::MeshDialer` sends mesh addresses through the userspace stack.
 pub trait TargetDialer: Send + Sync {
     fn dial(&self, proto: &str, address: &str) -> io::Result<DialedTarget>;
 }
