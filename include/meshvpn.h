@@ -911,6 +911,13 @@ typedef struct meshvpn_tunnel_agent_config {
    */
   meshvpn_tunnel_event_callback event_callback;
   void *event_userdata;
+  /**
+   * A userspace stack (`meshvpn_netstack_new`) through which allowed
+   * targets inside a peer's AllowedIPs are dialed over the mesh; other
+   * targets (the kubelet on loopback) go through the OS. NULL: every
+   * target through the OS. Freeing the stack fails later mesh dials.
+   */
+  const struct meshvpn_netstack *netstack;
 } meshvpn_tunnel_agent_config;
 
 /**

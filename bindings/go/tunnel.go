@@ -22,6 +22,7 @@ package meshvpn
 // static meshvpn_tunnel_agent *mv_agent(uintptr_t h) { return (meshvpn_tunnel_agent *)h; }
 // static meshvpn_tunnel_server *mv_server(uintptr_t h) { return (meshvpn_tunnel_server *)h; }
 // static meshvpn_tunnel_stream *mv_stream(uintptr_t h) { return (meshvpn_tunnel_stream *)h; }
+// static void mv_agent_netstack(meshvpn_tunnel_agent_config *c, uintptr_t h) { c->netstack = (const meshvpn_netstack *)h; }
 import "C"
 
 import (
@@ -167,6 +168,11 @@ type TunnelAgentConfig struct {
 	// OnEvent receives the agent's events, one at a time, on the library's
 	// thread. It must not call Stop or Close (they fail with ErrWouldDeadlock).
 	OnEvent func(TunnelEvent)
+	// Netstack, when set, dials allowed targets inside a peer's AllowedIPs
+	// over the mesh through this userspace stack (a kubelet on a mesh
+	// address); other targets go through the OS. Close the agent before
+	// the stack: mesh dials fail once the stack is closed.
+	Netstack *Netstack
 }
 
 // TunnelAgentStatus holds a TunnelAgent's counters.
@@ -213,6 +219,13 @@ func NewTunnelAgent(cfg TunnelAgentConfig) (*TunnelAgent, error) {
 	c.token = opt(cfg.Token)
 	c.client_id = opt(cfg.ClientID)
 	c.allow, c.allow_len = a.strs(cfg.Allow)
+	if cfg.Netstack != nil {
+		h := cfg.Netstack.handle.Load()
+		if h == 0 {
+			return nil, &Error{Op: "NewTunnelAgent", Code: ErrClosed, Message: "the netstack is closed"}
+		}
+		C.mv_agent_netstack(c, C.uintptr_t(h))
+	}
 	agent := &TunnelAgent{}
 	if cfg.AllowFunc != nil || cfg.OnEvent != nil {
 		agent.callbacks = cgo.NewHandle(&agentCallbacks{allow: cfg.AllowFunc, onEvent: cfg.OnEvent})
@@ -229,6 +242,7 @@ func NewTunnelAgent(cfg TunnelAgentConfig) (*TunnelAgent, error) {
 	}
 	agent.h.v.Store(h)
 	runtime.SetFinalizer(agent, func(a *TunnelAgent) { _ = a.Close() })
+	runtime.KeepAlive(cfg.Netstack)
 	return agent, nil
 }
 

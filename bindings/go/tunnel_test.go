@@ -9,6 +9,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"math/big"
 	"net"
@@ -425,5 +426,49 @@ func TestTunnelConnDeadlinesAndClose(t *testing.T) {
 	}
 	if !strings.Contains(c.RemoteAddr().String(), "127.0.0.1") {
 		t.Fatalf("remote addr %v", c.RemoteAddr())
+	}
+}
+
+// The agent dials a target that exists only on another node's mesh
+// address through its userspace stack (a kubelet reachable over the mesh,
+// no TUN device), and loopback targets through the OS.
+func TestTunnelAgentDialsMeshTargetsThroughItsNetstack(t *testing.T) {
+	_, b, na, nb := stacks(t)
+	l, err := nb.Listen("tcp", ":10250")
+	if err != nil {
+		t.Fatal(err)
+	}
+	kubelet := &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Write([]byte("mesh kubelet " + r.URL.Path))
+		}),
+		ReadHeaderTimeout: 10 * time.Second,
+	}
+	go kubelet.Serve(l)
+	t.Cleanup(func() { kubelet.Close() })
+	local := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("loopback " + r.URL.Path))
+	}))
+	defer local.Close()
+
+	p := newTunnelPKI(t)
+	s, url := startTunnelServer(t, p)
+	a := startTunnelAgent(t, TunnelAgentConfig{
+		URL: url, CAPEM: p.ca, ClientCertPEM: p.clientCert, ClientKeyPEM: p.clientKey,
+		Allow:    []string{"tcp/" + b.addr.String() + ":10250", "tcp/127.0.0.1:*"},
+		Netstack: na,
+	})
+	if err := a.WaitConnected(waitCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WaitSession(waitCtx(t), nodeKey); err != nil {
+		t.Fatal(err)
+	}
+	c := httpVia(s, nodeKey)
+	if body := getOK(t, c, fmt.Sprintf("http://%s:10250/pods", b.addr)); body != "mesh kubelet /pods" {
+		t.Fatalf("mesh target: %q", body)
+	}
+	if body := getOK(t, c, local.URL+"/healthz"); body != "loopback /healthz" {
+		t.Fatalf("loopback target: %q", body)
 	}
 }

@@ -56,7 +56,7 @@ fn agent_dials_mesh_targets_through_the_userspace_stack() {
         server.local_addr(),
         &["tcp/10.77.0.0/24:*", &format!("tcp/{os_target}")],
     );
-    config.dialer = Arc::new(MeshDialer::new(agent_stack.clone(), &agent_node.engine));
+    config.dialer = Arc::new(MeshDialer::new(agent_stack.clone()));
     let _agent = Agent::start(config).unwrap();
     assert!(server.wait_for_client(NODE, WAIT), "agent never registered");
 

@@ -124,7 +124,8 @@ impl From<NetstackError> for Error {
 }
 
 pub(crate) struct NetstackHandle {
-    pub(crate) stack: Netstack,
+    /// Shared with the tunnel agents that dial mesh targets through it.
+    pub(crate) stack: Arc<Netstack>,
 }
 
 static NETSTACKS: HandleTable<meshvpn_netstack, NetstackHandle> = HandleTable::new(tag::NETSTACK);
@@ -236,7 +237,7 @@ pub unsafe extern "C" fn meshvpn_netstack_new(
             unsafe { ptr::try_ref(options, "options") }?.config()
         };
         let stack = Netstack::attach(&e, config)?;
-        let handle = NETSTACKS.insert(Arc::new(NetstackHandle { stack }))?;
+        let handle = NETSTACKS.insert(Arc::new(NetstackHandle { stack: Arc::new(stack) }))?;
         out.write(handle);
         Ok(())
     }}

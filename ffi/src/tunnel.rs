@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ::meshvpn_engine::netstack::MeshDialer;
 use ::meshvpn_engine::runtime::tunnel::{
     tls, Agent, AgentConfig, AgentEvent, AllowList, ConnectPolicy, DialedTarget, OsDialer,
     ServerAuth, ServerConfig, TargetDialer, TargetPattern, TunnelError, TunnelServer, TunnelStream,
@@ -33,6 +34,7 @@ use parking_lot::Mutex;
 use crate::callback::{self, Inside, Userdata};
 use crate::error::{meshvpn_result, Error, Result};
 use crate::handle::{tag, HandleTable};
+use crate::netstack::meshvpn_netstack;
 use crate::packet::MESHVPN_WAIT_FOREVER;
 use crate::ptr::{self, Out};
 
@@ -211,6 +213,11 @@ pub struct meshvpn_tunnel_agent_config {
     /// Receives events; may be NULL.
     pub event_callback: meshvpn_tunnel_event_callback,
     pub event_userdata: *mut c_void,
+    /// A userspace stack (`meshvpn_netstack_new`) through which allowed
+    /// targets inside a peer's AllowedIPs are dialed over the mesh; other
+    /// targets (the kubelet on loopback) go through the OS. NULL: every
+    /// target through the OS. Freeing the stack fails later mesh dials.
+    pub netstack: *const meshvpn_netstack,
 }
 
 /// An agent's counters, from `meshvpn_tunnel_agent_get_status`.
@@ -324,9 +331,9 @@ impl<T: Write> Write for Counted<T> {
     }
 }
 
-/// Dials through the OS and counts streams and bytes.
+/// Dials through the OS (or the mesh) and counts streams and bytes.
 struct CountingDialer {
-    inner: OsDialer,
+    inner: Arc<dyn TargetDialer>,
     counters: Arc<AgentCounters>,
 }
 
@@ -513,8 +520,14 @@ unsafe fn read_agent_config(
         inner,
         counters: counters.clone(),
     });
+    let through: Arc<dyn TargetDialer> = if c.netstack.is_null() {
+        Arc::new(OsDialer::default())
+    } else {
+        let ns = crate::netstack::lookup(c.netstack)?;
+        Arc::new(MeshDialer::new(ns.stack.clone()))
+    };
     let dialer: Arc<dyn TargetDialer> = Arc::new(CountingDialer {
-        inner: OsDialer::default(),
+        inner: through,
         counters: counters.clone(),
     });
     let config = move || {

@@ -5,29 +5,26 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Netstack, TcpStream};
 use crate::runtime::tunnel::{DialedTarget, OsDialer, TargetDialer};
-use crate::runtime::Engine;
 
 /// A [`TargetDialer`] for [`crate::runtime::tunnel::AgentConfig::dialer`]:
 /// `tcp` targets whose address is an IP literal inside some peer's
 /// AllowedIPs go through `stack`; the rest through [`OsDialer`].
 pub struct MeshDialer {
     stack: Arc<Netstack>,
-    engine: Weak<Engine>,
     os: OsDialer,
     /// How long a dial over the mesh may take (handshake included).
     pub timeout: Duration,
 }
 
 impl MeshDialer {
-    pub fn new(stack: Arc<Netstack>, engine: &Arc<Engine>) -> MeshDialer {
+    pub fn new(stack: Arc<Netstack>) -> MeshDialer {
         MeshDialer {
             stack,
-            engine: Arc::downgrade(engine),
             os: OsDialer::default(),
             timeout: Duration::from_secs(30),
         }
@@ -42,8 +39,7 @@ impl MeshDialer {
             "tcp6" => addr.is_ipv6(),
             _ => false,
         };
-        let engine = self.engine.upgrade()?;
-        (family_ok && engine.peer_for(addr.ip()).is_some()).then_some(addr)
+        (family_ok && self.stack.reaches(addr.ip())).then_some(addr)
     }
 }
 

@@ -116,6 +116,12 @@ impl Netstack {
         self.inner.addresses().to_vec()
     }
 
+    /// True when a connection to `ip` would cross the mesh: a peer's
+    /// AllowedIPs cover it and the stack has an address of its family.
+    pub fn reaches(&self, ip: IpAddr) -> bool {
+        self.inner.check_route(ip).is_ok()
+    }
+
     /// Opens a TCP connection to `remote`, waiting up to `timeout` (`None`:
     /// until it succeeds, fails, or the stack closes).
     pub fn tcp_connect(

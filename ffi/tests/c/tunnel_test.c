@@ -443,6 +443,9 @@ static void test_bad_input(void) {
     meshvpn_tunnel_agent_config ac = {.url = "wss://127.0.0.1:1", .ca_pem = ca_pem};
     CHECK_RC(meshvpn_tunnel_agent_new(NULL, &a), MESHVPN_NULL_PARAMETER);
     CHECK_RC(meshvpn_tunnel_agent_new(&ac, NULL), MESHVPN_NULL_PARAMETER);
+    ac.netstack = (const meshvpn_netstack *)(uintptr_t)0x5eed; /* not a live stack */
+    CHECK_RC(meshvpn_tunnel_agent_new(&ac, &a), MESHVPN_INVALID_HANDLE);
+    ac.netstack = NULL;
     ac.url = NULL;
     CHECK_RC(meshvpn_tunnel_agent_new(&ac, &a), MESHVPN_NULL_PARAMETER);
     ac.url = "127.0.0.1:1";
