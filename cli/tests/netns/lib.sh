@@ -189,12 +189,9 @@ iperf() {
 	# iperf3 picks the unit (Kbits, Mbits, Gbits); print Gbit/s, 3 decimals.
 	in_ns "$cli" timeout 20 iperf3 -c "${dial[0]}" -p "${dial[1]}" -t 5 "$@" 2>/dev/null |
 		awk '/receiver/ { for (i = 1; i <= NF; i++) {
-			if ($i == "Gbits/sec") printf "%.3f
-", $(i - 1)
-			if ($i == "Mbits/sec") printf "%.3f
-", $(i - 1) / 1e3
-			if ($i == "Kbits/sec") printf "%.3f
-", $(i - 1) / 1e6 } }'
+			if ($i == "Gbits/sec") printf "%.3f\n", $(i - 1)
+			if ($i == "Mbits/sec") printf "%.3f\n", $(i - 1) / 1e3
+			if ($i == "Kbits/sec") printf "%.3f\n", $(i - 1) / 1e6 } }'
 	wait "$IPERF_SERVER" 2>/dev/null
 }
 
