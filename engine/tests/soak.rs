@@ -20,21 +20,18 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::initiator::Initiator;
-use common::stacks::{recv_all, stack_mesh, Pattern, StackNode};
+use common::stacks::{stack_mesh, try_recv_all, try_send_pattern, StackNode};
 use common::{
     fd_count, fields, peak_resident_kib, resident_kib, spoofed_sockets, thread_count, wait_until,
 };
-use meshvpn_engine::netstack::TcpStream;
 use meshvpn_engine::{IpPrefix, NetstackConfig, PeerConfig, PrivateKey};
-use ring::digest::{Context, SHA256};
 
 const STREAM_BYTES: u64 = 24 << 20;
 /// Each fresh transfer after the disturbances.
 const AFTER_BYTES: u64 = 1 << 20;
-const CHUNK: usize = 32 << 10;
-/// One chunk per pace: ~1.6 MB/s per stream, so a stream spans the
-/// disturbances (about 15 s) instead of finishing before them.
-const PACE: Duration = Duration::from_millis(20);
+/// A pause after each 64 KiB write: ~1.6 MB/s per stream, so a stream
+/// spans the disturbances (about 15 s) instead of finishing before them.
+const PACE: Duration = Duration::from_millis(40);
 const PORT: u16 = 7000;
 
 fn config() -> NetstackConfig {
@@ -76,34 +73,6 @@ impl Outcome {
     }
 }
 
-fn paced_send(s: &TcpStream, bytes: u64, seed: u64, deadline: Instant) -> Result<[u8; 32], String> {
-    use std::io::Write;
-    let mut pat = Pattern::new(seed);
-    let mut hash = Context::new(&SHA256);
-    let mut buf = vec![0u8; CHUNK];
-    let mut left = bytes;
-    s.set_write_timeout(Some(Duration::from_secs(20)));
-    let mut w = s;
-    while left > 0 {
-        if Instant::now() > deadline {
-            return Err(format!("out of time with {left} bytes left"));
-        }
-        let n = left.min(CHUNK as u64) as usize;
-        pat.fill(&mut buf[..n]);
-        w.write_all(&buf[..n]).map_err(|e| e.to_string())?;
-        hash.update(&buf[..n]);
-        left -= n as u64;
-        thread::sleep(PACE);
-    }
-    s.shutdown_write().map_err(|e| e.to_string())?;
-    Ok(hash.finish().as_ref().try_into().unwrap())
-}
-
-fn guarded_recv(s: &TcpStream, deadline: Instant) -> Result<(u64, [u8; 32]), String> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| recv_all(s, deadline)))
-        .map_err(|_| "receive failed".to_string())
-}
-
 /// One paced stream of `bytes` from `a` to a listener on `b`.
 fn stream(
     name: &'static str,
@@ -120,13 +89,13 @@ fn stream(
             let (conn, _) = listener
                 .accept_timeout(Some(Duration::from_secs(20)))
                 .map_err(|e| e.to_string())?;
-            guarded_recv(&conn, deadline)
+            try_recv_all(&conn, deadline)
         });
         let sent = a
             .stack
             .tcp_connect(to, Some(Duration::from_secs(20)))
             .map_err(|e| e.to_string())
-            .and_then(|c| paced_send(&c, bytes, seed, deadline));
+            .and_then(|c| try_send_pattern(&c, bytes, seed, deadline, Some(PACE)));
         let received = rx.join().unwrap();
         Outcome {
             name,

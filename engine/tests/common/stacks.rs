@@ -74,46 +74,66 @@ impl Pattern {
 
 /// Writes `total` pattern bytes and shuts down writing; returns their
 /// SHA-256. Gives up at `deadline`.
-pub fn send_pattern(mut s: &TcpStream, total: u64, seed: u64, deadline: Instant) -> [u8; 32] {
+pub fn send_pattern(s: &TcpStream, total: u64, seed: u64, deadline: Instant) -> [u8; 32] {
+    try_send_pattern(s, total, seed, deadline, None).unwrap_or_else(|e| panic!("sender: {e}"))
+}
+
+/// [`send_pattern`] that returns what ended it, sleeping `pace` after
+/// each 64 KiB write when given (a stream that lasts).
+pub fn try_send_pattern(
+    mut s: &TcpStream,
+    total: u64,
+    seed: u64,
+    deadline: Instant,
+    pace: Option<Duration>,
+) -> Result<[u8; 32], String> {
     let mut pat = Pattern::new(seed);
     let mut hash = Context::new(&SHA256);
     let mut buf = vec![0u8; 64 << 10];
     let mut left = total;
     s.set_write_timeout(Some(Duration::from_secs(30)));
     while left > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "sender ran out of time with {left} bytes left"
-        );
+        if Instant::now() >= deadline {
+            return Err(format!("ran out of time with {left} bytes left"));
+        }
         let n = left.min(buf.len() as u64) as usize;
         pat.fill(&mut buf[..n]);
-        s.write_all(&buf[..n]).expect("write");
+        s.write_all(&buf[..n]).map_err(|e| format!("write: {e}"))?;
         hash.update(&buf[..n]);
         left -= n as u64;
+        if let Some(pace) = pace {
+            std::thread::sleep(pace);
+        }
     }
-    s.shutdown_write().expect("shutdown");
-    hash.finish().as_ref().try_into().unwrap()
+    s.shutdown_write().map_err(|e| format!("shutdown: {e}"))?;
+    Ok(hash.finish().as_ref().try_into().unwrap())
 }
 
 /// Reads to the end of the stream; returns (bytes, SHA-256).
-pub fn recv_all(mut s: &TcpStream, deadline: Instant) -> (u64, [u8; 32]) {
+pub fn recv_all(s: &TcpStream, deadline: Instant) -> (u64, [u8; 32]) {
+    try_recv_all(s, deadline).unwrap_or_else(|e| panic!("receiver: {e}"))
+}
+
+/// [`recv_all`] that returns what ended it.
+pub fn try_recv_all(mut s: &TcpStream, deadline: Instant) -> Result<(u64, [u8; 32]), String> {
     let mut hash = Context::new(&SHA256);
     let mut buf = vec![0u8; 64 << 10];
     let mut total = 0u64;
     s.set_read_timeout(Some(Duration::from_secs(30)));
     loop {
-        assert!(
-            Instant::now() < deadline,
-            "receiver ran out of time after {total} bytes"
-        );
-        let n = s.read(&mut buf).expect("read");
+        if Instant::now() >= deadline {
+            return Err(format!("ran out of time after {total} bytes"));
+        }
+        let n = s
+            .read(&mut buf)
+            .map_err(|e| format!("read after {total} bytes: {e}"))?;
         if n == 0 {
             break;
         }
         hash.update(&buf[..n]);
         total += n as u64;
     }
-    (total, hash.finish().as_ref().try_into().unwrap())
+    Ok((total, hash.finish().as_ref().try_into().unwrap()))
 }
 
 /// Moves `bytes` each way at once over one connection from `a` to a
