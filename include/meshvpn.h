@@ -463,7 +463,8 @@ enum meshvpn_drop_reason
    */
   MESHVPN_DROP_INNER_MALFORMED = 7,
   /**
-   * The receiving side (host queue, TUN, userspace stack) was full.
+   * The receiving side (host queue, TUN, userspace stack) was full, or,
+   * before the first handshake, the queue of packets waiting for it.
    */
   MESHVPN_DROP_SINK_FULL = 8,
   /**

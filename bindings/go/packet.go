@@ -15,7 +15,9 @@ const MaxBatch = C.MESHVPN_MAX_BATCH
 
 // SendPacket sends one inner IP packet into the mesh: it goes to the peer
 // whose AllowedIPs cover its destination (ErrNoRoute if none), encrypted
-// on the calling goroutine's thread.
+// on the calling goroutine's thread. Before the peer's first handshake
+// completes the engine queues a bounded number of bytes; a packet past that
+// returns ErrPacketDropped and counts as DropSinkFull in the peer's stats.
 func (e *Engine) SendPacket(p []byte) error {
 	var data *C.uint8_t
 	if len(p) > 0 {

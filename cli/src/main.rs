@@ -100,6 +100,20 @@ fn init_logging(verbose: u8, default: tracing::Level) {
         .init();
 }
 
+/// Raises the soft limit on open files to the hard limit, as the Go runtime
+/// does for every Go program: a tunnel endpoint or forwarder holds a socket
+/// per stream, and the usual soft limit of 1024 is too low for thousands.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!("open-file limit stays at {soft}: {e}");
+            }
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     // Long-running services say what they do at info; the rest only warn.
@@ -108,6 +122,7 @@ fn main() {
         _ => tracing::Level::WARN,
     };
     init_logging(cli.verbose, default);
+    raise_open_file_limit();
     let result = match cli.command {
         Some(Command::Genkey) => keys::genkey(),
         Some(Command::Pubkey) => keys::pubkey(),

@@ -5,7 +5,7 @@ mod tunnel_support;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use meshvpn_engine::runtime::tunnel::{Agent, TunnelServer};
 use tunnel_support::*;
@@ -112,12 +112,19 @@ fn agent_rejects_server_with_unknown_ca() {
 
 #[test]
 fn a_thousand_concurrent_streams() {
+    const STREAMS: usize = 1000;
+    let limit = raise_open_file_limit();
+    assert!(
+        limit >= 2 * STREAMS as u64 + 256,
+        "{STREAMS} streams to an OS target need about {} open files; the hard limit is {limit}",
+        2 * STREAMS + 256
+    );
     let pki = pki();
     let echo = echo_server();
     let server = start_server(&pki, loopback());
     let _agent = start_agent(&pki, server.local_addr(), &[&format!("tcp/{echo}")]);
     assert!(server.wait_for_client(NODE, WAIT));
-    let streams: Vec<_> = (0..1000)
+    let streams: Vec<_> = (0..STREAMS)
         .map(|_| server.dial(NODE, "tcp", &echo.to_string()).unwrap())
         .collect();
     for (i, s) in streams.iter().enumerate() {
@@ -125,9 +132,17 @@ fn a_thousand_concurrent_streams() {
             .write_all(format!("stream {i:04}").as_bytes())
             .unwrap();
     }
+    let deadline = Instant::now() + WAIT;
     for (i, s) in streams.iter().enumerate() {
         let mut back = [0u8; 11];
-        (&*s).read_exact(&mut back).unwrap();
+        let mut got = 0;
+        while got < back.len() {
+            match s.read_until(&mut back[got..], Some(deadline)) {
+                Ok(0) => panic!("stream {i}: closed after {got} bytes"),
+                Ok(n) => got += n,
+                Err(e) => panic!("stream {i}: {e}"),
+            }
+        }
         assert_eq!(&back, format!("stream {i:04}").as_bytes());
     }
 }

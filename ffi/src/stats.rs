@@ -33,7 +33,8 @@ pub enum meshvpn_drop_reason {
     MESHVPN_DROP_HANDSHAKE_REJECTED = 6,
     /// The decrypted packet is not a valid IP packet.
     MESHVPN_DROP_INNER_MALFORMED = 7,
-    /// The receiving side (host queue, TUN, userspace stack) was full.
+    /// The receiving side (host queue, TUN, userspace stack) was full, or,
+    /// before the first handshake, the queue of packets waiting for it.
     MESHVPN_DROP_SINK_FULL = 8,
     /// Encryption failed or the session expired.
     MESHVPN_DROP_SESSION_EXPIRED = 9,

@@ -31,7 +31,8 @@ pub enum DropReason {
     HandshakeRejected,
     /// The decrypted packet is not a valid IP packet.
     InnerMalformed,
-    /// The receiving side (TUN, userspace stack, host queue) was full.
+    /// The receiving side (TUN, userspace stack, host queue) was full, or,
+    /// before the first handshake, the queue of packets waiting for it.
     SinkFull,
     /// Encryption failed or the session expired.
     SessionExpired,

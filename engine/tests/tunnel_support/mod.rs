@@ -62,6 +62,19 @@ pub fn loopback() -> SocketAddr {
 }
 
 /// A TCP echo service; one thread per connection.
+/// Raises this test process's soft limit on open files to the hard limit
+/// (what the Go runtime and `meshvpn` do at start) and returns the new soft
+/// limit. A stream through the tunnel to an OS target holds two sockets
+/// here: the agent's dial and the echo server's accept.
+pub fn raise_open_file_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}
+
 pub fn echo_server() -> SocketAddr {
     let listener = TcpListener::bind(loopback()).unwrap();
     let addr = listener.local_addr().unwrap();
