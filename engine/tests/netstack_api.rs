@@ -287,3 +287,70 @@ fn packets_not_for_the_stack_reach_the_host_queue() {
         .recv_packet(Duration::from_millis(300))
         .is_none());
 }
+
+#[test]
+fn a_v4_and_a_v6_listener_share_a_port_and_each_gets_its_own_connections() {
+    let nodes = stack_mesh(2, NetstackConfig::default());
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let port = 8080;
+    let listeners = [false, true].map(|v6| {
+        b.stack
+            .tcp_listen(SocketAddr::new(b.addr(v6), port), 4)
+            .unwrap_or_else(|e| panic!("listen v6={v6}: {e}"))
+    });
+    // The port is taken on those two addresses, so every-address binds and
+    // a second bind on one of them are refused; UDP's namespace is apart.
+    for taken in [
+        SocketAddr::new("0.0.0.0".parse().unwrap(), port),
+        SocketAddr::new("::".parse().unwrap(), port),
+        SocketAddr::new(b.addr(false), port),
+        SocketAddr::new(b.addr(true), port),
+    ] {
+        assert_eq!(
+            b.stack.tcp_listen(taken, 1).err(),
+            Some(NetstackError::AddrInUse),
+            "{taken}"
+        );
+    }
+    let udp = [false, true].map(|v6| b.stack.udp_bind(SocketAddr::new(b.addr(v6), port)).unwrap());
+    for v6 in [false, true] {
+        let remote = SocketAddr::new(b.addr(v6), port);
+        let mut c = a.stack.tcp_connect(remote, Some(T)).unwrap();
+        let (mut s, from) = listeners[v6 as usize].accept_timeout(Some(T)).unwrap();
+        assert_eq!(from.ip(), a.addr(v6));
+        assert_eq!(s.local_addr(), remote);
+        use std::io::{Read, Write};
+        c.write_all(b"hello").unwrap();
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        // The other family's listener saw nothing.
+        listeners[!v6 as usize].set_nonblocking(true);
+        assert_eq!(
+            listeners[!v6 as usize].accept_timeout(Some(T)).err(),
+            Some(NetstackError::WouldBlock)
+        );
+        listeners[!v6 as usize].set_nonblocking(false);
+        // Each UDP socket gets only the datagrams to its address.
+        let client = a.stack.udp_bind(SocketAddr::new(a.addr(v6), 0)).unwrap();
+        client
+            .send_to(b"ping", SocketAddr::new(b.addr(v6), port))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = udp[v6 as usize]
+            .recv_from_timeout(&mut buf, Some(T))
+            .unwrap();
+        assert_eq!((&buf[..n], from), (&b"ping"[..], client.local_addr()));
+        assert_eq!(
+            udp[!v6 as usize]
+                .recv_from_timeout(&mut buf, Some(Duration::from_millis(200)))
+                .err(),
+            Some(NetstackError::TimedOut)
+        );
+    }
+    // Once both specific listeners close, the port is free for every address.
+    drop(listeners);
+    b.stack
+        .tcp_listen(SocketAddr::new("0.0.0.0".parse().unwrap(), port), 1)
+        .unwrap();
+}

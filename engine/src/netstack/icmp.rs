@@ -10,7 +10,7 @@ use smoltcp::socket::icmp;
 use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress};
 
 use super::signal::Signal;
-use super::stack::{Inner, Kind};
+use super::stack::{Binding, Inner, Kind};
 use super::NetstackError;
 
 const ECHO_PAYLOAD: usize = 16;
@@ -41,10 +41,11 @@ pub(crate) fn ping(
     let (sock, ident, sent) = {
         let mut st = inner.stack.lock();
         st.check_capacity(inner.config.max_sockets)?;
-        let ident = st.take_port(Kind::Icmp, 0)?;
+        let bound = st.take_port(Binding::ephemeral(Kind::Icmp))?;
+        let ident = bound.port;
         let mut s = icmp::Socket::new(buffer(), buffer());
         if s.bind(icmp::Endpoint::Ident(ident)).is_err() {
-            st.free_port(Kind::Icmp, ident);
+            st.free_port(bound);
             return Err(NetstackError::InvalidInput("ICMP identifier"));
         }
         let caps = st.device.capabilities();
@@ -82,11 +83,7 @@ pub(crate) fn ping(
             }
         };
         s.register_recv_waker(&waker);
-        (
-            st.add(s, Kind::Icmp, Some(ident), signal.clone()),
-            ident,
-            sent,
-        )
+        (st.add(s, Some(bound), signal.clone()), ident, sent)
     };
     inner.kick();
     let r = inner.wait(&signal, Some(deadline), false, |st| {

@@ -6,8 +6,8 @@
 //! it owns), per listener (the idle listening socket and the connections
 //! waiting for `accept`) and of sockets draining after close.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::IpAddr;
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::{Arc, Weak};
 use std::task::Waker;
@@ -67,12 +67,51 @@ pub(crate) struct SockRef {
     pub id: u64,
 }
 
+/// A port (or ICMP identifier) of one kind, bound on one of the stack's
+/// addresses or, with `addr: None`, on all of them. Two bindings of the
+/// same kind and port coexist only when both name different addresses, so
+/// a v4 and a v6 listener can share a port, as on Linux.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Binding {
+    pub kind: Kind,
+    pub port: u16,
+    pub addr: Option<IpAddr>,
+}
+
+impl Binding {
+    /// The binding for `local` (an unspecified IP binds every address).
+    pub fn new(kind: Kind, local: SocketAddr) -> Binding {
+        Binding {
+            kind,
+            port: local.port(),
+            addr: (!local.ip().is_unspecified()).then(|| local.ip()),
+        }
+    }
+
+    /// A request for a free ephemeral port on every address (a dial's
+    /// local port, a ping's identifier).
+    pub fn ephemeral(kind: Kind) -> Binding {
+        Binding {
+            kind,
+            port: 0,
+            addr: None,
+        }
+    }
+
+    /// What smoltcp listens on for this binding.
+    pub fn endpoint(&self) -> IpListenEndpoint {
+        IpListenEndpoint {
+            addr: self.addr.map(Into::into),
+            port: self.port,
+        }
+    }
+}
+
 pub(crate) struct Entry {
     pub id: u64,
-    pub kind: Kind,
     pub signal: Arc<Signal>,
     /// The port (or ICMP identifier) this socket holds and frees on removal.
-    pub owned_port: Option<u16>,
+    pub owned_port: Option<Binding>,
     /// A dial in progress: an unroutable SYN fails it as unreachable.
     pub connecting: bool,
     pub unreachable: bool,
@@ -82,7 +121,6 @@ pub(crate) struct Entry {
 
 pub(crate) struct Listener {
     pub id: u64,
-    pub endpoint: IpListenEndpoint,
     pub backlog: usize,
     pub signal: Arc<Signal>,
     pub waker: Waker,
@@ -98,9 +136,11 @@ pub(crate) struct Stack {
     pub sockets: SocketSet<'static>,
     pub device: MeshDevice,
     pub entries: HashMap<SocketHandle, Entry>,
-    pub listeners: HashMap<u16, Listener>,
+    pub listeners: HashMap<Binding, Listener>,
     closing: Vec<(SocketHandle, Instant)>,
-    ports: HashMap<Kind, HashSet<u16>>,
+    /// The addresses bound on each port of each kind; `None` holds the
+    /// whole port (an unspecified address, or a dial's ephemeral port).
+    ports: HashMap<(Kind, u16), Vec<Option<IpAddr>>>,
     next_port: u16,
     next_id: u64,
     epoch: Instant,
@@ -428,28 +468,28 @@ pub(crate) fn smol_timeout(d: Option<Duration>) -> Option<smoltcp::time::Duratio
     d.map(|d| smoltcp::time::Duration::from_micros(d.as_micros() as u64))
 }
 
-/// The destination port of a TCP SYN (without ACK), the packets that open
+/// The destination of a TCP SYN (without ACK), the packets that open
 /// connections to listeners.
-fn syn_port(packet: &[u8]) -> Option<u16> {
-    let payload = match packet.first()? >> 4 {
+fn syn_destination(packet: &[u8]) -> Option<SocketAddr> {
+    let (dst, payload) = match packet.first()? >> 4 {
         4 => {
             let ip = Ipv4Packet::new_checked(packet).ok()?;
             if ip.next_header() != smoltcp::wire::IpProtocol::Tcp || ip.frag_offset() != 0 {
                 return None;
             }
-            ip.payload()
+            (IpAddr::V4(ip.dst_addr()), ip.payload())
         }
         6 => {
             let ip = Ipv6Packet::new_checked(packet).ok()?;
             if ip.next_header() != smoltcp::wire::IpProtocol::Tcp {
                 return None;
             }
-            ip.payload()
+            (IpAddr::V6(ip.dst_addr()), ip.payload())
         }
         _ => return None,
     };
     let tcp = TcpPacket::new_checked(payload).ok()?;
-    (tcp.syn() && !tcp.ack()).then(|| tcp.dst_port())
+    (tcp.syn() && !tcp.ack()).then(|| SocketAddr::new(dst, tcp.dst_port()))
 }
 
 impl Stack {
@@ -477,15 +517,19 @@ impl Stack {
         Ok(())
     }
 
-    /// Takes `port` (0: a free ephemeral one) of `kind`'s namespace.
-    pub fn take_port(&mut self, kind: Kind, port: u16) -> Result<u16, NetstackError> {
-        let used = self.ports.entry(kind).or_default();
-        if port != 0 {
-            return if used.insert(port) {
-                Ok(port)
-            } else {
-                Err(NetstackError::AddrInUse)
-            };
+    /// Takes `want`'s port (0: a free ephemeral one) of its kind on its
+    /// address, and returns the binding with the port.
+    pub fn take_port(&mut self, want: Binding) -> Result<Binding, NetstackError> {
+        if want.port != 0 {
+            let used = self.ports.entry((want.kind, want.port)).or_default();
+            let clash = used
+                .iter()
+                .any(|a| a.is_none() || want.addr.is_none() || *a == want.addr);
+            if clash {
+                return Err(NetstackError::AddrInUse);
+            }
+            used.push(want.addr);
+            return Ok(want);
         }
         let span = EPHEMERAL.end() - EPHEMERAL.start() + 1;
         for _ in 0..span {
@@ -495,16 +539,23 @@ impl Stack {
             } else {
                 p + 1
             };
-            if used.insert(p) {
-                return Ok(p);
+            if let std::collections::hash_map::Entry::Vacant(v) = self.ports.entry((want.kind, p)) {
+                v.insert(vec![want.addr]);
+                return Ok(Binding { port: p, ..want });
             }
         }
         Err(NetstackError::AddrInUse)
     }
 
-    pub fn free_port(&mut self, kind: Kind, port: u16) {
-        if let Some(used) = self.ports.get_mut(&kind) {
-            used.remove(&port);
+    pub fn free_port(&mut self, b: Binding) {
+        let key = (b.kind, b.port);
+        if let Some(used) = self.ports.get_mut(&key) {
+            if let Some(i) = used.iter().position(|a| *a == b.addr) {
+                used.swap_remove(i);
+            }
+            if used.is_empty() {
+                self.ports.remove(&key);
+            }
         }
     }
 
@@ -516,8 +567,7 @@ impl Stack {
     pub fn add<S: smoltcp::socket::AnySocket<'static>>(
         &mut self,
         socket: S,
-        kind: Kind,
-        owned_port: Option<u16>,
+        owned_port: Option<Binding>,
         signal: Arc<Signal>,
     ) -> SockRef {
         let handle = self.sockets.add(socket);
@@ -526,7 +576,6 @@ impl Stack {
             handle,
             Entry {
                 id,
-                kind,
                 signal,
                 owned_port,
                 connecting: false,
@@ -540,8 +589,8 @@ impl Stack {
     /// Removes a socket now and frees what it held.
     pub fn release(&mut self, h: SocketHandle) {
         if let Some(e) = self.entries.remove(&h) {
-            if let Some(p) = e.owned_port {
-                self.free_port(e.kind, p);
+            if let Some(b) = e.owned_port {
+                self.free_port(b);
             }
             e.signal.notify();
             self.sockets.remove(h);
@@ -608,13 +657,13 @@ impl Stack {
     /// socket limit is full).
     fn ingress(&mut self, now: SmolInstant, inner: &Inner) {
         while let Some(front) = self.device.rx.front() {
-            let port = if self.listeners.is_empty() {
+            let listener = if self.listeners.is_empty() {
                 None
             } else {
-                syn_port(front).filter(|p| self.listeners.contains_key(p))
+                syn_destination(front).and_then(|dst| self.listener_for(dst))
             };
-            if let Some(port) = port {
-                if !self.ready_listener(port, &inner.config) {
+            if let Some(key) = listener {
+                if !self.ready_listener(key, &inner.config) {
                     self.device.rx.pop_front();
                     inner.counters.syns_dropped.fetch_add(1, Relaxed);
                     continue;
@@ -622,17 +671,30 @@ impl Stack {
             }
             self.iface
                 .poll_ingress_single(now, &mut self.device, &mut self.sockets);
-            if let Some(port) = port {
-                self.settle_listener(port);
+            if let Some(key) = listener {
+                self.settle_listener(key);
             }
         }
     }
 
-    /// Makes sure listener `port` has a socket in LISTEN. False when its
+    /// The listener a SYN to `dst` reaches: one on that address, else one
+    /// on every address.
+    fn listener_for(&self, dst: SocketAddr) -> Option<Binding> {
+        let exact = Binding::new(Kind::Tcp, dst);
+        let any = Binding {
+            addr: None,
+            ..exact
+        };
+        [exact, any]
+            .into_iter()
+            .find(|k| self.listeners.contains_key(k))
+    }
+
+    /// Makes sure listener `key` has a socket in LISTEN. False when its
     /// backlog or the socket limit is full.
-    fn ready_listener(&mut self, port: u16, config: &NetstackConfig) -> bool {
-        self.settle_listener(port);
-        let Some(l) = self.listeners.get_mut(&port) else {
+    fn ready_listener(&mut self, key: Binding, config: &NetstackConfig) -> bool {
+        self.settle_listener(key);
+        let Some(l) = self.listeners.get_mut(&key) else {
             return false;
         };
         if l.idle.is_some() {
@@ -651,31 +713,31 @@ impl Stack {
                 self.release(h);
             }
         }
-        let Some(l) = self.listeners.get(&port) else {
+        let Some(l) = self.listeners.get(&key) else {
             return false;
         };
         if l.pending.len() >= l.backlog || self.entries.len() >= config.max_sockets {
             return false;
         }
-        let (endpoint, signal, waker) = (l.endpoint, l.signal.clone(), l.waker.clone());
+        let (signal, waker) = (l.signal.clone(), l.waker.clone());
         let mut s = Self::new_tcp_socket(config);
         // A handshake that never completes must not hold a backlog slot.
         s.set_timeout(smol_timeout(config.tcp_timeout));
-        if s.listen(endpoint).is_err() {
+        if s.listen(key.endpoint()).is_err() {
             return false;
         }
         s.register_recv_waker(&waker);
-        let r = self.add(s, Kind::Tcp, None, signal);
-        if let Some(l) = self.listeners.get_mut(&port) {
+        let r = self.add(s, None, signal);
+        if let Some(l) = self.listeners.get_mut(&key) {
             l.idle = Some(r.handle);
         }
         true
     }
 
-    /// Moves listener `port`'s idle socket to the pending queue once a SYN
+    /// Moves listener `key`'s idle socket to the pending queue once a SYN
     /// took it out of LISTEN.
-    fn settle_listener(&mut self, port: u16) {
-        let Some(l) = self.listeners.get_mut(&port) else {
+    fn settle_listener(&mut self, key: Binding) {
+        let Some(l) = self.listeners.get_mut(&key) else {
             return;
         };
         let Some(h) = l.idle else { return };
@@ -731,11 +793,11 @@ impl Stack {
 
     /// Closes a listener: its idle socket goes, connections not yet
     /// accepted are reset.
-    pub fn close_listener(&mut self, port: u16, id: u64) {
-        if self.listeners.get(&port).is_none_or(|l| l.id != id) {
+    pub fn close_listener(&mut self, key: Binding, id: u64) {
+        if self.listeners.get(&key).is_none_or(|l| l.id != id) {
             return;
         }
-        let Some(l) = self.listeners.remove(&port) else {
+        let Some(l) = self.listeners.remove(&key) else {
             return;
         };
         if let Some(h) = l.idle {
@@ -749,7 +811,7 @@ impl Stack {
             }
             self.closing.push((h, now));
         }
-        self.free_port(Kind::Tcp, port);
+        self.free_port(key);
         l.signal.notify();
     }
 }

@@ -11,10 +11,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use smoltcp::socket::tcp;
-use smoltcp::wire::IpListenEndpoint;
 
 use super::signal::{Interrupter, Signal};
-use super::stack::{smol_timeout, Inner, Kind, Listener, SockRef, Stack};
+use super::stack::{smol_timeout, Binding, Inner, Kind, Listener, SockRef, Stack};
 use super::NetstackError;
 
 fn deadline(timeout: Option<Duration>) -> Option<Instant> {
@@ -69,13 +68,13 @@ impl TcpStream {
         let sock = {
             let mut st = inner.stack.lock();
             st.check_capacity(inner.config.max_sockets)?;
-            let port = st.take_port(Kind::Tcp, 0)?;
+            let local = st.take_port(Binding::ephemeral(Kind::Tcp))?;
             let mut s = Stack::new_tcp_socket(&inner.config);
-            if s.connect(st.iface.context(), remote, port).is_err() {
-                st.free_port(Kind::Tcp, port);
+            if s.connect(st.iface.context(), remote, local.port).is_err() {
+                st.free_port(local);
                 return Err(NetstackError::InvalidInput("remote address"));
             }
-            let r = st.add(s, Kind::Tcp, Some(port), signal.clone());
+            let r = st.add(s, Some(local), signal.clone());
             if let Ok(e) = st.entry(r) {
                 e.connecting = true;
             }
@@ -313,7 +312,7 @@ impl io::Write for TcpStream {
 /// A TCP listening port on the stack's addresses.
 pub struct TcpListener {
     inner: Arc<Inner>,
-    port: u16,
+    key: Binding,
     id: u64,
     local: SocketAddr,
     signal: Arc<Signal>,
@@ -335,19 +334,14 @@ impl TcpListener {
         }
         inner.check_local(local.ip())?;
         let signal = Signal::new();
-        let (port, id) = {
+        let (key, id) = {
             let mut st = inner.stack.lock();
-            let port = st.take_port(Kind::Tcp, local.port())?;
+            let key = st.take_port(Binding::new(Kind::Tcp, local))?;
             let id = st.next_id();
-            let endpoint = IpListenEndpoint {
-                addr: (!local.ip().is_unspecified()).then(|| local.ip().into()),
-                port,
-            };
             st.listeners.insert(
-                port,
+                key,
                 Listener {
                     id,
-                    endpoint,
                     backlog,
                     waker: signal.waker(),
                     signal: signal.clone(),
@@ -355,13 +349,13 @@ impl TcpListener {
                     pending: Default::default(),
                 },
             );
-            (port, id)
+            (key, id)
         };
         Ok(TcpListener {
             inner: inner.clone(),
-            port,
+            key,
             id,
-            local: SocketAddr::new(local.ip(), port),
+            local: SocketAddr::new(local.ip(), key.port),
             signal,
             nonblocking: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -385,14 +379,14 @@ impl TcpListener {
         if self.closed.load(Relaxed) {
             return Err(NetstackError::Closed);
         }
-        let (port, id) = (self.port, self.id);
+        let (key, id) = (self.key, self.id);
         let tcp_timeout = self.inner.config.tcp_timeout;
         let (sock, signal, local, peer) = self.inner.wait(
             &self.signal,
             deadline(timeout),
             self.nonblocking.load(Relaxed),
             |st| {
-                let Some(l) = st.listeners.get_mut(&port).filter(|l| l.id == id) else {
+                let Some(l) = st.listeners.get_mut(&key).filter(|l| l.id == id) else {
                     return Some(Err(NetstackError::Closed));
                 };
                 let mut found = None;
@@ -450,7 +444,7 @@ impl TcpListener {
         if self.closed.swap(true, Relaxed) {
             return;
         }
-        self.inner.stack.lock().close_listener(self.port, self.id);
+        self.inner.stack.lock().close_listener(self.key, self.id);
         self.signal.notify();
         self.inner.kick();
     }

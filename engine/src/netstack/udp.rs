@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use smoltcp::socket::udp;
-use smoltcp::wire::IpListenEndpoint;
 
 use super::signal::{Interrupter, Signal};
-use super::stack::{Inner, Kind, SockRef};
+use super::stack::{Binding, Inner, Kind, SockRef};
 use super::NetstackError;
 
 /// Datagrams a UDP socket's buffer describes, per 64 KiB of payload room.
@@ -58,20 +57,16 @@ impl UdpSocket {
         let (sock, port) = {
             let mut st = inner.stack.lock();
             st.check_capacity(inner.config.max_sockets)?;
-            let port = st.take_port(Kind::Udp, local.port())?;
+            let bound = st.take_port(Binding::new(Kind::Udp, local))?;
             let mut s = udp::Socket::new(
                 packet_buffer(inner.config.udp_buffer),
                 packet_buffer(inner.config.udp_buffer),
             );
-            let endpoint = IpListenEndpoint {
-                addr: (!local.ip().is_unspecified()).then(|| local.ip().into()),
-                port,
-            };
-            if s.bind(endpoint).is_err() {
-                st.free_port(Kind::Udp, port);
+            if s.bind(bound.endpoint()).is_err() {
+                st.free_port(bound);
                 return Err(NetstackError::InvalidInput("local address"));
             }
-            (st.add(s, Kind::Udp, Some(port), signal.clone()), port)
+            (st.add(s, Some(bound), signal.clone()), bound.port)
         };
         Ok(UdpSocket {
             inner: inner.clone(),
