@@ -30,7 +30,9 @@ var _ net.Listener = (*Listener)(nil)
 
 // Listen listens for TCP connections on address (":80" or "0.0.0.0:80"
 // for every address of the stack, or one of its addresses; port 0 picks
-// one).
+// one). Listeners on different addresses share a port, as on Linux (a v4
+// and a v6 listener, say); one on every address takes the port for all, and
+// a clash fails with an error matching ErrAddressInUse.
 func (ns *Netstack) Listen(network, address string) (net.Listener, error) {
 	h, err := ns.open("Netstack.Listen", network, address, "tcp", func(nh *C.meshvpn_netstack, s *C.char, out *C.uintptr_t) C.meshvpn_result {
 		return C.meshvpn_listener_new(nh, s, DefaultBacklog, (**C.meshvpn_listener)(unsafe.Pointer(out)))
