@@ -220,8 +220,7 @@ pub unsafe extern "C" fn meshvpn_engine_relay_last_error(
         let out_len = Out::new(out_len, "out_len")?;
         let text = status(engine)?.last_error.unwrap_or_default();
         // SAFETY: the caller promises `buf` has `buf_len` writable bytes.
-        out_len.write(unsafe { ptr::copy_text(buf, buf_len, &text) }?);
-        Ok(())
+        unsafe { ptr::write_text(buf, buf_len, out_len, &text) }
     }}
 }
 

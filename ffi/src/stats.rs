@@ -175,7 +175,7 @@ impl From<&PeerStats> for meshvpn_peer_stats {
             handshakes_received: s.handshakes_received,
             keepalives_received: s.keepalives_received,
             drops,
-            on_relay: PeerPath::of(s.endpoint) == PeerPath::Relay,
+            on_relay: s.path == PeerPath::Relay,
         }
     }
 }

@@ -697,10 +697,9 @@ static void test_relay_between_engines(void) {
     meshvpn_tunnel_server *s = NULL;
     OK(meshvpn_tunnel_server_new(&sc, &s));
     OK(meshvpn_tunnel_server_start(s));
-    char addr[64], url[128];
-    size_t n = 0;
-    OK(meshvpn_tunnel_server_local_addr(s, addr, sizeof addr, &n));
-    snprintf(url, sizeof url, "wss://%s/v1-meshvpn/relay", addr);
+    char url[128];
+    server_url(s, url, sizeof url);
+    strncat(url, "/v1-meshvpn/relay", sizeof url - strlen(url) - 1);
 
     meshvpn_engine *a = relay_engine(&priv_a, &pub[1]);
     meshvpn_engine *b = relay_engine(&priv_b, &pub[0]);
