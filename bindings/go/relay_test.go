@@ -226,3 +226,62 @@ func TestRelayBadInput(t *testing.T) {
 		t.Fatalf("RelayStats without Relay: %v", err)
 	}
 }
+
+// TestRelayRequireAuth: with RelayRequireAuth, only an engine with one of
+// the server's tokens registers; the refusal shows in LastError without
+// the token.
+func TestRelayRequireAuth(t *testing.T) {
+	pki := newTunnelPKI(t)
+	srv, err := NewTunnelServer(TunnelServerConfig{
+		Addr: "127.0.0.1:0", CertPEM: pki.serverCert, KeyPEM: pki.serverKey,
+		Tokens: map[string]string{"relay-good-token": "edge"},
+		Relay:  true, RelayRequireAuth: true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	if err := srv.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	addr, _ := srv.Addr()
+	engine := func() *Engine {
+		k, _ := GenerateKey()
+		e, err := New(Config{PrivateKey: &k})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { e.Close() })
+		return e
+	}
+	cfg := RelayConfig{URL: "wss://" + addr + "/v1-meshvpn/relay", CAPEM: pki.ca, Token: "relay-bad-token"}
+	bad := engine()
+	if err := bad.StartRelay(cfg); err != nil {
+		t.Fatal(err)
+	}
+	var st RelayStatus
+	for deadline := time.Now().Add(tunWait); st.LastError == "" && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if st, err = bad.RelayStatus(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st.Connected || st.LastError == "" || strings.Contains(st.LastError, cfg.Token) {
+		t.Fatalf("wrong token: %+v", st)
+	}
+	t.Logf("wrong token: %s", st.LastError)
+	good := engine()
+	cfg.Token = "relay-good-token"
+	if err := good.StartRelay(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := good.WaitRelayConnected(waitCtx(t)); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := bad.RelayStatus(); st.Connected {
+		t.Fatal("the engine with the wrong token registered")
+	}
+	rs, err := srv.RelayStats()
+	if err != nil || rs.Clients != 1 || rs.Registrations != 1 {
+		t.Fatalf("relay server stats %+v, %v", rs, err)
+	}
+}
