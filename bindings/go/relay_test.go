@@ -43,21 +43,10 @@ func TestRelayCarriesPacketsWhenUDPIsBlackholed(t *testing.T) {
 	defer blackhole.Close()
 	ka, _ := GenerateKey()
 	kb, _ := GenerateKey()
-	srv, err := NewTunnelServer(TunnelServerConfig{
+	srv, base := listenTunnelServer(t, TunnelServerConfig{
 		Addr: "127.0.0.1:0", CertPEM: pki.serverCert, KeyPEM: pki.serverKey,
 		Relay: true, RelayKeys: []Key{ka.PublicKey(), kb.PublicKey()},
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	if err := srv.Listen(); err != nil {
-		t.Fatal(err)
-	}
-	addr, err := srv.Addr()
-	if err != nil {
-		t.Fatal(err)
-	}
 	aAddr, bAddr := netip.MustParseAddr("10.78.0.1"), netip.MustParseAddr("10.78.0.2")
 	a := relayNode(t, ka, kb, aAddr.String(), bAddr.String(), blackhole)
 	b := relayNode(t, kb, ka, bAddr.String(), aAddr.String(), blackhole)
@@ -66,7 +55,7 @@ func TestRelayCarriesPacketsWhenUDPIsBlackholed(t *testing.T) {
 		t.Fatalf("RelayStatus before StartRelay: %v", err)
 	}
 	cfg := RelayConfig{
-		URL:           "wss://" + addr + "/v1-meshvpn/relay",
+		URL:           base + "/v1-meshvpn/relay",
 		CAPEM:         pki.ca,
 		ProbeInterval: time.Minute, // stay on the relay for the test
 	}
@@ -211,17 +200,7 @@ func TestRelayBadInput(t *testing.T) {
 	if !errors.Is(err, ErrInvalidArgument) {
 		t.Fatalf("relay option without Relay: %v", err)
 	}
-	srv, err := NewTunnelServer(TunnelServerConfig{
-		Addr: "127.0.0.1:0", CertPEM: pki.serverCert, KeyPEM: pki.serverKey,
-		Tokens: map[string]string{"t": "k"},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	if err := srv.Listen(); err != nil {
-		t.Fatal(err)
-	}
+	srv, _ := startTunnelServer(t, pki)
 	if _, err := srv.RelayStats(); !errors.Is(err, ErrRelayNotRunning) {
 		t.Fatalf("RelayStats without Relay: %v", err)
 	}
@@ -232,19 +211,11 @@ func TestRelayBadInput(t *testing.T) {
 // the token.
 func TestRelayRequireAuth(t *testing.T) {
 	pki := newTunnelPKI(t)
-	srv, err := NewTunnelServer(TunnelServerConfig{
+	srv, base := listenTunnelServer(t, TunnelServerConfig{
 		Addr: "127.0.0.1:0", CertPEM: pki.serverCert, KeyPEM: pki.serverKey,
 		Tokens: map[string]string{"relay-good-token": "edge"},
 		Relay:  true, RelayRequireAuth: true,
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	if err := srv.Listen(); err != nil {
-		t.Fatal(err)
-	}
-	addr, _ := srv.Addr()
 	engine := func() *Engine {
 		k, _ := GenerateKey()
 		e, err := New(Config{PrivateKey: &k})
@@ -254,12 +225,13 @@ func TestRelayRequireAuth(t *testing.T) {
 		t.Cleanup(func() { e.Close() })
 		return e
 	}
-	cfg := RelayConfig{URL: "wss://" + addr + "/v1-meshvpn/relay", CAPEM: pki.ca, Token: "relay-bad-token"}
+	cfg := RelayConfig{URL: base + "/v1-meshvpn/relay", CAPEM: pki.ca, Token: "relay-bad-token"}
 	bad := engine()
 	if err := bad.StartRelay(cfg); err != nil {
 		t.Fatal(err)
 	}
 	var st RelayStatus
+	var err error
 	for deadline := time.Now().Add(tunWait); st.LastError == "" && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
 		if st, err = bad.RelayStatus(); err != nil {
 			t.Fatal(err)
