@@ -74,6 +74,7 @@ func TestRelayCarriesPacketsWhenUDPIsBlackholed(t *testing.T) {
 	ping := udpPacket(aAddr, bAddr, 200, 1)
 	bufs, sizes := mtuBuffers(t, b, 1)
 	var got []byte
+	start := time.Now()
 	for deadline := time.Now().Add(30 * time.Second); got == nil && time.Now().Before(deadline); {
 		if err := a.SendPacket(ping); err != nil {
 			t.Fatal(err)
@@ -89,6 +90,7 @@ func TestRelayCarriesPacketsWhenUDPIsBlackholed(t *testing.T) {
 	if !bytes.Equal(got, ping) {
 		t.Fatalf("no packet through the relay within 30 s (got %d bytes)", len(got))
 	}
+	t.Logf("first packet through the relay after %v", time.Since(start).Round(time.Millisecond))
 	reply := udpPacket(bAddr, aAddr, 300, 2)
 	if err := b.SendPacket(reply); err != nil {
 		t.Fatal(err)
