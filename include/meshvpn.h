@@ -357,6 +357,11 @@ enum meshvpn_result
    * The server or agent is not started.
    */
   MESHVPN_TUNNEL_NOT_RUNNING = 510,
+  /**
+   * The engine has no relay (`meshvpn_engine_relay_start` was not
+   * called, or the relay was stopped), or the tunnel server serves none.
+   */
+  MESHVPN_RELAY_NOT_RUNNING = 520,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -769,6 +774,12 @@ typedef struct meshvpn_peer_stats {
    * Dropped packets, indexed by `meshvpn_drop_reason`.
    */
   uint64_t drops[MESHVPN_DROP_REASON_COUNT];
+  /**
+   * The peer's datagrams go through the relay now
+   * (`meshvpn_engine_relay_start`); `endpoint` then reads
+   * `"[100::N]:0"`, a reserved address standing for the relay.
+   */
+  bool on_relay;
 } meshvpn_peer_stats;
 
 /**
@@ -814,6 +825,59 @@ typedef struct meshvpn_netstack_options {
    */
   uint32_t close_linger_ms;
 } meshvpn_netstack_options;
+
+/**
+ * Where and how an engine reaches a relay (a `meshvpn tunnel serve
+ * --relay`, or a `meshvpn_tunnel_server` with `relay` set). Only read
+ * during `meshvpn_engine_relay_start`.
+ */
+typedef struct meshvpn_relay_config {
+  /**
+   * NUL-terminated: `wss://host:port/v1-meshvpn/relay` (`ws://` is plain
+   * HTTP, for tests). Required.
+   */
+  const char *url;
+  /**
+   * PEM: the CA that signed the relay's certificate, `ca_pem_len` bytes
+   * (no NUL needed). Required for `wss://`: the relay is always verified.
+   */
+  const uint8_t *ca_pem;
+  size_t ca_pem_len;
+  /**
+   * NUL-terminated: sent as `Authorization: Bearer TOKEN` when the relay
+   * asks for the tunnel's credentials; may be NULL. A secret: never
+   * logged, never in an error message.
+   */
+  const char *token;
+  /**
+   * Milliseconds between UDP probes of a peer on the relay (an answered
+   * probe moves it back to UDP); 0 means the default, 5000.
+   */
+  uint32_t probe_interval_ms;
+} meshvpn_relay_config;
+
+/**
+ * The engine's relay client, from `meshvpn_engine_relay_status`.
+ */
+typedef struct meshvpn_relay_status {
+  /**
+   * Registered with the relay now.
+   */
+  bool connected;
+  /**
+   * Registrations since `meshvpn_engine_relay_start`.
+   */
+  uint64_t sessions;
+  /**
+   * WireGuard datagrams sent to and received from the relay.
+   */
+  uint64_t frames_sent;
+  uint64_t frames_received;
+  /**
+   * Datagrams not sent: no session, or the send queue was full.
+   */
+  uint64_t frames_dropped;
+} meshvpn_relay_status;
 
 /**
  * Decides whether the agent may dial `network`/`address` for the server
@@ -1001,7 +1065,71 @@ typedef struct meshvpn_tunnel_server_config {
    */
   const struct meshvpn_tunnel_token *tokens;
   size_t tokens_len;
+  /**
+   * Also serve the WireGuard relay on the same listener, for engines
+   * that call `meshvpn_engine_relay_start` (see engine/docs/relay.md).
+   * The relay forwards encrypted datagrams by public key and never sees
+   * plaintext; a client proves it owns the key it registers. With the
+   * relay on and `relay_require_auth` false, tokens and `client_ca_pem`
+   * may both be absent (then only the relay is usable).
+   */
+  bool relay;
+  /**
+   * The relay's upgrade path; NULL means `/v1-meshvpn/relay`.
+   */
+  const char *relay_path;
+  /**
+   * `relay_keys_len` public keys that alone may register with the relay;
+   * may be NULL when `relay_keys_len` is 0, which admits any key whose
+   * owner proves possession.
+   */
+  const struct meshvpn_key *relay_keys;
+  size_t relay_keys_len;
+  /**
+   * Relay clients must also present the tunnel's credentials (a token
+   * or a client certificate) before the key proof.
+   */
+  bool relay_require_auth;
 } meshvpn_tunnel_server_config;
+
+/**
+ * A relay's counters since its server started, from
+ * `meshvpn_tunnel_server_relay_stats`.
+ */
+typedef struct meshvpn_relay_server_stats {
+  /**
+   * Keys registered now.
+   */
+  uint64_t clients;
+  /**
+   * Registrations so far.
+   */
+  uint64_t registrations;
+  /**
+   * Registrations that replaced a live session of the same key.
+   */
+  uint64_t replaced;
+  /**
+   * Failed key proofs, and keys outside `relay_keys`.
+   */
+  uint64_t refused;
+  /**
+   * Datagrams forwarded.
+   */
+  uint64_t forwarded;
+  /**
+   * Datagrams to a key without a session.
+   */
+  uint64_t dropped_unknown;
+  /**
+   * Datagrams to a session whose queue was full.
+   */
+  uint64_t dropped_full;
+  /**
+   * Frames too short to hold a key and a datagram.
+   */
+  uint64_t dropped_malformed;
+} meshvpn_relay_server_stats;
 
 #ifdef __cplusplus
 extern "C" {
@@ -1984,6 +2112,79 @@ meshvpn_result meshvpn_udp_close(struct meshvpn_udp *udp);
 meshvpn_result meshvpn_udp_free(struct meshvpn_udp *udp);
 
 /**
+ * Connects the engine to a relay, replacing a relay it has: the client
+ * connects in the background (reconnecting with backoff) and registers
+ * the engine's public key once it has a private key. From then on peers
+ * whose UDP handshakes go unanswered (two initiations, about 5 s) move to
+ * the relay, and back when a UDP probe is answered. Returns before the
+ * connection is up: see `meshvpn_engine_relay_wait_connected`; connection
+ * failures show in `meshvpn_engine_relay_last_error`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_ENGINE_STOPPED`, `MESHVPN_INVALID_ARGUMENT` (a URL that is not
+ * `wss://` or `ws://`, `wss://` without `ca_pem`, text that is not UTF-8),
+ * `MESHVPN_TUNNEL_TLS` (`ca_pem` holds no certificate),
+ * `MESHVPN_THREAD_FAILED`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_engine_relay_start(struct meshvpn_engine *engine,
+                                          const struct meshvpn_relay_config *config);
+
+/**
+ * Disconnects the engine from its relay; peers on the relay go back to
+ * their last UDP endpoint. Stopping without a relay does nothing.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_ENGINE_STOPPED`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_engine_relay_stop(struct meshvpn_engine *engine);
+
+/**
+ * Writes the relay client's counters into `*out_status`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_ENGINE_STOPPED`, `MESHVPN_RELAY_NOT_RUNNING`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_engine_relay_status(struct meshvpn_engine *engine,
+                                           struct meshvpn_relay_status *out_status);
+
+/**
+ * Writes why the relay's last session or connection attempt ended (e.g.
+ * a refused registration or a TLS failure; empty when nothing failed
+ * yet) into `buf`, following the buffer protocol of
+ * `meshvpn_result_message`. Never contains the token.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_ENGINE_STOPPED`, `MESHVPN_RELAY_NOT_RUNNING`,
+ * `MESHVPN_BUFFER_TOO_SMALL`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_engine_relay_last_error(struct meshvpn_engine *engine,
+                                               char *buf,
+                                               size_t buf_len,
+                                               size_t *out_len);
+
+/**
+ * Waits until the engine is registered with its relay (`MESHVPN_OK`) or
+ * `timeout_ms` passes (`MESHVPN_TIMEOUT`; `MESHVPN_WAIT_FOREVER` waits
+ * without a deadline). Stopping the relay or the engine (or freeing it)
+ * from another thread ends the wait within 50 ms with its error.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_ENGINE_STOPPED`,
+ * `MESHVPN_RELAY_NOT_RUNNING` (none, or stopped while waiting),
+ * `MESHVPN_TIMEOUT`.
+ *
+ * Thread safety: safe to call from any thread except the log callback.
+ */
+meshvpn_result meshvpn_engine_relay_wait_connected(struct meshvpn_engine *engine,
+                                                   uint32_t timeout_ms);
+
+/**
  * Creates an agent from `config` without starting it. On success
  * `*out_agent` receives a handle the caller owns and must release with
  * `meshvpn_tunnel_agent_free`. `config` and its strings are only read
@@ -2068,7 +2269,8 @@ meshvpn_result meshvpn_tunnel_agent_free(struct meshvpn_tunnel_agent *agent);
  * `meshvpn_tunnel_server_free`.
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_ARGUMENT` (a bad
- * listen address or path, no way to authenticate agents, empty tokens),
+ * listen address or path, no way to authenticate agents, empty tokens,
+ * relay options with `relay` false),
  * `MESHVPN_TUNNEL_TLS` (a PEM that does not parse, a key that does not
  * fit its certificate).
  *
@@ -2128,6 +2330,18 @@ meshvpn_result meshvpn_tunnel_server_sessions(struct meshvpn_tunnel_server *serv
                                               char *buf,
                                               size_t buf_len,
                                               size_t *out_len);
+
+/**
+ * Writes the relay's counters into `*out_stats`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_TUNNEL_NOT_RUNNING`, `MESHVPN_RELAY_NOT_RUNNING` (the server
+ * was created without `relay`).
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_tunnel_server_relay_stats(struct meshvpn_tunnel_server *server,
+                                                 struct meshvpn_relay_server_stats *out_stats);
 
 /**
  * Waits until the agent `client_key` has a session, for at most

@@ -225,17 +225,26 @@ func (e *Engine) Peers() ([]Key, error) {
 // ConfigText returns the running configuration as wg-quick text. It
 // contains the private key: treat it as a secret.
 func (e *Engine) ConfigText() (string, error) {
+	return e.textOut("Engine.ConfigText", func(h *C.meshvpn_engine, buf *C.char, n C.size_t, got *C.size_t) C.meshvpn_result {
+		return C.meshvpn_engine_config_text(h, buf, n, got)
+	})
+}
+
+// textOut reads text that fill writes with the library's buffer protocol
+// (asked for its size first, then again while it grows). The C copy is
+// zeroed before it is freed: the text may be a secret.
+func (e *Engine) textOut(op string, fill func(h *C.meshvpn_engine, buf *C.char, n C.size_t, got *C.size_t) C.meshvpn_result) (string, error) {
 	for {
 		var n C.size_t
-		if err := e.do("Engine.ConfigText", func(h *C.meshvpn_engine) C.meshvpn_result {
-			return C.meshvpn_engine_config_text(h, nil, 0, &n)
+		if err := e.do(op, func(h *C.meshvpn_engine) C.meshvpn_result {
+			return fill(h, nil, 0, &n)
 		}); err != nil {
 			return "", err
 		}
 		buf := (*C.char)(C.calloc(1, n))
 		var got C.size_t
-		err := e.do("Engine.ConfigText", func(h *C.meshvpn_engine) C.meshvpn_result {
-			return C.meshvpn_engine_config_text(h, buf, n, &got)
+		err := e.do(op, func(h *C.meshvpn_engine) C.meshvpn_result {
+			return fill(h, buf, n, &got)
 		})
 		text := ""
 		if err == nil {
@@ -317,6 +326,10 @@ type PeerStats struct {
 	HandshakesReceived  uint64
 	KeepalivesReceived  uint64
 	Drops               [C.MESHVPN_DROP_REASON_COUNT]uint64 // by DropReason
+	// OnRelay reports whether the peer's datagrams go through the relay
+	// now (Engine.StartRelay); Endpoint then reads [100::N]:0, a reserved
+	// address standing for the relay.
+	OnRelay bool
 }
 
 // PeerStats returns the counters of one peer; ErrNoSuchPeer if unknown.
@@ -341,6 +354,7 @@ func (e *Engine) PeerStats(publicKey Key) (PeerStats, error) {
 		HandshakesInitiated: uint64(s.handshakes_initiated),
 		HandshakesReceived:  uint64(s.handshakes_received),
 		KeepalivesReceived:  uint64(s.keepalives_received),
+		OnRelay:             bool(s.on_relay),
 	}
 	out.Endpoint, _ = netip.ParseAddrPort(C.GoString(&s.endpoint[0]))
 	if ms := uint64(s.last_handshake_unix_ms); ms != 0 {

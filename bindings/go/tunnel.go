@@ -348,8 +348,23 @@ type TunnelServerConfig struct {
 	// its CN becomes the client key (k3s: system:node:NAME).
 	ClientCAPEM []byte
 	// Tokens maps bearer tokens to the client key an agent presenting one
-	// gets. At least one of ClientCAPEM and Tokens is required.
+	// gets. At least one of ClientCAPEM and Tokens is required, unless
+	// Relay is set and RelayRequireAuth is not (a relay-only server).
 	Tokens map[string]string
+	// Relay also serves the WireGuard relay on the same listener, for
+	// engines that call Engine.StartRelay. It forwards encrypted datagrams
+	// by public key and never sees plaintext; a client proves it owns the
+	// key it registers.
+	Relay bool
+	// RelayPath is the relay's upgrade path; empty means /v1-meshvpn/relay.
+	RelayPath string
+	// RelayKeys, when not empty, are the only public keys that may
+	// register with the relay; empty admits any key whose owner proves
+	// possession.
+	RelayKeys []Key
+	// RelayRequireAuth makes relay clients also present the tunnel's
+	// credentials (a token from Tokens, or a client certificate).
+	RelayRequireAuth bool
 }
 
 // TunnelServer accepts TunnelAgents (or k3s agents, or any
@@ -382,6 +397,17 @@ func NewTunnelServer(cfg TunnelServerConfig) (*TunnelServer, error) {
 			i++
 		}
 		c.tokens, c.tokens_len = &tokens[0], C.size_t(n)
+	}
+	c.relay, c.relay_require_auth = C.bool(cfg.Relay), C.bool(cfg.RelayRequireAuth)
+	if cfg.RelayPath != "" {
+		c.relay_path = a.str(cfg.RelayPath)
+	}
+	if n := len(cfg.RelayKeys); n > 0 {
+		keys := unsafe.Slice((*C.meshvpn_key)(a.alloc(n*int(unsafe.Sizeof(C.meshvpn_key{})))), n)
+		for i, k := range cfg.RelayKeys {
+			keys[i] = k.c()
+		}
+		c.relay_keys, c.relay_keys_len = &keys[0], C.size_t(n)
 	}
 	h, err := newHandle("NewTunnelServer", func(out unsafe.Pointer) C.meshvpn_result {
 		return C.meshvpn_tunnel_server_new(c, (**C.meshvpn_tunnel_server)(out))

@@ -91,10 +91,17 @@ func okService(t *testing.T) *httptest.Server {
 
 func startTunnelServer(t *testing.T, p *tunnelPKI) (*TunnelServer, string) {
 	t.Helper()
-	s, err := NewTunnelServer(TunnelServerConfig{
+	return listenTunnelServer(t, TunnelServerConfig{
 		Addr: "127.0.0.1:0", CertPEM: p.serverCert, KeyPEM: p.serverKey,
 		ClientCAPEM: p.ca, Tokens: map[string]string{tunToken: "edge1"},
 	})
+}
+
+// listenTunnelServer creates a server from cfg, starts it, closes it when
+// the test ends, and returns it with its base URL (wss://ADDR).
+func listenTunnelServer(t *testing.T, cfg TunnelServerConfig) (*TunnelServer, string) {
+	t.Helper()
+	s, err := NewTunnelServer(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

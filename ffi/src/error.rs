@@ -154,13 +154,16 @@ pub enum meshvpn_result {
     MESHVPN_TUNNEL_LIMIT = 509,
     /// The server or agent is not started.
     MESHVPN_TUNNEL_NOT_RUNNING = 510,
+    /// The engine has no relay (`meshvpn_engine_relay_start` was not
+    /// called, or the relay was stopped), or the tunnel server serves none.
+    MESHVPN_RELAY_NOT_RUNNING = 520,
 }
 
 use meshvpn_result::*;
 
 impl meshvpn_result {
     /// Every code, for tests and the message function.
-    pub(crate) const ALL: [meshvpn_result; 49] = [
+    pub(crate) const ALL: [meshvpn_result; 50] = [
         MESHVPN_OK,
         MESHVPN_PANIC,
         MESHVPN_NULL_PARAMETER,
@@ -210,6 +213,7 @@ impl meshvpn_result {
         MESHVPN_TUNNEL_CONNECT_FAILED,
         MESHVPN_TUNNEL_LIMIT,
         MESHVPN_TUNNEL_NOT_RUNNING,
+        MESHVPN_RELAY_NOT_RUNNING,
     ];
 
     fn from_u32(n: u32) -> Option<meshvpn_result> {
@@ -268,6 +272,7 @@ impl meshvpn_result {
             MESHVPN_TUNNEL_CONNECT_FAILED => "cannot connect to the tunnel server",
             MESHVPN_TUNNEL_LIMIT => "the tunnel session is at its stream limit",
             MESHVPN_TUNNEL_NOT_RUNNING => "the tunnel server or agent is not started",
+            MESHVPN_RELAY_NOT_RUNNING => "no relay is running",
         }
     }
 }

@@ -59,6 +59,7 @@ pub mod netstack;
 pub mod uapi;
 pub mod udp;
 // The supervisor tunnel.
+pub mod relay;
 pub mod tunnel;
 
 use std::ffi::c_char;

@@ -4,7 +4,7 @@
 use std::ffi::c_char;
 use std::time::UNIX_EPOCH;
 
-use ::meshvpn_engine::peer::{DropReason, PeerStats};
+use ::meshvpn_engine::peer::{DropReason, PeerPath, PeerStats};
 use ::meshvpn_engine::runtime::EngineStats;
 
 use crate::engine::{lookup, meshvpn_engine};
@@ -136,6 +136,10 @@ pub struct meshvpn_peer_stats {
     pub keepalives_received: u64,
     /// Dropped packets, indexed by `meshvpn_drop_reason`.
     pub drops: [u64; MESHVPN_DROP_REASON_COUNT],
+    /// The peer's datagrams go through the relay now
+    /// (`meshvpn_engine_relay_start`); `endpoint` then reads
+    /// `"[100::N]:0"`, a reserved address standing for the relay.
+    pub on_relay: bool,
 }
 
 impl From<&PeerStats> for meshvpn_peer_stats {
@@ -171,6 +175,7 @@ impl From<&PeerStats> for meshvpn_peer_stats {
             handshakes_received: s.handshakes_received,
             keepalives_received: s.keepalives_received,
             drops,
+            on_relay: s.path == PeerPath::Relay,
         }
     }
 }

@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 use ::meshvpn_engine::netstack::MeshDialer;
 use ::meshvpn_engine::runtime::tunnel::{
     tls, Agent, AgentConfig, AgentEvent, AllowList, ConnectPolicy, DialedTarget, OsDialer,
-    ServerAuth, ServerConfig, TargetDialer, TargetPattern, TunnelError, TunnelServer, TunnelStream,
+    RelayServerConfig, ServerAuth, ServerConfig, TargetDialer, TargetPattern, TunnelError,
+    TunnelServer, TunnelStream,
 };
 use ::meshvpn_engine::tunnel::DialError;
 use parking_lot::Mutex;
@@ -34,6 +35,7 @@ use parking_lot::Mutex;
 use crate::callback::{self, Inside, Userdata};
 use crate::error::{meshvpn_result, Error, Result};
 use crate::handle::{tag, HandleTable};
+use crate::key::meshvpn_key;
 use crate::netstack::meshvpn_netstack;
 use crate::packet::MESHVPN_WAIT_FOREVER;
 use crate::ptr::{self, Out};
@@ -44,7 +46,7 @@ use meshvpn_result::*;
 const K3S_PATH: &str = "/v1-k3s/connect";
 /// How long one wait for an agent's session holds on to the server, so that
 /// `meshvpn_tunnel_server_stop` never waits long for a dial in progress.
-const SESSION_WAIT_SLICE: Duration = Duration::from_millis(50);
+pub(crate) const SESSION_WAIT_SLICE: Duration = Duration::from_millis(50);
 
 // ------------------------------------------------------------------ errors
 
@@ -95,7 +97,8 @@ fn stream_code(e: &io::Error) -> meshvpn_result {
     }
 }
 
-fn deadline(timeout_ms: u32) -> Option<Instant> {
+/// When a wait of `timeout_ms` ends; `None` for `MESHVPN_WAIT_FOREVER`.
+pub(crate) fn deadline(timeout_ms: u32) -> Option<Instant> {
     (timeout_ms != MESHVPN_WAIT_FOREVER)
         .then(|| Instant::now() + Duration::from_millis(timeout_ms.into()))
 }
@@ -768,6 +771,23 @@ pub struct meshvpn_tunnel_server_config {
     /// least one of `client_ca_pem` and a token is required.
     pub tokens: *const meshvpn_tunnel_token,
     pub tokens_len: usize,
+    /// Also serve the WireGuard relay on the same listener, for engines
+    /// that call `meshvpn_engine_relay_start` (see engine/docs/relay.md).
+    /// The relay forwards encrypted datagrams by public key and never sees
+    /// plaintext; a client proves it owns the key it registers. With the
+    /// relay on and `relay_require_auth` false, tokens and `client_ca_pem`
+    /// may both be absent (then only the relay is usable).
+    pub relay: bool,
+    /// The relay's upgrade path; NULL means `/v1-meshvpn/relay`.
+    pub relay_path: *const c_char,
+    /// `relay_keys_len` public keys that alone may register with the relay;
+    /// may be NULL when `relay_keys_len` is 0, which admits any key whose
+    /// owner proves possession.
+    pub relay_keys: *const meshvpn_key,
+    pub relay_keys_len: usize,
+    /// Relay clients must also present the tunnel's credentials (a token
+    /// or a client certificate) before the key proof.
+    pub relay_require_auth: bool,
 }
 
 struct ServerHandle {
@@ -844,7 +864,9 @@ unsafe fn read_server_config(
         }
         tokens.push((token.to_owned(), key.to_owned()));
     }
-    if tokens.is_empty() && client_ca.is_none() {
+    // SAFETY: the caller's promise about the relay fields.
+    let relay = unsafe { read_relay_server_config(c) }?;
+    if tokens.is_empty() && client_ca.is_none() && relay.as_ref().is_none_or(|r| r.require_auth) {
         return Err(Error::invalid(
             "no way to authenticate agents: give client_ca_pem or tokens",
         ));
@@ -860,7 +882,50 @@ unsafe fn read_server_config(
         tokens,
         client_cert_cn: client_ca.is_some(),
     };
-    Ok((listen, ServerConfig::new(path, Some(tls), auth)))
+    let mut config = ServerConfig::new(path, Some(tls), auth);
+    config.relay = relay;
+    Ok((listen, config))
+}
+
+/// The relay settings of a server configuration; `None` with the relay off.
+///
+/// # Safety
+/// The relay pointers in `c` are valid as `meshvpn_tunnel_server_config`
+/// documents.
+unsafe fn read_relay_server_config(
+    c: &meshvpn_tunnel_server_config,
+) -> Result<Option<RelayServerConfig>> {
+    if !c.relay {
+        if !c.relay_path.is_null() || c.relay_keys_len != 0 || c.relay_require_auth {
+            return Err(Error::invalid(
+                "relay_path, relay_keys and relay_require_auth need relay = true",
+            ));
+        }
+        return Ok(None);
+    }
+    // SAFETY: the caller's promise about `relay_path` and `relay_keys`.
+    let (path, keys) = unsafe {
+        (
+            ptr::try_opt_str(c.relay_path, "config->relay_path")?,
+            ptr::try_slice(c.relay_keys, c.relay_keys_len, "config->relay_keys")?,
+        )
+    };
+    let mut relay = RelayServerConfig {
+        require_auth: c.relay_require_auth,
+        ..Default::default()
+    };
+    if let Some(p) = path {
+        if !p.starts_with('/') {
+            return Err(Error::invalid(format!(
+                "relay_path {p:?} must start with '/'"
+            )));
+        }
+        relay.path = p.to_owned();
+    }
+    if !keys.is_empty() {
+        relay.allowed_keys = Some(keys.iter().map(meshvpn_key::public).collect());
+    }
+    Ok(Some(relay))
 }
 
 /// Creates a server from `config` without listening yet. On success
@@ -868,7 +933,8 @@ unsafe fn read_server_config(
 /// `meshvpn_tunnel_server_free`.
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_ARGUMENT` (a bad
-/// listen address or path, no way to authenticate agents, empty tokens),
+/// listen address or path, no way to authenticate agents, empty tokens,
+/// relay options with `relay` false),
 /// `MESHVPN_TUNNEL_TLS` (a PEM that does not parse, a key that does not
 /// fit its certificate).
 ///
@@ -980,6 +1046,60 @@ pub unsafe extern "C" fn meshvpn_tunnel_server_sessions(
         let keys = lookup_server(server)?.running()?.clients().join("\n");
         // SAFETY: the caller promises `buf` has `buf_len` writable bytes.
         out_len.write(unsafe { ptr::copy_text(buf, buf_len, &keys) }?);
+        Ok(())
+    }}
+}
+
+/// A relay's counters since its server started, from
+/// `meshvpn_tunnel_server_relay_stats`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct meshvpn_relay_server_stats {
+    /// Keys registered now.
+    pub clients: u64,
+    /// Registrations so far.
+    pub registrations: u64,
+    /// Registrations that replaced a live session of the same key.
+    pub replaced: u64,
+    /// Failed key proofs, and keys outside `relay_keys`.
+    pub refused: u64,
+    /// Datagrams forwarded.
+    pub forwarded: u64,
+    /// Datagrams to a key without a session.
+    pub dropped_unknown: u64,
+    /// Datagrams to a session whose queue was full.
+    pub dropped_full: u64,
+    /// Frames too short to hold a key and a datagram.
+    pub dropped_malformed: u64,
+}
+
+/// Writes the relay's counters into `*out_stats`.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_TUNNEL_NOT_RUNNING`, `MESHVPN_RELAY_NOT_RUNNING` (the server
+/// was created without `relay`).
+///
+/// Thread safety: safe to call from any thread.
+#[no_mangle]
+pub extern "C" fn meshvpn_tunnel_server_relay_stats(
+    server: *mut meshvpn_tunnel_server,
+    out_stats: *mut meshvpn_relay_server_stats,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let out = Out::new(out_stats, "out_stats")?;
+        let s = lookup_server(server)?.running()?.relay_stats().ok_or_else(|| {
+            Error::new(MESHVPN_RELAY_NOT_RUNNING, "the server was created without relay")
+        })?;
+        out.write(meshvpn_relay_server_stats {
+            clients: s.clients as u64,
+            registrations: s.registrations,
+            replaced: s.replaced,
+            refused: s.refused,
+            forwarded: s.forwarded,
+            dropped_unknown: s.dropped_unknown,
+            dropped_full: s.dropped_full,
+            dropped_malformed: s.dropped_malformed,
+        });
         Ok(())
     }}
 }

@@ -546,6 +546,202 @@ static void test_bad_input(void) {
         OK(meshvpn_result_message(code, msg, sizeof msg, &n));
         CHECK(n > 0);
     }
+    char relay_msg[128];
+    OK(meshvpn_result_message(MESHVPN_RELAY_NOT_RUNNING, relay_msg, sizeof relay_msg, &n));
+    CHECK(strstr(relay_msg, "relay") != NULL);
+}
+
+/* ------------------------------------------------------------------ relay */
+
+/* An engine whose only peer is `peer`, at a loopback port where nothing
+ * listens (UDP to it goes nowhere), with a 1 s keepalive so that it keeps
+ * trying to handshake. */
+static meshvpn_engine *relay_engine(const meshvpn_key *priv, const meshvpn_key *peer) {
+    const char *allowed[] = {"10.99.0.0/24"};
+    meshvpn_peer_config pc = {
+        .public_key = *peer,
+        .allowed_ips = allowed,
+        .allowed_ips_len = 1,
+        .endpoint = "127.0.0.1:9",
+        .persistent_keepalive = 1,
+    };
+    meshvpn_config cfg = {.private_key = priv, .peers = &pc, .peers_len = 1};
+    meshvpn_engine *e = NULL;
+    OK(meshvpn_engine_new(&cfg, &e));
+    return e;
+}
+
+static void test_relay_bad_input(void) {
+    meshvpn_key priv, peer_priv, peer;
+    OK(meshvpn_key_generate(&priv));
+    OK(meshvpn_key_generate(&peer_priv));
+    OK(meshvpn_key_public(&peer_priv, &peer));
+    meshvpn_engine *e = relay_engine(&priv, &peer);
+    meshvpn_relay_config rc = {
+        .url = "wss://127.0.0.1:1/v1-meshvpn/relay",
+        .ca_pem = (const uint8_t *)ca_pem,
+        .ca_pem_len = strlen(ca_pem),
+    };
+    meshvpn_relay_status st = {.sessions = 77};
+    char buf[256];
+    size_t n = 0;
+
+    /* NULL everywhere. */
+    CHECK_RC(meshvpn_engine_relay_start(e, NULL), MESHVPN_NULL_PARAMETER);
+    CHECK_RC(meshvpn_engine_relay_start(NULL, &rc), MESHVPN_NULL_PARAMETER);
+    CHECK_RC(meshvpn_engine_relay_stop(NULL), MESHVPN_NULL_PARAMETER);
+    CHECK_RC(meshvpn_engine_relay_status(e, NULL), MESHVPN_NULL_PARAMETER);
+    CHECK_RC(meshvpn_engine_relay_status(NULL, &st), MESHVPN_NULL_PARAMETER);
+    CHECK_RC(meshvpn_engine_relay_last_error(e, buf, sizeof buf, NULL), MESHVPN_NULL_PARAMETER);
+    CHECK_RC(meshvpn_engine_relay_wait_connected(NULL, 0), MESHVPN_NULL_PARAMETER);
+    meshvpn_relay_config bad = rc;
+    bad.url = NULL;
+    CHECK_RC(meshvpn_engine_relay_start(e, &bad), MESHVPN_NULL_PARAMETER);
+    bad = rc;
+    bad.ca_pem = NULL;
+    CHECK_RC(meshvpn_engine_relay_start(e, &bad), MESHVPN_NULL_PARAMETER);
+
+    /* Status before start; stop without a relay does nothing. */
+    CHECK_RC(meshvpn_engine_relay_status(e, &st), MESHVPN_RELAY_NOT_RUNNING);
+    CHECK(st.sessions == 77); /* outputs untouched on failure */
+    CHECK_RC(meshvpn_engine_relay_last_error(e, buf, sizeof buf, &n), MESHVPN_RELAY_NOT_RUNNING);
+    CHECK_RC(meshvpn_engine_relay_wait_connected(e, 10), MESHVPN_RELAY_NOT_RUNNING);
+    OK(meshvpn_engine_relay_stop(e));
+
+    /* Bad URLs, wss:// without a CA, a CA that is not PEM. */
+    bad = rc;
+    bad.url = "https://127.0.0.1:1/v1-meshvpn/relay";
+    CHECK_RC(meshvpn_engine_relay_start(e, &bad), MESHVPN_INVALID_ARGUMENT);
+    bad.url = "127.0.0.1:1";
+    CHECK_RC(meshvpn_engine_relay_start(e, &bad), MESHVPN_INVALID_ARGUMENT);
+    bad = rc;
+    bad.ca_pem = NULL;
+    bad.ca_pem_len = 0;
+    CHECK_RC(meshvpn_engine_relay_start(e, &bad), MESHVPN_INVALID_ARGUMENT);
+    last_error(buf, sizeof buf);
+    CHECK(strstr(buf, "ca_pem") != NULL);
+    bad = rc;
+    bad.ca_pem = (const uint8_t *)"not a certificate";
+    bad.ca_pem_len = strlen("not a certificate");
+    CHECK_RC(meshvpn_engine_relay_start(e, &bad), MESHVPN_TUNNEL_TLS);
+    CHECK_RC(meshvpn_engine_relay_status(e, &st), MESHVPN_RELAY_NOT_RUNNING);
+
+    /* A relay nobody answers: it runs (and keeps retrying); the token never
+     * shows in the last error. Start twice replaces; stop twice is fine. */
+    rc.token = "secret-relay-token";
+    OK(meshvpn_engine_relay_start(e, &rc));
+    OK(meshvpn_engine_relay_start(e, &rc));
+    OK(meshvpn_engine_relay_status(e, &st));
+    CHECK(!st.connected);
+    CHECK_RC(meshvpn_engine_relay_wait_connected(e, 50), MESHVPN_TIMEOUT);
+    OK(meshvpn_engine_relay_last_error(e, buf, sizeof buf, &n));
+    CHECK(strstr(buf, "secret-relay-token") == NULL);
+    OK(meshvpn_engine_relay_stop(e));
+    OK(meshvpn_engine_relay_stop(e));
+    CHECK_RC(meshvpn_engine_relay_status(e, &st), MESHVPN_RELAY_NOT_RUNNING);
+
+    /* A stopped engine, then a stale handle. */
+    OK(meshvpn_engine_stop(e));
+    CHECK_RC(meshvpn_engine_relay_start(e, &rc), MESHVPN_ENGINE_STOPPED);
+    CHECK_RC(meshvpn_engine_relay_status(e, &st), MESHVPN_ENGINE_STOPPED);
+    OK(meshvpn_engine_free(e));
+    CHECK_RC(meshvpn_engine_relay_start(e, &rc), MESHVPN_INVALID_HANDLE);
+    CHECK_RC(meshvpn_engine_relay_stop(e), MESHVPN_INVALID_HANDLE);
+    CHECK_RC(meshvpn_engine_relay_status(e, &st), MESHVPN_INVALID_HANDLE);
+    CHECK_RC(meshvpn_engine_relay_wait_connected(e, 0), MESHVPN_INVALID_HANDLE);
+
+    /* Server side: relay options without the relay; a relay path without '/'. */
+    meshvpn_tunnel_server_config sc = {
+        .listen = "127.0.0.1:0",
+        .cert_pem = server_pem,
+        .key_pem = server_key,
+        .relay_require_auth = true,
+    };
+    meshvpn_tunnel_server *s = NULL;
+    CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_INVALID_ARGUMENT);
+    sc.relay = true; /* requires auth, but there is no token or client CA */
+    CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_INVALID_ARGUMENT);
+    sc.relay_require_auth = false;
+    sc.relay_path = "relay";
+    CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_INVALID_ARGUMENT);
+    sc.relay_path = NULL;
+    sc.relay_keys_len = 1; /* keys NULL */
+    CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_NULL_PARAMETER);
+    CHECK(s == NULL);
+    /* A server without the relay has no relay counters. */
+    s = new_server();
+    meshvpn_relay_server_stats rs;
+    CHECK_RC(meshvpn_tunnel_server_relay_stats(s, &rs), MESHVPN_RELAY_NOT_RUNNING);
+    CHECK_RC(meshvpn_tunnel_server_relay_stats(s, NULL), MESHVPN_NULL_PARAMETER);
+    OK(meshvpn_tunnel_server_free(s));
+    CHECK_RC(meshvpn_tunnel_server_relay_stats(s, &rs), MESHVPN_INVALID_HANDLE);
+}
+
+/* Two engines whose UDP goes nowhere: through a relay-only server (no
+ * tokens; keys restricted to the two engines') they register, and their
+ * handshake moves both peers onto the relay. */
+static void test_relay_between_engines(void) {
+    meshvpn_key priv_a, priv_b, pub[2];
+    OK(meshvpn_key_generate(&priv_a));
+    OK(meshvpn_key_generate(&priv_b));
+    OK(meshvpn_key_public(&priv_a, &pub[0]));
+    OK(meshvpn_key_public(&priv_b, &pub[1]));
+    meshvpn_tunnel_server_config sc = {
+        .listen = "127.0.0.1:0",
+        .cert_pem = server_pem,
+        .key_pem = server_key,
+        .relay = true,
+        .relay_keys = pub,
+        .relay_keys_len = 2,
+    };
+    meshvpn_tunnel_server *s = NULL;
+    OK(meshvpn_tunnel_server_new(&sc, &s));
+    OK(meshvpn_tunnel_server_start(s));
+    char url[128];
+    server_url(s, url, sizeof url);
+    strncat(url, "/v1-meshvpn/relay", sizeof url - strlen(url) - 1);
+
+    meshvpn_engine *a = relay_engine(&priv_a, &pub[1]);
+    meshvpn_engine *b = relay_engine(&priv_b, &pub[0]);
+    meshvpn_relay_config rc = {
+        .url = url,
+        .ca_pem = (const uint8_t *)ca_pem,
+        .ca_pem_len = strlen(ca_pem),
+        .probe_interval_ms = 60000,
+    };
+    OK(meshvpn_engine_relay_start(a, &rc));
+    OK(meshvpn_engine_relay_start(b, &rc));
+    OK(meshvpn_engine_relay_wait_connected(a, WAIT_MS));
+    OK(meshvpn_engine_relay_wait_connected(b, WAIT_MS));
+    meshvpn_relay_status st;
+    OK(meshvpn_engine_relay_status(a, &st));
+    CHECK(st.connected && st.sessions == 1);
+
+    /* Two unanswered initiations (about 5 s), then the relay. */
+    meshvpn_peer_stats ps = {0};
+    for (int i = 0; i < WAIT_MS / 100; i++) {
+        OK(meshvpn_engine_peer_stats(a, &pub[1], &ps));
+        if (ps.on_relay && ps.last_handshake_unix_ms != 0) break;
+        usleep(100 * 1000);
+    }
+    CHECK(ps.on_relay);
+    CHECK(ps.last_handshake_unix_ms != 0);
+    CHECK(strncmp(ps.endpoint, "[100::", 6) == 0);
+    OK(meshvpn_engine_relay_status(a, &st));
+    CHECK(st.frames_sent > 0 && st.frames_received > 0);
+    meshvpn_relay_server_stats rs;
+    OK(meshvpn_tunnel_server_relay_stats(s, &rs));
+    CHECK(rs.clients == 2 && rs.registrations == 2 && rs.forwarded > 0 && rs.refused == 0);
+
+    /* Stopping the relay puts the peer back on its UDP endpoint. */
+    OK(meshvpn_engine_relay_stop(a));
+    OK(meshvpn_engine_peer_stats(a, &pub[1], &ps));
+    CHECK(!ps.on_relay);
+    CHECK_RC(meshvpn_engine_relay_status(a, &st), MESHVPN_RELAY_NOT_RUNNING);
+
+    OK(meshvpn_engine_free(a));
+    OK(meshvpn_engine_free(b));
+    OK(meshvpn_tunnel_server_free(s));
 }
 
 int main(int argc, char **argv) {
@@ -564,6 +760,8 @@ int main(int argc, char **argv) {
     test_bad_input();
     test_dial_through_agent();
     test_token_callback_and_auth_failures();
+    test_relay_bad_input();
+    test_relay_between_engines();
 
     service_stop = 1;
     pthread_join(service, NULL);

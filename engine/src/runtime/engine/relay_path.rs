@@ -267,7 +267,13 @@ fn tick(
         let st = states.entry(peer.public_key()).or_insert(PathState {
             udp: None,
             path: PeerPath::Udp,
-            initiations_at_rx: stats.handshakes_initiated,
+            // A peer that never answered: every initiation so far counts
+            // (a relay started after the peers waits for no new ones).
+            initiations_at_rx: if stats.rx_bytes == 0 {
+                0
+            } else {
+                stats.handshakes_initiated
+            },
             rx_bytes: stats.rx_bytes,
             last_probe: now,
         });

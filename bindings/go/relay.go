@@ -1,0 +1,172 @@
+package meshvpn
+
+// #include <stdint.h>
+// #include <stdlib.h>
+// #include <meshvpn.h>
+import "C"
+
+import (
+	"context"
+	"time"
+	"unsafe"
+)
+
+// ErrRelayNotRunning is the code of RelayStatus and WaitRelayConnected
+// on an engine without a relay (never started, or stopped), and of
+// TunnelServer.RelayStats on a server created without Relay.
+const ErrRelayNotRunning Result = C.MESHVPN_RELAY_NOT_RUNNING
+
+// RelayConfig says where an Engine reaches a WireGuard relay: a
+// `meshvpn tunnel serve --relay`, or a TunnelServer with Relay set.
+//
+// Through a relay, WireGuard datagrams travel over a websocket (TLS) to
+// the relay, which forwards them by the destination's public key, still
+// encrypted. Peers whose UDP handshakes go unanswered (two initiations,
+// about 5 s) move to the relay by themselves; every ProbeInterval a
+// handshake is tried over UDP again, and an answer moves the peer back.
+// Both ends of a relayed pair must use the same relay.
+type RelayConfig struct {
+	// URL of the relay: wss://host:port/v1-meshvpn/relay (ws:// is plain
+	// HTTP, for tests). Required.
+	URL string
+	// CAPEM is the CA that signed the relay's certificate. Required for
+	// wss://: the relay is always verified.
+	CAPEM []byte
+	// Token is sent as "Authorization: Bearer TOKEN" when set, for relays
+	// that require the tunnel's credentials. It is never logged.
+	Token string
+	// ProbeInterval is how often a peer on the relay is probed over UDP;
+	// zero means 5 s. It is rounded up to whole milliseconds.
+	ProbeInterval time.Duration
+}
+
+// RelayStatus is the state of an engine's relay client.
+type RelayStatus struct {
+	// Connected reports whether the engine is registered with the relay now.
+	Connected bool
+	// Sessions counts registrations since StartRelay (reconnects included).
+	Sessions uint64
+	// FramesSent and FramesReceived count WireGuard datagrams through
+	// the relay.
+	FramesSent, FramesReceived uint64
+	// FramesDropped counts datagrams not sent: no session, or the send
+	// queue was full.
+	FramesDropped uint64
+	// LastError says why the last session or connection attempt ended
+	// (a refused registration, a TLS failure); empty when none failed.
+	// It never contains the token.
+	LastError string
+}
+
+// StartRelay connects the engine to a relay, replacing one it has. It
+// returns before the connection is up (see WaitRelayConnected); the
+// client reconnects with backoff until StopRelay, Stop or Close, and
+// connection failures show in RelayStatus().LastError.
+//
+// Errors: ErrInvalidArgument (a URL that is not wss:// or ws://, wss://
+// without CAPEM), ErrTunnelTLS (CAPEM holds no certificate),
+// ErrEngineStopped; after Close, an error matching net.ErrClosed.
+//
+// The relay belongs to the running engine: Stop ends it, and after Start
+// the engine has none until StartRelay is called again.
+func (e *Engine) StartRelay(cfg RelayConfig) error {
+	var a arena
+	defer a.free()
+	c := (*C.meshvpn_relay_config)(a.alloc(int(unsafe.Sizeof(C.meshvpn_relay_config{}))))
+	c.url = a.str(cfg.URL)
+	if n := len(cfg.CAPEM); n > 0 {
+		p := a.alloc(n)
+		copy(unsafe.Slice((*byte)(p), n), cfg.CAPEM)
+		c.ca_pem, c.ca_pem_len = (*C.uint8_t)(p), C.size_t(n)
+	}
+	if cfg.Token != "" {
+		c.token = a.str(cfg.Token)
+	}
+	if cfg.ProbeInterval > 0 {
+		c.probe_interval_ms = msTimeout(cfg.ProbeInterval)
+	}
+	return e.do("Engine.StartRelay", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_relay_start(h, c)
+	})
+}
+
+// StopRelay disconnects the engine from its relay; peers on the relay go
+// back to their last UDP endpoint. Without a relay it does nothing and
+// returns nil, so calling it twice is fine. After Close it returns an
+// error matching net.ErrClosed.
+func (e *Engine) StopRelay() error {
+	return e.do("Engine.StopRelay", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_relay_stop(h)
+	})
+}
+
+// RelayStatus returns the state of the engine's relay client: an error
+// with code ErrRelayNotRunning without a relay (before StartRelay, after
+// StopRelay), one matching net.ErrClosed after Close.
+func (e *Engine) RelayStatus() (RelayStatus, error) {
+	var s C.meshvpn_relay_status
+	if err := e.do("Engine.RelayStatus", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_relay_status(h, &s)
+	}); err != nil {
+		return RelayStatus{}, err
+	}
+	last, err := e.textOut("Engine.RelayStatus", func(h *C.meshvpn_engine, buf *C.char, n C.size_t, got *C.size_t) C.meshvpn_result {
+		return C.meshvpn_engine_relay_last_error(h, buf, n, got)
+	})
+	if err != nil {
+		return RelayStatus{}, err
+	}
+	return RelayStatus{
+		Connected:      bool(s.connected),
+		Sessions:       uint64(s.sessions),
+		FramesSent:     uint64(s.frames_sent),
+		FramesReceived: uint64(s.frames_received),
+		FramesDropped:  uint64(s.frames_dropped),
+		LastError:      last,
+	}, nil
+}
+
+// WaitRelayConnected waits until the engine is registered with its relay
+// or ctx ends (then it returns ctx.Err()). It fails with
+// ErrRelayNotRunning without a relay, also when StopRelay runs meanwhile.
+func (e *Engine) WaitRelayConnected(ctx context.Context) error {
+	for {
+		err := e.do("Engine.WaitRelayConnected", func(h *C.meshvpn_engine) C.meshvpn_result {
+			return C.meshvpn_engine_relay_wait_connected(h, msTimeout(waitSlice))
+		})
+		if code, ok := codeOf(err); !ok || code != ErrTimeout {
+			return err
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+}
+
+// RelayServerStats are a TunnelServer relay's counters since it started.
+type RelayServerStats struct {
+	Clients       uint64 // keys registered now
+	Registrations uint64 // registrations so far
+	Replaced      uint64 // registrations that replaced a live one of the same key
+	Refused       uint64 // failed key proofs, and keys outside RelayKeys
+	Forwarded     uint64 // datagrams forwarded
+	// Dropped datagrams: to a key without a session, to a session whose
+	// queue was full, and frames too short to hold a key and a datagram.
+	DroppedUnknown, DroppedFull, DroppedMalformed uint64
+}
+
+// RelayStats returns the counters of the server's relay: ErrRelayNotRunning
+// when the server was created without Relay, ErrTunnelNotRunning before
+// Listen or after Stop.
+func (s *TunnelServer) RelayStats() (RelayServerStats, error) {
+	var st C.meshvpn_relay_server_stats
+	err := s.do("TunnelServer.RelayStats", func(h *C.meshvpn_tunnel_server) C.meshvpn_result {
+		return C.meshvpn_tunnel_server_relay_stats(h, &st)
+	})
+	return RelayServerStats{
+		Clients: uint64(st.clients), Registrations: uint64(st.registrations),
+		Replaced: uint64(st.replaced), Refused: uint64(st.refused), Forwarded: uint64(st.forwarded),
+		DroppedUnknown: uint64(st.dropped_unknown), DroppedFull: uint64(st.dropped_full),
+		DroppedMalformed: uint64(st.dropped_malformed),
+	}, err
+}
