@@ -78,7 +78,8 @@ impl From<&RelayStatus> for meshvpn_relay_status {
     }
 }
 
-/// Reads the relay configuration; everything is copied.
+/// Reads the relay configuration; everything is copied. The URL itself is
+/// checked by the engine when the relay starts.
 ///
 /// # Safety
 /// The pointers in `c` are valid as `meshvpn_relay_config` documents.
@@ -91,11 +92,6 @@ unsafe fn read_relay_config(c: &meshvpn_relay_config) -> Result<RelayConfig> {
             ptr::try_opt_str(c.token, "config->token")?,
         )
     };
-    if !(url.starts_with("wss://") || url.starts_with("ws://")) {
-        return Err(Error::invalid(format!(
-            "relay url {url:?} must start with wss:// (or ws:// for tests)"
-        )));
-    }
     let tls = match ca {
         [] if url.starts_with("wss://") => {
             return Err(Error::invalid(

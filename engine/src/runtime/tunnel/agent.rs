@@ -304,7 +304,7 @@ pub(crate) fn check_url(url: &str, has_tls: bool) -> Result<(), TunnelError> {
     }
     if scheme != "wss" && scheme != "ws" {
         return Err(TunnelError::Config(format!(
-            "unsupported URL scheme {scheme:?}"
+            "unsupported URL scheme {scheme:?}: use wss:// (or ws:// for tests)"
         )));
     }
     Ok(())
