@@ -175,9 +175,6 @@ fuzz_target!(|ops: Vec<Op>| {
         match r {
             PeerOutput::ToNetwork { len, .. } => {
                 s[1 - j].inbox.push(out[..len].to_vec());
-                while let PeerOutput::ToNetwork { len, .. } = s[j].peer.flush_queued(&mut out) {
-                    s[1 - j].inbox.push(out[..len].to_vec());
-                }
             }
             PeerOutput::ToHost { len, .. } => {
                 let got = out[..len].to_vec();
@@ -201,6 +198,11 @@ fuzz_target!(|ops: Vec<Op>| {
                 );
             }
             PeerOutput::Done => {}
+        }
+        if s[j].peer.should_flush(msg.kind, r) {
+            while let PeerOutput::ToNetwork { len, .. } = s[j].peer.flush_queued(&mut out) {
+                s[1 - j].inbox.push(out[..len].to_vec());
+            }
         }
         if msg.kind == meshvpn_engine::wire::MessageKind::CookieReply {
             assert_eq!(

@@ -10,7 +10,9 @@ mod budget;
 mod path;
 mod stats;
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +42,15 @@ const HANDSHAKE_QUEUE_PACKETS: usize = 256;
 /// How long handshake attempts go on before the peer gives up and its
 /// queue is cleared: REKEY_ATTEMPT_TIME in the WireGuard paper, section 6.1.
 const REKEY_ATTEMPT_TIME: Duration = Duration::from_secs(90);
+
+/// How long packets wait for the session made by an initiation we answered
+/// before we start a handshake of our own. The initiator confirms that
+/// session with its first data or keepalive one round trip after our
+/// response, so waiting avoids two handshakes crossing: they cost a
+/// Diffie-Hellman each and, against wireguard-go, can leave its side with a
+/// session it cannot receive on (its two handshake workers race on one
+/// peer's state) until its 15-second retry.
+pub const CONFIRM_WAIT: Duration = Duration::from_secs(1);
 
 /// The extra room an encrypted datagram needs over its plaintext, and the
 /// smallest buffer boringtun accepts (a handshake initiation).
@@ -80,6 +91,13 @@ struct PeerState {
     persistent_keepalive: Option<u16>,
     last_sent: Option<Instant>,
     last_initiation: Option<Instant>,
+    /// When we last answered an initiation while no session was usable:
+    /// until the initiator confirms the new session (or [`CONFIRM_WAIT`]
+    /// passes), packets are held in `held` rather than starting a second
+    /// handshake.
+    answered: Option<Instant>,
+    /// Packets held meanwhile, charged to `queue`.
+    held: VecDeque<Vec<u8>>,
     /// Packets waiting behind a handshake, as charged to `budget`.
     queue: HandshakeQueue,
 }
@@ -135,6 +153,9 @@ pub struct Peer {
     /// The 24-bit index boringtun puts in the top of our session indices.
     index: u32,
     state: Mutex<PeerState>,
+    /// True while packets wait for a session (`PeerState::queue` is not
+    /// empty); read per received packet without the lock.
+    waiting: AtomicBool,
     counters: PeerCounters,
 }
 
@@ -176,8 +197,11 @@ impl Peer {
                 persistent_keepalive: cfg.persistent_keepalive.filter(|&k| k > 0),
                 last_sent: None,
                 last_initiation: None,
+                answered: None,
+                held: VecDeque::new(),
                 queue: HandshakeQueue::default(),
             }),
+            waiting: AtomicBool::new(false),
             counters: PeerCounters::default(),
         }
     }
@@ -226,8 +250,7 @@ impl Peer {
         if st.preshared_key == key {
             return;
         }
-        st.tunn = None;
-        st.queue.release();
+        self.reset_session(&mut st);
         st.private_key = private_key.clone();
         st.limiter = limiter;
         st.preshared_key = key;
@@ -236,10 +259,24 @@ impl Peer {
     /// Our private key changed: sessions are dropped, handshakes restart.
     pub fn set_private_key(&self, private_key: &PrivateKey, limiter: Arc<RateLimiter>) {
         let mut st = self.state.lock();
-        st.tunn = None;
-        st.queue.release();
+        self.reset_session(&mut st);
         st.private_key = private_key.clone();
         st.limiter = limiter;
+    }
+
+    /// Drops the protocol state and every packet waiting for a session.
+    fn reset_session(&self, st: &mut PeerState) {
+        st.tunn = None;
+        st.answered = None;
+        self.stop_waiting(st);
+    }
+
+    /// No packet waits for a session any more (boringtun's queue is empty
+    /// or was cleared by boringtun): the held ones go and the charge ends.
+    fn stop_waiting(&self, st: &mut PeerState) {
+        st.held.clear();
+        st.queue.release();
+        self.waiting.store(false, Relaxed);
     }
 
     /// Charges packets queued behind a handshake to `budget` from now on.
@@ -265,10 +302,18 @@ impl Peer {
             return self.drop_for(DropReason::NoEndpoint);
         };
         let tunn = st.tunn(self.public_key, self.index);
-        // Without a session boringtun queues the packet: charge it first.
-        if tunn.time_since_last_handshake().is_none() && !st.queue.admit(packet.len()) {
-            drop(st);
-            return self.drop_for(DropReason::SinkFull);
+        // Without a session the packet waits: charge it first.
+        let no_session = tunn.time_since_last_handshake().is_none();
+        if no_session {
+            if !st.queue.admit(packet.len()) {
+                drop(st);
+                return self.drop_for(DropReason::SinkFull);
+            }
+            self.waiting.store(true, Relaxed);
+            if st.answered.is_some_and(|t| t.elapsed() < CONFIRM_WAIT) {
+                st.held.push_back(packet.to_vec());
+                return PeerOutput::Done;
+            }
         }
         let result = match st
             .tunn(self.public_key, self.index)
@@ -287,9 +332,9 @@ impl Peer {
     }
 
     /// Handles one datagram from `src` that framing routed to this peer.
-    /// After a `ToNetwork` result for a handshake, call [`Peer::flush_queued`]
-    /// until it returns `Done`: packets queued before the session existed
-    /// go out then.
+    /// Then, when [`Peer::should_flush`] says so, call
+    /// [`Peer::flush_queued`] until it returns `Done`: packets that waited
+    /// for a session go out then.
     pub fn decapsulate(
         &self,
         src: SocketAddr,
@@ -355,6 +400,18 @@ impl Peer {
         if authenticated {
             st.endpoint = Some(src);
         }
+        let usable = st
+            .tunn
+            .as_ref()
+            .is_some_and(|t| t.time_since_last_handshake().is_some());
+        if usable {
+            st.answered = None;
+        } else if kind == MessageKind::HandshakeInitiation
+            && authenticated
+            && matches!(result, PeerOutput::ToNetwork { .. })
+        {
+            st.answered = Some(Instant::now());
+        }
         drop(st);
         if authenticated {
             self.counters.received_datagram(kind, datagram.len());
@@ -370,26 +427,60 @@ impl Peer {
         result
     }
 
-    /// Sends the next packet queued while the handshake was in flight.
+    /// True while packets wait for a session.
+    pub fn is_waiting(&self) -> bool {
+        self.waiting.load(Relaxed)
+    }
+
+    /// Whether, after [`Peer::decapsulate`] returned `result` for a `kind`
+    /// message, packets that waited may go ([`Peer::flush_queued`] until
+    /// `Done`): a handshake message was answered or completed one, or the
+    /// peer's data may have confirmed a session we answered.
+    pub fn should_flush(&self, kind: MessageKind, result: PeerOutput) -> bool {
+        match kind {
+            MessageKind::Data => self.is_waiting() && !matches!(result, PeerOutput::Dropped(_)),
+            _ => matches!(result, PeerOutput::ToNetwork { .. }),
+        }
+    }
+
+    /// Sends the next packet that waited for a session: queued behind a
+    /// handshake of ours, or held for one we answered. `out` must hold
+    /// [`output_buffer_len`] of the largest packet.
     pub fn flush_queued(&self, out: &mut [u8]) -> PeerOutput {
         let mut st = self.state.lock();
         let Some(to) = st.endpoint else {
             return PeerOutput::Done;
         };
+        let st = &mut *st;
         let Some(tunn) = st.tunn.as_mut() else {
             return PeerOutput::Done;
         };
-        let result = match tunn.decapsulate(None, &[], out) {
-            TunnResult::WriteToNetwork(d) => {
+        // Without a session nothing can go; asking boringtun anyway would
+        // start another handshake across the ones in flight.
+        if tunn.time_since_last_handshake().is_none() {
+            return PeerOutput::Done;
+        }
+        // boringtun's queue holds the older packets: it goes first.
+        let sent = match tunn.decapsulate(None, &[], out) {
+            TunnResult::WriteToNetwork(d) => Some(d.len()),
+            _ => st
+                .held
+                .pop_front()
+                .and_then(|packet| match tunn.encapsulate(&packet, out) {
+                    TunnResult::WriteToNetwork(d) => Some(d.len()),
+                    _ => None,
+                }),
+        };
+        let result = match sent {
+            Some(len) => {
                 st.last_sent = Some(Instant::now());
-                PeerOutput::ToNetwork { len: d.len(), to }
+                PeerOutput::ToNetwork { len, to }
             }
-            _ => {
-                st.queue.release();
+            None => {
+                self.stop_waiting(st);
                 PeerOutput::Done
             }
         };
-        drop(st);
         let inner = match result {
             PeerOutput::ToNetwork { len, .. } => len - crate::wire::message::DATA_OVERHEAD,
             _ => 0,
@@ -397,10 +488,53 @@ impl Peer {
         self.account(result, out, inner)
     }
 
+    /// When the initiator did not confirm the session we answered within
+    /// [`CONFIRM_WAIT`], the packets that waited for it join boringtun's
+    /// queue and our own handshake starts (unless one is in flight). Returns
+    /// its initiation.
+    fn after_unconfirmed_answer(
+        &self,
+        st: &mut PeerState,
+        now: Instant,
+        out: &mut [u8],
+    ) -> PeerOutput {
+        match st.answered {
+            Some(t) if now.saturating_duration_since(t) >= CONFIRM_WAIT => st.answered = None,
+            _ => return PeerOutput::Done,
+        }
+        let (Some(to), Some(tunn)) = (st.endpoint, st.tunn.as_mut()) else {
+            return PeerOutput::Done;
+        };
+        if tunn.time_since_last_handshake().is_some() || !self.is_waiting() {
+            return PeerOutput::Done;
+        }
+        let mut initiation = None;
+        // Only the first can start a handshake; the rest queue behind it.
+        for packet in st.held.drain(..) {
+            if let TunnResult::WriteToNetwork(d) = tunn.encapsulate(&packet, out) {
+                initiation.get_or_insert(d.len());
+            }
+        }
+        if initiation.is_none() {
+            if let TunnResult::WriteToNetwork(d) = tunn.format_handshake_initiation(out, false) {
+                initiation = Some(d.len());
+            }
+        }
+        match initiation {
+            Some(len) => PeerOutput::ToNetwork { len, to },
+            None => PeerOutput::Done,
+        }
+    }
+
     /// Drives the protocol timers (rekey, retry, expiry, keepalive). Call
     /// every few hundred milliseconds; repeat while it returns `ToNetwork`.
     pub fn update_timers(&self, now: Instant, out: &mut [u8]) -> PeerOutput {
         let mut st = self.state.lock();
+        if let r @ PeerOutput::ToNetwork { .. } = self.after_unconfirmed_answer(&mut st, now, out) {
+            st.last_sent = Some(now);
+            drop(st);
+            return self.account(r, out, 0);
+        }
         let endpoint = st.endpoint;
         // A peer never used has no timers to run.
         let timers = st.tunn.as_mut().map(|t| t.update_timers(out));
@@ -410,7 +544,7 @@ impl Peer {
             .since
             .is_some_and(|t| now.duration_since(t) > REKEY_ATTEMPT_TIME)
         {
-            st.queue.release();
+            self.stop_waiting(&mut st);
         }
         let mut result = match timers {
             Some(TunnResult::WriteToNetwork(d)) => match endpoint {
@@ -526,3 +660,6 @@ impl Peer {
         PeerOutput::Dropped(reason)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -22,7 +22,7 @@ use crate::io::tun::{Tun, TunBurst};
 use crate::io::udp::{normalize, RecvBatch, UdpTransport, MAX_DATAGRAM, RECV_POLL};
 use crate::peer::{output_buffer_len, BufferBudget, DropReason, Peer, PeerOutput, PeerStats};
 use crate::router::{AllowedIps, IpPrefix};
-use crate::wire::{IpHeader, MessageKind, WireMessage};
+use crate::wire::{IpHeader, WireMessage};
 
 /// How often peers' protocol timers run. boringtun's timers have 250 ms
 /// granularity in its own device; 100 ms keeps handshake retries prompt.
@@ -903,18 +903,24 @@ impl Shared {
             },
         };
         let result = peer.decapsulate(src, msg.kind, datagram, out);
-        if let PeerOutput::ToHost { len, src } = result {
-            if !self.source_allowed(&peer, src) {
-                peer.drop_for(DropReason::SourceNotAllowed);
-                return;
+        match result {
+            PeerOutput::ToHost { len, src } => {
+                if self.source_allowed(&peer, src) {
+                    rx.packets.commit(len);
+                    rx.peers.push(peer.clone());
+                } else {
+                    peer.drop_for(DropReason::SourceNotAllowed);
+                }
             }
-            rx.packets.commit(len);
-            rx.peers.push(peer);
-            return;
+            _ => {
+                self.emit(&peer, result, out);
+            }
         }
-        self.emit(&peer, result, out);
-        if matches!(result, PeerOutput::ToNetwork { .. }) && msg.kind != MessageKind::Data {
-            // A handshake just completed: packets queued behind it go now.
+        if peer.should_flush(msg.kind, result) {
+            if rx.packets.is_full(output_buffer_len(MAX_DATAGRAM)) {
+                rx.deliver(self);
+            }
+            let out = rx.packets.spare();
             while let r @ PeerOutput::ToNetwork { .. } = peer.flush_queued(out) {
                 self.emit(&peer, r, out);
             }

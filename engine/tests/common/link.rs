@@ -309,16 +309,7 @@ impl Pair {
         let (peer, out) = self.parts(to);
         let r = peer.decapsulate(src, msg.kind, datagram, out);
         match r {
-            PeerOutput::ToNetwork { .. } => {
-                self.forward(to, r);
-                loop {
-                    let (peer, out) = self.parts(to);
-                    match peer.flush_queued(out) {
-                        r @ PeerOutput::ToNetwork { .. } => self.forward(to, r),
-                        _ => break,
-                    }
-                }
-            }
+            PeerOutput::ToNetwork { .. } => self.forward(to, r),
             PeerOutput::ToHost { len, .. } => {
                 let p = self.out[..len].to_vec();
                 self.peer(to).delivered(len);
@@ -328,6 +319,15 @@ impl Pair {
                 }
             }
             _ => {}
+        }
+        if self.peer(to).should_flush(msg.kind, r) {
+            loop {
+                let (peer, out) = self.parts(to);
+                match peer.flush_queued(out) {
+                    r @ PeerOutput::ToNetwork { .. } => self.forward(to, r),
+                    _ => break,
+                }
+            }
         }
         r
     }
