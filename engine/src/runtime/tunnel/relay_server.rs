@@ -151,6 +151,10 @@ impl Relay {
             }
         };
         let mut pump = Pump::new(&mut ws, self.config.queue)?;
+        // The acceptance goes first in the client's queue, and the client is
+        // in the registry before it can read it: once told it is registered,
+        // datagrams for it are delivered.
+        pump.outbox().push(Bytes::from_static(&ACCEPTED));
         let session = self.counters.sessions.fetch_add(1, Relaxed);
         let old = self.clients.write().insert(
             key,
@@ -180,6 +184,9 @@ impl Relay {
         Ok(reason)
     }
 
+    /// Challenges the client and checks its proof of a WireGuard key (and
+    /// the key list); the acceptance is sent by [`Relay::serve`]
+    /// once the client is registered.
     fn authenticate(&self, ws: &mut WebSocket<Transport>) -> Result<[u8; KEY_LEN], TunnelError> {
         let mut random = [0u8; 64];
         ring::rand::SystemRandom::new()
@@ -200,8 +207,6 @@ impl Relay {
                 )));
             }
         }
-        ws.send(Message::Binary(Bytes::copy_from_slice(&ACCEPTED)))
-            .map_err(|e| TunnelError::Handshake(e.to_string()))?;
         Ok(key)
     }
 
