@@ -37,7 +37,7 @@ pub const MIN_INITIATION_INTERVAL: Duration = Duration::from_millis(1000 / 50);
 
 /// Packets boringtun queues per peer behind a handshake (its
 /// `MAX_QUEUE_DEPTH`); more are dropped.
-const HANDSHAKE_QUEUE_PACKETS: usize = 256;
+pub const HANDSHAKE_QUEUE_PACKETS: usize = 256;
 
 /// How long handshake attempts go on before the peer gives up and its
 /// queue is cleared: REKEY_ATTEMPT_TIME in the WireGuard paper, section 6.1.
@@ -660,6 +660,3 @@ impl Peer {
         PeerOutput::Dropped(reason)
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -288,6 +288,14 @@ impl Pair {
         r
     }
 
+    /// Runs `side`'s timers as of `now`, putting what they send on the link.
+    pub fn timers(&mut self, side: Side, now: std::time::Instant) -> PeerOutput {
+        let (peer, out) = self.parts(side);
+        let r = peer.update_timers(now, out);
+        self.forward(side, r);
+        r
+    }
+
     fn forward(&mut self, from: Side, r: PeerOutput) {
         if let PeerOutput::ToNetwork { len, .. } = r {
             self.link.send(from.other(), &self.out[..len]);
