@@ -400,17 +400,21 @@ impl Peer {
         if authenticated {
             st.endpoint = Some(src);
         }
-        let usable = st
-            .tunn
-            .as_ref()
-            .is_some_and(|t| t.time_since_last_handshake().is_some());
-        if usable {
-            st.answered = None;
-        } else if kind == MessageKind::HandshakeInitiation
-            && authenticated
-            && matches!(result, PeerOutput::ToNetwork { .. })
-        {
-            st.answered = Some(Instant::now());
+        // An answered initiation is remembered until a session is usable
+        // (checked only then: not per data packet in steady state).
+        if kind == MessageKind::HandshakeInitiation || st.answered.is_some() {
+            let usable = st
+                .tunn
+                .as_ref()
+                .is_some_and(|t| t.time_since_last_handshake().is_some());
+            if usable {
+                st.answered = None;
+            } else if kind == MessageKind::HandshakeInitiation
+                && authenticated
+                && matches!(result, PeerOutput::ToNetwork { .. })
+            {
+                st.answered = Some(Instant::now());
+            }
         }
         drop(st);
         if authenticated {
