@@ -650,18 +650,7 @@ impl Engine {
     /// Unroutable or malformed packets are counted and skipped. Returns how
     /// many were accepted.
     pub fn send_packets<'a>(&self, packets: impl IntoIterator<Item = &'a [u8]>) -> usize {
-        self.shared.send_packets(packets, &mut |_, _| {})
-    }
-
-    /// [`Engine::send_packets`], calling `rejected` with each packet that
-    /// was not accepted and why (what [`Engine::send_packet`] would have
-    /// returned for it).
-    pub fn send_packets_reporting<'a>(
-        &self,
-        packets: impl IntoIterator<Item = &'a [u8]>,
-        mut rejected: impl FnMut(&[u8], SendError),
-    ) -> usize {
-        self.shared.send_packets(packets, &mut rejected)
+        self.shared.send_packets(packets)
     }
 
     /// The peer whose AllowedIPs cover `dst`, if any: where
@@ -828,17 +817,9 @@ impl Shared {
 
     /// Sends many packets; consecutive ones to the same endpoint are
     /// encrypted into one buffer and leave in one GSO send. Returns how many
-    /// were accepted (encrypted, or queued behind a handshake); the others
-    /// go to `rejected` with the reason.
-    fn send_packets<'a>(
-        &self,
-        packets: impl IntoIterator<Item = &'a [u8]>,
-        rejected: &mut dyn FnMut(&[u8], SendError),
-    ) -> usize {
+    /// were accepted (encrypted, or queued behind a handshake).
+    fn send_packets<'a>(&self, packets: impl IntoIterator<Item = &'a [u8]>) -> usize {
         if self.closed.load(Relaxed) {
-            for packet in packets {
-                rejected(packet, SendError::Closed);
-            }
             return 0;
         }
         let transport = self.transport.read().clone();
@@ -846,12 +827,8 @@ impl Shared {
             let mut accepted = 0;
             for packet in packets {
                 // The table lock is held per lookup, never across a send.
-                let (peer, packet) = match self.route(&self.peers.read(), packet) {
-                    Ok(routed) => routed,
-                    Err(e) => {
-                        rejected(packet, e);
-                        continue;
-                    }
+                let Ok((peer, packet)) = self.route(&self.peers.read(), packet) else {
+                    continue;
                 };
                 if batch.room() < output_buffer_len(packet.len()) {
                     batch.flush(&transport, &self.counters);
@@ -867,8 +844,7 @@ impl Shared {
                         batch.push(at, len, to, &transport, &self.counters);
                     }
                     PeerOutput::Done => accepted += 1,
-                    PeerOutput::Dropped(reason) => rejected(packet, SendError::Dropped(reason)),
-                    PeerOutput::ToHost { .. } => {}
+                    _ => {}
                 }
             }
             batch.flush(&transport, &self.counters);
@@ -1067,7 +1043,7 @@ fn tun_loop(shared: Arc<Shared>, stop: Receiver<()>, mut tun: Tun) {
         match tun.read_burst(&mut burst, RECV_POLL) {
             Ok(0) => {}
             Ok(n) => {
-                shared.send_packets(burst.packets(n), &mut |_, _| {});
+                shared.send_packets(burst.packets(n));
             }
             Err(e) => {
                 tracing::info!(device = tun.name(), error = %e, "TUN device gone");
