@@ -1,0 +1,1 @@
+//! Hostile cases: admission (filled in by its fix).

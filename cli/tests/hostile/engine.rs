@@ -1,0 +1,1 @@
+//! Hostile cases: engine (filled in by its fix).

@@ -1,0 +1,1 @@
+//! Hostile cases: relay (filled in by its fix).

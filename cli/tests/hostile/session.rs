@@ -1,0 +1,1 @@
+//! Hostile cases: session (filled in by its fix).

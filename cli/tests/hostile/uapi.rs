@@ -1,0 +1,1 @@
+//! Hostile cases: uapi (filled in by its fix).
