@@ -84,9 +84,8 @@ pub fn pki(dir: &TempDir, node: &str) -> Pki {
     let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
     let server_key = KeyPair::generate().expect("server key");
     let mut sp = CertificateParams::new(vec!["localhost".to_string()]).expect("server params");
-    sp.subject_alt_names.push(SanType::IpAddress(
-        std::net::Ipv4Addr::LOCALHOST.into(),
-    ));
+    sp.subject_alt_names
+        .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
     let server_cert = sp
         .signed_by(&server_key, &ca_cert, &ca_key)
         .expect("server cert");
@@ -96,7 +95,9 @@ pub fn pki(dir: &TempDir, node: &str) -> Pki {
         .push(DnType::OrganizationName, "system:nodes");
     np.distinguished_name
         .push(DnType::CommonName, format!("system:node:{node}"));
-    let node_cert = np.signed_by(&node_key, &ca_cert, &ca_key).expect("node cert");
+    let node_cert = np
+        .signed_by(&node_key, &ca_cert, &ca_key)
+        .expect("node cert");
     Pki {
         ca_file: dir.file("ca.pem", ca_cert.pem()),
         server_cert_file: dir.file("server.pem", server_cert.pem()),

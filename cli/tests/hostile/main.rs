@@ -35,8 +35,8 @@ fn baseline_legitimate_clients_get_through() {
     let before = server.daemon.usage();
     let sampler = Sampler::start(server.daemon.pid());
     let agent = legit_agent_connects(&server, Duration::from_secs(10)).expect("agent");
-    let relay = legit_relay_client_registers(&server, None, Duration::from_secs(10))
-        .expect("relay client");
+    let relay =
+        legit_relay_client_registers(&server, None, Duration::from_secs(10)).expect("relay client");
     let peak = sampler.finish();
     println!("baseline: agent connected in {agent:?}, relay client registered in {relay:?}");
     Ceilings {
