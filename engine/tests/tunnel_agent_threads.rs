@@ -154,6 +154,19 @@ fn a_server_dialing_2000_streams_cannot_make_the_agent_start_more_than_its_cap()
     );
     assert_eq!(echoed, CAP, "the streams within the cap all work");
     assert_eq!(refused, STREAMS - CAP);
+    assert_eq!(
+        agent.status().streams_refused_at_cap,
+        (STREAMS - CAP) as u64,
+        "refusals counted"
+    );
+    // Closed streams give their slots back: new dials work again.
     drop(streams);
+    let deadline = Instant::now() + WAIT;
+    while agent.status().streams_active > 0 {
+        assert!(Instant::now() < deadline, "{:?}", agent.status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = server.dial(NODE, "tcp", "127.0.0.1:1").unwrap();
+    assert_eq!(round_trip(&s, b"again").unwrap(), b"again");
     drop(agent);
 }
