@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use meshvpn_engine::io::accept::{accept_with_backoff, AcceptBackoff};
 use meshvpn_engine::runtime::tunnel::{
     pump, tls, Agent, AgentConfig, AllowList, DialedTarget, OsDialer, RelayServerConfig,
     ServerAuth, ServerConfig, TargetPattern, TunnelServer, RELAY_PATH,
 };
+use meshvpn_engine::tunnel::limits::MAX_AGENT_STREAMS;
 use meshvpn_engine::PublicKey;
 
 /// Websocket supervisor tunnel, wire-compatible with k3s (rancher/remotedialer).
@@ -109,6 +111,10 @@ pub struct ConnectArgs {
     /// Extra request header NAME=VALUE (e.g. X-Tunnel-ID=node1). Repeatable.
     #[arg(long, value_name = "NAME=VALUE")]
     pub header: Vec<String>,
+    /// Streams the server may have this agent dial and copy at once (two
+    /// threads each); Connects beyond it are refused with "too many streams".
+    #[arg(long, value_name = "N", default_value_t = MAX_AGENT_STREAMS)]
+    pub max_streams: usize,
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
@@ -229,8 +235,9 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         tracing::info!(local = %f.local, client = %f.client_key, target = %format!("{}/{}", f.proto, f.target), "forwarding");
         let server = server.clone();
         std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
+            // Backs off on accept errors (EMFILE) instead of spinning.
+            let mut backoff = AcceptBackoff::new();
+            while let Some((conn, _)) = accept_with_backoff(&listener, &mut backoff, || false) {
                 let stream = match server.dial(&f.client_key, &f.proto, &f.target) {
                     Ok(s) => s,
                     Err(e) => {
@@ -291,6 +298,10 @@ fn connect(a: ConnectArgs) -> Result<(), String> {
             .ok_or_else(|| format!("bad --header {h:?}: want NAME=VALUE"))?;
         config.headers.push((name.to_owned(), value.to_owned()));
     }
+    if a.max_streams == 0 {
+        return Err("--max-streams must be at least 1".into());
+    }
+    config.limits.max_agent_streams = a.max_streams;
     let agent = Agent::start(config).map_err(|e| e.to_string())?;
     loop {
         std::thread::sleep(Duration::from_secs(3600));

@@ -8,7 +8,8 @@
 //! - [`TunnelStream`]: one connection through a session, `Read + Write`.
 //!
 //! Threads: one per session (see `driver`), one per handshake in progress
-//! (bounded), one listener, and two per stream an agent pumps to a target.
+//! (bounded), one listener, and two per stream an agent pumps to a target
+//! (at most `Limits::max_agent_streams` streams per agent).
 //! The protocol itself lives in [`crate::tunnel`]; nothing here parses
 //! tunnel messages.
 
