@@ -6,16 +6,17 @@
 //! A second source is 127.0.0.2 on loopback (bound by hand: the library's
 //! clients cannot choose their source address).
 
-mod tunnel_support;
 #[path = "tunnel_support/raw.rs"]
 mod raw;
+mod tunnel_support;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use meshvpn_engine::runtime::tunnel::{
-    tls, Agent, RelayServerConfig, ServerAuth, ServerConfig, TunnelServer, RELAY_PATH,
+    tls, Agent, RelayServerConfig, ServerAuth, ServerConfig, TunnelServer,
+    DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, RELAY_PATH,
 };
 
 use raw::{closed_by_server, relay_register, tcp_from, tls_over, OTHER_SOURCE};
@@ -39,6 +40,18 @@ fn plain_server(edit: impl FnOnce(&mut ServerConfig)) -> TunnelServer {
     let mut config = ServerConfig::new(PATH, None, auth);
     edit(&mut config);
     TunnelServer::bind(loopback(), config).unwrap()
+}
+
+/// Polls `done` every 10 ms for up to `within`.
+fn wait_until(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    done()
 }
 
 /// A token agent from 127.0.0.1 connects within `within`.
@@ -76,18 +89,68 @@ fn one_source_holding_idle_connections_leaves_room_for_another() {
     );
     let mut closed = 0;
     for s in &mut idle {
-        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
         closed += usize::from(closed_by_server(s));
     }
     println!("idle connections from 127.0.0.2 closed at once: {closed} of {GLOBAL}");
+    // nginx limit_conn: the source keeps exactly its share, the rest were
+    // closed at once and counted.
+    let per_source = DEFAULT_MAX_HANDSHAKES_PER_SOURCE;
+    assert_eq!(closed, GLOBAL - per_source);
+    let stats = server.stats();
+    assert_eq!(stats.handshakes, per_source, "{stats:?}");
+    assert_eq!(
+        stats.refused_handshakes_per_source,
+        (GLOBAL - per_source) as u64
+    );
+    assert_eq!(stats.refused_handshakes, 0);
     drop(idle);
+    // Slots come back when the connections go.
+    assert!(wait_until(WAIT, || server.stats().handshakes == 0));
+}
+
+/// The global cap still holds when no source is over its own: four sources
+/// of 4 against 8 slots in all.
+#[test]
+fn handshakes_are_capped_in_total_across_sources() {
+    let pki = pki();
+    let server = tls_server(&pki, |c| {
+        c.max_handshakes = 8;
+        c.max_handshakes_per_source = 4;
+        c.handshake_timeout = Duration::from_secs(30);
+    });
+    let addr = server.local_addr();
+    let mut conns = Vec::new();
+    for n in 2..=5u8 {
+        let src = IpAddr::V4(Ipv4Addr::new(127, 0, 0, n));
+        for _ in 0..4 {
+            conns.push(tcp_from(src, addr, Duration::from_millis(500)).unwrap());
+        }
+    }
+    let mut closed = 0;
+    for s in &mut conns {
+        s.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        closed += usize::from(closed_by_server(s));
+    }
+    assert_eq!(closed, 8, "16 connections against 8 slots");
+    let stats = server.stats();
+    assert_eq!(
+        (stats.handshakes, stats.refused_handshakes),
+        (8, 8),
+        "{stats:?}"
+    );
+    drop(conns);
+    assert!(wait_until(WAIT, || server.stats().handshakes == 0));
+    assert!(agent_connects(&pki, addr, WAIT));
 }
 
 /// Defect 1 (session caps): relay sessions from one source are capped;
 /// another source still registers.
 #[test]
 fn relay_sessions_from_one_source_are_capped() {
-    const PER_SOURCE: usize = 32;
+    const PER_SOURCE: usize = DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE;
     let server = plain_server(|c| c.relay = Some(RelayServerConfig::default()));
     let addr = server.local_addr();
     let url = format!("ws://{addr}{RELAY_PATH}");
@@ -115,7 +178,51 @@ fn relay_sessions_from_one_source_are_capped() {
     // Another source registers while 127.0.0.2 is at its cap.
     let tcp = tcp_from(LOCAL, addr, WAIT).unwrap();
     let other = relay_register(tcp, &url).expect("a relay client from 127.0.0.1");
+    let stats = server.stats();
+    assert_eq!(stats.relay_sessions, PER_SOURCE + 1, "{stats:?}");
+    assert_eq!(stats.refused_relay_sessions_per_source, 1);
     drop(other);
+    // A session holds its slot until it ends; then the source may register again.
+    drop(held.pop());
+    let again = wait_until(WAIT, || {
+        let tcp = tcp_from(OTHER_SOURCE, addr, WAIT).unwrap();
+        relay_register(tcp, &url).map(|ws| held.push(ws)).is_ok()
+    });
+    assert!(again, "a slot freed by a session's end was not given back");
+}
+
+/// The relay's total cap: two sources at 2 each fill 3 sessions in all.
+#[test]
+fn relay_sessions_are_capped_in_total() {
+    let server = plain_server(|c| {
+        c.relay = Some(RelayServerConfig {
+            max_sessions: 3,
+            max_sessions_per_source: 2,
+            ..Default::default()
+        })
+    });
+    let addr = server.local_addr();
+    let url = format!("ws://{addr}{RELAY_PATH}");
+    let register = |src| relay_register(tcp_from(src, addr, WAIT).unwrap(), &url);
+    let a1 = register(OTHER_SOURCE).unwrap();
+    let a2 = register(OTHER_SOURCE).unwrap();
+    let per_source = register(OTHER_SOURCE).map(drop).unwrap_err();
+    assert!(per_source.contains("503"), "{per_source}");
+    let b1 = register(LOCAL).unwrap();
+    let total = register(LOCAL).map(drop).unwrap_err();
+    assert!(total.contains("503"), "{total}");
+    let stats = server.stats();
+    assert_eq!(stats.relay_sessions, 3);
+    assert_eq!(
+        (
+            stats.refused_relay_sessions,
+            stats.refused_relay_sessions_per_source
+        ),
+        (1, 1)
+    );
+    assert_eq!(server.relay_stats().unwrap().clients, 3);
+    drop((a1, a2, b1));
+    assert!(wait_until(WAIT, || server.stats().relay_sessions == 0));
 }
 
 /// Sends an upgrade request to `stream` but the blank line that ends it,
@@ -132,7 +239,9 @@ fn held_handshake_is_not_admitted_after_stop(
     );
     stream.write_all(req.as_bytes()).unwrap();
     stream.flush().unwrap();
-    std::thread::sleep(Duration::from_millis(300)); // BEFORE-RUN ONLY
+    // The server has the connection in a handshake (not still queued on
+    // the listener, which stop closes).
+    assert!(wait_until(WAIT, || server.stats().handshakes == 1));
     let stopping = Instant::now();
     server.shutdown();
     let stop_took = stopping.elapsed();

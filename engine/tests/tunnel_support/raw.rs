@@ -106,8 +106,7 @@ pub fn relay_register<S: Read + Write + Exporter>(
     let (mut ws, _) = tungstenite::client(url, stream).map_err(|e| e.to_string())?;
     let challenge = binary(&mut ws)?;
     let secret = StaticSecret::from(*meshvpn_engine::PrivateKey::generate().as_bytes());
-    let proof =
-        prove(&challenge, &secret, &ws.get_ref().exporter()).map_err(|e| e.to_string())?;
+    let proof = prove(&challenge, &secret, &ws.get_ref().exporter()).map_err(|e| e.to_string())?;
     ws.send(Message::binary(proof.to_vec()))
         .map_err(|e| e.to_string())?;
     check_accepted(&binary(&mut ws)?).map_err(|e| e.to_string())?;
