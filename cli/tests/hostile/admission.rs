@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::common::{legit_agent_connects, legit_relay_client_registers, Ceilings, Sampler, Server};
+use super::common::{
+    legit_agent_connects, legit_relay_client_registers, Ceilings, Sampler, Server,
+};
 use raw::{closed_by_server, relay_register, tcp_from, tls_over};
 
 /// The server's defaults these cases attack (`meshvpn tunnel serve
