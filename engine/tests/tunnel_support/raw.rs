@@ -37,8 +37,8 @@ pub fn tcp_from(source: IpAddr, to: SocketAddr, timeout: Duration) -> std::io::R
     Ok(tcp)
 }
 
-/// Whether the server closed (or reset) `tcp` within its read timeout:
-/// `Some(true)` closed, `Some(false)` still open at the timeout.
+/// Whether the server closed (or reset) `tcp` within its read timeout;
+/// `false` when it was still open at the timeout.
 pub fn closed_by_server(tcp: &mut TcpStream) -> bool {
     match tcp.read(&mut [0u8; 64]) {
         Ok(0) => true,
