@@ -10,7 +10,9 @@ use clap::{Args, Subcommand};
 use meshvpn_engine::io::accept::{accept_with_backoff, AcceptBackoff};
 use meshvpn_engine::runtime::tunnel::{
     pump, tls, Agent, AgentConfig, AllowList, DialedTarget, OsDialer, RelayServerConfig,
-    ServerAuth, ServerConfig, TargetPattern, TunnelServer, RELAY_PATH,
+    ServerAuth, ServerConfig, TargetPattern, TunnelServer, DEFAULT_MAX_HANDSHAKES,
+    DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_RELAY_MAX_SESSIONS,
+    DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, RELAY_PATH,
 };
 use meshvpn_engine::tunnel::limits::MAX_AGENT_STREAMS;
 use meshvpn_engine::PublicKey;
@@ -82,6 +84,23 @@ pub struct ServeArgs {
     /// certificate from --client-ca), as agents do.
     #[arg(long, requires = "relay")]
     pub relay_require_auth: bool,
+    /// TLS and HTTP handshakes in progress at once, from all sources; more
+    /// connections are closed at once. Each is one thread and one socket.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_HANDSHAKES)]
+    pub max_handshakes: usize,
+    /// Handshakes in progress at once from one source address (nginx
+    /// limit_conn style): more from it are closed at once while other
+    /// sources are served.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_HANDSHAKES_PER_SOURCE)]
+    pub max_handshakes_per_source: usize,
+    /// Relay sessions at once, from all sources (each is one thread and
+    /// three open files); more registrations are answered 503.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_RELAY_MAX_SESSIONS, requires = "relay")]
+    pub relay_max_sessions: usize,
+    /// Relay sessions at once from one source address (one per node; raise
+    /// it for more nodes behind one NAT); more from it are answered 503.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, requires = "relay")]
+    pub relay_max_sessions_per_source: usize,
 }
 
 #[derive(Debug, Args)]
@@ -211,6 +230,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             path: a.relay_path.clone(),
             allowed_keys,
             require_auth: a.relay_require_auth,
+            max_sessions: a.relay_max_sessions,
+            max_sessions_per_source: a.relay_max_sessions_per_source,
             ..Default::default()
         })
     } else {
@@ -227,6 +248,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         .collect::<Result<Vec<_>, _>>()?;
     let mut config = ServerConfig::new(a.path, tls, auth);
     config.relay = relay;
+    config.max_handshakes = a.max_handshakes;
+    config.max_handshakes_per_source = a.max_handshakes_per_source;
     let server = Arc::new(TunnelServer::bind(a.listen, config).map_err(|e| e.to_string())?);
     tracing::info!(addr = %server.local_addr(), relay = a.relay, "tunnel server listening");
     for f in forwards {
