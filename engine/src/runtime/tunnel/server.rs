@@ -35,6 +35,7 @@ use super::relay_server::{Relay, RelayServerConfig, RelayServerStats};
 use super::tls::certificate_common_name;
 use super::transport::{Socket, Transport};
 use super::{TunnelError, TunnelStream};
+use crate::io::accept::{accept_with_backoff, AcceptBackoff};
 use crate::tunnel::{Limits, Role};
 
 /// How a connecting agent proves who it is.
@@ -376,22 +377,10 @@ impl Drop for TunnelServer {
 }
 
 fn accept_loop(shared: &Arc<ServerShared>, listener: TcpListener) {
-    for conn in listener.incoming() {
-        if shared.stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let tcp = match conn {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::debug!(error = %e, "tunnel: accept failed");
-                // EMFILE and friends: do not spin.
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
-        };
-        let Ok(peer) = tcp.peer_addr() else {
-            continue;
-        };
+    let mut backoff = AcceptBackoff::new();
+    while let Some((tcp, peer)) = accept_with_backoff(&listener, &mut backoff, || {
+        shared.stop.load(Ordering::SeqCst)
+    }) {
         // nginx limit_conn: over a cap the connection is closed at once
         // (dropping `tcp`) and counted; other sources keep being served.
         let slot = match shared.handshakes.admit(peer.ip()) {
