@@ -408,7 +408,8 @@ fn forged_initiations_claiming_a_peer_do_not_silence_it() {
     assert!(forgeries >= 40, "the flood was too thin to test anything");
     assert!(asked >= 10);
     assert_eq!(
-        answered, asked,
+        answered,
+        asked,
         "real initiations went unanswered under forged ones ({} handshake_flood drops)",
         s.drops(DropReason::HandshakeFlood)
     );
