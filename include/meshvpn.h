@@ -476,6 +476,11 @@ enum meshvpn_drop_reason
    * Encryption failed or the session expired.
    */
   MESHVPN_DROP_SESSION_EXPIRED = 9,
+  /**
+   * Decrypted, but larger than the interface MTU (the size of every
+   * receive buffer): dropped whole, never cut.
+   */
+  MESHVPN_DROP_OVERSIZED = 10,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

@@ -272,7 +272,6 @@ impl Inner {
             addresses,
             queue: packets_tx,
             pool: BufferPool::new(inner.config.rx_queue_packets.min(1024), mtu),
-            max_len: mtu,
             next: engine.sink(),
             detached,
             dropped: rx_dropped,

@@ -852,10 +852,22 @@ impl Shared {
         })
     }
 
-    /// True when `src` routes back to `peer`: a decrypted packet's inner
-    /// source must be inside its sender's AllowedIPs.
-    fn source_allowed(&self, peer: &Peer, src: IpAddr) -> bool {
-        self.peers.read().allowed_ips.lookup(src) == Some(&peer.index())
+    /// Whether a packet `peer` decrypted may go to the sink, and if not,
+    /// why. The one place the rules for every sink live:
+    /// - its inner source `src` must route back to `peer` (inside its
+    ///   sender's AllowedIPs);
+    /// - it must fit the MTU: every sink's packet buffers are MTU-sized
+    ///   (the host queue's, copied into MTU-sized C buffers by the packet
+    ///   API; the userspace stack's), and a TUN device gets no more than
+    ///   its MTU either. A larger one is dropped whole, never cut.
+    fn inner_allowed(&self, peer: &Peer, src: IpAddr, len: usize) -> Result<(), DropReason> {
+        if self.peers.read().allowed_ips.lookup(src) != Some(&peer.index()) {
+            return Err(DropReason::SourceNotAllowed);
+        }
+        if len > self.mtu as usize {
+            return Err(DropReason::Oversized);
+        }
+        Ok(())
     }
 
     /// Does what a peer call asked: sends datagrams, delivers packets.
@@ -863,8 +875,8 @@ impl Shared {
         match result {
             PeerOutput::ToNetwork { len, to } => self.send_datagram(&out[..len], to),
             PeerOutput::ToHost { len, src } => {
-                if !self.source_allowed(peer, src) {
-                    return peer.drop_for(DropReason::SourceNotAllowed);
+                if let Err(reason) = self.inner_allowed(peer, src, len) {
+                    return peer.drop_for(reason);
                 }
                 let sink = self.sink.read().clone();
                 if !sink.deliver(&out[..len]) {
@@ -904,14 +916,15 @@ impl Shared {
         };
         let result = peer.decapsulate(src, msg.kind, datagram, out);
         match result {
-            PeerOutput::ToHost { len, src } => {
-                if self.source_allowed(&peer, src) {
+            PeerOutput::ToHost { len, src } => match self.inner_allowed(&peer, src, len) {
+                Ok(()) => {
                     rx.packets.commit(len);
                     rx.peers.push(peer.clone());
-                } else {
-                    peer.drop_for(DropReason::SourceNotAllowed);
                 }
-            }
+                Err(reason) => {
+                    peer.drop_for(reason);
+                }
+            },
             _ => {
                 self.emit(&peer, result, out);
             }
