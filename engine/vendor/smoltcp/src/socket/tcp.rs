@@ -1474,22 +1474,46 @@ impl<'a> Socket<'a> {
             .hole_from(self.rtx_next.max(una), self.remote_last_seq)
     }
 
-    /// meshvpn patch: the next hole that SACK shows lost: at least three
-    /// segments' worth of data above it arrived (RFC 6675's DupThresh).
+    /// meshvpn patch: in recovery, where RFC 6675's IsLost ends: every
+    /// unSACKed byte below has three segments' worth of data SACKed above it
+    /// (DupThresh).
+    fn lost_edge(&self) -> Option<TcpSeqNumber> {
+        self.recover?;
+        let edge = self.sacked.lost_edge(3 * self.remote_mss)?;
+        Some(edge.min(self.remote_last_seq))
+    }
+
+    /// meshvpn patch: the next hole that SACK shows lost, from `rtx_next`
+    /// (or SND.UNA `una`) up, cut at the lost edge.
     fn lost_hole(&self, una: TcpSeqNumber) -> Option<(TcpSeqNumber, usize)> {
+        let edge = self.lost_edge()?;
         let (start, len) = self.next_hole(una)?;
-        let highest = self.sacked.highest()?;
-        (highest > start && highest - start >= len + 3 * self.remote_mss).then_some((start, len))
+        (start < edge).then(|| (start, len.min(edge - start)))
+    }
+
+    /// meshvpn patch: the lost hole to retransmit now, if the congestion
+    /// window has room for it. RFC 6675 (NextSeg rule 1, as Linux's
+    /// tcp_xmit_retransmit_queue does): in recovery every segment deemed lost
+    /// is resent as soon as `cwnd - pipe` allows, not one per ACK, so a run
+    /// of lost segments takes about one RTT rather than one RTT each.
+    fn lost_hole_to_send(&self, mss: usize) -> Option<(TcpSeqNumber, usize)> {
+        let (start, len) = self.lost_hole(self.local_seq_no)?;
+        (self.cwnd_remaining() >= len.min(mss)).then_some((start, len))
     }
 
     fn cwnd_remaining(&self) -> usize {
-        // meshvpn patch: what the remote SACKed has left the network (RFC
-        // 6675's "pipe"), so it makes room for new segments; these elicit
-        // the duplicate ACKs that start recovery when the window is small
-        // (as RFC 3042's limited transmit does).
-        let pipe = self
+        // meshvpn patch: RFC 6675's "pipe": what the remote SACKed has left
+        // the network, so it makes room for new segments (these elicit the
+        // duplicate ACKs that start recovery when the window is small, as
+        // RFC 3042's limited transmit does); in recovery, so has what is
+        // deemed lost and not yet retransmitted (below `rtx_next` it was).
+        let mut pipe = self
             .flight_size()
             .saturating_sub(self.sacked.sacked_bytes());
+        if let Some(edge) = self.lost_edge() {
+            let from = self.rtx_next.max(self.local_seq_no);
+            pipe = pipe.saturating_sub(self.sacked.hole_bytes(from, edge));
+        }
         self.congestion_controller
             .inner()
             .window()
@@ -2273,18 +2297,18 @@ impl<'a> Socket<'a> {
                                 .inner_mut()
                                 .on_loss(cx.now(), in_flight);
                         }
-                    } else {
-                        // In recovery: each duplicate lets one more hole that
-                        // SACK shows lost be retransmitted.
+                    } else if self.sacked.is_empty() {
+                        // In recovery without SACK: each duplicate inflates
+                        // the window by one segment (RFC 6582).
                         self.congestion_controller.inner_mut().on_dup_ack(
                             cx.now(),
                             self.remote_mss,
                             in_flight,
                         );
-                        if self.lost_hole(ack_number).is_some() {
-                            self.pending_fast_retransmit = true;
-                        }
                     }
+                    // meshvpn patch: with SACK, the pipe (`cwnd_remaining`)
+                    // already lets the holes it shows lost out, and room for
+                    // as many of them as the window has (`lost_hole_to_send`).
                 }
 
                 // No duplicate ACK means we reset the duplicate ACK count
@@ -2510,6 +2534,11 @@ impl<'a> Socket<'a> {
 
         let local_mss = cx.ip_mtu() - ip_header_len - TCP_HEADER_LEN;
         let effective_mss = local_mss.min(self.remote_mss).saturating_sub(options_len);
+
+        // meshvpn patch: lost segments go out as the window allows.
+        if self.lost_hole_to_send(effective_mss).is_some() {
+            return true;
+        }
 
         // Have we sent data that hasn't been ACKed yet?
         let data_in_flight = self.remote_last_seq != self.local_seq_no;
@@ -2835,7 +2864,7 @@ impl<'a> Socket<'a> {
                     self.pending_fast_retransmit = false;
                     self.next_hole(self.local_seq_no)
                 } else {
-                    None
+                    self.lost_hole_to_send(effective_mss)
                 };
                 let offset = if let Some((start, len)) = hole {
                     let offset = start - self.local_seq_no;
