@@ -89,6 +89,10 @@ pub struct EngineStats {
     pub tx_malformed: u64,
     pub tx_no_route: u64,
     pub udp_send_errors: u64,
+    /// Encrypted datagrams those failed sends dropped (a GSO run counts
+    /// each of its datagrams), including runs still blocked after
+    /// [`crate::io::udp::SEND_WAIT`].
+    pub udp_send_dropped: u64,
     /// Packets dropped because the buffer ceiling
     /// ([`Engine::set_buffer_limit`]) was reached (also counted as
     /// `sink_full` on their peer).
@@ -105,6 +109,7 @@ struct EngineCounters {
     tx_malformed: AtomicU64,
     tx_no_route: AtomicU64,
     udp_send_errors: AtomicU64,
+    udp_send_dropped: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -245,10 +250,11 @@ impl TxBatch {
 
     fn send_run(&mut self, t: &UdpTransport, c: &EngineCounters) {
         if let Some((to, seg)) = self.run.take() {
-            if t.send(&self.buf[self.run_start..self.used], Some(seg), to)
-                .is_err()
-            {
+            let run = &self.buf[self.run_start..self.used];
+            if t.send(run, Some(seg), to).is_err() {
                 bump(&c.udp_send_errors);
+                c.udp_send_dropped
+                    .fetch_add(run.len().div_ceil(seg) as u64, Relaxed);
             }
         }
         self.run_start = self.used;
@@ -604,6 +610,7 @@ impl Engine {
             tx_malformed: c.tx_malformed.load(Relaxed),
             tx_no_route: c.tx_no_route.load(Relaxed),
             udp_send_errors: c.udp_send_errors.load(Relaxed),
+            udp_send_dropped: c.udp_send_dropped.load(Relaxed),
             buffer_limit_drops: self.shared.budget.drops(),
         }
     }
