@@ -657,7 +657,18 @@ impl Engine {
     /// Unroutable or malformed packets are counted and skipped. Returns how
     /// many were accepted.
     pub fn send_packets<'a>(&self, packets: impl IntoIterator<Item = &'a [u8]>) -> usize {
-        self.shared.send_packets(packets)
+        self.shared.send_packets(packets, &mut |_, _| {})
+    }
+
+    /// [`Engine::send_packets`], calling `rejected` with each packet that
+    /// was not accepted and why (what [`Engine::send_packet`] would have
+    /// returned for it).
+    pub fn send_packets_reporting<'a>(
+        &self,
+        packets: impl IntoIterator<Item = &'a [u8]>,
+        mut rejected: impl FnMut(&[u8], SendError),
+    ) -> usize {
+        self.shared.send_packets(packets, &mut rejected)
     }
 
     /// The peer whose AllowedIPs cover `dst`, if any: where
@@ -824,9 +835,17 @@ impl Shared {
 
     /// Sends many packets; consecutive ones to the same endpoint are
     /// encrypted into one buffer and leave in one GSO send. Returns how many
-    /// were accepted (encrypted, or queued behind a handshake).
-    fn send_packets<'a>(&self, packets: impl IntoIterator<Item = &'a [u8]>) -> usize {
+    /// were accepted (encrypted, or queued behind a handshake); the others
+    /// go to `rejected` with the reason.
+    fn send_packets<'a>(
+        &self,
+        packets: impl IntoIterator<Item = &'a [u8]>,
+        rejected: &mut dyn FnMut(&[u8], SendError),
+    ) -> usize {
         if self.closed.load(Relaxed) {
+            for packet in packets {
+                rejected(packet, SendError::Closed);
+            }
             return 0;
         }
         let transport = self.transport.read().clone();
@@ -834,8 +853,12 @@ impl Shared {
             let mut accepted = 0;
             for packet in packets {
                 // The table lock is held per lookup, never across a send.
-                let Ok((peer, packet)) = self.route(&self.peers.read(), packet) else {
-                    continue;
+                let (peer, packet) = match self.route(&self.peers.read(), packet) {
+                    Ok(routed) => routed,
+                    Err(e) => {
+                        rejected(packet, e);
+                        continue;
+                    }
                 };
                 if batch.room() < output_buffer_len(packet.len()) {
                     batch.flush(&transport, &self.counters);
@@ -851,7 +874,8 @@ impl Shared {
                         batch.push(at, len, to, &transport, &self.counters);
                     }
                     PeerOutput::Done => accepted += 1,
-                    _ => {}
+                    PeerOutput::Dropped(reason) => rejected(packet, SendError::Dropped(reason)),
+                    PeerOutput::ToHost { .. } => {}
                 }
             }
             batch.flush(&transport, &self.counters);
@@ -1050,7 +1074,7 @@ fn tun_loop(shared: Arc<Shared>, stop: Receiver<()>, mut tun: Tun) {
         match tun.read_burst(&mut burst, RECV_POLL) {
             Ok(0) => {}
             Ok(n) => {
-                shared.send_packets(burst.packets(n));
+                shared.send_packets(burst.packets(n), &mut |_, _| {});
             }
             Err(e) => {
                 tracing::info!(device = tun.name(), error = %e, "TUN device gone");
