@@ -7492,7 +7492,9 @@ mod test {
             for (i, side) in sides.iter_mut().enumerate() {
                 side.cx.set_now(Instant::from_millis(now));
                 for _ in 0..10_000 {
-                    if i == 0 && tail_sent_at.is_some() && side.timer.should_retransmit(side.cx.now())
+                    if i == 0
+                        && tail_sent_at.is_some()
+                        && side.timer.should_retransmit(side.cx.now())
                     {
                         out.timeouts += 1;
                     }
