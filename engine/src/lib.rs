@@ -12,6 +12,7 @@
 //! | `netstack`| smoltcp TCP/UDP/ICMP for the host over the mesh (no root)  | no  |
 //! | `runtime` | the `Engine`: threads, queues, packet sinks                 | yes |
 //! | `io`      | syscalls: UDP sockets, TUN devices, unix sockets            | yes |
+//! | `stats`   | `stats_struct!`: each exported counter set declared once    | no  |
 //!
 //! `unsafe` is confined to `io`.
 #![deny(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod netstack;
 pub mod peer;
 pub mod router;
 pub mod runtime;
+pub mod stats;
 pub mod tunnel;
 pub mod wire;
 

@@ -50,6 +50,8 @@ mod handle;
 pub mod key;
 pub mod log;
 pub mod packet;
+#[cfg(test)]
+mod parity;
 mod ptr;
 pub mod stats;
 // The UAPI and the userspace stack.

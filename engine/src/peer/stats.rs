@@ -8,71 +8,44 @@ use std::time::{Duration, SystemTime};
 use boringtun::noise::errors::WireGuardError;
 
 use crate::config::PublicKey;
+use crate::stats::{stats_reasons, stats_struct};
 use crate::wire::MessageKind;
 
-/// Why a packet to or from a peer was dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum DropReason {
-    /// Nowhere to send: the peer has no endpoint yet.
-    NoEndpoint,
-    /// Decrypted, but its inner source is outside the peer's AllowedIPs.
-    SourceNotAllowed,
-    /// Authentication tag or handshake cryptography did not verify.
-    DecryptFailed,
-    /// A counter already seen or older than the replay window.
-    Replay,
-    /// A data message for a session we no longer (or never) had.
-    NoSession,
-    /// Handshake initiations closer than [`super::MIN_INITIATION_INTERVAL`].
-    HandshakeFlood,
-    /// A handshake message that failed the protocol's checks (stale
-    /// timestamp, wrong index, unexpected message).
-    HandshakeRejected,
-    /// The decrypted packet is not a valid IP packet.
-    InnerMalformed,
-    /// The receiving side (TUN, userspace stack, host queue) was full, or,
-    /// before the first handshake, the queue of packets waiting for it.
-    SinkFull,
-    /// Encryption failed or the session expired.
-    SessionExpired,
-    /// Decrypted, but larger than the interface MTU, which every host
-    /// buffer (TUN, userspace stack, packet API) is sized to: dropped whole
-    /// rather than cut, as a peer with a larger MTU would send.
-    Oversized,
+stats_reasons! {
+    /// Why a packet to or from a peer was dropped.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    #[repr(u8)]
+    pub enum DropReason {
+        /// Nowhere to send: the peer has no endpoint yet.
+        NoEndpoint = "no_endpoint",
+        /// Decrypted, but its inner source is outside the peer's AllowedIPs.
+        SourceNotAllowed = "source_not_allowed",
+        /// Authentication tag or handshake cryptography did not verify.
+        DecryptFailed = "decrypt_failed",
+        /// A counter already seen or older than the replay window.
+        Replay = "replay",
+        /// A data message for a session we no longer (or never) had.
+        NoSession = "no_session",
+        /// Handshake initiations closer than [`super::MIN_INITIATION_INTERVAL`].
+        HandshakeFlood = "handshake_flood",
+        /// A handshake message that failed the protocol's checks (stale
+        /// timestamp, wrong index, unexpected message).
+        HandshakeRejected = "handshake_rejected",
+        /// The decrypted packet is not a valid IP packet.
+        InnerMalformed = "inner_malformed",
+        /// The receiving side (TUN, userspace stack, host queue) was full, or,
+        /// before the first handshake, the queue of packets waiting for it.
+        SinkFull = "sink_full",
+        /// Encryption failed or the session expired.
+        SessionExpired = "session_expired",
+        /// Decrypted, but larger than the interface MTU, which every host
+        /// buffer (TUN, userspace stack, packet API) is sized to: dropped whole
+        /// rather than cut, as a peer with a larger MTU would send.
+        Oversized = "oversized",
+    }
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
-        DropReason::NoEndpoint,
-        DropReason::SourceNotAllowed,
-        DropReason::DecryptFailed,
-        DropReason::Replay,
-        DropReason::NoSession,
-        DropReason::HandshakeFlood,
-        DropReason::HandshakeRejected,
-        DropReason::InnerMalformed,
-        DropReason::SinkFull,
-        DropReason::SessionExpired,
-        DropReason::Oversized,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DropReason::NoEndpoint => "no_endpoint",
-            DropReason::SourceNotAllowed => "source_not_allowed",
-            DropReason::DecryptFailed => "decrypt_failed",
-            DropReason::Replay => "replay",
-            DropReason::NoSession => "no_session",
-            DropReason::HandshakeFlood => "handshake_flood",
-            DropReason::HandshakeRejected => "handshake_rejected",
-            DropReason::InnerMalformed => "inner_malformed",
-            DropReason::SinkFull => "sink_full",
-            DropReason::SessionExpired => "session_expired",
-            DropReason::Oversized => "oversized",
-        }
-    }
-
     pub(crate) fn from_error(e: &WireGuardError) -> DropReason {
         use WireGuardError as E;
         match e {
@@ -170,34 +143,45 @@ impl PeerCounters {
     }
 }
 
-/// A point-in-time view of one peer.
-#[derive(Debug, Clone)]
-pub struct PeerStats {
-    pub public_key: PublicKey,
-    /// UDP, or the relay (then `endpoint` is the reserved relay endpoint,
-    /// see [`super::relay_endpoint`]).
-    pub path: super::PeerPath,
-    pub endpoint: Option<SocketAddr>,
-    /// Wall-clock time of the last completed handshake.
-    pub last_handshake: Option<SystemTime>,
-    /// Round trip of the last handshake we initiated, in milliseconds.
-    pub handshake_rtt_ms: Option<u32>,
-    pub persistent_keepalive: Option<u16>,
-    /// Bytes of WireGuard datagrams sent / received, handshakes and
-    /// keepalives included (what `wg show` calls transfer).
-    pub tx_bytes: u64,
-    pub rx_bytes: u64,
-    /// Inner IP packets and their bytes, exactly as the host sent/received them.
-    pub tx_packets: u64,
-    pub rx_packets: u64,
-    pub tx_inner_bytes: u64,
-    pub rx_inner_bytes: u64,
-    /// Handshake initiations we sent (attempts, retries included).
-    pub handshakes_initiated: u64,
-    /// Handshake initiations and responses from the peer that authenticated.
-    pub handshakes_received: u64,
-    pub keepalives_received: u64,
-    pub drops: [(DropReason, u64); DropReason::ALL.len()],
+stats_struct! {
+    /// A point-in-time view of one peer.
+    #[derive(Debug, Clone)]
+    pub struct PeerStats {
+        /// The peer's static public key.
+        pub public_key: PublicKey,
+        /// UDP, or the relay (then `endpoint` is the reserved relay endpoint,
+        /// see [`super::relay_endpoint`]).
+        pub path: super::PeerPath,
+        /// Where the peer's datagrams go now; `None` until one is known.
+        pub endpoint: Option<SocketAddr>,
+        /// Wall-clock time of the last completed handshake.
+        pub last_handshake: Option<SystemTime>,
+        /// Round trip of the last handshake we initiated, in milliseconds.
+        pub handshake_rtt_ms: Option<u32>,
+        /// Seconds between keepalives; `None` when off.
+        pub persistent_keepalive: Option<u16>,
+        /// Bytes of WireGuard datagrams sent, handshakes and keepalives
+        /// included (what `wg show` calls transfer).
+        pub tx_bytes: u64,
+        /// Bytes of WireGuard datagrams received, as `tx_bytes`.
+        pub rx_bytes: u64,
+        /// Inner IP packets sent to the peer, as the host sent them.
+        pub tx_packets: u64,
+        /// Inner IP packets received from the peer, as the host got them.
+        pub rx_packets: u64,
+        /// Bytes of the inner packets sent.
+        pub tx_inner_bytes: u64,
+        /// Bytes of the inner packets received.
+        pub rx_inner_bytes: u64,
+        /// Handshake initiations we sent (attempts, retries included).
+        pub handshakes_initiated: u64,
+        /// Handshake initiations and responses from the peer that authenticated.
+        pub handshakes_received: u64,
+        /// Keepalives (empty data messages) from the peer.
+        pub keepalives_received: u64,
+        /// Dropped packets, by [`DropReason`] (in the order of `DropReason::ALL`).
+        pub drops: [(DropReason, u64); DropReason::ALL.len()],
+    }
 }
 
 impl PeerStats {

@@ -22,6 +22,7 @@ use crate::io::tun::{Tun, TunBurst};
 use crate::io::udp::{normalize, RecvBatch, UdpTransport, MAX_DATAGRAM, RECV_POLL};
 use crate::peer::{output_buffer_len, BufferBudget, DropReason, Peer, PeerOutput, PeerStats};
 use crate::router::{AllowedIps, IpPrefix};
+use crate::stats::stats_struct;
 use crate::wire::{IpHeader, WireMessage};
 
 /// How often peers' protocol timers run. boringtun's timers have 250 ms
@@ -78,25 +79,35 @@ pub struct PeerUpdate {
     pub allowed_ips: Vec<IpPrefix>,
 }
 
-/// Engine-wide counters for packets that never reached a peer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EngineStats {
-    pub rx_malformed: u64,
-    pub rx_unknown_index: u64,
-    pub rx_unknown_peer: u64,
-    pub rx_invalid_mac: u64,
-    pub cookie_replies_sent: u64,
-    pub tx_malformed: u64,
-    pub tx_no_route: u64,
-    pub udp_send_errors: u64,
-    /// Encrypted datagrams those failed sends dropped (a GSO run counts
-    /// each of its datagrams), including runs still blocked after
-    /// [`crate::io::udp::SEND_WAIT`].
-    pub udp_send_dropped: u64,
-    /// Packets dropped because the buffer ceiling
-    /// ([`Engine::set_buffer_limit`]) was reached (also counted as
-    /// `sink_full` on their peer).
-    pub buffer_limit_drops: u64,
+stats_struct! {
+    /// Engine-wide counters for packets that never reached a peer.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    pub struct EngineStats {
+        /// Datagrams that are not WireGuard messages.
+        pub rx_malformed: u64,
+        /// Messages for a session index no peer has.
+        pub rx_unknown_index: u64,
+        /// Handshake initiations from keys that are not peers.
+        pub rx_unknown_peer: u64,
+        /// Handshake messages whose MAC1 did not verify.
+        pub rx_invalid_mac: u64,
+        /// Cookie replies sent while under load.
+        pub cookie_replies_sent: u64,
+        /// Packets from the host that are not IP packets.
+        pub tx_malformed: u64,
+        /// Packets from the host no peer's AllowedIPs covers.
+        pub tx_no_route: u64,
+        /// UDP sends that failed.
+        pub udp_send_errors: u64,
+        /// Encrypted datagrams those failed sends dropped (a GSO run counts
+        /// each of its datagrams), including runs still blocked after
+        /// [`crate::io::udp::SEND_WAIT`].
+        pub udp_send_dropped: u64,
+        /// Packets dropped because the buffer ceiling
+        /// ([`Engine::set_buffer_limit`]) was reached (also counted as
+        /// `sink_full` on their peer).
+        pub buffer_limit_drops: u64,
+    }
 }
 
 #[derive(Default)]

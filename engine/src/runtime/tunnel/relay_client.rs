@@ -24,6 +24,7 @@ use tungstenite::Message;
 use super::agent::{check_url, open_websocket, Backoff, WebsocketTarget};
 use super::relay_pump::{self, exporter, read_binary, Outbox, Pump, PumpTimers};
 use super::TunnelError;
+use crate::stats::stats_struct;
 use crate::tunnel::relay::{check_accepted, prove, Frame, KEY_LEN};
 
 /// How to reach a relay.
@@ -69,19 +70,23 @@ impl std::fmt::Debug for RelayConfig {
     }
 }
 
-/// What a relay client is doing.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RelayStatus {
-    /// Registered with the relay now.
-    pub connected: bool,
-    /// Registrations so far.
-    pub sessions: u64,
-    /// Why the last session or attempt ended.
-    pub last_error: Option<String>,
-    pub frames_sent: u64,
-    pub frames_received: u64,
-    /// Frames not sent: no session, or the send queue was full.
-    pub frames_dropped: u64,
+stats_struct! {
+    /// What a relay client is doing.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    pub struct RelayStatus {
+        /// Registered with the relay now.
+        pub connected: bool,
+        /// Registrations so far.
+        pub sessions: u64,
+        /// Why the last session or attempt ended.
+        pub last_error: Option<String>,
+        /// WireGuard datagrams sent through the relay.
+        pub frames_sent: u64,
+        /// WireGuard datagrams received from the relay.
+        pub frames_received: u64,
+        /// Frames not sent: no session, or the send queue was full.
+        pub frames_dropped: u64,
+    }
 }
 
 /// The side that owns the WireGuard key and consumes what arrives.

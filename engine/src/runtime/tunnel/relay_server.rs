@@ -24,6 +24,7 @@ use super::relay_pump::{exporter, read_binary, Outbox, Pump, PumpTimers};
 use super::transport::Transport;
 use super::TunnelError;
 use crate::config::PublicKey;
+use crate::stats::stats_struct;
 use crate::tunnel::relay::{Frame, ServerHandshake, ACCEPTED, KEY_LEN};
 
 /// The default upgrade path of the relay.
@@ -78,23 +79,27 @@ impl Default for RelayServerConfig {
     }
 }
 
-/// Counters of a relay, since it started.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RelayServerStats {
-    /// Keys with a live session.
-    pub clients: usize,
-    pub registrations: u64,
-    /// Registrations that replaced a live session of the same key.
-    pub replaced: u64,
-    /// Proofs that failed, and keys outside `allowed_keys`.
-    pub refused: u64,
-    pub forwarded: u64,
-    /// Frames to a key without a session.
-    pub dropped_unknown: u64,
-    /// Frames to a session whose queue was full.
-    pub dropped_full: u64,
-    /// Frames too short to hold a key and a datagram.
-    pub dropped_malformed: u64,
+stats_struct! {
+    /// Counters of a relay, since it started.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    pub struct RelayServerStats {
+        /// Keys with a live session.
+        pub clients: usize,
+        /// Registrations so far.
+        pub registrations: u64,
+        /// Registrations that replaced a live session of the same key.
+        pub replaced: u64,
+        /// Proofs that failed, and keys outside `allowed_keys`.
+        pub refused: u64,
+        /// Frames forwarded to their destination's session.
+        pub forwarded: u64,
+        /// Frames to a key without a session.
+        pub dropped_unknown: u64,
+        /// Frames to a session whose queue was full.
+        pub dropped_full: u64,
+        /// Frames too short to hold a key and a datagram.
+        pub dropped_malformed: u64,
+    }
 }
 
 struct Client {

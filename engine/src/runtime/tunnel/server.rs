@@ -36,6 +36,7 @@ use super::tls::certificate_common_name;
 use super::transport::{Socket, Transport};
 use super::{TunnelError, TunnelStream};
 use crate::io::accept::{accept_with_backoff, AcceptBackoff};
+use crate::stats::stats_struct;
 use crate::tunnel::{Limits, Role};
 
 /// How a connecting agent proves who it is.
@@ -149,25 +150,27 @@ impl ServerConfig {
     }
 }
 
-/// Counters of a server, since it started.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ServerStats {
-    /// Agents with a tunnel session now.
-    pub sessions: usize,
-    /// Handshakes in progress now.
-    pub handshakes: usize,
-    /// Connections closed at once: `max_handshakes` were in progress.
-    pub refused_handshakes: u64,
-    /// Connections closed at once: their source had
-    /// `max_handshakes_per_source` in progress.
-    pub refused_handshakes_per_source: u64,
-    /// Relay sessions now (from the upgrade, key proof included).
-    pub relay_sessions: usize,
-    /// Relay upgrades answered 503: the relay had `max_sessions`.
-    pub refused_relay_sessions: u64,
-    /// Relay upgrades answered 503: their source had
-    /// `max_sessions_per_source`.
-    pub refused_relay_sessions_per_source: u64,
+stats_struct! {
+    /// Counters of a server, since it started.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    pub struct ServerStats {
+        /// Agents with a tunnel session now.
+        pub sessions: usize,
+        /// Handshakes in progress now.
+        pub handshakes: usize,
+        /// Connections closed at once: `max_handshakes` were in progress.
+        pub refused_handshakes: u64,
+        /// Connections closed at once: their source had
+        /// `max_handshakes_per_source` in progress.
+        pub refused_handshakes_per_source: u64,
+        /// Relay sessions now (from the upgrade, key proof included).
+        pub relay_sessions: usize,
+        /// Relay upgrades answered 503: the relay had `max_sessions`.
+        pub refused_relay_sessions: u64,
+        /// Relay upgrades answered 503: their source had
+        /// `max_sessions_per_source`.
+        pub refused_relay_sessions_per_source: u64,
+    }
 }
 
 /// Live sessions and the admission state stop coordinates with.
