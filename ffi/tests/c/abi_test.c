@@ -14,6 +14,8 @@
 
 #include "check.h"
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -21,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -668,6 +671,8 @@ static void all_engine_calls(meshvpn_engine *e, meshvpn_result expected) {
     CHECK_RC(meshvpn_engine_config_text(e, buf, sizeof buf, &n), expected);
     CHECK_RC(meshvpn_engine_stats(e, &es), expected);
     CHECK_RC(meshvpn_engine_peer_stats(e, &k, &ps), expected);
+    CHECK_RC(meshvpn_engine_set_buffer_limit(e, 1000), expected);
+    CHECK_RC(meshvpn_engine_buffer_limit(e, &n), expected);
     CHECK_RC(meshvpn_engine_send_packet(e, pkt, sizeof pkt), expected);
     CHECK_RC(meshvpn_engine_send_packets(e, &p, 1, &n), expected);
     CHECK_RC(meshvpn_engine_recv_packets(e, &p, 1, 0, &n), expected);
@@ -744,6 +749,57 @@ static struct node make_node_from_wg_quick(const struct node *peer) {
     return n;
 }
 
+/* Packets waiting behind a handshake that never completes stop at the
+ * buffer ceiling; the rest are refused as dropped and counted in
+ * buffer_limit_drops and as sink_full on their peers. */
+static void test_buffer_limit(void) {
+    struct node n = make_node_from_struct();
+    /* Peers that never answer: a bound socket nobody reads. */
+    int silent = socket(AF_INET, SOCK_DGRAM, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t sa_len = sizeof sa;
+    CHECK(silent >= 0 && bind(silent, (struct sockaddr *)&sa, sizeof sa) == 0);
+    CHECK(getsockname(silent, (struct sockaddr *)&sa, &sa_len) == 0);
+    struct node peers[4];
+    for (int i = 0; i < 4; i++) {
+        OK(meshvpn_key_generate(&peers[i].priv));
+        OK(meshvpn_key_public(&peers[i].priv, &peers[i].pub));
+        peers[i].port = ntohs(sa.sin_port);
+        add_peer(&n, &peers[i], 10 + i);
+    }
+    size_t limit = 0;
+    OK(meshvpn_engine_buffer_limit(n.engine, &limit));
+    CHECK(limit >= 1000 * 1000);
+    OK(meshvpn_engine_set_buffer_limit(n.engine, 20000));
+    OK(meshvpn_engine_buffer_limit(n.engine, &limit));
+    CHECK(limit == 20000);
+    CHECK_RC(meshvpn_engine_buffer_limit(n.engine, NULL), MESHVPN_NULL_PARAMETER);
+
+    uint8_t p[1000];
+    int dropped = 0, other = 0;
+    for (int i = 0; i < 200; i++) {
+        ipv4_udp(p, sizeof p, 1, 10 + i % 4, (uint8_t)i);
+        meshvpn_result rc = meshvpn_engine_send_packet(n.engine, p, sizeof p);
+        dropped += rc == MESHVPN_PACKET_DROPPED;
+        other += rc != MESHVPN_OK && rc != MESHVPN_PACKET_DROPPED;
+    }
+    CHECK(dropped == 180 && other == 0);
+    meshvpn_stats es;
+    OK(meshvpn_engine_stats(n.engine, &es));
+    CHECK(es.buffer_limit_drops == 180);
+    CHECK(es.udp_send_dropped == 0 && es.tx_no_route == 0);
+    uint64_t sink_full = 0;
+    for (int i = 0; i < 4; i++) {
+        meshvpn_peer_stats ps;
+        OK(meshvpn_engine_peer_stats(n.engine, &peers[i].pub, &ps));
+        sink_full += ps.drops[MESHVPN_DROP_SINK_FULL];
+    }
+    CHECK(sink_full == 180);
+    printf("buffer limit: %d of 200 packets dropped at 20000 bytes\n", dropped);
+    OK(meshvpn_engine_free(n.engine));
+    close(silent);
+}
+
 #include "netstack_tests.inc"
 
 int main(void) {
@@ -783,6 +839,7 @@ int main(void) {
     OK(meshvpn_engine_free(b.engine));
     CHECK_RC(meshvpn_engine_free(a.engine), MESHVPN_INVALID_HANDLE);
 
+    test_buffer_limit();
     test_handles();
 
     OK(meshvpn_set_log_callback(NULL, NULL, MESHVPN_LOG_OFF));
