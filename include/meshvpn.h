@@ -73,6 +73,12 @@
 #define MESHVPN_PEER_UPDATE_CREATE (1 << 4)
 
 /**
+ * The buffer ceiling a new engine starts with
+ * (`meshvpn_engine_set_buffer_limit`), in bytes.
+ */
+#define MESHVPN_DEFAULT_BUFFER_LIMIT (32 << 20)
+
+/**
  * Bytes in a key.
  */
 #define MESHVPN_KEY_LEN 32
@@ -727,6 +733,18 @@ typedef struct meshvpn_stats {
    * UDP sends that failed.
    */
   uint64_t udp_send_errors;
+  /**
+   * Encrypted datagrams those failed sends dropped (a batched run
+   * counts each of its datagrams), runs still blocked after the send
+   * wait included.
+   */
+  uint64_t udp_send_dropped;
+  /**
+   * Packets dropped because the buffer ceiling
+   * (`meshvpn_engine_set_buffer_limit`) was reached; also counted as
+   * `MESHVPN_DROP_SINK_FULL` on their peer.
+   */
+  uint64_t buffer_limit_drops;
 } meshvpn_stats;
 
 /**
@@ -1451,6 +1469,33 @@ meshvpn_result meshvpn_engine_config_text(const struct meshvpn_engine *engine,
                                           char *buf,
                                           size_t buf_len,
                                           size_t *out_len);
+
+/**
+ * Sets the ceiling on bytes of packets the engine holds in queues
+ * (packets waiting behind a handshake, decrypted packets waiting for
+ * `meshvpn_engine_recv_packets`). Past it new packets are dropped
+ * (`MESHVPN_PACKET_DROPPED` from the send functions) and counted in
+ * `meshvpn_stats.buffer_limit_drops` and as `MESHVPN_DROP_SINK_FULL` on
+ * their peer. A new engine starts at `MESHVPN_DEFAULT_BUFFER_LIMIT`;
+ * lowering the ceiling below what is held now drops nothing already
+ * queued.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_ENGINE_STOPPED`.
+ *
+ * Thread safety: safe to call from any thread at any time.
+ */
+meshvpn_result meshvpn_engine_set_buffer_limit(const struct meshvpn_engine *engine, size_t bytes);
+
+/**
+ * Writes the engine's buffer ceiling (`meshvpn_engine_set_buffer_limit`)
+ * into `*out_bytes`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_ENGINE_STOPPED`.
+ *
+ * Thread safety: safe to call from any thread at any time.
+ */
+meshvpn_result meshvpn_engine_buffer_limit(const struct meshvpn_engine *engine, size_t *out_bytes);
 
 /**
  * Writes the fixed text of `result` into `buf` as a NUL-terminated string

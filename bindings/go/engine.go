@@ -13,6 +13,8 @@ import "C"
 import (
 	"net/netip"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -260,15 +262,24 @@ func (e *Engine) textOut(op string, fill func(h *C.meshvpn_engine, buf *C.char, 
 }
 
 // Stats are engine-wide counters of packets that never reached a peer.
+// The fields are those of C's meshvpn_stats and Rust's EngineStats (a
+// parity test in meshvpn-ffi checks that none is missing).
 type Stats struct {
 	RxMalformed       uint64 // datagrams that are not WireGuard messages
 	RxUnknownIndex    uint64 // messages for a session index no peer has
 	RxUnknownPeer     uint64 // initiations from keys that are not peers
 	RxInvalidMAC      uint64 // handshake messages whose MAC1 failed
-	CookieRepliesSent uint64
+	CookieRepliesSent uint64 // cookie replies sent while under load
 	TxMalformed       uint64 // packets from the host that are not IP
 	TxNoRoute         uint64 // packets from the host no peer routes
-	UDPSendErrors     uint64
+	UDPSendErrors     uint64 // UDP sends that failed
+	// UDPSendDropped counts the encrypted datagrams those failed sends
+	// dropped (a batched run counts each of its datagrams).
+	UDPSendDropped uint64
+	// BufferLimitDrops counts packets dropped because the buffer ceiling
+	// (SetBufferLimit) was reached; each also counts as DropSinkFull on
+	// its peer.
+	BufferLimitDrops uint64
 }
 
 // Stats returns the engine-wide counters.
@@ -286,10 +297,42 @@ func (e *Engine) Stats() (Stats, error) {
 		TxMalformed:       uint64(s.tx_malformed),
 		TxNoRoute:         uint64(s.tx_no_route),
 		UDPSendErrors:     uint64(s.udp_send_errors),
+		UDPSendDropped:    uint64(s.udp_send_dropped),
+		BufferLimitDrops:  uint64(s.buffer_limit_drops),
 	}, err
 }
 
-// DropReason indexes PeerStats.Drops.
+// DefaultBufferLimit is the buffer ceiling a new engine starts with, in
+// bytes (see SetBufferLimit).
+const DefaultBufferLimit = C.MESHVPN_DEFAULT_BUFFER_LIMIT
+
+// SetBufferLimit sets the ceiling on bytes of packets the engine holds in
+// queues (packets waiting behind a handshake, decrypted packets waiting
+// for ReadPackets). Past it new packets are dropped (SendPacket returns
+// ErrPacketDropped) and counted in Stats.BufferLimitDrops and as
+// DropSinkFull on their peer. A new engine starts at DefaultBufferLimit.
+// A negative limit is ErrInvalidArgument.
+func (e *Engine) SetBufferLimit(bytes int) error {
+	if bytes < 0 {
+		return &Error{Op: "Engine.SetBufferLimit", Code: ErrInvalidArgument, Message: "the buffer limit is negative"}
+	}
+	return e.do("Engine.SetBufferLimit", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_set_buffer_limit(h, C.size_t(bytes))
+	})
+}
+
+// BufferLimit returns the engine's buffer ceiling in bytes (see
+// SetBufferLimit).
+func (e *Engine) BufferLimit() (int, error) {
+	var n C.size_t
+	err := e.do("Engine.BufferLimit", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_buffer_limit(h, &n)
+	})
+	return int(n), err
+}
+
+// DropReason indexes PeerStats.Drops. Its String is the reason's name in
+// C (MESHVPN_DROP_ + upper case) and Rust (DropReason::name).
 type DropReason int
 
 // Why packets to or from a peer were dropped.
@@ -307,6 +350,63 @@ const (
 	// DropOversized: a decrypted packet larger than the MTU, dropped whole.
 	DropOversized DropReason = C.MESHVPN_DROP_OVERSIZED
 )
+
+// The names of the reasons this binding knows; a newer library may count
+// more (they print as DropReason(N)).
+var dropReasonNames = [...]string{
+	DropNoEndpoint:        "no_endpoint",
+	DropSourceNotAllowed:  "source_not_allowed",
+	DropDecryptFailed:     "decrypt_failed",
+	DropReplay:            "replay",
+	DropNoSession:         "no_session",
+	DropHandshakeFlood:    "handshake_flood",
+	DropHandshakeRejected: "handshake_rejected",
+	DropInnerMalformed:    "inner_malformed",
+	DropSinkFull:          "sink_full",
+	DropSessionExpired:    "session_expired",
+	DropOversized:         "oversized",
+}
+
+func (r DropReason) String() string {
+	if r >= 0 && int(r) < len(dropReasonNames) {
+		return dropReasonNames[r]
+	}
+	return "DropReason(" + strconv.Itoa(int(r)) + ")"
+}
+
+// Drops counts a peer's dropped packets, indexed by DropReason
+// (d[DropSinkFull]). A fixed array, so reading stats allocates nothing
+// for it; it prints by name: {no_endpoint:0 source_not_allowed:2 ...}.
+type Drops [C.MESHVPN_DROP_REASON_COUNT]uint64
+
+// String lists every known reason by name, and any other slot that is
+// not zero.
+func (d Drops) String() string {
+	var b strings.Builder
+	b.WriteByte('{')
+	for i, n := range d {
+		if i >= len(dropReasonNames) && n == 0 {
+			continue
+		}
+		if b.Len() > 1 {
+			b.WriteByte(' ')
+		}
+		b.WriteString(DropReason(i).String())
+		b.WriteByte(':')
+		b.WriteString(strconv.FormatUint(n, 10))
+	}
+	b.WriteByte('}')
+	return b.String()
+}
+
+// Total is the sum over all reasons.
+func (d Drops) Total() uint64 {
+	var t uint64
+	for _, n := range d {
+		t += n
+	}
+	return t
+}
 
 // PeerStats is a point-in-time view of one peer.
 type PeerStats struct {
@@ -327,7 +427,7 @@ type PeerStats struct {
 	HandshakesInitiated uint64
 	HandshakesReceived  uint64
 	KeepalivesReceived  uint64
-	Drops               [C.MESHVPN_DROP_REASON_COUNT]uint64 // by DropReason
+	Drops               Drops // by DropReason; prints by name
 	// OnRelay reports whether the peer's datagrams go through the relay
 	// now (Engine.StartRelay); Endpoint then reads [100::N]:0, a reserved
 	// address standing for the relay.

@@ -505,3 +505,53 @@ pub unsafe extern "C" fn meshvpn_engine_config_text(
         unsafe { ptr::write_secret_text(buf, buf_len, out_len, emit_wg_quick(&e.config())) }
     }}
 }
+
+/// The buffer ceiling a new engine starts with
+/// (`meshvpn_engine_set_buffer_limit`), in bytes.
+pub const MESHVPN_DEFAULT_BUFFER_LIMIT: usize = 32 << 20;
+// A literal, so cbindgen can write it; the engine's default is the one place.
+const _: () =
+    assert!(MESHVPN_DEFAULT_BUFFER_LIMIT == ::meshvpn_engine::runtime::DEFAULT_BUFFER_LIMIT);
+
+/// Sets the ceiling on bytes of packets the engine holds in queues
+/// (packets waiting behind a handshake, decrypted packets waiting for
+/// `meshvpn_engine_recv_packets`). Past it new packets are dropped
+/// (`MESHVPN_PACKET_DROPPED` from the send functions) and counted in
+/// `meshvpn_stats.buffer_limit_drops` and as `MESHVPN_DROP_SINK_FULL` on
+/// their peer. A new engine starts at `MESHVPN_DEFAULT_BUFFER_LIMIT`;
+/// lowering the ceiling below what is held now drops nothing already
+/// queued.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_ENGINE_STOPPED`.
+///
+/// Thread safety: safe to call from any thread at any time.
+#[no_mangle]
+pub extern "C" fn meshvpn_engine_set_buffer_limit(
+    engine: *const meshvpn_engine,
+    bytes: usize,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        lookup(engine)?.running()?.set_buffer_limit(bytes);
+        Ok(())
+    }}
+}
+
+/// Writes the engine's buffer ceiling (`meshvpn_engine_set_buffer_limit`)
+/// into `*out_bytes`.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_ENGINE_STOPPED`.
+///
+/// Thread safety: safe to call from any thread at any time.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_engine_buffer_limit(
+    engine: *const meshvpn_engine,
+    out_bytes: *mut usize,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let e = lookup(engine)?.running()?;
+        Out::new(out_bytes, "out_bytes")?.write(e.buffer_limit());
+        Ok(())
+    }}
+}

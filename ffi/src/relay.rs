@@ -68,12 +68,22 @@ pub struct meshvpn_relay_status {
 
 impl From<&RelayStatus> for meshvpn_relay_status {
     fn from(s: &RelayStatus) -> Self {
+        // Exhaustive, as in stats.rs: a new field must be handled here.
+        let RelayStatus {
+            connected,
+            sessions,
+            // Text: read by `meshvpn_engine_relay_last_error`.
+            last_error: _,
+            frames_sent,
+            frames_received,
+            frames_dropped,
+        } = *s;
         meshvpn_relay_status {
-            connected: s.connected,
-            sessions: s.sessions,
-            frames_sent: s.frames_sent,
-            frames_received: s.frames_received,
-            frames_dropped: s.frames_dropped,
+            connected,
+            sessions,
+            frames_sent,
+            frames_received,
+            frames_dropped,
         }
     }
 }

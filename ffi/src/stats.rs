@@ -5,12 +5,14 @@ use std::ffi::c_char;
 use std::time::UNIX_EPOCH;
 
 use ::meshvpn_engine::peer::{DropReason, PeerPath, PeerStats};
+use ::meshvpn_engine::runtime::tunnel::{RelayServerStats, ServerStats};
 use ::meshvpn_engine::runtime::EngineStats;
 
 use crate::engine::{lookup, meshvpn_engine};
 use crate::error::{meshvpn_result, Error};
 use crate::key::meshvpn_key;
 use crate::ptr::{self, Out};
+use crate::tunnel::{meshvpn_relay_server_stats, meshvpn_tunnel_server_stats};
 
 /// Why packets to or from a peer were dropped: the index into
 /// `meshvpn_peer_stats.drops`. Numbers are stable and never reused.
@@ -91,19 +93,44 @@ pub struct meshvpn_stats {
     pub tx_no_route: u64,
     /// UDP sends that failed.
     pub udp_send_errors: u64,
+    /// Encrypted datagrams those failed sends dropped (a batched run
+    /// counts each of its datagrams), runs still blocked after the send
+    /// wait included.
+    pub udp_send_dropped: u64,
+    /// Packets dropped because the buffer ceiling
+    /// (`meshvpn_engine_set_buffer_limit`) was reached; also counted as
+    /// `MESHVPN_DROP_SINK_FULL` on their peer.
+    pub buffer_limit_drops: u64,
 }
 
+// The conversions below destructure without `..`: a field added to an
+// engine stats struct does not compile until it is handled here, and the
+// parity test (src/parity.rs) then checks the header and the Go binding.
 impl From<EngineStats> for meshvpn_stats {
     fn from(s: EngineStats) -> Self {
+        let EngineStats {
+            rx_malformed,
+            rx_unknown_index,
+            rx_unknown_peer,
+            rx_invalid_mac,
+            cookie_replies_sent,
+            tx_malformed,
+            tx_no_route,
+            udp_send_errors,
+            udp_send_dropped,
+            buffer_limit_drops,
+        } = s;
         meshvpn_stats {
-            rx_malformed: s.rx_malformed,
-            rx_unknown_index: s.rx_unknown_index,
-            rx_unknown_peer: s.rx_unknown_peer,
-            rx_invalid_mac: s.rx_invalid_mac,
-            cookie_replies_sent: s.cookie_replies_sent,
-            tx_malformed: s.tx_malformed,
-            tx_no_route: s.tx_no_route,
-            udp_send_errors: s.udp_send_errors,
+            rx_malformed,
+            rx_unknown_index,
+            rx_unknown_peer,
+            rx_invalid_mac,
+            cookie_replies_sent,
+            tx_malformed,
+            tx_no_route,
+            udp_send_errors,
+            udp_send_dropped,
+            buffer_limit_drops,
         }
     }
 }
@@ -148,38 +175,55 @@ pub struct meshvpn_peer_stats {
 
 impl From<&PeerStats> for meshvpn_peer_stats {
     fn from(s: &PeerStats) -> Self {
-        let mut endpoint = [0 as c_char; MESHVPN_ENDPOINT_TEXT_LEN];
-        if let Some(e) = s.endpoint {
+        let PeerStats {
+            public_key,
+            path,
+            endpoint,
+            last_handshake,
+            handshake_rtt_ms,
+            persistent_keepalive,
+            tx_bytes,
+            rx_bytes,
+            tx_packets,
+            rx_packets,
+            tx_inner_bytes,
+            rx_inner_bytes,
+            handshakes_initiated,
+            handshakes_received,
+            keepalives_received,
+            drops: by_reason,
+        } = s;
+        let mut endpoint_text = [0 as c_char; MESHVPN_ENDPOINT_TEXT_LEN];
+        if let Some(e) = endpoint {
             let text = e.to_string();
             let n = text.len().min(MESHVPN_ENDPOINT_TEXT_LEN - 1);
-            for (d, b) in endpoint.iter_mut().zip(&text.as_bytes()[..n]) {
+            for (d, b) in endpoint_text.iter_mut().zip(&text.as_bytes()[..n]) {
                 *d = *b as c_char;
             }
         }
         let mut drops = [0u64; MESHVPN_DROP_REASON_COUNT];
-        for (reason, count) in s.drops {
-            drops[drop_index(reason) as usize] = count;
+        for (reason, count) in by_reason {
+            drops[drop_index(*reason) as usize] = *count;
         }
         meshvpn_peer_stats {
-            public_key: meshvpn_key::from_public(&s.public_key),
-            endpoint,
-            last_handshake_unix_ms: s
-                .last_handshake
+            public_key: meshvpn_key::from_public(public_key),
+            endpoint: endpoint_text,
+            last_handshake_unix_ms: last_handshake
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_millis() as u64),
-            handshake_rtt_ms: s.handshake_rtt_ms.unwrap_or(MESHVPN_RTT_UNKNOWN),
-            persistent_keepalive: s.persistent_keepalive.unwrap_or(0),
-            tx_bytes: s.tx_bytes,
-            rx_bytes: s.rx_bytes,
-            tx_packets: s.tx_packets,
-            rx_packets: s.rx_packets,
-            tx_inner_bytes: s.tx_inner_bytes,
-            rx_inner_bytes: s.rx_inner_bytes,
-            handshakes_initiated: s.handshakes_initiated,
-            handshakes_received: s.handshakes_received,
-            keepalives_received: s.keepalives_received,
+            handshake_rtt_ms: handshake_rtt_ms.unwrap_or(MESHVPN_RTT_UNKNOWN),
+            persistent_keepalive: persistent_keepalive.unwrap_or(0),
+            tx_bytes: *tx_bytes,
+            rx_bytes: *rx_bytes,
+            tx_packets: *tx_packets,
+            rx_packets: *rx_packets,
+            tx_inner_bytes: *tx_inner_bytes,
+            rx_inner_bytes: *rx_inner_bytes,
+            handshakes_initiated: *handshakes_initiated,
+            handshakes_received: *handshakes_received,
+            keepalives_received: *keepalives_received,
             drops,
-            on_relay: s.path == PeerPath::Relay,
+            on_relay: *path == PeerPath::Relay,
         }
     }
 }
@@ -227,4 +271,52 @@ pub unsafe extern "C" fn meshvpn_engine_peer_stats(
         out.write((&stats).into());
         Ok(())
     }}
+}
+
+impl From<ServerStats> for meshvpn_tunnel_server_stats {
+    fn from(s: ServerStats) -> Self {
+        let ServerStats {
+            sessions,
+            handshakes,
+            refused_handshakes,
+            refused_handshakes_per_source,
+            relay_sessions,
+            refused_relay_sessions,
+            refused_relay_sessions_per_source,
+        } = s;
+        meshvpn_tunnel_server_stats {
+            sessions: sessions as u64,
+            handshakes: handshakes as u64,
+            refused_handshakes,
+            refused_handshakes_per_source,
+            relay_sessions: relay_sessions as u64,
+            refused_relay_sessions,
+            refused_relay_sessions_per_source,
+        }
+    }
+}
+
+impl From<RelayServerStats> for meshvpn_relay_server_stats {
+    fn from(s: RelayServerStats) -> Self {
+        let RelayServerStats {
+            clients,
+            registrations,
+            replaced,
+            refused,
+            forwarded,
+            dropped_unknown,
+            dropped_full,
+            dropped_malformed,
+        } = s;
+        meshvpn_relay_server_stats {
+            clients: clients as u64,
+            registrations,
+            replaced,
+            refused,
+            forwarded,
+            dropped_unknown,
+            dropped_full,
+            dropped_malformed,
+        }
+    }
 }

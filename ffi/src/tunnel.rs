@@ -1124,16 +1124,7 @@ pub extern "C" fn meshvpn_tunnel_server_get_stats(
 ) -> meshvpn_result {
     ffi_boundary! {{
         let out = Out::new(out_stats, "out_stats")?;
-        let s = lookup_server(server)?.running()?.stats();
-        out.write(meshvpn_tunnel_server_stats {
-            sessions: s.sessions as u64,
-            handshakes: s.handshakes as u64,
-            refused_handshakes: s.refused_handshakes,
-            refused_handshakes_per_source: s.refused_handshakes_per_source,
-            relay_sessions: s.relay_sessions as u64,
-            refused_relay_sessions: s.refused_relay_sessions,
-            refused_relay_sessions_per_source: s.refused_relay_sessions_per_source,
-        });
+        out.write(lookup_server(server)?.running()?.stats().into());
         Ok(())
     }}
 }
@@ -1178,16 +1169,7 @@ pub extern "C" fn meshvpn_tunnel_server_relay_stats(
         let s = lookup_server(server)?.running()?.relay_stats().ok_or_else(|| {
             Error::new(MESHVPN_RELAY_NOT_RUNNING, "the server was created without relay")
         })?;
-        out.write(meshvpn_relay_server_stats {
-            clients: s.clients as u64,
-            registrations: s.registrations,
-            replaced: s.replaced,
-            refused: s.refused,
-            forwarded: s.forwarded,
-            dropped_unknown: s.dropped_unknown,
-            dropped_full: s.dropped_full,
-            dropped_malformed: s.dropped_malformed,
-        });
+        out.write(s.into());
         Ok(())
     }}
 }

@@ -769,7 +769,7 @@ static void test_buffer_limit(void) {
     }
     size_t limit = 0;
     OK(meshvpn_engine_buffer_limit(n.engine, &limit));
-    CHECK(limit >= 1000 * 1000);
+    CHECK(limit == MESHVPN_DEFAULT_BUFFER_LIMIT);
     OK(meshvpn_engine_set_buffer_limit(n.engine, 20000));
     OK(meshvpn_engine_buffer_limit(n.engine, &limit));
     CHECK(limit == 20000);
