@@ -1480,7 +1480,8 @@ meshvpn_result meshvpn_engine_config_text(const struct meshvpn_engine *engine,
  * lowering the ceiling below what is held now drops nothing already
  * queued.
  *
- * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_ENGINE_STOPPED`.
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_ENGINE_STOPPED`.
  *
  * Thread safety: safe to call from any thread at any time.
  */
