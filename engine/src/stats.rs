@@ -4,8 +4,8 @@
 //! `meshvpn-ffi` (what cbindgen writes into `include/meshvpn.h`) and a Go
 //! struct in `bindings/go`. Declared by hand in each, they drifted (C and
 //! Go lacked `buffer_limit_drops` for a release). So each stats struct and
-//! the drop reasons are declared once, with [`stats_struct!`] and
-//! [`stats_reasons!`], which emit the Rust type together with a
+//! the drop reasons are declared once, with `stats_struct!` and
+//! `stats_reasons!`, which emit the Rust type together with a
 //! machine-readable field list ([`StatField`]: name and doc, in order).
 //! `meshvpn-ffi` converts with an exhaustive destructuring pattern (a Rust
 //! field the C struct lacks does not compile) and its parity test reads the
