@@ -1,10 +1,10 @@
 //! The one declaration of every counter set the engine exports.
 //!
-//! Stats cross three layers: the Rust struct here, a `#[repr(C)]` struct in
-//! `meshvpn-ffi` (what cbindgen writes into `include/meshvpn.h`) and a Go
-//! struct in `bindings/go`. Declared by hand in each, they drifted (C and
-//! Go lacked `buffer_limit_drops` and `udp_send_dropped`). So each stats struct and
-//! the drop reasons are declared once, with `stats_struct!` and
+//! Stats cross three layers: the engine's Rust struct, a `#[repr(C)]`
+//! struct in `meshvpn-ffi` (what cbindgen writes into `include/meshvpn.h`)
+//! and a Go struct in `bindings/go`. Declared by hand in each, they drifted
+//! (C and Go lacked `buffer_limit_drops` and `udp_send_dropped`). So each
+//! stats struct and the drop reasons are declared once, with `stats_struct!` and
 //! `stats_reasons!`, which emit the Rust type together with a
 //! machine-readable field list ([`StatField`]: name and doc, in order).
 //! `meshvpn-ffi` converts with an exhaustive destructuring pattern (a Rust
