@@ -47,7 +47,14 @@ impl BufferBudget {
         ok
     }
 
-    /// Returns bytes reserved by [`BufferBudget::try_take`].
+    /// Reserves `bytes` even past the ceiling, for the few that must be
+    /// queued whatever else is (a protocol answer); later
+    /// [`BufferBudget::try_take`]s see them.
+    pub fn take(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Relaxed);
+    }
+
+    /// Returns bytes reserved by [`BufferBudget::try_take`] or [`BufferBudget::take`].
     pub fn give_back(&self, bytes: usize) {
         let _ = self
             .used

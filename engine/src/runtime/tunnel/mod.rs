@@ -25,7 +25,11 @@ mod transport;
 
 pub use agent::{Agent, AgentConfig, AgentEvent, AgentEventHook, AgentStatus};
 pub use relay_client::{RelayClient, RelayConfig, RelayOwner, RelayStatus};
-pub use relay_server::{RelayServerConfig, RelayServerStats, RELAY_PATH};
+pub use relay_pump::{MESSAGE_OVERHEAD, WRITE_BUFFER_MAX};
+pub use relay_server::{
+    RelayServerConfig, RelayServerStats, DEFAULT_BUDGET_BYTES, DEFAULT_QUEUE_BYTES,
+    DEFAULT_WRITE_TIMEOUT, MIN_QUEUE_BYTES, RELAY_PATH,
+};
 pub use server::{ServerAuth, ServerConfig, TunnelServer};
 pub use stream::TunnelStream;
 pub use target::{
