@@ -131,7 +131,15 @@ fn relay_limit_flags_refuse_bad_values_before_listening() {
     assert!(e.contains("--relay-write-timeout"), "{e}");
     // The limits belong to the relay.
     let o = meshvpn(
-        &["tunnel", "serve", "--plain", "--tokens", "/dev/null", "--relay-queue-bytes", "1M"],
+        &[
+            "tunnel",
+            "serve",
+            "--plain",
+            "--tokens",
+            "/dev/null",
+            "--relay-queue-bytes",
+            "1M",
+        ],
         b"",
     );
     assert_eq!(o.status.code(), Some(2));
