@@ -99,5 +99,12 @@ mod tests {
         b.give_back(usize::MAX);
         assert_eq!(b.used(), 0);
         assert_eq!(b.drops(), 2);
+        // Past the ceiling when it must; try_take then sees it.
+        b.set_limit(100);
+        b.take(150);
+        assert_eq!(b.used(), 150);
+        assert!(!b.try_take(1));
+        b.give_back(150);
+        assert!(b.try_take(100));
     }
 }

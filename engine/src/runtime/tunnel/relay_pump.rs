@@ -140,6 +140,20 @@ pub(crate) struct Outbox {
 }
 
 impl Outbox {
+    fn new(limits: QueueLimits, waker: Waker) -> Outbox {
+        Outbox {
+            queue: Mutex::new(Queue {
+                messages: VecDeque::new(),
+                bytes: 0,
+                closed: false,
+            }),
+            limits,
+            waker,
+            sleeping: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        }
+    }
+
     /// Queues one message; on success, the bytes the queue holds now.
     pub(crate) fn push(&self, message: Bytes) -> Result<usize, Refused> {
         self.enqueue(message, true)
@@ -244,17 +258,7 @@ impl Pump {
         let (poll, waker) = session_poll(ws)?;
         Ok(Pump {
             poll,
-            outbox: Arc::new(Outbox {
-                queue: Mutex::new(Queue {
-                    messages: VecDeque::new(),
-                    bytes: 0,
-                    closed: false,
-                }),
-                limits,
-                waker,
-                sleeping: AtomicBool::new(false),
-                stop: AtomicBool::new(false),
-            }),
+            outbox: Arc::new(Outbox::new(limits, waker)),
             write_timed_out: false,
         })
     }
@@ -388,5 +392,72 @@ impl Drop for Pump {
     fn drop(&mut self) {
         // A pump that never ran still gives its queue's bytes back.
         self.outbox.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(messages: usize, bytes: usize, budget: &Arc<BufferBudget>) -> (Poll, Outbox) {
+        let poll = Poll::new().unwrap();
+        let waker = Waker::new(poll.registry(), mio::Token(0)).unwrap();
+        let limits = QueueLimits {
+            messages,
+            bytes,
+            budget: Some(budget.clone()),
+        };
+        (poll, Outbox::new(limits, waker))
+    }
+
+    fn msg(len: usize) -> Bytes {
+        Bytes::from(vec![7u8; len])
+    }
+
+    #[test]
+    fn queue_and_budget_charge_bytes_and_give_back_exactly() {
+        let cost = 1000 + MESSAGE_OVERHEAD;
+        let budget = Arc::new(BufferBudget::new(5 * cost));
+        let (_p1, a) = outbox(100, 3 * cost, &budget);
+        let (_p2, b) = outbox(100, 3 * cost, &budget);
+        assert_eq!(a.push(msg(1000)), Ok(cost));
+        assert_eq!(a.push(msg(1000)), Ok(2 * cost));
+        assert_eq!(a.push(msg(1000)), Ok(3 * cost));
+        // The session's own cap, then the shared budget.
+        assert_eq!(a.push(msg(1000)), Err(Refused::Full));
+        assert_eq!(b.push(msg(1000)), Ok(cost));
+        assert_eq!(b.push(msg(1000)), Ok(2 * cost));
+        assert_eq!(b.push(msg(1000)), Err(Refused::Budget));
+        assert_eq!(budget.used(), 5 * cost);
+        // Taken to write: the bytes leave both limits.
+        assert_eq!(a.pop().map(|m| m.len()), Some(1000));
+        assert_eq!(budget.used(), 4 * cost);
+        assert_eq!(b.push(msg(1000)), Ok(3 * cost));
+        // The acceptance goes in past the limits, still charged.
+        b.push_unlimited(msg(2));
+        assert_eq!(budget.used(), 6 * cost - 1000 + 2);
+        // A session's end frees its queue; later pushes are refused.
+        b.close();
+        assert_eq!(b.push(msg(1)), Err(Refused::Closed));
+        assert_eq!(budget.used(), 2 * cost);
+        while a.pop().is_some() {}
+        assert_eq!(budget.used(), 0);
+        a.close();
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn tiny_messages_are_bounded_by_their_overhead_and_count() {
+        let budget = Arc::new(BufferBudget::new(usize::MAX));
+        let (_p, q) = outbox(usize::MAX, 10 * (1 + MESSAGE_OVERHEAD), &budget);
+        for _ in 0..10 {
+            q.push(msg(1)).unwrap();
+        }
+        assert_eq!(q.push(msg(1)), Err(Refused::Full));
+        let (_p, q) = outbox(3, usize::MAX, &budget);
+        for _ in 0..3 {
+            q.push(msg(1)).unwrap();
+        }
+        assert_eq!(q.push(msg(1)), Err(Refused::Full));
     }
 }
