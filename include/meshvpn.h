@@ -1117,6 +1117,24 @@ typedef struct meshvpn_tunnel_server_config {
    * answered 503. 0 means the default, 32. Needs `relay`.
    */
   uint32_t relay_max_sessions_per_source;
+  /**
+   * Bytes the relay queues toward one client before new frames to it
+   * are dropped (`dropped_full`); 0 means 1 MiB. At least 65631 (one
+   * largest frame and its bookkeeping).
+   */
+  size_t relay_queue_bytes;
+  /**
+   * Bytes the relay queues toward all clients together before new
+   * frames to any are dropped (`dropped_budget`); 0 means 64 MiB. At
+   * least the queue bytes.
+   */
+  size_t relay_budget_bytes;
+  /**
+   * Milliseconds a relay client's writes may make no progress (it does
+   * not read) before its session is closed and its queue freed
+   * (`closed_slow`); 0 means 10000.
+   */
+  uint32_t relay_write_timeout_ms;
 } meshvpn_tunnel_server_config;
 
 /**
@@ -1193,6 +1211,27 @@ typedef struct meshvpn_relay_server_stats {
    * Frames too short to hold a key and a datagram.
    */
   uint64_t dropped_malformed;
+  /**
+   * Datagrams dropped because all queues together held the budget bytes.
+   */
+  uint64_t dropped_budget;
+  /**
+   * Sessions closed because their writes made no progress for the
+   * write timeout (clients that do not read).
+   */
+  uint64_t closed_slow;
+  /**
+   * Bytes queued toward all clients now; 0 once every session ended.
+   */
+  uint64_t queued_bytes;
+  /**
+   * The most `queued_bytes` has been.
+   */
+  uint64_t queued_bytes_peak;
+  /**
+   * The most one client's queue has held.
+   */
+  uint64_t session_queued_bytes_peak;
 } meshvpn_relay_server_stats;
 
 #ifdef __cplusplus
@@ -2334,7 +2373,7 @@ meshvpn_result meshvpn_tunnel_agent_free(struct meshvpn_tunnel_agent *agent);
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_ARGUMENT` (a bad
  * listen address or path, no way to authenticate agents, empty tokens,
- * relay options with `relay` false),
+ * relay options with `relay` false, relay limits out of range),
  * `MESHVPN_TUNNEL_TLS` (a PEM that does not parse, a key that does not
  * fit its certificate).
  *

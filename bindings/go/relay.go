@@ -153,6 +153,16 @@ type RelayServerStats struct {
 	// Dropped datagrams: to a key without a session, to a session whose
 	// queue was full, and frames too short to hold a key and a datagram.
 	DroppedUnknown, DroppedFull, DroppedMalformed uint64
+	// DroppedBudget counts datagrams dropped because all queues together
+	// held RelayBudgetBytes.
+	DroppedBudget uint64
+	// ClosedSlow counts sessions closed because their writes made no
+	// progress for RelayWriteTimeout (clients that do not read).
+	ClosedSlow uint64
+	// QueuedBytes are queued toward all clients now (0 once every session
+	// ended); QueuedBytesPeak is its most, SessionQueuedBytesPeak the most
+	// one client's queue held.
+	QueuedBytes, QueuedBytesPeak, SessionQueuedBytesPeak uint64
 }
 
 // RelayStats returns the counters of the server's relay: ErrRelayNotRunning
@@ -167,6 +177,8 @@ func (s *TunnelServer) RelayStats() (RelayServerStats, error) {
 		Clients: uint64(st.clients), Registrations: uint64(st.registrations),
 		Replaced: uint64(st.replaced), Refused: uint64(st.refused), Forwarded: uint64(st.forwarded),
 		DroppedUnknown: uint64(st.dropped_unknown), DroppedFull: uint64(st.dropped_full),
-		DroppedMalformed: uint64(st.dropped_malformed),
+		DroppedMalformed: uint64(st.dropped_malformed), DroppedBudget: uint64(st.dropped_budget),
+		ClosedSlow: uint64(st.closed_slow), QueuedBytes: uint64(st.queued_bytes),
+		QueuedBytesPeak: uint64(st.queued_bytes_peak), SessionQueuedBytesPeak: uint64(st.session_queued_bytes_peak),
 	}, err
 }

@@ -46,6 +46,7 @@ func TestRelayCarriesPacketsWhenUDPIsBlackholed(t *testing.T) {
 	srv, base := listenTunnelServer(t, TunnelServerConfig{
 		Addr: "127.0.0.1:0", CertPEM: pki.serverCert, KeyPEM: pki.serverKey,
 		Relay: true, RelayKeys: []Key{ka.PublicKey(), kb.PublicKey()},
+		RelayQueueBytes: 256 << 10, RelayBudgetBytes: 1 << 20, RelayWriteTimeout: 5 * time.Second,
 	})
 	aAddr, bAddr := netip.MustParseAddr("10.78.0.1"), netip.MustParseAddr("10.78.0.2")
 	a := relayNode(t, ka, kb, aAddr.String(), bAddr.String(), blackhole)
@@ -117,7 +118,9 @@ func TestRelayCarriesPacketsWhenUDPIsBlackholed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rs.Clients != 2 || rs.Registrations != 2 || rs.Forwarded == 0 || rs.Refused != 0 {
+	if rs.Clients != 2 || rs.Registrations != 2 || rs.Forwarded == 0 || rs.Refused != 0 ||
+		rs.DroppedBudget != 0 || rs.ClosedSlow != 0 || rs.QueuedBytesPeak == 0 ||
+		rs.SessionQueuedBytesPeak > 256<<10 || rs.QueuedBytesPeak > 1<<20 {
 		t.Fatalf("relay server stats %+v", rs)
 	}
 
@@ -201,6 +204,27 @@ func TestRelayBadInput(t *testing.T) {
 	})
 	if !errors.Is(err, ErrInvalidArgument) {
 		t.Fatalf("relay option without Relay: %v", err)
+	}
+	_, err = NewTunnelServer(TunnelServerConfig{
+		Addr: "127.0.0.1:0", CertPEM: pki.serverCert, KeyPEM: pki.serverKey,
+		Tokens: map[string]string{"t": "k"}, RelayWriteTimeout: time.Second,
+	})
+	if !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("relay limit without Relay: %v", err)
+	}
+	for _, c := range []struct {
+		cfg  TunnelServerConfig
+		text string
+	}{
+		{TunnelServerConfig{RelayQueueBytes: 1000}, "below one largest frame"},
+		{TunnelServerConfig{RelayQueueBytes: 4 << 20, RelayBudgetBytes: 1 << 20}, "below the queue bytes"},
+	} {
+		cfg := c.cfg
+		cfg.Addr, cfg.CertPEM, cfg.KeyPEM, cfg.Relay = "127.0.0.1:0", pki.serverCert, pki.serverKey, true
+		_, err := NewTunnelServer(cfg)
+		if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), c.text) {
+			t.Errorf("relay limits %+v: %v, want one mentioning %q", c.cfg, err, c.text)
+		}
 	}
 	srv, _ := startTunnelServer(t, pki)
 	if _, err := srv.RelayStats(); !errors.Is(err, ErrRelayNotRunning) {

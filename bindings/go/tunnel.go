@@ -379,6 +379,18 @@ type TunnelServerConfig struct {
 	// RelayMaxSessionsPerSource caps relay sessions per source address.
 	// 0 means 32. Needs Relay.
 	RelayMaxSessionsPerSource uint32
+	// RelayQueueBytes bounds what the relay queues toward one client;
+	// frames past it are dropped (RelayServerStats.DroppedFull). 0 means
+	// 1 MiB; at least 65631 (one largest frame).
+	RelayQueueBytes uint
+	// RelayBudgetBytes bounds what the relay queues toward all clients
+	// together (RelayServerStats.DroppedBudget). 0 means 64 MiB; at least
+	// RelayQueueBytes.
+	RelayBudgetBytes uint
+	// RelayWriteTimeout closes a relay client's session when its writes
+	// make no progress this long (it does not read), freeing its queue
+	// (RelayServerStats.ClosedSlow). 0 means 10 s; rounded up to ms.
+	RelayWriteTimeout time.Duration
 }
 
 // TunnelServerStats are a TunnelServer's sessions, handshakes and
@@ -441,6 +453,8 @@ func NewTunnelServer(cfg TunnelServerConfig) (*TunnelServer, error) {
 		}
 		c.relay_keys, c.relay_keys_len = &keys[0], C.size_t(n)
 	}
+	c.relay_queue_bytes, c.relay_budget_bytes = C.size_t(cfg.RelayQueueBytes), C.size_t(cfg.RelayBudgetBytes)
+	c.relay_write_timeout_ms = msTimeout(cfg.RelayWriteTimeout)
 	h, err := newHandle("NewTunnelServer", func(out unsafe.Pointer) C.meshvpn_result {
 		return C.meshvpn_tunnel_server_new(c, (**C.meshvpn_tunnel_server)(out))
 	})

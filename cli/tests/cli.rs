@@ -104,3 +104,43 @@ fn help_version_and_bad_names() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not an interface name"));
 }
+
+#[test]
+fn relay_limit_flags_refuse_bad_values_before_listening() {
+    let serve = |extra: &[&str]| {
+        let mut args = vec![
+            "tunnel",
+            "serve",
+            "--plain",
+            "--listen",
+            "127.0.0.1:0",
+            "--relay",
+        ];
+        args.extend_from_slice(extra);
+        let o = meshvpn(&args, b"");
+        assert_ne!(o.status.code(), Some(0), "{extra:?} was accepted");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = serve(&["--relay-queue-bytes", "1000"]);
+    assert!(e.contains("below one largest frame"), "{e}");
+    let e = serve(&["--relay-queue-bytes", "4M", "--relay-budget-bytes", "1M"]);
+    assert!(e.contains("below the queue bytes"), "{e}");
+    let e = serve(&["--relay-budget-bytes", "lots"]);
+    assert!(e.contains("not a byte count"), "{e}");
+    let e = serve(&["--relay-write-timeout", "0"]);
+    assert!(e.contains("--relay-write-timeout"), "{e}");
+    // The limits belong to the relay.
+    let o = meshvpn(
+        &[
+            "tunnel",
+            "serve",
+            "--plain",
+            "--tokens",
+            "/dev/null",
+            "--relay-queue-bytes",
+            "1M",
+        ],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(2));
+}

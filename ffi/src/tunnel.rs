@@ -802,6 +802,18 @@ pub struct meshvpn_tunnel_server_config {
     /// Relay sessions at once from one source address; more from it are
     /// answered 503. 0 means the default, 32. Needs `relay`.
     pub relay_max_sessions_per_source: u32,
+    /// Bytes the relay queues toward one client before new frames to it
+    /// are dropped (`dropped_full`); 0 means 1 MiB. At least 65631 (one
+    /// largest frame and its bookkeeping).
+    pub relay_queue_bytes: usize,
+    /// Bytes the relay queues toward all clients together before new
+    /// frames to any are dropped (`dropped_budget`); 0 means 64 MiB. At
+    /// least the queue bytes.
+    pub relay_budget_bytes: usize,
+    /// Milliseconds a relay client's writes may make no progress (it does
+    /// not read) before its session is closed and its queue freed
+    /// (`closed_slow`); 0 means 10000.
+    pub relay_write_timeout_ms: u32,
 }
 
 /// `value`, or `default` for 0.
@@ -929,9 +941,12 @@ unsafe fn read_relay_server_config(
             || c.relay_require_auth
             || c.relay_max_sessions != 0
             || c.relay_max_sessions_per_source != 0
+            || c.relay_queue_bytes != 0
+            || c.relay_budget_bytes != 0
+            || c.relay_write_timeout_ms != 0
         {
             return Err(Error::invalid(
-                "relay_path, relay_keys, relay_require_auth and relay_max_sessions* need relay = true",
+                "relay_path, relay_keys, relay_require_auth and the relay limits need relay = true",
             ));
         }
         return Ok(None);
@@ -963,6 +978,16 @@ unsafe fn read_relay_server_config(
     if !keys.is_empty() {
         relay.allowed_keys = Some(keys.iter().map(meshvpn_key::public).collect());
     }
+    if c.relay_queue_bytes != 0 {
+        relay.queue_bytes = c.relay_queue_bytes;
+    }
+    if c.relay_budget_bytes != 0 {
+        relay.budget_bytes = c.relay_budget_bytes;
+    }
+    if c.relay_write_timeout_ms != 0 {
+        relay.write_timeout = Duration::from_millis(c.relay_write_timeout_ms.into());
+    }
+    relay.check().map_err(Error::invalid)?;
     Ok(Some(relay))
 }
 
@@ -972,7 +997,7 @@ unsafe fn read_relay_server_config(
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_ARGUMENT` (a bad
 /// listen address or path, no way to authenticate agents, empty tokens,
-/// relay options with `relay` false),
+/// relay options with `relay` false, relay limits out of range),
 /// `MESHVPN_TUNNEL_TLS` (a PEM that does not parse, a key that does not
 /// fit its certificate).
 ///
@@ -1159,6 +1184,17 @@ pub struct meshvpn_relay_server_stats {
     pub dropped_full: u64,
     /// Frames too short to hold a key and a datagram.
     pub dropped_malformed: u64,
+    /// Datagrams dropped because all queues together held the budget bytes.
+    pub dropped_budget: u64,
+    /// Sessions closed because their writes made no progress for the
+    /// write timeout (clients that do not read).
+    pub closed_slow: u64,
+    /// Bytes queued toward all clients now; 0 once every session ended.
+    pub queued_bytes: u64,
+    /// The most `queued_bytes` has been.
+    pub queued_bytes_peak: u64,
+    /// The most one client's queue has held.
+    pub session_queued_bytes_peak: u64,
 }
 
 /// Writes the relay's counters into `*out_stats`.
@@ -1187,6 +1223,11 @@ pub extern "C" fn meshvpn_tunnel_server_relay_stats(
             dropped_unknown: s.dropped_unknown,
             dropped_full: s.dropped_full,
             dropped_malformed: s.dropped_malformed,
+            dropped_budget: s.dropped_budget,
+            closed_slow: s.closed_slow,
+            queued_bytes: s.queued_bytes as u64,
+            queued_bytes_peak: s.queued_bytes_peak as u64,
+            session_queued_bytes_peak: s.session_queued_bytes_peak as u64,
         });
         Ok(())
     }}

@@ -665,6 +665,17 @@ static void test_relay_bad_input(void) {
     sc.relay_path = "relay";
     CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_INVALID_ARGUMENT);
     sc.relay_path = NULL;
+    sc.relay_queue_bytes = 1000; /* below one largest frame */
+    CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_INVALID_ARGUMENT);
+    sc.relay_queue_bytes = 4 << 20; /* over the budget */
+    sc.relay_budget_bytes = 1 << 20;
+    CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_INVALID_ARGUMENT);
+    sc.relay = false; /* limits without the relay */
+    sc.relay_queue_bytes = sc.relay_budget_bytes = 0;
+    sc.relay_write_timeout_ms = 1000;
+    CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_INVALID_ARGUMENT);
+    sc.relay = true;
+    sc.relay_write_timeout_ms = 0;
     sc.relay_keys_len = 1; /* keys NULL */
     CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_NULL_PARAMETER);
     CHECK(s == NULL);
@@ -706,6 +717,9 @@ static void test_relay_between_engines(void) {
         .relay = true,
         .relay_keys = pub,
         .relay_keys_len = 2,
+        .relay_queue_bytes = 256 << 10,
+        .relay_budget_bytes = 1 << 20,
+        .relay_write_timeout_ms = 5000,
     };
     meshvpn_tunnel_server *s = NULL;
     OK(meshvpn_tunnel_server_new(&sc, &s));
@@ -745,6 +759,8 @@ static void test_relay_between_engines(void) {
     meshvpn_relay_server_stats rs;
     OK(meshvpn_tunnel_server_relay_stats(s, &rs));
     CHECK(rs.clients == 2 && rs.registrations == 2 && rs.forwarded > 0 && rs.refused == 0);
+    CHECK(rs.dropped_budget == 0 && rs.closed_slow == 0 && rs.queued_bytes_peak > 0);
+    CHECK(rs.session_queued_bytes_peak <= 256 << 10 && rs.queued_bytes_peak <= 1 << 20);
 
     /* Stopping the relay puts the peer back on its UDP endpoint. */
     OK(meshvpn_engine_relay_stop(a));

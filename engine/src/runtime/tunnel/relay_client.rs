@@ -22,7 +22,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use tungstenite::Message;
 
 use super::agent::{check_url, open_websocket, Backoff, WebsocketTarget};
-use super::relay_pump::{self, exporter, read_binary, Outbox, Pump, PumpTimers};
+use super::relay_pump::{self, exporter, read_binary, Outbox, Pump, PumpTimers, QueueLimits};
 use super::TunnelError;
 use crate::tunnel::relay::{check_accepted, prove, Frame, KEY_LEN};
 
@@ -149,7 +149,7 @@ impl RelayClient {
             self.shared.current.read().as_ref(),
             Frame::encode(destination, datagram),
         ) {
-            (Some(outbox), Ok(m)) => outbox.push(Bytes::from(m)),
+            (Some(outbox), Ok(m)) => outbox.push(Bytes::from(m)).is_ok(),
             _ => false,
         };
         let counter = if sent {
@@ -272,7 +272,16 @@ fn session(shared: &Arc<ClientShared>, secret: &StaticSecret) -> Result<String, 
     check_accepted(&read_binary(&mut ws)?)
         .map_err(|e| TunnelError::Handshake(format!("relay registration: {e}")))?;
 
-    let mut pump = Pump::new(&mut ws, config.queue)?;
+    // The engine's own datagrams, bounded by count as before; the relay
+    // bounds what it holds for this client in bytes.
+    let mut pump = Pump::new(
+        &mut ws,
+        QueueLimits {
+            messages: config.queue,
+            bytes: usize::MAX,
+            budget: None,
+        },
+    )?;
     *shared.current.write() = Some(pump.outbox());
     {
         let mut status = shared.status.lock();
@@ -287,6 +296,7 @@ fn session(shared: &Arc<ClientShared>, secret: &StaticSecret) -> Result<String, 
     let timers = PumpTimers {
         ping_every: Some(PING_EVERY),
         idle: IDLE,
+        write_timeout: None,
     };
     let reason = pump.run(&mut ws, &timers, &mut |m| match Frame::decode(&m) {
         Ok(f) => {
