@@ -18,7 +18,7 @@
 //! use) keeps the changes before the failing line, as in wireguard-go.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -234,7 +234,6 @@ impl UapiServer {
             }
             Err(e) => return Err(e),
         };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         let meta = std::fs::metadata(path)?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
