@@ -49,6 +49,16 @@ pub struct InterfaceArgs {
     #[arg(long, value_name = "FILE", requires = "relay_url")]
     pub relay_ca: Option<std::path::PathBuf>,
 
+    /// Client certificate (PEM, signed by the relay server's --client-ca)
+    /// to present to the relay; a `tunnel serve --client-ca --relay`
+    /// without --tokens demands one. Goes with --relay-key.
+    #[arg(long, value_name = "FILE", requires_all = ["relay_key", "relay_ca"])]
+    pub relay_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of --relay-cert.
+    #[arg(long, value_name = "FILE", requires = "relay_cert")]
+    pub relay_key: Option<std::path::PathBuf>,
+
     /// File holding a bearer token for the relay, if it asks for one.
     #[arg(long, value_name = "FILE", requires = "relay_url")]
     pub relay_token_file: Option<std::path::PathBuf>,
@@ -133,10 +143,18 @@ fn relay_config(args: &InterfaceArgs) -> Result<Option<RelayConfig>, String> {
     };
     let read =
         |p: &std::path::PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let identity = match (&args.relay_cert, &args.relay_key) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        _ => None,
+    };
     let tls = match &args.relay_ca {
-        Some(ca) => {
-            Some(tls::client_config(&read(ca)?, None).map_err(|e| format!("--relay-ca: {e}"))?)
-        }
+        Some(ca) => Some(
+            tls::client_config(
+                &read(ca)?,
+                identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+            )
+            .map_err(|e| format!("--relay-ca/--relay-cert/--relay-key: {e}"))?,
+        ),
         None if url.starts_with("wss://") => {
             return Err(
                 "--relay-ca is required for a wss:// relay (the relay is always verified)".into(),
