@@ -476,6 +476,11 @@ enum meshvpn_drop_reason
    * Encryption failed or the session expired.
    */
   MESHVPN_DROP_SESSION_EXPIRED = 9,
+  /**
+   * Decrypted, but larger than the interface MTU (the size of every
+   * receive buffer): dropped whole, never cut.
+   */
+  MESHVPN_DROP_OVERSIZED = 10,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -1102,7 +1107,66 @@ typedef struct meshvpn_tunnel_server_config {
    * or a client certificate) before the key proof.
    */
   bool relay_require_auth;
+  /**
+   * TLS and HTTP handshakes in progress at once from all sources; more
+   * connections are closed at once. 0 means the default, 256.
+   */
+  uint32_t max_handshakes;
+  /**
+   * Handshakes in progress at once from one source address (nginx
+   * `limit_conn` style); more from it are closed at once while other
+   * sources are served. 0 means the default, 16.
+   */
+  uint32_t max_handshakes_per_source;
+  /**
+   * Relay sessions at once from all sources (each one thread and three
+   * open files); more registrations are answered 503. 0 means the
+   * default, 1024. Needs `relay`.
+   */
+  uint32_t relay_max_sessions;
+  /**
+   * Relay sessions at once from one source address; more from it are
+   * answered 503. 0 means the default, 32. Needs `relay`.
+   */
+  uint32_t relay_max_sessions_per_source;
 } meshvpn_tunnel_server_config;
+
+/**
+ * A server's sessions, handshakes and refusals since it started, from
+ * `meshvpn_tunnel_server_get_stats`.
+ */
+typedef struct meshvpn_tunnel_server_stats {
+  /**
+   * Agents with a tunnel session now.
+   */
+  uint64_t sessions;
+  /**
+   * Handshakes in progress now.
+   */
+  uint64_t handshakes;
+  /**
+   * Connections closed at once: `max_handshakes` were in progress.
+   */
+  uint64_t refused_handshakes;
+  /**
+   * Connections closed at once: their source had
+   * `max_handshakes_per_source` in progress.
+   */
+  uint64_t refused_handshakes_per_source;
+  /**
+   * Relay sessions now (key proof included); 0 without the relay.
+   */
+  uint64_t relay_sessions;
+  /**
+   * Relay registrations answered 503: `relay_max_sessions` reached.
+   */
+  uint64_t refused_relay_sessions;
+  /**
+   * Relay registrations answered 503: their source had
+   * `relay_max_sessions_per_source`.
+   */
+  uint64_t refused_relay_sessions_per_source;
+} meshvpn_tunnel_server_stats;
 
 /**
  * A relay's counters since its server started, from
@@ -2345,6 +2409,17 @@ meshvpn_result meshvpn_tunnel_server_sessions(struct meshvpn_tunnel_server *serv
                                               char *buf,
                                               size_t buf_len,
                                               size_t *out_len);
+
+/**
+ * Writes the server's counters into `*out_stats`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_TUNNEL_NOT_RUNNING`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_tunnel_server_get_stats(struct meshvpn_tunnel_server *server,
+                                               struct meshvpn_tunnel_server_stats *out_stats);
 
 /**
  * Writes the relay's counters into `*out_stats`.

@@ -304,6 +304,8 @@ const (
 	DropInnerMalformed    DropReason = C.MESHVPN_DROP_INNER_MALFORMED
 	DropSinkFull          DropReason = C.MESHVPN_DROP_SINK_FULL
 	DropSessionExpired    DropReason = C.MESHVPN_DROP_SESSION_EXPIRED
+	// DropOversized: a decrypted packet larger than the MTU, dropped whole.
+	DropOversized DropReason = C.MESHVPN_DROP_OVERSIZED
 )
 
 // PeerStats is a point-in-time view of one peer.

@@ -475,3 +475,37 @@ func TestLoggerReceivesRecordsWithoutSecrets(t *testing.T) {
 	}
 	t.Logf("%d records, e.g. %q", len(h.records), h.records[0])
 }
+
+// A decrypted packet larger than the receiver's MTU is dropped whole and
+// counted as DropOversized; the next packet arrives intact.
+func TestOversizedPacketIsDroppedAndCounted(t *testing.T) {
+	a, b := pair(t)
+	first := udpPacket(a.addr, b.addr, 1420, 1)
+	if err := a.e.SendPacket(first); err != nil {
+		t.Fatal(err)
+	}
+	if got := readN(t, b.e, 1); !bytes.Equal(got[0], first) {
+		t.Fatal("first packet differs")
+	}
+	if err := a.e.SendPacket(udpPacket(a.addr, b.addr, 1500, 2)); err != nil {
+		t.Fatal(err)
+	}
+	var sb PeerStats
+	for range 200 {
+		sb, _ = b.e.PeerStats(a.key.PublicKey())
+		if sb.Drops[DropOversized] > 0 {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if sb.Drops[DropOversized] != 1 || sb.RxPackets != 1 {
+		t.Fatalf("drops %v, rx %d", sb.Drops, sb.RxPackets)
+	}
+	last := udpPacket(a.addr, b.addr, 1000, 3)
+	if err := a.e.SendPacket(last); err != nil {
+		t.Fatal(err)
+	}
+	if got := readN(t, b.e, 1); !bytes.Equal(got[0], last) {
+		t.Fatal("the packet after the oversized one differs")
+	}
+}

@@ -365,6 +365,34 @@ type TunnelServerConfig struct {
 	// RelayRequireAuth makes relay clients also present the tunnel's
 	// credentials (a token from Tokens, or a client certificate).
 	RelayRequireAuth bool
+	// MaxHandshakes caps the TLS and HTTP handshakes in progress at once
+	// from all sources; more connections are closed at once. 0 means 256.
+	MaxHandshakes uint32
+	// MaxHandshakesPerSource caps them per source address (nginx
+	// limit_conn style): more from it are closed at once while other
+	// sources are served. 0 means 16.
+	MaxHandshakesPerSource uint32
+	// RelayMaxSessions caps relay sessions at once from all sources (each
+	// is one thread and three open files); more registrations are
+	// answered 503. 0 means 1024. Needs Relay.
+	RelayMaxSessions uint32
+	// RelayMaxSessionsPerSource caps relay sessions per source address.
+	// 0 means 32. Needs Relay.
+	RelayMaxSessionsPerSource uint32
+}
+
+// TunnelServerStats are a TunnelServer's sessions, handshakes and
+// refusals since it started.
+type TunnelServerStats struct {
+	Sessions   uint64 // agents with a tunnel session now
+	Handshakes uint64 // handshakes in progress now
+	// Connections closed at once: MaxHandshakes in progress in all, or
+	// MaxHandshakesPerSource from their source.
+	RefusedHandshakes, RefusedHandshakesPerSource uint64
+	RelaySessions                                 uint64 // relay sessions now
+	// Relay registrations answered 503: RelayMaxSessions in all, or
+	// RelayMaxSessionsPerSource from their source.
+	RefusedRelaySessions, RefusedRelaySessionsPerSource uint64
 }
 
 // TunnelServer accepts TunnelAgents (or k3s agents, or any
@@ -399,6 +427,10 @@ func NewTunnelServer(cfg TunnelServerConfig) (*TunnelServer, error) {
 		c.tokens, c.tokens_len = &tokens[0], C.size_t(n)
 	}
 	c.relay, c.relay_require_auth = C.bool(cfg.Relay), C.bool(cfg.RelayRequireAuth)
+	c.max_handshakes = C.uint32_t(cfg.MaxHandshakes)
+	c.max_handshakes_per_source = C.uint32_t(cfg.MaxHandshakesPerSource)
+	c.relay_max_sessions = C.uint32_t(cfg.RelayMaxSessions)
+	c.relay_max_sessions_per_source = C.uint32_t(cfg.RelayMaxSessionsPerSource)
 	if cfg.RelayPath != "" {
 		c.relay_path = a.str(cfg.RelayPath)
 	}
@@ -469,6 +501,23 @@ func (s *TunnelServer) Sessions() ([]string, error) {
 	keys := strings.Split(text, "\n")
 	sort.Strings(keys)
 	return keys, nil
+}
+
+// Stats returns the server's counters; ErrTunnelNotRunning before Listen
+// or after Stop.
+func (s *TunnelServer) Stats() (TunnelServerStats, error) {
+	var st C.meshvpn_tunnel_server_stats
+	err := s.do("TunnelServer.Stats", func(h *C.meshvpn_tunnel_server) C.meshvpn_result {
+		return C.meshvpn_tunnel_server_get_stats(h, &st)
+	})
+	return TunnelServerStats{
+		Sessions: uint64(st.sessions), Handshakes: uint64(st.handshakes),
+		RefusedHandshakes:             uint64(st.refused_handshakes),
+		RefusedHandshakesPerSource:    uint64(st.refused_handshakes_per_source),
+		RelaySessions:                 uint64(st.relay_sessions),
+		RefusedRelaySessions:          uint64(st.refused_relay_sessions),
+		RefusedRelaySessionsPerSource: uint64(st.refused_relay_sessions_per_source),
+	}, err
 }
 
 // WaitSession waits until clientKey has a session or ctx ends.

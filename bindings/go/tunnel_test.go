@@ -479,3 +479,47 @@ func TestTunnelAgentDialsMeshTargetsThroughItsNetstack(t *testing.T) {
 		t.Fatalf("loopback target: %q", body)
 	}
 }
+
+// TestTunnelServerAdmissionCaps: idle connections from one source
+// (127.0.0.2) beyond MaxHandshakesPerSource are closed at once and
+// counted, and an agent from 127.0.0.1 still connects.
+func TestTunnelServerAdmissionCaps(t *testing.T) {
+	pki := newTunnelPKI(t)
+	srv, base := listenTunnelServer(t, TunnelServerConfig{
+		Addr: "127.0.0.1:0", CertPEM: pki.serverCert, KeyPEM: pki.serverKey,
+		Tokens: map[string]string{tunToken: "edge1"}, MaxHandshakesPerSource: 2,
+	})
+	addr := strings.TrimPrefix(base, "wss://")
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.2")}, Timeout: 2 * time.Second}
+	var conns []net.Conn
+	for i := 0; i < 5; i++ {
+		c, err := d.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		conns = append(conns, c)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	var st TunnelServerStats
+	for time.Now().Before(deadline) {
+		var err error
+		if st, err = srv.Stats(); err != nil {
+			t.Fatal(err)
+		}
+		if st.RefusedHandshakesPerSource == 3 {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if st.RefusedHandshakesPerSource != 3 || st.Handshakes != 2 {
+		t.Fatalf("5 idle connections from one source with a cap of 2: %+v", st)
+	}
+	startTunnelAgent(t, TunnelAgentConfig{URL: base, CAPEM: pki.ca, Token: tunToken})
+	if err := srv.WaitSession(waitCtx(t), "edge1"); err != nil {
+		t.Fatalf("agent from 127.0.0.1 while 127.0.0.2 is at its cap: %v", err)
+	}
+	if st, _ = srv.Stats(); st.Sessions != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+}

@@ -146,6 +146,12 @@ pub fn run(args: &DemoArgs) -> Result<(), String> {
             }
             let median = ping_pair(a, b, args.pings)
                 .ok_or_else(|| format!("{} -> {}: no echo came back", a.name, b.name))?;
+            println!(
+                "  {:<8} -> {:<8} median {:.0} µs",
+                a.name,
+                b.name,
+                median.as_secs_f64() * 1e6
+            );
             rtts.push((a.name.clone(), b.name.clone(), median));
         }
     }

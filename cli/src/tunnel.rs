@@ -7,10 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use meshvpn_engine::io::accept::{accept_with_backoff, AcceptBackoff};
 use meshvpn_engine::runtime::tunnel::{
     pump, tls, Agent, AgentConfig, AllowList, DialedTarget, OsDialer, RelayServerConfig,
-    ServerAuth, ServerConfig, TargetPattern, TunnelServer, RELAY_PATH,
+    ServerAuth, ServerConfig, TargetPattern, TunnelServer, DEFAULT_MAX_HANDSHAKES,
+    DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_RELAY_MAX_SESSIONS,
+    DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, RELAY_PATH,
 };
+use meshvpn_engine::tunnel::limits::MAX_AGENT_STREAMS;
 use meshvpn_engine::PublicKey;
 
 /// Websocket supervisor tunnel, wire-compatible with k3s (rancher/remotedialer).
@@ -82,6 +86,23 @@ pub struct ServeArgs {
     /// certificate from --client-ca), as agents do.
     #[arg(long, requires = "relay")]
     pub relay_require_auth: bool,
+    /// TLS and HTTP handshakes in progress at once, from all sources; more
+    /// connections are closed at once. Each is one thread and one socket.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_HANDSHAKES)]
+    pub max_handshakes: usize,
+    /// Handshakes in progress at once from one source address (nginx
+    /// limit_conn style): more from it are closed at once while other
+    /// sources are served.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_HANDSHAKES_PER_SOURCE)]
+    pub max_handshakes_per_source: usize,
+    /// Relay sessions at once, from all sources (each is one thread and
+    /// three open files); more registrations are answered 503.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_RELAY_MAX_SESSIONS, requires = "relay")]
+    pub relay_max_sessions: usize,
+    /// Relay sessions at once from one source address (one per node; raise
+    /// it for more nodes behind one NAT); more from it are answered 503.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, requires = "relay")]
+    pub relay_max_sessions_per_source: usize,
 }
 
 #[derive(Debug, Args)]
@@ -111,6 +132,10 @@ pub struct ConnectArgs {
     /// Extra request header NAME=VALUE (e.g. X-Tunnel-ID=node1). Repeatable.
     #[arg(long, value_name = "NAME=VALUE")]
     pub header: Vec<String>,
+    /// Streams the server may have this agent dial and copy at once (two
+    /// threads each); Connects beyond it are refused with "too many streams".
+    #[arg(long, value_name = "N", default_value_t = MAX_AGENT_STREAMS)]
+    pub max_streams: usize,
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
@@ -216,6 +241,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             path: a.relay_path.clone(),
             allowed_keys,
             require_auth: a.relay_require_auth,
+            max_sessions: a.relay_max_sessions,
+            max_sessions_per_source: a.relay_max_sessions_per_source,
             ..Default::default()
         })
     } else {
@@ -232,6 +259,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         .collect::<Result<Vec<_>, _>>()?;
     let mut config = ServerConfig::new(a.path, tls, auth);
     config.relay = relay;
+    config.max_handshakes = a.max_handshakes;
+    config.max_handshakes_per_source = a.max_handshakes_per_source;
     let server = Arc::new(TunnelServer::bind(a.listen, config).map_err(|e| e.to_string())?);
     tracing::info!(addr = %server.local_addr(), relay = a.relay, "tunnel server listening");
     for f in forwards {
@@ -240,8 +269,9 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         tracing::info!(local = %f.local, client = %f.client_key, target = %format!("{}/{}", f.proto, f.target), "forwarding");
         let server = server.clone();
         std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { continue };
+            // Backs off on accept errors (EMFILE) instead of spinning.
+            let mut backoff = AcceptBackoff::new();
+            while let Some((conn, _)) = accept_with_backoff(&listener, &mut backoff, || false) {
                 let stream = match server.dial(&f.client_key, &f.proto, &f.target) {
                     Ok(s) => s,
                     Err(e) => {
@@ -302,6 +332,10 @@ fn connect(a: ConnectArgs) -> Result<(), String> {
             .ok_or_else(|| format!("bad --header {h:?}: want NAME=VALUE"))?;
         config.headers.push((name.to_owned(), value.to_owned()));
     }
+    if a.max_streams == 0 {
+        return Err("--max-streams must be at least 1".into());
+    }
+    config.limits.max_agent_streams = a.max_streams;
     let agent = Agent::start(config).map_err(|e| e.to_string())?;
     loop {
         std::thread::sleep(Duration::from_secs(3600));

@@ -360,3 +360,61 @@ fn agent_survives_hostile_server_messages() {
     assert!(agent.wait_connected(WAIT));
     assert!(agent.status().sessions >= 2);
 }
+
+/// Defect 5 of the hardening review: an authenticated client that floods
+/// Connects (each answered with an Error) and never reads used to grow the
+/// server's outbound control queue without limit (40 MB of Connects: RSS
+/// from 8 MB to 397 MB). The session now stops reading while its control
+/// queue is full, so the flood backs up into the client's own socket.
+#[test]
+fn connect_flood_from_a_client_that_never_reads_is_bounded() {
+    // Four million Connect messages (about 70 MB), or 15 s, whichever comes first.
+    const FRAMES: i64 = 4_000_000;
+    const TIME: Duration = Duration::from_secs(15);
+    let f = fixture(|_| {});
+    let mut ws = f.bad_client();
+    // Pushback shows as a write that cannot finish.
+    ws.get_mut()
+        .sock
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let before = rss_kib();
+    let mut peak = before;
+    let started = Instant::now();
+    let (mut sent, mut bytes) = (0i64, 0usize);
+    let mut pushed_back = false;
+    while sent < FRAMES && started.elapsed() < TIME {
+        let frame = encode(sent + 1, sent + 2, MessageType::Connect, b"tcp/a:1");
+        bytes += frame.len();
+        if ws.write(Message::Binary(frame.into())).is_err() {
+            pushed_back = true;
+            break;
+        }
+        sent += 1;
+        if sent % 4096 == 0 {
+            if ws.flush().is_err() {
+                pushed_back = true;
+                break;
+            }
+            peak = peak.max(rss_kib());
+        }
+    }
+    peak = peak.max(rss_kib());
+    let grown = peak.saturating_sub(before);
+    println!(
+        "connect flood: {sent} messages ({bytes} bytes) in {:?}, pushed back: {pushed_back}; \
+         RSS {before} KiB before, peak growth {grown} KiB",
+        started.elapsed()
+    );
+    // The session holds at most max_control_queue (4096) small frames plus
+    // socket and TLS buffers: far under what the flood would take.
+    assert!(
+        grown < 48 * 1024,
+        "RSS grew by {grown} KiB under a Connect flood of {bytes} bytes"
+    );
+    // The flooder's session is stuck, not the server: the good agent is served
+    // while it is still connected, and after it goes.
+    f.assert_serving();
+    drop(ws);
+    f.assert_serving();
+}

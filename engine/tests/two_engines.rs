@@ -413,3 +413,184 @@ fn inner_mtu_1280_1420_and_jumbo_arrive_untruncated() {
         }
     }
 }
+
+/// The drop reason an inner packet larger than the receiving host's
+/// buffers is counted under, looked up by its published name (the name
+/// the C and Go stats use too).
+fn oversized_drops(stats: &meshvpn_engine::peer::PeerStats) -> u64 {
+    stats
+        .drops
+        .iter()
+        .find(|(r, _)| r.name() == "oversized")
+        .map_or(0, |&(_, n)| n)
+}
+
+/// An authenticated peer sends inner packets larger than the receiver's
+/// MTU (60,028 bytes, and MTU + 80 as an honest peer with MTU 1500 would)
+/// toward `to_addr`; none reaches the receiver's sinks, truncated or not,
+/// each is counted as `oversized`, the packet-API budget goes back to
+/// exactly 0, and a packet of exactly the MTU still arrives intact.
+/// `received` drains the lengths of what the receiver's sink under test
+/// got.
+fn oversized_inner_packets_are_dropped(
+    a: &common::Node,
+    b: &common::Node,
+    to_addr: IpAddr,
+    mut received: impl FnMut() -> Vec<usize>,
+) {
+    let mtu = b.engine.mtu() as usize;
+    // A session first, so every oversized packet is decrypted.
+    let hello = udp_packet(a.v4, to_addr, 100, 1);
+    a.engine.send_packet(&hello).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || {
+        b.engine
+            .peer_stats(&a.key.public_key())
+            .is_some_and(|s| s.rx_packets == 1)
+    }));
+    received();
+    const ROUNDS: usize = 40;
+    let mut sent = 0u64;
+    for round in 0..ROUNDS {
+        for len in [60_028usize, mtu + 80] {
+            let p = udp_packet(a.v4, to_addr, len - 28, round as u8);
+            assert_eq!(p.len(), len);
+            a.engine.send_packet(&p).unwrap();
+            sent += 1;
+        }
+    }
+    let stats = || b.engine.peer_stats(&a.key.public_key()).unwrap();
+    // Every one is accounted for (delivered or dropped) before checking.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let s = stats();
+            // The first packet, then every oversized one.
+            s.rx_packets + s.total_drops() > sent
+        }),
+        "not every packet reached the receiver: {:?}",
+        stats()
+    );
+    let got = received();
+    let truncated = got.iter().filter(|&&len| len == mtu).count();
+    eprintln!(
+        "{sent} oversized packets sent: {} reached the host ({truncated} cut to the MTU), \
+         buffer budget in use after draining: {} bytes",
+        got.len(),
+        b.engine.buffered_bytes()
+    );
+    assert_eq!(
+        got.len(),
+        0,
+        "{} oversized packets reached the host ({truncated} cut to the MTU of {mtu})",
+        got.len()
+    );
+    assert_eq!(
+        b.engine.buffered_bytes(),
+        0,
+        "the packet API's buffer budget leaked after {sent} oversized packets"
+    );
+    let s = stats();
+    assert_eq!(s.rx_packets, 1, "{s:?}");
+    assert_eq!(oversized_drops(&s), sent, "drops by reason: {:?}", s.drops);
+    assert_eq!(s.total_drops(), sent, "{:?}", s.drops);
+    // The rule is "larger than the MTU": exactly the MTU still goes through.
+    let p = udp_packet(a.v4, to_addr, mtu - 28, 9);
+    a.engine.send_packet(&p).unwrap();
+    assert!(wait_until(Duration::from_secs(5), || stats().rx_packets == 2));
+    assert_eq!(received(), vec![mtu]);
+    assert_eq!(b.engine.buffered_bytes(), 0);
+}
+
+#[test]
+fn oversized_inner_packets_to_the_host_queue_are_dropped_never_truncated() {
+    let nodes = mesh(2, false);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    oversized_inner_packets_are_dropped(a, b, b.v4, || {
+        std::iter::from_fn(|| b.engine.recv_packet(Duration::from_millis(200)))
+            .map(|p| p.len())
+            .collect()
+    });
+}
+
+#[test]
+fn oversized_inner_packets_to_the_userspace_stack_are_dropped_never_truncated() {
+    let nodes = mesh(2, false);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    b.engine
+        .set_addresses(vec![meshvpn_engine::IpPrefix::host(b.v4)]);
+    let stack = meshvpn_engine::Netstack::attach(&b.engine, Default::default()).unwrap();
+    // A UDP socket on the stack receives what the stack was given.
+    let sock = stack
+        .udp_bind(std::net::SocketAddr::new(b.v4, 5678))
+        .unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)));
+    oversized_inner_packets_are_dropped(a, b, b.v4, || {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, _)) = sock.recv_from(&mut buf) {
+            got.push(28 + n);
+        }
+        // Nothing for the stack may leak to the host queue either.
+        got.extend(std::iter::from_fn(|| b.engine.host_queue().try_recv()).map(|p| p.len()));
+        got
+    });
+    assert_eq!(
+        stack.stats().rx_dropped,
+        0,
+        "the stack's own queue dropped none"
+    );
+}
+
+/// The same on a TUN device (needs root for /dev/net/tun and `ip`; skips
+/// without): what the device received is read from the interface's
+/// counters.
+#[test]
+fn oversized_inner_packets_to_a_tun_device_are_dropped() {
+    if running_as_root().is_none() {
+        eprintln!("skipped: needs root (a TUN device); the netns suite runs as root");
+        return;
+    }
+    let name = format!("mvovs{}", std::process::id() % 100_000);
+    let tun = match meshvpn_engine::io::tun::Tun::create(&name) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("skipped: no TUN device: {e}");
+            return;
+        }
+    };
+    let up = std::process::Command::new("ip")
+        .args(["link", "set", "dev", &name, "up"])
+        .status();
+    if !up.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: cannot bring {name} up with `ip`");
+        return;
+    }
+    let nodes = mesh(2, false);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    b.engine.attach_tun(tun).unwrap();
+    let counter = |what: &str| -> u64 {
+        std::fs::read_to_string(format!("/sys/class/net/{name}/statistics/{what}"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let mut seen = (counter("rx_packets"), counter("rx_bytes"));
+    oversized_inner_packets_are_dropped(a, b, b.v4, || {
+        // Writes to the device are counted as the interface receiving.
+        std::thread::sleep(Duration::from_millis(200));
+        let now = (counter("rx_packets"), counter("rx_bytes"));
+        let (n, bytes) = (now.0 - seen.0, now.1 - seen.1);
+        seen = now;
+        (0..n).map(|_| (bytes / n) as usize).collect()
+    });
+    b.engine.close();
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", &name])
+        .status();
+}
+
+/// `Some(())` when running as root (read from /proc, no libc call).
+fn running_as_root() -> Option<()> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    (uid.split_whitespace().next()? == "0").then_some(())
+}

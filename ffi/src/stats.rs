@@ -38,6 +38,9 @@ pub enum meshvpn_drop_reason {
     MESHVPN_DROP_SINK_FULL = 8,
     /// Encryption failed or the session expired.
     MESHVPN_DROP_SESSION_EXPIRED = 9,
+    /// Decrypted, but larger than the interface MTU (the size of every
+    /// receive buffer): dropped whole, never cut.
+    MESHVPN_DROP_OVERSIZED = 10,
 }
 
 /// Room in `meshvpn_peer_stats.drops`; reasons added later use the unused
@@ -64,6 +67,7 @@ fn drop_index(r: DropReason) -> meshvpn_drop_reason {
         DropReason::InnerMalformed => MESHVPN_DROP_INNER_MALFORMED,
         DropReason::SinkFull => MESHVPN_DROP_SINK_FULL,
         DropReason::SessionExpired => MESHVPN_DROP_SESSION_EXPIRED,
+        DropReason::Oversized => MESHVPN_DROP_OVERSIZED,
     }
 }
 

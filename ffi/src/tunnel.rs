@@ -788,6 +788,29 @@ pub struct meshvpn_tunnel_server_config {
     /// Relay clients must also present the tunnel's credentials (a token
     /// or a client certificate) before the key proof.
     pub relay_require_auth: bool,
+    /// TLS and HTTP handshakes in progress at once from all sources; more
+    /// connections are closed at once. 0 means the default, 256.
+    pub max_handshakes: u32,
+    /// Handshakes in progress at once from one source address (nginx
+    /// `limit_conn` style); more from it are closed at once while other
+    /// sources are served. 0 means the default, 16.
+    pub max_handshakes_per_source: u32,
+    /// Relay sessions at once from all sources (each one thread and three
+    /// open files); more registrations are answered 503. 0 means the
+    /// default, 1024. Needs `relay`.
+    pub relay_max_sessions: u32,
+    /// Relay sessions at once from one source address; more from it are
+    /// answered 503. 0 means the default, 32. Needs `relay`.
+    pub relay_max_sessions_per_source: u32,
+}
+
+/// `value`, or `default` for 0.
+fn or_default(value: u32, default: usize) -> usize {
+    if value == 0 {
+        default
+    } else {
+        value as usize
+    }
 }
 
 struct ServerHandle {
@@ -884,6 +907,11 @@ unsafe fn read_server_config(
     };
     let mut config = ServerConfig::new(path, Some(tls), auth);
     config.relay = relay;
+    config.max_handshakes = or_default(c.max_handshakes, config.max_handshakes);
+    config.max_handshakes_per_source = or_default(
+        c.max_handshakes_per_source,
+        config.max_handshakes_per_source,
+    );
     Ok((listen, config))
 }
 
@@ -896,9 +924,14 @@ unsafe fn read_relay_server_config(
     c: &meshvpn_tunnel_server_config,
 ) -> Result<Option<RelayServerConfig>> {
     if !c.relay {
-        if !c.relay_path.is_null() || c.relay_keys_len != 0 || c.relay_require_auth {
+        if !c.relay_path.is_null()
+            || c.relay_keys_len != 0
+            || c.relay_require_auth
+            || c.relay_max_sessions != 0
+            || c.relay_max_sessions_per_source != 0
+        {
             return Err(Error::invalid(
-                "relay_path, relay_keys and relay_require_auth need relay = true",
+                "relay_path, relay_keys, relay_require_auth and relay_max_sessions* need relay = true",
             ));
         }
         return Ok(None);
@@ -914,6 +947,11 @@ unsafe fn read_relay_server_config(
         require_auth: c.relay_require_auth,
         ..Default::default()
     };
+    relay.max_sessions = or_default(c.relay_max_sessions, relay.max_sessions);
+    relay.max_sessions_per_source = or_default(
+        c.relay_max_sessions_per_source,
+        relay.max_sessions_per_source,
+    );
     if let Some(p) = path {
         if !p.starts_with('/') {
             return Err(Error::invalid(format!(
@@ -1046,6 +1084,56 @@ pub unsafe extern "C" fn meshvpn_tunnel_server_sessions(
         let keys = lookup_server(server)?.running()?.clients().join("\n");
         // SAFETY: the caller promises `buf` has `buf_len` writable bytes.
         out_len.write(unsafe { ptr::copy_text(buf, buf_len, &keys) }?);
+        Ok(())
+    }}
+}
+
+/// A server's sessions, handshakes and refusals since it started, from
+/// `meshvpn_tunnel_server_get_stats`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct meshvpn_tunnel_server_stats {
+    /// Agents with a tunnel session now.
+    pub sessions: u64,
+    /// Handshakes in progress now.
+    pub handshakes: u64,
+    /// Connections closed at once: `max_handshakes` were in progress.
+    pub refused_handshakes: u64,
+    /// Connections closed at once: their source had
+    /// `max_handshakes_per_source` in progress.
+    pub refused_handshakes_per_source: u64,
+    /// Relay sessions now (key proof included); 0 without the relay.
+    pub relay_sessions: u64,
+    /// Relay registrations answered 503: `relay_max_sessions` reached.
+    pub refused_relay_sessions: u64,
+    /// Relay registrations answered 503: their source had
+    /// `relay_max_sessions_per_source`.
+    pub refused_relay_sessions_per_source: u64,
+}
+
+/// Writes the server's counters into `*out_stats`.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_TUNNEL_NOT_RUNNING`.
+///
+/// Thread safety: safe to call from any thread.
+#[no_mangle]
+pub extern "C" fn meshvpn_tunnel_server_get_stats(
+    server: *mut meshvpn_tunnel_server,
+    out_stats: *mut meshvpn_tunnel_server_stats,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let out = Out::new(out_stats, "out_stats")?;
+        let s = lookup_server(server)?.running()?.stats();
+        out.write(meshvpn_tunnel_server_stats {
+            sessions: s.sessions as u64,
+            handshakes: s.handshakes as u64,
+            refused_handshakes: s.refused_handshakes,
+            refused_handshakes_per_source: s.refused_handshakes_per_source,
+            relay_sessions: s.relay_sessions as u64,
+            refused_relay_sessions: s.refused_relay_sessions,
+            refused_relay_sessions_per_source: s.refused_relay_sessions_per_source,
+        });
         Ok(())
     }}
 }

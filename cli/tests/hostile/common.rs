@@ -362,7 +362,8 @@ impl Server {
     /// A client TLS config trusting the test CA, with the node certificate
     /// when `with_cert`.
     pub fn client_tls(&self, with_cert: bool) -> Arc<rustls::ClientConfig> {
-        let cert = with_cert.then(|| (self.pki.node_cert.as_bytes(), self.pki.node_key.as_bytes()));
+        let cert =
+            with_cert.then_some((self.pki.node_cert.as_bytes(), self.pki.node_key.as_bytes()));
         tls::client_config(self.pki.ca.as_bytes(), cert).expect("client TLS config")
     }
 }

@@ -137,7 +137,7 @@ fn list(value: &str) -> impl Iterator<Item = &str> {
 fn parse_interface_key(i: &mut InterfaceConfig, key: &str, value: &str) -> Result<(), String> {
     match key {
         "privatekey" => {
-            i.private_key = Some(PrivateKey::from_base64(value).map_err(|e| e.to_string())?)
+            i.private_key = Some(PrivateKey::from_base64(value).map_err(|e| e.reason())?)
         }
         "listenport" => {
             i.listen_port = Some(
@@ -190,9 +190,9 @@ fn parse_peer_key(
     resolve: &mut dyn FnMut(&str) -> Option<SocketAddr>,
 ) -> Result<(), String> {
     match key {
-        "publickey" => p.public_key = PublicKey::from_base64(value).map_err(|e| e.to_string())?,
+        "publickey" => p.public_key = PublicKey::from_base64(value).map_err(|e| e.reason())?,
         "presharedkey" => {
-            p.preshared_key = Some(PresharedKey::from_base64(value).map_err(|e| e.to_string())?)
+            p.preshared_key = Some(PresharedKey::from_base64(value).map_err(|e| e.reason())?)
         }
         "allowedips" => {
             for a in list(value) {
@@ -331,6 +331,11 @@ mod tests {
         assert_eq!(e.line, 1);
         let e = parse_wg_quick("[Interface]\nPrivateKey = short\n").unwrap_err();
         assert_eq!((e.line, e.key.as_str()), (2, "PrivateKey"));
+        // The field is named once, by the line prefix.
+        assert_eq!(
+            e.to_string(),
+            "line 2: PrivateKey: not valid base64 (a WireGuard key is 44 base64 characters)"
+        );
     }
 
     #[test]

@@ -15,15 +15,37 @@ use zeroize::{Zeroize, ZeroizeOnDrop};
 /// Length in bytes of every WireGuard key.
 pub const KEY_LEN: usize = 32;
 
-/// Why a key could not be read.
+/// Why a key could not be read. Displays as `FIELD: REASON`; a caller that
+/// names the field itself (a parser reporting `line N: FIELD: ...`) uses
+/// [`KeyError::reason`] so the field is not named twice.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {}", self.field(), self.reason())]
 pub enum KeyError {
-    #[error("{field}: not valid base64 (a WireGuard key is 44 base64 characters)")]
     Base64 { field: &'static str },
-    #[error("{field}: not valid hex (a key in the UAPI is 64 hex digits)")]
     Hex { field: &'static str },
-    #[error("{field}: a key is 32 bytes, got {len}")]
     Length { field: &'static str, len: usize },
+}
+
+impl KeyError {
+    /// The field the key was read for (`PrivateKey`, `public_key`, ...).
+    pub fn field(&self) -> &'static str {
+        match self {
+            KeyError::Base64 { field }
+            | KeyError::Hex { field }
+            | KeyError::Length { field, .. } => field,
+        }
+    }
+
+    /// What is wrong with the key, without the field's name.
+    pub fn reason(&self) -> String {
+        match self {
+            KeyError::Base64 { .. } => {
+                "not valid base64 (a WireGuard key is 44 base64 characters)".into()
+            }
+            KeyError::Hex { .. } => "not valid hex (a key in the UAPI is 64 hex digits)".into(),
+            KeyError::Length { len, .. } => format!("a key is 32 bytes, got {len}"),
+        }
+    }
 }
 
 fn decode_base64(s: &str, field: &'static str) -> Result<[u8; KEY_LEN], KeyError> {

@@ -227,12 +227,8 @@ fn invalid(line: usize, key: &str, message: impl Into<String>) -> UapiError {
 }
 
 fn key_error(line: usize, key: &str, e: KeyError) -> UapiError {
-    // KeyError names the wg-quick field; here the UAPI key is the field.
-    let message = match e {
-        KeyError::Base64 { .. } | KeyError::Hex { .. } => "not 64 hex digits".to_string(),
-        KeyError::Length { len, .. } => format!("a key is 32 bytes, got {len}"),
-    };
-    invalid(line, key, message)
+    // The UAPI key names the field; the error adds only its reason.
+    invalid(line, key, e.reason())
 }
 
 fn parse_true(line: usize, key: &str, value: &str) -> Result<(), UapiError> {

@@ -2,6 +2,7 @@
 //! allowed `unsafe`; every block says why it is sound.
 #![allow(unsafe_code)]
 
+pub mod accept;
 pub mod offload;
 pub mod tun;
 pub mod udp;

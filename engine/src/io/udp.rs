@@ -12,7 +12,7 @@
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -30,9 +30,17 @@ pub const MAX_DATAGRAM: usize = 65535;
 /// otherwise overflow the default 208 KiB.
 const SOCKET_BUFFER: usize = 4 << 20;
 
-/// How long a send waits for room in a full socket buffer before the
-/// datagram is dropped (IP semantics: the sender's TCP retransmits).
-const SEND_WAIT: Duration = Duration::from_millis(5);
+/// How long, in all, a send waits for room in a full socket buffer before
+/// its datagrams are dropped (IP semantics: the sender's TCP retransmits;
+/// the engine counts them in `EngineStats::udp_send_dropped`).
+///
+/// wireguard-go's sends block until the socket is writable; the bound keeps
+/// a socket that never drains from holding the sending thread for good. It
+/// is well under the userspace stack's 200 ms minimum RTO: a GSO run of a
+/// few dozen segments dropped because the receiving thread was descheduled
+/// for a few milliseconds (5 ms before) cost the stack a retransmission
+/// timeout and a lost tail.
+pub const SEND_WAIT: Duration = Duration::from_millis(100);
 
 /// One bound socket and its offload state.
 pub struct BoundSocket {
@@ -101,13 +109,11 @@ impl BoundSocket {
             segment_size,
             src_ip: None,
         };
-        match self.state.try_send(UdpSockRef::from(&self.socket), &t) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                super::poll(self.socket.as_raw_fd(), libc::POLLOUT, SEND_WAIT)?;
-                self.state.try_send(UdpSockRef::from(&self.socket), &t)
-            }
-            r => r,
-        }
+        retry_while_blocked(
+            SEND_WAIT,
+            || self.state.try_send(UdpSockRef::from(&self.socket), &t),
+            |left| super::poll(self.socket.as_raw_fd(), libc::POLLOUT, left).map(drop),
+        )
     }
 
     /// Waits up to `timeout` for datagrams and receives a batch into
@@ -139,6 +145,32 @@ impl BoundSocket {
     /// How many segments one GSO send may carry here (1: no GSO).
     pub fn max_gso_segments(&self) -> usize {
         self.state.max_gso_segments()
+    }
+}
+
+/// Calls `send` until it does not report `WouldBlock`, waiting with `wait`
+/// (for the socket to become writable, at most the time given) in between,
+/// for `budget` in all; then the last `WouldBlock` is returned.
+fn retry_while_blocked(
+    budget: Duration,
+    mut send: impl FnMut() -> io::Result<()>,
+    mut wait: impl FnMut(Duration) -> io::Result<()>,
+) -> io::Result<()> {
+    let deadline = Instant::now() + budget;
+    loop {
+        match send() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Wait for the socket, not a fixed time: poll wakes as soon
+                // as the kernel has room again, and a run is retried as
+                // often as it takes within the budget.
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(e);
+                }
+                wait(left)?;
+            }
+            r => return r,
+        }
     }
 }
 
@@ -283,5 +315,75 @@ pub fn normalize(addr: SocketAddr) -> SocketAddr {
             None => addr,
         },
         v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blocked() -> io::Error {
+        io::Error::from(io::ErrorKind::WouldBlock)
+    }
+
+    #[test]
+    fn a_send_that_would_block_is_retried_until_the_socket_takes_it() {
+        // The socket stays full for several wake-ups (a descheduled
+        // receiver): the run must still leave, not be dropped after one
+        // retry.
+        let mut attempts = 0;
+        let mut waits = 0;
+        let r = retry_while_blocked(
+            Duration::from_secs(5),
+            || {
+                attempts += 1;
+                if attempts <= 4 {
+                    Err(blocked())
+                } else {
+                    Ok(())
+                }
+            },
+            |left| {
+                assert!(left <= Duration::from_secs(5));
+                waits += 1;
+                Ok(())
+            },
+        );
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!((attempts, waits), (5, 4));
+    }
+
+    #[test]
+    fn a_send_blocked_past_the_budget_fails_as_would_block() {
+        let mut attempts = 0u32;
+        let r = retry_while_blocked(
+            Duration::from_millis(30),
+            || {
+                attempts += 1;
+                Err(blocked())
+            },
+            |left| {
+                std::thread::sleep(left.min(Duration::from_millis(5)));
+                Ok(())
+            },
+        );
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::WouldBlock);
+        // Bounded: a handful of attempts, then the error.
+        assert!((2..=10).contains(&attempts), "{attempts}");
+    }
+
+    #[test]
+    fn other_errors_are_not_retried() {
+        let mut attempts = 0;
+        let r = retry_while_blocked(
+            Duration::from_secs(5),
+            || {
+                attempts += 1;
+                Err(io::Error::from(io::ErrorKind::PermissionDenied))
+            },
+            |_| panic!("no wait for an error other than WouldBlock"),
+        );
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+        assert_eq!(attempts, 1);
     }
 }

@@ -15,7 +15,6 @@ pub(crate) struct NetstackSink {
     pub addresses: Vec<IpAddr>,
     pub queue: Sender<PacketBuf>,
     pub pool: Arc<BufferPool>,
-    pub max_len: usize,
     pub next: Arc<dyn InnerSink>,
     /// Set when the stack stops: every packet goes to `next` from then on.
     pub detached: Arc<AtomicBool>,
@@ -28,11 +27,13 @@ impl InnerSink for NetstackSink {
             if let Ok(h) = IpHeader::new_checked(packet) {
                 if self.addresses.contains(&h.dst) {
                     let packet = &packet[..h.total_len];
-                    if packet.len() > self.max_len {
+                    // The engine let no packet past the MTU through (the
+                    // pool's buffer size); a refused copy is a dropped one.
+                    let Some(copy) = self.pool.take_copy(packet) else {
                         self.dropped.fetch_add(1, Relaxed);
                         return false;
-                    }
-                    return match self.queue.try_send(self.pool.take_copy(packet)) {
+                    };
+                    return match self.queue.try_send(copy) {
                         Ok(()) => true,
                         Err(TrySendError::Full(_)) => {
                             self.dropped.fetch_add(1, Relaxed);

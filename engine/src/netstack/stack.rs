@@ -272,7 +272,6 @@ impl Inner {
             addresses,
             queue: packets_tx,
             pool: BufferPool::new(inner.config.rx_queue_packets.min(1024), mtu),
-            max_len: mtu,
             next: engine.sink(),
             detached,
             dropped: rx_dropped,
@@ -444,19 +443,18 @@ fn run(inner: Arc<Inner>, packets: Receiver<PacketBuf>, kicks: Receiver<()>) {
             delay = st.delay().min(IDLE_CHECK);
             std::mem::swap(&mut out, &mut st.device.tx);
         }
-        for p in out.drain(..) {
-            if let Err(SendError::NoRoute | SendError::Dropped(DropReason::NoEndpoint)) =
-                engine.send_packet(&p)
-            {
+        // One batch: consecutive packets to a peer leave in one GSO send.
+        engine.send_packets_reporting(out.iter().map(Vec::as_slice), |p, e| {
+            if let SendError::NoRoute | SendError::Dropped(DropReason::NoEndpoint) = e {
                 inner.counters.tx_unroutable.fetch_add(1, Relaxed);
-                if let Ok(h) = IpHeader::new_checked(&p) {
+                if let Ok(h) = IpHeader::new_checked(p) {
                     if !unreachable.contains(&h.dst) {
                         unreachable.push(h.dst);
                     }
                 }
             }
-            spare.push(p);
-        }
+        });
+        spare.append(&mut out);
         if !unreachable.is_empty() || !packets.is_empty() {
             delay = Duration::ZERO;
         }

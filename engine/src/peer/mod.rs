@@ -30,9 +30,12 @@ use crate::wire::MessageKind;
 /// First byte of a cookie reply message.
 const COOKIE_REPLY_TYPE: u8 = 3;
 
-/// Initiations from one peer closer together than this are dropped before
-/// any cryptography: the kernel's `INITIATIONS_PER_SECOND` (50) flood guard
+/// Initiations from one peer closer together than this are dropped: the
+/// kernel's `INITIATIONS_PER_SECOND` (50) flood guard
 /// (drivers/net/wireguard/noise.c, `wg_noise_handshake_consume_initiation`).
+/// As there, the interval runs from the last initiation that authenticated
+/// as the peer, so one that claims the peer's key and fails to decrypt
+/// cannot shut the real peer out (see [`Peer::decapsulate`]).
 pub const MIN_INITIATION_INTERVAL: Duration = Duration::from_millis(1000 / 50);
 
 /// Packets boringtun queues per peer behind a handshake (its
@@ -90,6 +93,8 @@ struct PeerState {
     preshared_key: Option<PresharedKey>,
     persistent_keepalive: Option<u16>,
     last_sent: Option<Instant>,
+    /// When an initiation from the peer last authenticated and was
+    /// answered: the start of the [`MIN_INITIATION_INTERVAL`] window.
     last_initiation: Option<Instant>,
     /// When we last answered an initiation while no session was usable:
     /// until the initiator confirms the new session (or [`CONFIRM_WAIT`]
@@ -351,16 +356,23 @@ impl Peer {
             return self.drop_for(DropReason::Replay);
         }
         let mut st = self.state.lock();
-        if kind == MessageKind::HandshakeInitiation {
-            let now = Instant::now();
-            if st
+        // The flood window is only read here; it moves below, once boringtun
+        // has authenticated the initiation. The kernel checks and sets it
+        // only after the initiation's timestamp decrypted
+        // (`wg_noise_handshake_consume_initiation`): moved by any message
+        // naming the peer, forgeries every 20 ms (the peer's public key is
+        // all they need) kept the real peer's initiations inside it. An
+        // initiation inside the window of an authenticated one would be
+        // refused after decrypting too, so refusing it first only saves the
+        // Diffie-Hellman; forgeries themselves are capped engine-wide by
+        // the rate limiter and cookies before they reach a peer.
+        if kind == MessageKind::HandshakeInitiation
+            && st
                 .last_initiation
-                .is_some_and(|t| now.duration_since(t) < MIN_INITIATION_INTERVAL)
-            {
-                drop(st);
-                return self.drop_for(DropReason::HandshakeFlood);
-            }
-            st.last_initiation = Some(now);
+                .is_some_and(|t| t.elapsed() < MIN_INITIATION_INTERVAL)
+        {
+            drop(st);
+            return self.drop_for(DropReason::HandshakeFlood);
         }
         // Only a handshake makes a session: data or a cookie for a peer
         // never used is answered by nothing (and allocates nothing).
@@ -399,6 +411,9 @@ impl Peer {
             && !answered_with_cookie;
         if authenticated {
             st.endpoint = Some(src);
+            if kind == MessageKind::HandshakeInitiation {
+                st.last_initiation = Some(Instant::now());
+            }
         }
         // An answered initiation is remembered until a session is usable
         // (checked only then: not per data packet in steady state).

@@ -36,10 +36,14 @@ pub enum DropReason {
     SinkFull,
     /// Encryption failed or the session expired.
     SessionExpired,
+    /// Decrypted, but larger than the interface MTU, which every host
+    /// buffer (TUN, userspace stack, packet API) is sized to: dropped whole
+    /// rather than cut, as a peer with a larger MTU would send.
+    Oversized,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::NoEndpoint,
         DropReason::SourceNotAllowed,
         DropReason::DecryptFailed,
@@ -50,6 +54,7 @@ impl DropReason {
         DropReason::InnerMalformed,
         DropReason::SinkFull,
         DropReason::SessionExpired,
+        DropReason::Oversized,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,6 +69,7 @@ impl DropReason {
             DropReason::InnerMalformed => "inner_malformed",
             DropReason::SinkFull => "sink_full",
             DropReason::SessionExpired => "session_expired",
+            DropReason::Oversized => "oversized",
         }
     }
 

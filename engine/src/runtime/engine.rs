@@ -89,6 +89,10 @@ pub struct EngineStats {
     pub tx_malformed: u64,
     pub tx_no_route: u64,
     pub udp_send_errors: u64,
+    /// Encrypted datagrams those failed sends dropped (a GSO run counts
+    /// each of its datagrams), including runs still blocked after
+    /// [`crate::io::udp::SEND_WAIT`].
+    pub udp_send_dropped: u64,
     /// Packets dropped because the buffer ceiling
     /// ([`Engine::set_buffer_limit`]) was reached (also counted as
     /// `sink_full` on their peer).
@@ -105,6 +109,7 @@ struct EngineCounters {
     tx_malformed: AtomicU64,
     tx_no_route: AtomicU64,
     udp_send_errors: AtomicU64,
+    udp_send_dropped: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -245,10 +250,11 @@ impl TxBatch {
 
     fn send_run(&mut self, t: &UdpTransport, c: &EngineCounters) {
         if let Some((to, seg)) = self.run.take() {
-            if t.send(&self.buf[self.run_start..self.used], Some(seg), to)
-                .is_err()
-            {
+            let run = &self.buf[self.run_start..self.used];
+            if t.send(run, Some(seg), to).is_err() {
                 bump(&c.udp_send_errors);
+                c.udp_send_dropped
+                    .fetch_add(run.len().div_ceil(seg) as u64, Relaxed);
             }
         }
         self.run_start = self.used;
@@ -604,6 +610,7 @@ impl Engine {
             tx_malformed: c.tx_malformed.load(Relaxed),
             tx_no_route: c.tx_no_route.load(Relaxed),
             udp_send_errors: c.udp_send_errors.load(Relaxed),
+            udp_send_dropped: c.udp_send_dropped.load(Relaxed),
             buffer_limit_drops: self.shared.budget.drops(),
         }
     }
@@ -650,7 +657,18 @@ impl Engine {
     /// Unroutable or malformed packets are counted and skipped. Returns how
     /// many were accepted.
     pub fn send_packets<'a>(&self, packets: impl IntoIterator<Item = &'a [u8]>) -> usize {
-        self.shared.send_packets(packets)
+        self.shared.send_packets(packets, &mut |_, _| {})
+    }
+
+    /// [`Engine::send_packets`], calling `rejected` with each packet that
+    /// was not accepted and why (what [`Engine::send_packet`] would have
+    /// returned for it).
+    pub fn send_packets_reporting<'a>(
+        &self,
+        packets: impl IntoIterator<Item = &'a [u8]>,
+        mut rejected: impl FnMut(&[u8], SendError),
+    ) -> usize {
+        self.shared.send_packets(packets, &mut rejected)
     }
 
     /// The peer whose AllowedIPs cover `dst`, if any: where
@@ -817,9 +835,17 @@ impl Shared {
 
     /// Sends many packets; consecutive ones to the same endpoint are
     /// encrypted into one buffer and leave in one GSO send. Returns how many
-    /// were accepted (encrypted, or queued behind a handshake).
-    fn send_packets<'a>(&self, packets: impl IntoIterator<Item = &'a [u8]>) -> usize {
+    /// were accepted (encrypted, or queued behind a handshake); the others
+    /// go to `rejected` with the reason.
+    fn send_packets<'a>(
+        &self,
+        packets: impl IntoIterator<Item = &'a [u8]>,
+        rejected: &mut dyn FnMut(&[u8], SendError),
+    ) -> usize {
         if self.closed.load(Relaxed) {
+            for packet in packets {
+                rejected(packet, SendError::Closed);
+            }
             return 0;
         }
         let transport = self.transport.read().clone();
@@ -827,8 +853,12 @@ impl Shared {
             let mut accepted = 0;
             for packet in packets {
                 // The table lock is held per lookup, never across a send.
-                let Ok((peer, packet)) = self.route(&self.peers.read(), packet) else {
-                    continue;
+                let (peer, packet) = match self.route(&self.peers.read(), packet) {
+                    Ok(routed) => routed,
+                    Err(e) => {
+                        rejected(packet, e);
+                        continue;
+                    }
                 };
                 if batch.room() < output_buffer_len(packet.len()) {
                     batch.flush(&transport, &self.counters);
@@ -844,7 +874,8 @@ impl Shared {
                         batch.push(at, len, to, &transport, &self.counters);
                     }
                     PeerOutput::Done => accepted += 1,
-                    _ => {}
+                    PeerOutput::Dropped(reason) => rejected(packet, SendError::Dropped(reason)),
+                    PeerOutput::ToHost { .. } => {}
                 }
             }
             batch.flush(&transport, &self.counters);
@@ -852,10 +883,22 @@ impl Shared {
         })
     }
 
-    /// True when `src` routes back to `peer`: a decrypted packet's inner
-    /// source must be inside its sender's AllowedIPs.
-    fn source_allowed(&self, peer: &Peer, src: IpAddr) -> bool {
-        self.peers.read().allowed_ips.lookup(src) == Some(&peer.index())
+    /// Whether a packet `peer` decrypted may go to the sink, and if not,
+    /// why. The one place the rules for every sink live:
+    /// - its inner source `src` must route back to `peer` (inside its
+    ///   sender's AllowedIPs);
+    /// - it must fit the MTU: every sink's packet buffers are MTU-sized
+    ///   (the host queue's, copied into MTU-sized C buffers by the packet
+    ///   API; the userspace stack's), and a TUN device gets no more than
+    ///   its MTU either. A larger one is dropped whole, never cut.
+    fn inner_allowed(&self, peer: &Peer, src: IpAddr, len: usize) -> Result<(), DropReason> {
+        if self.peers.read().allowed_ips.lookup(src) != Some(&peer.index()) {
+            return Err(DropReason::SourceNotAllowed);
+        }
+        if len > self.mtu as usize {
+            return Err(DropReason::Oversized);
+        }
+        Ok(())
     }
 
     /// Does what a peer call asked: sends datagrams, delivers packets.
@@ -863,8 +906,8 @@ impl Shared {
         match result {
             PeerOutput::ToNetwork { len, to } => self.send_datagram(&out[..len], to),
             PeerOutput::ToHost { len, src } => {
-                if !self.source_allowed(peer, src) {
-                    return peer.drop_for(DropReason::SourceNotAllowed);
+                if let Err(reason) = self.inner_allowed(peer, src, len) {
+                    return peer.drop_for(reason);
                 }
                 let sink = self.sink.read().clone();
                 if !sink.deliver(&out[..len]) {
@@ -904,14 +947,15 @@ impl Shared {
         };
         let result = peer.decapsulate(src, msg.kind, datagram, out);
         match result {
-            PeerOutput::ToHost { len, src } => {
-                if self.source_allowed(&peer, src) {
+            PeerOutput::ToHost { len, src } => match self.inner_allowed(&peer, src, len) {
+                Ok(()) => {
                     rx.packets.commit(len);
                     rx.peers.push(peer.clone());
-                } else {
-                    peer.drop_for(DropReason::SourceNotAllowed);
                 }
-            }
+                Err(reason) => {
+                    peer.drop_for(reason);
+                }
+            },
             _ => {
                 self.emit(&peer, result, out);
             }
@@ -1043,7 +1087,7 @@ fn tun_loop(shared: Arc<Shared>, stop: Receiver<()>, mut tun: Tun) {
         match tun.read_burst(&mut burst, RECV_POLL) {
             Ok(0) => {}
             Ok(n) => {
-                shared.send_packets(burst.packets(n));
+                shared.send_packets(burst.packets(n), &mut |_, _| {});
             }
             Err(e) => {
                 tracing::info!(device = tun.name(), error = %e, "TUN device gone");

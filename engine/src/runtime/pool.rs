@@ -23,19 +23,30 @@ impl BufferPool {
         })
     }
 
-    /// A buffer holding a copy of `data` (which must fit `buf_len`).
-    pub fn take_copy(self: &Arc<Self>, data: &[u8]) -> PacketBuf {
+    /// A buffer holding a copy of `data`; `None` when `data` is longer than
+    /// the buffers. Never a cut copy: a packet missing its tail is a
+    /// different packet, and whoever charged `data.len()` for it must get
+    /// exactly that back. The engine drops longer packets before any sink
+    /// (`DropReason::Oversized`), so `None` means a caller broke that rule.
+    pub fn take_copy(self: &Arc<Self>, data: &[u8]) -> Option<PacketBuf> {
+        if data.len() > self.buf_len {
+            return None;
+        }
         let mut buf = self
             .free_rx
             .try_recv()
             .unwrap_or_else(|_| vec![0u8; self.buf_len]);
-        let len = data.len().min(buf.len());
-        buf[..len].copy_from_slice(&data[..len]);
-        PacketBuf {
+        buf[..data.len()].copy_from_slice(data);
+        Some(PacketBuf {
             buf,
-            len,
+            len: data.len(),
             pool: Some(self.clone()),
-        }
+        })
+    }
+
+    /// The longest packet a buffer holds.
+    pub fn buf_len(&self) -> usize {
+        self.buf_len
     }
 
     pub fn idle(&self) -> usize {
@@ -87,13 +98,20 @@ mod tests {
     #[test]
     fn buffers_are_reused() {
         let pool = BufferPool::new(4, 2048);
-        let a = pool.take_copy(b"hello");
+        let a = pool.take_copy(b"hello").unwrap();
         assert_eq!(&*a, b"hello");
         let ptr = a.as_ptr();
         drop(a);
         assert_eq!(pool.idle(), 1);
-        let b = pool.take_copy(b"again");
+        let b = pool.take_copy(b"again").unwrap();
         assert_eq!(b.as_ptr(), ptr, "the same allocation came back");
         assert_eq!(pool.idle(), 0);
+    }
+
+    #[test]
+    fn a_packet_longer_than_the_buffers_is_refused_not_cut() {
+        let pool = BufferPool::new(4, 8);
+        assert_eq!(pool.take_copy(&[7u8; 8]).map(|p| p.len()), Some(8));
+        assert!(pool.take_copy(&[7u8; 9]).is_none());
     }
 }

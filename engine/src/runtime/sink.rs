@@ -12,7 +12,10 @@ use parking_lot::Mutex;
 use super::pool::{BufferPool, PacketBuf};
 use crate::peer::BufferBudget;
 
-/// A consumer of decrypted, source-checked inner IP packets.
+/// A consumer of decrypted, source-checked inner IP packets. The engine
+/// hands a sink no packet longer than its MTU (larger ones are dropped as
+/// `DropReason::Oversized` before any sink), so sinks size their buffers
+/// to the MTU and need no check of their own.
 pub trait InnerSink: Send + Sync {
     /// Takes one packet. Returns false when the sink is full and the packet
     /// was dropped (the engine counts it).
@@ -140,7 +143,9 @@ impl HostQueue {
         self.taken(self.rx.try_recv().ok())
     }
 
-    /// A packet left the queue: its bytes no longer count.
+    /// A packet left the queue: its bytes no longer count. A queued
+    /// packet's length is what [`InnerSink::deliver`] charged for it (the
+    /// pool never cuts a copy), so the budget gets back exactly that.
     fn taken(&self, p: Option<PacketBuf>) -> Option<PacketBuf> {
         if let Some(p) = &p {
             self.budget.give_back(p.len());
@@ -168,7 +173,11 @@ impl InnerSink for HostQueue {
         if !self.budget.try_take(packet.len()) {
             return false;
         }
-        match self.tx.try_send(self.pool.take_copy(packet)) {
+        let Some(copy) = self.pool.take_copy(packet) else {
+            self.budget.give_back(packet.len());
+            return false;
+        };
+        match self.tx.try_send(copy) {
             Ok(()) => {
                 if let Some(n) = self.notify.lock().as_ref() {
                     n();

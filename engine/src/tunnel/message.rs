@@ -230,7 +230,7 @@ mod tests {
             .collect()
     }
 
-    // The vectors of shared/protocols/remotedialer.md, produced by the Go code with id = 1.
+    // The vectors of engine/docs/remotedialer.md, produced by the Go code with id = 1.
     #[test]
     fn protocol_page_vectors() {
         let mut connect = hex("02 04 04 b0ea01");

@@ -1,5 +1,5 @@
 //! The websocket supervisor tunnel, wire-compatible with k3s's
-//! `github.com/rancher/remotedialer` (see `shared/protocols/remotedialer.md`).
+//! `github.com/rancher/remotedialer` (see `engine/docs/remotedialer.md`).
 //!
 //! This layer is sans-IO: it never opens sockets, spawns threads or reads
 //! the clock. Bytes and time go in ([`TunnelSession::handle_message`],

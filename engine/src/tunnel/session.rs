@@ -10,6 +10,15 @@
 //! [`TunnelSession::poll_timeout`] (when to call `handle_timeout`).
 //! After any input, drain `poll_event` and `poll_transmit`.
 //!
+//! Backpressure: every message from the peer queues at most one control
+//! frame here (a reply, a Pause), directly or through the `refuse` that
+//! answers its `Incoming`. A driver hands over at most
+//! [`TunnelSession::read_budget`] messages before writing some out, and
+//! stops reading from its socket while the budget is 0; so a peer that
+//! sends and never reads fills its own socket, not this side's memory. As
+//! a backstop, a reply that would overfill the queue is dropped and counted
+//! (`replies_dropped`).
+//!
 //! Ordering: control frames (Connect, Pause, Resume, replies) go before data;
 //! data of different connections is sent round-robin, one chunk each, so a
 //! connection its peer paused never holds up the others; a connection's
@@ -227,6 +236,45 @@ impl TunnelSession {
         self.queue_control(conn, MessageType::Error, text.as_bytes());
     }
 
+    /// Room for one more frame a peer's message caused.
+    fn control_room(&self) -> bool {
+        self.control.len() < self.limits.max_control_queue
+    }
+
+    /// An Error the peer's input asked for. Beyond `max_control_queue` it is
+    /// dropped and counted: losing it is safe (the peer has already given
+    /// the id up, or SyncConnections / its read deadline clears it), and a
+    /// driver that respects `read_budget` never gets here.
+    fn queue_reply(&mut self, conn: ConnId, text: &str) {
+        if !self.control_room() {
+            self.stats.replies_dropped += 1;
+            return;
+        }
+        self.queue_error(conn, text);
+    }
+
+    /// How many more messages from the peer this session can take before
+    /// its outbound control queue is full. Each message queues at most one
+    /// control frame, so a driver that hands over no more than this between
+    /// writes keeps the queue within `max_control_queue`; at 0 it must stop
+    /// reading until `poll_transmit` has taken some out. This is the
+    /// backpressure Go's remotedialer gets from writing each reply before
+    /// reading the next message.
+    pub fn read_budget(&self) -> usize {
+        if self.closed {
+            return usize::MAX;
+        }
+        self.limits
+            .max_control_queue
+            .saturating_sub(self.control.len())
+    }
+
+    /// Control frames (Connect, Pause, Resume, Error, SyncConnections)
+    /// queued and not yet taken by `poll_transmit`.
+    pub fn control_queued(&self) -> usize {
+        self.control.len()
+    }
+
     fn mark_ready(&mut self, id: ConnId) {
         if let Some(c) = self.conns.get_mut(&id) {
             if !c.in_ready && !c.paused_by_peer {
@@ -363,7 +411,7 @@ impl TunnelSession {
             self.buffered -= c.recv_len;
             c.recv.clear();
             c.recv_len = 0;
-            self.queue_error(id, "receive buffer limit exceeded");
+            self.queue_reply(id, "receive buffer limit exceeded");
             self.finish(id, Some("receive buffer limit exceeded".into()));
             return;
         }
@@ -371,7 +419,10 @@ impl TunnelSession {
         c.recv.push_back(payload);
         c.recv_len += n;
         self.buffered += n;
+        // With the control queue full the Pause waits for the next Data
+        // (the driver has stopped reading by then anyway).
         let pause = !c.paused_by_us
+            && self.control.len() < limits.max_control_queue
             && (c.recv_len > PAUSE_THRESHOLD
                 || (self.buffered > limits.session_buffer_soft
                     && c.recv_len > limits.session_pause_floor));
@@ -393,31 +444,31 @@ impl TunnelSession {
     }
 
     fn reply_not_found(&mut self, id: ConnId) {
-        if self.control.len() >= self.limits.max_control_queue {
-            self.stats.replies_dropped += 1;
-            return;
-        }
         let side = match self.role {
             Role::Agent => "client",
             Role::Server => "server",
         };
-        self.queue_error(id, &format!("connection not found {side}/{id}"));
+        self.queue_reply(id, &format!("connection not found {side}/{id}"));
     }
 
     fn on_connect(&mut self, now: Instant, id: ConnId, target: &[u8], truncated: bool) {
-        if self.conns.contains_key(&id) {
-            // Same id twice: both ends now disagree about it, end it on both.
-            self.queue_error(id, "duplicate connection id");
-            self.finish(id, Some("duplicate connection id".into()));
+        if let Some(c) = self.conns.get(&id) {
+            // Same id twice: both ends now disagree about it, end it on both
+            // (once: a finished entry is not finished again).
+            let live = c.is_live();
+            self.queue_reply(id, "duplicate connection id");
+            if live {
+                self.finish(id, Some("duplicate connection id".into()));
+            }
             return;
         }
         if self.role == Role::Server {
-            self.queue_error(id, "connect not allowed");
+            self.queue_reply(id, "connect not allowed");
             return;
         }
         let live = self.conns.values().filter(|c| c.is_live()).count();
         if live >= self.limits.max_connections {
-            self.queue_error(id, "too many connections");
+            self.queue_reply(id, "too many connections");
             return;
         }
         let parsed = if truncated {
@@ -426,7 +477,7 @@ impl TunnelSession {
             message::parse_connect_target(target)
         };
         let Some((proto, address)) = parsed else {
-            self.queue_error(id, "failed to parse connect address");
+            self.queue_reply(id, "failed to parse connect address");
             return;
         };
         let (proto, address) = (proto.to_owned(), address.to_owned());
@@ -455,7 +506,7 @@ impl TunnelSession {
         // The Go library answers a received Error with the same Error; so do we,
         // unless our own Error for it is already queued.
         if !was_closing {
-            self.queue_error(id, &text);
+            self.queue_reply(id, &text);
         }
         self.finish(id, error);
     }
@@ -482,9 +533,13 @@ impl TunnelSession {
                 self.next_ping = now + self.limits.ping_interval;
             }
             if now >= self.next_sync {
-                let id = self.message_id();
-                let ids = self.live_ids();
-                self.control.push_back(message::encode_sync(id, ids));
+                // A full queue means the peer is not reading: skip this one
+                // rather than pile up SyncConnections; the next interval retries.
+                if self.control_room() {
+                    let id = self.message_id();
+                    let ids = self.live_ids();
+                    self.control.push_back(message::encode_sync(id, ids));
+                }
                 self.next_sync = now + self.limits.sync_interval;
             }
         }
@@ -594,12 +649,13 @@ impl TunnelSession {
     }
 
     /// Refuses an `Incoming` connection (or fails an accepted one whose dial
-    /// failed): the peer gets an Error with `reason` for this connection only.
+    /// failed): the peer gets an Error with `reason` for this connection only
+    /// (counted against `max_control_queue` as the reply to its Connect).
     pub fn refuse(&mut self, id: ConnId, reason: &str) {
         if let Some(c) = self.conns.remove(&id) {
             self.buffered -= c.recv_len;
             if c.is_live() {
-                self.queue_error(id, reason);
+                self.queue_reply(id, reason);
             }
         }
     }

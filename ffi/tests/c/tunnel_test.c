@@ -668,13 +668,26 @@ static void test_relay_bad_input(void) {
     sc.relay_keys_len = 1; /* keys NULL */
     CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_NULL_PARAMETER);
     CHECK(s == NULL);
-    /* A server without the relay has no relay counters. */
+    /* Relay session caps need the relay. */
+    sc.relay_keys_len = 0;
+    sc.relay = false;
+    sc.relay_max_sessions_per_source = 2;
+    CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_INVALID_ARGUMENT);
+    CHECK(s == NULL);
+    /* A server without the relay has no relay counters; its own counters
+     * start at zero. */
     s = new_server();
     meshvpn_relay_server_stats rs;
     CHECK_RC(meshvpn_tunnel_server_relay_stats(s, &rs), MESHVPN_RELAY_NOT_RUNNING);
     CHECK_RC(meshvpn_tunnel_server_relay_stats(s, NULL), MESHVPN_NULL_PARAMETER);
+    meshvpn_tunnel_server_stats ss;
+    OK(meshvpn_tunnel_server_get_stats(s, &ss));
+    CHECK(ss.refused_handshakes == 0 && ss.refused_handshakes_per_source == 0);
+    CHECK(ss.relay_sessions == 0 && ss.refused_relay_sessions_per_source == 0);
+    CHECK_RC(meshvpn_tunnel_server_get_stats(s, NULL), MESHVPN_NULL_PARAMETER);
     OK(meshvpn_tunnel_server_free(s));
     CHECK_RC(meshvpn_tunnel_server_relay_stats(s, &rs), MESHVPN_INVALID_HANDLE);
+    CHECK_RC(meshvpn_tunnel_server_get_stats(s, &ss), MESHVPN_INVALID_HANDLE);
 }
 
 /* Two engines whose UDP goes nowhere: through a relay-only server (no

@@ -119,6 +119,7 @@ impl Shared {
                 let transport = self.transport.read().clone();
                 if transport.send_to(datagram, to).is_err() {
                     bump(&self.counters.udp_send_errors);
+                    bump(&self.counters.udp_send_dropped);
                 }
             }
             Some(index) => {

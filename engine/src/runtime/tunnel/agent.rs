@@ -3,7 +3,7 @@
 //! when its policy allows them.
 
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -94,6 +94,10 @@ pub struct AgentStatus {
     pub sessions: u64,
     /// Why the last session or attempt ended.
     pub last_error: Option<String>,
+    /// Streams being dialed or pumped to targets now (two threads each).
+    pub streams_active: usize,
+    /// Connects refused because `Limits::max_agent_streams` streams were active.
+    pub streams_refused_at_cap: u64,
 }
 
 struct AgentShared {
@@ -103,6 +107,32 @@ struct AgentShared {
     status: Mutex<AgentStatus>,
     changed: Condvar,
     current: Mutex<Option<Arc<SessionShared>>>,
+    /// Streams holding threads now; see `Limits::max_agent_streams`.
+    streams_active: AtomicUsize,
+    streams_refused_at_cap: AtomicU64,
+}
+
+/// One stream's claim on `AgentShared::streams_active`, given back when its
+/// threads are done (or could not start).
+struct StreamSlot(Arc<AgentShared>);
+
+impl StreamSlot {
+    fn claim(shared: &Arc<AgentShared>) -> Option<StreamSlot> {
+        let cap = shared.config.limits.max_agent_streams;
+        shared
+            .streams_active
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| StreamSlot(shared.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.streams_active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl AgentShared {
@@ -130,6 +160,8 @@ impl Agent {
             status: Mutex::new(AgentStatus::default()),
             changed: Condvar::new(),
             current: Mutex::new(None),
+            streams_active: AtomicUsize::new(0),
+            streams_refused_at_cap: AtomicU64::new(0),
         });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
@@ -143,7 +175,10 @@ impl Agent {
     }
 
     pub fn status(&self) -> AgentStatus {
-        self.shared.status.lock().clone()
+        let mut status = self.shared.status.lock().clone();
+        status.streams_active = self.shared.streams_active.load(Ordering::SeqCst);
+        status.streams_refused_at_cap = self.shared.streams_refused_at_cap.load(Ordering::SeqCst);
+        status
     }
 
     /// Waits until a session is up (`true`) or `timeout` passes.
@@ -449,6 +484,15 @@ impl SessionHooks for AgentHooks {
             session.after_op(&mut inner);
             return;
         }
+        let Some(slot) = StreamSlot::claim(&self.shared) else {
+            self.shared
+                .streams_refused_at_cap
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(conn = conn.0, "tunnel: refused connect, too many streams");
+            inner.core.refuse(conn, "too many streams");
+            session.after_op(&mut inner);
+            return;
+        };
         if inner.core.accept(conn).is_err() {
             return;
         }
@@ -460,11 +504,14 @@ impl SessionHooks for AgentHooks {
         let spawned = std::thread::Builder::new()
             .name("tunnel-dial".into())
             .stack_size(256 << 10)
-            .spawn(move || match dialer.dial(&proto, &address) {
-                Ok(target) => pump(stream, target),
-                Err(e) => {
-                    tracing::debug!(conn = conn.0, error = %e, "tunnel: dial failed");
-                    stream.close_with(Some(&e.to_string()));
+            .spawn(move || {
+                let _slot = slot;
+                match dialer.dial(&proto, &address) {
+                    Ok(target) => pump(stream, target),
+                    Err(e) => {
+                        tracing::debug!(conn = conn.0, error = %e, "tunnel: dial failed");
+                        stream.close_with(Some(&e.to_string()));
+                    }
                 }
             });
         if let Err(e) = spawned {

@@ -9,9 +9,19 @@
 //!   stream.write ──► core.send ──wake──► core.poll_transmit ──► ws.write ──► socket
 //! ```
 //!
-//! The loop only sleeps when the socket said WouldBlock for reading and
-//! either nothing is left to write or the socket said WouldBlock for writing
-//! (mio is edge-triggered), or until the session's next timer.
+//! The loop only sleeps when the socket said WouldBlock for reading (or
+//! reading is paused, below) and either nothing is left to write or the
+//! socket said WouldBlock for writing (mio is edge-triggered), or until the
+//! session's next timer.
+//!
+//! Backpressure: the loop reads no more messages than the session's
+//! [`TunnelSession::read_budget`] allows and stops reading while it is 0,
+//! until writes drain the control queue. A peer that sends and never reads
+//! then fills its own socket instead of this process's memory, as with Go's
+//! remotedialer, which writes each reply before it reads the next message.
+//! Closing instead would also bound memory, but would end a slow yet honest
+//! peer's session along with every stream on it; stopping only delays it,
+//! and the read deadline still ends a peer that stays stuck.
 
 use std::collections::HashMap;
 use std::io;
@@ -255,16 +265,18 @@ fn pump_websocket(
     let mut incoming = Vec::new();
     let mut stalled: Option<Message> = None;
     loop {
-        // Read what the socket has.
+        // Read what the socket has, within the session's budget.
         let mut read_blocked = false;
         let mut read_any = false;
         let mut batches = 0;
+        let mut budget = shared.lock().core.read_budget();
         // A bounded number of batches, so a busy reader never starves writes (Pause, pongs).
-        while !read_blocked && batches < 8 {
+        while !read_blocked && batches < 8 && budget > 0 {
             batches += 1;
             batch.clear();
             let mut keepalives = 0usize;
-            while batch.len() < READ_BATCH {
+            let limit = READ_BATCH.min(budget);
+            while batch.len() < limit {
                 match read_one(ws) {
                     Ok(Received::Binary(b)) => batch.push(b),
                     Ok(Received::Keepalive) => keepalives += 1,
@@ -295,7 +307,12 @@ fn pump_websocket(
             for inc in incoming.drain(..) {
                 hooks.incoming(shared, inc);
             }
+            budget = shared.lock().core.read_budget();
         }
+        // Stopped for the budget with data maybe still in the socket: no
+        // readable edge will come for it, so read again as soon as writes
+        // made room (the write path below wakes the loop on writable).
+        let read_paused = !read_blocked && budget == 0;
 
         // Timers, stop requests, and everything queued to send.
         let wrote_any = {
@@ -323,7 +340,7 @@ fn pump_websocket(
             Err(e) if is_would_block(&e) => true,
             Err(e) => return format!("websocket flush: {e}"),
         };
-        if read_any || (wrote_any && !write_blocked) {
+        if (read_any && !read_paused) || (wrote_any && !write_blocked) {
             continue;
         }
 
@@ -331,6 +348,11 @@ fn pump_websocket(
         let timeout = {
             let mut inner = shared.lock();
             if inner.stop.is_some() || (!write_blocked && inner.core.has_transmit()) {
+                continue;
+            }
+            if read_paused && inner.core.read_budget() > 0 {
+                // Writes made room since: read what is left in the socket
+                // (each pass consumes messages, so this does not spin).
                 continue;
             }
             inner.io_sleeping = !write_blocked;

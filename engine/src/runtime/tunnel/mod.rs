@@ -8,10 +8,13 @@
 //! - [`TunnelStream`]: one connection through a session, `Read + Write`.
 //!
 //! Threads: one per session (see `driver`), one per handshake in progress
-//! (bounded), one listener, and two per stream an agent pumps to a target.
+//! (bounded in total and per source), one per relay session (bounded the
+//! same way), one listener, and two per stream an agent pumps to a target
+//! (at most `Limits::max_agent_streams` streams per agent).
 //! The protocol itself lives in [`crate::tunnel`]; nothing here parses
 //! tunnel messages.
 
+mod admission;
 mod agent;
 mod driver;
 mod relay_client;
@@ -25,8 +28,14 @@ mod transport;
 
 pub use agent::{Agent, AgentConfig, AgentEvent, AgentEventHook, AgentStatus};
 pub use relay_client::{RelayClient, RelayConfig, RelayOwner, RelayStatus};
-pub use relay_server::{RelayServerConfig, RelayServerStats, RELAY_PATH};
-pub use server::{ServerAuth, ServerConfig, TunnelServer};
+pub use relay_server::{
+    RelayServerConfig, RelayServerStats, DEFAULT_RELAY_MAX_SESSIONS,
+    DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, RELAY_PATH,
+};
+pub use server::{
+    ServerAuth, ServerConfig, ServerStats, TunnelServer, DEFAULT_MAX_HANDSHAKES,
+    DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+};
 pub use stream::TunnelStream;
 pub use target::{
     pump, AllowList, ConnectPolicy, DialedTarget, OsDialer, TargetDialer, TargetPattern,

@@ -11,7 +11,7 @@
 //! key replaces (and ends) the older session.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,17 @@ use crate::tunnel::relay::{Frame, ServerHandshake, ACCEPTED, KEY_LEN};
 /// The default upgrade path of the relay.
 pub const RELAY_PATH: &str = "/v1-meshvpn/relay";
 
+/// Relay sessions at once, from all sources. Each is one thread and three
+/// files (socket, epoll, eventfd), so 1024 bound the relay to 1024 threads
+/// and 3072 files, within the open-file limit `meshvpn` raises itself to
+/// (and k3s's 1048576); a cluster's relay serves one session per node.
+pub const DEFAULT_RELAY_MAX_SESSIONS: usize = 1024;
+
+/// Relay sessions at once from one source address. A node holds one; 32
+/// serves 32 nodes behind one NAT, while one address can take at most a
+/// thirty-second of [`DEFAULT_RELAY_MAX_SESSIONS`].
+pub const DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE: usize = 32;
+
 /// Relay settings of a [`super::TunnelServer`].
 #[derive(Debug, Clone)]
 pub struct RelayServerConfig {
@@ -44,6 +55,13 @@ pub struct RelayServerConfig {
     /// Also require the tunnel's own credentials (a bearer token or a client
     /// certificate, as for agents) before the key proof.
     pub require_auth: bool,
+    /// Sessions at once (from the upgrade to the end); more upgrades are
+    /// answered 503. Default [`DEFAULT_RELAY_MAX_SESSIONS`].
+    pub max_sessions: usize,
+    /// Sessions at once from one source address; more from it are answered
+    /// 503 while other sources register. Default
+    /// [`DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE`].
+    pub max_sessions_per_source: usize,
 }
 
 impl Default for RelayServerConfig {
@@ -54,6 +72,8 @@ impl Default for RelayServerConfig {
             queue: 1024,
             idle: Duration::from_secs(60),
             require_auth: false,
+            max_sessions: DEFAULT_RELAY_MAX_SESSIONS,
+            max_sessions_per_source: DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE,
         }
     }
 }
@@ -99,6 +119,8 @@ pub(crate) struct Relay {
     pub(crate) config: RelayServerConfig,
     clients: RwLock<HashMap<[u8; KEY_LEN], Client>>,
     counters: Counters,
+    /// Set under the `clients` lock by `stop_all`: nothing registers after.
+    stopped: AtomicBool,
 }
 
 impl Relay {
@@ -107,6 +129,7 @@ impl Relay {
             config,
             clients: RwLock::new(HashMap::new()),
             counters: Counters::default(),
+            stopped: AtomicBool::new(false),
         }
     }
 
@@ -126,7 +149,9 @@ impl Relay {
 
     /// Ends every session (server shutdown).
     pub(crate) fn stop_all(&self) {
-        for c in self.clients.read().values() {
+        let clients = self.clients.write();
+        self.stopped.store(true, Relaxed);
+        for c in clients.values() {
             c.outbox.stop();
         }
     }
@@ -156,13 +181,21 @@ impl Relay {
         // datagrams for it are delivered.
         pump.outbox().push(Bytes::from_static(&ACCEPTED));
         let session = self.counters.sessions.fetch_add(1, Relaxed);
-        let old = self.clients.write().insert(
+        let mut clients = self.clients.write();
+        if self.stopped.load(Relaxed) {
+            drop(clients);
+            let _ = ws.close(None);
+            let _ = ws.flush();
+            return Err(TunnelError::Handshake("relay: server shutting down".into()));
+        }
+        let old = clients.insert(
             key,
             Client {
                 session,
                 outbox: pump.outbox(),
             },
         );
+        drop(clients);
         self.counters.registrations.fetch_add(1, Relaxed);
         if let Some(old) = old {
             self.counters.replaced.fetch_add(1, Relaxed);

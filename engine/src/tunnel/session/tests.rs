@@ -543,3 +543,120 @@ fn many_streams_round_robin() {
     p.drive();
     assert_eq!(p.server.connection_count() + p.agent.connection_count(), 0);
 }
+
+/// Every frame a hostile peer can send that makes a session queue a reply,
+/// for `role`'s peer: `i` picks one. None of them needs anything written back.
+fn hostile_frame(role: Role, i: i64) -> Vec<u8> {
+    let conn = 1_000 + i;
+    match (role, i % 4) {
+        // Connects to a server are never allowed.
+        (Role::Server, 0 | 1) => encode(i, conn, MessageType::Connect, b"tcp/127.0.0.1:1"),
+        // An agent at max_connections, or given a target it cannot parse.
+        (Role::Agent, 0) => encode(i, conn, MessageType::Connect, b"tcp/127.0.0.1:1"),
+        (Role::Agent, 1) => encode(i, conn, MessageType::Connect, b"noslash"),
+        // Data for an id nobody opened.
+        (_, 2) => encode(i, conn, MessageType::Data, b"who?"),
+        // A Connect reusing an id this side holds.
+        _ => encode(i, 2, MessageType::Connect, b"tcp/127.0.0.1:1"),
+    }
+}
+
+/// A flood of frames that each ask for a reply, with nothing written out:
+/// the outbound control queue stays within `max_control_queue` in both
+/// roles, and the session tells its driver to stop reading once it is full.
+#[test]
+fn reply_flood_with_nothing_written_stays_bounded() {
+    const FLOOD: i64 = 20_000;
+    let mut over = Vec::new();
+    for role in [Role::Server, Role::Agent] {
+        let now = Instant::now();
+        let limits = Limits {
+            max_control_queue: 64,
+            max_connections: 4,
+            ..Limits::default()
+        };
+        let mut s = TunnelSession::new(role, limits.clone(), now);
+        if role == Role::Server {
+            assert_eq!(s.dial(now, "tcp", "127.0.0.1:1"), Ok(ConnId(2)));
+        }
+        let mut stop_reading_at = None;
+        for i in 0..FLOOD {
+            // A driver that ignored the budget: the queue still holds.
+            if s.read_budget() == 0 && stop_reading_at.is_none() {
+                stop_reading_at = Some(i);
+            }
+            s.handle_message(now, Bytes::from(hostile_frame(role, i)))
+                .unwrap();
+            // A driver answers every Incoming: the agent's policy refuses them.
+            while let Some(e) = s.poll_event() {
+                if let Event::Incoming { conn, .. } = e {
+                    s.refuse(conn, "connect not allowed");
+                }
+            }
+            assert!(s.control_queued() <= limits.max_control_queue, "{role:?}");
+        }
+        assert_eq!(s.read_budget(), 0, "{role:?}: a full queue stops reading");
+        assert!(
+            stop_reading_at.is_some_and(|i| i <= limits.max_control_queue as i64 + 1),
+            "{role:?}: stop-reading signalled at message {stop_reading_at:?}"
+        );
+        let queued = std::iter::from_fn(|| s.poll_transmit()).count();
+        if queued > limits.max_control_queue {
+            over.push(format!(
+                "{role:?}: {queued} frames queued for a peer that never read, over max_control_queue {}",
+                limits.max_control_queue
+            ));
+            continue;
+        }
+        assert!(
+            s.stats().replies_dropped >= (FLOOD as u64) - 2 * limits.max_control_queue as u64,
+            "{role:?}: {:?}",
+            s.stats()
+        );
+        // Written out: reading may resume.
+        assert_eq!(s.read_budget(), limits.max_control_queue, "{role:?}");
+    }
+    assert!(over.is_empty(), "{over:#?}");
+}
+
+/// A driver that hands over no more than `read_budget` messages between
+/// writes never makes the session drop a reply.
+#[test]
+fn reading_within_the_budget_drops_no_reply() {
+    for role in [Role::Server, Role::Agent] {
+        let now = Instant::now();
+        let limits = Limits {
+            max_control_queue: 32,
+            max_connections: 4,
+            ..Limits::default()
+        };
+        let mut s = TunnelSession::new(role, limits.clone(), now);
+        if role == Role::Server {
+            s.dial(now, "tcp", "127.0.0.1:1").unwrap();
+        }
+        let (mut i, mut written) = (0i64, 0usize);
+        while i < 5_000 {
+            let budget = s.read_budget();
+            assert!(budget <= limits.max_control_queue);
+            for _ in 0..budget.min(7) {
+                s.handle_message(now, Bytes::from(hostile_frame(role, i)))
+                    .unwrap();
+                i += 1;
+                while let Some(e) = s.poll_event() {
+                    if let Event::Incoming { conn, .. } = e {
+                        s.refuse(conn, "connect not allowed");
+                    }
+                }
+            }
+            // The socket takes a few frames at a time.
+            for _ in 0..5 {
+                if s.poll_transmit().is_some() {
+                    written += 1;
+                }
+            }
+        }
+        written += std::iter::from_fn(|| s.poll_transmit()).count();
+        assert_eq!(s.stats().replies_dropped, 0, "{role:?}");
+        assert!(written >= 4_900, "{role:?}: {written} replies written");
+    }
+}

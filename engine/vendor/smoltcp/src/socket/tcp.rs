@@ -1474,22 +1474,46 @@ impl<'a> Socket<'a> {
             .hole_from(self.rtx_next.max(una), self.remote_last_seq)
     }
 
-    /// meshvpn patch: the next hole that SACK shows lost: at least three
-    /// segments' worth of data above it arrived (RFC 6675's DupThresh).
+    /// meshvpn patch: in recovery, where RFC 6675's IsLost ends: every
+    /// unSACKed byte below has three segments' worth of data SACKed above it
+    /// (DupThresh).
+    fn lost_edge(&self) -> Option<TcpSeqNumber> {
+        self.recover?;
+        let edge = self.sacked.lost_edge(3 * self.remote_mss)?;
+        Some(edge.min(self.remote_last_seq))
+    }
+
+    /// meshvpn patch: the next hole that SACK shows lost, from `rtx_next`
+    /// (or SND.UNA `una`) up, cut at the lost edge.
     fn lost_hole(&self, una: TcpSeqNumber) -> Option<(TcpSeqNumber, usize)> {
+        let edge = self.lost_edge()?;
         let (start, len) = self.next_hole(una)?;
-        let highest = self.sacked.highest()?;
-        (highest > start && highest - start >= len + 3 * self.remote_mss).then_some((start, len))
+        (start < edge).then(|| (start, len.min(edge - start)))
+    }
+
+    /// meshvpn patch: the lost hole to retransmit now, if the congestion
+    /// window has room for it. RFC 6675 (NextSeg rule 1, as Linux's
+    /// tcp_xmit_retransmit_queue does): in recovery every segment deemed lost
+    /// is resent as soon as `cwnd - pipe` allows, not one per ACK, so a run
+    /// of lost segments takes about one RTT rather than one RTT each.
+    fn lost_hole_to_send(&self, mss: usize) -> Option<(TcpSeqNumber, usize)> {
+        let (start, len) = self.lost_hole(self.local_seq_no)?;
+        (self.cwnd_remaining() >= len.min(mss)).then_some((start, len))
     }
 
     fn cwnd_remaining(&self) -> usize {
-        // meshvpn patch: what the remote SACKed has left the network (RFC
-        // 6675's "pipe"), so it makes room for new segments; these elicit
-        // the duplicate ACKs that start recovery when the window is small
-        // (as RFC 3042's limited transmit does).
-        let pipe = self
+        // meshvpn patch: RFC 6675's "pipe": what the remote SACKed has left
+        // the network, so it makes room for new segments (these elicit the
+        // duplicate ACKs that start recovery when the window is small, as
+        // RFC 3042's limited transmit does); in recovery, so has what is
+        // deemed lost and not yet retransmitted (below `rtx_next` it was).
+        let mut pipe = self
             .flight_size()
             .saturating_sub(self.sacked.sacked_bytes());
+        if let Some(edge) = self.lost_edge() {
+            let from = self.rtx_next.max(self.local_seq_no);
+            pipe = pipe.saturating_sub(self.sacked.hole_bytes(from, edge));
+        }
         self.congestion_controller
             .inner()
             .window()
@@ -2273,18 +2297,18 @@ impl<'a> Socket<'a> {
                                 .inner_mut()
                                 .on_loss(cx.now(), in_flight);
                         }
-                    } else {
-                        // In recovery: each duplicate lets one more hole that
-                        // SACK shows lost be retransmitted.
+                    } else if self.sacked.is_empty() {
+                        // In recovery without SACK: each duplicate inflates
+                        // the window by one segment (RFC 6582).
                         self.congestion_controller.inner_mut().on_dup_ack(
                             cx.now(),
                             self.remote_mss,
                             in_flight,
                         );
-                        if self.lost_hole(ack_number).is_some() {
-                            self.pending_fast_retransmit = true;
-                        }
                     }
+                    // meshvpn patch: with SACK, the pipe (`cwnd_remaining`)
+                    // already lets the holes it shows lost out, and room for
+                    // as many of them as the window has (`lost_hole_to_send`).
                 }
 
                 // No duplicate ACK means we reset the duplicate ACK count
@@ -2510,6 +2534,11 @@ impl<'a> Socket<'a> {
 
         let local_mss = cx.ip_mtu() - ip_header_len - TCP_HEADER_LEN;
         let effective_mss = local_mss.min(self.remote_mss).saturating_sub(options_len);
+
+        // meshvpn patch: lost segments go out as the window allows.
+        if self.lost_hole_to_send(effective_mss).is_some() {
+            return true;
+        }
 
         // Have we sent data that hasn't been ACKed yet?
         let data_in_flight = self.remote_last_seq != self.local_seq_no;
@@ -2835,7 +2864,7 @@ impl<'a> Socket<'a> {
                     self.pending_fast_retransmit = false;
                     self.next_hole(self.local_seq_no)
                 } else {
-                    None
+                    self.lost_hole_to_send(effective_mss)
                 };
                 let offset = if let Some((start, len)) = hole {
                     let offset = start - self.local_seq_no;
@@ -7357,6 +7386,264 @@ mod test {
             ..SEND_TEMPL
         });
         assert!(s.recover.is_none());
+    }
+
+    // meshvpn patch: bulk transfers between two sockets over a deterministic
+    // simulated link (fixed one-way delay, no reordering, losses chosen by
+    // the test), to check how fast lost data is recovered.
+    const SIM_MSS: usize = 100;
+    const SIM_ONE_WAY_MS: i64 = 5;
+    const SIM_RTT_MS: i64 = 2 * SIM_ONE_WAY_MS;
+    const SIM_SEGMENTS: usize = 230;
+    const SIM_TAIL_LOST: usize = 50;
+
+    /// One side of the simulated link: `LOCAL_*` for the sender under test,
+    /// `REMOTE_*` for its peer.
+    fn sim_socket(local: bool, tx_len: usize, cc: CongestionControl) -> TestSocket {
+        let (mut iface, _, _) = crate::tests::setup(crate::phy::Medium::Ip);
+        let (me, peer, my_seq, peer_seq) = if local {
+            (LOCAL_END, REMOTE_END, LOCAL_SEQ, REMOTE_SEQ)
+        } else {
+            (REMOTE_END, LOCAL_END, REMOTE_SEQ, LOCAL_SEQ)
+        };
+        iface.update_ip_addrs(|addrs| {
+            addrs.clear();
+            addrs.push(IpCidr::new(me.addr, 24)).unwrap();
+        });
+        let mut s = Socket::new(
+            SocketBuffer::new(vec![0; u16::MAX as usize]),
+            SocketBuffer::new(vec![0; tx_len]),
+        );
+        s.set_ack_delay(None);
+        s.set_congestion_control(cc);
+        s.congestion_controller.inner_mut().set_mss(SIM_MSS);
+        s.state = State::Established;
+        s.tuple = Some(Tuple {
+            local: me,
+            remote: peer,
+        });
+        s.local_seq_no = my_seq + 1;
+        s.remote_last_seq = my_seq + 1;
+        s.remote_seq_no = peer_seq + 1;
+        s.remote_last_ack = Some(peer_seq + 1);
+        s.remote_mss = SIM_MSS;
+        s.remote_has_sack = true;
+        s.remote_win_len = u16::MAX as usize;
+        s.congestion_controller
+            .inner_mut()
+            .set_remote_window(s.remote_win_len);
+        s.remote_last_win = s.scaled_window();
+        TestSocket {
+            socket: s,
+            cx: iface.inner,
+        }
+    }
+
+    #[derive(Debug)]
+    struct LossOutcome {
+        /// Segments in flight when the last one was first sent.
+        flight_at_tail: usize,
+        /// The retransmission timeout then.
+        rto_at_tail_ms: i64,
+        /// From the first transmission of the sender's last segment until
+        /// all its data is acknowledged (None: not within a simulated minute).
+        recovered_after_ms: Option<i64>,
+        /// Retransmission timer expiries (of either kind) after that.
+        timeouts: usize,
+        /// Segments the sender retransmitted.
+        retransmits: usize,
+    }
+
+    /// The local socket sends `SIM_SEGMENTS` full segments (the remote sends
+    /// as many back if `both_ways`); the first transmission of every local
+    /// segment `lost` picks (by index) is lost, with the ACKs it carries.
+    fn simulate_loss(
+        cc: CongestionControl,
+        both_ways: bool,
+        lost: impl Fn(usize) -> bool,
+    ) -> LossOutcome {
+        let total = SIM_SEGMENTS * SIM_MSS;
+        let mut sides = [sim_socket(true, total, cc), sim_socket(false, total, cc)];
+        let data: Vec<u8> = (0..total).map(|i| i as u8).collect();
+        assert_eq!(sides[0].send_slice(&data), Ok(total));
+        if both_ways {
+            assert_eq!(sides[1].send_slice(&data), Ok(total));
+        }
+
+        // (arrival ms, receiving side, segment, its payload)
+        let mut wire: Vec<(i64, usize, TcpRepr<'static>, Vec<u8>)> = Vec::new();
+        let mut highest_sent = 0;
+        let mut tail_sent_at = None;
+        let mut out = LossOutcome {
+            flight_at_tail: 0,
+            rto_at_tail_ms: 0,
+            recovered_after_ms: None,
+            timeouts: 0,
+            retransmits: 0,
+        };
+        let done = |s: &TestSocket| s.local_seq_no == s.remote_last_seq && s.tx_buffer.is_empty();
+        let mut now: i64 = 1000;
+        let deadline = now + 60_000;
+        for _ in 0..200_000 {
+            if done(&sides[0]) && done(&sides[1]) {
+                out.recovered_after_ms = tail_sent_at.map(|t| now - t);
+                break;
+            }
+            for (i, side) in sides.iter_mut().enumerate() {
+                side.cx.set_now(Instant::from_millis(now));
+                for _ in 0..10_000 {
+                    if i == 0
+                        && tail_sent_at.is_some()
+                        && side.timer.should_retransmit(side.cx.now())
+                    {
+                        out.timeouts += 1;
+                    }
+                    let mut seg = None;
+                    let _ = side.socket.dispatch(&mut side.cx, |_, _, (_, repr)| {
+                        let owned = TcpRepr {
+                            payload: &[],
+                            ..repr
+                        };
+                        seg = Some((owned, repr.payload.to_vec()));
+                        Ok::<(), ()>(())
+                    });
+                    let Some((repr, payload)) = seg else { break };
+                    if i == 0 && !payload.is_empty() {
+                        let start = repr.seq_number - (LOCAL_SEQ + 1);
+                        let end = start + payload.len();
+                        // New data, or (also when only partly new) a retransmission.
+                        let first = start >= highest_sent;
+                        highest_sent = highest_sent.max(end);
+                        if !first {
+                            out.retransmits += 1;
+                        }
+                        if first && end == total {
+                            tail_sent_at = Some(now);
+                            out.flight_at_tail = side.flight_size() / SIM_MSS;
+                            out.rto_at_tail_ms =
+                                side.rtte.retransmission_timeout().total_millis() as i64;
+                        }
+                        if first && lost(start / SIM_MSS) {
+                            continue;
+                        }
+                    }
+                    wire.push((now + SIM_ONE_WAY_MS, 1 - i, repr, payload));
+                }
+            }
+            // On to the next arrival or timer.
+            let mut next = wire.iter().map(|w| w.0).min();
+            for side in sides.iter_mut() {
+                let at = match side.socket.poll_at(&mut side.cx) {
+                    PollAt::Now => Some(now),
+                    PollAt::Time(t) => Some(t.total_millis()),
+                    PollAt::Ingress => None,
+                };
+                next = next.into_iter().chain(at).min();
+            }
+            let Some(next) = next else { break };
+            now = next.max(now);
+            if now > deadline {
+                break;
+            }
+            let mut i = 0;
+            while i < wire.len() {
+                if wire[i].0 > now {
+                    i += 1;
+                    continue;
+                }
+                let (_, to, mut repr, payload) = wire.remove(i);
+                repr.payload = &payload;
+                let side = &mut sides[to];
+                side.cx.set_now(Instant::from_millis(now));
+                let tuple = side.tuple.unwrap();
+                let ip_repr = IpRepr::new(
+                    tuple.remote.addr,
+                    tuple.local.addr,
+                    IpProtocol::Tcp,
+                    repr.buffer_len(),
+                    64,
+                );
+                if side.socket.accepts(&mut side.cx, &ip_repr, &repr)
+                    && let Some((_, reply)) = side.socket.process(&mut side.cx, &ip_repr, &repr)
+                {
+                    let owned = TcpRepr {
+                        payload: &[],
+                        ..reply
+                    };
+                    assert!(reply.payload.is_empty());
+                    wire.push((now + SIM_ONE_WAY_MS, 1 - to, owned, Vec::new()));
+                }
+                // The applications read everything at once.
+                let _ = side.socket.recv(|b| (b.len(), ()));
+                let _ = side.socket.recv(|b| (b.len(), ()));
+            }
+        }
+        out
+    }
+
+    /// A run of `SIM_TAIL_LOST` segments lost at the end of a flight of at
+    /// least 60, followed by `after` segments that arrive (0: the lost run
+    /// is the very end of the transfer, nothing but a timeout or a probe
+    /// can reveal it).
+    fn check_lost_run_recovery(cc: CongestionControl) {
+        let mut failures = Vec::new();
+        for both_ways in [false, true] {
+            for after in [0, 3, 10] {
+                let last_lost = SIM_SEGMENTS - after;
+                let out = simulate_loss(cc, both_ways, |idx| {
+                    idx >= last_lost - SIM_TAIL_LOST && idx < last_lost
+                });
+                let case = std::format!("{cc:?} both_ways={both_ways} after={after}: {out:?}");
+                std::println!("{case}");
+                // (With data both ways the flights can be shorter, 49 segments
+                // before slow start counted bytes: the lost run may span two.)
+                assert!(
+                    both_ways || out.flight_at_tail >= SIM_TAIL_LOST + 10,
+                    "the lost run must end a flight of at least 60 segments: {case}"
+                );
+                // At most one timeout (none once later segments were SACKed),
+                // then the whole run is resent as the window allows: in slow
+                // start from one segment 1 + 2 + 4 + 8 + 16 + 32 >= 50
+                // segments take 6 RTTs. Allow 8.
+                let (bound, max_timeouts) = if after == 0 {
+                    (out.rto_at_tail_ms + 8 * SIM_RTT_MS, 1)
+                } else {
+                    (8 * SIM_RTT_MS, 0)
+                };
+                match out.recovered_after_ms {
+                    None => failures.push(std::format!("never recovered: {case}")),
+                    Some(ms) if ms > bound => failures.push(std::format!(
+                        "{SIM_TAIL_LOST} lost segments took {ms} ms to recover \
+                         (RTT {SIM_RTT_MS} ms, bound {bound} ms): {case}"
+                    )),
+                    Some(_) => {}
+                }
+                if out.timeouts > max_timeouts {
+                    failures.push(std::format!("more than {max_timeouts} timeouts: {case}"));
+                }
+                if out.retransmits > SIM_TAIL_LOST + 10 {
+                    failures.push(std::format!("resent far more than was lost: {case}"));
+                }
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    #[test]
+    fn test_lost_run_at_the_tail_recovers_without_control() {
+        check_lost_run_recovery(CongestionControl::None);
+    }
+
+    #[cfg(feature = "socket-tcp-reno")]
+    #[test]
+    fn test_lost_run_at_the_tail_recovers_reno() {
+        check_lost_run_recovery(CongestionControl::Reno);
+    }
+
+    #[cfg(feature = "socket-tcp-cubic")]
+    #[test]
+    fn test_lost_run_at_the_tail_recovers_cubic() {
+        check_lost_run_recovery(CongestionControl::Cubic);
     }
 
     #[test]

@@ -10,6 +10,15 @@ pub(super) mod cubic;
 #[cfg(feature = "socket-tcp-reno")]
 pub(super) mod reno;
 
+/// meshvpn patch: how much an ACK of `acked` bytes grows the window in slow
+/// start: what it ACKed, up to RFC 3465's limit L = 2 MSS (so a stretch ACK
+/// does not cause a burst). With 1 MSS per ACK, a receiver that ACKs every
+/// second segment (RFC 9293) makes slow start grow 1.5x per RTT, not 2x.
+#[cfg(any(feature = "socket-tcp-cubic", feature = "socket-tcp-reno"))]
+pub(super) fn slow_start_increase(acked: usize, mss: usize) -> usize {
+    acked.min(2 * mss)
+}
+
 #[allow(unused_variables)]
 pub(super) trait Controller {
     /// Returns the number of bytes that can be sent.

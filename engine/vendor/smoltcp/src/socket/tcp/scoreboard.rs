@@ -118,6 +118,36 @@ impl Scoreboard {
         self.blocks().last().map(|&(_, r)| r)
     }
 
+    /// RFC 6675's IsLost: every unSACKed byte below the returned sequence
+    /// number has at least `threshold` SACKed bytes above it.
+    pub fn lost_edge(&self, threshold: usize) -> Option<TcpSeqNumber> {
+        let mut above = 0;
+        for &(l, r) in self.blocks().iter().rev() {
+            let len = r - l;
+            if above + len >= threshold {
+                return Some(r - (threshold - above));
+            }
+            above += len;
+        }
+        None
+    }
+
+    /// UnSACKed bytes in `[from, end)`.
+    pub fn hole_bytes(&self, from: TcpSeqNumber, end: TcpSeqNumber) -> usize {
+        if from >= end {
+            return 0;
+        }
+        let sacked: usize = self
+            .blocks()
+            .iter()
+            .map(|&(l, r)| {
+                let (l, r) = (l.max(from), r.min(end));
+                if r > l { r - l } else { 0 }
+            })
+            .sum();
+        (end - from) - sacked
+    }
+
     /// The first hole at or above `from` and below `end`: its start and its
     /// length (up to the next block, or `end`).
     pub fn hole_from(
@@ -163,6 +193,19 @@ mod test {
         assert_eq!(b.blocks(), &[(s(350), s(600))]);
         b.update(s(700), s(1000), &[]);
         assert!(b.is_empty());
+    }
+
+    #[test]
+    fn lost_edge_and_hole_bytes() {
+        let mut b = Scoreboard::default();
+        b.update(s(100), s(1000), &[Some((300, 400)), Some((500, 550)), None]);
+        // 50 bytes SACKed above 500, 150 above 350.
+        assert_eq!(b.lost_edge(50), Some(s(500)));
+        assert_eq!(b.lost_edge(100), Some(s(350)));
+        assert_eq!(b.lost_edge(151), None);
+        assert_eq!(b.hole_bytes(s(100), s(1000)), 900 - 150);
+        assert_eq!(b.hole_bytes(s(350), s(520)), 170 - 50 - 20);
+        assert_eq!(b.hole_bytes(s(520), s(500)), 0);
     }
 
     #[test]

@@ -104,10 +104,14 @@ impl Controller for Cubic {
             self.w_est = self.cwnd as f64;
             return;
         } else if self.cwnd < self.ssthresh {
-            // Slow start: increase `cwnd` by 1 MSS per ACK.
+            // Slow start: increase `cwnd` by what was ACKed (meshvpn patch:
+            // up to 2 MSS per ACK, RFC 3465's L, instead of 1 MSS: with a
+            // receiver that ACKs every second segment the window then doubles
+            // per RTT, as Linux's tcp_slow_start, which counts the segments
+            // ACKed, does).
             self.cwnd = self
                 .cwnd
-                .saturating_add(segment)
+                .saturating_add(super::slow_start_increase(len, self.mss))
                 .min(self.rwnd)
                 .max(self.mss);
             return;
@@ -480,13 +484,14 @@ mod test {
         assert_eq!(cubic.recovery_start, None);
         assert_eq!(cubic.w_max, w_max_before_rto);
 
-        // slow start grows by at most the MSS per ack
+        // slow start grows by at most 2 MSS per ack (meshvpn patch: RFC
+        // 3465's L; it was 1 MSS)
         let initial_cwnd = cubic.window();
-        for i in 0..10 {
+        for i in 0..5 {
             let initial_cwnd = cubic.window();
             let now = Instant::from_millis(i);
-            ack(&mut cubic, MSS * 2, now);
-            assert_eq!(cubic.window(), initial_cwnd + MSS);
+            ack(&mut cubic, MSS * 3, now);
+            assert_eq!(cubic.window(), initial_cwnd + 2 * MSS);
         }
         assert_eq!(cubic.window(), initial_cwnd + MSS * 10);
 

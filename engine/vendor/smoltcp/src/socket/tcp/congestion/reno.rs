@@ -57,8 +57,9 @@ impl Controller for Reno {
         }
 
         let inc = if self.cwnd < self.ssthresh {
-            // Slow start: increase `cwnd` by 1 MSS per ACK.
-            len.min(self.mss)
+            // Slow start: increase `cwnd` by what was ACKed, up to 2 MSS
+            // (meshvpn patch, see `slow_start_increase`).
+            super::slow_start_increase(len, self.mss)
         } else {
             // Congestion avoidance: increase by ~1 MSS per RTT.
             (self.mss * self.mss / self.cwnd).max(1)
@@ -211,13 +212,14 @@ mod test {
         assert_eq!(reno.ssthresh, inflight / 2);
         assert_eq!(reno.window(), MSS);
 
-        // slow start grows by at most the MSS per ack
+        // slow start grows by at most 2 MSS per ack (meshvpn patch: RFC
+        // 3465's L; it was 1 MSS)
         let initial_cwnd = reno.window();
-        for i in 0..10 {
+        for i in 0..5 {
             let initial_cwnd = reno.window();
             let now = Instant::from_millis(i);
-            ack(&mut reno, MSS * 2, now);
-            assert_eq!(reno.window(), initial_cwnd + MSS);
+            ack(&mut reno, MSS * 3, now);
+            assert_eq!(reno.window(), initial_cwnd + 2 * MSS);
         }
         assert_eq!(reno.window(), initial_cwnd + MSS * 10);
 
