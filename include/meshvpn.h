@@ -859,6 +859,18 @@ typedef struct meshvpn_relay_config {
    * probe moves it back to UDP); 0 means the default, 5000.
    */
   uint32_t probe_interval_ms;
+  /**
+   * PEM: a client certificate (chain) to present to the relay,
+   * `client_cert_pem_len` bytes, and its private key, `client_key_pem_len`
+   * bytes; both or neither (NULL and 0), and only with `ca_pem`. A relay
+   * whose server has a client CA and no tokens (`meshvpn tunnel serve
+   * --client-ca --relay`) demands one signed by that CA. The key is a
+   * secret: never logged, never in an error message.
+   */
+  const uint8_t *client_cert_pem;
+  size_t client_cert_pem_len;
+  const uint8_t *client_key_pem;
+  size_t client_key_pem_len;
 } meshvpn_relay_config;
 
 /**
@@ -2225,8 +2237,10 @@ meshvpn_result meshvpn_udp_free(struct meshvpn_udp *udp);
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
  * `MESHVPN_ENGINE_STOPPED`, `MESHVPN_INVALID_ARGUMENT` (a URL that is not
- * `wss://` or `ws://`, `wss://` without `ca_pem`, text that is not UTF-8),
- * `MESHVPN_TUNNEL_TLS` (`ca_pem` holds no certificate),
+ * `wss://` or `ws://`, `wss://` without `ca_pem`, text that is not UTF-8,
+ * only one of `client_cert_pem` and `client_key_pem`, either without
+ * `ca_pem`), `MESHVPN_TUNNEL_TLS` (`ca_pem` holds no certificate, the
+ * client certificate or key is not PEM or they do not match),
  * `MESHVPN_THREAD_FAILED`.
  *
  * Thread safety: safe to call from any thread.
@@ -2257,8 +2271,9 @@ meshvpn_result meshvpn_engine_relay_status(struct meshvpn_engine *engine,
 
 /**
  * Writes why the relay's last session or connection attempt ended (e.g.
- * a refused registration or a TLS failure; empty when nothing failed
- * yet) into `buf`, following the buffer protocol of
+ * a refused registration, a TLS failure, or a relay that requires a
+ * client certificate, which names `client_cert_pem`; empty when nothing
+ * failed yet) into `buf`, following the buffer protocol of
  * `meshvpn_result_message`. Never contains the token.
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,

@@ -38,6 +38,12 @@ type RelayConfig struct {
 	// ProbeInterval is how often a peer on the relay is probed over UDP;
 	// zero means 5 s. It is rounded up to whole milliseconds.
 	ProbeInterval time.Duration
+	// ClientCertPEM and ClientKeyPEM are a client certificate (chain) and
+	// its private key to present to the relay: both or neither, and only
+	// with CAPEM. A relay whose server has a client CA and no tokens
+	// (`meshvpn tunnel serve --client-ca --relay`) demands one signed by
+	// that CA. The key is never logged.
+	ClientCertPEM, ClientKeyPEM []byte
 }
 
 // RelayStatus is the state of an engine's relay client.
@@ -53,7 +59,8 @@ type RelayStatus struct {
 	// queue was full.
 	FramesDropped uint64
 	// LastError says why the last session or connection attempt ended
-	// (a refused registration, a TLS failure); empty when none failed.
+	// (a refused registration, a TLS failure, a relay that requires a
+	// client certificate: see ClientCertPEM); empty when none failed.
 	// It never contains the token.
 	LastError string
 }
@@ -64,7 +71,9 @@ type RelayStatus struct {
 // connection failures show in RelayStatus().LastError.
 //
 // Errors: ErrInvalidArgument (a URL that is not wss:// or ws://, wss://
-// without CAPEM), ErrTunnelTLS (CAPEM holds no certificate),
+// without CAPEM, only one of ClientCertPEM and ClientKeyPEM, either
+// without CAPEM), ErrTunnelTLS (CAPEM holds no certificate, the client
+// certificate or key is not PEM),
 // ErrEngineStopped; after Close, an error matching net.ErrClosed.
 //
 // The relay belongs to the running engine: Stop ends it, and after Start
@@ -74,11 +83,9 @@ func (e *Engine) StartRelay(cfg RelayConfig) error {
 	defer a.free()
 	c := (*C.meshvpn_relay_config)(a.alloc(int(unsafe.Sizeof(C.meshvpn_relay_config{}))))
 	c.url = a.str(cfg.URL)
-	if n := len(cfg.CAPEM); n > 0 {
-		p := a.alloc(n)
-		copy(unsafe.Slice((*byte)(p), n), cfg.CAPEM)
-		c.ca_pem, c.ca_pem_len = (*C.uint8_t)(p), C.size_t(n)
-	}
+	c.ca_pem, c.ca_pem_len = a.bytes(cfg.CAPEM)
+	c.client_cert_pem, c.client_cert_pem_len = a.bytes(cfg.ClientCertPEM)
+	c.client_key_pem, c.client_key_pem_len = a.bytes(cfg.ClientKeyPEM)
 	if cfg.Token != "" {
 		c.token = a.str(cfg.Token)
 	}

@@ -283,3 +283,69 @@ func TestRelayRequireAuth(t *testing.T) {
 		t.Fatalf("relay server stats %+v, %v", rs, err)
 	}
 }
+
+// TestRelayClientCertificate: a relay whose server has only a client CA
+// (no tokens) and requires the tunnel's credentials admits an engine that
+// presents ClientCertPEM/ClientKeyPEM and refuses one without; the two
+// fields go together and need CAPEM.
+func TestRelayClientCertificate(t *testing.T) {
+	pki := newTunnelPKI(t)
+	srv, base := listenTunnelServer(t, TunnelServerConfig{
+		Addr: "127.0.0.1:0", CertPEM: pki.serverCert, KeyPEM: pki.serverKey,
+		ClientCAPEM: pki.ca, Relay: true, RelayRequireAuth: true,
+	})
+	engine := func() *Engine {
+		k, _ := GenerateKey()
+		e, err := New(Config{PrivateKey: &k})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { e.Close() })
+		return e
+	}
+	url := base + "/v1-meshvpn/relay"
+	probe := engine()
+	for _, c := range []struct {
+		cfg  RelayConfig
+		want Result
+		text string
+	}{
+		{RelayConfig{URL: url, CAPEM: pki.ca, ClientCertPEM: pki.clientCert}, ErrInvalidArgument, "client_key_pem"},
+		{RelayConfig{URL: url, CAPEM: pki.ca, ClientKeyPEM: pki.clientKey}, ErrInvalidArgument, "client_key_pem"},
+		{RelayConfig{URL: url, CAPEM: pki.ca, ClientCertPEM: pki.clientCert, ClientKeyPEM: []byte("not PEM")}, ErrTunnelTLS, "client certificate"},
+		{RelayConfig{URL: "ws://127.0.0.1:1/v1-meshvpn/relay", ClientCertPEM: pki.clientCert, ClientKeyPEM: pki.clientKey}, ErrInvalidArgument, "ca_pem"},
+	} {
+		err := probe.StartRelay(c.cfg)
+		if !errors.Is(err, c.want) || !strings.Contains(err.Error(), c.text) {
+			t.Errorf("StartRelay: %v, want %v mentioning %q", err, c.want, c.text)
+		}
+	}
+
+	without := engine()
+	if err := without.StartRelay(RelayConfig{URL: url, CAPEM: pki.ca}); err != nil {
+		t.Fatal(err)
+	}
+	var st RelayStatus
+	var err error
+	for deadline := time.Now().Add(tunWait); st.LastError == "" && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if st, err = without.RelayStatus(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st.Connected || !strings.Contains(st.LastError, "401") {
+		t.Fatalf("without a certificate: %+v", st)
+	}
+	with := engine()
+	cfg := RelayConfig{URL: url, CAPEM: pki.ca, ClientCertPEM: pki.clientCert, ClientKeyPEM: pki.clientKey}
+	if err := with.StartRelay(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := with.WaitRelayConnected(waitCtx(t)); err != nil {
+		st, _ := with.RelayStatus()
+		t.Fatalf("%v: %+v", err, st)
+	}
+	rs, err := srv.RelayStats()
+	if err != nil || rs.Clients != 1 {
+		t.Fatalf("relay server stats %+v, %v", rs, err)
+	}
+}

@@ -49,6 +49,16 @@ pub struct InterfaceArgs {
     #[arg(long, value_name = "FILE", requires = "relay_url")]
     pub relay_ca: Option<std::path::PathBuf>,
 
+    /// Client certificate (PEM, signed by the relay server's --client-ca)
+    /// to present to the relay; a `tunnel serve --client-ca --relay`
+    /// without --tokens demands one. Goes with --relay-key.
+    #[arg(long, value_name = "FILE", requires_all = ["relay_key", "relay_ca"])]
+    pub relay_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of --relay-cert.
+    #[arg(long, value_name = "FILE", requires = "relay_cert")]
+    pub relay_key: Option<std::path::PathBuf>,
+
     /// File holding a bearer token for the relay, if it asks for one.
     #[arg(long, value_name = "FILE", requires = "relay_url")]
     pub relay_token_file: Option<std::path::PathBuf>,
@@ -133,10 +143,18 @@ fn relay_config(args: &InterfaceArgs) -> Result<Option<RelayConfig>, String> {
     };
     let read =
         |p: &std::path::PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let identity = match (&args.relay_cert, &args.relay_key) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        _ => None,
+    };
     let tls = match &args.relay_ca {
-        Some(ca) => {
-            Some(tls::client_config(&read(ca)?, None).map_err(|e| format!("--relay-ca: {e}"))?)
-        }
+        Some(ca) => Some(
+            tls::client_config(
+                &read(ca)?,
+                identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+            )
+            .map_err(|e| format!("--relay-ca/--relay-cert/--relay-key: {e}"))?,
+        ),
         None if url.starts_with("wss://") => {
             return Err(
                 "--relay-ca is required for a wss:// relay (the relay is always verified)".into(),
@@ -270,4 +288,79 @@ fn detach_stdio() -> CliResult {
     nix::unistd::dup2_stdout(&null)?;
     nix::unistd::dup2_stderr(&null)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        interface: InterfaceArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<InterfaceArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("meshvpn").chain(args.iter().copied()))
+            .map(|c| c.interface)
+    }
+
+    #[test]
+    fn relay_cert_and_key_reach_the_relay_tls_config() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let dir = std::env::temp_dir().join(format!("meshvpn-daemon-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let node_key = KeyPair::generate().unwrap();
+        let node = CertificateParams::new(Vec::new())
+            .unwrap()
+            .signed_by(&node_key, &ca_cert, &ca_key)
+            .unwrap();
+        let file = |name: &str, text: String| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let (ca, cert, key) = (
+            file("ca.pem", ca_cert.pem()),
+            file("node.pem", node.pem()),
+            file("node.key", node_key.serialize_pem()),
+        );
+        let url = "wss://127.0.0.1:1/v1-meshvpn/relay";
+        let base = ["wg0", "--relay-url", url, "--relay-ca", ca.as_str()];
+        let with = |extra: &[&str]| parse(&[&base[..], extra].concat());
+
+        // The two go together, and need the CA.
+        assert!(with(&["--relay-cert", &cert]).is_err());
+        assert!(with(&["--relay-key", &key]).is_err());
+        assert!(parse(&[
+            "wg0",
+            "--relay-url",
+            url,
+            "--relay-cert",
+            &cert,
+            "--relay-key",
+            &key
+        ])
+        .is_err());
+
+        let presents = |args: &InterfaceArgs| {
+            relay_config(args)
+                .unwrap()
+                .unwrap()
+                .tls
+                .unwrap()
+                .client_auth_cert_resolver
+                .has_certs()
+        };
+        assert!(!presents(&with(&[]).unwrap()));
+        assert!(presents(
+            &with(&["--relay-cert", &cert, "--relay-key", &key]).unwrap()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -51,7 +51,9 @@ pub struct ServeArgs {
     #[arg(long, required_unless_present = "plain")]
     pub key: Option<PathBuf>,
     /// CA (PEM) for client certificates; a verified certificate's subject CN
-    /// becomes the client key (k3s: system:node:NAME).
+    /// becomes the client key (k3s: system:node:NAME). Without --tokens
+    /// every client must present one, relay clients included (`meshvpn
+    /// IFNAME --relay-cert --relay-key`).
     #[arg(long)]
     pub client_ca: Option<PathBuf>,
     /// File of bearer tokens, one "CLIENTKEY TOKEN" per line ('#' comments).
@@ -251,6 +253,15 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         Some(p) => parse_tokens(&String::from_utf8_lossy(&read(p)?))?,
         None => Vec::new(),
     };
+    if a.relay && a.client_ca.is_some() && a.tokens.is_none() {
+        // The TLS handshake cannot carry this to the client (it gets a
+        // certificate_required alert, which its own error explains).
+        tracing::info!(
+            "relay: --client-ca without --tokens: relay clients must present a certificate \
+             signed by the client CA (meshvpn IFNAME --relay-cert/--relay-key, \
+             C meshvpn_relay_config.client_cert_pem, Go RelayConfig.ClientCertPEM)"
+        );
+    }
     if tokens.is_empty() && a.client_ca.is_none() && (!a.relay || a.relay_require_auth) {
         return Err("no way to authenticate agents: give --client-ca and/or --tokens".into());
     }

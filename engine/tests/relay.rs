@@ -646,3 +646,62 @@ fn relay_limits_are_checked_when_the_server_starts() {
     let e = bad(limits(1 << 20, 2 << 20, Duration::ZERO));
     assert!(e.contains("write timeout"), "{e}");
 }
+
+/// Regression (hardening #8): a server with a client CA and no tokens
+/// (`meshvpn tunnel serve --client-ca --relay`) demands a client
+/// certificate in the TLS handshake, for the relay path too. A relay
+/// client given one registers; one without is told what to pass, instead
+/// of a bare TLS alert.
+#[test]
+fn relay_behind_a_client_ca_takes_a_client_certificate() {
+    let pki = pki();
+    let tls = tls::server_config(
+        pki.server_cert.as_bytes(),
+        pki.server_key.as_bytes(),
+        Some(pki.ca_pem.as_bytes()),
+        true,
+    )
+    .unwrap();
+    let auth = ServerAuth {
+        tokens: Vec::new(),
+        client_cert_cn: true,
+    };
+    let mut config = ServerConfig::new("/v1-k3s/connect", Some(tls), auth);
+    config.relay = Some(RelayServerConfig::default());
+    let server = TunnelServer::bind(loopback(), config).unwrap();
+    let (tx, _rx) = unbounded();
+    let owner = Arc::new(Owner {
+        key: PrivateKey::generate(),
+        got: tx,
+    });
+
+    let without =
+        RelayClient::start(relay_config(&pki, server.local_addr()), owner.clone()).unwrap();
+    assert!(
+        wait_until(WAIT, || without.status().last_error.is_some()),
+        "{:?}",
+        without.status()
+    );
+    let error = without.status().last_error.unwrap();
+    assert!(
+        error.contains("requires a client certificate")
+            && error.contains("--relay-cert")
+            && error.contains("client_cert_pem")
+            && error.contains("ClientCertPEM"),
+        "{error}"
+    );
+    assert!(!without.status().connected);
+    drop(without);
+
+    let mut with = relay_config(&pki, server.local_addr());
+    with.tls = Some(
+        tls::client_config(
+            pki.ca_pem.as_bytes(),
+            Some((pki.client_cert.as_bytes(), pki.client_key.as_bytes())),
+        )
+        .unwrap(),
+    );
+    let with = RelayClient::start(with, owner).unwrap();
+    assert!(with.wait_connected(WAIT), "{:?}", with.status());
+    assert_eq!(server.relay_stats().unwrap().clients, 1);
+}

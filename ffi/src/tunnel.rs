@@ -58,7 +58,7 @@ fn tls_error(e: TunnelError) -> Error {
 fn tunnel_code(e: &TunnelError) -> meshvpn_result {
     match e {
         TunnelError::Io(_) => MESHVPN_TUNNEL_CONNECT_FAILED,
-        TunnelError::Tls(_) => MESHVPN_TUNNEL_TLS,
+        TunnelError::Tls(_) | TunnelError::ClientCertificateRequired => MESHVPN_TUNNEL_TLS,
         TunnelError::Rejected(status) if matches!(status.as_u16(), 401 | 403) => {
             MESHVPN_TUNNEL_AUTH
         }

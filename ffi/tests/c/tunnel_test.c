@@ -773,6 +773,86 @@ static void test_relay_between_engines(void) {
     OK(meshvpn_tunnel_server_free(s));
 }
 
+/* A relay whose server demands the tunnel's credentials and has only a
+ * client CA (no tokens): an engine presents its client certificate through
+ * client_cert_pem/client_key_pem and registers; without one it is refused.
+ * The fields are checked: both or neither, with ca_pem, in PEM. */
+static void test_relay_client_certificate(void) {
+    meshvpn_key priv, peer_priv, peer;
+    OK(meshvpn_key_generate(&priv));
+    OK(meshvpn_key_generate(&peer_priv));
+    OK(meshvpn_key_public(&peer_priv, &peer));
+    meshvpn_tunnel_server_config sc = {
+        .listen = "127.0.0.1:0",
+        .cert_pem = server_pem,
+        .key_pem = server_key,
+        .client_ca_pem = ca_pem,
+        .relay = true,
+        .relay_require_auth = true,
+    };
+    meshvpn_tunnel_server *s = NULL;
+    OK(meshvpn_tunnel_server_new(&sc, &s));
+    OK(meshvpn_tunnel_server_start(s));
+    char url[128];
+    server_url(s, url, sizeof url);
+    strncat(url, "/v1-meshvpn/relay", sizeof url - strlen(url) - 1);
+    meshvpn_engine *e = relay_engine(&priv, &peer);
+    meshvpn_relay_config rc = {
+        .url = url,
+        .ca_pem = (const uint8_t *)ca_pem,
+        .ca_pem_len = strlen(ca_pem),
+    };
+    char buf[512];
+    size_t n = 0;
+
+    meshvpn_relay_config bad = rc;
+    bad.client_cert_pem = (const uint8_t *)client_pem;
+    bad.client_cert_pem_len = strlen(client_pem);
+    CHECK_RC(meshvpn_engine_relay_start(e, &bad), MESHVPN_INVALID_ARGUMENT);
+    last_error(buf, sizeof buf);
+    CHECK(strstr(buf, "client_key_pem") != NULL);
+    bad.client_key_pem = (const uint8_t *)"not a key";
+    bad.client_key_pem_len = strlen("not a key");
+    CHECK_RC(meshvpn_engine_relay_start(e, &bad), MESHVPN_TUNNEL_TLS);
+    bad.client_key_pem_len = 1; /* pointer NULL with a length */
+    bad.client_key_pem = NULL;
+    CHECK_RC(meshvpn_engine_relay_start(e, &bad), MESHVPN_NULL_PARAMETER);
+    bad.client_key_pem = (const uint8_t *)client_key;
+    bad.client_key_pem_len = strlen(client_key);
+    bad.ca_pem = NULL;
+    bad.ca_pem_len = 0;
+    bad.url = "ws://127.0.0.1:1/v1-meshvpn/relay";
+    CHECK_RC(meshvpn_engine_relay_start(e, &bad), MESHVPN_INVALID_ARGUMENT);
+
+    /* Without a certificate: refused (401), and told so. */
+    OK(meshvpn_engine_relay_start(e, &rc));
+    n = 0;
+    for (int i = 0; i < WAIT_MS / 100 && n == 0; i++) {
+        OK(meshvpn_engine_relay_last_error(e, buf, sizeof buf, &n));
+        if (n == 0) usleep(100 * 1000);
+    }
+    CHECK(strstr(buf, "401") != NULL);
+    meshvpn_relay_status st;
+    OK(meshvpn_engine_relay_status(e, &st));
+    CHECK(!st.connected);
+
+    /* With one: registered. The key never shows in an error. */
+    rc.client_cert_pem = (const uint8_t *)client_pem;
+    rc.client_cert_pem_len = strlen(client_pem);
+    rc.client_key_pem = (const uint8_t *)client_key;
+    rc.client_key_pem_len = strlen(client_key);
+    OK(meshvpn_engine_relay_start(e, &rc));
+    OK(meshvpn_engine_relay_wait_connected(e, WAIT_MS));
+    meshvpn_relay_server_stats rs;
+    OK(meshvpn_tunnel_server_relay_stats(s, &rs));
+    CHECK(rs.clients == 1);
+    OK(meshvpn_engine_relay_last_error(e, buf, sizeof buf, &n));
+    CHECK(strstr(buf, "PRIVATE KEY") == NULL);
+
+    OK(meshvpn_engine_free(e));
+    OK(meshvpn_tunnel_server_free(s));
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s PKI_DIR\n", argv[0]);
@@ -791,6 +871,7 @@ int main(int argc, char **argv) {
     test_token_callback_and_auth_failures();
     test_relay_bad_input();
     test_relay_between_engines();
+    test_relay_client_certificate();
 
     service_stop = 1;
     pthread_join(service, NULL);

@@ -74,6 +74,10 @@ pub enum TunnelError {
     Io(#[from] std::io::Error),
     #[error("TLS: {0}")]
     Tls(String),
+    /// The server ended the TLS handshake with `certificate_required`: it
+    /// demands a client certificate and none was configured.
+    #[error("TLS: the server requires a client certificate and none was given")]
+    ClientCertificateRequired,
     #[error("websocket handshake: {0}")]
     Handshake(String),
     /// The server refused the upgrade (401: authentication failed).

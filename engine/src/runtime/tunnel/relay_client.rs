@@ -30,8 +30,10 @@ use crate::tunnel::relay::{check_accepted, prove, Frame, KEY_LEN};
 pub struct RelayConfig {
     /// `wss://host:port/v1-meshvpn/relay` (`ws://` for tests).
     pub url: String,
-    /// Required for `wss://`: trusts exactly the given CA (see
-    /// [`super::tls::client_config`]).
+    /// Required for `wss://`: trusts exactly the given CA, and presents a
+    /// client certificate when built with one (see
+    /// [`super::tls::client_config`]); a server with a client CA and no
+    /// tokens demands one.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Sent as `Authorization: Bearer ...` when set. Never logged.
     pub token: Option<String>,
@@ -203,6 +205,13 @@ impl Drop for RelayClient {
     }
 }
 
+/// The last error when the relay demands a client certificate: every
+/// place one can be given.
+const CLIENT_CERTIFICATE_REQUIRED: &str =
+    "the relay server requires a client certificate (signed by its --client-ca): \
+     pass --relay-cert and --relay-key (C: meshvpn_relay_config.client_cert_pem and \
+     client_key_pem; Go: RelayConfig.ClientCertPEM and ClientKeyPEM)";
+
 /// How long to wait for the owner to have a key before asking again.
 const KEY_POLL: Duration = Duration::from_millis(200);
 /// Websocket pings from the client; the relay ends silent sessions after 60 s.
@@ -262,7 +271,13 @@ fn session(shared: &Arc<ClientShared>, secret: &StaticSecret) -> Result<String, 
             timeout: config.handshake_timeout,
         },
         relay_pump::websocket_config(),
-    )?;
+    )
+    .map_err(|e| match e {
+        TunnelError::ClientCertificateRequired => {
+            TunnelError::Tls(CLIENT_CERTIFICATE_REQUIRED.into())
+        }
+        other => other,
+    })?;
     // The key proof, still within the handshake deadline.
     let challenge = read_binary(&mut ws)?;
     let proof = prove(&challenge, secret, &exporter(ws.get_ref())?)
