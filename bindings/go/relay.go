@@ -90,7 +90,7 @@ func (e *Engine) StartRelay(cfg RelayConfig) error {
 		c.token = a.str(cfg.Token)
 	}
 	if cfg.ProbeInterval > 0 {
-		c.probe_interval_ms = msTimeout(cfg.ProbeInterval)
+		c.probe_interval_ms = C.uint32_t(cTimeout(cfg.ProbeInterval))
 	}
 	return e.do("Engine.StartRelay", func(h *C.meshvpn_engine) C.meshvpn_result {
 		return C.meshvpn_engine_relay_start(h, c)
@@ -139,7 +139,7 @@ func (e *Engine) RelayStatus() (RelayStatus, error) {
 func (e *Engine) WaitRelayConnected(ctx context.Context) error {
 	for {
 		err := e.do("Engine.WaitRelayConnected", func(h *C.meshvpn_engine) C.meshvpn_result {
-			return C.meshvpn_engine_relay_wait_connected(h, msTimeout(waitSlice))
+			return C.meshvpn_engine_relay_wait_connected(h, cTimeout(waitSlice))
 		})
 		if code, ok := codeOf(err); !ok || code != ErrTimeout {
 			return err

@@ -26,7 +26,8 @@ use ::meshvpn_engine::Engine;
 use crate::engine::{self, meshvpn_engine};
 use crate::error::{meshvpn_result, Error, Result};
 use crate::ptr::{self, Out};
-use crate::tunnel::{deadline, SESSION_WAIT_SLICE};
+use crate::timeout::{deadline, meshvpn_timeout_ms};
+use crate::tunnel::SESSION_WAIT_SLICE;
 
 use meshvpn_result::*;
 
@@ -274,7 +275,7 @@ pub unsafe extern "C" fn meshvpn_engine_relay_last_error(
 #[no_mangle]
 pub extern "C" fn meshvpn_engine_relay_wait_connected(
     engine: *mut meshvpn_engine,
-    timeout_ms: u32,
+    timeout_ms: meshvpn_timeout_ms,
 ) -> meshvpn_result {
     ffi_boundary! {{
         let until = deadline(timeout_ms);

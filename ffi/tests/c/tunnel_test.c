@@ -247,6 +247,13 @@ static void *close_later(void *arg) {
     return NULL;
 }
 
+static void *interrupt_later(void *arg) {
+    struct closer *c = arg;
+    usleep(200000);
+    meshvpn_tunnel_stream_interrupt(c->st);
+    return NULL;
+}
+
 /* ------------------------------------------------ tests */
 
 static void test_dial_through_agent(void) {
@@ -316,9 +323,20 @@ static void test_dial_through_agent(void) {
     OK(meshvpn_tunnel_server_dial(s, NODE_KEY, "tcp", target, 1000, &st));
     CHECK_RC(meshvpn_tunnel_stream_read(st, buf, sizeof buf, 100, &n), MESHVPN_TIMEOUT);
     CHECK_RC(meshvpn_tunnel_stream_read(st, buf, sizeof buf, 0, &n), MESHVPN_TIMEOUT);
-    /* A read blocked without a deadline is woken by close from another thread. */
+    /* A read blocked without a deadline is woken by an interrupt from
+     * another thread, which leaves the stream open; one that comes before
+     * the read starts is not lost. */
     struct closer cl = {st};
     pthread_t t;
+    pthread_create(&t, NULL, interrupt_later, &cl);
+    CHECK_RC(meshvpn_tunnel_stream_read(st, buf, sizeof buf, MESHVPN_WAIT_FOREVER, &n),
+             MESHVPN_INTERRUPTED);
+    pthread_join(t, NULL);
+    OK(meshvpn_tunnel_stream_interrupt(st));
+    CHECK_RC(meshvpn_tunnel_stream_read(st, buf, sizeof buf, MESHVPN_WAIT_FOREVER, &n),
+             MESHVPN_INTERRUPTED);
+    CHECK_RC(meshvpn_tunnel_stream_read(st, buf, sizeof buf, 0, &n), MESHVPN_TIMEOUT);
+    /* ... and by close. */
     pthread_create(&t, NULL, close_later, &cl);
     CHECK_RC(meshvpn_tunnel_stream_read(st, buf, sizeof buf, MESHVPN_WAIT_FOREVER, &n),
              MESHVPN_TUNNEL_CLOSED);
@@ -533,6 +551,8 @@ static void test_bad_input(void) {
     CHECK_RC(meshvpn_tunnel_stream_write(NULL, buf, sizeof buf, 0, &n), MESHVPN_NULL_PARAMETER);
     CHECK_RC(meshvpn_tunnel_stream_close(NULL), MESHVPN_NULL_PARAMETER);
     CHECK_RC(meshvpn_tunnel_stream_shutdown_write(bogus), MESHVPN_INVALID_HANDLE);
+    CHECK_RC(meshvpn_tunnel_stream_interrupt(bogus), MESHVPN_INVALID_HANDLE);
+    CHECK_RC(meshvpn_tunnel_stream_interrupt(NULL), MESHVPN_NULL_PARAMETER);
     CHECK_RC(meshvpn_tunnel_agent_start((meshvpn_tunnel_agent *)s), MESHVPN_INVALID_HANDLE);
     meshvpn_tunnel_agent_status status;
     CHECK_RC(meshvpn_tunnel_agent_get_status(NULL, &status), MESHVPN_NULL_PARAMETER);
