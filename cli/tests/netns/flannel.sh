@@ -123,7 +123,7 @@ add_node() {
 start_flanneld() {
 	local n=$1
 	in_ns "$(node "$n")" env MESHVPN_FLANNEL_INTERFACE="$(ifn "$n")" MESHVPN_STATE_DIR="$(state "$n")" \
-		MESHVPN_RELAY_CA="$T/ca.pem" MESHVPN_FLANNEL_PRUNE_AFTER=5 \
+		MESHVPN_RELAY_CA="$T/ca.pem" MESHVPN_FLANNEL_PRUNE_AFTER=5 ${FLANNEL_RUST_LOG:+RUST_LOG=$FLANNEL_RUST_LOG} \
 		setsid "$FLANNELD_BIN" --etcd-endpoints "$ETCD" --etcd-prefix "$PREFIX" \
 		--iface eth0 --subnet-file "$T/subnet-$n.env" >>"$T/flanneld-$n.log" 2>&1 &
 	echo $! >"$T/flanneld-$n.pid"
@@ -154,6 +154,14 @@ add_pod() {
 	ip -n "$p" addr add "$(pod_ip "$n")/24" dev eth0
 	ip -n "$p" link set eth0 up
 	ip -n "$p" route add default via "$gw"
+}
+
+# block_udp N MATCH: node N drops its outgoing packets that match MATCH
+# (nftables; removed with `nft delete table inet mvblock`).
+block_udp() {
+	in_ns "$(node "$1")" nft add table inet mvblock &&
+		in_ns "$(node "$1")" nft add chain inet mvblock out '{ type filter hook output priority 0; }' &&
+		in_ns "$(node "$1")" nft add rule inet mvblock out $2 drop
 }
 
 peers_of() { in_ns "$(node "$1")" wg show "$(ifn "$1")" peers 2>/dev/null | sort; }
@@ -350,12 +358,8 @@ main() {
 	# --- two nodes joining later, behind one NAT IP; UDP between node 4
 	# and node 2 blocked from the start (a firewall between them) ---
 	for n in 4 5; do add_node "$n"; done
-	in_ns "$(node 4)" nft -f - <<-'NFT'
-		table inet mvblock { chain out { type filter hook output priority 0; ip daddr 10.240.0.2 udp dport 51820 drop; } }
-	NFT
-	in_ns "$(node 2)" nft -f - <<-'NFT'
-		table inet mvblock { chain out { type filter hook output priority 0; ip daddr 10.240.0.100 udp drop; } }
-	NFT
+	block_udp 4 "ip daddr 10.240.0.2 udp dport 51820" && block_udp 2 "ip daddr 10.240.0.100 meta l4proto udp" ||
+		fail "nftables: cannot block UDP between nodes 4 and 2"
 	for n in 4 5; do start_flanneld "$n"; done
 	for n in 4 5; do
 		wait_subnet "$n" && add_pod "$n" || {
@@ -399,7 +403,7 @@ main() {
 	if [[ $via == "[100::"* ]] && pod_ping 4 2 && pod_ping 2 4; then
 		pass "UDP between node 4 (behind NAT) and node 2 blocked: pod traffic through the relay (node 4 sees node 2 at $via)"
 	else
-		fail "relay: node 4 sees node 2 at '$via'"
+		fail "relay: node 4 sees node 2 at '$via' (node 4: $(in_ns "$(node 4)" wg show "$(ifn 4)" dump | grep "^$pub2" | cut -f3-7); node 2: $(in_ns "$(node 2)" wg show "$(ifn 2)" dump | grep "^$pub4" | cut -f3-7))"
 	fi
 	for n in 2 4; do in_ns "$(node "$n")" nft delete table inet mvblock; done
 	end=$((SECONDS + 40))
