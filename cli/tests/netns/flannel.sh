@@ -533,7 +533,73 @@ bad_input() {
 	fi
 }
 
+# --- benchmark: the same 3-node flannel topology per implementation ------
+#
+# flannel.sh --bench: for meshvpn, Debian wireguard-go and current
+# wireguard-go (benches/wggo), the daemon of each node is started first
+# (as a systemd unit would), so the same `meshvpn flannel` commands,
+# which speak the UAPI as `wg` does, configure whichever runs. Pod 1 ->
+# pod 2: iperf3 TCP single flow and 4 flows (5 s each), ping idle and
+# under a 4-flow load (median RTT of 20). Prints one table row each.
+
+# bench_impl IMPL: one cluster, measured, torn down.
+bench_impl() {
+	local impl=$1 n
+	PREFIX=/meshvpn-bench/$impl
+	ectl put "$PREFIX/config" "$BENCH_CONF" >/dev/null || return 1
+	local nodes=()
+	for n in 1 2 3; do
+		add_node "$n" || return 1
+		start_impl "$impl" "$(node "$n")" "$(ifn "$n")" || { echo "cannot start $impl"; return 1; }
+		start_flanneld "$n"
+		nodes+=("$(node "$n")")
+	done
+	for n in 1 2 3; do wait_subnet "$n" && add_pod "$n" || return 1; done
+	for n in 1 2 3; do wait_peers "$n" 2 || return 1; done
+	pod_ping 1 2 && pod_ping 2 1 || return 1
+	local one four idle loaded
+	one=$(iperf "$(pod 2)" "$(pod 1)" "$(pod_ip 2)")
+	four=$(iperf "$(pod 2)" "$(pod 1)" "$(pod_ip 2)" -P 4 | tail -1) # the SUM line
+	idle=$(in_ns "$(pod 1)" ping -c 20 -i 0.05 -W 1 "$(pod_ip 2)" 2>/dev/null | median_rtt)
+	iperf_server "$(pod 2)" "$(pod_ip 2)" 15
+	in_ns "$(pod 1)" timeout 15 iperf3 -c "$(pod_ip 2)" -p 5201 -t 6 -P 4 >/dev/null 2>&1 &
+	local load=$!
+	sleep 1
+	loaded=$(in_ns "$(pod 1)" ping -c 20 -i 0.1 -W 1 "$(pod_ip 2)" 2>/dev/null | median_rtt)
+	wait "$load" "$IPERF_SERVER" 2>/dev/null
+	printf '| %-13s | %8s | %8s | %8s | %8s |\n' "$impl" "${one:--}" "${four:--}" "${idle:--}" "${loaded:--}"
+	for n in 1 2 3; do stop_flanneld "$n"; done
+	del_ns "${nodes[@]}" "$(pod 1)" "$(pod 2)" "$(pod 3)"
+	rm -f "$T"/subnet-*.env
+}
+
+median_rtt() { awk -F'time=' '/time=/ { split($2, a, " "); print a[1] }' | sort -n | awk '{ v[NR] = $1 } END { if (NR) printf "%.3f", v[int((NR + 1) / 2)] }'; }
+
+bench_main() {
+	underlay || return 1
+	in_ns "$U" etcd --data-dir "$T/etcd" --listen-client-urls "$ETCD" --advertise-client-urls "$ETCD" \
+		--listen-peer-urls http://127.0.0.1:2380 >"$T/etcd.log" 2>&1 &
+	local i impls="meshvpn wireguard-go"
+	for i in $(seq 50); do ectl endpoint health >/dev/null 2>&1 && break; sleep 0.2; done
+	BENCH_CONF=$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); c["Network"]="10.50.0.0/16"; c["SubnetLen"]=24; print(json.dumps(c))' "$ROOT/cli/flannel/net-conf.json")
+	WGGO_BIN=$T/wggo
+	if (cd "$ROOT/benches/wggo" && timeout 300 go build -o "$WGGO_BIN" .) >"$T/wggo-build.log" 2>&1; then
+		export WGGO_BIN
+		impls+=" wggo"
+	else
+		echo "SKIP wggo: $(tail -2 "$T/wggo-build.log")"
+	fi
+	echo "pod 1 -> pod 2 through flannel's extension backend, 3 nodes, $(nproc) cores"
+	echo "| implementation | 1 flow Gbit/s | 4 flows Gbit/s | ping idle ms | ping loaded ms |"
+	echo "|---|---|---|---|---|"
+	for i in $impls; do bench_impl "$i" || echo "| $i | failed (see $T) |"; done
+}
+
 t_start=$SECONDS
+if [[ ${1:-} == --bench ]]; then
+	bench_main
+	exit 0
+fi
 main
 echo "flannel suite took $((SECONDS - t_start)) s"
 # The logs (never the state files: they hold private keys) for CI.
