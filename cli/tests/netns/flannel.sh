@@ -164,6 +164,10 @@ block_udp() {
 		in_ns "$(node "$1")" nft add rule inet mvblock out $2 drop
 }
 
+# routes_of N: node N's routes through its meshvpn interface, read whole
+# (`ip ... | grep -q` under pipefail fails when grep closes the pipe first).
+routes_of() { in_ns "$(node "$1")" ip route show dev "$(ifn "$1")" 2>/dev/null; }
+
 peers_of() { in_ns "$(node "$1")" wg show "$(ifn "$1")" peers 2>/dev/null | sort; }
 npeers() { peers_of "$1" | grep -c .; }
 
@@ -293,7 +297,7 @@ main() {
 		in_ns "$(node 2)" $argv 2>>"$T/daemon-2-restart.log"
 		if t=$(resume_time 1 2); then
 			after=$(peers_of 2)
-			if [[ $before == "$after" ]] && in_ns "$(node 2)" ip route show dev "$(ifn 2)" | grep -q "$(subnet_of 1 | sed 's|\.1/24|.0/24|')"; then
+			if [[ $before == "$after" ]] && grep -qF "$(subnet_of 1 | sed 's|\.1/24|.0/24|')" <<<"$(routes_of 2)"; then
 				pass "daemon SIGKILLed and restarted: same 2 peers and routes restored, pod traffic resumed after $t s (flannel ran nothing)"
 			else
 				fail "after restart: peers '$before' vs '$after', routes $(in_ns "$(node 2)" ip route show dev "$(ifn 2)")"
@@ -348,7 +352,7 @@ main() {
 	ectl del "$PREFIX/subnets/$(subnet_of 3 | sed 's|\.1/24|.0-24|')" >/dev/null
 	start_flanneld 1
 	sleep 7
-	if [[ $(npeers 1) == 1 ]] && pod_ping 1 2 && ! in_ns "$(node 1)" ip route show dev "$(ifn 1)" | grep -q "$(subnet_of 3 | sed 's|\.1/24|.0/24|')"; then
+	if [[ $(npeers 1) == 1 ]] && pod_ping 1 2 && ! grep -qF "$(subnet_of 3 | sed 's|\.1/24|.0/24|')" <<<"$(routes_of 1)"; then
 		pass "flanneld restarted after node 3's lease went away: its peer and route were pruned, node 2 still reachable, no duplicate"
 	else
 		fail "stale peers on node 1: $(npeers 1) peers; routes $(in_ns "$(node 1)" ip route show dev "$(ifn 1)" | tr '\n' ';')"
@@ -417,6 +421,26 @@ main() {
 		pass "UDP unblocked: both back on UDP (node 4 sees $via, node 2 sees $(field "$(node 2)" "$(ifn 2)" endpoints "$pub4" 2))" ||
 		fail "still at '$via' / '$(field "$(node 2)" "$(ifn 2)" endpoints "$pub4" 2)' after unblocking"
 
+	# --- nodes 1 and 2 (talking over UDP) cut off from each other mid-flow ---
+	local pub2b t0m
+	pub2b=$(in_ns "$(node 2)" wg show "$(ifn 2)" public-key)
+	block_udp 1 "ip daddr 10.240.0.2 udp dport 51820" && block_udp 2 "ip daddr 10.240.0.1 udp dport 51820" ||
+		fail "nftables: cannot block UDP between nodes 1 and 2"
+	t0m=$SECONDS
+	end=$((SECONDS + 60))
+	while ((SECONDS < end)); do
+		in_ns "$(pod 1)" ping -q -c 1 -W 1 "$(pod_ip 2)" >/dev/null 2>&1
+		via=$(field "$(node 1)" "$(ifn 1)" endpoints "$pub2b" 2)
+		[[ $via == "[100::"* ]] && break
+		sleep 0.5
+	done
+	if [[ $via == "[100::"* ]] && pod_ping 1 2; then
+		pass "UDP between nodes 1 and 2 cut during a ping flow: moved to the relay after $((SECONDS - t0m)) s"
+	else
+		fail "mid-flow cut: node 1 sees node 2 at '$via' after $((SECONDS - t0m)) s"
+	fi
+	for n in 1 2; do in_ns "$(node "$n")" nft delete table inet mvblock; done
+
 	# --- status and metrics ---
 	local st
 	st=$(in_ns "$(node 1)" env MESHVPN_FLANNEL_INTERFACE="$(ifn 1)" "$MESHVPN_BIN" status 2>&1)
@@ -433,7 +457,7 @@ main() {
 	sub5=$(subnet_of 5 | sed 's|\.1/24|.0/24|')
 	ectl del "$PREFIX/subnets/${sub5/\//-}" >/dev/null
 	if wait_peers 1 2 && wait_peers 2 2 && wait_peers 4 2 &&
-		! in_ns "$(node 1)" ip route show dev "$(ifn 1)" | grep -q "$sub5"; then
+		! grep -qF "$sub5" <<<"$(routes_of 1)"; then
 		pass "node 5's lease removed: its peer and route left nodes 1, 2 and 4"
 	else
 		fail "after removing node 5's lease: peers $(npeers 1) $(npeers 2) $(npeers 4)"
@@ -526,7 +550,7 @@ bad_input() {
 	for i in 1 2; do
 		"${run[@]}" SUBNET=10.50.99.0/24 "$MESHVPN_BIN" flannel subnet-remove <<<"{\"v\":1,\"publicKey\":\"$k\",\"port\":51820}" >/dev/null 2>&1 || { fail "subnet-remove run $i exited non-zero"; }
 	done
-	if [[ $r1 == 1 ]] && (($(npeers 1) == c1 - 1)) && ! in_ns "$n1" ip route show dev "$if1" | grep -q 10.50.99.0/24; then
+	if [[ $r1 == 1 ]] && (($(npeers 1) == c1 - 1)) && ! grep -qF 10.50.99.0/24 <<<"$(routes_of 1)"; then
 		pass "subnet-add twice: one peer, one route; subnet-remove twice: both gone, second run exits 0"
 	else
 		fail "idempotence: route count $r1, peers $c1 -> $(npeers 1)"
