@@ -65,6 +65,13 @@ impl MetricsServer {
     }
 }
 
+impl MetricsServer {
+    /// Where it listens (the port, when started on port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
 impl Drop for MetricsServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -257,4 +264,76 @@ pub fn render(engine: &Engine, ifname: &str) -> String {
         snapshot.len()
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshvpn_engine::{Config, InterfaceConfig, PeerConfig, PrivateKey};
+    use std::time::Instant;
+
+    fn engine_with_a_peer() -> (Arc<Engine>, String) {
+        let cfg = Config {
+            interface: InterfaceConfig {
+                private_key: Some(PrivateKey::generate()),
+                listen_port: Some(0),
+                ..Default::default()
+            },
+            peers: Vec::new(),
+        };
+        let engine = Arc::new(Engine::new(&cfg).unwrap());
+        let key = PrivateKey::generate().public_key();
+        let mut peer = PeerConfig::new(key);
+        peer.allowed_ips = vec!["10.42.7.0/24".parse().unwrap()];
+        engine.add_peer(&peer).unwrap();
+        (engine, key.to_base64())
+    }
+
+    fn get(addr: SocketAddr) -> String {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).unwrap();
+        text
+    }
+
+    #[test]
+    fn serves_the_page_and_bounds_hostile_scrapers() {
+        let (engine, key) = engine_with_a_peer();
+        let server =
+            MetricsServer::start("127.0.0.1:0".parse().unwrap(), engine.clone(), "fw0").unwrap();
+        let addr = server.local_addr();
+        let page = get(addr);
+        assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+        let want = format!(
+            "wireguard_sent_bytes_total{{interface=\"fw0\",public_key=\"{key}\",allowed_ips=\"10.42.7.0/24\"}} 0"
+        );
+        assert!(page.contains(&want), "{page}");
+        assert!(page.contains("# TYPE meshvpn_peer_drops_total counter"));
+
+        // A request past MAX_REQUEST_BYTES without its blank line is cut
+        // off unanswered.
+        let mut big = TcpStream::connect(addr).unwrap();
+        big.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let junk = vec![b'a'; MAX_REQUEST_BYTES + 1024];
+        let _ = big.write_all(&junk);
+        let mut reply = Vec::new();
+        let _ = big.read_to_end(&mut reply);
+        assert!(reply.is_empty(), "answered an oversized request");
+
+        // A client that connects and says nothing holds the server at most
+        // REQUEST_TIMEOUT: a scrape behind it still completes.
+        let _silent = TcpStream::connect(addr).unwrap();
+        let t = Instant::now();
+        assert!(get(addr).starts_with("HTTP/1.1 200 OK"));
+        assert!(
+            t.elapsed() < REQUEST_TIMEOUT + Duration::from_secs(2),
+            "{:?}",
+            t.elapsed()
+        );
+        drop(server);
+        engine.close();
+    }
 }

@@ -173,6 +173,19 @@ fn flannel_commands_refuse_bad_input() {
         ),
         (&["flannel", "subnet-remove"], &env, &good, "not running"),
         (&["flannel", "post-startup"], &env, "", "NETWORK is not set"),
+        // Only the first 4 KiB of stdin are read: a flood is cut, not parsed.
+        (
+            &["flannel", "subnet-add"],
+            &env,
+            &format!("{good}{}", " ".repeat(1 << 20)),
+            "not running",
+        ),
+        (
+            &["flannel", "subnet-add"],
+            &env,
+            &format!("{}{good}", " ".repeat(1 << 20)),
+            "no backend-data",
+        ),
         (
             &["flannel", "pre-startup", "-i", "bad/name"],
             &[],

@@ -444,8 +444,10 @@ main() {
 	# --- status and metrics ---
 	local st
 	st=$(in_ns "$(node 1)" env MESHVPN_FLANNEL_INTERFACE="$(ifn 1)" "$MESHVPN_BIN" status 2>&1)
-	if grep -q "subnet $(subnet_of 2 | sed 's|\.1/24|.0/24|')" <<<"$st" && grep -q "path udp" <<<"$st"; then
-		pass "meshvpn status lists node 2's subnet, endpoint and path"
+	st+=$(in_ns "$(node 1)" env MESHVPN_FLANNEL_INTERFACE="$(ifn 1)" "$MESHVPN_BIN" status --metrics 127.0.0.1:9586 2>&1)
+	if grep -q "subnet $(subnet_of 2 | sed 's|\.1/24|.0/24|')" <<<"$st" && grep -q "path udp" <<<"$st" &&
+		grep -q "rtt .* ms, drops" <<<"$st"; then
+		pass "meshvpn status lists node 2's subnet, endpoint, path, and with --metrics RTT and drops"
 	else
 		fail "status: $st"
 	fi
