@@ -65,6 +65,7 @@ impl MetricsServer {
     }
 }
 
+#[cfg(test)]
 impl MetricsServer {
     /// Where it listens (the port, when started on port 0).
     pub fn local_addr(&self) -> SocketAddr {
