@@ -67,6 +67,19 @@ pub struct InterfaceArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 5, requires = "relay_url",
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub relay_probe: u64,
+
+    /// Save the configuration (keys, peers, the interface's addresses and
+    /// routes) in DIR/IFNAME.json whenever it changes, and restore it from
+    /// there at start (off by default: a wireguard-go drop-in starts
+    /// empty). `meshvpn flannel pre-startup` uses /var/lib/meshvpn.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
+
+    /// Serve Prometheus metrics (per-peer bytes, handshakes, path, drops;
+    /// engine counters) over HTTP on ADDR, e.g. 127.0.0.1:9586 (off by
+    /// default).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What the child tells the parent once it serves.
@@ -119,7 +132,7 @@ pub fn run(args: &InterfaceArgs, keep_stdio: bool) -> CliResult {
     }
 }
 
-fn check_name(name: &str) -> CliResult {
+pub(crate) fn check_name(name: &str) -> CliResult {
     if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) || name == "." {
         return Err(format!(
             "`{name}` is not an interface name: use 1 to 15 characters without '/' or spaces, e.g. wg0"
@@ -134,6 +147,9 @@ fn check_name(name: &str) -> CliResult {
 struct Interface {
     uapi: UapiServer,
     engine: Arc<Engine>,
+    saver: Option<crate::persist::Saver>,
+    addresses: crate::netwatch::AddressWatch,
+    _metrics: Option<crate::metrics::MetricsServer>,
 }
 
 /// The relay settings from the command line, read before the engine starts.
@@ -195,9 +211,19 @@ fn bring_up(name: &str, args: &InterfaceArgs) -> Result<Interface, String> {
         peers: Vec::new(),
     };
     let engine = Arc::new(Engine::new(&config).map_err(|e| format!("cannot start: {e}"))?);
+    let (saver, restored) = match &args.state_dir {
+        Some(dir) => {
+            let (saver, state) = crate::persist::Saver::open(dir, name, &engine)?;
+            (Some(saver), state)
+        }
+        None => (None, None),
+    };
     engine
         .attach_tun(tun)
         .map_err(|e| format!("cannot start the TUN reader: {e}"))?;
+    if let Some(state) = &restored {
+        state.restore_interface(name)?;
+    }
     if let Some(relay) = relay {
         let url = relay.url.clone();
         engine
@@ -210,7 +236,20 @@ fn bring_up(name: &str, args: &InterfaceArgs) -> Result<Interface, String> {
             UapiServer::socket_path(name).display()
         )
     })?;
-    Ok(Interface { uapi, engine })
+    let metrics = match args.metrics_listen {
+        Some(addr) => Some(
+            crate::metrics::MetricsServer::start(addr, engine.clone(), name)
+                .map_err(|e| format!("--metrics-listen {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok(Interface {
+        uapi,
+        engine,
+        saver,
+        addresses: crate::netwatch::AddressWatch::new(name),
+        _metrics: metrics,
+    })
 }
 
 fn serve(
@@ -227,7 +266,7 @@ fn serve(
     signals.add(Signal::SIGHUP);
     signals.thread_block()?;
 
-    let iface = match bring_up(name, args) {
+    let mut iface = match bring_up(name, args) {
         Ok(i) => i,
         Err(e) => {
             if let Some(mut parent) = ready.take() {
@@ -268,9 +307,15 @@ fn serve(
         if iface.engine.device_gone() {
             break "the interface was deleted".to_string();
         }
+        if let Some(saver) = &mut iface.saver {
+            saver.tick(&iface.engine);
+        }
+        iface.addresses.tick(&iface.engine);
     };
     tracing::info!(interface = name, "shutting down: {reason}");
-    let Interface { uapi, engine } = iface;
+    // Not saved on the way out: the interface (and its routes) may already
+    // be gone, and the last tick saved everything that mattered.
+    let Interface { uapi, engine, .. } = iface;
     drop(uapi);
     engine.close();
     Ok(())
