@@ -307,6 +307,11 @@ impl From<RelayServerStats> for meshvpn_relay_server_stats {
             dropped_unknown,
             dropped_full,
             dropped_malformed,
+            dropped_budget,
+            closed_slow,
+            queued_bytes,
+            queued_bytes_peak,
+            session_queued_bytes_peak,
         } = s;
         meshvpn_relay_server_stats {
             clients: clients as u64,
@@ -317,6 +322,11 @@ impl From<RelayServerStats> for meshvpn_relay_server_stats {
             dropped_unknown,
             dropped_full,
             dropped_malformed,
+            dropped_budget,
+            closed_slow,
+            queued_bytes: queued_bytes as u64,
+            queued_bytes_peak: queued_bytes_peak as u64,
+            session_queued_bytes_peak: session_queued_bytes_peak as u64,
         }
     }
 }
