@@ -371,7 +371,7 @@ mod tests {
         assert!(ip.is_fragment());
         assert_eq!(ip.payload(), &p[24..]);
 
-        let mut p = vec![0u8; 44];
+        let mut p = [0u8; 44];
         p[..4].copy_from_slice(&[0x6a, 0xbc, 0xde, 0xf0]);
         p[6] = PROTO_UDP;
         p[7] = 9;
@@ -419,7 +419,7 @@ mod tests {
                 Err(IpError::HeaderLength(ihl as usize * 4))
             );
         }
-        let mut p = vec![0u8; 40];
+        let mut p = [0u8; 40];
         p[0] = 0x60;
         for n in 0..40 {
             assert!(IpPacket::new_checked(&p[..n]).is_err(), "v6 length {n}");
