@@ -197,16 +197,11 @@ impl<'a> TcpSegment<'a> {
     /// True when `next` continues the aggregate headed by `self` whose
     /// next expected sequence number is `next_seq`.
     fn continued_by(&self, next: &TcpSegment, next_seq: u32) -> bool {
-        let (h, n) = (&self.ip, &next.ip);
         next.header_len() == self.header_len()
             && next.tcp.seq_number() == next_seq
             && next.is_plain_data()
-            && h.is_v4() == n.is_v4()
-            // Same addresses and ports, same class, hop limit and DF.
-            && h.addrs() == n.addrs()
-            && h.class_and_flow() == n.class_and_flow()
-            && h.hop_limit() == n.hop_limit()
-            && h.dont_frag() == n.dont_frag()
+            // Same addresses, class, hop limit and DF; same ports.
+            && self.ip.same_flow(&next.ip)
             && self.tcp.src_port() == next.tcp.src_port()
             && self.tcp.dst_port() == next.tcp.dst_port()
             // Same ACK number and options (timestamps included), as the
@@ -221,7 +216,9 @@ struct Aggregate {
     /// Where the packet starts in the buffer (after room for the header).
     start: usize,
     len: usize,
-    /// Zero for a plain packet (one that can take no segments).
+    /// IP and IP + TCP header lengths; zero for a plain packet (one that
+    /// can take no segments).
+    ip_len: usize,
     hlen: usize,
     mss: usize,
     next_seq: u32,
@@ -244,9 +241,7 @@ impl Aggregate {
 
     /// Its TCP header, for the fields a joining segment updates.
     fn tcp_mut<'b>(&self, buf: &'b mut [u8]) -> Option<TcpPacket<&'b mut [u8]>> {
-        let ip = IpPacket::new_checked(&mut buf[self.start..self.start + self.hlen]).ok()?;
-        let at = self.start + ip.header_len();
-        TcpPacket::new_checked(&mut buf[at..self.start + self.hlen]).ok()
+        TcpPacket::new_checked(&mut buf[self.start + self.ip_len..self.start + self.hlen]).ok()
     }
 }
 
@@ -317,18 +312,20 @@ impl Coalescer {
         let start = self.used + virtio::HEADER_LEN;
         self.buf[start..start + p.len()].copy_from_slice(p);
         self.used = start + p.len();
-        let (hlen, mss, next_seq, closed) = match seg {
+        let (ip_len, hlen, mss, next_seq, closed) = match seg {
             Some(s) if s.is_plain_data() => (
+                s.ip.header_len(),
                 s.header_len(),
                 s.payload().len(),
                 s.tcp.seq_number().wrapping_add(s.payload().len() as u32),
                 s.tcp.flags() & flags::PSH != 0,
             ),
-            _ => (0, 0, 0, true),
+            _ => (0, 0, 0, 0, true),
         };
         self.out.push(Aggregate {
             start,
             len: p.len(),
+            ip_len,
             hlen,
             mss,
             next_seq,

@@ -62,6 +62,7 @@ pub struct IpHeader {
 }
 
 impl IpHeader {
+    #[inline]
     pub fn new_checked(packet: &[u8]) -> Result<IpHeader, IpError> {
         let first = *packet.first().ok_or(IpError::Empty)?;
         match first >> 4 {
@@ -106,6 +107,7 @@ pub struct IpPacket<T: AsRef<[u8]>> {
 }
 
 impl<T: AsRef<[u8]>> IpPacket<T> {
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<IpPacket<T>, IpError> {
         let b = buffer.as_ref();
         let first = *b.first().ok_or(IpError::Empty)?;
@@ -134,15 +136,18 @@ impl<T: AsRef<[u8]>> IpPacket<T> {
         })
     }
 
+    #[inline]
     pub fn is_v4(&self) -> bool {
         self.v4
     }
 
     /// The IP header's length, IPv4 options included.
+    #[inline]
     pub fn header_len(&self) -> usize {
         self.header_len
     }
 
+    #[inline]
     pub fn protocol(&self) -> u8 {
         let b = self.buffer.as_ref();
         if self.v4 {
@@ -153,6 +158,7 @@ impl<T: AsRef<[u8]>> IpPacket<T> {
     }
 
     /// The packet's length as its header declares it.
+    #[inline]
     pub fn declared_len(&self) -> usize {
         let b = self.buffer.as_ref();
         if self.v4 {
@@ -164,22 +170,20 @@ impl<T: AsRef<[u8]>> IpPacket<T> {
 
     /// The IPv4 identification (`None` for IPv6, which has none outside a
     /// fragment header).
+    #[inline]
     pub fn ident(&self) -> Option<u16> {
         self.v4.then(|| be16(self.buffer.as_ref(), V4_IDENT))
     }
 
     /// An IPv4 fragment (more fragments follow, or a non-zero offset).
     /// Always false for IPv6: its fragments are extension headers.
+    #[inline]
     pub fn is_fragment(&self) -> bool {
         self.v4 && be16(self.buffer.as_ref(), V4_FLAGS_FRAG) & V4_FRAGMENT != 0
     }
 
-    /// The IPv4 don't-fragment bit (false for IPv6).
-    pub fn dont_frag(&self) -> bool {
-        self.v4 && be16(self.buffer.as_ref(), V4_FLAGS_FRAG) & V4_DONT_FRAG != 0
-    }
-
     /// TTL or hop limit.
+    #[inline]
     pub fn hop_limit(&self) -> u8 {
         let b = self.buffer.as_ref();
         if self.v4 {
@@ -189,19 +193,8 @@ impl<T: AsRef<[u8]>> IpPacket<T> {
         }
     }
 
-    /// The IPv4 type of service, or the IPv6 first word (version, traffic
-    /// class and flow label): what must match for two packets to be one flow.
-    pub fn class_and_flow(&self) -> u32 {
-        let b = self.buffer.as_ref();
-        if self.v4 {
-            b[V4_TOS] as u32
-        } else {
-            let w = &b[V6_VER_CLASS_FLOW];
-            u32::from_be_bytes([w[0], w[1], w[2], w[3]])
-        }
-    }
-
     /// Source then destination address, as bytes (8 or 32 of them).
+    #[inline]
     pub fn addrs(&self) -> &[u8] {
         let b = self.buffer.as_ref();
         if self.v4 {
@@ -211,7 +204,31 @@ impl<T: AsRef<[u8]>> IpPacket<T> {
         }
     }
 
+    /// Same version, addresses, type of service or traffic class and flow
+    /// label, hop limit and (IPv4) don't-fragment bit: what the kernel's
+    /// GRO (`inet_gro_receive`, `ipv6_gro_receive`) demands of two packets
+    /// of one flow. Compared as header bytes, one version test.
+    #[inline]
+    pub fn same_flow<U: AsRef<[u8]>>(&self, other: &IpPacket<U>) -> bool {
+        let (a, b) = (self.buffer.as_ref(), other.buffer.as_ref());
+        if self.v4 != other.v4 {
+            return false;
+        }
+        if self.v4 {
+            let df = (V4_DONT_FRAG >> 8) as u8;
+            a[V4_TOS] == b[V4_TOS]
+                && a[V4_TTL] == b[V4_TTL]
+                && a[V4_FLAGS_FRAG.start] & df == b[V4_FLAGS_FRAG.start] & df
+                && a[V4_SRC.start..V4_DST.end] == b[V4_SRC.start..V4_DST.end]
+        } else {
+            a[V6_VER_CLASS_FLOW] == b[V6_VER_CLASS_FLOW]
+                && a[V6_HOP_LIMIT] == b[V6_HOP_LIMIT]
+                && a[V6_SRC.start..V6_DST.end] == b[V6_SRC.start..V6_DST.end]
+        }
+    }
+
     /// The bytes after the IP header in the buffer.
+    #[inline]
     pub fn payload_len(&self) -> usize {
         self.buffer.as_ref().len() - self.header_len
     }
@@ -219,11 +236,13 @@ impl<T: AsRef<[u8]>> IpPacket<T> {
     /// The sum (see [`checksum::sum`]) of the pseudo-header a TCP or UDP
     /// checksum covers (RFC 9293 3.1, RFC 8200 8.1), for a transport header
     /// and payload of `l4_len` bytes.
+    #[inline]
     pub fn pseudo_header_sum(&self, proto: u8, l4_len: usize) -> u64 {
         checksum::sum(self.addrs(), proto as u64 + l4_len as u64)
     }
 
     /// True when the IPv4 header checksum is right (always for IPv6).
+    #[inline]
     pub fn verify_checksum(&self) -> bool {
         !self.v4 || checksum::checksum(&self.buffer.as_ref()[..self.header_len], 0) == 0
     }
@@ -232,6 +251,7 @@ impl<T: AsRef<[u8]>> IpPacket<T> {
 impl<'a, T: AsRef<[u8]> + ?Sized> IpPacket<&'a T> {
     /// Everything after the IP header (up to the end of the buffer, not to
     /// the declared length), for as long as the buffer lives.
+    #[inline]
     pub fn payload(&self) -> &'a [u8] {
         &self.buffer.as_ref()[self.header_len..]
     }
@@ -240,6 +260,7 @@ impl<'a, T: AsRef<[u8]> + ?Sized> IpPacket<&'a T> {
 impl<T: AsRef<[u8]> + AsMut<[u8]>> IpPacket<T> {
     /// Writes the length field for a packet of `total` bytes (the total
     /// length for IPv4, the payload length for IPv6).
+    #[inline]
     pub fn set_total_len(&mut self, total: usize) {
         let (field, len) = if self.v4 {
             (V4_TOTAL_LEN, total)
@@ -250,6 +271,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> IpPacket<T> {
     }
 
     /// Sets the IPv4 identification; nothing for IPv6.
+    #[inline]
     pub fn set_ident(&mut self, id: u16) {
         if self.v4 {
             put16(self.buffer.as_mut(), V4_IDENT, id)
@@ -257,6 +279,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> IpPacket<T> {
     }
 
     /// Recomputes the IPv4 header checksum; nothing for IPv6, which has none.
+    #[inline]
     pub fn fill_checksum(&mut self) {
         if self.v4 {
             let len = self.header_len;
@@ -267,6 +290,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> IpPacket<T> {
         }
     }
 
+    #[inline]
     pub fn payload_mut(&mut self) -> &mut [u8] {
         let len = self.header_len;
         &mut self.buffer.as_mut()[len..]
@@ -352,11 +376,8 @@ mod tests {
             (ip.header_len(), ip.protocol(), ip.declared_len()),
             (24, 6, 40)
         );
-        assert_eq!(
-            (ip.ident(), ip.hop_limit(), ip.class_and_flow()),
-            (Some(0x1234), 64, 0xb8)
-        );
-        assert!(ip.dont_frag() && !ip.is_fragment());
+        assert_eq!((ip.ident(), ip.hop_limit()), (Some(0x1234), 64));
+        assert!(!ip.is_fragment());
         assert_eq!(ip.addrs(), &[10, 0, 0, 1, 10, 0, 0, 2]);
         assert_eq!(ip.payload_len(), 16);
         ip.set_total_len(30);
@@ -378,12 +399,12 @@ mod tests {
         p[23] = 1;
         p[39] = 2;
         let mut ip = IpPacket::new_checked(&mut p[..]).unwrap();
-        assert!(!ip.is_v4() && !ip.dont_frag() && !ip.is_fragment());
+        assert!(!ip.is_v4() && !ip.is_fragment());
         assert_eq!(
             (ip.header_len(), ip.protocol(), ip.hop_limit()),
             (40, 17, 9)
         );
-        assert_eq!((ip.ident(), ip.class_and_flow()), (None, 0x6abc_def0));
+        assert_eq!(ip.ident(), None);
         assert_eq!(ip.addrs().len(), 32);
         ip.set_total_len(44);
         ip.set_ident(7); // no such field: nothing written
@@ -391,6 +412,40 @@ mod tests {
         assert_eq!(ip.declared_len(), 44);
         assert_eq!(&p[4..6], &[0, 4]);
         assert_eq!(&p[..4], &[0x6a, 0xbc, 0xde, 0xf0]);
+    }
+
+    /// Each field GRO compares, changed alone, makes another flow; the
+    /// identification, length and checksum do not.
+    #[test]
+    fn same_flow_compares_what_gro_compares() {
+        let mut base4 = v4([10, 0, 0, 1], [10, 0, 0, 2], 40);
+        base4[6] = 0x40; // DF
+        let mut base6 = vec![0u8; 48];
+        base6[..4].copy_from_slice(&[0x6a, 0xbc, 0xde, 0xf0]);
+        base6[7] = 64;
+        base6[23] = 1;
+        let same = |a: &[u8], b: &[u8]| {
+            IpPacket::new_checked(a)
+                .unwrap()
+                .same_flow(&IpPacket::new_checked(b).unwrap())
+        };
+        for (base, flow_bytes, other_bytes) in [
+            (&base4, &[1, 6, 8, 12, 19][..], &[2, 4, 5, 10][..]),
+            (&base6, &[1, 3, 7, 8, 39][..], &[4, 5, 6][..]),
+        ] {
+            assert!(same(base, base));
+            for &i in flow_bytes {
+                let mut b = base.clone();
+                b[i] ^= if i == 6 && base[0] >> 4 == 4 { 0x40 } else { 1 };
+                assert!(!same(base, &b), "byte {i} of v{}", base[0] >> 4);
+            }
+            for &i in other_bytes {
+                let mut b = base.clone();
+                b[i] ^= 1;
+                assert!(same(base, &b), "byte {i} of v{}", base[0] >> 4);
+            }
+        }
+        assert!(!same(&base4, &base6));
     }
 
     #[test]

@@ -29,11 +29,13 @@ pub enum HeaderError {
 }
 
 /// A big-endian `u16` at `at` (a two-byte field a `new_checked` covered).
+#[inline]
 fn be16(b: &[u8], at: std::ops::Range<usize>) -> u16 {
     u16::from_be_bytes([b[at.start], b[at.start + 1]])
 }
 
 /// A big-endian `u32` at `at` (a four-byte field a `new_checked` covered).
+#[inline]
 fn be32(b: &[u8], at: std::ops::Range<usize>) -> u32 {
     u32::from_be_bytes([
         b[at.start],
@@ -43,10 +45,12 @@ fn be32(b: &[u8], at: std::ops::Range<usize>) -> u32 {
     ])
 }
 
+#[inline]
 fn put16(b: &mut [u8], at: std::ops::Range<usize>, v: u16) {
     b[at].copy_from_slice(&v.to_be_bytes());
 }
 
+#[inline]
 fn put32(b: &mut [u8], at: std::ops::Range<usize>, v: u32) {
     b[at].copy_from_slice(&v.to_be_bytes());
 }

@@ -42,6 +42,7 @@ pub struct TcpPacket<T: AsRef<[u8]>> {
 impl<T: AsRef<[u8]>> TcpPacket<T> {
     /// Checks that the fixed header fits, that the data offset is at least
     /// the fixed header and that the options it declares fit too.
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<TcpPacket<T>, HeaderError> {
         let b = buffer.as_ref();
         if b.len() < HEADER_LEN {
@@ -57,42 +58,51 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
         Ok(TcpPacket { buffer })
     }
 
+    #[inline]
     pub fn src_port(&self) -> u16 {
         be16(self.buffer.as_ref(), field::SRC_PORT)
     }
 
+    #[inline]
     pub fn dst_port(&self) -> u16 {
         be16(self.buffer.as_ref(), field::DST_PORT)
     }
 
+    #[inline]
     pub fn seq_number(&self) -> u32 {
         be32(self.buffer.as_ref(), field::SEQ_NUM)
     }
 
+    #[inline]
     pub fn ack_number(&self) -> u32 {
         be32(self.buffer.as_ref(), field::ACK_NUM)
     }
 
     /// The header length, options included.
+    #[inline]
     pub fn header_len(&self) -> usize {
         (self.buffer.as_ref()[field::DATA_OFF] >> 4) as usize * 4
     }
 
     /// The flags byte (see [`flags`]).
+    #[inline]
     pub fn flags(&self) -> u8 {
         self.buffer.as_ref()[field::FLAGS]
     }
 
+    #[inline]
     pub fn window_len(&self) -> u16 {
         be16(self.buffer.as_ref(), field::WIN_SIZE)
     }
 
+    #[inline]
     pub fn checksum(&self) -> u16 {
         be16(self.buffer.as_ref(), field::CHECKSUM)
     }
 
     /// True when the checksum is right for this segment, given the sum of
     /// its IP pseudo-header ([`super::IpPacket::pseudo_header_sum`]).
+    #[inline]
     pub fn verify_checksum(&self, pseudo: u64) -> bool {
         checksum::checksum(self.buffer.as_ref(), pseudo) == 0
     }
@@ -100,34 +110,41 @@ impl<T: AsRef<[u8]>> TcpPacket<T> {
 
 impl<'a, T: AsRef<[u8]> + ?Sized> TcpPacket<&'a T> {
     /// The options, timestamps included (empty without).
+    #[inline]
     pub fn options(&self) -> &'a [u8] {
         &self.buffer.as_ref()[HEADER_LEN..self.header_len()]
     }
 
+    #[inline]
     pub fn payload(&self) -> &'a [u8] {
         &self.buffer.as_ref()[self.header_len()..]
     }
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> TcpPacket<T> {
+    #[inline]
     pub fn set_seq_number(&mut self, seq: u32) {
         put32(self.buffer.as_mut(), field::SEQ_NUM, seq)
     }
 
+    #[inline]
     pub fn set_flags(&mut self, flags: u8) {
         self.buffer.as_mut()[field::FLAGS] = flags
     }
 
+    #[inline]
     pub fn set_window_len(&mut self, window: u16) {
         put16(self.buffer.as_mut(), field::WIN_SIZE, window)
     }
 
+    #[inline]
     pub fn set_checksum(&mut self, checksum: u16) {
         put16(self.buffer.as_mut(), field::CHECKSUM, checksum)
     }
 
     /// Computes the checksum over the whole segment with `pseudo`, the sum
     /// of its IP pseudo-header, and writes it.
+    #[inline]
     pub fn fill_checksum(&mut self, pseudo: u64) {
         self.set_checksum(0);
         let c = checksum::checksum(self.buffer.as_ref(), pseudo);

@@ -22,6 +22,7 @@ pub struct UdpPacket<T: AsRef<[u8]>> {
 }
 
 impl<T: AsRef<[u8]>> UdpPacket<T> {
+    #[inline]
     pub fn new_checked(buffer: T) -> Result<UdpPacket<T>, HeaderError> {
         if buffer.as_ref().len() < HEADER_LEN {
             return Err(HeaderError::Truncated("UDP"));
@@ -29,41 +30,49 @@ impl<T: AsRef<[u8]>> UdpPacket<T> {
         Ok(UdpPacket { buffer })
     }
 
+    #[inline]
     pub fn src_port(&self) -> u16 {
         be16(self.buffer.as_ref(), field::SRC_PORT)
     }
 
+    #[inline]
     pub fn dst_port(&self) -> u16 {
         be16(self.buffer.as_ref(), field::DST_PORT)
     }
 
     /// The length field (header and payload), as the sender wrote it.
+    #[inline]
     pub fn length(&self) -> u16 {
         be16(self.buffer.as_ref(), field::LENGTH)
     }
 
+    #[inline]
     pub fn checksum(&self) -> u16 {
         be16(self.buffer.as_ref(), field::CHECKSUM)
     }
 
     /// True when the checksum is right, given the pseudo-header sum (zero,
     /// "no checksum", is right only over IPv4; the caller decides).
+    #[inline]
     pub fn verify_checksum(&self, pseudo: u64) -> bool {
         checksum::checksum(self.buffer.as_ref(), pseudo) == 0
     }
 }
 
 impl<'a, T: AsRef<[u8]> + ?Sized> UdpPacket<&'a T> {
+    #[inline]
     pub fn payload(&self) -> &'a [u8] {
         &self.buffer.as_ref()[HEADER_LEN..]
     }
 }
 
 impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
+    #[inline]
     pub fn set_length(&mut self, len: u16) {
         put16(self.buffer.as_mut(), field::LENGTH, len)
     }
 
+    #[inline]
     pub fn set_checksum(&mut self, checksum: u16) {
         put16(self.buffer.as_mut(), field::CHECKSUM, checksum)
     }
@@ -71,6 +80,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> UdpPacket<T> {
     /// Computes and writes the checksum over the whole datagram with
     /// `pseudo`, the sum of its IP pseudo-header. A computed zero is sent
     /// as 0xffff: zero on the wire means "no checksum" (RFC 768).
+    #[inline]
     pub fn fill_checksum(&mut self, pseudo: u64) {
         self.set_checksum(0);
         let c = match checksum::checksum(self.buffer.as_ref(), pseudo) {
