@@ -99,12 +99,6 @@
 #define MESHVPN_MAX_PACKET 65535
 
 /**
- * `timeout_ms` value that waits without a deadline (until a packet
- * arrives or the engine is stopped or freed).
- */
-#define MESHVPN_WAIT_FOREVER UINT32_MAX
-
-/**
  * Room in `meshvpn_peer_stats.drops`; reasons added later use the unused
  * slots, so the struct keeps its size.
  */
@@ -126,11 +120,6 @@
  * (`"[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]:65535"`).
  */
 #define MESHVPN_ADDR_MAX 64
-
-/**
- * A blocking call's `timeout_ms` that means "no limit".
- */
-#define MESHVPN_TIMEOUT_INFINITE -1
 
 /**
  * The outcome of a call. `MESHVPN_OK` is success; anything else is an
@@ -300,8 +289,9 @@ enum meshvpn_result
    */
   MESHVPN_NO_ADDRESS = 408,
   /**
-   * A blocked call was woken by `meshvpn_conn_interrupt` or
-   * `meshvpn_udp_interrupt` before its timeout.
+   * A blocked call was woken by `meshvpn_conn_interrupt`,
+   * `meshvpn_udp_interrupt`, `meshvpn_tunnel_stream_interrupt` or
+   * `meshvpn_interrupter_interrupt` before its timeout.
    */
   MESHVPN_INTERRUPTED = 409,
   /**
@@ -505,6 +495,13 @@ typedef struct meshvpn_conn meshvpn_conn;
 typedef struct meshvpn_engine meshvpn_engine;
 
 /**
+ * An interrupt token. Opaque: created by `meshvpn_interrupter_new`,
+ * released by `meshvpn_interrupter_free`. The value is a handle, not a
+ * pointer to memory: never dereference it.
+ */
+typedef struct meshvpn_interrupter meshvpn_interrupter;
+
+/**
  * A TCP listener. Opaque: created by `meshvpn_listener_new`, released by
  * `meshvpn_listener_free`. The value is a handle, not a pointer to
  * memory: never dereference it.
@@ -687,6 +684,12 @@ typedef struct meshvpn_packet {
 } meshvpn_packet;
 
 /**
+ * Milliseconds a blocking call may wait: 0 polls, `MESHVPN_WAIT_FOREVER`
+ * waits without a deadline.
+ */
+typedef uint32_t meshvpn_timeout_ms;
+
+/**
  * Called when packets are waiting (see `meshvpn_engine_set_recv_callback`).
  */
 typedef void (*meshvpn_recv_callback)(void *userdata);
@@ -859,6 +862,18 @@ typedef struct meshvpn_relay_config {
    * probe moves it back to UDP); 0 means the default, 5000.
    */
   uint32_t probe_interval_ms;
+  /**
+   * PEM: a client certificate (chain) to present to the relay,
+   * `client_cert_pem_len` bytes, and its private key, `client_key_pem_len`
+   * bytes; both or neither (NULL and 0), and only with `ca_pem`. A relay
+   * whose server has a client CA and no tokens (`meshvpn tunnel serve
+   * --client-ca --relay`) demands one signed by that CA. The key is a
+   * secret: never logged, never in an error message.
+   */
+  const uint8_t *client_cert_pem;
+  size_t client_cert_pem_len;
+  const uint8_t *client_key_pem;
+  size_t client_key_pem_len;
 } meshvpn_relay_config;
 
 /**
@@ -1117,6 +1132,24 @@ typedef struct meshvpn_tunnel_server_config {
    * answered 503. 0 means the default, 32. Needs `relay`.
    */
   uint32_t relay_max_sessions_per_source;
+  /**
+   * Bytes the relay queues toward one client before new frames to it
+   * are dropped (`dropped_full`); 0 means 1 MiB. At least 65631 (one
+   * largest frame and its bookkeeping).
+   */
+  size_t relay_queue_bytes;
+  /**
+   * Bytes the relay queues toward all clients together before new
+   * frames to any are dropped (`dropped_budget`); 0 means 64 MiB. At
+   * least the queue bytes.
+   */
+  size_t relay_budget_bytes;
+  /**
+   * Milliseconds a relay client's writes may make no progress (it does
+   * not read) before its session is closed and its queue freed
+   * (`closed_slow`); 0 means 10000.
+   */
+  uint32_t relay_write_timeout_ms;
 } meshvpn_tunnel_server_config;
 
 /**
@@ -1193,7 +1226,34 @@ typedef struct meshvpn_relay_server_stats {
    * Frames too short to hold a key and a datagram.
    */
   uint64_t dropped_malformed;
+  /**
+   * Datagrams dropped because all queues together held the budget bytes.
+   */
+  uint64_t dropped_budget;
+  /**
+   * Sessions closed because their writes made no progress for the
+   * write timeout (clients that do not read).
+   */
+  uint64_t closed_slow;
+  /**
+   * Bytes queued toward all clients now; 0 once every session ended.
+   */
+  uint64_t queued_bytes;
+  /**
+   * The most `queued_bytes` has been.
+   */
+  uint64_t queued_bytes_peak;
+  /**
+   * The most one client's queue has held.
+   */
+  uint64_t session_queued_bytes_peak;
 } meshvpn_relay_server_stats;
+
+/**
+ * The `meshvpn_timeout_ms` that waits without a deadline (until the call
+ * succeeds, fails, is interrupted, or its object is closed).
+ */
+#define MESHVPN_WAIT_FOREVER UINT32_MAX
 
 #ifdef __cplusplus
 extern "C" {
@@ -1657,7 +1717,7 @@ meshvpn_result meshvpn_engine_send_packets(struct meshvpn_engine *engine,
 meshvpn_result meshvpn_engine_recv_packets(struct meshvpn_engine *engine,
                                            struct meshvpn_packet *packets,
                                            size_t count,
-                                           uint32_t timeout_ms,
+                                           meshvpn_timeout_ms timeout_ms,
                                            size_t *out_received);
 
 /**
@@ -1747,7 +1807,7 @@ meshvpn_result meshvpn_conn_new(struct meshvpn_netstack *netstack, struct meshvp
 
 /**
  * Connects to `addr` (`"10.0.0.2:80"`, `"[fd00::2]:80"`), waiting up to
- * `timeout_ms` (negative: no limit) for the handshake. A conn is dialed
+ * `timeout_ms` (`MESHVPN_WAIT_FOREVER`: no limit) for the handshake. A conn is dialed
  * once.
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
@@ -1762,12 +1822,14 @@ meshvpn_result meshvpn_conn_new(struct meshvpn_netstack *netstack, struct meshvp
  * Thread safety: safe from any thread at any time, concurrently with
  * any other call on the same conn (see the module doc).
  */
-meshvpn_result meshvpn_conn_dial(struct meshvpn_conn *conn, const char *addr, int64_t timeout_ms);
+meshvpn_result meshvpn_conn_dial(struct meshvpn_conn *conn,
+                                 const char *addr,
+                                 meshvpn_timeout_ms timeout_ms);
 
 /**
  * Reads up to `len` bytes into `buf`, waiting up to `timeout_ms`
- * (negative: no limit; 0: only what has arrived) for at least one, and
- * writes how many into `*out_n`. `*out_n == 0` with `MESHVPN_OK` is the
+ * (`MESHVPN_WAIT_FOREVER`: no limit; 0: only what has arrived) for at
+ * least one, and writes how many into `*out_n`. `*out_n == 0` with `MESHVPN_OK` is the
  * end of the stream (the peer sent FIN).
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
@@ -1781,7 +1843,7 @@ meshvpn_result meshvpn_conn_dial(struct meshvpn_conn *conn, const char *addr, in
 meshvpn_result meshvpn_conn_read(struct meshvpn_conn *conn,
                                  uint8_t *buf,
                                  size_t len,
-                                 int64_t timeout_ms,
+                                 meshvpn_timeout_ms timeout_ms,
                                  size_t *out_n);
 
 /**
@@ -1800,7 +1862,7 @@ meshvpn_result meshvpn_conn_read(struct meshvpn_conn *conn,
 meshvpn_result meshvpn_conn_write(struct meshvpn_conn *conn,
                                   const uint8_t *buf,
                                   size_t len,
-                                  int64_t timeout_ms,
+                                  meshvpn_timeout_ms timeout_ms,
                                   size_t *out_n);
 
 /**
@@ -1885,6 +1947,32 @@ meshvpn_result meshvpn_conn_peer_addr(const struct meshvpn_conn *conn,
                                       size_t *out_len);
 
 /**
+ * Creates a token. On success `*out_interrupter` receives a handle the
+ * caller owns and must release with `meshvpn_interrupter_free`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`.
+ */
+meshvpn_result meshvpn_interrupter_new(struct meshvpn_interrupter **out_interrupter);
+
+/**
+ * Wakes every call blocked on the token with `MESHVPN_INTERRUPTED`, and
+ * the next call that starts with it (once).
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
+ */
+meshvpn_result meshvpn_interrupter_interrupt(struct meshvpn_interrupter *interrupter);
+
+/**
+ * Interrupts (as `meshvpn_interrupter_interrupt`) and releases the
+ * token; copies of the handle are dead afterwards
+ * (`MESHVPN_INVALID_HANDLE`). Freeing NULL is a no-op.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_WOULD_DEADLOCK` (from the
+ * log callback).
+ */
+meshvpn_result meshvpn_interrupter_free(struct meshvpn_interrupter *interrupter);
+
+/**
  * Listens on `addr` (`"0.0.0.0:80"` or `"[::]:80"` for every address of
  * the stack, or one of its addresses; port 0 picks a free one, see
  * `meshvpn_listener_local_addr`). At most `backlog` (at least 1)
@@ -1905,8 +1993,8 @@ meshvpn_result meshvpn_listener_new(struct meshvpn_netstack *netstack,
                                     struct meshvpn_listener **out_listener);
 
 /**
- * Waits up to `timeout_ms` (negative: no limit; 0: only a connection that
- * is ready) for the next established connection; on success
+ * Waits up to `timeout_ms` (`MESHVPN_WAIT_FOREVER`: no limit; 0: only a
+ * connection that is ready) for the next established connection; on success
  * `*out_conn` receives a connected `meshvpn_conn` the caller owns and
  * must release with `meshvpn_conn_free`.
  *
@@ -1918,7 +2006,7 @@ meshvpn_result meshvpn_listener_new(struct meshvpn_netstack *netstack,
  * connection goes to one of them.
  */
 meshvpn_result meshvpn_listener_accept(struct meshvpn_listener *listener,
-                                       int64_t timeout_ms,
+                                       meshvpn_timeout_ms timeout_ms,
                                        struct meshvpn_conn **out_conn);
 
 /**
@@ -2008,18 +2096,28 @@ meshvpn_result meshvpn_netstack_free(struct meshvpn_netstack *netstack);
 /**
  * Sends one ICMP echo request to `addr` (an IP literal, no port) and
  * writes the round-trip time of its reply, in microseconds, into
- * `*out_rtt_us`. Waits at most `timeout_ms` (which must be positive).
+ * `*out_rtt_us`. Waits at most `timeout_ms` (0: only sends and looks
+ * once; `MESHVPN_WAIT_FOREVER`: until a reply, an interrupt or a close).
  *
- * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
- * `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_UNREACHABLE` (no peer routes the
- * address), `MESHVPN_NO_ADDRESS`, `MESHVPN_TIMEOUT`, `MESHVPN_CLOSED`
- * (the stack or its engine closed meanwhile), `MESHVPN_SOCKET_LIMIT`.
+ * `interrupter` (may be NULL) cancels the ping from another thread:
+ * `meshvpn_interrupter_interrupt` makes it return `MESHVPN_INTERRUPTED`
+ * at once (also when the interrupt came just before the call started).
+ * This is how a caller with a cancellable context (Go's `ctx`) ends the
+ * call instead of leaving it running.
  *
- * Thread safety: safe from any thread; pings may run concurrently.
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE` (`netstack`
+ * or a non-NULL `interrupter`), `MESHVPN_INVALID_ARGUMENT`,
+ * `MESHVPN_UNREACHABLE` (no peer routes the address), `MESHVPN_NO_ADDRESS`,
+ * `MESHVPN_TIMEOUT`, `MESHVPN_INTERRUPTED`, `MESHVPN_CLOSED` (the stack
+ * or its engine closed meanwhile), `MESHVPN_SOCKET_LIMIT`.
+ *
+ * Thread safety: safe from any thread; pings may run concurrently, with
+ * one interrupter each or sharing one (an interrupt then ends them all).
  */
 meshvpn_result meshvpn_netstack_ping(struct meshvpn_netstack *netstack,
                                      const char *addr,
-                                     uint32_t timeout_ms,
+                                     meshvpn_timeout_ms timeout_ms,
+                                     const struct meshvpn_interrupter *interrupter,
                                      uint64_t *out_rtt_us);
 
 /**
@@ -2105,8 +2203,8 @@ meshvpn_result meshvpn_udp_send_to(struct meshvpn_udp *udp,
                                    const char *addr);
 
 /**
- * Waits up to `timeout_ms` (negative: no limit; 0: only what has arrived)
- * for the next datagram, copies it into `buf` (a longer one is truncated
+ * Waits up to `timeout_ms` (`MESHVPN_WAIT_FOREVER`: no limit; 0: only
+ * what has arrived) for the next datagram, copies it into `buf` (a longer one is truncated
  * to `len`), writes its sender (`"10.0.0.2:53"`) into `from_buf` unless
  * that is NULL, and the number of bytes copied into `*out_n`. A non-NULL
  * `from_buf` must have `from_buf_len >= MESHVPN_ADDR_MAX`, checked before
@@ -2121,7 +2219,7 @@ meshvpn_result meshvpn_udp_send_to(struct meshvpn_udp *udp,
 meshvpn_result meshvpn_udp_recv_from(struct meshvpn_udp *udp,
                                      uint8_t *buf,
                                      size_t len,
-                                     int64_t timeout_ms,
+                                     meshvpn_timeout_ms timeout_ms,
                                      char *from_buf,
                                      size_t from_buf_len,
                                      size_t *out_n);
@@ -2186,8 +2284,10 @@ meshvpn_result meshvpn_udp_free(struct meshvpn_udp *udp);
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
  * `MESHVPN_ENGINE_STOPPED`, `MESHVPN_INVALID_ARGUMENT` (a URL that is not
- * `wss://` or `ws://`, `wss://` without `ca_pem`, text that is not UTF-8),
- * `MESHVPN_TUNNEL_TLS` (`ca_pem` holds no certificate),
+ * `wss://` or `ws://`, `wss://` without `ca_pem`, text that is not UTF-8,
+ * only one of `client_cert_pem` and `client_key_pem`, either without
+ * `ca_pem`), `MESHVPN_TUNNEL_TLS` (`ca_pem` holds no certificate, the
+ * client certificate or key is not PEM or they do not match),
  * `MESHVPN_THREAD_FAILED`.
  *
  * Thread safety: safe to call from any thread.
@@ -2218,8 +2318,9 @@ meshvpn_result meshvpn_engine_relay_status(struct meshvpn_engine *engine,
 
 /**
  * Writes why the relay's last session or connection attempt ended (e.g.
- * a refused registration or a TLS failure; empty when nothing failed
- * yet) into `buf`, following the buffer protocol of
+ * a refused registration, a TLS failure, or a relay that requires a
+ * client certificate, which names `client_cert_pem`; empty when nothing
+ * failed yet) into `buf`, following the buffer protocol of
  * `meshvpn_result_message`. Never contains the token.
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
@@ -2246,7 +2347,7 @@ meshvpn_result meshvpn_engine_relay_last_error(struct meshvpn_engine *engine,
  * Thread safety: safe to call from any thread except the log callback.
  */
 meshvpn_result meshvpn_engine_relay_wait_connected(struct meshvpn_engine *engine,
-                                                   uint32_t timeout_ms);
+                                                   meshvpn_timeout_ms timeout_ms);
 
 /**
  * Creates an agent from `config` without starting it. On success
@@ -2302,7 +2403,7 @@ meshvpn_result meshvpn_tunnel_agent_stop(struct meshvpn_tunnel_agent *agent);
  * agent's callbacks (it would wait for the thread it runs on).
  */
 meshvpn_result meshvpn_tunnel_agent_wait_connected(struct meshvpn_tunnel_agent *agent,
-                                                   uint32_t timeout_ms);
+                                                   meshvpn_timeout_ms timeout_ms);
 
 /**
  * Writes the agent's counters into `*out_status`.
@@ -2334,7 +2435,7 @@ meshvpn_result meshvpn_tunnel_agent_free(struct meshvpn_tunnel_agent *agent);
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_ARGUMENT` (a bad
  * listen address or path, no way to authenticate agents, empty tokens,
- * relay options with `relay` false),
+ * relay options with `relay` false, relay limits out of range),
  * `MESHVPN_TUNNEL_TLS` (a PEM that does not parse, a key that does not
  * fit its certificate).
  *
@@ -2431,7 +2532,7 @@ meshvpn_result meshvpn_tunnel_server_relay_stats(struct meshvpn_tunnel_server *s
  */
 meshvpn_result meshvpn_tunnel_server_wait_session(struct meshvpn_tunnel_server *server,
                                                   const char *client_key,
-                                                  uint32_t timeout_ms);
+                                                  meshvpn_timeout_ms timeout_ms);
 
 /**
  * Opens a stream to `address` (e.g. `"127.0.0.1:10250"`) over `network`
@@ -2456,7 +2557,7 @@ meshvpn_result meshvpn_tunnel_server_dial(struct meshvpn_tunnel_server *server,
                                           const char *client_key,
                                           const char *network,
                                           const char *address,
-                                          uint32_t timeout_ms,
+                                          meshvpn_timeout_ms timeout_ms,
                                           struct meshvpn_tunnel_stream **out_stream);
 
 /**
@@ -2479,6 +2580,7 @@ meshvpn_result meshvpn_tunnel_server_free(struct meshvpn_tunnel_server *server);
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
  * `MESHVPN_INVALID_ARGUMENT` (impossible `len`), `MESHVPN_TIMEOUT`,
+ * `MESHVPN_INTERRUPTED` (`meshvpn_tunnel_stream_interrupt`),
  * `MESHVPN_TUNNEL_CLOSED` (closed on this side, also while waiting),
  * `MESHVPN_TUNNEL_REFUSED` (the agent refused the target),
  * `MESHVPN_TUNNEL_RESET` (the far side failed it or the tunnel went down).
@@ -2489,7 +2591,7 @@ meshvpn_result meshvpn_tunnel_server_free(struct meshvpn_tunnel_server *server);
 meshvpn_result meshvpn_tunnel_stream_read(struct meshvpn_tunnel_stream *stream,
                                           uint8_t *buf,
                                           size_t len,
-                                          uint32_t timeout_ms,
+                                          meshvpn_timeout_ms timeout_ms,
                                           size_t *out_n);
 
 /**
@@ -2499,16 +2601,16 @@ meshvpn_result meshvpn_tunnel_stream_read(struct meshvpn_tunnel_stream *stream,
  * for the rest).
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
- * `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_TIMEOUT`, `MESHVPN_TUNNEL_CLOSED`
- * (closed or shut down for writing on this side), `MESHVPN_TUNNEL_REFUSED`,
- * `MESHVPN_TUNNEL_RESET`.
+ * `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_TIMEOUT`, `MESHVPN_INTERRUPTED`,
+ * `MESHVPN_TUNNEL_CLOSED` (closed or shut down for writing on this
+ * side), `MESHVPN_TUNNEL_REFUSED`, `MESHVPN_TUNNEL_RESET`.
  *
  * Thread safety: as `meshvpn_tunnel_stream_read`.
  */
 meshvpn_result meshvpn_tunnel_stream_write(struct meshvpn_tunnel_stream *stream,
                                            const uint8_t *buf,
                                            size_t len,
-                                           uint32_t timeout_ms,
+                                           meshvpn_timeout_ms timeout_ms,
                                            size_t *out_n);
 
 /**
@@ -2522,6 +2624,20 @@ meshvpn_result meshvpn_tunnel_stream_write(struct meshvpn_tunnel_stream *stream,
  * Thread safety: safe to call from any thread.
  */
 meshvpn_result meshvpn_tunnel_stream_shutdown_write(struct meshvpn_tunnel_stream *stream);
+
+/**
+ * Wakes the reads and writes blocked on the stream without closing it:
+ * they return `MESHVPN_INTERRUPTED`, and so does the next one that has to
+ * wait (once; it may be spurious: treat it as "look at the deadline
+ * again"). For callers whose deadline changed while a call waited, like
+ * Go's `SetDeadline`; the same contract as `meshvpn_conn_interrupt`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
+ *
+ * Thread safety: safe to call from any thread, concurrently with reads
+ * and writes on the same stream.
+ */
+meshvpn_result meshvpn_tunnel_stream_interrupt(struct meshvpn_tunnel_stream *stream);
 
 /**
  * Closes the stream (the far side reads end of stream after the data

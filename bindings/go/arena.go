@@ -37,6 +37,17 @@ func (a *arena) str(s string) *C.char {
 	return (*C.char)(p)
 }
 
+// bytes returns a C copy of b and its length, or nil and 0 when b is
+// empty. Like every arena block it is zeroed on free (it may hold a key).
+func (a *arena) bytes(b []byte) (*C.uint8_t, C.size_t) {
+	if len(b) == 0 {
+		return nil, 0
+	}
+	p := a.alloc(len(b))
+	copy(unsafe.Slice((*byte)(p), len(b)), b)
+	return (*C.uint8_t)(p), C.size_t(len(b))
+}
+
 // strs returns a C array of C strings, or nil for an empty list.
 func (a *arena) strs(ss []string) (**C.char, C.size_t) {
 	if len(ss) == 0 {

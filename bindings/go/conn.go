@@ -27,11 +27,11 @@ type Conn struct {
 
 var _ net.Conn = (*Conn)(nil)
 
-func interruptConn(h uintptr) { C.meshvpn_conn_interrupt(C.mv_conn(C.uintptr_t(h))) }
+func interruptConn(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_conn_interrupt(C.mv_conn(h)) }
 
 func newConn(h uintptr) *Conn {
 	c := &Conn{socket: socket{interrupt: interruptConn}}
-	c.handle.Store(h)
+	c.h.set(h)
 	ch := C.mv_conn(C.uintptr_t(h))
 	c.local = net.TCPAddrFromAddrPort(addrFromC(func(b *C.char, n C.size_t, out *C.size_t) C.meshvpn_result {
 		return C.meshvpn_conn_local_addr(ch, b, n, out)
@@ -71,9 +71,9 @@ func (ns *Netstack) DialContext(ctx context.Context, network, address string) (n
 	}); err != nil {
 		return nil, opErr(err)
 	}
-	ms := int64(-1)
+	ms := cTimeout(-1)
 	if d, ok := ctx.Deadline(); ok {
-		ms = max(ceilMillis(time.Until(d)), 0)
+		ms = cTimeout(max(time.Until(d), 0))
 	}
 	var a arena
 	defer a.free()
@@ -81,7 +81,7 @@ func (ns *Netstack) DialContext(ctx context.Context, network, address string) (n
 	// A cancelled ctx closes the conn, which wakes the dial.
 	stop := context.AfterFunc(ctx, func() { C.meshvpn_conn_close(C.mv_conn(h)) })
 	err = call("Netstack.Dial", func() C.meshvpn_result {
-		return C.meshvpn_conn_dial(C.mv_conn(h), s, C.int64_t(ms))
+		return C.meshvpn_conn_dial(C.mv_conn(h), s, ms)
 	})
 	stopped := stop()
 	if err == nil && stopped {
@@ -91,7 +91,7 @@ func (ns *Netstack) DialContext(ctx context.Context, network, address string) (n
 	if ctx.Err() != nil {
 		return nil, opErr(ctx.Err())
 	}
-	if code, _ := codeOf(err); code == ErrTimeout && ms >= 0 {
+	if code, _ := codeOf(err); code == ErrTimeout && ms != C.MESHVPN_WAIT_FOREVER {
 		// The library's timer can fire just before ctx's own.
 		return nil, opErr(context.DeadlineExceeded)
 	}
@@ -106,10 +106,10 @@ func (c *Conn) opErr(op string, err error) error {
 }
 
 // io runs a read or write (see socket.retry) and returns its count.
-func (c *Conn) io(op string, d *deadline, f func(*C.meshvpn_conn, C.int64_t, *C.size_t) C.meshvpn_result) (int, error) {
+func (c *Conn) io(op string, d *deadline, f func(*C.meshvpn_conn, C.meshvpn_timeout_ms, *C.size_t) C.meshvpn_result) (int, error) {
 	var n C.size_t
-	err := c.retry(d, func(h uintptr, ms int64) error {
-		return call("Conn."+op, func() C.meshvpn_result { return f(C.mv_conn(C.uintptr_t(h)), C.int64_t(ms), &n) })
+	err := c.retry("Conn."+op, d, func(h C.uintptr_t, ms C.meshvpn_timeout_ms) C.meshvpn_result {
+		return f(C.mv_conn(h), ms, &n)
 	})
 	if err != nil {
 		return 0, c.opErr(op, err)
@@ -123,7 +123,7 @@ func (c *Conn) Read(b []byte) (int, error) {
 	if len(b) == 0 {
 		return 0, nil
 	}
-	n, err := c.io("read", &c.rd, func(h *C.meshvpn_conn, ms C.int64_t, n *C.size_t) C.meshvpn_result {
+	n, err := c.io("read", &c.rd, func(h *C.meshvpn_conn, ms C.meshvpn_timeout_ms, n *C.size_t) C.meshvpn_result {
 		return C.meshvpn_conn_read(h, ptr(b), C.size_t(len(b)), ms, n)
 	})
 	if err == nil && n == 0 {
@@ -138,7 +138,7 @@ func (c *Conn) Write(b []byte) (int, error) {
 	total := 0
 	for total < len(b) {
 		rest := b[total:]
-		n, err := c.io("write", &c.wd, func(h *C.meshvpn_conn, ms C.int64_t, n *C.size_t) C.meshvpn_result {
+		n, err := c.io("write", &c.wd, func(h *C.meshvpn_conn, ms C.meshvpn_timeout_ms, n *C.size_t) C.meshvpn_result {
 			return C.meshvpn_conn_write(h, ptr(rest), C.size_t(len(rest)), ms, n)
 		})
 		total += n
@@ -151,12 +151,7 @@ func (c *Conn) Write(b []byte) (int, error) {
 
 // CloseWrite sends FIN after the bytes written; reading goes on.
 func (c *Conn) CloseWrite() error {
-	h := c.handle.Load()
-	if h == 0 {
-		return c.opErr("close", net.ErrClosed)
-	}
-	err := call("Conn.CloseWrite", func() C.meshvpn_result { return C.meshvpn_conn_shutdown_write(C.mv_conn(C.uintptr_t(h))) })
-	runtime.KeepAlive(c)
+	err := c.h.do("Conn.CloseWrite", func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_conn_shutdown_write(C.mv_conn(h)) })
 	if err != nil {
 		return c.opErr("close", err)
 	}
@@ -166,14 +161,14 @@ func (c *Conn) CloseWrite() error {
 // Close closes the connection; blocked Read and Write calls return an
 // error matching net.ErrClosed. A second Close returns such an error too.
 func (c *Conn) Close() error {
-	h := c.handle.Swap(0)
-	if h == 0 {
+	freed, err := c.h.release("Conn.Close", func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_conn_free(C.mv_conn(h)) })
+	if err != nil {
+		return c.opErr("close", err)
+	}
+	if !freed {
 		return c.opErr("close", net.ErrClosed)
 	}
 	runtime.SetFinalizer(c, nil)
-	if err := call("Conn.Close", func() C.meshvpn_result { return C.meshvpn_conn_free(C.mv_conn(C.uintptr_t(h))) }); err != nil {
-		return c.opErr("close", err)
-	}
 	return nil
 }
 

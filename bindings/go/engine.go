@@ -13,7 +13,6 @@ import "C"
 import (
 	"net/netip"
 	"runtime"
-	"sync/atomic"
 	"time"
 	"unsafe"
 )
@@ -23,7 +22,7 @@ import (
 // use, Close included: a method racing with Close fails with an error
 // that matches net.ErrClosed.
 type Engine struct {
-	handle atomic.Uintptr // 0 once closed
+	h handle
 }
 
 // New creates an engine from cfg and starts it.
@@ -49,15 +48,14 @@ func NewFromWgQuick(text string) (*Engine, error) {
 }
 
 func newEngine(op string, create func(**C.meshvpn_engine) C.meshvpn_result) (*Engine, error) {
-	// The handle lands in an integer, never in a Go pointer variable.
-	var h C.uintptr_t
-	if err := call(op, func() C.meshvpn_result {
-		return create((**C.meshvpn_engine)(unsafe.Pointer(&h)))
-	}); err != nil {
+	h, err := newHandle(op, func(out unsafe.Pointer) C.meshvpn_result {
+		return create((**C.meshvpn_engine)(out))
+	})
+	if err != nil {
 		return nil, err
 	}
 	e := &Engine{}
-	e.handle.Store(uintptr(h))
+	e.h.set(h)
 	// A backstop only: an engine holds a socket and threads, so programs
 	// should Close it.
 	runtime.SetFinalizer(e, func(e *Engine) { _ = e.Close() })
@@ -68,25 +66,18 @@ func newEngine(op string, create func(**C.meshvpn_engine) C.meshvpn_result) (*En
 // return nil. Blocked ReadPackets calls return within about 20 ms with
 // an error matching net.ErrClosed.
 func (e *Engine) Close() error {
-	h := e.handle.Swap(0)
-	if h == 0 {
-		return nil
-	}
-	runtime.SetFinalizer(e, nil)
-	return call("Engine.Close", func() C.meshvpn_result {
-		return C.meshvpn_engine_free(C.mv_engine(C.uintptr_t(h)))
+	freed, err := e.h.release("Engine.Close", func(h C.uintptr_t) C.meshvpn_result {
+		return C.meshvpn_engine_free(C.mv_engine(h))
 	})
+	if freed {
+		runtime.SetFinalizer(e, nil)
+	}
+	return err
 }
 
 // do runs one C call on the engine's handle.
 func (e *Engine) do(op string, f func(*C.meshvpn_engine) C.meshvpn_result) error {
-	h := e.handle.Load()
-	if h == 0 {
-		return errClosed(op)
-	}
-	err := call(op, func() C.meshvpn_result { return f(C.mv_engine(C.uintptr_t(h))) })
-	runtime.KeepAlive(e)
-	return err
+	return e.h.do(op, func(h C.uintptr_t) C.meshvpn_result { return f(C.mv_engine(h)) })
 }
 
 // Start starts a stopped engine again with the configuration it had.
@@ -230,33 +221,12 @@ func (e *Engine) ConfigText() (string, error) {
 	})
 }
 
-// textOut reads text that fill writes with the library's buffer protocol
-// (asked for its size first, then again while it grows). The C copy is
-// zeroed before it is freed: the text may be a secret.
+// textOut reads text that fill writes with the buffer protocol (see
+// handle.textOut).
 func (e *Engine) textOut(op string, fill func(h *C.meshvpn_engine, buf *C.char, n C.size_t, got *C.size_t) C.meshvpn_result) (string, error) {
-	for {
-		var n C.size_t
-		if err := e.do(op, func(h *C.meshvpn_engine) C.meshvpn_result {
-			return fill(h, nil, 0, &n)
-		}); err != nil {
-			return "", err
-		}
-		buf := (*C.char)(C.calloc(1, n))
-		var got C.size_t
-		err := e.do(op, func(h *C.meshvpn_engine) C.meshvpn_result {
-			return fill(h, buf, n, &got)
-		})
-		text := ""
-		if err == nil {
-			text = C.GoStringN(buf, C.int(got))
-		}
-		C.memset(unsafe.Pointer(buf), 0, n)
-		C.free(unsafe.Pointer(buf))
-		if code, ok := codeOf(err); ok && code == ErrBufferTooSmall {
-			continue
-		}
-		return text, err
-	}
+	return e.h.textOut(op, func(h C.uintptr_t, buf *C.char, n C.size_t, got *C.size_t) C.meshvpn_result {
+		return fill(C.mv_engine(h), buf, n, got)
+	})
 }
 
 // Stats are engine-wide counters of packets that never reached a peer.

@@ -135,7 +135,7 @@ func lastErrorMessage() string {
 
 // errClosed is returned by methods called after Close.
 func errClosed(op string) error {
-	return &Error{Op: op, Code: ErrInvalidHandle, Message: "the engine is closed"}
+	return &Error{Op: op, Code: ErrInvalidHandle, Message: "closed"}
 }
 
 // testPanic makes the library panic on purpose (meshvpn_test_panic) and

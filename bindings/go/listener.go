@@ -10,7 +10,6 @@ import "C"
 import (
 	"net"
 	"runtime"
-	"sync/atomic"
 	"unsafe"
 )
 
@@ -22,8 +21,8 @@ const DefaultBacklog = 128
 // Safe for concurrent use; Close wakes blocked Accept calls with an error
 // matching net.ErrClosed.
 type Listener struct {
-	handle atomic.Uintptr // 0 once closed
-	addr   *net.TCPAddr
+	h    handle
+	addr *net.TCPAddr
 }
 
 var _ net.Listener = (*Listener)(nil)
@@ -41,7 +40,7 @@ func (ns *Netstack) Listen(network, address string) (net.Listener, error) {
 		return nil, err
 	}
 	l := &Listener{}
-	l.handle.Store(h)
+	l.h.set(h)
 	l.addr = net.TCPAddrFromAddrPort(addrFromC(func(b *C.char, n C.size_t, out *C.size_t) C.meshvpn_result {
 		return C.meshvpn_listener_local_addr(C.mv_listener(C.uintptr_t(h)), b, n, out)
 	}))
@@ -55,15 +54,10 @@ func (l *Listener) opErr(err error) error {
 
 // Accept waits for the next connection.
 func (l *Listener) Accept() (net.Conn, error) {
-	h := l.handle.Load()
-	if h == 0 {
-		return nil, l.opErr(net.ErrClosed)
-	}
 	var out C.uintptr_t
-	err := call("Listener.Accept", func() C.meshvpn_result {
-		return C.meshvpn_listener_accept(C.mv_listener(C.uintptr_t(h)), -1, (**C.meshvpn_conn)(unsafe.Pointer(&out)))
+	err := l.h.do("Listener.Accept", func(h C.uintptr_t) C.meshvpn_result {
+		return C.meshvpn_listener_accept(C.mv_listener(h), C.MESHVPN_WAIT_FOREVER, (**C.meshvpn_conn)(unsafe.Pointer(&out)))
 	})
-	runtime.KeepAlive(l)
 	if err != nil {
 		return nil, l.opErr(err)
 	}
@@ -72,14 +66,14 @@ func (l *Listener) Accept() (net.Conn, error) {
 
 // Close stops listening; connections not yet accepted are reset.
 func (l *Listener) Close() error {
-	h := l.handle.Swap(0)
-	if h == 0 {
+	freed, err := l.h.release("Listener.Close", func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_listener_free(C.mv_listener(h)) })
+	if err != nil {
+		return l.opErr(err)
+	}
+	if !freed {
 		return l.opErr(net.ErrClosed)
 	}
 	runtime.SetFinalizer(l, nil)
-	if err := call("Listener.Close", func() C.meshvpn_result { return C.meshvpn_listener_free(C.mv_listener(C.uintptr_t(h))) }); err != nil {
-		return l.opErr(err)
-	}
 	return nil
 }
 

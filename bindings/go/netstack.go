@@ -6,6 +6,7 @@ package meshvpn
 //
 // static inline meshvpn_engine *mv_engine_ns(uintptr_t h) { return (meshvpn_engine *)h; }
 // static inline meshvpn_netstack *mv_netstack(uintptr_t h) { return (meshvpn_netstack *)h; }
+// static inline meshvpn_interrupter *mv_interrupter(uintptr_t h) { return (meshvpn_interrupter *)h; }
 import "C"
 
 import (
@@ -40,7 +41,10 @@ type NetstackOptions struct {
 // no TUN device and no root. Safe for concurrent use. Closing it, or the
 // engine, closes every connection, listener and packet conn it made.
 type Netstack struct {
-	handle atomic.Uintptr // 0 once closed
+	h handle
+	// pings counts Ping's C calls still running, so tests can tell that
+	// a cancelled Ping left none behind.
+	pings atomic.Int32
 }
 
 // NewNetstack attaches a userspace stack to the engine. opts may be nil.
@@ -75,7 +79,7 @@ func (e *Engine) NewNetstack(opts *NetstackOptions) (*Netstack, error) {
 		return nil, err
 	}
 	ns := &Netstack{}
-	ns.handle.Store(uintptr(h))
+	ns.h.set(uintptr(h))
 	runtime.SetFinalizer(ns, func(ns *Netstack) { _ = ns.Close() })
 	return ns, nil
 }
@@ -83,67 +87,75 @@ func (e *Engine) NewNetstack(opts *NetstackOptions) (*Netstack, error) {
 // Close stops the stack: blocked calls on its connections wake with an
 // error matching net.ErrClosed. Idempotent.
 func (ns *Netstack) Close() error {
-	h := ns.handle.Swap(0)
-	if h == 0 {
-		return nil
-	}
-	runtime.SetFinalizer(ns, nil)
-	return call("Netstack.Close", func() C.meshvpn_result {
-		return C.meshvpn_netstack_free(C.mv_netstack(C.uintptr_t(h)))
+	freed, err := ns.h.release("Netstack.Close", func(h C.uintptr_t) C.meshvpn_result {
+		return C.meshvpn_netstack_free(C.mv_netstack(h))
 	})
+	if freed {
+		runtime.SetFinalizer(ns, nil)
+	}
+	return err
 }
 
 // do runs one C call on the stack's handle.
 func (ns *Netstack) do(op string, f func(*C.meshvpn_netstack) C.meshvpn_result) error {
-	h := ns.handle.Load()
-	if h == 0 {
-		return &Error{Op: op, Code: ErrClosed, Message: "the netstack is closed"}
-	}
-	err := call(op, func() C.meshvpn_result { return f(C.mv_netstack(C.uintptr_t(h))) })
-	runtime.KeepAlive(ns)
-	return err
+	return ns.h.do(op, func(h C.uintptr_t) C.meshvpn_result { return f(C.mv_netstack(h)) })
 }
 
 // Ping sends one ICMP echo request to addr over the mesh and returns the
-// round-trip time. ctx's deadline bounds the wait (5 s without one); a
-// cancelled ctx returns at once.
+// round-trip time. ctx's deadline bounds the wait (5 s without one);
+// cancelling ctx ends the call in the library too (through a
+// meshvpn_interrupter), so no ping is left running when Ping returns.
 func (ns *Netstack) Ping(ctx context.Context, addr netip.Addr) (time.Duration, error) {
-	timeout := 5 * time.Second
+	timeout := cTimeout(5 * time.Second)
 	if d, ok := ctx.Deadline(); ok {
-		timeout = time.Until(d)
-		if timeout <= 0 {
+		left := time.Until(d)
+		if left <= 0 {
 			return 0, context.DeadlineExceeded
 		}
+		timeout = cTimeout(left)
 	}
-	ms := uint32(min(ceilMillis(timeout), math.MaxUint32))
-	type result struct {
-		rtt time.Duration
-		err error
+	if err := ctx.Err(); err != nil {
+		return 0, err
 	}
-	done := make(chan result, 1)
-	go func() {
-		var a arena
-		defer a.free()
-		s := a.str(addr.String())
-		var us C.uint64_t
-		err := ns.do("Netstack.Ping", func(h *C.meshvpn_netstack) C.meshvpn_result {
-			return C.meshvpn_netstack_ping(h, s, C.uint32_t(ms), &us)
+	var cancel handle
+	h, err := newHandle("Netstack.Ping", func(out unsafe.Pointer) C.meshvpn_result {
+		return C.meshvpn_interrupter_new((**C.meshvpn_interrupter)(out))
+	})
+	if err != nil {
+		return 0, err
+	}
+	cancel.set(h)
+	// Freed after the ping returned; an interrupt racing with the free
+	// meets a dead handle, which the library refuses harmlessly.
+	defer cancel.release("Netstack.Ping", func(h C.uintptr_t) C.meshvpn_result {
+		return C.meshvpn_interrupter_free(C.mv_interrupter(h))
+	})
+	stop := context.AfterFunc(ctx, func() {
+		_ = cancel.do("Netstack.Ping", func(h C.uintptr_t) C.meshvpn_result {
+			return C.meshvpn_interrupter_interrupt(C.mv_interrupter(h))
 		})
-		done <- result{time.Duration(us) * time.Microsecond, err}
-	}()
-	select {
-	case r := <-done:
-		return r.rtt, r.err
-	case <-ctx.Done():
-		return 0, ctx.Err()
+	})
+	defer stop()
+	var a arena
+	defer a.free()
+	s := a.str(addr.String())
+	var us C.uint64_t
+	ns.pings.Add(1)
+	err = ns.do("Netstack.Ping", func(nh *C.meshvpn_netstack) C.meshvpn_result {
+		return C.meshvpn_netstack_ping(nh, s, timeout, C.mv_interrupter(C.uintptr_t(h)), &us)
+	})
+	ns.pings.Add(-1)
+	if err != nil {
+		if ctx.Err() != nil {
+			return 0, ctx.Err()
+		}
+		return 0, err
 	}
+	return time.Duration(us) * time.Microsecond, nil
 }
 
-func ceilMillis(d time.Duration) int64 {
-	return int64((d + time.Millisecond - 1) / time.Millisecond)
-}
-
-// deadline is one direction's deadline of a Conn or PacketConn.
+// deadline is one direction's deadline of a Conn, PacketConn or tunnel
+// connection.
 type deadline struct {
 	mu sync.Mutex
 	t  time.Time
@@ -155,36 +167,36 @@ func (d *deadline) set(t time.Time) {
 	d.mu.Unlock()
 }
 
-// timeoutMs is the C timeout until the deadline: -1 without one; expired
-// once it passed.
-func (d *deadline) timeoutMs() (ms int64, expired bool) {
+// timeout is the C timeout until the deadline (forever without one);
+// expired once it passed.
+func (d *deadline) timeout() (ms C.meshvpn_timeout_ms, expired bool) {
 	d.mu.Lock()
 	t := d.t
 	d.mu.Unlock()
 	if t.IsZero() {
-		return -1, false
+		return cTimeout(-1), false
 	}
 	left := time.Until(t)
 	if left <= 0 {
 		return 0, true
 	}
-	return ceilMillis(left), false
+	return cTimeout(left), false
 }
 
-// socket is what Conn and PacketConn share: the handle, the deadlines,
-// and the C call that wakes blocked calls when a deadline changes (a
-// plain function, so that it holds no reference to its owner).
+// socket is what Conn, PacketConn and the tunnel connection share: the
+// handle, the deadlines, and the C call that wakes blocked calls when a
+// deadline changes (a plain function, so that it holds no reference to
+// its owner). Deadlines are never polled: a blocking call gets the time
+// left as its timeout, and setting a deadline interrupts it so that it
+// looks again.
 type socket struct {
-	handle    atomic.Uintptr // 0 once closed
+	h         handle
 	rd, wd    deadline
-	interrupt func(h uintptr)
+	interrupt func(h C.uintptr_t) C.meshvpn_result
 }
 
 func (s *socket) wake() {
-	if h := s.handle.Load(); h != 0 {
-		s.interrupt(h)
-	}
-	runtime.KeepAlive(s)
+	_ = s.h.do("SetDeadline", s.interrupt)
 }
 
 func (s *socket) SetDeadline(t time.Time) error {
@@ -206,25 +218,23 @@ func (s *socket) SetWriteDeadline(t time.Time) error {
 	return nil
 }
 
-// retry runs attempt with the time left until d until it succeeds, fails,
-// or d passes; an interrupt (a deadline set meanwhile) or a timeout makes
-// it look at d again. Errors come back as netErr makes them.
-func (s *socket) retry(d *deadline, attempt func(h uintptr, ms int64) error) error {
+// retry runs f with the time left until d until it succeeds, fails, or d
+// passes; an interrupt (a deadline set meanwhile) or a timeout makes it
+// look at d again. Errors come back as netErr makes them.
+func (s *socket) retry(op string, d *deadline, f func(h C.uintptr_t, ms C.meshvpn_timeout_ms) C.meshvpn_result) error {
 	for {
-		h := s.handle.Load()
-		if h == 0 {
+		if s.h.load() == 0 {
 			return net.ErrClosed
 		}
-		ms, expired := d.timeoutMs()
+		ms, expired := d.timeout()
 		if expired {
 			return os.ErrDeadlineExceeded
 		}
-		err := attempt(h, ms)
-		runtime.KeepAlive(s)
+		err := s.h.do(op, func(h C.uintptr_t) C.meshvpn_result { return f(h, ms) })
 		if err == nil {
 			return nil
 		}
-		if code, _ := codeOf(err); code == ErrInterrupted || (code == ErrTimeout && ms >= 0) {
+		if code, _ := codeOf(err); code == ErrInterrupted || (code == ErrTimeout && ms != C.MESHVPN_WAIT_FOREVER) {
 			continue
 		}
 		return netErr(err)
@@ -237,7 +247,7 @@ func netErr(err error) error {
 	switch code, _ := codeOf(err); code {
 	case ErrTimeout:
 		return os.ErrDeadlineExceeded
-	case ErrClosed, ErrInvalidHandle:
+	case ErrClosed, ErrInvalidHandle, ErrTunnelClosed:
 		return net.ErrClosed
 	}
 	return err

@@ -475,3 +475,45 @@ func TestSetDeadlineWakesABlockedReadAndWriteTogether(t *testing.T) {
 		}
 	}
 }
+
+// A Ping whose ctx is cancelled returns promptly and leaves no C call
+// behind: the address is routed (b's AllowedIPs) but b has no stack, so
+// nothing ever answers and only the cancel can end the call.
+func TestPingCancelEndsTheCCall(t *testing.T) {
+	a, b := pair(t)
+	na, err := a.e.NewNetstack(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer na.Close()
+	for i := 0; i < 3; i++ {
+		ctx, cancel := context.WithCancel(context.Background())
+		timer := time.AfterFunc(50*time.Millisecond, cancel)
+		start := time.Now()
+		_, err := na.Ping(ctx, b.addr)
+		took := time.Since(start)
+		timer.Stop()
+		cancel()
+		if !errors.Is(err, context.Canceled) {
+			t.Fatalf("ping %d: %v, want context.Canceled", i, err)
+		}
+		// Well under the 5 s the C call would run without a cancel.
+		if took > 2*time.Second {
+			t.Fatalf("ping %d returned %v after its cancel", i, took)
+		}
+		if n := na.pings.Load(); n != 0 {
+			t.Fatalf("ping %d: %d C ping call(s) still running after Ping returned", i, n)
+		}
+	}
+	// Closing the stack does not wait for anything left behind.
+	done := make(chan error, 1)
+	go func() { done <- na.Close() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Netstack.Close blocked")
+	}
+}

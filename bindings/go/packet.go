@@ -105,10 +105,7 @@ func (e *Engine) ReadPackets(bufs [][]byte, sizes []int, timeout time.Duration) 
 		}
 		cp[i].capacity = C.size_t(len(b))
 	}
-	ms := C.uint32_t(C.MESHVPN_WAIT_FOREVER)
-	if timeout >= 0 {
-		ms = C.uint32_t(min(timeout.Milliseconds(), int64(C.MESHVPN_WAIT_FOREVER-1)))
-	}
+	ms := cTimeout(timeout)
 	var got C.size_t
 	err := e.do("Engine.ReadPackets", func(h *C.meshvpn_engine) C.meshvpn_result {
 		return C.meshvpn_engine_recv_packets(h, &cp[0], C.size_t(n), ms, &got)

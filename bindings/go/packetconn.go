@@ -23,7 +23,7 @@ type PacketConn struct {
 
 var _ net.PacketConn = (*PacketConn)(nil)
 
-func interruptUDP(h uintptr) { C.meshvpn_udp_interrupt(C.mv_udp(C.uintptr_t(h))) }
+func interruptUDP(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_udp_interrupt(C.mv_udp(h)) }
 
 // ListenPacket binds a UDP socket on address (":53", "10.0.0.1:0").
 func (ns *Netstack) ListenPacket(network, address string) (net.PacketConn, error) {
@@ -34,7 +34,7 @@ func (ns *Netstack) ListenPacket(network, address string) (net.PacketConn, error
 		return nil, err
 	}
 	p := &PacketConn{socket: socket{interrupt: interruptUDP}}
-	p.handle.Store(h)
+	p.h.set(h)
 	p.local = net.UDPAddrFromAddrPort(addrFromC(func(b *C.char, n C.size_t, out *C.size_t) C.meshvpn_result {
 		return C.meshvpn_udp_local_addr(C.mv_udp(C.uintptr_t(h)), b, n, out)
 	}))
@@ -58,10 +58,8 @@ func ptr(b []byte) *C.uint8_t {
 func (p *PacketConn) ReadFrom(b []byte) (int, net.Addr, error) {
 	var from [C.MESHVPN_ADDR_MAX]C.char
 	var n C.size_t
-	err := p.retry(&p.rd, func(h uintptr, ms int64) error {
-		return call("PacketConn.ReadFrom", func() C.meshvpn_result {
-			return C.meshvpn_udp_recv_from(C.mv_udp(C.uintptr_t(h)), ptr(b), C.size_t(len(b)), C.int64_t(ms), &from[0], C.size_t(len(from)), &n)
-		})
+	err := p.retry("PacketConn.ReadFrom", &p.rd, func(h C.uintptr_t, ms C.meshvpn_timeout_ms) C.meshvpn_result {
+		return C.meshvpn_udp_recv_from(C.mv_udp(h), ptr(b), C.size_t(len(b)), ms, &from[0], C.size_t(len(from)), &n)
 	})
 	if err != nil {
 		return 0, nil, p.opErr("read", nil, err)
@@ -83,10 +81,8 @@ func (p *PacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 	var a arena
 	defer a.free()
 	s := a.str(netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()).String())
-	err = p.retry(&p.wd, func(h uintptr, _ int64) error {
-		return call("PacketConn.WriteTo", func() C.meshvpn_result {
-			return C.meshvpn_udp_send_to(C.mv_udp(C.uintptr_t(h)), ptr(b), C.size_t(len(b)), s)
-		})
+	err = p.retry("PacketConn.WriteTo", &p.wd, func(h C.uintptr_t, _ C.meshvpn_timeout_ms) C.meshvpn_result {
+		return C.meshvpn_udp_send_to(C.mv_udp(h), ptr(b), C.size_t(len(b)), s)
 	})
 	if err != nil {
 		return 0, p.opErr("write", addr, err)
@@ -97,14 +93,14 @@ func (p *PacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 // Close closes the socket; blocked calls return an error matching
 // net.ErrClosed, and so does a second Close.
 func (p *PacketConn) Close() error {
-	h := p.handle.Swap(0)
-	if h == 0 {
+	freed, err := p.h.release("PacketConn.Close", func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_udp_free(C.mv_udp(h)) })
+	if err != nil {
+		return p.opErr("close", nil, err)
+	}
+	if !freed {
 		return p.opErr("close", nil, net.ErrClosed)
 	}
 	runtime.SetFinalizer(p, nil)
-	if err := call("PacketConn.Close", func() C.meshvpn_result { return C.meshvpn_udp_free(C.mv_udp(C.uintptr_t(h))) }); err != nil {
-		return p.opErr("close", nil, err)
-	}
 	return nil
 }
 

@@ -38,6 +38,12 @@ type RelayConfig struct {
 	// ProbeInterval is how often a peer on the relay is probed over UDP;
 	// zero means 5 s. It is rounded up to whole milliseconds.
 	ProbeInterval time.Duration
+	// ClientCertPEM and ClientKeyPEM are a client certificate (chain) and
+	// its private key to present to the relay: both or neither, and only
+	// with CAPEM. A relay whose server has a client CA and no tokens
+	// (`meshvpn tunnel serve --client-ca --relay`) demands one signed by
+	// that CA. The key is never logged.
+	ClientCertPEM, ClientKeyPEM []byte
 }
 
 // RelayStatus is the state of an engine's relay client.
@@ -53,7 +59,8 @@ type RelayStatus struct {
 	// queue was full.
 	FramesDropped uint64
 	// LastError says why the last session or connection attempt ended
-	// (a refused registration, a TLS failure); empty when none failed.
+	// (a refused registration, a TLS failure, a relay that requires a
+	// client certificate: see ClientCertPEM); empty when none failed.
 	// It never contains the token.
 	LastError string
 }
@@ -64,7 +71,9 @@ type RelayStatus struct {
 // connection failures show in RelayStatus().LastError.
 //
 // Errors: ErrInvalidArgument (a URL that is not wss:// or ws://, wss://
-// without CAPEM), ErrTunnelTLS (CAPEM holds no certificate),
+// without CAPEM, only one of ClientCertPEM and ClientKeyPEM, either
+// without CAPEM), ErrTunnelTLS (CAPEM holds no certificate, the client
+// certificate or key is not PEM),
 // ErrEngineStopped; after Close, an error matching net.ErrClosed.
 //
 // The relay belongs to the running engine: Stop ends it, and after Start
@@ -74,16 +83,14 @@ func (e *Engine) StartRelay(cfg RelayConfig) error {
 	defer a.free()
 	c := (*C.meshvpn_relay_config)(a.alloc(int(unsafe.Sizeof(C.meshvpn_relay_config{}))))
 	c.url = a.str(cfg.URL)
-	if n := len(cfg.CAPEM); n > 0 {
-		p := a.alloc(n)
-		copy(unsafe.Slice((*byte)(p), n), cfg.CAPEM)
-		c.ca_pem, c.ca_pem_len = (*C.uint8_t)(p), C.size_t(n)
-	}
+	c.ca_pem, c.ca_pem_len = a.bytes(cfg.CAPEM)
+	c.client_cert_pem, c.client_cert_pem_len = a.bytes(cfg.ClientCertPEM)
+	c.client_key_pem, c.client_key_pem_len = a.bytes(cfg.ClientKeyPEM)
 	if cfg.Token != "" {
 		c.token = a.str(cfg.Token)
 	}
 	if cfg.ProbeInterval > 0 {
-		c.probe_interval_ms = msTimeout(cfg.ProbeInterval)
+		c.probe_interval_ms = C.uint32_t(cTimeout(cfg.ProbeInterval))
 	}
 	return e.do("Engine.StartRelay", func(h *C.meshvpn_engine) C.meshvpn_result {
 		return C.meshvpn_engine_relay_start(h, c)
@@ -132,7 +139,7 @@ func (e *Engine) RelayStatus() (RelayStatus, error) {
 func (e *Engine) WaitRelayConnected(ctx context.Context) error {
 	for {
 		err := e.do("Engine.WaitRelayConnected", func(h *C.meshvpn_engine) C.meshvpn_result {
-			return C.meshvpn_engine_relay_wait_connected(h, msTimeout(waitSlice))
+			return C.meshvpn_engine_relay_wait_connected(h, cTimeout(waitSlice))
 		})
 		if code, ok := codeOf(err); !ok || code != ErrTimeout {
 			return err
@@ -153,6 +160,16 @@ type RelayServerStats struct {
 	// Dropped datagrams: to a key without a session, to a session whose
 	// queue was full, and frames too short to hold a key and a datagram.
 	DroppedUnknown, DroppedFull, DroppedMalformed uint64
+	// DroppedBudget counts datagrams dropped because all queues together
+	// held RelayBudgetBytes.
+	DroppedBudget uint64
+	// ClosedSlow counts sessions closed because their writes made no
+	// progress for RelayWriteTimeout (clients that do not read).
+	ClosedSlow uint64
+	// QueuedBytes are queued toward all clients now (0 once every session
+	// ended); QueuedBytesPeak is its most, SessionQueuedBytesPeak the most
+	// one client's queue held.
+	QueuedBytes, QueuedBytesPeak, SessionQueuedBytesPeak uint64
 }
 
 // RelayStats returns the counters of the server's relay: ErrRelayNotRunning
@@ -167,6 +184,8 @@ func (s *TunnelServer) RelayStats() (RelayServerStats, error) {
 		Clients: uint64(st.clients), Registrations: uint64(st.registrations),
 		Replaced: uint64(st.replaced), Refused: uint64(st.refused), Forwarded: uint64(st.forwarded),
 		DroppedUnknown: uint64(st.dropped_unknown), DroppedFull: uint64(st.dropped_full),
-		DroppedMalformed: uint64(st.dropped_malformed),
+		DroppedMalformed: uint64(st.dropped_malformed), DroppedBudget: uint64(st.dropped_budget),
+		ClosedSlow: uint64(st.closed_slow), QueuedBytes: uint64(st.queued_bytes),
+		QueuedBytesPeak: uint64(st.queued_bytes_peak), SessionQueuedBytesPeak: uint64(st.session_queued_bytes_peak),
 	}, err
 }

@@ -46,6 +46,7 @@ func TestRelayCarriesPacketsWhenUDPIsBlackholed(t *testing.T) {
 	srv, base := listenTunnelServer(t, TunnelServerConfig{
 		Addr: "127.0.0.1:0", CertPEM: pki.serverCert, KeyPEM: pki.serverKey,
 		Relay: true, RelayKeys: []Key{ka.PublicKey(), kb.PublicKey()},
+		RelayQueueBytes: 256 << 10, RelayBudgetBytes: 1 << 20, RelayWriteTimeout: 5 * time.Second,
 	})
 	aAddr, bAddr := netip.MustParseAddr("10.78.0.1"), netip.MustParseAddr("10.78.0.2")
 	a := relayNode(t, ka, kb, aAddr.String(), bAddr.String(), blackhole)
@@ -117,7 +118,9 @@ func TestRelayCarriesPacketsWhenUDPIsBlackholed(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rs.Clients != 2 || rs.Registrations != 2 || rs.Forwarded == 0 || rs.Refused != 0 {
+	if rs.Clients != 2 || rs.Registrations != 2 || rs.Forwarded == 0 || rs.Refused != 0 ||
+		rs.DroppedBudget != 0 || rs.ClosedSlow != 0 || rs.QueuedBytesPeak == 0 ||
+		rs.SessionQueuedBytesPeak > 256<<10 || rs.QueuedBytesPeak > 1<<20 {
 		t.Fatalf("relay server stats %+v", rs)
 	}
 
@@ -202,6 +205,27 @@ func TestRelayBadInput(t *testing.T) {
 	if !errors.Is(err, ErrInvalidArgument) {
 		t.Fatalf("relay option without Relay: %v", err)
 	}
+	_, err = NewTunnelServer(TunnelServerConfig{
+		Addr: "127.0.0.1:0", CertPEM: pki.serverCert, KeyPEM: pki.serverKey,
+		Tokens: map[string]string{"t": "k"}, RelayWriteTimeout: time.Second,
+	})
+	if !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("relay limit without Relay: %v", err)
+	}
+	for _, c := range []struct {
+		cfg  TunnelServerConfig
+		text string
+	}{
+		{TunnelServerConfig{RelayQueueBytes: 1000}, "below one largest frame"},
+		{TunnelServerConfig{RelayQueueBytes: 4 << 20, RelayBudgetBytes: 1 << 20}, "below the queue bytes"},
+	} {
+		cfg := c.cfg
+		cfg.Addr, cfg.CertPEM, cfg.KeyPEM, cfg.Relay = "127.0.0.1:0", pki.serverCert, pki.serverKey, true
+		_, err := NewTunnelServer(cfg)
+		if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), c.text) {
+			t.Errorf("relay limits %+v: %v, want one mentioning %q", c.cfg, err, c.text)
+		}
+	}
 	srv, _ := startTunnelServer(t, pki)
 	if _, err := srv.RelayStats(); !errors.Is(err, ErrRelayNotRunning) {
 		t.Fatalf("RelayStats without Relay: %v", err)
@@ -256,6 +280,72 @@ func TestRelayRequireAuth(t *testing.T) {
 	}
 	rs, err := srv.RelayStats()
 	if err != nil || rs.Clients != 1 || rs.Registrations != 1 {
+		t.Fatalf("relay server stats %+v, %v", rs, err)
+	}
+}
+
+// TestRelayClientCertificate: a relay whose server has only a client CA
+// (no tokens) and requires the tunnel's credentials admits an engine that
+// presents ClientCertPEM/ClientKeyPEM and refuses one without; the two
+// fields go together and need CAPEM.
+func TestRelayClientCertificate(t *testing.T) {
+	pki := newTunnelPKI(t)
+	srv, base := listenTunnelServer(t, TunnelServerConfig{
+		Addr: "127.0.0.1:0", CertPEM: pki.serverCert, KeyPEM: pki.serverKey,
+		ClientCAPEM: pki.ca, Relay: true, RelayRequireAuth: true,
+	})
+	engine := func() *Engine {
+		k, _ := GenerateKey()
+		e, err := New(Config{PrivateKey: &k})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { e.Close() })
+		return e
+	}
+	url := base + "/v1-meshvpn/relay"
+	probe := engine()
+	for _, c := range []struct {
+		cfg  RelayConfig
+		want Result
+		text string
+	}{
+		{RelayConfig{URL: url, CAPEM: pki.ca, ClientCertPEM: pki.clientCert}, ErrInvalidArgument, "client_key_pem"},
+		{RelayConfig{URL: url, CAPEM: pki.ca, ClientKeyPEM: pki.clientKey}, ErrInvalidArgument, "client_key_pem"},
+		{RelayConfig{URL: url, CAPEM: pki.ca, ClientCertPEM: pki.clientCert, ClientKeyPEM: []byte("not PEM")}, ErrTunnelTLS, "client certificate"},
+		{RelayConfig{URL: "ws://127.0.0.1:1/v1-meshvpn/relay", ClientCertPEM: pki.clientCert, ClientKeyPEM: pki.clientKey}, ErrInvalidArgument, "ca_pem"},
+	} {
+		err := probe.StartRelay(c.cfg)
+		if !errors.Is(err, c.want) || !strings.Contains(err.Error(), c.text) {
+			t.Errorf("StartRelay: %v, want %v mentioning %q", err, c.want, c.text)
+		}
+	}
+
+	without := engine()
+	if err := without.StartRelay(RelayConfig{URL: url, CAPEM: pki.ca}); err != nil {
+		t.Fatal(err)
+	}
+	var st RelayStatus
+	var err error
+	for deadline := time.Now().Add(tunWait); st.LastError == "" && time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if st, err = without.RelayStatus(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if st.Connected || !strings.Contains(st.LastError, "401") {
+		t.Fatalf("without a certificate: %+v", st)
+	}
+	with := engine()
+	cfg := RelayConfig{URL: url, CAPEM: pki.ca, ClientCertPEM: pki.clientCert, ClientKeyPEM: pki.clientKey}
+	if err := with.StartRelay(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := with.WaitRelayConnected(waitCtx(t)); err != nil {
+		st, _ := with.RelayStatus()
+		t.Fatalf("%v: %+v", err, st)
+	}
+	rs, err := srv.RelayStats()
+	if err != nil || rs.Clients != 1 {
 		t.Fatalf("relay server stats %+v, %v", rs, err)
 	}
 }

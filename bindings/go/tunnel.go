@@ -29,12 +29,10 @@ import (
 	"context"
 	"io"
 	"net"
-	"os"
 	"runtime"
 	"runtime/cgo"
 	"sort"
 	"strings"
-	"sync/atomic"
 	"time"
 	"unsafe"
 )
@@ -54,69 +52,9 @@ const (
 	ErrTunnelNotRunning    Result = C.MESHVPN_TUNNEL_NOT_RUNNING
 )
 
-// waitSlice bounds each blocking C call, so that a changed deadline or a
+// waitSlice bounds each C wait for a session or a connection, so that a
 // cancelled context takes effect within it.
 const waitSlice = 100 * time.Millisecond
-
-// handle is a C handle kept as an integer (0 once closed) with the Go-side
-// plumbing every tunnel type shares.
-type handle struct{ v atomic.Uintptr }
-
-// do runs f on the live handle; after Close it fails with an error that
-// matches net.ErrClosed.
-func (h *handle) do(op string, f func(C.uintptr_t) C.meshvpn_result) error {
-	v := h.v.Load()
-	if v == 0 {
-		return &Error{Op: op, Code: ErrInvalidHandle, Message: "closed"}
-	}
-	return call(op, func() C.meshvpn_result { return f(C.uintptr_t(v)) })
-}
-
-// release frees the handle once and reports whether this call did; if
-// the free fails (Close from inside a callback), the handle stays usable.
-func (h *handle) release(op string, free func(C.uintptr_t) C.meshvpn_result) (bool, error) {
-	v := h.v.Swap(0)
-	if v == 0 {
-		return false, nil
-	}
-	if err := call(op, func() C.meshvpn_result { return free(C.uintptr_t(v)) }); err != nil {
-		h.v.Store(v)
-		return false, err
-	}
-	return true, nil
-}
-
-// newHandle runs a C constructor that writes a handle.
-func newHandle(op string, create func(out unsafe.Pointer) C.meshvpn_result) (uintptr, error) {
-	var h C.uintptr_t
-	err := call(op, func() C.meshvpn_result { return create(unsafe.Pointer(&h)) })
-	return uintptr(h), err
-}
-
-// textOut reads a string a C function writes with the buffer protocol.
-func (h *handle) textOut(op string, fill func(C.uintptr_t, *C.char, C.size_t, *C.size_t) C.meshvpn_result) (string, error) {
-	for size := 256; ; size *= 4 {
-		buf := make([]byte, size)
-		var n C.size_t
-		err := h.do(op, func(v C.uintptr_t) C.meshvpn_result {
-			return fill(v, (*C.char)(unsafe.Pointer(&buf[0])), C.size_t(len(buf)), &n)
-		})
-		if err == nil {
-			return string(buf[:n]), nil
-		}
-		if e, ok := err.(*Error); !ok || e.Code != ErrBufferTooSmall || size > 1<<20 {
-			return "", err
-		}
-	}
-}
-
-func msTimeout(d time.Duration) C.uint32_t {
-	if d <= 0 {
-		return 0
-	}
-	ms := (d + time.Millisecond - 1) / time.Millisecond
-	return C.uint32_t(ms)
-}
 
 // ------------------------------------------------------------------ agent
 
@@ -220,7 +158,7 @@ func NewTunnelAgent(cfg TunnelAgentConfig) (*TunnelAgent, error) {
 	c.client_id = opt(cfg.ClientID)
 	c.allow, c.allow_len = a.strs(cfg.Allow)
 	if cfg.Netstack != nil {
-		h := cfg.Netstack.handle.Load()
+		h := cfg.Netstack.h.load()
 		if h == 0 {
 			return nil, &Error{Op: "NewTunnelAgent", Code: ErrClosed, Message: "the netstack is closed"}
 		}
@@ -240,16 +178,14 @@ func NewTunnelAgent(cfg TunnelAgentConfig) (*TunnelAgent, error) {
 		}
 		return nil, err
 	}
-	agent.h.v.Store(h)
+	agent.h.set(h)
 	runtime.SetFinalizer(agent, func(a *TunnelAgent) { _ = a.Close() })
 	runtime.KeepAlive(cfg.Netstack)
 	return agent, nil
 }
 
 func (a *TunnelAgent) do(op string, f func(*C.meshvpn_tunnel_agent) C.meshvpn_result) error {
-	err := a.h.do(op, func(h C.uintptr_t) C.meshvpn_result { return f(C.mv_agent(h)) })
-	runtime.KeepAlive(a)
-	return err
+	return a.h.do(op, func(h C.uintptr_t) C.meshvpn_result { return f(C.mv_agent(h)) })
 }
 
 // Start connects in the background and keeps reconnecting (exponential
@@ -272,7 +208,7 @@ func (a *TunnelAgent) Stop() error {
 func (a *TunnelAgent) WaitConnected(ctx context.Context) error {
 	for {
 		err := a.do("TunnelAgent.WaitConnected", func(h *C.meshvpn_tunnel_agent) C.meshvpn_result {
-			return C.meshvpn_tunnel_agent_wait_connected(h, msTimeout(waitSlice))
+			return C.meshvpn_tunnel_agent_wait_connected(h, cTimeout(waitSlice))
 		})
 		if e, ok := err.(*Error); !ok || e.Code != ErrTimeout {
 			return err
@@ -379,6 +315,18 @@ type TunnelServerConfig struct {
 	// RelayMaxSessionsPerSource caps relay sessions per source address.
 	// 0 means 32. Needs Relay.
 	RelayMaxSessionsPerSource uint32
+	// RelayQueueBytes bounds what the relay queues toward one client;
+	// frames past it are dropped (RelayServerStats.DroppedFull). 0 means
+	// 1 MiB; at least 65631 (one largest frame).
+	RelayQueueBytes uint
+	// RelayBudgetBytes bounds what the relay queues toward all clients
+	// together (RelayServerStats.DroppedBudget). 0 means 64 MiB; at least
+	// RelayQueueBytes.
+	RelayBudgetBytes uint
+	// RelayWriteTimeout closes a relay client's session when its writes
+	// make no progress this long (it does not read), freeing its queue
+	// (RelayServerStats.ClosedSlow). 0 means 10 s; rounded up to ms.
+	RelayWriteTimeout time.Duration
 }
 
 // TunnelServerStats are a TunnelServer's sessions, handshakes and
@@ -441,6 +389,8 @@ func NewTunnelServer(cfg TunnelServerConfig) (*TunnelServer, error) {
 		}
 		c.relay_keys, c.relay_keys_len = &keys[0], C.size_t(n)
 	}
+	c.relay_queue_bytes, c.relay_budget_bytes = C.size_t(cfg.RelayQueueBytes), C.size_t(cfg.RelayBudgetBytes)
+	c.relay_write_timeout_ms = msTimeout(cfg.RelayWriteTimeout)
 	h, err := newHandle("NewTunnelServer", func(out unsafe.Pointer) C.meshvpn_result {
 		return C.meshvpn_tunnel_server_new(c, (**C.meshvpn_tunnel_server)(out))
 	})
@@ -448,22 +398,18 @@ func NewTunnelServer(cfg TunnelServerConfig) (*TunnelServer, error) {
 		return nil, err
 	}
 	s := &TunnelServer{}
-	s.h.v.Store(h)
+	s.h.set(h)
 	runtime.SetFinalizer(s, func(s *TunnelServer) { _ = s.Close() })
 	return s, nil
 }
 
 func (s *TunnelServer) do(op string, f func(*C.meshvpn_tunnel_server) C.meshvpn_result) error {
-	err := s.h.do(op, func(h C.uintptr_t) C.meshvpn_result { return f(C.mv_server(h)) })
-	runtime.KeepAlive(s)
-	return err
+	return s.h.do(op, func(h C.uintptr_t) C.meshvpn_result { return f(C.mv_server(h)) })
 }
 
 func (s *TunnelServer) text(op string, fill func(*C.meshvpn_tunnel_server, *C.char, C.size_t, *C.size_t) C.meshvpn_result) (string, error) {
 	return s.h.textOut(op, func(h C.uintptr_t, buf *C.char, n C.size_t, out *C.size_t) C.meshvpn_result {
-		r := fill(C.mv_server(h), buf, n, out)
-		runtime.KeepAlive(s)
-		return r
+		return fill(C.mv_server(h), buf, n, out)
 	})
 }
 
@@ -526,7 +472,7 @@ func (s *TunnelServer) WaitSession(ctx context.Context, clientKey string) error 
 	defer C.free(unsafe.Pointer(key))
 	for {
 		err := s.do("TunnelServer.WaitSession", func(h *C.meshvpn_tunnel_server) C.meshvpn_result {
-			return C.meshvpn_tunnel_server_wait_session(h, key, msTimeout(waitSlice))
+			return C.meshvpn_tunnel_server_wait_session(h, key, cTimeout(waitSlice))
 		})
 		if e, ok := err.(*Error); !ok || e.Code != ErrTunnelNoSession || ctx.Err() != nil {
 			if err != nil && ctx.Err() != nil {
@@ -557,9 +503,9 @@ func (s *TunnelServer) DialContext(ctx context.Context, clientKey, network, addr
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		var wait C.uint32_t
+		var wait C.meshvpn_timeout_ms
 		if hasDeadline {
-			wait = msTimeout(min(time.Until(deadline), waitSlice))
+			wait = cTimeout(max(min(time.Until(deadline), waitSlice), 0))
 		}
 		var h C.uintptr_t
 		err := s.do("TunnelServer.DialContext", func(srv *C.meshvpn_tunnel_server) C.meshvpn_result {
@@ -567,10 +513,11 @@ func (s *TunnelServer) DialContext(ctx context.Context, clientKey, network, addr
 		})
 		if err == nil {
 			c := &tunnelConn{
+				socket: socket{interrupt: interruptStream},
 				local:  tunnelAddr{network, "tunnel:" + clientKey},
 				remote: tunnelAddr{network, address},
 			}
-			c.h.v.Store(uintptr(h))
+			c.h.set(uintptr(h))
 			runtime.SetFinalizer(c, func(c *tunnelConn) { _ = c.Close() })
 			return c, nil
 		}
@@ -597,74 +544,51 @@ type tunnelAddr struct{ network, addr string }
 func (a tunnelAddr) Network() string { return a.network }
 func (a tunnelAddr) String() string  { return a.addr }
 
-// tunnelConn is a net.Conn over a meshvpn_tunnel_stream. Deadlines are
-// checked between C calls of at most waitSlice, so a deadline set while a
-// call blocks takes effect within that.
+// tunnelConn is a net.Conn over a meshvpn_tunnel_stream. Its deadlines
+// work as Conn's (see socket): a deadline set while a call blocks
+// interrupts the call (meshvpn_tunnel_stream_interrupt), which then looks
+// at the deadline again.
 type tunnelConn struct {
-	h             handle
+	socket
 	local, remote tunnelAddr
-	readDeadline  atomic.Int64 // unix nanoseconds; 0: none
-	writeDeadline atomic.Int64
 }
 
-func (c *tunnelConn) closedErr(op string) error {
-	return &net.OpError{Op: op, Net: c.remote.network, Source: c.local, Addr: c.remote, Err: net.ErrClosed}
+func interruptStream(h C.uintptr_t) C.meshvpn_result {
+	return C.meshvpn_tunnel_stream_interrupt(C.mv_stream(h))
 }
 
-// step runs one read or write call, in slices of at most waitSlice until
-// it succeeds, fails, or the deadline passes.
-func (c *tunnelConn) step(op string, deadline *atomic.Int64, f func(h *C.meshvpn_tunnel_stream, timeout C.uint32_t, n *C.size_t) C.meshvpn_result) (int, error) {
-	for {
-		wait := waitSlice
-		if d := deadline.Load(); d != 0 {
-			left := time.Until(time.Unix(0, d))
-			if left <= 0 {
-				return 0, &net.OpError{Op: op, Net: c.remote.network, Source: c.local, Addr: c.remote, Err: os.ErrDeadlineExceeded}
-			}
-			wait = min(wait, left)
-		}
-		var n C.size_t
-		err := c.h.do("TunnelConn."+op, func(h C.uintptr_t) C.meshvpn_result {
-			return f(C.mv_stream(h), msTimeout(wait), &n)
-		})
-		runtime.KeepAlive(c)
-		if err == nil {
-			return int(n), nil
-		}
-		e := err.(*Error)
-		switch e.Code {
-		case ErrTimeout:
-			continue
-		case ErrInvalidHandle, ErrTunnelClosed:
-			return 0, c.closedErr(op)
-		}
-		return 0, &net.OpError{Op: op, Net: c.remote.network, Source: c.local, Addr: c.remote, Err: err}
-	}
+func (c *tunnelConn) opErr(op string, err error) error {
+	return &net.OpError{Op: op, Net: c.remote.network, Source: c.local, Addr: c.remote, Err: err}
 }
 
 func (c *tunnelConn) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
-	n, err := c.step("read", &c.readDeadline, func(h *C.meshvpn_tunnel_stream, t C.uint32_t, n *C.size_t) C.meshvpn_result {
-		return C.meshvpn_tunnel_stream_read(h, (*C.uint8_t)(unsafe.Pointer(&p[0])), C.size_t(len(p)), t, n)
+	var n C.size_t
+	err := c.retry("TunnelConn.Read", &c.rd, func(h C.uintptr_t, ms C.meshvpn_timeout_ms) C.meshvpn_result {
+		return C.meshvpn_tunnel_stream_read(C.mv_stream(h), ptr(p), C.size_t(len(p)), ms, &n)
 	})
-	if err == nil && n == 0 {
+	if err != nil {
+		return 0, c.opErr("read", err)
+	}
+	if n == 0 {
 		return 0, io.EOF
 	}
-	return n, err
+	return int(n), nil
 }
 
 func (c *tunnelConn) Write(p []byte) (int, error) {
 	written := 0
 	for written < len(p) {
 		rest := p[written:]
-		n, err := c.step("write", &c.writeDeadline, func(h *C.meshvpn_tunnel_stream, t C.uint32_t, n *C.size_t) C.meshvpn_result {
-			return C.meshvpn_tunnel_stream_write(h, (*C.uint8_t)(unsafe.Pointer(&rest[0])), C.size_t(len(rest)), t, n)
+		var n C.size_t
+		err := c.retry("TunnelConn.Write", &c.wd, func(h C.uintptr_t, ms C.meshvpn_timeout_ms) C.meshvpn_result {
+			return C.meshvpn_tunnel_stream_write(C.mv_stream(h), ptr(rest), C.size_t(len(rest)), ms, &n)
 		})
-		written += n
+		written += int(n)
 		if err != nil {
-			return written, err
+			return written, c.opErr("write", err)
 		}
 	}
 	return written, nil
@@ -673,11 +597,9 @@ func (c *tunnelConn) Write(p []byte) (int, error) {
 // CloseWrite ends writing. The tunnel protocol has no half-close: the far
 // side reads end of stream and this side's reads end too.
 func (c *tunnelConn) CloseWrite() error {
-	err := c.h.do("TunnelConn.CloseWrite", func(h C.uintptr_t) C.meshvpn_result {
+	return c.h.do("TunnelConn.CloseWrite", func(h C.uintptr_t) C.meshvpn_result {
 		return C.meshvpn_tunnel_stream_shutdown_write(C.mv_stream(h))
 	})
-	runtime.KeepAlive(c)
-	return err
 }
 
 // Close closes the connection; blocked Reads and Writes return an error
@@ -692,26 +614,3 @@ func (c *tunnelConn) Close() error {
 
 func (c *tunnelConn) LocalAddr() net.Addr  { return c.local }
 func (c *tunnelConn) RemoteAddr() net.Addr { return c.remote }
-
-func unixNanos(t time.Time) int64 {
-	if t.IsZero() {
-		return 0
-	}
-	return t.UnixNano()
-}
-
-func (c *tunnelConn) SetDeadline(t time.Time) error {
-	c.readDeadline.Store(unixNanos(t))
-	c.writeDeadline.Store(unixNanos(t))
-	return nil
-}
-
-func (c *tunnelConn) SetReadDeadline(t time.Time) error {
-	c.readDeadline.Store(unixNanos(t))
-	return nil
-}
-
-func (c *tunnelConn) SetWriteDeadline(t time.Time) error {
-	c.writeDeadline.Store(unixNanos(t))
-	return nil
-}

@@ -49,6 +49,16 @@ pub struct InterfaceArgs {
     #[arg(long, value_name = "FILE", requires = "relay_url")]
     pub relay_ca: Option<std::path::PathBuf>,
 
+    /// Client certificate (PEM, signed by the relay server's --client-ca)
+    /// to present to the relay; a `tunnel serve --client-ca --relay`
+    /// without --tokens demands one. Goes with --relay-key.
+    #[arg(long, value_name = "FILE", requires_all = ["relay_key", "relay_ca"])]
+    pub relay_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of --relay-cert.
+    #[arg(long, value_name = "FILE", requires = "relay_cert")]
+    pub relay_key: Option<std::path::PathBuf>,
+
     /// File holding a bearer token for the relay, if it asks for one.
     #[arg(long, value_name = "FILE", requires = "relay_url")]
     pub relay_token_file: Option<std::path::PathBuf>,
@@ -57,6 +67,19 @@ pub struct InterfaceArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 5, requires = "relay_url",
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub relay_probe: u64,
+
+    /// Save the configuration (keys, peers, the interface's addresses and
+    /// routes) in DIR/IFNAME.json whenever it changes, and restore it from
+    /// there at start (off by default: a wireguard-go drop-in starts
+    /// empty). `meshvpn flannel pre-startup` uses /var/lib/meshvpn.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
+
+    /// Serve Prometheus metrics (per-peer bytes, handshakes, path, drops;
+    /// engine counters) over HTTP on ADDR, e.g. 127.0.0.1:9586 (off by
+    /// default).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// What the child tells the parent once it serves.
@@ -109,7 +132,7 @@ pub fn run(args: &InterfaceArgs, keep_stdio: bool) -> CliResult {
     }
 }
 
-fn check_name(name: &str) -> CliResult {
+pub(crate) fn check_name(name: &str) -> CliResult {
     if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) || name == "." {
         return Err(format!(
             "`{name}` is not an interface name: use 1 to 15 characters without '/' or spaces, e.g. wg0"
@@ -124,6 +147,9 @@ fn check_name(name: &str) -> CliResult {
 struct Interface {
     uapi: UapiServer,
     engine: Arc<Engine>,
+    saver: Option<crate::persist::Saver>,
+    addresses: crate::netwatch::AddressWatch,
+    _metrics: Option<crate::metrics::MetricsServer>,
 }
 
 /// The relay settings from the command line, read before the engine starts.
@@ -133,10 +159,18 @@ fn relay_config(args: &InterfaceArgs) -> Result<Option<RelayConfig>, String> {
     };
     let read =
         |p: &std::path::PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let identity = match (&args.relay_cert, &args.relay_key) {
+        (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+        _ => None,
+    };
     let tls = match &args.relay_ca {
-        Some(ca) => {
-            Some(tls::client_config(&read(ca)?, None).map_err(|e| format!("--relay-ca: {e}"))?)
-        }
+        Some(ca) => Some(
+            tls::client_config(
+                &read(ca)?,
+                identity.as_ref().map(|(c, k)| (c.as_slice(), k.as_slice())),
+            )
+            .map_err(|e| format!("--relay-ca/--relay-cert/--relay-key: {e}"))?,
+        ),
         None if url.starts_with("wss://") => {
             return Err(
                 "--relay-ca is required for a wss:// relay (the relay is always verified)".into(),
@@ -177,9 +211,19 @@ fn bring_up(name: &str, args: &InterfaceArgs) -> Result<Interface, String> {
         peers: Vec::new(),
     };
     let engine = Arc::new(Engine::new(&config).map_err(|e| format!("cannot start: {e}"))?);
+    let (saver, restored) = match &args.state_dir {
+        Some(dir) => {
+            let (saver, state) = crate::persist::Saver::open(dir, name, &engine)?;
+            (Some(saver), state)
+        }
+        None => (None, None),
+    };
     engine
         .attach_tun(tun)
         .map_err(|e| format!("cannot start the TUN reader: {e}"))?;
+    if let Some(state) = &restored {
+        state.restore_interface(name)?;
+    }
     if let Some(relay) = relay {
         let url = relay.url.clone();
         engine
@@ -192,7 +236,20 @@ fn bring_up(name: &str, args: &InterfaceArgs) -> Result<Interface, String> {
             UapiServer::socket_path(name).display()
         )
     })?;
-    Ok(Interface { uapi, engine })
+    let metrics = match args.metrics_listen {
+        Some(addr) => Some(
+            crate::metrics::MetricsServer::start(addr, engine.clone(), name)
+                .map_err(|e| format!("--metrics-listen {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok(Interface {
+        uapi,
+        engine,
+        saver,
+        addresses: crate::netwatch::AddressWatch::new(name),
+        _metrics: metrics,
+    })
 }
 
 fn serve(
@@ -209,7 +266,7 @@ fn serve(
     signals.add(Signal::SIGHUP);
     signals.thread_block()?;
 
-    let iface = match bring_up(name, args) {
+    let mut iface = match bring_up(name, args) {
         Ok(i) => i,
         Err(e) => {
             if let Some(mut parent) = ready.take() {
@@ -250,9 +307,15 @@ fn serve(
         if iface.engine.device_gone() {
             break "the interface was deleted".to_string();
         }
+        if let Some(saver) = &mut iface.saver {
+            saver.tick(&iface.engine);
+        }
+        iface.addresses.tick(&iface.engine);
     };
     tracing::info!(interface = name, "shutting down: {reason}");
-    let Interface { uapi, engine } = iface;
+    // Not saved on the way out: the interface (and its routes) may already
+    // be gone, and the last tick saved everything that mattered.
+    let Interface { uapi, engine, .. } = iface;
     drop(uapi);
     engine.close();
     Ok(())
@@ -270,4 +333,79 @@ fn detach_stdio() -> CliResult {
     nix::unistd::dup2_stdout(&null)?;
     nix::unistd::dup2_stderr(&null)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        interface: InterfaceArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<InterfaceArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("meshvpn").chain(args.iter().copied()))
+            .map(|c| c.interface)
+    }
+
+    #[test]
+    fn relay_cert_and_key_reach_the_relay_tls_config() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let dir = std::env::temp_dir().join(format!("meshvpn-daemon-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let node_key = KeyPair::generate().unwrap();
+        let node = CertificateParams::new(Vec::new())
+            .unwrap()
+            .signed_by(&node_key, &ca_cert, &ca_key)
+            .unwrap();
+        let file = |name: &str, text: String| {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let (ca, cert, key) = (
+            file("ca.pem", ca_cert.pem()),
+            file("node.pem", node.pem()),
+            file("node.key", node_key.serialize_pem()),
+        );
+        let url = "wss://127.0.0.1:1/v1-meshvpn/relay";
+        let base = ["wg0", "--relay-url", url, "--relay-ca", ca.as_str()];
+        let with = |extra: &[&str]| parse(&[&base[..], extra].concat());
+
+        // The two go together, and need the CA.
+        assert!(with(&["--relay-cert", &cert]).is_err());
+        assert!(with(&["--relay-key", &key]).is_err());
+        assert!(parse(&[
+            "wg0",
+            "--relay-url",
+            url,
+            "--relay-cert",
+            &cert,
+            "--relay-key",
+            &key
+        ])
+        .is_err());
+
+        let presents = |args: &InterfaceArgs| {
+            relay_config(args)
+                .unwrap()
+                .unwrap()
+                .tls
+                .unwrap()
+                .client_auth_cert_resolver
+                .has_certs()
+        };
+        assert!(!presents(&with(&[]).unwrap()));
+        assert!(presents(
+            &with(&["--relay-cert", &cert, "--relay-key", &key]).unwrap()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -9,8 +9,13 @@
 
 mod daemon;
 mod demo;
+mod flannel;
 mod forward;
 mod keys;
+mod metrics;
+mod netwatch;
+mod persist;
+mod status;
 mod tunnel;
 
 use clap::{ArgAction, Parser, Subcommand};
@@ -59,6 +64,10 @@ enum Command {
     Forward(forward::ForwardArgs),
     /// The k3s supervisor tunnel (remotedialer protocol): `serve` or `connect`.
     Tunnel(tunnel::TunnelArgs),
+    /// flannel's extension backend commands (k3s --flannel-conf): see docs/k3s.md.
+    Flannel(crate::flannel::FlannelArgs),
+    /// Per peer: subnet, endpoint, path (udp/relay), last handshake, bytes.
+    Status(status::StatusArgs),
 }
 
 /// The log level: `-v` wins, then `LOG_LEVEL`, then `default`; `None` is
@@ -130,6 +139,8 @@ fn main() {
         Some(Command::Demo(a)) => demo::run(&a).map_err(Into::into),
         Some(Command::Tunnel(a)) => tunnel::run(a).map_err(Into::into),
         Some(Command::Forward(a)) => forward::run(a).map_err(Into::into),
+        Some(Command::Flannel(a)) => flannel::run(a),
+        Some(Command::Status(a)) => status::run(a),
         None => {
             // Keep the daemon's stderr when the user asked for logs, as
             // wireguard-go does with LOG_LEVEL.

@@ -10,9 +10,10 @@ use clap::{Args, Subcommand};
 use meshvpn_engine::io::accept::{accept_with_backoff, AcceptBackoff};
 use meshvpn_engine::runtime::tunnel::{
     pump, tls, Agent, AgentConfig, AllowList, DialedTarget, OsDialer, RelayServerConfig,
-    ServerAuth, ServerConfig, TargetPattern, TunnelServer, DEFAULT_MAX_HANDSHAKES,
-    DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_RELAY_MAX_SESSIONS,
-    DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, RELAY_PATH,
+    ServerAuth, ServerConfig, TargetPattern, TunnelServer, DEFAULT_BUDGET_BYTES,
+    DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_QUEUE_BYTES,
+    DEFAULT_RELAY_MAX_SESSIONS, DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, DEFAULT_WRITE_TIMEOUT,
+    RELAY_PATH,
 };
 use meshvpn_engine::tunnel::limits::MAX_AGENT_STREAMS;
 use meshvpn_engine::PublicKey;
@@ -50,7 +51,9 @@ pub struct ServeArgs {
     #[arg(long, required_unless_present = "plain")]
     pub key: Option<PathBuf>,
     /// CA (PEM) for client certificates; a verified certificate's subject CN
-    /// becomes the client key (k3s: system:node:NAME).
+    /// becomes the client key (k3s: system:node:NAME). Without --tokens
+    /// every client must present one, relay clients included (`meshvpn
+    /// IFNAME --relay-cert --relay-key`).
     #[arg(long)]
     pub client_ca: Option<PathBuf>,
     /// File of bearer tokens, one "CLIENTKEY TOKEN" per line ('#' comments).
@@ -101,6 +104,38 @@ pub struct ServeArgs {
     /// it for more nodes behind one NAT); more from it are answered 503.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, requires = "relay")]
     pub relay_max_sessions_per_source: usize,
+    /// Bytes the relay queues toward one client before it drops new frames
+    /// to it (K, M, G suffixes: KiB, MiB, GiB). At least 64 KiB + 95.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, requires = "relay",
+          default_value_t = DEFAULT_QUEUE_BYTES)]
+    pub relay_queue_bytes: usize,
+    /// Bytes the relay queues toward all clients together before it drops
+    /// new frames to any (K, M, G suffixes). At least --relay-queue-bytes.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes, requires = "relay",
+          default_value_t = DEFAULT_BUDGET_BYTES)]
+    pub relay_budget_bytes: usize,
+    /// Seconds a relay client's writes may make no progress (it does not
+    /// read) before the relay closes its session and frees its queue.
+    #[arg(long, value_name = "SECONDS", requires = "relay",
+          value_parser = clap::value_parser!(u64).range(1..),
+          default_value_t = DEFAULT_WRITE_TIMEOUT.as_secs())]
+    pub relay_write_timeout: u64,
+}
+
+/// A byte count: digits with an optional K, M or G (KiB, MiB, GiB) suffix.
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 30),
+        _ => (t, 0),
+    };
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a byte count (digits, optionally K, M or G)"))?;
+    n.checked_mul(1usize << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 #[derive(Debug, Args)]
@@ -218,6 +253,15 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         Some(p) => parse_tokens(&String::from_utf8_lossy(&read(p)?))?,
         None => Vec::new(),
     };
+    if a.relay && a.client_ca.is_some() && a.tokens.is_none() {
+        // The TLS handshake cannot carry this to the client (it gets a
+        // certificate_required alert, which its own error explains).
+        tracing::info!(
+            "relay: --client-ca without --tokens: relay clients must present a certificate \
+             signed by the client CA (meshvpn IFNAME --relay-cert/--relay-key, \
+             C meshvpn_relay_config.client_cert_pem, Go RelayConfig.ClientCertPEM)"
+        );
+    }
     if tokens.is_empty() && a.client_ca.is_none() && (!a.relay || a.relay_require_auth) {
         return Err("no way to authenticate agents: give --client-ca and/or --tokens".into());
     }
@@ -226,14 +270,21 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             Some(p) => Some(parse_keys(&String::from_utf8_lossy(&read(p)?))?),
             None => None,
         };
-        Some(RelayServerConfig {
+        let relay = RelayServerConfig {
             path: a.relay_path.clone(),
             allowed_keys,
             require_auth: a.relay_require_auth,
             max_sessions: a.relay_max_sessions,
             max_sessions_per_source: a.relay_max_sessions_per_source,
+            queue_bytes: a.relay_queue_bytes,
+            budget_bytes: a.relay_budget_bytes,
+            write_timeout: Duration::from_secs(a.relay_write_timeout),
             ..Default::default()
-        })
+        };
+        relay.check().map_err(|e| {
+            format!("--relay-queue-bytes/--relay-budget-bytes/--relay-write-timeout: {e}")
+        })?;
+        Some(relay)
     } else {
         None
     };
@@ -358,6 +409,18 @@ mod tests {
             ]
         );
         assert!(parse_tokens("lonely").is_err());
+    }
+
+    #[test]
+    fn byte_counts() {
+        assert_eq!(parse_bytes("65631"), Ok(65631));
+        assert_eq!(parse_bytes("1M"), Ok(1 << 20));
+        assert_eq!(parse_bytes("64k"), Ok(64 << 10));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert!(parse_bytes("1.5M").is_err());
+        assert!(parse_bytes("M").is_err());
+        assert!(parse_bytes("-1").is_err());
+        assert!(parse_bytes(&format!("{}G", usize::MAX)).is_err());
     }
 
     #[test]

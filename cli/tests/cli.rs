@@ -104,3 +104,140 @@ fn help_version_and_bad_names() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not an interface name"));
 }
+
+#[test]
+fn relay_limit_flags_refuse_bad_values_before_listening() {
+    let serve = |extra: &[&str]| {
+        let mut args = vec![
+            "tunnel",
+            "serve",
+            "--plain",
+            "--listen",
+            "127.0.0.1:0",
+            "--relay",
+        ];
+        args.extend_from_slice(extra);
+        let o = meshvpn(&args, b"");
+        assert_ne!(o.status.code(), Some(0), "{extra:?} was accepted");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = serve(&["--relay-queue-bytes", "1000"]);
+    assert!(e.contains("below one largest frame"), "{e}");
+    let e = serve(&["--relay-queue-bytes", "4M", "--relay-budget-bytes", "1M"]);
+    assert!(e.contains("below the queue bytes"), "{e}");
+    let e = serve(&["--relay-budget-bytes", "lots"]);
+    assert!(e.contains("not a byte count"), "{e}");
+    let e = serve(&["--relay-write-timeout", "0"]);
+    assert!(e.contains("--relay-write-timeout"), "{e}");
+    // The limits belong to the relay.
+    let o = meshvpn(
+        &[
+            "tunnel",
+            "serve",
+            "--plain",
+            "--tokens",
+            "/dev/null",
+            "--relay-queue-bytes",
+            "1M",
+        ],
+        b"",
+    );
+    assert_eq!(o.status.code(), Some(2));
+}
+
+/// flannel's extension commands, as flannel runs them (environment, stdin),
+/// refuse bad input with a message and a non-zero exit before touching
+/// anything; the whole flow with the real flanneld is
+/// cli/tests/netns/flannel.sh.
+#[test]
+fn flannel_commands_refuse_bad_input() {
+    let run = |args: &[&str], env: &[(&str, &str)], stdin: &[u8]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshvpn"));
+        cmd.args(args)
+            .env_remove("SUBNET")
+            .env_remove("PUBLIC_IP")
+            .env_remove("NETWORK")
+            .env_remove("IPV6SUBNET")
+            // An interface no daemon runs, so nothing real is reached.
+            .env("MESHVPN_FLANNEL_INTERFACE", "mvnodaemon0")
+            .env(
+                "MESHVPN_STATE_DIR",
+                std::env::temp_dir().join("meshvpn-cli-test"),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("meshvpn runs");
+        // A command that refuses its environment exits before reading.
+        let _ = child.stdin.take().unwrap().write_all(stdin);
+        let o = child.wait_with_output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let key = "3ZyGHtoi/cjh5cZT2G2jCZ9DoRfLFM6Rz9RGKXnPdXU=";
+    let good = format!(r#"{{"v":1,"publicKey":"{key}","port":51820}}"#);
+    let env = [("SUBNET", "10.42.3.0/24"), ("PUBLIC_IP", "10.0.0.3")];
+    for (args, env, stdin, want) in [
+        (
+            &["flannel", "subnet-add"][..],
+            &env[1..],
+            good.as_str(),
+            "SUBNET is not set",
+        ),
+        (
+            &["flannel", "subnet-add"],
+            &env[..1],
+            &good,
+            "PUBLIC_IP is not set",
+        ),
+        (
+            &["flannel", "subnet-add"],
+            &[("SUBNET", "10.42.3/99"), env[1]][..],
+            &good,
+            "not an address prefix",
+        ),
+        (&["flannel", "subnet-add"], &env, "{\"v\":1,", "not JSON"),
+        (&["flannel", "subnet-add"], &env, "{\"v\":7}", "version 7"),
+        (&["flannel", "subnet-add"], &env, "", "no backend-data"),
+        (&["flannel", "subnet-add"], &env, &good, "not running"),
+        (
+            &["flannel", "subnet-remove"],
+            &env,
+            r#"{"v":1,"publicKey":"x","port":1}"#,
+            "publicKey",
+        ),
+        (&["flannel", "subnet-remove"], &env, &good, "not running"),
+        (&["flannel", "post-startup"], &env, "", "NETWORK is not set"),
+        // Only the first 4 KiB of stdin are read: a flood is cut, not parsed.
+        (
+            &["flannel", "subnet-add"],
+            &env,
+            &format!("{good}{}", " ".repeat(1 << 20)),
+            "not running",
+        ),
+        (
+            &["flannel", "subnet-add"],
+            &env,
+            &format!("{}{good}", " ".repeat(1 << 20)),
+            "no backend-data",
+        ),
+        (
+            &["flannel", "pre-startup", "-i", "bad/name"],
+            &[],
+            "",
+            "not an interface name",
+        ),
+    ] {
+        let (code, err) = run(args, env, stdin.as_bytes());
+        assert_eq!(code, Some(1), "{args:?} {env:?} {stdin:?}: {err}");
+        assert!(
+            err.contains(want),
+            "{args:?} {env:?} {stdin:?}: {err} lacks {want}"
+        );
+    }
+}

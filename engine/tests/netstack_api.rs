@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::stacks::stack_mesh;
+use meshvpn_engine::netstack::Interrupter;
 use meshvpn_engine::{NetstackConfig, NetstackError, PeerConfig, PrivateKey};
 
 const T: Duration = Duration::from_secs(5);
@@ -68,6 +69,35 @@ fn ping_both_ways_v4_and_v6() {
             .ping("10.77.0.3".parse().unwrap(), Duration::from_millis(300)),
         Err(NetstackError::TimedOut)
     );
+}
+
+#[test]
+fn an_interrupt_ends_a_ping_without_a_deadline() {
+    let nodes = stack_mesh(2, NetstackConfig::default());
+    // Routed to a peer that never answers (see the test above).
+    let mut p = PeerConfig::new(PrivateKey::generate().public_key());
+    p.allowed_ips = vec!["10.77.0.3/32".parse().unwrap()];
+    p.endpoint = Some("127.0.0.1:9".parse().unwrap());
+    nodes[0].node.engine.add_peer(&p).unwrap();
+    let silent: IpAddr = "10.77.0.3".parse().unwrap();
+    let i = Interrupter::new();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let ping = s.spawn(|| nodes[0].stack.ping_with(silent, None, &i));
+        std::thread::sleep(Duration::from_millis(50));
+        i.interrupt();
+        assert_eq!(ping.join().unwrap(), Err(NetstackError::TimedOut));
+    });
+    assert!(start.elapsed() < T, "the interrupt did not end the ping");
+    // An interrupt just before the call starts is not lost.
+    i.interrupt();
+    assert_eq!(
+        nodes[0].stack.ping_with(silent, None, &i),
+        Err(NetstackError::TimedOut)
+    );
+    // Without an interrupt, the same token lets a ping complete.
+    let rtt = nodes[0].stack.ping_with(nodes[1].addr(false), Some(T), &i);
+    assert!(rtt.is_ok_and(|r| r < T), "{rtt:?}");
 }
 
 #[test]

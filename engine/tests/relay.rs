@@ -395,3 +395,313 @@ fn relay_can_require_the_tunnel_credentials() {
     assert!(with.wait_connected(WAIT), "{:?}", with.status());
     assert_eq!(server.relay_stats().unwrap().clients, 1);
 }
+
+// Relay memory: queues bounded in bytes per session and in all, a session
+// that does not read closed after the write timeout, the budget given back
+// exactly when sessions end, a legitimate pair relaying throughout.
+
+/// A plain-HTTP relay server with `config`.
+fn relay_server_with(config: RelayServerConfig) -> TunnelServer {
+    let mut c = ServerConfig::new("/v1-k3s/connect", None, ServerAuth::default());
+    c.relay = Some(config);
+    TunnelServer::bind(loopback(), c).unwrap()
+}
+
+/// Two relay clients over plain ws:// that must keep reaching each other.
+struct LegitPair {
+    a: (PrivateKey, RelayClient, Receiver<Delivered>),
+    b: (PrivateKey, RelayClient, Receiver<Delivered>),
+}
+
+impl LegitPair {
+    fn start(server: &TunnelServer) -> LegitPair {
+        let start = |key: PrivateKey| {
+            let (tx, rx) = unbounded();
+            let owner = Arc::new(Owner {
+                key: key.clone(),
+                got: tx,
+            });
+            let mut cfg =
+                RelayConfig::new(format!("ws://{}{RELAY_PATH}", server.local_addr()), None);
+            cfg.backoff_initial = Duration::from_millis(100);
+            cfg.backoff_max = Duration::from_millis(500);
+            let c = RelayClient::start(cfg, owner).unwrap();
+            assert!(c.wait_connected(WAIT), "{:?}", c.status());
+            (key, c, rx)
+        };
+        LegitPair {
+            a: start(PrivateKey::generate()),
+            b: start(PrivateKey::generate()),
+        }
+    }
+
+    /// A datagram each way arrives (sent again every 200 ms, up to `WAIT`).
+    fn relays(&self, tag: u8) -> Result<(), String> {
+        for (from, to) in [(&self.a, &self.b), (&self.b, &self.a)] {
+            let datagram = [4, tag, 1, 2, 3];
+            let deadline = Instant::now() + WAIT;
+            let mut arrived = false;
+            while !arrived && Instant::now() < deadline {
+                from.1.send(to.0.public_key().as_bytes(), &datagram);
+                while let Ok((src, d)) = to.2.recv_timeout(Duration::from_millis(200)) {
+                    if src == *from.0.public_key().as_bytes() && d == datagram {
+                        arrived = true;
+                        break;
+                    }
+                }
+            }
+            if !arrived {
+                return Err(format!("datagram {tag} not relayed"));
+            }
+        }
+        Ok(())
+    }
+}
+
+const FLOOD_FRAME: usize = 64 << 10;
+
+/// Registers a fresh key over a raw websocket and sends up to `frames`
+/// frames of 64 KiB to that key (for at most 20 s), never reading.
+fn flood_own_key(server: &TunnelServer, frames: usize) -> (Ws, usize) {
+    let key = PrivateKey::generate();
+    let mut ws = register(server, &key);
+    ws.get_ref()
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let datagram = vec![4u8; FLOOD_FRAME - relay::KEY_LEN];
+    let frame = Bytes::from(relay::Frame::encode(key.public_key().as_bytes(), &datagram).unwrap());
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < frames && t.elapsed() < Duration::from_secs(20) {
+        if ws.send(Message::Binary(frame.clone())).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    (ws, sent)
+}
+
+fn limits(queue_bytes: usize, budget_bytes: usize, write_timeout: Duration) -> RelayServerConfig {
+    RelayServerConfig {
+        queue_bytes,
+        budget_bytes,
+        write_timeout,
+        // Only the write timeout may end a flooder that stops sending.
+        idle: Duration::from_secs(120),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn relay_client_flooding_its_own_key_without_reading_holds_at_most_its_queue_bytes() {
+    const QUEUE: usize = 256 << 10;
+    let server = relay_server_with(limits(QUEUE, 64 << 20, Duration::from_secs(60)));
+    let pair = LegitPair::start(&server);
+    std::thread::scope(|s| {
+        let flood = s.spawn(|| flood_own_key(&server, 1100));
+        // The legitimate pair relays during the flood.
+        let mut round = 0u8;
+        while !flood.is_finished() && round < 50 {
+            pair.relays(round).unwrap();
+            round += 1;
+        }
+        let (ws, sent) = flood.join().unwrap();
+        assert_eq!(sent, 1100, "the relay kept reading the flooder");
+        let stats = server.relay_stats().unwrap();
+        println!("one flooder: {stats:?}");
+        assert!(
+            stats.session_queued_bytes_peak <= QUEUE,
+            "one session queued {} bytes, over its cap of {QUEUE}",
+            stats.session_queued_bytes_peak
+        );
+        assert!(stats.dropped_full > 0, "{stats:?}");
+        pair.relays(100).unwrap();
+        // The session ends: every byte it held goes back to the budget.
+        drop(ws);
+        assert!(
+            wait_until(WAIT, || {
+                let s = server.relay_stats().unwrap();
+                s.clients == 2 && s.queued_bytes == 0
+            }),
+            "{:?}",
+            server.relay_stats()
+        );
+        pair.relays(101).unwrap();
+    });
+}
+
+#[test]
+fn relay_clients_flooding_without_reading_stay_within_the_global_budget() {
+    const QUEUE: usize = 512 << 10;
+    const BUDGET: usize = 1 << 20;
+    const FLOODERS: usize = 4;
+    let server = relay_server_with(limits(QUEUE, BUDGET, Duration::from_secs(60)));
+    let pair = LegitPair::start(&server);
+    let flooders: Vec<(Ws, usize)> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..FLOODERS)
+            .map(|_| s.spawn(|| flood_own_key(&server, 300)))
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    assert!(flooders.iter().all(|(_, sent)| *sent == 300));
+    let stats = server.relay_stats().unwrap();
+    println!("{FLOODERS} flooders: {stats:?}");
+    assert!(
+        stats.queued_bytes_peak <= BUDGET,
+        "the relay queued {} bytes in all, over its budget of {BUDGET}",
+        stats.queued_bytes_peak
+    );
+    assert!(stats.session_queued_bytes_peak <= QUEUE, "{stats:?}");
+    assert!(stats.dropped_budget > 0, "{stats:?}");
+    // The flooders' queues hold the budget until their sessions end; then
+    // it is all given back and the pair relays again.
+    drop(flooders);
+    assert!(
+        wait_until(WAIT, || {
+            let s = server.relay_stats().unwrap();
+            s.clients == 2 && s.queued_bytes == 0
+        }),
+        "{:?}",
+        server.relay_stats()
+    );
+    pair.relays(1).unwrap();
+}
+
+#[test]
+fn relay_session_that_does_not_read_is_closed_after_the_write_timeout() {
+    let server = relay_server_with(limits(1 << 20, 64 << 20, Duration::from_secs(1)));
+    let pair = LegitPair::start(&server);
+    // 400 frames (26 MB): more than the queue, the socket buffers and
+    // tungstenite's write buffer take; then silence, still not reading.
+    let (mut ws, sent) = flood_own_key(&server, 400);
+    assert_eq!(sent, 400);
+    let mut round = 0u8;
+    let closed = wait_until(WAIT, || {
+        // The legitimate pair relays while the flooder's writes stall.
+        pair.relays(round).unwrap();
+        round = round.wrapping_add(1);
+        let s = server.relay_stats().unwrap();
+        s.closed_slow == 1 && s.clients == 2
+    });
+    let stats = server.relay_stats().unwrap();
+    println!("non-reading session: {stats:?}");
+    assert!(closed, "the non-reading session was not closed: {stats:?}");
+    // What the relay had already written still arrives, then the close.
+    ws.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut frames = 0;
+    while binary(&mut ws).is_some() {
+        frames += 1;
+        assert!(frames <= 400, "more frames than were sent");
+    }
+    assert!(
+        wait_until(WAIT, || server.relay_stats().unwrap().queued_bytes == 0),
+        "{:?}",
+        server.relay_stats()
+    );
+    pair.relays(200).unwrap();
+}
+
+#[test]
+fn relay_session_that_reads_slowly_is_not_closed() {
+    const FRAMES: usize = 300;
+    // Room for every frame: only the write timeout could lose any.
+    let server = relay_server_with(limits(32 << 20, 64 << 20, Duration::from_secs(1)));
+    // 300 frames (20 MB), more than the socket buffers take, for a client
+    // that then takes one every 10 ms: output waits longer than the write
+    // timeout, but every timeout sees progress.
+    let (mut ws, sent) = flood_own_key(&server, FRAMES);
+    assert_eq!(sent, FRAMES);
+    let mut got = 0;
+    let t = Instant::now();
+    while got < FRAMES && t.elapsed() < Duration::from_secs(30) {
+        assert!(
+            binary(&mut ws).is_some(),
+            "the slow reader's session ended after {got} frames: {:?}",
+            server.relay_stats()
+        );
+        got += 1;
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stats = server.relay_stats().unwrap();
+    assert_eq!(
+        (got, stats.closed_slow, stats.clients),
+        (FRAMES, 0, 1),
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn relay_limits_are_checked_when_the_server_starts() {
+    let bad = |config: RelayServerConfig| {
+        let mut c = ServerConfig::new("/v1-k3s/connect", None, ServerAuth::default());
+        c.relay = Some(config);
+        TunnelServer::bind(loopback(), c).err().unwrap().to_string()
+    };
+    let e = bad(limits(1000, 64 << 20, Duration::from_secs(1)));
+    assert!(e.contains("below one largest frame"), "{e}");
+    let e = bad(limits(2 << 20, 1 << 20, Duration::from_secs(1)));
+    assert!(e.contains("below the queue bytes"), "{e}");
+    let e = bad(limits(1 << 20, 2 << 20, Duration::ZERO));
+    assert!(e.contains("write timeout"), "{e}");
+}
+
+/// Regression (hardening #8): a server with a client CA and no tokens
+/// (`meshvpn tunnel serve --client-ca --relay`) demands a client
+/// certificate in the TLS handshake, for the relay path too. A relay
+/// client given one registers; one without is told what to pass, instead
+/// of a bare TLS alert.
+#[test]
+fn relay_behind_a_client_ca_takes_a_client_certificate() {
+    let pki = pki();
+    let tls = tls::server_config(
+        pki.server_cert.as_bytes(),
+        pki.server_key.as_bytes(),
+        Some(pki.ca_pem.as_bytes()),
+        true,
+    )
+    .unwrap();
+    let auth = ServerAuth {
+        tokens: Vec::new(),
+        client_cert_cn: true,
+    };
+    let mut config = ServerConfig::new("/v1-k3s/connect", Some(tls), auth);
+    config.relay = Some(RelayServerConfig::default());
+    let server = TunnelServer::bind(loopback(), config).unwrap();
+    let (tx, _rx) = unbounded();
+    let owner = Arc::new(Owner {
+        key: PrivateKey::generate(),
+        got: tx,
+    });
+
+    let without =
+        RelayClient::start(relay_config(&pki, server.local_addr()), owner.clone()).unwrap();
+    assert!(
+        wait_until(WAIT, || without.status().last_error.is_some()),
+        "{:?}",
+        without.status()
+    );
+    let error = without.status().last_error.unwrap();
+    assert!(
+        error.contains("requires a client certificate")
+            && error.contains("--relay-cert")
+            && error.contains("client_cert_pem")
+            && error.contains("ClientCertPEM"),
+        "{error}"
+    );
+    assert!(!without.status().connected);
+    drop(without);
+
+    let mut with = relay_config(&pki, server.local_addr());
+    with.tls = Some(
+        tls::client_config(
+            pki.ca_pem.as_bytes(),
+            Some((pki.client_cert.as_bytes(), pki.client_key.as_bytes())),
+        )
+        .unwrap(),
+    );
+    let with = RelayClient::start(with, owner).unwrap();
+    assert!(with.wait_connected(WAIT), "{:?}", with.status());
+    assert_eq!(server.relay_stats().unwrap().clients, 1);
+}

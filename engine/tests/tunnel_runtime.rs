@@ -311,6 +311,18 @@ fn agent_events_and_stream_deadlines() {
         .read_until(&mut buf, Some(Instant::now() + Duration::from_millis(100)))
         .unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    // An interrupt wakes a read that has no deadline, without closing the
+    // stream; one that comes before the read starts is not lost either.
+    std::thread::scope(|t| {
+        let blocked = t.spawn(|| stream.read_until(&mut [0u8; 8], None));
+        std::thread::sleep(Duration::from_millis(50));
+        stream.interrupt();
+        let err = blocked.join().unwrap().unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::Interrupted);
+    });
+    stream.interrupt();
+    let err = stream.read_until(&mut buf, None).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::Interrupted);
     assert_eq!(
         stream
             .write_until(b"ping", Some(Instant::now() + WAIT))

@@ -21,12 +21,10 @@ use ::meshvpn_engine::netstack::{Interrupter, NetstackError, TcpStream};
 use parking_lot::Mutex;
 
 use crate::error::{meshvpn_result, Error, Result};
-use crate::handle::{tag, HandleTable};
-use crate::netstack::{
-    self, lookup as netstack_lookup, meshvpn_netstack, refuse_in_log, timed, timeout,
-    NetstackHandle,
-};
+use crate::handle::{tag, HandleTable, Handled};
+use crate::netstack::{self, lookup as netstack_lookup, meshvpn_netstack, timed, NetstackHandle};
 use crate::ptr::{self, Out};
+use crate::timeout::{self, meshvpn_timeout_ms};
 
 /// A TCP connection. Opaque: created by `meshvpn_conn_new` or
 /// `meshvpn_listener_accept`, released by `meshvpn_conn_free`. The value
@@ -46,8 +44,15 @@ pub(crate) struct Conn {
 static CONNS: HandleTable<meshvpn_conn, Conn> = HandleTable::new(tag::CONN);
 
 fn lookup(conn: *const meshvpn_conn) -> Result<Arc<Conn>> {
-    refuse_in_log("a conn function")?;
-    CONNS.get(conn)
+    CONNS.lookup(conn)
+}
+
+impl Handled for Conn {
+    const NAME: &'static str = "meshvpn_conn";
+
+    fn close(&self) {
+        Conn::close(self);
+    }
 }
 
 fn closed() -> Error {
@@ -81,11 +86,11 @@ impl Conn {
     /// close woke reports `MESHVPN_CLOSED`, whatever the stream said.
     fn transfer(
         &self,
-        timeout_ms: i64,
+        timeout_ms: meshvpn_timeout_ms,
         f: impl FnOnce(&TcpStream, Option<Duration>) -> std::result::Result<usize, NetstackError>,
     ) -> Result<usize> {
         let stream = self.stream()?;
-        let limit = timeout(timeout_ms);
+        let limit = timeout::limit(timeout_ms);
         timed(Instant::now(), limit, f(&stream, limit)).map_err(|e| {
             if self.closed.load(SeqCst) {
                 closed()
@@ -95,7 +100,7 @@ impl Conn {
         })
     }
 
-    fn dial(&self, remote: SocketAddr, timeout_ms: i64) -> Result<()> {
+    fn dial(&self, remote: SocketAddr, timeout_ms: meshvpn_timeout_ms) -> Result<()> {
         let ns = self
             .netstack
             .as_ref()
@@ -109,7 +114,7 @@ impl Conn {
             ));
         }
         let start = Instant::now();
-        let limit = timeout(timeout_ms);
+        let limit = timeout::limit(timeout_ms);
         let r = ns.stack.tcp_connect_with(remote, limit, &self.interrupter);
         self.dialing.store(false, SeqCst);
         if self.closed.load(SeqCst) {
@@ -168,7 +173,7 @@ pub unsafe extern "C" fn meshvpn_conn_new(
 }
 
 /// Connects to `addr` (`"10.0.0.2:80"`, `"[fd00::2]:80"`), waiting up to
-/// `timeout_ms` (negative: no limit) for the handshake. A conn is dialed
+/// `timeout_ms` (`MESHVPN_WAIT_FOREVER`: no limit) for the handshake. A conn is dialed
 /// once.
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
@@ -186,7 +191,7 @@ pub unsafe extern "C" fn meshvpn_conn_new(
 pub unsafe extern "C" fn meshvpn_conn_dial(
     conn: *mut meshvpn_conn,
     addr: *const c_char,
-    timeout_ms: i64,
+    timeout_ms: meshvpn_timeout_ms,
 ) -> meshvpn_result {
     ffi_boundary! {{
         let c = lookup(conn)?;
@@ -197,8 +202,8 @@ pub unsafe extern "C" fn meshvpn_conn_dial(
 }
 
 /// Reads up to `len` bytes into `buf`, waiting up to `timeout_ms`
-/// (negative: no limit; 0: only what has arrived) for at least one, and
-/// writes how many into `*out_n`. `*out_n == 0` with `MESHVPN_OK` is the
+/// (`MESHVPN_WAIT_FOREVER`: no limit; 0: only what has arrived) for at
+/// least one, and writes how many into `*out_n`. `*out_n == 0` with `MESHVPN_OK` is the
 /// end of the stream (the peer sent FIN).
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
@@ -213,7 +218,7 @@ pub unsafe extern "C" fn meshvpn_conn_read(
     conn: *mut meshvpn_conn,
     buf: *mut u8,
     len: usize,
-    timeout_ms: i64,
+    timeout_ms: meshvpn_timeout_ms,
     out_n: *mut usize,
 ) -> meshvpn_result {
     ffi_boundary! {{
@@ -246,7 +251,7 @@ pub unsafe extern "C" fn meshvpn_conn_write(
     conn: *mut meshvpn_conn,
     buf: *const u8,
     len: usize,
-    timeout_ms: i64,
+    timeout_ms: meshvpn_timeout_ms,
     out_n: *mut usize,
 ) -> meshvpn_result {
     ffi_boundary! {{
@@ -305,8 +310,7 @@ pub extern "C" fn meshvpn_conn_interrupt(conn: *mut meshvpn_conn) -> meshvpn_res
 #[no_mangle]
 pub extern "C" fn meshvpn_conn_close(conn: *mut meshvpn_conn) -> meshvpn_result {
     ffi_boundary! {{
-        lookup(conn)?.close();
-        Ok(())
+        CONNS.close(conn)
     }}
 }
 
@@ -322,12 +326,7 @@ pub extern "C" fn meshvpn_conn_close(conn: *mut meshvpn_conn) -> meshvpn_result 
 #[no_mangle]
 pub extern "C" fn meshvpn_conn_free(conn: *mut meshvpn_conn) -> meshvpn_result {
     ffi_boundary! {{
-        if conn.is_null() {
-            return Ok(());
-        }
-        refuse_in_log("meshvpn_conn_free")?;
-        CONNS.remove(conn)?.close();
-        Ok(())
+        CONNS.free(conn)
     }}
 }
 

@@ -22,7 +22,7 @@ use parking_lot::RwLock;
 use crate::callback::{self, Inside};
 use crate::config::{self, meshvpn_config, meshvpn_peer_config, meshvpn_peer_update};
 use crate::error::{meshvpn_result, Error, Result};
-use crate::handle::{tag, HandleTable};
+use crate::handle::{tag, HandleTable, Handled};
 use crate::key::meshvpn_key;
 use crate::packet::Wakeup;
 use crate::ptr::{self, Out};
@@ -95,11 +95,19 @@ impl EngineHandle {
     }
 }
 
+impl Handled for EngineHandle {
+    const NAME: &'static str = "meshvpn_engine";
+    // Freeing from the receive callback would join the thread it runs on.
+    const FREE_REFUSED_INSIDE: &'static [Inside] = &[Inside::Log, Inside::Recv];
+
+    fn close(&self) {
+        self.stop();
+    }
+}
+
 /// The live engine behind a C handle. Every engine function starts here.
 pub(crate) fn lookup(engine: *const meshvpn_engine) -> Result<Arc<EngineHandle>> {
-    // The log callback may run while this thread holds engine locks.
-    callback::refuse_inside(&[Inside::Log], "an engine function")?;
-    ENGINES.get(engine)
+    ENGINES.lookup(engine)
 }
 
 fn insert(handle: EngineHandle, out: Out<*mut meshvpn_engine>) -> Result<()> {
@@ -190,13 +198,7 @@ pub unsafe extern "C" fn meshvpn_engine_new_wg_quick(
 #[no_mangle]
 pub extern "C" fn meshvpn_engine_free(engine: *mut meshvpn_engine) -> meshvpn_result {
     ffi_boundary! {{
-        if engine.is_null() {
-            return Ok(());
-        }
-        callback::refuse_inside(&[Inside::Log, Inside::Recv], "meshvpn_engine_free")?;
-        let handle = ENGINES.remove(engine)?;
-        handle.stop();
-        Ok(())
+        ENGINES.free(engine)
     }}
 }
 

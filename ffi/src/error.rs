@@ -121,8 +121,9 @@ pub enum meshvpn_result {
     MESHVPN_MESSAGE_TOO_LARGE = 407,
     /// The netstack has no address of the destination's family (IPv4/IPv6).
     MESHVPN_NO_ADDRESS = 408,
-    /// A blocked call was woken by `meshvpn_conn_interrupt` or
-    /// `meshvpn_udp_interrupt` before its timeout.
+    /// A blocked call was woken by `meshvpn_conn_interrupt`,
+    /// `meshvpn_udp_interrupt`, `meshvpn_tunnel_stream_interrupt` or
+    /// `meshvpn_interrupter_interrupt` before its timeout.
     MESHVPN_INTERRUPTED = 409,
     /// The connection is not dialed yet.
     MESHVPN_NOT_CONNECTED = 410,

@@ -13,6 +13,10 @@
 //! releases the table lock before doing any work, so a free racing with
 //! another call on the same handle only makes that call see a stopped
 //! object, never freed memory.
+//!
+//! Every C type's `_close` and `_free` (and the lookup that starts each of
+//! its functions) are the table's `close`, `free` and `lookup`: what
+//! differs per type is in its [`Handled`] impl, nothing is copied.
 
 use std::collections::VecDeque;
 use std::marker::PhantomData;
@@ -20,6 +24,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use crate::callback::{self, Inside};
 use crate::error::{meshvpn_result, Error, Result};
 
 #[cfg(target_pointer_width = "64")]
@@ -48,7 +53,60 @@ pub(crate) mod tag {
     pub(crate) const TUNNEL_AGENT: usize = 6;
     pub(crate) const TUNNEL_SERVER: usize = 7;
     pub(crate) const TUNNEL_STREAM: usize = 8;
+    pub(crate) const INTERRUPTER: usize = 9;
     // At most 15 types: 4 tag bits on 32-bit targets.
+}
+
+/// What a C type's handle functions do with the object behind it.
+pub(crate) trait Handled {
+    /// The C type, for messages (`"meshvpn_conn"`).
+    const NAME: &'static str;
+    /// Callbacks from inside which no function of the type may run. The
+    /// log callback by default: the thread that logs may hold the very
+    /// lock the call needs.
+    const REFUSED_INSIDE: &'static [Inside] = &[Inside::Log];
+    /// Callbacks from inside which `_free` may not run, because freeing
+    /// would join the thread the callback runs on.
+    const FREE_REFUSED_INSIDE: &'static [Inside] = &[Inside::Log];
+
+    /// What `_close` and `_free` do: end what the object runs and wake
+    /// every call blocked on it. Idempotent.
+    fn close(&self);
+}
+
+fn refuse_inside(kinds: &[Inside], name: &str, what: &str) -> Result<()> {
+    if callback::inside().is_some() {
+        callback::refuse_inside(kinds, &format!("{name}{what}"))?;
+    }
+    Ok(())
+}
+
+impl<C, T: Handled> HandleTable<C, T> {
+    /// The live object behind `handle`: how every function of the type
+    /// starts.
+    pub fn lookup(&self, handle: *const C) -> Result<Arc<T>> {
+        refuse_inside(T::REFUSED_INSIDE, T::NAME, " functions")?;
+        self.get(handle)
+    }
+
+    /// The body of every `_close`: [`Handled::close`]; the handle stays
+    /// valid.
+    pub fn close(&self, handle: *const C) -> Result<()> {
+        self.lookup(handle)?.close();
+        Ok(())
+    }
+
+    /// The body of every `_free`: NULL is a no-op; otherwise the handle
+    /// and its copies die and the object is closed. Calls still running
+    /// on it hold their own reference and see a closed object.
+    pub fn free(&self, handle: *mut C) -> Result<()> {
+        if handle.is_null() {
+            return Ok(());
+        }
+        refuse_inside(T::FREE_REFUSED_INSIDE, T::NAME, "_free")?;
+        self.remove(handle)?.close();
+        Ok(())
+    }
 }
 
 struct Slot<T> {

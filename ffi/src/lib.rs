@@ -18,6 +18,8 @@
 //! | `listener` | `meshvpn_listener`: TCP listen/accept       |
 //! | `udp`    | `meshvpn_udp`: UDP bind/send_to/recv_from   |
 //! | `tunnel` | `meshvpn_tunnel_agent`, `meshvpn_tunnel_server`, `meshvpn_tunnel_stream` |
+//! | `timeout` | `meshvpn_timeout_ms`, `MESHVPN_WAIT_FOREVER`: every blocking call's timeout |
+//! | `interrupter` | `meshvpn_interrupter`: cancels a call that has no handle of its own (ping) |
 //!
 //! Rules every exported function follows:
 //!
@@ -52,8 +54,10 @@ pub mod log;
 pub mod packet;
 mod ptr;
 pub mod stats;
+pub mod timeout;
 // The UAPI and the userspace stack.
 pub mod conn;
+pub mod interrupter;
 pub mod listener;
 pub mod netstack;
 pub mod uapi;

@@ -12,11 +12,10 @@ use ::meshvpn_engine::netstack::TcpListener;
 
 use crate::conn::{insert_accepted, meshvpn_conn};
 use crate::error::{meshvpn_result, Result};
-use crate::handle::{tag, HandleTable};
-use crate::netstack::{
-    self, lookup as netstack_lookup, meshvpn_netstack, refuse_in_log, timed, timeout,
-};
+use crate::handle::{tag, HandleTable, Handled};
+use crate::netstack::{self, lookup as netstack_lookup, meshvpn_netstack, timed};
 use crate::ptr::Out;
+use crate::timeout::{self, meshvpn_timeout_ms};
 
 /// A TCP listener. Opaque: created by `meshvpn_listener_new`, released by
 /// `meshvpn_listener_free`. The value is a handle, not a pointer to
@@ -28,8 +27,15 @@ pub struct meshvpn_listener {
 static LISTENERS: HandleTable<meshvpn_listener, TcpListener> = HandleTable::new(tag::LISTENER);
 
 fn lookup(listener: *const meshvpn_listener) -> Result<Arc<TcpListener>> {
-    refuse_in_log("a listener function")?;
-    LISTENERS.get(listener)
+    LISTENERS.lookup(listener)
+}
+
+impl Handled for TcpListener {
+    const NAME: &'static str = "meshvpn_listener";
+
+    fn close(&self) {
+        TcpListener::close(self);
+    }
 }
 
 /// Listens on `addr` (`"0.0.0.0:80"` or `"[::]:80"` for every address of
@@ -63,8 +69,8 @@ pub unsafe extern "C" fn meshvpn_listener_new(
     }}
 }
 
-/// Waits up to `timeout_ms` (negative: no limit; 0: only a connection that
-/// is ready) for the next established connection; on success
+/// Waits up to `timeout_ms` (`MESHVPN_WAIT_FOREVER`: no limit; 0: only a
+/// connection that is ready) for the next established connection; on success
 /// `*out_conn` receives a connected `meshvpn_conn` the caller owns and
 /// must release with `meshvpn_conn_free`.
 ///
@@ -77,13 +83,13 @@ pub unsafe extern "C" fn meshvpn_listener_new(
 #[no_mangle]
 pub unsafe extern "C" fn meshvpn_listener_accept(
     listener: *mut meshvpn_listener,
-    timeout_ms: i64,
+    timeout_ms: meshvpn_timeout_ms,
     out_conn: *mut *mut meshvpn_conn,
 ) -> meshvpn_result {
     ffi_boundary! {{
         let l = lookup(listener)?;
         let out = Out::new(out_conn, "out_conn")?;
-        let limit = timeout(timeout_ms);
+        let limit = timeout::limit(timeout_ms);
         let (stream, _) = timed(Instant::now(), limit, l.accept_timeout(limit))?;
         out.write(insert_accepted(stream)?);
         Ok(())
@@ -121,8 +127,7 @@ pub unsafe extern "C" fn meshvpn_listener_local_addr(
 #[no_mangle]
 pub extern "C" fn meshvpn_listener_close(listener: *mut meshvpn_listener) -> meshvpn_result {
     ffi_boundary! {{
-        lookup(listener)?.close();
-        Ok(())
+        LISTENERS.close(listener)
     }}
 }
 
@@ -137,11 +142,6 @@ pub extern "C" fn meshvpn_listener_close(listener: *mut meshvpn_listener) -> mes
 #[no_mangle]
 pub extern "C" fn meshvpn_listener_free(listener: *mut meshvpn_listener) -> meshvpn_result {
     ffi_boundary! {{
-        if listener.is_null() {
-            return Ok(());
-        }
-        refuse_in_log("meshvpn_listener_free")?;
-        LISTENERS.remove(listener)?.close();
-        Ok(())
+        LISTENERS.free(listener)
     }}
 }

@@ -3,8 +3,9 @@
 //! TUN device and no root. Its sockets are `meshvpn_conn` (TCP streams,
 //! `conn`), `meshvpn_listener` (`listener`) and `meshvpn_udp` (`udp`).
 //!
-//! Blocking calls take `timeout_ms` (negative: no limit; 0: do not wait)
-//! and every one of them can be woken from another thread: closing or
+//! Blocking calls take a `meshvpn_timeout_ms` (0: do not wait;
+//! `MESHVPN_WAIT_FOREVER`: no limit) and every one of them can be woken
+//! from another thread: closing or
 //! freeing its handle wakes it with `MESHVPN_CLOSED`, and so do freeing
 //! the netstack and stopping or freeing its engine (within about 100 ms).
 //!
@@ -20,18 +21,16 @@ use std::time::{Duration, Instant};
 
 use ::meshvpn_engine::netstack::{Netstack, NetstackConfig, NetstackError};
 
-use crate::callback::{self, Inside};
 use crate::engine::{lookup as engine_lookup, meshvpn_engine};
 use crate::error::{meshvpn_result, Error, Result};
-use crate::handle::{tag, HandleTable};
+use crate::handle::{tag, HandleTable, Handled};
+use crate::interrupter::{self, meshvpn_interrupter};
 use crate::ptr::{self, Out};
+use crate::timeout::{self, meshvpn_timeout_ms};
 
 /// Bytes that hold any address this library writes, NUL included
 /// (`"[ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255]:65535"`).
 pub const MESHVPN_ADDR_MAX: usize = 64;
-
-/// A blocking call's `timeout_ms` that means "no limit".
-pub const MESHVPN_TIMEOUT_INFINITE: i64 = -1;
 
 /// A userspace TCP/IP stack on an engine. Opaque: created by
 /// `meshvpn_netstack_new`, released by `meshvpn_netstack_free`. The value
@@ -130,20 +129,16 @@ pub(crate) struct NetstackHandle {
 
 static NETSTACKS: HandleTable<meshvpn_netstack, NetstackHandle> = HandleTable::new(tag::NETSTACK);
 
-/// Refuses calls from inside the log callback: the stack may log while it
-/// holds the lock every socket call takes.
-pub(crate) fn refuse_in_log(what: &str) -> Result<()> {
-    callback::refuse_inside(&[Inside::Log], what)
+impl Handled for NetstackHandle {
+    const NAME: &'static str = "meshvpn_netstack";
+
+    fn close(&self) {
+        self.stack.close();
+    }
 }
 
 pub(crate) fn lookup(netstack: *const meshvpn_netstack) -> Result<Arc<NetstackHandle>> {
-    refuse_in_log("a netstack function")?;
-    NETSTACKS.get(netstack)
-}
-
-/// `timeout_ms` as the engine's timeout: negative means none.
-pub(crate) fn timeout(timeout_ms: i64) -> Option<Duration> {
-    u64::try_from(timeout_ms).ok().map(Duration::from_millis)
+    NETSTACKS.lookup(netstack)
 }
 
 /// Maps a `TimedOut` that came before the deadline (an interrupt) to
@@ -258,44 +253,48 @@ pub unsafe extern "C" fn meshvpn_netstack_new(
 #[no_mangle]
 pub extern "C" fn meshvpn_netstack_free(netstack: *mut meshvpn_netstack) -> meshvpn_result {
     ffi_boundary! {{
-        if netstack.is_null() {
-            return Ok(());
-        }
-        refuse_in_log("meshvpn_netstack_free")?;
-        NETSTACKS.remove(netstack)?.stack.close();
-        Ok(())
+        NETSTACKS.free(netstack)
     }}
 }
 
 /// Sends one ICMP echo request to `addr` (an IP literal, no port) and
 /// writes the round-trip time of its reply, in microseconds, into
-/// `*out_rtt_us`. Waits at most `timeout_ms` (which must be positive).
+/// `*out_rtt_us`. Waits at most `timeout_ms` (0: only sends and looks
+/// once; `MESHVPN_WAIT_FOREVER`: until a reply, an interrupt or a close).
 ///
-/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
-/// `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_UNREACHABLE` (no peer routes the
-/// address), `MESHVPN_NO_ADDRESS`, `MESHVPN_TIMEOUT`, `MESHVPN_CLOSED`
-/// (the stack or its engine closed meanwhile), `MESHVPN_SOCKET_LIMIT`.
+/// `interrupter` (may be NULL) cancels the ping from another thread:
+/// `meshvpn_interrupter_interrupt` makes it return `MESHVPN_INTERRUPTED`
+/// at once (also when the interrupt came just before the call started).
+/// This is how a caller with a cancellable context (Go's `ctx`) ends the
+/// call instead of leaving it running.
 ///
-/// Thread safety: safe from any thread; pings may run concurrently.
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE` (`netstack`
+/// or a non-NULL `interrupter`), `MESHVPN_INVALID_ARGUMENT`,
+/// `MESHVPN_UNREACHABLE` (no peer routes the address), `MESHVPN_NO_ADDRESS`,
+/// `MESHVPN_TIMEOUT`, `MESHVPN_INTERRUPTED`, `MESHVPN_CLOSED` (the stack
+/// or its engine closed meanwhile), `MESHVPN_SOCKET_LIMIT`.
+///
+/// Thread safety: safe from any thread; pings may run concurrently, with
+/// one interrupter each or sharing one (an interrupt then ends them all).
 #[no_mangle]
 pub unsafe extern "C" fn meshvpn_netstack_ping(
     netstack: *mut meshvpn_netstack,
     addr: *const c_char,
-    timeout_ms: u32,
+    timeout_ms: meshvpn_timeout_ms,
+    interrupter: *const meshvpn_interrupter,
     out_rtt_us: *mut u64,
 ) -> meshvpn_result {
     ffi_boundary! {{
         let ns = lookup(netstack)?;
+        let interrupter = interrupter::lookup_optional(interrupter)?;
         // SAFETY: the caller passes a NUL-terminated string or NULL.
         let text = unsafe { ptr::try_str(addr, "addr") }?;
         let out = Out::new(out_rtt_us, "out_rtt_us")?;
         let ip: IpAddr = text
             .parse()
             .map_err(|_| Error::invalid(format!("addr: `{text}` is not an IP address")))?;
-        if timeout_ms == 0 {
-            return Err(Error::invalid("timeout_ms must be positive"));
-        }
-        let rtt = ns.stack.ping(ip, Duration::from_millis(u64::from(timeout_ms)))?;
+        let limit = timeout::limit(timeout_ms);
+        let rtt = timed(Instant::now(), limit, ns.stack.ping_with(ip, limit, &interrupter))?;
         out.write(u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX));
         Ok(())
     }}
@@ -309,13 +308,5 @@ mod tests {
     fn options_round_trip_through_the_c_struct() {
         let d = NetstackConfig::default();
         assert_eq!(meshvpn_netstack_options::from(&d).config(), d);
-    }
-
-    #[test]
-    fn timeouts() {
-        assert_eq!(timeout(-1), None);
-        assert_eq!(timeout(i64::MIN), None);
-        assert_eq!(timeout(0), Some(Duration::ZERO));
-        assert_eq!(timeout(1500), Some(Duration::from_millis(1500)));
     }
 }

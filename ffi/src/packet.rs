@@ -28,16 +28,13 @@ use crate::callback::{self, Inside, Userdata};
 use crate::engine::{lookup, meshvpn_engine};
 use crate::error::{meshvpn_result, Error, Result};
 use crate::ptr::{self, Out};
+use crate::timeout::{self, meshvpn_timeout_ms};
 
 /// Most packets one send or receive call takes.
 pub const MESHVPN_MAX_BATCH: usize = 1024;
 /// Largest packet `meshvpn_engine_send_packets` accepts (an IP packet's
 /// length field is 16 bits).
 pub const MESHVPN_MAX_PACKET: usize = 65535;
-/// `timeout_ms` value that waits without a deadline (until a packet
-/// arrives or the engine is stopped or freed).
-pub const MESHVPN_WAIT_FOREVER: u32 = u32::MAX;
-
 /// How often a blocked receive checks whether its engine was stopped.
 const STOP_POLL: Duration = Duration::from_millis(20);
 
@@ -261,7 +258,7 @@ pub unsafe extern "C" fn meshvpn_engine_recv_packets(
     engine: *mut meshvpn_engine,
     packets: *mut meshvpn_packet,
     count: usize,
-    timeout_ms: u32,
+    timeout_ms: meshvpn_timeout_ms,
     out_received: *mut usize,
 ) -> meshvpn_result {
     ffi_boundary! {{
@@ -289,8 +286,7 @@ pub unsafe extern "C" fn meshvpn_engine_recv_packets(
         }
         handle.wakeup.armed.store(true, Ordering::SeqCst);
         let queue = e.host_queue();
-        let deadline = (timeout_ms != MESHVPN_WAIT_FOREVER)
-            .then(|| Instant::now() + Duration::from_millis(timeout_ms.into()));
+        let deadline = timeout::deadline(timeout_ms);
         let first = loop {
             let wait = match deadline {
                 Some(d) => d.saturating_duration_since(Instant::now()).min(STOP_POLL),

@@ -26,7 +26,8 @@ use ::meshvpn_engine::Engine;
 use crate::engine::{self, meshvpn_engine};
 use crate::error::{meshvpn_result, Error, Result};
 use crate::ptr::{self, Out};
-use crate::tunnel::{deadline, SESSION_WAIT_SLICE};
+use crate::timeout::{deadline, meshvpn_timeout_ms};
+use crate::tunnel::SESSION_WAIT_SLICE;
 
 use meshvpn_result::*;
 
@@ -49,6 +50,16 @@ pub struct meshvpn_relay_config {
     /// Milliseconds between UDP probes of a peer on the relay (an answered
     /// probe moves it back to UDP); 0 means the default, 5000.
     pub probe_interval_ms: u32,
+    /// PEM: a client certificate (chain) to present to the relay,
+    /// `client_cert_pem_len` bytes, and its private key, `client_key_pem_len`
+    /// bytes; both or neither (NULL and 0), and only with `ca_pem`. A relay
+    /// whose server has a client CA and no tokens (`meshvpn tunnel serve
+    /// --client-ca --relay`) demands one signed by that CA. The key is a
+    /// secret: never logged, never in an error message.
+    pub client_cert_pem: *const u8,
+    pub client_cert_pem_len: usize,
+    pub client_key_pem: *const u8,
+    pub client_key_pem_len: usize,
 }
 
 /// The engine's relay client, from `meshvpn_engine_relay_status`.
@@ -85,12 +96,31 @@ impl From<&RelayStatus> for meshvpn_relay_status {
 /// The pointers in `c` are valid as `meshvpn_relay_config` documents.
 unsafe fn read_relay_config(c: &meshvpn_relay_config) -> Result<RelayConfig> {
     // SAFETY: the caller's promise about `c`'s pointers.
-    let (url, ca, token) = unsafe {
+    let (url, ca, token, cert, key) = unsafe {
         (
             ptr::try_str(c.url, "config->url")?,
             ptr::try_slice(c.ca_pem, c.ca_pem_len, "config->ca_pem")?,
             ptr::try_opt_str(c.token, "config->token")?,
+            ptr::try_slice(
+                c.client_cert_pem,
+                c.client_cert_pem_len,
+                "config->client_cert_pem",
+            )?,
+            ptr::try_slice(
+                c.client_key_pem,
+                c.client_key_pem_len,
+                "config->client_key_pem",
+            )?,
         )
+    };
+    let identity = match (cert, key) {
+        ([], []) => None,
+        ([], _) | (_, []) => {
+            return Err(Error::invalid(
+                "client_cert_pem and client_key_pem go together: give both or neither",
+            ))
+        }
+        (cert, key) => Some((cert, key)),
     };
     let tls = match ca {
         [] if url.starts_with("wss://") => {
@@ -99,11 +129,20 @@ unsafe fn read_relay_config(c: &meshvpn_relay_config) -> Result<RelayConfig> {
                  (the relay is always verified)",
             ))
         }
+        [] if identity.is_some() => {
+            return Err(Error::invalid(
+                "a client certificate is for a wss:// relay: give ca_pem too",
+            ))
+        }
         [] => None,
-        ca => Some(
-            tls::client_config(ca, None)
-                .map_err(|e| Error::new(MESHVPN_TUNNEL_TLS, format!("ca_pem: {e}")))?,
-        ),
+        ca => Some(tls::client_config(ca, identity).map_err(|e| {
+            let what = if identity.is_some() {
+                "ca_pem or client certificate"
+            } else {
+                "ca_pem"
+            };
+            Error::new(MESHVPN_TUNNEL_TLS, format!("{what}: {e}"))
+        })?),
     };
     let mut config = RelayConfig::new(url, tls);
     config.token = token.map(str::to_owned);
@@ -138,8 +177,10 @@ fn status(engine: *const meshvpn_engine) -> Result<RelayStatus> {
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
 /// `MESHVPN_ENGINE_STOPPED`, `MESHVPN_INVALID_ARGUMENT` (a URL that is not
-/// `wss://` or `ws://`, `wss://` without `ca_pem`, text that is not UTF-8),
-/// `MESHVPN_TUNNEL_TLS` (`ca_pem` holds no certificate),
+/// `wss://` or `ws://`, `wss://` without `ca_pem`, text that is not UTF-8,
+/// only one of `client_cert_pem` and `client_key_pem`, either without
+/// `ca_pem`), `MESHVPN_TUNNEL_TLS` (`ca_pem` holds no certificate, the
+/// client certificate or key is not PEM or they do not match),
 /// `MESHVPN_THREAD_FAILED`.
 ///
 /// Thread safety: safe to call from any thread.
@@ -196,8 +237,9 @@ pub extern "C" fn meshvpn_engine_relay_status(
 }
 
 /// Writes why the relay's last session or connection attempt ended (e.g.
-/// a refused registration or a TLS failure; empty when nothing failed
-/// yet) into `buf`, following the buffer protocol of
+/// a refused registration, a TLS failure, or a relay that requires a
+/// client certificate, which names `client_cert_pem`; empty when nothing
+/// failed yet) into `buf`, following the buffer protocol of
 /// `meshvpn_result_message`. Never contains the token.
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
@@ -233,7 +275,7 @@ pub unsafe extern "C" fn meshvpn_engine_relay_last_error(
 #[no_mangle]
 pub extern "C" fn meshvpn_engine_relay_wait_connected(
     engine: *mut meshvpn_engine,
-    timeout_ms: u32,
+    timeout_ms: meshvpn_timeout_ms,
 ) -> meshvpn_result {
     ffi_boundary! {{
         let until = deadline(timeout_ms);

@@ -34,11 +34,11 @@ use parking_lot::Mutex;
 
 use crate::callback::{self, Inside, Userdata};
 use crate::error::{meshvpn_result, Error, Result};
-use crate::handle::{tag, HandleTable};
+use crate::handle::{tag, HandleTable, Handled};
 use crate::key::meshvpn_key;
 use crate::netstack::meshvpn_netstack;
-use crate::packet::MESHVPN_WAIT_FOREVER;
 use crate::ptr::{self, Out};
+use crate::timeout::{deadline, meshvpn_timeout_ms};
 
 use meshvpn_result::*;
 
@@ -58,7 +58,7 @@ fn tls_error(e: TunnelError) -> Error {
 fn tunnel_code(e: &TunnelError) -> meshvpn_result {
     match e {
         TunnelError::Io(_) => MESHVPN_TUNNEL_CONNECT_FAILED,
-        TunnelError::Tls(_) => MESHVPN_TUNNEL_TLS,
+        TunnelError::Tls(_) | TunnelError::ClientCertificateRequired => MESHVPN_TUNNEL_TLS,
         TunnelError::Rejected(status) if matches!(status.as_u16(), 401 | 403) => {
             MESHVPN_TUNNEL_AUTH
         }
@@ -85,6 +85,7 @@ impl From<TunnelError> for Error {
 fn stream_code(e: &io::Error) -> meshvpn_result {
     match e.kind() {
         io::ErrorKind::TimedOut => MESHVPN_TIMEOUT,
+        io::ErrorKind::Interrupted => MESHVPN_INTERRUPTED,
         io::ErrorKind::BrokenPipe | io::ErrorKind::NotConnected => MESHVPN_TUNNEL_CLOSED,
         _ => {
             let text = e.to_string().to_ascii_lowercase();
@@ -95,33 +96,6 @@ fn stream_code(e: &io::Error) -> meshvpn_result {
             }
         }
     }
-}
-
-/// When a wait of `timeout_ms` ends; `None` for `MESHVPN_WAIT_FOREVER`.
-pub(crate) fn deadline(timeout_ms: u32) -> Option<Instant> {
-    (timeout_ms != MESHVPN_WAIT_FOREVER)
-        .then(|| Instant::now() + Duration::from_millis(timeout_ms.into()))
-}
-
-/// The tunnel functions must not run inside the log callback: the thread
-/// that logged may hold the very session lock they need.
-fn refuse_in_log() -> Result<()> {
-    callback::refuse_inside(&[Inside::Log], "a tunnel function")
-}
-
-/// The body of every `_free`: NULL is a no-op; otherwise the handle dies
-/// and `shut` ends what its object runs.
-fn free_handle<C, T>(
-    table: &HandleTable<C, T>,
-    handle: *mut C,
-    shut: impl FnOnce(&T),
-) -> Result<()> {
-    if handle.is_null() {
-        return Ok(());
-    }
-    refuse_in_log()?;
-    shut(&*table.remove(handle)?);
-    Ok(())
 }
 
 // ------------------------------------------------------------------ agent
@@ -575,9 +549,18 @@ impl AgentHandle {
     }
 }
 
+impl Handled for AgentHandle {
+    const NAME: &'static str = "meshvpn_tunnel_agent";
+    // Freeing from the agent's callbacks would join the thread they run on.
+    const FREE_REFUSED_INSIDE: &'static [Inside] = &[Inside::Log, Inside::Tunnel];
+
+    fn close(&self) {
+        self.stop();
+    }
+}
+
 fn lookup_agent(handle: *const meshvpn_tunnel_agent) -> Result<Arc<AgentHandle>> {
-    refuse_in_log()?;
-    AGENTS.get(handle)
+    AGENTS.lookup(handle)
 }
 
 /// Creates an agent from `config` without starting it. On success
@@ -659,7 +642,7 @@ pub extern "C" fn meshvpn_tunnel_agent_stop(agent: *mut meshvpn_tunnel_agent) ->
 #[no_mangle]
 pub extern "C" fn meshvpn_tunnel_agent_wait_connected(
     agent: *mut meshvpn_tunnel_agent,
-    timeout_ms: u32,
+    timeout_ms: meshvpn_timeout_ms,
 ) -> meshvpn_result {
     ffi_boundary! {{
         callback::refuse_inside(&[Inside::Tunnel], "meshvpn_tunnel_agent_wait_connected")?;
@@ -730,8 +713,7 @@ pub extern "C" fn meshvpn_tunnel_agent_get_status(
 #[no_mangle]
 pub extern "C" fn meshvpn_tunnel_agent_free(agent: *mut meshvpn_tunnel_agent) -> meshvpn_result {
     ffi_boundary! {{
-        callback::refuse_inside(&[Inside::Tunnel], "meshvpn_tunnel_agent_free")?;
-        free_handle(&AGENTS, agent, AgentHandle::stop)
+        AGENTS.free(agent)
     }}
 }
 
@@ -802,6 +784,18 @@ pub struct meshvpn_tunnel_server_config {
     /// Relay sessions at once from one source address; more from it are
     /// answered 503. 0 means the default, 32. Needs `relay`.
     pub relay_max_sessions_per_source: u32,
+    /// Bytes the relay queues toward one client before new frames to it
+    /// are dropped (`dropped_full`); 0 means 1 MiB. At least 65631 (one
+    /// largest frame and its bookkeeping).
+    pub relay_queue_bytes: usize,
+    /// Bytes the relay queues toward all clients together before new
+    /// frames to any are dropped (`dropped_budget`); 0 means 64 MiB. At
+    /// least the queue bytes.
+    pub relay_budget_bytes: usize,
+    /// Milliseconds a relay client's writes may make no progress (it does
+    /// not read) before its session is closed and its queue freed
+    /// (`closed_slow`); 0 means 10000.
+    pub relay_write_timeout_ms: u32,
 }
 
 /// `value`, or `default` for 0.
@@ -823,9 +817,16 @@ struct ServerHandle {
 static SERVERS: HandleTable<meshvpn_tunnel_server, ServerHandle> =
     HandleTable::new(tag::TUNNEL_SERVER);
 
+impl Handled for ServerHandle {
+    const NAME: &'static str = "meshvpn_tunnel_server";
+
+    fn close(&self) {
+        self.stop();
+    }
+}
+
 fn lookup_server(handle: *const meshvpn_tunnel_server) -> Result<Arc<ServerHandle>> {
-    refuse_in_log()?;
-    SERVERS.get(handle)
+    SERVERS.lookup(handle)
 }
 
 impl ServerHandle {
@@ -929,9 +930,12 @@ unsafe fn read_relay_server_config(
             || c.relay_require_auth
             || c.relay_max_sessions != 0
             || c.relay_max_sessions_per_source != 0
+            || c.relay_queue_bytes != 0
+            || c.relay_budget_bytes != 0
+            || c.relay_write_timeout_ms != 0
         {
             return Err(Error::invalid(
-                "relay_path, relay_keys, relay_require_auth and relay_max_sessions* need relay = true",
+                "relay_path, relay_keys, relay_require_auth and the relay limits need relay = true",
             ));
         }
         return Ok(None);
@@ -963,6 +967,16 @@ unsafe fn read_relay_server_config(
     if !keys.is_empty() {
         relay.allowed_keys = Some(keys.iter().map(meshvpn_key::public).collect());
     }
+    if c.relay_queue_bytes != 0 {
+        relay.queue_bytes = c.relay_queue_bytes;
+    }
+    if c.relay_budget_bytes != 0 {
+        relay.budget_bytes = c.relay_budget_bytes;
+    }
+    if c.relay_write_timeout_ms != 0 {
+        relay.write_timeout = Duration::from_millis(c.relay_write_timeout_ms.into());
+    }
+    relay.check().map_err(Error::invalid)?;
     Ok(Some(relay))
 }
 
@@ -972,7 +986,7 @@ unsafe fn read_relay_server_config(
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_ARGUMENT` (a bad
 /// listen address or path, no way to authenticate agents, empty tokens,
-/// relay options with `relay` false),
+/// relay options with `relay` false, relay limits out of range),
 /// `MESHVPN_TUNNEL_TLS` (a PEM that does not parse, a key that does not
 /// fit its certificate).
 ///
@@ -1159,6 +1173,17 @@ pub struct meshvpn_relay_server_stats {
     pub dropped_full: u64,
     /// Frames too short to hold a key and a datagram.
     pub dropped_malformed: u64,
+    /// Datagrams dropped because all queues together held the budget bytes.
+    pub dropped_budget: u64,
+    /// Sessions closed because their writes made no progress for the
+    /// write timeout (clients that do not read).
+    pub closed_slow: u64,
+    /// Bytes queued toward all clients now; 0 once every session ended.
+    pub queued_bytes: u64,
+    /// The most `queued_bytes` has been.
+    pub queued_bytes_peak: u64,
+    /// The most one client's queue has held.
+    pub session_queued_bytes_peak: u64,
 }
 
 /// Writes the relay's counters into `*out_stats`.
@@ -1187,6 +1212,11 @@ pub extern "C" fn meshvpn_tunnel_server_relay_stats(
             dropped_unknown: s.dropped_unknown,
             dropped_full: s.dropped_full,
             dropped_malformed: s.dropped_malformed,
+            dropped_budget: s.dropped_budget,
+            closed_slow: s.closed_slow,
+            queued_bytes: s.queued_bytes as u64,
+            queued_bytes_peak: s.queued_bytes_peak as u64,
+            session_queued_bytes_peak: s.session_queued_bytes_peak as u64,
         });
         Ok(())
     }}
@@ -1205,7 +1235,7 @@ pub extern "C" fn meshvpn_tunnel_server_relay_stats(
 pub unsafe extern "C" fn meshvpn_tunnel_server_wait_session(
     server: *mut meshvpn_tunnel_server,
     client_key: *const c_char,
-    timeout_ms: u32,
+    timeout_ms: meshvpn_timeout_ms,
 ) -> meshvpn_result {
     ffi_boundary! {{
         // SAFETY: the caller passes a NUL-terminated string or NULL.
@@ -1217,7 +1247,11 @@ pub unsafe extern "C" fn meshvpn_tunnel_server_wait_session(
 
 /// Waits for `key`'s session in short slices, so that a concurrent stop
 /// is never held up; returns the running server.
-fn wait_session(s: &ServerHandle, key: &str, timeout_ms: u32) -> Result<Arc<TunnelServer>> {
+fn wait_session(
+    s: &ServerHandle,
+    key: &str,
+    timeout_ms: meshvpn_timeout_ms,
+) -> Result<Arc<TunnelServer>> {
     let until = deadline(timeout_ms);
     loop {
         let slice = until.map_or(SESSION_WAIT_SLICE, |d| {
@@ -1260,7 +1294,7 @@ pub unsafe extern "C" fn meshvpn_tunnel_server_dial(
     client_key: *const c_char,
     network: *const c_char,
     address: *const c_char,
-    timeout_ms: u32,
+    timeout_ms: meshvpn_timeout_ms,
     out_stream: *mut *mut meshvpn_tunnel_stream,
 ) -> meshvpn_result {
     ffi_boundary! {{
@@ -1300,7 +1334,7 @@ pub unsafe extern "C" fn meshvpn_tunnel_server_dial(
 #[no_mangle]
 pub extern "C" fn meshvpn_tunnel_server_free(server: *mut meshvpn_tunnel_server) -> meshvpn_result {
     ffi_boundary! {{
-        free_handle(&SERVERS, server, ServerHandle::stop)
+        SERVERS.free(server)
     }}
 }
 
@@ -1338,9 +1372,16 @@ impl StreamHandle {
 static STREAMS: HandleTable<meshvpn_tunnel_stream, StreamHandle> =
     HandleTable::new(tag::TUNNEL_STREAM);
 
+impl Handled for StreamHandle {
+    const NAME: &'static str = "meshvpn_tunnel_stream";
+
+    fn close(&self) {
+        StreamHandle::close(self);
+    }
+}
+
 fn lookup_stream(handle: *const meshvpn_tunnel_stream) -> Result<Arc<StreamHandle>> {
-    refuse_in_log()?;
-    STREAMS.get(handle)
+    STREAMS.lookup(handle)
 }
 
 /// A stream for reading or writing: not closed on this side.
@@ -1359,6 +1400,7 @@ fn lookup_open_stream(handle: *const meshvpn_tunnel_stream) -> Result<Arc<Stream
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
 /// `MESHVPN_INVALID_ARGUMENT` (impossible `len`), `MESHVPN_TIMEOUT`,
+/// `MESHVPN_INTERRUPTED` (`meshvpn_tunnel_stream_interrupt`),
 /// `MESHVPN_TUNNEL_CLOSED` (closed on this side, also while waiting),
 /// `MESHVPN_TUNNEL_REFUSED` (the agent refused the target),
 /// `MESHVPN_TUNNEL_RESET` (the far side failed it or the tunnel went down).
@@ -1370,7 +1412,7 @@ pub unsafe extern "C" fn meshvpn_tunnel_stream_read(
     stream: *mut meshvpn_tunnel_stream,
     buf: *mut u8,
     len: usize,
-    timeout_ms: u32,
+    timeout_ms: meshvpn_timeout_ms,
     out_n: *mut usize,
 ) -> meshvpn_result {
     ffi_boundary! {{
@@ -1393,9 +1435,9 @@ pub unsafe extern "C" fn meshvpn_tunnel_stream_read(
 /// for the rest).
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
-/// `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_TIMEOUT`, `MESHVPN_TUNNEL_CLOSED`
-/// (closed or shut down for writing on this side), `MESHVPN_TUNNEL_REFUSED`,
-/// `MESHVPN_TUNNEL_RESET`.
+/// `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_TIMEOUT`, `MESHVPN_INTERRUPTED`,
+/// `MESHVPN_TUNNEL_CLOSED` (closed or shut down for writing on this
+/// side), `MESHVPN_TUNNEL_REFUSED`, `MESHVPN_TUNNEL_RESET`.
 ///
 /// Thread safety: as `meshvpn_tunnel_stream_read`.
 #[no_mangle]
@@ -1403,7 +1445,7 @@ pub unsafe extern "C" fn meshvpn_tunnel_stream_write(
     stream: *mut meshvpn_tunnel_stream,
     buf: *const u8,
     len: usize,
-    timeout_ms: u32,
+    timeout_ms: meshvpn_timeout_ms,
     out_n: *mut usize,
 ) -> meshvpn_result {
     ffi_boundary! {{
@@ -1435,6 +1477,26 @@ pub extern "C" fn meshvpn_tunnel_stream_shutdown_write(
     }}
 }
 
+/// Wakes the reads and writes blocked on the stream without closing it:
+/// they return `MESHVPN_INTERRUPTED`, and so does the next one that has to
+/// wait (once; it may be spurious: treat it as "look at the deadline
+/// again"). For callers whose deadline changed while a call waited, like
+/// Go's `SetDeadline`; the same contract as `meshvpn_conn_interrupt`.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
+///
+/// Thread safety: safe to call from any thread, concurrently with reads
+/// and writes on the same stream.
+#[no_mangle]
+pub extern "C" fn meshvpn_tunnel_stream_interrupt(
+    stream: *mut meshvpn_tunnel_stream,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        lookup_stream(stream)?.stream.interrupt();
+        Ok(())
+    }}
+}
+
 /// Closes the stream (the far side reads end of stream after the data
 /// already written) and wakes every read and write blocked on it, which
 /// return `MESHVPN_TUNNEL_CLOSED`, as do later calls. The handle stays
@@ -1449,8 +1511,7 @@ pub extern "C" fn meshvpn_tunnel_stream_close(
     stream: *mut meshvpn_tunnel_stream,
 ) -> meshvpn_result {
     ffi_boundary! {{
-        lookup_stream(stream)?.close();
-        Ok(())
+        STREAMS.close(stream)
     }}
 }
 
@@ -1464,7 +1525,7 @@ pub extern "C" fn meshvpn_tunnel_stream_close(
 #[no_mangle]
 pub extern "C" fn meshvpn_tunnel_stream_free(stream: *mut meshvpn_tunnel_stream) -> meshvpn_result {
     ffi_boundary! {{
-        free_handle(&STREAMS, stream, StreamHandle::close)
+        STREAMS.free(stream)
     }}
 }
 
@@ -1508,6 +1569,10 @@ mod tests {
         assert_eq!(
             stream_code(&io::ErrorKind::TimedOut.into()),
             MESHVPN_TIMEOUT
+        );
+        assert_eq!(
+            stream_code(&io::ErrorKind::Interrupted.into()),
+            MESHVPN_INTERRUPTED
         );
         assert_eq!(
             stream_code(&io::ErrorKind::BrokenPipe.into()),

@@ -11,12 +11,10 @@ use std::time::Instant;
 use ::meshvpn_engine::netstack::UdpSocket;
 
 use crate::error::{meshvpn_result, Error, Result};
-use crate::handle::{tag, HandleTable};
-use crate::netstack::{
-    self, lookup as netstack_lookup, meshvpn_netstack, refuse_in_log, timed, timeout,
-    MESHVPN_ADDR_MAX,
-};
+use crate::handle::{tag, HandleTable, Handled};
+use crate::netstack::{self, lookup as netstack_lookup, meshvpn_netstack, timed, MESHVPN_ADDR_MAX};
 use crate::ptr::{self, Out};
+use crate::timeout::{self, meshvpn_timeout_ms};
 
 /// A UDP socket. Opaque: created by `meshvpn_udp_bind`, released by
 /// `meshvpn_udp_free`. The value is a handle, not a pointer to memory:
@@ -28,8 +26,15 @@ pub struct meshvpn_udp {
 static UDPS: HandleTable<meshvpn_udp, UdpSocket> = HandleTable::new(tag::UDP);
 
 fn lookup(udp: *const meshvpn_udp) -> Result<Arc<UdpSocket>> {
-    refuse_in_log("a udp function")?;
-    UDPS.get(udp)
+    UDPS.lookup(udp)
+}
+
+impl Handled for UdpSocket {
+    const NAME: &'static str = "meshvpn_udp";
+
+    fn close(&self) {
+        UdpSocket::close(self);
+    }
 }
 
 /// Binds a UDP socket to `addr` (`"0.0.0.0:53"` for every address of the
@@ -88,8 +93,8 @@ pub unsafe extern "C" fn meshvpn_udp_send_to(
     }}
 }
 
-/// Waits up to `timeout_ms` (negative: no limit; 0: only what has arrived)
-/// for the next datagram, copies it into `buf` (a longer one is truncated
+/// Waits up to `timeout_ms` (`MESHVPN_WAIT_FOREVER`: no limit; 0: only
+/// what has arrived) for the next datagram, copies it into `buf` (a longer one is truncated
 /// to `len`), writes its sender (`"10.0.0.2:53"`) into `from_buf` unless
 /// that is NULL, and the number of bytes copied into `*out_n`. A non-NULL
 /// `from_buf` must have `from_buf_len >= MESHVPN_ADDR_MAX`, checked before
@@ -105,7 +110,7 @@ pub unsafe extern "C" fn meshvpn_udp_recv_from(
     udp: *mut meshvpn_udp,
     buf: *mut u8,
     len: usize,
-    timeout_ms: i64,
+    timeout_ms: meshvpn_timeout_ms,
     from_buf: *mut c_char,
     from_buf_len: usize,
     out_n: *mut usize,
@@ -121,7 +126,7 @@ pub unsafe extern "C" fn meshvpn_udp_recv_from(
         }
         // SAFETY: the caller promises `len` writable bytes at `buf`.
         let buf = unsafe { ptr::try_slice_mut(buf, len, "buf") }?;
-        let limit = timeout(timeout_ms);
+        let limit = timeout::limit(timeout_ms);
         let (n, from) = timed(Instant::now(), limit, s.recv_from_timeout(buf, limit))?;
         if !from_buf.is_null() {
             // SAFETY: `from_buf` has `from_buf_len` writable bytes, at
@@ -180,8 +185,7 @@ pub unsafe extern "C" fn meshvpn_udp_local_addr(
 #[no_mangle]
 pub extern "C" fn meshvpn_udp_close(udp: *mut meshvpn_udp) -> meshvpn_result {
     ffi_boundary! {{
-        lookup(udp)?.close();
-        Ok(())
+        UDPS.close(udp)
     }}
 }
 
@@ -196,11 +200,6 @@ pub extern "C" fn meshvpn_udp_close(udp: *mut meshvpn_udp) -> meshvpn_result {
 #[no_mangle]
 pub extern "C" fn meshvpn_udp_free(udp: *mut meshvpn_udp) -> meshvpn_result {
     ffi_boundary! {{
-        if udp.is_null() {
-            return Ok(());
-        }
-        refuse_in_log("meshvpn_udp_free")?;
-        UDPS.remove(udp)?.close();
-        Ok(())
+        UDPS.free(udp)
     }}
 }

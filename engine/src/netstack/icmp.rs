@@ -20,12 +20,14 @@ fn buffer() -> icmp::PacketBuffer<'static> {
     icmp::PacketBuffer::new(vec![icmp::PacketMetadata::EMPTY; 4], vec![0u8; 1024])
 }
 
-/// Sends one echo request to `addr` and waits up to `timeout` for the reply
-/// that carries the same identifier, sequence number and payload.
+/// Sends one echo request to `addr` and waits up to `timeout` (`None`: no
+/// limit) for the reply that carries the same identifier, sequence number
+/// and payload; an interrupt of `signal` ends the wait early.
 pub(crate) fn ping(
     inner: &Arc<Inner>,
     addr: IpAddr,
-    timeout: Duration,
+    timeout: Option<Duration>,
+    signal: Arc<Signal>,
 ) -> Result<Duration, NetstackError> {
     inner.check_route(addr)?;
     let payload: [u8; ECHO_PAYLOAD] = {
@@ -35,9 +37,8 @@ pub(crate) fn ping(
             .unwrap_or(0);
         nanos.to_be_bytes()
     };
-    let signal = Signal::new();
     let waker = signal.waker();
-    let deadline = Instant::now() + timeout;
+    let deadline = timeout.map(|t| Instant::now() + t);
     let (sock, ident, sent) = {
         let mut st = inner.stack.lock();
         st.check_capacity(inner.config.max_sockets)?;
@@ -86,7 +87,7 @@ pub(crate) fn ping(
         (st.add(s, Some(bound), signal.clone()), ident, sent)
     };
     inner.kick();
-    let r = inner.wait(&signal, Some(deadline), false, |st| {
+    let r = inner.wait(&signal, deadline, false, |st| {
         if let Err(e) = st.entry(sock) {
             return Some(Err(e));
         }

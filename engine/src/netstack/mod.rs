@@ -166,7 +166,21 @@ impl Netstack {
     /// Sends one ICMP echo request to `addr` and returns the round-trip time
     /// of its reply.
     pub fn ping(&self, addr: IpAddr, timeout: Duration) -> Result<Duration, NetstackError> {
-        icmp::ping(&self.inner, addr, timeout)
+        icmp::ping(&self.inner, addr, Some(timeout), signal::Signal::new())
+    }
+
+    /// Like [`Netstack::ping`], waiting up to `timeout` (`None`: until a
+    /// reply or the stack closes), and `interrupter` can end the wait
+    /// early from another thread (it then fails with
+    /// [`NetstackError::TimedOut`]), so a cancelled caller leaves no ping
+    /// running.
+    pub fn ping_with(
+        &self,
+        addr: IpAddr,
+        timeout: Option<Duration>,
+        interrupter: &Interrupter,
+    ) -> Result<Duration, NetstackError> {
+        icmp::ping(&self.inner, addr, timeout, interrupter.signal.clone())
     }
 
     pub fn stats(&self) -> NetstackStats {

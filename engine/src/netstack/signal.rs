@@ -100,7 +100,7 @@ impl Wake for Signal {
 }
 
 /// A handle that wakes a thread blocked on one connection or socket of the
-/// stack (or on a dial in progress) without closing it: the blocked call
+/// stack (or on a dial or a ping in progress) without closing it: the blocked call
 /// returns [`super::NetstackError::TimedOut`] early, so its caller can look
 /// again at a deadline that changed (what Go's `SetDeadline` needs). Every
 /// call blocked at that moment returns, and so does the next call that

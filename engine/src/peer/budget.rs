@@ -47,7 +47,14 @@ impl BufferBudget {
         ok
     }
 
-    /// Returns bytes reserved by [`BufferBudget::try_take`].
+    /// Reserves `bytes` even past the ceiling, for the few that must be
+    /// queued whatever else is (a protocol answer); later
+    /// [`BufferBudget::try_take`]s see them.
+    pub fn take(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Relaxed);
+    }
+
+    /// Returns bytes reserved by [`BufferBudget::try_take`] or [`BufferBudget::take`].
     pub fn give_back(&self, bytes: usize) {
         let _ = self
             .used
@@ -92,5 +99,12 @@ mod tests {
         b.give_back(usize::MAX);
         assert_eq!(b.used(), 0);
         assert_eq!(b.drops(), 2);
+        // Past the ceiling when it must; try_take then sees it.
+        b.set_limit(100);
+        b.take(150);
+        assert_eq!(b.used(), 150);
+        assert!(!b.try_take(1));
+        b.give_back(150);
+        assert!(b.try_take(100));
     }
 }

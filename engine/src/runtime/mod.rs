@@ -19,5 +19,7 @@ pub use crate::peer::{BufferBudget, DEFAULT_BUFFER_LIMIT};
 pub use engine::{Engine, EngineError, EngineStats, PeerUpdate, SendError};
 pub use pool::{BufferPool, PacketBuf};
 pub use sink::{HostQueue, InnerBurst, InnerSink};
-pub use uapi::{UapiServer, MAX_CONNECTIONS, MAX_REQUEST_BYTES, UAPI_DIR};
+pub use uapi::{
+    UapiServer, MAX_CONNECTIONS, MAX_REQUEST_BYTES, UAPI_CLOSE_WITHIN, UAPI_DIR, UAPI_WRITE_TIMEOUT,
+};
 pub mod tunnel;

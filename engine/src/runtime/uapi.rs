@@ -8,6 +8,9 @@
 //!        at most MAX_CONNECTIONS, each request at most MAX_REQUEST_BYTES
 //!          "get=1\n\n"         -> Engine::uapi_get -> "<lines>errno=0\n\n"
 //!          "set=1\n<lines>\n"  -> Engine::uapi_set -> "errno=N\n\n"
+//!        every read and write waits at most POLL at a time, so a stop is
+//!        seen within POLL; a reply the client does not take within
+//!        UAPI_WRITE_TIMEOUT ends its connection
 //! ```
 //!
 //! A `set` is parsed whole before anything changes, so a malformed request
@@ -15,13 +18,13 @@
 //! use) keeps the changes before the failing line, as in wireguard-go.
 
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use super::{Engine, EngineError, PeerUpdate};
 use crate::config::uapi::{
@@ -42,6 +45,19 @@ pub const MAX_CONNECTIONS: usize = 8;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often blocked threads look at the stop flag.
 const POLL: Duration = Duration::from_millis(200);
+/// A reply the client has not read within this long ends its connection,
+/// so a client that asks and stops reading holds a connection slot (and
+/// the reply's memory, about 120 bytes a peer) no longer than this.
+/// wireguard-go ends a connection on a failed write too; it needs no
+/// deadline because it never waits for its connection handlers, where
+/// [`UapiServer::close`] joins ours.
+pub const UAPI_WRITE_TIMEOUT: Duration = IDLE_TIMEOUT;
+/// How long [`UapiServer::close`] takes at most, whatever the clients do
+/// (a client that stops reading a reply included): every thread looks at
+/// the stop flag at least every 200 ms, between and within reads and
+/// writes. The one wait it does not cut short is a `set` already being
+/// applied, which finishes so that no request is left half done.
+pub const UAPI_CLOSE_WITHIN: Duration = Duration::from_secs(1);
 
 impl Engine {
     /// The `get=1` reply: `key=value` lines, without the closing `errno=0`
@@ -218,7 +234,6 @@ impl UapiServer {
             }
             Err(e) => return Err(e),
         };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         let meta = std::fs::metadata(path)?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -240,8 +255,10 @@ impl UapiServer {
         &self.path
     }
 
-    /// Stops accepting, waits for open connections to finish (at most one
-    /// poll interval each) and removes the socket file. Idempotent.
+    /// Stops accepting, ends open connections (a reply being written is
+    /// cut off) and removes the socket file; returns within
+    /// [`UAPI_CLOSE_WITHIN`], plus the time to finish a `set` already being
+    /// applied. Idempotent.
     pub fn close(&mut self) {
         self.stop.store(true, Relaxed);
         if let Some(t) = self.thread.take() {
@@ -308,6 +325,7 @@ fn accept_loop(listener: UnixListener, engine: Arc<Engine>, stop: Arc<AtomicBool
 fn serve_connection(stream: UnixStream, engine: &Engine, stop: &AtomicBool) -> io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(POLL))?;
+    stream.set_write_timeout(Some(POLL))?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut writer = stream;
     let mut line = Vec::new();
@@ -321,12 +339,12 @@ fn serve_connection(stream: UnixStream, engine: &Engine, stop: &AtomicBool) -> i
                 line.clear();
                 read_line(&mut reader, &mut line, MAX_LINE_BYTES, stop)?;
                 if line != b"\n" {
-                    write!(writer, "errno={}\n\n", errno::EPROTO)?;
+                    write_reply(&mut writer, &format!("errno={}\n\n", errno::EPROTO), stop)?;
                     return Ok(());
                 }
                 let mut reply = engine.uapi_get();
                 reply.push_str("errno=0\n\n");
-                writer.write_all(reply.as_bytes())?;
+                write_reply(&mut writer, &reply, stop)?;
             }
             b"set=1\n" => {
                 let mut request = std::mem::take(&mut line);
@@ -357,7 +375,7 @@ fn serve_connection(stream: UnixStream, engine: &Engine, stop: &AtomicBool) -> i
                         e.errno()
                     }
                 };
-                write!(writer, "errno={code}\n\n")?;
+                write_reply(&mut writer, &format!("errno={code}\n\n"), stop)?;
                 if matches!(result, Err(UapiError::TooLarge { .. })) {
                     // The rest of the request is still unread: no way to resync.
                     return Ok(());
@@ -369,6 +387,29 @@ fn serve_connection(stream: UnixStream, engine: &Engine, stop: &AtomicBool) -> i
             }
         }
     }
+}
+
+/// Writes all of `reply`; fails, which closes the connection, when the
+/// client has not taken it within [`UAPI_WRITE_TIMEOUT`] or when `stop` is
+/// raised (seen within one poll interval: each write waits at most that).
+fn write_reply(w: &mut UnixStream, reply: &str, stop: &AtomicBool) -> io::Result<()> {
+    let deadline = Instant::now() + UAPI_WRITE_TIMEOUT;
+    let mut rest = reply.as_bytes();
+    while !rest.is_empty() {
+        if stop.load(Relaxed) || Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client did not read its reply in time, or the server is stopping",
+            ));
+        }
+        match w.write(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => rest = &rest[n..],
+            Err(e) if crate::io::is_retryable(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Appends one line (through its `\n`) to `buf`. Returns false at end of

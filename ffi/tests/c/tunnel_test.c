@@ -247,6 +247,13 @@ static void *close_later(void *arg) {
     return NULL;
 }
 
+static void *interrupt_later(void *arg) {
+    struct closer *c = arg;
+    usleep(200000);
+    meshvpn_tunnel_stream_interrupt(c->st);
+    return NULL;
+}
+
 /* ------------------------------------------------ tests */
 
 static void test_dial_through_agent(void) {
@@ -316,9 +323,20 @@ static void test_dial_through_agent(void) {
     OK(meshvpn_tunnel_server_dial(s, NODE_KEY, "tcp", target, 1000, &st));
     CHECK_RC(meshvpn_tunnel_stream_read(st, buf, sizeof buf, 100, &n), MESHVPN_TIMEOUT);
     CHECK_RC(meshvpn_tunnel_stream_read(st, buf, sizeof buf, 0, &n), MESHVPN_TIMEOUT);
-    /* A read blocked without a deadline is woken by close from another thread. */
+    /* A read blocked without a deadline is woken by an interrupt from
+     * another thread, which leaves the stream open; one that comes before
+     * the read starts is not lost. */
     struct closer cl = {st};
     pthread_t t;
+    pthread_create(&t, NULL, interrupt_later, &cl);
+    CHECK_RC(meshvpn_tunnel_stream_read(st, buf, sizeof buf, MESHVPN_WAIT_FOREVER, &n),
+             MESHVPN_INTERRUPTED);
+    pthread_join(t, NULL);
+    OK(meshvpn_tunnel_stream_interrupt(st));
+    CHECK_RC(meshvpn_tunnel_stream_read(st, buf, sizeof buf, MESHVPN_WAIT_FOREVER, &n),
+             MESHVPN_INTERRUPTED);
+    CHECK_RC(meshvpn_tunnel_stream_read(st, buf, sizeof buf, 0, &n), MESHVPN_TIMEOUT);
+    /* ... and by close. */
     pthread_create(&t, NULL, close_later, &cl);
     CHECK_RC(meshvpn_tunnel_stream_read(st, buf, sizeof buf, MESHVPN_WAIT_FOREVER, &n),
              MESHVPN_TUNNEL_CLOSED);
@@ -533,6 +551,8 @@ static void test_bad_input(void) {
     CHECK_RC(meshvpn_tunnel_stream_write(NULL, buf, sizeof buf, 0, &n), MESHVPN_NULL_PARAMETER);
     CHECK_RC(meshvpn_tunnel_stream_close(NULL), MESHVPN_NULL_PARAMETER);
     CHECK_RC(meshvpn_tunnel_stream_shutdown_write(bogus), MESHVPN_INVALID_HANDLE);
+    CHECK_RC(meshvpn_tunnel_stream_interrupt(bogus), MESHVPN_INVALID_HANDLE);
+    CHECK_RC(meshvpn_tunnel_stream_interrupt(NULL), MESHVPN_NULL_PARAMETER);
     CHECK_RC(meshvpn_tunnel_agent_start((meshvpn_tunnel_agent *)s), MESHVPN_INVALID_HANDLE);
     meshvpn_tunnel_agent_status status;
     CHECK_RC(meshvpn_tunnel_agent_get_status(NULL, &status), MESHVPN_NULL_PARAMETER);
@@ -665,6 +685,17 @@ static void test_relay_bad_input(void) {
     sc.relay_path = "relay";
     CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_INVALID_ARGUMENT);
     sc.relay_path = NULL;
+    sc.relay_queue_bytes = 1000; /* below one largest frame */
+    CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_INVALID_ARGUMENT);
+    sc.relay_queue_bytes = 4 << 20; /* over the budget */
+    sc.relay_budget_bytes = 1 << 20;
+    CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_INVALID_ARGUMENT);
+    sc.relay = false; /* limits without the relay */
+    sc.relay_queue_bytes = sc.relay_budget_bytes = 0;
+    sc.relay_write_timeout_ms = 1000;
+    CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_INVALID_ARGUMENT);
+    sc.relay = true;
+    sc.relay_write_timeout_ms = 0;
     sc.relay_keys_len = 1; /* keys NULL */
     CHECK_RC(meshvpn_tunnel_server_new(&sc, &s), MESHVPN_NULL_PARAMETER);
     CHECK(s == NULL);
@@ -706,6 +737,9 @@ static void test_relay_between_engines(void) {
         .relay = true,
         .relay_keys = pub,
         .relay_keys_len = 2,
+        .relay_queue_bytes = 256 << 10,
+        .relay_budget_bytes = 1 << 20,
+        .relay_write_timeout_ms = 5000,
     };
     meshvpn_tunnel_server *s = NULL;
     OK(meshvpn_tunnel_server_new(&sc, &s));
@@ -745,6 +779,8 @@ static void test_relay_between_engines(void) {
     meshvpn_relay_server_stats rs;
     OK(meshvpn_tunnel_server_relay_stats(s, &rs));
     CHECK(rs.clients == 2 && rs.registrations == 2 && rs.forwarded > 0 && rs.refused == 0);
+    CHECK(rs.dropped_budget == 0 && rs.closed_slow == 0 && rs.queued_bytes_peak > 0);
+    CHECK(rs.session_queued_bytes_peak <= 256 << 10 && rs.queued_bytes_peak <= 1 << 20);
 
     /* Stopping the relay puts the peer back on its UDP endpoint. */
     OK(meshvpn_engine_relay_stop(a));
@@ -754,6 +790,86 @@ static void test_relay_between_engines(void) {
 
     OK(meshvpn_engine_free(a));
     OK(meshvpn_engine_free(b));
+    OK(meshvpn_tunnel_server_free(s));
+}
+
+/* A relay whose server demands the tunnel's credentials and has only a
+ * client CA (no tokens): an engine presents its client certificate through
+ * client_cert_pem/client_key_pem and registers; without one it is refused.
+ * The fields are checked: both or neither, with ca_pem, in PEM. */
+static void test_relay_client_certificate(void) {
+    meshvpn_key priv, peer_priv, peer;
+    OK(meshvpn_key_generate(&priv));
+    OK(meshvpn_key_generate(&peer_priv));
+    OK(meshvpn_key_public(&peer_priv, &peer));
+    meshvpn_tunnel_server_config sc = {
+        .listen = "127.0.0.1:0",
+        .cert_pem = server_pem,
+        .key_pem = server_key,
+        .client_ca_pem = ca_pem,
+        .relay = true,
+        .relay_require_auth = true,
+    };
+    meshvpn_tunnel_server *s = NULL;
+    OK(meshvpn_tunnel_server_new(&sc, &s));
+    OK(meshvpn_tunnel_server_start(s));
+    char url[128];
+    server_url(s, url, sizeof url);
+    strncat(url, "/v1-meshvpn/relay", sizeof url - strlen(url) - 1);
+    meshvpn_engine *e = relay_engine(&priv, &peer);
+    meshvpn_relay_config rc = {
+        .url = url,
+        .ca_pem = (const uint8_t *)ca_pem,
+        .ca_pem_len = strlen(ca_pem),
+    };
+    char buf[512];
+    size_t n = 0;
+
+    meshvpn_relay_config bad = rc;
+    bad.client_cert_pem = (const uint8_t *)client_pem;
+    bad.client_cert_pem_len = strlen(client_pem);
+    CHECK_RC(meshvpn_engine_relay_start(e, &bad), MESHVPN_INVALID_ARGUMENT);
+    last_error(buf, sizeof buf);
+    CHECK(strstr(buf, "client_key_pem") != NULL);
+    bad.client_key_pem = (const uint8_t *)"not a key";
+    bad.client_key_pem_len = strlen("not a key");
+    CHECK_RC(meshvpn_engine_relay_start(e, &bad), MESHVPN_TUNNEL_TLS);
+    bad.client_key_pem_len = 1; /* pointer NULL with a length */
+    bad.client_key_pem = NULL;
+    CHECK_RC(meshvpn_engine_relay_start(e, &bad), MESHVPN_NULL_PARAMETER);
+    bad.client_key_pem = (const uint8_t *)client_key;
+    bad.client_key_pem_len = strlen(client_key);
+    bad.ca_pem = NULL;
+    bad.ca_pem_len = 0;
+    bad.url = "ws://127.0.0.1:1/v1-meshvpn/relay";
+    CHECK_RC(meshvpn_engine_relay_start(e, &bad), MESHVPN_INVALID_ARGUMENT);
+
+    /* Without a certificate: refused (401), and told so. */
+    OK(meshvpn_engine_relay_start(e, &rc));
+    n = 0;
+    for (int i = 0; i < WAIT_MS / 100 && n == 0; i++) {
+        OK(meshvpn_engine_relay_last_error(e, buf, sizeof buf, &n));
+        if (n == 0) usleep(100 * 1000);
+    }
+    CHECK(strstr(buf, "401") != NULL);
+    meshvpn_relay_status st;
+    OK(meshvpn_engine_relay_status(e, &st));
+    CHECK(!st.connected);
+
+    /* With one: registered. The key never shows in an error. */
+    rc.client_cert_pem = (const uint8_t *)client_pem;
+    rc.client_cert_pem_len = strlen(client_pem);
+    rc.client_key_pem = (const uint8_t *)client_key;
+    rc.client_key_pem_len = strlen(client_key);
+    OK(meshvpn_engine_relay_start(e, &rc));
+    OK(meshvpn_engine_relay_wait_connected(e, WAIT_MS));
+    meshvpn_relay_server_stats rs;
+    OK(meshvpn_tunnel_server_relay_stats(s, &rs));
+    CHECK(rs.clients == 1);
+    OK(meshvpn_engine_relay_last_error(e, buf, sizeof buf, &n));
+    CHECK(strstr(buf, "PRIVATE KEY") == NULL);
+
+    OK(meshvpn_engine_free(e));
     OK(meshvpn_tunnel_server_free(s));
 }
 
@@ -775,6 +891,7 @@ int main(int argc, char **argv) {
     test_token_callback_and_auth_failures();
     test_relay_bad_input();
     test_relay_between_engines();
+    test_relay_client_certificate();
 
     service_stop = 1;
     pthread_join(service, NULL);

@@ -407,7 +407,7 @@ pub(crate) fn open_websocket(
             .map_err(|_| TunnelError::Config(format!("bad server name {host}")))?;
         let conn = rustls::ClientConnection::new(tls, name)
             .map_err(|e| TunnelError::Tls(e.to_string()))?;
-        Transport::tls(sock, conn.into()).map_err(|e| TunnelError::Tls(e.to_string()))?
+        Transport::tls(sock, conn.into()).map_err(|e| tls_failure(&e))?
     } else {
         Transport::plain(sock)
     };
@@ -417,10 +417,39 @@ pub(crate) fn open_websocket(
                 tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => {
                     TunnelError::Rejected(resp.status())
                 }
+                // TLS 1.3 sends the certificate_required alert after the
+                // client's Finished: it arrives with the HTTP response.
+                tungstenite::HandshakeError::Failure(tungstenite::Error::Io(e))
+                    if certificate_required(&e) =>
+                {
+                    TunnelError::ClientCertificateRequired
+                }
                 other => TunnelError::Handshake(other.to_string()),
             },
         )?;
     Ok(ws)
+}
+
+/// A failed TLS handshake as a tunnel error.
+fn tls_failure(e: &std::io::Error) -> TunnelError {
+    if certificate_required(e) {
+        TunnelError::ClientCertificateRequired
+    } else {
+        TunnelError::Tls(e.to_string())
+    }
+}
+
+/// Whether `e` is the server's `certificate_required` alert (TLS 1.3; a
+/// TLS 1.2 server says only `handshake_failure`, which has other causes).
+fn certificate_required(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e,
+                rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired)
+            )
+        })
 }
 
 struct AgentHooks {

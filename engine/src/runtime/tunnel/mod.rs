@@ -28,9 +28,11 @@ mod transport;
 
 pub use agent::{Agent, AgentConfig, AgentEvent, AgentEventHook, AgentStatus};
 pub use relay_client::{RelayClient, RelayConfig, RelayOwner, RelayStatus};
+pub use relay_pump::{MESSAGE_OVERHEAD, WRITE_BUFFER_MAX};
 pub use relay_server::{
-    RelayServerConfig, RelayServerStats, DEFAULT_RELAY_MAX_SESSIONS,
-    DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, RELAY_PATH,
+    RelayServerConfig, RelayServerStats, DEFAULT_BUDGET_BYTES, DEFAULT_QUEUE_BYTES,
+    DEFAULT_RELAY_MAX_SESSIONS, DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, DEFAULT_WRITE_TIMEOUT,
+    MIN_QUEUE_BYTES, RELAY_PATH,
 };
 pub use server::{
     ServerAuth, ServerConfig, ServerStats, TunnelServer, DEFAULT_MAX_HANDSHAKES,
@@ -72,6 +74,10 @@ pub enum TunnelError {
     Io(#[from] std::io::Error),
     #[error("TLS: {0}")]
     Tls(String),
+    /// The server ended the TLS handshake with `certificate_required`: it
+    /// demands a client certificate and none was configured.
+    #[error("TLS: the server requires a client certificate and none was given")]
+    ClientCertificateRequired,
     #[error("websocket handshake: {0}")]
     Handshake(String),
     /// The server refused the upgrade (401: authentication failed).

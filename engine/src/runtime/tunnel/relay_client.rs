@@ -22,7 +22,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use tungstenite::Message;
 
 use super::agent::{check_url, open_websocket, Backoff, WebsocketTarget};
-use super::relay_pump::{self, exporter, read_binary, Outbox, Pump, PumpTimers};
+use super::relay_pump::{self, exporter, read_binary, Outbox, Pump, PumpTimers, QueueLimits};
 use super::TunnelError;
 use crate::tunnel::relay::{check_accepted, prove, Frame, KEY_LEN};
 
@@ -30,8 +30,10 @@ use crate::tunnel::relay::{check_accepted, prove, Frame, KEY_LEN};
 pub struct RelayConfig {
     /// `wss://host:port/v1-meshvpn/relay` (`ws://` for tests).
     pub url: String,
-    /// Required for `wss://`: trusts exactly the given CA (see
-    /// [`super::tls::client_config`]).
+    /// Required for `wss://`: trusts exactly the given CA, and presents a
+    /// client certificate when built with one (see
+    /// [`super::tls::client_config`]); a server with a client CA and no
+    /// tokens demands one.
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Sent as `Authorization: Bearer ...` when set. Never logged.
     pub token: Option<String>,
@@ -149,7 +151,7 @@ impl RelayClient {
             self.shared.current.read().as_ref(),
             Frame::encode(destination, datagram),
         ) {
-            (Some(outbox), Ok(m)) => outbox.push(Bytes::from(m)),
+            (Some(outbox), Ok(m)) => outbox.push(Bytes::from(m)).is_ok(),
             _ => false,
         };
         let counter = if sent {
@@ -202,6 +204,13 @@ impl Drop for RelayClient {
         self.shutdown();
     }
 }
+
+/// The last error when the relay demands a client certificate: every
+/// place one can be given.
+const CLIENT_CERTIFICATE_REQUIRED: &str =
+    "the relay server requires a client certificate (signed by its --client-ca): \
+     pass --relay-cert and --relay-key (C: meshvpn_relay_config.client_cert_pem and \
+     client_key_pem; Go: RelayConfig.ClientCertPEM and ClientKeyPEM)";
 
 /// How long to wait for the owner to have a key before asking again.
 const KEY_POLL: Duration = Duration::from_millis(200);
@@ -262,7 +271,13 @@ fn session(shared: &Arc<ClientShared>, secret: &StaticSecret) -> Result<String, 
             timeout: config.handshake_timeout,
         },
         relay_pump::websocket_config(),
-    )?;
+    )
+    .map_err(|e| match e {
+        TunnelError::ClientCertificateRequired => {
+            TunnelError::Tls(CLIENT_CERTIFICATE_REQUIRED.into())
+        }
+        other => other,
+    })?;
     // The key proof, still within the handshake deadline.
     let challenge = read_binary(&mut ws)?;
     let proof = prove(&challenge, secret, &exporter(ws.get_ref())?)
@@ -272,7 +287,16 @@ fn session(shared: &Arc<ClientShared>, secret: &StaticSecret) -> Result<String, 
     check_accepted(&read_binary(&mut ws)?)
         .map_err(|e| TunnelError::Handshake(format!("relay registration: {e}")))?;
 
-    let mut pump = Pump::new(&mut ws, config.queue)?;
+    // The engine's own datagrams, bounded by count as before; the relay
+    // bounds what it holds for this client in bytes.
+    let mut pump = Pump::new(
+        &mut ws,
+        QueueLimits {
+            messages: config.queue,
+            bytes: usize::MAX,
+            budget: None,
+        },
+    )?;
     *shared.current.write() = Some(pump.outbox());
     {
         let mut status = shared.status.lock();
@@ -287,6 +311,7 @@ fn session(shared: &Arc<ClientShared>, secret: &StaticSecret) -> Result<String, 
     let timers = PumpTimers {
         ping_every: Some(PING_EVERY),
         idle: IDLE,
+        write_timeout: None,
     };
     let reason = pump.run(&mut ws, &timers, &mut |m| match Frame::decode(&m) {
         Ok(f) => {

@@ -9,9 +9,20 @@
 //! destination's session. A frame to a key with no session, or to a session
 //! whose queue is full, is dropped and counted. A newer registration of a
 //! key replaces (and ends) the older session.
+//!
+//! Memory is bounded the way DERP bounds it (tailscale's `derp_server.go`:
+//! a send queue per client, a full queue drops and counts, and a client
+//! whose writes stall past a deadline is closed): each session's queue is
+//! bounded in bytes ([`RelayServerConfig::queue_bytes`]), all sessions of a
+//! server share one byte budget ([`RelayServerConfig::budget_bytes`]), and a
+//! session whose writes make no progress for
+//! [`RelayServerConfig::write_timeout`] is closed and its queue freed. A
+//! frame past a limit is dropped at once: the sender's reader never waits
+//! for a slow destination. (DERP drops the oldest queued packet first; this
+//! relay drops the new one, which keeps a push O(1) under the queue lock.)
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,11 +31,14 @@ use parking_lot::RwLock;
 use ring::rand::SecureRandom;
 use tungstenite::{Message, WebSocket};
 
-use super::relay_pump::{exporter, read_binary, Outbox, Pump, PumpTimers};
+use super::relay_pump::{
+    exporter, read_binary, Outbox, Pump, PumpTimers, QueueLimits, Refused, MESSAGE_OVERHEAD,
+};
 use super::transport::Transport;
 use super::TunnelError;
 use crate::config::PublicKey;
-use crate::tunnel::relay::{Frame, ServerHandshake, ACCEPTED, KEY_LEN};
+use crate::peer::BufferBudget;
+use crate::tunnel::relay::{Frame, ServerHandshake, ACCEPTED, KEY_LEN, MAX_FRAME};
 
 /// The default upgrade path of the relay.
 pub const RELAY_PATH: &str = "/v1-meshvpn/relay";
@@ -39,6 +53,18 @@ pub const DEFAULT_RELAY_MAX_SESSIONS: usize = 1024;
 /// serves 32 nodes behind one NAT, while one address can take at most a
 /// thirty-second of [`DEFAULT_RELAY_MAX_SESSIONS`].
 pub const DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE: usize = 32;
+/// Default [`RelayServerConfig::queue_bytes`]: 1 MiB toward one client,
+/// about 700 full-size WireGuard packets (80 ms at 100 Mbit/s).
+pub const DEFAULT_QUEUE_BYTES: usize = 1 << 20;
+/// Default [`RelayServerConfig::budget_bytes`]: 64 MiB for all the
+/// relay's queues together (64 clients with full queues).
+pub const DEFAULT_BUDGET_BYTES: usize = 64 << 20;
+/// Default [`RelayServerConfig::write_timeout`] (DERP uses 2 s per frame;
+/// this is per stall, and generous for a node on a slow link).
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The smallest [`RelayServerConfig::queue_bytes`]: one largest frame, so
+/// every valid frame fits an empty queue.
+pub const MIN_QUEUE_BYTES: usize = MAX_FRAME + MESSAGE_OVERHEAD;
 
 /// Relay settings of a [`super::TunnelServer`].
 #[derive(Debug, Clone)]
@@ -48,7 +74,9 @@ pub struct RelayServerConfig {
     /// Only these keys may register; `None` admits any key whose owner
     /// proves possession.
     pub allowed_keys: Option<Vec<PublicKey>>,
-    /// Messages queued toward one client before new ones are dropped.
+    /// Messages queued toward one client before new ones are dropped (and
+    /// counted in `dropped_full`); [`RelayServerConfig::queue_bytes`] bounds
+    /// the same queue in bytes.
     pub queue: usize,
     /// A session with no message (clients ping every 15 s) for this long ends.
     pub idle: Duration,
@@ -62,6 +90,44 @@ pub struct RelayServerConfig {
     /// 503 while other sources register. Default
     /// [`DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE`].
     pub max_sessions_per_source: usize,
+    /// Bytes queued toward one client (each frame charged its length plus
+    /// 64 bytes of bookkeeping) before new frames to it are dropped and
+    /// counted in `dropped_full`. At least [`MIN_QUEUE_BYTES`].
+    pub queue_bytes: usize,
+    /// Bytes queued toward all clients together before new frames to any
+    /// are dropped and counted in `dropped_budget`. At least `queue_bytes`.
+    /// Beyond the queues, a session holds at most tungstenite's write buffer
+    /// (256 KiB) and TLS's (64 KiB): see engine/docs/relay.md.
+    pub budget_bytes: usize,
+    /// A session whose writes make no progress (under 64 KiB taken by the
+    /// socket) for this long, with output waiting, is closed, its queue
+    /// freed, and counted in `closed_slow`.
+    pub write_timeout: Duration,
+}
+
+impl RelayServerConfig {
+    /// Checks the limits; the text says which one is wrong and why.
+    pub fn check(&self) -> Result<(), String> {
+        if self.queue == 0 {
+            return Err("relay queue must hold at least one message".into());
+        }
+        if self.queue_bytes < MIN_QUEUE_BYTES {
+            return Err(format!(
+                "relay queue bytes {} is below one largest frame ({MIN_QUEUE_BYTES} bytes)",
+                self.queue_bytes
+            ));
+        }
+        if self.budget_bytes < self.queue_bytes {
+            return Err(format!(
+                "relay budget bytes {} is below the queue bytes of one client ({})",
+                self.budget_bytes, self.queue_bytes
+            ));
+        }
+        if self.write_timeout.is_zero() {
+            return Err("relay write timeout must be above zero".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for RelayServerConfig {
@@ -74,6 +140,9 @@ impl Default for RelayServerConfig {
             require_auth: false,
             max_sessions: DEFAULT_RELAY_MAX_SESSIONS,
             max_sessions_per_source: DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE,
+            queue_bytes: DEFAULT_QUEUE_BYTES,
+            budget_bytes: DEFAULT_BUDGET_BYTES,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
         }
     }
 }
@@ -91,10 +160,23 @@ pub struct RelayServerStats {
     pub forwarded: u64,
     /// Frames to a key without a session.
     pub dropped_unknown: u64,
-    /// Frames to a session whose queue was full.
+    /// Frames to a session whose queue was full (`queue` messages or
+    /// `queue_bytes`).
     pub dropped_full: u64,
     /// Frames too short to hold a key and a datagram.
     pub dropped_malformed: u64,
+    /// Frames dropped because all queues together held `budget_bytes`.
+    pub dropped_budget: u64,
+    /// Sessions closed because their writes made no progress for
+    /// `write_timeout` (clients that do not read).
+    pub closed_slow: u64,
+    /// Bytes queued toward all clients now (charged as for the limits);
+    /// 0 once every session has ended.
+    pub queued_bytes: usize,
+    /// The most `queued_bytes` has been.
+    pub queued_bytes_peak: usize,
+    /// The most one session's queue has held.
+    pub session_queued_bytes_peak: usize,
 }
 
 struct Client {
@@ -111,7 +193,11 @@ struct Counters {
     dropped_unknown: AtomicU64,
     dropped_full: AtomicU64,
     dropped_malformed: AtomicU64,
+    dropped_budget: AtomicU64,
+    closed_slow: AtomicU64,
     sessions: AtomicU64,
+    queued_peak: AtomicUsize,
+    session_queued_peak: AtomicUsize,
 }
 
 /// The registry of relay clients, shared by the server's session threads.
@@ -121,16 +207,20 @@ pub(crate) struct Relay {
     counters: Counters,
     /// Set under the `clients` lock by `stop_all`: nothing registers after.
     stopped: AtomicBool,
+    /// Every session's queue charges this (`budget_bytes`).
+    budget: Arc<BufferBudget>,
 }
 
 impl Relay {
-    pub(crate) fn new(config: RelayServerConfig) -> Relay {
-        Relay {
+    pub(crate) fn new(config: RelayServerConfig) -> Result<Relay, TunnelError> {
+        config.check().map_err(TunnelError::Config)?;
+        Ok(Relay {
+            budget: Arc::new(BufferBudget::new(config.budget_bytes)),
             config,
             clients: RwLock::new(HashMap::new()),
             counters: Counters::default(),
             stopped: AtomicBool::new(false),
-        }
+        })
     }
 
     pub(crate) fn stats(&self) -> RelayServerStats {
@@ -144,6 +234,11 @@ impl Relay {
             dropped_unknown: c.dropped_unknown.load(Relaxed),
             dropped_full: c.dropped_full.load(Relaxed),
             dropped_malformed: c.dropped_malformed.load(Relaxed),
+            dropped_budget: c.dropped_budget.load(Relaxed),
+            closed_slow: c.closed_slow.load(Relaxed),
+            queued_bytes: self.budget.used(),
+            queued_bytes_peak: c.queued_peak.load(Relaxed),
+            session_queued_bytes_peak: c.session_queued_peak.load(Relaxed),
         }
     }
 
@@ -175,11 +270,18 @@ impl Relay {
                 return Err(e);
             }
         };
-        let mut pump = Pump::new(&mut ws, self.config.queue)?;
+        let mut pump = Pump::new(
+            &mut ws,
+            QueueLimits {
+                messages: self.config.queue,
+                bytes: self.config.queue_bytes,
+                budget: Some(self.budget.clone()),
+            },
+        )?;
         // The acceptance goes first in the client's queue, and the client is
         // in the registry before it can read it: once told it is registered,
         // datagrams for it are delivered.
-        pump.outbox().push(Bytes::from_static(&ACCEPTED));
+        pump.outbox().push_unlimited(Bytes::from_static(&ACCEPTED));
         let session = self.counters.sessions.fetch_add(1, Relaxed);
         let mut clients = self.clients.write();
         if self.stopped.load(Relaxed) {
@@ -206,8 +308,14 @@ impl Relay {
         let timers = PumpTimers {
             ping_every: None,
             idle: self.config.idle,
+            write_timeout: Some(self.config.write_timeout),
         };
+        // `run` frees the queue before the session leaves the registry; a
+        // frame pushed in between is refused as for a key without a session.
         let reason = pump.run(&mut ws, &timers, &mut |m| self.forward(&key, m));
+        if pump.write_timed_out() {
+            self.counters.closed_slow.fetch_add(1, Relaxed);
+        }
         let mut clients = self.clients.write();
         if clients.get(&key).is_some_and(|c| c.session == session) {
             clients.remove(&key);
@@ -258,10 +366,22 @@ impl Relay {
             self.counters.dropped_unknown.fetch_add(1, Relaxed);
             return;
         };
-        if to.outbox.push(Bytes::from(message)) {
-            self.counters.forwarded.fetch_add(1, Relaxed);
-        } else {
-            self.counters.dropped_full.fetch_add(1, Relaxed);
+        let c = &self.counters;
+        match to.outbox.push(Bytes::from(message)) {
+            Ok(queued) => {
+                c.forwarded.fetch_add(1, Relaxed);
+                c.session_queued_peak.fetch_max(queued, Relaxed);
+                c.queued_peak.fetch_max(self.budget.used(), Relaxed);
+            }
+            Err(Refused::Full) => {
+                c.dropped_full.fetch_add(1, Relaxed);
+            }
+            Err(Refused::Budget) => {
+                c.dropped_budget.fetch_add(1, Relaxed);
+            }
+            Err(Refused::Closed) => {
+                c.dropped_unknown.fetch_add(1, Relaxed);
+            }
         }
     }
 }

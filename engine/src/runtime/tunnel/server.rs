@@ -223,10 +223,11 @@ pub struct TunnelServer {
 impl TunnelServer {
     /// Listens on `addr` and serves in the background.
     pub fn bind(addr: SocketAddr, config: ServerConfig) -> Result<Self, TunnelError> {
+        let relay = config.relay.clone().map(Relay::new).transpose()?;
         let listener = TcpListener::bind(addr)?;
         let shared = Arc::new(ServerShared {
             local_addr: listener.local_addr()?,
-            relay: config.relay.clone().map(Relay::new),
+            relay,
             handshakes: Admission::new(config.max_handshakes, config.max_handshakes_per_source),
             relay_sessions: config
                 .relay

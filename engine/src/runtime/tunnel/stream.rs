@@ -1,6 +1,7 @@
 //! A connection through the tunnel as a blocking byte stream.
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,6 +21,11 @@ pub struct TunnelStream {
     session: Arc<SessionShared>,
     id: ConnId,
     signal: Arc<Condvar>,
+    /// Interrupts so far, and one that no call starting after it has seen
+    /// yet. Both change only under the session lock, which every wait
+    /// holds while it checks them, so an interrupt cannot be lost.
+    interrupts: AtomicU64,
+    interrupt_pending: AtomicBool,
 }
 
 impl std::fmt::Debug for TunnelStream {
@@ -55,6 +61,8 @@ impl TunnelStream {
             session: session.clone(),
             id,
             signal,
+            interrupts: AtomicU64::new(0),
+            interrupt_pending: AtomicBool::new(false),
         }
     }
 
@@ -82,12 +90,34 @@ impl TunnelStream {
         self.close_with(None);
     }
 
-    /// Sleeps until this stream's signal or `deadline` (`None`: no deadline).
+    /// Wakes the reads and writes blocked on the stream without closing
+    /// it: they fail with `ErrorKind::Interrupted`, and so does the next one
+    /// that has to wait (once; it may be spurious: treat it as "look at the
+    /// deadline again"). For callers whose deadline changed while a call
+    /// waited, like Go's `SetDeadline`; the same contract as the userspace
+    /// stack's `Interrupter`.
+    pub fn interrupt(&self) {
+        let _inner = self.session.lock();
+        self.interrupts.fetch_add(1, SeqCst);
+        self.interrupt_pending.store(true, SeqCst);
+        self.signal.notify_all();
+    }
+
+    /// Sleeps until this stream's signal or `deadline` (`None`: no
+    /// deadline), or an interrupt later than `seen` (what `interrupts`
+    /// read when the call began) or still pending.
     fn wait(
         &self,
         inner: &mut MutexGuard<'_, super::driver::Inner>,
         deadline: Option<Instant>,
+        seen: u64,
     ) -> io::Result<()> {
+        if self.interrupts.load(SeqCst) != seen || self.interrupt_pending.swap(false, SeqCst) {
+            return Err(io::Error::new(
+                io::ErrorKind::Interrupted,
+                "tunnel stream call interrupted",
+            ));
+        }
         match deadline {
             None => self.signal.wait(inner),
             Some(d) => {
@@ -119,13 +149,14 @@ impl TunnelStream {
             return Ok(0);
         }
         let mut inner = self.session.lock();
+        let seen = self.interrupts.load(SeqCst);
         loop {
             match inner.core.recv(self.id, buf) {
                 Ok(n) => {
                     self.session.after_op(&mut inner);
                     return Ok(n);
                 }
-                Err(StreamError::WouldBlock) => self.wait(&mut inner, deadline)?,
+                Err(StreamError::WouldBlock) => self.wait(&mut inner, deadline, seen)?,
                 // Closed here: reading after our own close is end of stream.
                 Err(StreamError::Closed) => return Ok(0),
                 Err(e) => return Err(to_io(e)),
@@ -135,13 +166,14 @@ impl TunnelStream {
 
     fn write_inner(&self, buf: &[u8], deadline: Option<Instant>) -> io::Result<usize> {
         let mut inner = self.session.lock();
+        let seen = self.interrupts.load(SeqCst);
         loop {
             match inner.core.send(self.id, buf) {
                 Ok(n) => {
                     self.session.after_op(&mut inner);
                     return Ok(n);
                 }
-                Err(StreamError::WouldBlock) => self.wait(&mut inner, deadline)?,
+                Err(StreamError::WouldBlock) => self.wait(&mut inner, deadline, seen)?,
                 Err(e) => return Err(to_io(e)),
             }
         }

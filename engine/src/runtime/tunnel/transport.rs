@@ -16,6 +16,8 @@ use std::time::Instant;
 pub(crate) struct Socket {
     pub(crate) tcp: TcpStream,
     deadline: Option<Instant>,
+    /// Bytes the kernel took so far: a session's write progress.
+    written: u64,
 }
 
 impl Socket {
@@ -23,7 +25,13 @@ impl Socket {
         Self {
             tcp,
             deadline: Some(deadline),
+            written: 0,
         }
+    }
+
+    /// Bytes written to the socket so far.
+    pub(crate) fn bytes_written(&self) -> u64 {
+        self.written
     }
 
     fn remaining(&self) -> io::Result<Option<std::time::Duration>> {
@@ -88,9 +96,12 @@ impl Write for Socket {
         if left.is_some() {
             self.tcp.set_write_timeout(left)?;
         }
-        self.tcp
+        let n = self
+            .tcp
             .write(buf)
-            .map_err(|e| deadline_error(e, left.is_some()))
+            .map_err(|e| deadline_error(e, left.is_some()))?;
+        self.written += n as u64;
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {

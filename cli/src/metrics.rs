@@ -1,0 +1,340 @@
+//! `meshvpn IFNAME --metrics-listen ADDR`: the daemon's counters as
+//! Prometheus text (exposition format 0.0.4) on `GET /metrics`.
+//!
+//! Per-peer series follow the names of the WireGuard exporters operators
+//! already scrape (prometheus_wireguard_exporter: `wireguard_sent_bytes_total`,
+//! `wireguard_received_bytes_total`, `wireguard_latest_handshake_seconds`,
+//! labels `interface`, `public_key`, `allowed_ips`), so their dashboards
+//! work unchanged; the byte counts are exactly what `wg show` calls
+//! transfer. meshvpn's own series (`meshvpn_*`) add the path (UDP or relay),
+//! the handshake round trip and drops by reason, and the engine's counters.
+//!
+//! The server is deliberately small: one thread, one connection at a time,
+//! a bounded request ([`MAX_REQUEST_BYTES`]) with a read deadline
+//! ([`REQUEST_TIMEOUT`]), so a slow or hostile scraper costs one thread and
+//! a few KiB and nothing more. Listen on loopback or a private address: the
+//! page names public keys and endpoints (never a private key).
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, UNIX_EPOCH};
+
+use meshvpn_engine::peer::{DropReason, PeerPath};
+use meshvpn_engine::Engine;
+
+/// The most of a request read before answering (request line and headers).
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// How long one scraper may take to send its request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct MetricsServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    pub fn start(addr: SocketAddr, engine: Arc<Engine>, ifname: &str) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ifname = ifname.to_owned();
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("meshvpn-metrics".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if stop2.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Ok(c) = conn {
+                        let _ = serve(c, &engine, &ifname);
+                    }
+                }
+            })?;
+        tracing::info!(%addr, "metrics on http://{addr}/metrics");
+        Ok(MetricsServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+#[cfg(test)]
+impl MetricsServer {
+    /// Where it listens (the port, when started on port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wakes the accept.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(mut c: TcpStream, engine: &Engine, ifname: &str) -> std::io::Result<()> {
+    c.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    c.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+    let mut req = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = c.read(&mut buf)?;
+        if n == 0 || req.len() + n > MAX_REQUEST_BYTES {
+            return Ok(());
+        }
+        req.extend_from_slice(&buf[..n]);
+    }
+    let line = req.split(|&b| b == b'\r').next().unwrap_or_default();
+    let (status, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
+        ("200 OK", render(engine, ifname))
+    } else {
+        ("404 Not Found", "try /metrics\n".to_owned())
+    };
+    write!(
+        c,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// A label value, escaped as the text format asks.
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The whole page.
+pub fn render(engine: &Engine, ifname: &str) -> String {
+    let snapshot = engine.peer_snapshot();
+    let mut out = String::with_capacity(1024 + snapshot.len() * 1024);
+    let iface = esc(ifname);
+    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+
+    type Field = fn(&meshvpn_engine::peer::PeerStats) -> f64;
+    let per_peer: [(&str, &str, &str, Field); 4] = [
+        (
+            "wireguard_sent_bytes_total",
+            "counter",
+            "Bytes sent to the peer (WireGuard datagrams; wg show transfer).",
+            |s| s.tx_bytes as f64,
+        ),
+        (
+            "wireguard_received_bytes_total",
+            "counter",
+            "Bytes received from the peer (WireGuard datagrams; wg show transfer).",
+            |s| s.rx_bytes as f64,
+        ),
+        (
+            "wireguard_latest_handshake_seconds",
+            "gauge",
+            "UNIX time of the last completed handshake, 0 if none.",
+            |s| {
+                s.last_handshake
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0.0, |d| d.as_secs() as f64)
+            },
+        ),
+        (
+            "meshvpn_peer_handshake_rtt_seconds",
+            "gauge",
+            "Round trip of the last handshake this side initiated, 0 if none.",
+            |s| s.handshake_rtt_ms.map_or(0.0, |ms| f64::from(ms) / 1000.0),
+        ),
+    ];
+    for (name, kind, help, field) in per_peer {
+        family(&mut out, name, kind, help);
+        for (cfg, stats) in &snapshot {
+            let allowed: Vec<String> = cfg.allowed_ips.iter().map(|a| a.to_string()).collect();
+            let _ = writeln!(
+                out,
+                "{name}{{interface=\"{iface}\",public_key=\"{}\",allowed_ips=\"{}\"}} {}",
+                esc(&cfg.public_key.to_base64()),
+                esc(&allowed.join(",")),
+                field(stats)
+            );
+        }
+    }
+    family(
+        &mut out,
+        "meshvpn_peer_path",
+        "gauge",
+        "1 for the path the peer's datagrams take now (udp or relay).",
+    );
+    for (cfg, _) in &snapshot {
+        let now = PeerPath::of(cfg.endpoint);
+        for path in [PeerPath::Udp, PeerPath::Relay] {
+            let _ = writeln!(
+                out,
+                "meshvpn_peer_path{{interface=\"{iface}\",public_key=\"{}\",path=\"{}\"}} {}",
+                esc(&cfg.public_key.to_base64()),
+                path.name(),
+                u8::from(now == path)
+            );
+        }
+    }
+    family(
+        &mut out,
+        "meshvpn_peer_drops_total",
+        "counter",
+        "Packets of the peer dropped, by reason.",
+    );
+    for (cfg, stats) in &snapshot {
+        for reason in DropReason::ALL {
+            let _ = writeln!(
+                out,
+                "meshvpn_peer_drops_total{{interface=\"{iface}\",public_key=\"{}\",reason=\"{}\"}} {}",
+                esc(&cfg.public_key.to_base64()),
+                reason.name(),
+                stats.drops(reason)
+            );
+        }
+    }
+    let e = engine.stats();
+    let engine_counters: [(&str, u64, &str); 9] = [
+        (
+            "rx_malformed",
+            e.rx_malformed,
+            "Datagrams that were not WireGuard messages.",
+        ),
+        (
+            "rx_unknown_index",
+            e.rx_unknown_index,
+            "Messages for a session index nobody holds.",
+        ),
+        (
+            "rx_unknown_peer",
+            e.rx_unknown_peer,
+            "Handshakes from keys that are not peers.",
+        ),
+        (
+            "rx_invalid_mac",
+            e.rx_invalid_mac,
+            "Handshakes whose MAC did not verify.",
+        ),
+        (
+            "cookie_replies_sent",
+            e.cookie_replies_sent,
+            "Cookie replies sent under load.",
+        ),
+        (
+            "tx_malformed",
+            e.tx_malformed,
+            "Packets from the host that were not IP.",
+        ),
+        (
+            "tx_no_route",
+            e.tx_no_route,
+            "Packets from the host to no peer's AllowedIPs.",
+        ),
+        (
+            "udp_send_errors",
+            e.udp_send_errors,
+            "UDP sends that failed.",
+        ),
+        (
+            "buffer_limit_drops",
+            e.buffer_limit_drops,
+            "Packets dropped at the buffer ceiling.",
+        ),
+    ];
+    for (name, value, help) in engine_counters {
+        let name = format!("meshvpn_engine_{name}_total");
+        family(&mut out, &name, "counter", help);
+        let _ = writeln!(out, "{name}{{interface=\"{iface}\"}} {value}");
+    }
+    family(&mut out, "meshvpn_peers", "gauge", "Peers configured.");
+    let _ = writeln!(
+        out,
+        "meshvpn_peers{{interface=\"{iface}\"}} {}",
+        snapshot.len()
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshvpn_engine::{Config, InterfaceConfig, PeerConfig, PrivateKey};
+    use std::time::Instant;
+
+    fn engine_with_a_peer() -> (Arc<Engine>, String) {
+        let cfg = Config {
+            interface: InterfaceConfig {
+                private_key: Some(PrivateKey::generate()),
+                listen_port: Some(0),
+                ..Default::default()
+            },
+            peers: Vec::new(),
+        };
+        let engine = Arc::new(Engine::new(&cfg).unwrap());
+        let key = PrivateKey::generate().public_key();
+        let mut peer = PeerConfig::new(key);
+        peer.allowed_ips = vec!["10.42.7.0/24".parse().unwrap()];
+        engine.add_peer(&peer).unwrap();
+        (engine, key.to_base64())
+    }
+
+    fn get(addr: SocketAddr) -> String {
+        let mut c = TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).unwrap();
+        text
+    }
+
+    #[test]
+    fn serves_the_page_and_bounds_hostile_scrapers() {
+        let (engine, key) = engine_with_a_peer();
+        let server =
+            MetricsServer::start("127.0.0.1:0".parse().unwrap(), engine.clone(), "fw0").unwrap();
+        let addr = server.local_addr();
+        let page = get(addr);
+        assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+        let want = format!(
+            "wireguard_sent_bytes_total{{interface=\"fw0\",public_key=\"{key}\",allowed_ips=\"10.42.7.0/24\"}} 0"
+        );
+        assert!(page.contains(&want), "{page}");
+        assert!(page.contains("# TYPE meshvpn_peer_drops_total counter"));
+
+        // A request past MAX_REQUEST_BYTES without its blank line is cut
+        // off unanswered.
+        let mut big = TcpStream::connect(addr).unwrap();
+        big.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let junk = vec![b'a'; MAX_REQUEST_BYTES + 1024];
+        let _ = big.write_all(&junk);
+        let mut reply = Vec::new();
+        let _ = big.read_to_end(&mut reply);
+        assert!(reply.is_empty(), "answered an oversized request");
+
+        // A client that connects and says nothing holds the server at most
+        // REQUEST_TIMEOUT: a scrape behind it still completes.
+        let _silent = TcpStream::connect(addr).unwrap();
+        let t = Instant::now();
+        assert!(get(addr).starts_with("HTTP/1.1 200 OK"));
+        assert!(
+            t.elapsed() < REQUEST_TIMEOUT + Duration::from_secs(2),
+            "{:?}",
+            t.elapsed()
+        );
+        drop(server);
+        engine.close();
+    }
+}
