@@ -5,7 +5,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Range;
 
-use super::{be16, checksum, put16};
+use super::checksum;
+use super::field::{be16, put16};
 
 /// IP protocol numbers (IANA) of the transports the offloads handle.
 pub const PROTO_TCP: u8 = 6;

@@ -1,6 +1,7 @@
 //! The TCP header (RFC 9293 section 3.1) as a checked view.
 
-use super::{be16, be32, checksum, put16, put32, HeaderError};
+use super::checksum;
+use super::field::{be16, be32, put16, put32, HeaderError};
 
 /// Field offsets inside the TCP header.
 pub mod field {

@@ -1,6 +1,7 @@
 //! The UDP header (RFC 768) as a checked view.
 
-use super::{be16, checksum, put16, HeaderError};
+use super::checksum;
+use super::field::{be16, put16, HeaderError};
 
 /// Field offsets inside the UDP header.
 pub mod field {

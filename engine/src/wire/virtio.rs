@@ -4,7 +4,8 @@
 
 use std::ops::Range;
 
-use super::{checksum, HeaderError};
+use super::checksum;
+use super::field::HeaderError;
 
 /// Field offsets inside the header.
 pub mod field {
