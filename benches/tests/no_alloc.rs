@@ -108,7 +108,8 @@ fn tcp_segment(seq: u32, size: usize) -> Vec<u8> {
 
 #[test]
 fn tun_offload_split_and_coalesce_allocate_nothing() {
-    use meshvpn_engine::io::offload::{split, Coalescer, VirtioNetHdr, F_NEEDS_CSUM, GSO_TCPV4};
+    use meshvpn_engine::io::offload::{split, Coalescer};
+    use meshvpn_engine::wire::virtio::{VirtioNetHdr, F_NEEDS_CSUM, GSO_TCPV4};
     const MSS: usize = 1380;
     let big = tcp_segment(1, 40 + 46 * MSS);
     let hdr = VirtioNetHdr {

@@ -6,7 +6,7 @@
 //! | module    | owns                                                        | I/O |
 //! |-----------|-------------------------------------------------------------|-----|
 //! | `config`  | keys, peer specs, wg-quick `.conf`, the UAPI text protocol  | no  |
-//! | `wire`    | parsing untrusted bytes: IP headers, WireGuard framing      | no  |
+//! | `wire`    | checked views: IP/TCP/UDP, virtio-net, WireGuard framing    | no  |
 //! | `router`  | AllowedIPs longest-prefix match                             | no  |
 //! | `peer`    | one boringtun `Tunn` per peer, endpoint, stats, keepalive   | no  |
 //! | `netstack`| smoltcp TCP/UDP/ICMP for the host over the mesh (no root)  | no  |
@@ -14,7 +14,9 @@
 //! | `io`      | syscalls: UDP sockets, TUN devices, unix sockets            | yes |
 //! | `stats`   | `stats_struct!`: each exported counter set declared once    | no  |
 //!
-//! `unsafe` is confined to `io`.
+//! `unsafe` is denied here and allowed only on the `io` items that make raw
+//! syscalls (`io::tun`, `io::unix`, `io::poll`); every block has a
+//! `// SAFETY:` comment (clippy's `undocumented_unsafe_blocks` checks it).
 #![deny(unsafe_code)]
 
 pub mod config;

@@ -314,19 +314,15 @@ mod tests {
             allowed_ips_len: 0,
         };
         // SAFETY: no pointer is read.
-        assert_eq!(
-            unsafe { read_update(&u) }.unwrap_err().code,
-            MESHVPN_INVALID_ARGUMENT
-        );
+        let r = unsafe { read_update(&u) };
+        assert_eq!(r.unwrap_err().code, MESHVPN_INVALID_ARGUMENT);
         let u = meshvpn_peer_update {
             flags: MESHVPN_PEER_UPDATE_ENDPOINT,
             ..u
         };
         // SAFETY: NULL endpoint is refused.
-        assert_eq!(
-            unsafe { read_update(&u) }.unwrap_err().code,
-            MESHVPN_NULL_PARAMETER
-        );
+        let r = unsafe { read_update(&u) };
+        assert_eq!(r.unwrap_err().code, MESHVPN_NULL_PARAMETER);
         let u = meshvpn_peer_update {
             flags: MESHVPN_PEER_UPDATE_PRESHARED_KEY | MESHVPN_PEER_UPDATE_KEEPALIVE,
             ..u

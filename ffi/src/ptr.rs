@@ -220,17 +220,11 @@ mod tests {
     #[test]
     fn text_copy_protocol() {
         // SAFETY: NULL with 0 is the size query.
-        assert_eq!(
-            unsafe { copy_text(std::ptr::null_mut(), 0, "abc") }.unwrap(),
-            4
-        );
+        let size = unsafe { copy_text(std::ptr::null_mut(), 0, "abc") };
+        assert_eq!(size.unwrap(), 4);
         // SAFETY: NULL with a length is refused.
-        assert_eq!(
-            unsafe { copy_text(std::ptr::null_mut(), 9, "abc") }
-                .unwrap_err()
-                .code,
-            MESHVPN_NULL_PARAMETER
-        );
+        let refused = unsafe { copy_text(std::ptr::null_mut(), 9, "abc") };
+        assert_eq!(refused.unwrap_err().code, MESHVPN_NULL_PARAMETER);
         let mut b = [1 as c_char; 3];
         // SAFETY: `b` has 3 bytes.
         let e = unsafe { copy_text(b.as_mut_ptr(), 3, "abc") }.unwrap_err();

@@ -426,7 +426,7 @@ unsafe fn read_agent_config(
     c: &meshvpn_tunnel_agent_config,
     counters: &Arc<AgentCounters>,
 ) -> Result<AgentSettings> {
-    // SAFETY (all of this block): the caller's promise about `c`'s strings.
+    // SAFETY: the caller's promise about `c`'s strings (all of this block).
     let (url, path, ca, cert, key, token, client_id) = unsafe {
         (
             ptr::try_str(c.url, "config->url")?,
@@ -853,7 +853,7 @@ impl ServerHandle {
 unsafe fn read_server_config(
     c: &meshvpn_tunnel_server_config,
 ) -> Result<(SocketAddr, ServerConfig)> {
-    // SAFETY (this block): the caller's promise about `c`'s strings.
+    // SAFETY: the caller's promise about `c`'s strings (all of this block).
     let (listen, path, cert, key, client_ca) = unsafe {
         (
             ptr::try_str(c.listen, "config->listen")?,

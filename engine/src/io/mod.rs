@@ -1,11 +1,16 @@
-//! Syscalls: UDP sockets, TUN devices, unix sockets. The only module (with the FFI crate)
-//! allowed `unsafe`; every block says why it is sound.
-#![allow(unsafe_code)]
+//! Syscalls: UDP sockets, TUN devices, unix sockets.
+//!
+//! `unsafe` (denied crate-wide) is allowed only on the items that make raw
+//! syscalls: `tun` (ioctl, fcntl), `unix` (umask) and [`poll`]; every block
+//! says why it is sound. `udp` goes through socket2 and quinn-udp, `accept`
+//! through std, and `offload` is pure logic over the `wire` views.
 
 pub mod accept;
 pub mod offload;
+#[allow(unsafe_code)]
 pub mod tun;
 pub mod udp;
+#[allow(unsafe_code)]
 pub mod unix;
 
 /// True for the errors a read with a timeout returns when nothing came
@@ -20,6 +25,7 @@ pub fn is_retryable(e: &std::io::Error) -> bool {
 }
 
 /// poll(2) one fd for `events` with a timeout; true when ready.
+#[allow(unsafe_code)]
 pub fn poll(
     fd: std::os::fd::RawFd,
     events: libc::c_short,

@@ -1,6 +1,7 @@
 //! TUN offloads, as the kernel's virtio-net header describes them
 //! (`include/uapi/linux/virtio_net.h`): pure functions over byte slices,
-//! no syscalls.
+//! no syscalls. The bytes are read and written only through the checked
+//! views of [`crate::wire`]; this file holds the offload logic.
 //!
 //! ```text
 //!  kernel --TSO super-packet--> split()    --MSS-sized packets--> encrypt
@@ -19,69 +20,17 @@
 
 use std::ops::Range;
 
-/// Size of `struct virtio_net_hdr`.
-pub const VNET_HDR_LEN: usize = 10;
+use crate::wire::checksum::fold;
+use crate::wire::ip::{IpError, IpPacket, PROTO_TCP, PROTO_UDP};
+use crate::wire::tcp::{self, flags, TcpPacket};
+use crate::wire::udp::{self, UdpPacket};
+use crate::wire::virtio::{
+    self, VirtioNetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4,
+};
+use crate::wire::HeaderError;
 
-/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the checksum at `csum_start +
-/// csum_offset` holds only the pseudo-header sum.
-pub const F_NEEDS_CSUM: u8 = 1;
-pub const GSO_NONE: u8 = 0;
-pub const GSO_TCPV4: u8 = 1;
-pub const GSO_UDP: u8 = 3;
-pub const GSO_TCPV6: u8 = 4;
-pub const GSO_UDP_L4: u8 = 5;
-pub const GSO_ECN: u8 = 0x80;
-
-const PROTO_TCP: u8 = 6;
-const PROTO_UDP: u8 = 17;
-const IPV6_HDR_LEN: usize = 40;
-const UDP_HDR_LEN: usize = 8;
-/// Offsets of the checksum fields inside the TCP and UDP headers.
-const TCP_CSUM: usize = 16;
-const UDP_CSUM: usize = 6;
-const TCP_FIN: u8 = 0x01;
-const TCP_PSH: u8 = 0x08;
-const TCP_ACK: u8 = 0x10;
-const TCP_CWR: u8 = 0x80;
 /// Largest IP packet the kernel accepts as one GRO aggregate.
 const MAX_AGGREGATE: usize = 65535;
-
-/// `struct virtio_net_hdr`, in the host's byte order (the TUN default).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct VirtioNetHdr {
-    pub flags: u8,
-    pub gso_type: u8,
-    pub hdr_len: u16,
-    pub gso_size: u16,
-    pub csum_start: u16,
-    pub csum_offset: u16,
-}
-
-impl VirtioNetHdr {
-    pub fn decode(b: &[u8]) -> Option<VirtioNetHdr> {
-        let b: &[u8; VNET_HDR_LEN] = b.get(..VNET_HDR_LEN)?.try_into().ok()?;
-        let u = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
-        Some(VirtioNetHdr {
-            flags: b[0],
-            gso_type: b[1],
-            hdr_len: u(2),
-            gso_size: u(4),
-            csum_start: u(6),
-            csum_offset: u(8),
-        })
-    }
-
-    pub fn to_bytes(&self) -> [u8; VNET_HDR_LEN] {
-        let mut out = [0u8; VNET_HDR_LEN];
-        out[0] = self.flags;
-        out[1] = self.gso_type;
-        out[2..4].copy_from_slice(&self.hdr_len.to_ne_bytes());
-        out[4..6].copy_from_slice(&self.gso_size.to_ne_bytes());
-        out[6..8].copy_from_slice(&self.csum_start.to_ne_bytes());
-        out[8..10].copy_from_slice(&self.csum_offset.to_ne_bytes());
-        out
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum OffloadError {
@@ -93,96 +42,30 @@ pub enum OffloadError {
     NoRoom,
 }
 
-/// Ones' complement sum of `data` added to `initial` (not yet folded).
-fn sum(data: &[u8], initial: u64) -> u64 {
-    let mut acc = initial;
-    let mut chunks = data.chunks_exact(4);
-    for c in &mut chunks {
-        acc += u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as u64;
+impl From<IpError> for OffloadError {
+    fn from(_: IpError) -> Self {
+        OffloadError::BadHeader
     }
-    let rest = chunks.remainder();
-    let mut i = 0;
-    while i + 1 < rest.len() {
-        acc += u16::from_be_bytes([rest[i], rest[i + 1]]) as u64;
-        i += 2;
-    }
-    if i < rest.len() {
-        acc += (rest[i] as u64) << 8;
-    }
-    acc
 }
 
-fn fold(mut acc: u64) -> u16 {
-    while acc > 0xffff {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    acc as u16
-}
-
-/// The Internet checksum (RFC 1071) of `data` with `initial` folded in.
-pub fn checksum(data: &[u8], initial: u64) -> u16 {
-    !fold(sum(data, initial))
-}
-
-/// The pseudo-header sum for a transport header over IPv4 or IPv6.
-fn pseudo_header_sum(ip: &[u8], proto: u8, len: usize) -> u64 {
-    let addrs = if ip[0] >> 4 == 4 {
-        &ip[12..20]
-    } else {
-        &ip[8..40]
-    };
-    sum(addrs, proto as u64 + len as u64)
-}
-
-fn be16(b: &[u8], at: usize) -> u16 {
-    u16::from_be_bytes([b[at], b[at + 1]])
-}
-
-fn put16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
-}
-
-/// The IP header length and transport protocol of `p`, when it is a plain
-/// IPv4 packet or an IPv6 packet without extension headers.
-fn ip_header(p: &[u8]) -> Option<(usize, u8)> {
-    match p.first()? >> 4 {
-        4 if p.len() >= 20 => {
-            let ihl = (p[0] & 0x0f) as usize * 4;
-            (ihl >= 20 && p.len() >= ihl).then_some((ihl, p[9]))
-        }
-        6 if p.len() >= IPV6_HDR_LEN => Some((IPV6_HDR_LEN, p[6])),
-        _ => None,
+impl From<HeaderError> for OffloadError {
+    fn from(_: HeaderError) -> Self {
+        OffloadError::BadHeader
     }
 }
 
 /// Writes the IP length field for a packet of `total` bytes and, for IPv4,
-/// `id` and a fresh header checksum.
-fn fix_ip_header(p: &mut [u8], ip_len: usize, total: usize, id: Option<u16>) {
-    if p[0] >> 4 == 4 {
-        put16(p, 2, total as u16);
-        if let Some(id) = id {
-            put16(p, 4, id);
-        }
-        put16(p, 10, 0);
-        let c = checksum(&p[..ip_len], 0);
-        put16(p, 10, c);
-    } else {
-        put16(p, 4, (total - IPV6_HDR_LEN) as u16);
+/// `id` (when given) and a fresh header checksum.
+fn fix_ip_header<T: AsRef<[u8]> + AsMut<[u8]>>(
+    ip: &mut IpPacket<T>,
+    total: usize,
+    id: Option<u16>,
+) {
+    ip.set_total_len(total);
+    if let Some(id) = id {
+        ip.set_ident(id);
     }
-}
-
-/// Completes a checksum the kernel left partial (`NEEDS_CSUM` without GSO).
-pub fn finish_checksum(hdr: &VirtioNetHdr, packet: &mut [u8]) -> Result<(), OffloadError> {
-    let start = hdr.csum_start as usize;
-    let at = start + hdr.csum_offset as usize;
-    if at + 2 > packet.len() {
-        return Err(OffloadError::BadHeader);
-    }
-    let initial = be16(packet, at) as u64;
-    put16(packet, at, 0);
-    let c = checksum(&packet[start..], initial);
-    put16(packet, at, c);
-    Ok(())
+    ip.fill_checksum();
 }
 
 /// Splits the packet `pkt` (what followed `hdr` in one TUN read) into
@@ -200,42 +83,40 @@ pub fn split(
         let dst = out.get_mut(..pkt.len()).ok_or(OffloadError::NoRoom)?;
         dst.copy_from_slice(pkt);
         if hdr.flags & F_NEEDS_CSUM != 0 {
-            finish_checksum(hdr, dst)?;
+            hdr.complete_checksum(dst)?;
         }
         segment(0..pkt.len());
         return Ok(pkt.len());
     }
-    let (ip_len, proto) = ip_header(pkt).ok_or(OffloadError::BadHeader)?;
-    let v4 = pkt[0] >> 4 == 4;
+    let ip = IpPacket::new_checked(pkt)?;
+    let v4 = ip.is_v4();
     let tcp = match gso {
         GSO_TCPV4 if v4 => true,
         GSO_TCPV6 if !v4 => true,
         GSO_UDP_L4 => false,
         _ => return Err(OffloadError::UnsupportedGso),
     };
-    if proto != if tcp { PROTO_TCP } else { PROTO_UDP } || hdr.csum_start as usize != ip_len {
+    let proto = if tcp { PROTO_TCP } else { PROTO_UDP };
+    let ip_len = ip.header_len();
+    if ip.protocol() != proto || hdr.csum_start as usize != ip_len {
         return Err(OffloadError::BadHeader);
     }
     // The header length is computed from the packet: the kernel's
     // `hdr_len` is only a hint.
-    let l4_len = if tcp {
-        let off = pkt.get(ip_len + 12).ok_or(OffloadError::BadHeader)?;
-        (*off >> 4) as usize * 4
+    let (l4_len, first_seq) = if tcp {
+        let t = TcpPacket::new_checked(ip.payload())?;
+        (t.header_len(), t.seq_number())
     } else {
-        UDP_HDR_LEN
+        UdpPacket::new_checked(ip.payload())?;
+        (udp::HEADER_LEN, 0)
     };
     let hlen = ip_len + l4_len;
     let mss = hdr.gso_size as usize;
-    if (tcp && l4_len < 20) || pkt.len() < hlen || mss == 0 {
+    if mss == 0 {
         return Err(OffloadError::BadHeader);
     }
     let payload = &pkt[hlen..];
-    let first_id = if v4 { be16(pkt, 4) } else { 0 };
-    let first_seq = if tcp {
-        u32::from_be_bytes(pkt[ip_len + 4..ip_len + 8].try_into().unwrap_or_default())
-    } else {
-        0
-    };
+    let first_id = ip.ident().unwrap_or(0);
     let n = payload.len().div_ceil(mss).max(1);
     let mut used = 0;
     for (i, chunk) in payload.chunks(mss).enumerate() {
@@ -245,107 +126,89 @@ pub fn split(
             .ok_or(OffloadError::NoRoom)?;
         seg[..hlen].copy_from_slice(&pkt[..hlen]);
         seg[hlen..].copy_from_slice(chunk);
-        fix_ip_header(
-            seg,
-            ip_len,
-            total,
-            v4.then(|| first_id.wrapping_add(i as u16)),
-        );
-        let csum_at = if tcp {
-            let seq = first_seq.wrapping_add((i * mss) as u32);
-            seg[ip_len + 4..ip_len + 8].copy_from_slice(&seq.to_be_bytes());
+        // Views of a copy of the headers checked above: they cannot fail,
+        // but an error is still an error, not a panic.
+        let mut ip = IpPacket::new_checked(seg)?;
+        fix_ip_header(&mut ip, total, v4.then(|| first_id.wrapping_add(i as u16)));
+        let pseudo = ip.pseudo_header_sum(proto, total - ip_len);
+        if tcp {
+            let mut t = TcpPacket::new_checked(ip.payload_mut())?;
+            t.set_seq_number(first_seq.wrapping_add((i * mss) as u32));
             // As the kernel's TSO does: FIN and PSH on the last segment
             // only, CWR on the first only.
+            let mut f = t.flags();
             if i + 1 < n {
-                seg[ip_len + 13] &= !(TCP_FIN | TCP_PSH);
+                f &= !(flags::FIN | flags::PSH);
             }
             if i > 0 {
-                seg[ip_len + 13] &= !TCP_CWR;
+                f &= !flags::CWR;
             }
-            ip_len + TCP_CSUM
+            t.set_flags(f);
+            t.fill_checksum(pseudo);
         } else {
-            put16(seg, ip_len + 4, (total - ip_len) as u16);
-            ip_len + UDP_CSUM
-        };
-        let proto = if tcp { PROTO_TCP } else { PROTO_UDP };
-        put16(seg, csum_at, 0);
-        let pseudo = pseudo_header_sum(seg, proto, total - ip_len);
-        let mut c = checksum(&seg[ip_len..], pseudo);
-        if !tcp && c == 0 {
-            c = 0xffff;
+            let mut u = UdpPacket::new_checked(ip.payload_mut())?;
+            u.set_length((total - ip_len) as u16);
+            u.fill_checksum(pseudo);
         }
-        put16(seg, csum_at, c);
         segment(used..used + total);
         used += total;
     }
     Ok(used)
 }
 
-/// A TCP segment's identity for coalescing: what must match for two
-/// segments to be parts of one stream write.
-struct TcpSegment {
-    ip_len: usize,
-    hlen: usize,
-    seq: u32,
-    flags: u8,
-    payload: usize,
+/// A plain TCP segment that may join an aggregate: its IP and TCP headers,
+/// each parsed once.
+struct TcpSegment<'a> {
+    ip: IpPacket<&'a [u8]>,
+    tcp: TcpPacket<&'a [u8]>,
 }
 
-fn tcp_segment(p: &[u8]) -> Option<TcpSegment> {
-    let (ip_len, proto) = ip_header(p)?;
-    if proto != PROTO_TCP || p.len() < ip_len + 20 {
-        return None;
-    }
-    let v4 = p[0] >> 4 == 4;
-    // Fragments and packets whose length field disagrees are left alone.
-    if v4 && (ip_len != 20 || be16(p, 2) as usize != p.len() || be16(p, 6) & 0x3fff != 0) {
-        return None;
-    }
-    if !v4 && be16(p, 4) as usize + IPV6_HDR_LEN != p.len() {
-        return None;
-    }
-    let hlen = ip_len + (p[ip_len + 12] >> 4) as usize * 4;
-    if hlen < ip_len + 20 || p.len() < hlen {
-        return None;
-    }
-    Some(TcpSegment {
-        ip_len,
-        hlen,
-        seq: u32::from_be_bytes(p[ip_len + 4..ip_len + 8].try_into().ok()?),
-        flags: p[ip_len + 13],
-        payload: p.len() - hlen,
-    })
-}
-
-/// True when `next` continues the aggregate whose headers are `head` and
-/// whose next expected sequence number is `next_seq`.
-fn continues(
-    head: &[u8],
-    ip_len: usize,
-    hlen: usize,
-    next: &[u8],
-    n: &TcpSegment,
-    next_seq: u32,
-) -> bool {
-    let v4 = head[0] >> 4 == 4;
-    n.hlen == hlen
-        && n.seq == next_seq
-        && n.payload > 0
-        // ACK (and PSH on the last one) only: SYN, FIN, RST, URG end runs.
-        && n.flags & !TCP_PSH == TCP_ACK
-        && next[0] >> 4 == head[0] >> 4
-        // Same addresses and ports.
-        && if v4 {
-            head[12..20] == next[12..20] && head[1] == next[1] && head[8] == next[8]
-                && head[6] & 0x40 == next[6] & 0x40
-        } else {
-            head[8..40] == next[8..40] && head[..4] == next[..4] && head[7] == next[7]
+impl<'a> TcpSegment<'a> {
+    fn new(p: &'a [u8]) -> Option<TcpSegment<'a>> {
+        let ip = IpPacket::new_checked(p).ok()?;
+        if ip.protocol() != PROTO_TCP {
+            return None;
         }
-        && head[ip_len..ip_len + 4] == next[n.ip_len..n.ip_len + 4]
-        // Same ACK number and options (timestamps included), as the
-        // kernel's tcp_gro_receive demands; the window may move.
-        && head[ip_len + 8..ip_len + 12] == next[n.ip_len + 8..n.ip_len + 12]
-        && head[ip_len + 20..hlen] == next[n.ip_len + 20..n.hlen]
+        // Fragments, IPv4 options and packets whose length field
+        // disagrees are left alone.
+        if ip.is_v4() && (ip.header_len() != 20 || ip.is_fragment()) {
+            return None;
+        }
+        if ip.declared_len() != p.len() {
+            return None;
+        }
+        let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+        Some(TcpSegment { ip, tcp })
+    }
+
+    fn header_len(&self) -> usize {
+        self.ip.header_len() + self.tcp.header_len()
+    }
+
+    fn payload(&self) -> &'a [u8] {
+        self.tcp.payload()
+    }
+
+    /// ACK (and PSH on the last one) only: SYN, FIN, RST, URG end runs.
+    fn is_plain_data(&self) -> bool {
+        !self.payload().is_empty() && self.tcp.flags() & !flags::PSH == flags::ACK
+    }
+
+    /// True when `next` continues the aggregate headed by `self` whose
+    /// next expected sequence number is `next_seq`.
+    fn continued_by(&self, next: &TcpSegment, next_seq: u32) -> bool {
+        next.header_len() == self.header_len()
+            && next.tcp.seq_number() == next_seq
+            && next.is_plain_data()
+            // Same addresses, class, hop limit and DF; same ports.
+            && self.ip.same_flow(&next.ip)
+            && self.tcp.src_port() == next.tcp.src_port()
+            && self.tcp.dst_port() == next.tcp.dst_port()
+            // Same ACK number and options (timestamps included), as the
+            // kernel's tcp_gro_receive demands; the window may move.
+            && self.tcp.ack_number() == next.tcp.ack_number()
+            && self.tcp.options() == next.tcp.options()
+    }
 }
 
 /// One aggregate being built in the coalescer's buffer.
@@ -353,6 +216,8 @@ struct Aggregate {
     /// Where the packet starts in the buffer (after room for the header).
     start: usize,
     len: usize,
+    /// IP and IP + TCP header lengths; zero for a plain packet (one that
+    /// can take no segments).
     ip_len: usize,
     hlen: usize,
     mss: usize,
@@ -360,6 +225,24 @@ struct Aggregate {
     segments: usize,
     /// A segment shorter than `mss`, or one with PSH, closes it.
     closed: bool,
+}
+
+impl Aggregate {
+    /// Its headers as a segment, while it can still grow.
+    fn head<'b>(&self, buf: &'b [u8]) -> Option<TcpSegment<'b>> {
+        if self.closed {
+            return None;
+        }
+        let head = &buf[self.start..self.start + self.hlen];
+        let ip = IpPacket::new_checked(head).ok()?;
+        let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+        Some(TcpSegment { ip, tcp })
+    }
+
+    /// Its TCP header, for the fields a joining segment updates.
+    fn tcp_mut<'b>(&self, buf: &'b mut [u8]) -> Option<TcpPacket<&'b mut [u8]>> {
+        TcpPacket::new_checked(&mut buf[self.start + self.ip_len..self.start + self.hlen]).ok()
+    }
 }
 
 /// Joins consecutive in-order TCP segments of one flow in a batch into GRO
@@ -392,48 +275,50 @@ impl Coalescer {
     /// Adds one packet. Returns false (and takes nothing) when there is no
     /// room: drain and push again.
     pub fn push(&mut self, p: &[u8]) -> bool {
-        let seg = tcp_segment(p);
+        let seg = TcpSegment::new(p);
         if let (Some(seg), Some(a)) = (&seg, self.out.last_mut()) {
-            let head = &self.buf[a.start..a.start + a.hlen];
-            let fits = !a.closed
-                && a.len + seg.payload <= MAX_AGGREGATE
-                && seg.payload <= a.mss
-                && continues(head, a.ip_len, a.hlen, p, seg, a.next_seq);
+            let payload = seg.payload();
+            let fits = a.len + payload.len() <= MAX_AGGREGATE
+                && payload.len() <= a.mss
+                && a.head(&self.buf)
+                    .is_some_and(|head| head.continued_by(seg, a.next_seq));
             if fits {
-                if self.buf.len() - self.used < seg.payload {
+                if self.buf.len() - self.used < payload.len() {
                     return false;
                 }
-                self.buf[self.used..self.used + seg.payload].copy_from_slice(&p[seg.hlen..]);
-                self.used += seg.payload;
-                a.len += seg.payload;
+                self.buf[self.used..self.used + payload.len()].copy_from_slice(payload);
+                self.used += payload.len();
+                a.len += payload.len();
                 a.segments += 1;
-                a.next_seq = seg.seq.wrapping_add(seg.payload as u32);
-                // The newest window is the one that holds.
-                let w = a.start + a.ip_len + 14;
-                self.buf[w..w + 2].copy_from_slice(&p[seg.ip_len + 14..seg.ip_len + 16]);
-                if seg.payload < a.mss || seg.flags & TCP_PSH != 0 {
-                    a.closed = true;
-                    // PSH on the last segment carries over to the aggregate.
-                    self.buf[a.start + a.ip_len + 13] |= seg.flags & TCP_PSH;
+                a.next_seq = seg.tcp.seq_number().wrapping_add(payload.len() as u32);
+                let last = payload.len() < a.mss || seg.tcp.flags() & flags::PSH != 0;
+                if let Some(mut head) = a.tcp_mut(&mut self.buf) {
+                    // The newest window is the one that holds.
+                    head.set_window_len(seg.tcp.window_len());
+                    if last {
+                        // PSH on the last segment carries over to the aggregate.
+                        head.set_flags(head.flags() | seg.tcp.flags() & flags::PSH);
+                    }
                 }
+                a.closed = last;
                 return true;
             }
         }
         // A new packet, with room for a virtio header in front of it.
-        let need = VNET_HDR_LEN + p.len();
+        let need = virtio::HEADER_LEN + p.len();
         if self.buf.len() - self.used < need || self.out.len() == self.out.capacity() {
             return false;
         }
-        let start = self.used + VNET_HDR_LEN;
+        let start = self.used + virtio::HEADER_LEN;
         self.buf[start..start + p.len()].copy_from_slice(p);
         self.used = start + p.len();
         let (ip_len, hlen, mss, next_seq, closed) = match seg {
-            Some(s) if s.payload > 0 && s.flags & !TCP_PSH == TCP_ACK => (
-                s.ip_len,
-                s.hlen,
-                s.payload,
-                s.seq.wrapping_add(s.payload as u32),
-                s.flags & TCP_PSH != 0,
+            Some(s) if s.is_plain_data() => (
+                s.ip.header_len(),
+                s.header_len(),
+                s.payload().len(),
+                s.tcp.seq_number().wrapping_add(s.payload().len() as u32),
+                s.tcp.flags() & flags::PSH != 0,
             ),
             _ => (0, 0, 0, 0, true),
         };
@@ -455,34 +340,75 @@ impl Coalescer {
     /// holds, and empties the coalescer.
     pub fn drain(&mut self, mut write: impl FnMut(&[u8], usize)) {
         for a in self.out.drain(..) {
-            let mut hdr = VirtioNetHdr::default();
             let pkt = &mut self.buf[a.start..a.start + a.len];
-            if a.segments > 1 {
-                let v4 = pkt[0] >> 4 == 4;
-                fix_ip_header(pkt, a.ip_len, a.len, None);
-                // A partial checksum: the pseudo-header sum, not inverted.
-                let pseudo = fold(pseudo_header_sum(pkt, PROTO_TCP, a.len - a.ip_len));
-                put16(pkt, a.ip_len + TCP_CSUM, pseudo);
-                hdr = VirtioNetHdr {
-                    flags: F_NEEDS_CSUM,
-                    gso_type: if v4 { GSO_TCPV4 } else { GSO_TCPV6 },
-                    hdr_len: a.hlen as u16,
-                    gso_size: a.mss as u16,
-                    csum_start: a.ip_len as u16,
-                    csum_offset: TCP_CSUM as u16,
-                };
-            }
-            let whole = &mut self.buf[a.start - VNET_HDR_LEN..a.start + a.len];
-            whole[..VNET_HDR_LEN].copy_from_slice(&hdr.to_bytes());
+            let hdr = if a.segments > 1 {
+                // Its headers were checked when it was opened: this cannot
+                // fail, and would only send the packet without GSO if it did.
+                gro_header(pkt, &a).unwrap_or_default()
+            } else {
+                VirtioNetHdr::default()
+            };
+            let whole = &mut self.buf[a.start - virtio::HEADER_LEN..a.start + a.len];
+            whole[..virtio::HEADER_LEN].copy_from_slice(&hdr.to_bytes());
             write(whole, a.segments);
         }
         self.used = 0;
     }
 }
 
+/// Fixes the IP length and checksum of an aggregate of several segments,
+/// leaves its TCP checksum partial, and returns the virtio-net header that
+/// tells the kernel so.
+fn gro_header(pkt: &mut [u8], a: &Aggregate) -> Option<VirtioNetHdr> {
+    let mut ip = IpPacket::new_checked(pkt).ok()?;
+    let v4 = ip.is_v4();
+    let ip_len = ip.header_len();
+    fix_ip_header(&mut ip, a.len, None);
+    // A partial checksum: the pseudo-header sum, not inverted.
+    let pseudo = fold(ip.pseudo_header_sum(PROTO_TCP, a.len - ip_len));
+    TcpPacket::new_checked(ip.payload_mut())
+        .ok()?
+        .set_checksum(pseudo);
+    Some(VirtioNetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: if v4 { GSO_TCPV4 } else { GSO_TCPV6 },
+        hdr_len: a.hlen as u16,
+        gso_size: a.mss as u16,
+        csum_start: ip_len as u16,
+        csum_offset: tcp::field::CHECKSUM.start as u16,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::checksum::checksum;
+    use crate::wire::virtio::GSO_UDP;
+
+    const TCP_ACK: u8 = flags::ACK;
+    const TCP_PSH: u8 = flags::PSH;
+    const TCP_FIN: u8 = flags::FIN;
+
+    fn put16(b: &mut [u8], at: usize, v: u16) {
+        b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+    }
+
+    /// Recomputes the IP header checksum and the TCP or UDP checksum.
+    fn fill_checksums(p: &mut [u8]) {
+        let mut ip = IpPacket::new_checked(p).unwrap();
+        ip.fill_checksum();
+        let proto = ip.protocol();
+        let pseudo = ip.pseudo_header_sum(proto, ip.payload_len());
+        if proto == PROTO_TCP {
+            TcpPacket::new_checked(ip.payload_mut())
+                .unwrap()
+                .fill_checksum(pseudo);
+        } else {
+            UdpPacket::new_checked(ip.payload_mut())
+                .unwrap()
+                .fill_checksum(pseudo);
+        }
+    }
 
     /// A TCP/IPv4 or IPv6 segment with a valid checksum.
     fn tcp_packet(v6: bool, seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
@@ -505,8 +431,6 @@ mod tests {
             p[9] = PROTO_TCP;
             p[12..16].copy_from_slice(&[10, 0, 0, 1]);
             p[16..20].copy_from_slice(&[10, 0, 0, 2]);
-            let c = checksum(&p[..20], 0);
-            put16(&mut p, 10, c);
         }
         let t = ip_len;
         put16(&mut p, t, 40000);
@@ -517,18 +441,21 @@ mod tests {
         p[t + 13] = flags;
         put16(&mut p, t + 14, 512);
         p[t + 20..].copy_from_slice(payload);
-        let pseudo = pseudo_header_sum(&p, PROTO_TCP, total - t);
-        let c = checksum(&p[t..], pseudo);
-        put16(&mut p, t + TCP_CSUM, c);
+        fill_checksums(&mut p);
         p
     }
 
     /// Checks the IPv4 header checksum and the TCP/UDP checksum.
     fn checksums_ok(p: &[u8]) -> bool {
-        let (ip_len, proto) = ip_header(p).unwrap();
-        let ip_ok = p[0] >> 4 == 6 || checksum(&p[..ip_len], 0) == 0;
-        let pseudo = pseudo_header_sum(p, proto, p.len() - ip_len);
-        ip_ok && checksum(&p[ip_len..], pseudo) == 0
+        let ip = IpPacket::new_checked(p).unwrap();
+        let pseudo = ip.pseudo_header_sum(ip.protocol(), ip.payload_len());
+        ip.verify_checksum() && checksum(ip.payload(), pseudo) == 0
+    }
+
+    /// The IP and TCP views of a segment `split` or the tests made.
+    fn views(p: &[u8]) -> (IpPacket<&[u8]>, TcpPacket<&[u8]>) {
+        let ip = IpPacket::new_checked(p).unwrap();
+        (ip, TcpPacket::new_checked(ip.payload()).unwrap())
     }
 
     fn payload(n: usize) -> Vec<u8> {
@@ -556,13 +483,13 @@ mod tests {
         for (i, r) in segs.iter().enumerate() {
             let s = &out[r.clone()];
             assert!(checksums_ok(s), "segment {i} checksum");
-            assert_eq!(be16(s, 2) as usize, s.len());
-            assert_eq!(be16(s, 4), 0x1234 + i as u16);
-            let seq = u32::from_be_bytes(s[24..28].try_into().unwrap());
-            assert_eq!(seq, 1000 + 1400 * i as u32);
+            let (ip, tcp) = views(s);
+            assert_eq!(ip.declared_len(), s.len());
+            assert_eq!(ip.ident(), Some(0x1234 + i as u16));
+            assert_eq!(tcp.seq_number(), 1000 + 1400 * i as u32);
             let last = i == 2;
-            assert_eq!(s[33] & (TCP_PSH | TCP_FIN) != 0, last, "flags of {i}");
-            joined.extend_from_slice(&s[40..]);
+            assert_eq!(tcp.flags() & (TCP_PSH | TCP_FIN) != 0, last, "flags of {i}");
+            joined.extend_from_slice(tcp.payload());
         }
         assert_eq!(joined, data);
         assert_eq!(out[segs[2].clone()].len(), 40 + 200);
@@ -587,17 +514,18 @@ mod tests {
         for (i, r) in segs.iter().enumerate() {
             let s = &out[r.clone()];
             assert!(checksums_ok(s));
-            assert_eq!(be16(s, 4) as usize + 40, s.len());
-            let seq = u32::from_be_bytes(s[44..48].try_into().unwrap());
-            assert_eq!(seq, (u32::MAX - 10).wrapping_add(1000 * i as u32));
+            let (ip, tcp) = views(s);
+            assert_eq!(ip.declared_len(), s.len());
+            assert_eq!(
+                tcp.seq_number(),
+                (u32::MAX - 10).wrapping_add(1000 * i as u32)
+            );
         }
 
         // UDP (USO): a 20-byte IPv4 header, an 8-byte UDP header.
         let mut udp = tcp_packet(false, 0, 0, &payload(2988));
         udp[9] = PROTO_UDP;
-        put16(&mut udp, 10, 0);
-        let c = checksum(&udp[..20], 0);
-        put16(&mut udp, 10, c);
+        fill_checksums(&mut udp);
         let hdr = VirtioNetHdr {
             gso_type: GSO_UDP_L4,
             gso_size: 1200,
@@ -612,7 +540,9 @@ mod tests {
         for r in &segs {
             let s = &out[r.clone()];
             assert!(checksums_ok(s));
-            assert_eq!(be16(s, 24) as usize, s.len() - 20);
+            let ip = IpPacket::new_checked(s).unwrap();
+            let udp = UdpPacket::new_checked(ip.payload()).unwrap();
+            assert_eq!(udp.length() as usize, s.len() - 20);
         }
     }
 
@@ -661,8 +591,12 @@ mod tests {
     #[test]
     fn finish_checksum_completes_a_partial_one() {
         let mut p = tcp_packet(false, 5, TCP_ACK, &payload(333));
-        let pseudo = fold(pseudo_header_sum(&p, PROTO_TCP, p.len() - 20));
-        put16(&mut p, 20 + TCP_CSUM, pseudo);
+        let mut ip = IpPacket::new_checked(&mut p[..]).unwrap();
+        let pseudo = fold(ip.pseudo_header_sum(PROTO_TCP, ip.payload_len()));
+        TcpPacket::new_checked(ip.payload_mut())
+            .unwrap()
+            .set_checksum(pseudo);
+        assert!(!checksums_ok(&p));
         let hdr = VirtioNetHdr {
             flags: F_NEEDS_CSUM,
             csum_start: 20,
@@ -700,13 +634,13 @@ mod tests {
             });
             assert_eq!(writes.len(), 1, "one aggregate");
             let w = &writes[0];
-            let hdr = VirtioNetHdr::decode(w).unwrap();
+            let hdr = VirtioNetHdr::new_checked(w).unwrap();
             assert_eq!(hdr.gso_type, if v6 { GSO_TCPV6 } else { GSO_TCPV4 });
             assert_eq!(hdr.gso_size, 1300);
             assert_eq!(hdr.flags, F_NEEDS_CSUM);
             let mut out = vec![0u8; 1 << 16];
             let mut back = Vec::new();
-            split(&hdr, &w[VNET_HDR_LEN..], &mut out, |r| back.push(r)).unwrap();
+            split(&hdr, &w[virtio::HEADER_LEN..], &mut out, |r| back.push(r)).unwrap();
             assert_eq!(back.len(), 6);
             for (i, r) in back.iter().enumerate() {
                 let mut expect = segs[i].clone();
@@ -714,10 +648,10 @@ mod tests {
                 assert!(checksums_ok(got));
                 if !v6 {
                     // IDs restart from the first segment's.
-                    expect[4..6].copy_from_slice(&got[4..6]);
-                    put16(&mut expect, 10, 0);
-                    let c = checksum(&expect[..20], 0);
-                    put16(&mut expect, 10, c);
+                    let id = views(got).0.ident().unwrap();
+                    let mut ip = IpPacket::new_checked(&mut expect[..]).unwrap();
+                    ip.set_ident(id);
+                    ip.fill_checksum();
                 }
                 assert_eq!(got, &expect[..], "segment {i} v6={v6}");
             }

@@ -13,7 +13,8 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use super::offload::{split, Coalescer, OffloadError, VirtioNetHdr, VNET_HDR_LEN};
+use super::offload::{split, Coalescer, OffloadError};
+use crate::wire::virtio::{self, VirtioNetHdr};
 
 const IFNAMSIZ: usize = 16;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -67,7 +68,7 @@ impl Default for TunBurst {
         TunBurst {
             buf: vec![0u8; TUN_BURST * TUN_SLOT],
             spans: Vec::with_capacity(BURST_PACKETS),
-            raw: vec![0u8; VNET_HDR_LEN + TUN_SLOT],
+            raw: vec![0u8; virtio::HEADER_LEN + TUN_SLOT],
         }
     }
 }
@@ -320,11 +321,14 @@ impl Tun {
 /// Splits the offload read in `burst.raw[..len]` into the burst at `at`.
 fn split_read(burst: &mut TunBurst, at: usize, len: usize) -> Result<(), OffloadError> {
     let raw = burst.raw.get(..len).ok_or(OffloadError::BadHeader)?;
-    let hdr = VirtioNetHdr::decode(raw).ok_or(OffloadError::BadHeader)?;
+    let hdr = VirtioNetHdr::new_checked(raw)?;
     let spans = &mut burst.spans;
-    split(&hdr, &raw[VNET_HDR_LEN..], &mut burst.buf[at..], |r| {
-        spans.push((at + r.start, r.len()))
-    })?;
+    split(
+        &hdr,
+        &raw[virtio::HEADER_LEN..],
+        &mut burst.buf[at..],
+        |r| spans.push((at + r.start, r.len())),
+    )?;
     Ok(())
 }
 
