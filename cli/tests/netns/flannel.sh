@@ -65,16 +65,6 @@ ectl() { in_ns "$U" etcdctl --endpoints "$ETCD" "$@"; }
 subnet_of() { sed -n 's/^FLANNEL_SUBNET=//p' "$T/subnet-$1.env" 2>/dev/null; }
 pod_ip() { subnet_of "$1" | sed 's|\.1/24$|.2|'; }
 
-certs() {
-	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
-		-subj /CN=meshvpn-flannel-test-ca -keyout "$T/ca.key" -out "$T/ca.pem" &&
-		openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-			-subj /CN=relay -keyout "$T/relay.key" -out "$T/relay.csr" &&
-		printf 'subjectAltName=IP:%s\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n' \
-			"$RELAY_IP" >"$T/relay.ext" &&
-		openssl x509 -req -in "$T/relay.csr" -CA "$T/ca.pem" -CAkey "$T/ca.key" \
-			-CAcreateserial -days 1 -extfile "$T/relay.ext" -out "$T/relay.pem"
-} >"$T/openssl.log" 2>&1
 
 underlay() {
 	add_ns "$U" || return 1
@@ -208,7 +198,7 @@ daemon_pid() { pgrep -f -- "--state-dir $(state "$1") $(ifn "$1")( |\$)" | head 
 
 main() {
 	echo "meshvpn: $MESHVPN_BIN, flanneld: $FLANNELD_BIN"
-	certs || {
+	relay_certs "$RELAY_IP" || {
 		fail "openssl: $(cat "$T/openssl.log")"
 		return
 	}

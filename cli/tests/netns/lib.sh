@@ -273,3 +273,16 @@ wait_listen() {
 	done
 	return 1
 }
+
+# relay_certs IP: a throwaway CA ($T/ca.pem) and a relay server certificate
+# for IP ($T/relay.pem, $T/relay.key); openssl's output in $T/openssl.log.
+relay_certs() {
+	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
+		-subj /CN=meshvpn-test-ca -keyout "$T/ca.key" -out "$T/ca.pem" &&
+		openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+			-subj /CN=relay -keyout "$T/relay.key" -out "$T/relay.csr" &&
+		printf 'subjectAltName=IP:%s\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n' \
+			"$1" >"$T/relay.ext" &&
+		openssl x509 -req -in "$T/relay.csr" -CA "$T/ca.pem" -CAkey "$T/ca.key" \
+			-CAcreateserial -days 1 -extfile "$T/relay.ext" -out "$T/relay.pem"
+} >"$T/openssl.log" 2>&1

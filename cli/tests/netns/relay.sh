@@ -31,17 +31,6 @@ source "$ROOT/cli/tests/netns/lib.sh"
 A=mvr$ID-a B=mvr$ID-b R=mvr$ID-r IFA=mra$ID IFB=mrb$ID
 RELAY_IP=10.233.0.1
 
-# A throwaway CA and a relay certificate for $RELAY_IP.
-certs() {
-	openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 \
-		-subj /CN=meshvpn-relay-test-ca -keyout "$T/ca.key" -out "$T/ca.pem" &&
-		openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
-			-subj /CN=relay -keyout "$T/relay.key" -out "$T/relay.csr" &&
-		printf 'subjectAltName=IP:%s\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n' \
-			"$RELAY_IP" >"$T/relay.ext" &&
-		openssl x509 -req -in "$T/relay.csr" -CA "$T/ca.pem" -CAkey "$T/ca.key" \
-			-CAcreateserial -days 1 -extfile "$T/relay.ext" -out "$T/relay.pem"
-} >"$T/openssl.log" 2>&1
 
 # relay_ns: namespace R joined to A and B, the relay address routed from both.
 relay_ns() {
@@ -78,7 +67,7 @@ wait_endpoint() {
 
 main() {
 	echo "meshvpn: $MESHVPN_BIN"
-	certs || {
+	relay_certs "$RELAY_IP" || {
 		fail "openssl could not make the test certificates: $(cat "$T/openssl.log")"
 		return
 	}
