@@ -65,7 +65,6 @@ ectl() { in_ns "$U" etcdctl --endpoints "$ETCD" "$@"; }
 subnet_of() { sed -n 's/^FLANNEL_SUBNET=//p' "$T/subnet-$1.env" 2>/dev/null; }
 pod_ip() { subnet_of "$1" | sed 's|\.1/24$|.2|'; }
 
-
 underlay() {
 	add_ns "$U" || return 1
 	ip -n "$U" link add br0 type bridge && ip -n "$U" link set br0 up

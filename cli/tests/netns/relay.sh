@@ -31,7 +31,6 @@ source "$ROOT/cli/tests/netns/lib.sh"
 A=mvr$ID-a B=mvr$ID-b R=mvr$ID-r IFA=mra$ID IFB=mrb$ID
 RELAY_IP=10.233.0.1
 
-
 # relay_ns: namespace R joined to A and B, the relay address routed from both.
 relay_ns() {
 	add_ns "$R" || return 1
