@@ -498,6 +498,11 @@ static void test_packet_exchange(struct node *a, struct node *b) {
     OK(meshvpn_engine_recv_packets(a->engine, &r, 1, 10000, &got));
     CHECK(got == 1 && r.len == sizeof reply && memcmp(reply, reply_in, sizeof reply) == 0);
     CHECK(atomic_load(&cb.calls) >= 1);
+    /* The callback runs on the engine's thread: it may count its call
+     * before its free returns. Wait for the result (5 s at most). */
+    for (int tries = 0; tries < 500 && atomic_load(&cb.free_rc) == -1; tries++) {
+        usleep(10 * 1000);
+    }
     CHECK(atomic_load(&cb.free_rc) == MESHVPN_WOULD_DEADLOCK);
     OK(meshvpn_engine_set_recv_callback(a->engine, NULL, NULL));
 
