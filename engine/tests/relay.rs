@@ -461,8 +461,12 @@ impl LegitPair {
 const FLOOD_FRAME: usize = 64 << 10;
 
 /// Registers a fresh key over a raw websocket and sends up to `frames`
-/// frames of 64 KiB to that key (for at most 20 s), never reading.
-fn flood_own_key(server: &TunnelServer, frames: usize) -> (Ws, usize) {
+/// frames of 64 KiB to that key (for at most 20 s), never reading. `paced`
+/// sends 8 frames (under a 1 MiB queue) every 20 ms, so the relay's queue
+/// drains into the socket until the kernel's buffers are full and output
+/// then waits; unpaced, a fast sender mostly meets a full queue and its
+/// frames are dropped, which leaves nothing waiting to write.
+fn flood_own_key(server: &TunnelServer, frames: usize, paced: bool) -> (Ws, usize) {
     let key = PrivateKey::generate();
     let mut ws = register(server, &key);
     ws.get_ref()
@@ -477,8 +481,24 @@ fn flood_own_key(server: &TunnelServer, frames: usize) -> (Ws, usize) {
             break;
         }
         sent += 1;
+        if paced && sent % 8 == 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     (ws, sent)
+}
+
+/// Once the flooders' sessions end, only the legitimate pair is left and
+/// every queued byte is back in the budget.
+fn assert_budget_given_back(server: &TunnelServer) {
+    assert!(
+        wait_until(WAIT, || {
+            let s = server.relay_stats().unwrap();
+            s.clients == 2 && s.queued_bytes == 0
+        }),
+        "{:?}",
+        server.relay_stats()
+    );
 }
 
 fn limits(queue_bytes: usize, budget_bytes: usize, write_timeout: Duration) -> RelayServerConfig {
@@ -498,7 +518,7 @@ fn relay_client_flooding_its_own_key_without_reading_holds_at_most_its_queue_byt
     let server = relay_server_with(limits(QUEUE, 64 << 20, Duration::from_secs(60)));
     let pair = LegitPair::start(&server);
     std::thread::scope(|s| {
-        let flood = s.spawn(|| flood_own_key(&server, 1100));
+        let flood = s.spawn(|| flood_own_key(&server, 1100, false));
         // The legitimate pair relays during the flood.
         let mut round = 0u8;
         while !flood.is_finished() && round < 50 {
@@ -518,14 +538,7 @@ fn relay_client_flooding_its_own_key_without_reading_holds_at_most_its_queue_byt
         pair.relays(100).unwrap();
         // The session ends: every byte it held goes back to the budget.
         drop(ws);
-        assert!(
-            wait_until(WAIT, || {
-                let s = server.relay_stats().unwrap();
-                s.clients == 2 && s.queued_bytes == 0
-            }),
-            "{:?}",
-            server.relay_stats()
-        );
+        assert_budget_given_back(&server);
         pair.relays(101).unwrap();
     });
 }
@@ -539,7 +552,7 @@ fn relay_clients_flooding_without_reading_stay_within_the_global_budget() {
     let pair = LegitPair::start(&server);
     let flooders: Vec<(Ws, usize)> = std::thread::scope(|s| {
         let threads: Vec<_> = (0..FLOODERS)
-            .map(|_| s.spawn(|| flood_own_key(&server, 300)))
+            .map(|_| s.spawn(|| flood_own_key(&server, 300, false)))
             .collect();
         threads.into_iter().map(|t| t.join().unwrap()).collect()
     });
@@ -556,14 +569,7 @@ fn relay_clients_flooding_without_reading_stay_within_the_global_budget() {
     // The flooders' queues hold the budget until their sessions end; then
     // it is all given back and the pair relays again.
     drop(flooders);
-    assert!(
-        wait_until(WAIT, || {
-            let s = server.relay_stats().unwrap();
-            s.clients == 2 && s.queued_bytes == 0
-        }),
-        "{:?}",
-        server.relay_stats()
-    );
+    assert_budget_given_back(&server);
     pair.relays(1).unwrap();
 }
 
@@ -573,7 +579,7 @@ fn relay_session_that_does_not_read_is_closed_after_the_write_timeout() {
     let pair = LegitPair::start(&server);
     // 400 frames (26 MB): more than the queue, the socket buffers and
     // tungstenite's write buffer take; then silence, still not reading.
-    let (mut ws, sent) = flood_own_key(&server, 400);
+    let (mut ws, sent) = flood_own_key(&server, 400, true);
     assert_eq!(sent, 400);
     let mut round = 0u8;
     let closed = wait_until(WAIT, || {
@@ -611,7 +617,7 @@ fn relay_session_that_reads_slowly_is_not_closed() {
     // 300 frames (20 MB), more than the socket buffers take, for a client
     // that then takes one every 10 ms: output waits longer than the write
     // timeout, but every timeout sees progress.
-    let (mut ws, sent) = flood_own_key(&server, FRAMES);
+    let (mut ws, sent) = flood_own_key(&server, FRAMES, false);
     assert_eq!(sent, FRAMES);
     let mut got = 0;
     let t = Instant::now();
