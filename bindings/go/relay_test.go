@@ -242,15 +242,7 @@ func TestRelayRequireAuth(t *testing.T) {
 		Tokens: map[string]string{"relay-good-token": "edge"},
 		Relay:  true, RelayRequireAuth: true,
 	})
-	engine := func() *Engine {
-		k, _ := GenerateKey()
-		e, err := New(Config{PrivateKey: &k})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { e.Close() })
-		return e
-	}
+	engine := func() *Engine { return newKeyedEngine(t) }
 	cfg := RelayConfig{URL: base + "/v1-meshvpn/relay", CAPEM: pki.ca, Token: "relay-bad-token"}
 	bad := engine()
 	if err := bad.StartRelay(cfg); err != nil {
@@ -294,15 +286,7 @@ func TestRelayClientCertificate(t *testing.T) {
 		Addr: "127.0.0.1:0", CertPEM: pki.serverCert, KeyPEM: pki.serverKey,
 		ClientCAPEM: pki.ca, Relay: true, RelayRequireAuth: true,
 	})
-	engine := func() *Engine {
-		k, _ := GenerateKey()
-		e, err := New(Config{PrivateKey: &k})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { e.Close() })
-		return e
-	}
+	engine := func() *Engine { return newKeyedEngine(t) }
 	url := base + "/v1-meshvpn/relay"
 	probe := engine()
 	for _, c := range []struct {
@@ -348,4 +332,16 @@ func TestRelayClientCertificate(t *testing.T) {
 	if err != nil || rs.Clients != 1 {
 		t.Fatalf("relay server stats %+v, %v", rs, err)
 	}
+}
+
+// newKeyedEngine is an engine with a fresh key, closed when the test ends.
+func newKeyedEngine(t *testing.T) *Engine {
+	t.Helper()
+	k, _ := GenerateKey()
+	e, err := New(Config{PrivateKey: &k})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { e.Close() })
+	return e
 }
