@@ -1,0 +1,9 @@
+//! Coordination for a libmeshvpn mesh: the control server's state (nodes,
+//! join keys, routes, policy) and the policy language compiled into the
+//! engine's packet filter.
+//!
+//! Layering: this crate sits above `meshvpn-engine` and uses it; the engine
+//! never depends on it. What travels to the data path (a compiled packet
+//! filter, peers from the network map) is expressed in the engine's own
+//! types, so the data path stays free of policy syntax and of the store.
+#![deny(unsafe_code)]
