@@ -2,19 +2,21 @@
 //! exponential backoff and jitter) and dials the targets the server asks for,
 //! when its policy allows them.
 
-use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
-use tungstenite::client::IntoClientRequest;
-use tungstenite::http::HeaderValue;
+use parking_lot::Mutex;
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::WebSocket;
 
 use super::driver::{self, Incoming, SessionHooks, SessionShared};
+use super::reconnect::{
+    Protocol, Reconnecting, Up, WebsocketTarget, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+};
 use super::target::{pump, ConnectPolicy, TargetDialer};
-use super::transport::{Socket, Transport};
+use super::transport::Transport;
 use super::{TunnelError, TunnelStream};
 use crate::tunnel::{Limits, Role};
 
@@ -32,8 +34,12 @@ pub struct AgentConfig {
     pub policy: Arc<dyn ConnectPolicy>,
     pub dialer: Arc<dyn TargetDialer>,
     pub limits: Limits,
+    /// TCP connect, TLS and the upgrade together ([`DEFAULT_HANDSHAKE_TIMEOUT`]).
     pub handshake_timeout: Duration,
+    /// The first wait after a failure ([`DEFAULT_BACKOFF_INITIAL`]); see
+    /// [`super::STABLE_SESSION`] for when it starts over.
     pub backoff_initial: Duration,
+    /// The longest wait between attempts ([`DEFAULT_BACKOFF_MAX`]).
     pub backoff_max: Duration,
     /// Called on the agent's threads as sessions come and go; must not
     /// block for long and must not stop the agent.
@@ -78,9 +84,9 @@ impl AgentConfig {
             policy,
             dialer,
             limits: Limits::default(),
-            handshake_timeout: Duration::from_secs(10),
-            backoff_initial: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(30),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            backoff_initial: DEFAULT_BACKOFF_INITIAL,
+            backoff_max: DEFAULT_BACKOFF_MAX,
             on_event: None,
         }
     }
@@ -102,10 +108,6 @@ pub struct AgentStatus {
 
 struct AgentShared {
     config: AgentConfig,
-    stop: AtomicBool,
-    sessions: AtomicU64,
-    status: Mutex<AgentStatus>,
-    changed: Condvar,
     current: Mutex<Option<Arc<SessionShared>>>,
     /// Streams holding threads now; see `Limits::max_agent_streams`.
     streams_active: AtomicUsize,
@@ -145,328 +147,118 @@ impl AgentShared {
 
 /// A running agent. Dropping it stops it.
 pub struct Agent {
-    shared: Arc<AgentShared>,
-    thread: Option<JoinHandle<()>>,
+    client: Reconnecting<AgentShared>,
 }
 
 impl Agent {
     /// Starts connecting in the background.
     pub fn start(config: AgentConfig) -> Result<Self, TunnelError> {
-        check_url(&config.url, config.tls.is_some())?;
+        let (initial, max) = (config.backoff_initial, config.backoff_max);
         let shared = Arc::new(AgentShared {
             config,
-            stop: AtomicBool::new(false),
-            sessions: AtomicU64::new(0),
-            status: Mutex::new(AgentStatus::default()),
-            changed: Condvar::new(),
             current: Mutex::new(None),
             streams_active: AtomicUsize::new(0),
             streams_refused_at_cap: AtomicU64::new(0),
         });
-        let worker = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("tunnel-agent".into())
-            .spawn(move || connect_loop(&worker))
-            .map_err(TunnelError::Io)?;
         Ok(Self {
-            shared,
-            thread: Some(thread),
+            client: Reconnecting::start("tunnel-agent", shared, initial, max)?,
         })
     }
 
     pub fn status(&self) -> AgentStatus {
-        let mut status = self.shared.status.lock().clone();
-        status.streams_active = self.shared.streams_active.load(Ordering::SeqCst);
-        status.streams_refused_at_cap = self.shared.streams_refused_at_cap.load(Ordering::SeqCst);
-        status
+        let link = self.client.status();
+        let shared = self.client.protocol();
+        AgentStatus {
+            connected: link.connected,
+            sessions: link.sessions,
+            last_error: link.last_error,
+            streams_active: shared.streams_active.load(Ordering::SeqCst),
+            streams_refused_at_cap: shared.streams_refused_at_cap.load(Ordering::SeqCst),
+        }
     }
 
     /// Waits until a session is up (`true`) or `timeout` passes.
     pub fn wait_connected(&self, timeout: Duration) -> bool {
-        super::wait_for(&self.shared.status, &self.shared.changed, timeout, |s| {
-            s.connected
-        })
+        self.client.wait_connected(timeout)
     }
 
     /// Stops and waits for the background thread; open streams fail.
     pub fn stop(mut self) {
-        self.shutdown();
+        self.client.stop();
+    }
+}
+
+impl Protocol for AgentShared {
+    const NAME: &'static str = "tunnel";
+    type Ticket = ();
+
+    fn target(&self) -> WebsocketTarget<'_> {
+        WebsocketTarget {
+            url: &self.config.url,
+            tls: self.config.tls.as_ref(),
+            token: self.config.token.as_deref(),
+            headers: &self.config.headers,
+            timeout: self.config.handshake_timeout,
+        }
     }
 
-    fn shutdown(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(s) = self.shared.current.lock().as_ref() {
+    fn websocket_config(&self) -> WebSocketConfig {
+        driver::websocket_config()
+    }
+
+    fn ticket(&self) -> Option<()> {
+        Some(())
+    }
+
+    fn run(
+        this: &Arc<Self>,
+        ws: WebSocket<Transport>,
+        (): (),
+        up: &Up<'_>,
+    ) -> Result<String, TunnelError> {
+        let hooks = AgentHooks {
+            shared: this.clone(),
+            up,
+        };
+        let reason = driver::run(
+            ws,
+            Role::Agent,
+            this.config.limits.clone(),
+            "server".into(),
+            &hooks,
+        );
+        *this.current.lock() = None;
+        Ok(reason)
+    }
+
+    fn interrupt(&self) {
+        if let Some(s) = self.current.lock().as_ref() {
             s.stop("agent stopped");
         }
-        self.shared.changed.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    }
+
+    fn on_connected(&self) {
+        self.event(AgentEvent::Connected);
+    }
+
+    fn on_disconnected(&self, reason: &str) {
+        self.event(AgentEvent::Disconnected(reason));
+    }
+
+    fn on_connect_failed(&self, error: &TunnelError) {
+        self.event(AgentEvent::ConnectFailed(error));
     }
 }
 
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
-
-/// Cheap jitter without a random source: the clock's nanoseconds, mixed.
-/// Exponential backoff with jitter between reconnect attempts.
-pub(crate) struct Backoff {
-    initial: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new(initial: Duration, max: Duration) -> Backoff {
-        Backoff {
-            initial,
-            max,
-            next: initial,
-        }
-    }
-
-    /// The wait before the next attempt: the full backoff times a factor
-    /// in [0.5, 1.0), doubling up to the maximum; a session that lasted
-    /// over 30 s starts again from the initial value.
-    pub(crate) fn next(&mut self, session_lasted: Duration) -> Duration {
-        if session_lasted > Duration::from_secs(30) {
-            self.next = self.initial;
-        }
-        let delay = self.next.mul_f64(0.5 + jitter_fraction() / 2.0);
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-}
-
-fn jitter_fraction() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let mut x = u64::from(nanos) ^ 0x9e37_79b9_7f4a_7c15;
-    x ^= x >> 33;
-    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    x ^= x >> 33;
-    (x % 1000) as f64 / 1000.0
-}
-
-fn connect_loop(shared: &Arc<AgentShared>) {
-    let config = &shared.config;
-    let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
-    while !shared.stop.load(Ordering::SeqCst) {
-        let started = Instant::now();
-        let result = connect_once(config).map(|ws| {
-            shared.sessions.fetch_add(1, Ordering::SeqCst);
-            tracing::info!(url = %config.url, "tunnel: connected");
-            let hooks = AgentHooks {
-                shared: shared.clone(),
-            };
-            driver::run(
-                ws,
-                Role::Agent,
-                config.limits.clone(),
-                "server".into(),
-                &hooks,
-            )
-        });
-        *shared.current.lock() = None;
-        let error = match result {
-            Ok(reason) => {
-                // Ending because we were told to stop is no news.
-                if shared.stop.load(Ordering::SeqCst) {
-                    tracing::debug!(url = %config.url, %reason, "tunnel: session ended");
-                } else {
-                    tracing::warn!(url = %config.url, %reason, "tunnel: session ended");
-                }
-                shared.event(AgentEvent::Disconnected(&reason));
-                reason
-            }
-            Err(e) => {
-                tracing::warn!(url = %config.url, error = %e, "tunnel: connect failed");
-                shared.event(AgentEvent::ConnectFailed(&e));
-                e.to_string()
-            }
-        };
-        {
-            let mut status = shared.status.lock();
-            status.connected = false;
-            status.last_error = Some(error);
-        }
-        shared.changed.notify_all();
-        let delay = backoff.next(started.elapsed());
-        let deadline = Instant::now() + delay;
-        let mut status = shared.status.lock();
-        while !shared.stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-            shared.changed.wait_until(&mut status, deadline);
-        }
-    }
-}
-
-fn connect_once(config: &AgentConfig) -> Result<tungstenite::WebSocket<Transport>, TunnelError> {
-    open_websocket(
-        &WebsocketTarget {
-            url: &config.url,
-            tls: config.tls.as_ref(),
-            token: config.token.as_deref(),
-            headers: &config.headers,
-            timeout: config.handshake_timeout,
-        },
-        driver::websocket_config(),
-    )
-}
-
-/// Where a client websocket goes and how it authenticates.
-pub(crate) struct WebsocketTarget<'a> {
-    pub(crate) url: &'a str,
-    pub(crate) tls: Option<&'a Arc<rustls::ClientConfig>>,
-    pub(crate) token: Option<&'a str>,
-    pub(crate) headers: &'a [(String, String)],
-    pub(crate) timeout: Duration,
-}
-
-/// Checks a client URL: `wss://` with TLS settings, or `ws://` (tests).
-pub(crate) fn check_url(url: &str, has_tls: bool) -> Result<(), TunnelError> {
-    let request = url
-        .into_client_request()
-        .map_err(|e| TunnelError::Config(e.to_string()))?;
-    let scheme = request.uri().scheme_str().unwrap_or("");
-    if scheme == "wss" && !has_tls {
-        return Err(TunnelError::Config(
-            "wss:// needs a TLS configuration with the server's CA".into(),
-        ));
-    }
-    if scheme != "wss" && scheme != "ws" {
-        return Err(TunnelError::Config(format!(
-            "unsupported URL scheme {scheme:?}: use wss:// (or ws:// for tests)"
-        )));
-    }
-    Ok(())
-}
-
-/// Connects, runs TLS and the HTTP upgrade. The socket stays in handshake
-/// mode (blocking, with the deadline `target.timeout` from now) so the
-/// caller can finish its own exchange within the same deadline.
-pub(crate) fn open_websocket(
-    target: &WebsocketTarget<'_>,
-    ws_config: tungstenite::protocol::WebSocketConfig,
-) -> Result<tungstenite::WebSocket<Transport>, TunnelError> {
-    let mut request = target
-        .url
-        .into_client_request()
-        .map_err(|e| TunnelError::Config(e.to_string()))?;
-    let uri = request.uri().clone();
-    let secure = uri.scheme_str() == Some("wss");
-    let host = uri
-        .host()
-        .ok_or_else(|| TunnelError::Config("URL has no host".into()))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
-    if let Some(token) = target.token {
-        let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
-            .map_err(|_| TunnelError::Config("token is not a valid header value".into()))?;
-        value.set_sensitive(true);
-        request.headers_mut().insert("Authorization", value);
-    }
-    for (name, value) in target.headers {
-        let name = tungstenite::http::HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| TunnelError::Config(format!("bad header name {name}")))?;
-        let value = HeaderValue::from_str(value)
-            .map_err(|_| TunnelError::Config("bad header value".into()))?;
-        request.headers_mut().insert(name, value);
-    }
-    let deadline = Instant::now() + target.timeout;
-    let mut last = None;
-    let mut tcp = None;
-    for addr in (host.as_str(), port).to_socket_addrs()? {
-        match TcpStream::connect_timeout(&addr, target.timeout) {
-            Ok(s) => {
-                tcp = Some(s);
-                break;
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    let tcp = match (tcp, last) {
-        (Some(t), _) => t,
-        (None, Some(e)) => return Err(TunnelError::Io(e)),
-        (None, None) => return Err(TunnelError::Config(format!("{host} has no address"))),
-    };
-    tcp.set_nodelay(true)?;
-    let sock = Socket::with_deadline(tcp, deadline);
-    let transport = if secure {
-        let tls = target
-            .tls
-            .cloned()
-            .ok_or_else(|| TunnelError::Config("wss:// needs TLS settings".into()))?;
-        let name = rustls::pki_types::ServerName::try_from(host.clone())
-            .map_err(|_| TunnelError::Config(format!("bad server name {host}")))?;
-        let conn = rustls::ClientConnection::new(tls, name)
-            .map_err(|e| TunnelError::Tls(e.to_string()))?;
-        Transport::tls(sock, conn.into()).map_err(|e| tls_failure(&e))?
-    } else {
-        Transport::plain(sock)
-    };
-    let (ws, _response) =
-        tungstenite::client::client_with_config(request, transport, Some(ws_config)).map_err(
-            |e| match e {
-                tungstenite::HandshakeError::Failure(tungstenite::Error::Http(resp)) => {
-                    TunnelError::Rejected(resp.status())
-                }
-                // TLS 1.3 sends the certificate_required alert after the
-                // client's Finished: it arrives with the HTTP response.
-                tungstenite::HandshakeError::Failure(tungstenite::Error::Io(e))
-                    if certificate_required(&e) =>
-                {
-                    TunnelError::ClientCertificateRequired
-                }
-                other => TunnelError::Handshake(other.to_string()),
-            },
-        )?;
-    Ok(ws)
-}
-
-/// A failed TLS handshake as a tunnel error.
-fn tls_failure(e: &std::io::Error) -> TunnelError {
-    if certificate_required(e) {
-        TunnelError::ClientCertificateRequired
-    } else {
-        TunnelError::Tls(e.to_string())
-    }
-}
-
-/// Whether `e` is the server's `certificate_required` alert (TLS 1.3; a
-/// TLS 1.2 server says only `handshake_failure`, which has other causes).
-fn certificate_required(e: &std::io::Error) -> bool {
-    e.get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-        .is_some_and(|e| {
-            matches!(
-                e,
-                rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired)
-            )
-        })
-}
-
-struct AgentHooks {
+struct AgentHooks<'a> {
     shared: Arc<AgentShared>,
+    up: &'a Up<'a>,
 }
 
-impl SessionHooks for AgentHooks {
+impl SessionHooks for AgentHooks<'_> {
     fn started(&self, session: &Arc<SessionShared>) {
         *self.shared.current.lock() = Some(session.clone());
-        let mut status = self.shared.status.lock();
-        status.connected = true;
-        status.sessions = self.shared.sessions.load(Ordering::SeqCst);
-        drop(status);
-        // Before waking waiters, so that one woken by the connect sees its event too.
-        self.shared.event(AgentEvent::Connected);
-        self.shared.changed.notify_all();
-        if self.shared.stop.load(Ordering::SeqCst) {
+        if !self.up.connected() {
             session.stop("agent stopped");
         }
     }

@@ -3,6 +3,8 @@
 //!
 //! - [`Agent`]: opens the websocket to a server, reconnects with backoff,
 //!   dials the targets its [`ConnectPolicy`] allows through a [`TargetDialer`].
+//! - `reconnect`: the reconnecting websocket client the agent and the
+//!   [`RelayClient`] share (dial, backoff, shutdown, status).
 //! - [`TunnelServer`]: accepts agents on one path, authenticates them
 //!   (token or client certificate CN), and [`TunnelServer::dial`]s through them.
 //! - [`TunnelStream`]: one connection through a session, `Read + Write`.
@@ -17,6 +19,7 @@
 mod admission;
 mod agent;
 mod driver;
+mod reconnect;
 mod relay_client;
 mod relay_pump;
 mod relay_server;
@@ -27,6 +30,9 @@ pub mod tls;
 mod transport;
 
 pub use agent::{Agent, AgentConfig, AgentEvent, AgentEventHook, AgentStatus};
+pub use reconnect::{
+    DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX, DEFAULT_HANDSHAKE_TIMEOUT, STABLE_SESSION,
+};
 pub use relay_client::{RelayClient, RelayConfig, RelayOwner, RelayStatus};
 pub use relay_pump::{MESSAGE_OVERHEAD, WRITE_BUFFER_MAX};
 pub use relay_server::{

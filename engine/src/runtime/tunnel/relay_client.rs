@@ -11,18 +11,22 @@
 //! proof and takes delivered datagrams; it is held weakly by the engine's
 //! side, so a client never keeps an engine alive.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use boringtun::x25519::StaticSecret;
 use bytes::Bytes;
-use parking_lot::{Condvar, Mutex, RwLock};
-use tungstenite::Message;
+use parking_lot::RwLock;
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::{Message, WebSocket};
 
-use super::agent::{check_url, open_websocket, Backoff, WebsocketTarget};
+use super::reconnect::{
+    Protocol, Reconnecting, Up, WebsocketTarget, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+};
 use super::relay_pump::{self, exporter, read_binary, Outbox, Pump, PumpTimers, QueueLimits};
+use super::transport::Transport;
 use super::TunnelError;
 use crate::stats::stats_struct;
 use crate::tunnel::relay::{check_accepted, prove, Frame, KEY_LEN};
@@ -38,8 +42,13 @@ pub struct RelayConfig {
     pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Sent as `Authorization: Bearer ...` when set. Never logged.
     pub token: Option<String>,
+    /// TCP connect, TLS, the upgrade and the key proof together
+    /// ([`DEFAULT_HANDSHAKE_TIMEOUT`]).
     pub handshake_timeout: Duration,
+    /// The first wait after a failure ([`DEFAULT_BACKOFF_INITIAL`]); see
+    /// [`super::STABLE_SESSION`] for when it starts over.
     pub backoff_initial: Duration,
+    /// The longest wait between attempts ([`DEFAULT_BACKOFF_MAX`]).
     pub backoff_max: Duration,
     /// Messages waiting to be written before new ones are dropped.
     pub queue: usize,
@@ -53,9 +62,9 @@ impl RelayConfig {
             url: url.into(),
             tls,
             token: None,
-            handshake_timeout: Duration::from_secs(10),
-            backoff_initial: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(30),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            backoff_initial: DEFAULT_BACKOFF_INITIAL,
+            backoff_max: DEFAULT_BACKOFF_MAX,
             queue: 1024,
             probe_interval: Duration::from_secs(5),
         }
@@ -103,10 +112,6 @@ pub trait RelayOwner: Send + Sync {
 struct ClientShared {
     config: RelayConfig,
     owner: Arc<dyn RelayOwner>,
-    stop: AtomicBool,
-    reconnect: AtomicBool,
-    status: Mutex<RelayStatus>,
-    changed: Condvar,
     current: RwLock<Option<Arc<Outbox>>>,
     sent: AtomicU64,
     received: AtomicU64,
@@ -115,98 +120,68 @@ struct ClientShared {
 
 /// A running relay client. Dropping it disconnects.
 pub struct RelayClient {
-    shared: Arc<ClientShared>,
-    thread: Option<JoinHandle<()>>,
+    client: Reconnecting<ClientShared>,
 }
 
 impl RelayClient {
     /// Starts connecting in the background.
     pub fn start(config: RelayConfig, owner: Arc<dyn RelayOwner>) -> Result<Self, TunnelError> {
-        check_url(&config.url, config.tls.is_some())?;
+        let (initial, max) = (config.backoff_initial, config.backoff_max);
         let shared = Arc::new(ClientShared {
             config,
             owner,
-            stop: AtomicBool::new(false),
-            reconnect: AtomicBool::new(false),
-            status: Mutex::new(RelayStatus::default()),
-            changed: Condvar::new(),
             current: RwLock::new(None),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         });
-        let worker = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("meshvpn-relay".into())
-            .spawn(move || connect_loop(&worker))?;
         Ok(RelayClient {
-            shared,
-            thread: Some(thread),
+            client: Reconnecting::start("meshvpn-relay", shared, initial, max)?,
         })
     }
 
     pub fn config(&self) -> &RelayConfig {
-        &self.shared.config
+        &self.client.protocol().config
     }
 
     /// Sends one datagram to the client registered as `destination`;
     /// false (and counted) when there is no session or its queue is full.
     pub fn send(&self, destination: &[u8; KEY_LEN], datagram: &[u8]) -> bool {
+        let shared = self.client.protocol();
         let sent = match (
-            self.shared.current.read().as_ref(),
+            shared.current.read().as_ref(),
             Frame::encode(destination, datagram),
         ) {
             (Some(outbox), Ok(m)) => outbox.push(Bytes::from(m)).is_ok(),
             _ => false,
         };
-        let counter = if sent {
-            &self.shared.sent
-        } else {
-            &self.shared.dropped
-        };
+        let counter = if sent { &shared.sent } else { &shared.dropped };
         counter.fetch_add(1, Ordering::Relaxed);
         sent
     }
 
     pub fn status(&self) -> RelayStatus {
-        let mut s = self.shared.status.lock().clone();
-        s.frames_sent = self.shared.sent.load(Ordering::Relaxed);
-        s.frames_received = self.shared.received.load(Ordering::Relaxed);
-        s.frames_dropped = self.shared.dropped.load(Ordering::Relaxed);
-        s
+        let link = self.client.status();
+        let shared = self.client.protocol();
+        RelayStatus {
+            connected: link.connected,
+            sessions: link.sessions,
+            last_error: link.last_error,
+            frames_sent: shared.sent.load(Ordering::Relaxed),
+            frames_received: shared.received.load(Ordering::Relaxed),
+            frames_dropped: shared.dropped.load(Ordering::Relaxed),
+        }
     }
 
     /// Waits until registered (`true`) or `timeout` passes.
     pub fn wait_connected(&self, timeout: Duration) -> bool {
-        super::wait_for(&self.shared.status, &self.shared.changed, timeout, |s| {
-            s.connected
-        })
+        self.client.wait_connected(timeout)
     }
 
     /// Ends the current session; the client registers again at once (with
     /// the owner's key of that moment: call after a key change).
     pub fn reconnect(&self) {
-        self.shared.reconnect.store(true, Ordering::SeqCst);
-        if let Some(outbox) = self.shared.current.read().as_ref() {
-            outbox.stop();
-        }
-    }
-
-    fn shutdown(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(outbox) = self.shared.current.read().as_ref() {
-            outbox.stop();
-        }
-        self.shared.changed.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for RelayClient {
-    fn drop(&mut self) {
-        self.shutdown();
+        self.client.reconnect();
     }
 }
 
@@ -217,72 +192,65 @@ const CLIENT_CERTIFICATE_REQUIRED: &str =
      pass --relay-cert and --relay-key (C: meshvpn_relay_config.client_cert_pem and \
      client_key_pem; Go: RelayConfig.ClientCertPEM and ClientKeyPEM)";
 
-/// How long to wait for the owner to have a key before asking again.
-const KEY_POLL: Duration = Duration::from_millis(200);
 /// Websocket pings from the client; the relay ends silent sessions after 60 s.
 const PING_EVERY: Duration = Duration::from_secs(15);
 const IDLE: Duration = Duration::from_secs(60);
 
-fn connect_loop(shared: &Arc<ClientShared>) {
-    let config = &shared.config;
-    let mut backoff = Backoff::new(config.backoff_initial, config.backoff_max);
-    while !shared.stop.load(Ordering::SeqCst) {
-        let Some(secret) = shared.owner.static_secret() else {
-            wait(shared, KEY_POLL);
-            continue;
-        };
-        let started = Instant::now();
-        let reason = match session(shared, &secret) {
-            Ok(reason) => reason,
-            Err(e) => e.to_string(),
-        };
-        drop(secret);
-        if shared.stop.load(Ordering::SeqCst) {
-            break;
-        }
-        tracing::warn!(url = %config.url, %reason, "relay: disconnected");
-        {
-            let mut status = shared.status.lock();
-            status.connected = false;
-            status.last_error = Some(reason);
-        }
-        shared.changed.notify_all();
-        // A session ended for a key change registers again at once.
-        if shared.reconnect.swap(false, Ordering::SeqCst) {
-            continue;
-        }
-        wait(shared, backoff.next(started.elapsed()));
-    }
-    shared.status.lock().connected = false;
-    shared.changed.notify_all();
-}
+impl Protocol for ClientShared {
+    const NAME: &'static str = "relay";
+    /// The owner's key of the moment: the proof is made with it.
+    type Ticket = StaticSecret;
 
-fn wait(shared: &ClientShared, delay: Duration) {
-    let deadline = Instant::now() + delay;
-    let mut status = shared.status.lock();
-    while !shared.stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-        shared.changed.wait_until(&mut status, deadline);
-    }
-}
-
-fn session(shared: &Arc<ClientShared>, secret: &StaticSecret) -> Result<String, TunnelError> {
-    let config = &shared.config;
-    let mut ws = open_websocket(
-        &WebsocketTarget {
-            url: &config.url,
-            tls: config.tls.as_ref(),
-            token: config.token.as_deref(),
+    fn target(&self) -> WebsocketTarget<'_> {
+        WebsocketTarget {
+            url: &self.config.url,
+            tls: self.config.tls.as_ref(),
+            token: self.config.token.as_deref(),
             headers: &[],
-            timeout: config.handshake_timeout,
-        },
-        relay_pump::websocket_config(),
-    )
-    .map_err(|e| match e {
-        TunnelError::ClientCertificateRequired => {
-            TunnelError::Tls(CLIENT_CERTIFICATE_REQUIRED.into())
+            timeout: self.config.handshake_timeout,
         }
-        other => other,
-    })?;
+    }
+
+    fn websocket_config(&self) -> WebSocketConfig {
+        relay_pump::websocket_config()
+    }
+
+    fn ticket(&self) -> Option<StaticSecret> {
+        self.owner.static_secret()
+    }
+
+    fn connect_error(&self, e: TunnelError) -> TunnelError {
+        match e {
+            TunnelError::ClientCertificateRequired => {
+                TunnelError::Tls(CLIENT_CERTIFICATE_REQUIRED.into())
+            }
+            other => other,
+        }
+    }
+
+    fn run(
+        this: &Arc<Self>,
+        ws: WebSocket<Transport>,
+        secret: StaticSecret,
+        up: &Up<'_>,
+    ) -> Result<String, TunnelError> {
+        session(this, ws, &secret, up)
+    }
+
+    fn interrupt(&self) {
+        if let Some(outbox) = self.current.read().as_ref() {
+            outbox.stop();
+        }
+    }
+}
+
+fn session(
+    shared: &ClientShared,
+    mut ws: WebSocket<Transport>,
+    secret: &StaticSecret,
+    up: &Up<'_>,
+) -> Result<String, TunnelError> {
+    let config = &shared.config;
     // The key proof, still within the handshake deadline.
     let challenge = read_binary(&mut ws)?;
     let proof = prove(&challenge, secret, &exporter(ws.get_ref())?)
@@ -303,14 +271,7 @@ fn session(shared: &Arc<ClientShared>, secret: &StaticSecret) -> Result<String, 
         },
     )?;
     *shared.current.write() = Some(pump.outbox());
-    {
-        let mut status = shared.status.lock();
-        status.connected = true;
-        status.sessions += 1;
-    }
-    shared.changed.notify_all();
-    tracing::info!(url = %config.url, "relay: registered");
-    if shared.stop.load(Ordering::SeqCst) {
+    if !up.connected() {
         pump.outbox().stop();
     }
     let timers = PumpTimers {
