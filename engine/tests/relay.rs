@@ -28,6 +28,10 @@ use tunnel_support::{loopback, pki, Pki};
 const WAIT: Duration = Duration::from_secs(30);
 
 fn relay_server(pki: Option<&Pki>) -> TunnelServer {
+    relay_server_at(pki, loopback())
+}
+
+fn relay_server_at(pki: Option<&Pki>, addr: SocketAddr) -> TunnelServer {
     let tls = pki.map(|p| {
         tls::server_config(
             p.server_cert.as_bytes(),
@@ -39,7 +43,7 @@ fn relay_server(pki: Option<&Pki>) -> TunnelServer {
     });
     let mut config = ServerConfig::new("/v1-k3s/connect", tls, ServerAuth::default());
     config.relay = Some(RelayServerConfig::default());
-    TunnelServer::bind(loopback(), config).unwrap()
+    TunnelServer::bind(addr, config).unwrap()
 }
 
 fn relay_config(pki: &Pki, server: SocketAddr) -> RelayConfig {
@@ -248,6 +252,38 @@ fn relay_forwards_by_key_and_drops_unknown_keys() {
     assert_eq!(stats.clients, 2);
     drop(c3);
     assert!(wait_until(WAIT, || server.relay_stats().unwrap().clients == 1));
+}
+
+/// The relay goes away and comes back on the same address: the client
+/// notices, keeps trying with its backoff and registers again; frames flow.
+#[test]
+fn relay_client_registers_again_after_the_relay_restarts() {
+    let pki = pki();
+    let server = relay_server(Some(&pki));
+    let addr = server.local_addr();
+    let (k1, k2) = (PrivateKey::generate(), PrivateKey::generate());
+    let (c1, rx1) = client(&pki, &server, &k1);
+    assert_eq!(c1.status().sessions, 1);
+
+    server.shutdown();
+    assert!(
+        wait_until(WAIT, || !c1.status().connected),
+        "the client did not notice the relay went away"
+    );
+    assert!(!c1.send(k2.public_key().as_bytes(), b"\x04nowhere"));
+    // Let it fail at least once against the closed port.
+    assert!(wait_until(WAIT, || c1
+        .status()
+        .last_error
+        .is_some_and(|e| e.to_lowercase().contains("refused"))));
+
+    let server = relay_server_at(Some(&pki), addr);
+    assert!(c1.wait_connected(WAIT), "{:?}", c1.status());
+    assert_eq!(c1.status().sessions, 2);
+    let (c2, _rx2) = client(&pki, &server, &k2);
+    assert!(c2.send(k1.public_key().as_bytes(), b"\x04after the restart"));
+    assert_eq!(rx1.recv_timeout(WAIT).unwrap().1, b"\x04after the restart");
+    assert_eq!(server.relay_stats().unwrap().registrations, 2);
 }
 
 type Ws = tungstenite::WebSocket<TcpStream>;
