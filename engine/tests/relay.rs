@@ -286,6 +286,70 @@ fn relay_client_registers_again_after_the_relay_restarts() {
     assert_eq!(server.relay_stats().unwrap().registrations, 2);
 }
 
+/// A relay owner whose key changes while the client is connecting: its
+/// first `static_secret` returns the old key and holds the attempt until
+/// the test has asked for a reconnect; later calls return the new key.
+struct ChangingOwner {
+    keys: [PrivateKey; 2],
+    calls: std::sync::atomic::AtomicUsize,
+    taken: Sender<()>,
+    go: std::sync::Mutex<Receiver<()>>,
+    got: Sender<Delivered>,
+}
+
+impl RelayOwner for ChangingOwner {
+    fn static_secret(&self) -> Option<boringtun::x25519::StaticSecret> {
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if call == 0 {
+            self.taken.send(()).unwrap();
+            self.go.lock().unwrap().recv_timeout(WAIT).unwrap();
+        }
+        Some(secret(&self.keys[call.min(1)]))
+    }
+    fn deliver(&self, source: &[u8; 32], datagram: &[u8]) {
+        let _ = self.got.send((*source, datagram.to_vec()));
+    }
+}
+
+/// A key change while the client is still connecting with the old key:
+/// the session that comes up with the old key ends at once and the client
+/// registers the new one (it used to stay on the old key until that
+/// session ended for another reason).
+#[test]
+fn relay_client_asked_to_reconnect_while_connecting_registers_the_new_key() {
+    let pki = pki();
+    let server = relay_server(Some(&pki));
+    let (old, new) = (PrivateKey::generate(), PrivateKey::generate());
+    let (taken_tx, taken_rx) = unbounded();
+    let (go_tx, go_rx) = unbounded();
+    let (got_tx, got_rx) = unbounded();
+    let owner = Arc::new(ChangingOwner {
+        keys: [old.clone(), new.clone()],
+        calls: Default::default(),
+        taken: taken_tx,
+        go: std::sync::Mutex::new(go_rx),
+        got: got_tx,
+    });
+    let c = RelayClient::start(relay_config(&pki, server.local_addr()), owner).unwrap();
+    taken_rx.recv_timeout(WAIT).unwrap();
+    c.reconnect();
+    go_tx.send(()).unwrap();
+
+    let (other, _rx) = client(&pki, &server, &PrivateKey::generate());
+    let deadline = Instant::now() + WAIT;
+    let mut arrived = false;
+    while !arrived && Instant::now() < deadline {
+        other.send(new.public_key().as_bytes(), b"\x04to the new key");
+        arrived = got_rx.recv_timeout(Duration::from_millis(200)).is_ok();
+    }
+    assert!(
+        arrived,
+        "the client never registered its new key: {:?}, {:?}",
+        c.status(),
+        server.relay_stats().unwrap()
+    );
+}
+
 type Ws = tungstenite::WebSocket<TcpStream>;
 
 /// A raw websocket to a plain-HTTP relay (the test owns every byte).

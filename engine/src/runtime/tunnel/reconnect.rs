@@ -254,9 +254,11 @@ pub(crate) struct Up<'a> {
 
 impl Up<'_> {
     /// The session is up: reported, counted, waiters woken. `false` when a
-    /// stop is under way: the caller ends the session at once. (A protocol
-    /// makes its session reachable by [`Protocol::interrupt`] before it
-    /// calls this, so either the stop sees the session or this sees the stop.)
+    /// stop or a reconnect was asked for meanwhile (the relay's key changed
+    /// after this attempt took the old one): the caller ends the session at
+    /// once. (A protocol makes its session reachable by
+    /// [`Protocol::interrupt`] before it calls this, so either the request
+    /// sees the session or this sees the request.)
     pub(crate) fn connected(&self) -> bool {
         self.connected_at.set(Some(Instant::now()));
         {
@@ -268,7 +270,7 @@ impl Up<'_> {
         // Before waking waiters, so that one woken by the connect sees its event too.
         (self.on_connected)();
         self.link.changed.notify_all();
-        !self.link.stop.load(Ordering::SeqCst)
+        !self.link.stop.load(Ordering::SeqCst) && !self.link.retry_now.load(Ordering::SeqCst)
     }
 }
 
