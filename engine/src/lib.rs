@@ -1,12 +1,16 @@
 //! meshvpn-engine: a userspace WireGuard engine with a userspace TCP/IP stack
 //! and a websocket supervisor tunnel, as a safe Rust API.
 //!
-//! Layers, bottom to top: a module uses only its own row and the rows
-//! above it here. `tests/layers.rs` reads this table and holds the code to
-//! it (every file in a row, no path to a lower row, `no` in the I/O column
-//! meaning no sockets, threads, files or clock reads). The supervisor and
-//! the relay keep their sans-IO protocol files next to their I/O; those
-//! files are rows of their own, low in the table.
+//! Layers, bottom to top: a module may use its own row and the rows listed
+//! before it, never a later one. `tests/layers.rs` reads this table and
+//! holds the code to it: every file in a row, no path to a later row (two
+//! known ones are listed there with the change that removes each), and no
+//! sockets, threads, files or clock reads in a row whose I/O column says
+//! `no`. The supervisor and the relay keep their sans-IO protocol files next
+//! to their I/O; those files are rows of their own, early in the table.
+//! `relay` comes before `wg` because the engine starts its relay client
+//! today (`wg/engine/relay_path.rs`); the supervisor comes last because its
+//! HTTPS listener also serves relay clients.
 //!
 //! | module                                             | owns                                                          | I/O |
 //! |----------------------------------------------------|---------------------------------------------------------------|-----|
