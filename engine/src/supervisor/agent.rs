@@ -11,14 +11,15 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::WebSocket;
 
 use super::driver::{self, Incoming, SessionHooks, SessionShared};
-use super::reconnect::{
+use super::target::{pump, ConnectPolicy, TargetDialer};
+use super::TunnelStream;
+use super::{Limits, Role};
+use crate::ws::reconnect::{
     Protocol, Reconnecting, Up, WebsocketTarget, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX,
     DEFAULT_HANDSHAKE_TIMEOUT,
 };
-use super::target::{pump, ConnectPolicy, TargetDialer};
-use super::transport::Transport;
-use super::{TunnelError, TunnelStream};
-use crate::tunnel::{Limits, Role};
+use crate::ws::transport::Transport;
+use crate::ws::TunnelError;
 
 /// How an agent connects and what it allows.
 pub struct AgentConfig {
@@ -37,7 +38,7 @@ pub struct AgentConfig {
     /// TCP connect, TLS and the upgrade together ([`DEFAULT_HANDSHAKE_TIMEOUT`]).
     pub handshake_timeout: Duration,
     /// The first wait after a failure ([`DEFAULT_BACKOFF_INITIAL`]); see
-    /// [`super::STABLE_SESSION`] for when it starts over.
+    /// [`crate::ws::STABLE_SESSION`] for when it starts over.
     pub backoff_initial: Duration,
     /// The longest wait between attempts ([`DEFAULT_BACKOFF_MAX`]).
     pub backoff_max: Duration,

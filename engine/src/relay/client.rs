@@ -21,15 +21,17 @@ use parking_lot::RwLock;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
-use super::reconnect::{
+use super::pump::{
+    self as relay_pump, exporter, read_binary, Outbox, Pump, PumpTimers, QueueLimits,
+};
+use crate::relay::protocol::{check_accepted, prove, Frame, KEY_LEN};
+use crate::stats::stats_struct;
+use crate::ws::reconnect::{
     Protocol, Reconnecting, Up, WebsocketTarget, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX,
     DEFAULT_HANDSHAKE_TIMEOUT,
 };
-use super::relay_pump::{self, exporter, read_binary, Outbox, Pump, PumpTimers, QueueLimits};
-use super::transport::Transport;
-use super::TunnelError;
-use crate::stats::stats_struct;
-use crate::tunnel::relay::{check_accepted, prove, Frame, KEY_LEN};
+use crate::ws::transport::Transport;
+use crate::ws::TunnelError;
 
 /// How to reach a relay.
 pub struct RelayConfig {
@@ -46,7 +48,7 @@ pub struct RelayConfig {
     /// ([`DEFAULT_HANDSHAKE_TIMEOUT`]).
     pub handshake_timeout: Duration,
     /// The first wait after a failure ([`DEFAULT_BACKOFF_INITIAL`]); see
-    /// [`super::STABLE_SESSION`] for when it starts over.
+    /// [`crate::ws::STABLE_SESSION`] for when it starts over.
     pub backoff_initial: Duration,
     /// The longest wait between attempts ([`DEFAULT_BACKOFF_MAX`]).
     pub backoff_max: Duration,
