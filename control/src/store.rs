@@ -58,6 +58,12 @@ use crate::node::{node_name, unique_name, AddressPlan, NodeRecord, NodeRequest, 
 /// transaction to finish before it fails with "database is locked".
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The most routes one node may advertise. A node's advertisement comes
+/// from the network; this caps what one node can make the store (and every
+/// node's network map) hold. A k3s node advertises one pod CIDR, a subnet
+/// router a handful.
+pub const MAX_ROUTES_PER_NODE: usize = 256;
+
 /// `PRAGMA application_id` of a meshvpn control database ("mvpc").
 pub const APPLICATION_ID: i32 = 0x6d76_7063;
 
@@ -148,6 +154,8 @@ pub enum StoreError {
     Plan(#[from] PlanError),
     #[error("every address of {0} is taken")]
     AddressesExhausted(IpPrefix),
+    #[error("node {node} advertises {count} routes, more than the {max} one node may")]
+    TooManyRoutes { node: i64, count: usize, max: usize },
     #[error("no node with id {0}")]
     NoSuchNode(i64),
     #[error("cannot create {path}: {source}")]
@@ -207,7 +215,8 @@ pub trait Store: Send + Sync {
     fn remove_node(&self, id: i64) -> Result<Option<NodeRecord>, StoreError>;
 
     /// Replaces what the node advertises; a route it still advertises keeps
-    /// its approval, a new one starts unapproved.
+    /// its approval, a new one starts unapproved. At most
+    /// [`MAX_ROUTES_PER_NODE`] distinct prefixes, else nothing changes.
     fn set_advertised_routes(&self, node_id: i64, routes: &[IpPrefix]) -> Result<(), StoreError>;
     /// False when the node does not advertise `prefix`.
     fn set_route_approved(
@@ -610,7 +619,16 @@ impl Store for SqliteStore {
             if !known {
                 return Err(StoreError::NoSuchNode(node_id));
             }
-            let wanted: Vec<String> = routes.iter().map(|p| p.network().to_string()).collect();
+            let mut wanted: Vec<String> = routes.iter().map(|p| p.network().to_string()).collect();
+            wanted.sort();
+            wanted.dedup();
+            if wanted.len() > MAX_ROUTES_PER_NODE {
+                return Err(StoreError::TooManyRoutes {
+                    node: node_id,
+                    count: wanted.len(),
+                    max: MAX_ROUTES_PER_NODE,
+                });
+            }
             let current: Vec<String> = tx
                 .prepare("SELECT prefix FROM routes WHERE node_id = ?1")
                 .and_then(|mut s| s.query_map([node_id], |r| r.get(0))?.collect())

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use meshvpn_control::keys::{self, JoinError, KeyOptions};
 use meshvpn_control::store::{
-    schema_version, RedeemError, SqliteStore, Store, StoreConfig, StoreError,
+    schema_version, RedeemError, SqliteStore, Store, StoreConfig, StoreError, MAX_ROUTES_PER_NODE,
 };
 use meshvpn_control::NodeRequest;
 use meshvpn_engine::{IpPrefix, PrivateKey};
@@ -530,4 +530,32 @@ fn racing_first_opens_of_a_new_file_migrate_once() {
         .map(|h| h.join().unwrap().unwrap())
         .collect();
     assert!(plans.windows(2).all(|w| w[0] == w[1]), "{plans:?}");
+}
+
+#[test]
+fn a_node_cannot_advertise_more_than_the_route_cap() {
+    let dir = TempDir::new("route-cap");
+    let store = open(&dir.db());
+    let k = create(&store, KeyOptions::default());
+    let n = keys::redeem(&store, &k, &node("greedy"), NOW).unwrap();
+    let many: Vec<IpPrefix> = (0..=MAX_ROUTES_PER_NODE as u32)
+        .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256).parse().unwrap())
+        .collect();
+    store.set_advertised_routes(n.id, &many[..2]).unwrap();
+    match store.set_advertised_routes(n.id, &many) {
+        Err(StoreError::TooManyRoutes { count, max, .. }) => {
+            assert_eq!((count, max), (MAX_ROUTES_PER_NODE + 1, MAX_ROUTES_PER_NODE))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        store.list_routes().unwrap().len(),
+        2,
+        "a refused advertisement changes nothing"
+    );
+    // Duplicates count once: exactly the cap is fine.
+    let mut at_cap = many[..MAX_ROUTES_PER_NODE].to_vec();
+    at_cap.extend_from_slice(&many[..10]);
+    store.set_advertised_routes(n.id, &at_cap).unwrap();
+    assert_eq!(store.list_routes().unwrap().len(), MAX_ROUTES_PER_NODE);
 }
