@@ -265,3 +265,79 @@ fn parallel_cli_writers_share_the_database() {
     assert_eq!(store.list_keys().unwrap().len(), PROCS + 2);
     store.integrity_check().unwrap();
 }
+
+/// `meshvpn control keys create` processes, four at a time, SIGKILLed at
+/// random points (one takes about 40 ms); every one that printed its key
+/// (acknowledged it) must find it in the database afterwards, and the file
+/// must stay consistent. Bounded: [`BATCHES`] batches, 60 s.
+#[test]
+fn sigkilled_cli_writers_lose_no_printed_key() {
+    const BATCHES: usize = 12;
+    const PER_BATCH: usize = 4;
+    let dir = TempDir::new("sigkill");
+    let db = dir.0.join("control.db");
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    println!("kill-point seed {seed}");
+    let mut rand_below = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let started = std::time::Instant::now();
+    let (mut acked, mut killed) = (Vec::new(), 0);
+    for _ in 0..BATCHES {
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            break;
+        }
+        let mut children: Vec<_> = (0..PER_BATCH)
+            .map(|_| {
+                Command::new(env!("CARGO_BIN_EXE_meshvpn"))
+                    .arg("control")
+                    .arg("--db")
+                    .arg(&db)
+                    .args(["keys", "create"])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(rand_below(80)));
+        for c in &mut children {
+            let _ = c.kill(); // SIGKILL; an error means it had already exited
+        }
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            match out.status.code() {
+                Some(0) => {
+                    let text = String::from_utf8(out.stdout).unwrap();
+                    acked.push(keys::parse(&text).expect("a whole key was printed").id);
+                }
+                None => killed += 1,
+                Some(code) => panic!("keys create failed with {code}"),
+            }
+        }
+        if db.exists() {
+            let store = server(&db);
+            store.integrity_check().unwrap();
+            for id in &acked {
+                assert!(store.key(id).unwrap().is_some(), "printed key {id} lost");
+            }
+        }
+    }
+    println!(
+        "{} keys printed, {killed} processes killed, all printed keys present",
+        acked.len()
+    );
+    // After all the kills the database still takes writes.
+    let last = ok(control(&db, &["keys", "create"]));
+    assert!(server(&db)
+        .key(&keys::parse(&last).unwrap().id)
+        .unwrap()
+        .is_some());
+}
