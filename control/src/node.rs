@@ -49,6 +49,10 @@ pub struct NodeRecord {
     pub join_key: Option<String>,
     pub created: u64,
     pub updated: u64,
+    /// Since when it has had no connection to the server (set at
+    /// registration, cleared while connected); ephemeral nodes offline
+    /// long enough are removed.
+    pub offline_since: Option<u64>,
 }
 
 /// What a node asks for when it registers. Its proof of holding the private

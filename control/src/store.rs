@@ -97,7 +97,8 @@ pub const MIGRATIONS: &[&str] = &[
          ephemeral INTEGER NOT NULL,
          join_key TEXT,
          created INTEGER NOT NULL,
-         updated INTEGER NOT NULL
+         updated INTEGER NOT NULL,
+         offline_since INTEGER
      ) STRICT;
      CREATE TABLE routes (
          node_id INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
@@ -156,6 +157,8 @@ pub enum StoreError {
     AddressesExhausted(IpPrefix),
     #[error("node {node} advertises {count} routes, more than the {max} one node may")]
     TooManyRoutes { node: i64, count: usize, max: usize },
+    #[error("{0} stayed locked by another process's write past the busy timeout: is a process stuck holding it?")]
+    Busy(PathBuf),
     #[error("no node with id {0}")]
     NoSuchNode(i64),
     #[error("cannot create {path}: {source}")]
@@ -214,6 +217,13 @@ pub trait Store: Send + Sync {
     /// Removes the node and its routes; `None` when there is no such node.
     fn remove_node(&self, id: i64) -> Result<Option<NodeRecord>, StoreError>;
 
+    /// Records that the node connected (`offline_since` cleared) or
+    /// disconnected (`offline_since = now`). False when there is no such node.
+    fn set_node_online(&self, id: i64, online: bool, now: u64) -> Result<bool, StoreError>;
+    /// Removes the ephemeral nodes offline since before `cutoff` (and their
+    /// routes) and returns them: the server's periodic clean-up.
+    fn remove_ephemeral_offline_before(&self, cutoff: u64) -> Result<Vec<NodeRecord>, StoreError>;
+
     /// Replaces what the node advertises; a route it still advertises keeps
     /// its approval, a new one starts unapproved. At most
     /// [`MAX_ROUTES_PER_NODE`] distinct prefixes, else nothing changes.
@@ -245,6 +255,8 @@ pub struct StoreConfig {
     /// The prefix new nodes get IPv4 addresses from. Changing it later
     /// leaves registered nodes their addresses.
     pub ipv4_prefix: IpPrefix,
+    /// How long a write waits for another writer; default [`BUSY_TIMEOUT`].
+    pub busy_timeout: Duration,
 }
 
 impl Default for StoreConfig {
@@ -254,6 +266,7 @@ impl Default for StoreConfig {
             ipv4_prefix: crate::node::DEFAULT_IPV4_PREFIX
                 .parse()
                 .expect("valid prefix"),
+            busy_timeout: BUSY_TIMEOUT,
         }
     }
 }
@@ -302,7 +315,7 @@ impl SqliteStore {
             | OpenFlags::SQLITE_OPEN_URI;
         let err = |e| classify(path, e);
         let mut conn = Connection::open_with_flags(path, flags).map_err(err)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+        conn.busy_timeout(config.busy_timeout).map_err(err)?;
         // The first statement that reads the file: a non-database fails here.
         let mode: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
@@ -315,7 +328,7 @@ impl SqliteStore {
         }
         conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
             .map_err(err)?;
-        migrate(path, &mut conn)?;
+        migrate(path, &mut conn, MIGRATIONS)?;
         let ula = ula_global_id(path, &conn)?;
         let plan = AddressPlan::new(config.ipv4_prefix, ula)?;
         Ok(Self {
@@ -367,10 +380,12 @@ impl SqliteStore {
         classify(&self.path, e)
     }
 
-    fn write<T>(
+    /// One `BEGIN IMMEDIATE` transaction, committed before returning `Ok`;
+    /// rolled back (on drop) when `f` fails.
+    fn write<T, E: From<StoreError>>(
         &self,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T, RedeemError>,
-    ) -> Result<T, RedeemError> {
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
         let mut conn = self.lock();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -378,17 +393,6 @@ impl SqliteStore {
         let out = f(&tx)?;
         tx.commit().map_err(|e| self.err(e))?;
         Ok(out)
-    }
-
-    fn write_store<T>(
-        &self,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        match self.write(|tx| f(tx).map_err(RedeemError::Store)) {
-            Ok(v) => Ok(v),
-            Err(RedeemError::Store(e)) => Err(e),
-            Err(RedeemError::Join(e)) => unreachable!("no key is checked here: {e}"),
-        }
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
@@ -417,6 +421,7 @@ impl SqliteStore {
             join_key: r.get("join_key")?,
             created: get_u64(r, "created")?,
             updated: get_u64(r, "updated")?,
+            offline_since: r.get::<_, Option<i64>>("offline_since")?.map(|v| v as u64),
         })
     }
 
@@ -475,8 +480,8 @@ impl SqliteStore {
                 )
                 .map_err(e)?;
                 tx.execute(
-                    "INSERT INTO nodes (public_key, name, ipv4, ipv6, tags, ephemeral, join_key, created, updated)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)",
+                    "INSERT INTO nodes (public_key, name, ipv4, ipv6, tags, ephemeral, join_key, created, updated, offline_since)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?8)",
                     params![
                         pk,
                         name,
@@ -501,7 +506,7 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     fn insert_key(&self, key: &JoinKeyRecord) -> Result<(), StoreError> {
-        self.write_store(|tx| {
+        self.write(|tx| {
             tx.execute(
                 "INSERT INTO join_keys (id, hash, created, expires, reusable, ephemeral, tags, revoked, uses, last_used)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -539,7 +544,7 @@ impl Store for SqliteStore {
     }
 
     fn revoke_key(&self, id: &str, now: u64) -> Result<bool, StoreError> {
-        self.write_store(|tx| {
+        self.write(|tx| {
             let n = tx
                 .execute(
                     "UPDATE join_keys SET revoked = coalesce(revoked, ?2) WHERE id = ?1",
@@ -593,7 +598,7 @@ impl Store for SqliteStore {
     }
 
     fn remove_node(&self, id: i64) -> Result<Option<NodeRecord>, StoreError> {
-        self.write_store(|tx| {
+        self.write(|tx| {
             let node = tx
                 .query_row("SELECT * FROM nodes WHERE id = ?1", [id], |r| {
                     self.node_row(r)
@@ -609,8 +614,41 @@ impl Store for SqliteStore {
         })
     }
 
+    fn set_node_online(&self, id: i64, online: bool, now: u64) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let since = (!online).then_some(now as i64);
+            let n = tx
+                .execute(
+                    "UPDATE nodes SET offline_since = ?2 WHERE id = ?1",
+                    params![id, since],
+                )
+                .map_err(|e| self.err(e))?;
+            Ok(n == 1)
+        })
+    }
+
+    fn remove_ephemeral_offline_before(&self, cutoff: u64) -> Result<Vec<NodeRecord>, StoreError> {
+        self.write(|tx| {
+            let e = |e| self.err(e);
+            let gone: Vec<NodeRecord> = tx
+                .prepare(
+                    "SELECT * FROM nodes WHERE ephemeral = 1 AND offline_since < ?1 ORDER BY id",
+                )
+                .and_then(|mut st| {
+                    st.query_map([cutoff as i64], |r| self.node_row(r))?
+                        .collect()
+                })
+                .map_err(e)?;
+            for n in &gone {
+                tx.execute("DELETE FROM nodes WHERE id = ?1", [n.id])
+                    .map_err(e)?;
+            }
+            Ok(gone)
+        })
+    }
+
     fn set_advertised_routes(&self, node_id: i64, routes: &[IpPrefix]) -> Result<(), StoreError> {
-        self.write_store(|tx| {
+        self.write(|tx| {
             let e = |e| self.err(e);
             let known: bool = tx
                 .prepare("SELECT 1 FROM nodes WHERE id = ?1")
@@ -657,7 +695,7 @@ impl Store for SqliteStore {
         prefix: IpPrefix,
         approved: bool,
     ) -> Result<bool, StoreError> {
-        self.write_store(|tx| {
+        self.write(|tx| {
             let n = tx
                 .execute(
                     "UPDATE routes SET approved = ?3 WHERE node_id = ?1 AND prefix = ?2",
@@ -691,7 +729,7 @@ impl Store for SqliteStore {
     }
 
     fn set_policy(&self, text: &str, now: u64) -> Result<u64, StoreError> {
-        self.write_store(|tx| {
+        self.write(|tx| {
             tx.query_row(
                 "INSERT INTO policy (id, text, version, updated) VALUES (1, ?1, 1, ?2)
                  ON CONFLICT (id) DO UPDATE SET text = excluded.text, version = version + 1, updated = excluded.updated
@@ -761,6 +799,9 @@ fn split_tags(s: &str) -> Vec<String> {
 /// Damage and non-databases get their own error; the rest keeps SQLite's.
 fn classify(path: &Path, e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            StoreError::Busy(path.to_path_buf())
+        }
         Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
             path: path.to_path_buf(),
             detail: e.to_string(),
@@ -775,9 +816,9 @@ fn classify(path: &Path, e: rusqlite::Error) -> StoreError {
 /// Brings the schema to [`schema_version`]; each step is one transaction
 /// that re-reads the version under the write lock, so two processes opening
 /// a new file at once do not both run a step.
-fn migrate(path: &Path, conn: &mut Connection) -> Result<(), StoreError> {
+fn migrate(path: &Path, conn: &mut Connection, steps: &[&str]) -> Result<(), StoreError> {
     let err = |e| classify(path, e);
-    let known = schema_version();
+    let known = steps.len() as u32;
     loop {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -806,8 +847,7 @@ fn migrate(path: &Path, conn: &mut Connection) -> Result<(), StoreError> {
         if version == known {
             return Ok(());
         }
-        tx.execute_batch(MIGRATIONS[version as usize])
-            .map_err(err)?;
+        tx.execute_batch(steps[version as usize]).map_err(err)?;
         if version == 0 {
             // The mesh's ULA /48: 40 random bits (RFC 4193 section 3.2).
             let mut id = [0u8; 5];
@@ -854,4 +894,74 @@ fn ula_global_id(path: &Path, conn: &Connection) -> Result<[u8; 5], StoreError> 
         *o = u8::from_str_radix(&v[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("meshvpn-store-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// The migration path: a file at version 1 with data, opened by a build
+    /// that knows a second step, is brought to version 2 and keeps its data;
+    /// the build that knows only version 1 then refuses it.
+    #[test]
+    fn a_later_step_migrates_an_existing_file_and_keeps_its_data() {
+        let dir = temp("migrate");
+        let path = dir.join("c.db");
+        let store = SqliteStore::open(&path, &StoreConfig::default()).unwrap();
+        assert_eq!(store.set_policy("p1", 5).unwrap(), 1);
+        drop(store);
+        let v2 = [
+            MIGRATIONS[0],
+            "ALTER TABLE policy ADD COLUMN author TEXT NOT NULL DEFAULT 'unknown';",
+        ];
+        let mut conn = Connection::open(&path).unwrap();
+        migrate(&path, &mut conn, &v2).unwrap();
+        migrate(&path, &mut conn, &v2).unwrap(); // idempotent
+        let (text, author, version): (String, String, u32) = conn
+            .query_row(
+                "SELECT text, author, (SELECT user_version FROM pragma_user_version) FROM policy",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (text.as_str(), author.as_str(), version),
+            ("p1", "unknown", 2)
+        );
+        drop(conn);
+        match SqliteStore::open(&path, &StoreConfig::default()) {
+            Err(StoreError::TooNew {
+                found: 2, known: 1, ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_writer_blocked_past_the_busy_timeout_gets_a_clear_error() {
+        let dir = temp("busy");
+        let path = dir.join("c.db");
+        let config = StoreConfig {
+            busy_timeout: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let store = SqliteStore::open(&path, &config).unwrap();
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let e = store.set_policy("x", 1).unwrap_err();
+        assert!(matches!(e, StoreError::Busy(_)), "{e}");
+        assert!(e.to_string().contains("stayed locked"), "{e}");
+        holder.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(store.set_policy("x", 1).unwrap(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

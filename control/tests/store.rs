@@ -559,3 +559,47 @@ fn a_node_cannot_advertise_more_than_the_route_cap() {
     store.set_advertised_routes(n.id, &at_cap).unwrap();
     assert_eq!(store.list_routes().unwrap().len(), MAX_ROUTES_PER_NODE);
 }
+
+#[test]
+fn ephemeral_nodes_offline_past_the_cutoff_are_removed_and_others_stay() {
+    let dir = TempDir::new("ephemeral-gc");
+    let store = open(&dir.db());
+    let eph = create(
+        &store,
+        KeyOptions {
+            ephemeral: true,
+            reusable: true,
+            ..Default::default()
+        },
+    );
+    let plain = create(&store, KeyOptions::default());
+    let gone = keys::redeem(&store, &eph, &node("ci-1"), NOW).unwrap();
+    let online = keys::redeem(&store, &eph, &node("ci-2"), NOW).unwrap();
+    let recent = keys::redeem(&store, &eph, &node("ci-3"), NOW).unwrap();
+    let durable = keys::redeem(&store, &plain, &node("server"), NOW).unwrap();
+    assert_eq!(gone.offline_since, Some(NOW), "offline until it connects");
+    assert!(store.set_node_online(online.id, true, NOW + 1).unwrap());
+    assert!(store.set_node_online(recent.id, true, NOW + 1).unwrap());
+    assert!(store.set_node_online(recent.id, false, NOW + 500).unwrap());
+    assert!(store.set_node_online(durable.id, false, NOW).unwrap());
+    assert!(!store.set_node_online(9999, true, NOW).unwrap());
+    store
+        .set_advertised_routes(gone.id, &["10.42.9.0/24".parse().unwrap()])
+        .unwrap();
+    let removed = store.remove_ephemeral_offline_before(NOW + 300).unwrap();
+    assert_eq!(
+        removed.iter().map(|n| n.id).collect::<Vec<_>>(),
+        vec![gone.id]
+    );
+    let left: Vec<i64> = store.list_nodes().unwrap().iter().map(|n| n.id).collect();
+    assert_eq!(left, vec![online.id, recent.id, durable.id]);
+    assert!(store.list_routes().unwrap().is_empty());
+    assert_eq!(
+        store
+            .node_by_public_key(&online.public_key)
+            .unwrap()
+            .unwrap()
+            .offline_since,
+        None
+    );
+}
