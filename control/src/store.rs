@@ -32,10 +32,9 @@
 //! k3s server process, so it would ride on the quorum the cluster already
 //! has instead of adding a second consensus group to operate; etcd's
 //! transactions (compare a key's revision, then write) give the same
-//! single-use guarantee as `BEGIN IMMEDIATE` here. k3s moved from dqlite to
-//! embedded etcd for exactly this role (k3s PR #1770, "dqlite ... didn't
-//! give high availability" in practice), and kine's SQLite backend, like
-//! this one, is single-instance only. For a control server run alone,
+//! single-use guarantee as `BEGIN IMMEDIATE` here. k3s itself replaced
+//! dqlite with embedded etcd as its embedded HA datastore (k3s PR #1770),
+//! and kine's SQLite backend, like this one, is single-instance only. For a control server run alone,
 //! rqlite (Raft-replicated SQLite over HTTP) would keep this schema and SQL
 //! nearly unchanged; it is the fallback when no etcd is at hand.
 
