@@ -190,18 +190,22 @@ pub fn run(args: ControlArgs) -> CliResult {
         ControlCommand::Nodes(NodesCommand::List) => {
             let nodes = store.list_nodes()?;
             println!(
-                "{:>4}  {:<20}  {:<15}  {:<28}  {:<9}  {:<44}  TAGS",
-                "ID", "NAME", "IPV4", "IPV6", "EPHEMERAL", "PUBLIC KEY"
+                "{:>4}  {:<20}  {:<15}  {:<28}  {:<9}  {:<44}  {:<28}  TAGS",
+                "ID", "NAME", "IPV4", "IPV6", "EPHEMERAL", "PUBLIC KEY", "CONNECTED"
             );
             for n in nodes {
                 println!(
-                    "{:>4}  {:<20}  {:<15}  {:<28}  {:<9}  {:<44}  {}",
+                    "{:>4}  {:<20}  {:<15}  {:<28}  {:<9}  {:<44}  {:<28}  {}",
                     n.id,
                     n.name,
                     n.ipv4.to_string(),
                     n.ipv6.to_string(),
                     if n.ephemeral { "yes" } else { "no" },
                     n.public_key.to_base64(),
+                    n.offline_since.map_or("yes".to_string(), |t| format!(
+                        "no, since {}",
+                        keys::format_time(t)
+                    )),
                     if n.tags.is_empty() {
                         "-".to_string()
                     } else {

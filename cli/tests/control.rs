@@ -179,6 +179,7 @@ fn nodes_list_and_remove_by_id_name_or_key() {
             "{line}"
         );
         assert!(line.contains(&n.public_key.to_base64()), "{line}");
+        assert!(line.contains("no, since "), "not connected yet: {line}");
     }
     assert!(ok(control(&db, &["nodes", "remove", "beta"])).contains(&b.ipv4.to_string()));
     assert!(ok(control(&db, &["nodes", "remove", &a.id.to_string()])).contains("alpha"));
