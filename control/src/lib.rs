@@ -7,3 +7,7 @@
 //! filter, peers from the network map) is expressed in the engine's own
 //! types, so the data path stays free of policy syntax and of the store.
 #![deny(unsafe_code)]
+
+pub mod policy;
+
+pub use policy::{compile, MeshNode, Policy, PolicyError};
