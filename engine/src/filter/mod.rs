@@ -263,8 +263,9 @@ impl Parsed {
     /// A packet that only makes sense inside a flow the other side began.
     fn looks_like_reply(&self) -> bool {
         match self.kind {
+            // A SYN-ACK, an RST-ACK, or an ACK without SYN.
             Kind::Tcp { flags: f } => {
-                f & flags::ACK != 0 && f & (flags::SYN | flags::RST) != 0
+                (f & flags::ACK != 0 && f & (flags::SYN | flags::RST) != 0)
                     || f & (flags::SYN | flags::ACK) == flags::ACK
             }
             Kind::EchoReply { .. } => true,
