@@ -179,6 +179,9 @@ impl Reader<'_> {
     fn object(&mut self, depth: usize) -> Result<Json, SyntaxError> {
         self.bump();
         let mut fields: Vec<(String, Pos, Value)> = Vec::new();
+        // A set, not a scan of `fields`: a 1 MiB object of short keys
+        // would make the scan quadratic.
+        let mut seen = std::collections::HashSet::new();
         loop {
             self.skip_space()?;
             match self.chars.peek() {
@@ -191,7 +194,7 @@ impl Reader<'_> {
             }
             let key_pos = self.pos;
             let key = self.string()?;
-            if fields.iter().any(|(k, _, _)| *k == key) {
+            if !seen.insert(key.clone()) {
                 return Err(SyntaxError {
                     pos: key_pos,
                     message: format!("duplicate key {key:?}"),

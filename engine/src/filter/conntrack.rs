@@ -17,7 +17,9 @@
 //!
 //! Expiry uses only the `now` the caller passes: no clock reads.
 
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
 /// Flows tracked at once, by default (about 80 bytes each: 5 MiB full).
@@ -64,14 +66,31 @@ impl Default for ConntrackLimits {
 /// A flow as seen from this node: local and remote ends, whatever the
 /// direction of the packet, so both directions find one entry. For an ICMP
 /// echo both ports hold the identifier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FlowKey {
-    pub local: [u8; 16],
-    pub remote: [u8; 16],
+    /// Addresses IPv4-mapped (see `rules::mapped`).
+    pub local: u128,
+    pub remote: u128,
     pub local_port: u16,
     pub remote_port: u16,
     pub proto: u8,
     pub v4: bool,
+}
+
+impl Hash for FlowKey {
+    /// Three word writes: SipHash (std's `RandomState`, kept for its
+    /// resistance to chosen-collision floods) pays per write and per block.
+    #[inline]
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        h.write_u128(self.local);
+        h.write_u128(self.remote);
+        h.write_u64(
+            (self.local_port as u64) << 32
+                | (self.remote_port as u64) << 16
+                | (self.proto as u64) << 8
+                | self.v4 as u64,
+        );
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -124,20 +143,14 @@ impl Conntrack {
     /// The live entry of `key`; an expired one is removed on the way.
     #[inline]
     pub fn get(&mut self, key: &FlowKey, now: Instant) -> Option<&mut Entry> {
-        let expired = match self.map.get(key) {
-            None => return None,
-            Some(e) => now >= e.expires,
-        };
-        if expired {
-            self.remove(key);
-            return None;
-        }
-        self.map.get_mut(key)
-    }
-
-    fn remove(&mut self, key: &FlowKey) {
-        if let Some(e) = self.map.remove(key) {
-            release(&mut self.per_source, e.source);
+        // One hash, hit or miss (`entry` rather than a get and a get_mut).
+        match self.map.entry(*key) {
+            MapEntry::Occupied(o) if now < o.get().expires => Some(o.into_mut()),
+            MapEntry::Occupied(o) => {
+                release(&mut self.per_source, o.remove().source);
+                None
+            }
+            MapEntry::Vacant(_) => None,
         }
     }
 

@@ -39,7 +39,7 @@ mod rules;
 #[cfg(test)]
 mod tests;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -52,6 +52,7 @@ pub use conntrack::{
 pub use rules::{
     default_icmp_types, default_protocols, ByteSet, FilterRules, FlowStart, PortRange, Rule,
 };
+use rules::{FastRules, FastStart};
 
 use crate::stats::{stats_reasons, stats_struct};
 use crate::wire::icmp::IcmpPacket;
@@ -127,8 +128,9 @@ pub enum Direction {
 struct Parsed {
     v4: bool,
     proto: u8,
-    src: IpAddr,
-    dst: IpAddr,
+    /// Addresses as 128-bit integers, IPv4 mapped (`::ffff:a.b.c.d`).
+    src: u128,
+    dst: u128,
     src_port: u16,
     dst_port: u16,
     kind: Kind,
@@ -163,11 +165,14 @@ fn parse(packet: &[u8]) -> Result<Parsed, FilterDrop> {
     let (src, dst) = if v4 {
         let s: [u8; 4] = a[0..4].try_into().expect("8 address bytes");
         let d: [u8; 4] = a[4..8].try_into().expect("8 address bytes");
-        (IpAddr::V4(Ipv4Addr::from(s)), IpAddr::V4(Ipv4Addr::from(d)))
+        (
+            u128::from(Ipv4Addr::from(s).to_ipv6_mapped()),
+            u128::from(Ipv4Addr::from(d).to_ipv6_mapped()),
+        )
     } else {
         let s: [u8; 16] = a[0..16].try_into().expect("32 address bytes");
         let d: [u8; 16] = a[16..32].try_into().expect("32 address bytes");
-        (IpAddr::V6(Ipv6Addr::from(s)), IpAddr::V6(Ipv6Addr::from(d)))
+        (u128::from_be_bytes(s), u128::from_be_bytes(d))
     };
     let proto = ip.protocol();
     let mut p = Parsed {
@@ -218,13 +223,6 @@ fn parse(packet: &[u8]) -> Result<Parsed, FilterDrop> {
     Ok(p)
 }
 
-fn addr16(a: IpAddr) -> [u8; 16] {
-    match a {
-        IpAddr::V4(v) => v.to_ipv6_mapped().octets(),
-        IpAddr::V6(v) => v.octets(),
-    }
-}
-
 impl Parsed {
     /// The flow seen from this node.
     #[inline]
@@ -234,8 +232,8 @@ impl Parsed {
             Direction::Outbound => ((self.src, self.src_port), (self.dst, self.dst_port)),
         };
         FlowKey {
-            local: addr16(l),
-            remote: addr16(r),
+            local: l,
+            remote: r,
             local_port: lp,
             remote_port: rp,
             proto: self.proto,
@@ -243,7 +241,7 @@ impl Parsed {
         }
     }
 
-    fn flow_start(&self) -> FlowStart {
+    fn flow_start(&self) -> FastStart {
         let (port, icmp_type) = match self.kind {
             Kind::Tcp { .. } | Kind::Udp => (Some(self.dst_port), None),
             Kind::EchoRequest { ty } | Kind::EchoReply { ty } | Kind::IcmpOther { ty } => {
@@ -251,7 +249,8 @@ impl Parsed {
             }
             _ => (None, None),
         };
-        FlowStart {
+        FastStart {
+            v4: self.v4,
             proto: self.proto,
             src: self.src,
             dst: self.dst,
@@ -279,6 +278,7 @@ impl Parsed {
 /// packets (the next packet sees the new rules).
 pub struct Filter {
     rules: Option<Arc<FilterRules>>,
+    fast: Option<FastRules>,
     table: Conntrack,
     stats: FilterStats,
     drops: [u64; FilterDrop::ALL.len()],
@@ -295,6 +295,7 @@ impl Filter {
     pub fn new(limits: ConntrackLimits) -> Filter {
         Filter {
             rules: None,
+            fast: None,
             table: Conntrack::new(limits),
             stats: FilterStats::default(),
             drops: [0; FilterDrop::ALL.len()],
@@ -307,6 +308,7 @@ impl Filter {
         if rules.is_none() {
             self.table.clear();
         }
+        self.fast = rules.as_deref().map(FastRules::new);
         self.rules = rules;
     }
 
@@ -360,12 +362,9 @@ impl Filter {
 
     fn decide(&mut self, dir: Direction, packet: &[u8], source: u64, now: Instant) -> Verdict {
         let Filter {
-            rules,
-            table,
-            stats,
-            ..
+            fast, table, stats, ..
         } = self;
-        let Some(rules) = rules.as_deref() else {
+        let Some(rules) = fast.as_ref() else {
             stats.accepted_untracked += 1;
             return Verdict::Accept;
         };
@@ -374,9 +373,12 @@ impl Filter {
             Err(r) => return Verdict::Drop(r),
         };
         let start = p.flow_start();
-        let allowed = |rules: &FilterRules| match dir {
-            Direction::Inbound => rules.allows_inbound(&start),
-            Direction::Outbound => rules.allows_outbound(&start),
+        let allowed = |rules: &FastRules| {
+            let list = match dir {
+                Direction::Inbound => &rules.inbound,
+                Direction::Outbound => &rules.outbound,
+            };
+            list.iter().any(|r| r.allows(&start))
         };
         let denied = || match dir {
             Direction::Outbound => FilterDrop::OutboundDenied,

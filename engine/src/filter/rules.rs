@@ -112,32 +112,6 @@ impl Rule {
             icmp_types: ByteSet::ALL,
         }
     }
-
-    /// Whether this rule lets `src` start a flow of protocol `proto` to
-    /// `dst` on `port`. `port` is `None` for ICMP (checked by `icmp_type`)
-    /// and for protocols without ports, which need an all-ports entry.
-    #[inline]
-    fn allows(&self, f: &FlowStart) -> bool {
-        if !self.protos.contains(f.proto) {
-            return false;
-        }
-        if let Some(t) = f.icmp_type {
-            if !self.icmp_types.contains(t) {
-                return false;
-            }
-        }
-        if !self.srcs.iter().any(|p| p.contains(f.src)) {
-            return false;
-        }
-        self.dsts.iter().any(|(p, ports)| {
-            p.contains(f.dst)
-                && match f.port {
-                    Some(port) => ports.contains(port),
-                    None if f.icmp_type.is_some() => true,
-                    None => ports.is_all(),
-                }
-        })
-    }
 }
 
 /// What a rule is checked against: the start of a flow, in the direction
@@ -166,18 +140,155 @@ pub struct FilterRules {
 }
 
 impl FilterRules {
-    /// Whether some inbound rule accepts the flow start.
+    /// Whether some inbound rule accepts the flow start (compiles the
+    /// rules for the call: for tests and tools, not for the data path).
     pub fn allows_inbound(&self, f: &FlowStart) -> bool {
-        self.inbound.iter().any(|r| r.allows(f))
+        let s = FastStart::from(f);
+        self.inbound.iter().any(|r| FastRule::new(r).allows(&s))
     }
 
-    /// Whether some outbound rule accepts the flow start.
+    /// Whether some outbound rule accepts the flow start (as
+    /// [`FilterRules::allows_inbound`]).
     pub fn allows_outbound(&self, f: &FlowStart) -> bool {
-        self.outbound.iter().any(|r| r.allows(f))
+        let s = FastStart::from(f);
+        self.outbound.iter().any(|r| FastRule::new(r).allows(&s))
     }
 
     /// Rules in both directions.
     pub fn rule_count(&self) -> usize {
         self.inbound.len() + self.outbound.len()
+    }
+}
+
+/// An address as the filter matches it: IPv4 mapped into IPv6
+/// (`::ffff:a.b.c.d`), so one 128-bit compare serves both families.
+#[inline]
+pub(crate) fn mapped(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(v) => u128::from(v.to_ipv6_mapped()),
+        IpAddr::V6(v) => u128::from(v),
+    }
+}
+
+/// A prefix over mapped addresses: network, mask and family (so that
+/// `::/0` does not hold the IPv4-mapped range).
+#[derive(Debug, Clone, Copy)]
+struct Masked {
+    net: u128,
+    mask: u128,
+    v4: bool,
+}
+
+impl Masked {
+    fn new(p: &IpPrefix) -> Masked {
+        let v4 = p.is_ipv4();
+        let len = if v4 {
+            96 + p.len() as u32
+        } else {
+            p.len() as u32
+        };
+        let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+        Masked {
+            net: mapped(p.addr()) & mask,
+            mask,
+            v4,
+        }
+    }
+
+    #[inline]
+    fn contains(&self, addr: u128, v4: bool) -> bool {
+        self.v4 == v4 && addr & self.mask == self.net
+    }
+}
+
+/// A [`Rule`] in the form the data path scans: masks precomputed, one
+/// integer compare per prefix.
+#[derive(Debug, Clone)]
+pub(crate) struct FastRule {
+    srcs: Vec<Masked>,
+    dsts: Vec<(Masked, PortRange)>,
+    protos: ByteSet,
+    icmp_types: ByteSet,
+}
+
+/// What a [`FastRule`] is checked against (addresses mapped).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FastStart {
+    pub v4: bool,
+    pub proto: u8,
+    pub src: u128,
+    pub dst: u128,
+    pub port: Option<u16>,
+    pub icmp_type: Option<u8>,
+}
+
+impl From<&FlowStart> for FastStart {
+    fn from(f: &FlowStart) -> FastStart {
+        FastStart {
+            v4: f.src.is_ipv4(),
+            proto: f.proto,
+            src: mapped(f.src),
+            dst: mapped(f.dst),
+            port: f.port,
+            icmp_type: f.icmp_type,
+        }
+    }
+}
+
+impl FastRule {
+    pub fn new(r: &Rule) -> FastRule {
+        FastRule {
+            srcs: r.srcs.iter().map(Masked::new).collect(),
+            dsts: r
+                .dsts
+                .iter()
+                .map(|(p, ports)| (Masked::new(p), *ports))
+                .collect(),
+            protos: r.protos,
+            icmp_types: r.icmp_types,
+        }
+    }
+
+    /// Whether this rule lets the flow start: its protocol is listed,
+    /// its ICMP type too (for ICMP), its initiator is in a source and its
+    /// responder in a destination whose ports hold its port. A protocol
+    /// without ports needs an all-ports destination.
+    #[inline]
+    pub fn allows(&self, f: &FastStart) -> bool {
+        if !self.protos.contains(f.proto) {
+            return false;
+        }
+        if let Some(t) = f.icmp_type {
+            if !self.icmp_types.contains(t) {
+                return false;
+            }
+        }
+        if !self.srcs.iter().any(|p| p.contains(f.src, f.v4)) {
+            return false;
+        }
+        self.dsts.iter().any(|(p, ports)| {
+            p.contains(f.dst, f.v4)
+                && match f.port {
+                    Some(port) => ports.contains(port),
+                    None if f.icmp_type.is_some() => true,
+                    None => ports.is_all(),
+                }
+        })
+    }
+}
+
+/// [`FilterRules`] compiled for scanning.
+#[derive(Debug, Clone)]
+pub(crate) struct FastRules {
+    pub inbound: Vec<FastRule>,
+    pub outbound: Vec<FastRule>,
+}
+
+impl FastRules {
+    pub fn new(r: &FilterRules) -> FastRules {
+        FastRules {
+            inbound: r.inbound.iter().map(FastRule::new).collect(),
+            outbound: r.outbound.iter().map(FastRule::new).collect(),
+        }
     }
 }

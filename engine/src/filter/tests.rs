@@ -420,3 +420,44 @@ fn ipv6_flows_are_tracked() {
         Verdict::Drop(FilterDrop::OutboundDenied)
     );
 }
+
+#[test]
+fn prefixes_match_their_own_family_only() {
+    let rule = |src: &str| Rule {
+        srcs: vec![prefix(src)],
+        dsts: vec![
+            (prefix("0.0.0.0/0"), PortRange::ALL),
+            (prefix("::/0"), PortRange::ALL),
+        ],
+        protos: ByteSet::ALL,
+        icmp_types: ByteSet::ALL,
+    };
+    let start = |src: &str, dst: &str| FlowStart {
+        proto: PROTO_TCP,
+        src: src.parse().unwrap(),
+        dst: dst.parse().unwrap(),
+        port: Some(1),
+        icmp_type: None,
+    };
+    let v6_any = FilterRules {
+        inbound: vec![rule("::/0")],
+        outbound: vec![],
+    };
+    // IPv4 is mapped into ::ffff:0:0/96 inside the filter: ::/0 must not
+    // hold it, nor 0.0.0.0/0 an IPv6 address.
+    assert!(!v6_any.allows_inbound(&start("100.64.0.2", "100.64.0.1")));
+    assert!(v6_any.allows_inbound(&start("fd7a::2", "fd7a::1")));
+    let v4_any = FilterRules {
+        inbound: vec![rule("0.0.0.0/0")],
+        outbound: vec![],
+    };
+    assert!(v4_any.allows_inbound(&start("100.64.0.2", "100.64.0.1")));
+    assert!(!v4_any.allows_inbound(&start("::ffff:100.64.0.2", "fd7a::1")));
+    assert!(!v4_any.allows_inbound(&start("fd7a::2", "fd7a::1")));
+    let narrow = FilterRules {
+        inbound: vec![rule("10.42.1.0/24")],
+        outbound: vec![],
+    };
+    assert!(narrow.allows_inbound(&start("10.42.1.255", "100.64.0.1")));
+    assert!(!narrow.allows_inbound(&start("10.42.2.0", "100.64.0.1")));
+}
