@@ -1,6 +1,8 @@
 //! A policy compiled for one node: the engine filter rules saying what may
 //! reach the node (inbound) and what the node may start (outbound).
 
+use std::collections::HashSet;
+use std::hash::Hash;
 use std::net::IpAddr;
 
 use meshvpn_engine::filter::{default_icmp_types, FilterRules, PortRange, Rule};
@@ -84,14 +86,11 @@ pub fn compile(policy: Option<&Policy>, node: &MeshNode, mesh: &[MeshNode]) -> O
     Some(rules)
 }
 
-fn dedup<T: PartialEq>(v: Vec<T>) -> Vec<T> {
-    let mut out: Vec<T> = Vec::with_capacity(v.len());
-    for x in v {
-        if !out.contains(&x) {
-            out.push(x);
-        }
-    }
-    out
+/// Drops repeats, keeping first occurrences in order (a set: groups of
+/// thousands of members must not make this quadratic).
+fn dedup<T: Hash + Eq + Copy>(v: Vec<T>) -> Vec<T> {
+    let mut seen = HashSet::with_capacity(v.len());
+    v.into_iter().filter(|x| seen.insert(*x)).collect()
 }
 
 fn resolve_all<'a>(
