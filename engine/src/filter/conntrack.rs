@@ -22,7 +22,8 @@ use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::time::{Duration, Instant};
 
-/// Flows tracked at once, by default (about 80 bytes each: 5 MiB full).
+/// Flows tracked at once, by default (about 90 bytes each with the hash
+/// table's overhead: 6 MiB full).
 pub const DEFAULT_CONNTRACK_CAPACITY: usize = 65_536;
 /// Flows one source may hold at once, by default: a sixteenth of the
 /// table, so sixteen colluding peers are needed to fill it.
