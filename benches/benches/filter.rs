@@ -25,7 +25,10 @@ fn rules() -> Arc<FilterRules> {
     let p = |s: String| s.parse::<IpPrefix>().unwrap();
     let inbound = (0..RULES)
         .map(|i| Rule {
-            srcs: vec![p(format!("100.64.1.{}/32", i + 1)), p(format!("10.43.{i}.0/24"))],
+            srcs: vec![
+                p(format!("100.64.1.{}/32", i + 1)),
+                p(format!("10.43.{i}.0/24")),
+            ],
             dsts: vec![
                 (p("100.64.0.1/32".into()), PortRange::single(22)),
                 (p("10.42.1.0/24".into()), PortRange::new(8000, 8099)),
@@ -114,12 +117,17 @@ fn report() {
     println!("\nfilter per packet with {RULES} rules (median), against the single-flow data path:");
     match path {
         Some(p) => println!("  encap+decap of a 1420-byte packet: {p:.0} ns"),
-        None => println!("  (run `cargo bench -p meshvpn-benches --bench data_path` for the comparison)"),
+        None => println!(
+            "  (run `cargo bench -p meshvpn-benches --bench data_path` for the comparison)"
+        ),
     }
     for id in ["established", "new_flow", "denied", "no_rules"] {
         if let Some(ns) = median_ns(GROUP, id) {
             match path {
-                Some(p) => println!("  {id:>12}: {ns:>7.1} ns = {:.2}% of the data path", 100.0 * ns / p),
+                Some(p) => println!(
+                    "  {id:>12}: {ns:>7.1} ns = {:.2}% of the data path",
+                    100.0 * ns / p
+                ),
                 None => println!("  {id:>12}: {ns:>7.1} ns"),
             }
         }
