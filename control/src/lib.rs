@@ -10,8 +10,10 @@
 
 pub mod keys;
 pub mod node;
+pub mod policy;
 pub mod store;
 
 pub use keys::{JoinError, JoinKeyRecord, KeyOptions, NewKey};
 pub use node::{AddressPlan, NodeRecord, NodeRequest};
+pub use policy::{compile, MeshNode, Policy, PolicyError};
 pub use store::{RedeemError, SqliteStore, Store, StoreConfig, StoreError};
