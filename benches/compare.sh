@@ -19,7 +19,8 @@
 # seconds; ping RTT through the tunnel idle and under a TCP load; CPU
 # seconds per GB moved (utime+stime of the processes in both namespaces
 # other than iperf3 and ping, from /proc/PID/stat). Writes the tables with
-# machine details and ratios to benches/RESULTS.md (or --out). Needs root.
+# machine details and ratios to its section of benches/RESULTS.md (or --out).
+# Needs root.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -60,6 +61,8 @@ fi
 }
 
 NETNS_TOOLS="wireguard-go wg iperf3 ping python3"
+# shellcheck source=benches/results_section.sh
+source "$ROOT/benches/results_section.sh"
 # shellcheck source=cli/tests/netns/lib.sh
 source "$ROOT/cli/tests/netns/lib.sh"
 
@@ -255,6 +258,8 @@ fi
 	echo
 	echo "CPU s/GB counts both ends' daemons during the single-flow TCP runs. Ping: 50 ms"
 	echo "interval; under load, while a single TCP flow fills the tunnel."
-} >"$OUT.tmp" && mv "$OUT.tmp" "$OUT"
+} >"$T/table"
 echo "load after: $LOAD_AFTER"
-cat "$OUT"
+cat "$T/table"
+# Its own section of the file: other scripts write theirs there too.
+results_section "$OUT" compare <"$T/table"

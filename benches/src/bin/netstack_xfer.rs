@@ -6,6 +6,8 @@
 //!
 //!   netstack_xfer [--streams N] [--bytes TOTAL] [--timeout SECONDS]
 //!
+//! The timeout bounds the whole transfer (default 300 s).
+//!
 //! Each connection starts with a 16-byte header (stream index, length,
 //! little-endian) and then carries the deterministic pattern of
 //! [`pattern`] for that index; the receiver compares every byte with the
@@ -169,6 +171,11 @@ fn main() {
         rx.push(r);
     }
 
+    // The whole transfer is bounded, not only each read and write.
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(timeout));
+        die(format!("timed out after {timeout} s"))
+    });
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
     let result: Result<u64, String> = std::thread::scope(|scope| {
