@@ -79,7 +79,8 @@ fn send(s: &TcpStream, index: u64, len: u64) -> Result<(), String> {
     head[..8].copy_from_slice(&index.to_le_bytes());
     head[8..].copy_from_slice(&len.to_le_bytes());
     let mut w = s;
-    w.write_all(&head).map_err(|e| format!("stream {index}: write: {e}"))?;
+    w.write_all(&head)
+        .map_err(|e| format!("stream {index}: write: {e}"))?;
     let mut off = 0u64;
     while off < len {
         let n = (len - off).min(IO as u64) as usize;
@@ -101,7 +102,9 @@ fn receive(s: &TcpStream, streams: u64, expect_len: u64) -> Result<u64, String> 
     let index = u64::from_le_bytes(head[..8].try_into().unwrap());
     let len = u64::from_le_bytes(head[8..].try_into().unwrap());
     if index >= streams || len != expect_len {
-        return Err(format!("bad header: stream {index} of {streams}, length {len}"));
+        return Err(format!(
+            "bad header: stream {index} of {streams}, length {len}"
+        ));
     }
     let p = pattern(index);
     let mut buf = vec![0u8; IO];
@@ -116,7 +119,10 @@ fn receive(s: &TcpStream, streams: u64, expect_len: u64) -> Result<u64, String> 
         }
         let at = (got % PERIOD as u64) as usize;
         if buf[..n] != p[at..at + n] {
-            return Err(format!("stream {index}: wrong bytes in {got}..{}", got + n as u64));
+            return Err(format!(
+                "stream {index}: wrong bytes in {got}..{}",
+                got + n as u64
+            ));
         }
         got += n as u64;
     }
