@@ -21,7 +21,9 @@
 # Environment: NSB_BYTES bytes per transfer, split between the streams
 # (default 1 GiB; smoke 16 MiB), NSB_STREAMS the stream counts (default
 # "1 8"), NSB_VARIANTS (default "rust go gvisor"), NSB_TIMEOUT seconds one
-# transfer may take (default 120; smoke 30). Results are medians of N runs
+# transfer may take (default 120; smoke 30). For a before/after figure,
+# NSB_BASE_BIN=PATH names a netstack_xfer built from another commit and the
+# variant rust-base runs it (NSB_VARIANTS="rust-base rust"). Results are medians of N runs
 # (default 3), variants interleaved within a run so a burst of load on the
 # machine hits all of them; written as a section of benches/RESULTS.md
 # unless --out says otherwise. Needs cargo, go, and the Go module cache or
@@ -94,6 +96,7 @@ run() {
 	local v=$1 s=$2 cmd out
 	case $v in
 	rust) cmd=("$RUST_BIN" --streams "$s" --bytes "$BYTES" --timeout "$TIMEOUT") ;;
+	rust-base) cmd=("${NSB_BASE_BIN:?rust-base needs NSB_BASE_BIN}" --streams "$s" --bytes "$BYTES" --timeout "$TIMEOUT") ;;
 	go) cmd=("$T/nsbench" -variant meshvpn -streams "$s" -bytes "$BYTES" -timeout "$TIMEOUT") ;;
 	gvisor) cmd=("$T/nsbench" -variant gvisor -streams "$s" -bytes "$BYTES" -timeout "$TIMEOUT") ;;
 	*)
@@ -189,6 +192,16 @@ table() {
 	for s in $STREAMS; do
 		echo "| $s | $(ratio "${M[rust,$s,gb]:-}" "${M[gvisor,$s,gb]:-}") | $(ratio "${M[go,$s,gb]:-}" "${M[rust,$s,gb]:-}") | $(ratio "${M[gvisor,$s,cpu]:-}" "${M[rust,$s,cpu]:-}") |"
 	done
+	if [[ " $VARIANTS " == *" rust-base "* ]]; then
+		echo
+		echo "rust-base: $NSB_BASE_BIN, the same transfer built from another commit."
+		echo
+		echo "| streams | rust / rust-base Gbit/s | rust / rust-base CPU s/GB |"
+		echo "|---|---|---|"
+		for s in $STREAMS; do
+			echo "| $s | $(ratio "${M[rust,$s,gb]:-}" "${M[rust-base,$s,gb]:-}") | $(ratio "${M[rust,$s,cpu]:-}" "${M[rust-base,$s,cpu]:-}") |"
+		done
+	fi
 	echo
 	echo "rust: benches/src/bin/netstack_xfer.rs; go and gvisor: bindings/go/interop/cmd/nsbench."
 	echo "CPU s/GB: user+system time of the whole process (both nodes) per 10^9 bytes moved."
