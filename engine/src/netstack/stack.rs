@@ -145,23 +145,6 @@ pub(crate) struct Stack {
     next_id: u64,
     epoch: Instant,
     last_reap: Instant,
-    /// When the stack thread wakes at the latest: set by each of its polls,
-    /// read by [`Inner::push`] to tell whether a timer it armed needs the
-    /// thread sooner.
-    wake_at: Instant,
-}
-
-/// The sending side of the stack: packets taken out of the device and being
-/// sent, their buffers once sent, destinations found unreachable. Its
-/// holder is the only sender, from taking packets out of the device until
-/// they are sent, so batches leave in the order smoltcp made them whether
-/// the stack thread or a writer ([`Inner::push`]) sends them. Lock order:
-/// this, then the stack.
-#[derive(Default)]
-pub(crate) struct Tx {
-    out: Vec<Vec<u8>>,
-    spare: Vec<Vec<u8>>,
-    unreachable: Vec<IpAddr>,
 }
 
 struct Counters {
@@ -177,7 +160,6 @@ pub(crate) struct Inner {
     addresses: Vec<IpAddr>,
     engine: Weak<Engine>,
     kick: Sender<()>,
-    tx: Mutex<Tx>,
     closed: AtomicBool,
     detached: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -263,13 +245,11 @@ impl Inner {
                 next_id: 1,
                 epoch,
                 last_reap: epoch,
-                wake_at: epoch,
             }),
             mtu,
             addresses: addresses.clone(),
             engine: Arc::downgrade(engine),
             kick: kick_tx,
-            tx: Mutex::new(Tx::default()),
             closed: AtomicBool::new(false),
             detached: detached.clone(),
             thread: Mutex::new(None),
@@ -346,55 +326,6 @@ impl Inner {
     /// made room to receive). Kicks coalesce.
     pub fn kick(&self) {
         let _ = self.kick.try_send(());
-    }
-
-    /// Sends what a caller just queued from the caller's thread, when no one
-    /// else is sending: a bulk writer then moves its bytes without waking
-    /// the stack thread for each write (a wakeup and a thread handoff per
-    /// write were about a quarter of the in-process profile). When another
-    /// thread is sending, or a timer this arms (a retransmission) is due
-    /// before the stack thread's next wake, it kicks the thread instead or
-    /// as well.
-    pub fn push(&self) {
-        let Some(mut tx) = self.tx.try_lock() else {
-            return self.kick();
-        };
-        let Ok(engine) = self.engine() else {
-            return self.kick();
-        };
-        let wake_thread = {
-            let mut guard = self.stack.lock();
-            let st = &mut *guard;
-            st.device.free.append(&mut tx.spare);
-            st.egress(st.now());
-            std::mem::swap(&mut tx.out, &mut st.device.tx);
-            Instant::now() + st.delay() < st.wake_at
-        };
-        self.send(&engine, &mut tx);
-        if wake_thread || !tx.unreachable.is_empty() {
-            self.kick();
-        }
-    }
-
-    /// Sends `tx.out` as one batch (consecutive packets to a peer leave in
-    /// one GSO send), noting destinations with no peer or endpoint.
-    fn send(&self, engine: &Engine, tx: &mut Tx) {
-        let Tx {
-            out,
-            spare,
-            unreachable,
-        } = tx;
-        engine.send_packets_reporting(out.iter().map(Vec::as_slice), |p, e| {
-            if let SendError::NoRoute | SendError::Dropped(DropReason::NoEndpoint) = e {
-                self.counters.tx_unroutable.fetch_add(1, Relaxed);
-                if let Ok(h) = IpHeader::new_checked(p) {
-                    if !unreachable.contains(&h.dst) {
-                        unreachable.push(h.dst);
-                    }
-                }
-            }
-        });
-        spare.append(out);
     }
 
     /// Runs `attempt` under the stack lock until it gives a result, sleeping
@@ -477,6 +408,9 @@ fn run(inner: Arc<Inner>, packets: Receiver<PacketBuf>, kicks: Receiver<()>) {
         }
     }
     let _stopped = Stopped(&inner);
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut spare: Vec<Vec<u8>> = Vec::new();
+    let mut unreachable: Vec<IpAddr> = Vec::new();
     let mut delay = Duration::ZERO;
     loop {
         let first = if delay.is_zero() {
@@ -490,7 +424,6 @@ fn run(inner: Arc<Inner>, packets: Receiver<PacketBuf>, kicks: Receiver<()>) {
         };
         while kicks.try_recv().is_ok() {}
         let Ok(engine) = inner.engine() else { break };
-        let mut tx = inner.tx.lock();
         {
             let mut guard = inner.stack.lock();
             let st = &mut *guard;
@@ -501,21 +434,30 @@ fn run(inner: Arc<Inner>, packets: Receiver<PacketBuf>, kicks: Receiver<()>) {
                     Err(_) => break,
                 }
             }
-            st.device.free.append(&mut tx.spare);
-            if !tx.unreachable.is_empty() {
-                st.fail_unreachable(&tx.unreachable);
-                tx.unreachable.clear();
+            st.device.free.append(&mut spare);
+            if !unreachable.is_empty() {
+                st.fail_unreachable(&unreachable);
+                unreachable.clear();
             }
             st.poll(&inner);
             delay = st.delay().min(IDLE_CHECK);
-            st.wake_at = Instant::now() + delay;
-            std::mem::swap(&mut tx.out, &mut st.device.tx);
+            std::mem::swap(&mut out, &mut st.device.tx);
         }
-        inner.send(&engine, &mut tx);
-        if !tx.unreachable.is_empty() || !packets.is_empty() {
+        // One batch: consecutive packets to a peer leave in one GSO send.
+        engine.send_packets_reporting(out.iter().map(Vec::as_slice), |p, e| {
+            if let SendError::NoRoute | SendError::Dropped(DropReason::NoEndpoint) = e {
+                inner.counters.tx_unroutable.fetch_add(1, Relaxed);
+                if let Ok(h) = IpHeader::new_checked(p) {
+                    if !unreachable.contains(&h.dst) {
+                        unreachable.push(h.dst);
+                    }
+                }
+            }
+        });
+        spare.append(&mut out);
+        if !unreachable.is_empty() || !packets.is_empty() {
             delay = Duration::ZERO;
         }
-        drop(tx);
     }
 }
 
@@ -690,19 +632,14 @@ impl Stack {
         let now = self.now();
         self.iface.poll_maintenance(now);
         self.ingress(now, inner);
-        self.egress(now);
-        if !self.closing.is_empty() && self.last_reap.elapsed() >= REAP_EVERY {
-            self.reap();
-        }
-    }
-
-    /// Lets smoltcp send what its sockets have, up to a full device.
-    fn egress(&mut self, now: SmolInstant) {
         while self
             .iface
             .poll_egress(now, &mut self.device, &mut self.sockets)
             != smoltcp::iface::PollResult::None
         {}
+        if !self.closing.is_empty() && self.last_reap.elapsed() >= REAP_EVERY {
+            self.reap();
+        }
     }
 
     fn delay(&mut self) -> Duration {

@@ -233,7 +233,7 @@ impl TcpStream {
             },
         );
         if r.is_ok() {
-            self.inner.push();
+            self.inner.kick();
         }
         r
     }
