@@ -21,6 +21,7 @@
 
 pub mod config;
 pub mod io;
+pub mod nat;
 pub mod netstack;
 pub mod peer;
 pub mod router;

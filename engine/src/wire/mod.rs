@@ -10,6 +10,7 @@ pub mod checksum;
 mod field;
 pub mod ip;
 pub mod message;
+pub mod stun;
 pub mod tcp;
 pub mod udp;
 pub mod virtio;
