@@ -153,3 +153,55 @@ fn serve(socket: UdpSocket, config: StunServerConfig, stats: &StunServerStats, s
         }
     }
 }
+
+/// One discovery round from `socket` (blocking): a Binding request to
+/// every server, retransmitted per RFC 8489, until each has answered or
+/// timed out. Returns the finished [`Discovery`] (its results, mapping and
+/// counters). Datagrams from elsewhere are dropped and counted by it.
+///
+/// This is the stand-alone form, on a socket of its own. Once the engine's
+/// device core has typed endpoints, the engine sends these requests from
+/// the WireGuard socket itself and feeds it the datagrams that
+/// `wire::stun::is_stun` picks out, so the mapping found is the tunnel's.
+pub fn probe(
+    socket: &UdpSocket,
+    servers: &[SocketAddr],
+    config: crate::nat::DiscoveryConfig,
+) -> io::Result<crate::nat::Discovery> {
+    use crate::nat::{random_transaction_id, Discovery, Output};
+    let mut d = Discovery::new(servers, config)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    d.start(Instant::now(), &mut random_transaction_id);
+    let mut out = [0u8; 64];
+    let mut buf = [0u8; 1500];
+    loop {
+        let deadline = match d.poll(Instant::now(), &mut out) {
+            Output::Transmit { to, len } => {
+                // A send error (no route) is a lost request: retransmission
+                // and the timeout deal with it like any other loss.
+                if let Err(e) = socket.send_to(&out[..len], to) {
+                    tracing::debug!(server = %to, error = %e, "stun: send failed");
+                }
+                continue;
+            }
+            Output::TimedOut { .. } => continue,
+            Output::Wait(None) => return Ok(d),
+            Output::Wait(Some(at)) => at,
+        };
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            continue;
+        }
+        socket.set_read_timeout(Some(wait))?;
+        match socket.recv_from(&mut buf) {
+            Ok((n, from)) => {
+                let _ = d.handle(from, &buf[..n]);
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            // ICMP port unreachable from a server that is down: its
+            // transaction runs to its timeout.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
