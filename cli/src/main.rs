@@ -16,6 +16,7 @@ mod metrics;
 mod netwatch;
 mod persist;
 mod status;
+mod stun;
 mod tunnel;
 
 use clap::{ArgAction, Parser, Subcommand};
@@ -68,6 +69,8 @@ enum Command {
     Flannel(crate::flannel::FlannelArgs),
     /// Per peer: subnet, endpoint, path (udp/relay), last handshake, bytes.
     Status(status::StatusArgs),
+    /// STUN (RFC 8489): `probe` asks servers for this host's public address.
+    Stun(stun::StunArgs),
 }
 
 /// The log level: `-v` wins, then `LOG_LEVEL`, then `default`; `None` is
@@ -141,6 +144,7 @@ fn main() {
         Some(Command::Forward(a)) => forward::run(a).map_err(Into::into),
         Some(Command::Flannel(a)) => flannel::run(a),
         Some(Command::Status(a)) => status::run(a),
+        Some(Command::Stun(a)) => stun::run(a),
         None => {
             // Keep the daemon's stderr when the user asked for logs, as
             // wireguard-go does with LOG_LEVEL.

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use meshvpn_engine::io::accept::{accept_with_backoff, AcceptBackoff};
+use meshvpn_engine::nat::{DEFAULT_STUN_PER_SOURCE, DEFAULT_STUN_TOTAL};
+use meshvpn_engine::runtime::stun::{StunServer, StunServerConfig};
 use meshvpn_engine::runtime::tunnel::{
     pump, tls, Agent, AgentConfig, AllowList, DialedTarget, OsDialer, RelayServerConfig,
     ServerAuth, ServerConfig, TargetPattern, TunnelServer, DEFAULT_BUDGET_BYTES,
@@ -120,6 +122,31 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..),
           default_value_t = DEFAULT_WRITE_TIMEOUT.as_secs())]
     pub relay_write_timeout: u64,
+    /// UDP address of the STUN server (RFC 8489 Binding, which nodes use to
+    /// learn their public address), or "off". Default: the --listen
+    /// address, so the same port number as HTTPS, over UDP.
+    #[arg(long, value_name = "ADDR|off")]
+    pub stun_listen: Option<String>,
+    /// STUN answers per second to one source (IPv4 address or IPv6 /64);
+    /// more requests from it are dropped.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_STUN_PER_SOURCE)]
+    pub stun_per_source: u32,
+    /// STUN answers per second from all sources together (bounds what a
+    /// spoofed flood can reflect); more requests are dropped.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_STUN_TOTAL)]
+    pub stun_total: u32,
+}
+
+/// Where `--stun-listen` puts the STUN server (`None`: off).
+fn stun_listen(a: &ServeArgs) -> Result<Option<SocketAddr>, String> {
+    match a.stun_listen.as_deref() {
+        None => Ok(Some(a.listen)),
+        Some("off") => Ok(None),
+        Some(s) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("bad --stun-listen {s:?}: want IP:PORT or off")),
+    }
 }
 
 /// A byte count: digits with an optional K, M or G (KiB, MiB, GiB) suffix.
@@ -235,6 +262,7 @@ fn parse_forward(spec: &str) -> Result<Forward, String> {
 }
 
 fn serve(a: ServeArgs) -> Result<(), String> {
+    let stun_addr = stun_listen(&a)?;
     let tls = if a.plain {
         None
     } else {
@@ -303,6 +331,21 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     config.max_handshakes_per_source = a.max_handshakes_per_source;
     let server = Arc::new(TunnelServer::bind(a.listen, config).map_err(|e| e.to_string())?);
     tracing::info!(addr = %server.local_addr(), relay = a.relay, "tunnel server listening");
+    // Lives as long as this function, which serves until the process ends.
+    let _stun = match stun_addr {
+        Some(addr) => {
+            let config = StunServerConfig {
+                per_source: a.stun_per_source,
+                total: a.stun_total,
+                ..Default::default()
+            };
+            let stun =
+                StunServer::bind(addr, config).map_err(|e| format!("--stun-listen {addr}: {e}"))?;
+            tracing::info!(addr = %stun.local_addr(), "STUN server listening (UDP)");
+            Some(stun)
+        }
+        None => None,
+    };
     for f in forwards {
         let listener =
             TcpListener::bind(f.local).map_err(|e| format!("--forward {}: {e}", f.local))?;

@@ -197,7 +197,11 @@ pub fn probe(
             Ok((n, from)) => {
                 let _ = d.handle(from, &buf[..n]);
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             // ICMP port unreachable from a server that is down: its
             // transaction runs to its timeout.
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
