@@ -94,12 +94,17 @@ fn probe_cmd(a: ProbeArgs) -> crate::CliResult {
     let local = socket.local_addr()?;
     let mut answered = 0;
     for ((addr, seen), spec) in d.results().zip(&a.servers) {
+        let name = if *spec == addr.to_string() {
+            String::new()
+        } else {
+            format!(" ({spec})")
+        };
         match seen {
             Some(r) => {
                 answered += 1;
-                println!("{spec} ({addr}): reflexive {r}");
+                println!("{addr} reflexive {r}{name}");
             }
-            None => println!("{spec} ({addr}): no answer"),
+            None => println!("{addr} no answer{name}"),
         }
     }
     println!("local: {local}");

@@ -124,7 +124,8 @@ pub struct ServeArgs {
     pub relay_write_timeout: u64,
     /// UDP address of the STUN server (RFC 8489 Binding, which nodes use to
     /// learn their public address), or "off". Default: the --listen
-    /// address, so the same port number as HTTPS, over UDP.
+    /// address, so the same port number as HTTPS, over UDP (a warning, not
+    /// an error, if that UDP port is taken).
     #[arg(long, value_name = "ADDR|off")]
     pub stun_listen: Option<String>,
     /// STUN answers per second to one source (IPv4 address or IPv6 /64);
@@ -137,14 +138,22 @@ pub struct ServeArgs {
     pub stun_total: u32,
 }
 
-/// Where `--stun-listen` puts the STUN server (`None`: off).
-fn stun_listen(a: &ServeArgs) -> Result<Option<SocketAddr>, String> {
+/// What `--stun-listen` asks for.
+enum StunListen {
+    /// Not given: the HTTPS listener's address, port included (its actual
+    /// port when --listen says 0); if that UDP port is taken, a warning.
+    Default,
+    Off,
+    At(SocketAddr),
+}
+
+fn stun_listen(a: &ServeArgs) -> Result<StunListen, String> {
     match a.stun_listen.as_deref() {
-        None => Ok(Some(a.listen)),
-        Some("off") => Ok(None),
+        None => Ok(StunListen::Default),
+        Some("off") => Ok(StunListen::Off),
         Some(s) => s
             .parse()
-            .map(Some)
+            .map(StunListen::At)
             .map_err(|_| format!("bad --stun-listen {s:?}: want IP:PORT or off")),
     }
 }
@@ -331,21 +340,32 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     config.max_handshakes_per_source = a.max_handshakes_per_source;
     let server = Arc::new(TunnelServer::bind(a.listen, config).map_err(|e| e.to_string())?);
     tracing::info!(addr = %server.local_addr(), relay = a.relay, "tunnel server listening");
+    let stun_config = StunServerConfig {
+        per_source: a.stun_per_source,
+        total: a.stun_total,
+        ..Default::default()
+    };
     // Lives as long as this function, which serves until the process ends.
     let _stun = match stun_addr {
-        Some(addr) => {
-            let config = StunServerConfig {
-                per_source: a.stun_per_source,
-                total: a.stun_total,
-                ..Default::default()
-            };
-            let stun =
-                StunServer::bind(addr, config).map_err(|e| format!("--stun-listen {addr}: {e}"))?;
-            tracing::info!(addr = %stun.local_addr(), "STUN server listening (UDP)");
-            Some(stun)
+        StunListen::Off => None,
+        StunListen::At(addr) => Some(
+            StunServer::bind(addr, stun_config)
+                .map_err(|e| format!("--stun-listen {addr}: {e}"))?,
+        ),
+        StunListen::Default => {
+            let addr = server.local_addr();
+            match StunServer::bind(addr, stun_config) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "no STUN server (UDP port taken?): give --stun-listen ADDR or off");
+                    None
+                }
+            }
         }
-        None => None,
     };
+    if let Some(stun) = &_stun {
+        tracing::info!(addr = %stun.local_addr(), "STUN server listening (UDP)");
+    }
     for f in forwards {
         let listener =
             TcpListener::bind(f.local).map_err(|e| format!("--forward {}: {e}", f.local))?;

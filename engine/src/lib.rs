@@ -8,6 +8,7 @@
 //! | `config`  | keys, peer specs, wg-quick `.conf`, the UAPI text protocol  | no  |
 //! | `wire`    | checked views: IP/TCP/UDP, virtio-net, WireGuard framing    | no  |
 //! | `router`  | AllowedIPs longest-prefix match                             | no  |
+//! | `nat`     | STUN discovery client, STUN server's per-source limit       | no  |
 //! | `peer`    | one boringtun `Tunn` per peer, endpoint, stats, keepalive   | no  |
 //! | `netstack`| smoltcp TCP/UDP/ICMP for the host over the mesh (no root)  | no  |
 //! | `runtime` | the `Engine`: threads, queues, packet sinks                 | yes |

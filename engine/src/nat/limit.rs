@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 /// Answers per second to one source (IPv4 address or IPv6 /64). A client
 /// needs one per server per round, seven with every retransmission.
 pub const DEFAULT_STUN_PER_SOURCE: u32 = 20;
-/// Answers per second in total: at most ~40 bytes each, so a spoofed flood
-/// reflects at most ~200 KB/s whatever the number of sources.
+/// Answers per second in total: at most 52 bytes each (IPv6 with
+/// FINGERPRINT), so a spoofed flood reflects at most ~260 KB/s whatever
+/// the number of sources.
 pub const DEFAULT_STUN_TOTAL: u32 = 5000;
 /// Sources tracked per one-second window (about 40 bytes each); requests
 /// from further sources in that window are dropped.

@@ -8,6 +8,8 @@
 //!          relay --relay thread--^   (engine/relay_path.rs; see engine/docs/relay.md)
 //!   timer thread: Peer::update_timers every TIMER_TICK, rate limiter reset every second
 //!   UAPI: Engine::uapi_get / uapi_set, and UapiServer on /var/run/wireguard/IFNAME.sock
+//!   STUN: stun::StunServer (a thread answering Binding requests), stun::probe
+//!         (discovery on a socket of its own; see engine/docs/nat.md)
 //! ```
 
 mod engine;

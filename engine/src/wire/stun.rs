@@ -477,10 +477,11 @@ pub fn encode_binding_error(
 /// other methods), `Err` for bytes that are not a valid STUN message.
 ///
 /// The answer carries nothing the client did not need: no SOFTWARE, and a
-/// FINGERPRINT only when the request had one, so a success is at most 24
-/// bytes (IPv6: 36) larger than its request and mostly smaller (the
-/// shortest request is 20 bytes; see the server's rate limit for the rest
-/// of the amplification argument in engine/docs/nat.md).
+/// FINGERPRINT only when the request had one, and a 420 with an empty
+/// reason phrase: a success is 12 bytes (IPv6: 24) larger than the
+/// shortest request, a 420 is 36 bytes against a request of at least 24.
+/// The rest of the amplification argument is the server's rate limit
+/// (engine/docs/nat.md).
 pub fn answer_binding(
     request: &[u8],
     from: SocketAddr,
@@ -498,7 +499,7 @@ pub fn answer_binding(
             }
             let mut id = [0u8; 12];
             id.copy_from_slice(&request[TRANSACTION]);
-            encode_binding_error(&id, 420, "Unknown Attribute", &[t], false, out).map(Some)
+            encode_binding_error(&id, 420, "", &[t], false, out).map(Some)
         }
         Err(e) => Err(e),
     }
@@ -778,6 +779,9 @@ mod tests {
         let a = answer_binding(&req[..n], from, &mut out).unwrap().unwrap();
         let m = StunMessage::new_checked(&out[..a]).unwrap();
         assert_eq!(m.error_code().map(|e| e.0), Some(420));
+        assert_eq!(a, 36);
+        let unknown: Vec<_> = m.attributes().filter_map(Result::ok).collect();
+        assert!(unknown.contains(&(ATTR_UNKNOWN_ATTRIBUTES, &[0x07, 0x77][..])));
     }
 
     #[test]
