@@ -487,6 +487,9 @@ pub fn answer_binding(
     from: SocketAddr,
     out: &mut [u8],
 ) -> Result<Option<usize>, StunError> {
+    // On a dual-stack socket an IPv4 client arrives as ::ffff:a.b.c.d; it
+    // gets its address back as IPv4, the family it sent from.
+    let from = SocketAddr::new(from.ip().to_canonical(), from.port());
     match StunMessage::new_checked(request) {
         Ok(m) if m.class == Class::Request && m.method == METHOD_BINDING => {
             encode_binding_success(&m.transaction_id, from, None, m.has_fingerprint, out).map(Some)
@@ -768,6 +771,14 @@ mod tests {
             assert_eq!(m.software(), None);
             assert!(a <= 40);
         }
+        let n = encode_binding_request(&ID, None, false, &mut req).unwrap();
+        let mapped: SocketAddr = "[::ffff:203.0.113.9]:4242".parse().unwrap();
+        let a = answer_binding(&req[..n], mapped, &mut out)
+            .unwrap()
+            .unwrap();
+        let m = StunMessage::new_checked(&out[..a]).unwrap();
+        assert_eq!(m.mapped_address().unwrap(), Some(from));
+        assert_eq!(a, 32);
         // A response is not answered; neither is garbage.
         let n = encode_binding_success(&ID, from, None, false, &mut req).unwrap();
         assert_eq!(answer_binding(&req[..n], from, &mut out), Ok(None));
