@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 
 use clap::{Args, Subcommand};
 use meshvpn_engine::nat::{DiscoveryConfig, Mapping, MAX_SERVERS, STUN_MAX_TRANSMITS};
-use meshvpn_engine::runtime::stun::probe;
+use meshvpn_engine::wg::stun::probe;
 
 /// The IANA port of STUN over UDP.
 const STUN_PORT: u16 = 3478;

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use meshvpn_engine::nat::{DiscoveryConfig, Mapping};
-use meshvpn_engine::runtime::stun::{probe, StunServer, StunServerConfig};
+use meshvpn_engine::wg::stun::{probe, StunServer, StunServerConfig};
 use meshvpn_engine::wire::stun::{encode_binding_request, is_stun};
 
 fn server(config: StunServerConfig) -> StunServer {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshvpn_engine::nat::{DiscoveryConfig, DEFAULT_STUN_PER_SOURCE};
-use meshvpn_engine::runtime::stun::probe;
+use meshvpn_engine::wg::stun::probe;
 use meshvpn_engine::wire::stun::encode_binding_request;
 
 use super::common::{

@@ -3,7 +3,7 @@
 //! STUN server ([`SourceLimiter`]). Nothing here opens a socket or reads a
 //! clock: callers pass `now` and datagrams in and send what comes out. The
 //! wire format is `crate::wire::stun`; the server's socket loop is
-//! `crate::runtime::stun`. See engine/docs/nat.md.
+//! `crate::wg::stun`. See engine/docs/nat.md.
 
 mod discovery;
 mod limit;

@@ -7,7 +7,7 @@
 //! of code: stateless, allocation-free parsing of untrusted bytes, and the
 //! receive path will ask `is_stun` before `WireMessage::new_checked`. The
 //! client state (transactions, retransmission) is in `crate::nat`, the
-//! server's socket loop in `crate::runtime::stun`.
+//! server's socket loop in `crate::wg::stun`.
 //!
 //! Parsing never panics: every length is checked before it is used, and a
 //! message is only handed out after its attribute list was walked once.

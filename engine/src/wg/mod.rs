@@ -25,4 +25,3 @@ pub use uapi::{
     UapiServer, MAX_CONNECTIONS, MAX_REQUEST_BYTES, UAPI_CLOSE_WITHIN, UAPI_DIR, UAPI_WRITE_TIMEOUT,
 };
 pub mod stun;
-pub mod tunnel;
