@@ -7,6 +7,7 @@
 //! struct in that module), and `Some(Command::Demo(a)) => demo::run(a)`
 //! returning [`CliResult`].
 
+mod control;
 mod daemon;
 mod demo;
 mod flannel;
@@ -71,6 +72,8 @@ enum Command {
     Status(status::StatusArgs),
     /// STUN (RFC 8489): `probe` asks servers for this host's public address.
     Stun(stun::StunArgs),
+    /// The control server's join keys and nodes: `keys create|list|revoke`, `nodes list|remove`.
+    Control(control::ControlArgs),
 }
 
 /// The log level: `-v` wins, then `LOG_LEVEL`, then `default`; `None` is
@@ -145,6 +148,7 @@ fn main() {
         Some(Command::Flannel(a)) => flannel::run(a),
         Some(Command::Status(a)) => status::run(a),
         Some(Command::Stun(a)) => stun::run(a),
+        Some(Command::Control(a)) => control::run(a),
         None => {
             // Keep the daemon's stderr when the user asked for logs, as
             // wireguard-go does with LOG_LEVEL.

@@ -18,6 +18,7 @@
 //! | `wire`                                             | checked views: IP/TCP/UDP, virtio-net, WireGuard framing      | no  |
 //! | `nat`                                              | STUN discovery client, the STUN server's per-source limit     | no  |
 //! | `router`                                           | AllowedIPs longest-prefix match                               | no  |
+//! | `filter`                                           | stateful packet filter: compiled ACL rules and conntrack      | no  |
 //! | `config`                                           | keys, peer specs, wg-quick `.conf`, the UAPI text protocol    | resolver (hostnames in `.conf`, replaceable) |
 //! | `supervisor::{error, limits, message, session, varint}` | the remotedialer protocol: messages, session, limits     | no  |
 //! | `relay::protocol`                                  | the relay's registration proof and frames                     | no  |
@@ -35,6 +36,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod filter;
 pub mod io;
 pub mod nat;
 pub mod netstack;
