@@ -17,6 +17,7 @@ mod metrics;
 mod netwatch;
 mod persist;
 mod status;
+mod stun;
 mod tunnel;
 
 use clap::{ArgAction, Parser, Subcommand};
@@ -69,6 +70,8 @@ enum Command {
     Flannel(crate::flannel::FlannelArgs),
     /// Per peer: subnet, endpoint, path (udp/relay), last handshake, bytes.
     Status(status::StatusArgs),
+    /// STUN (RFC 8489): `probe` asks servers for this host's public address.
+    Stun(stun::StunArgs),
     /// The control server's join keys and nodes: `keys create|list|revoke`, `nodes list|remove`.
     Control(control::ControlArgs),
 }
@@ -144,6 +147,7 @@ fn main() {
         Some(Command::Forward(a)) => forward::run(a).map_err(Into::into),
         Some(Command::Flannel(a)) => flannel::run(a),
         Some(Command::Status(a)) => status::run(a),
+        Some(Command::Stun(a)) => stun::run(a),
         Some(Command::Control(a)) => control::run(a),
         None => {
             // Keep the daemon's stderr when the user asked for logs, as

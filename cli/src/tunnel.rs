@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use meshvpn_engine::io::accept::{accept_with_backoff, AcceptBackoff};
+use meshvpn_engine::nat::{DEFAULT_STUN_PER_SOURCE, DEFAULT_STUN_TOTAL};
 use meshvpn_engine::relay::{
     RelayServerConfig, DEFAULT_BUDGET_BYTES, DEFAULT_QUEUE_BYTES, DEFAULT_RELAY_MAX_SESSIONS,
     DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, DEFAULT_WRITE_TIMEOUT, RELAY_PATH,
@@ -17,6 +18,7 @@ use meshvpn_engine::supervisor::{
     pump, Agent, AgentConfig, AllowList, DialedTarget, OsDialer, ServerAuth, ServerConfig,
     TargetPattern, TunnelServer, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
 };
+use meshvpn_engine::wg::stun::{StunServer, StunServerConfig};
 use meshvpn_engine::ws::tls;
 use meshvpn_engine::PublicKey;
 
@@ -122,6 +124,40 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..),
           default_value_t = DEFAULT_WRITE_TIMEOUT.as_secs())]
     pub relay_write_timeout: u64,
+    /// UDP address of the STUN server (RFC 8489 Binding, which nodes use to
+    /// learn their public address), or "off". Default: the --listen
+    /// address, so the same port number as HTTPS, over UDP (a warning, not
+    /// an error, if that UDP port is taken).
+    #[arg(long, value_name = "ADDR|off")]
+    pub stun_listen: Option<String>,
+    /// STUN answers per second to one source (IPv4 address or IPv6 /64);
+    /// more requests from it are dropped.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_STUN_PER_SOURCE)]
+    pub stun_per_source: u32,
+    /// STUN answers per second from all sources together (bounds what a
+    /// spoofed flood can reflect); more requests are dropped.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_STUN_TOTAL)]
+    pub stun_total: u32,
+}
+
+/// What `--stun-listen` asks for.
+enum StunListen {
+    /// Not given: the HTTPS listener's address, port included (its actual
+    /// port when --listen says 0); if that UDP port is taken, a warning.
+    Default,
+    Off,
+    At(SocketAddr),
+}
+
+fn stun_listen(a: &ServeArgs) -> Result<StunListen, String> {
+    match a.stun_listen.as_deref() {
+        None => Ok(StunListen::Default),
+        Some("off") => Ok(StunListen::Off),
+        Some(s) => s
+            .parse()
+            .map(StunListen::At)
+            .map_err(|_| format!("bad --stun-listen {s:?}: want IP:PORT or off")),
+    }
 }
 
 /// A byte count: digits with an optional K, M or G (KiB, MiB, GiB) suffix.
@@ -237,6 +273,7 @@ fn parse_forward(spec: &str) -> Result<Forward, String> {
 }
 
 fn serve(a: ServeArgs) -> Result<(), String> {
+    let stun_addr = stun_listen(&a)?;
     let tls = if a.plain {
         None
     } else {
@@ -305,6 +342,32 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     config.max_handshakes_per_source = a.max_handshakes_per_source;
     let server = Arc::new(TunnelServer::bind(a.listen, config).map_err(|e| e.to_string())?);
     tracing::info!(addr = %server.local_addr(), relay = a.relay, "tunnel server listening");
+    let stun_config = StunServerConfig {
+        per_source: a.stun_per_source,
+        total: a.stun_total,
+        ..Default::default()
+    };
+    // Lives as long as this function, which serves until the process ends.
+    let _stun = match stun_addr {
+        StunListen::Off => None,
+        StunListen::At(addr) => Some(
+            StunServer::bind(addr, stun_config)
+                .map_err(|e| format!("--stun-listen {addr}: {e}"))?,
+        ),
+        StunListen::Default => {
+            let addr = server.local_addr();
+            match StunServer::bind(addr, stun_config) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(%addr, error = %e, "no STUN server (UDP port taken?): give --stun-listen ADDR or off");
+                    None
+                }
+            }
+        }
+    };
+    if let Some(stun) = &_stun {
+        tracing::info!(addr = %stun.local_addr(), "STUN server listening (UDP)");
+    }
     for f in forwards {
         let listener =
             TcpListener::bind(f.local).map_err(|e| format!("--forward {}: {e}", f.local))?;

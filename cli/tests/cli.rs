@@ -241,3 +241,79 @@ fn flannel_commands_refuse_bad_input() {
         );
     }
 }
+
+/// `meshvpn tunnel serve` answers STUN where `--stun-listen` says, and
+/// `meshvpn stun probe` prints the address it was seen at; a bad
+/// `--stun-listen` is refused before anything listens.
+#[test]
+fn stun_probe_against_tunnel_serve() {
+    let e = meshvpn(
+        &[
+            "tunnel",
+            "serve",
+            "--plain",
+            "--tokens",
+            "/dev/null",
+            "--listen",
+            "127.0.0.1:0",
+            "--stun-listen",
+            "somewhere",
+        ],
+        b"",
+    );
+    assert_eq!(e.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&e.stderr).contains("bad --stun-listen"));
+
+    let tokens = std::env::temp_dir().join(format!("meshvpn-stun-tokens-{}", std::process::id()));
+    std::fs::write(&tokens, "k token\n").unwrap();
+    // A free UDP port (released just before the server takes it).
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let stun = format!("127.0.0.1:{port}");
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_meshvpn"))
+        .args([
+            "tunnel",
+            "serve",
+            "--plain",
+            "--listen",
+            "127.0.0.1:0",
+            "--stun-listen",
+            &stun,
+        ])
+        .arg("--tokens")
+        .arg(&tokens)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Retransmissions at 0, 0.5, 1.5 and 3.5 s cover the server's start.
+    let o = meshvpn(
+        &[
+            "stun",
+            "probe",
+            &stun,
+            "--from",
+            "127.0.0.2:0",
+            "--transmits",
+            "5",
+        ],
+        b"",
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_file(&tokens);
+    let out = stdout(&o);
+    assert!(
+        o.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        out.contains(&format!("{stun} reflexive 127.0.0.2:")),
+        "{out}"
+    );
+    assert!(out.contains("mapping: unknown"), "{out}");
+}

@@ -16,6 +16,7 @@
 //! |----------------------------------------------------|---------------------------------------------------------------|-----|
 //! | `stats`                                            | `stats_struct!`: each exported counter set declared once      | no  |
 //! | `wire`                                             | checked views: IP/TCP/UDP, virtio-net, WireGuard framing      | no  |
+//! | `nat`                                              | STUN discovery client, the STUN server's per-source limit     | no  |
 //! | `router`                                           | AllowedIPs longest-prefix match                               | no  |
 //! | `filter`                                           | stateful packet filter: compiled ACL rules and conntrack      | no  |
 //! | `config`                                           | keys, peer specs, wg-quick `.conf`, the UAPI text protocol    | resolver (hostnames in `.conf`, replaceable) |
@@ -37,6 +38,7 @@
 pub mod config;
 pub mod filter;
 pub mod io;
+pub mod nat;
 pub mod netstack;
 pub mod peer;
 pub mod relay;

@@ -20,6 +20,7 @@ mod admission;
 mod engine;
 mod relay;
 mod session;
+mod stun;
 mod uapi;
 
 use std::time::Duration;

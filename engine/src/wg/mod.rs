@@ -8,6 +8,8 @@
 //!          relay --relay thread--^   (engine/relay_path.rs; see engine/docs/relay.md)
 //!   timer thread: Peer::update_timers every TIMER_TICK, rate limiter reset every second
 //!   UAPI: Engine::uapi_get / uapi_set, and UapiServer on /var/run/wireguard/IFNAME.sock
+//!   STUN: stun::StunServer (a thread answering Binding requests), stun::probe
+//!         (discovery on a socket of its own; see engine/docs/nat.md)
 //! ```
 
 mod engine;
@@ -22,3 +24,4 @@ pub use sink::{HostQueue, InnerBurst, InnerSink};
 pub use uapi::{
     UapiServer, MAX_CONNECTIONS, MAX_REQUEST_BYTES, UAPI_CLOSE_WITHIN, UAPI_DIR, UAPI_WRITE_TIMEOUT,
 };
+pub mod stun;

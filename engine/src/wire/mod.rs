@@ -1,5 +1,5 @@
 //! Parsing untrusted bytes: inner IP, TCP and UDP headers, checksums,
-//! virtio-net offload headers and WireGuard message framing.
+//! virtio-net offload headers, WireGuard message framing and STUN.
 //!
 //! Every accessor here is total: a view is made only through a `new_checked`
 //! that validates lengths first, after which no accessor can panic. Field
@@ -11,6 +11,7 @@ mod field;
 pub mod icmp;
 pub mod ip;
 pub mod message;
+pub mod stun;
 pub mod tcp;
 pub mod udp;
 pub mod virtio;
