@@ -123,6 +123,10 @@ type TunnelAgentStatus struct {
 	StreamsRefused   uint64 // targets the policy refused
 	BytesToTargets   uint64
 	BytesFromTargets uint64
+	// Targets refused because the agent's stream limit was reached.
+	StreamsRefusedAtCap uint64
+	// Allowed targets whose dial failed (refused, unreachable, timed out).
+	DialsFailed uint64
 }
 
 // TunnelAgent keeps a websocket tunnel open to a TunnelServer (or to a k3s
@@ -229,7 +233,8 @@ func (a *TunnelAgent) Status() (TunnelAgentStatus, error) {
 		Connected: bool(s.connected), Sessions: uint64(s.sessions), Reconnects: uint64(s.reconnects),
 		StreamsActive: uint64(s.streams_active), StreamsTotal: uint64(s.streams_total),
 		StreamsRefused: uint64(s.streams_refused), BytesToTargets: uint64(s.bytes_to_targets),
-		BytesFromTargets: uint64(s.bytes_from_targets),
+		BytesFromTargets: uint64(s.bytes_from_targets), StreamsRefusedAtCap: uint64(s.streams_refused_at_cap),
+		DialsFailed: uint64(s.dials_failed),
 	}, err
 }
 

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use ::meshvpn_engine::peer::{DropReason, PeerStats};
-use ::meshvpn_engine::runtime::tunnel::{RelayServerStats, RelayStatus, ServerStats};
+use ::meshvpn_engine::runtime::tunnel::{AgentStats, RelayServerStats, RelayStatus, ServerStats};
 use ::meshvpn_engine::runtime::EngineStats;
 use ::meshvpn_engine::stats::StatField;
 
@@ -87,6 +87,13 @@ const EXPORTED: &[Exported] = &[
         fields: ServerStats::FIELDS,
         c: "meshvpn_tunnel_server_stats",
         go: "TunnelServerStats",
+        renames: &[],
+    },
+    Exported {
+        rust: "AgentStats",
+        fields: AgentStats::FIELDS,
+        c: "meshvpn_tunnel_agent_status",
+        go: "TunnelAgentStatus",
         renames: &[],
     },
 ];

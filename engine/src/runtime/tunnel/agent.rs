@@ -3,7 +3,7 @@
 //! when its policy allows them.
 
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use parking_lot::{Condvar, Mutex};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::http::HeaderValue;
 
+use super::agent_stats::{AgentCounters, AgentStats};
 use super::driver::{self, Incoming, SessionHooks, SessionShared};
 use super::target::{pump, ConnectPolicy, TargetDialer};
 use super::transport::{Socket, Transport};
@@ -38,6 +39,10 @@ pub struct AgentConfig {
     /// Called on the agent's threads as sessions come and go; must not
     /// block for long and must not stop the agent.
     pub on_event: Option<AgentEventHook>,
+    /// Where the agent counts (see [`AgentStats`]); fresh by default. Pass
+    /// the same counters to the next `Agent::start` to count across a
+    /// stop and start.
+    pub counters: Arc<AgentCounters>,
 }
 
 /// What an agent reports to its `on_event` hook.
@@ -82,6 +87,7 @@ impl AgentConfig {
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             on_event: None,
+            counters: Arc::default(),
         }
     }
 }
@@ -103,29 +109,27 @@ pub struct AgentStatus {
 struct AgentShared {
     config: AgentConfig,
     stop: AtomicBool,
-    sessions: AtomicU64,
     status: Mutex<AgentStatus>,
     changed: Condvar,
     current: Mutex<Option<Arc<SessionShared>>>,
-    /// Streams holding threads now; see `Limits::max_agent_streams`.
-    streams_active: AtomicUsize,
-    streams_refused_at_cap: AtomicU64,
 }
 
-/// One stream's claim on `AgentShared::streams_active`, given back when its
-/// threads are done (or could not start).
-struct StreamSlot(Arc<AgentShared>);
+/// One stream's claim on `AgentCounters::streams_active` (what
+/// `Limits::max_agent_streams` caps), given back when its threads are done
+/// (or could not start).
+struct StreamSlot(Arc<AgentCounters>);
 
 impl StreamSlot {
-    fn claim(shared: &Arc<AgentShared>) -> Option<StreamSlot> {
+    fn claim(shared: &AgentShared) -> Option<StreamSlot> {
         let cap = shared.config.limits.max_agent_streams;
-        shared
+        let counters = &shared.config.counters;
+        counters
             .streams_active
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < cap).then_some(n + 1)
             })
             .ok()
-            .map(|_| StreamSlot(shared.clone()))
+            .map(|_| StreamSlot(counters.clone()))
     }
 }
 
@@ -156,12 +160,9 @@ impl Agent {
         let shared = Arc::new(AgentShared {
             config,
             stop: AtomicBool::new(false),
-            sessions: AtomicU64::new(0),
             status: Mutex::new(AgentStatus::default()),
             changed: Condvar::new(),
             current: Mutex::new(None),
-            streams_active: AtomicUsize::new(0),
-            streams_refused_at_cap: AtomicU64::new(0),
         });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
@@ -176,9 +177,16 @@ impl Agent {
 
     pub fn status(&self) -> AgentStatus {
         let mut status = self.shared.status.lock().clone();
-        status.streams_active = self.shared.streams_active.load(Ordering::SeqCst);
-        status.streams_refused_at_cap = self.shared.streams_refused_at_cap.load(Ordering::SeqCst);
+        let stats = self.stats();
+        status.sessions = stats.sessions;
+        status.streams_active = stats.streams_active as usize;
+        status.streams_refused_at_cap = stats.streams_refused_at_cap;
         status
+    }
+
+    /// The agent's counters (those of [`AgentConfig::counters`]).
+    pub fn stats(&self) -> AgentStats {
+        self.shared.config.counters.snapshot()
     }
 
     /// Waits until a session is up (`true`) or `timeout` passes.
@@ -258,7 +266,6 @@ fn connect_loop(shared: &Arc<AgentShared>) {
     while !shared.stop.load(Ordering::SeqCst) {
         let started = Instant::now();
         let result = connect_once(config).map(|ws| {
-            shared.sessions.fetch_add(1, Ordering::SeqCst);
             tracing::info!(url = %config.url, "tunnel: connected");
             let hooks = AgentHooks {
                 shared: shared.clone(),
@@ -292,6 +299,7 @@ fn connect_loop(shared: &Arc<AgentShared>) {
         {
             let mut status = shared.status.lock();
             status.connected = false;
+            config.counters.connected.store(false, Ordering::SeqCst);
             status.last_error = Some(error);
         }
         shared.changed.notify_all();
@@ -459,9 +467,11 @@ struct AgentHooks {
 impl SessionHooks for AgentHooks {
     fn started(&self, session: &Arc<SessionShared>) {
         *self.shared.current.lock() = Some(session.clone());
+        let counters = &self.shared.config.counters;
         let mut status = self.shared.status.lock();
         status.connected = true;
-        status.sessions = self.shared.sessions.load(Ordering::SeqCst);
+        counters.connected.store(true, Ordering::SeqCst);
+        counters.sessions.fetch_add(1, Ordering::SeqCst);
         drop(status);
         // Before waking waiters, so that one woken by the connect sees its event too.
         self.shared.event(AgentEvent::Connected);
@@ -478,16 +488,16 @@ impl SessionHooks for AgentHooks {
             address,
         } = incoming;
         let mut inner = session.lock();
+        let counters = &self.shared.config.counters;
         if !self.shared.config.policy.allows(&proto, &address) {
+            AgentCounters::count(&counters.streams_refused);
             tracing::info!(conn = conn.0, %proto, %address, "tunnel: refused connect");
             inner.core.refuse(conn, "connect not allowed");
             session.after_op(&mut inner);
             return;
         }
         let Some(slot) = StreamSlot::claim(&self.shared) else {
-            self.shared
-                .streams_refused_at_cap
-                .fetch_add(1, Ordering::Relaxed);
+            AgentCounters::count(&counters.streams_refused_at_cap);
             tracing::debug!(conn = conn.0, "tunnel: refused connect, too many streams");
             inner.core.refuse(conn, "too many streams");
             session.after_op(&mut inner);
@@ -501,14 +511,16 @@ impl SessionHooks for AgentHooks {
         drop(inner);
         tracing::debug!(conn = conn.0, %proto, %address, "tunnel: dialing");
         let dialer = self.shared.config.dialer.clone();
+        let counters = counters.clone();
         let spawned = std::thread::Builder::new()
             .name("tunnel-dial".into())
             .stack_size(256 << 10)
             .spawn(move || {
                 let _slot = slot;
                 match dialer.dial(&proto, &address) {
-                    Ok(target) => pump(stream, target),
+                    Ok(target) => pump(stream, counters.dialed(target)),
                     Err(e) => {
+                        AgentCounters::count(&counters.dials_failed);
                         tracing::debug!(conn = conn.0, error = %e, "tunnel: dial failed");
                         stream.close_with(Some(&e.to_string()));
                     }

@@ -16,6 +16,7 @@
 
 mod admission;
 mod agent;
+mod agent_stats;
 mod driver;
 mod relay_client;
 mod relay_pump;
@@ -25,8 +26,10 @@ mod stream;
 mod target;
 pub mod tls;
 mod transport;
+mod url;
 
 pub use agent::{Agent, AgentConfig, AgentEvent, AgentEventHook, AgentStatus};
+pub use agent_stats::{AgentCounters, AgentStats};
 pub use relay_client::{RelayClient, RelayConfig, RelayOwner, RelayStatus};
 pub use relay_pump::{MESSAGE_OVERHEAD, WRITE_BUFFER_MAX};
 pub use relay_server::{
@@ -42,6 +45,7 @@ pub use stream::TunnelStream;
 pub use target::{
     pump, AllowList, ConnectPolicy, DialedTarget, OsDialer, TargetDialer, TargetPattern,
 };
+pub use url::{url_with_path, K3S_PATH};
 
 use std::time::{Duration, Instant};
 
