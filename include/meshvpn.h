@@ -1021,6 +1021,12 @@ typedef struct meshvpn_tunnel_agent_config {
    * target through the OS. Freeing the stack fails later mesh dials.
    */
   const struct meshvpn_netstack *netstack;
+  /**
+   * Streams the server may have the agent dial and relay at once (two
+   * threads each); more are refused ("too many streams", counted in
+   * `streams_refused_at_cap`). 0 means the default, 1024.
+   */
+  uint32_t max_streams;
 } meshvpn_tunnel_agent_config;
 
 /**

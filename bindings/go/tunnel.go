@@ -111,6 +111,10 @@ type TunnelAgentConfig struct {
 	// address); other targets go through the OS. Close the agent before
 	// the stack: mesh dials fail once the stack is closed.
 	Netstack *Netstack
+	// MaxStreams caps the streams the server may have the agent dial and
+	// relay at once (two threads each); more are refused and counted in
+	// TunnelAgentStatus.StreamsRefusedAtCap. 0 means the default, 1024.
+	MaxStreams uint32
 }
 
 // TunnelAgentStatus holds a TunnelAgent's counters.
@@ -161,6 +165,7 @@ func NewTunnelAgent(cfg TunnelAgentConfig) (*TunnelAgent, error) {
 	c.token = opt(cfg.Token)
 	c.client_id = opt(cfg.ClientID)
 	c.allow, c.allow_len = a.strs(cfg.Allow)
+	c.max_streams = C.uint32_t(cfg.MaxStreams)
 	if cfg.Netstack != nil {
 		h := cfg.Netstack.h.load()
 		if h == 0 {

@@ -11,7 +11,7 @@
 //! | `peer`    | one boringtun `Tunn` per peer, endpoint, stats, keepalive   | no  |
 //! | `netstack`| smoltcp TCP/UDP/ICMP for the host over the mesh (no root)  | no  |
 //! | `runtime` | the `Engine`: threads, queues, packet sinks                 | yes |
-//! | `io`      | syscalls: UDP sockets, TUN devices, unix sockets            | yes |
+//! | `io`      | syscalls: UDP sockets, TUN devices, unix sockets, TCP dials | yes |
 //! | `stats`   | `stats_struct!`: each exported counter set declared once    | no  |
 //!
 //! `unsafe` is denied here and allowed only on the `io` items that make raw

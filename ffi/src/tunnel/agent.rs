@@ -12,6 +12,7 @@ use ::meshvpn_engine::runtime::tunnel::{
     tls, url_with_path, Agent, AgentConfig, AgentCounters, AgentEvent, AllowList, ConnectPolicy,
     OsDialer, TargetDialer, TargetPattern,
 };
+use ::meshvpn_engine::tunnel::limits::MAX_AGENT_STREAMS;
 use parking_lot::Mutex;
 
 use super::{tls_error, tunnel_code, SESSION_WAIT_SLICE};
@@ -119,7 +120,14 @@ pub struct meshvpn_tunnel_agent_config {
     /// targets (the kubelet on loopback) go through the OS. NULL: every
     /// target through the OS. Freeing the stack fails later mesh dials.
     pub netstack: *const meshvpn_netstack,
+    /// Streams the server may have the agent dial and relay at once (two
+    /// threads each); more are refused ("too many streams", counted in
+    /// `streams_refused_at_cap`). 0 means the default, 1024.
+    pub max_streams: u32,
 }
+
+// The default `max_streams` documents.
+const _: () = assert!(MAX_AGENT_STREAMS == 1024);
 
 /// An agent's counters since `meshvpn_tunnel_agent_new` (across stops
 /// and starts), from `meshvpn_tunnel_agent_get_status`.
@@ -302,8 +310,12 @@ unsafe fn read_agent_config(c: &meshvpn_tunnel_agent_config) -> Result<AgentSett
         let ns = crate::netstack::lookup(c.netstack)?;
         Arc::new(MeshDialer::new(ns.stack.clone()))
     };
+    let max_streams = c.max_streams;
     let config = move || {
         let mut config = AgentConfig::new(url.clone(), policy.clone(), dialer.clone());
+        if max_streams != 0 {
+            config.limits.max_agent_streams = max_streams as usize;
+        }
         config.tls = tls.clone();
         config.token = token.clone();
         config.headers = headers.clone();
