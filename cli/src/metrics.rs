@@ -365,6 +365,33 @@ mod tests {
     }
 
     #[test]
+    fn the_agents_page_has_one_series_per_counter() {
+        let stats = AgentStats {
+            connected: true,
+            sessions: 3,
+            reconnects: 2,
+            dials_failed: 7,
+            streams_total: 5,
+            ..Default::default()
+        };
+        let page = render_agent(&stats, "wss://h:6443/v1-k3s/connect");
+        let label = "{server=\"wss://h:6443/v1-k3s/connect\"}";
+        for line in [
+            format!("meshvpn_tunnel_agent_connected{label} 1"),
+            format!("meshvpn_tunnel_agent_sessions_total{label} 3"),
+            format!("meshvpn_tunnel_agent_reconnects_total{label} 2"),
+            format!("meshvpn_tunnel_agent_dials_failed_total{label} 7"),
+            format!("meshvpn_tunnel_agent_streams_total{label} 5"),
+            "# TYPE meshvpn_tunnel_agent_streams_active gauge".to_owned(),
+            "# HELP meshvpn_tunnel_agent_dials_failed_total Allowed targets whose dial failed (refused, unreachable, timed out).".to_owned(),
+        ] {
+            assert!(page.lines().any(|l| l == line), "{line} not in\n{page}");
+        }
+        let samples = page.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(samples, AgentStats::FIELDS.len(), "{page}");
+    }
+
+    #[test]
     fn serves_the_page_and_bounds_hostile_scrapers() {
         let (engine, key) = engine_with_a_peer();
         let server =
