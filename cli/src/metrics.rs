@@ -27,7 +27,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, UNIX_EPOCH};
 
 use meshvpn_engine::peer::{DropReason, PeerPath};
-use meshvpn_engine::runtime::tunnel::AgentStats;
+use meshvpn_engine::supervisor::AgentStats;
 use meshvpn_engine::Engine;
 
 /// The most of a request read before answering (request line and headers).

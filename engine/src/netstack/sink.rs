@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Sender, TrySendError};
 
-use crate::runtime::{BufferPool, InnerSink, PacketBuf};
+use crate::wg::{BufferPool, InnerSink, PacketBuf};
 use crate::wire::IpHeader;
 
 pub(crate) struct NetstackSink {

@@ -1,6 +1,6 @@
 //! `meshvpn_tunnel_agent`: keeps a tunnel open to a server and dials the
 //! targets it allows for the server. The agent counts for itself
-//! (`meshvpn_engine::runtime::tunnel::AgentStats`); this module only adapts
+//! (`meshvpn_engine::supervisor::AgentStats`); this module only adapts
 //! its configuration, callbacks and counters to C.
 
 use std::ffi::{c_char, c_void, CString};
@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use ::meshvpn_engine::netstack::MeshDialer;
-use ::meshvpn_engine::runtime::tunnel::{
-    tls, url_with_path, Agent, AgentConfig, AgentCounters, AgentEvent, AllowList, ConnectPolicy,
+use ::meshvpn_engine::supervisor::limits::MAX_AGENT_STREAMS;
+use ::meshvpn_engine::supervisor::{
+    url_with_path, Agent, AgentConfig, AgentCounters, AgentEvent, AllowList, ConnectPolicy,
     OsDialer, TargetDialer, TargetPattern,
 };
-use ::meshvpn_engine::tunnel::limits::MAX_AGENT_STREAMS;
+use ::meshvpn_engine::ws::tls;
 use parking_lot::Mutex;
 
 use super::{tls_error, tunnel_code, SESSION_WAIT_SLICE};

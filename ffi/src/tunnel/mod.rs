@@ -25,8 +25,8 @@ pub mod stream;
 
 use std::time::Duration;
 
-use ::meshvpn_engine::runtime::tunnel::TunnelError;
-use ::meshvpn_engine::tunnel::DialError;
+use ::meshvpn_engine::supervisor::DialError;
+use ::meshvpn_engine::ws::TunnelError;
 
 use crate::error::{meshvpn_result, Error};
 

@@ -7,9 +7,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::meshvpn_engine::runtime::tunnel::{
-    tls, RelayServerConfig, ServerAuth, ServerConfig, TunnelServer, K3S_PATH,
-};
+use ::meshvpn_engine::relay::RelayServerConfig;
+use ::meshvpn_engine::supervisor::{ServerAuth, ServerConfig, TunnelServer, K3S_PATH};
+use ::meshvpn_engine::ws::tls;
 use parking_lot::Mutex;
 
 use super::stream::{meshvpn_tunnel_stream, StreamHandle, STREAMS};

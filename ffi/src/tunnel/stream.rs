@@ -5,7 +5,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use ::meshvpn_engine::runtime::tunnel::TunnelStream;
+use ::meshvpn_engine::supervisor::TunnelStream;
 
 use crate::error::{meshvpn_result, Error, Result};
 use crate::handle::{tag, HandleTable, Handled};

@@ -22,4 +22,3 @@ pub use sink::{HostQueue, InnerBurst, InnerSink};
 pub use uapi::{
     UapiServer, MAX_CONNECTIONS, MAX_REQUEST_BYTES, UAPI_CLOSE_WITHIN, UAPI_DIR, UAPI_WRITE_TIMEOUT,
 };
-pub mod tunnel;

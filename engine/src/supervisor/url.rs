@@ -1,7 +1,7 @@
 //! The agent's server URL: one rule for the C ABI, Go and `meshvpn tunnel
 //! connect`.
 
-use super::TunnelError;
+use crate::ws::TunnelError;
 
 /// The path k3s mounts the supervisor tunnel on; the default of both roles.
 pub const K3S_PATH: &str = "/v1-k3s/connect";

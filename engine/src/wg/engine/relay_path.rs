@@ -31,9 +31,10 @@ use super::{bump, Engine, RxBurst, Shared};
 use crate::config::PublicKey;
 use crate::io::udp::MAX_DATAGRAM;
 use crate::peer::{output_buffer_len, relay_endpoint, relay_index, PeerPath};
-use crate::runtime::tunnel::{RelayClient, RelayConfig, RelayStatus, TunnelError};
-use crate::tunnel::relay::KEY_LEN;
+use crate::relay::protocol::KEY_LEN;
+use crate::relay::{RelayClient, RelayConfig, RelayStatus};
 use crate::wire::WireMessage;
+use crate::ws::TunnelError;
 
 /// How often the path thread looks at the peers.
 const PATH_TICK: Duration = Duration::from_millis(250);
@@ -75,7 +76,7 @@ thread_local! {
 /// a closed engine alive.
 struct EngineSide(Weak<Shared>);
 
-impl crate::runtime::tunnel::RelayOwner for EngineSide {
+impl crate::relay::RelayOwner for EngineSide {
     fn static_secret(&self) -> Option<StaticSecret> {
         self.0.upgrade()?.identity.read().secret.clone()
     }
