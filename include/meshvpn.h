@@ -1021,10 +1021,17 @@ typedef struct meshvpn_tunnel_agent_config {
    * target through the OS. Freeing the stack fails later mesh dials.
    */
   const struct meshvpn_netstack *netstack;
+  /**
+   * Streams the server may have the agent dial and relay at once (two
+   * threads each); more are refused ("too many streams", counted in
+   * `streams_refused_at_cap`). 0 means the default, 1024.
+   */
+  uint32_t max_streams;
 } meshvpn_tunnel_agent_config;
 
 /**
- * An agent's counters, from `meshvpn_tunnel_agent_get_status`.
+ * An agent's counters since `meshvpn_tunnel_agent_new` (across stops
+ * and starts), from `meshvpn_tunnel_agent_get_status`.
  */
 typedef struct meshvpn_tunnel_agent_status {
   /**
@@ -1040,11 +1047,11 @@ typedef struct meshvpn_tunnel_agent_status {
    */
   uint64_t reconnects;
   /**
-   * Streams the agent is relaying to targets now.
+   * Streams being dialed or relayed to targets now.
    */
   uint64_t streams_active;
   /**
-   * Streams the agent has dialed since it was created.
+   * Streams whose target the agent dialed successfully.
    */
   uint64_t streams_total;
   /**
@@ -1059,6 +1066,14 @@ typedef struct meshvpn_tunnel_agent_status {
    * Bytes read from targets (to the server).
    */
   uint64_t bytes_from_targets;
+  /**
+   * Targets refused because the agent's stream limit was reached.
+   */
+  uint64_t streams_refused_at_cap;
+  /**
+   * Allowed targets whose dial failed (refused, unreachable, timed out).
+   */
+  uint64_t dials_failed;
 } meshvpn_tunnel_agent_status;
 
 /**

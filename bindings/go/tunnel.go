@@ -111,6 +111,10 @@ type TunnelAgentConfig struct {
 	// address); other targets go through the OS. Close the agent before
 	// the stack: mesh dials fail once the stack is closed.
 	Netstack *Netstack
+	// MaxStreams caps the streams the server may have the agent dial and
+	// relay at once (two threads each); more are refused and counted in
+	// TunnelAgentStatus.StreamsRefusedAtCap. 0 means the default, 1024.
+	MaxStreams uint32
 }
 
 // TunnelAgentStatus holds a TunnelAgent's counters.
@@ -123,6 +127,10 @@ type TunnelAgentStatus struct {
 	StreamsRefused   uint64 // targets the policy refused
 	BytesToTargets   uint64
 	BytesFromTargets uint64
+	// Targets refused because the agent's stream limit was reached.
+	StreamsRefusedAtCap uint64
+	// Allowed targets whose dial failed (refused, unreachable, timed out).
+	DialsFailed uint64
 }
 
 // TunnelAgent keeps a websocket tunnel open to a TunnelServer (or to a k3s
@@ -157,6 +165,7 @@ func NewTunnelAgent(cfg TunnelAgentConfig) (*TunnelAgent, error) {
 	c.token = opt(cfg.Token)
 	c.client_id = opt(cfg.ClientID)
 	c.allow, c.allow_len = a.strs(cfg.Allow)
+	c.max_streams = C.uint32_t(cfg.MaxStreams)
 	if cfg.Netstack != nil {
 		h := cfg.Netstack.h.load()
 		if h == 0 {
@@ -229,7 +238,8 @@ func (a *TunnelAgent) Status() (TunnelAgentStatus, error) {
 		Connected: bool(s.connected), Sessions: uint64(s.sessions), Reconnects: uint64(s.reconnects),
 		StreamsActive: uint64(s.streams_active), StreamsTotal: uint64(s.streams_total),
 		StreamsRefused: uint64(s.streams_refused), BytesToTargets: uint64(s.bytes_to_targets),
-		BytesFromTargets: uint64(s.bytes_from_targets),
+		BytesFromTargets: uint64(s.bytes_from_targets), StreamsRefusedAtCap: uint64(s.streams_refused_at_cap),
+		DialsFailed: uint64(s.dials_failed),
 	}, err
 }
 

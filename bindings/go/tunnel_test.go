@@ -236,7 +236,7 @@ func TestTunnelRefusedTarget(t *testing.T) {
 	svc := okService(t)
 	s, url := startTunnelServer(t, p)
 	// The default policy (kubelet and stream ports only) refuses svc.
-	startTunnelAgent(t, TunnelAgentConfig{URL: url, CAPEM: p.ca, Token: tunToken})
+	a := startTunnelAgent(t, TunnelAgentConfig{URL: url, CAPEM: p.ca, Token: tunToken})
 	if err := s.WaitSession(waitCtx(t), "edge1"); err != nil {
 		t.Fatal(err)
 	}
@@ -253,9 +253,72 @@ func TestTunnelRefusedTarget(t *testing.T) {
 	if keys, _ := s.Sessions(); len(keys) != 1 {
 		t.Fatalf("sessions %v", keys)
 	}
+	if st, err := a.Status(); err != nil || st.StreamsRefused != 1 || st.StreamsTotal != 0 {
+		t.Fatalf("status %+v, %v: want the refusal counted", st, err)
+	}
 	// No session for another key.
 	if _, err := s.Dial("nobody", "tcp", "127.0.0.1:1"); !errors.Is(err, ErrTunnelNoSession) {
 		t.Fatalf("dial: %v, want ErrTunnelNoSession", err)
+	}
+}
+
+// TestTunnelAgentCountsCapAndFailedDials: with MaxStreams 1, a second
+// stream while one is open is refused and counted at the cap; an allowed
+// target that refuses the connection counts as a failed dial.
+func TestTunnelAgentCountsCapAndFailedDials(t *testing.T) {
+	p := newTunnelPKI(t)
+	hold, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hold.Close()
+	// A port that was just closed: dials to it are refused.
+	closed, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadAddr := closed.Addr().String()
+	closed.Close()
+	s, url := startTunnelServer(t, p)
+	a := startTunnelAgent(t, TunnelAgentConfig{
+		URL: url, CAPEM: p.ca, Token: tunToken, Allow: []string{"tcp/127.0.0.1:*"}, MaxStreams: 1,
+	})
+	if err := s.WaitSession(waitCtx(t), "edge1"); err != nil {
+		t.Fatal(err)
+	}
+	held, err := s.DialContext(waitCtx(t), "edge1", "tcp", hold.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	second, err := s.DialContext(waitCtx(t), "edge1", "tcp", hold.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := second.Read(make([]byte, 10)); err == nil {
+		t.Fatal("a stream over the cap was served")
+	}
+	second.Close()
+	st, err := a.Status()
+	if err != nil || st.StreamsRefusedAtCap != 1 || st.StreamsRefused != 0 || st.StreamsActive != 1 {
+		t.Fatalf("status %+v, %v: want one refusal at the cap", st, err)
+	}
+	held.Close()
+	deadline := time.Now().Add(tunWait)
+	for st.StreamsActive != 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+		st, _ = a.Status()
+	}
+	c, err := s.DialContext(waitCtx(t), "edge1", "tcp", deadAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Read(make([]byte, 10)); !errors.Is(err, ErrTunnelRefused) {
+		t.Fatalf("read: %v, want ErrTunnelRefused", err)
+	}
+	c.Close()
+	st, err = a.Status()
+	if err != nil || st.DialsFailed != 1 || st.StreamsRefusedAtCap != 1 {
+		t.Fatalf("status %+v, %v: want one failed dial", st, err)
 	}
 }
 

@@ -9,6 +9,9 @@
 //! transfer. meshvpn's own series (`meshvpn_*`) add the path (UDP or relay),
 //! the handshake round trip and drops by reason, and the engine's counters.
 //!
+//! `meshvpn tunnel connect --metrics-listen ADDR` serves the agent's
+//! counters the same way ([`render_agent`], `meshvpn_tunnel_agent_*`).
+//!
 //! The server is deliberately small: one thread, one connection at a time,
 //! a bounded request ([`MAX_REQUEST_BYTES`]) with a read deadline
 //! ([`REQUEST_TIMEOUT`]), so a slow or hostile scraper costs one thread and
@@ -24,6 +27,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, UNIX_EPOCH};
 
 use meshvpn_engine::peer::{DropReason, PeerPath};
+use meshvpn_engine::supervisor::AgentStats;
 use meshvpn_engine::Engine;
 
 /// The most of a request read before answering (request line and headers).
@@ -38,11 +42,20 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
+    /// Serves the daemon's page: the engine's and its peers' counters.
     pub fn start(addr: SocketAddr, engine: Arc<Engine>, ifname: &str) -> std::io::Result<Self> {
+        let ifname = ifname.to_owned();
+        Self::start_page(addr, move || render(&engine, &ifname))
+    }
+
+    /// Serves the page `render` writes, afresh for each scrape.
+    pub fn start_page(
+        addr: SocketAddr,
+        render: impl Fn() -> String + Send + 'static,
+    ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let ifname = ifname.to_owned();
         let stop2 = stop.clone();
         let thread = std::thread::Builder::new()
             .name("meshvpn-metrics".into())
@@ -52,7 +65,7 @@ impl MetricsServer {
                         break;
                     }
                     if let Ok(c) = conn {
-                        let _ = serve(c, &engine, &ifname);
+                        let _ = serve(c, &render);
                     }
                 }
             })?;
@@ -84,7 +97,7 @@ impl Drop for MetricsServer {
     }
 }
 
-fn serve(mut c: TcpStream, engine: &Engine, ifname: &str) -> std::io::Result<()> {
+fn serve(mut c: TcpStream, render: &dyn Fn() -> String) -> std::io::Result<()> {
     c.set_read_timeout(Some(REQUEST_TIMEOUT))?;
     c.set_write_timeout(Some(REQUEST_TIMEOUT))?;
     let mut req = Vec::with_capacity(512);
@@ -98,7 +111,7 @@ fn serve(mut c: TcpStream, engine: &Engine, ifname: &str) -> std::io::Result<()>
     }
     let line = req.split(|&b| b == b'\r').next().unwrap_or_default();
     let (status, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
-        ("200 OK", render(engine, ifname))
+        ("200 OK", render())
     } else {
         ("404 Not Found", "try /metrics\n".to_owned())
     };
@@ -267,6 +280,57 @@ pub fn render(engine: &Engine, ifname: &str) -> String {
     out
 }
 
+/// The page of `meshvpn tunnel connect`: the agent's counters, one series
+/// per [`AgentStats`] field (its rustdoc is the help text), labelled with
+/// the server's URL.
+pub fn render_agent(stats: &AgentStats, server_url: &str) -> String {
+    // Exhaustive: a field added to AgentStats does not compile until it
+    // has a series here.
+    let AgentStats {
+        connected,
+        sessions,
+        reconnects,
+        streams_active,
+        streams_total,
+        streams_refused,
+        bytes_to_targets,
+        bytes_from_targets,
+        streams_refused_at_cap,
+        dials_failed,
+    } = *stats;
+    let series: [(&str, &str, u64); 10] = [
+        ("connected", "gauge", u64::from(connected)),
+        ("sessions", "counter", sessions),
+        ("reconnects", "counter", reconnects),
+        ("streams_active", "gauge", streams_active),
+        ("streams_total", "counter", streams_total),
+        ("streams_refused", "counter", streams_refused),
+        ("streams_refused_at_cap", "counter", streams_refused_at_cap),
+        ("dials_failed", "counter", dials_failed),
+        ("bytes_to_targets", "counter", bytes_to_targets),
+        ("bytes_from_targets", "counter", bytes_from_targets),
+    ];
+    let server = esc(server_url);
+    let mut out = String::with_capacity(2048);
+    for (field, kind, value) in series {
+        let help = AgentStats::FIELDS
+            .iter()
+            .find(|f| f.name == field)
+            .map(|f| f.doc.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default();
+        let name = if kind == "counter" && !field.ends_with("_total") {
+            format!("meshvpn_tunnel_agent_{field}_total")
+        } else {
+            format!("meshvpn_tunnel_agent_{field}")
+        };
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{server=\"{server}\"}} {value}"
+        );
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,6 +362,33 @@ mod tests {
         let mut text = String::new();
         c.read_to_string(&mut text).unwrap();
         text
+    }
+
+    #[test]
+    fn the_agents_page_has_one_series_per_counter() {
+        let stats = AgentStats {
+            connected: true,
+            sessions: 3,
+            reconnects: 2,
+            dials_failed: 7,
+            streams_total: 5,
+            ..Default::default()
+        };
+        let page = render_agent(&stats, "wss://h:6443/v1-k3s/connect");
+        let label = "{server=\"wss://h:6443/v1-k3s/connect\"}";
+        for line in [
+            format!("meshvpn_tunnel_agent_connected{label} 1"),
+            format!("meshvpn_tunnel_agent_sessions_total{label} 3"),
+            format!("meshvpn_tunnel_agent_reconnects_total{label} 2"),
+            format!("meshvpn_tunnel_agent_dials_failed_total{label} 7"),
+            format!("meshvpn_tunnel_agent_streams_total{label} 5"),
+            "# TYPE meshvpn_tunnel_agent_streams_active gauge".to_owned(),
+            "# HELP meshvpn_tunnel_agent_dials_failed_total Allowed targets whose dial failed (refused, unreachable, timed out).".to_owned(),
+        ] {
+            assert!(page.lines().any(|l| l == line), "{line} not in\n{page}");
+        }
+        let samples = page.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(samples, AgentStats::FIELDS.len(), "{page}");
     }
 
     #[test]

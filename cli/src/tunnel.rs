@@ -15,8 +15,9 @@ use meshvpn_engine::relay::{
 };
 use meshvpn_engine::supervisor::limits::MAX_AGENT_STREAMS;
 use meshvpn_engine::supervisor::{
-    pump, Agent, AgentConfig, AllowList, DialedTarget, OsDialer, ServerAuth, ServerConfig,
-    TargetPattern, TunnelServer, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+    pump, url_with_path, Agent, AgentConfig, AllowList, DialedTarget, OsDialer, ServerAuth,
+    ServerConfig, TargetPattern, TunnelServer, DEFAULT_MAX_HANDSHAKES,
+    DEFAULT_MAX_HANDSHAKES_PER_SOURCE, K3S_PATH,
 };
 use meshvpn_engine::wg::stun::{StunServer, StunServerConfig};
 use meshvpn_engine::ws::tls;
@@ -64,7 +65,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub tokens: Option<PathBuf>,
     /// Websocket upgrade path.
-    #[arg(long, default_value = "/v1-k3s/connect")]
+    #[arg(long, default_value = K3S_PATH)]
     pub path: String,
     /// Serve plain HTTP without TLS (tests on loopback only).
     #[arg(long)]
@@ -178,7 +179,8 @@ fn parse_bytes(text: &str) -> Result<usize, String> {
 
 #[derive(Debug, Args)]
 pub struct ConnectArgs {
-    /// Server URL, e.g. wss://server:6443/v1-k3s/connect (ws:// for tests).
+    /// Server URL, e.g. wss://server:6443/v1-k3s/connect (ws:// for tests);
+    /// a URL without a path gets /v1-k3s/connect.
     #[arg(long)]
     pub url: String,
     /// CA (PEM) that signed the server's certificate. Required for wss://;
@@ -207,6 +209,11 @@ pub struct ConnectArgs {
     /// threads each); Connects beyond it are refused with "too many streams".
     #[arg(long, value_name = "N", default_value_t = MAX_AGENT_STREAMS)]
     pub max_streams: usize,
+    /// Serve the agent's counters (sessions, streams dialed, refused and
+    /// failed, bytes) as Prometheus text on http://ADDR/metrics. Listen on
+    /// loopback or a private address.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, String> {
@@ -409,12 +416,9 @@ fn connect(a: ConnectArgs) -> Result<(), String> {
                 .collect::<Result<_, _>>()?,
         )
     };
-    let mut config = AgentConfig::new(
-        a.url.clone(),
-        Arc::new(policy),
-        Arc::new(OsDialer::default()),
-    );
-    if a.url.starts_with("wss://") {
+    let url = url_with_path(&a.url, None).map_err(|e| format!("--url: {e}"))?;
+    let mut config = AgentConfig::new(url.clone(), Arc::new(policy), Arc::new(OsDialer::default()));
+    if url.starts_with("wss://") {
         let ca =
             a.ca.as_ref()
                 .ok_or("--ca is required for wss:// (the server is always verified)")?;
@@ -441,6 +445,16 @@ fn connect(a: ConnectArgs) -> Result<(), String> {
         return Err("--max-streams must be at least 1".into());
     }
     config.limits.max_agent_streams = a.max_streams;
+    let counters = config.counters.clone();
+    let _metrics = match a.metrics_listen {
+        Some(addr) => Some(
+            crate::metrics::MetricsServer::start_page(addr, move || {
+                crate::metrics::render_agent(&counters.snapshot(), &url)
+            })
+            .map_err(|e| format!("--metrics-listen {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let agent = Agent::start(config).map_err(|e| e.to_string())?;
     loop {
         std::thread::sleep(Duration::from_secs(3600));

@@ -317,3 +317,143 @@ fn stun_probe_against_tunnel_serve() {
     );
     assert!(out.contains("mapping: unknown"), "{out}");
 }
+
+/// A child killed when the test ends, however it ends.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> Running {
+    Running(
+        Command::new(env!("CARGO_BIN_EXE_meshvpn"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("meshvpn runs"),
+    )
+}
+
+/// A loopback port nothing listens on (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /metrics` from `addr`, or None while it does not answer.
+fn scrape(addr: &str) -> Option<String> {
+    use std::io::Read;
+    let mut c = std::net::TcpStream::connect(addr).ok()?;
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut page = String::new();
+    c.read_to_string(&mut page).ok()?;
+    Some(page)
+}
+
+/// `meshvpn tunnel connect --metrics-listen` shows the agent's own counts:
+/// a target its policy refuses and an allowed target that refuses the
+/// connection each move their series, through the real server.
+#[test]
+fn tunnel_connect_serves_the_agents_counters() {
+    use std::time::{Duration, Instant};
+    let dir =
+        std::env::temp_dir().join(format!("meshvpn-cli-agent-metrics-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens = dir.join("tokens");
+    let token = dir.join("token");
+    std::fs::write(&tokens, "node1 s3cret-token\n").unwrap();
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let (server, dead, refused_fwd, dead_fwd, metrics) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
+    let server_addr = format!("127.0.0.1:{server}");
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    let _serve = spawn(&[
+        "tunnel",
+        "serve",
+        "--plain",
+        "--listen",
+        &server_addr,
+        "--tokens",
+        tokens.to_str().unwrap(),
+        "--forward",
+        &format!("127.0.0.1:{refused_fwd}=node1/tcp/127.0.0.1:22"),
+        "--forward",
+        &format!("127.0.0.1:{dead_fwd}=node1/tcp/127.0.0.1:{dead}"),
+    ]);
+    let _agent = spawn(&[
+        "tunnel",
+        "connect",
+        // No path: the agent adds /v1-k3s/connect.
+        "--url",
+        &format!("ws://{server_addr}"),
+        "--token-file",
+        token.to_str().unwrap(),
+        "--allow",
+        &format!("tcp/127.0.0.1:{dead}"),
+        "--metrics-listen",
+        &metrics_addr,
+    ]);
+    let series = |page: &str, name: &str| -> Option<u64> {
+        let prefix =
+            format!("meshvpn_tunnel_agent_{name}{{server=\"ws://{server_addr}/v1-k3s/connect\"}} ");
+        page.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let wait_for = |what: &str, ok: &dyn Fn(&str) -> bool| -> String {
+        loop {
+            if let Some(page) = scrape(&metrics_addr) {
+                if ok(&page) {
+                    return page;
+                }
+                assert!(Instant::now() < deadline, "{what}:\n{page}");
+            }
+            assert!(Instant::now() < deadline, "{what}: no metrics page");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let page = wait_for("connected", &|p| series(p, "connected") == Some(1));
+    assert_eq!(series(&page, "sessions_total"), Some(1), "{page}");
+    assert_eq!(series(&page, "streams_refused_total"), Some(0), "{page}");
+    assert!(page.contains("# TYPE meshvpn_tunnel_agent_dials_failed_total counter"));
+    assert!(!page.contains("s3cret"), "the token leaked into the page");
+
+    // Through the forwards: the server dials through the agent.
+    let poke = |port: u16| {
+        use std::io::Read;
+        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = c.write_all(b"x");
+            let _ = c.read(&mut [0u8; 16]);
+        }
+    };
+    poke(refused_fwd);
+    wait_for("a refused target", &|p| {
+        series(p, "streams_refused_total") == Some(1)
+    });
+    poke(dead_fwd);
+    let page = wait_for("a failed dial", &|p| {
+        series(p, "dials_failed_total") == Some(1)
+    });
+    assert_eq!(series(&page, "streams_refused_total"), Some(1), "{page}");
+    assert_eq!(series(&page, "streams_total"), Some(0), "{page}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -3,8 +3,8 @@
 //!
 //! Layers, bottom to top: a module may use its own row and the rows listed
 //! before it, never a later one. `tests/layers.rs` reads this table and
-//! holds the code to it: every file in a row, no path to a later row (two
-//! known ones are listed there with the change that removes each), and no
+//! holds the code to it: every file in a row, no path to a later row (one
+//! known one is listed there with the change that removes it), and no
 //! sockets, threads, files or clock reads in a row whose I/O column says
 //! `no`. The supervisor and the relay keep their sans-IO protocol files next
 //! to their I/O; those files are rows of their own, early in the table.
@@ -22,7 +22,7 @@
 //! | `config`                                           | keys, peer specs, wg-quick `.conf`, the UAPI text protocol    | resolver (hostnames in `.conf`, replaceable) |
 //! | `supervisor::{error, limits, message, session, varint}` | the remotedialer protocol: messages, session, limits     | no  |
 //! | `relay::protocol`                                  | the relay's registration proof and frames                     | no  |
-//! | `io`                                               | syscalls: UDP sockets, TUN devices, unix sockets, accept      | yes |
+//! | `io`                                               | syscalls: UDP sockets, TUN devices, unix sockets, accept, dial| yes |
 //! | `peer`                                             | one boringtun `Tunn` per peer, endpoint, stats, keepalive     | clock |
 //! | `ws`                                               | websocket/TLS plumbing both tunnels use, `TunnelError`        | yes |
 //! | `relay`                                            | the WireGuard relay: client, pump, server sessions            | yes |

@@ -17,7 +17,9 @@
 //! | `conn`   | `meshvpn_conn`: TCP dial/read/write/shutdown/close |
 //! | `listener` | `meshvpn_listener`: TCP listen/accept       |
 //! | `udp`    | `meshvpn_udp`: UDP bind/send_to/recv_from   |
-//! | `tunnel` | `meshvpn_tunnel_agent`, `meshvpn_tunnel_server`, `meshvpn_tunnel_stream` |
+//! | `tunnel::agent` | `meshvpn_tunnel_agent`: the supervisor tunnel's agent and its counters |
+//! | `tunnel::server` | `meshvpn_tunnel_server`: accepts agents (and relay clients), dials through them |
+//! | `tunnel::stream` | `meshvpn_tunnel_stream`: one connection through a tunnel |
 //! | `timeout` | `meshvpn_timeout_ms`, `MESHVPN_WAIT_FOREVER`: every blocking call's timeout |
 //! | `interrupter` | `meshvpn_interrupter`: cancels a call that has no handle of its own (ping) |
 //!

@@ -11,7 +11,7 @@ use std::path::Path;
 use ::meshvpn_engine::peer::{DropReason, PeerStats};
 use ::meshvpn_engine::relay::{RelayServerStats, RelayStatus};
 use ::meshvpn_engine::stats::StatField;
-use ::meshvpn_engine::supervisor::ServerStats;
+use ::meshvpn_engine::supervisor::{AgentStats, ServerStats};
 use ::meshvpn_engine::wg::EngineStats;
 
 /// A field whose C or Go name is not the Rust one. `c` empty: the Rust
@@ -88,6 +88,13 @@ const EXPORTED: &[Exported] = &[
         fields: ServerStats::FIELDS,
         c: "meshvpn_tunnel_server_stats",
         go: "TunnelServerStats",
+        renames: &[],
+    },
+    Exported {
+        rust: "AgentStats",
+        fields: AgentStats::FIELDS,
+        c: "meshvpn_tunnel_agent_status",
+        go: "TunnelAgentStatus",
         renames: &[],
     },
 ];

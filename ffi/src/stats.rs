@@ -6,14 +6,15 @@ use std::time::UNIX_EPOCH;
 
 use ::meshvpn_engine::peer::{DropReason, PeerPath, PeerStats};
 use ::meshvpn_engine::relay::RelayServerStats;
-use ::meshvpn_engine::supervisor::ServerStats;
+use ::meshvpn_engine::supervisor::{AgentStats, ServerStats};
 use ::meshvpn_engine::wg::EngineStats;
 
 use crate::engine::{lookup, meshvpn_engine};
 use crate::error::{meshvpn_result, Error};
 use crate::key::meshvpn_key;
 use crate::ptr::{self, Out};
-use crate::tunnel::{meshvpn_relay_server_stats, meshvpn_tunnel_server_stats};
+use crate::tunnel::agent::meshvpn_tunnel_agent_status;
+use crate::tunnel::server::{meshvpn_relay_server_stats, meshvpn_tunnel_server_stats};
 
 /// Why packets to or from a peer were dropped: the index into
 /// `meshvpn_peer_stats.drops`. Numbers are stable and never reused.
@@ -328,6 +329,35 @@ impl From<RelayServerStats> for meshvpn_relay_server_stats {
             queued_bytes: queued_bytes as u64,
             queued_bytes_peak: queued_bytes_peak as u64,
             session_queued_bytes_peak: session_queued_bytes_peak as u64,
+        }
+    }
+}
+
+impl From<AgentStats> for meshvpn_tunnel_agent_status {
+    fn from(s: AgentStats) -> Self {
+        let AgentStats {
+            connected,
+            sessions,
+            reconnects,
+            streams_active,
+            streams_total,
+            streams_refused,
+            bytes_to_targets,
+            bytes_from_targets,
+            streams_refused_at_cap,
+            dials_failed,
+        } = s;
+        meshvpn_tunnel_agent_status {
+            connected,
+            sessions,
+            reconnects,
+            streams_active,
+            streams_total,
+            streams_refused,
+            bytes_to_targets,
+            bytes_from_targets,
+            streams_refused_at_cap,
+            dials_failed,
         }
     }
 }

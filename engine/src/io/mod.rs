@@ -3,9 +3,10 @@
 //! `unsafe` (denied crate-wide) is allowed only on the items that make raw
 //! syscalls: `tun` (ioctl, fcntl), `unix` (umask) and [`poll`]; every block
 //! says why it is sound. `udp` goes through socket2 and quinn-udp, `accept`
-//! through std, and `offload` is pure logic over the `wire` views.
+//! and `dial` through std, and `offload` is pure logic over the `wire` views.
 
 pub mod accept;
+pub mod dial;
 pub mod offload;
 #[allow(unsafe_code)]
 pub mod tun;

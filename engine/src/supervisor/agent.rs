@@ -2,7 +2,7 @@
 //! exponential backoff and jitter) and dials the targets the server asks for,
 //! when its policy allows them.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::WebSocket;
 
+use super::agent_stats::{AgentCounters, AgentStats};
 use super::driver::{self, Incoming, SessionHooks, SessionShared};
 use super::target::{pump, ConnectPolicy, TargetDialer};
 use super::TunnelStream;
@@ -45,6 +46,10 @@ pub struct AgentConfig {
     /// Called on the agent's threads as sessions come and go; must not
     /// block for long and must not stop the agent.
     pub on_event: Option<AgentEventHook>,
+    /// Where the agent counts (see [`AgentStats`]); fresh by default. Pass
+    /// the same counters to the next `Agent::start` to count across a
+    /// stop and start.
+    pub counters: Arc<AgentCounters>,
 }
 
 /// What an agent reports to its `on_event` hook.
@@ -89,6 +94,7 @@ impl AgentConfig {
             backoff_initial: DEFAULT_BACKOFF_INITIAL,
             backoff_max: DEFAULT_BACKOFF_MAX,
             on_event: None,
+            counters: Arc::default(),
         }
     }
 }
@@ -110,25 +116,24 @@ pub struct AgentStatus {
 struct AgentShared {
     config: AgentConfig,
     current: Mutex<Option<Arc<SessionShared>>>,
-    /// Streams holding threads now; see `Limits::max_agent_streams`.
-    streams_active: AtomicUsize,
-    streams_refused_at_cap: AtomicU64,
 }
 
-/// One stream's claim on `AgentShared::streams_active`, given back when its
-/// threads are done (or could not start).
-struct StreamSlot(Arc<AgentShared>);
+/// One stream's claim on `AgentCounters::streams_active` (what
+/// `Limits::max_agent_streams` caps), given back when its threads are done
+/// (or could not start).
+struct StreamSlot(Arc<AgentCounters>);
 
 impl StreamSlot {
-    fn claim(shared: &Arc<AgentShared>) -> Option<StreamSlot> {
+    fn claim(shared: &AgentShared) -> Option<StreamSlot> {
         let cap = shared.config.limits.max_agent_streams;
-        shared
+        let counters = &shared.config.counters;
+        counters
             .streams_active
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
                 (n < cap).then_some(n + 1)
             })
             .ok()
-            .map(|_| StreamSlot(shared.clone()))
+            .map(|_| StreamSlot(counters.clone()))
     }
 }
 
@@ -158,8 +163,6 @@ impl Agent {
         let shared = Arc::new(AgentShared {
             config,
             current: Mutex::new(None),
-            streams_active: AtomicUsize::new(0),
-            streams_refused_at_cap: AtomicU64::new(0),
         });
         Ok(Self {
             client: Reconnecting::start("tunnel-agent", shared, initial, max)?,
@@ -168,14 +171,20 @@ impl Agent {
 
     pub fn status(&self) -> AgentStatus {
         let link = self.client.status();
-        let shared = self.client.protocol();
+        let stats = self.stats();
         AgentStatus {
             connected: link.connected,
-            sessions: link.sessions,
+            // Counted across stops and starts that share `counters`.
+            sessions: stats.sessions,
             last_error: link.last_error,
-            streams_active: shared.streams_active.load(Ordering::SeqCst),
-            streams_refused_at_cap: shared.streams_refused_at_cap.load(Ordering::SeqCst),
+            streams_active: stats.streams_active as usize,
+            streams_refused_at_cap: stats.streams_refused_at_cap,
         }
+    }
+
+    /// The agent's counters (those of [`AgentConfig::counters`]).
+    pub fn stats(&self) -> AgentStats {
+        self.client.protocol().config.counters.snapshot()
     }
 
     /// Waits until a session is up (`true`) or `timeout` passes.
@@ -239,14 +248,25 @@ impl Protocol for AgentShared {
     }
 
     fn on_connected(&self) {
+        let counters = &self.config.counters;
+        counters.connected.store(true, Ordering::SeqCst);
+        counters.sessions.fetch_add(1, Ordering::SeqCst);
         self.event(AgentEvent::Connected);
     }
 
     fn on_disconnected(&self, reason: &str) {
+        self.config
+            .counters
+            .connected
+            .store(false, Ordering::SeqCst);
         self.event(AgentEvent::Disconnected(reason));
     }
 
     fn on_connect_failed(&self, error: &TunnelError) {
+        self.config
+            .counters
+            .connected
+            .store(false, Ordering::SeqCst);
         self.event(AgentEvent::ConnectFailed(error));
     }
 }
@@ -271,16 +291,16 @@ impl SessionHooks for AgentHooks<'_> {
             address,
         } = incoming;
         let mut inner = session.lock();
+        let counters = &self.shared.config.counters;
         if !self.shared.config.policy.allows(&proto, &address) {
+            AgentCounters::count(&counters.streams_refused);
             tracing::info!(conn = conn.0, %proto, %address, "tunnel: refused connect");
             inner.core.refuse(conn, "connect not allowed");
             session.after_op(&mut inner);
             return;
         }
         let Some(slot) = StreamSlot::claim(&self.shared) else {
-            self.shared
-                .streams_refused_at_cap
-                .fetch_add(1, Ordering::Relaxed);
+            AgentCounters::count(&counters.streams_refused_at_cap);
             tracing::debug!(conn = conn.0, "tunnel: refused connect, too many streams");
             inner.core.refuse(conn, "too many streams");
             session.after_op(&mut inner);
@@ -294,14 +314,16 @@ impl SessionHooks for AgentHooks<'_> {
         drop(inner);
         tracing::debug!(conn = conn.0, %proto, %address, "tunnel: dialing");
         let dialer = self.shared.config.dialer.clone();
+        let counters = counters.clone();
         let spawned = std::thread::Builder::new()
             .name("tunnel-dial".into())
             .stack_size(256 << 10)
             .spawn(move || {
                 let _slot = slot;
                 match dialer.dial(&proto, &address) {
-                    Ok(target) => pump(stream, target),
+                    Ok(target) => pump(stream, counters.dialed(target)),
                     Err(e) => {
+                        AgentCounters::count(&counters.dials_failed);
                         tracing::debug!(conn = conn.0, error = %e, "tunnel: dial failed");
                         stream.close_with(Some(&e.to_string()));
                     }

@@ -44,16 +44,19 @@ pub mod session;
 pub mod varint;
 
 pub(crate) mod agent;
+mod agent_stats;
 mod driver;
 mod server;
 mod stream;
 mod target;
+mod url;
 
 pub use error::{DialError, SessionError, StreamError};
 pub use limits::Limits;
 pub use session::{ConnId, Event, Role, SessionStats, Transmit, TunnelSession};
 
 pub use agent::{Agent, AgentConfig, AgentEvent, AgentEventHook, AgentStatus};
+pub use agent_stats::{AgentCounters, AgentStats};
 pub use server::{
     ServerAuth, ServerConfig, ServerStats, TunnelServer, DEFAULT_MAX_HANDSHAKES,
     DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
@@ -62,3 +65,4 @@ pub use stream::TunnelStream;
 pub use target::{
     pump, AllowList, ConnectPolicy, DialedTarget, OsDialer, TargetDialer, TargetPattern,
 };
+pub use url::{url_with_path, K3S_PATH};

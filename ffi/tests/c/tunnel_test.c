@@ -254,6 +254,22 @@ static void *interrupt_later(void *arg) {
     return NULL;
 }
 
+/* A loopback port bound but not listening: a dial to it is refused at
+ * once. The socket stays open (so nobody else takes the port) until
+ * closed by the caller. */
+static int refusing_port(int *out_fd) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof a;
+    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) != 0 ||
+        getsockname(fd, (struct sockaddr *)&a, &len) != 0) {
+        perror("refusing_port");
+        exit(2);
+    }
+    *out_fd = fd;
+    return ntohs(a.sin_port);
+}
+
 /* ------------------------------------------------ tests */
 
 static void test_dial_through_agent(void) {
@@ -261,9 +277,13 @@ static void test_dial_through_agent(void) {
     char url[128];
     server_url(s, url, sizeof url);
 
-    char allow[64];
+    char allow[64], allow_dead[64], dead[64];
+    int dead_fd = -1;
+    int dead_port = refusing_port(&dead_fd);
     snprintf(allow, sizeof allow, "tcp/127.0.0.1:%d", service_port);
-    const char *patterns[] = {allow};
+    snprintf(allow_dead, sizeof allow_dead, "tcp/127.0.0.1:%d", dead_port);
+    snprintf(dead, sizeof dead, "127.0.0.1:%d", dead_port);
+    const char *patterns[] = {allow, allow_dead};
     struct events ev = {0};
     meshvpn_tunnel_agent_config ac = {
         .url = url,
@@ -271,7 +291,7 @@ static void test_dial_through_agent(void) {
         .client_cert_pem = client_pem,
         .client_key_pem = client_key,
         .allow = patterns,
-        .allow_len = 1,
+        .allow_len = 2,
         .event_callback = on_event,
         .event_userdata = &ev,
     };
@@ -318,6 +338,16 @@ static void test_dial_through_agent(void) {
     OK(meshvpn_tunnel_stream_free(st));
     OK(meshvpn_tunnel_agent_get_status(a, &status));
     CHECK(status.connected && status.streams_refused == 1);
+    CHECK(status.dials_failed == 0 && status.streams_refused_at_cap == 0);
+
+    /* An allowed target that refuses the connection: the agent counts a
+     * failed dial (before it answers the server), not a stream. */
+    OK(meshvpn_tunnel_server_dial(s, NODE_KEY, "tcp", dead, 1000, &st));
+    CHECK_RC(meshvpn_tunnel_stream_read(st, buf, sizeof buf, WAIT_MS, &n), MESHVPN_TUNNEL_REFUSED);
+    OK(meshvpn_tunnel_stream_free(st));
+    OK(meshvpn_tunnel_agent_get_status(a, &status));
+    CHECK(status.dials_failed == 1 && status.streams_total == 1 && status.streams_refused == 1);
+    close(dead_fd);
 
     /* Nothing to read: the per-call timeout. */
     OK(meshvpn_tunnel_server_dial(s, NODE_KEY, "tcp", target, 1000, &st));
@@ -383,6 +413,18 @@ static void test_dial_through_agent(void) {
     OK(meshvpn_tunnel_agent_get_status(a, &status));
     CHECK(status.sessions == 2 && status.reconnects == 1);
 
+    /* Stop: the counters stay, and run on after a start. */
+    OK(meshvpn_tunnel_agent_stop(a));
+    meshvpn_tunnel_agent_status stopped;
+    OK(meshvpn_tunnel_agent_get_status(a, &stopped));
+    CHECK(!stopped.connected && stopped.sessions == 2 && stopped.dials_failed == 1);
+    OK(meshvpn_tunnel_agent_start(a));
+    OK(meshvpn_tunnel_agent_wait_connected(a, WAIT_MS));
+    OK(meshvpn_tunnel_agent_get_status(a, &status));
+    CHECK(status.connected && status.sessions == 3 && status.reconnects == 2);
+    CHECK(status.streams_total == stopped.streams_total && status.dials_failed == 1);
+    CHECK(status.bytes_from_targets == stopped.bytes_from_targets);
+
     /* Stop, then free: no more events. */
     OK(meshvpn_tunnel_agent_stop(a));
     OK(meshvpn_tunnel_agent_get_status(a, &status));
@@ -393,6 +435,64 @@ static void test_dial_through_agent(void) {
     OK(meshvpn_tunnel_server_free(s));
     CHECK_RC(meshvpn_tunnel_server_start(s), MESHVPN_INVALID_HANDLE);
     CHECK_RC(meshvpn_tunnel_server_free(s), MESHVPN_INVALID_HANDLE);
+}
+
+/* An agent limited to one stream: while one is open, the next target is
+ * refused and counted as refused at the cap; then new dials work again. */
+static void test_agent_stream_cap(void) {
+    meshvpn_tunnel_server *s = new_server();
+    char url[128], allow[64], target[64];
+    server_url(s, url, sizeof url);
+    snprintf(allow, sizeof allow, "tcp/127.0.0.1:%d", service_port);
+    snprintf(target, sizeof target, "127.0.0.1:%d", service_port);
+    const char *patterns[] = {allow};
+    meshvpn_tunnel_agent_config ac = {
+        .url = url,
+        .ca_pem = ca_pem,
+        .client_cert_pem = client_pem,
+        .client_key_pem = client_key,
+        .allow = patterns,
+        .allow_len = 1,
+        .max_streams = 1,
+    };
+    meshvpn_tunnel_agent *a = NULL;
+    OK(meshvpn_tunnel_agent_new(&ac, &a));
+    OK(meshvpn_tunnel_agent_start(a));
+    OK(meshvpn_tunnel_server_wait_session(s, NODE_KEY, WAIT_MS));
+
+    /* The first stream holds the only slot (the service waits for its request). */
+    meshvpn_tunnel_stream *held = NULL, *st = NULL;
+    OK(meshvpn_tunnel_server_dial(s, NODE_KEY, "tcp", target, 1000, &held));
+    OK(meshvpn_tunnel_server_dial(s, NODE_KEY, "tcp", target, 1000, &st));
+    uint8_t buf[64];
+    size_t n = 0;
+    CHECK_RC(meshvpn_tunnel_stream_read(st, buf, sizeof buf, WAIT_MS, &n), MESHVPN_TUNNEL_RESET);
+    OK(meshvpn_tunnel_stream_free(st));
+    meshvpn_tunnel_agent_status status;
+    OK(meshvpn_tunnel_agent_get_status(a, &status));
+    CHECK(status.streams_refused_at_cap == 1 && status.streams_refused == 0);
+    /* (Its dial may still be under way: streams_total is checked below.) */
+    CHECK(status.streams_active == 1);
+
+    /* Freed, the slot comes back (once the relay's threads end). */
+    OK(meshvpn_tunnel_stream_free(held));
+    for (int i = 0; i < WAIT_MS / 10; i++) {
+        OK(meshvpn_tunnel_agent_get_status(a, &status));
+        if (status.streams_active == 0) {
+            break;
+        }
+        usleep(10000);
+    }
+    CHECK(status.streams_active == 0);
+    OK(meshvpn_tunnel_server_dial(s, NODE_KEY, "tcp", target, 1000, &st));
+    char resp[256];
+    OK(http_get(st, resp, sizeof resp));
+    CHECK(strstr(resp, "hello") != NULL);
+    OK(meshvpn_tunnel_stream_free(st));
+    OK(meshvpn_tunnel_agent_get_status(a, &status));
+    CHECK(status.streams_refused_at_cap == 1 && status.streams_total == 2);
+    OK(meshvpn_tunnel_agent_free(a));
+    OK(meshvpn_tunnel_server_free(s));
 }
 
 static void test_token_callback_and_auth_failures(void) {
@@ -888,6 +988,7 @@ int main(int argc, char **argv) {
 
     test_bad_input();
     test_dial_through_agent();
+    test_agent_stream_cap();
     test_token_callback_and_auth_failures();
     test_relay_bad_input();
     test_relay_between_engines();
