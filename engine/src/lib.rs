@@ -8,7 +8,8 @@
 //! | `config`  | keys, peer specs, wg-quick `.conf`, the UAPI text protocol  | no  |
 //! | `wire`    | checked views: IP/TCP/UDP, virtio-net, WireGuard framing    | no  |
 //! | `router`  | AllowedIPs longest-prefix match                             | no  |
-//! | `peer`    | one boringtun `Tunn` per peer, endpoint, stats, keepalive   | no  |
+//! | `peer`    | one boringtun `Tunn` per peer, typed endpoint, stats, keepalive | no |
+//! | `device`  | sans-IO core: peer table, routing, dispatch, cookies, source check | no |
 //! | `netstack`| smoltcp TCP/UDP/ICMP for the host over the mesh (no root)  | no  |
 //! | `runtime` | the `Engine`: threads, queues, packet sinks                 | yes |
 //! | `io`      | syscalls: UDP sockets, TUN devices, unix sockets            | yes |
@@ -20,6 +21,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod device;
 pub mod io;
 pub mod netstack;
 pub mod peer;
