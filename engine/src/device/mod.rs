@@ -549,7 +549,8 @@ impl Device {
                 None => return Received::Nothing,
             },
         };
-        if msg.kind == MessageKind::HandshakeResponse && !self.admit_handshake(&from, datagram, out, io)
+        if msg.kind == MessageKind::HandshakeResponse
+            && !self.admit_handshake(&from, datagram, out, io)
         {
             return Received::Nothing;
         }

@@ -584,9 +584,9 @@ impl Peer {
         };
         if result == PeerOutput::Done {
             if let (Some(k), Some(to)) = (st.persistent_keepalive, endpoint) {
-                let due = st
-                    .last_sent
-                    .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(k as u64));
+                let due = st.last_sent.is_none_or(|t| {
+                    now.saturating_duration_since(t) >= Duration::from_secs(k as u64)
+                });
                 if due {
                     // An empty packet: a keepalive, or the handshake that
                     // must come before one.

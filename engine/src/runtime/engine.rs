@@ -14,9 +14,9 @@ mod relay_path;
 pub use relay_path::{RelayInbox, RelayTransport};
 
 use super::sink::{HostQueue, InnerBurst, InnerSink};
-pub use crate::device::{PeerUpdate, SendError};
 use crate::config::{Config, PeerConfig, PrivateKey, PublicKey, DEFAULT_MTU};
 use crate::device::{Device, DeviceIo, Encapsulated, Endpoint, PeerError, Received};
+pub use crate::device::{PeerUpdate, SendError};
 use crate::io::tun::{Tun, TunBurst};
 use crate::io::udp::{normalize, RecvBatch, UdpTransport, MAX_DATAGRAM, RECV_POLL};
 use crate::peer::{output_buffer_len, BufferBudget, DropReason, Peer, PeerStats};
@@ -516,7 +516,10 @@ impl Engine {
     /// into it.
     pub fn attach_tun(&self, tun: Tun) -> Result<(), EngineError> {
         let writer = tun.try_clone().map_err(EngineError::Thread)?;
-        self.set_sink(Arc::new(TunSink(writer)));
+        let end: Arc<dyn InnerSink> = Arc::new(TunSink(writer));
+        // A sink in front (the userspace stack) keeps its place.
+        let sink = self.sink().rewrap(end.clone()).unwrap_or(end);
+        self.set_sink(sink);
         self.spawn("meshvpn-tun", move |s, stop| tun_loop(s, stop, tun))
     }
 
@@ -653,9 +656,7 @@ impl Shared {
                             Endpoint::Udp(addr) => {
                                 batch.push(at, len, addr, &transport, &self.counters)
                             }
-                            Endpoint::Relay(key) => {
-                                self.send_relay(&key, &batch.buf[at..at + len])
-                            }
+                            Endpoint::Relay(key) => self.send_relay(&key, &batch.buf[at..at + len]),
                         }
                     }
                     Ok(Encapsulated::Queued) => accepted += 1,
@@ -674,21 +675,22 @@ impl Shared {
             rx.deliver(self);
         }
         let mut net = Net(self);
-        let flush = match self
-            .device
-            .handle_datagram(now, from, datagram, rx.packets.spare(), &mut net)
-        {
-            Received::Nothing => return,
-            Received::Packet { peer, len, flush } => {
-                rx.packets.commit(len);
-                rx.peers.push(peer.clone());
-                if !flush {
-                    return;
+        let flush =
+            match self
+                .device
+                .handle_datagram(now, from, datagram, rx.packets.spare(), &mut net)
+            {
+                Received::Nothing => return,
+                Received::Packet { peer, len, flush } => {
+                    rx.packets.commit(len);
+                    rx.peers.push(peer.clone());
+                    if !flush {
+                        return;
+                    }
+                    peer
                 }
-                peer
-            }
-            Received::Flush(peer) => peer,
-        };
+                Received::Flush(peer) => peer,
+            };
         if rx.packets.is_full(output_buffer_len(MAX_DATAGRAM)) {
             rx.deliver(self);
         }

@@ -18,7 +18,9 @@ mod sink;
 mod uapi;
 
 pub use crate::peer::{BufferBudget, DEFAULT_BUFFER_LIMIT};
-pub use engine::{Engine, EngineError, EngineStats, PeerUpdate, RelayInbox, RelayTransport, SendError};
+pub use engine::{
+    Engine, EngineError, EngineStats, PeerUpdate, RelayInbox, RelayTransport, SendError,
+};
 pub use pool::{BufferPool, PacketBuf};
 pub use sink::{HostQueue, InnerBurst, InnerSink};
 pub use uapi::{
