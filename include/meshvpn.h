@@ -659,7 +659,7 @@ typedef struct meshvpn_log_record {
   meshvpn_log_level level;
   /**
    * Where it comes from: a Rust module path such as
-   * `"meshvpn_engine::runtime::engine"` or `"boringtun::noise"`.
+   * `"meshvpn_engine::wg::engine"` or `"boringtun::noise"`.
    * NUL-terminated.
    */
   const char *target;

@@ -20,7 +20,8 @@ use std::time::Duration;
 use clap::Args;
 use meshvpn_engine::config::DEFAULT_MTU;
 use meshvpn_engine::io::tun::Tun;
-use meshvpn_engine::runtime::tunnel::{tls, RelayConfig};
+use meshvpn_engine::relay::RelayConfig;
+use meshvpn_engine::ws::tls;
 use meshvpn_engine::{Config, Engine, InterfaceConfig, UapiServer};
 use nix::sys::signal::{SigSet, Signal};
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use std::io::{Read, Write};
 
 use meshvpn_engine::netstack::{Netstack, NetstackConfig};
-use meshvpn_engine::runtime::tunnel::{
+use meshvpn_engine::supervisor::{
     self as tunnel, Agent, AgentConfig, AllowList, OsDialer, ServerAuth, ServerConfig, TunnelServer,
 };
 use meshvpn_engine::{Config, Engine, InterfaceConfig, IpPrefix, PeerConfig, PrivateKey};

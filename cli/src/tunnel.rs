@@ -8,14 +8,16 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use meshvpn_engine::io::accept::{accept_with_backoff, AcceptBackoff};
-use meshvpn_engine::runtime::tunnel::{
-    pump, tls, Agent, AgentConfig, AllowList, DialedTarget, OsDialer, RelayServerConfig,
-    ServerAuth, ServerConfig, TargetPattern, TunnelServer, DEFAULT_BUDGET_BYTES,
-    DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_QUEUE_BYTES,
-    DEFAULT_RELAY_MAX_SESSIONS, DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, DEFAULT_WRITE_TIMEOUT,
-    RELAY_PATH,
+use meshvpn_engine::relay::{
+    RelayServerConfig, DEFAULT_BUDGET_BYTES, DEFAULT_QUEUE_BYTES, DEFAULT_RELAY_MAX_SESSIONS,
+    DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, DEFAULT_WRITE_TIMEOUT, RELAY_PATH,
 };
-use meshvpn_engine::tunnel::limits::MAX_AGENT_STREAMS;
+use meshvpn_engine::supervisor::limits::MAX_AGENT_STREAMS;
+use meshvpn_engine::supervisor::{
+    pump, Agent, AgentConfig, AllowList, DialedTarget, OsDialer, ServerAuth, ServerConfig,
+    TargetPattern, TunnelServer, DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+};
+use meshvpn_engine::ws::tls;
 use meshvpn_engine::PublicKey;
 
 /// Websocket supervisor tunnel, wire-compatible with k3s (rancher/remotedialer).

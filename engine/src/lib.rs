@@ -1,19 +1,34 @@
 //! meshvpn-engine: a userspace WireGuard engine with a userspace TCP/IP stack
 //! and a websocket supervisor tunnel, as a safe Rust API.
 //!
-//! Layers, top to bottom (no layer reaches up):
+//! Layers, bottom to top: a module may use its own row and the rows listed
+//! before it, never a later one. `tests/layers.rs` reads this table and
+//! holds the code to it: every file in a row, no path to a later row (two
+//! known ones are listed there with the change that removes each), and no
+//! sockets, threads, files or clock reads in a row whose I/O column says
+//! `no`. The supervisor and the relay keep their sans-IO protocol files next
+//! to their I/O; those files are rows of their own, early in the table.
+//! `relay` comes after `wg`: the engine only knows a `RelayTransport`,
+//! and the relay client plugs itself in from above (`relay/engine.rs`); the
+//! supervisor comes last because its HTTPS listener also serves relay
+//! clients.
 //!
-//! | module    | owns                                                        | I/O |
-//! |-----------|-------------------------------------------------------------|-----|
-//! | `config`  | keys, peer specs, wg-quick `.conf`, the UAPI text protocol  | no  |
-//! | `wire`    | checked views: IP/TCP/UDP, virtio-net, WireGuard framing    | no  |
-//! | `router`  | AllowedIPs longest-prefix match                             | no  |
-//! | `peer`    | one boringtun `Tunn` per peer, typed endpoint, stats, keepalive | no |
-//! | `device`  | sans-IO core: peer table, routing, dispatch, cookies, source check | no |
-//! | `netstack`| smoltcp TCP/UDP/ICMP for the host over the mesh (no root)  | no  |
-//! | `runtime` | the `Engine`: threads, queues, packet sinks                 | yes |
-//! | `io`      | syscalls: UDP sockets, TUN devices, unix sockets            | yes |
-//! | `stats`   | `stats_struct!`: each exported counter set declared once    | no  |
+//! | module                                             | owns                                                          | I/O |
+//! |----------------------------------------------------|---------------------------------------------------------------|-----|
+//! | `stats`                                            | `stats_struct!`: each exported counter set declared once      | no  |
+//! | `wire`                                             | checked views: IP/TCP/UDP, virtio-net, WireGuard framing      | no  |
+//! | `router`                                           | AllowedIPs longest-prefix match                               | no  |
+//! | `config`                                           | keys, peer specs, wg-quick `.conf`, the UAPI text protocol    | resolver (hostnames in `.conf`, replaceable) |
+//! | `supervisor::{error, limits, message, session, varint}` | the remotedialer protocol: messages, session, limits     | no  |
+//! | `relay::protocol`                                  | the relay's registration proof and frames                     | no  |
+//! | `io`                                               | syscalls: UDP sockets, TUN devices, unix sockets, accept      | yes |
+//! | `peer`                                             | one boringtun `Tunn` per peer, typed endpoint, stats, keepalive (takes `now`) | wall clock (stats' last handshake) |
+//! | `device`                                           | sans-IO device core: identity, peer table, routing, dispatch, cookies, source check, path policy | no |
+//! | `ws`                                               | websocket/TLS plumbing both tunnels use, `TunnelError`        | yes |
+//! | `wg`                                               | the WireGuard `Engine`: threads, sockets, batching, sinks, UAPI over `device` | yes |
+//! | `relay`                                            | the WireGuard relay: client, pump, server sessions; plugs into `wg` | yes |
+//! | `netstack`                                         | smoltcp TCP/UDP/ICMP for the host over the mesh (no root)     | threads, clock |
+//! | `supervisor`                                       | agent, server (one HTTPS listener for agents and relay clients), streams | yes |
 //!
 //! `unsafe` is denied here and allowed only on the `io` items that make raw
 //! syscalls (`io::tun`, `io::unix`, `io::poll`); every block has a
@@ -25,14 +40,16 @@ pub mod device;
 pub mod io;
 pub mod netstack;
 pub mod peer;
+pub mod relay;
 pub mod router;
-pub mod runtime;
 pub mod stats;
-pub mod tunnel;
+pub mod supervisor;
+pub mod wg;
 pub mod wire;
+pub mod ws;
 
 pub use config::uapi::UapiError;
 pub use config::{Config, InterfaceConfig, PeerConfig, PresharedKey, PrivateKey, PublicKey};
 pub use netstack::{Netstack, NetstackConfig, NetstackError};
 pub use router::IpPrefix;
-pub use runtime::{Engine, EngineError, PeerUpdate, SendError, UapiServer};
+pub use wg::{Engine, EngineError, PeerUpdate, SendError, UapiServer};

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::{udp_packet, wait_until};
 use meshvpn_engine::peer::DropReason;
 use meshvpn_engine::router::IpPrefix;
-use meshvpn_engine::runtime::DEFAULT_BUFFER_LIMIT;
+use meshvpn_engine::wg::DEFAULT_BUFFER_LIMIT;
 use meshvpn_engine::{Config, Engine, InterfaceConfig, PeerConfig, PrivateKey, SendError};
 
 fn engine() -> Engine {

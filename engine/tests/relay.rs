@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use meshvpn_engine::peer::{PeerPath, PeerStats};
-use meshvpn_engine::runtime::tunnel::{
-    tls, RelayClient, RelayConfig, RelayOwner, RelayServerConfig, ServerAuth, ServerConfig,
-    TunnelServer, RELAY_PATH,
-};
-use meshvpn_engine::tunnel::relay::{self, MAX_FRAME};
+use meshvpn_engine::relay::protocol::{self as relay, MAX_FRAME};
+use meshvpn_engine::relay::{RelayClient, RelayConfig, RelayOwner, RelayServerConfig, RELAY_PATH};
+use meshvpn_engine::supervisor::{ServerAuth, ServerConfig, TunnelServer};
+use meshvpn_engine::ws::tls;
 use meshvpn_engine::{Engine, PrivateKey};
 use tungstenite::Message;
 

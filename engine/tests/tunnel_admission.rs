@@ -14,10 +14,11 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use meshvpn_engine::runtime::tunnel::{
-    tls, Agent, RelayServerConfig, ServerAuth, ServerConfig, TunnelServer,
-    DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, RELAY_PATH,
+use meshvpn_engine::relay::{RelayServerConfig, DEFAULT_RELAY_MAX_SESSIONS_PER_SOURCE, RELAY_PATH};
+use meshvpn_engine::supervisor::{
+    Agent, ServerAuth, ServerConfig, TunnelServer, DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
 };
+use meshvpn_engine::ws::tls;
 
 use raw::{closed_by_server, relay_register, tcp_from, tls_over, OTHER_SOURCE};
 use tunnel_support::{agent_config, loopback, pki, Pki, PATH};

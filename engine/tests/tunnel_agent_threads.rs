@@ -9,7 +9,7 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshvpn_engine::runtime::tunnel::{
+use meshvpn_engine::supervisor::{
     Agent, AgentConfig, AllowList, DialedTarget, TargetDialer, TunnelServer,
 };
 use parking_lot::{Condvar, Mutex};

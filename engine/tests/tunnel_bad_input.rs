@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use meshvpn_engine::runtime::tunnel::{tls, Agent, AgentConfig, AllowList, OsDialer, TunnelServer};
-use meshvpn_engine::tunnel::message::{decode, encode, Body, MessageType};
+use meshvpn_engine::supervisor::message::{decode, encode, Body, MessageType};
+use meshvpn_engine::supervisor::{Agent, AgentConfig, AllowList, OsDialer, TunnelServer};
+use meshvpn_engine::ws::tls;
 use tungstenite::Message;
 use tunnel_support::*;
 
@@ -31,7 +32,7 @@ struct Fixture {
     _agent: Agent,
 }
 
-fn fixture(tune: impl FnOnce(&mut meshvpn_engine::runtime::tunnel::ServerConfig)) -> Fixture {
+fn fixture(tune: impl FnOnce(&mut meshvpn_engine::supervisor::ServerConfig)) -> Fixture {
     let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let pki = pki();
     let echo = echo_server();

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::mesh;
 use common::stacks::attach;
 use meshvpn_engine::netstack::MeshDialer;
-use meshvpn_engine::runtime::tunnel::Agent;
+use meshvpn_engine::supervisor::Agent;
 use meshvpn_engine::{IpPrefix, Netstack, NetstackConfig};
 use tunnel_support::*;
 

@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use meshvpn_engine::runtime::tunnel::{Agent, TunnelServer};
+use meshvpn_engine::supervisor::{Agent, TunnelServer};
 use tunnel_support::*;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -61,9 +61,7 @@ fn token_auth_and_wrong_token() {
     let server = TunnelServer::bind(loopback(), config).unwrap();
 
     let mut wrong = agent_config(&pki, server.local_addr(), &[]);
-    wrong.tls = Some(
-        meshvpn_engine::runtime::tunnel::tls::client_config(pki.ca_pem.as_bytes(), None).unwrap(),
-    );
+    wrong.tls = Some(meshvpn_engine::ws::tls::client_config(pki.ca_pem.as_bytes(), None).unwrap());
     wrong.token = Some("not-it".into());
     let wrong = Agent::start(wrong).unwrap();
     let mut right = agent_config(&pki, server.local_addr(), &[&format!("tcp/{echo}")]);
@@ -91,7 +89,7 @@ fn token_auth_and_wrong_token() {
 }
 
 fn wrong_tls(pki: &Pki) -> Option<std::sync::Arc<rustls::ClientConfig>> {
-    Some(meshvpn_engine::runtime::tunnel::tls::client_config(pki.ca_pem.as_bytes(), None).unwrap())
+    Some(meshvpn_engine::ws::tls::client_config(pki.ca_pem.as_bytes(), None).unwrap())
 }
 
 #[test]
@@ -263,7 +261,8 @@ fn new_session_for_same_client_replaces_old() {
 
 #[test]
 fn agent_events_and_stream_deadlines() {
-    use meshvpn_engine::runtime::tunnel::{AgentEvent, TunnelError};
+    use meshvpn_engine::supervisor::AgentEvent;
+    use meshvpn_engine::ws::TunnelError;
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
 

@@ -407,7 +407,7 @@ fn socket_bounds_connections_and_request_size() {
     let engine = Arc::new(bare_engine());
     let server = UapiServer::start_at(engine.clone(), &path).unwrap();
     // Idle connections beyond the limit are closed at once.
-    let idle: Vec<UnixStream> = (0..meshvpn_engine::runtime::MAX_CONNECTIONS)
+    let idle: Vec<UnixStream> = (0..meshvpn_engine::wg::MAX_CONNECTIONS)
         .map(|_| UnixStream::connect(&path).unwrap())
         .collect();
     std::thread::sleep(Duration::from_millis(500));
@@ -446,7 +446,7 @@ fn socket_bounds_connections_and_request_size() {
             let line = b"fwmark=1\n".repeat(4096);
             let _ = w.write_all(b"set=1\n");
             let mut sent = 0;
-            while sent <= meshvpn_engine::runtime::MAX_REQUEST_BYTES + line.len() {
+            while sent <= meshvpn_engine::wg::MAX_REQUEST_BYTES + line.len() {
                 if w.write_all(&line).is_err() {
                     break;
                 }
@@ -460,7 +460,7 @@ fn socket_bounds_connections_and_request_size() {
     };
     let (mut out, mut sent) = endless_set();
     for _ in 0..20 {
-        if !out.is_empty() || sent >= meshvpn_engine::runtime::MAX_REQUEST_BYTES {
+        if !out.is_empty() || sent >= meshvpn_engine::wg::MAX_REQUEST_BYTES {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -553,7 +553,7 @@ fn close_returns_within_its_bound_while_a_client_does_not_read() {
         server.close();
         let _ = done_tx.send(t.elapsed());
     });
-    let bound = meshvpn_engine::runtime::UAPI_CLOSE_WITHIN;
+    let bound = meshvpn_engine::wg::UAPI_CLOSE_WITHIN;
     // Generous slack for a loaded machine; before the fix close never
     // returned while the client held its end.
     let took = done_rx.recv_timeout(bound * 3 + Duration::from_secs(2));
@@ -577,7 +577,7 @@ fn clients_that_do_not_read_lose_their_slot_after_the_write_deadline() {
     let path = temp_socket("stalled-slots");
     let engine = Arc::new(engine_with_many_peers(6000));
     let server = UapiServer::start_at(engine.clone(), &path).unwrap();
-    let stalled: Vec<UnixStream> = (0..meshvpn_engine::runtime::MAX_CONNECTIONS)
+    let stalled: Vec<UnixStream> = (0..meshvpn_engine::wg::MAX_CONNECTIONS)
         .map(|_| stalled_reader(&path))
         .collect();
     let answered = || {
@@ -593,7 +593,7 @@ fn clients_that_do_not_read_lose_their_slot_after_the_write_deadline() {
         let _ = BufReader::new(s).read_line(&mut out);
         out.starts_with("private_key=")
     };
-    let deadline = meshvpn_engine::runtime::UAPI_WRITE_TIMEOUT;
+    let deadline = meshvpn_engine::wg::UAPI_WRITE_TIMEOUT;
     let t = std::time::Instant::now();
     assert!(
         wait_until(deadline * 2 + Duration::from_secs(5), answered),

@@ -512,8 +512,7 @@ pub unsafe extern "C" fn meshvpn_engine_config_text(
 /// (`meshvpn_engine_set_buffer_limit`), in bytes.
 pub const MESHVPN_DEFAULT_BUFFER_LIMIT: usize = 32 << 20;
 // A literal, so cbindgen can write it; the engine's default is the one place.
-const _: () =
-    assert!(MESHVPN_DEFAULT_BUFFER_LIMIT == ::meshvpn_engine::runtime::DEFAULT_BUFFER_LIMIT);
+const _: () = assert!(MESHVPN_DEFAULT_BUFFER_LIMIT == ::meshvpn_engine::wg::DEFAULT_BUFFER_LIMIT);
 
 /// Sets the ceiling on bytes of packets the engine holds in queues
 /// (packets waiting behind a handshake, decrypted packets waiting for

@@ -56,7 +56,7 @@ impl meshvpn_log_level {
 pub struct meshvpn_log_record {
     pub level: meshvpn_log_level,
     /// Where it comes from: a Rust module path such as
-    /// `"meshvpn_engine::runtime::engine"` or `"boringtun::noise"`.
+    /// `"meshvpn_engine::wg::engine"` or `"boringtun::noise"`.
     /// NUL-terminated.
     pub target: *const c_char,
     /// The message and its fields, NUL-terminated UTF-8.

@@ -9,9 +9,10 @@
 use std::path::Path;
 
 use ::meshvpn_engine::peer::{DropReason, PeerStats};
-use ::meshvpn_engine::runtime::tunnel::{RelayServerStats, RelayStatus, ServerStats};
-use ::meshvpn_engine::runtime::EngineStats;
+use ::meshvpn_engine::relay::{RelayServerStats, RelayStatus};
 use ::meshvpn_engine::stats::StatField;
+use ::meshvpn_engine::supervisor::ServerStats;
+use ::meshvpn_engine::wg::EngineStats;
 
 /// A field whose C or Go name is not the Rust one. `c` empty: the Rust
 /// name; ending in `()`: not a struct field but a function of its own.

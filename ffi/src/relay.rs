@@ -20,7 +20,8 @@ use std::ffi::c_char;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::meshvpn_engine::runtime::tunnel::{tls, RelayConfig, RelayStatus};
+use ::meshvpn_engine::relay::{RelayConfig, RelayStatus};
+use ::meshvpn_engine::ws::tls;
 use ::meshvpn_engine::Engine;
 
 use crate::engine::{self, meshvpn_engine};
@@ -206,7 +207,7 @@ pub unsafe extern "C" fn meshvpn_engine_relay_start(
         let config = unsafe { read_relay_config(c) }?;
         let e = running(engine)?;
         e.start_relay(config).map_err(|err| match err {
-            ::meshvpn_engine::runtime::tunnel::TunnelError::Io(io) => {
+            ::meshvpn_engine::ws::TunnelError::Io(io) => {
                 Error::new(MESHVPN_THREAD_FAILED, io.to_string())
             }
             other => other.into(),

@@ -5,8 +5,9 @@ use std::ffi::c_char;
 use std::time::UNIX_EPOCH;
 
 use ::meshvpn_engine::peer::{DropReason, PeerPath, PeerStats};
-use ::meshvpn_engine::runtime::tunnel::{RelayServerStats, ServerStats};
-use ::meshvpn_engine::runtime::EngineStats;
+use ::meshvpn_engine::relay::RelayServerStats;
+use ::meshvpn_engine::supervisor::ServerStats;
+use ::meshvpn_engine::wg::EngineStats;
 
 use crate::engine::{lookup, meshvpn_engine};
 use crate::error::{meshvpn_result, Error};

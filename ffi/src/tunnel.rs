@@ -24,12 +24,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::meshvpn_engine::netstack::MeshDialer;
-use ::meshvpn_engine::runtime::tunnel::{
-    tls, Agent, AgentConfig, AgentEvent, AllowList, ConnectPolicy, DialedTarget, OsDialer,
-    RelayServerConfig, ServerAuth, ServerConfig, TargetDialer, TargetPattern, TunnelError,
-    TunnelServer, TunnelStream,
+use ::meshvpn_engine::relay::RelayServerConfig;
+use ::meshvpn_engine::supervisor::DialError;
+use ::meshvpn_engine::supervisor::{
+    Agent, AgentConfig, AgentEvent, AllowList, ConnectPolicy, DialedTarget, OsDialer, ServerAuth,
+    ServerConfig, TargetDialer, TargetPattern, TunnelServer, TunnelStream,
 };
-use ::meshvpn_engine::tunnel::DialError;
+use ::meshvpn_engine::ws::{tls, TunnelError};
 use parking_lot::Mutex;
 
 use crate::callback::{self, Inside, Userdata};

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use meshvpn_engine::tunnel::message::{decode, encode, Body, MessageType};
-use meshvpn_engine::tunnel::{ConnId, Event, Limits, Role, Transmit, TunnelSession};
+use meshvpn_engine::supervisor::message::{decode, encode, Body, MessageType};
+use meshvpn_engine::supervisor::{ConnId, Event, Limits, Role, Transmit, TunnelSession};
 
 #[derive(Arbitrary, Debug)]
 enum Step {

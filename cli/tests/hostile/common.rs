@@ -14,9 +14,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use boringtun::x25519::StaticSecret;
-use meshvpn_engine::runtime::tunnel::{
-    tls, Agent, AgentConfig, AllowList, OsDialer, RelayClient, RelayConfig, RelayOwner,
-};
+use meshvpn_engine::relay::{RelayClient, RelayConfig, RelayOwner};
+use meshvpn_engine::supervisor::{Agent, AgentConfig, AllowList, OsDialer};
+use meshvpn_engine::ws::tls;
 
 /// The binary under attack, built by cargo for this test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_meshvpn");

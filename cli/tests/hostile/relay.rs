@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use boringtun::x25519::StaticSecret;
 use bytes::Bytes;
-use meshvpn_engine::tunnel::relay::{self, Frame, EXPORTER_LABEL, EXPORTER_LEN};
+use meshvpn_engine::relay::protocol::{self as relay, Frame, EXPORTER_LABEL, EXPORTER_LEN};
 use rustls::pki_types::ServerName;
 use tungstenite::{Message, WebSocket};
 

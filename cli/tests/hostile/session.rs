@@ -15,7 +15,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use meshvpn_engine::tunnel::message::{encode, MessageType};
+use meshvpn_engine::supervisor::message::{encode, MessageType};
 
 use crate::common::{
     legit_agent_connects, legit_relay_client_registers, Ceilings, Sampler, Server,

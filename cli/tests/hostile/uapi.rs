@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use meshvpn_engine::config::uapi::parse_get;
-use meshvpn_engine::runtime::{MAX_CONNECTIONS, UAPI_CLOSE_WITHIN, UAPI_WRITE_TIMEOUT};
+use meshvpn_engine::wg::{MAX_CONNECTIONS, UAPI_CLOSE_WITHIN, UAPI_WRITE_TIMEOUT};
 use meshvpn_engine::{PublicKey, UapiServer};
 
 use crate::common::{Ceilings, Daemon, Sampler, TempDir};

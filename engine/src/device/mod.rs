@@ -5,7 +5,7 @@
 //! No threads, sockets or clock reads here: every call takes `now` and the
 //! caller's buffers, and hands what must be sent to a [`DeviceIo`] (and
 //! what must be delivered back as [`Received`]). The runtime
-//! (`runtime::Engine`) owns the threads, sockets, TUN and batching and only
+//! (`wg::Engine`) owns the threads, sockets, TUN and batching and only
 //! moves bytes between them and this core. Internal locks are fine (several
 //! receive threads call in at once); I/O is not. Modelled on quinn-proto's
 //! `Endpoint::handle` under quinn's runtime.

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
-use crate::runtime::PacketBuf;
+use crate::wg::PacketBuf;
 
 /// Packets one poll may produce before smoltcp is told the device is busy
 /// (the thread sends them and polls again).

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{Netstack, TcpStream};
-use crate::runtime::tunnel::{DialedTarget, OsDialer, TargetDialer};
+use crate::supervisor::{DialedTarget, OsDialer, TargetDialer};
 
-/// A [`TargetDialer`] for [`crate::runtime::tunnel::AgentConfig::dialer`]:
+/// A [`TargetDialer`] for [`crate::supervisor::AgentConfig::dialer`]:
 /// `tcp` targets whose address is an IP literal inside some peer's
 /// AllowedIPs go through `stack`; the rest through [`OsDialer`].
 pub struct MeshDialer {

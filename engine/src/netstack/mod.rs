@@ -45,7 +45,7 @@ pub use tcp::{TcpListener, TcpStream};
 pub use udp::UdpSocket;
 
 use crate::router::IpPrefix;
-use crate::runtime::Engine;
+use crate::wg::Engine;
 use stack::Inner;
 
 /// Sizes and limits of one stack. The memory ceiling is about

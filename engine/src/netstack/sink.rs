@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::{Sender, TrySendError};
 
-use crate::runtime::{BufferPool, InnerSink, PacketBuf};
+use crate::wg::{BufferPool, InnerSink, PacketBuf};
 use crate::wire::IpHeader;
 
 pub(crate) struct NetstackSink {
@@ -64,7 +64,7 @@ impl InnerSink for NetstackSink {
 mod tests {
     use super::*;
     use crate::peer::BufferBudget;
-    use crate::runtime::HostQueue;
+    use crate::wg::HostQueue;
 
     fn packet_to(dst: [u8; 4]) -> Vec<u8> {
         let mut p = vec![0u8; 28];

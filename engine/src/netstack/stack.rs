@@ -26,7 +26,7 @@ use super::signal::Signal;
 use super::sink::NetstackSink;
 use super::{NetstackConfig, NetstackError};
 use crate::peer::DropReason;
-use crate::runtime::{BufferPool, Engine, PacketBuf, SendError};
+use crate::wg::{BufferPool, Engine, PacketBuf, SendError};
 use crate::wire::IpHeader;
 
 /// Packets taken from the queue per poll.

@@ -7,9 +7,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshvpn_engine::runtime::tunnel::{
-    tls, Agent, AgentConfig, AllowList, OsDialer, ServerAuth, ServerConfig, TunnelServer,
+use meshvpn_engine::supervisor::{
+    Agent, AgentConfig, AllowList, OsDialer, ServerAuth, ServerConfig, TunnelServer,
 };
+use meshvpn_engine::ws::tls;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType,
 };

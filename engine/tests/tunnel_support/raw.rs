@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use boringtun::x25519::StaticSecret;
-use meshvpn_engine::tunnel::relay::{check_accepted, prove, EXPORTER_LABEL, EXPORTER_LEN};
+use meshvpn_engine::relay::protocol::{check_accepted, prove, EXPORTER_LABEL, EXPORTER_LEN};
 use tungstenite::{Message, WebSocket};
 
 /// A second source address on loopback.

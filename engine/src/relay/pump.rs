@@ -29,11 +29,11 @@ use parking_lot::Mutex;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
-use super::driver::{is_would_block, read_one, session_poll, write_queued, Received};
-use super::transport::Transport;
-use super::TunnelError;
 use crate::peer::BufferBudget;
-use crate::tunnel::relay::{EXPORTER_LABEL, EXPORTER_LEN, MAX_FRAME};
+use crate::relay::protocol::{EXPORTER_LABEL, EXPORTER_LEN, MAX_FRAME};
+use crate::ws::poll::{is_would_block, read_one, session_poll, write_queued, Received};
+use crate::ws::transport::Transport;
+use crate::ws::TunnelError;
 
 /// Messages read before the loop turns to writing.
 const READ_BATCH: usize = 256;

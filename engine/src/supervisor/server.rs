@@ -28,16 +28,17 @@ use subtle::ConstantTimeEq;
 use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::http::StatusCode;
 
-use super::admission::{Admission, Refused, Slot};
 use super::driver::{self, Incoming, SessionHooks, SessionShared};
-use super::relay_pump;
-use super::relay_server::{Relay, RelayServerConfig, RelayServerStats};
-use super::tls::certificate_common_name;
-use super::transport::{Socket, Transport};
-use super::{TunnelError, TunnelStream};
+use super::TunnelStream;
+use super::{Limits, Role};
 use crate::io::accept::{accept_with_backoff, AcceptBackoff};
+use crate::relay::pump as relay_pump;
+use crate::relay::server::{Relay, RelayServerConfig, RelayServerStats};
 use crate::stats::stats_struct;
-use crate::tunnel::{Limits, Role};
+use crate::ws::admission::{Admission, Refused, Slot};
+use crate::ws::tls::certificate_common_name;
+use crate::ws::transport::{Socket, Transport};
+use crate::ws::TunnelError;
 
 /// How a connecting agent proves who it is.
 #[derive(Clone, Default)]
@@ -300,7 +301,7 @@ impl TunnelServer {
 
     /// Waits until `client_key` has a session (`true`) or `timeout` passes.
     pub fn wait_for_client(&self, client_key: &str, timeout: Duration) -> bool {
-        super::wait_for(&self.shared.registry, &self.shared.changed, timeout, |r| {
+        crate::ws::wait_for(&self.shared.registry, &self.shared.changed, timeout, |r| {
             r.sessions.contains_key(client_key)
         })
     }
@@ -357,7 +358,7 @@ impl TunnelServer {
         // handshake deadline their 101 is written under; then every
         // session that exists is one this loop ends.
         let limit = shared.config.handshake_timeout + Duration::from_secs(1);
-        if !super::wait_for(&shared.registry, &shared.changed, limit, |r| {
+        if !crate::ws::wait_for(&shared.registry, &shared.changed, limit, |r| {
             r.admitting == 0
         }) {
             tracing::warn!("tunnel: an upgrade was still being admitted at stop");
@@ -368,7 +369,7 @@ impl TunnelServer {
         if let Some(relay) = &shared.relay {
             relay.stop_all();
         }
-        super::wait_for(&shared.registry, &shared.changed, STOP_WAIT, |r| {
+        crate::ws::wait_for(&shared.registry, &shared.changed, STOP_WAIT, |r| {
             r.sessions.is_empty()
         });
     }

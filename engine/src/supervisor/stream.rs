@@ -8,7 +8,7 @@ use std::time::Instant;
 use parking_lot::{Condvar, MutexGuard};
 
 use super::driver::SessionShared;
-use crate::tunnel::{ConnId, StreamError};
+use super::{ConnId, StreamError};
 
 /// One connection through a tunnel session: `Read` + `Write` (also through
 /// `&TunnelStream`, so one thread can read while another writes) and `close`.

@@ -1,6 +1,6 @@
 //! The WireGuard relay protocol, sans-IO: the key-ownership proof that
 //! registers a client, and the data frames. The websocket and threads are in
-//! `runtime::tunnel::relay_server` / `relay_client`; the full description is
+//! `relay::server` / `relay::client`; the full description is
 //! `engine/docs/relay.md`.
 //!
 //! ```text

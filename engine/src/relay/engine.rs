@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use boringtun::x25519::StaticSecret;
 
-use super::engine::{RelayInbox, RelayTransport};
-use super::tunnel::{RelayClient, RelayConfig, RelayOwner, RelayStatus, TunnelError};
-use super::Engine;
+use super::client::{RelayClient, RelayConfig, RelayOwner, RelayStatus};
+use super::protocol::KEY_LEN;
 use crate::config::PublicKey;
-use crate::tunnel::relay::KEY_LEN;
+use crate::wg::{Engine, RelayInbox, RelayTransport};
+use crate::ws::TunnelError;
 
 impl RelayOwner for RelayInbox {
     fn static_secret(&self) -> Option<StaticSecret> {

@@ -21,11 +21,13 @@ use bytes::Bytes;
 use parking_lot::{Condvar, Mutex, RwLock};
 use tungstenite::Message;
 
-use super::agent::{check_url, open_websocket, Backoff, WebsocketTarget};
-use super::relay_pump::{self, exporter, read_binary, Outbox, Pump, PumpTimers, QueueLimits};
-use super::TunnelError;
+use super::pump::{
+    self as relay_pump, exporter, read_binary, Outbox, Pump, PumpTimers, QueueLimits,
+};
+use crate::relay::protocol::{check_accepted, prove, Frame, KEY_LEN};
 use crate::stats::stats_struct;
-use crate::tunnel::relay::{check_accepted, prove, Frame, KEY_LEN};
+use crate::supervisor::agent::{check_url, open_websocket, Backoff, WebsocketTarget};
+use crate::ws::TunnelError;
 
 /// How to reach a relay.
 pub struct RelayConfig {
@@ -178,7 +180,7 @@ impl RelayClient {
 
     /// Waits until registered (`true`) or `timeout` passes.
     pub fn wait_connected(&self, timeout: Duration) -> bool {
-        super::wait_for(&self.shared.status, &self.shared.changed, timeout, |s| {
+        crate::ws::wait_for(&self.shared.status, &self.shared.changed, timeout, |s| {
             s.connected
         })
     }

@@ -14,9 +14,10 @@ use tungstenite::http::HeaderValue;
 
 use super::driver::{self, Incoming, SessionHooks, SessionShared};
 use super::target::{pump, ConnectPolicy, TargetDialer};
-use super::transport::{Socket, Transport};
-use super::{TunnelError, TunnelStream};
-use crate::tunnel::{Limits, Role};
+use super::TunnelStream;
+use super::{Limits, Role};
+use crate::ws::transport::{Socket, Transport};
+use crate::ws::TunnelError;
 
 /// How an agent connects and what it allows.
 pub struct AgentConfig {
@@ -183,7 +184,7 @@ impl Agent {
 
     /// Waits until a session is up (`true`) or `timeout` passes.
     pub fn wait_connected(&self, timeout: Duration) -> bool {
-        super::wait_for(&self.shared.status, &self.shared.changed, timeout, |s| {
+        crate::ws::wait_for(&self.shared.status, &self.shared.changed, timeout, |s| {
             s.connected
         })
     }

@@ -4,7 +4,7 @@
 //!
 //! A client upgrades on the relay path of the same HTTPS listener, proves it
 //! owns the private key of the public key it registers
-//! ([`crate::tunnel::relay`]), and then sends `[destination key][datagram]`
+//! ([`crate::relay::protocol`]), and then sends `[destination key][datagram]`
 //! messages; each is re-tagged `[source key][datagram]` and queued to the
 //! destination's session. A frame to a key with no session, or to a session
 //! whose queue is full, is dropped and counted. A newer registration of a
@@ -31,15 +31,15 @@ use parking_lot::RwLock;
 use ring::rand::SecureRandom;
 use tungstenite::{Message, WebSocket};
 
-use super::relay_pump::{
+use super::pump::{
     exporter, read_binary, Outbox, Pump, PumpTimers, QueueLimits, Refused, MESSAGE_OVERHEAD,
 };
-use super::transport::Transport;
-use super::TunnelError;
 use crate::config::PublicKey;
 use crate::peer::BufferBudget;
+use crate::relay::protocol::{Frame, ServerHandshake, ACCEPTED, KEY_LEN, MAX_FRAME};
 use crate::stats::stats_struct;
-use crate::tunnel::relay::{Frame, ServerHandshake, ACCEPTED, KEY_LEN, MAX_FRAME};
+use crate::ws::transport::Transport;
+use crate::ws::TunnelError;
 
 /// The default upgrade path of the relay.
 pub const RELAY_PATH: &str = "/v1-meshvpn/relay";

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::tunnel::message::{decode, encode, encode_sync, Body};
+use crate::supervisor::message::{decode, encode, encode_sync, Body};
 
 /// A server and an agent session wired back to back through memory.
 struct Pair {

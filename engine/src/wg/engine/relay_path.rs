@@ -1,5 +1,5 @@
 //! The engine's relay path: a [`RelayTransport`] attached from above (the
-//! relay client in `runtime::relay_attach` implements it), and a thread
+//! websocket relay client implements it, in `relay/engine.rs`), and a thread
 //! that moves peers between UDP and the relay.
 //!
 //! ```text

@@ -5,7 +5,7 @@
 //!   send:  host/TUN/netstack --send_packet--> Device::encapsulate --> UDP (GSO batch) or relay
 //!   recv:  UDP --rx thread--> Device::handle_datagram --> RxBurst (one receive
 //!          call's packets) --> InnerSink::deliver_burst
-//!          relay --RelayInbox--^   (engine/relay_path.rs, relay_attach.rs; engine/docs/relay.md)
+//!          relay --RelayInbox--^   (engine/relay_path.rs, relay/engine.rs; engine/docs/relay.md)
 //!   timer thread: Device::poll_timers every TIMER_TICK
 //!   The protocol logic is in `crate::device` (sans-IO); this layer moves bytes.
 //!   UAPI: Engine::uapi_get / uapi_set, and UapiServer on /var/run/wireguard/IFNAME.sock
@@ -13,7 +13,6 @@
 
 mod engine;
 mod pool;
-mod relay_attach;
 mod sink;
 mod uapi;
 
@@ -26,4 +25,3 @@ pub use sink::{HostQueue, InnerBurst, InnerSink};
 pub use uapi::{
     UapiServer, MAX_CONNECTIONS, MAX_REQUEST_BYTES, UAPI_CLOSE_WITHIN, UAPI_DIR, UAPI_WRITE_TIMEOUT,
 };
-pub mod tunnel;
