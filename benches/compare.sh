@@ -13,13 +13,17 @@
 #   wireguard-go   Debian's package
 #   wggo           current wireguard-go, built from benches/wggo (Go module)
 #   boringtun      boringtun-cli (cargo install --locked boringtun-cli)
+#   forward        `meshvpn forward` (userspace stack, no TUN) against meshvpn
+#                  in TUN mode, both in one namespace against the same Debian
+#                  wireguard-go peer: single-flow TCP each way, and the ratio
 #
 # Per implementation: single-flow TCP, four flows (-P 4), UDP at a fixed
 # offered rate (received rate and loss), each the median of N runs of S
 # seconds; ping RTT through the tunnel idle and under a TCP load; CPU
 # seconds per GB moved (utime+stime of the processes in both namespaces
 # other than iperf3 and ping, from /proc/PID/stat). Writes the tables with
-# machine details and ratios to benches/RESULTS.md (or --out). Needs root.
+# machine details and ratios to its section of benches/RESULTS.md (or --out).
+# Needs root.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -27,7 +31,7 @@ MESHVPN_BIN=${MESHVPN_BIN:-$ROOT/target/release/meshvpn}
 RUNS=3
 TIME=5
 UDP_RATE=1G
-IMPLS="meshvpn meshvpn-plain wireguard-go wggo boringtun"
+IMPLS="meshvpn meshvpn-plain wireguard-go wggo boringtun forward"
 OUT=$ROOT/benches/RESULTS.md
 SMOKE=0
 while (($#)); do
@@ -52,7 +56,7 @@ done
 if ((SMOKE)); then
 	RUNS=1
 	TIME=2
-	IMPLS=${SMOKE_IMPLS:-meshvpn wireguard-go boringtun}
+	IMPLS=${SMOKE_IMPLS:-meshvpn wireguard-go boringtun forward}
 fi
 [[ $RUNS =~ ^[1-9][0-9]?$ && $TIME =~ ^[1-9][0-9]?$ ]] || {
 	echo "--runs and --time take 1..99" >&2
@@ -60,13 +64,15 @@ fi
 }
 
 NETNS_TOOLS="wireguard-go wg iperf3 ping python3"
+# shellcheck source=benches/results_section.sh
+source "$ROOT/benches/results_section.sh"
 # shellcheck source=cli/tests/netns/lib.sh
 source "$ROOT/cli/tests/netns/lib.sh"
 
 # Implementations that cannot run here are left out with a reason.
 available() {
 	case $1 in
-	meshvpn | meshvpn-plain | wireguard-go) return 0 ;;
+	meshvpn | meshvpn-plain | wireguard-go | forward) return 0 ;;
 	boringtun)
 		command -v boringtun-cli >/dev/null && return 0
 		echo "SKIP boringtun: boringtun-cli not on PATH (cargo install --locked boringtun-cli)"
@@ -108,11 +114,14 @@ cpu_ticks() {
 }
 
 # client NS_SERVER NS_CLIENT ADDR ARGS...: one iperf3 run, its JSON on stdout.
+# The client dials ADDR:5201, or "HOST PORT" from IPERF_DIAL (a forwarder).
 client() {
 	local srv=$1 cli=$2 addr=$3
 	shift 3
+	# shellcheck disable=SC2206
+	local dial=(${IPERF_DIAL:-$addr 5201})
 	iperf_server "$srv" "$addr" $((TIME + 20))
-	in_ns "$cli" timeout $((TIME + 15)) iperf3 -c "$addr" -p 5201 -t "$TIME" -J "$@" 2>/dev/null
+	in_ns "$cli" timeout $((TIME + 15)) iperf3 -c "${dial[0]}" -p "${dial[1]}" -t "$TIME" -J "$@" 2>/dev/null
 	wait "$IPERF_SERVER" 2>/dev/null
 }
 
@@ -194,17 +203,77 @@ measure() {
 	del_ns "$A" "$B"
 }
 
+# measure_forward N: `meshvpn forward --local` (inner 10.232.0.1) and meshvpn
+# with TUN (inner 10.232.0.3) side by side in ns A, peers of one Debian
+# wireguard-go in ns B (10.232.0.2, iperf3 -s); single-flow TCP up (A to B)
+# and down (-R) through each, interleaved run by run.
+measure_forward() {
+	local n=$1 r mode dir flag out
+	local A=mvc$ID-a$n B=mvc$ID-b$n IFA=c${n}a$ID IFB=c${n}b$ID
+	if ! userspace_setup "$A" "$B" "$IFB" ||
+		! userspace_peer "$B" "$IFB" forward 51820 10.232.0.1 fd32::1 ||
+		! userspace_peer "$B" "$IFB" tun 51822 10.232.0.3 fd32::3 ||
+		! start_impl meshvpn "$A" "$IFA" ||
+		! configure "$A" "$IFA" "$T/tun.key" 51822 "$PUB_B" 10.231.0.2:51821 \
+			10.232.0.3 fd32::3 10.232.0.2 fd32::2; then
+		echo "FAIL forward: setup (logs: $(cat "$T/$IFA.log" "$T/$IFB.log" 2>/dev/null | tail -5))"
+		R[forward,fail]=1
+		del_ns "$A" "$B"
+		return
+	fi
+	in_ns "$A" env LOG_LEVEL=error "$MESHVPN_BIN" forward -c "$T/forward.conf" \
+		--local 127.0.0.1:15201=10.232.0.2:5201 >>"$T/forward.log" 2>&1 &
+	if ! wait_listen "$A" 15201 || ! pings "$A" 10.232.0.2; then
+		echo "FAIL forward: forward did not listen or TUN mode did not ping (log: $(tail -5 "$T/forward.log"))"
+		R[forward,fail]=1
+		del_ns "$A" "$B"
+		return
+	fi
+	local -A runs
+	for r in $(seq "$RUNS"); do
+		for mode in tun forward; do
+			for dir in up down; do
+				flag=()
+				[[ $dir == down ]] && flag=(-R)
+				if [[ $mode == forward ]]; then
+					out=$(IPERF_DIAL="127.0.0.1 15201" client "$B" "$A" 10.232.0.2 "${flag[@]}" | json tcp)
+				else
+					out=$(client "$B" "$A" 10.232.0.2 "${flag[@]}" | json tcp)
+				fi
+				echo "forward run $r: $mode $dir $(gbit "${out%% *}") Gbit/s"
+				runs[$mode.$dir]+=" ${out%% *}"
+			done
+		done
+	done
+	for mode in tun forward; do
+		for dir in up down; do
+			# shellcheck disable=SC2086
+			R[forward,$mode.$dir]=$(median ${runs[$mode.$dir]})
+		done
+	done
+	echo "forward: up $(gbit "${R[forward,forward.up]}") vs TUN $(gbit "${R[forward,tun.up]}") Gbit/s, down $(gbit "${R[forward,forward.down]}") vs TUN $(gbit "${R[forward,tun.down]}") Gbit/s"
+	del_ns "$A" "$B"
+}
+
 gbit() { awk -v x="${1:-}" 'BEGIN { if (x == "") print "-"; else printf "%.2f", x / 1e9 }'; }
 ratio() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN { if (a == "" || b == "" || b == 0) print "-"; else printf "%.2fx", a / b }'; }
 or_dash() { echo "${1:--}"; }
+# forward_row LABEL up|down: one row of the forward-against-TUN table.
+forward_row() { echo "| $1 | $(gbit "${R[forward,tun.$2]:-}") | $(gbit "${R[forward,forward.$2]:-}") | $(ratio "${R[forward,forward.$2]:-}" "${R[forward,tun.$2]:-}") |"; }
 
 DONE=()
+FORWARD=0
 n=0
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 echo "load before: $LOAD_BEFORE"
 for impl in $IMPLS; do
 	available "$impl" || continue
 	n=$((n + 1))
+	if [[ $impl == forward ]]; then
+		measure_forward "$n"
+		FORWARD=1
+		continue
+	fi
 	measure "$impl" "$n"
 	DONE+=("$impl")
 done
@@ -220,6 +289,15 @@ if ((SMOKE)); then
 			status=1
 		fi
 	done
+	if ((FORWARD)); then
+		if [[ -z ${R[forward,fail]:-} ]] && positive "${R[forward,tun.up]:-0}" && positive "${R[forward,tun.down]:-0}" &&
+			positive "${R[forward,forward.up]:-0}" && positive "${R[forward,forward.down]:-0}"; then
+			pass "compare smoke: meshvpn forward moved $(gbit "${R[forward,forward.up]}")/$(gbit "${R[forward,forward.down]}") Gbit/s up/down, TUN mode $(gbit "${R[forward,tun.up]}")/$(gbit "${R[forward,tun.down]}")"
+		else
+			fail "compare smoke: meshvpn forward or TUN mode moved nothing in a direction"
+			status=1
+		fi
+	fi
 	echo "$PASSED passed, $FAILED failed"
 	exit $status
 fi
@@ -255,6 +333,36 @@ fi
 	echo
 	echo "CPU s/GB counts both ends' daemons during the single-flow TCP runs. Ping: 50 ms"
 	echo "interval; under load, while a single TCP flow fills the tunnel."
-} >"$OUT.tmp" && mv "$OUT.tmp" "$OUT"
+} >"$T/table"
+{
+	if ((FORWARD)); then
+		echo "# \`meshvpn forward\` against TUN mode"
+		echo
+		echo "Regenerated by \`benches/compare.sh --impls forward --runs $RUNS --time $TIME\` on $(date -u '+%Y-%m-%d %H:%M UTC'),"
+		echo "$(nproc) CPUs, load average $LOAD_BEFORE before and $LOAD_AFTER after (other jobs share this machine)."
+		echo
+		echo "\`meshvpn forward\` (userspace stack, no TUN) against meshvpn in TUN mode, in one"
+		echo "namespace, both peers of the same Debian wireguard-go; single-flow TCP, medians of $RUNS runs of $TIME s:"
+		echo
+		echo "| direction | TUN mode Gbit/s | forward Gbit/s | forward / TUN |"
+		echo "|---|---|---|---|"
+		if [[ -n ${R[forward,fail]:-} ]]; then
+			echo "| failed | | | |"
+		else
+			forward_row "up (to the wireguard-go side)" up
+			forward_row "down (from it)" down
+		fi
+	fi
+} >"$T/forward"
 echo "load after: $LOAD_AFTER"
-cat "$OUT"
+# Each table has its own section of the file (other scripts write theirs
+# there too); a run that measured none of a table's rows leaves it alone.
+if ((${#DONE[@]})); then
+	cat "$T/table"
+	results_section "$OUT" compare <"$T/table"
+fi
+if ((FORWARD)); then
+	echo
+	cat "$T/forward"
+	results_section "$OUT" compare_forward <"$T/forward"
+fi

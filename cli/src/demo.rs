@@ -14,8 +14,9 @@ use std::io::{Read, Write};
 
 use meshvpn_engine::netstack::{Netstack, NetstackConfig};
 use meshvpn_engine::supervisor::{
-    self as tunnel, Agent, AgentConfig, AllowList, OsDialer, ServerAuth, ServerConfig, TunnelServer,
+    Agent, AgentConfig, AllowList, OsDialer, ServerAuth, ServerConfig, TunnelServer,
 };
+use meshvpn_engine::ws;
 use meshvpn_engine::{Config, Engine, InterfaceConfig, IpPrefix, PeerConfig, PrivateKey};
 
 /// Arguments of `meshvpn demo`.
@@ -422,7 +423,7 @@ fn demo_pki(node: &str) -> Result<DemoPki, rcgen::Error> {
 /// through it to the agent's "kubelet" (a local HTTP responder standing in
 /// for it) and gets an answer.
 fn supervisor_tunnel() -> Result<(), String> {
-    let e = |e: tunnel::TunnelError| e.to_string();
+    let e = |e: ws::TunnelError| e.to_string();
     let pki = demo_pki("bravo").map_err(|e| e.to_string())?;
     let kubelet = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let kubelet_addr = kubelet.local_addr().map_err(|e| e.to_string())?;
@@ -434,7 +435,7 @@ fn supervisor_tunnel() -> Result<(), String> {
                 c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok");
         }
     });
-    let server_tls = tunnel::tls::server_config(
+    let server_tls = ws::tls::server_config(
         pki.server_cert.as_bytes(),
         pki.server_key.as_bytes(),
         Some(pki.ca.as_bytes()),
@@ -458,7 +459,7 @@ fn supervisor_tunnel() -> Result<(), String> {
         Arc::new(OsDialer::default()),
     );
     cfg.tls = Some(
-        tunnel::tls::client_config(
+        ws::tls::client_config(
             pki.ca.as_bytes(),
             Some((pki.node_cert.as_bytes(), pki.node_key.as_bytes())),
         )

@@ -7,6 +7,7 @@
 //! struct in that module), and `Some(Command::Demo(a)) => demo::run(a)`
 //! returning [`CliResult`].
 
+mod control;
 mod daemon;
 mod demo;
 mod flannel;
@@ -68,6 +69,8 @@ enum Command {
     Flannel(crate::flannel::FlannelArgs),
     /// Per peer: subnet, endpoint, path (udp/relay), last handshake, bytes.
     Status(status::StatusArgs),
+    /// The control server's join keys and nodes: `keys create|list|revoke`, `nodes list|remove`.
+    Control(control::ControlArgs),
 }
 
 /// The log level: `-v` wins, then `LOG_LEVEL`, then `default`; `None` is
@@ -141,6 +144,7 @@ fn main() {
         Some(Command::Forward(a)) => forward::run(a).map_err(Into::into),
         Some(Command::Flannel(a)) => flannel::run(a),
         Some(Command::Status(a)) => status::run(a),
+        Some(Command::Control(a)) => control::run(a),
         None => {
             // Keep the daemon's stderr when the user asked for logs, as
             // wireguard-go does with LOG_LEVEL.

@@ -7,3 +7,13 @@
 //! filter, peers from the network map) is expressed in the engine's own
 //! types, so the data path stays free of policy syntax and of the store.
 #![deny(unsafe_code)]
+
+pub mod keys;
+pub mod node;
+pub mod policy;
+pub mod store;
+
+pub use keys::{JoinError, JoinKeyRecord, KeyOptions, NewKey};
+pub use node::{AddressPlan, NodeRecord, NodeRequest};
+pub use policy::{compile, MeshNode, Policy, PolicyError};
+pub use store::{RedeemError, SqliteStore, Store, StoreConfig, StoreError};

@@ -18,6 +18,7 @@
 //! | `stats`                                            | `stats_struct!`: each exported counter set declared once      | no  |
 //! | `wire`                                             | checked views: IP/TCP/UDP, virtio-net, WireGuard framing      | no  |
 //! | `router`                                           | AllowedIPs longest-prefix match                               | no  |
+//! | `filter`                                           | stateful packet filter: compiled ACL rules and conntrack      | no  |
 //! | `config`                                           | keys, peer specs, wg-quick `.conf`, the UAPI text protocol    | resolver (hostnames in `.conf`, replaceable) |
 //! | `supervisor::{error, limits, message, session, varint}` | the remotedialer protocol: messages, session, limits     | no  |
 //! | `relay::protocol`                                  | the relay's registration proof and frames                     | no  |
@@ -37,6 +38,7 @@
 
 pub mod config;
 pub mod device;
+pub mod filter;
 pub mod io;
 pub mod netstack;
 pub mod peer;

@@ -11,6 +11,8 @@ use super::field::{be16, put16};
 /// IP protocol numbers (IANA) of the transports the offloads handle.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 const V4_MIN_HEADER: usize = 20;
 /// Version in the high nibble, header length in 32-bit words in the low.
@@ -28,6 +30,7 @@ const V4_DST: Range<usize> = 16..20;
 /// fragment offset (any of them set: a fragment).
 const V4_DONT_FRAG: u16 = 0x4000;
 const V4_FRAGMENT: u16 = 0x3fff;
+const V4_FRAG_OFFSET: u16 = 0x1fff;
 const V6_HEADER: usize = 40;
 /// Version, traffic class and flow label.
 const V6_VER_CLASS_FLOW: Range<usize> = 0..4;
@@ -181,6 +184,17 @@ impl<T: AsRef<[u8]>> IpPacket<T> {
     #[inline]
     pub fn is_fragment(&self) -> bool {
         self.v4 && be16(self.buffer.as_ref(), V4_FLAGS_FRAG) & V4_FRAGMENT != 0
+    }
+
+    /// The IPv4 fragment offset in 8-byte units (0 for the first fragment,
+    /// for an unfragmented packet and always for IPv6).
+    #[inline]
+    pub fn fragment_offset(&self) -> u16 {
+        if self.v4 {
+            be16(self.buffer.as_ref(), V4_FLAGS_FRAG) & V4_FRAG_OFFSET
+        } else {
+            0
+        }
     }
 
     /// TTL or hop limit.
@@ -391,6 +405,7 @@ mod tests {
         p[7] = 1; // a fragment offset
         let ip = IpPacket::new_checked(&p[..]).unwrap();
         assert!(ip.is_fragment());
+        assert_eq!(ip.fragment_offset(), 1);
         assert_eq!(ip.payload(), &p[24..]);
 
         let mut p = [0u8; 44];

@@ -8,6 +8,7 @@
 
 pub mod checksum;
 mod field;
+pub mod icmp;
 pub mod ip;
 pub mod message;
 pub mod tcp;
@@ -15,6 +16,7 @@ pub mod udp;
 pub mod virtio;
 
 pub use field::HeaderError;
+pub use icmp::IcmpPacket;
 pub use ip::{IpHeader, IpPacket};
 pub use message::{MessageKind, WireMessage};
 pub use tcp::TcpPacket;

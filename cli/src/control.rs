@@ -1,0 +1,249 @@
+//! `meshvpn control keys create|list|revoke` and `meshvpn control nodes
+//! list|remove`: the control server's join keys and nodes, read and changed
+//! in its database file directly (`--db PATH`, or `control.db` in
+//! `--state-dir`).
+//!
+//! The server serves the same file while an operator runs these: SQLite's
+//! file locks let several processes share it (each change is one write
+//! transaction that waits for the others, see meshvpn_control::store), so
+//! there is no "stop the server first".
+//!
+//! A join key's text is printed once, on stdout alone (so `> key-file`
+//! captures just the key); the database keeps only its hash.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Subcommand};
+use meshvpn_control::keys::{self, KeyOptions};
+use meshvpn_control::store::{SqliteStore, Store, StoreConfig};
+use meshvpn_control::NodeRecord;
+
+use crate::persist::DEFAULT_STATE_DIR;
+use crate::CliResult;
+
+/// The database's file name inside `--state-dir`.
+pub const DB_FILE: &str = "control.db";
+
+#[derive(Args)]
+#[command(
+    long_about = "The control server's join keys and nodes, changed in its database directly.\n\n\
+        Safe while the control server runs on the same database: SQLite's locking serialises \
+        the writes of every process that has the file open."
+)]
+pub struct ControlArgs {
+    /// The control database file [default: STATE_DIR/control.db].
+    #[arg(long, value_name = "PATH", global = true, env = "MESHVPN_CONTROL_DB")]
+    db: Option<PathBuf>,
+    /// The directory that holds control.db.
+    #[arg(long, value_name = "DIR", global = true, default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: ControlCommand,
+}
+
+#[derive(Subcommand)]
+enum ControlCommand {
+    /// Join keys: what a node presents the first time it joins.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Registered nodes and their mesh addresses.
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a join key and print it (once: only its hash is stored).
+    Create {
+        /// Usable by any number of nodes (default: single-use).
+        #[arg(long)]
+        reusable: bool,
+        /// Nodes that join with it are removed some time after they disconnect.
+        #[arg(long)]
+        ephemeral: bool,
+        /// Stops working after this long: 90s, 30m, 24h, 7d (default: never).
+        #[arg(long, value_name = "DURATION", value_parser = keys::parse_duration)]
+        expiry: Option<Duration>,
+        /// Tags given to the nodes that join with it: tag:k3s,tag:cluster-a.
+        #[arg(long, value_name = "TAGS", value_delimiter = ',')]
+        tags: Vec<String>,
+    },
+    /// List join keys: id, state, uses, expiry, flags, tags.
+    List,
+    /// Revoke a join key (by its id or its full text); nodes already joined stay.
+    Revoke {
+        #[arg(value_name = "ID")]
+        key: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodesCommand {
+    /// List nodes: id, name, addresses, tags, public key.
+    List,
+    /// Remove a node (by id, name or public key), with its routes.
+    Remove {
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
+}
+
+pub fn run(args: ControlArgs) -> CliResult {
+    let path = args
+        .db
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join(DB_FILE));
+    let create = matches!(
+        args.command,
+        ControlCommand::Keys(KeysCommand::Create { .. })
+    );
+    if create && args.db.is_none() {
+        std::fs::create_dir_all(&args.state_dir).map_err(|e| {
+            format!(
+                "cannot create the state directory {}: {e}",
+                args.state_dir.display()
+            )
+        })?;
+    }
+    let config = StoreConfig {
+        create,
+        ..Default::default()
+    };
+    let store = SqliteStore::open(&path, &config)?;
+    let now = unix_now();
+    match args.command {
+        ControlCommand::Keys(KeysCommand::Create {
+            reusable,
+            ephemeral,
+            expiry,
+            tags,
+        }) => {
+            let opts = KeyOptions {
+                reusable,
+                ephemeral,
+                expiry,
+                tags,
+            };
+            let key = keys::create(&store, &opts, now, &ring::rand::SystemRandom::new())?;
+            let r = &key.record;
+            eprintln!(
+                "created join key {} ({}, {}{}{}); it is shown only now:",
+                r.id,
+                if r.reusable { "reusable" } else { "single-use" },
+                r.expires.map_or("never expires".to_string(), |e| format!(
+                    "expires {}",
+                    keys::format_time(e)
+                )),
+                if r.ephemeral { ", ephemeral nodes" } else { "" },
+                if r.tags.is_empty() {
+                    String::new()
+                } else {
+                    format!(", tags {}", r.tags.join(","))
+                },
+            );
+            println!("{}", key.text.as_str());
+        }
+        ControlCommand::Keys(KeysCommand::List) => {
+            let list = store.list_keys()?;
+            println!(
+                "{:<16}  {:<7}  {:>4}  {:<20}  {:<20}  {:<19}  TAGS",
+                "ID", "STATE", "USES", "CREATED", "EXPIRES", "FLAGS"
+            );
+            for k in list {
+                let mut flags = vec![if k.reusable { "reusable" } else { "single-use" }];
+                if k.ephemeral {
+                    flags.push("ephemeral");
+                }
+                println!(
+                    "{:<16}  {:<7}  {:>4}  {:<20}  {:<20}  {:<19}  {}",
+                    k.id,
+                    k.state(now).to_string(),
+                    k.uses,
+                    keys::format_time(k.created),
+                    k.expires.map_or("never".to_string(), keys::format_time),
+                    flags.join(","),
+                    if k.tags.is_empty() {
+                        "-".to_string()
+                    } else {
+                        k.tags.join(",")
+                    },
+                );
+            }
+        }
+        ControlCommand::Keys(KeysCommand::Revoke { key }) => {
+            // The full text is accepted too (someone pasting the key they
+            // found in a log); only its id is used.
+            let id = match keys::parse(&key) {
+                Ok(parsed) => parsed.id,
+                Err(_) => key.trim().to_string(),
+            };
+            if !store.revoke_key(&id, now)? {
+                return Err(format!(
+                    "no join key {id} in {} (see `meshvpn control keys list`)",
+                    path.display()
+                )
+                .into());
+            }
+            println!("revoked join key {id}");
+        }
+        ControlCommand::Nodes(NodesCommand::List) => {
+            let nodes = store.list_nodes()?;
+            println!(
+                "{:>4}  {:<20}  {:<15}  {:<28}  {:<9}  {:<44}  {:<28}  TAGS",
+                "ID", "NAME", "IPV4", "IPV6", "EPHEMERAL", "PUBLIC KEY", "CONNECTED"
+            );
+            for n in nodes {
+                println!(
+                    "{:>4}  {:<20}  {:<15}  {:<28}  {:<9}  {:<44}  {:<28}  {}",
+                    n.id,
+                    n.name,
+                    n.ipv4.to_string(),
+                    n.ipv6.to_string(),
+                    if n.ephemeral { "yes" } else { "no" },
+                    n.public_key.to_base64(),
+                    n.offline_since.map_or("yes".to_string(), |t| format!(
+                        "no, since {}",
+                        keys::format_time(t)
+                    )),
+                    if n.tags.is_empty() {
+                        "-".to_string()
+                    } else {
+                        n.tags.join(",")
+                    },
+                );
+            }
+        }
+        ControlCommand::Nodes(NodesCommand::Remove { node }) => {
+            let found = find_node(&store.list_nodes()?, &node).ok_or_else(|| {
+                format!(
+                    "no node {node} in {} (see `meshvpn control nodes list`)",
+                    path.display()
+                )
+            })?;
+            match store.remove_node(found.id)? {
+                Some(n) => println!("removed node {} ({}, {}, {})", n.id, n.name, n.ipv4, n.ipv6),
+                // Removed by another process between the two calls.
+                None => return Err(format!("node {node} was removed meanwhile").into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// By id, then name, then public key (base64).
+fn find_node(nodes: &[NodeRecord], which: &str) -> Option<NodeRecord> {
+    let by_id = which.parse::<i64>().ok();
+    nodes
+        .iter()
+        .find(|n| Some(n.id) == by_id)
+        .or_else(|| nodes.iter().find(|n| n.name == which))
+        .or_else(|| nodes.iter().find(|n| n.public_key.to_base64() == which))
+        .cloned()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,966 @@
+//! The control server's state: nodes, join keys, routes and the policy.
+//!
+//! [`Store`] is the interface the server (and the `meshvpn control` CLI)
+//! use; [`SqliteStore`] is the one implementation today: one SQLite file,
+//! SQLite compiled into the binary (rusqlite's `bundled`).
+//!
+//! Durability: the database runs in WAL mode with `synchronous=FULL`, so a
+//! transaction's commit has reached the disk (fsync of the WAL) when it
+//! returns. Every change is one transaction committed before the method
+//! returns, and the server acknowledges a change only after the method
+//! returned: whatever was acknowledged survives SIGKILL (tested in
+//! `tests/crash.rs`) and, with FULL, a power loss.
+//!
+//! Concurrency: several processes may open the same file (the server and
+//! `meshvpn control ...` run by an operator). SQLite's file locks serialise
+//! writers; each write transaction is `BEGIN IMMEDIATE`, so it takes the
+//! write lock before it reads what it decides on (a join key's use count,
+//! free addresses), and a second writer waits up to [`BUSY_TIMEOUT`] for it.
+//! Readers never block in WAL mode. This is what makes redeeming a
+//! single-use key race-free across processes as well as threads.
+//!
+//! Schema: versioned with `PRAGMA user_version`; [`MIGRATIONS`] holds one
+//! SQL batch per version and an older file is brought forward in order, each
+//! step in its own transaction, on open. A file from a newer meshvpn is
+//! refused rather than misread. `PRAGMA application_id` marks the file as
+//! ours, so pointing `--db` at some other SQLite file fails clearly.
+//!
+//! High availability, later: the choice would be the datastore k3s itself
+//! uses for HA, embedded etcd (k3s's `--cluster-init`), as a second
+//! [`Store`] implementation over etcd's v3 API, with the control server's
+//! records under their own key prefix. The control server runs inside the
+//! k3s server process, so it would ride on the quorum the cluster already
+//! has instead of adding a second consensus group to operate; etcd's
+//! transactions (compare a key's revision, then write) give the same
+//! single-use guarantee as `BEGIN IMMEDIATE` here. k3s itself replaced
+//! dqlite with embedded etcd as its embedded HA datastore (k3s PR #1770),
+//! and kine's SQLite backend, like this one, is single-instance only. For a control server run alone,
+//! rqlite (Raft-replicated SQLite over HTTP) would keep this schema and SQL
+//! nearly unchanged; it is the fallback when no etcd is at hand.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use meshvpn_engine::{IpPrefix, PublicKey};
+use ring::rand::SecureRandom;
+use rusqlite::{
+    params, Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
+};
+
+use crate::keys::{JoinError, JoinKeyRecord};
+use crate::node::{node_name, unique_name, AddressPlan, NodeRecord, NodeRequest, PlanError};
+
+/// How long a write waits for another process's or thread's write
+/// transaction to finish before it fails with "database is locked".
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most routes one node may advertise. A node's advertisement comes
+/// from the network; this caps what one node can make the store (and every
+/// node's network map) hold. A k3s node advertises one pod CIDR, a subnet
+/// router a handful.
+pub const MAX_ROUTES_PER_NODE: usize = 256;
+
+/// `PRAGMA application_id` of a meshvpn control database ("mvpc").
+pub const APPLICATION_ID: i32 = 0x6d76_7063;
+
+/// One SQL batch per schema version: `MIGRATIONS[n]` takes a database from
+/// version n to n+1. Append only; never edit a released step.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "CREATE TABLE meta (
+         k TEXT PRIMARY KEY,
+         v TEXT NOT NULL
+     ) STRICT;
+     CREATE TABLE join_keys (
+         id TEXT PRIMARY KEY,
+         hash BLOB NOT NULL CHECK (length(hash) = 32),
+         created INTEGER NOT NULL,
+         expires INTEGER,
+         reusable INTEGER NOT NULL,
+         ephemeral INTEGER NOT NULL,
+         tags TEXT NOT NULL,
+         revoked INTEGER,
+         uses INTEGER NOT NULL DEFAULT 0,
+         last_used INTEGER
+     ) STRICT;
+     CREATE TABLE nodes (
+         id INTEGER PRIMARY KEY AUTOINCREMENT,
+         public_key BLOB NOT NULL UNIQUE CHECK (length(public_key) = 32),
+         name TEXT NOT NULL UNIQUE,
+         ipv4 INTEGER NOT NULL UNIQUE,
+         ipv6 BLOB NOT NULL UNIQUE,
+         tags TEXT NOT NULL,
+         ephemeral INTEGER NOT NULL,
+         join_key TEXT,
+         created INTEGER NOT NULL,
+         updated INTEGER NOT NULL,
+         offline_since INTEGER
+     ) STRICT;
+     CREATE TABLE routes (
+         node_id INTEGER NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+         prefix TEXT NOT NULL,
+         approved INTEGER NOT NULL,
+         PRIMARY KEY (node_id, prefix)
+     ) STRICT;
+     CREATE TABLE policy (
+         id INTEGER PRIMARY KEY CHECK (id = 1),
+         text TEXT NOT NULL,
+         version INTEGER NOT NULL,
+         updated INTEGER NOT NULL
+     ) STRICT;",
+];
+
+/// The schema version this build writes.
+pub fn schema_version() -> u32 {
+    MIGRATIONS.len() as u32
+}
+
+/// A route a node advertises, and whether it was approved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteRecord {
+    pub node_id: i64,
+    pub prefix: IpPrefix,
+    pub approved: bool,
+}
+
+/// The policy's text as last set, and its version (1, 2, ...).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyRecord {
+    pub text: String,
+    pub version: u64,
+    pub updated: u64,
+}
+
+/// A store's failures. The text says what to do next where there is
+/// something to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("no control database at {0} (the first `meshvpn control keys create` or the server creates it; or pass --db / --state-dir)")]
+    Missing(PathBuf),
+    #[error("{path} is damaged or not a database ({detail}): restore it from a backup")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("{0} is an SQLite database but not a meshvpn control database")]
+    Foreign(PathBuf),
+    #[error("{path} has schema version {found}, newer than this meshvpn knows ({known}): use the meshvpn that wrote it or a newer one")]
+    TooNew {
+        path: PathBuf,
+        found: u32,
+        known: u32,
+    },
+    #[error("{0}")]
+    Plan(#[from] PlanError),
+    #[error("every address of {0} is taken")]
+    AddressesExhausted(IpPrefix),
+    #[error("node {node} advertises {count} routes, more than the {max} one node may")]
+    TooManyRoutes { node: i64, count: usize, max: usize },
+    #[error("{0} stayed locked by another process's write past the busy timeout: is a process stuck holding it?")]
+    Busy(PathBuf),
+    #[error("no node with id {0}")]
+    NoSuchNode(i64),
+    #[error("cannot create {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{path}: a stored {what} is invalid: {detail}")]
+    BadRow {
+        path: PathBuf,
+        what: &'static str,
+        detail: String,
+    },
+}
+
+/// Why registering with a join key failed: the key (the node's problem) or
+/// the store (the server's).
+#[derive(Debug, thiserror::Error)]
+pub enum RedeemError {
+    #[error(transparent)]
+    Join(#[from] JoinError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The control server's state. Every method that changes something has
+/// committed it durably when it returns `Ok`.
+pub trait Store: Send + Sync {
+    fn insert_key(&self, key: &JoinKeyRecord) -> Result<(), StoreError>;
+    fn list_keys(&self) -> Result<Vec<JoinKeyRecord>, StoreError>;
+    fn key(&self, id: &str) -> Result<Option<JoinKeyRecord>, StoreError>;
+    /// False when there is no such key. Revoking twice keeps the first time.
+    fn revoke_key(&self, id: &str, now: u64) -> Result<bool, StoreError>;
+
+    /// In ONE transaction: loads key `key_id`, lets `check` accept or refuse
+    /// it, counts the use, and registers the node (a node already known by
+    /// its public key keeps its id, name and addresses; it takes the key's
+    /// tags and ephemeral flag). Unknown id: [`JoinError::Unknown`].
+    fn redeem_and_register(
+        &self,
+        key_id: &str,
+        check: &mut dyn FnMut(&JoinKeyRecord) -> Result<(), JoinError>,
+        node: &NodeRequest,
+        now: u64,
+    ) -> Result<NodeRecord, RedeemError>;
+
+    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    fn node_by_public_key(&self, key: &PublicKey) -> Result<Option<NodeRecord>, StoreError>;
+    /// Removes the node and its routes; `None` when there is no such node.
+    fn remove_node(&self, id: i64) -> Result<Option<NodeRecord>, StoreError>;
+
+    /// Records that the node connected (`offline_since` cleared) or
+    /// disconnected (`offline_since = now`). False when there is no such node.
+    fn set_node_online(&self, id: i64, online: bool, now: u64) -> Result<bool, StoreError>;
+    /// Removes the ephemeral nodes offline since before `cutoff` (and their
+    /// routes) and returns them: the server's periodic clean-up.
+    fn remove_ephemeral_offline_before(&self, cutoff: u64) -> Result<Vec<NodeRecord>, StoreError>;
+
+    /// Replaces what the node advertises; a route it still advertises keeps
+    /// its approval, a new one starts unapproved. At most
+    /// [`MAX_ROUTES_PER_NODE`] distinct prefixes, else nothing changes.
+    fn set_advertised_routes(&self, node_id: i64, routes: &[IpPrefix]) -> Result<(), StoreError>;
+    /// False when the node does not advertise `prefix`.
+    fn set_route_approved(
+        &self,
+        node_id: i64,
+        prefix: IpPrefix,
+        approved: bool,
+    ) -> Result<bool, StoreError>;
+    fn list_routes(&self) -> Result<Vec<RouteRecord>, StoreError>;
+
+    /// Stores the policy text (validated by the caller) and returns its new
+    /// version.
+    fn set_policy(&self, text: &str, now: u64) -> Result<u64, StoreError>;
+    fn policy(&self) -> Result<Option<PolicyRecord>, StoreError>;
+
+    /// Where this mesh's addresses come from.
+    fn address_plan(&self) -> AddressPlan;
+}
+
+/// How to open a [`SqliteStore`].
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Create the file when it is missing (the server, `keys create`);
+    /// otherwise a missing file is [`StoreError::Missing`].
+    pub create: bool,
+    /// The prefix new nodes get IPv4 addresses from. Changing it later
+    /// leaves registered nodes their addresses.
+    pub ipv4_prefix: IpPrefix,
+    /// How long a write waits for another writer; default [`BUSY_TIMEOUT`].
+    pub busy_timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            create: true,
+            ipv4_prefix: crate::node::DEFAULT_IPV4_PREFIX
+                .parse()
+                .expect("valid prefix"),
+            busy_timeout: BUSY_TIMEOUT,
+        }
+    }
+}
+
+/// [`Store`] in one SQLite file. One connection behind a mutex: SQLite
+/// writes one transaction at a time anyway, and every call is short.
+pub struct SqliteStore {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+    plan: AddressPlan,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .field("plan", &self.plan)
+            .finish()
+    }
+}
+
+impl SqliteStore {
+    /// Opens (or with `config.create`, creates) the database and brings its
+    /// schema up to date.
+    pub fn open(path: &Path, config: &StoreConfig) -> Result<Self, StoreError> {
+        let exists = path.try_exists().unwrap_or(false);
+        if !exists {
+            if !config.create {
+                return Err(StoreError::Missing(path.to_path_buf()));
+            }
+            // Created 0600 before SQLite opens it (its -wal and -shm files
+            // take the same mode): it holds node keys and key hashes.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|source| StoreError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI;
+        let err = |e| classify(path, e);
+        let mut conn = Connection::open_with_flags(path, flags).map_err(err)?;
+        conn.busy_timeout(config.busy_timeout).map_err(err)?;
+        // The first statement that reads the file: a non-database fails here.
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                detail: format!("cannot use WAL mode (got {mode})"),
+            });
+        }
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .map_err(err)?;
+        migrate(path, &mut conn, MIGRATIONS)?;
+        let ula = ula_global_id(path, &conn)?;
+        let plan = AddressPlan::new(config.ipv4_prefix, ula)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+            plan,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `PRAGMA integrity_check` plus the foreign keys: `Ok(())` or what is
+    /// wrong.
+    pub fn integrity_check(&self) -> Result<(), StoreError> {
+        let conn = self.lock();
+        let report: Vec<String> = conn
+            .prepare("PRAGMA integrity_check")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .map_err(|e| self.err(e))?;
+        if report != ["ok"] {
+            return Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                detail: report.join("; "),
+            });
+        }
+        let fk: i64 = conn
+            .query_row("SELECT count(*) FROM pragma_foreign_key_check", [], |r| {
+                r.get(0)
+            })
+            .map_err(|e| self.err(e))?;
+        if fk != 0 {
+            return Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                detail: format!("{fk} dangling references"),
+            });
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves no half-done transaction
+        // behind (it rolls back on drop), so the connection is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn err(&self, e: rusqlite::Error) -> StoreError {
+        classify(&self.path, e)
+    }
+
+    /// One `BEGIN IMMEDIATE` transaction, committed before returning `Ok`;
+    /// rolled back (on drop) when `f` fails.
+    fn write<T, E: From<StoreError>>(
+        &self,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let out = f(&tx)?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let conn = self.lock();
+        f(&conn).map_err(|e| self.err(e))
+    }
+
+    fn node_row(&self, r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRecord> {
+        let key: Vec<u8> = r.get("public_key")?;
+        let ipv4: i64 = r.get("ipv4")?;
+        let ipv6: Vec<u8> = r.get("ipv6")?;
+        let bad = |what: &str| {
+            rusqlite::Error::InvalidColumnType(0, what.to_string(), rusqlite::types::Type::Blob)
+        };
+        let key: [u8; 32] = key.try_into().map_err(|_| bad("public_key"))?;
+        let ipv6: [u8; 16] = ipv6.try_into().map_err(|_| bad("ipv6"))?;
+        let ipv4 = u32::try_from(ipv4).map_err(|_| bad("ipv4"))?;
+        Ok(NodeRecord {
+            id: r.get("id")?,
+            public_key: PublicKey::from_bytes(key),
+            name: r.get("name")?,
+            ipv4: Ipv4Addr::from(ipv4),
+            ipv6: Ipv6Addr::from(ipv6),
+            tags: split_tags(&r.get::<_, String>("tags")?),
+            ephemeral: r.get("ephemeral")?,
+            join_key: r.get("join_key")?,
+            created: get_u64(r, "created")?,
+            updated: get_u64(r, "updated")?,
+            offline_since: r.get::<_, Option<i64>>("offline_since")?.map(|v| v as u64),
+        })
+    }
+
+    fn register(
+        &self,
+        tx: &Transaction<'_>,
+        key: &JoinKeyRecord,
+        req: &NodeRequest,
+        now: u64,
+    ) -> Result<NodeRecord, StoreError> {
+        let e = |e| classify(&self.path, e);
+        let pk = &req.public_key.as_bytes()[..];
+        let tags = key.tags.join(",");
+        let existing: Option<i64> = tx
+            .query_row("SELECT id FROM nodes WHERE public_key = ?1", [pk], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(e)?;
+        let id = match existing {
+            Some(id) => {
+                tx.execute(
+                    "UPDATE nodes SET tags = ?2, ephemeral = ?3, join_key = ?4, updated = ?5 WHERE id = ?1",
+                    params![id, tags, key.ephemeral, key.id, now as i64],
+                )
+                .map_err(e)?;
+                id
+            }
+            None => {
+                let cursor: u32 = tx
+                    .query_row("SELECT v FROM meta WHERE k = 'ipv4_cursor'", [], |r| {
+                        r.get::<_, String>(0)
+                    })
+                    .optional()
+                    .map_err(e)?
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                let mut used = tx
+                    .prepare_cached("SELECT 1 FROM nodes WHERE ipv4 = ?1")
+                    .map_err(e)?;
+                let (ipv4, next) = self
+                    .plan
+                    .allocate(cursor, |a| used.exists([i64::from(u32::from(a))]))
+                    .map_err(e)?
+                    .ok_or(StoreError::AddressesExhausted(self.plan.ipv4_prefix()))?;
+                drop(used);
+                let mut taken = tx
+                    .prepare_cached("SELECT 1 FROM nodes WHERE name = ?1")
+                    .map_err(e)?;
+                let name =
+                    unique_name(&node_name(&req.hostname), |n| taken.exists([n])).map_err(e)?;
+                drop(taken);
+                tx.execute(
+                    "INSERT OR REPLACE INTO meta (k, v) VALUES ('ipv4_cursor', ?1)",
+                    [next.to_string()],
+                )
+                .map_err(e)?;
+                tx.execute(
+                    "INSERT INTO nodes (public_key, name, ipv4, ipv6, tags, ephemeral, join_key, created, updated, offline_since)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?8)",
+                    params![
+                        pk,
+                        name,
+                        i64::from(u32::from(ipv4)),
+                        &self.plan.ipv6_for(ipv4).octets()[..],
+                        tags,
+                        key.ephemeral,
+                        key.id,
+                        now as i64
+                    ],
+                )
+                .map_err(e)?;
+                tx.last_insert_rowid()
+            }
+        };
+        tx.query_row("SELECT * FROM nodes WHERE id = ?1", [id], |r| {
+            self.node_row(r)
+        })
+        .map_err(e)
+    }
+}
+
+impl Store for SqliteStore {
+    fn insert_key(&self, key: &JoinKeyRecord) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO join_keys (id, hash, created, expires, reusable, ephemeral, tags, revoked, uses, last_used)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    key.id,
+                    &key.hash[..],
+                    key.created as i64,
+                    key.expires.map(|v| v as i64),
+                    key.reusable,
+                    key.ephemeral,
+                    key.tags.join(","),
+                    key.revoked.map(|v| v as i64),
+                    key.uses as i64,
+                    key.last_used.map(|v| v as i64),
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+            Ok(())
+        })
+    }
+
+    fn list_keys(&self) -> Result<Vec<JoinKeyRecord>, StoreError> {
+        self.read(|c| {
+            c.prepare("SELECT * FROM join_keys ORDER BY created, id")?
+                .query_map([], key_row)?
+                .collect()
+        })
+    }
+
+    fn key(&self, id: &str) -> Result<Option<JoinKeyRecord>, StoreError> {
+        self.read(|c| {
+            c.query_row("SELECT * FROM join_keys WHERE id = ?1", [id], key_row)
+                .optional()
+        })
+    }
+
+    fn revoke_key(&self, id: &str, now: u64) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let n = tx
+                .execute(
+                    "UPDATE join_keys SET revoked = coalesce(revoked, ?2) WHERE id = ?1",
+                    params![id, now as i64],
+                )
+                .map_err(|e| self.err(e))?;
+            Ok(n == 1)
+        })
+    }
+
+    fn redeem_and_register(
+        &self,
+        key_id: &str,
+        check: &mut dyn FnMut(&JoinKeyRecord) -> Result<(), JoinError>,
+        node: &NodeRequest,
+        now: u64,
+    ) -> Result<NodeRecord, RedeemError> {
+        self.write(|tx| {
+            let key = tx
+                .query_row("SELECT * FROM join_keys WHERE id = ?1", [key_id], key_row)
+                .optional()
+                .map_err(|e| self.err(e))?
+                .ok_or(JoinError::Unknown)?;
+            check(&key)?;
+            tx.execute(
+                "UPDATE join_keys SET uses = uses + 1, last_used = ?2 WHERE id = ?1",
+                params![key_id, now as i64],
+            )
+            .map_err(|e| self.err(e))?;
+            Ok(self.register(tx, &key, node, now)?)
+        })
+    }
+
+    fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        self.read(|c| {
+            c.prepare("SELECT * FROM nodes ORDER BY id")?
+                .query_map([], |r| self.node_row(r))?
+                .collect()
+        })
+    }
+
+    fn node_by_public_key(&self, key: &PublicKey) -> Result<Option<NodeRecord>, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT * FROM nodes WHERE public_key = ?1",
+                [&key.as_bytes()[..]],
+                |r| self.node_row(r),
+            )
+            .optional()
+        })
+    }
+
+    fn remove_node(&self, id: i64) -> Result<Option<NodeRecord>, StoreError> {
+        self.write(|tx| {
+            let node = tx
+                .query_row("SELECT * FROM nodes WHERE id = ?1", [id], |r| {
+                    self.node_row(r)
+                })
+                .optional()
+                .map_err(|e| self.err(e))?;
+            if node.is_some() {
+                // Routes go with it (ON DELETE CASCADE).
+                tx.execute("DELETE FROM nodes WHERE id = ?1", [id])
+                    .map_err(|e| self.err(e))?;
+            }
+            Ok(node)
+        })
+    }
+
+    fn set_node_online(&self, id: i64, online: bool, now: u64) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let since = (!online).then_some(now as i64);
+            let n = tx
+                .execute(
+                    "UPDATE nodes SET offline_since = ?2 WHERE id = ?1",
+                    params![id, since],
+                )
+                .map_err(|e| self.err(e))?;
+            Ok(n == 1)
+        })
+    }
+
+    fn remove_ephemeral_offline_before(&self, cutoff: u64) -> Result<Vec<NodeRecord>, StoreError> {
+        self.write(|tx| {
+            let e = |e| self.err(e);
+            let gone: Vec<NodeRecord> = tx
+                .prepare(
+                    "SELECT * FROM nodes WHERE ephemeral = 1 AND offline_since < ?1 ORDER BY id",
+                )
+                .and_then(|mut st| {
+                    st.query_map([cutoff as i64], |r| self.node_row(r))?
+                        .collect()
+                })
+                .map_err(e)?;
+            for n in &gone {
+                tx.execute("DELETE FROM nodes WHERE id = ?1", [n.id])
+                    .map_err(e)?;
+            }
+            Ok(gone)
+        })
+    }
+
+    fn set_advertised_routes(&self, node_id: i64, routes: &[IpPrefix]) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let e = |e| self.err(e);
+            let known: bool = tx
+                .prepare("SELECT 1 FROM nodes WHERE id = ?1")
+                .and_then(|mut s| s.exists([node_id]))
+                .map_err(e)?;
+            if !known {
+                return Err(StoreError::NoSuchNode(node_id));
+            }
+            let mut wanted: Vec<String> = routes.iter().map(|p| p.network().to_string()).collect();
+            wanted.sort();
+            wanted.dedup();
+            if wanted.len() > MAX_ROUTES_PER_NODE {
+                return Err(StoreError::TooManyRoutes {
+                    node: node_id,
+                    count: wanted.len(),
+                    max: MAX_ROUTES_PER_NODE,
+                });
+            }
+            let current: Vec<String> = tx
+                .prepare("SELECT prefix FROM routes WHERE node_id = ?1")
+                .and_then(|mut s| s.query_map([node_id], |r| r.get(0))?.collect())
+                .map_err(e)?;
+            for gone in current.iter().filter(|p| !wanted.contains(p)) {
+                tx.execute(
+                    "DELETE FROM routes WHERE node_id = ?1 AND prefix = ?2",
+                    params![node_id, gone],
+                )
+                .map_err(e)?;
+            }
+            for p in &wanted {
+                tx.execute(
+                    "INSERT OR IGNORE INTO routes (node_id, prefix, approved) VALUES (?1, ?2, 0)",
+                    params![node_id, p],
+                )
+                .map_err(e)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn set_route_approved(
+        &self,
+        node_id: i64,
+        prefix: IpPrefix,
+        approved: bool,
+    ) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let n = tx
+                .execute(
+                    "UPDATE routes SET approved = ?3 WHERE node_id = ?1 AND prefix = ?2",
+                    params![node_id, prefix.network().to_string(), approved],
+                )
+                .map_err(|e| self.err(e))?;
+            Ok(n == 1)
+        })
+    }
+
+    fn list_routes(&self) -> Result<Vec<RouteRecord>, StoreError> {
+        let rows: Vec<(i64, String, bool)> = self.read(|c| {
+            c.prepare("SELECT node_id, prefix, approved FROM routes ORDER BY node_id, prefix")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect()
+        })?;
+        rows.into_iter()
+            .map(|(node_id, prefix, approved)| {
+                let prefix = prefix.parse().map_err(|e| StoreError::BadRow {
+                    path: self.path.clone(),
+                    what: "route",
+                    detail: format!("{prefix}: {e}"),
+                })?;
+                Ok(RouteRecord {
+                    node_id,
+                    prefix,
+                    approved,
+                })
+            })
+            .collect()
+    }
+
+    fn set_policy(&self, text: &str, now: u64) -> Result<u64, StoreError> {
+        self.write(|tx| {
+            tx.query_row(
+                "INSERT INTO policy (id, text, version, updated) VALUES (1, ?1, 1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET text = excluded.text, version = version + 1, updated = excluded.updated
+                 RETURNING version",
+                params![text, now as i64],
+                |r| get_u64(r, "version"),
+            )
+            .map_err(|e| self.err(e))
+        })
+    }
+
+    fn policy(&self) -> Result<Option<PolicyRecord>, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT text, version, updated FROM policy WHERE id = 1",
+                [],
+                |r| {
+                    Ok(PolicyRecord {
+                        text: r.get("text")?,
+                        version: get_u64(r, "version")?,
+                        updated: get_u64(r, "updated")?,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    fn address_plan(&self) -> AddressPlan {
+        self.plan
+    }
+}
+
+fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JoinKeyRecord> {
+    let hash: Vec<u8> = r.get("hash")?;
+    let hash: [u8; 32] = hash.try_into().map_err(|_| {
+        rusqlite::Error::InvalidColumnType(0, "hash".into(), rusqlite::types::Type::Blob)
+    })?;
+    let opt = |name: &str| -> rusqlite::Result<Option<u64>> {
+        Ok(r.get::<_, Option<i64>>(name)?.map(|v| v as u64))
+    };
+    Ok(JoinKeyRecord {
+        id: r.get("id")?,
+        hash,
+        created: get_u64(r, "created")?,
+        expires: opt("expires")?,
+        reusable: r.get("reusable")?,
+        ephemeral: r.get("ephemeral")?,
+        tags: split_tags(&r.get::<_, String>("tags")?),
+        revoked: opt("revoked")?,
+        uses: get_u64(r, "uses")?,
+        last_used: opt("last_used")?,
+    })
+}
+
+fn get_u64(r: &rusqlite::Row<'_>, name: &str) -> rusqlite::Result<u64> {
+    Ok(r.get::<_, i64>(name)? as u64)
+}
+
+fn split_tags(s: &str) -> Vec<String> {
+    s.split(',')
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Damage and non-databases get their own error; the rest keeps SQLite's.
+fn classify(path: &Path, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            StoreError::Busy(path.to_path_buf())
+        }
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => StoreError::Corrupt {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+        _ => StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    }
+}
+
+/// Brings the schema to [`schema_version`]; each step is one transaction
+/// that re-reads the version under the write lock, so two processes opening
+/// a new file at once do not both run a step.
+fn migrate(path: &Path, conn: &mut Connection, steps: &[&str]) -> Result<(), StoreError> {
+    let err = |e| classify(path, e);
+    let known = steps.len() as u32;
+    loop {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let app: i32 = tx
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .map_err(err)?;
+        let version: u32 = tx
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(err)?;
+        if app != APPLICATION_ID {
+            let tables: i64 = tx
+                .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+                .map_err(err)?;
+            if app != 0 || version != 0 || tables != 0 {
+                return Err(StoreError::Foreign(path.to_path_buf()));
+            }
+        }
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: path.to_path_buf(),
+                found: version,
+                known,
+            });
+        }
+        if version == known {
+            return Ok(());
+        }
+        tx.execute_batch(steps[version as usize]).map_err(err)?;
+        if version == 0 {
+            // The mesh's ULA /48: 40 random bits (RFC 4193 section 3.2).
+            let mut id = [0u8; 5];
+            ring::rand::SystemRandom::new()
+                .fill(&mut id)
+                .map_err(|_| StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    detail: "the system random generator failed".into(),
+                })?;
+            tx.execute(
+                "INSERT INTO meta (k, v) VALUES ('ula_global_id', ?1)",
+                [hex5(&id)],
+            )
+            .map_err(err)?;
+            tx.execute_batch(&format!("PRAGMA application_id = {APPLICATION_ID}"))
+                .map_err(err)?;
+        }
+        tx.execute_batch(&format!("PRAGMA user_version = {}", version + 1))
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+    }
+}
+
+fn hex5(b: &[u8; 5]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn ula_global_id(path: &Path, conn: &Connection) -> Result<[u8; 5], StoreError> {
+    let v: String = conn
+        .query_row("SELECT v FROM meta WHERE k = 'ula_global_id'", [], |r| {
+            r.get(0)
+        })
+        .map_err(|e| classify(path, e))?;
+    let bad = || StoreError::BadRow {
+        path: path.to_path_buf(),
+        what: "ULA global id",
+        detail: v.clone(),
+    };
+    if v.len() != 10 {
+        return Err(bad());
+    }
+    let mut out = [0u8; 5];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&v[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("meshvpn-store-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// The migration path: a file at version 1 with data, opened by a build
+    /// that knows a second step, is brought to version 2 and keeps its data;
+    /// the build that knows only version 1 then refuses it.
+    #[test]
+    fn a_later_step_migrates_an_existing_file_and_keeps_its_data() {
+        let dir = temp("migrate");
+        let path = dir.join("c.db");
+        let store = SqliteStore::open(&path, &StoreConfig::default()).unwrap();
+        assert_eq!(store.set_policy("p1", 5).unwrap(), 1);
+        drop(store);
+        let v2 = [
+            MIGRATIONS[0],
+            "ALTER TABLE policy ADD COLUMN author TEXT NOT NULL DEFAULT 'unknown';",
+        ];
+        let mut conn = Connection::open(&path).unwrap();
+        migrate(&path, &mut conn, &v2).unwrap();
+        migrate(&path, &mut conn, &v2).unwrap(); // idempotent
+        let (text, author, version): (String, String, u32) = conn
+            .query_row(
+                "SELECT text, author, (SELECT user_version FROM pragma_user_version) FROM policy",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (text.as_str(), author.as_str(), version),
+            ("p1", "unknown", 2)
+        );
+        drop(conn);
+        match SqliteStore::open(&path, &StoreConfig::default()) {
+            Err(StoreError::TooNew {
+                found: 2, known: 1, ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_writer_blocked_past_the_busy_timeout_gets_a_clear_error() {
+        let dir = temp("busy");
+        let path = dir.join("c.db");
+        let config = StoreConfig {
+            busy_timeout: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let store = SqliteStore::open(&path, &config).unwrap();
+        let holder = Connection::open(&path).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let e = store.set_policy("x", 1).unwrap_err();
+        assert!(matches!(e, StoreError::Busy(_)), "{e}");
+        assert!(e.to_string().contains("stayed locked"), "{e}");
+        holder.execute_batch("ROLLBACK").unwrap();
+        assert_eq!(store.set_policy("x", 1).unwrap(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
