@@ -8,9 +8,10 @@
 //! sockets, threads, files or clock reads in a row whose I/O column says
 //! `no`. The supervisor and the relay keep their sans-IO protocol files next
 //! to their I/O; those files are rows of their own, early in the table.
-//! `relay` comes before `wg` because the engine starts its relay client
-//! today (`wg/engine/relay_path.rs`); the supervisor comes last because its
-//! HTTPS listener also serves relay clients.
+//! `relay` comes after `wg`: the engine only knows a `RelayTransport`,
+//! and the relay client plugs itself in from above (`relay/engine.rs`); the
+//! supervisor comes last because its HTTPS listener also serves relay
+//! clients.
 //!
 //! | module                                             | owns                                                          | I/O |
 //! |----------------------------------------------------|---------------------------------------------------------------|-----|
@@ -23,10 +24,11 @@
 //! | `supervisor::{error, limits, message, session, varint}` | the remotedialer protocol: messages, session, limits     | no  |
 //! | `relay::protocol`                                  | the relay's registration proof and frames                     | no  |
 //! | `io`                                               | syscalls: UDP sockets, TUN devices, unix sockets, accept, dial| yes |
-//! | `peer`                                             | one boringtun `Tunn` per peer, endpoint, stats, keepalive     | clock |
+//! | `peer`                                             | one boringtun `Tunn` per peer, typed endpoint, stats, keepalive (takes `now`) | wall clock (stats' last handshake) |
+//! | `device`                                           | sans-IO device core: identity, peer table, routing, dispatch, cookies, source check, path policy | no |
 //! | `ws`                                               | websocket/TLS plumbing both tunnels use, `TunnelError`        | yes |
-//! | `relay`                                            | the WireGuard relay: client, pump, server sessions            | yes |
-//! | `wg`                                               | the WireGuard `Engine`: threads, queues, packet sinks, UAPI   | yes |
+//! | `wg`                                               | the WireGuard `Engine`: threads, sockets, batching, sinks, UAPI over `device` | yes |
+//! | `relay`                                            | the WireGuard relay: client, pump, server sessions; plugs into `wg` | yes |
 //! | `netstack`                                         | smoltcp TCP/UDP/ICMP for the host over the mesh (no root)     | threads, clock |
 //! | `supervisor`                                       | agent, server (one HTTPS listener for agents and relay clients), streams | yes |
 //!
@@ -36,6 +38,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod device;
 pub mod filter;
 pub mod io;
 pub mod nat;

@@ -56,7 +56,13 @@ impl Responder {
             timestamp: tai64n_now(0),
         });
         let mut out = vec![0u8; output_buffer_len(2048)];
-        let r = peer.decapsulate(src, MessageKind::HandshakeInitiation, &msg, &mut out);
+        let r = peer.decapsulate(
+            std::time::Instant::now(),
+            src.into(),
+            MessageKind::HandshakeInitiation,
+            &msg,
+            &mut out,
+        );
         let PeerOutput::ToNetwork { len, .. } = r else {
             panic!("initiation not answered: {r:?}");
         };
@@ -81,10 +87,13 @@ impl Responder {
     /// Delivers a data message with `counter`; true when it was accepted.
     fn accepts(&mut self, counter: u64) -> bool {
         let d = self.session.data(counter, &self.plaintext);
-        match self
-            .peer
-            .decapsulate(self.src, MessageKind::Data, &d, &mut self.out)
-        {
+        match self.peer.decapsulate(
+            std::time::Instant::now(),
+            self.src.into(),
+            MessageKind::Data,
+            &d,
+            &mut self.out,
+        ) {
             PeerOutput::ToHost { len, .. } => {
                 assert_eq!(&self.out[..len], &self.plaintext[..]);
                 true
@@ -208,7 +217,10 @@ fn captured_data_packet_and_one_older_than_the_window_are_dropped_as_replay() {
         9,
     );
     let mut out = vec![0u8; output_buffer_len(2048)];
-    let PeerOutput::ToNetwork { len, .. } = pair.a.encapsulate(&packet, &mut out) else {
+    let PeerOutput::ToNetwork { len, .. } =
+        pair.a
+            .encapsulate(std::time::Instant::now(), &packet, &mut out)
+    else {
         panic!("no session");
     };
     let captured = out[..len].to_vec();
@@ -221,7 +233,10 @@ fn captured_data_packet_and_one_older_than_the_window_are_dropped_as_replay() {
         PeerOutput::Dropped(DropReason::Replay)
     ));
     // Capture one packet but hold it while 1024 newer ones arrive.
-    let PeerOutput::ToNetwork { len, .. } = pair.a.encapsulate(&packet, &mut out) else {
+    let PeerOutput::ToNetwork { len, .. } =
+        pair.a
+            .encapsulate(std::time::Instant::now(), &packet, &mut out)
+    else {
         panic!("no session");
     };
     let old = out[..len].to_vec();

@@ -113,7 +113,10 @@ fn engine_endpoint_moves_only_on_authenticated_packets() {
 fn accepted_cookie_reply_from_a_new_address_does_not_move_the_endpoint() {
     let mut pair = Pair::new(2, Impairments::CLEAN);
     let mut out = vec![0u8; output_buffer_len(2048)];
-    let PeerOutput::ToNetwork { len, .. } = pair.a.initiate_handshake(&mut out) else {
+    let PeerOutput::ToNetwork { len, .. } = pair
+        .a
+        .initiate_handshake(std::time::Instant::now(), &mut out)
+    else {
         panic!("no initiation");
     };
     let init = out[..len].to_vec();
@@ -126,7 +129,8 @@ fn accepted_cookie_reply_from_a_new_address_does_not_move_the_endpoint() {
     };
     let loaded_b = Peer::new(&pair.key_b, &cfg, 0x0c, loaded_limiter);
     let r = loaded_b.decapsulate(
-        pair.addr_a,
+        std::time::Instant::now(),
+        pair.addr_a.into(),
         MessageKind::HandshakeInitiation,
         &init,
         &mut out,
@@ -142,7 +146,7 @@ fn accepted_cookie_reply_from_a_new_address_does_not_move_the_endpoint() {
     let r = pair.deliver_from(Side::A, stranger, &cookie);
     assert_eq!(r, PeerOutput::Done, "boringtun accepted the cookie");
     assert_eq!(pair.a.endpoint(), before);
-    assert_eq!(loaded_b.endpoint(), Some(pair.addr_a));
+    assert_eq!(loaded_b.uapi_endpoint(), Some(pair.addr_a));
 }
 
 /// Over the in-memory link: data from a new address moves the endpoint of
@@ -158,7 +162,10 @@ fn peer_endpoint_follows_authenticated_data_only() {
         1,
     );
     let mut out = vec![0u8; output_buffer_len(2048)];
-    let PeerOutput::ToNetwork { len, .. } = pair.a.encapsulate(&pkt, &mut out) else {
+    let PeerOutput::ToNetwork { len, .. } =
+        pair.a
+            .encapsulate(std::time::Instant::now(), &pkt, &mut out)
+    else {
         panic!("no session");
     };
     let good = out[..len].to_vec();
@@ -170,15 +177,15 @@ fn peer_endpoint_follows_authenticated_data_only() {
         pair.deliver_from(Side::B, third, &bad),
         PeerOutput::Dropped(DropReason::DecryptFailed)
     );
-    assert_eq!(pair.b.endpoint(), Some(pair.addr_a));
+    assert_eq!(pair.b.uapi_endpoint(), Some(pair.addr_a));
     assert!(matches!(
         pair.deliver_from(Side::B, moved, &good),
         PeerOutput::ToHost { .. }
     ));
-    assert_eq!(pair.b.endpoint(), Some(moved));
+    assert_eq!(pair.b.uapi_endpoint(), Some(moved));
     assert_eq!(
         pair.deliver_from(Side::B, third, &good),
         PeerOutput::Dropped(DropReason::Replay)
     );
-    assert_eq!(pair.b.endpoint(), Some(moved), "a replay moved it");
+    assert_eq!(pair.b.uapi_endpoint(), Some(moved), "a replay moved it");
 }

@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
@@ -52,7 +53,7 @@ fuzz_target!(|msgs: Vec<Msg>| {
     });
     let mut out = vec![0u8; output_buffer_len(70_000)];
     let PeerOutput::ToNetwork { len, .. } =
-        p.decapsulate(src, MessageKind::HandshakeInitiation, &msg, &mut out)
+        p.decapsulate(Instant::now(), src.into(), MessageKind::HandshakeInitiation, &msg, &mut out)
     else {
         panic!("a valid initiation was refused");
     };
@@ -90,7 +91,7 @@ fuzz_target!(|msgs: Vec<Msg>| {
             assert!(d.len() < 32, "a data message of {} bytes refused", d.len());
             continue;
         };
-        let r = p.decapsulate(src, wm.kind, &d, &mut out);
+        let r = p.decapsulate(Instant::now(), src.into(), wm.kind, &d, &mut out);
         let window_ok = counter < REJECT_AFTER_MESSAGES
             && !seen.contains(&counter)
             && newest.is_none_or(|n| counter + 1023 >= n);

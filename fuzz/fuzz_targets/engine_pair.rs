@@ -82,8 +82,8 @@ fuzz_target!(|ops: Vec<Op>| {
         side(1, 2, 0x1, "192.0.2.1:1"),
         side(2, 1, 0x2, "192.0.2.2:2"),
     ];
-    s[0].peer.set_endpoint(s[1].addr);
-    s[1].peer.set_endpoint(s[0].addr);
+    s[0].peer.set_endpoint(s[1].addr.into());
+    s[1].peer.set_endpoint(s[0].addr.into());
     let stranger: SocketAddr = "198.51.100.7:9".parse().unwrap();
     let mut out = vec![0u8; output_buffer_len(2048)];
     let mut seq = 0u32;
@@ -96,7 +96,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 seq += 1;
                 let mut p = ipv4_packet([10, 0, 0, 1 + i as u8], 24 + len as usize % 1400, seq);
                 p[20..24].copy_from_slice(&seq.to_be_bytes());
-                let r = s[i].peer.encapsulate(&p, &mut out);
+                let r = s[i].peer.encapsulate(Instant::now(), &p, &mut out);
                 s[i].sent.insert(seq, (p, false));
                 if let PeerOutput::ToNetwork { len, .. } = r {
                     s[j].inbox.push(out[..len].to_vec());
@@ -104,7 +104,7 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::Handshake { from_b } => {
                 let (i, j) = if from_b { (1, 0) } else { (0, 1) };
-                if let PeerOutput::ToNetwork { len, .. } = s[i].peer.initiate_handshake(&mut out) {
+                if let PeerOutput::ToNetwork { len, .. } = s[i].peer.initiate_handshake(Instant::now(), &mut out) {
                     s[j].inbox.push(out[..len].to_vec());
                 }
             }
@@ -171,7 +171,7 @@ fuzz_target!(|ops: Vec<Op>| {
             continue;
         };
         let before = s[j].peer.endpoint();
-        let r = s[j].peer.decapsulate(from, msg.kind, &d, &mut out);
+        let r = s[j].peer.decapsulate(Instant::now(), from.into(), msg.kind, &d, &mut out);
         match r {
             PeerOutput::ToNetwork { len, .. } => {
                 s[1 - j].inbox.push(out[..len].to_vec());
@@ -200,7 +200,7 @@ fuzz_target!(|ops: Vec<Op>| {
             PeerOutput::Done => {}
         }
         if s[j].peer.should_flush(msg.kind, r) {
-            while let PeerOutput::ToNetwork { len, .. } = s[j].peer.flush_queued(&mut out) {
+            while let PeerOutput::ToNetwork { len, .. } = s[j].peer.flush_queued(Instant::now(), &mut out) {
                 s[1 - j].inbox.push(out[..len].to_vec());
             }
         }

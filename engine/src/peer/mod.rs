@@ -2,16 +2,17 @@
 //! to the device: the endpoint (with roaming), persistent keepalive, the
 //! handshake flood guard, and counters.
 //!
-//! No I/O here. Every call takes the caller's output buffer and returns a
-//! [`PeerOutput`] saying what to write where; the runtime does the writing
-//! after the peer's lock is released, so no lock is held across a syscall.
+//! No I/O and no clock here. Every call takes the time (`now`) and the
+//! caller's output buffer and returns a [`PeerOutput`] saying what to write
+//! where; the caller does the writing after the peer's lock is released, so
+//! no lock is held across a syscall.
 
 mod budget;
 mod path;
 mod stats;
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ use boringtun::noise::{Tunn, TunnResult};
 use parking_lot::Mutex;
 
 pub use budget::{BufferBudget, DEFAULT_BUFFER_LIMIT};
-pub use path::{relay_endpoint, relay_index, PeerPath};
+pub use path::{relay_endpoint, relay_index, Endpoint, PeerPath};
 pub use stats::{DropReason, PeerCounters, PeerStats};
 
 use crate::config::{PeerConfig, PresharedKey, PrivateKey, PublicKey};
@@ -71,8 +72,8 @@ pub const fn output_buffer_len(inner: usize) -> usize {
 pub enum PeerOutput {
     /// Nothing to write.
     Done,
-    /// Send `out[..len]` as a UDP datagram to `to`.
-    ToNetwork { len: usize, to: SocketAddr },
+    /// Send `out[..len]` as a datagram to `to`.
+    ToNetwork { len: usize, to: Endpoint },
     /// `out[..len]` is a decrypted IP packet whose source is `src`; the
     /// caller must check `src` against this peer's AllowedIPs.
     ToHost { len: usize, src: IpAddr },
@@ -89,7 +90,7 @@ struct PeerState {
     /// What the `Tunn` is made from.
     private_key: PrivateKey,
     limiter: Arc<RateLimiter>,
-    endpoint: Option<SocketAddr>,
+    endpoint: Option<Endpoint>,
     preshared_key: Option<PresharedKey>,
     persistent_keepalive: Option<u16>,
     last_sent: Option<Instant>,
@@ -119,7 +120,7 @@ struct HandshakeQueue {
 
 impl HandshakeQueue {
     /// Charges one packet; false when it must be dropped instead.
-    fn admit(&mut self, len: usize) -> bool {
+    fn admit(&mut self, now: Instant, len: usize) -> bool {
         if self.packets >= HANDSHAKE_QUEUE_PACKETS {
             return false;
         }
@@ -130,7 +131,7 @@ impl HandshakeQueue {
         }
         self.packets += 1;
         self.bytes += len;
-        self.since.get_or_insert_with(Instant::now);
+        self.since.get_or_insert(now);
         true
     }
 
@@ -197,7 +198,7 @@ impl Peer {
                 tunn: None,
                 private_key: private_key.clone(),
                 limiter,
-                endpoint: cfg.endpoint,
+                endpoint: cfg.endpoint.map(|a| Endpoint::from_uapi(a, cfg.public_key)),
                 preshared_key: cfg.preshared_key.clone(),
                 persistent_keepalive: cfg.persistent_keepalive.filter(|&k| k > 0),
                 last_sent: None,
@@ -223,11 +224,16 @@ impl Peer {
         &self.counters
     }
 
-    pub fn endpoint(&self) -> Option<SocketAddr> {
+    pub fn endpoint(&self) -> Option<Endpoint> {
         self.state.lock().endpoint
     }
 
-    pub fn set_endpoint(&self, endpoint: SocketAddr) {
+    /// The endpoint as the UAPI and stats show it (see [`relay_endpoint`]).
+    pub fn uapi_endpoint(&self) -> Option<std::net::SocketAddr> {
+        self.endpoint().map(|e| e.to_uapi(self.index))
+    }
+
+    pub fn set_endpoint(&self, endpoint: Endpoint) {
         self.state.lock().endpoint = Some(endpoint);
     }
 
@@ -300,7 +306,7 @@ impl Peer {
     /// Encrypts one IP packet for this peer into `out` (at least
     /// [`output_buffer_len`] of the packet). Before a session exists the
     /// packet is queued and a handshake initiation is returned instead.
-    pub fn encapsulate(&self, packet: &[u8], out: &mut [u8]) -> PeerOutput {
+    pub fn encapsulate(&self, now: Instant, packet: &[u8], out: &mut [u8]) -> PeerOutput {
         let mut st = self.state.lock();
         let Some(to) = st.endpoint else {
             drop(st);
@@ -310,12 +316,15 @@ impl Peer {
         // Without a session the packet waits: charge it first.
         let no_session = tunn.time_since_last_handshake().is_none();
         if no_session {
-            if !st.queue.admit(packet.len()) {
+            if !st.queue.admit(now, packet.len()) {
                 drop(st);
                 return self.drop_for(DropReason::SinkFull);
             }
             self.waiting.store(true, Relaxed);
-            if st.answered.is_some_and(|t| t.elapsed() < CONFIRM_WAIT) {
+            if st
+                .answered
+                .is_some_and(|t| now.saturating_duration_since(t) < CONFIRM_WAIT)
+            {
                 st.held.push_back(packet.to_vec());
                 return PeerOutput::Done;
             }
@@ -325,7 +334,7 @@ impl Peer {
             .encapsulate(packet, out)
         {
             TunnResult::WriteToNetwork(d) => {
-                st.last_sent = Some(Instant::now());
+                st.last_sent = Some(now);
                 PeerOutput::ToNetwork { len: d.len(), to }
             }
             TunnResult::Err(e) => PeerOutput::Dropped(DropReason::from_error(&e)),
@@ -342,7 +351,8 @@ impl Peer {
     /// for a session go out then.
     pub fn decapsulate(
         &self,
-        src: SocketAddr,
+        now: Instant,
+        src: Endpoint,
         kind: MessageKind,
         datagram: &[u8],
         out: &mut [u8],
@@ -369,7 +379,7 @@ impl Peer {
         if kind == MessageKind::HandshakeInitiation
             && st
                 .last_initiation
-                .is_some_and(|t| t.elapsed() < MIN_INITIATION_INTERVAL)
+                .is_some_and(|t| now.saturating_duration_since(t) < MIN_INITIATION_INTERVAL)
         {
             drop(st);
             return self.drop_for(DropReason::HandshakeFlood);
@@ -381,9 +391,9 @@ impl Peer {
             return self.drop_for(DropReason::NoSession);
         }
         let tunn = st.tunn(self.public_key, self.index);
-        let result = match tunn.decapsulate(Some(src.ip()), datagram, out) {
+        let result = match tunn.decapsulate(Some(src.cookie_addr()), datagram, out) {
             TunnResult::WriteToNetwork(d) => {
-                st.last_sent = Some(Instant::now());
+                st.last_sent = Some(now);
                 PeerOutput::ToNetwork {
                     len: d.len(),
                     to: src,
@@ -412,7 +422,7 @@ impl Peer {
         if authenticated {
             st.endpoint = Some(src);
             if kind == MessageKind::HandshakeInitiation {
-                st.last_initiation = Some(Instant::now());
+                st.last_initiation = Some(now);
             }
         }
         // An answered initiation is remembered until a session is usable
@@ -428,7 +438,7 @@ impl Peer {
                 && authenticated
                 && matches!(result, PeerOutput::ToNetwork { .. })
             {
-                st.answered = Some(Instant::now());
+                st.answered = Some(now);
             }
         }
         drop(st);
@@ -465,7 +475,7 @@ impl Peer {
     /// Sends the next packet that waited for a session: queued behind a
     /// handshake of ours, or held for one we answered. `out` must hold
     /// [`output_buffer_len`] of the largest packet.
-    pub fn flush_queued(&self, out: &mut [u8]) -> PeerOutput {
+    pub fn flush_queued(&self, now: Instant, out: &mut [u8]) -> PeerOutput {
         let mut st = self.state.lock();
         let Some(to) = st.endpoint else {
             return PeerOutput::Done;
@@ -492,7 +502,7 @@ impl Peer {
         };
         let result = match sent {
             Some(len) => {
-                st.last_sent = Some(Instant::now());
+                st.last_sent = Some(now);
                 PeerOutput::ToNetwork { len, to }
             }
             None => {
@@ -561,7 +571,7 @@ impl Peer {
         if st
             .queue
             .since
-            .is_some_and(|t| now.duration_since(t) > REKEY_ATTEMPT_TIME)
+            .is_some_and(|t| now.saturating_duration_since(t) > REKEY_ATTEMPT_TIME)
         {
             self.stop_waiting(&mut st);
         }
@@ -574,9 +584,9 @@ impl Peer {
         };
         if result == PeerOutput::Done {
             if let (Some(k), Some(to)) = (st.persistent_keepalive, endpoint) {
-                let due = st
-                    .last_sent
-                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(k as u64));
+                let due = st.last_sent.is_none_or(|t| {
+                    now.saturating_duration_since(t) >= Duration::from_secs(k as u64)
+                });
                 if due {
                     // An empty packet: a keepalive, or the handshake that
                     // must come before one.
@@ -595,17 +605,17 @@ impl Peer {
     }
 
     /// Starts a handshake now (if none is in flight).
-    pub fn initiate_handshake(&self, out: &mut [u8]) -> PeerOutput {
-        self.handshake_to_endpoint(out, false)
+    pub fn initiate_handshake(&self, now: Instant, out: &mut [u8]) -> PeerOutput {
+        self.handshake_to_endpoint(now, out, false)
     }
 
     /// Starts a handshake now to the current endpoint, even if one is in
     /// flight (a path change: the one in flight went where nobody answers).
-    pub fn force_handshake(&self, out: &mut [u8]) -> PeerOutput {
-        self.handshake_to_endpoint(out, true)
+    pub fn force_handshake(&self, now: Instant, out: &mut [u8]) -> PeerOutput {
+        self.handshake_to_endpoint(now, out, true)
     }
 
-    fn handshake_to_endpoint(&self, out: &mut [u8], force: bool) -> PeerOutput {
+    fn handshake_to_endpoint(&self, now: Instant, out: &mut [u8], force: bool) -> PeerOutput {
         let mut st = self.state.lock();
         let Some(to) = st.endpoint else {
             return PeerOutput::Done;
@@ -613,7 +623,7 @@ impl Peer {
         let tunn = st.tunn(self.public_key, self.index);
         let result = match tunn.format_handshake_initiation(out, force) {
             TunnResult::WriteToNetwork(d) => {
-                st.last_sent = Some(Instant::now());
+                st.last_sent = Some(now);
                 PeerOutput::ToNetwork { len: d.len(), to }
             }
             _ => PeerOutput::Done,
@@ -626,14 +636,14 @@ impl Peer {
     /// endpoint: the answer comes back over the path the initiation took,
     /// and its authenticating moves the endpoint there (roaming). `None`
     /// while a handshake is in flight. Returns its length in `out`.
-    pub fn probe(&self, out: &mut [u8]) -> Option<usize> {
+    pub fn probe(&self, now: Instant, out: &mut [u8]) -> Option<usize> {
         let mut st = self.state.lock();
         let tunn = st.tunn(self.public_key, self.index);
         let len = match tunn.format_handshake_initiation(out, false) {
             TunnResult::WriteToNetwork(d) => d.len(),
             _ => return None,
         };
-        st.last_sent = Some(Instant::now());
+        st.last_sent = Some(now);
         drop(st);
         self.counters.sent_datagram(&out[..len], 0);
         Some(len)
@@ -661,7 +671,7 @@ impl Peer {
             }
             None => (None, None),
         };
-        let endpoint = st.endpoint;
+        let endpoint = st.endpoint.map(|e| e.to_uapi(self.index));
         let keepalive = st.persistent_keepalive;
         drop(st);
         self.counters

@@ -9,12 +9,15 @@
 //!   datagrams.
 //! - `pump`: the non-blocking websocket loop both ends run, with byte-bounded
 //!   queues.
+//! - `engine`: plugs the client into the WireGuard engine from above, as
+//!   one of its `RelayTransport`s (`Engine::start_relay`).
 //! - `server`: the relay sessions the supervisor's HTTPS listener
 //!   (`crate::supervisor::TunnelServer`) hands over on [`RELAY_PATH`].
 //!
 //! The websocket, TLS and [`crate::ws::TunnelError`] come from `crate::ws`.
 
 mod client;
+mod engine;
 pub mod protocol;
 pub(crate) mod pump;
 pub(crate) mod server;

@@ -1,5 +1,4 @@
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -7,34 +6,38 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use boringtun::noise::handshake::parse_handshake_anon;
-use boringtun::noise::rate_limiter::RateLimiter;
-use boringtun::noise::{Packet, TunnResult};
-use boringtun::x25519;
 use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
 
 mod relay_path;
 
+pub use relay_path::{RelayInbox, RelayTransport};
+
 use super::sink::{HostQueue, InnerBurst, InnerSink};
-use crate::config::{Config, PeerConfig, PresharedKey, PrivateKey, PublicKey, DEFAULT_MTU};
+use crate::config::{Config, PeerConfig, PrivateKey, PublicKey, DEFAULT_MTU};
+use crate::device::{Device, DeviceIo, Encapsulated, Endpoint, PeerError, Received};
+pub use crate::device::{PeerUpdate, SendError};
 use crate::io::tun::{Tun, TunBurst};
 use crate::io::udp::{normalize, RecvBatch, UdpTransport, MAX_DATAGRAM, RECV_POLL};
-use crate::peer::{output_buffer_len, BufferBudget, DropReason, Peer, PeerOutput, PeerStats};
-use crate::router::{AllowedIps, IpPrefix};
+use crate::peer::{output_buffer_len, BufferBudget, DropReason, Peer, PeerStats};
+use crate::router::IpPrefix;
 use crate::stats::stats_struct;
-use crate::wire::{IpHeader, WireMessage};
 
 /// How often peers' protocol timers run. boringtun's timers have 250 ms
 /// granularity in its own device; 100 ms keeps handshake retries prompt.
 const TIMER_TICK: Duration = Duration::from_millis(100);
-/// Handshake messages per second the whole engine processes before it
-/// demands cookies (boringtun's device uses the same order of magnitude).
-/// Each handshake passes the shared limiter twice (engine and `Tunn`), so
-/// the limiter is configured with twice this.
-const HANDSHAKES_PER_SECOND: u64 = 100;
 /// Packets the host queue holds before new ones are dropped.
 const HOST_QUEUE_PACKETS: usize = 4096;
+
+impl From<PeerError> for EngineError {
+    fn from(e: PeerError) -> EngineError {
+        match e {
+            PeerError::LowOrderKey(k) => EngineError::LowOrderKey(k),
+            PeerError::OwnKey(k) => EngineError::OwnKey(k),
+            PeerError::NoSuchPeer(k) => EngineError::NoSuchPeer(k),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -50,33 +53,6 @@ pub enum EngineError {
     Closed,
     #[error("cannot start a thread: {0}")]
     Thread(io::Error),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum SendError {
-    #[error("not an IP packet")]
-    Malformed,
-    #[error("no peer's AllowedIPs covers the destination")]
-    NoRoute,
-    #[error("dropped: {}", .0.name())]
-    Dropped(DropReason),
-    #[error("the UDP send failed")]
-    Network,
-    #[error("the engine is closed")]
-    Closed,
-}
-
-/// A partial change to a peer, as the UAPI expresses it.
-#[derive(Debug, Clone, Default)]
-pub struct PeerUpdate {
-    /// `Some(None)` removes the preshared key.
-    pub preshared_key: Option<Option<PresharedKey>>,
-    pub endpoint: Option<SocketAddr>,
-    /// `Some(None)` or `Some(Some(0))` disables keepalive.
-    pub persistent_keepalive: Option<Option<u16>>,
-    /// Drop the peer's current AllowedIPs before adding `allowed_ips`.
-    pub replace_allowed_ips: bool,
-    pub allowed_ips: Vec<IpPrefix>,
 }
 
 stats_struct! {
@@ -110,15 +86,9 @@ stats_struct! {
     }
 }
 
+/// What the runtime counts itself (the device counts the rest).
 #[derive(Default)]
 struct EngineCounters {
-    rx_malformed: AtomicU64,
-    rx_unknown_index: AtomicU64,
-    rx_unknown_peer: AtomicU64,
-    rx_invalid_mac: AtomicU64,
-    cookie_replies_sent: AtomicU64,
-    tx_malformed: AtomicU64,
-    tx_no_route: AtomicU64,
     udp_send_errors: AtomicU64,
     udp_send_dropped: AtomicU64,
 }
@@ -127,58 +97,13 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Relaxed);
 }
 
-/// Our own key and what derives from it.
-struct Identity {
-    private_key: Option<PrivateKey>,
-    secret: Option<x25519::StaticSecret>,
-    public: Option<x25519::PublicKey>,
-    limiter: Arc<RateLimiter>,
-}
-
-impl Identity {
-    fn new(private_key: Option<PrivateKey>) -> Identity {
-        let secret = private_key.as_ref().map(|k| k.to_x25519());
-        let public = secret.as_ref().map(x25519::PublicKey::from);
-        let limiter = Arc::new(RateLimiter::new(
-            &public.unwrap_or(x25519::PublicKey::from([0u8; 32])),
-            2 * HANDSHAKES_PER_SECOND,
-        ));
-        Identity {
-            private_key,
-            secret,
-            public,
-            limiter,
-        }
-    }
-}
-
-#[derive(Default)]
-struct PeerTable {
-    by_key: HashMap<PublicKey, Arc<Peer>>,
-    by_index: HashMap<u32, Arc<Peer>>,
-    allowed_ips: AllowedIps<u32>,
-    /// Insertion order, for stable listings.
-    order: Vec<PublicKey>,
-}
-
-impl PeerTable {
-    fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
-        self.allowed_ips
-            .lookup(dst)
-            .and_then(|i| self.by_index.get(i))
-    }
-}
-
 struct Shared {
-    identity: RwLock<Identity>,
-    peers: RwLock<PeerTable>,
+    device: Device,
     transport: RwLock<Arc<UdpTransport>>,
     fwmark: Mutex<Option<u32>>,
     sink: RwLock<Arc<dyn InnerSink>>,
     host_queue: Arc<HostQueue>,
-    budget: Arc<BufferBudget>,
     addresses: RwLock<Vec<IpPrefix>>,
-    mtu: u16,
     counters: EngineCounters,
     closed: AtomicBool,
     device_gone: AtomicBool,
@@ -291,15 +216,12 @@ impl Engine {
         let budget = Arc::new(BufferBudget::default());
         let host_queue = HostQueue::new(HOST_QUEUE_PACKETS, mtu as usize, budget.clone());
         let shared = Arc::new(Shared {
-            identity: RwLock::new(Identity::new(iface.private_key.clone())),
-            peers: RwLock::new(PeerTable::default()),
+            device: Device::new(iface.private_key.clone(), mtu, budget),
             transport: RwLock::new(Arc::new(transport)),
             fwmark: Mutex::new(iface.fwmark),
             sink: RwLock::new(host_queue.clone()),
             host_queue,
-            budget,
             addresses: RwLock::new(iface.addresses.clone()),
-            mtu,
             counters: EngineCounters::default(),
             closed: AtomicBool::new(false),
             device_gone: AtomicBool::new(false),
@@ -338,16 +260,11 @@ impl Engine {
     }
 
     pub fn public_key(&self) -> Option<PublicKey> {
-        self.shared
-            .identity
-            .read()
-            .private_key
-            .as_ref()
-            .map(|k| k.public_key())
+        self.shared.device.public_key()
     }
 
     pub fn private_key(&self) -> Option<PrivateKey> {
-        self.shared.identity.read().private_key.clone()
+        self.shared.device.private_key()
     }
 
     /// The UDP port actually bound (the one picked when 0 was asked for).
@@ -356,7 +273,7 @@ impl Engine {
     }
 
     pub fn mtu(&self) -> u16 {
-        self.shared.mtu
+        self.shared.device.mtu()
     }
 
     pub fn fwmark(&self) -> Option<u32> {
@@ -376,20 +293,7 @@ impl Engine {
     /// dropped and handshakes restart with the new key. A peer whose public
     /// key is our new public key is removed (the kernel does the same).
     pub fn set_private_key(&self, key: Option<PrivateKey>) {
-        let mut id = self.shared.identity.write();
-        if id.private_key == key {
-            return;
-        }
-        *id = Identity::new(key.clone());
-        let limiter = id.limiter.clone();
-        drop(id);
-        if let Some(k) = &key {
-            let own = k.public_key();
-            self.remove_peer(&own);
-            for p in self.shared.peers.read().by_key.values() {
-                p.set_private_key(k, limiter.clone());
-            }
-        }
+        self.shared.device.set_private_key(key);
     }
 
     /// Rebinds the UDP sockets on `port` (0 picks one); returns the port.
@@ -445,130 +349,36 @@ impl Engine {
         if self.shared.closed.load(Relaxed) {
             return Err(EngineError::Closed);
         }
-        // Our public key is cached in the identity: deriving it here cost a
-        // scalar multiplication per call (per peer, in a large UAPI set).
-        let (private_key, own_public, limiter) = {
-            let id = self.shared.identity.read();
-            (id.private_key.clone(), id.public, id.limiter.clone())
-        };
-        if own_public.is_some_and(|p| p.as_bytes() == key.as_bytes()) {
-            return Err(EngineError::OwnKey(*key));
-        }
-        // Peers need a private key to exist as protocol state; without one
-        // a placeholder is used and replaced by `set_private_key`.
-        let private_key = private_key.unwrap_or_else(|| PrivateKey::from_bytes([0u8; 32]));
-        let mut table = self.shared.peers.write();
-        let existed = table.by_key.contains_key(key);
-        let peer = match table.by_key.get(key) {
-            Some(p) => p.clone(),
-            None if !create => return Ok(()),
-            // Checked once, when the peer is created: it costs a
-            // Diffie-Hellman, and an existing peer passed it already.
-            None if key.is_low_order() => return Err(EngineError::LowOrderKey(*key)),
-            None => {
-                let index = loop {
-                    let i = random_u32() & 0x00ff_ffff;
-                    if !table.by_index.contains_key(&i) {
-                        break i;
-                    }
-                };
-                let cfg = PeerConfig {
-                    public_key: *key,
-                    preshared_key: update.preshared_key.clone().flatten(),
-                    allowed_ips: Vec::new(),
-                    endpoint: update.endpoint,
-                    persistent_keepalive: update.persistent_keepalive.flatten(),
-                };
-                let peer = Arc::new(Peer::new(&private_key, &cfg, index, limiter.clone()));
-                peer.set_budget(self.shared.budget.clone());
-                table.by_key.insert(*key, peer.clone());
-                table.by_index.insert(index, peer.clone());
-                table.order.push(*key);
-                tracing::debug!(peer = %key, "peer added");
-                peer
-            }
-        };
-        if let Some(psk) = &update.preshared_key {
-            peer.set_preshared_key(psk.clone(), &private_key, limiter);
-        }
-        if let Some(e) = update.endpoint {
-            peer.set_endpoint(e);
-        }
-        if let Some(k) = update.persistent_keepalive {
-            peer.set_persistent_keepalive(k);
-        }
-        let index = peer.index();
-        // A peer created just now holds no prefix; skipping the walk over
-        // the whole table keeps a large `wg setconf` linear.
-        if update.replace_allowed_ips && existed {
-            table.allowed_ips.remove_value(&index);
-        }
-        for p in &update.allowed_ips {
-            table.allowed_ips.insert(*p, index);
-        }
-        Ok(())
+        self.shared
+            .device
+            .update_peer(key, update, create)
+            .map_err(EngineError::from)
     }
 
     /// Removes a peer; its sessions end and its AllowedIPs route nowhere.
     pub fn remove_peer(&self, key: &PublicKey) -> bool {
-        let mut table = self.shared.peers.write();
-        let Some(peer) = table.by_key.remove(key) else {
-            return false;
-        };
-        table.by_index.remove(&peer.index());
-        table.allowed_ips.remove_value(&peer.index());
-        table.order.retain(|k| k != key);
-        tracing::debug!(peer = %key, "peer removed");
-        true
+        self.shared.device.remove_peer(key)
     }
 
     /// Removes every peer.
     pub fn clear_peers(&self) {
-        let mut table = self.shared.peers.write();
-        *table = PeerTable::default();
+        self.shared.device.clear_peers()
     }
 
     /// The public keys of the peers, in the order they were added.
     pub fn peer_keys(&self) -> Vec<PublicKey> {
-        self.shared.peers.read().order.clone()
+        self.shared.device.peer_keys()
     }
 
     /// The current configuration of one peer.
     pub fn peer_config(&self, key: &PublicKey) -> Option<PeerConfig> {
-        let table = self.shared.peers.read();
-        let peer = table.by_key.get(key)?;
-        Some(PeerConfig {
-            public_key: *key,
-            preshared_key: peer.preshared_key(),
-            allowed_ips: table.allowed_ips.prefixes_of(&peer.index()),
-            endpoint: peer.endpoint(),
-            persistent_keepalive: peer.persistent_keepalive(),
-        })
+        self.shared.device.peer_config(key)
     }
 
     /// Every peer's configuration and stats, in the order they were added,
     /// read under one lock (one pass over AllowedIPs, however many peers).
     pub fn peer_snapshot(&self) -> Vec<(PeerConfig, PeerStats)> {
-        let table = self.shared.peers.read();
-        let mut allowed: HashMap<u32, Vec<IpPrefix>> = HashMap::new();
-        for (prefix, index) in table.allowed_ips.iter() {
-            allowed.entry(index).or_default().push(prefix);
-        }
-        table
-            .order
-            .iter()
-            .filter_map(|k| table.by_key.get(k))
-            .map(|peer| {
-                let cfg = PeerConfig {
-                    public_key: peer.public_key(),
-                    preshared_key: peer.preshared_key(),
-                    allowed_ips: allowed.remove(&peer.index()).unwrap_or_default(),
-                    endpoint: peer.endpoint(),
-                    persistent_keepalive: peer.persistent_keepalive(),
-                };
-                (cfg, peer.stats())
-            })
-            .collect()
+        self.shared.device.peer_snapshot()
     }
 
     /// Held for the whole of one UAPI get or set.
@@ -596,33 +406,28 @@ impl Engine {
     }
 
     pub fn peer_stats(&self, key: &PublicKey) -> Option<PeerStats> {
-        self.shared.peers.read().by_key.get(key).map(|p| p.stats())
+        self.shared.device.peer_stats(key)
     }
 
     /// Stats of every peer, in the order they were added.
     pub fn all_peer_stats(&self) -> Vec<PeerStats> {
-        let table = self.shared.peers.read();
-        table
-            .order
-            .iter()
-            .filter_map(|k| table.by_key.get(k))
-            .map(|p| p.stats())
-            .collect()
+        self.shared.device.all_peer_stats()
     }
 
     pub fn stats(&self) -> EngineStats {
+        let d = self.shared.device.stats();
         let c = &self.shared.counters;
         EngineStats {
-            rx_malformed: c.rx_malformed.load(Relaxed),
-            rx_unknown_index: c.rx_unknown_index.load(Relaxed),
-            rx_unknown_peer: c.rx_unknown_peer.load(Relaxed),
-            rx_invalid_mac: c.rx_invalid_mac.load(Relaxed),
-            cookie_replies_sent: c.cookie_replies_sent.load(Relaxed),
-            tx_malformed: c.tx_malformed.load(Relaxed),
-            tx_no_route: c.tx_no_route.load(Relaxed),
+            rx_malformed: d.rx_malformed,
+            rx_unknown_index: d.rx_unknown_index,
+            rx_unknown_peer: d.rx_unknown_peer,
+            rx_invalid_mac: d.rx_invalid_mac,
+            cookie_replies_sent: d.cookie_replies_sent,
+            tx_malformed: d.tx_malformed,
+            tx_no_route: d.tx_no_route,
             udp_send_errors: c.udp_send_errors.load(Relaxed),
             udp_send_dropped: c.udp_send_dropped.load(Relaxed),
-            buffer_limit_drops: self.shared.budget.drops(),
+            buffer_limit_drops: self.shared.device.budget().drops(),
         }
     }
 
@@ -630,29 +435,25 @@ impl Engine {
     /// a handshake, or for the host to read them); past it new packets are
     /// dropped and counted. Default [`super::DEFAULT_BUFFER_LIMIT`].
     pub fn set_buffer_limit(&self, bytes: usize) {
-        self.shared.budget.set_limit(bytes);
+        self.shared.device.budget().set_limit(bytes);
     }
 
     pub fn buffer_limit(&self) -> usize {
-        self.shared.budget.limit()
+        self.shared.device.budget().limit()
     }
 
     /// Bytes of packets held in queues now.
     pub fn buffered_bytes(&self) -> usize {
-        self.shared.budget.used()
+        self.shared.device.budget().used()
     }
 
     /// Starts a handshake with `key` now, without waiting for traffic.
     pub fn initiate_handshake(&self, key: &PublicKey) -> Result<(), EngineError> {
-        let peer = self
-            .shared
-            .peers
-            .read()
-            .by_key
-            .get(key)
-            .cloned()
-            .ok_or(EngineError::NoSuchPeer(*key))?;
-        OUT_BUF.with_borrow_mut(|out| self.shared.emit(&peer, peer.initiate_handshake(out), out));
+        OUT_BUF.with_borrow_mut(|out| {
+            self.shared
+                .device
+                .initiate_handshake(Instant::now(), key, out, &mut Net(&self.shared))
+        })?;
         Ok(())
     }
 
@@ -686,7 +487,7 @@ impl Engine {
     /// [`Engine::send_packet`] would send a packet for `dst`. The userspace
     /// stack asks before it dials, so "no route" is an immediate error.
     pub fn peer_for(&self, dst: IpAddr) -> Option<PublicKey> {
-        self.shared.peers.read().route(dst).map(|p| p.public_key())
+        self.shared.device.peer_for(dst).map(|p| p.public_key())
     }
 
     /// The next decrypted packet for the host (packet API), waiting up to
@@ -715,7 +516,10 @@ impl Engine {
     /// into it.
     pub fn attach_tun(&self, tun: Tun) -> Result<(), EngineError> {
         let writer = tun.try_clone().map_err(EngineError::Thread)?;
-        self.set_sink(Arc::new(TunSink(writer)));
+        let end: Arc<dyn InnerSink> = Arc::new(TunSink(writer));
+        // A sink in front (the userspace stack) keeps its place.
+        let sink = self.sink().rewrap(end.clone()).unwrap_or(end);
+        self.set_sink(sink);
         self.spawn("meshvpn-tun", move |s, stop| tun_loop(s, stop, tun))
     }
 
@@ -731,7 +535,7 @@ impl Engine {
     /// Stops every thread and waits for them. Idempotent; also done on drop.
     pub fn close(&self) {
         self.shared.closed.store(true, Relaxed);
-        self.stop_relay();
+        self.detach_relay();
         self.stop_tx.lock().take();
         let threads = std::mem::take(&mut *self.threads.lock());
         for t in threads {
@@ -744,15 +548,6 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.close();
     }
-}
-
-fn random_u32() -> u32 {
-    use ring::rand::SecureRandom;
-    let mut b = [0u8; 4];
-    ring::rand::SystemRandom::new()
-        .fill(&mut b)
-        .expect("system random number generator failed");
-    u32::from_le_bytes(b)
 }
 
 struct TunSink(Tun);
@@ -810,37 +605,23 @@ impl RxBurst {
     }
 }
 
-impl Shared {
-    /// The peer that `packet` routes to, and the packet cut to its IP length.
-    fn route<'p>(
-        &self,
-        table: &PeerTable,
-        packet: &'p [u8],
-    ) -> Result<(Arc<Peer>, &'p [u8]), SendError> {
-        let Ok(header) = IpHeader::new_checked(packet) else {
-            bump(&self.counters.tx_malformed);
-            return Err(SendError::Malformed);
-        };
-        match table.route(header.dst) {
-            Some(p) => Ok((p.clone(), &packet[..header.total_len])),
-            None => {
-                bump(&self.counters.tx_no_route);
-                Err(SendError::NoRoute)
-            }
-        }
-    }
+/// The runtime's side of [`DeviceIo`]: UDP or the relay.
+struct Net<'a>(&'a Shared);
 
+impl DeviceIo for Net<'_> {
+    fn send(&mut self, datagram: &[u8], to: &Endpoint) {
+        self.0.send_datagram(datagram, to);
+    }
+}
+
+impl Shared {
     fn send_packet(&self, packet: &[u8]) -> Result<(), SendError> {
         if self.closed.load(Relaxed) {
             return Err(SendError::Closed);
         }
-        let (peer, packet) = self.route(&self.peers.read(), packet)?;
         OUT_BUF.with_borrow_mut(|out| {
-            let result = peer.encapsulate(packet, out);
-            match self.emit(&peer, result, out) {
-                PeerOutput::Dropped(r) => Err(SendError::Dropped(r)),
-                _ => Ok(()),
-            }
+            self.device
+                .send(Instant::now(), packet, out, &mut Net(self))
         })
     }
 
@@ -860,33 +641,26 @@ impl Shared {
             return 0;
         }
         let transport = self.transport.read().clone();
+        let now = Instant::now();
         TX_BATCH.with_borrow_mut(|batch| {
             let mut accepted = 0;
             for packet in packets {
-                // The table lock is held per lookup, never across a send.
-                let (peer, packet) = match self.route(&self.peers.read(), packet) {
-                    Ok(routed) => routed,
-                    Err(e) => {
-                        rejected(packet, e);
-                        continue;
-                    }
-                };
                 if batch.room() < output_buffer_len(packet.len()) {
                     batch.flush(&transport, &self.counters);
                 }
                 let at = batch.used;
-                match peer.encapsulate(packet, &mut batch.buf[at..]) {
-                    PeerOutput::ToNetwork { len, to } => {
+                match self.device.encapsulate(now, packet, &mut batch.buf[at..]) {
+                    Ok(Encapsulated::Datagram { len, to }) => {
                         accepted += 1;
-                        if crate::peer::relay_index(to).is_some() {
-                            self.send_relay(&peer.public_key(), &batch.buf[at..at + len]);
-                            continue;
+                        match to {
+                            Endpoint::Udp(addr) => {
+                                batch.push(at, len, addr, &transport, &self.counters)
+                            }
+                            Endpoint::Relay(key) => self.send_relay(&key, &batch.buf[at..at + len]),
                         }
-                        batch.push(at, len, to, &transport, &self.counters);
                     }
-                    PeerOutput::Done => accepted += 1,
-                    PeerOutput::Dropped(reason) => rejected(packet, SendError::Dropped(reason)),
-                    PeerOutput::ToHost { .. } => {}
+                    Ok(Encapsulated::Queued) => accepted += 1,
+                    Err(e) => rejected(packet, e),
                 }
             }
             batch.flush(&transport, &self.counters);
@@ -894,138 +668,34 @@ impl Shared {
         })
     }
 
-    /// Whether a packet `peer` decrypted may go to the sink, and if not,
-    /// why. The one place the rules for every sink live:
-    /// - its inner source `src` must route back to `peer` (inside its
-    ///   sender's AllowedIPs);
-    /// - it must fit the MTU: every sink's packet buffers are MTU-sized
-    ///   (the host queue's, copied into MTU-sized C buffers by the packet
-    ///   API; the userspace stack's), and a TUN device gets no more than
-    ///   its MTU either. A larger one is dropped whole, never cut.
-    fn inner_allowed(&self, peer: &Peer, src: IpAddr, len: usize) -> Result<(), DropReason> {
-        if self.peers.read().allowed_ips.lookup(src) != Some(&peer.index()) {
-            return Err(DropReason::SourceNotAllowed);
-        }
-        if len > self.mtu as usize {
-            return Err(DropReason::Oversized);
-        }
-        Ok(())
-    }
-
-    /// Does what a peer call asked: sends datagrams, delivers packets.
-    fn emit(&self, peer: &Peer, result: PeerOutput, out: &mut [u8]) -> PeerOutput {
-        match result {
-            PeerOutput::ToNetwork { len, to } => self.send_datagram(&out[..len], to),
-            PeerOutput::ToHost { len, src } => {
-                if let Err(reason) = self.inner_allowed(peer, src, len) {
-                    return peer.drop_for(reason);
-                }
-                let sink = self.sink.read().clone();
-                if !sink.deliver(&out[..len]) {
-                    return peer.drop_for(DropReason::SinkFull);
-                }
-                peer.delivered(len);
-            }
-            PeerOutput::Done | PeerOutput::Dropped(_) => {}
-        }
-        result
-    }
-
     /// One datagram from the network. A decrypted packet joins `rx`, to
     /// reach the sink with the rest of its batch.
-    fn handle_datagram(&self, src: SocketAddr, datagram: &[u8], rx: &mut RxBurst) {
+    fn handle_datagram(&self, now: Instant, from: Endpoint, datagram: &[u8], rx: &mut RxBurst) {
         if rx.packets.is_full(output_buffer_len(datagram.len())) {
             rx.deliver(self);
         }
-        let out = rx.packets.spare();
-        let src = normalize(src);
-        let Ok(msg) = WireMessage::new_checked(datagram) else {
-            bump(&self.counters.rx_malformed);
-            return;
-        };
-        let peer = match msg.receiver_index {
-            Some(index) => match self.peers.read().by_index.get(&(index >> 8)) {
-                Some(p) => p.clone(),
-                None => {
-                    bump(&self.counters.rx_unknown_index);
-                    return;
-                }
-            },
-            None => match self.initiation_sender(src, datagram, out) {
-                Some(p) => p,
-                None => return,
-            },
-        };
-        let result = peer.decapsulate(src, msg.kind, datagram, out);
-        match result {
-            PeerOutput::ToHost { len, src } => match self.inner_allowed(&peer, src, len) {
-                Ok(()) => {
+        let mut net = Net(self);
+        let flush =
+            match self
+                .device
+                .handle_datagram(now, from, datagram, rx.packets.spare(), &mut net)
+            {
+                Received::Nothing => return,
+                Received::Packet { peer, len, flush } => {
                     rx.packets.commit(len);
                     rx.peers.push(peer.clone());
+                    if !flush {
+                        return;
+                    }
+                    peer
                 }
-                Err(reason) => {
-                    peer.drop_for(reason);
-                }
-            },
-            _ => {
-                self.emit(&peer, result, out);
-            }
+                Received::Flush(peer) => peer,
+            };
+        if rx.packets.is_full(output_buffer_len(MAX_DATAGRAM)) {
+            rx.deliver(self);
         }
-        if peer.should_flush(msg.kind, result) {
-            if rx.packets.is_full(output_buffer_len(MAX_DATAGRAM)) {
-                rx.deliver(self);
-            }
-            let out = rx.packets.spare();
-            while let r @ PeerOutput::ToNetwork { .. } = peer.flush_queued(out) {
-                self.emit(&peer, r, out);
-            }
-        }
-    }
-
-    /// Finds the peer that sent a handshake initiation. MAC1 and the
-    /// engine-wide rate limit are checked first, so a flood costs a keyed
-    /// hash per packet, not a Diffie-Hellman; under load a cookie reply
-    /// goes back instead.
-    fn initiation_sender(
-        &self,
-        src: SocketAddr,
-        datagram: &[u8],
-        out: &mut [u8],
-    ) -> Option<Arc<Peer>> {
-        let id = self.identity.read();
-        let (Some(secret), Some(public)) = (&id.secret, &id.public) else {
-            bump(&self.counters.rx_unknown_peer);
-            return None;
-        };
-        let init = match id.limiter.verify_packet(Some(src.ip()), datagram, out) {
-            Ok(Packet::HandshakeInit(init)) => init,
-            Ok(_) => return None,
-            Err(TunnResult::WriteToNetwork(cookie)) => {
-                let len = cookie.len();
-                drop(id);
-                bump(&self.counters.cookie_replies_sent);
-                self.send_datagram(&out[..len], src);
-                return None;
-            }
-            Err(_) => {
-                bump(&self.counters.rx_invalid_mac);
-                return None;
-            }
-        };
-        let half = match parse_handshake_anon(secret, public, &init) {
-            Ok(h) => h,
-            Err(_) => {
-                bump(&self.counters.rx_unknown_peer);
-                return None;
-            }
-        };
-        drop(id);
-        let key = PublicKey::from_bytes(half.peer_static_public);
-        let peer = self.peers.read().by_key.get(&key).cloned();
-        if peer.is_none() {
-            bump(&self.counters.rx_unknown_peer);
-        }
-        peer
+        self.device
+            .flush_queued(now, &flush, rx.packets.spare(), &mut net);
     }
 }
 
@@ -1045,8 +715,9 @@ fn rx_loop(shared: Arc<Shared>, v4: bool) {
         };
         match sock.recv(&mut batch, RECV_POLL) {
             Ok(n) => {
+                let now = Instant::now();
                 batch.for_each(n, |src, datagram| {
-                    shared.handle_datagram(src, datagram, &mut rx)
+                    shared.handle_datagram(now, Endpoint::Udp(normalize(src)), datagram, &mut rx)
                 });
                 rx.deliver(&shared);
             }
@@ -1059,28 +730,13 @@ fn rx_loop(shared: Arc<Shared>, v4: bool) {
 
 fn timer_loop(shared: Arc<Shared>, stop: Receiver<()>) {
     let mut out = vec![0u8; output_buffer_len(MAX_DATAGRAM)];
-    let mut last_reset = Instant::now();
     loop {
         if stop.recv_timeout(TIMER_TICK).is_ok() || shared.closed.load(Relaxed) {
             return;
         }
-        let now = Instant::now();
-        if now.duration_since(last_reset) >= Duration::from_secs(1) {
-            shared.identity.read().limiter.reset_count();
-            last_reset = now;
-        }
-        let peers: Vec<Arc<Peer>> = shared.peers.read().by_key.values().cloned().collect();
-        for p in peers {
-            // A few rounds at most: a timer tick yields one datagram per call.
-            for _ in 0..4 {
-                match p.update_timers(now, &mut out) {
-                    r @ PeerOutput::ToNetwork { .. } => {
-                        shared.emit(&p, r, &mut out);
-                    }
-                    _ => break,
-                }
-            }
-        }
+        shared
+            .device
+            .poll_timers(Instant::now(), &mut out, &mut Net(&shared));
     }
 }
 

@@ -2,11 +2,12 @@
 //! table, over the pure layers below.
 //!
 //! ```text
-//!   send:  host/TUN/netstack --send_packet--> router --> Peer::encapsulate --> UDP or relay
-//!   recv:  UDP --rx thread--> framing --> Peer::decapsulate --> source check
-//!          --> RxBurst (one receive call's packets) --> InnerSink::deliver_burst
-//!          relay --relay thread--^   (engine/relay_path.rs; see engine/docs/relay.md)
-//!   timer thread: Peer::update_timers every TIMER_TICK, rate limiter reset every second
+//!   send:  host/TUN/netstack --send_packet--> Device::encapsulate --> UDP (GSO batch) or relay
+//!   recv:  UDP --rx thread--> Device::handle_datagram --> RxBurst (one receive
+//!          call's packets) --> InnerSink::deliver_burst
+//!          relay --RelayInbox--^   (engine/relay_path.rs, relay/engine.rs; engine/docs/relay.md)
+//!   timer thread: Device::poll_timers every TIMER_TICK
+//!   The protocol logic is in `crate::device` (sans-IO); this layer moves bytes.
 //!   UAPI: Engine::uapi_get / uapi_set, and UapiServer on /var/run/wireguard/IFNAME.sock
 //!   STUN: stun::StunServer (a thread answering Binding requests), stun::probe
 //!         (discovery on a socket of its own; see engine/docs/nat.md)
@@ -18,7 +19,9 @@ mod sink;
 mod uapi;
 
 pub use crate::peer::{BufferBudget, DEFAULT_BUFFER_LIMIT};
-pub use engine::{Engine, EngineError, EngineStats, PeerUpdate, SendError};
+pub use engine::{
+    Engine, EngineError, EngineStats, PeerUpdate, RelayInbox, RelayTransport, SendError,
+};
 pub use pool::{BufferPool, PacketBuf};
 pub use sink::{HostQueue, InnerBurst, InnerSink};
 pub use uapi::{

@@ -30,6 +30,16 @@ pub trait InnerSink: Send + Sync {
             burst.set_delivered(i, ok);
         }
     }
+
+    /// For a sink that wraps another (takes some packets and passes the
+    /// rest on): a copy of itself whose innermost sink is `end` instead.
+    /// An end sink (host queue, TUN) returns `None`. Attaching a TUN
+    /// device uses it, so a userspace stack attached before stays in
+    /// front: the order of attaching does not matter.
+    fn rewrap(&self, end: Arc<dyn InnerSink>) -> Option<Arc<dyn InnerSink>> {
+        let _ = end;
+        None
+    }
 }
 
 /// Decrypted packets of one receive batch, written by the decryption

@@ -6,13 +6,16 @@
 //! comes from one seed: a failing run prints its seed, and setting
 //! `MESHVPN_LINK_SEED` to it replays the same run.
 //!
-//! Time on the link is in ticks; one [`Pair::step`] is one tick. boringtun's
-//! own timers still read the real clock, so a test that needs handshake
-//! retries calls [`Pair::handshake`] again instead of waiting for them.
+//! Time on the link is in ticks; one [`Pair::step`] is one tick. The peers
+//! get their time from the pair ([`Pair::now`]: the real clock, or a
+//! simulated one after [`Pair::advance`]); boringtun's own timers still
+//! read the real clock, so a test that needs handshake retries calls
+//! [`Pair::handshake`] again instead of waiting for them.
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::rate_limiter::RateLimiter;
 use meshvpn_engine::peer::{output_buffer_len, Peer, PeerOutput};
@@ -204,6 +207,7 @@ pub struct Pair {
     pub received_a: Vec<Vec<u8>>,
     pub received_b: Vec<Vec<u8>>,
     out: Vec<u8>,
+    clock: Option<Instant>,
 }
 
 /// A limiter that never demands cookies (the engine's own is tested
@@ -248,7 +252,19 @@ impl Pair {
             received_a: Vec::new(),
             received_b: Vec::new(),
             out: vec![0u8; output_buffer_len(65535)],
+            clock: None,
         }
+    }
+
+    /// The time the peers are given: simulated once [`Pair::advance`] ran,
+    /// the real clock before.
+    pub fn now(&self) -> Instant {
+        self.clock.unwrap_or_else(Instant::now)
+    }
+
+    /// Moves the peers' clock on by `d` (and makes it simulated from now).
+    pub fn advance(&mut self, d: Duration) {
+        self.clock = Some(self.now() + d);
     }
 
     pub fn peer(&self, side: Side) -> &Peer {
@@ -274,16 +290,18 @@ impl Pair {
 
     /// Encrypts `packet` on `from` and puts the result on the link.
     pub fn send(&mut self, from: Side, packet: &[u8]) -> PeerOutput {
+        let now = self.now();
         let (peer, out) = self.parts(from);
-        let r = peer.encapsulate(packet, out);
+        let r = peer.encapsulate(now, packet, out);
         self.forward(from, r);
         r
     }
 
     /// Starts a handshake from `from` (no-op while one is in flight).
     pub fn handshake(&mut self, from: Side) -> PeerOutput {
+        let now = self.now();
         let (peer, out) = self.parts(from);
-        let r = peer.initiate_handshake(out);
+        let r = peer.initiate_handshake(now, out);
         self.forward(from, r);
         r
     }
@@ -314,8 +332,9 @@ impl Pair {
         let Ok(msg) = WireMessage::new_checked(datagram) else {
             return PeerOutput::Done;
         };
+        let now = self.now();
         let (peer, out) = self.parts(to);
-        let r = peer.decapsulate(src, msg.kind, datagram, out);
+        let r = peer.decapsulate(now, src.into(), msg.kind, datagram, out);
         match r {
             PeerOutput::ToNetwork { .. } => self.forward(to, r),
             PeerOutput::ToHost { len, .. } => {
@@ -331,7 +350,7 @@ impl Pair {
         if self.peer(to).should_flush(msg.kind, r) {
             loop {
                 let (peer, out) = self.parts(to);
-                match peer.flush_queued(out) {
+                match peer.flush_queued(now, out) {
                     r @ PeerOutput::ToNetwork { .. } => self.forward(to, r),
                     _ => break,
                 }

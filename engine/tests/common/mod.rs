@@ -4,6 +4,7 @@
 pub mod initiator;
 pub mod link;
 pub mod lossy_relay;
+pub mod sim;
 pub mod stacks;
 
 use std::net::{IpAddr, SocketAddr};

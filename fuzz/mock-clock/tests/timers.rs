@@ -49,7 +49,7 @@ fn timers(pair: &mut Pair) {
 /// A data message from A captured (not delivered).
 fn capture(pair: &Pair, seed: u8) -> Vec<u8> {
     let mut out = vec![0u8; output_buffer_len(2048)];
-    match pair.a.encapsulate(&packet(seed), &mut out) {
+    match pair.a.encapsulate(Instant::now(), &packet(seed), &mut out) {
         PeerOutput::ToNetwork { len, .. } if out[0] == 4 => out[..len].to_vec(),
         other => panic!("no data message: {other:?}"),
     }
@@ -112,7 +112,7 @@ fn sessions_are_rejected_after_180_seconds() {
     );
     // A's own session is gone too: what it sends now is a handshake, not data.
     let _ = pair.a.update_timers(Instant::now(), &mut out);
-    let r = pair.a.encapsulate(&packet(3), &mut out);
+    let r = pair.a.encapsulate(Instant::now(), &packet(3), &mut out);
     assert!(
         !matches!(r, PeerOutput::ToNetwork { .. } if out[0] == 4),
         "A still encrypted with a session older than 180 s"

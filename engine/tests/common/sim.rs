@@ -1,0 +1,392 @@
+//! Whole [`Device`]s in simulated time, without threads or sockets: a
+//! network of nodes joined by a UDP "internet" (lossy, reordering,
+//! delaying, with addresses that can change and paths that can be cut) and
+//! a relay that delivers by key, as the websocket relay does.
+//!
+//! Deterministic: all randomness comes from one seed (printed; replay with
+//! `MESHVPN_LINK_SEED`), and the devices get their time from the
+//! simulation's clock, which moves one millisecond per tick. Modelled on
+//! quinn-proto's `tests/util.rs` `Pair`.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshvpn_engine::device::{Device, DeviceIo, Endpoint, Received};
+use meshvpn_engine::peer::{output_buffer_len, BufferBudget, Peer};
+use meshvpn_engine::{PeerConfig, PrivateKey, PublicKey};
+
+use super::link::Rng;
+
+/// Simulated time per tick.
+pub const TICK: Duration = Duration::from_millis(1);
+
+/// What the UDP side of the network does to datagrams (the relay is
+/// reliable and in order, like a websocket).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Net {
+    /// Chance in 1000 that a datagram is lost.
+    pub loss: u32,
+    /// Chance in 1000 that a datagram is held back by up to `reorder_ticks`.
+    pub reorder: u32,
+    pub reorder_ticks: u64,
+    /// Every datagram takes at least this many ticks (0: next tick).
+    pub delay_ticks: u64,
+}
+
+pub struct Node {
+    pub device: Device,
+    pub key: PrivateKey,
+    /// The UDP address the node sends from now.
+    pub addr: SocketAddr,
+    /// The node's mesh address (its peers' AllowedIPs hold it as /32).
+    pub ip: IpAddr,
+    /// Decrypted packets the node delivered, in order.
+    pub received: Vec<Vec<u8>>,
+}
+
+impl Node {
+    pub fn public(&self) -> PublicKey {
+        self.key.public_key()
+    }
+}
+
+struct InFlight {
+    at: u64,
+    to: usize,
+    from: Endpoint,
+    bytes: Vec<u8>,
+}
+
+/// What a device handed to its [`DeviceIo`] during one call.
+#[derive(Default)]
+struct Outbox(Vec<(Vec<u8>, Endpoint)>);
+
+impl DeviceIo for Outbox {
+    fn send(&mut self, datagram: &[u8], to: &Endpoint) {
+        self.0.push((datagram.to_vec(), *to));
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct SimStats {
+    pub udp_sent: u64,
+    pub udp_lost: u64,
+    /// UDP datagrams sent to an address no node has, or across a cut path.
+    pub udp_unreachable: u64,
+    pub relayed: u64,
+}
+
+pub struct Sim {
+    pub nodes: Vec<Node>,
+    pub net: Net,
+    pub stats: SimStats,
+    /// Unordered pairs of nodes whose UDP path is cut (the relay still works).
+    pub udp_cut: HashSet<(usize, usize)>,
+    /// Every datagram that crossed the network: (to node, from, bytes).
+    pub captured: Vec<(usize, Endpoint, Vec<u8>)>,
+    rng: Rng,
+    tick: u64,
+    start: Instant,
+    queue: Vec<InFlight>,
+    out: Vec<u8>,
+}
+
+fn pair(a: usize, b: usize) -> (usize, usize) {
+    (a.min(b), a.max(b))
+}
+
+impl Sim {
+    /// `n` nodes, each a peer of every other, with UDP endpoints known.
+    pub fn full_mesh(n: usize, seed: u64, net: Net) -> Sim {
+        let mut sim = Sim::new(seed, net);
+        for i in 0..n {
+            sim.add_node(i);
+        }
+        for i in 0..n {
+            for j in 0..n {
+                if i != j {
+                    sim.introduce(i, j, true);
+                }
+            }
+        }
+        sim
+    }
+
+    pub fn new(seed: u64, net: Net) -> Sim {
+        Sim {
+            nodes: Vec::new(),
+            net,
+            stats: SimStats::default(),
+            udp_cut: HashSet::new(),
+            captured: Vec::new(),
+            rng: Rng::new(seed),
+            tick: 0,
+            start: Instant::now(),
+            queue: Vec::new(),
+            out: vec![0u8; output_buffer_len(65535)],
+        }
+    }
+
+    fn add_node(&mut self, i: usize) {
+        let key = PrivateKey::generate();
+        let device = Device::new(Some(key.clone()), 1420, Arc::new(BufferBudget::default()));
+        self.nodes.push(Node {
+            device,
+            key,
+            addr: SocketAddr::from(([192, 0, 2, 1 + i as u8], 51820)),
+            ip: IpAddr::from([10, 0, 0, 1 + i as u8]),
+            received: Vec::new(),
+        });
+    }
+
+    /// Makes `j` a peer of `i` (with `j`'s UDP endpoint when `endpoint`).
+    pub fn introduce(&mut self, i: usize, j: usize, endpoint: bool) {
+        let mut cfg = PeerConfig::new(self.nodes[j].public());
+        cfg.endpoint = endpoint.then_some(self.nodes[j].addr);
+        cfg.allowed_ips = vec![format!("{}/32", self.nodes[j].ip).parse().unwrap()];
+        let update = meshvpn_engine::PeerUpdate {
+            preshared_key: Some(None),
+            endpoint: cfg.endpoint,
+            persistent_keepalive: Some(None),
+            replace_allowed_ips: true,
+            allowed_ips: cfg.allowed_ips,
+        };
+        self.nodes[i]
+            .device
+            .update_peer(&cfg.public_key, &update, true)
+            .unwrap();
+    }
+
+    /// The simulated time now.
+    pub fn now(&self) -> Instant {
+        self.start + TICK * self.tick as u32
+    }
+
+    /// `i`'s peer entry for node `j`.
+    pub fn peer(&self, i: usize, j: usize) -> Arc<Peer> {
+        self.nodes[i]
+            .device
+            .peer(&self.nodes[j].public())
+            .expect("a peer")
+    }
+
+    pub fn endpoint(&self, i: usize, j: usize) -> Option<Endpoint> {
+        self.peer(i, j).endpoint()
+    }
+
+    /// An IPv4 packet from node `i` to node `j`, `seed` in its payload.
+    pub fn packet(&self, i: usize, j: usize, seed: u8) -> Vec<u8> {
+        super::udp_packet(self.nodes[i].ip, self.nodes[j].ip, 32, seed)
+    }
+
+    /// Node `i` sends an inner packet to node `j` (through its device).
+    pub fn send(&mut self, i: usize, j: usize, seed: u8) {
+        let packet = self.packet(i, j, seed);
+        self.send_packet(i, &packet);
+    }
+
+    pub fn send_packet(&mut self, i: usize, packet: &[u8]) {
+        let mut io = Outbox::default();
+        let now = self.now();
+        let _ = self.nodes[i]
+            .device
+            .send(now, packet, &mut self.out, &mut io);
+        self.post(i, io);
+    }
+
+    /// Node `i` starts a handshake with node `j`.
+    pub fn handshake(&mut self, i: usize, j: usize) {
+        let mut io = Outbox::default();
+        let now = self.now();
+        let key = self.nodes[j].public();
+        self.nodes[i]
+            .device
+            .initiate_handshake(now, &key, &mut self.out, &mut io)
+            .unwrap();
+        self.post(i, io);
+    }
+
+    /// Runs node `i`'s timers.
+    pub fn timers(&mut self, i: usize) {
+        let mut io = Outbox::default();
+        let now = self.now();
+        self.nodes[i]
+            .device
+            .poll_timers(now, &mut self.out, &mut io);
+        self.post(i, io);
+    }
+
+    /// Runs `f` with node `i`'s device, its output buffer and an outbox,
+    /// then puts what it sent on the network.
+    pub fn with_device(
+        &mut self,
+        i: usize,
+        f: impl FnOnce(&Device, Instant, &mut [u8], &mut dyn DeviceIo),
+    ) {
+        let mut io = Outbox::default();
+        let now = self.now();
+        f(&self.nodes[i].device, now, &mut self.out, &mut io);
+        self.post(i, io);
+    }
+
+    /// Puts what node `i` sent on the network.
+    fn post(&mut self, i: usize, io: Outbox) {
+        for (bytes, to) in io.0 {
+            match to {
+                Endpoint::Udp(addr) => self.send_udp(i, addr, bytes),
+                Endpoint::Relay(key) => {
+                    let Some(j) = self.nodes.iter().position(|n| n.public() == key) else {
+                        continue;
+                    };
+                    self.stats.relayed += 1;
+                    let from = Endpoint::Relay(self.nodes[i].public());
+                    // The relay keeps order: it arrives after anything it
+                    // relayed before.
+                    let at = self
+                        .queue
+                        .iter()
+                        .filter(|f| matches!(f.from, Endpoint::Relay(_)))
+                        .map(|f| f.at)
+                        .max()
+                        .unwrap_or(0)
+                        .max(self.tick + 1);
+                    self.queue.push(InFlight {
+                        at,
+                        to: j,
+                        from,
+                        bytes,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Sends a UDP datagram from node `i`'s current address.
+    fn send_udp(&mut self, i: usize, addr: SocketAddr, bytes: Vec<u8>) {
+        let from = self.nodes[i].addr;
+        self.inject_udp(from, addr, bytes, Some(i));
+    }
+
+    /// Puts a UDP datagram on the network from any source address (an
+    /// attacker's, say); `sender` is the node it comes from, if any.
+    pub fn inject_udp(
+        &mut self,
+        from: SocketAddr,
+        to: SocketAddr,
+        bytes: Vec<u8>,
+        sender: Option<usize>,
+    ) {
+        self.stats.udp_sent += 1;
+        let Some(j) = self.nodes.iter().position(|n| n.addr == to) else {
+            self.stats.udp_unreachable += 1;
+            return;
+        };
+        if sender.is_some_and(|i| self.udp_cut.contains(&pair(i, j))) {
+            self.stats.udp_unreachable += 1;
+            return;
+        }
+        if self.rng.chance(self.net.loss) {
+            self.stats.udp_lost += 1;
+            return;
+        }
+        let mut at = self.tick + 1 + self.net.delay_ticks;
+        if self.rng.chance(self.net.reorder) {
+            at += 1 + self.rng.below(self.net.reorder_ticks.max(1));
+        }
+        self.queue.push(InFlight {
+            at,
+            to: j,
+            from: Endpoint::Udp(from),
+            bytes,
+        });
+    }
+
+    /// Hands node `j` a datagram from `from` now, as its runtime would.
+    pub fn deliver(&mut self, j: usize, from: Endpoint, bytes: &[u8]) {
+        self.captured.push((j, from, bytes.to_vec()));
+        let now = self.now();
+        let mut io = Outbox::default();
+        let node = &mut self.nodes[j];
+        let flush = match node
+            .device
+            .handle_datagram(now, from, bytes, &mut self.out, &mut io)
+        {
+            Received::Nothing => None,
+            Received::Packet { peer, len, flush } => {
+                peer.delivered(len);
+                node.received.push(self.out[..len].to_vec());
+                flush.then_some(peer)
+            }
+            Received::Flush(peer) => Some(peer),
+        };
+        if let Some(peer) = flush {
+            node.device.flush_queued(now, &peer, &mut self.out, &mut io);
+        }
+        self.post(j, io);
+    }
+
+    /// One tick: the clock moves on and everything due arrives.
+    pub fn step(&mut self) {
+        self.tick += 1;
+        let now = self.tick;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.queue)
+            .into_iter()
+            .partition(|f| f.at <= now);
+        self.queue = later;
+        for f in due {
+            self.deliver(f.to, f.from, &f.bytes);
+        }
+    }
+
+    /// Steps until nothing is in flight (at most `max_ticks`).
+    pub fn settle(&mut self, max_ticks: u64) {
+        for _ in 0..max_ticks {
+            if self.queue.is_empty() {
+                return;
+            }
+            self.step();
+        }
+    }
+
+    /// Moves the clock on by `d` without delivering anything early.
+    pub fn advance(&mut self, d: Duration) {
+        let ticks = (d.as_millis() / TICK.as_millis()) as u64;
+        for _ in 0..ticks {
+            self.step();
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// True once node `i` has a session with node `j`.
+    pub fn has_session(&self, i: usize, j: usize) -> bool {
+        self.peer(i, j).stats().last_handshake.is_some()
+    }
+
+    /// Node `i` handshakes with node `j` until both have a session; each
+    /// retry forces a new initiation (boringtun's own retry waits for the
+    /// real clock). False if `attempts` were not enough.
+    pub fn establish(&mut self, i: usize, j: usize, attempts: usize) -> bool {
+        for n in 0..attempts {
+            if n == 0 {
+                self.handshake(i, j);
+            } else {
+                let peer = self.peer(i, j);
+                let to = peer.endpoint().expect("an endpoint");
+                self.with_device(i, |d, now, out, io| d.switch_path(now, &peer, to, out, io));
+            }
+            self.settle(1000);
+            if self.has_session(i, j) && self.has_session(j, i) {
+                return true;
+            }
+            // Past the peer's initiation flood window before the next try.
+            self.advance(Duration::from_millis(25));
+        }
+        false
+    }
+}
