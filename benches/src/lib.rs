@@ -4,9 +4,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
 
 use boringtun::noise::rate_limiter::RateLimiter;
-use meshvpn_engine::peer::{output_buffer_len, Peer, PeerOutput};
+use meshvpn_engine::peer::{output_buffer_len, Endpoint, Peer, PeerOutput};
 use meshvpn_engine::wire::MessageKind;
 use meshvpn_engine::{Config, Engine, InterfaceConfig, IpPrefix, PeerConfig, PrivateKey};
 
@@ -70,23 +71,35 @@ impl PeerPair {
         let b = Peer::new(&kb, &ca, 2, limiter(&kb));
         let mut m1 = vec![0u8; 2048];
         let mut m2 = vec![0u8; 2048];
-        let PeerOutput::ToNetwork { len, .. } = a.initiate_handshake(&mut m1) else {
+        let now = Instant::now();
+        let PeerOutput::ToNetwork { len, .. } = a.initiate_handshake(now, &mut m1) else {
             panic!("no initiation");
         };
         let PeerOutput::ToNetwork { len, .. } = b.decapsulate(
-            addr_a,
+            now,
+            Endpoint::Udp(addr_a),
             MessageKind::HandshakeInitiation,
             &m1[..len],
             &mut m2,
         ) else {
             panic!("no response");
         };
-        let PeerOutput::ToNetwork { len, .. } =
-            a.decapsulate(addr_b, MessageKind::HandshakeResponse, &m2[..len], &mut m1)
-        else {
+        let PeerOutput::ToNetwork { len, .. } = a.decapsulate(
+            now,
+            Endpoint::Udp(addr_b),
+            MessageKind::HandshakeResponse,
+            &m2[..len],
+            &mut m1,
+        ) else {
             panic!("no keepalive");
         };
-        let r = b.decapsulate(addr_a, MessageKind::Data, &m1[..len], &mut m2);
+        let r = b.decapsulate(
+            now,
+            Endpoint::Udp(addr_a),
+            MessageKind::Data,
+            &m1[..len],
+            &mut m2,
+        );
         assert_eq!(r, PeerOutput::Done, "keepalive");
         PeerPair {
             a,
@@ -100,13 +113,19 @@ impl PeerPair {
     /// Returns the decrypted length.
     #[inline]
     pub fn round(&self, packet: &[u8], wire: &mut [u8], inner: &mut [u8]) -> usize {
-        let PeerOutput::ToNetwork { len, .. } = self.a.encapsulate(packet, wire) else {
+        // One clock read per packet, as the engine's send path reads it
+        // once per batch at most.
+        let now = Instant::now();
+        let PeerOutput::ToNetwork { len, .. } = self.a.encapsulate(now, packet, wire) else {
             panic!("encapsulate failed");
         };
-        match self
-            .b
-            .decapsulate(self.addr_a, MessageKind::Data, &wire[..len], inner)
-        {
+        match self.b.decapsulate(
+            now,
+            Endpoint::Udp(self.addr_a),
+            MessageKind::Data,
+            &wire[..len],
+            inner,
+        ) {
             PeerOutput::ToHost { len, .. } => len,
             other => panic!("decapsulate: {other:?}"),
         }
