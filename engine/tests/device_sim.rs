@@ -382,3 +382,53 @@ fn a_device_never_delivers_a_packet_from_outside_the_senders_allowed_ips() {
         1
     );
 }
+
+/// A peer on the relay whose relay session died silently (its host
+/// changed address) while a handshake is in flight through it: the next
+/// probe must still go out over UDP, or the peer stays unreachable until
+/// the handshake gives up (90 s) — what the flannel suite saw after a
+/// node's IP change.
+#[test]
+fn a_probe_goes_out_even_while_a_handshake_is_stuck_on_a_dead_relay() {
+    let mut sim = Sim::full_mesh(2, seed(8), Net::default());
+    assert!(sim.establish(0, 1, 5));
+    let mut st = PathState::new(&sim.peer(0, 1).stats(), sim.now());
+    assert_eq!(path_step(&mut sim, &mut st, 0, 1), PathAction::Stay);
+    // Both on the relay, with a session.
+    let (k0, k1) = (sim.nodes[0].public(), sim.nodes[1].public());
+    sim.advance(Duration::from_millis(25));
+    let peer = sim.peer(0, 1);
+    sim.with_device(0, |d, now, out, io| {
+        d.switch_path(now, &peer, Endpoint::Relay(k1), out, io)
+    });
+    sim.settle(100);
+    assert_eq!(sim.endpoint(1, 0), Some(Endpoint::Relay(k0)));
+    assert_eq!(path_step(&mut sim, &mut st, 0, 1), PathAction::Stay);
+    // Node 0's relay dies; UDP works. A handshake starts into the dead relay.
+    sim.relay_dead.insert(0);
+    sim.advance(Duration::from_millis(25));
+    let peer = sim.peer(0, 1);
+    sim.with_device(0, |d, now, out, io| {
+        d.switch_path(now, &peer, Endpoint::Relay(k1), out, io)
+    });
+    sim.settle(100);
+    sim.advance(Duration::from_secs(5));
+    assert!(matches!(
+        path_step(&mut sim, &mut st, 0, 1),
+        PathAction::Probe(_)
+    ));
+    sim.settle(100);
+    assert_eq!(
+        sim.endpoint(0, 1),
+        Some(Endpoint::Udp(sim.nodes[1].addr)),
+        "the probe did not go out while the relay handshake was in flight"
+    );
+    assert_eq!(sim.endpoint(1, 0), Some(Endpoint::Udp(sim.nodes[0].addr)));
+    sim.send(1, 0, 9);
+    sim.settle(100);
+    assert_eq!(
+        sim.nodes[0].received.len(),
+        1,
+        "no data over UDP afterwards"
+    );
+}

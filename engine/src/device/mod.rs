@@ -692,7 +692,8 @@ impl Device {
 
     /// Sends a handshake initiation to `to` without moving `peer`'s
     /// endpoint: its answer authenticating over `to` moves the peer there
-    /// (roaming). Nothing while a handshake is in flight.
+    /// (roaming). Sent even while a handshake is in flight (see
+    /// [`Peer::probe`]).
     pub fn probe(
         &self,
         now: Instant,

@@ -634,12 +634,16 @@ impl Peer {
 
     /// A handshake initiation to try another path with, without moving the
     /// endpoint: the answer comes back over the path the initiation took,
-    /// and its authenticating moves the endpoint there (roaming). `None`
-    /// while a handshake is in flight. Returns its length in `out`.
+    /// and its authenticating moves the endpoint there (roaming). Sent even
+    /// while a handshake is in flight: that one may be stuck on the path
+    /// being left (a relay session that died when our address changed is
+    /// retried for REKEY_ATTEMPT_TIME, 90 s); boringtun keeps it as the
+    /// previous initiation, so its answer still completes. `None` only when
+    /// no initiation can be made. Returns its length in `out`.
     pub fn probe(&self, now: Instant, out: &mut [u8]) -> Option<usize> {
         let mut st = self.state.lock();
         let tunn = st.tunn(self.public_key, self.index);
-        let len = match tunn.format_handshake_initiation(out, false) {
+        let len = match tunn.format_handshake_initiation(out, true) {
             TunnResult::WriteToNetwork(d) => d.len(),
             _ => return None,
         };

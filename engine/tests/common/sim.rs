@@ -85,6 +85,10 @@ pub struct Sim {
     pub stats: SimStats,
     /// Unordered pairs of nodes whose UDP path is cut (the relay still works).
     pub udp_cut: HashSet<(usize, usize)>,
+    /// Nodes whose relay session is dead without knowing it (a websocket
+    /// from an address the node no longer has): what they send through
+    /// the relay, and what is relayed to them, is lost.
+    pub relay_dead: HashSet<usize>,
     /// Every datagram that crossed the network: (to node, from, bytes).
     pub captured: Vec<(usize, Endpoint, Vec<u8>)>,
     rng: Rng,
@@ -121,6 +125,7 @@ impl Sim {
             net,
             stats: SimStats::default(),
             udp_cut: HashSet::new(),
+            relay_dead: HashSet::new(),
             captured: Vec::new(),
             rng: Rng::new(seed),
             tick: 0,
@@ -241,6 +246,9 @@ impl Sim {
                     let Some(j) = self.nodes.iter().position(|n| n.public() == key) else {
                         continue;
                     };
+                    if self.relay_dead.contains(&i) || self.relay_dead.contains(&j) {
+                        continue;
+                    }
                     self.stats.relayed += 1;
                     let from = Endpoint::Relay(self.nodes[i].public());
                     // The relay keeps order: it arrives after anything it
