@@ -193,6 +193,37 @@ curl_check() {
 	[[ $got == "$BLOB_SUM" ]]
 }
 
+# dump_nodes WHY: what every running node's daemon knows, so a FAIL tells
+# apart "UDP not received" (ss shows nothing queued, rx counters still),
+# "not sent" (udp_send_errors, a peer's endpoint on the relay) and
+# "received and refused" (rx_unknown_index, rx_invalid_mac,
+# cookie_replies_sent). Peer lines of `wg show dump` without the interface
+# line and the preshared key: the logs must never hold a key.
+dump_nodes() {
+	local n ns
+	echo "=== $(date -u +%T.%N) FAIL: $1"
+	for n in 1 2 3 4 5; do
+		ns=$(node "$n")
+		ip netns list 2>/dev/null | grep -q "^$ns\b" || continue
+		echo "--- node $n ($ns) $(ip -n "$ns" -br addr show eth0 2>/dev/null)"
+		echo "wg dump (peer, endpoint, allowed-ips, handshake, rx, tx, keepalive):"
+		in_ns "$ns" wg show "$(ifn "$n")" dump 2>&1 | tail -n +2 | cut -f1,3-8
+		echo "metrics:"
+		in_ns "$ns" curl -s --max-time 2 http://127.0.0.1:9586/metrics 2>&1 |
+			awk '/^meshvpn_(engine|peer_path|peer_handshake)/ || (/^meshvpn_peer_drops/ && $NF != 0)'
+		echo "ss -uanp:"
+		in_ns "$ns" ss -uanp 2>&1
+	done
+}
+
+# Every FAIL also leaves the state of every daemon at that moment in
+# fail-dump.log (kept with the other logs).
+fail() {
+	echo "FAIL: $*"
+	FAILED=$((FAILED + 1))
+	dump_nodes "$*" >>"$T/fail-dump.log" 2>&1
+}
+
 daemon_pid() { pgrep -f -- "--state-dir $(state "$1") $(ifn "$1")( |\$)" | head -1; }
 
 main() {
