@@ -1,6 +1,6 @@
 //! The daemon notices when this host's own addresses change (DHCP renewal,
-//! a cloud VM's new public IP, a laptop on another network) and starts a
-//! handshake with every peer at once. WireGuard's roaming then points each
+//! a cloud VM's new public IP, a laptop on another network), reconnects
+//! the relay and starts a handshake with every peer at once. WireGuard's roaming then points each
 //! peer at the new address as soon as that handshake arrives, so traffic
 //! *towards* this node resumes within about a second instead of waiting for
 //! this node's own traffic or its next persistent keepalive (25 s for
@@ -61,10 +61,24 @@ impl AddressWatch {
         }
         self.next = Instant::now() + ADDRESS_CHECK_EVERY;
         let now = self.host_addresses();
-        if self.last.as_ref().is_some_and(|last| *last != now) {
+        self.observe(now, engine);
+    }
+
+    /// Compares the host's addresses with the last seen ones; on a change
+    /// reconnects the relay and handshakes with every peer. True when they
+    /// changed.
+    fn observe(&mut self, now: Vec<IpAddr>, engine: &Engine) -> bool {
+        let changed = self.last.as_ref().is_some_and(|last| *last != now);
+        if changed {
             let keys = engine.peer_keys();
+            // The relay's websocket may ride an address that went away;
+            // nothing would notice before its 60 s idle timeout, and a
+            // peer on the relay would be cut off for that long. Tailscale
+            // redials DERP on a link change for the same reason.
+            let relay = engine.reconnect_relay();
             tracing::info!(
                 peers = keys.len(),
+                relay,
                 "host addresses changed: handshaking with every peer"
             );
             for k in keys {
@@ -72,5 +86,80 @@ impl AddressWatch {
             }
         }
         self.last = Some(now);
+        changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::any::Any;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use meshvpn_engine::config::{Config, InterfaceConfig, PeerConfig, PrivateKey};
+    use meshvpn_engine::wg::RelayTransport;
+
+    use super::*;
+
+    /// A relay that only counts what the engine asks of it.
+    #[derive(Default)]
+    struct CountingRelay {
+        reconnects: AtomicUsize,
+    }
+
+    impl RelayTransport for CountingRelay {
+        fn send(&self, _: &meshvpn_engine::config::PublicKey, _: &[u8]) -> bool {
+            true
+        }
+        fn is_up(&self) -> bool {
+            true
+        }
+        fn rekeyed(&self) {}
+        fn reconnect(&self) {
+            self.reconnects.fetch_add(1, Ordering::SeqCst);
+        }
+        fn as_any(&self) -> &dyn Any {
+            self
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_address_change_reconnects_the_relay() {
+        let engine = Engine::new(&Config {
+            interface: InterfaceConfig {
+                private_key: Some(PrivateKey::generate()),
+                listen_port: Some(0),
+                ..Default::default()
+            },
+            peers: vec![PeerConfig::new(
+                PrivateKey::generate().public_key(),
+            )],
+        })
+        .unwrap();
+        let relay = Arc::new(CountingRelay::default());
+        engine
+            .attach_relay(relay.clone(), Duration::from_secs(5))
+            .unwrap();
+        let mut watch = AddressWatch::new("mvtest0");
+        let reconnects = || relay.reconnects.load(Ordering::SeqCst);
+
+        assert!(!watch.observe(vec![ip("10.240.0.3")], &engine));
+        assert!(!watch.observe(vec![ip("10.240.0.3")], &engine));
+        assert_eq!(reconnects(), 0, "no change, no reconnect");
+
+        assert!(watch.observe(vec![ip("10.240.0.13")], &engine));
+        assert_eq!(
+            reconnects(),
+            1,
+            "the relay's websocket may ride the address that went away: \
+             a new address must reconnect it at once"
+        );
+        assert!(!watch.observe(vec![ip("10.240.0.13")], &engine));
+        assert_eq!(reconnects(), 1);
+        engine.close();
     }
 }

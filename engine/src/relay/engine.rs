@@ -38,6 +38,10 @@ impl RelayTransport for RelayClient {
         self.reconnect();
     }
 
+    fn reconnect(&self) {
+        RelayClient::reconnect(self);
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -63,6 +67,14 @@ impl Engine {
     pub fn stop_relay(&self) {
         // The client disconnects when its last reference goes (here).
         drop(self.detach_relay());
+    }
+
+    /// Ends the relay session and connects again at once (call it when the
+    /// host's addresses change: a websocket from an address that went away
+    /// is otherwise noticed only by the 60 s idle timeout). False when no
+    /// relay is attached.
+    pub fn reconnect_relay(&self) -> bool {
+        self.relay_transport().map(|t| t.reconnect()).is_some()
     }
 
     /// The relay client's state, when a relay is configured.

@@ -50,6 +50,10 @@ pub trait RelayTransport: Send + Sync + 'static {
     fn is_up(&self) -> bool;
     /// Our key changed: register again under the new one.
     fn rekeyed(&self);
+    /// The host's addresses changed: the session may ride a connection
+    /// from an address that is gone, which nothing notices until the
+    /// relay's idle timeout. End it and connect again now.
+    fn reconnect(&self);
     /// The transport itself, for its owner to look at.
     fn as_any(&self) -> &dyn Any;
 }
