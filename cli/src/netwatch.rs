@@ -135,9 +135,7 @@ mod tests {
                 listen_port: Some(0),
                 ..Default::default()
             },
-            peers: vec![PeerConfig::new(
-                PrivateKey::generate().public_key(),
-            )],
+            peers: vec![PeerConfig::new(PrivateKey::generate().public_key())],
         })
         .unwrap();
         let relay = Arc::new(CountingRelay::default());

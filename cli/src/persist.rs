@@ -170,8 +170,7 @@ impl State {
     pub fn restore_engine(&self, engine: &Engine) -> Result<(), String> {
         engine.set_private_key(self.private_key.clone());
         if self.listen_port != 0 {
-            engine
-                .set_listen_port(self.listen_port)
+            bind_when_released(engine, self.listen_port)
                 .map_err(|e| format!("listen port {}: {e}", self.listen_port))?;
         }
         for p in &self.peers {
@@ -199,6 +198,43 @@ impl State {
 }
 
 /// Runs `ip ARGS`; its stderr becomes the error.
+/// How long a restarted daemon waits for its saved port. A predecessor
+/// killed a moment ago (`kill -9`, then systemd or flannel starting the
+/// same command) still holds its sockets while the kernel closes its files
+/// one by one; its TUN interface is gone before its UDP sockets are.
+pub const PORT_RELEASE_WAIT: Duration = Duration::from_secs(3);
+
+/// Binds `port`, retrying while it is in use, for [`PORT_RELEASE_WAIT`]
+/// at most.
+fn bind_when_released(engine: &Engine, port: u16) -> Result<u16, meshvpn_engine::EngineError> {
+    let start = Instant::now();
+    let mut waited = false;
+    loop {
+        match engine.set_listen_port(port) {
+            Err(meshvpn_engine::EngineError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse
+                    && start.elapsed() < PORT_RELEASE_WAIT =>
+            {
+                if !waited {
+                    tracing::info!(port, "listen port still in use: waiting for its release");
+                    waited = true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => {
+                if waited && r.is_ok() {
+                    tracing::info!(
+                        port,
+                        waited_ms = start.elapsed().as_millis() as u64,
+                        "listen port bound"
+                    );
+                }
+                return r;
+            }
+        }
+    }
+}
+
 pub fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(args)
@@ -403,6 +439,50 @@ mod tests {
             .map(|p| p.to_string())
             .collect();
         assert_eq!(r, ["10.58.2.0/24", "10.58.3.0/24"]);
+    }
+
+    /// The restart after `kill -9`: the port is still held when the new
+    /// daemon restores it, and freed a moment later. The engine must end
+    /// up serving it on IPv4 (a datagram sent there is seen), not on one
+    /// family only or not at all.
+    #[test]
+    fn a_restored_port_is_bound_once_the_killed_predecessor_releases_it() {
+        let holder = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        let port = holder.local_addr().unwrap().port();
+        let engine = Engine::new(&meshvpn_engine::Config {
+            interface: meshvpn_engine::InterfaceConfig {
+                listen_port: Some(0),
+                ..Default::default()
+            },
+            peers: Vec::new(),
+        })
+        .unwrap();
+        let state = State {
+            private_key: Some(PrivateKey::generate()),
+            listen_port: port,
+            ..Default::default()
+        };
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(holder);
+        });
+        let restored = state.restore_engine(&engine);
+        release.join().unwrap();
+        restored.unwrap();
+        assert_eq!(engine.listen_port(), port);
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while engine.stats().rx_malformed == 0 && Instant::now() < deadline {
+            probe
+                .send_to(b"not wireguard", ("127.0.0.1", port))
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            engine.stats().rx_malformed > 0,
+            "nothing sent to 127.0.0.1:{port} reached the engine: IPv4 UDP is not served"
+        );
+        engine.close();
     }
 
     #[test]

@@ -214,6 +214,15 @@ impl RecvBatch {
     }
 }
 
+/// The host has no such address family: the only bind failure that leaves
+/// a family out instead of failing the transport.
+fn family_missing(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT | libc::EADDRNOTAVAIL)
+    )
+}
+
 pub struct UdpTransport {
     pub v4: Option<BoundSocket>,
     pub v6: Option<BoundSocket>,
@@ -222,45 +231,45 @@ pub struct UdpTransport {
 
 impl UdpTransport {
     /// Binds both families on `port` (0: a free port, the same for both).
-    /// Fails only when neither family can be bound.
+    /// A family the host does not have (IPv6 disabled at boot) is left
+    /// out; any other failure fails the whole bind, as wireguard-go's
+    /// `StdNetBind.Open` does. A port held on one family by another socket
+    /// (a daemon killed a moment ago, whose sockets the kernel is still
+    /// closing) would otherwise come up on the other family alone, with
+    /// the first family's UDP silently dead while a relay hid it.
     pub fn bind(port: u16, fwmark: Option<u32>) -> io::Result<UdpTransport> {
         let mut last_err = None;
         for _attempt in 0..8 {
-            let v4 = BoundSocket::bind(Domain::IPV4, port, fwmark);
-            let chosen = match &v4 {
-                Ok(s) => s.local_port()?,
-                Err(_) => port,
+            let v4 = match BoundSocket::bind(Domain::IPV4, port, fwmark) {
+                Ok(s) => Some(s),
+                Err(e) if family_missing(&e) => None,
+                Err(e) => return Err(e),
             };
-            let v6 = BoundSocket::bind(Domain::IPV6, chosen, fwmark);
-            match (v4, v6) {
-                (Ok(a), Ok(b)) => {
-                    return Ok(UdpTransport {
-                        v4: Some(a),
-                        v6: Some(b),
-                        port: chosen,
-                    })
-                }
+            let chosen = match &v4 {
+                Some(s) => s.local_port()?,
+                None => port,
+            };
+            let v6 = match BoundSocket::bind(Domain::IPV6, chosen, fwmark) {
+                Ok(s) => Some(s),
+                Err(e) if family_missing(&e) => None,
                 // The random v4 port is taken on v6: try another pair.
-                (Ok(_), Err(e)) if port == 0 && e.kind() == io::ErrorKind::AddrInUse => {
-                    last_err = Some(e)
+                Err(e) if port == 0 && v4.is_some() && e.kind() == io::ErrorKind::AddrInUse => {
+                    last_err = Some(e);
+                    continue;
                 }
-                (Ok(a), Err(_)) => {
-                    return Ok(UdpTransport {
-                        v4: Some(a),
-                        v6: None,
-                        port: chosen,
-                    })
+                Err(e) => return Err(e),
+            };
+            let port = match (&v4, &v6) {
+                (Some(_), _) => chosen,
+                (None, Some(b)) => b.local_port()?,
+                (None, None) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "neither IPv4 nor IPv6 is available",
+                    ))
                 }
-                (Err(_), Ok(b)) => {
-                    let chosen = b.local_port()?;
-                    return Ok(UdpTransport {
-                        v4: None,
-                        v6: Some(b),
-                        port: chosen,
-                    });
-                }
-                (Err(e), Err(_)) => return Err(e),
-            }
+            };
+            return Ok(UdpTransport { v4, v6, port });
         }
         Err(last_err
             .unwrap_or_else(|| io::Error::new(io::ErrorKind::AddrInUse, "no free UDP port")))
