@@ -748,6 +748,43 @@ typedef struct meshvpn_stats {
    * `MESHVPN_DROP_SINK_FULL` on their peer.
    */
   uint64_t buffer_limit_drops;
+  /**
+   * Flows the packet filter tracks now.
+   */
+  uint64_t filter_flows;
+  /**
+   * Filter drops: not an IP packet, or its TCP, UDP or ICMP header cut
+   * short.
+   */
+  uint64_t filter_malformed;
+  /**
+   * Filter drops: an IPv4 TCP fragment at offset 1 (RFC 1858).
+   */
+  uint64_t filter_fragment;
+  /**
+   * Filter drops: a peer's packet starting a flow no inbound rule
+   * accepts.
+   */
+  uint64_t filter_not_allowed;
+  /**
+   * Filter drops: a peer's reply-like packet (ACK, SYN-ACK, echo reply)
+   * with no tracked flow and no rule accepting it.
+   */
+  uint64_t filter_no_state;
+  /**
+   * Filter drops: a host packet starting a flow no outbound rule
+   * accepts (its send fails with `MESHVPN_PACKET_DROPPED`).
+   */
+  uint64_t filter_outbound_denied;
+  /**
+   * Filter drops: an accepted new flow found the tracking table full.
+   */
+  uint64_t filter_table_full;
+  /**
+   * Filter drops: an accepted new flow's peer already holds its share
+   * of the tracking table.
+   */
+  uint64_t filter_source_share;
 } meshvpn_stats;
 
 /**
