@@ -442,11 +442,14 @@ mod filter {
     use super::common::link::seed;
     use super::common::sim::{Net, Sim};
     use meshvpn_engine::device::SendError;
-    use meshvpn_engine::filter::{ByteSet, FilterDrop, FilterRules, PortRange, Rule};
+    use meshvpn_engine::filter::{
+        default_icmp_types, ByteSet, FilterDrop, FilterRules, PortRange, Rule,
+    };
     use meshvpn_engine::IpPrefix;
 
     const TCP: u8 = 6;
     const UDP: u8 = 17;
+    const ICMP: u8 = 1;
     const SYN: u8 = 0x02;
     const ACK: u8 = 0x10;
 
@@ -483,6 +486,14 @@ mod filter {
         ip4(src, dst, UDP, &u)
     }
 
+    /// An ICMP echo request (8) or reply (0) with identifier `id`.
+    fn echo(src: IpAddr, dst: IpAddr, ty: u8, id: u16) -> Vec<u8> {
+        let mut i = [0u8; 16];
+        i[0] = ty;
+        i[4..6].copy_from_slice(&id.to_be_bytes());
+        ip4(src, dst, ICMP, &i)
+    }
+
     fn host(ip: IpAddr) -> IpPrefix {
         IpPrefix::host(ip)
     }
@@ -504,6 +515,12 @@ mod filter {
                     dsts: vec![(host(b), PortRange::single(53))],
                     protos: ByteSet::of(&[UDP]),
                     icmp_types: ByteSet::EMPTY,
+                },
+                Rule {
+                    srcs: vec![host(a)],
+                    dsts: vec![(host(b), PortRange::ALL)],
+                    protos: ByteSet::of(&[ICMP]),
+                    icmp_types: default_icmp_types(),
                 },
             ],
             outbound: vec![Rule {
@@ -581,6 +598,12 @@ mod filter {
         assert!(passes(&mut sim, 0, &tcp(a, 40003, b, 22, SYN)));
         assert!(passes(&mut sim, 1, &tcp(b, 22, a, 40003, SYN | ACK)));
         assert!(passes(&mut sim, 0, &tcp(a, 40003, b, 22, ACK)));
+        // Node 0 pings node 1: the echo reply goes out on the tracked
+        // exchange; an echo reply nobody asked for does not come in.
+        assert!(passes(&mut sim, 0, &echo(a, b, 8, 7)));
+        assert!(passes(&mut sim, 1, &echo(b, a, 0, 7)));
+        assert!(!passes(&mut sim, 0, &echo(a, b, 0, 8)));
+        assert_eq!(drops(&sim, 1, FilterDrop::NoState), 2);
         // A flow node 1 may not start fails at the sender, at once.
         let denied = tcp(b, 40004, a, 80, SYN);
         let mut result = None;
@@ -637,4 +660,61 @@ mod filter {
             assert_eq!(drops.iter().sum::<u64>(), 0);
         }
     }
+}
+
+/// A peer that opens flow after flow holds at most its share of the
+/// tracking table (`DEFAULT_CONNTRACK_PER_SOURCE`, split over the
+/// shards); past it its new flows are dropped and counted, its tracked
+/// flows go on, and another peer still opens flows.
+#[test]
+fn filter_a_peer_flooding_new_flows_is_held_to_its_share() {
+    use meshvpn_engine::filter::{
+        ByteSet, FilterDrop, FilterRules, PortRange, Rule, DEFAULT_CONNTRACK_PER_SOURCE,
+    };
+    use meshvpn_engine::IpPrefix;
+    use std::sync::Arc;
+
+    let mut sim = Sim::full_mesh(3, seed(110), Net::default());
+    assert!(sim.establish(0, 1, 5));
+    assert!(sim.establish(2, 1, 5));
+    let (a, b, c) = (sim.nodes[0].ip, sim.nodes[1].ip, sim.nodes[2].ip);
+    sim.nodes[1].device.set_filter(Some(Arc::new(FilterRules {
+        inbound: vec![Rule {
+            srcs: vec![IpPrefix::host(a), IpPrefix::host(c)],
+            dsts: vec![(IpPrefix::host(b), PortRange::single(5678))],
+            protos: ByteSet::of(&[17]),
+            icmp_types: ByteSet::EMPTY,
+        }],
+        outbound: vec![],
+    })));
+    let with_sport = |mut p: Vec<u8>, sport: u16| {
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p
+    };
+    let flood = DEFAULT_CONNTRACK_PER_SOURCE + 1000;
+    let before = sim.nodes[1].received.len();
+    for i in 0..flood {
+        let p = with_sport(sim.packet(0, 1, 0), 10_000 + i as u16);
+        sim.send_packet(0, &p);
+        sim.step();
+    }
+    sim.settle(100);
+    let delivered = sim.nodes[1].received.len() - before;
+    let (stats, drops) = sim.nodes[1].device.filter_stats();
+    let refused = drops[FilterDrop::SourceShare as usize];
+    assert_eq!(delivered as u64 + refused, flood as u64);
+    assert!(
+        delivered <= DEFAULT_CONNTRACK_PER_SOURCE,
+        "{delivered} flows tracked for one peer"
+    );
+    assert!(refused >= 1000, "{refused} refused");
+    assert_eq!(stats.flows, delivered as u64);
+    // Its first flow is tracked and goes on; another peer opens one.
+    let first = with_sport(sim.packet(0, 1, 1), 10_000);
+    let before = sim.nodes[1].received.len();
+    sim.send_packet(0, &first);
+    let other = sim.packet(2, 1, 2);
+    sim.send_packet(2, &other);
+    sim.settle(100);
+    assert_eq!(sim.nodes[1].received.len() - before, 2);
 }
