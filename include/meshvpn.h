@@ -1600,6 +1600,29 @@ meshvpn_result meshvpn_engine_config_text(const struct meshvpn_engine *engine,
 meshvpn_result meshvpn_engine_set_buffer_limit(const struct meshvpn_engine *engine, size_t bytes);
 
 /**
+ * Installs the engine's packet filter from its text form, one rule per
+ * line (`in|out from PREFIX,... to PREFIX[:PORTS],... [proto LIST]
+ * [icmp LIST]`, `#` comments; the full grammar is in the engine's
+ * `filter::text` documentation). `in` rules say which flows peers may
+ * start to this node, `out` rules which flows the host may start; replies
+ * to an allowed flow pass both ways. NULL removes the filter (allow all,
+ * the default); an empty text installs no rule at all, so every new flow
+ * is refused. New rules apply to the next packet; tracked flows go on.
+ * Refused packets are counted in `meshvpn_stats.filter_*`; a refused
+ * send returns `MESHVPN_PACKET_DROPPED`.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_ENGINE_STOPPED`,
+ * `MESHVPN_INVALID_ARGUMENT` (not UTF-8, or a rule that does not parse:
+ * the last error names its line).
+ *
+ * # Safety
+ * A non-NULL `rules` is a NUL-terminated string.
+ *
+ * Thread safety: safe to call from any thread at any time.
+ */
+meshvpn_result meshvpn_engine_set_filter(const struct meshvpn_engine *engine, const char *rules);
+
+/**
  * Writes the engine's buffer ceiling (`meshvpn_engine_set_buffer_limit`)
  * into `*out_bytes`.
  *

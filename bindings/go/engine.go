@@ -313,6 +313,36 @@ func (e *Engine) SetBufferLimit(bytes int) error {
 	})
 }
 
+// SetFilter installs the engine's packet filter from its text form, one
+// rule per line:
+//
+//	in  from 100.64.0.2/32,10.43.0.0/16 to 100.64.0.1/32:22,10.42.1.0/24:8000-8099 proto tcp
+//	out from 0.0.0.0/0,::/0 to 0.0.0.0/0,::/0
+//
+// "in" rules say which flows peers may start to this node, "out" rules
+// which flows the host may start; replies to an allowed flow pass both
+// ways. Ports are N, N-M or *; "proto" lists tcp, udp, icmp, icmpv6,
+// numbers or * (default: those four); "icmp" lists the ICMP types that
+// may start a flow (default: echo requests); # starts a comment. An empty
+// text refuses every new flow; ClearFilter allows all again. New rules
+// apply to the next packet; tracked flows go on. A rule that does not
+// parse is ErrInvalidArgument naming its line. Refused packets are
+// counted in Stats.Filter*; a refused send is ErrPacketDropped.
+func (e *Engine) SetFilter(rules string) error {
+	text := C.CString(rules)
+	defer C.free(unsafe.Pointer(text))
+	return e.do("Engine.SetFilter", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_set_filter(h, text)
+	})
+}
+
+// ClearFilter removes the packet filter: everything passes (the default).
+func (e *Engine) ClearFilter() error {
+	return e.do("Engine.ClearFilter", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_set_filter(h, nil)
+	})
+}
+
 // BufferLimit returns the engine's buffer ceiling in bytes (see
 // SetBufferLimit).
 func (e *Engine) BufferLimit() (int, error) {

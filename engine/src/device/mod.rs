@@ -500,9 +500,15 @@ impl Device {
     ) -> Result<Encapsulated, SendError> {
         let (peer, packet) = self.route(packet)?;
         // A flow the rules refuse fails here, at the sender, rather than
-        // after a round trip to a peer that would drop it. Dropped and
-        // counted, and the error reaches the caller (the packet API's send
-        // returns it); no RST or ICMP is made up for the host.
+        // after a round trip to a peer that would drop it: dropped, counted
+        // and returned to the caller (the packet API's send, the TUN
+        // reader's batch). Tailscale's `filter.RunOut` refuses nothing (it
+        // only records the flow so replies pass) and answers a refused SYN
+        // at the receiver with a TSMP reject that the sender turns into a
+        // local failure; here the sender holds the rules itself, so it
+        // refuses at once. No RST or ICMP unreachable is made up for the
+        // host: the send path has no way into the sink (TUN, stack), and
+        // the error reaches packet API callers at once.
         self.filter_admits(Direction::Outbound, packet, &peer, now)
             .map_err(SendError::Filtered)?;
         match peer.encapsulate(now, packet, out) {

@@ -36,6 +36,7 @@
 mod conntrack;
 mod rules;
 mod sharded;
+pub mod text;
 
 #[cfg(test)]
 mod tests;
@@ -55,6 +56,7 @@ pub use rules::{
 };
 use rules::{FastRules, FastStart};
 pub use sharded::{ShardedFilter, FILTER_SHARDS};
+pub use text::RulesTextError;
 
 use crate::stats::{stats_reasons, stats_struct};
 use crate::wire::icmp::IcmpPacket;
