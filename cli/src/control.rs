@@ -68,6 +68,10 @@ enum KeysCommand {
         /// Tags given to the nodes that join with it: tag:k3s,tag:cluster-a.
         #[arg(long, value_name = "TAGS", value_delimiter = ',')]
         tags: Vec<String>,
+        /// The cluster the nodes that join with it belong to (k3s-east): routes
+        /// of nodes in different clusters must not overlap.
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
     },
     /// List join keys: id, state, uses, expiry, flags, tags.
     List,
@@ -118,17 +122,19 @@ pub fn run(args: ControlArgs) -> CliResult {
             ephemeral,
             expiry,
             tags,
+            cluster,
         }) => {
             let opts = KeyOptions {
                 reusable,
                 ephemeral,
                 expiry,
                 tags,
+                cluster,
             };
             let key = keys::create(&store, &opts, now, &ring::rand::SystemRandom::new())?;
             let r = &key.record;
             eprintln!(
-                "created join key {} ({}, {}{}{}); it is shown only now:",
+                "created join key {} ({}, {}{}{}{}); it is shown only now:",
                 r.id,
                 if r.reusable { "reusable" } else { "single-use" },
                 r.expires.map_or("never expires".to_string(), |e| format!(
@@ -141,14 +147,17 @@ pub fn run(args: ControlArgs) -> CliResult {
                 } else {
                     format!(", tags {}", r.tags.join(","))
                 },
+                r.cluster
+                    .as_ref()
+                    .map_or(String::new(), |c| format!(", cluster {c}")),
             );
             println!("{}", key.text.as_str());
         }
         ControlCommand::Keys(KeysCommand::List) => {
             let list = store.list_keys()?;
             println!(
-                "{:<16}  {:<7}  {:>4}  {:<20}  {:<20}  {:<19}  TAGS",
-                "ID", "STATE", "USES", "CREATED", "EXPIRES", "FLAGS"
+                "{:<16}  {:<7}  {:>4}  {:<20}  {:<20}  {:<19}  {:<16}  TAGS",
+                "ID", "STATE", "USES", "CREATED", "EXPIRES", "FLAGS", "CLUSTER"
             );
             for k in list {
                 let mut flags = vec![if k.reusable { "reusable" } else { "single-use" }];
@@ -156,13 +165,14 @@ pub fn run(args: ControlArgs) -> CliResult {
                     flags.push("ephemeral");
                 }
                 println!(
-                    "{:<16}  {:<7}  {:>4}  {:<20}  {:<20}  {:<19}  {}",
+                    "{:<16}  {:<7}  {:>4}  {:<20}  {:<20}  {:<19}  {:<16}  {}",
                     k.id,
                     k.state(now).to_string(),
                     k.uses,
                     keys::format_time(k.created),
                     k.expires.map_or("never".to_string(), keys::format_time),
                     flags.join(","),
+                    k.cluster.as_deref().unwrap_or("-"),
                     if k.tags.is_empty() {
                         "-".to_string()
                     } else {
@@ -190,12 +200,12 @@ pub fn run(args: ControlArgs) -> CliResult {
         ControlCommand::Nodes(NodesCommand::List) => {
             let nodes = store.list_nodes()?;
             println!(
-                "{:>4}  {:<20}  {:<15}  {:<28}  {:<9}  {:<44}  {:<28}  TAGS",
-                "ID", "NAME", "IPV4", "IPV6", "EPHEMERAL", "PUBLIC KEY", "CONNECTED"
+                "{:>4}  {:<20}  {:<15}  {:<28}  {:<9}  {:<44}  {:<28}  {:<16}  TAGS",
+                "ID", "NAME", "IPV4", "IPV6", "EPHEMERAL", "PUBLIC KEY", "CONNECTED", "CLUSTER"
             );
             for n in nodes {
                 println!(
-                    "{:>4}  {:<20}  {:<15}  {:<28}  {:<9}  {:<44}  {:<28}  {}",
+                    "{:>4}  {:<20}  {:<15}  {:<28}  {:<9}  {:<44}  {:<28}  {:<16}  {}",
                     n.id,
                     n.name,
                     n.ipv4.to_string(),
@@ -206,6 +216,7 @@ pub fn run(args: ControlArgs) -> CliResult {
                         "no, since {}",
                         keys::format_time(t)
                     )),
+                    n.cluster.as_deref().unwrap_or("-"),
                     if n.tags.is_empty() {
                         "-".to_string()
                     } else {

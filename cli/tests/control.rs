@@ -98,6 +98,8 @@ fn keys_create_list_revoke_and_what_a_node_then_gets() {
             "24h",
             "--tags",
             "tag:k3s,tag:cluster-a",
+            "--cluster",
+            "k3s-east",
         ],
     );
     let stderr = String::from_utf8_lossy(&created.stderr).to_string();
@@ -120,9 +122,12 @@ fn keys_create_list_revoke_and_what_a_node_then_gets() {
     let list = ok(control(&db, &["keys", "list"]));
     let line = key_line(&list, &id);
     assert!(
-        line.contains("valid") && line.contains("tag:cluster-a,tag:k3s"),
+        line.contains("valid")
+            && line.contains("tag:cluster-a,tag:k3s")
+            && line.contains("k3s-east"),
         "{line}"
     );
+    assert!(stderr.contains("cluster k3s-east"), "{stderr}");
     assert!(
         !list.contains(&text[text.len() - 64..]),
         "list shows no secret"
@@ -132,6 +137,14 @@ fn keys_create_list_revoke_and_what_a_node_then_gets() {
     let store = server(&db);
     let n = keys::redeem(&store, text, &node("k3s-server-1"), now()).unwrap();
     assert_eq!(n.tags, vec!["tag:cluster-a", "tag:k3s"]);
+    assert_eq!(n.cluster.as_deref(), Some("k3s-east"));
+    let nodes = ok(control(&db, &["nodes", "list"]));
+    assert!(
+        nodes
+            .lines()
+            .any(|l| l.contains("k3s-server-1") && l.contains("k3s-east")),
+        "{nodes}"
+    );
     match keys::redeem(&store, text, &node("other"), now()) {
         Err(RedeemError::Join(JoinError::AlreadyUsed)) => {}
         other => panic!("{other:?}"),
@@ -154,6 +167,10 @@ fn keys_create_list_revoke_and_what_a_node_then_gets() {
     assert!(fails(control(&db, &["keys", "revoke", "00000000deadbeef"]))
         .contains("no join key 00000000deadbeef"));
     assert!(fails(control(&db, &["keys", "create", "--tags", "k3s"])).contains("is not a tag"));
+    assert!(
+        fails(control(&db, &["keys", "create", "--cluster", "East Coast"]))
+            .contains("is not a cluster name")
+    );
     let bad_expiry = control(&db, &["keys", "create", "--expiry", "tomorrow"]);
     assert!(!bad_expiry.status.success());
     assert!(String::from_utf8_lossy(&bad_expiry.stderr).contains("is not a duration"));
