@@ -136,7 +136,7 @@ pub enum RouteError {
     Conflict {
         node: String,
         prefix: IpPrefix,
-        conflict: Conflict,
+        conflict: Box<Conflict>,
     },
     #[error("the stored policy (version {version}) no longer loads: {error}; set a valid one with `meshvpn control policy set`")]
     StoredPolicy { version: u64, error: PolicyError },
@@ -338,7 +338,7 @@ pub fn plan(
                 return Err(RouteError::Conflict {
                     node: n.name.clone(),
                     prefix,
-                    conflict,
+                    conflict: Box::new(conflict),
                 });
             }
             if work[i].status != RouteStatus::Approved {
@@ -396,7 +396,7 @@ pub fn plan(
             return Err(RouteError::Conflict {
                 node: r.node_name.clone(),
                 prefix,
-                conflict: conflict.clone(),
+                conflict: Box::new(conflict.clone()),
             });
         }
     }
