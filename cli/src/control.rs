@@ -287,9 +287,15 @@ pub fn run(args: ControlArgs) -> CliResult {
                 // Removed by another process between the two calls.
                 None => return Err(format!("node {node} was removed meanwhile").into()),
             }
-            // Routes its routes blocked in other clusters are free now.
-            let policy = routes::stored_policy(&store)?;
-            report_changes(&routes::reevaluate(&store, policy.as_ref(), now)?);
+            // Routes its routes blocked in other clusters are free now. The
+            // removal stands either way; a failure here is reported, and the
+            // server's next re-examination catches up.
+            let freed = routes::stored_policy(&store)
+                .and_then(|policy| routes::reevaluate(&store, policy.as_ref(), now));
+            match freed {
+                Ok(changes) => report_changes(&changes),
+                Err(e) => eprintln!("warning: routes were not re-examined: {e}"),
+            }
         }
         ControlCommand::Routes(RoutesCommand::List) => {
             let list = store.list_routes()?;

@@ -404,3 +404,22 @@ fn a_pass_over_a_thousand_nodes_is_fast() {
         "remove the old /25, refuse the new"
     );
 }
+
+/// An advertisement over the per-node cap is refused whole: the node's
+/// routes stay as they were.
+#[test]
+fn an_advertisement_over_the_cap_changes_nothing() {
+    let dir = TempDir::new("cap");
+    let store = open(&dir.db());
+    let n = join(&store, "many", Some("east"));
+    routes::decide(&store, None, &n, &[p("10.42.0.0/24")], NOW).unwrap();
+    let before = store.list_routes().unwrap();
+    let many: Vec<IpPrefix> = (0..=meshvpn_control::store::MAX_ROUTES_PER_NODE)
+        .map(|i| p(&format!("10.{}.{}.0/24", 100 + i / 256, i % 256)))
+        .collect();
+    match routes::decide(&store, None, &n, &many, NOW) {
+        Err(RouteError::Store(e)) => assert!(e.to_string().contains("more than the 256"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.list_routes().unwrap(), before);
+}
