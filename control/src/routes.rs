@@ -443,9 +443,9 @@ fn run(
 
 /// The node now advertises `advertised`: records it and decides each
 /// route (the server calls this at registration and when a node changes
-/// what it advertises). Other nodes' routes may change status too (a
-/// withdrawn route frees one it blocked): see [`reevaluate`]'s result, or
-/// `list_routes`.
+/// what it advertises). Returns the node's prefixes with their status.
+/// Other nodes' routes may change in the same pass (a withdrawn route
+/// frees one it blocked); [`advertise`] returns those changes too.
 pub fn decide(
     store: &dyn Store,
     policy: Option<&Policy>,
@@ -453,17 +453,30 @@ pub fn decide(
     advertised: &[IpPrefix],
     now: u64,
 ) -> Result<Vec<(IpPrefix, RouteStatus)>, RouteError> {
-    let target = Target::Advertise {
-        node_id: node.id,
-        prefixes: advertised,
-    };
-    let done = run(store, policy, target, now)?;
+    let done = advertise(store, policy, node, advertised, now)?;
     Ok(done
         .routes
         .into_iter()
         .filter(|r| r.node_id == node.id)
         .map(|r| (r.prefix, r.status))
         .collect())
+}
+
+/// [`decide`], returning the whole pass: every row it changed (of any
+/// node: what the server sends in network-map updates) and the route
+/// table after it.
+pub fn advertise(
+    store: &dyn Store,
+    policy: Option<&Policy>,
+    node: &NodeRecord,
+    advertised: &[IpPrefix],
+    now: u64,
+) -> Result<Planned, RouteError> {
+    let target = Target::Advertise {
+        node_id: node.id,
+        prefixes: advertised,
+    };
+    run(store, policy, target, now)
 }
 
 /// The operator approves a route; refused (nothing stored) when it

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use meshvpn_control::keys::{self, KeyOptions};
 use meshvpn_control::routes::{
-    self, plan, Approver, Conflict, RouteError, RouteStatus, RouteTable, Target,
+    self, plan, Approver, Conflict, RouteChange, RouteError, RouteStatus, RouteTable, Target,
 };
 use meshvpn_control::store::{RouteRecord, SqliteStore, Store, StoreConfig};
 use meshvpn_control::{NodeRecord, NodeRequest, Policy};
@@ -276,8 +276,14 @@ fn a_refused_route_is_freed_when_the_other_node_goes() {
     routes::decide(&store, Some(&policy), &a, &[p("10.42.0.0/16")], NOW).unwrap();
     let got = routes::decide(&store, Some(&policy), &b, &[p("10.42.0.0/16")], NOW).unwrap();
     assert_eq!(refused(&got[0].1).other_node, "a-1");
-    // a withdraws: b's route is re-examined in the same pass.
-    routes::decide(&store, Some(&policy), &a, &[], NOW + 1).unwrap();
+    // a withdraws: b's route is re-examined in the same pass, and the
+    // pass reports both rows for the map.
+    let pass = routes::advertise(&store, Some(&policy), &a, &[], NOW + 1).unwrap();
+    assert_eq!(pass.changes.len(), 2, "{:?}", pass.changes);
+    assert!(pass.changes.iter().any(|c| matches!(c,
+        RouteChange::Set(r) if r.node_id == b.id && r.status == RouteStatus::Approved)));
+    assert!(pass.changes.iter().any(|c| matches!(c,
+        RouteChange::Remove { node_id, .. } if *node_id == a.id)));
     assert_eq!(
         got_status(&store, &b, "10.42.0.0/16"),
         RouteStatus::Approved
