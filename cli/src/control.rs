@@ -1,7 +1,7 @@
-//! `meshvpn control keys create|list|revoke` and `meshvpn control nodes
-//! list|remove`: the control server's join keys and nodes, read and changed
-//! in its database file directly (`--db PATH`, or `control.db` in
-//! `--state-dir`).
+//! `meshvpn control keys create|list|revoke`, `nodes list|remove`,
+//! `routes list|approve` and `policy set|get`: the control server's join
+//! keys, nodes, routes and policy, read and changed in its database file
+//! directly (`--db PATH`, or `control.db` in `--state-dir`).
 //!
 //! The server serves the same file while an operator runs these: SQLite's
 //! file locks let several processes share it (each change is one write
@@ -16,8 +16,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
 use meshvpn_control::keys::{self, KeyOptions};
+use meshvpn_control::routes::{self, cluster_name, Approver, RouteChange, RouteStatus};
 use meshvpn_control::store::{SqliteStore, Store, StoreConfig};
-use meshvpn_control::NodeRecord;
+use meshvpn_control::{NodeRecord, Policy};
+use meshvpn_engine::IpPrefix;
 
 use crate::persist::DEFAULT_STATE_DIR;
 use crate::CliResult;
@@ -27,7 +29,7 @@ pub const DB_FILE: &str = "control.db";
 
 #[derive(Args)]
 #[command(
-    long_about = "The control server's join keys and nodes, changed in its database directly.\n\n\
+    long_about = "The control server's join keys, nodes, routes and policy, changed in its database directly.\n\n\
         Safe while the control server runs on the same database: SQLite's locking serialises \
         the writes of every process that has the file open."
 )]
@@ -50,6 +52,40 @@ enum ControlCommand {
     /// Registered nodes and their mesh addresses.
     #[command(subcommand)]
     Nodes(NodesCommand),
+    /// Routes the nodes advertise (pod CIDRs, subnets): approved, pending or refused.
+    #[command(subcommand)]
+    Routes(RoutesCommand),
+    /// The ACL policy (JSON, Tailscale's shape): tagOwners, acls, autoApprovers.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum RoutesCommand {
+    /// List routes: node, cluster, prefix, status, and why.
+    List,
+    /// Approve a route a node advertises; refused when it overlaps an
+    /// approved route of another cluster.
+    Approve {
+        /// The node: id, name or public key.
+        #[arg(value_name = "NODE")]
+        node: String,
+        /// The prefix as the node advertises it (10.42.1.0/24).
+        #[arg(value_name = "PREFIX")]
+        prefix: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate FILE and make it the policy (a new version); on an error
+    /// nothing is stored. Routes are re-examined for auto-approval.
+    Set {
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Print the policy as set (its version on stderr).
+    Get,
 }
 
 #[derive(Subcommand)]
@@ -68,6 +104,10 @@ enum KeysCommand {
         /// Tags given to the nodes that join with it: tag:k3s,tag:cluster-a.
         #[arg(long, value_name = "TAGS", value_delimiter = ',')]
         tags: Vec<String>,
+        /// The cluster the nodes that join with it belong to (k3s-east): routes
+        /// of nodes in different clusters must not overlap.
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
     },
     /// List join keys: id, state, uses, expiry, flags, tags.
     List,
@@ -94,10 +134,24 @@ pub fn run(args: ControlArgs) -> CliResult {
         .db
         .clone()
         .unwrap_or_else(|| args.state_dir.join(DB_FILE));
+    // The commands an operator may run on a new mesh make the database.
     let create = matches!(
         args.command,
         ControlCommand::Keys(KeysCommand::Create { .. })
+            | ControlCommand::Policy(PolicyCommand::Set { .. })
     );
+    // A policy that does not load is refused before the database is
+    // touched: nothing stored, nothing created.
+    let new_policy = match &args.command {
+        ControlCommand::Policy(PolicyCommand::Set { file }) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            let policy = Policy::parse(&text)
+                .map_err(|e| format!("{}: {e}; nothing was stored", file.display()))?;
+            Some((text, policy))
+        }
+        _ => None,
+    };
     if create && args.db.is_none() {
         std::fs::create_dir_all(&args.state_dir).map_err(|e| {
             format!(
@@ -118,17 +172,19 @@ pub fn run(args: ControlArgs) -> CliResult {
             ephemeral,
             expiry,
             tags,
+            cluster,
         }) => {
             let opts = KeyOptions {
                 reusable,
                 ephemeral,
                 expiry,
                 tags,
+                cluster,
             };
             let key = keys::create(&store, &opts, now, &ring::rand::SystemRandom::new())?;
             let r = &key.record;
             eprintln!(
-                "created join key {} ({}, {}{}{}); it is shown only now:",
+                "created join key {} ({}, {}{}{}{}); it is shown only now:",
                 r.id,
                 if r.reusable { "reusable" } else { "single-use" },
                 r.expires.map_or("never expires".to_string(), |e| format!(
@@ -141,14 +197,17 @@ pub fn run(args: ControlArgs) -> CliResult {
                 } else {
                     format!(", tags {}", r.tags.join(","))
                 },
+                r.cluster
+                    .as_ref()
+                    .map_or(String::new(), |c| format!(", cluster {c}")),
             );
             println!("{}", key.text.as_str());
         }
         ControlCommand::Keys(KeysCommand::List) => {
             let list = store.list_keys()?;
             println!(
-                "{:<16}  {:<7}  {:>4}  {:<20}  {:<20}  {:<19}  TAGS",
-                "ID", "STATE", "USES", "CREATED", "EXPIRES", "FLAGS"
+                "{:<16}  {:<7}  {:>4}  {:<20}  {:<20}  {:<19}  {:<16}  TAGS",
+                "ID", "STATE", "USES", "CREATED", "EXPIRES", "FLAGS", "CLUSTER"
             );
             for k in list {
                 let mut flags = vec![if k.reusable { "reusable" } else { "single-use" }];
@@ -156,13 +215,14 @@ pub fn run(args: ControlArgs) -> CliResult {
                     flags.push("ephemeral");
                 }
                 println!(
-                    "{:<16}  {:<7}  {:>4}  {:<20}  {:<20}  {:<19}  {}",
+                    "{:<16}  {:<7}  {:>4}  {:<20}  {:<20}  {:<19}  {:<16}  {}",
                     k.id,
                     k.state(now).to_string(),
                     k.uses,
                     keys::format_time(k.created),
                     k.expires.map_or("never".to_string(), keys::format_time),
                     flags.join(","),
+                    k.cluster.as_deref().unwrap_or("-"),
                     if k.tags.is_empty() {
                         "-".to_string()
                     } else {
@@ -190,12 +250,12 @@ pub fn run(args: ControlArgs) -> CliResult {
         ControlCommand::Nodes(NodesCommand::List) => {
             let nodes = store.list_nodes()?;
             println!(
-                "{:>4}  {:<20}  {:<15}  {:<28}  {:<9}  {:<44}  {:<28}  TAGS",
-                "ID", "NAME", "IPV4", "IPV6", "EPHEMERAL", "PUBLIC KEY", "CONNECTED"
+                "{:>4}  {:<20}  {:<15}  {:<28}  {:<9}  {:<44}  {:<28}  {:<16}  TAGS",
+                "ID", "NAME", "IPV4", "IPV6", "EPHEMERAL", "PUBLIC KEY", "CONNECTED", "CLUSTER"
             );
             for n in nodes {
                 println!(
-                    "{:>4}  {:<20}  {:<15}  {:<28}  {:<9}  {:<44}  {:<28}  {}",
+                    "{:>4}  {:<20}  {:<15}  {:<28}  {:<9}  {:<44}  {:<28}  {:<16}  {}",
                     n.id,
                     n.name,
                     n.ipv4.to_string(),
@@ -206,6 +266,7 @@ pub fn run(args: ControlArgs) -> CliResult {
                         "no, since {}",
                         keys::format_time(t)
                     )),
+                    n.cluster.as_deref().unwrap_or("-"),
                     if n.tags.is_empty() {
                         "-".to_string()
                     } else {
@@ -226,9 +287,98 @@ pub fn run(args: ControlArgs) -> CliResult {
                 // Removed by another process between the two calls.
                 None => return Err(format!("node {node} was removed meanwhile").into()),
             }
+            // Routes its routes blocked in other clusters are free now. The
+            // removal stands either way; a failure here is reported, and the
+            // server's next re-examination catches up.
+            let freed = routes::stored_policy(&store)
+                .and_then(|policy| routes::reevaluate(&store, policy.as_ref(), now));
+            match freed {
+                Ok(changes) => report_changes(&changes),
+                Err(e) => eprintln!("warning: routes were not re-examined: {e}"),
+            }
         }
+        ControlCommand::Routes(RoutesCommand::List) => {
+            let list = store.list_routes()?;
+            println!(
+                "{:>4}  {:<20}  {:<16}  {:<18}  {:<8}  REASON",
+                "ID", "NODE", "CLUSTER", "PREFIX", "STATUS"
+            );
+            for r in list {
+                let reason = match (&r.status, r.approved_by) {
+                    (RouteStatus::Approved, Some(Approver::Policy)) => {
+                        "auto-approved by the policy's autoApprovers".to_string()
+                    }
+                    (RouteStatus::Approved, _) => "approved by the operator".to_string(),
+                    (RouteStatus::Pending, _) => format!(
+                        "waiting for `meshvpn control routes approve {} {}`",
+                        r.node_name, r.prefix
+                    ),
+                    (RouteStatus::Refused(c), _) => c.to_string(),
+                };
+                println!(
+                    "{:>4}  {:<20}  {:<16}  {:<18}  {:<8}  {}",
+                    r.node_id,
+                    r.node_name,
+                    cluster_name(r.cluster.as_deref()),
+                    r.prefix.to_string(),
+                    r.status.word(),
+                    reason,
+                );
+            }
+        }
+        ControlCommand::Routes(RoutesCommand::Approve { node, prefix }) => {
+            let prefix: IpPrefix = prefix
+                .parse()
+                .map_err(|e| format!("`{prefix}` is not a prefix (10.42.1.0/24): {e}"))?;
+            let found = find_node(&store.list_nodes()?, &node).ok_or_else(|| {
+                format!(
+                    "no node {node} in {} (see `meshvpn control nodes list`)",
+                    path.display()
+                )
+            })?;
+            let policy = routes::stored_policy(&store)?;
+            let r = routes::approve(&store, policy.as_ref(), found.id, prefix, now)?;
+            println!(
+                "approved {} for node {} (cluster {})",
+                r.prefix,
+                r.node_name,
+                cluster_name(r.cluster.as_deref())
+            );
+        }
+        ControlCommand::Policy(PolicyCommand::Set { file }) => {
+            let (text, policy) = new_policy.expect("parsed above");
+            let version = store.set_policy(&text, now)?;
+            println!("policy version {version} set from {}", file.display());
+            report_changes(&routes::reevaluate(&store, Some(&policy), now)?);
+        }
+        ControlCommand::Policy(PolicyCommand::Get) => match store.policy()? {
+            Some(p) => {
+                eprintln!(
+                    "policy version {}, set {}",
+                    p.version,
+                    keys::format_time(p.updated)
+                );
+                print!("{}", p.text);
+            }
+            None => eprintln!("no policy set: every node may reach every other (allow-all)"),
+        },
     }
     Ok(())
+}
+
+/// Routes whose status a re-examination changed, one line each.
+fn report_changes(changes: &[RouteChange]) {
+    for c in changes {
+        match c {
+            RouteChange::Set(r) => println!(
+                "route {} of node {} is now {}",
+                r.prefix, r.node_name, r.status
+            ),
+            RouteChange::Remove { node_id, prefix } => {
+                println!("route {prefix} of node {node_id} was removed")
+            }
+        }
+    }
 }
 
 /// By id, then name, then public key (base64).

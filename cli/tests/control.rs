@@ -1,14 +1,14 @@
-//! `meshvpn control keys ...` and `meshvpn control nodes ...` as an operator
-//! runs them, against a database that the library (standing in for the
+//! `meshvpn control keys|nodes|routes|policy ...` as an operator runs them, against a database that the library (standing in for the
 //! control server) uses at the same time.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use meshvpn_control::keys::{self, JoinError};
+use meshvpn_control::routes::{self, RouteStatus};
 use meshvpn_control::store::{SqliteStore, Store, StoreConfig};
 use meshvpn_control::{NodeRequest, RedeemError};
-use meshvpn_engine::PrivateKey;
+use meshvpn_engine::{IpPrefix, PrivateKey};
 
 struct TempDir(PathBuf);
 
@@ -98,6 +98,8 @@ fn keys_create_list_revoke_and_what_a_node_then_gets() {
             "24h",
             "--tags",
             "tag:k3s,tag:cluster-a",
+            "--cluster",
+            "k3s-east",
         ],
     );
     let stderr = String::from_utf8_lossy(&created.stderr).to_string();
@@ -120,9 +122,12 @@ fn keys_create_list_revoke_and_what_a_node_then_gets() {
     let list = ok(control(&db, &["keys", "list"]));
     let line = key_line(&list, &id);
     assert!(
-        line.contains("valid") && line.contains("tag:cluster-a,tag:k3s"),
+        line.contains("valid")
+            && line.contains("tag:cluster-a,tag:k3s")
+            && line.contains("k3s-east"),
         "{line}"
     );
+    assert!(stderr.contains("cluster k3s-east"), "{stderr}");
     assert!(
         !list.contains(&text[text.len() - 64..]),
         "list shows no secret"
@@ -132,6 +137,14 @@ fn keys_create_list_revoke_and_what_a_node_then_gets() {
     let store = server(&db);
     let n = keys::redeem(&store, text, &node("k3s-server-1"), now()).unwrap();
     assert_eq!(n.tags, vec!["tag:cluster-a", "tag:k3s"]);
+    assert_eq!(n.cluster.as_deref(), Some("k3s-east"));
+    let nodes = ok(control(&db, &["nodes", "list"]));
+    assert!(
+        nodes
+            .lines()
+            .any(|l| l.contains("k3s-server-1") && l.contains("k3s-east")),
+        "{nodes}"
+    );
     match keys::redeem(&store, text, &node("other"), now()) {
         Err(RedeemError::Join(JoinError::AlreadyUsed)) => {}
         other => panic!("{other:?}"),
@@ -154,6 +167,10 @@ fn keys_create_list_revoke_and_what_a_node_then_gets() {
     assert!(fails(control(&db, &["keys", "revoke", "00000000deadbeef"]))
         .contains("no join key 00000000deadbeef"));
     assert!(fails(control(&db, &["keys", "create", "--tags", "k3s"])).contains("is not a tag"));
+    assert!(
+        fails(control(&db, &["keys", "create", "--cluster", "East Coast"]))
+            .contains("is not a cluster name")
+    );
     let bad_expiry = control(&db, &["keys", "create", "--expiry", "tomorrow"]);
     assert!(!bad_expiry.status.success());
     assert!(String::from_utf8_lossy(&bad_expiry.stderr).contains("is not a duration"));
@@ -341,4 +358,223 @@ fn sigkilled_cli_writers_lose_no_printed_key() {
         .key(&keys::parse(&last).unwrap().id)
         .unwrap()
         .is_some());
+}
+
+const AUTO_APPROVE: &str = r#"{
+  "tagOwners": {"tag:k3s": []},
+  "acls": [{"action": "accept", "src": ["tag:k3s"], "dst": ["tag:k3s:*"]}],
+  "autoApprovers": {"routes": {"10.42.0.0/16": ["tag:k3s"]}},
+}
+"#;
+
+fn line_of<'a>(list: &'a str, node: &str, prefix: &str) -> &'a str {
+    list.lines()
+        .find(|l| l.contains(node) && l.contains(prefix))
+        .unwrap_or_else(|| panic!("no {node} {prefix} in\n{list}"))
+}
+
+/// Two k3s clusters on one mesh, as an operator sees them: routes pending
+/// without a policy, auto-approved once `policy set` gives autoApprovers,
+/// the second cluster's 10.42.0.0/16 refused with both sides named, an
+/// operator approval that would conflict refused, one that would not
+/// accepted.
+#[test]
+fn routes_list_approve_and_cluster_conflicts() {
+    let dir = TempDir::new("routes");
+    let db = dir.0.join("control.db");
+    let east_key = ok(control(
+        &db,
+        &[
+            "keys",
+            "create",
+            "--reusable",
+            "--tags",
+            "tag:k3s",
+            "--cluster",
+            "east",
+        ],
+    ));
+    let west_key = ok(control(
+        &db,
+        &[
+            "keys",
+            "create",
+            "--reusable",
+            "--tags",
+            "tag:k3s",
+            "--cluster",
+            "west",
+        ],
+    ));
+    let store = server(&db);
+    let e1 = keys::redeem(&store, east_key.trim(), &node("east-1"), now()).unwrap();
+    let e2 = keys::redeem(&store, east_key.trim(), &node("east-2"), now()).unwrap();
+    let w1 = keys::redeem(&store, west_key.trim(), &node("west-1"), now()).unwrap();
+    let p = |s: &str| s.parse::<IpPrefix>().unwrap();
+    // What the server does when the nodes advertise their pod CIDRs.
+    routes::decide(&store, None, &e1, &[p("10.42.0.0/24")], now()).unwrap();
+    routes::decide(&store, None, &e2, &[p("10.42.1.0/24")], now()).unwrap();
+
+    let list = ok(control(&db, &["routes", "list"]));
+    let line = line_of(&list, "east-1", "10.42.0.0/24");
+    assert!(
+        line.contains("pending")
+            && line.contains("east")
+            && line.contains("meshvpn control routes approve east-1 10.42.0.0/24"),
+        "{line}"
+    );
+
+    let file = dir.0.join("policy.hujson");
+    std::fs::write(&file, AUTO_APPROVE).unwrap();
+    let out = ok(control(&db, &["policy", "set", file.to_str().unwrap()]));
+    assert!(out.contains("policy version 1"), "{out}");
+    assert!(
+        out.contains("route 10.42.0.0/24 of node east-1 is now approved"),
+        "{out}"
+    );
+    let list = ok(control(&db, &["routes", "list"]));
+    for (n, pre) in [("east-1", "10.42.0.0/24"), ("east-2", "10.42.1.0/24")] {
+        let line = line_of(&list, n, pre);
+        assert!(
+            line.contains("approved") && line.contains("autoApprovers"),
+            "{line}"
+        );
+    }
+
+    // The west cluster comes up on the k3s default pod CIDR.
+    let got = routes::decide(
+        &store,
+        routes::stored_policy(&store).unwrap().as_ref(),
+        &w1,
+        &[p("10.42.0.0/16"), p("192.168.5.0/24")],
+        now(),
+    )
+    .unwrap();
+    assert!(matches!(got[0].1, RouteStatus::Refused(_)), "{got:?}");
+    let list = ok(control(&db, &["routes", "list"]));
+    let line = line_of(&list, "west-1", "10.42.0.0/16");
+    for needle in [
+        "refused",
+        "east-1",
+        "cluster east",
+        "cluster west",
+        "10.42.0.0/24",
+    ] {
+        assert!(line.contains(needle), "{needle:?} not in {line}");
+    }
+    assert!(line_of(&list, "west-1", "192.168.5.0/24").contains("pending"));
+
+    let before = store.list_routes().unwrap();
+    let e = fails(control(
+        &db,
+        &["routes", "approve", "west-1", "10.42.0.0/16"],
+    ));
+    for needle in [
+        "cannot be approved",
+        "east-1",
+        "cluster east",
+        "cluster west",
+    ] {
+        assert!(e.contains(needle), "{needle:?} not in {e}");
+    }
+    assert_eq!(store.list_routes().unwrap(), before, "nothing stored");
+
+    let out = ok(control(
+        &db,
+        &["routes", "approve", &w1.id.to_string(), "192.168.5.0/24"],
+    ));
+    assert!(
+        out.contains("approved 192.168.5.0/24 for node west-1 (cluster west)"),
+        "{out}"
+    );
+    let list = ok(control(&db, &["routes", "list"]));
+    assert!(line_of(&list, "west-1", "192.168.5.0/24").contains("approved by the operator"));
+
+    assert!(fails(control(
+        &db,
+        &["routes", "approve", "west-1", "10.99.0.0/16"]
+    ))
+    .contains("does not advertise 10.99.0.0/16"));
+    assert!(fails(control(
+        &db,
+        &["routes", "approve", "west-1", "10.42.0.0/99"]
+    ))
+    .contains("is not a prefix"));
+    assert!(fails(control(
+        &db,
+        &["routes", "approve", "nobody", "10.42.0.0/16"]
+    ))
+    .contains("no node nobody"));
+
+    // East's node 1 is removed: west's /16 still overlaps east-2's /24;
+    // east-2 removed too: the /16 is free and auto-approved.
+    ok(control(&db, &["nodes", "remove", "east-1"]));
+    let line_after = ok(control(&db, &["routes", "list"]));
+    assert!(line_of(&line_after, "west-1", "10.42.0.0/16").contains("east-2"));
+    let out = ok(control(&db, &["nodes", "remove", "east-2"]));
+    assert!(
+        out.contains("route 10.42.0.0/16 of node west-1 is now approved"),
+        "{out}"
+    );
+    store.integrity_check().unwrap();
+}
+
+/// `policy set` with bad input: each error names the file, line and
+/// column, and nothing is stored (the version and text stay); `policy
+/// get` prints what was set, byte for byte.
+#[test]
+fn policy_set_validates_first_and_bad_input_loses_nothing() {
+    let dir = TempDir::new("policy");
+    let db = dir.0.join("control.db");
+    let bad = dir.0.join("bad.hujson");
+    // On a missing database a bad policy creates nothing.
+    std::fs::write(&bad, "{\n  \"acls\": [,]\n}\n").unwrap();
+    let e = fails(control(&db, &["policy", "set", bad.to_str().unwrap()]));
+    assert!(
+        e.contains("bad.hujson: line 2, column") && e.contains("nothing was stored"),
+        "{e}"
+    );
+    assert!(!db.exists(), "a refused policy creates no database");
+    let none = control(&db, &["keys", "create"]);
+    ok(none);
+    let got = control(&db, &["policy", "get"]);
+    assert!(String::from_utf8_lossy(&got.stderr).contains("no policy set"));
+    assert_eq!(ok(got), "");
+
+    let good = dir.0.join("good.hujson");
+    std::fs::write(&good, AUTO_APPROVE).unwrap();
+    assert!(ok(control(&db, &["policy", "set", good.to_str().unwrap()])).contains("version 1"));
+
+    let cases: &[(&str, &str)] = &[
+        // An undefined tag in src, at the string's opening quote.
+        (
+            "{\n  \"tagOwners\": {\"tag:k3s\": []},\n  \"acls\": [\n    {\"action\": \"accept\", \"src\": [\"tag:nope\"], \"dst\": [\"*:*\"]},\n  ],\n}\n",
+            "line 4, column 34",
+        ),
+        // A syntax error: a missing comma between members.
+        ("{\n  \"tagOwners\": {}\n  \"acls\": []\n}\n", "line 3, column 3"),
+        // Not a CIDR in autoApprovers.
+        (
+            "{\"tagOwners\": {\"tag:k3s\": []},\n \"autoApprovers\": {\"routes\": {\"10.42.0.0/99\": [\"tag:k3s\"]}}}",
+            "line 2, column 31",
+        ),
+    ];
+    for (text, at) in cases {
+        std::fs::write(&bad, text).unwrap();
+        let e = fails(control(&db, &["policy", "set", bad.to_str().unwrap()]));
+        assert!(e.contains(&format!("bad.hujson: {at}")), "want {at}: {e}");
+        assert!(e.contains("nothing was stored"), "{e}");
+    }
+    let e = fails(control(&db, &["policy", "set", "/nonexistent/policy.json"]));
+    assert!(e.contains("cannot read /nonexistent/policy.json"), "{e}");
+
+    let got = control(&db, &["policy", "get"]);
+    assert!(String::from_utf8_lossy(&got.stderr).contains("policy version 1"));
+    assert_eq!(ok(got), AUTO_APPROVE, "the good policy is intact");
+    assert_eq!(server(&db).policy().unwrap().unwrap().version, 1);
+
+    let v2 = "{\"tagOwners\": {\"tag:k3s\": []}}";
+    std::fs::write(&good, v2).unwrap();
+    assert!(ok(control(&db, &["policy", "set", good.to_str().unwrap()])).contains("version 2"));
+    assert_eq!(ok(control(&db, &["policy", "get"])), v2);
 }

@@ -53,6 +53,9 @@ pub struct JoinKeyRecord {
     pub ephemeral: bool,
     /// Tags given to the nodes registered with it (`tag:k3s`).
     pub tags: Vec<String>,
+    /// The cluster the nodes registered with it belong to (see
+    /// [`validate_cluster`]); `None`: the unlabelled cluster.
+    pub cluster: Option<String>,
     /// When it was revoked.
     pub revoked: Option<u64>,
     /// Successful registrations with it.
@@ -69,6 +72,7 @@ impl fmt::Debug for JoinKeyRecord {
             .field("reusable", &self.reusable)
             .field("ephemeral", &self.ephemeral)
             .field("tags", &self.tags)
+            .field("cluster", &self.cluster)
             .field("revoked", &self.revoked)
             .field("uses", &self.uses)
             .finish_non_exhaustive()
@@ -136,6 +140,8 @@ pub struct KeyOptions {
     pub ephemeral: bool,
     pub expiry: Option<Duration>,
     pub tags: Vec<String>,
+    /// `--cluster NAME`: copied to every node registered with the key.
+    pub cluster: Option<String>,
 }
 
 /// Why a key could not be created.
@@ -143,6 +149,8 @@ pub struct KeyOptions {
 pub enum CreateError {
     #[error("`{0}` is not a tag: tags read tag:NAME, NAME of letters, digits and dashes, starting with a letter")]
     BadTag(String),
+    #[error("`{0}` is not a cluster name: use 1 to {MAX_CLUSTER_LEN} lowercase letters, digits and dashes, starting with a letter (e.g. k3s-east)")]
+    BadCluster(String),
     #[error("expiry {0:?} is longer than the 10-year maximum")]
     ExpiryTooLong(Duration),
     #[error("the system random generator failed")]
@@ -191,6 +199,20 @@ pub fn validate_tag(tag: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
+/// The longest cluster name: one DNS label.
+pub const MAX_CLUSTER_LEN: usize = 63;
+
+/// A cluster name is one lowercase DNS label starting with a letter
+/// (`k3s-east`), so it reads the same in listings, errors and the map.
+pub fn validate_cluster(name: &str) -> bool {
+    name.len() <= MAX_CLUSTER_LEN
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && !name.ends_with('-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
 /// Makes a new key (nothing stored yet): checks the options, draws the id
 /// and secret from `rng`.
 pub fn generate(
@@ -200,6 +222,9 @@ pub fn generate(
 ) -> Result<NewKey, CreateError> {
     if let Some(bad) = opts.tags.iter().find(|t| !validate_tag(t)) {
         return Err(CreateError::BadTag(bad.clone()));
+    }
+    if let Some(bad) = opts.cluster.as_ref().filter(|c| !validate_cluster(c)) {
+        return Err(CreateError::BadCluster(bad.clone()));
     }
     if let Some(e) = opts.expiry.filter(|e| *e > MAX_EXPIRY) {
         return Err(CreateError::ExpiryTooLong(e));
@@ -223,6 +248,7 @@ pub fn generate(
         reusable: opts.reusable,
         ephemeral: opts.ephemeral,
         tags,
+        cluster: opts.cluster.clone(),
         revoked: None,
         uses: 0,
         last_used: None,
@@ -489,6 +515,33 @@ mod tests {
             generate(&long, NOW, &SystemRandom::new()),
             Err(CreateError::ExpiryTooLong(_))
         ));
+        for bad in [
+            "",
+            "K3s",
+            "1east",
+            "east-",
+            "a b",
+            "tag:east",
+            &"a".repeat(64),
+        ] {
+            let opts = KeyOptions {
+                cluster: Some(bad.to_string()),
+                ..Default::default()
+            };
+            assert!(
+                matches!(
+                    generate(&opts, NOW, &SystemRandom::new()),
+                    Err(CreateError::BadCluster(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        let east = KeyOptions {
+            cluster: Some("k3s-east".into()),
+            ..Default::default()
+        };
+        let k = generate(&east, NOW, &SystemRandom::new()).unwrap();
+        assert_eq!(k.record.cluster.as_deref(), Some("k3s-east"));
     }
 
     #[test]

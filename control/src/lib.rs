@@ -11,9 +11,11 @@
 pub mod keys;
 pub mod node;
 pub mod policy;
+pub mod routes;
 pub mod store;
 
 pub use keys::{JoinError, JoinKeyRecord, KeyOptions, NewKey};
 pub use node::{AddressPlan, NodeRecord, NodeRequest};
 pub use policy::{compile, MeshNode, Policy, PolicyError};
+pub use routes::{Approver, Conflict, RouteError, RouteStatus};
 pub use store::{RedeemError, SqliteStore, Store, StoreConfig, StoreError};

@@ -45,6 +45,10 @@ pub struct NodeRecord {
     pub tags: Vec<String>,
     /// Removed some time after it disconnects (the server's job).
     pub ephemeral: bool,
+    /// The cluster it belongs to, from the join key it last registered
+    /// with; `None`: the unlabelled cluster. Routes of nodes in different
+    /// clusters must not overlap (see `crate::routes`).
+    pub cluster: Option<String>,
     /// The join key it last registered with.
     pub join_key: Option<String>,
     pub created: u64,

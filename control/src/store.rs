@@ -52,6 +52,7 @@ use rusqlite::{
 
 use crate::keys::{JoinError, JoinKeyRecord};
 use crate::node::{node_name, unique_name, AddressPlan, NodeRecord, NodeRequest, PlanError};
+use crate::routes::{Approver, Conflict, RouteChange, RouteError, RouteStatus, RouteTable};
 
 /// How long a write waits for another process's or thread's write
 /// transaction to finish before it fails with "database is locked".
@@ -111,6 +112,21 @@ pub const MIGRATIONS: &[&str] = &[
          version INTEGER NOT NULL,
          updated INTEGER NOT NULL
      ) STRICT;",
+    // 2: the cluster label, set on a join key and copied to its nodes.
+    "ALTER TABLE join_keys ADD COLUMN cluster TEXT;
+     ALTER TABLE nodes ADD COLUMN cluster TEXT;",
+    // 3: route decisions (crate::routes): status, who approved, and for a
+    // refused route the other side. `approved` stays, kept equal to
+    // status = 'approved'. Approvals made before were the operator's.
+    "ALTER TABLE routes ADD COLUMN status TEXT NOT NULL DEFAULT 'pending'
+         CHECK (status IN ('pending', 'approved', 'refused'));
+     ALTER TABLE routes ADD COLUMN approved_by TEXT
+         CHECK (approved_by IN ('policy', 'operator'));
+     ALTER TABLE routes ADD COLUMN conflict_prefix TEXT;
+     ALTER TABLE routes ADD COLUMN conflict_node TEXT;
+     ALTER TABLE routes ADD COLUMN conflict_cluster TEXT;
+     ALTER TABLE routes ADD COLUMN updated INTEGER NOT NULL DEFAULT 0;
+     UPDATE routes SET status = 'approved', approved_by = 'operator' WHERE approved = 1;",
 ];
 
 /// The schema version this build writes.
@@ -118,12 +134,21 @@ pub fn schema_version() -> u32 {
     MIGRATIONS.len() as u32
 }
 
-/// A route a node advertises, and whether it was approved.
+/// A route a node advertises and where it stands (see [`crate::routes`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouteRecord {
     pub node_id: i64,
+    /// The node's name and cluster, as stored now.
+    pub node_name: String,
+    pub cluster: Option<String>,
     pub prefix: IpPrefix,
+    /// `status == RouteStatus::Approved`.
     pub approved: bool,
+    pub status: RouteStatus,
+    /// Who approved it, when it is approved.
+    pub approved_by: Option<Approver>,
+    /// When its status last changed (Unix seconds; 0 before schema 3).
+    pub updated: u64,
 }
 
 /// The policy's text as last set, and its version (1, 2, ...).
@@ -202,7 +227,7 @@ pub trait Store: Send + Sync {
     /// In ONE transaction: loads key `key_id`, lets `check` accept or refuse
     /// it, counts the use, and registers the node (a node already known by
     /// its public key keeps its id, name and addresses; it takes the key's
-    /// tags and ephemeral flag). Unknown id: [`JoinError::Unknown`].
+    /// tags, ephemeral flag and cluster). Unknown id: [`JoinError::Unknown`].
     fn redeem_and_register(
         &self,
         key_id: &str,
@@ -223,11 +248,24 @@ pub trait Store: Send + Sync {
     /// routes) and returns them: the server's periodic clean-up.
     fn remove_ephemeral_offline_before(&self, cutoff: u64) -> Result<Vec<NodeRecord>, StoreError>;
 
-    /// Replaces what the node advertises; a route it still advertises keeps
-    /// its approval, a new one starts unapproved. At most
-    /// [`MAX_ROUTES_PER_NODE`] distinct prefixes, else nothing changes.
+    /// In ONE write transaction: hands `plan` every node and every route,
+    /// writes the changes it returns and commits. Route decisions
+    /// ([`crate::routes::decide`], `approve`, `reevaluate`) go through
+    /// here, so two decisions never interleave; `Err` from `plan` writes
+    /// nothing.
+    fn change_routes(
+        &self,
+        plan: &mut dyn FnMut(&RouteTable) -> Result<Vec<RouteChange>, RouteError>,
+    ) -> Result<(), RouteError>;
+    /// Replaces what the node advertises with no decision: a route it
+    /// still advertises keeps its status, a new one starts pending. At
+    /// most [`MAX_ROUTES_PER_NODE`] distinct prefixes, else nothing
+    /// changes. The server uses [`crate::routes::decide`] instead.
     fn set_advertised_routes(&self, node_id: i64, routes: &[IpPrefix]) -> Result<(), StoreError>;
-    /// False when the node does not advertise `prefix`.
+    /// Sets the status to approved (by the operator) or pending with no
+    /// conflict check; `meshvpn control routes approve` uses
+    /// [`crate::routes::approve`], which checks. False when the node does
+    /// not advertise `prefix`.
     fn set_route_approved(
         &self,
         node_id: i64,
@@ -417,11 +455,94 @@ impl SqliteStore {
             ipv6: Ipv6Addr::from(ipv6),
             tags: split_tags(&r.get::<_, String>("tags")?),
             ephemeral: r.get("ephemeral")?,
+            cluster: r.get("cluster")?,
             join_key: r.get("join_key")?,
             created: get_u64(r, "created")?,
             updated: get_u64(r, "updated")?,
             offline_since: r.get::<_, Option<i64>>("offline_since")?.map(|v| v as u64),
         })
+    }
+
+    /// Every route with its node's name and cluster, by node id and prefix.
+    fn routes_in(&self, c: &Connection) -> Result<Vec<RouteRecord>, StoreError> {
+        type Row = (
+            i64,
+            String,
+            Option<String>,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            i64,
+        );
+        let rows: Vec<Row> = c
+            .prepare(
+                "SELECT r.node_id, n.name, n.cluster, r.prefix, r.status, r.approved_by,
+                        r.conflict_prefix, r.conflict_node, r.conflict_cluster, r.updated
+                 FROM routes r JOIN nodes n ON n.id = r.node_id
+                 ORDER BY r.node_id, r.prefix",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                        r.get(7)?,
+                        r.get(8)?,
+                        r.get(9)?,
+                    ))
+                })?
+                .collect()
+            })
+            .map_err(|e| self.err(e))?;
+        let bad = |detail: String| StoreError::BadRow {
+            path: self.path.clone(),
+            what: "route",
+            detail,
+        };
+        let prefix = |s: &str| -> Result<IpPrefix, StoreError> {
+            s.parse().map_err(|e| bad(format!("{s}: {e}")))
+        };
+        rows.into_iter()
+            .map(
+                |(node_id, node_name, cluster, p, status, by, cp, cn, cc, updated)| {
+                    let status = match (status.as_str(), cp, cn) {
+                        ("approved", _, _) => RouteStatus::Approved,
+                        ("pending", _, _) => RouteStatus::Pending,
+                        ("refused", Some(cp), Some(cn)) => RouteStatus::Refused(Conflict {
+                            prefix: prefix(&cp)?,
+                            other_node: cn,
+                            other_cluster: cc,
+                            cluster: cluster.clone(),
+                        }),
+                        (other, _, _) => return Err(bad(format!("{p}: status {other}"))),
+                    };
+                    let approved_by = match by.as_deref() {
+                        None => None,
+                        Some("policy") => Some(Approver::Policy),
+                        Some("operator") => Some(Approver::Operator),
+                        Some(other) => return Err(bad(format!("{p}: approved by {other}"))),
+                    };
+                    Ok(RouteRecord {
+                        node_id,
+                        node_name,
+                        cluster,
+                        prefix: prefix(&p)?,
+                        approved: status == RouteStatus::Approved,
+                        status,
+                        approved_by,
+                        updated: updated as u64,
+                    })
+                },
+            )
+            .collect()
     }
 
     fn register(
@@ -443,8 +564,8 @@ impl SqliteStore {
         let id = match existing {
             Some(id) => {
                 tx.execute(
-                    "UPDATE nodes SET tags = ?2, ephemeral = ?3, join_key = ?4, updated = ?5 WHERE id = ?1",
-                    params![id, tags, key.ephemeral, key.id, now as i64],
+                    "UPDATE nodes SET tags = ?2, ephemeral = ?3, join_key = ?4, updated = ?5, cluster = ?6 WHERE id = ?1",
+                    params![id, tags, key.ephemeral, key.id, now as i64, key.cluster],
                 )
                 .map_err(e)?;
                 id
@@ -479,8 +600,8 @@ impl SqliteStore {
                 )
                 .map_err(e)?;
                 tx.execute(
-                    "INSERT INTO nodes (public_key, name, ipv4, ipv6, tags, ephemeral, join_key, created, updated, offline_since)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?8)",
+                    "INSERT INTO nodes (public_key, name, ipv4, ipv6, tags, ephemeral, join_key, created, updated, offline_since, cluster)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?8, ?9)",
                     params![
                         pk,
                         name,
@@ -489,7 +610,8 @@ impl SqliteStore {
                         tags,
                         key.ephemeral,
                         key.id,
-                        now as i64
+                        now as i64,
+                        key.cluster,
                     ],
                 )
                 .map_err(e)?;
@@ -507,8 +629,8 @@ impl Store for SqliteStore {
     fn insert_key(&self, key: &JoinKeyRecord) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO join_keys (id, hash, created, expires, reusable, ephemeral, tags, revoked, uses, last_used)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO join_keys (id, hash, created, expires, reusable, ephemeral, tags, revoked, uses, last_used, cluster)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 params![
                     key.id,
                     &key.hash[..],
@@ -520,6 +642,7 @@ impl Store for SqliteStore {
                     key.revoked.map(|v| v as i64),
                     key.uses as i64,
                     key.last_used.map(|v| v as i64),
+                    key.cluster,
                 ],
             )
             .map_err(|e| self.err(e))?;
@@ -697,7 +820,11 @@ impl Store for SqliteStore {
         self.write(|tx| {
             let n = tx
                 .execute(
-                    "UPDATE routes SET approved = ?3 WHERE node_id = ?1 AND prefix = ?2",
+                    "UPDATE routes SET approved = ?3,
+                         status = CASE ?3 WHEN 1 THEN 'approved' ELSE 'pending' END,
+                         approved_by = CASE ?3 WHEN 1 THEN 'operator' END,
+                         conflict_prefix = NULL, conflict_node = NULL, conflict_cluster = NULL
+                     WHERE node_id = ?1 AND prefix = ?2",
                     params![node_id, prefix.network().to_string(), approved],
                 )
                 .map_err(|e| self.err(e))?;
@@ -706,25 +833,65 @@ impl Store for SqliteStore {
     }
 
     fn list_routes(&self) -> Result<Vec<RouteRecord>, StoreError> {
-        let rows: Vec<(i64, String, bool)> = self.read(|c| {
-            c.prepare("SELECT node_id, prefix, approved FROM routes ORDER BY node_id, prefix")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect()
-        })?;
-        rows.into_iter()
-            .map(|(node_id, prefix, approved)| {
-                let prefix = prefix.parse().map_err(|e| StoreError::BadRow {
-                    path: self.path.clone(),
-                    what: "route",
-                    detail: format!("{prefix}: {e}"),
-                })?;
-                Ok(RouteRecord {
-                    node_id,
-                    prefix,
-                    approved,
-                })
-            })
-            .collect()
+        let conn = self.lock();
+        self.routes_in(&conn)
+    }
+
+    fn change_routes(
+        &self,
+        plan: &mut dyn FnMut(&RouteTable) -> Result<Vec<RouteChange>, RouteError>,
+    ) -> Result<(), RouteError> {
+        self.write(|tx| {
+            let e = |e| self.err(e);
+            let nodes: Vec<NodeRecord> = tx
+                .prepare("SELECT * FROM nodes ORDER BY id")
+                .and_then(|mut s| s.query_map([], |r| self.node_row(r))?.collect())
+                .map_err(e)?;
+            let routes = self.routes_in(tx)?;
+            let changes = plan(&RouteTable { nodes, routes })?;
+            for c in changes {
+                match c {
+                    RouteChange::Remove { node_id, prefix } => {
+                        tx.execute(
+                            "DELETE FROM routes WHERE node_id = ?1 AND prefix = ?2",
+                            params![node_id, prefix.to_string()],
+                        )
+                        .map_err(e)?;
+                    }
+                    RouteChange::Set(r) => {
+                        let conflict = match &r.status {
+                            RouteStatus::Refused(c) => Some(c),
+                            _ => None,
+                        };
+                        tx.execute(
+                            "INSERT INTO routes (node_id, prefix, approved, status, approved_by,
+                                 conflict_prefix, conflict_node, conflict_cluster, updated)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                             ON CONFLICT (node_id, prefix) DO UPDATE SET
+                                 approved = excluded.approved, status = excluded.status,
+                                 approved_by = excluded.approved_by,
+                                 conflict_prefix = excluded.conflict_prefix,
+                                 conflict_node = excluded.conflict_node,
+                                 conflict_cluster = excluded.conflict_cluster,
+                                 updated = excluded.updated",
+                            params![
+                                r.node_id,
+                                r.prefix.network().to_string(),
+                                r.approved,
+                                r.status.word(),
+                                r.approved_by.map(approver_word),
+                                conflict.map(|c| c.prefix.to_string()),
+                                conflict.map(|c| c.other_node.clone()),
+                                conflict.and_then(|c| c.other_cluster.clone()),
+                                r.updated as i64,
+                            ],
+                        )
+                        .map_err(e)?;
+                    }
+                }
+            }
+            Ok(())
+        })
     }
 
     fn set_policy(&self, text: &str, now: u64) -> Result<u64, StoreError> {
@@ -778,10 +945,18 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JoinKeyRecord> {
         reusable: r.get("reusable")?,
         ephemeral: r.get("ephemeral")?,
         tags: split_tags(&r.get::<_, String>("tags")?),
+        cluster: r.get("cluster")?,
         revoked: opt("revoked")?,
         uses: get_u64(r, "uses")?,
         last_used: opt("last_used")?,
     })
+}
+
+fn approver_word(a: Approver) -> &'static str {
+    match a {
+        Approver::Policy => "policy",
+        Approver::Operator => "operator",
+    }
 }
 
 fn get_u64(r: &rusqlite::Row<'_>, name: &str) -> rusqlite::Result<u64> {
@@ -907,9 +1082,9 @@ mod tests {
         dir
     }
 
-    /// The migration path: a file at version 1 with data, opened by a build
-    /// that knows a second step, is brought to version 2 and keeps its data;
-    /// the build that knows only version 1 then refuses it.
+    /// The migration path: a file at the current version with data, opened
+    /// by a build that knows one more step, is brought forward and keeps its
+    /// data; the build that does not know that step then refuses it.
     #[test]
     fn a_later_step_migrates_an_existing_file_and_keeps_its_data() {
         let dir = temp("migrate");
@@ -917,13 +1092,11 @@ mod tests {
         let store = SqliteStore::open(&path, &StoreConfig::default()).unwrap();
         assert_eq!(store.set_policy("p1", 5).unwrap(), 1);
         drop(store);
-        let v2 = [
-            MIGRATIONS[0],
-            "ALTER TABLE policy ADD COLUMN author TEXT NOT NULL DEFAULT 'unknown';",
-        ];
+        let mut next = MIGRATIONS.to_vec();
+        next.push("ALTER TABLE policy ADD COLUMN author TEXT NOT NULL DEFAULT 'unknown';");
         let mut conn = Connection::open(&path).unwrap();
-        migrate(&path, &mut conn, &v2).unwrap();
-        migrate(&path, &mut conn, &v2).unwrap(); // idempotent
+        migrate(&path, &mut conn, &next).unwrap();
+        migrate(&path, &mut conn, &next).unwrap(); // idempotent
         let (text, author, version): (String, String, u32) = conn
             .query_row(
                 "SELECT text, author, (SELECT user_version FROM pragma_user_version) FROM policy",
@@ -931,17 +1104,104 @@ mod tests {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .unwrap();
+        let known = schema_version();
         assert_eq!(
             (text.as_str(), author.as_str(), version),
-            ("p1", "unknown", 2)
+            ("p1", "unknown", known + 1)
         );
         drop(conn);
         match SqliteStore::open(&path, &StoreConfig::default()) {
             Err(StoreError::TooNew {
-                found: 2, known: 1, ..
-            }) => {}
+                found, known: k, ..
+            }) if found == known + 1 && k == known => {}
             other => panic!("{other:?}"),
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A database written by the first schema (before clusters): a key, a
+    /// node with an approved route and a policy, written with that
+    /// schema's own SQL. Opening it migrates it; everything is kept, the
+    /// old key and node have no cluster, and a key with a cluster then
+    /// labels the nodes it registers.
+    #[test]
+    fn a_version_1_database_gains_clusters_and_route_status_and_keeps_its_data() {
+        let dir = temp("v1");
+        let path = dir.join("c.db");
+        let mut conn = Connection::open(&path).unwrap();
+        migrate(&path, &mut conn, &MIGRATIONS[..1]).unwrap();
+        conn.execute_batch(
+            "INSERT INTO join_keys (id, hash, created, expires, reusable, ephemeral, tags, revoked, uses, last_used)
+             VALUES ('00000000000000aa', zeroblob(32), 10, NULL, 1, 0, 'tag:k3s', NULL, 1, 11);
+             INSERT INTO nodes (public_key, name, ipv4, ipv6, tags, ephemeral, join_key, created, updated, offline_since)
+             VALUES (zeroblob(32), 'old-node', 1681915905, zeroblob(16), 'tag:k3s', 0, '00000000000000aa', 11, 11, NULL);
+             INSERT INTO routes (node_id, prefix, approved) VALUES (1, '10.42.0.0/24', 1);
+             INSERT INTO policy (id, text, version, updated) VALUES (1, '{}', 3, 12);",
+        )
+        .unwrap();
+        let v: u32 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 1);
+        drop(conn);
+
+        let store = SqliteStore::open(&path, &StoreConfig::default()).unwrap();
+        let keys = store.list_keys().unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(
+            (
+                keys[0].id.as_str(),
+                keys[0].uses,
+                keys[0].cluster.as_deref()
+            ),
+            ("00000000000000aa", 1, None)
+        );
+        let nodes = store.list_nodes().unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(
+            (nodes[0].name.as_str(), nodes[0].cluster.as_deref()),
+            ("old-node", None)
+        );
+        assert_eq!(nodes[0].tags, ["tag:k3s"]);
+        let routes = store.list_routes().unwrap();
+        assert_eq!(routes.len(), 1);
+        assert!(routes[0].approved);
+        assert_eq!(
+            (
+                &routes[0].status,
+                routes[0].approved_by,
+                routes[0].node_name.as_str()
+            ),
+            (&RouteStatus::Approved, Some(Approver::Operator), "old-node")
+        );
+        assert_eq!(store.policy().unwrap().unwrap().version, 3);
+        store.integrity_check().unwrap();
+
+        let key = crate::keys::create(
+            &store,
+            &crate::keys::KeyOptions {
+                cluster: Some("k3s-west".into()),
+                ..Default::default()
+            },
+            20,
+            &ring::rand::SystemRandom::new(),
+        )
+        .unwrap();
+        let req = NodeRequest {
+            public_key: meshvpn_engine::PrivateKey::generate().public_key(),
+            hostname: "new-node".into(),
+        };
+        let n = crate::keys::redeem(&store, &key.text, &req, 21).unwrap();
+        assert_eq!(n.cluster.as_deref(), Some("k3s-west"));
+        assert_eq!(
+            store
+                .key(&key.record.id)
+                .unwrap()
+                .unwrap()
+                .cluster
+                .as_deref(),
+            Some("k3s-west")
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

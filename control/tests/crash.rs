@@ -1,5 +1,5 @@
 //! Crash safety: a child process writes to the store (join keys, node
-//! registrations, routes, policy versions) and prints each write once the
+//! registrations in two clusters, route decisions, policy versions) and prints each write once the
 //! store call has returned, i.e. once it would be acknowledged. The test
 //! SIGKILLs it at random points, reopens the database, and checks that
 //! every acknowledged write is there and the file is consistent
@@ -17,8 +17,9 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshvpn_control::keys::{self, KeyOptions};
+use meshvpn_control::routes::{self, RouteStatus};
 use meshvpn_control::store::{SqliteStore, Store, StoreConfig};
-use meshvpn_control::NodeRequest;
+use meshvpn_control::{NodeRequest, Policy};
 use meshvpn_engine::{IpPrefix, PrivateKey, PublicKey};
 use ring::rand::SystemRandom;
 
@@ -37,6 +38,10 @@ fn crash_writer_child() {
     };
     let store = SqliteStore::open(&PathBuf::from(db), &StoreConfig::default()).unwrap();
     let rng = SystemRandom::new();
+    let policy = Policy::parse(
+        r#"{"tagOwners": {"tag:k3s": []}, "autoApprovers": {"routes": {"10.42.0.0/16": ["tag:k3s"]}}}"#,
+    )
+    .unwrap();
     let start = Instant::now();
     let out = std::io::stdout();
     let mut out = out.lock();
@@ -45,7 +50,14 @@ fn crash_writer_child() {
             break;
         }
         let now = 1_800_000_000 + i as u64;
-        let key = keys::create(&store, &KeyOptions::default(), now, &rng).unwrap();
+        // Two clusters taking turns; nodes 6k and 6k+3 (one of each)
+        // advertise the same pod CIDR, so half the decisions are conflicts.
+        let opts = KeyOptions {
+            tags: vec!["tag:k3s".into()],
+            cluster: Some(if i % 2 == 0 { "a" } else { "b" }.into()),
+            ..Default::default()
+        };
+        let key = keys::create(&store, &opts, now, &rng).unwrap();
         writeln!(out, "ACK key {}", key.record.id).unwrap();
         let pk = PrivateKey::generate().public_key();
         let req = NodeRequest {
@@ -55,9 +67,9 @@ fn crash_writer_child() {
         let node = keys::redeem(&store, &key.text, &req, now).unwrap();
         writeln!(out, "ACK node {} {} {}", pk.to_base64(), node.id, node.ipv4).unwrap();
         if i % 3 == 0 {
-            let route: IpPrefix = format!("10.42.{}.0/24", i % 256).parse().unwrap();
-            store.set_advertised_routes(node.id, &[route]).unwrap();
-            writeln!(out, "ACK route {} {route}", node.id).unwrap();
+            let route: IpPrefix = format!("10.42.{}.0/24", (i / 6) % 256).parse().unwrap();
+            let got = routes::decide(&store, Some(&policy), &node, &[route], now).unwrap();
+            writeln!(out, "ACK route {} {route} {}", node.id, got[0].1.word()).unwrap();
         }
         if i % 7 == 0 {
             let v = store
@@ -73,7 +85,7 @@ fn crash_writer_child() {
 struct Acked {
     keys: Vec<String>,
     nodes: HashMap<String, (i64, String)>,
-    routes: Vec<(i64, String)>,
+    routes: Vec<(i64, String, String)>,
     policy: u64,
     policies: usize,
 }
@@ -87,7 +99,10 @@ impl Acked {
                 self.nodes
                     .insert(pk.into(), (id.parse().unwrap(), ip.into()));
             }
-            ["ACK", "route", id, p] => self.routes.push((id.parse().unwrap(), p.into())),
+            ["ACK", "route", id, p, status] => {
+                self.routes
+                    .push((id.parse().unwrap(), p.into(), status.into()))
+            }
             ["ACK", "policy", v] => {
                 self.policy = self.policy.max(v.parse().unwrap());
                 self.policies += 1;
@@ -193,11 +208,12 @@ fn sigkill_during_acknowledged_writes_loses_nothing() {
         "the writer acknowledged nothing: the test proved nothing"
     );
     println!(
-        "{rounds} SIGKILLs, {} acknowledged writes ({} keys, {} nodes, {} routes, policy v{}), all present, integrity ok, {:?}",
+        "{rounds} SIGKILLs, {} acknowledged writes ({} keys, {} nodes, {} route decisions of which {} refused, policy v{}), all present, integrity ok, {:?}",
         acked.count(),
         acked.keys.len(),
         acked.nodes.len(),
         acked.routes.len(),
+        acked.routes.iter().filter(|r| r.2 == "refused").count(),
         acked.policy,
         started.elapsed()
     );
@@ -246,13 +262,35 @@ fn verify(db: &std::path::Path, acked: &Acked, round: usize) {
         assert_eq!(key.uses, 1, "round {round}: node {id}'s key");
     }
     let routes = store.list_routes().unwrap();
-    for (id, p) in &acked.routes {
-        assert!(
-            routes
-                .iter()
-                .any(|r| r.node_id == *id && r.prefix.to_string() == *p),
-            "round {round}: acknowledged route {p} of node {id} lost"
+    for (id, p, status) in &acked.routes {
+        // Routes are never withdrawn here, so an acknowledged decision
+        // stands: an approved route blocks for good, and only approved
+        // routes block.
+        let r = routes
+            .iter()
+            .find(|r| r.node_id == *id && r.prefix.to_string() == *p)
+            .unwrap_or_else(|| panic!("round {round}: acknowledged route {p} of node {id} lost"));
+        assert_eq!(
+            r.status.word(),
+            status,
+            "round {round}: route {p} of node {id}"
         );
+    }
+    // Never two clusters on one prefix, whatever was killed where.
+    let approved: Vec<_> = routes
+        .iter()
+        .filter(|r| r.status == RouteStatus::Approved)
+        .collect();
+    for a in &approved {
+        for b in &approved {
+            assert!(
+                a.cluster == b.cluster || a.prefix != b.prefix,
+                "round {round}: {} approved for {} and {}",
+                a.prefix,
+                a.node_name,
+                b.node_name
+            );
+        }
     }
     let v = store.policy().unwrap().map_or(0, |p| p.version);
     assert!(

@@ -132,7 +132,7 @@ pub(crate) fn names_node(policy: &Policy, sel: &Selector, node: &MeshNode) -> bo
 }
 
 /// The smaller of two prefixes when one holds the other.
-fn overlap(a: IpPrefix, b: IpPrefix) -> Option<IpPrefix> {
+pub(crate) fn overlap(a: IpPrefix, b: IpPrefix) -> Option<IpPrefix> {
     let (a, b) = (a.network(), b.network());
     if a.len() <= b.len() && a.contains(b.addr()) {
         Some(b)

@@ -19,6 +19,7 @@ use std::net::IpAddr;
 use meshvpn_engine::filter::{default_protocols, ByteSet, PortRange};
 use meshvpn_engine::IpPrefix;
 
+pub(crate) use compile::overlap;
 pub use compile::{compile, MeshNode};
 use json::{Json, Pos, Value};
 

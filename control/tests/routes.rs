@@ -1,0 +1,431 @@
+//! Route decisions over a real store: auto-approval by the policy, pending
+//! without it, operator approval, conflicts between clusters (overlap, not
+//! only equality) named on both sides, the policy changing under approved
+//! routes, refused routes freed when the other side goes, and two
+//! clusters racing for one prefix.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier};
+use std::time::Instant;
+
+use meshvpn_control::keys::{self, KeyOptions};
+use meshvpn_control::routes::{
+    self, plan, Approver, Conflict, RouteChange, RouteError, RouteStatus, RouteTable, Target,
+};
+use meshvpn_control::store::{RouteRecord, SqliteStore, Store, StoreConfig};
+use meshvpn_control::{NodeRecord, NodeRequest, Policy};
+use meshvpn_engine::{IpPrefix, PrivateKey};
+use ring::rand::SystemRandom;
+
+const NOW: u64 = 1_800_000_000;
+
+const POLICY: &str = r#"{
+  "tagOwners": {"tag:k3s": []},
+  "autoApprovers": {"routes": {
+    "10.42.0.0/16": ["tag:k3s"],
+    "10.43.0.0/16": ["tag:k3s"],
+  }},
+}"#;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "meshvpn-control-routes-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    fn db(&self) -> PathBuf {
+        self.0.join("control.db")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn open(path: &Path) -> SqliteStore {
+    SqliteStore::open(path, &StoreConfig::default()).unwrap()
+}
+
+fn p(s: &str) -> IpPrefix {
+    s.parse().unwrap()
+}
+
+/// A node registered with a key of `cluster` carrying tag:k3s.
+fn join(store: &dyn Store, host: &str, cluster: Option<&str>) -> NodeRecord {
+    let key = keys::create(
+        store,
+        &KeyOptions {
+            tags: vec!["tag:k3s".into()],
+            cluster: cluster.map(str::to_string),
+            ..Default::default()
+        },
+        NOW,
+        &SystemRandom::new(),
+    )
+    .unwrap();
+    let req = NodeRequest {
+        public_key: PrivateKey::generate().public_key(),
+        hostname: host.into(),
+    };
+    keys::redeem(store, &key.text, &req, NOW).unwrap()
+}
+
+fn status_of(store: &dyn Store, node: &NodeRecord, prefix: &str) -> RouteRecord {
+    store
+        .list_routes()
+        .unwrap()
+        .into_iter()
+        .find(|r| r.node_id == node.id && r.prefix == p(prefix))
+        .unwrap_or_else(|| panic!("no route {prefix} of {}", node.name))
+}
+
+fn refused(status: &RouteStatus) -> &Conflict {
+    match status {
+        RouteStatus::Refused(c) => c,
+        other => panic!("expected refused, got {other}"),
+    }
+}
+
+#[test]
+fn second_cluster_on_the_same_pod_cidr_is_refused_naming_both_sides() {
+    let dir = TempDir::new("clusters");
+    let store = open(&dir.db());
+    let policy = Policy::parse(POLICY).unwrap();
+    let pol = Some(&policy);
+
+    // Cluster east: per-node pod CIDRs inside 10.42.0.0/16, auto-approved,
+    // no conflict between them.
+    let e1 = join(&store, "east-1", Some("east"));
+    let e2 = join(&store, "east-2", Some("east"));
+    let got = routes::decide(&store, pol, &e1, &[p("10.42.0.0/24")], NOW).unwrap();
+    assert_eq!(got, [(p("10.42.0.0/24"), RouteStatus::Approved)]);
+    let got = routes::decide(&store, pol, &e2, &[p("10.42.1.0/24")], NOW).unwrap();
+    assert_eq!(got, [(p("10.42.1.0/24"), RouteStatus::Approved)]);
+    assert_eq!(
+        status_of(&store, &e2, "10.42.1.0/24").approved_by,
+        Some(Approver::Policy)
+    );
+
+    // Cluster west, the k3s default pod CIDR again: the /16 overlaps east's
+    // /24s (overlap, not equality), a /24 overlaps the same /24.
+    let w1 = join(&store, "west-1", Some("west"));
+    let w2 = join(&store, "west-2", Some("west"));
+    let got = routes::decide(&store, pol, &w1, &[p("10.42.0.0/16")], NOW).unwrap();
+    let c = refused(&got[0].1);
+    assert_eq!(
+        (c.prefix, c.other_node.as_str(), c.other_cluster.as_deref()),
+        (p("10.42.0.0/24"), "east-1", Some("east"))
+    );
+    assert_eq!(c.cluster.as_deref(), Some("west"));
+    let reason = got[0].1.to_string();
+    for needle in [
+        "refused",
+        "10.42.0.0/24",
+        "east-1",
+        "cluster east",
+        "cluster west",
+    ] {
+        assert!(reason.contains(needle), "{needle:?} not in {reason}");
+    }
+    let got = routes::decide(&store, pol, &w2, &[p("10.42.1.0/24")], NOW).unwrap();
+    assert_eq!(refused(&got[0].1).other_node, "east-2");
+
+    // Stored, with the reason, for `routes list` and the map; east keeps
+    // its routes.
+    let r = status_of(&store, &w1, "10.42.0.0/16");
+    assert!(!r.approved);
+    assert_eq!(refused(&r.status).other_node, "east-1");
+    assert!(status_of(&store, &e1, "10.42.0.0/24").approved);
+
+    // West moves to 10.43.0.0/16: approved, and the refused rows are gone.
+    let got = routes::decide(&store, pol, &w1, &[p("10.43.0.0/24")], NOW).unwrap();
+    assert_eq!(got, [(p("10.43.0.0/24"), RouteStatus::Approved)]);
+    let got = routes::decide(&store, pol, &w2, &[p("10.43.1.0/24")], NOW).unwrap();
+    assert_eq!(got, [(p("10.43.1.0/24"), RouteStatus::Approved)]);
+    let all = store.list_routes().unwrap();
+    assert_eq!(all.len(), 4);
+    assert!(all.iter().all(|r| r.approved), "{all:?}");
+
+    // The reverse overlap: a /24 inside another cluster's approved /16.
+    let n1 = join(&store, "north-1", Some("north"));
+    let got = routes::decide(&store, pol, &n1, &[p("10.43.1.128/25")], NOW).unwrap();
+    assert_eq!(refused(&got[0].1).other_node, "west-2");
+    store.integrity_check().unwrap();
+}
+
+fn got_status(store: &dyn Store, n: &NodeRecord, prefix: &str) -> RouteStatus {
+    status_of(store, n, prefix).status
+}
+
+#[test]
+fn without_policy_routes_wait_for_the_operator_who_cannot_approve_a_conflict() {
+    let dir = TempDir::new("pending");
+    let store = open(&dir.db());
+    let a = join(&store, "a-1", Some("a"));
+    let b = join(&store, "b-1", Some("b"));
+    let unlabelled = join(&store, "plain", None);
+    let got = routes::decide(&store, None, &a, &[p("10.42.0.0/16")], NOW).unwrap();
+    assert_eq!(got, [(p("10.42.0.0/16"), RouteStatus::Pending)]);
+    // Pending routes do not block anyone: only approved ones do.
+    let got = routes::decide(&store, None, &b, &[p("10.42.7.0/24")], NOW).unwrap();
+    assert_eq!(got, [(p("10.42.7.0/24"), RouteStatus::Pending)]);
+
+    let r = routes::approve(&store, None, a.id, p("10.42.0.0/16"), NOW + 1).unwrap();
+    assert_eq!(
+        (r.status, r.approved_by, r.updated),
+        (RouteStatus::Approved, Some(Approver::Operator), NOW + 1)
+    );
+    // b's pending /24 is now refused (re-examined in the same pass) ...
+    assert_eq!(
+        refused(&got_status(&store, &b, "10.42.7.0/24")).other_node,
+        "a-1"
+    );
+    // ... and the operator cannot approve it: a clear error, nothing stored.
+    let before = store.list_routes().unwrap();
+    match routes::approve(&store, None, b.id, p("10.42.7.0/24"), NOW + 2) {
+        Err(e @ RouteError::Conflict { .. }) => {
+            let msg = e.to_string();
+            for needle in ["10.42.7.0/24", "b-1", "a-1", "cluster a", "cluster b"] {
+                assert!(msg.contains(needle), "{needle:?} not in {msg}");
+            }
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.list_routes().unwrap(), before);
+    match routes::approve(&store, None, a.id, p("10.99.0.0/16"), NOW) {
+        Err(RouteError::NotAdvertised { node, .. }) => assert_eq!(node, "a-1"),
+        other => panic!("{other:?}"),
+    }
+    // Unlabelled nodes are a cluster of their own: in conflict with a too.
+    let got = routes::decide(&store, None, &unlabelled, &[p("10.42.0.0/24")], NOW).unwrap();
+    let c = refused(&got[0].1);
+    assert_eq!(
+        (c.other_cluster.as_deref(), c.cluster.as_deref()),
+        (Some("a"), None)
+    );
+    assert!(got[0].1.to_string().contains("cluster (none)"));
+}
+
+#[test]
+fn a_policy_change_approves_pending_routes_and_takes_no_approval_back() {
+    let dir = TempDir::new("policy");
+    let store = open(&dir.db());
+    let n = join(&store, "k3s-1", Some("east"));
+    let m = join(&store, "k3s-2", Some("east"));
+    routes::decide(&store, None, &n, &[p("10.42.0.0/24")], NOW).unwrap();
+    routes::decide(&store, None, &m, &[p("10.42.1.0/24")], NOW).unwrap();
+    routes::approve(&store, None, m.id, p("10.42.1.0/24"), NOW).unwrap();
+
+    let policy = Policy::parse(POLICY).unwrap();
+    let changes = routes::reevaluate(&store, Some(&policy), NOW + 5).unwrap();
+    assert_eq!(
+        changes.len(),
+        1,
+        "only the pending route changes: {changes:?}"
+    );
+    let r = status_of(&store, &n, "10.42.0.0/24");
+    assert_eq!(
+        (r.status, r.approved_by),
+        (RouteStatus::Approved, Some(Approver::Policy))
+    );
+
+    // The autoApprover goes: approvals stay (headscale's behaviour), and
+    // a route advertised afterwards waits.
+    let narrower = Policy::parse(r#"{"tagOwners": {"tag:k3s": []}}"#).unwrap();
+    assert!(routes::reevaluate(&store, Some(&narrower), NOW + 6)
+        .unwrap()
+        .is_empty());
+    assert!(status_of(&store, &n, "10.42.0.0/24").approved);
+    assert!(status_of(&store, &m, "10.42.1.0/24").approved);
+    let got = routes::decide(
+        &store,
+        Some(&narrower),
+        &n,
+        &[p("10.42.0.0/24"), p("192.168.9.0/24")],
+        NOW + 7,
+    )
+    .unwrap();
+    assert_eq!(
+        got,
+        [
+            (p("10.42.0.0/24"), RouteStatus::Approved),
+            (p("192.168.9.0/24"), RouteStatus::Pending)
+        ]
+    );
+    // Withdrawn and advertised again: decided afresh (pending now).
+    routes::decide(&store, Some(&narrower), &n, &[], NOW + 8).unwrap();
+    let got = routes::decide(&store, Some(&narrower), &n, &[p("10.42.0.0/24")], NOW + 9).unwrap();
+    assert_eq!(got, [(p("10.42.0.0/24"), RouteStatus::Pending)]);
+}
+
+#[test]
+fn a_refused_route_is_freed_when_the_other_node_goes() {
+    let dir = TempDir::new("freed");
+    let store = open(&dir.db());
+    let policy = Policy::parse(POLICY).unwrap();
+    let a = join(&store, "a-1", Some("a"));
+    let b = join(&store, "b-1", Some("b"));
+    routes::decide(&store, Some(&policy), &a, &[p("10.42.0.0/16")], NOW).unwrap();
+    let got = routes::decide(&store, Some(&policy), &b, &[p("10.42.0.0/16")], NOW).unwrap();
+    assert_eq!(refused(&got[0].1).other_node, "a-1");
+    // a withdraws: b's route is re-examined in the same pass, and the
+    // pass reports both rows for the map.
+    let pass = routes::advertise(&store, Some(&policy), &a, &[], NOW + 1).unwrap();
+    assert_eq!(pass.changes.len(), 2, "{:?}", pass.changes);
+    assert!(pass.changes.iter().any(|c| matches!(c,
+        RouteChange::Set(r) if r.node_id == b.id && r.status == RouteStatus::Approved)));
+    assert!(pass.changes.iter().any(|c| matches!(c,
+        RouteChange::Remove { node_id, .. } if *node_id == a.id)));
+    assert_eq!(
+        got_status(&store, &b, "10.42.0.0/16"),
+        RouteStatus::Approved
+    );
+    // a comes back on the same CIDR: now a is refused, b keeps it.
+    let got = routes::decide(&store, Some(&policy), &a, &[p("10.42.0.0/16")], NOW + 2).unwrap();
+    assert_eq!(refused(&got[0].1).other_node, "b-1");
+    // b is removed: after the re-examination a has it.
+    store.remove_node(b.id).unwrap();
+    let changes = routes::reevaluate(&store, Some(&policy), NOW + 3).unwrap();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(
+        got_status(&store, &a, "10.42.0.0/16"),
+        RouteStatus::Approved
+    );
+}
+
+/// Two clusters' nodes advertise 10.42.0.0/16 at the same moment, from
+/// threads with their own connections (as two server processes would):
+/// one is approved, the other refused, never both.
+#[test]
+fn racing_clusters_never_both_get_one_prefix() {
+    const ROUNDS: usize = 10;
+    let dir = TempDir::new("race");
+    let path = dir.db();
+    let policy = Arc::new(Policy::parse(POLICY).unwrap());
+    let setup = open(&path);
+    for round in 0..ROUNDS {
+        let prefix = p(&format!("10.42.{round}.0/24"));
+        let x = join(&setup, &format!("x-{round}"), Some("x"));
+        let y = join(&setup, &format!("y-{round}"), Some("y"));
+        let barrier = Arc::new(Barrier::new(2));
+        let threads: Vec<_> = [x, y]
+            .into_iter()
+            .map(|n| {
+                let (path, barrier, policy) = (path.clone(), barrier.clone(), policy.clone());
+                std::thread::spawn(move || {
+                    let store = open(&path);
+                    barrier.wait();
+                    routes::decide(&store, Some(&policy), &n, &[prefix], NOW).unwrap()
+                })
+            })
+            .collect();
+        let results: Vec<RouteStatus> = threads
+            .into_iter()
+            .map(|t| t.join().unwrap().remove(0).1)
+            .collect();
+        let approved = results
+            .iter()
+            .filter(|s| **s == RouteStatus::Approved)
+            .count();
+        assert_eq!(approved, 1, "round {round}: {results:?}");
+    }
+    let stored = setup.list_routes().unwrap();
+    assert_eq!(stored.iter().filter(|r| r.approved).count(), ROUNDS);
+    setup.integrity_check().unwrap();
+}
+
+/// The pass itself (sans-IO) on a 1000-node mesh, one pod CIDR each, two
+/// clusters: how long one decision takes. Prints the figure; bounded by
+/// count.
+#[test]
+fn a_pass_over_a_thousand_nodes_is_fast() {
+    const NODES: usize = 1000;
+    let policy = Policy::parse(POLICY).unwrap();
+    let mut table = RouteTable::default();
+    for i in 0..NODES {
+        let cluster = if i % 2 == 0 { "even" } else { "odd" };
+        let ipv4 = std::net::Ipv4Addr::from(0x6440_0001 + i as u32);
+        table.nodes.push(NodeRecord {
+            id: i as i64 + 1,
+            public_key: PrivateKey::generate().public_key(),
+            name: format!("n{i}"),
+            ipv4,
+            ipv6: std::net::Ipv6Addr::from(
+                0xfd00_0000_0000_0000_0000_0000_0000_0000u128 | i as u128,
+            ),
+            tags: vec!["tag:k3s".into()],
+            ephemeral: false,
+            cluster: Some(cluster.into()),
+            join_key: None,
+            created: NOW,
+            updated: NOW,
+            offline_since: None,
+        });
+    }
+    // Every node advertises its /25: even nodes in 10.42/16, odd in 10.43/16.
+    for i in 0..NODES {
+        let second = if i % 2 == 0 { 42 } else { 43 };
+        let k = i / 2;
+        let prefix = p(&format!("10.{second}.{}.{}/25", k / 2, k % 2 * 128));
+        let planned = plan(
+            &table,
+            Some(&policy),
+            Target::Advertise {
+                node_id: i as i64 + 1,
+                prefixes: &[prefix],
+            },
+            NOW,
+        )
+        .unwrap();
+        table.routes = planned.routes;
+    }
+    assert!(table.routes.iter().all(|r| r.approved));
+    let started = Instant::now();
+    let planned = plan(
+        &table,
+        Some(&policy),
+        Target::Advertise {
+            node_id: 2,
+            prefixes: &[p("10.42.7.0/24")],
+        },
+        NOW,
+    )
+    .unwrap();
+    let took = started.elapsed();
+    println!("one decision over {NODES} nodes and routes: {took:?}");
+    let r = planned.routes.iter().find(|r| r.node_id == 2).unwrap();
+    // 10.42.7.0/24 holds the /25s of even nodes 28 and 30: the first wins.
+    assert_eq!(refused(&r.status).other_node, "n28");
+    assert_eq!(
+        planned.changes.len(),
+        2,
+        "remove the old /25, refuse the new"
+    );
+}
+
+/// An advertisement over the per-node cap is refused whole: the node's
+/// routes stay as they were.
+#[test]
+fn an_advertisement_over_the_cap_changes_nothing() {
+    let dir = TempDir::new("cap");
+    let store = open(&dir.db());
+    let n = join(&store, "many", Some("east"));
+    routes::decide(&store, None, &n, &[p("10.42.0.0/24")], NOW).unwrap();
+    let before = store.list_routes().unwrap();
+    let many: Vec<IpPrefix> = (0..=meshvpn_control::store::MAX_ROUTES_PER_NODE)
+        .map(|i| p(&format!("10.{}.{}.0/24", 100 + i / 256, i % 256)))
+        .collect();
+    match routes::decide(&store, None, &n, &many, NOW) {
+        Err(RouteError::Store(e)) => assert!(e.to_string().contains("more than the 256"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(store.list_routes().unwrap(), before);
+}
