@@ -90,6 +90,12 @@ if [[ " $VARIANTS " == *" go "* || " $VARIANTS " == *" gvisor "* ]]; then
 	fi
 fi
 
+GO_VERSIONS=
+if [[ " $VARIANTS " == *" go "* || " $VARIANTS " == *" gvisor "* ]]; then
+	GO_VERSIONS="$(go version | awk '{ print $3 }'), $( (cd bindings/go/interop &&
+		go list -m -f '{{.Path}} {{.Version}}' golang.zx2c4.com/wireguard gvisor.dev/gvisor) 2>/dev/null | paste -sd, - | sed 's/,/, /g')"
+fi
+
 # run VARIANT STREAMS: one transfer; its RESULT line's fields on stdout as
 # "secs cpu_s bytes", nothing when it failed (the reason on stderr).
 run() {
@@ -177,6 +183,10 @@ table() {
 	echo
 	echo "Machine: $(nproc) CPUs, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r),"
 	echo "load average $LOAD_BEFORE before the run and $LOAD_AFTER after it (other jobs share this machine)."
+	if [[ -n $GO_VERSIONS ]]; then
+		echo "Go side: $GO_VERSIONS; wireguard-go's netstack as its examples use it"
+		echo "(\`netstack.CreateNetTUN\`, MTU 1420, \`conn.NewDefaultBind\`, defaults otherwise)."
+	fi
 	echo
 	echo "| variant | streams | Gbit/s | CPU s/GB | failed runs |"
 	echo "|---|---|---|---|---|"

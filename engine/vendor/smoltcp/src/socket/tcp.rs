@@ -164,6 +164,11 @@ const RTTE_MIN_RTO: u32 = 200;
 const RECOVERY_TIMEOUT_MIN_MS: u32 = 10;
 const MAX_RECOVERY_TIMEOUTS: u8 = 3;
 
+// meshvpn patch: RFC 8985 (RACK-TLP) section 7.2's WCDelAckT, the worst-case
+// delayed ACK a tail loss probe waits for when only one segment is in flight
+// (Linux adds its TCP_RTO_MIN, also 200 ms, there).
+const TLP_WORST_CASE_DELACK_MS: u32 = 200;
+
 // RFC 6298 (2.5) A maximum value MAY be placed on RTO provided it is at least 60
 // seconds
 const RTTE_MAX_RTO: u32 = 60_000;
@@ -547,6 +552,18 @@ pub struct Socket<'a> {
     snd_max: Option<TcpSeqNumber>,
     /// meshvpn patch: recovery timeouts in a row without SND.UNA moving.
     recovery_timeouts: u8,
+    /// meshvpn patch: the running retransmission timer is a tail loss probe
+    /// timeout (RFC 8985 section 7, PTO), not the RTO.
+    probe_armed: bool,
+    /// meshvpn patch: the PTO expired; the next dispatch sends the probe.
+    probe_pending: bool,
+    /// meshvpn patch: the sequence range the outstanding probe carried (RFC
+    /// 8985's TLP.end_seq, with its start).
+    probe_sent: Option<(TcpSeqNumber, TcpSeqNumber)>,
+    /// meshvpn patch: in a recovery the probe started, every unSACKed byte
+    /// below this was sent before the delivered probe and is deemed lost
+    /// (RFC 8985 section 6.2, time-based loss detection, for the probe).
+    rack_lost_below: Option<TcpSeqNumber>,
 
     /// Duration for Delayed ACK. If None no ACKs will be delayed.
     ack_delay: Option<Duration>,
@@ -643,6 +660,10 @@ impl<'a> Socket<'a> {
             sacked: Scoreboard::default(),
             snd_max: None,
             recovery_timeouts: 0,
+            probe_armed: false,
+            probe_pending: false,
+            probe_sent: None,
+            rack_lost_below: None,
             ack_delay: Some(ACK_DELAY_DEFAULT),
             ack_delay_timer: AckDelayTimer::Idle,
             challenge_ack_timer: Instant::from_secs(0),
@@ -957,6 +978,7 @@ impl<'a> Socket<'a> {
         self.challenge_ack_timer = Instant::from_secs(0);
         self.end_recovery();
         self.snd_max = None;
+        self.forget_probe();
 
         #[cfg(feature = "async")]
         {
@@ -1465,6 +1487,60 @@ impl<'a> Socket<'a> {
         self.recover = None;
         self.sacked.clear();
         self.pending_fast_retransmit = false;
+        self.rack_lost_below = None;
+    }
+
+    /// meshvpn patch: forgets every tail loss probe state.
+    fn forget_probe(&mut self) {
+        self.probe_armed = false;
+        self.probe_pending = false;
+        self.probe_sent = None;
+    }
+
+    /// meshvpn patch: the tail loss probe timeout, if one may be armed now
+    /// (RFC 8985 section 7.2): the connection is open (no recovery, no
+    /// go-back-N after an RTO), the remote takes SACK (the probe's SACK is
+    /// what reveals the loss), an RTT was measured, no probe is outstanding
+    /// and data is in flight. PTO = 2 * SRTT, plus the worst-case delayed
+    /// ACK when one segment is in flight; none when it would not come before
+    /// the RTO.
+    fn probe_timeout(&self) -> Option<Duration> {
+        if !matches!(self.state, State::Established | State::CloseWait)
+            || !self.remote_has_sack
+            || self.recover.is_some()
+            || self.snd_max.is_some()
+            || self.probe_sent.is_some()
+            || self.probe_pending
+            || !self.rtte.have_measurement
+            || self.flight_size() == 0
+        {
+            return None;
+        }
+        let mut pto = (2 * self.rtte.srtt).max(RECOVERY_TIMEOUT_MIN_MS);
+        if self.flight_size() <= self.remote_mss {
+            pto += TLP_WORST_CASE_DELACK_MS;
+        }
+        let pto = Duration::from_millis(pto as u64);
+        (pto < self.rtte.retransmission_timeout()).then_some(pto)
+    }
+
+    /// meshvpn patch: (re)starts the retransmission timer, as a tail loss
+    /// probe timeout where one may be armed, else with `retransmit_delay`.
+    fn arm_retransmit_timer(&mut self, now: Instant) {
+        let (delay, probe) = match self.probe_timeout() {
+            Some(pto) => (pto, true),
+            None => (self.retransmit_delay(), false),
+        };
+        self.probe_armed = probe;
+        self.timer.set_for_retransmit(now, delay);
+    }
+
+    /// meshvpn patch: what a tail loss probe resends: the most recently sent
+    /// segment (RFC 8985 section 7.3; new data would have gone out already,
+    /// since the probe only fires after 2 * SRTT of silence).
+    fn probe_range(&self, mss: usize) -> Option<(TcpSeqNumber, usize)> {
+        let len = self.flight_size().min(mss);
+        (len > 0).then(|| (self.remote_last_seq - len, len))
     }
 
     /// meshvpn patch: the next hole to retransmit in recovery, from
@@ -1479,7 +1555,13 @@ impl<'a> Socket<'a> {
     /// (DupThresh).
     fn lost_edge(&self) -> Option<TcpSeqNumber> {
         self.recover?;
-        let edge = self.sacked.lost_edge(3 * self.remote_mss)?;
+        let edge = match (
+            self.sacked.lost_edge(3 * self.remote_mss),
+            self.rack_lost_below,
+        ) {
+            (Some(a), Some(b)) => a.max(b),
+            (a, b) => a.or(b)?,
+        };
         Some(edge.min(self.remote_last_seq))
     }
 
@@ -2347,6 +2429,33 @@ impl<'a> Socket<'a> {
                 }
             };
 
+            // meshvpn patch: the ACK of a tail loss probe (RFC 8985 7.4). One
+            // that SACKs the probe while data below it is still missing shows
+            // that data lost: it was sent before the probe, at least a PTO
+            // earlier, far beyond RACK's reordering window (section 6.2). A
+            // lost tail of many segments then goes into fast recovery at once
+            // instead of waiting for the RTO (RFC 6675's three SACKed
+            // segments never come when nothing was sent after the tail).
+            if let Some((start, end)) = self.probe_sent {
+                if ack_number >= end {
+                    self.probe_sent = None;
+                } else if self.recover.is_none()
+                    && ack_number < start
+                    && self.sacked.hole_bytes(start, end) == 0
+                {
+                    net_debug!("tail loss probe SACKed: recovering what was sent before it");
+                    self.probe_sent = None;
+                    self.recover = Some(self.remote_last_seq);
+                    self.rtx_next = ack_number;
+                    self.rack_lost_below = Some(start);
+                    self.pending_fast_retransmit = true;
+                    let in_flight = self.flight_size();
+                    self.congestion_controller
+                        .inner_mut()
+                        .on_loss(cx.now(), in_flight);
+                }
+            }
+
             // We've processed everything in the incoming segment, so advance the local
             // sequence number past it.
             self.local_seq_no = ack_number;
@@ -2374,9 +2483,9 @@ impl<'a> Socket<'a> {
                     self.timer.set_for_idle(cx.now(), self.keep_alive);
                 } else if ack_len > 0 {
                     // (5.3) ACK of new data in ESTABLISHED state restart the retransmit timer.
+                    // meshvpn patch: or the tail loss probe timer (RFC 8985 7.2).
                     self.recovery_timeouts = 0;
-                    let rto = self.retransmit_delay();
-                    self.timer.set_for_retransmit(cx.now(), rto);
+                    self.arm_retransmit_timer(cx.now());
                 }
             }
             Timer::Idle { .. } => {
@@ -2408,8 +2517,7 @@ impl<'a> Socket<'a> {
             && self.remote_win_len != 0
             && self.remote_last_seq > self.local_seq_no
         {
-            let rto = self.retransmit_delay();
-            self.timer.set_for_retransmit(cx.now(), rto);
+            self.arm_retransmit_timer(cx.now());
         }
 
         let payload_len = payload.len();
@@ -2515,6 +2623,10 @@ impl<'a> Socket<'a> {
     fn seq_to_transmit(&self, cx: &mut Context) -> bool {
         // Fast retransmits should always send, even if later congestion checks would disallow
         if self.pending_fast_retransmit && !self.tx_buffer.is_empty() {
+            return true;
+        }
+        // meshvpn patch: so should a tail loss probe, outside the window too.
+        if self.probe_pending && self.flight_size() > 0 {
             return true;
         }
 
@@ -2697,7 +2809,13 @@ impl<'a> Socket<'a> {
             // (`pending_fast_retransmit`), so only timeouts are left here. In
             // recovery, a timeout first resends the holes from SND.UNA again,
             // keeping the window and the scoreboard (see `retransmit_delay`).
-            if self.recover.is_some()
+            // A tail loss probe timeout sends the probe (RFC 8985 7.3); the
+            // RTO is armed once it is out.
+            if self.probe_armed {
+                net_debug!("tail loss probe timeout");
+                self.probe_armed = false;
+                self.probe_pending = true;
+            } else if self.recover.is_some()
                 && !self.sacked.is_empty()
                 && self.recovery_timeouts < MAX_RECOVERY_TIMEOUTS
             {
@@ -2727,6 +2845,7 @@ impl<'a> Socket<'a> {
                 // meshvpn patch: go-back-N resends everything; RFC 2018 asks the
                 // sender to forget SACK information after a timeout.
                 self.end_recovery();
+                self.forget_probe();
 
                 // Inform RTTE, so that it can avoid bogus measurements.
                 self.rtte.on_retransmit();
@@ -2802,6 +2921,8 @@ impl<'a> Socket<'a> {
         };
 
         let mut is_zero_window_probe = false;
+        // meshvpn patch: the range of the tail loss probe this sends, if any.
+        let mut sending_probe = None;
 
         #[cfg_attr(
             not(feature = "segmentation-offload"),
@@ -2863,6 +2984,14 @@ impl<'a> Socket<'a> {
                 let hole = if self.pending_fast_retransmit {
                     self.pending_fast_retransmit = false;
                     self.next_hole(self.local_seq_no)
+                } else if self.probe_pending {
+                    // meshvpn patch: the tail loss probe (RFC 8985 7.3).
+                    let probe = self.probe_range(effective_mss);
+                    sending_probe = probe.map(|(start, len)| (start, start + len));
+                    if probe.is_none() {
+                        self.probe_pending = false;
+                    }
+                    probe
                 } else {
                     self.lost_hole_to_send(effective_mss)
                 };
@@ -3064,6 +3193,14 @@ impl<'a> Socket<'a> {
         // behind the current frontier) doesn't rewind the tracked "highest sent" sequence.
         // meshvpn patch: only segments that occupy sequence space move it (a
         // bare ACK carries SND.MAX, see `bare_seq`).
+        let sent_new_data =
+            repr.segment_len() > 0 && repr.seq_number + repr.segment_len() > self.bare_seq();
+        if let Some(probe) = sending_probe {
+            // meshvpn patch: the probe went out; the RTO covers it (RFC 8985 7.3).
+            self.probe_pending = false;
+            self.probe_sent = Some(probe);
+            self.timer.set_for_idle(cx.now(), self.keep_alive);
+        }
         if repr.segment_len() > 0 {
             self.remote_last_seq = self
                 .remote_last_seq
@@ -3083,12 +3220,14 @@ impl<'a> Socket<'a> {
                 .post_transmit(cx.now(), repr.segment_len());
         }
 
-        if repr.segment_len() > 0 && !self.timer.is_retransmit() {
+        // meshvpn patch: new data (not a probe) restarts a tail loss probe
+        // timer (RFC 8985 7.2), so the probe comes 2 * SRTT after the tail.
+        let restart_probe = self.probe_armed && sent_new_data;
+        if repr.segment_len() > 0 && (!self.timer.is_retransmit() || restart_probe) {
             // RFC 6298 (5.1) Every time a packet containing data is sent (including a
             // retransmission), if the timer is not running, start it running
             // so that it will expire after RTO seconds.
-            let rto = self.retransmit_delay();
-            self.timer.set_for_retransmit(cx.now(), rto);
+            self.arm_retransmit_timer(cx.now());
         }
 
         if self.state == State::Closed {
@@ -7448,8 +7587,10 @@ mod test {
         /// From the first transmission of the sender's last segment until
         /// all its data is acknowledged (None: not within a simulated minute).
         recovered_after_ms: Option<i64>,
-        /// Retransmission timer expiries (of either kind) after that.
+        /// Retransmission timer expiries (RTO or recovery timeout) after that.
         timeouts: usize,
+        /// Tail loss probe timer expiries after that.
+        probes: usize,
         /// Segments the sender retransmitted.
         retransmits: usize,
     }
@@ -7479,6 +7620,7 @@ mod test {
             rto_at_tail_ms: 0,
             recovered_after_ms: None,
             timeouts: 0,
+            probes: 0,
             retransmits: 0,
         };
         let done = |s: &TestSocket| s.local_seq_no == s.remote_last_seq && s.tx_buffer.is_empty();
@@ -7496,7 +7638,11 @@ mod test {
                         && tail_sent_at.is_some()
                         && side.timer.should_retransmit(side.cx.now())
                     {
-                        out.timeouts += 1;
+                        if side.probe_armed {
+                            out.probes += 1;
+                        } else {
+                            out.timeouts += 1;
+                        }
                     }
                     let mut seg = None;
                     let _ = side.socket.dispatch(&mut side.cx, |_, _, (_, repr)| {
@@ -7601,15 +7747,18 @@ mod test {
                     both_ways || out.flight_at_tail >= SIM_TAIL_LOST + 10,
                     "the lost run must end a flight of at least 60 segments: {case}"
                 );
-                // At most one timeout (none once later segments were SACKed),
-                // then the whole run is resent as the window allows: in slow
-                // start from one segment 1 + 2 + 4 + 8 + 16 + 32 >= 50
-                // segments take 6 RTTs. Allow 8.
-                let (bound, max_timeouts) = if after == 0 {
-                    (out.rto_at_tail_ms + 8 * SIM_RTT_MS, 1)
-                } else {
-                    (8 * SIM_RTT_MS, 0)
-                };
+                // No timeout. Once later segments were SACKed, the whole run
+                // is resent as the window allows. With nothing after it, a
+                // tail loss probe 2 RTTs after the last ACK (RFC 8985) is
+                // SACKed an RTT later, and that starts the same recovery:
+                // about 6 RTTs in all, against an RTO (at least 200 ms, 20
+                // RTTs here) without the probe. Allow 8.
+                let bound = 8 * SIM_RTT_MS;
+                let max_timeouts = 0;
+                let probes = usize::from(after == 0);
+                if out.probes != probes {
+                    failures.push(std::format!("expected {probes} tail loss probes: {case}"));
+                }
                 match out.recovered_after_ms {
                     None => failures.push(std::format!("never recovered: {case}")),
                     Some(ms) if ms > bound => failures.push(std::format!(
@@ -7627,6 +7776,26 @@ mod test {
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+
+    /// meshvpn patch: the last two segments of a transfer are lost. The tail
+    /// loss probe resends the last one 2 RTTs after the last ACK; its SACK
+    /// shows the other lost (RFC 8985 sections 7 and 6.2), no RTO. (With one
+    /// segment in flight the probe waits for a worst-case delayed ACK, 200
+    /// ms, and comes no sooner than the RTO.)
+    #[test]
+    fn test_tail_loss_probe_repairs_a_short_tail() {
+        let out = simulate_loss(CongestionControl::None, false, |idx| {
+            idx >= SIM_SEGMENTS - 2
+        });
+        std::println!("{out:?}");
+        assert_eq!(
+            (out.probes, out.timeouts, out.retransmits),
+            (1, 0, 2),
+            "{out:?}"
+        );
+        let ms = out.recovered_after_ms.expect("recovered");
+        assert!(ms <= 5 * SIM_RTT_MS, "the lost tail took {ms} ms: {out:?}");
     }
 
     #[test]
