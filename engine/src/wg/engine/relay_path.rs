@@ -282,8 +282,8 @@ fn tick(
 #[derive(Default)]
 struct NatTick {
     budget: ProbeBudget,
-    announced_generation: Option<u64>,
-    announced_at: Option<Instant>,
+    /// Per peer: the generation of our candidates it got last, and when.
+    announced: HashMap<PublicKey, (u64, Instant)>,
     answered: HashMap<PublicKey, Instant>,
 }
 
@@ -323,16 +323,20 @@ impl NatTick {
                 send(&key);
             }
         }
-        self.answered.retain(|k, _| states.contains_key(k));
-        let due = self.announced_generation != Some(generation)
-            || self.announced_at.is_none_or(|t| {
-                now.saturating_duration_since(t) >= super::nat_path::ANNOUNCE_INTERVAL
-            });
-        if due && !ours.is_empty() {
-            self.announced_generation = Some(generation);
-            self.announced_at = Some(now);
-            for key in shared.device.peer_keys() {
-                send(&key);
+        let keys = shared.device.peer_keys();
+        self.answered.retain(|k, _| keys.contains(k));
+        self.announced.retain(|k, _| keys.contains(k));
+        if !ours.is_empty() {
+            // A new peer, new candidates, or ANNOUNCE_INTERVAL since.
+            for key in keys {
+                let due = self.announced.get(&key).is_none_or(|(g, t)| {
+                    *g != generation
+                        || now.saturating_duration_since(*t) >= super::nat_path::ANNOUNCE_INTERVAL
+                });
+                if due {
+                    self.announced.insert(key, (generation, now));
+                    send(&key);
+                }
             }
         }
         let mut net = Net(shared);
