@@ -725,8 +725,9 @@ fn rx_loop(shared: Arc<Shared>, v4: bool) {
                 batch.for_each(n, |src, datagram| {
                     // STUN answers share the WireGuard socket; no WireGuard
                     // message is ever `is_stun` (see wire::stun).
-                    if crate::wire::stun::is_stun(datagram) {
-                        shared.handle_stun(normalize(src), datagram);
+                    if crate::wire::stun::is_stun(datagram)
+                        && shared.handle_stun(normalize(src), datagram)
+                    {
                         return;
                     }
                     shared.handle_datagram(now, Endpoint::Udp(normalize(src)), datagram, &mut rx)

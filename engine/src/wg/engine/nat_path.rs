@@ -122,11 +122,12 @@ impl NatSlot {
 
 impl Shared {
     /// A datagram on the WireGuard socket that `is_stun`: an answer to
-    /// discovery, or dropped and counted by it.
-    pub(super) fn handle_stun(&self, from: SocketAddr, datagram: &[u8]) {
+    /// discovery, or dropped and counted by it. False when discovery is
+    /// off (the caller treats it as any other datagram).
+    pub(super) fn handle_stun(&self, from: SocketAddr, datagram: &[u8]) -> bool {
         let mut inner = self.nat.inner.lock();
         let Some(d) = inner.discovery.as_mut() else {
-            return;
+            return false;
         };
         if let Ok(Discovered::Reflexive {
             reflexive, changed, ..
@@ -138,6 +139,7 @@ impl Shared {
                 inner.generation += 1;
             }
         }
+        true
     }
 
     /// Timer work: discovery's retransmissions and new rounds.
