@@ -69,6 +69,15 @@ pub struct InterfaceArgs {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub relay_probe: u64,
 
+    /// A STUN server (host:port, e.g. the relay's host and HTTPS port
+    /// number, or coturn's 3478) to learn this node's public address
+    /// from, asked from the WireGuard socket itself; repeat for several
+    /// (at most 8). With --relay-url, the addresses found are sent to the
+    /// peers through the relay and probed for a direct path (NAT
+    /// traversal, engine/docs/nat.md).
+    #[arg(long = "stun-server", value_name = "ADDR", requires = "relay_url")]
+    pub stun_servers: Vec<std::net::SocketAddr>,
+
     /// Save the configuration (keys, peers, the interface's addresses and
     /// routes) in DIR/IFNAME.json whenever it changes, and restore it from
     /// there at start (off by default: a wireguard-go drop-in starts
@@ -230,6 +239,11 @@ fn bring_up(name: &str, args: &InterfaceArgs) -> Result<Interface, String> {
         engine
             .start_relay(relay)
             .map_err(|e| format!("--relay-url {url}: {e}"))?;
+    }
+    if !args.stun_servers.is_empty() {
+        engine
+            .set_stun_servers(&args.stun_servers)
+            .map_err(|e| format!("--stun-server: {e}"))?;
     }
     let uapi = UapiServer::start(engine.clone(), name).map_err(|e| {
         format!(

@@ -271,6 +271,82 @@ pub fn render(engine: &Engine, ifname: &str) -> String {
         family(&mut out, &name, "counter", help);
         let _ = writeln!(out, "{name}{{interface=\"{iface}\"}} {value}");
     }
+    let n = engine.nat_stats();
+    let nat_counters: [(&str, u64, &str); 9] = [
+        (
+            "candidates_received",
+            n.candidates_received,
+            "Candidate messages accepted from peers.",
+        ),
+        (
+            "candidates_malformed",
+            n.candidates_malformed,
+            "Candidate messages the parser refused.",
+        ),
+        (
+            "candidates_unsupported",
+            n.candidates_unsupported,
+            "Candidate messages of another version.",
+        ),
+        (
+            "candidates_unknown_peer",
+            n.candidates_unknown_peer,
+            "Candidate messages from keys that are not peers.",
+        ),
+        (
+            "candidates_sent",
+            n.candidates_sent,
+            "Candidate messages sent to peers through the relay.",
+        ),
+        (
+            "probe_rounds",
+            n.probe_rounds,
+            "NAT traversal probing rounds, all peers.",
+        ),
+        (
+            "probes_sent",
+            n.probes_sent,
+            "Datagrams those probing rounds sent.",
+        ),
+        (
+            "probes_deferred",
+            n.probes_deferred,
+            "Probing rounds put off by the device-wide probe budget.",
+        ),
+        (
+            "fallbacks",
+            n.fallbacks,
+            "Direct paths given up for the relay.",
+        ),
+    ];
+    for (name, value, help) in nat_counters {
+        let name = format!("meshvpn_nat_{name}_total");
+        family(&mut out, &name, "counter", help);
+        let _ = writeln!(out, "{name}{{interface=\"{iface}\"}} {value}");
+    }
+    let status = engine.nat_status();
+    family(
+        &mut out,
+        "meshvpn_nat_candidate",
+        "gauge",
+        "1 per NAT traversal candidate: ours (peer=\"self\") and each peer's as last received.",
+    );
+    let mut cands: Vec<(String, std::net::SocketAddr)> = status
+        .candidates
+        .iter()
+        .map(|a| ("self".to_owned(), *a))
+        .collect();
+    for (key, list) in &status.peer_candidates {
+        cands.extend(list.iter().map(|a| (key.to_base64(), *a)));
+    }
+    for (who, addr) in cands {
+        let _ = writeln!(
+            out,
+            "meshvpn_nat_candidate{{interface=\"{iface}\",peer=\"{}\",address=\"{}\"}} 1",
+            esc(&who),
+            esc(&addr.to_string())
+        );
+    }
     family(&mut out, "meshvpn_peers", "gauge", "Peers configured.");
     let _ = writeln!(
         out,
@@ -404,6 +480,8 @@ mod tests {
         );
         assert!(page.contains(&want), "{page}");
         assert!(page.contains("# TYPE meshvpn_peer_drops_total counter"));
+        assert!(page.contains("meshvpn_nat_probes_sent_total{interface=\"fw0\"} 0"));
+        assert!(page.contains("# TYPE meshvpn_nat_candidate gauge"));
 
         // A request past MAX_REQUEST_BYTES without its blank line is cut
         // off unanswered.

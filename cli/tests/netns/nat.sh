@@ -14,8 +14,21 @@
 # which the probe prints). The same for N1 over IPv6 through NAT66
 # (fd41:1::2 behind fd40:1::2, servers on fd40::1). `--stun-listen off` must leave the port silent.
 #
+# Then NAT traversal with meshvpn daemons (TUN) in N1, N2 and N3 (behind
+# R3, masquerade), the relay (`tunnel serve --relay`, plain ws) in P and
+# each daemon asking both STUN servers from its WireGuard socket
+# (--stun-server). Every peer starts on the relay (endpoint [100::1]:0):
+#   N1 <-> N3, two endpoint-independent NATs: a direct UDP path within a
+#     few seconds (time printed), iperf3 moves onto it, and R3's counter of
+#     TCP bytes to the relay stays flat while it runs;
+#   N1 <-> N2, N2 behind `masquerade random`: stays on the relay, and the
+#     probes each router forwards toward the other node are counted and
+#     bounded (printed);
+#   throughput direct (N1-N3) against relay (N1-N2), in the same run.
+#
 # Prints PASS/FAIL lines and "N passed, N failed"; exits non-zero on any
-# FAIL. Needs root, `ip netns`, nftables, coturn. About 10 s.
+# FAIL. Needs root, `ip netns`, nftables, coturn, wireguard-tools, iperf3,
+# ping, /dev/net/tun. About 60 s.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
@@ -23,11 +36,12 @@ if [[ -z ${MESHVPN_BIN:-} ]]; then
 	MESHVPN_BIN=$ROOT/target/release/meshvpn
 	[[ -x $MESHVPN_BIN ]] || MESHVPN_BIN=$ROOT/target/debug/meshvpn
 fi
-NETNS_TOOLS="turnserver nft ss"
+NETNS_TOOLS="turnserver nft ss wg iperf3 ping"
 # shellcheck source=cli/tests/netns/lib.sh
 source "$ROOT/cli/tests/netns/lib.sh"
 
 P=mvn$ID-p R1=mvn$ID-r1 R2=mvn$ID-r2 N1=mvn$ID-n1 N2=mvn$ID-n2
+R3=mvn$ID-r3 N3=mvn$ID-n3
 PUB=10.240.0.1 PUB6=fd40::1
 
 # router N ROUTER NODE MASQUERADE: NODE 192.168.N.2 behind ROUTER, whose
@@ -86,6 +100,173 @@ probe() {
 
 # reflexive PORT: the address the server on PORT reported in OUT.
 reflexive() { awk -v s="$PUB:$1" '$1 == s && $2 == "reflexive" { print $3 }' <<<"$OUT"; }
+
+# counters ROUTER: nftables counters in ROUTER's forward path: TCP to the
+# relay (port 8443), and UDP from its node toward the other NATs' public
+# addresses and LANs (probes and direct traffic; not STUN). And a home
+# router's firewall: unsolicited datagrams to the router itself are
+# dropped. Without it Linux confirms a conntrack entry for a peer's probe
+# that arrives before our node's own probe went out, and masquerade then
+# gives our node's probe another source port (the tuple would clash), so
+# the holes never meet.
+counters() {
+	in_ns "$1" nft -f - <<NFT
+table inet count {
+	chain input {
+		type filter hook input priority filter; policy accept;
+		iifname "wan" ct state new drop
+	}
+	counter relay {}
+	counter peer_udp {}
+	chain count_forward {
+		type filter hook forward priority filter; policy accept;
+		iifname "lan" tcp dport 8443 counter name relay
+		iifname "lan" ip daddr { 10.240.0.0/16, 192.168.0.0/16 } udp dport != { 3478, 6443 } counter name peer_udp
+	}
+}
+NFT
+}
+
+# count ROUTER NAME: bytes (or packets with a third argument) of a counter.
+count() {
+	in_ns "$1" nft list counter inet count "$2" |
+		awk -v w="${3:-bytes}" '{ for (i = 1; i < NF; i++) if ($i == w) print $(i + 1) }'
+}
+
+# daemon NODE IFNAME N: a meshvpn daemon in NODE with inner 10.250.0.N/24
+# and its metrics on 127.0.0.1:9586 in NODE.
+daemon() {
+	local node=$1 ifname=$2 n=$3
+	wg genkey >"$T/$ifname.key"
+	in_ns "$node" env LOG_LEVEL="${MESHVPN_LOG_LEVEL:-info}" meshvpn "$ifname" \
+		--metrics-listen 127.0.0.1:9586 \
+		--relay-url "ws://$PUB:8443/v1-meshvpn/relay" --relay-token-file "$T/token" \
+		--stun-server "$PUB:6443" --stun-server "$PUB:3478" >>"$T/$ifname.log" 2>&1 || return 1
+	local i
+	for i in $(seq 50); do
+		[[ -S /var/run/wireguard/$ifname.sock ]] && break
+		sleep 0.1
+	done
+	in_ns "$node" wg set "$ifname" private-key "$T/$ifname.key" listen-port 51820 || return 1
+	ip -n "$node" addr add "10.250.0.$n/24" dev "$ifname"
+	ip -n "$node" link set "$ifname" up
+}
+
+# peer NODE IFNAME OTHER_IFNAME N: OTHER (10.250.0.N) as a peer, via the relay.
+peer() {
+	in_ns "$1" wg set "$2" peer "$(wg pubkey <"$T/$3.key")" endpoint "[100::1]:0" \
+		allowed-ips "10.250.0.$4/32" persistent-keepalive 10
+}
+
+# endpoint NODE IFNAME OTHER_IFNAME: the peer's endpoint as `wg show` prints it.
+endpoint() {
+	in_ns "$1" wg show "$2" endpoints | awk -v k="$(wg pubkey <"$T/$3.key")" '$1 == k { print $2 }'
+}
+
+# metric NODE NAME: the value of an interface-wide series on NODE's daemon.
+metric() {
+	in_ns "$1" bash -c 'exec 3<>/dev/tcp/127.0.0.1/9586 && printf "GET /metrics HTTP/1.0\r\n\r\n" >&3 && cat <&3' 2>/dev/null |
+		awk -v n="$2" '$1 ~ "^"n"[{]" { print $2 }'
+}
+
+# tput SERVER_NODE CLIENT_NODE SERVER_INNER: Mbit/s of a 5 s iperf3 run.
+tput() {
+	local g
+	g=$(iperf "$1" "$2" "$3")
+	awk -v g="${g:-0}" 'BEGIN { printf "%.0f", g * 1000 }'
+}
+
+traversal() {
+	echo "-- NAT traversal: daemons in N1 (R1 masquerade), N3 (R3 masquerade), N2 (R2 masquerade random)"
+	# P is the internet between the routers from here on.
+	if ! in_ns "$P" sysctl -qw net.ipv4.ip_forward=1 || ! router 3 "$R3" "$N3" masquerade ||
+		! counters "$R1" || ! counters "$R2" || ! counters "$R3"; then
+		fail "setup: R3 and the counters"
+		return
+	fi
+	printf 'token\n' >"$T/token"
+	in_ns "$P" "$MESHVPN_BIN" tunnel serve --plain --tokens "$T/tokens" --relay \
+		--listen "$PUB:8443" --stun-listen off >>"$T/relay.log" 2>&1 &
+	local IF1=mnt$ID-1 IF2=mnt$ID-2 IF3=mnt$ID-3
+	IF1=${IF1:0:15} IF2=${IF2:0:15} IF3=${IF3:0:15}
+	if ! wait_listen "$P" 8443 || ! daemon "$N1" "$IF1" 1 || ! daemon "$N2" "$IF2" 2 ||
+		! daemon "$N3" "$IF3" 3; then
+		fail "setup: relay and daemons (relay: $(cat "$T/relay.log"); N1: $(cat "$T/$IF1.log"))"
+		return
+	fi
+	local t0=$SECONDS
+	peer "$N1" "$IF1" "$IF3" 3 && peer "$N3" "$IF3" "$IF1" 1 &&
+		peer "$N1" "$IF1" "$IF2" 2 && peer "$N2" "$IF2" "$IF1" 1 ||
+		{ fail "setup: wg set peers"; return; }
+	local s13 s13ms
+	s13=$SECONDS s13ms=$(date +%s%3N)
+	# Direct: each side's endpoint is the other router's public address.
+	# Direct: each side's endpoint is the other router's public address
+	# (polled every 50 ms, 15 s at most, from the moment the peers were set).
+	local e13="" e31="" i
+	for i in $(seq 300); do
+		e13=$(endpoint "$N1" "$IF1" "$IF3") e31=$(endpoint "$N3" "$IF3" "$IF1")
+		[[ $e13 == 10.240.3.2:* && $e31 == 10.240.1.2:* ]] && break
+		sleep 0.05
+	done
+	local direct_s
+	direct_s=$(awk -v a="$s13ms" -v b="$(date +%s%3N)" 'BEGIN { printf "%.2f", (b - a) / 1000 }')
+	[[ -n ${NAT_DEBUG_DIR:-} ]] && { mkdir -p "$NAT_DEBUG_DIR"; cp "$T"/*.log "$NAT_DEBUG_DIR"/; in_ns "$R1" nft list ruleset >"$NAT_DEBUG_DIR/r1.nft"; }
+	if [[ $e13 == 10.240.3.2:* && $e31 == 10.240.1.2:* ]]; then
+		pass "N1 <-> N3 (masquerade/masquerade): direct UDP path $e13 / $e31, ${direct_s} s after the peers were set"
+	else
+		fail "N1 <-> N3: no direct path within 15 s: N1 sees '$e13', N3 sees '$e31' (N1: $(grep -i 'stun\|path\|probing' "$T/$IF1.log" | tail -5))"
+	fi
+	local r0 u0 r1 u1 direct_mbit relay_mbit
+	pings "$N1" 10.250.0.3 && pings "$N3" 10.250.0.1 && pass "N1 <-> N3 ping on the direct path" ||
+		fail "N1 <-> N3 no ping (N1: $(tail -5 "$T/$IF1.log"))"
+	# N1 is the iperf3 client: its data leaves through R1.
+	r0=$(count "$R1" relay) u0=$(count "$R1" peer_udp)
+	direct_mbit=$(tput "$N3" "$N1" 10.250.0.3)
+	r1=$(count "$R1" relay) u1=$(count "$R1" peer_udp)
+	echo "    R1 during iperf3 N1->N3: relay TCP +$((r1 - r0)) bytes, peer UDP +$((u1 - u0)) bytes"
+	if ((direct_mbit > 0 && u1 - u0 > 1000000 && r1 - r0 < 200000)); then
+		pass "N1 -> N3 iperf3 ${direct_mbit} Mbit/s on the direct path; relay bytes at R1 stayed flat (+$((r1 - r0)))"
+	else
+		fail "N1 -> N3 iperf3 ${direct_mbit} Mbit/s: relay +$((r1 - r0)) bytes, UDP +$((u1 - u0)) bytes"
+	fi
+
+	# N2 behind masquerade random: no direct path, traffic over the relay.
+	local p12a p21a
+	p12a=$(count "$R1" peer_udp packets) p21a=$(count "$R2" peer_udp packets)
+	local w0=$SECONDS
+	pings "$N1" 10.250.0.2 && pass "N1 -> N2 ping over the relay" ||
+		fail "N1 -> N2 no ping (N2: $(tail -5 "$T/$IF2.log"))"
+	relay_mbit=$(tput "$N2" "$N1" 10.250.0.2)
+	sleep $((w0 + 20 - SECONDS > 0 ? w0 + 20 - SECONDS : 0))
+	local e12 e21 p2 w=$((SECONDS - t0))
+	e12=$(endpoint "$N1" "$IF1" "$IF2") e21=$(endpoint "$N2" "$IF2" "$IF1")
+	if [[ $e12 == "[100::"*"]:0" && $e21 == "[100::"*"]:0" ]]; then
+		pass "N1 <-> N2 (masquerade/masquerade random): stays on the relay ($e12, $e21)"
+	else
+		fail "N1 <-> N2: endpoints '$e12' '$e21', want the relay"
+	fi
+	# UDP from N2 toward N1's side: only probes (N2 has no other peer).
+	p2=$(count "$R2" peer_udp packets)
+	# Bound: a burst of 5 rounds per 10 s (MIN_BURST_GAP), 3 targets each.
+	local bound=$(((w / 10 + 1) * 5 * 3))
+	local m2
+	m2=$(metric "$N2" meshvpn_nat_probes_sent_total)
+	echo "    probes in ${w} s: N2 -> N1's side $p2 datagrams at R2, N2's daemon counts ${m2:-?} (bound $bound)"
+	# The daemon's own count matches the router's, give or take a round
+	# between the two reads.
+	if ((p2 > 0 && p2 <= bound && ${m2:--99} - p2 <= 3 && p2 - ${m2:--99} <= 3)); then
+		pass "N2's probes toward N1 bounded: $p2 in ${w} s (bound $bound)"
+	else
+		fail "N2 sent $p2 probe datagrams in ${w} s (bound $bound)"
+	fi
+	echo "    figures: N1-N3 direct after ${direct_s} s; iperf3 N1->N3 direct ${direct_mbit} Mbit/s, N1->N2 relay ${relay_mbit} Mbit/s"
+	if ((relay_mbit > 0)); then
+		pass "throughput in one run: direct ${direct_mbit} Mbit/s, relay ${relay_mbit} Mbit/s"
+	else
+		fail "no throughput over the relay N1 -> N2"
+	fi
+}
 
 main() {
 	echo "meshvpn: $MESHVPN_BIN"
@@ -158,6 +339,8 @@ main() {
 	else
 		fail "--stun-listen off: got an answer (rc $RC)"
 	fi
+
+	traversal
 }
 
 main

@@ -25,7 +25,11 @@ use std::time::{Duration, Instant};
 
 mod path;
 
-pub use path::{PathAction, PathState, UNANSWERED_INITIATIONS};
+pub use path::{
+    PathAction, PathState, ProbeBudget, FLAP_HOLDDOWN, MAX_FLAP_SHIFT, MIN_BURST_GAP,
+    PROBES_PER_SECOND, PROBE_BURST_ROUNDS, PROBE_FIRST_RETRY, REPROBE_INTERVAL, STABLE_DIRECT,
+    UNANSWERED_INITIATIONS,
+};
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -783,6 +787,32 @@ impl Device {
             }
             None => false,
         }
+    }
+
+    /// One handshake initiation sent to every address in `to` (a NAT
+    /// traversal probing round), `peer`'s endpoint unchanged: the same
+    /// initiation everywhere, so whichever copy is answered first completes
+    /// the handshake and its authenticated answer moves the peer there
+    /// (separate initiations would each cancel the one before). Returns the
+    /// datagrams sent.
+    pub fn probe_many(
+        &self,
+        now: Instant,
+        peer: &Peer,
+        to: &[std::net::SocketAddr],
+        out: &mut [u8],
+        io: &mut dyn DeviceIo,
+    ) -> usize {
+        if to.is_empty() {
+            return 0;
+        }
+        let Some(len) = peer.probe(now, out) else {
+            return 0;
+        };
+        for a in to {
+            io.send(&out[..len], &Endpoint::Udp(*a));
+        }
+        to.len()
     }
 }
 

@@ -8,11 +8,99 @@
 //!   on relay: every probe_interval -> Probe(last UDP endpoint): a handshake
 //!             initiation over UDP whose answer moves the peer back (roaming)
 //! ```
+//!
+//! NAT traversal adds the peer's **candidates** (UDP addresses it sent
+//! through the relay, see `relay::protocol::Candidates`). While the peer is
+//! not on a direct path, [`PathState::candidate_round`] asks for probing
+//! rounds: ONE handshake initiation sent to every candidate at once
+//! ([`super::Device::probe_many`]), so the first authenticated answer from
+//! any of them moves the peer there (the roaming rule: WireGuard's own
+//! authenticated packets are the proof, as in Tailscale's magicsock).
+//!
+//! ```text
+//!   candidates arrive -> rounds at +0, +1, +2, +4, +8 s (PROBE_BURST_ROUNDS),
+//!                        then every REPROBE_INTERVAL while not direct
+//!   direct path fails (ToRelay) -> next round after FLAP_HOLDDOWN << flaps,
+//!                        flaps counting fallbacks of paths that lived less
+//!                        than STABLE_DIRECT (hysteresis: a flaky path is
+//!                        tried ever more rarely, never more than every 80 s)
+//!   every round: only to candidates and the last UDP endpoint, at most
+//!                MAX_CANDIDATES + 1 datagrams, within the device-wide
+//!                ProbeBudget (PROBES_PER_SECOND)
+//! ```
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::peer::{PeerPath, PeerStats};
+use crate::relay::protocol::{Candidates, MAX_CANDIDATES};
+
+/// The second probing round after candidates arrive; each later round of
+/// the burst waits twice as long.
+pub const PROBE_FIRST_RETRY: Duration = Duration::from_secs(1);
+/// Rounds in a burst (at +0, +1, +2, +4, +8 s): enough to meet the other
+/// side's rounds when both NATs filter until each has sent.
+pub const PROBE_BURST_ROUNDS: u32 = 5;
+/// Between rounds once a burst is over, while the peer is not direct: a
+/// peer on the relay upgrades when the NAT situation changes.
+pub const REPROBE_INTERVAL: Duration = Duration::from_secs(30);
+/// A new burst starts at most this often per peer, however often its
+/// candidates arrive (a peer cannot make us probe faster by resending).
+pub const MIN_BURST_GAP: Duration = Duration::from_secs(10);
+/// After a direct path failed, the wait before probing again, doubled for
+/// each recent failure ([`STABLE_DIRECT`]), up to `<< MAX_FLAP_SHIFT`.
+pub const FLAP_HOLDDOWN: Duration = Duration::from_secs(5);
+pub const MAX_FLAP_SHIFT: u32 = 4;
+/// A direct path that lasted this long was no flap: the holddown resets.
+pub const STABLE_DIRECT: Duration = Duration::from_secs(60);
+/// Probe datagrams per second the whole device sends, all peers together
+/// (beyond it a round waits for the next second).
+pub const PROBES_PER_SECOND: u32 = 200;
+
+/// The device-wide bound on probe datagrams: a one-second window, as the
+/// handshake limiter's.
+#[derive(Debug, Clone)]
+pub struct ProbeBudget {
+    per_second: u32,
+    window: Option<Instant>,
+    used: u32,
+    /// Rounds put off because the window was spent.
+    pub deferred: u64,
+}
+
+impl ProbeBudget {
+    pub fn new(per_second: u32) -> ProbeBudget {
+        ProbeBudget {
+            per_second,
+            window: None,
+            used: 0,
+            deferred: 0,
+        }
+    }
+
+    /// Takes `n` datagrams from this second's allowance, all or none.
+    pub fn take(&mut self, now: Instant, n: u32) -> bool {
+        if self
+            .window
+            .is_none_or(|w| now.saturating_duration_since(w) >= Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.used = 0;
+        }
+        if self.used.saturating_add(n) > self.per_second {
+            self.deferred += 1;
+            return false;
+        }
+        self.used += n;
+        true
+    }
+}
+
+impl Default for ProbeBudget {
+    fn default() -> Self {
+        ProbeBudget::new(PROBES_PER_SECOND)
+    }
+}
 
 /// Initiations sent without anything authenticated coming back before a
 /// peer moves to the relay: the first and its retry after REKEY_TIMEOUT
@@ -39,6 +127,20 @@ pub struct PathState {
     initiations_at_rx: u64,
     rx_bytes: u64,
     last_probe: Instant,
+    /// The peer's NAT-traversal candidates (usable, distinct, bounded).
+    candidates: Vec<SocketAddr>,
+    next_round: Option<Instant>,
+    /// Rounds of the current burst so far.
+    rounds: u32,
+    burst_started: Option<Instant>,
+    /// Recent fallbacks of short-lived direct paths (hysteresis).
+    flaps: u32,
+    direct_since: Option<Instant>,
+    /// Probing rounds sent and the datagrams they took.
+    pub probe_rounds: u64,
+    pub probes_sent: u64,
+    /// Times a direct path was given up for the relay.
+    pub fallbacks: u64,
 }
 
 impl PathState {
@@ -55,7 +157,94 @@ impl PathState {
             },
             rx_bytes: stats.rx_bytes,
             last_probe: now,
+            candidates: Vec::new(),
+            next_round: None,
+            rounds: 0,
+            burst_started: None,
+            flaps: 0,
+            direct_since: None,
+            probe_rounds: 0,
+            probes_sent: 0,
+            fallbacks: 0,
         }
+    }
+
+    /// The peer's candidates as last received.
+    pub fn candidates(&self) -> &[SocketAddr] {
+        &self.candidates
+    }
+
+    /// Candidates the peer sent (through the relay, so from its proven
+    /// key). Unusable ones and those past [`MAX_CANDIDATES`] are left out.
+    /// Starts a probing burst unless one started within [`MIN_BURST_GAP`]
+    /// or a fallback's holddown is running (then the list is only updated).
+    pub fn set_candidates(&mut self, list: &[SocketAddr], now: Instant) {
+        self.candidates.clear();
+        for a in list {
+            let a = SocketAddr::new(a.ip().to_canonical(), a.port());
+            if self.candidates.len() < MAX_CANDIDATES
+                && Candidates::usable(&a)
+                && !self.candidates.contains(&a)
+            {
+                self.candidates.push(a);
+            }
+        }
+        if self.candidates.is_empty() {
+            self.next_round = None;
+            return;
+        }
+        let burst_recent = self
+            .burst_started
+            .is_some_and(|t| now.saturating_duration_since(t) < MIN_BURST_GAP);
+        let held = self.next_round.is_some_and(|t| t > now) && self.flaps > 0;
+        if !burst_recent && !held {
+            self.rounds = 0;
+            self.burst_started = Some(now);
+            self.next_round = Some(now);
+        } else if self.next_round.is_none() {
+            self.next_round = Some(now + PROBE_FIRST_RETRY);
+        }
+    }
+
+    /// The wait after a direct path failed.
+    fn holddown(&self) -> Duration {
+        FLAP_HOLDDOWN * (1u32 << self.flaps.min(MAX_FLAP_SHIFT))
+    }
+
+    /// Where a probing round goes now, if one is due: the peer is not on a
+    /// direct path (on the relay, or with no endpoint), it has candidates,
+    /// the round's time has come and `budget` allows it. The targets are
+    /// the candidates and the last UDP endpoint, nothing else; send ONE
+    /// initiation to all of them ([`super::Device::probe_many`]).
+    pub fn candidate_round(
+        &mut self,
+        stats: &PeerStats,
+        now: Instant,
+        budget: &mut ProbeBudget,
+    ) -> Option<Vec<SocketAddr>> {
+        let direct = stats.path == PeerPath::Udp && stats.endpoint.is_some();
+        if direct || self.candidates.is_empty() || self.next_round.is_none_or(|t| t > now) {
+            return None;
+        }
+        let mut targets = self.candidates.clone();
+        if let Some(u) = self.udp.filter(|u| !targets.contains(u)) {
+            targets.push(u);
+        }
+        if !budget.take(now, targets.len() as u32) {
+            return None;
+        }
+        self.rounds += 1;
+        self.probe_rounds += 1;
+        self.probes_sent += targets.len() as u64;
+        self.last_probe = now;
+        self.next_round = Some(
+            now + if self.rounds < PROBE_BURST_ROUNDS {
+                PROBE_FIRST_RETRY * (1u32 << (self.rounds - 1))
+            } else {
+                REPROBE_INTERVAL
+            },
+        );
+        Some(targets)
     }
 
     /// One look at the peer (`stats` now). `relay_up`: a relay is there to
@@ -67,7 +256,8 @@ impl PathState {
         probe_interval: Duration,
         now: Instant,
     ) -> PathAction {
-        if stats.rx_bytes != self.rx_bytes {
+        let rx_moved = stats.rx_bytes != self.rx_bytes;
+        if rx_moved {
             self.rx_bytes = stats.rx_bytes;
             self.initiations_at_rx = stats.handshakes_initiated;
         }
@@ -75,6 +265,12 @@ impl PathState {
             self.path = stats.path;
             self.initiations_at_rx = stats.handshakes_initiated;
             self.last_probe = now;
+        }
+        // A direct path is proven once something authenticated arrived on it.
+        if stats.path != PeerPath::Udp {
+            self.direct_since = None;
+        } else if rx_moved && stats.endpoint.is_some() && self.direct_since.is_none() {
+            self.direct_since = Some(now);
         }
         match (stats.path, stats.endpoint) {
             (PeerPath::Udp, Some(udp)) => {
@@ -85,10 +281,29 @@ impl PathState {
                 if relay_up && unanswered >= UNANSWERED_INITIATIONS {
                     self.path = PeerPath::Relay;
                     self.last_probe = now;
+                    self.fallbacks += 1;
+                    let lived = self
+                        .direct_since
+                        .take()
+                        .map(|t| now.saturating_duration_since(t));
+                    match lived {
+                        Some(l) if l < STABLE_DIRECT => self.flaps = self.flaps.saturating_add(1),
+                        Some(_) => self.flaps = 0,
+                        None => {}
+                    }
+                    if !self.candidates.is_empty() {
+                        // Burst over: the path just failed, so the next
+                        // round waits out the holddown, then REPROBE_INTERVAL.
+                        self.rounds = PROBE_BURST_ROUNDS;
+                        self.next_round = Some(now + self.holddown());
+                    }
                     return PathAction::ToRelay;
                 }
                 PathAction::Stay
             }
+            // With candidates, `candidate_round` probes (the last UDP
+            // endpoint among them), on its schedule with its holddown.
+            (PeerPath::Relay, _) if !self.candidates.is_empty() => PathAction::Stay,
             (PeerPath::Relay, _) => {
                 let Some(udp) = self.udp else {
                     return PathAction::Stay;
@@ -101,5 +316,144 @@ impl PathState {
             }
             (PeerPath::Udp, None) => PathAction::Stay,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PublicKey;
+    use crate::peer::{relay_endpoint, PeerCounters};
+
+    const DIRECT: &str = "198.51.100.1:40000";
+
+    struct Peer {
+        relay: bool,
+        rx: u64,
+        inits: u64,
+    }
+
+    impl Peer {
+        fn stats(&self) -> PeerStats {
+            let ep = if self.relay {
+                relay_endpoint(1)
+            } else {
+                DIRECT.parse().unwrap()
+            };
+            let mut s = PeerCounters::default().snapshot(
+                PublicKey::from_bytes([1; 32]),
+                Some(ep),
+                None,
+                None,
+                None,
+            );
+            s.rx_bytes = self.rx;
+            s.handshakes_initiated = self.inits;
+            s
+        }
+    }
+
+    /// Runs the policy every 250 ms from `from` until `until`; returns the
+    /// instants of the probing rounds.
+    fn rounds(
+        st: &mut PathState,
+        p: &Peer,
+        budget: &mut ProbeBudget,
+        from: Instant,
+        until: Instant,
+    ) -> Vec<Duration> {
+        let mut at = Vec::new();
+        let mut now = from;
+        while now < until {
+            let s = p.stats();
+            st.step(&s, true, Duration::from_secs(5), now);
+            if st.candidate_round(&s, now, budget).is_some() {
+                at.push(now - from);
+            }
+            now += Duration::from_millis(250);
+        }
+        at
+    }
+
+    #[test]
+    fn a_flapping_direct_path_is_retried_ever_more_rarely() {
+        let t0 = Instant::now();
+        let mut p = Peer {
+            relay: true,
+            rx: 100,
+            inits: 1,
+        };
+        let mut st = PathState::new(&p.stats(), t0);
+        let mut budget = ProbeBudget::default();
+        st.set_candidates(&[DIRECT.parse().unwrap()], t0);
+        let first = rounds(
+            &mut st,
+            &p,
+            &mut budget,
+            t0,
+            t0 + Duration::from_millis(500),
+        );
+        assert_eq!(
+            first,
+            vec![Duration::ZERO],
+            "no round when candidates arrived"
+        );
+        let mut now = t0 + Duration::from_secs(1);
+        let mut waits = Vec::new();
+        // Five times: direct for `lived`, then two initiations unanswered.
+        for lived in [10u64, 10, 10, 10, 10, 70] {
+            p.relay = false;
+            p.rx += 100;
+            st.step(&p.stats(), true, Duration::from_secs(5), now);
+            now += Duration::from_secs(lived);
+            p.inits += UNANSWERED_INITIATIONS;
+            assert_eq!(
+                st.step(&p.stats(), true, Duration::from_secs(5), now),
+                PathAction::ToRelay
+            );
+            p.relay = true;
+            let r = rounds(
+                &mut st,
+                &p,
+                &mut budget,
+                now,
+                now + Duration::from_secs(200),
+            );
+            waits.push(r[0].as_secs());
+            now += r[0];
+        }
+        // 10, 20, 40, 80 s, capped at 80; a path that lived past
+        // STABLE_DIRECT starts over at FLAP_HOLDDOWN.
+        assert_eq!(waits, vec![10, 20, 40, 80, 80, 5]);
+        assert_eq!(st.fallbacks, 6);
+    }
+
+    #[test]
+    fn probing_rounds_back_off_and_stay_within_the_budget() {
+        let t0 = Instant::now();
+        let p = Peer {
+            relay: true,
+            rx: 0,
+            inits: 0,
+        };
+        let mut st = PathState::new(&p.stats(), t0);
+        let mut budget = ProbeBudget::default();
+        let cands: Vec<SocketAddr> = (1..=20)
+            .map(|i| format!("192.0.2.{i}:51820").parse().unwrap())
+            .chain(["127.0.0.1:1".parse().unwrap()])
+            .collect();
+        st.set_candidates(&cands, t0);
+        assert_eq!(st.candidates().len(), MAX_CANDIDATES);
+        let r = rounds(&mut st, &p, &mut budget, t0, t0 + Duration::from_secs(100));
+        let secs: Vec<u64> = r.iter().map(|d| d.as_secs()).collect();
+        assert_eq!(secs, vec![0, 1, 3, 7, 15, 45, 75]);
+        assert_eq!(st.probes_sent, 7 * MAX_CANDIDATES as u64);
+        // The device-wide budget: a second's allowance, all or nothing.
+        let mut b = ProbeBudget::new(10);
+        assert!(b.take(t0, 8));
+        assert!(!b.take(t0, 3));
+        assert!(b.take(t0 + Duration::from_millis(999), 2));
+        assert!(b.take(t0 + Duration::from_secs(1), 10));
+        assert_eq!(b.deferred, 1);
     }
 }

@@ -15,6 +15,20 @@
 //!   server ──[source public key 32][WireGuard datagram]────────────────────────► other client
 //! ```
 //!
+//! A frame's datagram is normally WireGuard's (its first byte, the message
+//! type, is 1 to 4). A datagram whose first byte is [`CANDIDATES_KIND`] is
+//! instead a peer's NAT-traversal candidate list ([`Candidates`]); a node
+//! without NAT traversal hands it to WireGuard's framing, which drops and
+//! counts it as malformed, so old peers ignore it:
+//!
+//! ```text
+//!   [CANDIDATES_KIND 0x80][CANDIDATES_VERSION 1][count <= MAX_CANDIDATES]
+//!   count x ( [4][IPv4 4][port 2 BE] | [6][IPv6 16][port 2 BE] )
+//! ```
+//!
+//! The sender is the frame's key as the relay server wrote it (the key the
+//! sender proved), never anything in the payload.
+//!
 //! The proof shows possession of the private key of the registered public
 //! key (only its owner can compute K), is fresh (the server's nonce and
 //! ephemeral key), and is bound to this TLS session (the exporter), so a
@@ -90,6 +104,138 @@ impl<'a> Frame<'a> {
         m.extend_from_slice(key);
         m.extend_from_slice(datagram);
         Ok(m)
+    }
+}
+
+/// First byte of a relay datagram carrying [`Candidates`] (no WireGuard
+/// message type: those are 1 to 4).
+pub const CANDIDATES_KIND: u8 = 0x80;
+/// Version of the candidate message; other versions are ignored (counted
+/// as unsupported), so a later format can be sent next to this one.
+pub const CANDIDATES_VERSION: u8 = 1;
+/// Candidates one message carries at most: local addresses and the
+/// server-reflexive one (Tailscale's magicsock sends about as many).
+pub const MAX_CANDIDATES: usize = 8;
+/// Longest candidate message: header and eight IPv6 entries (155 bytes).
+pub const MAX_CANDIDATES_LEN: usize = 3 + MAX_CANDIDATES * (1 + 16 + 2);
+
+/// Why a candidate message was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CandidatesError {
+    #[error("not a candidate message")]
+    NotCandidates,
+    #[error("candidate message version {0} is not supported")]
+    Unsupported(u8),
+    #[error("malformed candidate message")]
+    Malformed,
+}
+
+/// A peer's NAT-traversal candidates: UDP addresses where it may be
+/// reached directly. Only ever probed with WireGuard handshakes, so a
+/// false one costs a few datagrams, never trust.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Candidates(pub Vec<std::net::SocketAddr>);
+
+impl Candidates {
+    /// True when `datagram` is meant to be a candidate message (by its
+    /// first byte); what [`Candidates::decode`] then accepts is stricter.
+    pub fn is_candidates(datagram: &[u8]) -> bool {
+        datagram.first() == Some(&CANDIDATES_KIND)
+    }
+
+    /// Whether an address may be a candidate at all: a unicast address
+    /// and a port. Loopback, unspecified, multicast and broadcast ones
+    /// would turn probes at this host's own services or at a whole segment.
+    pub fn usable(a: &std::net::SocketAddr) -> bool {
+        use std::net::IpAddr;
+        if a.port() == 0 {
+            return false;
+        }
+        match a.ip().to_canonical() {
+            IpAddr::V4(v4) => {
+                !(v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast())
+            }
+            IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_loopback() || v6.is_multicast()),
+        }
+    }
+
+    /// The message for these candidates. Unusable addresses and duplicates
+    /// are left out, and at most [`MAX_CANDIDATES`] are written.
+    pub fn encode(&self) -> Vec<u8> {
+        use std::net::IpAddr;
+        let mut m = Vec::with_capacity(MAX_CANDIDATES_LEN);
+        m.extend_from_slice(&[CANDIDATES_KIND, CANDIDATES_VERSION, 0]);
+        let mut seen: Vec<std::net::SocketAddr> = Vec::new();
+        for a in &self.0 {
+            let a = std::net::SocketAddr::new(a.ip().to_canonical(), a.port());
+            if seen.len() == MAX_CANDIDATES || !Self::usable(&a) || seen.contains(&a) {
+                continue;
+            }
+            seen.push(a);
+            match a.ip() {
+                IpAddr::V4(v4) => {
+                    m.push(4);
+                    m.extend_from_slice(&v4.octets());
+                }
+                IpAddr::V6(v6) => {
+                    m.push(6);
+                    m.extend_from_slice(&v6.octets());
+                }
+            }
+            m.extend_from_slice(&a.port().to_be_bytes());
+        }
+        m[2] = seen.len() as u8;
+        m
+    }
+
+    /// Parses a candidate message: exactly `count` well-formed entries,
+    /// nothing after them, every address [`usable`](Self::usable) and none
+    /// twice. Anything else is refused whole.
+    pub fn decode(datagram: &[u8]) -> Result<Candidates, CandidatesError> {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+        if !Self::is_candidates(datagram) {
+            return Err(CandidatesError::NotCandidates);
+        }
+        if datagram.len() > MAX_CANDIDATES_LEN || datagram.len() < 3 {
+            return Err(CandidatesError::Malformed);
+        }
+        if datagram[1] != CANDIDATES_VERSION {
+            return Err(CandidatesError::Unsupported(datagram[1]));
+        }
+        let count = datagram[2] as usize;
+        if count > MAX_CANDIDATES {
+            return Err(CandidatesError::Malformed);
+        }
+        let mut list = Vec::with_capacity(count);
+        let mut rest = &datagram[3..];
+        for _ in 0..count {
+            let (ip, n) = match rest.first() {
+                Some(4) if rest.len() >= 7 => {
+                    let b: [u8; 4] = rest[1..5]
+                        .try_into()
+                        .map_err(|_| CandidatesError::Malformed)?;
+                    (IpAddr::V4(Ipv4Addr::from(b)), 5)
+                }
+                Some(6) if rest.len() >= 19 => {
+                    let b: [u8; 16] = rest[1..17]
+                        .try_into()
+                        .map_err(|_| CandidatesError::Malformed)?;
+                    (IpAddr::V6(Ipv6Addr::from(b)), 17)
+                }
+                _ => return Err(CandidatesError::Malformed),
+            };
+            let port = u16::from_be_bytes([rest[n], rest[n + 1]]);
+            let a = SocketAddr::new(ip.to_canonical(), port);
+            if !Self::usable(&a) || list.contains(&a) {
+                return Err(CandidatesError::Malformed);
+            }
+            list.push(a);
+            rest = &rest[n + 2..];
+        }
+        if !rest.is_empty() {
+            return Err(CandidatesError::Malformed);
+        }
+        Ok(Candidates(list))
     }
 }
 
@@ -305,6 +451,105 @@ mod tests {
         );
         assert!(Frame::encode(&key, &[]).is_err());
         assert!(Frame::encode(&key, &vec![0; MAX_DATAGRAM + 1]).is_err());
+    }
+
+    fn sa(s: &str) -> std::net::SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn candidates_round_trip_and_never_look_like_wireguard() {
+        let c = Candidates(vec![
+            sa("192.0.2.7:51820"),
+            sa("[2001:db8::1]:4000"),
+            sa("10.1.2.3:51820"),
+        ]);
+        let m = c.encode();
+        assert_eq!(m.len(), 3 + 7 + 19 + 7);
+        assert_eq!(Candidates::decode(&m), Ok(c));
+        assert!(crate::wire::WireMessage::new_checked(&m).is_err());
+        // Empty lists are fine (a node that knows no address of its own).
+        let empty = Candidates::default().encode();
+        assert_eq!(Candidates::decode(&empty), Ok(Candidates::default()));
+        // IPv4-mapped addresses travel as IPv4.
+        let mapped = Candidates(vec![sa("[::ffff:192.0.2.9]:1")]).encode();
+        assert_eq!(
+            Candidates::decode(&mapped).unwrap().0,
+            vec![sa("192.0.2.9:1")]
+        );
+    }
+
+    #[test]
+    fn candidates_encoding_is_bounded_and_skips_unusable_addresses() {
+        let many: Vec<_> = (1..=40u16)
+            .map(|p| sa(&format!("[2001:db8::{p}]:{p}")))
+            .collect();
+        let m = Candidates(many.clone()).encode();
+        assert_eq!(m.len(), MAX_CANDIDATES_LEN);
+        assert_eq!(Candidates::decode(&m).unwrap().0, many[..MAX_CANDIDATES]);
+        let bad = Candidates(vec![
+            sa("127.0.0.1:51820"),
+            sa("0.0.0.0:51820"),
+            sa("224.0.0.1:51820"),
+            sa("255.255.255.255:51820"),
+            sa("[::1]:51820"),
+            sa("[ff02::1]:51820"),
+            sa("192.0.2.1:0"),
+            sa("192.0.2.1:5"),
+            sa("192.0.2.1:5"),
+        ]);
+        assert_eq!(
+            Candidates::decode(&bad.encode()).unwrap().0,
+            vec![sa("192.0.2.1:5")]
+        );
+    }
+
+    #[test]
+    fn malformed_candidates_are_refused_whole() {
+        let good = Candidates(vec![sa("192.0.2.7:51820"), sa("198.51.100.1:9")]).encode();
+        // Every truncation, and one byte too many.
+        for n in 0..good.len() {
+            assert!(Candidates::decode(&good[..n]).is_err(), "cut at {n}");
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert_eq!(Candidates::decode(&long), Err(CandidatesError::Malformed));
+        // A count above the bound, a count past the data, an unknown family.
+        let mut m = good.clone();
+        m[2] = MAX_CANDIDATES as u8 + 1;
+        assert_eq!(Candidates::decode(&m), Err(CandidatesError::Malformed));
+        let mut m = good.clone();
+        m[2] = 3;
+        assert_eq!(Candidates::decode(&m), Err(CandidatesError::Malformed));
+        let mut m = good.clone();
+        m[3] = 5;
+        assert_eq!(Candidates::decode(&m), Err(CandidatesError::Malformed));
+        // A loopback address, a duplicate, port 0.
+        let mut m = good.clone();
+        m[4..8].copy_from_slice(&[127, 0, 0, 1]);
+        assert_eq!(Candidates::decode(&m), Err(CandidatesError::Malformed));
+        let mut m = good.clone();
+        m.truncate(10);
+        m.extend_from_within(3..10);
+        assert_eq!(Candidates::decode(&m), Err(CandidatesError::Malformed));
+        let mut m = good.clone();
+        m[8..10].copy_from_slice(&[0, 0]);
+        assert_eq!(Candidates::decode(&m), Err(CandidatesError::Malformed));
+        // Oversized, whatever it holds; another version; not ours at all.
+        let mut huge = vec![CANDIDATES_KIND, CANDIDATES_VERSION, 0];
+        huge.resize(MAX_CANDIDATES_LEN + 1, 0);
+        assert_eq!(Candidates::decode(&huge), Err(CandidatesError::Malformed));
+        let mut v2 = good.clone();
+        v2[1] = 2;
+        assert_eq!(
+            Candidates::decode(&v2),
+            Err(CandidatesError::Unsupported(2))
+        );
+        assert_eq!(
+            Candidates::decode(&[1, 0, 0, 0]),
+            Err(CandidatesError::NotCandidates)
+        );
+        assert_eq!(Candidates::decode(&[]), Err(CandidatesError::NotCandidates));
     }
 
     #[test]

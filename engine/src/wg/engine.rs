@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
 
+mod nat_path;
 mod relay_path;
 
+pub use nat_path::{NatStats, NatStatus, ANNOUNCE_INTERVAL, ANSWER_GAP, REDISCOVER_INTERVAL};
 pub use relay_path::{RelayInbox, RelayTransport};
 
 use super::sink::{HostQueue, InnerBurst, InnerSink};
@@ -131,6 +133,7 @@ struct Shared {
     closed: AtomicBool,
     device_gone: AtomicBool,
     relay: relay_path::RelaySlot,
+    nat: nat_path::NatSlot,
 }
 
 /// A running WireGuard engine. Cheap to share behind an `Arc`; every method
@@ -249,6 +252,7 @@ impl Engine {
             closed: AtomicBool::new(false),
             device_gone: AtomicBool::new(false),
             relay: Default::default(),
+            nat: Default::default(),
         });
         let (stop_tx, stop_rx) = bounded(0);
         let engine = Engine {
@@ -329,6 +333,8 @@ impl Engine {
             .map_err(|source| EngineError::Bind { port, source })?;
         let chosen = t.port();
         *self.shared.transport.write() = Arc::new(t);
+        // A new socket has a new NAT mapping.
+        self.rediscover();
         Ok(chosen)
     }
 
@@ -773,6 +779,13 @@ fn rx_loop(shared: Arc<Shared>, v4: bool) {
             Ok(n) => {
                 let now = Instant::now();
                 batch.for_each(n, |src, datagram| {
+                    // STUN answers share the WireGuard socket; no WireGuard
+                    // message is ever `is_stun` (see wire::stun).
+                    if crate::wire::stun::is_stun(datagram)
+                        && shared.handle_stun(normalize(src), datagram)
+                    {
+                        return;
+                    }
                     shared.handle_datagram(now, Endpoint::Udp(normalize(src)), datagram, &mut rx)
                 });
                 rx.deliver(&shared);
@@ -793,6 +806,7 @@ fn timer_loop(shared: Arc<Shared>, stop: Receiver<()>) {
         shared
             .device
             .poll_timers(Instant::now(), &mut out, &mut Net(&shared));
+        shared.poll_nat(Instant::now());
     }
 }
 

@@ -22,6 +22,7 @@ pub use crate::peer::{BufferBudget, DEFAULT_BUFFER_LIMIT};
 pub use engine::{
     Engine, EngineError, EngineStats, PeerUpdate, RelayInbox, RelayTransport, SendError,
 };
+pub use engine::{NatStats, NatStatus, ANNOUNCE_INTERVAL, ANSWER_GAP, REDISCOVER_INTERVAL};
 pub use pool::{BufferPool, PacketBuf};
 pub use sink::{HostQueue, InnerBurst, InnerSink};
 pub use uapi::{

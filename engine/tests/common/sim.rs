@@ -9,7 +9,7 @@
 //! quinn-proto's `tests/util.rs` `Pair`.
 #![allow(dead_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -70,6 +70,69 @@ impl DeviceIo for Outbox {
     }
 }
 
+/// A NAT router in front of some nodes, modelled on Linux conntrack with
+/// nftables `masquerade`: a node's datagrams leave from `public_ip` and a
+/// mapped port; what comes in is let through only as a reply (its source
+/// is exactly an address the node sent to from that port).
+#[derive(Debug, Clone)]
+pub struct NatBox {
+    pub public_ip: IpAddr,
+    /// `masquerade random`: a new port per destination (an
+    /// endpoint-dependent, "symmetric", mapping). Otherwise the node keeps
+    /// one port for all destinations (endpoint-independent).
+    pub random: bool,
+    /// (node, destination or `None` for endpoint-independent) -> port.
+    map: HashMap<(usize, Option<SocketAddr>), u16>,
+    /// Conntrack: (public port, remote) pairs replies may come back on.
+    open: HashSet<(u16, SocketAddr)>,
+    owner: HashMap<u16, usize>,
+    next_port: u16,
+}
+
+impl NatBox {
+    pub fn new(public_ip: IpAddr, random: bool) -> NatBox {
+        NatBox {
+            public_ip,
+            random,
+            map: HashMap::new(),
+            open: HashSet::new(),
+            owner: HashMap::new(),
+            next_port: 40000,
+        }
+    }
+
+    /// The public address node `i`'s datagram to `to` leaves from (the
+    /// mapping is made, and the reply path opened, as it is sent).
+    fn out(&mut self, i: usize, to: SocketAddr) -> SocketAddr {
+        let key = (i, self.random.then_some(to));
+        let port = match self.map.get(&key) {
+            Some(p) => *p,
+            None => {
+                let p = self.next_port;
+                self.next_port += 1;
+                self.map.insert(key, p);
+                self.owner.insert(p, i);
+                p
+            }
+        };
+        self.open.insert((port, to));
+        SocketAddr::new(self.public_ip, port)
+    }
+
+    /// What a STUN server at `server` would tell node `i`: its mapping
+    /// towards the server.
+    pub fn reflexive(&mut self, i: usize, server: SocketAddr) -> SocketAddr {
+        self.out(i, server)
+    }
+
+    /// The mappings expire (or the NAT reboots): every conntrack entry goes.
+    pub fn expire(&mut self) {
+        self.map.clear();
+        self.open.clear();
+        self.owner.clear();
+    }
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct SimStats {
     pub udp_sent: u64,
@@ -77,6 +140,8 @@ pub struct SimStats {
     /// UDP datagrams sent to an address no node has, or across a cut path.
     pub udp_unreachable: u64,
     pub relayed: u64,
+    /// UDP datagrams a NAT dropped (no conntrack entry for them).
+    pub nat_filtered: u64,
 }
 
 pub struct Sim {
@@ -91,6 +156,11 @@ pub struct Sim {
     pub relay_dead: HashSet<usize>,
     /// Every datagram that crossed the network: (to node, from, bytes).
     pub captured: Vec<(usize, Endpoint, Vec<u8>)>,
+    /// NAT routers, and which one each node sits behind (by index).
+    pub nats: Vec<NatBox>,
+    pub behind: HashMap<usize, usize>,
+    /// Every UDP datagram a node sent: (node, destination).
+    pub udp_log: Vec<(usize, SocketAddr)>,
     rng: Rng,
     tick: u64,
     start: Instant,
@@ -127,6 +197,9 @@ impl Sim {
             udp_cut: HashSet::new(),
             relay_dead: HashSet::new(),
             captured: Vec::new(),
+            nats: Vec::new(),
+            behind: HashMap::new(),
+            udp_log: Vec::new(),
             rng: Rng::new(seed),
             tick: 0,
             start: Instant::now(),
@@ -135,7 +208,7 @@ impl Sim {
         }
     }
 
-    fn add_node(&mut self, i: usize) {
+    pub fn add_node(&mut self, i: usize) {
         let key = PrivateKey::generate();
         let device = Device::new(Some(key.clone()), 1420, Arc::new(BufferBudget::default()));
         self.nodes.push(Node {
@@ -274,8 +347,51 @@ impl Sim {
 
     /// Sends a UDP datagram from node `i`'s current address.
     fn send_udp(&mut self, i: usize, addr: SocketAddr, bytes: Vec<u8>) {
-        let from = self.nodes[i].addr;
+        self.udp_log.push((i, addr));
+        let mut from = self.nodes[i].addr;
+        if let Some(&n) = self.behind.get(&i) {
+            // To a node behind the same NAT: straight over their LAN.
+            let local = self
+                .nodes
+                .iter()
+                .position(|x| x.addr == addr)
+                .is_some_and(|j| self.behind.get(&j) == Some(&n));
+            if !local {
+                from = self.nats[n].out(i, addr);
+            }
+        }
         self.inject_udp(from, addr, bytes, Some(i));
+    }
+
+    /// Puts node `i` behind NAT `nat` (its `addr` becomes a private LAN
+    /// address nobody outside reaches).
+    pub fn put_behind(&mut self, i: usize, nat: usize, private: SocketAddr) {
+        self.nodes[i].addr = private;
+        self.behind.insert(i, nat);
+    }
+
+    /// The node a datagram from `from` to `to` reaches, if any: a node at
+    /// that address (behind a NAT: only from its own LAN), or through a
+    /// NAT's public address when conntrack has the reply path.
+    fn destination(
+        &mut self,
+        from: SocketAddr,
+        to: SocketAddr,
+        sender: Option<usize>,
+    ) -> Option<usize> {
+        if let Some(j) = self.nodes.iter().position(|n| n.addr == to) {
+            return match self.behind.get(&j) {
+                None => Some(j),
+                Some(n) => (sender.and_then(|i| self.behind.get(&i)) == Some(n)).then_some(j),
+            };
+        }
+        let nat = self.nats.iter().position(|n| n.public_ip == to.ip())?;
+        let nat = &self.nats[nat];
+        if !nat.open.contains(&(to.port(), from)) {
+            self.stats.nat_filtered += 1;
+            return None;
+        }
+        nat.owner.get(&to.port()).copied()
     }
 
     /// Puts a UDP datagram on the network from any source address (an
@@ -288,7 +404,7 @@ impl Sim {
         sender: Option<usize>,
     ) {
         self.stats.udp_sent += 1;
-        let Some(j) = self.nodes.iter().position(|n| n.addr == to) else {
+        let Some(j) = self.destination(from, to, sender) else {
             self.stats.udp_unreachable += 1;
             return;
         };
@@ -365,6 +481,11 @@ impl Sim {
         for _ in 0..ticks {
             self.step();
         }
+    }
+
+    /// Ticks since the start (milliseconds of simulated time).
+    pub fn ticks(&self) -> u64 {
+        self.tick
     }
 
     pub fn in_flight(&self) -> usize {

@@ -33,9 +33,10 @@ use parking_lot::{Mutex, RwLock};
 
 use super::{Engine, EngineError, Net, RxBurst, Shared};
 use crate::config::PublicKey;
-use crate::device::{Endpoint, PathAction, PathState};
+use crate::device::{Endpoint, PathAction, PathState, ProbeBudget};
 use crate::io::udp::MAX_DATAGRAM;
 use crate::peer::{output_buffer_len, PeerPath};
+use crate::relay::protocol::Candidates;
 
 /// How often the path thread looks at the peers.
 const PATH_TICK: Duration = Duration::from_millis(250);
@@ -104,6 +105,10 @@ impl RelayInbox {
         let Some(shared) = self.0.upgrade() else {
             return;
         };
+        if Candidates::is_candidates(datagram) {
+            shared.handle_candidates(from, datagram);
+            return;
+        }
         // Relayed datagrams arrive one at a time: each is its own burst.
         RELAY_RX.with_borrow_mut(|rx| {
             shared.handle_datagram(Instant::now(), Endpoint::Relay(*from), datagram, rx);
@@ -197,6 +202,7 @@ impl Engine {
 
 fn path_loop(shared: Weak<Shared>, stop: Receiver<()>, probe_interval: Duration) {
     let mut peers: HashMap<PublicKey, PathState> = HashMap::new();
+    let mut nat = NatTick::default();
     let mut own_key = None;
     let mut out = vec![0u8; output_buffer_len(MAX_DATAGRAM)];
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(PATH_TICK) {
@@ -214,6 +220,9 @@ fn path_loop(shared: Weak<Shared>, stop: Receiver<()>, probe_interval: Duration)
         own_key = key;
         let relay_up = active.transport.is_up();
         tick(&shared, &mut peers, relay_up, probe_interval, &mut out);
+        if relay_up {
+            nat.tick(&shared, &active, &mut peers, &mut out);
+        }
     }
     // Relay gone: peers on it go back to their last UDP endpoint.
     if let Some(shared) = shared.upgrade() {
@@ -254,6 +263,7 @@ fn tick(
         match action {
             PathAction::Stay => {}
             PathAction::ToRelay => {
+                shared.nat.fallbacks.fetch_add(1, Relaxed);
                 tracing::info!(peer = %key, "UDP handshakes unanswered; moving the peer to the relay");
                 shared
                     .device
@@ -267,6 +277,90 @@ fn tick(
                     tracing::debug!(peer = %key, %udp, "probing UDP");
                 }
             }
+        }
+    }
+}
+
+/// The path thread's NAT traversal state: when candidates last went to
+/// each peer, and the device-wide probe budget.
+#[derive(Default)]
+struct NatTick {
+    budget: ProbeBudget,
+    /// Per peer: the generation of our candidates it got last, and when.
+    announced: HashMap<PublicKey, (u64, Instant)>,
+    answered: HashMap<PublicKey, Instant>,
+}
+
+impl NatTick {
+    fn tick(
+        &mut self,
+        shared: &Shared,
+        active: &ActiveRelay,
+        states: &mut HashMap<PublicKey, PathState>,
+        out: &mut [u8],
+    ) {
+        let now = Instant::now();
+        let (generation, ours) = shared.nat_candidates();
+        let send = |to: &PublicKey| {
+            if active
+                .transport
+                .send(to, &Candidates(ours.clone()).encode())
+            {
+                shared.nat.sent.fetch_add(1, Relaxed);
+            }
+        };
+        // Their candidates in; ours back at once, so both sides probe together.
+        for (key, list) in shared.take_pending_candidates() {
+            let Some(peer) = shared.device.peer(&key) else {
+                continue;
+            };
+            let st = states
+                .entry(key)
+                .or_insert_with(|| PathState::new(&peer.stats(), now));
+            st.set_candidates(&list, now);
+            let recent = self
+                .answered
+                .get(&key)
+                .is_some_and(|t| now.saturating_duration_since(*t) < super::nat_path::ANSWER_GAP);
+            if !ours.is_empty() && !recent {
+                self.answered.insert(key, now);
+                send(&key);
+            }
+        }
+        let keys = shared.device.peer_keys();
+        self.answered.retain(|k, _| keys.contains(k));
+        self.announced.retain(|k, _| keys.contains(k));
+        if !ours.is_empty() {
+            // A new peer, new candidates, or ANNOUNCE_INTERVAL since.
+            for key in keys {
+                let due = self.announced.get(&key).is_none_or(|(g, t)| {
+                    *g != generation
+                        || now.saturating_duration_since(*t) >= super::nat_path::ANNOUNCE_INTERVAL
+                });
+                if due {
+                    self.announced.insert(key, (generation, now));
+                    send(&key);
+                }
+            }
+        }
+        let mut net = Net(shared);
+        for (key, st) in states.iter_mut() {
+            let Some(peer) = shared.device.peer(key) else {
+                continue;
+            };
+            let deferred = self.budget.deferred;
+            if let Some(targets) = st.candidate_round(&peer.stats(), now, &mut self.budget) {
+                let n = shared
+                    .device
+                    .probe_many(now, &peer, &targets, out, &mut net);
+                shared.nat.rounds.fetch_add(1, Relaxed);
+                shared.nat.probes.fetch_add(n as u64, Relaxed);
+                tracing::debug!(peer = %key, probes = n, "probing candidates");
+            }
+            shared
+                .nat
+                .deferred
+                .fetch_add(self.budget.deferred - deferred, Relaxed);
         }
     }
 }

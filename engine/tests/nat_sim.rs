@@ -1,0 +1,344 @@
+//! NAT traversal in the deterministic simulation (`common/sim.rs`): nodes
+//! behind simulated NAT routers (conntrack-style masquerade), candidates
+//! exchanged as relay candidate messages, and the path policy
+//! (`device::PathState`) probing them on simulated time. Each test names
+//! what would break.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::link::seed;
+use common::sim::{NatBox, Net, Sim};
+use meshvpn_engine::device::{
+    Endpoint, PathAction, PathState, ProbeBudget, MIN_BURST_GAP, PROBE_BURST_ROUNDS,
+    REPROBE_INTERVAL,
+};
+use meshvpn_engine::peer::PeerPath;
+use meshvpn_engine::relay::protocol::Candidates;
+
+/// Where the simulated STUN server is (the NAT maps towards it).
+const STUN: &str = "192.0.2.250:3478";
+/// How often the policy looks at the peers (as the engine's path thread).
+const PATH_TICK: Duration = Duration::from_millis(250);
+
+/// Each node's path policy for each peer, and each node's probe budget.
+struct Driver {
+    states: HashMap<(usize, usize), PathState>,
+    budgets: Vec<ProbeBudget>,
+    /// (time in ms, node, peer, new path) for every change seen.
+    changes: Vec<(u64, usize, usize, PeerPath)>,
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// Two nodes that know no UDP endpoint of each other, each behind a NAT
+/// (`Some(random)`) or public (`None`), with a session over the relay.
+fn two_nodes(seed: u64, nats: [Option<bool>; 2]) -> (Sim, Driver) {
+    let mut sim = Sim::new(seed, Net::default());
+    for i in 0..2 {
+        sim.add_node(i);
+    }
+    sim.introduce(0, 1, false);
+    sim.introduce(1, 0, false);
+    for (i, nat) in nats.iter().enumerate() {
+        if let Some(random) = nat {
+            let public = [sa("203.0.113.1:0"), sa("198.51.100.1:0")][i].ip();
+            sim.nats.push(NatBox::new(public, *random));
+            let n = sim.nats.len() - 1;
+            sim.put_behind(i, n, SocketAddr::from(([172, 16, i as u8, 2], 51820)));
+        }
+    }
+    for (i, j) in [(0, 1), (1, 0)] {
+        let key = sim.nodes[j].public();
+        sim.peer(i, j).set_endpoint(Endpoint::Relay(key));
+    }
+    assert!(sim.establish(0, 1, 5), "no session over the relay");
+    let mut states = HashMap::new();
+    for (i, j) in [(0, 1), (1, 0)] {
+        states.insert((i, j), PathState::new(&sim.peer(i, j).stats(), sim.now()));
+    }
+    let d = Driver {
+        states,
+        budgets: vec![ProbeBudget::default(), ProbeBudget::default()],
+        changes: Vec::new(),
+    };
+    (sim, d)
+}
+
+/// What node `i` announces: its local address and, behind a NAT, the
+/// address a STUN server sees.
+fn candidates_of(sim: &mut Sim, i: usize) -> Vec<SocketAddr> {
+    let mut c = vec![sim.nodes[i].addr];
+    if let Some(&n) = sim.behind.get(&i) {
+        c.push(sim.nats[n].reflexive(i, sa(STUN)));
+    }
+    c
+}
+
+/// Node `i`'s candidates reach node `j` as a relay candidate message.
+fn announce(sim: &mut Sim, d: &mut Driver, i: usize, j: usize) {
+    let wire = Candidates(candidates_of(sim, i)).encode();
+    let got = Candidates::decode(&wire).expect("our own message parses");
+    let now = sim.now();
+    d.states
+        .get_mut(&(j, i))
+        .unwrap()
+        .set_candidates(&got.0, now);
+}
+
+/// One look of the policy at every peer, as the engine's path thread.
+fn policy(sim: &mut Sim, d: &mut Driver) {
+    for (i, j) in [(0, 1), (1, 0)] {
+        let peer = sim.peer(i, j);
+        let key = sim.nodes[j].public();
+        let now = sim.now();
+        let st = d.states.get_mut(&(i, j)).unwrap();
+        let before = st.path;
+        let action = st.step(&peer.stats(), true, Duration::from_secs(5), now);
+        let after = peer.stats().path;
+        if after != before {
+            d.changes.push((sim.ticks(), i, j, after));
+        }
+        match action {
+            PathAction::Stay => {}
+            PathAction::ToRelay => {
+                d.changes.push((sim.ticks(), i, j, PeerPath::Relay));
+                sim.with_device(i, |dev, now, out, io| {
+                    dev.switch_path(now, &peer, Endpoint::Relay(key), out, io)
+                })
+            }
+            PathAction::Probe(udp) => sim.with_device(i, |dev, now, out, io| {
+                dev.probe(now, &peer, Endpoint::Udp(udp), out, io);
+            }),
+        }
+        let st = d.states.get_mut(&(i, j)).unwrap();
+        if let Some(targets) = st.candidate_round(&peer.stats(), now, &mut d.budgets[i]) {
+            sim.with_device(i, |dev, now, out, io| {
+                dev.probe_many(now, &peer, &targets, out, io);
+            });
+        }
+    }
+}
+
+/// Runs the network, the timers and the policy for `d`; `each` runs every
+/// PATH_TICK first (to send traffic, say) and can stop the run early.
+fn run(
+    sim: &mut Sim,
+    d: &mut Driver,
+    dur: Duration,
+    mut each: impl FnMut(&mut Sim, &mut Driver) -> bool,
+) {
+    let steps = dur.as_millis() / PATH_TICK.as_millis();
+    for _ in 0..steps {
+        if each(sim, d) {
+            return;
+        }
+        sim.timers(0);
+        sim.timers(1);
+        policy(sim, d);
+        sim.advance(PATH_TICK);
+    }
+}
+
+fn direct(sim: &Sim, i: usize, j: usize) -> bool {
+    matches!(sim.endpoint(i, j), Some(Endpoint::Udp(_)))
+}
+
+/// Every UDP datagram node `i` sent went to one of `allowed`.
+fn only_to(sim: &Sim, i: usize, allowed: &[SocketAddr]) -> usize {
+    let sent: Vec<_> = sim.udp_log.iter().filter(|(n, _)| *n == i).collect();
+    for (_, to) in &sent {
+        assert!(
+            allowed.contains(to),
+            "node {i} sent to {to}, not a candidate: {allowed:?}"
+        );
+    }
+    sent.len()
+}
+
+#[test]
+fn two_endpoint_independent_nats_upgrade_from_relay_to_direct() {
+    let (mut sim, mut d) = two_nodes(seed(21), [Some(false), Some(false)]);
+    let start = sim.ticks();
+    announce(&mut sim, &mut d, 0, 1);
+    announce(&mut sim, &mut d, 1, 0);
+    let mut upgraded_at = None;
+    run(&mut sim, &mut d, Duration::from_secs(20), |sim, _| {
+        if direct(sim, 0, 1) && direct(sim, 1, 0) {
+            upgraded_at = Some(sim.ticks() - start);
+            return true;
+        }
+        false
+    });
+    let ms = upgraded_at.expect("no direct path within 20 s");
+    eprintln!("direct path after {ms} ms of simulated time");
+    assert!(ms <= 3000, "direct path only after {ms} ms");
+    // Each side reached the other's NAT mapping, never its private address.
+    let c0 = candidates_of(&mut sim, 0);
+    let c1 = candidates_of(&mut sim, 1);
+    assert_eq!(sim.endpoint(0, 1), Some(Endpoint::Udp(c1[1])));
+    assert_eq!(sim.endpoint(1, 0), Some(Endpoint::Udp(c0[1])));
+    // Probes went to candidates only; the first one hit a closed NAT.
+    let p0 = only_to(&sim, 0, &c1);
+    let p1 = only_to(&sim, 1, &c0);
+    assert!(
+        sim.stats.nat_filtered >= 1,
+        "no NAT filtered anything: the test proves nothing"
+    );
+    eprintln!("probe datagrams: node 0 {p0}, node 1 {p1}");
+    // Traffic now moves directly: the relay carries none of it.
+    let relayed = sim.stats.relayed;
+    for s in 0..20u8 {
+        sim.send(0, 1, s);
+        sim.send(1, 0, s);
+    }
+    sim.settle(100);
+    assert_eq!(sim.nodes[1].received.len(), 20);
+    assert_eq!(sim.nodes[0].received.len(), 20);
+    assert_eq!(sim.stats.relayed, relayed, "data still took the relay");
+}
+
+#[test]
+fn behind_a_random_port_nat_the_peer_stays_on_the_relay_with_bounded_probes() {
+    let (mut sim, mut d) = two_nodes(seed(22), [Some(false), Some(true)]);
+    announce(&mut sim, &mut d, 0, 1);
+    announce(&mut sim, &mut d, 1, 0);
+    let dur = Duration::from_secs(120);
+    let mut sent = 0u8;
+    run(&mut sim, &mut d, dur, |sim, _| {
+        sim.send(0, 1, sent);
+        sent = sent.wrapping_add(1);
+        false
+    });
+    assert!(
+        !direct(&sim, 0, 1) && !direct(&sim, 1, 0),
+        "a direct path through a symmetric NAT?"
+    );
+    assert!(
+        sim.nodes[1].received.len() >= 470,
+        "traffic over the relay stalled: {}",
+        sim.nodes[1].received.len()
+    );
+    let c0 = candidates_of(&mut sim, 0);
+    let c1 = candidates_of(&mut sim, 1);
+    let p0 = only_to(&sim, 0, &c1) as u64;
+    let p1 = only_to(&sim, 1, &c0) as u64;
+    // One burst, then a round every REPROBE_INTERVAL, two candidates each.
+    let bursts = u64::from(PROBE_BURST_ROUNDS);
+    let later = (dur.as_secs() / REPROBE_INTERVAL.as_secs()) + 1;
+    let bound = (bursts + later) * 2;
+    eprintln!(
+        "in {} s: probe datagrams node 0 {p0}, node 1 {p1} (bound {bound})",
+        dur.as_secs()
+    );
+    for (i, p) in [(0, p0), (1, p1)] {
+        let st = &d.states[&(i, 1 - i)];
+        assert_eq!(
+            st.probes_sent, p,
+            "node {i}'s count differs from the datagrams sent"
+        );
+        assert!(
+            p <= bound,
+            "node {i} sent {p} probes in 120 s, bound {bound}"
+        );
+        assert!(p >= bursts * 2, "node {i} did not probe its burst: {p}");
+    }
+}
+
+#[test]
+fn a_peer_resending_candidates_cannot_speed_up_probing() {
+    let (mut sim, mut d) = two_nodes(seed(23), [Some(false), Some(true)]);
+    let dur = Duration::from_secs(60);
+    run(&mut sim, &mut d, dur, |sim, d| {
+        // Node 1 announces on every tick (a buggy or hostile peer).
+        announce(sim, d, 1, 0);
+        false
+    });
+    let c1 = candidates_of(&mut sim, 1);
+    let p0 = only_to(&sim, 0, &c1) as u64;
+    // At most a burst per MIN_BURST_GAP.
+    let bound = (dur.as_secs() / MIN_BURST_GAP.as_secs() + 1) * u64::from(PROBE_BURST_ROUNDS) * 2;
+    eprintln!(
+        "node 0 sent {p0} probes in 60 s while node 1 announced every 250 ms (bound {bound})"
+    );
+    assert!(p0 <= bound, "{p0} probes, bound {bound}");
+}
+
+#[test]
+fn a_failed_direct_path_falls_back_to_the_relay_and_returns() {
+    let (mut sim, mut d) = two_nodes(seed(24), [Some(false), Some(false)]);
+    announce(&mut sim, &mut d, 0, 1);
+    announce(&mut sim, &mut d, 1, 0);
+    run(&mut sim, &mut d, Duration::from_secs(10), |sim, _| {
+        direct(sim, 0, 1) && direct(sim, 1, 0)
+    });
+    assert!(
+        direct(&sim, 0, 1) && direct(&sim, 1, 0),
+        "no direct path to start from"
+    );
+    // Both NATs lose their mappings (a reboot, a new public port) mid-transfer.
+    for n in &mut sim.nats {
+        n.expire();
+    }
+    let expired_at = sim.ticks();
+    let mut n = 0u8;
+    let mut fell_back = false;
+    let mut announced = false;
+    let (mut at_relay, mut returned) = (0usize, false);
+    run(&mut sim, &mut d, Duration::from_secs(120), |sim, d| {
+        sim.send(0, 1, n);
+        sim.send(1, 0, n);
+        n = n.wrapping_add(1);
+        // boringtun's own timers run on the real clock, not the
+        // simulation's: its retries (a handshake 15 s after data went
+        // unanswered, again 5 s later) are made here, on simulated time.
+        let since = sim.ticks() - expired_at;
+        if since == 15_000 || since == 20_000 {
+            for (i, j) in [(0, 1), (1, 0)] {
+                let peer = sim.peer(i, j);
+                if let Some(to @ Endpoint::Udp(_)) = peer.endpoint() {
+                    sim.with_device(i, |dev, now, out, io| {
+                        dev.switch_path(now, &peer, to, out, io)
+                    });
+                }
+            }
+        }
+        if !fell_back && !direct(sim, 0, 1) && !direct(sim, 1, 0) {
+            fell_back = true;
+            at_relay = sim.nodes[1].received.len();
+        }
+        if fell_back && !announced {
+            // Discovery runs again and each side announces its new mapping.
+            announce(sim, d, 0, 1);
+            announce(sim, d, 1, 0);
+            announced = true;
+        }
+        if fell_back && direct(sim, 0, 1) && direct(sim, 1, 0) {
+            returned = true;
+            return true;
+        }
+        false
+    });
+    assert!(fell_back, "the dead direct path was kept");
+    assert!(returned, "never returned to a direct path");
+    assert!(
+        sim.nodes[1].received.len() > at_relay,
+        "no traffic moved over the relay while direct was down"
+    );
+    let relayed = sim.stats.relayed;
+    for s in 0..10u8 {
+        sim.send(0, 1, s);
+    }
+    sim.settle(100);
+    assert_eq!(
+        sim.stats.relayed, relayed,
+        "data still took the relay after the return"
+    );
+    let st = &d.states[&(0, 1)];
+    assert!(st.fallbacks >= 1 || d.states[&(1, 0)].fallbacks >= 1);
+}
