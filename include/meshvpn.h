@@ -748,6 +748,43 @@ typedef struct meshvpn_stats {
    * `MESHVPN_DROP_SINK_FULL` on their peer.
    */
   uint64_t buffer_limit_drops;
+  /**
+   * Flows the packet filter tracks now.
+   */
+  uint64_t filter_flows;
+  /**
+   * Filter drops: not an IP packet, or its TCP, UDP or ICMP header cut
+   * short.
+   */
+  uint64_t filter_malformed;
+  /**
+   * Filter drops: an IPv4 TCP fragment at offset 1 (RFC 1858).
+   */
+  uint64_t filter_fragment;
+  /**
+   * Filter drops: a peer's packet starting a flow no inbound rule
+   * accepts.
+   */
+  uint64_t filter_not_allowed;
+  /**
+   * Filter drops: a peer's reply-like packet (ACK, SYN-ACK, echo reply)
+   * with no tracked flow and no rule accepting it.
+   */
+  uint64_t filter_no_state;
+  /**
+   * Filter drops: a host packet starting a flow no outbound rule
+   * accepts (its send fails with `MESHVPN_PACKET_DROPPED`).
+   */
+  uint64_t filter_outbound_denied;
+  /**
+   * Filter drops: an accepted new flow found the tracking table full.
+   */
+  uint64_t filter_table_full;
+  /**
+   * Filter drops: an accepted new flow's peer already holds its share
+   * of the tracking table.
+   */
+  uint64_t filter_source_share;
 } meshvpn_stats;
 
 /**
@@ -1561,6 +1598,29 @@ meshvpn_result meshvpn_engine_config_text(const struct meshvpn_engine *engine,
  * Thread safety: safe to call from any thread at any time.
  */
 meshvpn_result meshvpn_engine_set_buffer_limit(const struct meshvpn_engine *engine, size_t bytes);
+
+/**
+ * Installs the engine's packet filter from its text form, one rule per
+ * line (`in|out from PREFIX,... to PREFIX[:PORTS],... [proto LIST]
+ * [icmp LIST]`, `#` comments; the full grammar is in the engine's
+ * `filter::text` documentation). `in` rules say which flows peers may
+ * start to this node, `out` rules which flows the host may start; replies
+ * to an allowed flow pass both ways. NULL removes the filter (allow all,
+ * the default); an empty text installs no rule at all, so every new flow
+ * is refused. New rules apply to the next packet; tracked flows go on.
+ * Refused packets are counted in `meshvpn_stats.filter_*`; a refused
+ * send returns `MESHVPN_PACKET_DROPPED`.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_ENGINE_STOPPED`,
+ * `MESHVPN_INVALID_ARGUMENT` (not UTF-8, or a rule that does not parse:
+ * the last error names its line).
+ *
+ * # Safety
+ * A non-NULL `rules` is a NUL-terminated string.
+ *
+ * Thread safety: safe to call from any thread at any time.
+ */
+meshvpn_result meshvpn_engine_set_filter(const struct meshvpn_engine *engine, const char *rules);
 
 /**
  * Writes the engine's buffer ceiling (`meshvpn_engine_set_buffer_limit`)

@@ -250,6 +250,20 @@ type Stats struct {
 	// (SetBufferLimit) was reached; each also counts as DropSinkFull on
 	// its peer.
 	BufferLimitDrops uint64
+	// FilterFlows is the number of flows the packet filter tracks now.
+	FilterFlows uint64
+	// Packets the packet filter dropped, per reason: not IP or a header
+	// cut short; an IPv4 TCP fragment at offset 1; a flow no inbound rule
+	// accepts; a reply-like packet with no tracked flow; a host packet no
+	// outbound rule accepts; the tracking table full; the peer's share of
+	// the table used up.
+	FilterMalformed      uint64
+	FilterFragment       uint64
+	FilterNotAllowed     uint64
+	FilterNoState        uint64
+	FilterOutboundDenied uint64
+	FilterTableFull      uint64
+	FilterSourceShare    uint64
 }
 
 // Stats returns the engine-wide counters.
@@ -259,16 +273,24 @@ func (e *Engine) Stats() (Stats, error) {
 		return C.meshvpn_engine_stats(h, &s)
 	})
 	return Stats{
-		RxMalformed:       uint64(s.rx_malformed),
-		RxUnknownIndex:    uint64(s.rx_unknown_index),
-		RxUnknownPeer:     uint64(s.rx_unknown_peer),
-		RxInvalidMAC:      uint64(s.rx_invalid_mac),
-		CookieRepliesSent: uint64(s.cookie_replies_sent),
-		TxMalformed:       uint64(s.tx_malformed),
-		TxNoRoute:         uint64(s.tx_no_route),
-		UDPSendErrors:     uint64(s.udp_send_errors),
-		UDPSendDropped:    uint64(s.udp_send_dropped),
-		BufferLimitDrops:  uint64(s.buffer_limit_drops),
+		RxMalformed:          uint64(s.rx_malformed),
+		RxUnknownIndex:       uint64(s.rx_unknown_index),
+		RxUnknownPeer:        uint64(s.rx_unknown_peer),
+		RxInvalidMAC:         uint64(s.rx_invalid_mac),
+		CookieRepliesSent:    uint64(s.cookie_replies_sent),
+		TxMalformed:          uint64(s.tx_malformed),
+		TxNoRoute:            uint64(s.tx_no_route),
+		UDPSendErrors:        uint64(s.udp_send_errors),
+		UDPSendDropped:       uint64(s.udp_send_dropped),
+		BufferLimitDrops:     uint64(s.buffer_limit_drops),
+		FilterFlows:          uint64(s.filter_flows),
+		FilterMalformed:      uint64(s.filter_malformed),
+		FilterFragment:       uint64(s.filter_fragment),
+		FilterNotAllowed:     uint64(s.filter_not_allowed),
+		FilterNoState:        uint64(s.filter_no_state),
+		FilterOutboundDenied: uint64(s.filter_outbound_denied),
+		FilterTableFull:      uint64(s.filter_table_full),
+		FilterSourceShare:    uint64(s.filter_source_share),
 	}, err
 }
 
@@ -288,6 +310,36 @@ func (e *Engine) SetBufferLimit(bytes int) error {
 	}
 	return e.do("Engine.SetBufferLimit", func(h *C.meshvpn_engine) C.meshvpn_result {
 		return C.meshvpn_engine_set_buffer_limit(h, C.size_t(bytes))
+	})
+}
+
+// SetFilter installs the engine's packet filter from its text form, one
+// rule per line:
+//
+//	in  from 100.64.0.2/32,10.43.0.0/16 to 100.64.0.1/32:22,10.42.1.0/24:8000-8099 proto tcp
+//	out from 0.0.0.0/0,::/0 to 0.0.0.0/0,::/0
+//
+// "in" rules say which flows peers may start to this node, "out" rules
+// which flows the host may start; replies to an allowed flow pass both
+// ways. Ports are N, N-M or *; "proto" lists tcp, udp, icmp, icmpv6,
+// numbers or * (default: those four); "icmp" lists the ICMP types that
+// may start a flow (default: echo requests); # starts a comment. An empty
+// text refuses every new flow; ClearFilter allows all again. New rules
+// apply to the next packet; tracked flows go on. A rule that does not
+// parse is ErrInvalidArgument naming its line. Refused packets are
+// counted in Stats.Filter*; a refused send is ErrPacketDropped.
+func (e *Engine) SetFilter(rules string) error {
+	text := C.CString(rules)
+	defer C.free(unsafe.Pointer(text))
+	return e.do("Engine.SetFilter", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_set_filter(h, text)
+	})
+}
+
+// ClearFilter removes the packet filter: everything passes (the default).
+func (e *Engine) ClearFilter() error {
+	return e.do("Engine.ClearFilter", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_set_filter(h, nil)
 	})
 }
 

@@ -509,3 +509,58 @@ func TestOversizedPacketIsDroppedAndCounted(t *testing.T) {
 		t.Fatal("the packet after the oversized one differs")
 	}
 }
+
+// TestFilter: b accepts UDP port 5678 from a; a's flow and b's reply pass,
+// another port is dropped and counted, a flow b may not start fails at
+// once, a bad rule names its line, and ClearFilter allows all again.
+func TestFilter(t *testing.T) {
+	a, b := pair(t)
+	withPorts := func(p []byte, sport, dport uint16) []byte {
+		p[20], p[21] = byte(sport>>8), byte(sport)
+		p[22], p[23] = byte(dport>>8), byte(dport)
+		return p
+	}
+	err := b.e.SetFilter("in from 10.77.0.1/32 to 10.77.0.2/32:5678 proto udp # a's service\nin from 10.77.0.1/32 to 10.77.0.2/32:5678 proto nope")
+	if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), "line 2") {
+		t.Fatalf("bad rule: %v", err)
+	}
+	if err := b.e.SetFilter("in from 10.77.0.1/32 to 10.77.0.2/32:5678 proto udp # a's service"); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.e.SendPacket(withPorts(udpPacket(a.addr, b.addr, 100, 1), 1234, 5678)); err != nil {
+		t.Fatal(err)
+	}
+	readN(t, b.e, 1)
+	if err := b.e.SendPacket(withPorts(udpPacket(b.addr, a.addr, 100, 2), 5678, 1234)); err != nil {
+		t.Fatalf("reply on the allowed flow: %v", err)
+	}
+	readN(t, a.e, 1)
+	if err := a.e.SendPacket(withPorts(udpPacket(a.addr, b.addr, 100, 3), 1234, 9999)); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		s, _ := b.e.Stats()
+		if s.FilterNotAllowed == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("denied packet not counted: %+v", s)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	err = b.e.SendPacket(withPorts(udpPacket(b.addr, a.addr, 100, 4), 5678, 4321))
+	if !errors.Is(err, ErrPacketDropped) {
+		t.Fatalf("outbound flow the rules refuse: %v", err)
+	}
+	if s, _ := b.e.Stats(); s.FilterOutboundDenied != 1 || s.FilterFlows != 1 {
+		t.Fatalf("filter stats %+v", s)
+	}
+	if err := b.e.ClearFilter(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.e.SendPacket(withPorts(udpPacket(b.addr, a.addr, 100, 5), 5678, 4321)); err != nil {
+		t.Fatalf("after ClearFilter: %v", err)
+	}
+	readN(t, a.e, 1)
+}

@@ -432,3 +432,289 @@ fn a_probe_goes_out_even_while_a_handshake_is_stuck_on_a_dead_relay() {
         "no data over UDP afterwards"
     );
 }
+
+// ---- The packet filter in the device's data path (issue 14) ----
+
+mod filter {
+    use std::net::IpAddr;
+    use std::sync::Arc;
+
+    use super::common::link::seed;
+    use super::common::sim::{Net, Sim};
+    use meshvpn_engine::device::SendError;
+    use meshvpn_engine::filter::{
+        default_icmp_types, ByteSet, FilterDrop, FilterRules, PortRange, Rule,
+    };
+    use meshvpn_engine::IpPrefix;
+
+    const TCP: u8 = 6;
+    const UDP: u8 = 17;
+    const ICMP: u8 = 1;
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+
+    fn ip4(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
+        let (IpAddr::V4(s), IpAddr::V4(d)) = (src, dst) else {
+            panic!("IPv4 only")
+        };
+        let len = 20 + l4.len();
+        let mut p = vec![0u8; len];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = proto;
+        p[12..16].copy_from_slice(&s.octets());
+        p[16..20].copy_from_slice(&d.octets());
+        p[20..].copy_from_slice(l4);
+        p
+    }
+
+    fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8) -> Vec<u8> {
+        let mut t = [0u8; 20];
+        t[0..2].copy_from_slice(&sport.to_be_bytes());
+        t[2..4].copy_from_slice(&dport.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = flags;
+        ip4(src, dst, TCP, &t)
+    }
+
+    fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
+        let mut u = [0u8; 12];
+        u[0..2].copy_from_slice(&sport.to_be_bytes());
+        u[2..4].copy_from_slice(&dport.to_be_bytes());
+        u[4..6].copy_from_slice(&12u16.to_be_bytes());
+        ip4(src, dst, UDP, &u)
+    }
+
+    /// An ICMP echo request (8) or reply (0) with identifier `id`.
+    fn echo(src: IpAddr, dst: IpAddr, ty: u8, id: u16) -> Vec<u8> {
+        let mut i = [0u8; 16];
+        i[0] = ty;
+        i[4..6].copy_from_slice(&id.to_be_bytes());
+        ip4(src, dst, ICMP, &i)
+    }
+
+    fn host(ip: IpAddr) -> IpPrefix {
+        IpPrefix::host(ip)
+    }
+
+    /// Node 1's rules: node 0 may reach it on TCP 22 and UDP 53; node 1
+    /// may start UDP flows to node 0's port 5353 only.
+    fn rules(sim: &Sim, tcp_port: u16) -> Arc<FilterRules> {
+        let (a, b) = (sim.nodes[0].ip, sim.nodes[1].ip);
+        Arc::new(FilterRules {
+            inbound: vec![
+                Rule {
+                    srcs: vec![host(a)],
+                    dsts: vec![(host(b), PortRange::single(tcp_port))],
+                    protos: ByteSet::of(&[TCP]),
+                    icmp_types: ByteSet::EMPTY,
+                },
+                Rule {
+                    srcs: vec![host(a)],
+                    dsts: vec![(host(b), PortRange::single(53))],
+                    protos: ByteSet::of(&[UDP]),
+                    icmp_types: ByteSet::EMPTY,
+                },
+                Rule {
+                    srcs: vec![host(a)],
+                    dsts: vec![(host(b), PortRange::ALL)],
+                    protos: ByteSet::of(&[ICMP]),
+                    icmp_types: default_icmp_types(),
+                },
+            ],
+            outbound: vec![Rule {
+                srcs: vec![host(b)],
+                dsts: vec![(host(a), PortRange::single(5353))],
+                protos: ByteSet::of(&[UDP]),
+                icmp_types: ByteSet::EMPTY,
+            }],
+        })
+    }
+
+    fn filtered_sim(n: u64) -> Sim {
+        let mut sim = Sim::full_mesh(2, seed(100 + n), Net::default());
+        assert!(sim.establish(0, 1, 5), "no session over a clean link");
+        let r = rules(&sim, 22);
+        sim.nodes[1].device.set_filter(Some(r));
+        sim
+    }
+
+    /// `packet` from node `i`; true when the other node delivered it.
+    fn passes(sim: &mut Sim, i: usize, packet: &[u8]) -> bool {
+        let j = 1 - i;
+        let before = sim.nodes[j].received.len();
+        sim.send_packet(i, packet);
+        sim.settle(100);
+        match sim.nodes[j].received.len() - before {
+            0 => false,
+            1 => {
+                assert_eq!(sim.nodes[j].received.last().unwrap(), packet);
+                true
+            }
+            n => panic!("{n} packets delivered for one"),
+        }
+    }
+
+    fn drops(sim: &Sim, i: usize, r: FilterDrop) -> u64 {
+        sim.nodes[i].device.filter_stats().1[r as usize]
+    }
+
+    #[test]
+    fn filter_allowed_port_passes_denied_port_dropped_and_counted() {
+        let mut sim = filtered_sim(1);
+        let (a, b) = (sim.nodes[0].ip, sim.nodes[1].ip);
+        assert!(passes(&mut sim, 0, &tcp(a, 40000, b, 22, SYN)));
+        assert!(passes(&mut sim, 0, &udp(a, 40000, b, 53)));
+        assert!(!passes(&mut sim, 0, &tcp(a, 40001, b, 23, SYN)));
+        assert!(!passes(&mut sim, 0, &udp(a, 40001, b, 54)));
+        assert_eq!(drops(&sim, 1, FilterDrop::NotAllowed), 2);
+        // The denied packets were decrypted and source-checked, then
+        // refused by the filter: the session is fine, the next allowed
+        // packet passes.
+        assert!(passes(&mut sim, 0, &tcp(a, 40000, b, 22, ACK)));
+        let (stats, _) = sim.nodes[1].device.filter_stats();
+        assert_eq!(stats.flows, 2, "{stats:?}");
+        assert_eq!(stats.accepted_new, 2, "{stats:?}");
+        assert_eq!(stats.accepted_tracked, 1, "{stats:?}");
+    }
+
+    #[test]
+    fn filter_replies_to_allowed_flows_pass_unsolicited_dropped() {
+        let mut sim = filtered_sim(2);
+        let (a, b) = (sim.nodes[0].ip, sim.nodes[1].ip);
+        // Node 1 starts a UDP flow its outbound rules allow; the reply
+        // passes although no inbound rule names port 40000.
+        assert!(passes(&mut sim, 1, &udp(b, 40000, a, 5353)));
+        assert!(passes(&mut sim, 0, &udp(a, 5353, b, 40000)));
+        // The same source port to another local port is not that flow.
+        assert!(!passes(&mut sim, 0, &udp(a, 5353, b, 40001)));
+        assert_eq!(drops(&sim, 1, FilterDrop::NotAllowed), 1);
+        // A SYN-ACK nobody asked for: no state.
+        assert!(!passes(&mut sim, 0, &tcp(a, 80, b, 40002, SYN | ACK)));
+        assert_eq!(drops(&sim, 1, FilterDrop::NoState), 1);
+        // Node 0 opens TCP 22: node 1's SYN-ACK goes out on the tracked
+        // flow (no outbound rule names TCP), and node 0's ACK comes in.
+        assert!(passes(&mut sim, 0, &tcp(a, 40003, b, 22, SYN)));
+        assert!(passes(&mut sim, 1, &tcp(b, 22, a, 40003, SYN | ACK)));
+        assert!(passes(&mut sim, 0, &tcp(a, 40003, b, 22, ACK)));
+        // Node 0 pings node 1: the echo reply goes out on the tracked
+        // exchange; an echo reply nobody asked for does not come in.
+        assert!(passes(&mut sim, 0, &echo(a, b, 8, 7)));
+        assert!(passes(&mut sim, 1, &echo(b, a, 0, 7)));
+        assert!(!passes(&mut sim, 0, &echo(a, b, 0, 8)));
+        assert_eq!(drops(&sim, 1, FilterDrop::NoState), 2);
+        // A flow node 1 may not start fails at the sender, at once.
+        let denied = tcp(b, 40004, a, 80, SYN);
+        let mut result = None;
+        sim.with_device(1, |d, now, out, io| {
+            result = Some(d.send(now, &denied, out, io))
+        });
+        assert_eq!(
+            result,
+            Some(Err(SendError::Filtered(FilterDrop::OutboundDenied)))
+        );
+        assert_eq!(sim.in_flight(), 0, "a denied packet left the node");
+        assert_eq!(drops(&sim, 1, FilterDrop::OutboundDenied), 1);
+    }
+
+    /// Documented semantics (`meshvpn_engine::filter`): new rules judge
+    /// new flows from the next packet; tracked flows go on; `None` is
+    /// allow-all again and forgets every flow.
+    #[test]
+    fn filter_rule_change_applies_to_live_flows_as_documented() {
+        let mut sim = filtered_sim(3);
+        let (a, b) = (sim.nodes[0].ip, sim.nodes[1].ip);
+        assert!(passes(&mut sim, 0, &tcp(a, 40000, b, 22, SYN)));
+        assert!(passes(&mut sim, 1, &tcp(b, 22, a, 40000, SYN | ACK)));
+        // Port 22 is closed, 2222 opened.
+        let r = rules(&sim, 2222);
+        sim.nodes[1].device.set_filter(Some(r));
+        assert!(
+            passes(&mut sim, 0, &tcp(a, 40000, b, 22, ACK)),
+            "an established flow was cut by a rule change"
+        );
+        assert!(
+            !passes(&mut sim, 0, &tcp(a, 40001, b, 22, SYN)),
+            "a new flow passed on a closed port"
+        );
+        assert!(passes(&mut sim, 0, &tcp(a, 40002, b, 2222, SYN)));
+        // No rules: everything passes, nothing is tracked.
+        sim.nodes[1].device.set_filter(None);
+        assert!(passes(&mut sim, 0, &tcp(a, 40003, b, 23, SYN)));
+        assert_eq!(sim.nodes[1].device.filter_stats().0.flows, 0);
+    }
+
+    /// No filter set: the data path does not call the filter at all (no
+    /// packet is counted by it, not even as accepted).
+    #[test]
+    fn filter_unset_costs_nothing_and_allows_all() {
+        let mut sim = Sim::full_mesh(2, seed(104), Net::default());
+        assert!(sim.establish(0, 1, 5));
+        let (a, b) = (sim.nodes[0].ip, sim.nodes[1].ip);
+        assert!(passes(&mut sim, 0, &tcp(a, 40000, b, 23, SYN)));
+        assert!(passes(&mut sim, 1, &tcp(b, 40000, a, 23, SYN)));
+        for i in 0..2 {
+            let (stats, drops) = sim.nodes[i].device.filter_stats();
+            assert_eq!(stats, Default::default());
+            assert_eq!(drops.iter().sum::<u64>(), 0);
+        }
+    }
+}
+
+/// A peer that opens flow after flow holds at most its share of the
+/// tracking table (`DEFAULT_CONNTRACK_PER_SOURCE`, split over the
+/// shards); past it its new flows are dropped and counted, its tracked
+/// flows go on, and another peer still opens flows.
+#[test]
+fn filter_a_peer_flooding_new_flows_is_held_to_its_share() {
+    use meshvpn_engine::filter::{
+        ByteSet, FilterDrop, FilterRules, PortRange, Rule, DEFAULT_CONNTRACK_PER_SOURCE,
+    };
+    use meshvpn_engine::IpPrefix;
+    use std::sync::Arc;
+
+    let mut sim = Sim::full_mesh(3, seed(110), Net::default());
+    assert!(sim.establish(0, 1, 5));
+    assert!(sim.establish(2, 1, 5));
+    let (a, b, c) = (sim.nodes[0].ip, sim.nodes[1].ip, sim.nodes[2].ip);
+    sim.nodes[1].device.set_filter(Some(Arc::new(FilterRules {
+        inbound: vec![Rule {
+            srcs: vec![IpPrefix::host(a), IpPrefix::host(c)],
+            dsts: vec![(IpPrefix::host(b), PortRange::single(5678))],
+            protos: ByteSet::of(&[17]),
+            icmp_types: ByteSet::EMPTY,
+        }],
+        outbound: vec![],
+    })));
+    let with_sport = |mut p: Vec<u8>, sport: u16| {
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p
+    };
+    let flood = DEFAULT_CONNTRACK_PER_SOURCE + 1000;
+    let before = sim.nodes[1].received.len();
+    for i in 0..flood {
+        let p = with_sport(sim.packet(0, 1, 0), 10_000 + i as u16);
+        sim.send_packet(0, &p);
+        sim.step();
+    }
+    sim.settle(100);
+    let delivered = sim.nodes[1].received.len() - before;
+    let (stats, drops) = sim.nodes[1].device.filter_stats();
+    let refused = drops[FilterDrop::SourceShare as usize];
+    assert_eq!(delivered as u64 + refused, flood as u64);
+    assert!(
+        delivered <= DEFAULT_CONNTRACK_PER_SOURCE,
+        "{delivered} flows tracked for one peer"
+    );
+    assert!(refused >= 1000, "{refused} refused");
+    assert_eq!(stats.flows, delivered as u64);
+    // Its first flow is tracked and goes on; another peer opens one.
+    let first = with_sport(sim.packet(0, 1, 1), 10_000);
+    let before = sim.nodes[1].received.len();
+    sim.send_packet(0, &first);
+    let other = sim.packet(2, 1, 2);
+    sim.send_packet(2, &other);
+    sim.settle(100);
+    assert_eq!(sim.nodes[1].received.len() - before, 2);
+}

@@ -594,3 +594,70 @@ fn running_as_root() -> Option<()> {
     let uid = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
     (uid.split_whitespace().next()? == "0").then_some(())
 }
+
+/// `packet` (IPv4 UDP) with its ports set.
+fn with_ports(mut packet: Vec<u8>, sport: u16, dport: u16) -> Vec<u8> {
+    packet[20..22].copy_from_slice(&sport.to_be_bytes());
+    packet[22..24].copy_from_slice(&dport.to_be_bytes());
+    packet
+}
+
+/// The packet filter on a real engine: node b accepts UDP port 5678 from
+/// a and may itself start nothing; a's flow and b's replies pass, the
+/// rest is dropped and counted in the engine's stats.
+#[test]
+fn packet_filter_on_real_engines() {
+    use meshvpn_engine::filter::{ByteSet, FilterDrop, FilterRules, PortRange, Rule};
+    use meshvpn_engine::IpPrefix;
+    use std::sync::Arc;
+
+    let nodes = mesh(2, false);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    b.engine.set_filter(Some(Arc::new(FilterRules {
+        inbound: vec![Rule {
+            srcs: vec![IpPrefix::host(a.v4)],
+            dsts: vec![(IpPrefix::host(b.v4), PortRange::single(5678))],
+            protos: ByteSet::of(&[17]),
+            icmp_types: ByteSet::EMPTY,
+        }],
+        outbound: vec![],
+    })));
+    assert!(b.engine.filter().is_some());
+    let allowed = with_ports(udp_packet(a.v4, b.v4, 64, 1), 1234, 5678);
+    assert_eq!(
+        send_and_receive(&a.engine, &b.engine, &allowed).as_deref(),
+        Some(&allowed[..])
+    );
+    let reply = with_ports(udp_packet(b.v4, a.v4, 64, 2), 5678, 1234);
+    assert_eq!(
+        send_and_receive(&b.engine, &a.engine, &reply).as_deref(),
+        Some(&reply[..]),
+        "a reply on the allowed flow was refused"
+    );
+    let denied = with_ports(udp_packet(a.v4, b.v4, 64, 3), 1234, 9999);
+    a.engine.send_packet(&denied).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || b
+            .engine
+            .stats()
+            .filter_not_allowed
+            == 1),
+        "{:?}",
+        b.engine.stats()
+    );
+    assert!(b.engine.recv_packet(Duration::from_millis(200)).is_none());
+    let unsolicited = with_ports(udp_packet(b.v4, a.v4, 64, 4), 5678, 4321);
+    assert_eq!(
+        b.engine.send_packet(&unsolicited),
+        Err(SendError::Filtered(FilterDrop::OutboundDenied))
+    );
+    let s = b.engine.stats();
+    assert_eq!(s.filter_outbound_denied, 1);
+    assert_eq!(s.filter_flows, 1);
+    // Allow-all again: the denied port passes.
+    b.engine.set_filter(None);
+    assert_eq!(
+        send_and_receive(&a.engine, &b.engine, &denied).as_deref(),
+        Some(&denied[..])
+    );
+}

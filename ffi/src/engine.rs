@@ -16,6 +16,7 @@ use std::ffi::c_char;
 use std::sync::Arc;
 
 use ::meshvpn_engine::config::{emit_wg_quick, parse_wg_quick};
+use ::meshvpn_engine::filter::FilterRules;
 use ::meshvpn_engine::{Config, Engine};
 use parking_lot::RwLock;
 
@@ -534,6 +535,44 @@ pub extern "C" fn meshvpn_engine_set_buffer_limit(
 ) -> meshvpn_result {
     ffi_boundary! {{
         lookup(engine)?.running()?.set_buffer_limit(bytes);
+        Ok(())
+    }}
+}
+
+/// Installs the engine's packet filter from its text form, one rule per
+/// line (`in|out from PREFIX,... to PREFIX[:PORTS],... [proto LIST]
+/// [icmp LIST]`, `#` comments; the full grammar is in the engine's
+/// `filter::text` documentation). `in` rules say which flows peers may
+/// start to this node, `out` rules which flows the host may start; replies
+/// to an allowed flow pass both ways. NULL removes the filter (allow all,
+/// the default); an empty text installs no rule at all, so every new flow
+/// is refused. New rules apply to the next packet; tracked flows go on.
+/// Refused packets are counted in `meshvpn_stats.filter_*`; a refused
+/// send returns `MESHVPN_PACKET_DROPPED`.
+///
+/// Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_ENGINE_STOPPED`,
+/// `MESHVPN_INVALID_ARGUMENT` (not UTF-8, or a rule that does not parse:
+/// the last error names its line).
+///
+/// # Safety
+/// A non-NULL `rules` is a NUL-terminated string.
+///
+/// Thread safety: safe to call from any thread at any time.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_engine_set_filter(
+    engine: *const meshvpn_engine,
+    rules: *const c_char,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        // SAFETY: the caller promises a NUL-terminated string or NULL.
+        let text = unsafe { ptr::try_opt_str(rules, "rules") }?;
+        let rules = match text {
+            Some(t) => Some(Arc::new(
+                FilterRules::from_text(t).map_err(|e| Error::invalid(e.to_string()))?,
+            )),
+            None => None,
+        };
+        lookup(engine)?.running()?.set_filter(rules);
         Ok(())
     }}
 }

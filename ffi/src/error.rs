@@ -322,7 +322,7 @@ impl From<SendError> for Error {
         let code = match e {
             SendError::Malformed => MESHVPN_PACKET_MALFORMED,
             SendError::NoRoute => MESHVPN_NO_ROUTE,
-            SendError::Dropped(_) => MESHVPN_PACKET_DROPPED,
+            SendError::Dropped(_) | SendError::Filtered(_) => MESHVPN_PACKET_DROPPED,
             SendError::Network => MESHVPN_NETWORK_ERROR,
             SendError::Closed => MESHVPN_ENGINE_STOPPED,
         };

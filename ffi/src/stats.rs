@@ -103,6 +103,27 @@ pub struct meshvpn_stats {
     /// (`meshvpn_engine_set_buffer_limit`) was reached; also counted as
     /// `MESHVPN_DROP_SINK_FULL` on their peer.
     pub buffer_limit_drops: u64,
+    /// Flows the packet filter tracks now.
+    pub filter_flows: u64,
+    /// Filter drops: not an IP packet, or its TCP, UDP or ICMP header cut
+    /// short.
+    pub filter_malformed: u64,
+    /// Filter drops: an IPv4 TCP fragment at offset 1 (RFC 1858).
+    pub filter_fragment: u64,
+    /// Filter drops: a peer's packet starting a flow no inbound rule
+    /// accepts.
+    pub filter_not_allowed: u64,
+    /// Filter drops: a peer's reply-like packet (ACK, SYN-ACK, echo reply)
+    /// with no tracked flow and no rule accepting it.
+    pub filter_no_state: u64,
+    /// Filter drops: a host packet starting a flow no outbound rule
+    /// accepts (its send fails with `MESHVPN_PACKET_DROPPED`).
+    pub filter_outbound_denied: u64,
+    /// Filter drops: an accepted new flow found the tracking table full.
+    pub filter_table_full: u64,
+    /// Filter drops: an accepted new flow's peer already holds its share
+    /// of the tracking table.
+    pub filter_source_share: u64,
 }
 
 // The conversions below destructure without `..`: a field added to an
@@ -121,6 +142,14 @@ impl From<EngineStats> for meshvpn_stats {
             udp_send_errors,
             udp_send_dropped,
             buffer_limit_drops,
+            filter_flows,
+            filter_malformed,
+            filter_fragment,
+            filter_not_allowed,
+            filter_no_state,
+            filter_outbound_denied,
+            filter_table_full,
+            filter_source_share,
         } = s;
         meshvpn_stats {
             rx_malformed,
@@ -133,6 +162,14 @@ impl From<EngineStats> for meshvpn_stats {
             udp_send_errors,
             udp_send_dropped,
             buffer_limit_drops,
+            filter_flows,
+            filter_malformed,
+            filter_fragment,
+            filter_not_allowed,
+            filter_no_state,
+            filter_outbound_denied,
+            filter_table_full,
+            filter_source_share,
         }
     }
 }

@@ -34,6 +34,9 @@ use boringtun::x25519;
 use parking_lot::{Mutex, RwLock};
 
 use crate::config::{PeerConfig, PresharedKey, PrivateKey, PublicKey};
+use crate::filter::{
+    ConntrackLimits, Direction, FilterDrop, FilterRules, FilterStats, ShardedFilter, Verdict,
+};
 use crate::peer::{BufferBudget, DropReason, Peer, PeerOutput, PeerStats};
 pub use crate::peer::{Endpoint, PeerPath};
 use crate::router::{AllowedIps, IpPrefix};
@@ -59,6 +62,9 @@ pub enum SendError {
     NoRoute,
     #[error("dropped: {}", .0.name())]
     Dropped(DropReason),
+    /// The packet filter refused a flow the host tried to start.
+    #[error("refused by the packet filter: {}", .0.name())]
+    Filtered(FilterDrop),
     #[error("the UDP send failed")]
     Network,
     #[error("the engine is closed")]
@@ -195,6 +201,8 @@ pub struct Device {
     counters: Counters,
     /// When the handshake limiter's count was last reset.
     last_reset: Mutex<Option<Instant>>,
+    /// The packet filter (inactive, allow all, until rules are set).
+    filter: ShardedFilter,
 }
 
 impl Device {
@@ -206,6 +214,46 @@ impl Device {
             mtu,
             counters: Counters::default(),
             last_reset: Mutex::new(None),
+            filter: ShardedFilter::new(
+                ConntrackLimits::default(),
+                u64::from(random_u32()) << 32 | u64::from(random_u32()),
+            ),
+        }
+    }
+
+    /// Installs the packet filter's rules (`None`: allow all, the
+    /// default). Applies from the next packet; tracked flows stay (see
+    /// [`crate::filter`]'s module doc).
+    pub fn set_filter(&self, rules: Option<Arc<FilterRules>>) {
+        self.filter.set_rules(rules);
+    }
+
+    pub fn filter_rules(&self) -> Option<Arc<FilterRules>> {
+        self.filter.rules()
+    }
+
+    /// The packet filter's counters, and its drops per reason (indexed as
+    /// [`FilterDrop::ALL`]).
+    pub fn filter_stats(&self) -> (FilterStats, [u64; FilterDrop::ALL.len()]) {
+        (self.filter.stats(), self.filter.drops())
+    }
+
+    /// Whether the filter lets `packet` (to or from `peer`) pass. Without
+    /// rules this is one atomic load: no lock, no parsing.
+    #[inline]
+    fn filter_admits(
+        &self,
+        dir: Direction,
+        packet: &[u8],
+        peer: &Peer,
+        now: Instant,
+    ) -> Result<(), FilterDrop> {
+        if !self.filter.is_active() {
+            return Ok(());
+        }
+        match self.filter.check(dir, packet, u64::from(peer.index()), now) {
+            Verdict::Accept => Ok(()),
+            Verdict::Drop(r) => Err(r),
         }
     }
 
@@ -451,6 +499,18 @@ impl Device {
         out: &mut [u8],
     ) -> Result<Encapsulated, SendError> {
         let (peer, packet) = self.route(packet)?;
+        // A flow the rules refuse fails here, at the sender, rather than
+        // after a round trip to a peer that would drop it: dropped, counted
+        // and returned to the caller (the packet API's send, the TUN
+        // reader's batch). Tailscale's `filter.RunOut` refuses nothing (it
+        // only records the flow so replies pass) and answers a refused SYN
+        // at the receiver with a TSMP reject that the sender turns into a
+        // local failure; here the sender holds the rules itself, so it
+        // refuses at once. No RST or ICMP unreachable is made up for the
+        // host: the send path has no way into the sink (TUN, stack), and
+        // the error reaches packet API callers at once.
+        self.filter_admits(Direction::Outbound, packet, &peer, now)
+            .map_err(SendError::Filtered)?;
         match peer.encapsulate(now, packet, out) {
             PeerOutput::ToNetwork { len, to } => Ok(Encapsulated::Datagram { len, to }),
             PeerOutput::Dropped(r) => Err(SendError::Dropped(r)),
@@ -558,7 +618,17 @@ impl Device {
         let flush = peer.should_flush(msg.kind, result);
         match result {
             PeerOutput::ToHost { len, src } => match self.inner_allowed(&peer, src, len) {
-                Ok(()) => return Received::Packet { peer, len, flush },
+                // The filter sees only packets whose source is the peer's
+                // own: a peer cannot spend another's share of the table.
+                // A refused packet is counted by the filter, per reason.
+                Ok(()) => {
+                    if self
+                        .filter_admits(Direction::Inbound, &out[..len], &peer, now)
+                        .is_ok()
+                    {
+                        return Received::Packet { peer, len, flush };
+                    }
+                }
                 Err(reason) => {
                     peer.drop_for(reason);
                 }
@@ -663,6 +733,10 @@ impl Device {
             if last.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
                 self.identity.read().limiter.reset_count();
                 *last = Some(now);
+                // Expired flows give their memory back once a second too.
+                if self.filter.is_active() {
+                    self.filter.expire(now);
+                }
             }
         }
         for p in self.peers() {

@@ -35,6 +35,8 @@
 
 mod conntrack;
 mod rules;
+mod sharded;
+pub mod text;
 
 #[cfg(test)]
 mod tests;
@@ -53,6 +55,8 @@ pub use rules::{
     default_icmp_types, default_protocols, ByteSet, FilterRules, FlowStart, PortRange, Rule,
 };
 use rules::{FastRules, FastStart};
+pub use sharded::{ShardedFilter, FILTER_SHARDS};
+pub use text::RulesTextError;
 
 use crate::stats::{stats_reasons, stats_struct};
 use crate::wire::icmp::IcmpPacket;
@@ -278,7 +282,7 @@ impl Parsed {
 /// packets (the next packet sees the new rules).
 pub struct Filter {
     rules: Option<Arc<FilterRules>>,
-    fast: Option<FastRules>,
+    fast: Option<Arc<FastRules>>,
     table: Conntrack,
     stats: FilterStats,
     drops: [u64; FilterDrop::ALL.len()],
@@ -308,7 +312,17 @@ impl Filter {
         if rules.is_none() {
             self.table.clear();
         }
-        self.fast = rules.as_deref().map(FastRules::new);
+        self.fast = rules.as_deref().map(|r| Arc::new(FastRules::new(r)));
+        self.rules = rules;
+    }
+
+    /// [`Filter::set_rules`] with the rules compiled already (shared by
+    /// the shards of a [`ShardedFilter`]).
+    fn set_compiled(&mut self, rules: Option<Arc<FilterRules>>, fast: Option<Arc<FastRules>>) {
+        if rules.is_none() {
+            self.table.clear();
+        }
+        self.fast = fast;
         self.rules = rules;
     }
 
@@ -361,16 +375,33 @@ impl Filter {
     }
 
     fn decide(&mut self, dir: Direction, packet: &[u8], source: u64, now: Instant) -> Verdict {
+        if self.fast.is_none() {
+            self.stats.accepted_untracked += 1;
+            return Verdict::Accept;
+        }
+        match parse(packet) {
+            Ok(p) => self.decide_parsed(dir, &p, source, now),
+            Err(r) => Verdict::Drop(r),
+        }
+    }
+
+    /// [`Filter::check`] on a packet parsed already (the sharded filter
+    /// parses once to pick the shard).
+    fn check_parsed(&mut self, dir: Direction, p: &Parsed, source: u64, now: Instant) -> Verdict {
+        let v = self.decide_parsed(dir, p, source, now);
+        if let Verdict::Drop(r) = v {
+            self.drops[r as usize] += 1;
+        }
+        v
+    }
+
+    fn decide_parsed(&mut self, dir: Direction, p: &Parsed, source: u64, now: Instant) -> Verdict {
         let Filter {
             fast, table, stats, ..
         } = self;
         let Some(rules) = fast.as_ref() else {
             stats.accepted_untracked += 1;
             return Verdict::Accept;
-        };
-        let p = match parse(packet) {
-            Ok(p) => p,
-            Err(r) => return Verdict::Drop(r),
         };
         let start = p.flow_start();
         let allowed = |rules: &FastRules| {

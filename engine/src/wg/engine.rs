@@ -17,6 +17,7 @@ use super::sink::{HostQueue, InnerBurst, InnerSink};
 use crate::config::{Config, PeerConfig, PrivateKey, PublicKey, DEFAULT_MTU};
 use crate::device::{Device, DeviceIo, Encapsulated, Endpoint, PeerError, Received};
 pub use crate::device::{PeerUpdate, SendError};
+use crate::filter::{FilterDrop, FilterRules, FilterStats};
 use crate::io::tun::{Tun, TunBurst};
 use crate::io::udp::{normalize, RecvBatch, UdpTransport, MAX_DATAGRAM, RECV_POLL};
 use crate::peer::{output_buffer_len, BufferBudget, DropReason, Peer, PeerStats};
@@ -83,6 +84,28 @@ stats_struct! {
         /// ([`Engine::set_buffer_limit`]) was reached (also counted as
         /// `sink_full` on their peer).
         pub buffer_limit_drops: u64,
+        /// Flows the packet filter ([`Engine::set_filter`]) tracks now.
+        pub filter_flows: u64,
+        /// Filter drops: not an IP packet, or its TCP, UDP or ICMP header
+        /// cut short.
+        pub filter_malformed: u64,
+        /// Filter drops: an IPv4 TCP fragment at offset 1 (RFC 1858).
+        pub filter_fragment: u64,
+        /// Filter drops: a peer's packet starting a flow no inbound rule
+        /// accepts.
+        pub filter_not_allowed: u64,
+        /// Filter drops: a peer's reply-like packet (ACK, SYN-ACK, echo
+        /// reply) with no tracked flow and no rule accepting it.
+        pub filter_no_state: u64,
+        /// Filter drops: a host packet starting a flow no outbound rule
+        /// accepts (its send returns an error).
+        pub filter_outbound_denied: u64,
+        /// Filter drops: an accepted new flow found the tracking table
+        /// full.
+        pub filter_table_full: u64,
+        /// Filter drops: an accepted new flow's peer already holds its
+        /// share of the tracking table.
+        pub filter_source_share: u64,
     }
 }
 
@@ -417,6 +440,8 @@ impl Engine {
     pub fn stats(&self) -> EngineStats {
         let d = self.shared.device.stats();
         let c = &self.shared.counters;
+        let (f, drops) = self.shared.device.filter_stats();
+        let drop = |r: FilterDrop| drops[r as usize];
         EngineStats {
             rx_malformed: d.rx_malformed,
             rx_unknown_index: d.rx_unknown_index,
@@ -428,7 +453,38 @@ impl Engine {
             udp_send_errors: c.udp_send_errors.load(Relaxed),
             udp_send_dropped: c.udp_send_dropped.load(Relaxed),
             buffer_limit_drops: self.shared.device.budget().drops(),
+            filter_flows: f.flows,
+            filter_malformed: drop(FilterDrop::Malformed),
+            filter_fragment: drop(FilterDrop::Fragment),
+            filter_not_allowed: drop(FilterDrop::NotAllowed),
+            filter_no_state: drop(FilterDrop::NoState),
+            filter_outbound_denied: drop(FilterDrop::OutboundDenied),
+            filter_table_full: drop(FilterDrop::TableFull),
+            filter_source_share: drop(FilterDrop::SourceShare),
         }
+    }
+
+    /// Installs the packet filter (`None`, the default: allow all, at no
+    /// cost on the data path). Rules are compiled by the control crate's
+    /// policy compiler or built directly. Enforced on decrypted inbound
+    /// packets after the source check and on what the host sends (a
+    /// refused send returns [`SendError::Filtered`]); replies to allowed
+    /// flows pass. New rules apply to the next packet; flows already
+    /// tracked go on until they end or expire (as Tailscale's filter
+    /// keeps its state across updates); `None` forgets every flow.
+    pub fn set_filter(&self, rules: Option<Arc<FilterRules>>) {
+        self.shared.device.set_filter(rules);
+    }
+
+    /// The rules installed, if any.
+    pub fn filter(&self) -> Option<Arc<FilterRules>> {
+        self.shared.device.filter_rules()
+    }
+
+    /// The packet filter's own counters (accepted packets by kind, and
+    /// the flows tracked).
+    pub fn filter_stats(&self) -> FilterStats {
+        self.shared.device.filter_stats().0
     }
 
     /// Sets the ceiling on bytes of packets held in queues (waiting behind

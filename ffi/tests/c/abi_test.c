@@ -678,6 +678,7 @@ static void all_engine_calls(meshvpn_engine *e, meshvpn_result expected) {
     CHECK_RC(meshvpn_engine_peer_stats(e, &k, &ps), expected);
     CHECK_RC(meshvpn_engine_set_buffer_limit(e, 1000), expected);
     CHECK_RC(meshvpn_engine_buffer_limit(e, &n), expected);
+    CHECK_RC(meshvpn_engine_set_filter(e, NULL), expected);
     CHECK_RC(meshvpn_engine_send_packet(e, pkt, sizeof pkt), expected);
     CHECK_RC(meshvpn_engine_send_packets(e, &p, 1, &n), expected);
     CHECK_RC(meshvpn_engine_recv_packets(e, &p, 1, 0, &n), expected);
@@ -779,6 +780,12 @@ static void test_buffer_limit(void) {
     OK(meshvpn_engine_buffer_limit(n.engine, &limit));
     CHECK(limit == 20000);
     CHECK_RC(meshvpn_engine_buffer_limit(n.engine, NULL), MESHVPN_NULL_PARAMETER);
+    /* The packet filter's text form: a bad rule is refused, a good one and
+     * NULL (allow all again) are taken. */
+    CHECK_RC(meshvpn_engine_set_filter(n.engine, "in from 10.0.0.1 to 10.0.0.2:99999"),
+             MESHVPN_INVALID_ARGUMENT);
+    OK(meshvpn_engine_set_filter(n.engine, "in from 0.0.0.0/0 to 0.0.0.0/0 # all\nout from 0.0.0.0/0 to 0.0.0.0/0"));
+    OK(meshvpn_engine_set_filter(n.engine, NULL));
 
     uint8_t p[1000];
     int dropped = 0, other = 0;
