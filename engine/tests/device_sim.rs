@@ -971,3 +971,168 @@ fn forged_initiations_claiming_a_peer_do_not_silence_it() {
     );
     assert_eq!(s.endpoint, Some(sim.nodes[0].addr));
 }
+
+/// A fresh data message from node `i`'s session with node `j` (next
+/// counter), taken before it reaches the network.
+fn fresh_data(sim: &mut Sim, i: usize, j: usize, seed: u8) -> Vec<u8> {
+    let peer = sim.peer(i, j);
+    let packet = sim.packet(i, j, seed);
+    let mut data = Vec::new();
+    sim.with_device(i, |_d: &Device, now, out, _io| {
+        if let meshvpn_engine::peer::PeerOutput::ToNetwork { len, .. } =
+            peer.encapsulate(now, &packet, out)
+        {
+            data = out[..len].to_vec();
+        }
+    });
+    assert_eq!(data.first(), Some(&4), "no data message");
+    data
+}
+
+/// From an attacker's address: a replay of a captured data message, a
+/// fresh one with a broken tag, one with garbage ciphertext, a replayed
+/// initiation and a cookie reply for the session's index. None moves the
+/// endpoint or delivers anything; a genuine message from there does
+/// (formerly security_roaming.rs's engine test over loopback).
+#[test]
+fn roaming_ignores_replays_garbage_failed_handshakes_and_cookie_replies() {
+    let mut sim = Sim::full_mesh(2, seed(0x5ec0_0003), Net::default());
+    assert!(sim.establish(0, 1, 1));
+    let init = sim
+        .captured
+        .iter()
+        .find(|(to, _, b)| *to == 1 && b[0] == 1)
+        .map(|(_, _, b)| b.clone())
+        .expect("node 0's initiation");
+    sim.send(0, 1, 1);
+    sim.settle(100);
+    let captured = sim
+        .captured
+        .iter()
+        .rev()
+        .find(|(to, _, b)| *to == 1 && b[0] == 4)
+        .map(|(_, _, b)| b.clone())
+        .expect("a data message to node 1");
+    let home = sim.nodes[0].addr;
+    assert_eq!(sim.endpoint(1, 0), Some(Endpoint::Udp(home)));
+
+    let mut broken = fresh_data(&mut sim, 0, 1, 2);
+    let last = broken.len() - 1;
+    broken[last] ^= 1;
+    let mut garbage = fresh_data(&mut sim, 0, 1, 3);
+    garbage[16..].fill(0x5a);
+    let mut cookie = vec![0u8; 64];
+    cookie[0] = 3;
+    cookie[4..8].copy_from_slice(&captured[4..8]);
+    sim.advance(MIN_INITIATION_INTERVAL * 3);
+    let attacker: SocketAddr = "203.0.113.66:4444".parse().unwrap();
+    let to = sim.nodes[1].addr;
+    for d in [&captured, &broken, &garbage, &init, &cookie] {
+        sim.inject_udp(attacker, to, d.clone(), None);
+    }
+    sim.settle(100);
+    let s = sim.peer(1, 0).stats();
+    let dropped = s.drops(DropReason::Replay)
+        + s.drops(DropReason::DecryptFailed)
+        + s.drops(DropReason::HandshakeRejected)
+        + s.drops(DropReason::HandshakeFlood);
+    assert!(dropped >= 5, "{:?}", s.drops);
+    assert_eq!(
+        sim.endpoint(1, 0),
+        Some(Endpoint::Udp(home)),
+        "an unauthenticated packet moved the endpoint"
+    );
+    assert_eq!(received_seeds(&sim, 1), vec![1]);
+    assert!(sim.off_net.is_empty(), "something answered the attacker");
+
+    // A genuine new message from the attacker's address: the peer roamed.
+    let genuine = fresh_data(&mut sim, 0, 1, 4);
+    sim.inject_udp(attacker, to, genuine, None);
+    sim.settle(100);
+    assert_eq!(received_seeds(&sim, 1), vec![1, 4]);
+    assert_eq!(sim.endpoint(1, 0), Some(Endpoint::Udp(attacker)));
+}
+
+/// Initiations from 32 spoofed sources, with valid MAC1s from keys that
+/// are no peer, past `HANDSHAKES_PER_SECOND`: every source gets cookie
+/// replies (the reply goes to the claimed source, nothing else is kept).
+/// A cookie reply that the initiator accepts, sent from a stranger's
+/// address, does not move its endpoint (anyone who saw the MAC1 can make
+/// one), and the real peer still gets through with a cookie. The real
+/// clock's rate-limit reset and the memory bound under a 15 s flood stay
+/// in security_handshake.rs.
+#[test]
+fn spoofed_initiation_flood_gets_cookie_replies_and_a_cookie_never_moves_an_endpoint() {
+    let mut sim = Sim::full_mesh(2, seed(0x5ec0_0004), Net::default());
+    let b_pub = *sim.nodes[1].public().as_bytes();
+    let target = sim.nodes[1].addr;
+    let sources: Vec<SocketAddr> = (1..=32u16)
+        .map(|i| SocketAddr::from(([203, 0, 113, i as u8], 1000 + i)))
+        .collect();
+    let rounds = (HANDSHAKES_PER_SECOND as usize).div_ceil(sources.len()) + 1;
+    let mut flooded = 0u64;
+    for round in 0..rounds {
+        for (i, src) in sources.iter().enumerate() {
+            let mut stranger = Initiator::new(*PrivateKey::generate().as_bytes(), b_pub, None);
+            let n = (round * sources.len() + i) as u32;
+            let msg = stranger.initiation(&fields(n, n as u64));
+            sim.inject_udp(*src, target, msg.to_vec(), None);
+            flooded += 1;
+        }
+    }
+    sim.step();
+    let stats = sim.nodes[1].device.stats();
+    assert_eq!(stats.rx_unknown_peer + stats.cookie_replies_sent, flooded, "{stats:?}");
+    assert!(stats.rx_unknown_peer <= HANDSHAKES_PER_SECOND, "{stats:?}");
+    let cookies: Vec<&SocketAddr> = sim
+        .off_net
+        .iter()
+        .filter(|(_, b)| b.len() == 64 && b[0] == 3)
+        .map(|(to, _)| to)
+        .collect();
+    assert_eq!(cookies.len() as u64, stats.cookie_replies_sent);
+    for src in &sources {
+        assert!(cookies.contains(&src), "no cookie reply reached {src}");
+    }
+
+    // Node 0's initiation, replayed by a stranger on the path, draws a
+    // cookie reply to the stranger, who sends it on to node 0.
+    sim.handshake(0, 1);
+    sim.settle(100);
+    let init = sim
+        .captured
+        .iter()
+        .find(|(to, _, b)| *to == 1 && b[0] == 1)
+        .map(|(_, _, b)| b.clone())
+        .expect("node 0's initiation");
+    let stranger: SocketAddr = "198.51.100.9:7".parse().unwrap();
+    sim.off_net.clear();
+    sim.inject_udp(stranger, target, init, None);
+    sim.step();
+    let (_, cookie) = sim
+        .off_net
+        .iter()
+        .find(|(to, b)| *to == stranger && b.len() == 64 && b[0] == 3)
+        .cloned()
+        .expect("a cookie reply to the stranger");
+    let before = sim.peer(0, 1).stats();
+    sim.inject_udp(stranger, sim.nodes[0].addr, cookie, None);
+    sim.step();
+    let after = sim.peer(0, 1).stats();
+    assert_eq!(
+        after.drops.iter().map(|(_, n)| n).sum::<u64>(),
+        before.drops.iter().map(|(_, n)| n).sum::<u64>(),
+        "node 0 refused the cookie: the test proves nothing"
+    );
+    assert_eq!(
+        sim.endpoint(0, 1),
+        Some(Endpoint::Udp(target)),
+        "a cookie reply moved the endpoint"
+    );
+
+    // The real peer gets through the load with a cookie.
+    assert!(sim.establish(0, 1, 4), "the peer could not get through under load");
+    sim.send(0, 1, 5);
+    sim.settle(100);
+    assert_eq!(received_seeds(&sim, 1), vec![5]);
+}

@@ -91,6 +91,9 @@ pub struct Sim {
     pub relay_dead: HashSet<usize>,
     /// Every datagram that crossed the network: (to node, from, bytes).
     pub captured: Vec<(usize, Endpoint, Vec<u8>)>,
+    /// UDP datagrams sent to an address no node has (an attacker's or a
+    /// spoofed source): (to, bytes).
+    pub off_net: Vec<(SocketAddr, Vec<u8>)>,
     rng: Rng,
     tick: u64,
     start: Instant,
@@ -127,6 +130,7 @@ impl Sim {
             udp_cut: HashSet::new(),
             relay_dead: HashSet::new(),
             captured: Vec::new(),
+            off_net: Vec::new(),
             rng: Rng::new(seed),
             tick: 0,
             start: Instant::now(),
@@ -290,6 +294,7 @@ impl Sim {
         self.stats.udp_sent += 1;
         let Some(j) = self.nodes.iter().position(|n| n.addr == to) else {
             self.stats.udp_unreachable += 1;
+            self.off_net.push((to, bytes));
             return;
         };
         if sender.is_some_and(|i| self.udp_cut.contains(&pair(i, j))) {
