@@ -15,7 +15,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::initiator::{Initiator, Session};
+use common::initiator::Initiator;
 use common::{fields, mesh, resident_kib, spoofed_sockets, udp_packet};
 use meshvpn_engine::peer::DropReason;
 use meshvpn_engine::{
