@@ -9,10 +9,17 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use boringtun::noise::Tunn;
+use common::fields;
+use common::initiator::Initiator;
 use common::link::seed;
 use common::sim::{Net, Sim};
-use meshvpn_engine::device::{Device, Endpoint, PathAction, PathState, HANDSHAKES_PER_SECOND};
-use meshvpn_engine::peer::{DropReason, PeerPath};
+use meshvpn_engine::device::{
+    Device, Endpoint, PathAction, PathState, SendError, HANDSHAKES_PER_SECOND,
+};
+use meshvpn_engine::peer::{
+    DropReason, PeerPath, CONFIRM_WAIT, HANDSHAKE_QUEUE_PACKETS, MIN_INITIATION_INTERVAL,
+};
+use meshvpn_engine::PrivateKey;
 
 const LOSSY: Net = Net {
     loss: 100,
@@ -717,4 +724,429 @@ fn filter_a_peer_flooding_new_flows_is_held_to_its_share() {
     sim.send_packet(2, &other);
     sim.settle(100);
     assert_eq!(sim.nodes[1].received.len() - before, 2);
+}
+
+// ---- Handshakes that cross (formerly tests/crossing_handshakes.rs) ----
+//
+// No timers run unless a test calls them: a retry never comes, so a
+// handshake lost to a crossing fails the test.
+
+/// Node `i` sends test packet `seed` to node `j` through its device now;
+/// the result and how many datagrams it put on the network.
+fn send_counted(sim: &mut Sim, i: usize, j: usize, seed: u8) -> (Result<(), SendError>, usize) {
+    let packet = sim.packet(i, j, seed);
+    let before = sim.in_flight();
+    let mut result = Ok(());
+    sim.with_device(i, |d, now, out, io| result = d.send(now, &packet, out, io));
+    (result, sim.in_flight() - before)
+}
+
+fn received_seeds(sim: &Sim, i: usize) -> Vec<u8> {
+    sim.nodes[i].received.iter().map(|p| seed_of(p)).collect()
+}
+
+/// Node 1 initiates and node 0 answers; the answer is lost when `lose_it`.
+fn node1_initiates(sim: &mut Sim, lose_it: bool) {
+    sim.handshake(1, 0);
+    if lose_it {
+        sim.udp_cut.insert((0, 1));
+    }
+    sim.step();
+    sim.udp_cut.clear();
+    assert_eq!(sim.peer(0, 1).stats().handshakes_received, 1);
+}
+
+/// Both sides initiate at once: each answers the other's and completes its
+/// own; neither starts a third, which would replace the one in flight and
+/// leave its answer unmatched until the five-second retry.
+#[test]
+fn crossing_initiations_each_get_answered_and_no_third_handshake_starts() {
+    for delay_ticks in [0u64, 1, 3] {
+        let net = Net {
+            delay_ticks,
+            ..Net::default()
+        };
+        let mut sim = Sim::full_mesh(2, seed(0xc0de_0001 + delay_ticks), net);
+        // Both packets start a handshake; both initiations are on the
+        // network before either arrives.
+        sim.send(0, 1, 1);
+        sim.send(1, 0, 2);
+        assert_eq!(sim.in_flight(), 2);
+        sim.settle(200);
+        assert_eq!(
+            received_seeds(&sim, 1),
+            vec![1],
+            "delay {delay_ticks}: 1 got"
+        );
+        assert_eq!(
+            received_seeds(&sim, 0),
+            vec![2],
+            "delay {delay_ticks}: 0 got"
+        );
+        for (i, j) in [(0, 1), (1, 0)] {
+            assert_eq!(
+                sim.peer(i, j).stats().handshakes_initiated,
+                1,
+                "delay {delay_ticks}: node {i} initiated more than once"
+            );
+            assert!(!sim.peer(i, j).is_waiting());
+        }
+        // The sessions work afterwards.
+        sim.send(0, 1, 3);
+        sim.settle(200);
+        assert_eq!(received_seeds(&sim, 1), vec![1, 3]);
+    }
+}
+
+/// A side that just answered an initiation and has a packet to send holds
+/// it for the initiator's confirmation (one round trip) instead of
+/// starting a second handshake.
+#[test]
+fn a_packet_after_answering_waits_for_the_initiators_session_instead_of_a_second_handshake() {
+    let mut sim = Sim::full_mesh(2, seed(0xc0de_0010), Net::default());
+    node1_initiates(&mut sim, false);
+    // Node 0 has a packet for node 1 before node 1 confirmed the session.
+    assert_eq!(send_counted(&mut sim, 0, 1, 7), (Ok(()), 0));
+    assert!(sim.peer(0, 1).is_waiting());
+    // Within the wait, node 0's timers start nothing either.
+    let before = sim.in_flight();
+    sim.timers(0);
+    assert_eq!(
+        sim.in_flight(),
+        before,
+        "timers sent something while waiting"
+    );
+    // Node 1 completes and confirms with a keepalive; the packet follows
+    // on that session, once.
+    sim.settle(20);
+    assert_eq!(received_seeds(&sim, 1), vec![7]);
+    assert!(!sim.peer(0, 1).is_waiting());
+    let a = sim.peer(0, 1).stats();
+    assert_eq!(a.handshakes_initiated, 0);
+    assert_eq!(a.tx_inner_bytes, sim.packet(0, 1, 7).len() as u64);
+}
+
+/// Without the initiator's confirmation the answering side initiates after
+/// `CONFIRM_WAIT` (once), and the held packet follows that handshake.
+#[test]
+fn without_the_initiators_confirmation_the_answering_side_starts_its_own_handshake() {
+    let mut sim = Sim::full_mesh(2, seed(0xc0de_0020), Net::default());
+    node1_initiates(&mut sim, true);
+    assert_eq!(send_counted(&mut sim, 0, 1, 8), (Ok(()), 0));
+    sim.timers(0);
+    assert_eq!(sim.in_flight(), 0);
+    assert_eq!(sim.peer(0, 1).stats().handshakes_initiated, 0);
+    sim.advance(CONFIRM_WAIT + Duration::from_millis(10));
+    sim.timers(0);
+    assert_eq!(sim.in_flight(), 1, "no initiation past CONFIRM_WAIT");
+    sim.timers(0);
+    assert_eq!(sim.in_flight(), 1, "a second initiation");
+    assert_eq!(sim.peer(0, 1).stats().handshakes_initiated, 1);
+    sim.settle(20);
+    assert_eq!(received_seeds(&sim, 1), vec![8]);
+    assert!(!sim.peer(0, 1).is_waiting());
+}
+
+#[test]
+fn with_a_usable_session_answering_a_rekey_holds_nothing() {
+    let mut sim = Sim::full_mesh(2, seed(0xc0de_0030), Net::default());
+    assert!(sim.establish(0, 1, 5));
+    // Node 1 rekeys (past node 0's initiation flood guard); node 0 answers
+    // but still has the first session to send on.
+    sim.advance(MIN_INITIATION_INTERVAL * 2);
+    sim.handshake(1, 0);
+    sim.step();
+    assert_eq!(sim.peer(0, 1).stats().handshakes_received, 2);
+    assert_eq!(send_counted(&mut sim, 0, 1, 9), (Ok(()), 1));
+    assert!(!sim.peer(0, 1).is_waiting());
+    sim.settle(20);
+    assert_eq!(received_seeds(&sim, 1), vec![9]);
+}
+
+#[test]
+fn held_packets_are_bounded_by_the_handshake_queue() {
+    let mut sim = Sim::full_mesh(2, seed(0xc0de_0040), Net::default());
+    node1_initiates(&mut sim, true);
+    for _ in 0..HANDSHAKE_QUEUE_PACKETS {
+        assert_eq!(send_counted(&mut sim, 0, 1, 1), (Ok(()), 0));
+    }
+    assert_eq!(
+        send_counted(&mut sim, 0, 1, 1),
+        (Err(SendError::Dropped(DropReason::SinkFull)), 0)
+    );
+}
+
+// ---- Handshake messages as an attacker sends them (formerly the
+// protocol tests of tests/security_handshake.rs) ----
+
+/// A captured initiation sent again, past the per-peer initiation
+/// interval (so only the replay check can stop it): no response, no new
+/// session, counted as `handshake_rejected`; the original session stays.
+#[test]
+fn replayed_initiation_gets_no_response_and_creates_no_session() {
+    let mut sim = Sim::full_mesh(2, seed(0x5ec0_0001), Net::default());
+    assert!(sim.establish(0, 1, 1));
+    let captured = sim
+        .captured
+        .iter()
+        .find(|(to, _, b)| *to == 1 && b[0] == 1)
+        .map(|(_, _, b)| b.clone())
+        .expect("node 0's initiation");
+    sim.send(0, 1, 1);
+    sim.settle(100);
+    let before = sim.peer(1, 0).stats();
+    assert_eq!(before.handshakes_received, 1);
+
+    sim.advance(MIN_INITIATION_INTERVAL * 3);
+    let (from, to) = (sim.nodes[0].addr, sim.nodes[1].addr);
+    let sent = sim.stats.udp_sent;
+    sim.inject_udp(from, to, captured, Some(0));
+    sim.settle(100);
+    assert_eq!(sim.stats.udp_sent, sent + 1, "a replay was answered");
+    let s = sim.peer(1, 0).stats();
+    assert_eq!(
+        s.handshakes_received, 1,
+        "the replay counted as a handshake"
+    );
+    assert_eq!(s.drops(DropReason::HandshakeRejected), 1);
+    // The original session is still the one in use, both ways.
+    sim.send(0, 1, 2);
+    sim.send(1, 0, 3);
+    sim.settle(100);
+    assert_eq!(received_seeds(&sim, 1), vec![1, 2]);
+    assert_eq!(received_seeds(&sim, 0), vec![3]);
+}
+
+/// Initiations that claim a peer's identity but fail its cryptography,
+/// every 20 ms from another address, while the real peer initiates every
+/// 40 ms (each 10 ms after a forgery): every real initiation is answered.
+/// A forgery must not start the peer's initiation-flood window before it
+/// authenticates, or the real ones are dropped as `handshake_flood`.
+#[test]
+fn forged_initiations_claiming_a_peer_do_not_silence_it() {
+    let mut sim = Sim::full_mesh(2, seed(0x5ec0_0002), Net::default());
+    let own = *sim.nodes[1].public().as_bytes();
+    let claimed = *sim.nodes[0].public().as_bytes();
+    let forger: SocketAddr = "203.0.113.50:5000".parse().unwrap();
+    let target = sim.nodes[1].addr;
+    let (mut forgeries, mut asked) = (0u32, 0u32);
+    for t in 0..800u64 {
+        if t % 20 == 0 {
+            let mut f = Initiator::new(*PrivateKey::generate().as_bytes(), own, None);
+            let msg = f.initiation_claiming(&fields(1000 + forgeries, forgeries as u64), &claimed);
+            sim.inject_udp(forger, target, msg.to_vec(), None);
+            forgeries += 1;
+        }
+        if t % 40 == 10 {
+            if asked == 0 {
+                sim.handshake(0, 1);
+            } else {
+                let peer = sim.peer(0, 1);
+                let to = peer.endpoint().expect("an endpoint");
+                sim.with_device(0, |d, now, out, io| d.switch_path(now, &peer, to, out, io));
+            }
+            asked += 1;
+        }
+        sim.step();
+    }
+    sim.settle(100);
+    let s = sim.peer(1, 0).stats();
+    assert_eq!((forgeries, asked), (40, 20));
+    assert_eq!(
+        s.handshakes_received as u32,
+        asked,
+        "real initiations went unanswered under forged ones ({} handshake_flood drops)",
+        s.drops(DropReason::HandshakeFlood)
+    );
+    assert!(sim.has_session(0, 1), "the real peer has no session");
+    // The forgeries were refused, by the cryptography or (those inside the
+    // window a real initiation opened) as a flood, and did not move the
+    // endpoint.
+    assert!(s.drops(DropReason::DecryptFailed) > 0, "{:?}", s.drops);
+    assert_eq!(
+        s.drops(DropReason::DecryptFailed) + s.drops(DropReason::HandshakeFlood),
+        forgeries as u64,
+        "{:?}",
+        s.drops
+    );
+    assert_eq!(s.endpoint, Some(sim.nodes[0].addr));
+}
+
+/// A fresh data message from node `i`'s session with node `j` (next
+/// counter), taken before it reaches the network.
+fn fresh_data(sim: &mut Sim, i: usize, j: usize, seed: u8) -> Vec<u8> {
+    let peer = sim.peer(i, j);
+    let packet = sim.packet(i, j, seed);
+    let mut data = Vec::new();
+    sim.with_device(i, |_d: &Device, now, out, _io| {
+        if let meshvpn_engine::peer::PeerOutput::ToNetwork { len, .. } =
+            peer.encapsulate(now, &packet, out)
+        {
+            data = out[..len].to_vec();
+        }
+    });
+    assert_eq!(data.first(), Some(&4), "no data message");
+    data
+}
+
+/// From an attacker's address: a replay of a captured data message, a
+/// fresh one with a broken tag, one with garbage ciphertext, a replayed
+/// initiation and a cookie reply for the session's index. None moves the
+/// endpoint or delivers anything; a genuine message from there does
+/// (formerly security_roaming.rs's engine test over loopback).
+#[test]
+fn roaming_ignores_replays_garbage_failed_handshakes_and_cookie_replies() {
+    let mut sim = Sim::full_mesh(2, seed(0x5ec0_0003), Net::default());
+    assert!(sim.establish(0, 1, 1));
+    let init = sim
+        .captured
+        .iter()
+        .find(|(to, _, b)| *to == 1 && b[0] == 1)
+        .map(|(_, _, b)| b.clone())
+        .expect("node 0's initiation");
+    sim.send(0, 1, 1);
+    sim.settle(100);
+    let captured = sim
+        .captured
+        .iter()
+        .rev()
+        .find(|(to, _, b)| *to == 1 && b[0] == 4)
+        .map(|(_, _, b)| b.clone())
+        .expect("a data message to node 1");
+    let home = sim.nodes[0].addr;
+    assert_eq!(sim.endpoint(1, 0), Some(Endpoint::Udp(home)));
+
+    let mut broken = fresh_data(&mut sim, 0, 1, 2);
+    let last = broken.len() - 1;
+    broken[last] ^= 1;
+    let mut garbage = fresh_data(&mut sim, 0, 1, 3);
+    garbage[16..].fill(0x5a);
+    let mut cookie = vec![0u8; 64];
+    cookie[0] = 3;
+    cookie[4..8].copy_from_slice(&captured[4..8]);
+    sim.advance(MIN_INITIATION_INTERVAL * 3);
+    let attacker: SocketAddr = "203.0.113.66:4444".parse().unwrap();
+    let to = sim.nodes[1].addr;
+    for d in [&captured, &broken, &garbage, &init, &cookie] {
+        sim.inject_udp(attacker, to, d.clone(), None);
+    }
+    sim.settle(100);
+    let s = sim.peer(1, 0).stats();
+    let dropped = s.drops(DropReason::Replay)
+        + s.drops(DropReason::DecryptFailed)
+        + s.drops(DropReason::HandshakeRejected)
+        + s.drops(DropReason::HandshakeFlood);
+    assert!(dropped >= 5, "{:?}", s.drops);
+    assert_eq!(
+        sim.endpoint(1, 0),
+        Some(Endpoint::Udp(home)),
+        "an unauthenticated packet moved the endpoint"
+    );
+    assert_eq!(received_seeds(&sim, 1), vec![1]);
+    assert!(sim.off_net.is_empty(), "something answered the attacker");
+
+    // A genuine new message from the attacker's address: the peer roamed.
+    let genuine = fresh_data(&mut sim, 0, 1, 4);
+    sim.inject_udp(attacker, to, genuine, None);
+    sim.settle(100);
+    assert_eq!(received_seeds(&sim, 1), vec![1, 4]);
+    assert_eq!(sim.endpoint(1, 0), Some(Endpoint::Udp(attacker)));
+}
+
+/// Initiations from 32 spoofed sources, with valid MAC1s from keys that
+/// are no peer, past `HANDSHAKES_PER_SECOND`: every source gets cookie
+/// replies (the reply goes to the claimed source, nothing else is kept).
+/// A cookie reply that the initiator accepts, sent from a stranger's
+/// address, does not move its endpoint (anyone who saw the MAC1 can make
+/// one), and the real peer still gets through with a cookie. The real
+/// clock's rate-limit reset and the memory bound under a 15 s flood stay
+/// in security_handshake.rs.
+#[test]
+fn spoofed_initiation_flood_gets_cookie_replies_and_a_cookie_never_moves_an_endpoint() {
+    let mut sim = Sim::full_mesh(2, seed(0x5ec0_0004), Net::default());
+    let b_pub = *sim.nodes[1].public().as_bytes();
+    let target = sim.nodes[1].addr;
+    let sources: Vec<SocketAddr> = (1..=32u16)
+        .map(|i| SocketAddr::from(([203, 0, 113, i as u8], 1000 + i)))
+        .collect();
+    let rounds = (HANDSHAKES_PER_SECOND as usize).div_ceil(sources.len()) + 1;
+    let mut flooded = 0u64;
+    for round in 0..rounds {
+        for (i, src) in sources.iter().enumerate() {
+            let mut stranger = Initiator::new(*PrivateKey::generate().as_bytes(), b_pub, None);
+            let n = (round * sources.len() + i) as u32;
+            let msg = stranger.initiation(&fields(n, n as u64));
+            sim.inject_udp(*src, target, msg.to_vec(), None);
+            flooded += 1;
+        }
+    }
+    sim.step();
+    let stats = sim.nodes[1].device.stats();
+    assert_eq!(
+        stats.rx_unknown_peer + stats.cookie_replies_sent,
+        flooded,
+        "{stats:?}"
+    );
+    assert!(stats.rx_unknown_peer <= HANDSHAKES_PER_SECOND, "{stats:?}");
+    let cookies: Vec<&SocketAddr> = sim
+        .off_net
+        .iter()
+        .filter(|(_, b)| b.len() == 64 && b[0] == 3)
+        .map(|(to, _)| to)
+        .collect();
+    assert_eq!(cookies.len() as u64, stats.cookie_replies_sent);
+    for src in &sources {
+        assert!(cookies.contains(&src), "no cookie reply reached {src}");
+    }
+
+    // Node 0's initiation, replayed by a stranger on the path, draws a
+    // cookie reply to the stranger, who sends it on to node 0.
+    sim.handshake(0, 1);
+    sim.settle(100);
+    let home = Endpoint::Udp(sim.nodes[0].addr);
+    let init = sim
+        .captured
+        .iter()
+        .find(|(to, from, b)| *to == 1 && *from == home && b[0] == 1)
+        .map(|(_, _, b)| b.clone())
+        .expect("node 0's initiation");
+    let stranger: SocketAddr = "198.51.100.9:7".parse().unwrap();
+    sim.off_net.clear();
+    sim.inject_udp(stranger, target, init, None);
+    sim.step();
+    let (_, cookie) = sim
+        .off_net
+        .iter()
+        .find(|(to, b)| *to == stranger && b.len() == 64 && b[0] == 3)
+        .cloned()
+        .expect("a cookie reply to the stranger");
+    let before = sim.peer(0, 1).stats();
+    let unknown = sim.nodes[0].device.stats().rx_unknown_index;
+    sim.inject_udp(stranger, sim.nodes[0].addr, cookie, None);
+    sim.step();
+    let after = sim.peer(0, 1).stats();
+    assert_eq!(
+        sim.nodes[0].device.stats().rx_unknown_index,
+        unknown,
+        "the cookie did not reach node 0's peer: the test proves nothing"
+    );
+    assert_eq!(
+        after.drops.iter().map(|(_, n)| n).sum::<u64>(),
+        before.drops.iter().map(|(_, n)| n).sum::<u64>(),
+        "node 0 refused the cookie: the test proves nothing"
+    );
+    assert_eq!(
+        sim.endpoint(0, 1),
+        Some(Endpoint::Udp(target)),
+        "a cookie reply moved the endpoint"
+    );
+
+    // The real peer gets through the load with a cookie.
+    assert!(
+        sim.establish(0, 1, 4),
+        "the peer could not get through under load"
+    );
+    sim.send(0, 1, 5);
+    sim.settle(100);
+    assert_eq!(received_seeds(&sim, 1), vec![5]);
 }

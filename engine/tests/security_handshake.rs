@@ -1,5 +1,9 @@
-//! Handshake messages as an attacker sends them: replayed, flooded from one
-//! peer, flooded from many spoofed addresses, and to low-order keys.
+//! Handshake messages as an attacker sends them: flooded from one peer,
+//! flooded from many spoofed addresses, and to low-order keys. (A replayed
+//! initiation and forged initiations claiming a peer are protocol
+//! behaviour only and are tested in simulated time in `device_sim.rs`.)
+//! The per-second rate limits stay here: boringtun reads their second from
+//! the real clock, which the simulation does not move.
 //!
 //! The sending side is the reference initiator (tests/common/initiator.rs)
 //! on a plain UDP socket, so every field is the test's choice; the
@@ -11,7 +15,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::initiator::{Initiator, Session};
+use common::initiator::Initiator;
 use common::{fields, mesh, resident_kib, spoofed_sockets, udp_packet};
 use meshvpn_engine::peer::DropReason;
 use meshvpn_engine::{
@@ -61,60 +65,9 @@ impl Fixture {
         Initiator::new(*self.peer_key.as_bytes(), *own.as_bytes(), None)
     }
 
-    /// The next datagram the engine sends us, if one comes within `wait`.
-    fn recv(&self, wait: Duration) -> Option<Vec<u8>> {
-        self.sock.set_read_timeout(Some(wait)).unwrap();
-        let mut buf = [0u8; 2048];
-        self.sock.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
-    }
-
     fn stats(&self) -> meshvpn_engine::peer::PeerStats {
         self.engine.peer_stats(&self.peer_key.public_key()).unwrap()
     }
-
-    /// A packet from the peer's inner address, sent through `session`.
-    fn deliver_data(&self, session: &Session, counter: u64) -> bool {
-        let p = udp_packet(
-            "10.9.0.2".parse().unwrap(),
-            "10.9.0.1".parse().unwrap(),
-            20,
-            counter as u8,
-        );
-        self.sock
-            .send_to(&session.data(counter, &p), self.to_engine)
-            .unwrap();
-        self.engine.recv_packet(Duration::from_secs(2)).as_deref() == Some(&p[..])
-    }
-}
-
-#[test]
-fn replayed_initiation_gets_no_response_and_creates_no_session() {
-    let f = Fixture::new();
-    let mut init = f.initiator();
-    let captured = init.initiation(&fields(1, 0));
-    f.sock.send_to(&captured, f.to_engine).unwrap();
-    let resp = f.recv(Duration::from_secs(2)).expect("a response");
-    let session = init.consume_response(&resp).expect("it verifies");
-    assert!(f.deliver_data(&session, 0));
-    assert_eq!(f.stats().handshakes_received, 1);
-
-    // Past the per-peer initiation interval, so only the replay check
-    // can stop it.
-    std::thread::sleep(Duration::from_millis(60));
-    f.sock.send_to(&captured, f.to_engine).unwrap();
-    assert_eq!(
-        f.recv(Duration::from_millis(700)),
-        None,
-        "a replay was answered"
-    );
-    let s = f.stats();
-    assert_eq!(
-        s.handshakes_received, 1,
-        "the replay counted as a handshake"
-    );
-    assert_eq!(s.drops(DropReason::HandshakeRejected), 1);
-    // The original session is still the one in use.
-    assert!(f.deliver_data(&session, 1));
 }
 
 #[test]
@@ -336,85 +289,4 @@ fn low_order_public_keys_never_get_a_handshake() {
         listener.recv(&mut buf).is_err(),
         "something was sent to a low-order peer's endpoint"
     );
-}
-
-/// Forged initiations that claim the real peer's key (valid MAC1, the
-/// peer's public key as the encrypted static, but made with the forger's
-/// own key, so the timestamp never decrypts) arrive every 20 ms for a
-/// second from another address while the real peer handshakes again and
-/// again: every real initiation is answered. Before, each forgery reset
-/// the peer's 20 ms initiation window before boringtun authenticated it,
-/// so the real peer's initiations were dropped as `handshake_flood`.
-#[test]
-fn forged_initiations_claiming_a_peer_do_not_silence_it() {
-    let f = Fixture::new();
-    let own = *f.engine.public_key().unwrap().as_bytes();
-    let claimed = *f.peer_key.public_key().as_bytes();
-    let forged: Vec<[u8; 148]> = (0..60u32)
-        .map(|i| {
-            let mut forger = Initiator::new(*PrivateKey::generate().as_bytes(), own, None);
-            forger.initiation_claiming(&fields(1000 + i, i as u64), &claimed)
-        })
-        .collect();
-    let forger_sock = UdpSocket::bind("127.0.0.2:0").unwrap();
-    let stop = AtomicBool::new(false);
-    let mut real = f.initiator();
-    let (forgeries, answered, asked) = std::thread::scope(|s| {
-        let flood = s.spawn(|| {
-            let end = Instant::now() + Duration::from_secs(8);
-            let mut sent = 0u64;
-            for msg in forged.iter().cycle() {
-                if stop.load(Ordering::Relaxed) || Instant::now() > end {
-                    break;
-                }
-                forger_sock.send_to(msg, f.to_engine).unwrap();
-                sent += 1;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            sent
-        });
-        // The flood is under way before the first real initiation.
-        std::thread::sleep(Duration::from_millis(50));
-        let (mut asked, mut answered) = (0u32, 0u32);
-        let start = Instant::now();
-        // At least a second and ten initiations, at most 40 or 6 s.
-        while (start.elapsed() < Duration::from_secs(1) || asked < 10)
-            && asked < 40
-            && start.elapsed() < Duration::from_secs(6)
-        {
-            let msg = real.initiation(&fields(asked, asked as u64));
-            f.sock.send_to(&msg, f.to_engine).unwrap();
-            asked += 1;
-            // Its answer (milliseconds on loopback), or none within 250 ms.
-            let deadline = Instant::now() + Duration::from_millis(250);
-            while let Some(resp) = f.recv(deadline.saturating_duration_since(Instant::now())) {
-                if real.consume_response(&resp).is_some() {
-                    answered += 1;
-                    break;
-                }
-            }
-            // Past the per-peer window from our own previous initiation,
-            // so only a forgery could put this one inside it.
-            std::thread::sleep(Duration::from_millis(40));
-        }
-        stop.store(true, Ordering::Relaxed);
-        (flood.join().unwrap(), answered, asked)
-    });
-    let s = f.stats();
-    eprintln!(
-        "{forgeries} forged initiations, {asked} real ones, {answered} answered; drops {:?}",
-        s.drops
-    );
-    assert!(forgeries >= 40, "the flood was too thin to test anything");
-    assert!(asked >= 10);
-    assert_eq!(
-        answered,
-        asked,
-        "real initiations went unanswered under forged ones ({} handshake_flood drops)",
-        s.drops(DropReason::HandshakeFlood)
-    );
-    assert_eq!(s.handshakes_received as u32, asked);
-    // The forgeries were refused by the cryptography, not let through.
-    assert!(s.drops(DropReason::DecryptFailed) > 0, "{:?}", s.drops);
-    assert_eq!(s.endpoint, Some(f.sock.local_addr().unwrap()));
 }

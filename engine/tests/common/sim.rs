@@ -161,6 +161,9 @@ pub struct Sim {
     pub behind: HashMap<usize, usize>,
     /// Every UDP datagram a node sent: (node, destination).
     pub udp_log: Vec<(usize, SocketAddr)>,
+    /// UDP datagrams sent to an address no node has (an attacker's or a
+    /// spoofed source): (to, bytes).
+    pub off_net: Vec<(SocketAddr, Vec<u8>)>,
     rng: Rng,
     tick: u64,
     start: Instant,
@@ -200,6 +203,7 @@ impl Sim {
             nats: Vec::new(),
             behind: HashMap::new(),
             udp_log: Vec::new(),
+            off_net: Vec::new(),
             rng: Rng::new(seed),
             tick: 0,
             start: Instant::now(),
@@ -406,6 +410,7 @@ impl Sim {
         self.stats.udp_sent += 1;
         let Some(j) = self.destination(from, to, sender) else {
             self.stats.udp_unreachable += 1;
+            self.off_net.push((to, bytes));
             return;
         };
         if sender.is_some_and(|i| self.udp_cut.contains(&pair(i, j))) {
