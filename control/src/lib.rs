@@ -8,9 +8,12 @@
 //! types, so the data path stays free of policy syntax and of the store.
 #![deny(unsafe_code)]
 
+pub mod client;
 pub mod keys;
 pub mod node;
 pub mod policy;
+pub mod proto;
+pub mod server;
 pub mod store;
 
 pub use keys::{JoinError, JoinKeyRecord, KeyOptions, NewKey};
