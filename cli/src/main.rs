@@ -73,7 +73,7 @@ enum Command {
     Status(status::StatusArgs),
     /// STUN (RFC 8489): `probe` asks servers for this host's public address.
     Stun(stun::StunArgs),
-    /// The control server's join keys and nodes: `keys create|list|revoke`, `nodes list|remove`.
+    /// The control server and its join keys and nodes: `serve`, `keys create|list|revoke`, `nodes list|remove`.
     Control(control::ControlArgs),
     /// Join a mesh run by a control server (`--control URL --join-key-file F`) and stay in it.
     Up(up::UpArgs),
