@@ -63,7 +63,7 @@ pub const STATUS_FILE: &str = "status";
 pub const DEFAULT_INTERFACE: &str = "meshvpn0";
 /// How often the main loop looks at the map, the engine and the host's
 /// addresses when nothing wakes it sooner.
-const TICK: Duration = Duration::from_millis(500);
+const TICK: Duration = Duration::from_millis(200);
 /// How often the host's addresses are re-read for the endpoints reported.
 const ENDPOINTS_EVERY: Duration = Duration::from_secs(5);
 
@@ -201,7 +201,14 @@ fn fatal_message(e: &ClientError, url: &str, state_dir: &Path) -> String {
         ),
         _ => String::new(),
     };
-    format!("cannot join the mesh at {url}: {e}{hint}")
+    let what = match e {
+        ClientError::Refused {
+            code: ErrorCode::Removed,
+            ..
+        } => "left the mesh at",
+        _ => "cannot join the mesh at",
+    };
+    format!("{what} {url}: {e}{hint}")
 }
 
 pub fn run(args: UpArgs) -> CliResult {
