@@ -325,7 +325,11 @@ pub fn run(args: UpArgs) -> CliResult {
         .relay_inbox()
         .static_secret()
         .ok_or("the engine has no private key")?;
-    let client = ControlClient::start(client_config, secret)?;
+    let mut client = ControlClient::start(client_config.clone(), secret.clone())?;
+    // A reused single-use key may be this node's own: a run that ended
+    // after the server registered it but before node.json was written.
+    // The server knows its node key then, so the proof alone rejoins it.
+    let mut refused_key: Option<ClientError> = None;
 
     let (sig_tx, sig_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
@@ -353,6 +357,7 @@ pub fn run(args: UpArgs) -> CliResult {
         status_path: args.state_dir.join(STATUS_FILE),
         node_file: node_file.clone(),
         wrote_node: registered.is_some(),
+        last_status: String::new(),
     };
     let mut next_endpoints = Instant::now() + ENDPOINTS_EVERY;
     let result = loop {
@@ -365,6 +370,31 @@ pub fn run(args: UpArgs) -> CliResult {
         }
         let (state, status) = (client.state(), client.status());
         if let Some(e) = &status.fatal {
+            let reused = matches!(
+                e,
+                ClientError::Refused {
+                    code: ErrorCode::KeyReused,
+                    ..
+                }
+            );
+            if reused && !node.wrote_node && refused_key.is_none() {
+                refused_key = Some(e.clone());
+                let mut retry = client_config.clone();
+                retry.request.join_key = None;
+                client = ControlClient::start(retry, secret.clone())?;
+                continue;
+            }
+            // Not known by its key either: the key's refusal is the answer.
+            let e = match (&refused_key, e) {
+                (
+                    Some(first),
+                    ClientError::Refused {
+                        code: ErrorCode::NodeUnknown,
+                        ..
+                    },
+                ) => first,
+                _ => e,
+            };
             if matches!(
                 e,
                 ClientError::Refused {
@@ -376,7 +406,7 @@ pub fn run(args: UpArgs) -> CliResult {
             }
             break Err(fatal_message(e, &url, &args.state_dir));
         }
-        if let Err(e) = node.step(&state, &status) {
+        if let Err(e) = node.step(&state) {
             tracing::warn!("applying the map: {e}");
         }
         if status.connected
@@ -426,11 +456,12 @@ struct Node {
     status_path: PathBuf,
     node_file: PathBuf,
     wrote_node: bool,
+    last_status: String,
 }
 
 impl Node {
     /// Applies what changed in the map since the last step.
-    fn step(&mut self, state: &NodeState, _status: &ClientStatus) -> Result<(), String> {
+    fn step(&mut self, state: &NodeState) -> Result<(), String> {
         if let Some(n) = &state.node {
             if !self.wrote_node {
                 let text = serde_json::json!({
@@ -528,12 +559,11 @@ impl Node {
         let want = apply::routes(&self.applied);
         let (add, del) = apply::route_diff(&self.routes, &want);
         for r in del {
-            let r = r.to_string();
-            if let Err(e) = ip(&["route", "del", &r, "dev", &self.ifname]) {
+            // Gone already when the kernel dropped it with an address.
+            if let Err(e) = ip(&["route", "del", &r.to_string(), "dev", &self.ifname]) {
                 tracing::debug!("{e}");
             }
-            self.routes
-                .remove(&r.parse().expect("printed prefix parses"));
+            self.routes.remove(&r);
         }
         for r in add {
             match ip(&["route", "replace", &r.to_string(), "dev", &self.ifname]) {
@@ -546,8 +576,8 @@ impl Node {
         Ok(())
     }
 
-    /// Rewrites the status file (atomically: a reader sees one version).
-    fn write_status(&self, state: &NodeState, status: &ClientStatus) {
+    /// Rewrites the status file when what it says changed.
+    fn write_status(&mut self, state: &NodeState, status: &ClientStatus) {
         let mut t = String::new();
         match &state.node {
             Some(n) => {
@@ -666,8 +696,17 @@ impl Node {
                 }
             );
         }
-        if let Err(e) = write_atomic(&self.status_path, t.as_bytes()) {
-            tracing::debug!("status {}: {e}", self.status_path.display());
+        if self.last_status == t {
+            return;
+        }
+        // Renamed over the old one so a reader sees one version; not
+        // fsynced: it describes this run only and is removed at its end.
+        let tmp = self.status_path.with_extension("tmp");
+        match std::fs::write(&tmp, t.as_bytes())
+            .and_then(|()| std::fs::rename(&tmp, &self.status_path))
+        {
+            Ok(()) => self.last_status = t,
+            Err(e) => tracing::debug!("status {}: {e}", self.status_path.display()),
         }
     }
 }

@@ -13,7 +13,8 @@
 # stops A's traffic to C within seconds and ends C's `meshvpn up`; the
 # server SIGKILLed: A and B keep pinging; a key made while it is down, the
 # server restarted: D joins and reaches A and B, and A reconnects; B
-# restarted without its join key rejoins as the same node (same address).
+# restarted without its join key rejoins as the same node (same address),
+# and so does B with its node.json deleted and its used join key given.
 #
 # Prints PASS/FAIL lines and "N passed, N failed"; exits non-zero on any
 # FAIL. Needs root and `ip netns`. About 40 s.
@@ -233,6 +234,18 @@ if wait_for 10 eval 'grep -q "^rejoining" "$T/b.log"' && joined b && [[ $V4 == "
 	pass "b restarted without its join key: same node, same address $V4, reaches a and d"
 else
 	fail "b after a restart: $V4 (was $B4): $(tail -3 "$T/b.log")"
+fi
+
+# --- registered, but node.json lost (killed before writing it) ------------
+kill -TERM "${UP_PID[b]}"
+wait "${UP_PID[b]}" 2>/dev/null
+rm "$T/b/node.json"
+mv "$T/b.log" "$T/b.second.log"
+up b --join-key-file "$T/b.key"
+if joined b && [[ $V4 == "$B4" ]] && wait_for 15 has_peer b a && pings "mvc$ID-a" "$B4"; then
+	pass "b without node.json, its used key refused: rejoined by its node key as $V4"
+else
+	fail "b without node.json: $V4 (was $B4): $(tail -3 "$T/b.log")"
 fi
 
 echo "$PASSED passed, $FAILED failed"
