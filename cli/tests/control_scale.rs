@@ -50,6 +50,16 @@ fn rss_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// CPU seconds (user + system) `pid` has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
 fn raise_open_file_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
@@ -160,6 +170,10 @@ fn a_thousand_nodes_join_one_control_server() {
     peak = peak.max(hwm);
     println!(
         "{n} nodes: clients started in {started:?}; converged map on every node after {converged:?} (target {TARGET:?})"
+    );
+    println!(
+        "control server CPU until convergence: {:.1} s",
+        cpu_secs(pid)
     );
     println!(
         "control server RSS: idle {} MiB, after convergence {} MiB, peak {} MiB (target {} MiB)",

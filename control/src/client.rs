@@ -143,6 +143,8 @@ pub struct NodeState {
     pub relay_url: Option<String>,
     /// Map messages applied (full maps and deltas).
     pub updates: u64,
+    /// Parts of a full map are still to come.
+    partial: bool,
 }
 
 impl Default for NodeState {
@@ -162,6 +164,7 @@ impl NodeState {
             filter: None,
             relay_url: None,
             updates: 0,
+            partial: false,
         }
     }
 
@@ -170,12 +173,13 @@ impl NodeState {
     /// peers while the server is away).
     pub fn reconnecting(&mut self) {
         self.phase = Phase::Challenge;
+        self.updates = 0;
     }
 
     /// Whether the node has its full map (and then deltas) on this
     /// connection.
     pub fn has_map(&self) -> bool {
-        self.phase == Phase::Map
+        self.phase == Phase::Map && self.updates > 0 && !self.partial
     }
 
     /// Handles one message from the server. `exporter` is the TLS
@@ -260,6 +264,7 @@ impl NodeState {
             self.peers.clear();
             self.relay_url = m.relay_url;
         }
+        self.partial = m.more;
         for id in m.removed {
             self.peers.remove(&id);
         }

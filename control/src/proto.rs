@@ -51,6 +51,8 @@ pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-meshvpn-control-v1";
 pub const MAX_MESSAGE: usize = 8 << 20;
 /// Peers in one map message.
 pub const MAX_PEERS: usize = 16_384;
+/// Peers in one part of a full map (about 16 KiB of JSON).
+pub const FULL_MAP_PART: usize = 64;
 /// Endpoint candidates of one node (its reported addresses plus the one
 /// the server sees).
 pub const MAX_ENDPOINTS: usize = 16;
@@ -178,6 +180,11 @@ pub struct MapUpdate {
     /// The relay nodes may use when UDP fails (full maps only).
     #[serde(default)]
     pub relay_url: Option<String>,
+    /// More messages of this full map follow (a full map is sent in parts
+    /// of at most [`FULL_MAP_PART`] peers, so no one message, and no
+    /// websocket buffer, grows with the mesh).
+    #[serde(default)]
+    pub more: bool,
 }
 
 /// What the server says.
@@ -528,6 +535,7 @@ mod tests {
                 filter: Some(filter_to_wire(&rules)),
                 filter_set: true,
                 relay_url: Some("wss://example:6443/v1-meshvpn/relay".into()),
+                more: true,
             }),
         ];
         for m in server {

@@ -54,7 +54,7 @@ use crate::node::{NodeRecord, NodeRequest};
 use crate::policy::{compile, MeshNode, Policy};
 use crate::proto::{
     filter_to_wire, hex, parse_routes, unhex, ErrorCode, MapUpdate, NodeBody, Peer, RouteState,
-    ServerBody, CONTROL_PATH, EXPORTER_LABEL, MAX_ENDPOINTS, MAX_MESSAGE,
+    ServerBody, CONTROL_PATH, EXPORTER_LABEL, FULL_MAP_PART, MAX_ENDPOINTS, MAX_MESSAGE,
 };
 use crate::store::{RedeemError, Store};
 
@@ -165,9 +165,13 @@ struct Snapshot {
     policy: Option<(u64, Policy)>,
     /// Peers as last sent (with session data merged in).
     peers: BTreeMap<i64, Peer>,
-    /// The full map of `peers`, encoded once for every new session.
-    full: Option<Bytes>,
+    /// The full map of `peers` in parts, encoded once for every new
+    /// session.
+    full: Option<Arc<Vec<Bytes>>>,
 }
+
+/// The shortest time between two reads of the store.
+const MIN_REFRESH: Duration = Duration::from_millis(50);
 
 /// How long a removed node's session may stay to read the error it was
 /// sent before it is closed.
@@ -393,9 +397,10 @@ impl Shared {
             live.next_generation += 1;
             // The map at the last snapshot; every later change comes as a
             // delta from the watcher, which pushes under this lock.
-            let full = live.snapshot.full_map(&self.config);
-            if outbox.push(full).is_err() {
-                return Err("full map did not fit the send queue".into());
+            for part in live.snapshot.full_map(&self.config).iter() {
+                if outbox.push(part.clone()).is_err() {
+                    return Err("the full map did not fit the send queue".into());
+                }
             }
             let old = live.sessions.insert(
                 record.id,
@@ -569,6 +574,10 @@ impl Shared {
     fn watch(self: &Arc<Self>) {
         let mut last_ephemeral = Instant::now();
         loop {
+            // Changes that come in a burst (nodes joining together) are
+            // read and sent together: at most one refresh per
+            // MIN_REFRESH, well inside the 1 s promise.
+            std::thread::sleep(MIN_REFRESH);
             {
                 let mut dirty = self.dirty.lock();
                 if !*dirty {
@@ -835,20 +844,33 @@ fn mesh_node(n: &NodeRecord, snap: &Snapshot) -> MeshNode {
 impl Snapshot {
     /// The full map (every peer, the receiving node included: it skips
     /// itself), encoded once per snapshot.
-    fn full_map(&mut self, config: &ControlServerConfig) -> Bytes {
+    fn full_map(&mut self, config: &ControlServerConfig) -> Arc<Vec<Bytes>> {
         if let Some(f) = &self.full {
             return f.clone();
         }
-        let m = ServerBody::Map(MapUpdate {
-            full: true,
-            upserts: self.peers.values().cloned().collect(),
-            removed: Vec::new(),
-            relay_url: config.relay_url.clone(),
-            policy_version: self.policy.as_ref().map(|p| p.0).unwrap_or(0),
-            ..Default::default()
-        });
-        let b = Bytes::from(m.encode());
-        self.full = Some(b.clone());
-        b
+        let peers: Vec<&Peer> = self.peers.values().collect();
+        let mut chunks: Vec<&[&Peer]> = peers.chunks(FULL_MAP_PART).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        let last = chunks.len() - 1;
+        let parts: Vec<Bytes> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, chunk)| {
+                let m = ServerBody::Map(MapUpdate {
+                    full: i == 0,
+                    upserts: chunk.iter().map(|p| (*p).clone()).collect(),
+                    relay_url: config.relay_url.clone().filter(|_| i == 0),
+                    policy_version: self.policy.as_ref().map(|p| p.0).unwrap_or(0),
+                    more: i != last,
+                    ..Default::default()
+                });
+                Bytes::from(m.encode())
+            })
+            .collect();
+        let parts = Arc::new(parts);
+        self.full = Some(parts.clone());
+        parts
     }
 }

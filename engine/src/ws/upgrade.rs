@@ -37,6 +37,10 @@ use super::TunnelError;
 use crate::relay::pump::{Outbox, Pump, PumpTimers, QueueLimits, Refused};
 
 /// A service on its own upgrade path of the tunnel server's listener.
+///
+/// Its clients send websocket frames only after they have read the 101
+/// answer (as every websocket client does; frames pipelined before it
+/// would be lost, see [`Conn`]'s construction).
 pub trait UpgradeHandler: Send + Sync + 'static {
     /// Serves one upgraded connection to its end, on its own thread.
     fn serve(&self, conn: Conn);
@@ -75,7 +79,10 @@ pub(crate) fn websocket_config(max_message: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message))
-        .write_buffer_size(64 << 10)
+        // Small buffers: a service may hold thousands of these (the control
+        // server one per node), and a buffer keeps the size it grew to.
+        .read_buffer_size(16 << 10)
+        .write_buffer_size(16 << 10)
         .max_write_buffer_size(max_message.max(64 << 10) + (64 << 10))
 }
 
@@ -151,13 +158,24 @@ pub struct Conn {
 
 impl Conn {
     pub(crate) fn server(
-        mut ws: WebSocket<Transport>,
+        ws: WebSocket<Transport>,
         max_message: usize,
         handshake: Slot,
         session: Slot,
         sessions: Arc<Sessions>,
     ) -> Result<Conn, TunnelError> {
-        ws.set_config(|c| *c = websocket_config(max_message));
+        // The upgrade was read with the listener's websocket settings,
+        // whose 128 KiB read buffer tungstenite fills (zeroes) whole on the
+        // first read: a service with thousands of sessions would hold that
+        // per session. A client sends frames only after it read the 101,
+        // which was written after the request was read, so nothing is
+        // buffered yet and the websocket can be rebuilt with this route's
+        // small buffers.
+        let ws = WebSocket::from_raw_socket(
+            ws.into_inner(),
+            tungstenite::protocol::Role::Server,
+            Some(websocket_config(max_message)),
+        );
         let peer = ws.get_ref().sock.tcp.peer_addr()?;
         Ok(Conn {
             ws,
