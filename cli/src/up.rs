@@ -350,7 +350,7 @@ pub fn run(args: UpArgs) -> CliResult {
         applied: Plan::default(),
         routes: BTreeSet::new(),
         addressed: false,
-        seen_updates: u64::MAX,
+        seen_map: None,
         seen_sessions: 0,
         relay_started: false,
         relay_config: Box::new(move |url| RelayConfig::new(url, tls.clone())),
@@ -406,7 +406,7 @@ pub fn run(args: UpArgs) -> CliResult {
             }
             break Err(fatal_message(e, &url, &args.state_dir));
         }
-        if let Err(e) = node.step(&state) {
+        if let Err(e) = node.step(&state, status.sessions) {
             tracing::warn!("applying the map: {e}");
         }
         if status.connected
@@ -447,7 +447,9 @@ struct Node {
     applied: Plan,
     routes: BTreeSet<IpPrefix>,
     addressed: bool,
-    seen_updates: u64,
+    /// (session, map messages) last applied: the count restarts with each
+    /// session.
+    seen_map: Option<(u64, u64)>,
     seen_sessions: u64,
     relay_started: bool,
     /// The relay's settings for the URL the map names (the control
@@ -461,7 +463,7 @@ struct Node {
 
 impl Node {
     /// Applies what changed in the map since the last step.
-    fn step(&mut self, state: &NodeState) -> Result<(), String> {
+    fn step(&mut self, state: &NodeState, session: u64) -> Result<(), String> {
         if let Some(n) = &state.node {
             if !self.wrote_node {
                 let text = serde_json::json!({
@@ -516,10 +518,12 @@ impl Node {
                 Err(e) => tracing::warn!("relay {relay}: {e}"),
             }
         }
-        if state.updates == 0 || state.updates == self.seen_updates {
+        // Not before this session's full map is complete (it comes in
+        // parts): until then the engine keeps what it has.
+        if !state.has_map() || self.seen_map == Some((session, state.updates)) {
             return Ok(());
         }
-        self.seen_updates = state.updates;
+        self.seen_map = Some((session, state.updates));
         let plan = apply::plan(state, self.options);
         for change in apply::diff(&self.applied, &plan) {
             match change {
