@@ -35,8 +35,11 @@ struct TempDir(PathBuf);
 
 impl TempDir {
     fn new(name: &str) -> Self {
-        let dir =
-            std::env::temp_dir().join(format!("meshvpn-ctlserver-{name}-{}", std::process::id()));
+        Self::under(std::env::temp_dir(), name)
+    }
+
+    fn under(base: PathBuf, name: &str) -> Self {
+        let dir = base.join(format!("meshvpn-ctlserver-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
@@ -60,7 +63,10 @@ struct Mesh {
 
 impl Mesh {
     fn start(name: &str, edit: impl FnOnce(&mut ControlServerConfig)) -> Mesh {
-        let dir = TempDir::new(name);
+        Self::start_in(TempDir::new(name), edit)
+    }
+
+    fn start_in(dir: TempDir, edit: impl FnOnce(&mut ControlServerConfig)) -> Mesh {
         let db = dir.0.join("control.db");
         let store = Arc::new(SqliteStore::open(&db, &StoreConfig::default()).unwrap());
         let mut config = ControlServerConfig::default();
@@ -403,4 +409,87 @@ fn session_caps_per_source_refuse_the_excess_and_keep_the_rest() {
         "a freed slot is used: {:?}",
         extra.status()
     );
+}
+
+/// A node that registers and then stops reading: once the server's writes
+/// to it make no progress for the write timeout, its session is closed and
+/// counted, its queue freed; the other nodes are served throughout.
+#[test]
+fn a_node_that_stops_reading_is_dropped_and_others_are_served() {
+    use meshvpn_control::client::Step;
+    use socket2::{Domain, Socket, Type};
+    use tungstenite::Message;
+
+    // Many registrations: on tmpfs where there is one (fsyncs are free).
+    let shm = PathBuf::from("/dev/shm");
+    let base = if shm.is_dir() {
+        shm
+    } else {
+        std::env::temp_dir()
+    };
+    let mesh = Mesh::start_in(TempDir::under(base, "slow"), |c| {
+        c.write_timeout = Duration::from_secs(1);
+    });
+    // 1000 peers with 64 long tags each make a full map of about 4.3 MiB:
+    // more than the socket buffers on both ends hold (the server's send
+    // buffer grows to 4 MiB on loopback).
+    let tags: Vec<String> = (0..64)
+        .map(|i| format!("tag:t{i:02}-{}", "x".repeat(58)))
+        .collect();
+    let key = mesh.key(KeyOptions {
+        reusable: true,
+        tags,
+        ..Default::default()
+    });
+    for i in 0..1000 {
+        let node = meshvpn_control::NodeRequest {
+            public_key: PrivateKey::generate().public_key(),
+            hostname: format!("big{i}"),
+        };
+        keys::redeem(&mesh.cli, &key, &node, now()).unwrap();
+    }
+    mesh.control.poke();
+
+    let addr = mesh.tunnel.local_addr();
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let tcp: std::net::TcpStream = sock.into();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    let (mut ws, _) = tungstenite::client(mesh.url(), tcp).unwrap();
+    let s = secret();
+    let request = JoinRequest {
+        join_key: Some(key.clone()),
+        hostname: "slow".into(),
+        ..Default::default()
+    };
+    let mut state = NodeState::new();
+    for _ in 0..2 {
+        let Message::Binary(m) = ws.read().unwrap() else {
+            panic!("binary expected")
+        };
+        if let Step::Reply(r) = state.handle(&m, &s, &[0u8; 32], &request).unwrap() {
+            ws.send(Message::Binary(r.into())).unwrap();
+        }
+    }
+    assert!(state.node.is_some(), "registered");
+    // From here the node reads nothing.
+    let start = Instant::now();
+    while mesh.control.stats().dropped_slow == 0 && start.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stats = mesh.control.stats();
+    assert_eq!(stats.dropped_slow, 1, "{stats:?}");
+    println!(
+        "the node that stopped reading was dropped after {:?}",
+        start.elapsed()
+    );
+    // A reading node still joins and gets the whole map.
+    let ok = mesh.join(Some(&key), "reader", &secret());
+    assert!(
+        ok.wait(WAIT, |st, _| st.has_map() && st.peers.len() == 1001),
+        "{:?}",
+        ok.status()
+    );
+    drop(ws);
 }
