@@ -1,7 +1,8 @@
 //! `meshvpn control keys create|list|revoke`, `nodes list|remove`,
 //! `routes list|approve` and `policy set|get`: the control server's join
 //! keys, nodes, routes and policy, read and changed in its database file
-//! directly (`--db PATH`, or `control.db` in `--state-dir`).
+//! directly (`--db PATH`, or `control.db` in `--state-dir`); `meshvpn
+//! control serve`: the control server itself.
 //!
 //! The server serves the same file while an operator runs these: SQLite's
 //! file locks let several processes share it (each change is one write
@@ -17,8 +18,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Subcommand};
 use meshvpn_control::keys::{self, KeyOptions};
 use meshvpn_control::routes::{self, cluster_name, Approver, RouteChange, RouteStatus};
+use meshvpn_control::server::{self, ControlServer, ControlServerConfig};
 use meshvpn_control::store::{SqliteStore, Store, StoreConfig};
 use meshvpn_control::{NodeRecord, Policy};
+use meshvpn_engine::supervisor::{ServerConfig, TunnelServer};
 use meshvpn_engine::IpPrefix;
 
 use crate::persist::DEFAULT_STATE_DIR;
@@ -58,6 +61,10 @@ enum ControlCommand {
     /// The ACL policy (JSON, Tailscale's shape): tagOwners, acls, autoApprovers.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run the control server: nodes register over the control protocol
+    /// (`/v1-meshvpn/control`) and get the network map; with --relay the
+    /// same port also relays WireGuard between nodes.
+    Serve(ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -86,6 +93,44 @@ enum PolicyCommand {
     },
     /// Print the policy as set (its version on stderr).
     Get,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on (HTTPS), e.g. 0.0.0.0:8443.
+    #[arg(long, value_name = "ADDR")]
+    listen: std::net::SocketAddr,
+    /// PEM certificate chain of the server.
+    #[arg(long, value_name = "FILE", required_unless_present = "plain")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of the server.
+    #[arg(long, value_name = "FILE", required_unless_present = "plain")]
+    tls_key: Option<PathBuf>,
+    /// Serve plain HTTP without TLS (tests on loopback only: a node's key
+    /// proof is then not bound to a TLS session).
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    plain: bool,
+    /// The prefix new nodes get their IPv4 address from.
+    #[arg(long, value_name = "PREFIX", default_value = meshvpn_control::node::DEFAULT_IPV4_PREFIX)]
+    ipv4_prefix: meshvpn_engine::IpPrefix,
+    /// Also serve the WireGuard relay on this port (`/v1-meshvpn/relay`).
+    #[arg(long)]
+    relay: bool,
+    /// Control sessions at once (one per node; each a thread and three
+    /// open files); more are answered 503.
+    #[arg(long, value_name = "N", default_value_t = server::DEFAULT_MAX_SESSIONS)]
+    max_sessions: usize,
+    /// Control sessions at once from one source address (nodes behind one
+    /// NAT); more from it are answered 503.
+    #[arg(long, value_name = "N", default_value_t = server::DEFAULT_MAX_SESSIONS_PER_SOURCE)]
+    max_sessions_per_source: usize,
+    /// TLS and HTTP handshakes in progress at once from one source address.
+    #[arg(long, value_name = "N", default_value_t = meshvpn_engine::supervisor::DEFAULT_MAX_HANDSHAKES_PER_SOURCE)]
+    max_handshakes_per_source: usize,
+    /// How long an ephemeral node stays after it disconnects: 90s, 30m, 24h.
+    #[arg(long, value_name = "DURATION", value_parser = keys::parse_duration,
+          default_value = "30m")]
+    ephemeral_timeout: Duration,
 }
 
 #[derive(Subcommand)]
@@ -139,6 +184,7 @@ pub fn run(args: ControlArgs) -> CliResult {
         args.command,
         ControlCommand::Keys(KeysCommand::Create { .. })
             | ControlCommand::Policy(PolicyCommand::Set { .. })
+            | ControlCommand::Serve(_)
     );
     // A policy that does not load is refused before the database is
     // touched: nothing stored, nothing created.
@@ -160,13 +206,17 @@ pub fn run(args: ControlArgs) -> CliResult {
             )
         })?;
     }
-    let config = StoreConfig {
+    let mut config = StoreConfig {
         create,
         ..Default::default()
     };
+    if let ControlCommand::Serve(a) = &args.command {
+        config.ipv4_prefix = a.ipv4_prefix;
+    }
     let store = SqliteStore::open(&path, &config)?;
     let now = unix_now();
     match args.command {
+        ControlCommand::Serve(a) => return serve(store, a),
         ControlCommand::Keys(KeysCommand::Create {
             reusable,
             ephemeral,
@@ -378,6 +428,58 @@ fn report_changes(changes: &[RouteChange]) {
                 println!("route {prefix} of node {node_id} was removed")
             }
         }
+    }
+}
+
+/// Serves until the process ends.
+fn serve(store: SqliteStore, a: ServeArgs) -> CliResult {
+    let tls = if a.plain {
+        None
+    } else {
+        let read = |p: &Option<PathBuf>| {
+            let p = p.as_ref().ok_or("--tls-cert and --tls-key are required")?;
+            std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))
+        };
+        Some(
+            meshvpn_engine::ws::tls::server_config(
+                &read(&a.tls_cert)?,
+                &read(&a.tls_key)?,
+                None,
+                false,
+            )
+            .map_err(|e| e.to_string())?,
+        )
+    };
+    let control = ControlServer::start(
+        std::sync::Arc::new(store),
+        ControlServerConfig {
+            max_sessions: a.max_sessions,
+            max_sessions_per_source: a.max_sessions_per_source,
+            ephemeral_timeout: a.ephemeral_timeout,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    // No agent credentials: the tunnel path refuses everyone; this port
+    // serves the control protocol (and the relay with --relay).
+    let mut config = ServerConfig::new(
+        meshvpn_engine::supervisor::K3S_PATH,
+        tls,
+        meshvpn_engine::supervisor::ServerAuth::default(),
+    );
+    config.max_handshakes_per_source = a.max_handshakes_per_source;
+    config.extra.push(control.route());
+    if a.relay {
+        config.relay = Some(meshvpn_engine::relay::RelayServerConfig::default());
+    }
+    let server = TunnelServer::bind(a.listen, config).map_err(|e| e.to_string())?;
+    tracing::info!(addr = %server.local_addr(), relay = a.relay, "control server listening");
+    // On stdout for scripts and tests that asked for port 0.
+    println!("listening on {}", server.local_addr());
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
     }
 }
 

@@ -19,6 +19,7 @@ mod persist;
 mod status;
 mod stun;
 mod tunnel;
+mod up;
 
 use clap::{ArgAction, Parser, Subcommand};
 
@@ -72,8 +73,10 @@ enum Command {
     Status(status::StatusArgs),
     /// STUN (RFC 8489): `probe` asks servers for this host's public address.
     Stun(stun::StunArgs),
-    /// The control server's join keys, nodes, routes and policy: `keys create|list|revoke`, `nodes list|remove`, `routes list|approve`, `policy set|get`.
+    /// The control server, its join keys, nodes, routes and policy: `serve`, `keys create|list|revoke`, `nodes list|remove`, `routes list|approve`, `policy set|get`.
     Control(control::ControlArgs),
+    /// Join a mesh run by a control server (`--control URL --join-key-file F`) and stay in it.
+    Up(up::UpArgs),
 }
 
 /// The log level: `-v` wins, then `LOG_LEVEL`, then `default`; `None` is
@@ -133,7 +136,7 @@ fn main() {
     let cli = Cli::parse();
     // Long-running services say what they do at info; the rest only warn.
     let default = match cli.command {
-        Some(Command::Tunnel(_) | Command::Forward(_)) => tracing::Level::INFO,
+        Some(Command::Tunnel(_) | Command::Forward(_) | Command::Up(_)) => tracing::Level::INFO,
         _ => tracing::Level::WARN,
     };
     init_logging(cli.verbose, default);
@@ -149,6 +152,7 @@ fn main() {
         Some(Command::Status(a)) => status::run(a),
         Some(Command::Stun(a)) => stun::run(a),
         Some(Command::Control(a)) => control::run(a),
+        Some(Command::Up(a)) => up::run(a),
         None => {
             // Keep the daemon's stderr when the user asked for logs, as
             // wireguard-go does with LOG_LEVEL.

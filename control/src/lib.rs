@@ -8,10 +8,14 @@
 //! types, so the data path stays free of policy syntax and of the store.
 #![deny(unsafe_code)]
 
+pub mod apply;
+pub mod client;
 pub mod keys;
 pub mod node;
 pub mod policy;
 pub mod routes;
+pub mod proto;
+pub mod server;
 pub mod store;
 
 pub use keys::{JoinError, JoinKeyRecord, KeyOptions, NewKey};

@@ -58,7 +58,7 @@ pub use session::{ConnId, Event, Role, SessionStats, Transmit, TunnelSession};
 pub use agent::{Agent, AgentConfig, AgentEvent, AgentEventHook, AgentStatus};
 pub use agent_stats::{AgentCounters, AgentStats};
 pub use server::{
-    ServerAuth, ServerConfig, ServerStats, TunnelServer, DEFAULT_MAX_HANDSHAKES,
+    ExtraRouteStats, ServerAuth, ServerConfig, ServerStats, TunnelServer, DEFAULT_MAX_HANDSHAKES,
     DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
 };
 pub use stream::TunnelStream;

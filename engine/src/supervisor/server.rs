@@ -38,6 +38,7 @@ use crate::stats::stats_struct;
 use crate::ws::admission::{Admission, Refused, Slot};
 use crate::ws::tls::certificate_common_name;
 use crate::ws::transport::{Socket, Transport};
+use crate::ws::upgrade::{Conn, Routes, UpgradeRoute};
 use crate::ws::TunnelError;
 
 /// How a connecting agent proves who it is.
@@ -130,6 +131,10 @@ pub struct ServerConfig {
     /// [`ServerStats::refused_handshakes_per_source`]) while other sources
     /// are served. Default [`DEFAULT_MAX_HANDSHAKES_PER_SOURCE`].
     pub max_handshakes_per_source: usize,
+    /// More services on their own paths of this listener (e.g. the control
+    /// server's `/v1-meshvpn/control`), under the same handshake deadline,
+    /// handshake caps and shutdown; each with its own session caps.
+    pub extra: Vec<UpgradeRoute>,
 }
 
 impl ServerConfig {
@@ -147,6 +152,7 @@ impl ServerConfig {
             max_handshakes: DEFAULT_MAX_HANDSHAKES,
             relay: None,
             max_handshakes_per_source: DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            extra: Vec::new(),
         }
     }
 }
@@ -174,6 +180,18 @@ stats_struct! {
     }
 }
 
+/// Counters of one extra upgrade path ([`ServerConfig::extra`]), for the
+/// service that owns it (not part of the C ABI's server stats).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtraRouteStats {
+    /// Sessions now (from the upgrade to the end).
+    pub sessions: usize,
+    /// Upgrades answered 503: the path had `max_sessions`.
+    pub refused_sessions: u64,
+    /// Upgrades answered 503: their source had `max_sessions_per_source`.
+    pub refused_sessions_per_source: u64,
+}
+
 /// Live sessions and the admission state stop coordinates with.
 struct Registry {
     sessions: HashMap<String, Arc<SessionShared>>,
@@ -194,6 +212,7 @@ struct ServerShared {
     registry: Mutex<Registry>,
     changed: Condvar,
     relay: Option<Relay>,
+    extra: Routes,
 }
 
 /// An agreed upgrade on its way to a session; stop waits for these.
@@ -232,6 +251,7 @@ impl TunnelServer {
         let shared = Arc::new(ServerShared {
             local_addr: listener.local_addr()?,
             relay,
+            extra: Routes::new(&config.extra),
             handshakes: Admission::new(config.max_handshakes, config.max_handshakes_per_source),
             relay_sessions: config
                 .relay
@@ -292,6 +312,18 @@ impl TunnelServer {
             refused_relay_sessions,
             refused_relay_sessions_per_source,
         }
+    }
+
+    /// The counters of the extra upgrade path `path`, when there is one.
+    pub fn extra_stats(&self, path: &str) -> Option<ExtraRouteStats> {
+        let i = self.shared.extra.find(path)?;
+        let a = &self.shared.extra.routes[i].1;
+        let (refused_sessions, refused_sessions_per_source) = a.refused();
+        Some(ExtraRouteStats {
+            sessions: a.held(),
+            refused_sessions,
+            refused_sessions_per_source,
+        })
     }
 
     /// The relay's counters, when it serves one.
@@ -369,6 +401,7 @@ impl TunnelServer {
         if let Some(relay) = &shared.relay {
             relay.stop_all();
         }
+        shared.extra.sessions.stop_all();
         crate::ws::wait_for(&shared.registry, &shared.changed, STOP_WAIT, |r| {
             r.sessions.is_empty()
         });
@@ -409,6 +442,21 @@ fn accept_loop(shared: &Arc<ServerShared>, listener: TcpListener) {
                     // deadline); the relay session slot is held to the end.
                     serve_relay(&worker, ws, slot, session);
                 }
+                Ok((ws, Upgraded::Extra(route, session))) => {
+                    // The service's own handshake still holds the handshake
+                    // slot (and deadline) until it calls `handshake_done`.
+                    let (r, _) = &worker.extra.routes[route];
+                    match Conn::server(
+                        ws,
+                        r.max_message,
+                        slot,
+                        session,
+                        worker.extra.sessions.clone(),
+                    ) {
+                        Ok(conn) => r.handler.serve(conn),
+                        Err(e) => tracing::debug!(?peer, error = %e, "tunnel: upgrade lost"),
+                    }
+                }
                 Err(e) => {
                     drop(slot);
                     tracing::debug!(?peer, error = %e, "tunnel: handshake failed");
@@ -430,6 +478,8 @@ enum Upgraded {
     Tunnel(String, Admitting),
     /// A relay client holding a relay session slot; it proves its key next.
     Relay(Slot),
+    /// A connection on `config.extra[.0]`, holding its session slot.
+    Extra(usize, Slot),
 }
 
 // tungstenite's callback returns its `ErrorResponse` (an http::Response) by value.
@@ -455,10 +505,35 @@ fn handshake(
         .and_then(certificate_common_name);
     let mut client_key = None;
     let mut relay_session = None;
+    let mut extra_session = None;
     // Held until the 101 is written (relay) or the session registered
     // (tunnel), so that stop can wait for it.
     let mut admitting = None;
     let callback = |request: &Request, response: Response| {
+        if let Some(i) = shared.extra.find(request.uri().path()) {
+            // The service authenticates its clients itself (after the
+            // upgrade); the route caps its sessions as the relay's are.
+            extra_session = match shared.extra.routes[i].1.admit(source) {
+                Ok(slot) => Some((i, slot)),
+                Err(Refused::PerSource) => {
+                    return Err(reject(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many sessions from this address",
+                    ))
+                }
+                Err(Refused::Total) => {
+                    return Err(reject(StatusCode::SERVICE_UNAVAILABLE, "too many sessions"))
+                }
+            };
+            admitting = shared.begin_admitting();
+            if admitting.is_none() {
+                return Err(reject(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server shutting down",
+                ));
+            }
+            return Ok(response);
+        }
         let relay = config
             .relay
             .as_ref()
@@ -514,6 +589,12 @@ fn handshake(
             .map_err(|e| TunnelError::Handshake(e.to_string()))?;
     let admitting =
         admitting.ok_or_else(|| TunnelError::Handshake("upgrade not admitted".into()))?;
+    if let Some((route, slot)) = extra_session {
+        // Registered in the session list before the 101 counts as agreed:
+        // stop ends it from there on (`Sessions::stop_all`).
+        drop(admitting);
+        return Ok((ws, Upgraded::Extra(route, slot)));
+    }
     if let Some(slot) = relay_session {
         ws.set_config(|c| *c = relay_pump::websocket_config());
         // The 101 is out: the relay refuses to register once stopped.

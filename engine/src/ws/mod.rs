@@ -13,9 +13,11 @@ pub(crate) mod poll;
 pub(crate) mod reconnect;
 pub mod tls;
 pub(crate) mod transport;
+pub mod upgrade;
 
 pub use reconnect::{
-    DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX, DEFAULT_HANDSHAKE_TIMEOUT, STABLE_SESSION,
+    Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX, DEFAULT_HANDSHAKE_TIMEOUT,
+    STABLE_SESSION,
 };
 
 use std::time::{Duration, Instant};

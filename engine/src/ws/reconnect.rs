@@ -68,7 +68,7 @@ const MIN_BACKOFF: Duration = Duration::from_millis(1);
 ///   moment the session came up: a slow failing attempt (several addresses,
 ///   each timing out) is not a success.
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     initial: Duration,
     max: Duration,
     /// The wait before the next attempt, before jitter.
@@ -83,7 +83,7 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     /// `seed` feeds the jitter; give each client its own.
-    pub(crate) fn new(initial: Duration, max: Duration, seed: u64) -> Backoff {
+    pub fn new(initial: Duration, max: Duration, seed: u64) -> Backoff {
         let initial = initial.max(MIN_BACKOFF);
         Backoff {
             initial,
@@ -97,13 +97,13 @@ impl Backoff {
     }
 
     /// A session came up at `now`.
-    pub(crate) fn on_connected(&mut self, now: Instant) {
+    pub fn on_connected(&mut self, now: Instant) {
         self.connected_at = Some(now);
     }
 
     /// The attempt failed, or the session ended, at `now`: schedules the
     /// next attempt and returns the wait chosen.
-    pub(crate) fn on_failed(&mut self, now: Instant) -> Duration {
+    pub fn on_failed(&mut self, now: Instant) -> Duration {
         if let Some(up) = self.connected_at.take() {
             if now.saturating_duration_since(up) >= STABLE_SESSION {
                 self.step = self.initial;
@@ -117,18 +117,18 @@ impl Backoff {
 
     /// The next attempt starts at once (the relay after a key change); the
     /// backoff keeps its step.
-    pub(crate) fn retry_now(&mut self) {
+    pub fn retry_now(&mut self) {
         self.retry_at = None;
     }
 
     /// No more attempts.
-    pub(crate) fn shutdown(&mut self) {
+    pub fn shutdown(&mut self) {
         self.stopped = true;
     }
 
     /// How long to wait from `now` before the next attempt (zero: start it
     /// now); `None` once shut down.
-    pub(crate) fn next_delay(&self, now: Instant) -> Option<Duration> {
+    pub fn next_delay(&self, now: Instant) -> Option<Duration> {
         if self.stopped {
             return None;
         }

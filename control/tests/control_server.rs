@@ -1,0 +1,495 @@
+//! The control server and node client over real sockets: registration with
+//! every join-key error, the key proof, the full map then deltas, changes
+//! made from another store handle (as the `meshvpn control` CLI, another
+//! process, makes them) reaching every node within 1 s, removal closing
+//! the node's session and refusing its key, and the session caps.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use boringtun::x25519::StaticSecret;
+use meshvpn_control::client::{ControlClient, ControlClientConfig, JoinRequest, NodeState};
+use meshvpn_control::keys::{self, KeyOptions};
+use meshvpn_control::proto::{ErrorCode, CONTROL_PATH};
+use meshvpn_control::server::{ControlServer, ControlServerConfig};
+use meshvpn_control::store::{SqliteStore, Store, StoreConfig};
+use meshvpn_engine::supervisor::{ServerAuth, ServerConfig, TunnelServer};
+use meshvpn_engine::PrivateKey;
+use ring::rand::SystemRandom;
+use zeroize::Zeroizing;
+
+const WAIT: Duration = Duration::from_secs(15);
+/// The promise: a change reaches every connected node within this.
+const DELIVERY: Duration = Duration::from_secs(1);
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        Self::under(std::env::temp_dir(), name)
+    }
+
+    fn under(base: PathBuf, name: &str) -> Self {
+        let dir = base.join(format!("meshvpn-ctlserver-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A control server on a plain (test) tunnel listener, plus a second
+/// store handle standing for the operator's CLI.
+struct Mesh {
+    _dir: TempDir,
+    tunnel: TunnelServer,
+    control: ControlServer,
+    cli: SqliteStore,
+}
+
+impl Mesh {
+    fn start(name: &str, edit: impl FnOnce(&mut ControlServerConfig)) -> Mesh {
+        Self::start_in(TempDir::new(name), edit)
+    }
+
+    fn start_in(dir: TempDir, edit: impl FnOnce(&mut ControlServerConfig)) -> Mesh {
+        let db = dir.0.join("control.db");
+        let store = Arc::new(SqliteStore::open(&db, &StoreConfig::default()).unwrap());
+        let mut config = ControlServerConfig::default();
+        edit(&mut config);
+        let control = ControlServer::start(store, config).unwrap();
+        let mut tc = ServerConfig::new("/v1-k3s/connect", None, ServerAuth::default());
+        tc.extra.push(control.route());
+        tc.max_handshakes_per_source = 256;
+        let tunnel = TunnelServer::bind("127.0.0.1:0".parse().unwrap(), tc).unwrap();
+        let cli = SqliteStore::open(&db, &StoreConfig::default()).unwrap();
+        Mesh {
+            _dir: dir,
+            tunnel,
+            control,
+            cli,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}{CONTROL_PATH}", self.tunnel.local_addr())
+    }
+
+    fn key(&self, opts: KeyOptions) -> Zeroizing<String> {
+        keys::create(&self.cli, &opts, now(), &SystemRandom::new())
+            .unwrap()
+            .text
+    }
+
+    fn join(
+        &self,
+        key: Option<&Zeroizing<String>>,
+        host: &str,
+        secret: &StaticSecret,
+    ) -> ControlClient {
+        let request = JoinRequest {
+            join_key: key.cloned(),
+            hostname: host.into(),
+            routes: vec![],
+            tags: vec![],
+            endpoints: vec!["192.0.2.7:51820".parse().unwrap()],
+        };
+        self.join_with(request, secret)
+    }
+
+    fn join_with(&self, request: JoinRequest, secret: &StaticSecret) -> ControlClient {
+        let mut config = ControlClientConfig::new(self.url(), request);
+        config.backoff_initial = Duration::from_millis(50);
+        config.backoff_max = Duration::from_millis(500);
+        ControlClient::start(config, secret.clone()).unwrap()
+    }
+}
+
+fn secret() -> StaticSecret {
+    StaticSecret::from(*PrivateKey::generate().as_bytes())
+}
+
+fn refused_with(client: &ControlClient) -> Option<ErrorCode> {
+    client.wait(WAIT, |_, st| st.fatal.is_some());
+    match client.status().fatal {
+        Some(meshvpn_control::client::ClientError::Refused { code, .. }) => Some(code),
+        _ => None,
+    }
+}
+
+#[test]
+fn every_join_key_problem_reaches_the_node_as_its_own_error() {
+    let mesh = Mesh::start("keys", |_| {});
+    let good = mesh.key(KeyOptions::default());
+    let a = mesh.join(Some(&good), "a", &secret());
+    assert!(a.wait(WAIT, |s, _| s.has_map()), "{:?}", a.status());
+
+    // Single-use, already used by a (another node key).
+    let reused = mesh.join(Some(&good), "b", &secret());
+    assert_eq!(refused_with(&reused), Some(ErrorCode::KeyReused));
+    let text = reused.status().fatal.unwrap().to_string();
+    assert!(text.contains("single-use"), "{text}");
+
+    let expired = keys::create(
+        &mesh.cli,
+        &KeyOptions {
+            expiry: Some(Duration::from_secs(60)),
+            ..Default::default()
+        },
+        now() - 3600,
+        &SystemRandom::new(),
+    )
+    .unwrap()
+    .text;
+    let c = mesh.join(Some(&expired), "c", &secret());
+    assert_eq!(refused_with(&c), Some(ErrorCode::KeyExpired));
+
+    let revoked = mesh.key(KeyOptions::default());
+    let id = keys::parse(&revoked).unwrap().id;
+    assert!(mesh.cli.revoke_key(&id, now()).unwrap());
+    let d = mesh.join(Some(&revoked), "d", &secret());
+    assert_eq!(refused_with(&d), Some(ErrorCode::KeyRevoked));
+
+    let malformed = Zeroizing::new("mvpn-key-nothex".to_string());
+    let e = mesh.join(Some(&malformed), "e", &secret());
+    assert_eq!(refused_with(&e), Some(ErrorCode::KeyMalformed));
+
+    // Right shape, wrong secret.
+    let mut unknown = good.to_string();
+    unknown.replace_range(unknown.len() - 4.., "0000");
+    let f = mesh.join(Some(&Zeroizing::new(unknown)), "f", &secret());
+    assert_eq!(refused_with(&f), Some(ErrorCode::KeyUnknown));
+
+    // No key and never registered.
+    let g = mesh.join(None, "g", &secret());
+    assert_eq!(refused_with(&g), Some(ErrorCode::NodeUnknown));
+
+    // A tag the key does not grant is refused before the key is used.
+    let tagged = mesh.key(KeyOptions {
+        tags: vec!["tag:k3s".into()],
+        ..Default::default()
+    });
+    let h = mesh.join_with(
+        JoinRequest {
+            join_key: Some(tagged.clone()),
+            hostname: "h".into(),
+            tags: vec!["tag:admin".into()],
+            ..Default::default()
+        },
+        &secret(),
+    );
+    assert_eq!(refused_with(&h), Some(ErrorCode::TagNotPermitted));
+    let i = mesh.join_with(
+        JoinRequest {
+            join_key: Some(tagged),
+            hostname: "i".into(),
+            tags: vec!["tag:k3s".into()],
+            ..Default::default()
+        },
+        &secret(),
+    );
+    assert!(i.wait(WAIT, |s, _| s.has_map()), "{:?}", i.status());
+    assert_eq!(i.state().node.unwrap().tags, vec!["tag:k3s".to_string()]);
+    assert!(mesh.control.stats().refused >= 7);
+}
+
+#[test]
+fn a_node_reconnects_with_its_key_alone_and_keeps_its_addresses() {
+    let mesh = Mesh::start("rejoin", |_| {});
+    let key = mesh.key(KeyOptions::default());
+    let s = secret();
+    let first = mesh.join(Some(&key), "web", &s);
+    assert!(first.wait(WAIT, |s, _| s.has_map()));
+    let info = first.state().node.unwrap();
+    drop(first);
+    // The single-use key is spent; the node key proves the node.
+    let again = mesh.join(None, "web", &s);
+    assert!(again.wait(WAIT, |s, _| s.has_map()), "{:?}", again.status());
+    assert_eq!(again.state().node.unwrap(), info);
+}
+
+/// Waits until every client's state satisfies `done`; returns the time it
+/// took, or panics after `limit` naming the first laggard.
+fn all_within(
+    clients: &[ControlClient],
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&NodeState) -> bool + Copy,
+) -> Duration {
+    let start = Instant::now();
+    for (i, c) in clients.iter().enumerate() {
+        let left = limit.saturating_sub(start.elapsed());
+        assert!(
+            c.wait(left, |s, _| done(s)),
+            "{what}: node {i} not there after {:?}: {} peers, {:?}",
+            start.elapsed(),
+            c.state().peers.len(),
+            c.status()
+        );
+    }
+    start.elapsed()
+}
+
+#[test]
+fn twenty_nodes_converge_and_every_change_reaches_all_within_a_second() {
+    const N: usize = 20;
+    let mesh = Mesh::start("twenty", |_| {});
+    let key = mesh.key(KeyOptions {
+        reusable: true,
+        ..Default::default()
+    });
+    let start = Instant::now();
+    let secrets: Vec<StaticSecret> = (0..N).map(|_| secret()).collect();
+    let mut clients: Vec<ControlClient> = (0..N)
+        .map(|i| {
+            mesh.join_with(
+                JoinRequest {
+                    join_key: Some(key.clone()),
+                    hostname: format!("node{i}"),
+                    routes: vec![format!("10.42.{i}.0/24").parse().unwrap()],
+                    endpoints: vec![format!("192.0.2.{}:51820", i + 1).parse().unwrap()],
+                    ..Default::default()
+                },
+                &secrets[i],
+            )
+        })
+        .collect();
+    let converged = all_within(&clients, WAIT, "convergence", |s| {
+        s.peers.len() == N - 1 && s.peers.values().all(|p| p.online)
+    });
+    println!(
+        "{N} nodes: converged map on every node {:?} after the first join ({converged:?} waiting)",
+        start.elapsed()
+    );
+
+    // Endpoint candidates: what the node reported, then what the server saw.
+    let id0 = clients[0].state().node.unwrap().node_id;
+    let p0 = clients[1].state().peers[&id0].clone();
+    assert_eq!(
+        p0.endpoints[0],
+        "192.0.2.1:51820".parse::<SocketAddr>().unwrap()
+    );
+    assert!(p0.endpoints[1].ip().is_loopback(), "{:?}", p0.endpoints);
+    assert!(p0.routes.is_empty(), "nothing approved yet");
+    assert_eq!(clients[0].state().routes.len(), 1);
+    assert!(!clients[0].state().routes[0].approved);
+
+    // Route approval from the CLI's store handle.
+    let t = Instant::now();
+    assert!(mesh
+        .cli
+        .set_route_approved(id0, "10.42.0.0/24".parse().unwrap(), true)
+        .unwrap());
+    let took = all_within(&clients[1..], DELIVERY, "route approval", |s| {
+        s.peers
+            .get(&id0)
+            .is_some_and(|p| p.routes == ["10.42.0.0/24"])
+    });
+    assert!(clients[0].wait(DELIVERY, |s, _| s
+        .routes
+        .first()
+        .is_some_and(|r| r.approved)));
+    println!(
+        "route approval on every node after {:?} ({took:?})",
+        t.elapsed()
+    );
+
+    // A policy set from the CLI: every node gets its compiled filter.
+    let policy = r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:22"]}]}"#;
+    meshvpn_control::Policy::parse(policy).unwrap();
+    let t = Instant::now();
+    let version = mesh.cli.set_policy(policy, now()).unwrap();
+    all_within(&clients, DELIVERY, "policy", |s| {
+        s.policy_version == version && s.filter.as_ref().is_some_and(|f| !f.inbound.is_empty())
+    });
+    println!("policy v{version} on every node after {:?}", t.elapsed());
+
+    // A node reports new endpoints.
+    assert!(clients[2].update_endpoints(vec!["198.51.100.9:4242".parse().unwrap()]));
+    let id2 = clients[2].state().node.unwrap().node_id;
+    let t = Instant::now();
+    all_within(&clients[3..], DELIVERY, "endpoint update", |s| {
+        s.peers
+            .get(&id2)
+            .is_some_and(|p| p.endpoints[0] == "198.51.100.9:4242".parse::<SocketAddr>().unwrap())
+    });
+    println!("endpoint update on every node after {:?}", t.elapsed());
+
+    // Removal from the CLI: gone from every map, its session closed with
+    // the reason, its key refused afterwards.
+    let victim = clients.pop().unwrap();
+    let vid = victim.state().node.unwrap().node_id;
+    let t = Instant::now();
+    assert!(mesh.cli.remove_node(vid).unwrap().is_some());
+    all_within(&clients, DELIVERY, "removal", |s| {
+        !s.peers.contains_key(&vid)
+    });
+    println!("removal on every node after {:?}", t.elapsed());
+    assert_eq!(refused_with(&victim), Some(ErrorCode::Removed));
+    let back = mesh.join(None, "node19", &secrets[N - 1]);
+    assert_eq!(refused_with(&back), Some(ErrorCode::NodeUnknown));
+    assert_eq!(mesh.control.stats().closed_removed, 1);
+
+    // A node that leaves is shown offline.
+    let leaver = clients.pop().unwrap();
+    let lid = leaver.state().node.unwrap().node_id;
+    drop(leaver);
+    all_within(&clients, DELIVERY, "offline", |s| {
+        s.peers.get(&lid).is_some_and(|p| !p.online)
+    });
+}
+
+#[test]
+fn ephemeral_nodes_are_removed_after_their_timeout() {
+    let mesh = Mesh::start("ephemeral", |c| {
+        c.ephemeral_timeout = Duration::from_secs(1);
+    });
+    let eph = mesh.key(KeyOptions {
+        ephemeral: true,
+        ..Default::default()
+    });
+    let stay = mesh.key(KeyOptions::default());
+    let watcher = mesh.join(Some(&stay), "watcher", &secret());
+    let e = mesh.join(Some(&eph), "eph", &secret());
+    assert!(watcher.wait(WAIT, |s, _| s.peers.len() == 1));
+    let eid = e.state().node.unwrap().node_id;
+    drop(e);
+    // Offline is recorded in whole seconds: gone within timeout + 2 s + a poll.
+    assert!(
+        watcher.wait(Duration::from_secs(5), |s, _| !s.peers.contains_key(&eid)),
+        "{:?}",
+        mesh.control.stats()
+    );
+    assert_eq!(mesh.control.stats().ephemeral_removed, 1);
+    assert!(mesh.cli.list_nodes().unwrap().iter().all(|n| n.id != eid));
+}
+
+#[test]
+fn session_caps_per_source_refuse_the_excess_and_keep_the_rest() {
+    let mesh = Mesh::start("caps", |c| {
+        c.max_sessions_per_source = 3;
+    });
+    let key = mesh.key(KeyOptions {
+        reusable: true,
+        ..Default::default()
+    });
+    let ok: Vec<ControlClient> = (0..3)
+        .map(|i| mesh.join(Some(&key), &format!("n{i}"), &secret()))
+        .collect();
+    for c in &ok {
+        assert!(c.wait(WAIT, |s, _| s.has_map()));
+    }
+    let extra = mesh.join(Some(&key), "n3", &secret());
+    assert!(extra.wait(WAIT, |_, st| st
+        .last_error
+        .as_deref()
+        .is_some_and(|e| e.contains("503"))));
+    assert!(!extra.status().connected);
+    let stats = mesh.tunnel.extra_stats(CONTROL_PATH).unwrap();
+    assert_eq!(stats.sessions, 3);
+    assert!(stats.refused_sessions_per_source >= 1);
+    // The admitted nodes still get changes.
+    drop(ok.into_iter().next());
+    assert!(
+        extra.wait(WAIT, |s, _| s.has_map()),
+        "a freed slot is used: {:?}",
+        extra.status()
+    );
+}
+
+/// A node that registers and then stops reading: once the server's writes
+/// to it make no progress for the write timeout, its session is closed and
+/// counted, its queue freed; the other nodes are served throughout.
+#[test]
+fn a_node_that_stops_reading_is_dropped_and_others_are_served() {
+    use meshvpn_control::client::Step;
+    use socket2::{Domain, Socket, Type};
+    use tungstenite::Message;
+
+    // Many registrations: on tmpfs where there is one (fsyncs are free).
+    let shm = PathBuf::from("/dev/shm");
+    let base = if shm.is_dir() {
+        shm
+    } else {
+        std::env::temp_dir()
+    };
+    let mesh = Mesh::start_in(TempDir::under(base, "slow"), |c| {
+        c.write_timeout = Duration::from_secs(1);
+    });
+    // 1000 peers with 64 long tags each make a full map of about 4.3 MiB:
+    // more than the socket buffers on both ends hold (the server's send
+    // buffer grows to 4 MiB on loopback).
+    let tags: Vec<String> = (0..64)
+        .map(|i| format!("tag:t{i:02}-{}", "x".repeat(58)))
+        .collect();
+    let key = mesh.key(KeyOptions {
+        reusable: true,
+        tags,
+        ..Default::default()
+    });
+    for i in 0..1000 {
+        let node = meshvpn_control::NodeRequest {
+            public_key: PrivateKey::generate().public_key(),
+            hostname: format!("big{i}"),
+        };
+        keys::redeem(&mesh.cli, &key, &node, now()).unwrap();
+    }
+    mesh.control.poke();
+
+    let addr = mesh.tunnel.local_addr();
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&addr.into()).unwrap();
+    let tcp: std::net::TcpStream = sock.into();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    let (mut ws, _) = tungstenite::client(mesh.url(), tcp).unwrap();
+    let s = secret();
+    let request = JoinRequest {
+        join_key: Some(key.clone()),
+        hostname: "slow".into(),
+        ..Default::default()
+    };
+    let mut state = NodeState::new();
+    for _ in 0..2 {
+        let Message::Binary(m) = ws.read().unwrap() else {
+            panic!("binary expected")
+        };
+        if let Step::Reply(r) = state.handle(&m, &s, &[0u8; 32], &request).unwrap() {
+            ws.send(Message::Binary(r.into())).unwrap();
+        }
+    }
+    assert!(state.node.is_some(), "registered");
+    // From here the node reads nothing.
+    let start = Instant::now();
+    while mesh.control.stats().dropped_slow == 0 && start.elapsed() < WAIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stats = mesh.control.stats();
+    assert_eq!(stats.dropped_slow, 1, "{stats:?}");
+    println!(
+        "the node that stopped reading was dropped after {:?}",
+        start.elapsed()
+    );
+    // A reading node still joins and gets the whole map.
+    let ok = mesh.join(Some(&key), "reader", &secret());
+    assert!(
+        ok.wait(WAIT, |st, _| st.has_map() && st.peers.len() == 1001),
+        "{:?}",
+        ok.status()
+    );
+    drop(ws);
+}

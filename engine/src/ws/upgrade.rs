@@ -1,0 +1,374 @@
+//! Websocket services from above the engine on the tunnel server's one
+//! listener, and the matching client connection.
+//!
+//! The engine must not know the services built on it (the control server
+//! lives in `meshvpn-control`, which depends on the engine), so the
+//! [`super::super::supervisor::TunnelServer`] takes extra upgrade paths as
+//! [`UpgradeRoute`]s: the path, a handler, and the route's session caps. An
+//! upgrade on such a path gets the same treatment as the relay's: the TLS
+//! and HTTP handshakes under the server's handshake deadline and caps, then
+//! a session slot from the route's own [`Admission`] (nginx `limit_conn`:
+//! answered 503 over the total or the per-source cap), then the handler
+//! runs on the session thread with a [`Conn`].
+//!
+//! A [`Conn`] starts in handshake mode (blocking, still under the handshake
+//! deadline and holding a handshake slot) for the service's own exchange
+//! (e.g. a key proof, bound to the TLS session with [`Conn::exporter`]);
+//! [`Conn::into_session`] switches it to the relay's pump: one thread,
+//! mio, a send queue bounded in messages and bytes ([`Outbox`]), pings, an
+//! idle limit and a write-progress deadline for peers that do not read.
+//! The server's shutdown stops every such session.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tungstenite::protocol::WebSocketConfig;
+use tungstenite::{Message, WebSocket};
+
+use super::admission::{Admission, Slot};
+use super::reconnect::{open_websocket, WebsocketTarget};
+use super::transport::Transport;
+use super::TunnelError;
+use crate::relay::pump::{Outbox, Pump, PumpTimers, QueueLimits, Refused};
+
+/// A service on its own upgrade path of the tunnel server's listener.
+///
+/// Its clients send websocket frames only after they have read the 101
+/// answer (as every websocket client does; frames pipelined before it
+/// would be lost, see [`Conn`]'s construction).
+pub trait UpgradeHandler: Send + Sync + 'static {
+    /// Serves one upgraded connection to its end, on its own thread.
+    fn serve(&self, conn: Conn);
+}
+
+/// One extra upgrade path and its session caps.
+#[derive(Clone)]
+pub struct UpgradeRoute {
+    /// e.g. `/v1-meshvpn/control`.
+    pub path: String,
+    pub handler: Arc<dyn UpgradeHandler>,
+    /// Websocket messages larger than this end the connection before they
+    /// are buffered.
+    pub max_message: usize,
+    /// Sessions at once on this path; more upgrades are answered 503.
+    pub max_sessions: usize,
+    /// Sessions at once from one source address on this path; more from it
+    /// are answered 503 while other sources are served.
+    pub max_sessions_per_source: usize,
+}
+
+impl std::fmt::Debug for UpgradeRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpgradeRoute")
+            .field("path", &self.path)
+            .field("max_message", &self.max_message)
+            .field("max_sessions", &self.max_sessions)
+            .field("max_sessions_per_source", &self.max_sessions_per_source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Websocket limits of an upgraded connection whose messages are at most
+/// `max_message` bytes.
+pub(crate) fn websocket_config(max_message: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
+        // Small buffers: a service may hold thousands of these (the control
+        // server one per node), and a buffer keeps the size it grew to.
+        .read_buffer_size(16 << 10)
+        .write_buffer_size(16 << 10)
+        .max_write_buffer_size(max_message.max(64 << 10) + (64 << 10))
+}
+
+/// The live sessions of all extra routes, so that the server's shutdown
+/// ends them.
+#[derive(Default)]
+pub(crate) struct Sessions {
+    live: Mutex<(bool, HashMap<u64, Arc<Outbox>>)>,
+    next: AtomicU64,
+}
+
+impl Sessions {
+    pub(crate) fn stop_all(&self) {
+        let mut live = self.live.lock();
+        live.0 = true;
+        for outbox in live.1.values() {
+            outbox.stop();
+        }
+    }
+
+    fn add(&self, outbox: Arc<Outbox>) -> Option<u64> {
+        let mut live = self.live.lock();
+        if live.0 {
+            return None;
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        live.1.insert(id, outbox);
+        Some(id)
+    }
+
+    fn remove(&self, id: u64) {
+        self.live.lock().1.remove(&id);
+    }
+}
+
+/// The routes' session admission, built once per server.
+pub(crate) struct Routes {
+    pub(crate) routes: Vec<(UpgradeRoute, Arc<Admission>)>,
+    pub(crate) sessions: Arc<Sessions>,
+}
+
+impl Routes {
+    pub(crate) fn new(routes: &[UpgradeRoute]) -> Routes {
+        Routes {
+            routes: routes
+                .iter()
+                .map(|r| {
+                    (
+                        r.clone(),
+                        Admission::new(r.max_sessions, r.max_sessions_per_source),
+                    )
+                })
+                .collect(),
+            sessions: Arc::new(Sessions::default()),
+        }
+    }
+
+    pub(crate) fn find(&self, path: &str) -> Option<usize> {
+        self.routes.iter().position(|(r, _)| r.path == path)
+    }
+}
+
+/// An upgraded websocket handed to a service (server side) or opened by
+/// [`connect`] (client side).
+pub struct Conn {
+    ws: WebSocket<Transport>,
+    peer: SocketAddr,
+    /// Held until the service's own handshake is done.
+    handshake: Option<Slot>,
+    _session: Option<Slot>,
+    sessions: Option<Arc<Sessions>>,
+}
+
+impl Conn {
+    pub(crate) fn server(
+        ws: WebSocket<Transport>,
+        max_message: usize,
+        handshake: Slot,
+        session: Slot,
+        sessions: Arc<Sessions>,
+    ) -> Result<Conn, TunnelError> {
+        // The upgrade was read with the listener's websocket settings,
+        // whose 128 KiB read buffer tungstenite fills (zeroes) whole on the
+        // first read: a service with thousands of sessions would hold that
+        // per session. A client sends frames only after it read the 101,
+        // which was written after the request was read, so nothing is
+        // buffered yet and the websocket can be rebuilt with this route's
+        // small buffers.
+        let ws = WebSocket::from_raw_socket(
+            ws.into_inner(),
+            tungstenite::protocol::Role::Server,
+            Some(websocket_config(max_message)),
+        );
+        let peer = ws.get_ref().sock.tcp.peer_addr()?;
+        Ok(Conn {
+            ws,
+            peer,
+            handshake: Some(handshake),
+            _session: Some(session),
+            sessions: Some(sessions),
+        })
+    }
+
+    /// The other end's address as this side sees it (behind NAT: the
+    /// public address).
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// The TLS exporter value (RFC 8446 section 7.5) for `label`, to bind a
+    /// proof to this TLS session; zeros on a plain (test-only) connection.
+    pub fn exporter(&self, label: &[u8]) -> Result<[u8; 32], TunnelError> {
+        match &self.ws.get_ref().tls {
+            Some(tls) => tls
+                .export_keying_material([0u8; 32], label, None)
+                .map_err(|e| TunnelError::Tls(e.to_string())),
+            None => Ok([0u8; 32]),
+        }
+    }
+
+    /// Sends one binary message (handshake mode: blocking, under the
+    /// handshake deadline).
+    pub fn send(&mut self, message: &[u8]) -> Result<(), TunnelError> {
+        self.ws
+            .send(Message::Binary(Bytes::copy_from_slice(message)))
+            .map_err(|e| TunnelError::Handshake(e.to_string()))
+    }
+
+    /// The next binary message (handshake mode: blocking, under the
+    /// handshake deadline); pings and pongs are skipped.
+    pub fn recv(&mut self) -> Result<Bytes, TunnelError> {
+        crate::relay::pump::read_binary(&mut self.ws)
+    }
+
+    /// The service's handshake is over: the handshake slot is freed.
+    pub fn handshake_done(&mut self) {
+        self.handshake = None;
+    }
+
+    /// Closes the websocket (best effort), e.g. after a refusal was sent.
+    pub fn close(mut self) {
+        let _ = self.ws.close(None);
+        let _ = self.ws.flush();
+    }
+
+    /// Switches to session mode with a send queue bounded by `limits`.
+    pub fn into_session(mut self, limits: SessionLimits) -> Result<ConnSession, TunnelError> {
+        self.handshake = None;
+        let pump = Pump::new(
+            &mut self.ws,
+            QueueLimits {
+                messages: limits.queue_messages,
+                bytes: limits.queue_bytes,
+                budget: None,
+            },
+        )?;
+        let registered = match &self.sessions {
+            Some(s) => Some(
+                s.add(pump.outbox())
+                    .ok_or_else(|| TunnelError::Handshake("server shutting down".into()))?,
+            ),
+            None => None,
+        };
+        Ok(ConnSession {
+            conn: self,
+            pump,
+            registered,
+            timers: PumpTimers {
+                ping_every: limits.ping_every,
+                idle: limits.idle,
+                write_timeout: limits.write_timeout,
+            },
+        })
+    }
+}
+
+/// How a [`ConnSession`] is bounded.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    /// Messages waiting to be written before [`ConnOutbox::push`] refuses.
+    pub queue_messages: usize,
+    /// Bytes waiting (each message charged its length plus
+    /// [`crate::relay::MESSAGE_OVERHEAD`]) before [`ConnOutbox::push`] refuses.
+    pub queue_bytes: usize,
+    /// Send a websocket ping this often.
+    pub ping_every: Option<Duration>,
+    /// End the session after this long without a message from the peer.
+    pub idle: Duration,
+    /// End the session when output waits this long without progress (a
+    /// peer that does not read).
+    pub write_timeout: Option<Duration>,
+}
+
+/// A connection in session mode.
+pub struct ConnSession {
+    conn: Conn,
+    pump: Pump,
+    registered: Option<u64>,
+    timers: PumpTimers,
+}
+
+/// Why [`ConnOutbox::push`] refused a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushRefused {
+    /// The queue holds its limit of messages or bytes.
+    Full,
+    /// The session ended.
+    Closed,
+}
+
+/// The send queue of a [`ConnSession`], for other threads.
+#[derive(Clone)]
+pub struct ConnOutbox(Arc<Outbox>);
+
+impl ConnOutbox {
+    /// Queues one binary message; returns the bytes the queue holds then.
+    pub fn push(&self, message: Bytes) -> Result<usize, PushRefused> {
+        self.0.push(message).map_err(|e| match e {
+            Refused::Full | Refused::Budget => PushRefused::Full,
+            Refused::Closed => PushRefused::Closed,
+        })
+    }
+
+    /// Ends the session (its `run` returns soon).
+    pub fn stop(&self) {
+        self.0.stop();
+    }
+}
+
+/// How a session ended.
+#[derive(Debug, Clone)]
+pub struct SessionEnd {
+    pub reason: String,
+    /// Its writes made no progress for the write timeout.
+    pub write_timed_out: bool,
+}
+
+impl ConnSession {
+    pub fn outbox(&self) -> ConnOutbox {
+        ConnOutbox(self.pump.outbox())
+    }
+
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.conn.peer
+    }
+
+    /// Moves messages until the peer leaves, the outbox is stopped, the
+    /// peer is idle or does not read; `on_message` gets every binary
+    /// message.
+    pub fn run(mut self, on_message: &mut dyn FnMut(Bytes)) -> SessionEnd {
+        let reason = self.pump.run(&mut self.conn.ws, &self.timers, on_message);
+        if let (Some(sessions), Some(id)) = (&self.conn.sessions, self.registered) {
+            sessions.remove(id);
+        }
+        SessionEnd {
+            reason,
+            write_timed_out: self.pump.write_timed_out(),
+        }
+    }
+}
+
+/// Opens a websocket to `url` (`wss://`, or `ws://` for tests) within
+/// `timeout`; the connection stays in handshake mode (blocking, with that
+/// deadline) for the service's own exchange.
+pub fn connect(
+    url: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    token: Option<&str>,
+    timeout: Duration,
+    max_message: usize,
+) -> Result<Conn, TunnelError> {
+    super::reconnect::check_url(url, tls.is_some())?;
+    let target = WebsocketTarget {
+        url,
+        tls,
+        token,
+        headers: &[],
+        timeout,
+    };
+    let ws = open_websocket(&target, websocket_config(max_message))?;
+    let peer = ws.get_ref().sock.tcp.peer_addr()?;
+    Ok(Conn {
+        ws,
+        peer,
+        handshake: None,
+        _session: None,
+        sessions: None,
+    })
+}
