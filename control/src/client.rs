@@ -23,7 +23,7 @@ use boringtun::x25519::StaticSecret;
 use bytes::Bytes;
 use meshvpn_engine::filter::FilterRules;
 use meshvpn_engine::relay::protocol::{prove, CHALLENGE_LEN};
-use meshvpn_engine::ws::upgrade::{self, ConnOutbox, SessionLimits};
+use meshvpn_engine::supervisor::upgrade::{self, ConnOutbox, SessionLimits};
 use meshvpn_engine::ws::{
     Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX, DEFAULT_HANDSHAKE_TIMEOUT,
 };

@@ -2,7 +2,7 @@
 //! keeps each connected node's network map current.
 //!
 //! It is a service on the tunnel server's listener
-//! ([`meshvpn_engine::ws::upgrade`]): [`ControlServer::route`] is the
+//! ([`meshvpn_engine::supervisor::upgrade`]): [`ControlServer::route`] is the
 //! [`UpgradeRoute`] for [`crate::proto::CONTROL_PATH`], so one port serves
 //! the k3s tunnel, the relay and the control protocol, under the listener's
 //! handshake deadline and caps, with this route's own session caps (nginx
@@ -44,7 +44,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use meshvpn_engine::filter::FilterRules;
 use meshvpn_engine::relay::protocol::{ServerHandshake, PROOF_LEN};
-use meshvpn_engine::ws::upgrade::{Conn, ConnOutbox, SessionLimits, UpgradeHandler, UpgradeRoute};
+use meshvpn_engine::supervisor::upgrade::{
+    Conn, ConnOutbox, SessionLimits, UpgradeHandler, UpgradeRoute,
+};
 use meshvpn_engine::{IpPrefix, PublicKey};
 use parking_lot::{Condvar, Mutex};
 use ring::rand::SecureRandom;

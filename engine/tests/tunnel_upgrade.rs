@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use crossbeam_channel::{unbounded, Sender};
 use meshvpn_engine::relay::{RelayClient, RelayConfig, RelayOwner, RelayServerConfig, RELAY_PATH};
+use meshvpn_engine::supervisor::upgrade::{
+    self, Conn, SessionLimits, UpgradeHandler, UpgradeRoute,
+};
 use meshvpn_engine::supervisor::TunnelServer;
-use meshvpn_engine::ws::upgrade::{self, Conn, SessionLimits, UpgradeHandler, UpgradeRoute};
 use meshvpn_engine::ws::{tls, TunnelError};
 use meshvpn_engine::PrivateKey;
 

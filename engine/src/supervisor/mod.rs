@@ -57,6 +57,8 @@ pub use session::{ConnId, Event, Role, SessionStats, Transmit, TunnelSession};
 
 pub use agent::{Agent, AgentConfig, AgentEvent, AgentEventHook, AgentStatus};
 pub use agent_stats::{AgentCounters, AgentStats};
+pub mod upgrade;
+
 pub use server::{
     ExtraRouteStats, ServerAuth, ServerConfig, ServerStats, TunnelServer, DEFAULT_MAX_HANDSHAKES,
     DEFAULT_MAX_HANDSHAKES_PER_SOURCE,

@@ -29,6 +29,7 @@ use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::http::StatusCode;
 
 use super::driver::{self, Incoming, SessionHooks, SessionShared};
+use super::upgrade::{Conn, Routes, UpgradeRoute};
 use super::TunnelStream;
 use super::{Limits, Role};
 use crate::io::accept::{accept_with_backoff, AcceptBackoff};
@@ -38,7 +39,6 @@ use crate::stats::stats_struct;
 use crate::ws::admission::{Admission, Refused, Slot};
 use crate::ws::tls::certificate_common_name;
 use crate::ws::transport::{Socket, Transport};
-use crate::ws::upgrade::{Conn, Routes, UpgradeRoute};
 use crate::ws::TunnelError;
 
 /// How a connecting agent proves who it is.

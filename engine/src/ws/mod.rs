@@ -13,7 +13,6 @@ pub(crate) mod poll;
 pub(crate) mod reconnect;
 pub mod tls;
 pub(crate) mod transport;
-pub mod upgrade;
 
 pub use reconnect::{
     Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX, DEFAULT_HANDSHAKE_TIMEOUT,

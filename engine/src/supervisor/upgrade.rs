@@ -3,7 +3,7 @@
 //!
 //! The engine must not know the services built on it (the control server
 //! lives in `meshvpn-control`, which depends on the engine), so the
-//! [`super::super::supervisor::TunnelServer`] takes extra upgrade paths as
+//! [`super::TunnelServer`] takes extra upgrade paths as
 //! [`UpgradeRoute`]s: the path, a handler, and the route's session caps. An
 //! upgrade on such a path gets the same treatment as the relay's: the TLS
 //! and HTTP handshakes under the server's handshake deadline and caps, then
@@ -30,11 +30,11 @@ use parking_lot::Mutex;
 use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
-use super::admission::{Admission, Slot};
-use super::reconnect::{open_websocket, WebsocketTarget};
-use super::transport::Transport;
-use super::TunnelError;
 use crate::relay::pump::{Outbox, Pump, PumpTimers, QueueLimits, Refused};
+use crate::ws::admission::{Admission, Slot};
+use crate::ws::reconnect::{open_websocket, WebsocketTarget};
+use crate::ws::transport::Transport;
+use crate::ws::TunnelError;
 
 /// A service on its own upgrade path of the tunnel server's listener.
 ///
@@ -354,7 +354,7 @@ pub fn connect(
     timeout: Duration,
     max_message: usize,
 ) -> Result<Conn, TunnelError> {
-    super::reconnect::check_url(url, tls.is_some())?;
+    crate::ws::reconnect::check_url(url, tls.is_some())?;
     let target = WebsocketTarget {
         url,
         tls,
