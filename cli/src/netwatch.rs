@@ -1,6 +1,6 @@
 //! The daemon notices when this host's own addresses change (DHCP renewal,
 //! a cloud VM's new public IP, a laptop on another network), reconnects
-//! the relay and starts a handshake with every peer at once. WireGuard's roaming then points each
+//! the relay, asks the STUN servers for its public address again and starts a handshake with every peer at once. WireGuard's roaming then points each
 //! peer at the new address as soon as that handshake arrives, so traffic
 //! *towards* this node resumes within about a second instead of waiting for
 //! this node's own traffic or its next persistent keepalive (25 s for
@@ -76,6 +76,10 @@ impl AddressWatch {
             // peer on the relay would be cut off for that long. Tailscale
             // redials DERP on a link change for the same reason.
             let relay = engine.reconnect_relay();
+            // The public (server-reflexive) address may have changed with
+            // them: ask the STUN servers again now, not at the next 30 s
+            // round (a no-op when discovery is off).
+            engine.rediscover();
             tracing::info!(
                 peers = keys.len(),
                 relay,

@@ -82,6 +82,7 @@ impl RelayTransport for Recorder {
         true
     }
     fn rekeyed(&self) {}
+    fn reconnect(&self) {}
     fn as_any(&self) -> &dyn Any {
         self
     }
