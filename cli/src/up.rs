@@ -638,16 +638,10 @@ impl Node {
         let routes: Vec<String> = state
             .routes
             .iter()
-            .map(|r| {
-                format!(
-                    "{} {}",
-                    r.prefix,
-                    if r.approved {
-                        "approved"
-                    } else {
-                        "pending approval"
-                    }
-                )
+            .map(|r| match (&r.reason, r.approved) {
+                (Some(why), _) => format!("{} refused ({why})", r.prefix),
+                (None, true) => format!("{} approved", r.prefix),
+                (None, false) => format!("{} pending approval", r.prefix),
             })
             .collect();
         let _ = writeln!(

@@ -353,6 +353,8 @@ mod tests {
         s.routes = vec![RouteState {
             prefix: "10.42.1.0/24".into(),
             approved: true,
+            status: "approved".into(),
+            reason: None,
         }];
         let p = plan(&s, ACCEPT);
         let p2 = &p.peers[&key(2).to_base64()];

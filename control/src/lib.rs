@@ -13,8 +13,8 @@ pub mod client;
 pub mod keys;
 pub mod node;
 pub mod policy;
-pub mod routes;
 pub mod proto;
+pub mod routes;
 pub mod server;
 pub mod store;
 

@@ -136,6 +136,13 @@ pub struct Peer {
 pub struct RouteState {
     pub prefix: String,
     pub approved: bool,
+    /// `approved`, `pending` or `refused` (absent from older servers).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub status: String,
+    /// Why a route was refused: the overlapping route, its node and
+    /// cluster, as `meshvpn control routes list` shows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A compiled filter rule on the wire (`meshvpn_engine::filter::Rule`).
@@ -530,6 +537,8 @@ mod tests {
                 routes: Some(vec![RouteState {
                     prefix: "10.42.0.0/24".into(),
                     approved: false,
+                    status: "refused".into(),
+                    reason: Some("overlaps 10.42.0.0/16 of node a in cluster one".into()),
                 }]),
                 policy_version: 4,
                 filter: Some(filter_to_wire(&rules)),

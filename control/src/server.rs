@@ -58,6 +58,7 @@ use crate::proto::{
     filter_to_wire, hex, parse_routes, unhex, ErrorCode, MapUpdate, NodeBody, Peer, RouteState,
     ServerBody, CONTROL_PATH, EXPORTER_LABEL, FULL_MAP_PART, MAX_ENDPOINTS, MAX_MESSAGE,
 };
+use crate::routes;
 use crate::store::{RedeemError, Store};
 
 /// Control sessions at once, from all sources: one per node, each a thread
@@ -234,6 +235,21 @@ impl ControlServer {
             stop: AtomicBool::new(false),
             counters: Counters::default(),
         });
+        // Routes decided under an older policy or blocked by a node removed
+        // while the server was down are re-examined once, as `policy set`
+        // and `nodes remove` do.
+        match routes::stored_policy(&*shared.store)
+            .and_then(|p| routes::reevaluate(&*shared.store, p.as_ref(), now_secs()))
+        {
+            Ok(changes) if !changes.is_empty() => {
+                tracing::info!(
+                    changed = changes.len(),
+                    "control: routes re-examined at start"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "control: routes not re-examined at start"),
+        }
         // The first snapshot before any session can start.
         shared.refresh();
         let worker = shared.clone();
@@ -533,13 +549,16 @@ impl Shared {
     }
 
     /// The one place route decisions are made when a node advertises:
-    /// today the store keeps what the node advertises (approval is the
-    /// operator's, `meshvpn control routes approve`); auto-approval and
-    /// conflict checks (`routes::decide`) take this place.
-    fn advertise(&self, node: &NodeRecord, routes: &[IpPrefix]) -> Result<(), Refusal> {
-        self.store
-            .set_advertised_routes(node.id, routes)
-            .map_err(|e| Refusal(ErrorCode::BadRequest, e.to_string()))
+    /// `routes::advertise` records what it advertises and decides each
+    /// route in one transaction (auto-approval by the stored policy, a
+    /// refusal on overlap with another cluster's approved route); the
+    /// statuses reach every node with the next snapshot.
+    fn advertise(&self, node: &NodeRecord, advertised: &[IpPrefix]) -> Result<(), Refusal> {
+        let refuse = |e: routes::RouteError| Refusal(ErrorCode::BadRequest, e.to_string());
+        let policy = routes::stored_policy(&*self.store).map_err(refuse)?;
+        routes::advertise(&*self.store, policy.as_ref(), node, advertised, now_secs())
+            .map_err(refuse)?;
+        Ok(())
     }
 
     fn on_message(&self, id: i64, generation: u64, message: &[u8]) {
@@ -642,9 +661,15 @@ impl Shared {
         snap.nodes = nodes.into_iter().map(|n| (n.id, n)).collect();
         snap.routes.clear();
         for r in routes {
+            let reason = match &r.status {
+                routes::RouteStatus::Refused(c) => Some(c.to_string()),
+                _ => None,
+            };
             snap.routes.entry(r.node_id).or_default().push(RouteState {
                 prefix: r.prefix.to_string(),
                 approved: r.approved,
+                status: r.status.word().to_string(),
+                reason,
             });
         }
         let policy_version = policy.as_ref().map(|p| p.version).unwrap_or(0);

@@ -493,3 +493,78 @@ fn a_node_that_stops_reading_is_dropped_and_others_are_served() {
     );
     drop(ws);
 }
+
+/// Route decisions at registration reach the node through the server: a
+/// pod CIDR another cluster already has is refused with the reason naming
+/// that node and cluster, and a route the policy's `autoApprovers` covers
+/// is approved without the operator.
+#[test]
+fn route_conflicts_and_auto_approvals_reach_the_node_that_advertised() {
+    let mesh = Mesh::start("routes", |_| {});
+    mesh.cli
+        .set_policy(
+            r#"{"tagOwners": {"tag:k3s": []},
+                "autoApprovers": {"routes": {"10.43.0.0/16": ["tag:k3s"]}}}"#,
+            now(),
+        )
+        .unwrap();
+    let key_for = |cluster: &str| {
+        mesh.key(KeyOptions {
+            cluster: Some(cluster.into()),
+            tags: vec!["tag:k3s".into()],
+            ..Default::default()
+        })
+    };
+    let join = |key: &Zeroizing<String>, host: &str, route: &str| {
+        mesh.join_with(
+            JoinRequest {
+                join_key: Some(key.clone()),
+                hostname: host.into(),
+                routes: vec![route.parse().unwrap()],
+                ..Default::default()
+            },
+            &secret(),
+        )
+    };
+    let a = join(&key_for("one"), "a", "10.42.0.0/16");
+    assert!(
+        a.wait(WAIT, |s, _| s.routes.len() == 1),
+        "a never registered"
+    );
+    let a_id = a.state().node.unwrap().node_id;
+    assert_eq!(
+        a.state().routes[0].status,
+        "pending",
+        "no approver covers 10.42/16"
+    );
+    let policy = meshvpn_control::routes::stored_policy(&mesh.cli).unwrap();
+    meshvpn_control::routes::approve(
+        &mesh.cli,
+        policy.as_ref(),
+        a_id,
+        "10.42.0.0/16".parse().unwrap(),
+        now(),
+    )
+    .unwrap();
+
+    let b = join(&key_for("two"), "b", "10.42.0.0/16");
+    assert!(
+        b.wait(WAIT, |s, _| s.routes.len() == 1),
+        "b never registered"
+    );
+    let r = b.state().routes[0].clone();
+    assert_eq!((r.status.as_str(), r.approved), ("refused", false), "{r:?}");
+    let why = r.reason.expect("a refused route carries its reason");
+    assert!(
+        why.contains("one") && why.contains('a'),
+        "the reason names the other side: {why}"
+    );
+
+    let c = join(&key_for("two"), "c", "10.43.0.0/16");
+    assert!(
+        c.wait(WAIT, |s, _| s.routes.len() == 1),
+        "c never registered"
+    );
+    let r = c.state().routes[0].clone();
+    assert_eq!((r.status.as_str(), r.approved), ("approved", true), "{r:?}");
+}
