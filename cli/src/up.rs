@@ -41,6 +41,7 @@ use meshvpn_control::client::{
 };
 use meshvpn_control::proto::ErrorCode;
 use meshvpn_engine::config::DEFAULT_MTU;
+use meshvpn_engine::filter::FilterRules;
 use meshvpn_engine::io::tun::Tun;
 use meshvpn_engine::relay::RelayConfig;
 use meshvpn_engine::ws::tls;
@@ -351,6 +352,7 @@ pub fn run(args: UpArgs) -> CliResult {
         routes: BTreeSet::new(),
         addressed: false,
         seen_map: None,
+        filter: None,
         seen_sessions: 0,
         relay_started: false,
         relay_config: Box::new(move |url| RelayConfig::new(url, tls.clone())),
@@ -450,6 +452,9 @@ struct Node {
     /// (session, map messages) last applied: the count restarts with each
     /// session.
     seen_map: Option<(u64, u64)>,
+    /// The packet filter installed in the engine (the map's, compiled by
+    /// the server from the policy for this node); `None`: allow all.
+    filter: Option<FilterRules>,
     seen_sessions: u64,
     relay_started: bool,
     /// The relay's settings for the URL the map names (the control
@@ -560,6 +565,21 @@ impl Node {
             }
         }
         self.applied = plan;
+        // The policy's filter, after the peers it names exist: a denied
+        // flow is dropped (and counted) by the engine from now on, tracked
+        // flows of rules still allowed go on.
+        if state.filter != self.filter {
+            tracing::info!(
+                policy_version = state.policy_version,
+                rules = state
+                    .filter
+                    .as_ref()
+                    .map(|f| f.inbound.len() + f.outbound.len()),
+                "packet filter installed"
+            );
+            self.engine.set_filter(state.filter.clone().map(Arc::new));
+            self.filter = state.filter.clone();
+        }
         let want = apply::routes(&self.applied);
         let (add, del) = apply::route_diff(&self.routes, &want);
         for r in del {
@@ -629,7 +649,7 @@ impl Node {
             match &state.filter {
                 None => "no policy (allow all between nodes)".to_string(),
                 Some(f) => format!(
-                    "{} inbound and {} outbound rules (not enforced by this build)",
+                    "{} inbound and {} outbound rules, enforced by the engine",
                     f.inbound.len(),
                     f.outbound.len()
                 ),

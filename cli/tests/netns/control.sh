@@ -142,6 +142,36 @@ else
 	fail "a's status: $(meshvpn up --status --state-dir "$T/a")"
 fi
 
+# --- ACL policy on live traffic ------------------------------------------
+# policy_set TEXT: stores TEXT as the policy (validated by the CLI).
+policy_set() { printf '%s\n' "$1" >"$T/policy.json" && ctl policy set "$T/policy.json" >/dev/null 2>&1; }
+# policy_is NODE VERSION: NODE's engine enforces the policy's VERSION.
+policy_is() { meshvpn up --status --state-dir "$T/$1" 2>/dev/null | grep -q "policy version $2: .*enforced"; }
+# ping_once NS DST: one echo answered within 0.5 s.
+ping_once() { in_ns "$1" ping -q -c 1 -W 0.5 "$2" >/dev/null 2>&1; }
+# Only a may open flows to b: a's echoes (and b's replies) pass, b's own
+# echoes to a are dropped by a's engine.
+P0=$(date +%s.%N)
+if policy_set "{\"acls\": [{\"action\": \"accept\", \"src\": [\"$A4/32\"], \"dst\": [\"$B4/32:*\"]}]}" &&
+	wait_for 3 policy_is b 1 &&
+	wait_for 3 sh -c "! ip netns exec mvc$ID-b ping -q -c 1 -W 0.3 $A4 >/dev/null 2>&1"; then
+	pass "policy a->b only: b's echoes to a dropped $(awk -v s="$P0" 'BEGIN { printf "%.1f", '"$(date +%s.%N)"' - s }') s after policy set"
+else
+	fail "policy a->b only was not applied: $(meshvpn up --status --state-dir "$T/b" | grep policy)"
+fi
+if pings "mvc$ID-a" "$B4" && no_pings "mvc$ID-b" "$A4"; then
+	pass "policy a->b only: a pings b (replies pass), b cannot ping a"
+else
+	fail "policy a->b only: wrong verdicts"
+fi
+P0=$(date +%s.%N)
+if policy_set '{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:*"]}]}' &&
+	wait_for 3 ping_once "mvc$ID-b" "$A4"; then
+	pass "policy allow-all: b reaches a again $(awk -v s="$P0" 'BEGIN { printf "%.1f", '"$(date +%s.%N)"' - s }') s after policy set"
+else
+	fail "policy allow-all: b still cannot reach a"
+fi
+
 # --- bad keys ------------------------------------------------------------
 sleep 1 # the 1 s key is expired by now
 # bad_key FILE MESSAGE: `meshvpn up` with FILE ends with status 1 and MESSAGE.
