@@ -196,8 +196,9 @@ fn relay_config(args: &InterfaceArgs) -> Result<Option<RelayConfig>, String> {
     Ok(Some(config))
 }
 
-fn bring_up(name: &str, args: &InterfaceArgs) -> Result<Interface, String> {
-    let relay = relay_config(args)?;
+/// The TUN interface `name` with the default MTU; the error says what to
+/// do next where there is something to do (`meshvpn IFNAME` and `meshvpn up`).
+pub(crate) fn create_tun(name: &str) -> Result<Tun, String> {
     let tun = Tun::create(name).map_err(|e| {
         let hint = match e.raw_os_error() {
             Some(libc::EPERM) | Some(libc::EACCES) => "; run as root or with CAP_NET_ADMIN",
@@ -212,6 +213,12 @@ fn bring_up(name: &str, args: &InterfaceArgs) -> Result<Interface, String> {
     })?;
     tun.set_mtu(DEFAULT_MTU)
         .map_err(|e| format!("cannot set the MTU of {name}: {e}"))?;
+    Ok(tun)
+}
+
+fn bring_up(name: &str, args: &InterfaceArgs) -> Result<Interface, String> {
+    let relay = relay_config(args)?;
+    let tun = create_tun(name)?;
     let config = Config {
         interface: InterfaceConfig {
             listen_port: Some(0),

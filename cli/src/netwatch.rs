@@ -21,6 +21,33 @@ pub struct AddressWatch {
     next: Instant,
 }
 
+/// Every address of the host except loopback, link-local, unspecified and
+/// those on interface `exclude` (the mesh's own), sorted.
+pub fn host_addresses(exclude: &str) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+        .into_iter()
+        .flatten()
+        .filter(|a| a.interface_name != exclude)
+        .filter_map(|a| {
+            let s = a.address?;
+            if let Some(v4) = s.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .filter(|ip| match ip {
+            IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local() && !a.is_unspecified(),
+            IpAddr::V6(a) => {
+                !a.is_loopback() && a.segments()[0] & 0xffc0 != 0xfe80 && !a.is_unspecified()
+            }
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 impl AddressWatch {
     pub fn new(ifname: &str) -> AddressWatch {
         AddressWatch {
@@ -30,37 +57,12 @@ impl AddressWatch {
         }
     }
 
-    /// Every address of the host except loopback, link-local and those on
-    /// our own interface, sorted.
-    fn host_addresses(&self) -> Vec<IpAddr> {
-        let mut out: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
-            .into_iter()
-            .flatten()
-            .filter(|a| a.interface_name != self.ifname)
-            .filter_map(|a| {
-                let s = a.address?;
-                if let Some(v4) = s.as_sockaddr_in() {
-                    Some(IpAddr::V4(v4.ip()))
-                } else {
-                    s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-                }
-            })
-            .filter(|ip| match ip {
-                IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local(),
-                IpAddr::V6(a) => !a.is_loopback() && a.segments()[0] & 0xffc0 != 0xfe80,
-            })
-            .collect();
-        out.sort();
-        out.dedup();
-        out
-    }
-
     pub fn tick(&mut self, engine: &Engine) {
         if Instant::now() < self.next {
             return;
         }
         self.next = Instant::now() + ADDRESS_CHECK_EVERY;
-        let now = self.host_addresses();
+        let now = host_addresses(&self.ifname);
         self.observe(now, engine);
     }
 

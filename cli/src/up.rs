@@ -162,28 +162,9 @@ fn hostname(args: &UpArgs) -> String {
 /// Where peers may reach this node over UDP: every address of the host but
 /// loopback, link-local and the mesh interface's own, with the engine's port.
 fn host_endpoints(ifname: &str, port: u16) -> Vec<SocketAddr> {
-    let mut out: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
-        .into_iter()
-        .flatten()
-        .filter(|a| a.interface_name != ifname)
-        .filter_map(|a| {
-            let s = a.address?;
-            if let Some(v4) = s.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                s.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-            }
-        })
-        .filter(|ip| match ip {
-            IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local() && !a.is_unspecified(),
-            IpAddr::V6(a) => {
-                !a.is_loopback() && a.segments()[0] & 0xffc0 != 0xfe80 && !a.is_unspecified()
-            }
-        })
-        .collect();
+    let mut out = crate::netwatch::host_addresses(ifname);
     // IPv4 first: what most underlays route.
     out.sort_by_key(|ip| (ip.is_ipv6(), *ip));
-    out.dedup();
     out.truncate(meshvpn_control::proto::MAX_ENDPOINTS - 1);
     out.into_iter()
         .map(|ip| SocketAddr::new(ip, port))
@@ -280,16 +261,7 @@ pub fn run(args: UpArgs) -> CliResult {
     signals.thread_block()?;
 
     let name = args.interface.as_str();
-    let tun = Tun::create(name).map_err(|e| {
-        let hint = match e.raw_os_error() {
-            Some(libc::EPERM) | Some(libc::EACCES) => "; run as root or with CAP_NET_ADMIN",
-            Some(libc::EBUSY) => "; another process already runs this interface",
-            _ => "",
-        };
-        format!("cannot create TUN interface {name}: {e}{hint}")
-    })?;
-    tun.set_mtu(DEFAULT_MTU)
-        .map_err(|e| format!("cannot set the MTU of {name}: {e}"))?;
+    let tun = crate::daemon::create_tun(name)?;
     let config = Config {
         interface: InterfaceConfig {
             private_key: Some(key.clone()),
