@@ -42,7 +42,6 @@ use meshvpn_control::client::{
 use meshvpn_control::proto::ErrorCode;
 use meshvpn_engine::config::DEFAULT_MTU;
 use meshvpn_engine::filter::FilterRules;
-use meshvpn_engine::io::tun::Tun;
 use meshvpn_engine::relay::RelayConfig;
 use meshvpn_engine::ws::tls;
 use meshvpn_engine::{
