@@ -49,7 +49,7 @@ use meshvpn_engine::IpPrefix;
 
 use crate::node::NodeRecord;
 use crate::policy::{overlap, MeshNode, Policy, PolicyError};
-use crate::store::{RouteRecord, Store, StoreError, MAX_ROUTES_PER_NODE};
+use crate::store::{RouteRecord, Store, StoreError};
 
 /// Where a route stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -306,17 +306,7 @@ pub fn plan(
         Target::None => {}
         Target::Advertise { node_id, prefixes } => {
             let n = node(node_id)?;
-            let mut wanted: Vec<IpPrefix> = prefixes.iter().map(|p| p.network()).collect();
-            wanted.sort();
-            wanted.dedup();
-            if wanted.len() > MAX_ROUTES_PER_NODE {
-                return Err(StoreError::TooManyRoutes {
-                    node: node_id,
-                    count: wanted.len(),
-                    max: MAX_ROUTES_PER_NODE,
-                }
-                .into());
-            }
+            let wanted = crate::store::advertised_set(node_id, prefixes)?;
             work.retain(|r| r.node_id != node_id || wanted.contains(&r.prefix));
             for p in wanted {
                 if !work.iter().any(|r| r.node_id == node_id && r.prefix == p) {

@@ -129,6 +129,26 @@ pub const MIGRATIONS: &[&str] = &[
      UPDATE routes SET status = 'approved', approved_by = 'operator' WHERE approved = 1;",
 ];
 
+/// What a node advertises as a set: each prefix as its network, sorted,
+/// without repeats, at most [`MAX_ROUTES_PER_NODE`] of them (else the
+/// error, and the caller changes nothing).
+pub(crate) fn advertised_set(
+    node_id: i64,
+    routes: &[IpPrefix],
+) -> Result<Vec<IpPrefix>, StoreError> {
+    let mut wanted: Vec<IpPrefix> = routes.iter().map(|p| p.network()).collect();
+    wanted.sort();
+    wanted.dedup();
+    if wanted.len() > MAX_ROUTES_PER_NODE {
+        return Err(StoreError::TooManyRoutes {
+            node: node_id,
+            count: wanted.len(),
+            max: MAX_ROUTES_PER_NODE,
+        });
+    }
+    Ok(wanted)
+}
+
 /// The schema version this build writes.
 pub fn schema_version() -> u32 {
     MIGRATIONS.len() as u32
@@ -779,16 +799,10 @@ impl Store for SqliteStore {
             if !known {
                 return Err(StoreError::NoSuchNode(node_id));
             }
-            let mut wanted: Vec<String> = routes.iter().map(|p| p.network().to_string()).collect();
-            wanted.sort();
-            wanted.dedup();
-            if wanted.len() > MAX_ROUTES_PER_NODE {
-                return Err(StoreError::TooManyRoutes {
-                    node: node_id,
-                    count: wanted.len(),
-                    max: MAX_ROUTES_PER_NODE,
-                });
-            }
+            let wanted: Vec<String> = advertised_set(node_id, routes)?
+                .iter()
+                .map(|p| p.to_string())
+                .collect();
             let current: Vec<String> = tx
                 .prepare("SELECT prefix FROM routes WHERE node_id = ?1")
                 .and_then(|mut s| s.query_map([node_id], |r| r.get(0))?.collect())
