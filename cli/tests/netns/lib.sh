@@ -180,14 +180,14 @@ iperf_server() {
 # iperf NS_SERVER NS_CLIENT SERVER_ADDR [-R]: prints Gbit/s of a 5 s TCP run
 # (client to server, or server to client with -R), or nothing. The client
 # dials SERVER_ADDR port 5201 unless IPERF_DIAL="ADDR PORT" says otherwise
-# (a port forward in front of the server).
+# (a port forward in front of the server); IPERF_SECONDS replaces the 5 s.
 iperf() {
 	local srv=$1 cli=$2 addr=$3
 	shift 3
 	local dial=(${IPERF_DIAL:-$addr 5201})
 	iperf_server "$srv" "$addr"
 	# iperf3 picks the unit (Kbits, Mbits, Gbits); print Gbit/s, 3 decimals.
-	in_ns "$cli" timeout 20 iperf3 -c "${dial[0]}" -p "${dial[1]}" -t 5 "$@" 2>/dev/null |
+	in_ns "$cli" timeout 20 iperf3 -c "${dial[0]}" -p "${dial[1]}" -t "${IPERF_SECONDS:-5}" "$@" 2>/dev/null |
 		awk '/receiver/ { for (i = 1; i <= NF; i++) {
 			if ($i == "Gbits/sec") printf "%.3f\n", $(i - 1)
 			if ($i == "Mbits/sec") printf "%.3f\n", $(i - 1) / 1e3

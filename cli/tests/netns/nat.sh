@@ -39,54 +39,12 @@ fi
 NETNS_TOOLS="turnserver nft ss wg iperf3 ping"
 # shellcheck source=cli/tests/netns/lib.sh
 source "$ROOT/cli/tests/netns/lib.sh"
+# shellcheck source=cli/tests/netns/nat_lib.sh
+source "$ROOT/cli/tests/netns/nat_lib.sh"
 
 P=mvn$ID-p R1=mvn$ID-r1 R2=mvn$ID-r2 N1=mvn$ID-n1 N2=mvn$ID-n2
 R3=mvn$ID-r3 N3=mvn$ID-n3
 PUB=10.240.0.1 PUB6=fd40::1
-
-# router N ROUTER NODE MASQUERADE: NODE 192.168.N.2 behind ROUTER, whose
-# public side is 10.240.N.2 toward P; MASQUERADE is the nft statement.
-router() {
-	local n=$1 r=$2 node=$3 masq=$4
-	add_ns "$r" && add_ns "$node" || return 1
-	ip -n "$P" link add "p$n" type veth peer name wan netns "$r"
-	ip -n "$P" addr add "10.240.$n.1/24" dev "p$n"
-	ip -n "$P" link set "p$n" up
-	ip -n "$r" addr add "10.240.$n.2/24" dev wan
-	ip -n "$r" link set wan up
-	ip -n "$r" route add default via "10.240.$n.1"
-	ip -n "$r" link add lan type veth peer name eth0 netns "$node"
-	ip -n "$r" addr add "192.168.$n.1/24" dev lan
-	ip -n "$r" link set lan up
-	ip -n "$node" addr add "192.168.$n.2/24" dev eth0
-	ip -n "$node" link set eth0 up
-	ip -n "$node" route add default via "192.168.$n.1"
-	ip -n "$P" addr add "fd40:$n::1/64" dev "p$n" nodad
-	ip -n "$r" addr add "fd40:$n::2/64" dev wan nodad
-	ip -n "$r" route add default via "fd40:$n::1"
-	ip -n "$r" addr add "fd41:$n::1/64" dev lan nodad
-	ip -n "$node" addr add "fd41:$n::2/64" dev eth0 nodad
-	ip -n "$node" route add default via "fd41:$n::1"
-	in_ns "$r" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 &&
-		in_ns "$r" nft -f - <<NFT
-table inet nat {
-	chain postrouting {
-		type nat hook postrouting priority srcnat; policy accept;
-		oifname "wan" $masq
-	}
-}
-NFT
-}
-
-# wait_udp NS PORT: a UDP socket is bound to PORT in NS (5 s at most).
-wait_udp() {
-	local i
-	for i in $(seq 50); do
-		in_ns "$1" ss -Hlun "sport = :$2" 2>/dev/null | grep -q . && return 0
-		sleep 0.1
-	done
-	return 1
-}
 
 # probe NODE ARGS...: `meshvpn stun probe` in NODE against both servers;
 # output in OUT, status in RC.
@@ -100,81 +58,6 @@ probe() {
 
 # reflexive PORT: the address the server on PORT reported in OUT.
 reflexive() { awk -v s="$PUB:$1" '$1 == s && $2 == "reflexive" { print $3 }' <<<"$OUT"; }
-
-# counters ROUTER: nftables counters in ROUTER's forward path: TCP to the
-# relay (port 8443), and UDP from its node toward the other NATs' public
-# addresses and LANs (probes and direct traffic; not STUN). And a home
-# router's firewall: unsolicited datagrams to the router itself are
-# dropped. Without it Linux confirms a conntrack entry for a peer's probe
-# that arrives before our node's own probe went out, and masquerade then
-# gives our node's probe another source port (the tuple would clash), so
-# the holes never meet.
-counters() {
-	in_ns "$1" nft -f - <<NFT
-table inet count {
-	chain input {
-		type filter hook input priority filter; policy accept;
-		iifname "wan" ct state new drop
-	}
-	counter relay {}
-	counter peer_udp {}
-	chain count_forward {
-		type filter hook forward priority filter; policy accept;
-		iifname "lan" tcp dport 8443 counter name relay
-		iifname "lan" ip daddr { 10.240.0.0/16, 192.168.0.0/16 } udp dport != { 3478, 6443 } counter name peer_udp
-	}
-}
-NFT
-}
-
-# count ROUTER NAME: bytes (or packets with a third argument) of a counter.
-count() {
-	in_ns "$1" nft list counter inet count "$2" |
-		awk -v w="${3:-bytes}" '{ for (i = 1; i < NF; i++) if ($i == w) print $(i + 1) }'
-}
-
-# daemon NODE IFNAME N: a meshvpn daemon in NODE with inner 10.250.0.N/24
-# and its metrics on 127.0.0.1:9586 in NODE.
-daemon() {
-	local node=$1 ifname=$2 n=$3
-	wg genkey >"$T/$ifname.key"
-	in_ns "$node" env LOG_LEVEL="${MESHVPN_LOG_LEVEL:-info}" meshvpn "$ifname" \
-		--metrics-listen 127.0.0.1:9586 \
-		--relay-url "ws://$PUB:8443/v1-meshvpn/relay" --relay-token-file "$T/token" \
-		--stun-server "$PUB:6443" --stun-server "$PUB:3478" >>"$T/$ifname.log" 2>&1 || return 1
-	local i
-	for i in $(seq 50); do
-		[[ -S /var/run/wireguard/$ifname.sock ]] && break
-		sleep 0.1
-	done
-	in_ns "$node" wg set "$ifname" private-key "$T/$ifname.key" listen-port 51820 || return 1
-	ip -n "$node" addr add "10.250.0.$n/24" dev "$ifname"
-	ip -n "$node" link set "$ifname" up
-}
-
-# peer NODE IFNAME OTHER_IFNAME N: OTHER (10.250.0.N) as a peer, via the relay.
-peer() {
-	in_ns "$1" wg set "$2" peer "$(wg pubkey <"$T/$3.key")" endpoint "[100::1]:0" \
-		allowed-ips "10.250.0.$4/32" persistent-keepalive 10
-}
-
-# endpoint NODE IFNAME OTHER_IFNAME: the peer's endpoint as `wg show` prints it.
-endpoint() {
-	in_ns "$1" wg show "$2" endpoints | awk -v k="$(wg pubkey <"$T/$3.key")" '$1 == k { print $2 }'
-}
-
-# metric NODE NAME: the value of an interface-wide series on NODE's daemon.
-metric() {
-	in_ns "$1" bash -c 'exec 3<>/dev/tcp/127.0.0.1/9586 && printf "GET /metrics HTTP/1.0\r\n\r\n" >&3 && cat <&3' 2>/dev/null |
-		awk -v n="$2" '$1 ~ "^"n"[{]" { print $2 }'
-}
-
-# tput SERVER_NODE CLIENT_NODE SERVER_INNER: Mbit/s of a 5 s iperf3 run.
-tput() {
-	local g
-	g=$(iperf "$1" "$2" "$3")
-	awk -v g="${g:-0}" 'BEGIN { printf "%.0f", g * 1000 }'
-}
 
 traversal() {
 	echo "-- NAT traversal: daemons in N1 (R1 masquerade), N3 (R3 masquerade), N2 (R2 masquerade random)"
