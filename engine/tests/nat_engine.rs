@@ -135,3 +135,59 @@ fn candidates_arrive_through_the_relay_from_its_key_and_get_an_answer() {
     assert_eq!(e.nat_stats().probe_rounds, 0);
     e.detach_relay();
 }
+
+/// A direct path that stops answering may mean our own NAT's mapping
+/// changed (a new public address or port): the fallback to the relay
+/// starts a discovery round at once, so the new mapping is announced
+/// within seconds instead of at the next REDISCOVER_INTERVAL (30 s).
+#[test]
+fn a_fallback_to_the_relay_starts_a_discovery_round_at_once() {
+    use common::lossy_relay::{LinkProfile, LossyRelay};
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Instant;
+
+    let nodes = mesh(2, false);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    // The UDP path between them blackholed: a's handshakes go unanswered.
+    let link = LossyRelay::between(
+        &a.engine,
+        a.key.public_key(),
+        &b.engine,
+        b.key.public_key(),
+        LinkProfile {
+            drop: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+            seed: 1,
+        },
+    );
+    link.set_blocked(true);
+    let stun = StunServer::bind("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap();
+    a.engine.set_stun_servers(&[stun.local_addr()]).unwrap();
+    let relay = Arc::new(Recorder::default());
+    a.engine
+        .attach_relay(relay.clone(), Duration::from_secs(5))
+        .unwrap();
+    let answered = || stun.stats().answered.load(Relaxed);
+    assert!(
+        wait_until(Duration::from_secs(5), || answered() >= 1),
+        "no first discovery round"
+    );
+    let first = answered();
+    let start = Instant::now();
+    // Data toward b: handshakes over UDP, unanswered (twice) -> relay.
+    let fell_back = wait_until(Duration::from_secs(20), || {
+        let _ = a.engine.send_packet(&udp_packet(a.v4, b.v4, 64, 1));
+        std::thread::sleep(Duration::from_millis(200));
+        a.engine.nat_stats().fallbacks >= 1
+    });
+    assert!(fell_back, "no fallback to the relay: {:?}", a.engine.nat_stats());
+    let fallback_after = start.elapsed();
+    assert!(
+        wait_until(Duration::from_secs(3), || answered() > first),
+        "no discovery round within 3 s of the fallback ({fallback_after:?} after the first \
+         round; the timer's next is at 30 s): {} answers",
+        answered()
+    );
+    a.engine.detach_relay();
+}

@@ -8,7 +8,8 @@
 //!   UDP socket --rx thread--> is_stun? --> Discovery::handle (only answers to our
 //!              outstanding transaction from a configured server; others counted)
 //!   timer thread: Discovery::poll (retransmissions), a new round every
-//!              REDISCOVER_INTERVAL, at once when the UDP port is rebound
+//!              REDISCOVER_INTERVAL, at once when the UDP port is rebound,
+//!              the host's addresses change or a direct path falls back
 //!   relay --RelayInbox--> Candidates? --> decode (bounded) --> pending per peer key
 //!   path thread: pending -> PathState::set_candidates; our candidates to every
 //!              peer through the relay every ANNOUNCE_INTERVAL, when they change,
@@ -230,6 +231,19 @@ impl Shared {
         }
     }
 
+    /// Starts a discovery round now: the network changed, the port was
+    /// rebound, or a direct path stopped answering (our NAT may have a new
+    /// public address or port for us; the netns suite's address change
+    /// shows it). A round is one Binding request per server, and a server
+    /// still being asked keeps its transaction, so calling this often sends
+    /// no more.
+    pub(super) fn rediscover(&self) {
+        let mut inner = self.nat.inner.lock();
+        if inner.discovery.is_some() {
+            inner.next_round = Some(Instant::now());
+        }
+    }
+
     /// Candidate lists received since the last call.
     pub(super) fn take_pending_candidates(&self) -> Vec<(PublicKey, Vec<SocketAddr>)> {
         self.nat.inner.lock().pending.drain().collect()
@@ -258,10 +272,7 @@ impl Engine {
 
     /// Starts a discovery round now (the network changed).
     pub fn rediscover(&self) {
-        let mut inner = self.shared.nat.inner.lock();
-        if inner.discovery.is_some() {
-            inner.next_round = Some(Instant::now());
-        }
+        self.shared.rediscover();
     }
 
     pub fn nat_stats(&self) -> NatStats {

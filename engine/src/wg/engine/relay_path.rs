@@ -265,6 +265,9 @@ fn tick(
             PathAction::ToRelay => {
                 shared.nat.fallbacks.fetch_add(1, Relaxed);
                 tracing::info!(peer = %key, "UDP handshakes unanswered; moving the peer to the relay");
+                // Perhaps our NAT moved us: learn the new mapping now, so
+                // the peer gets it (and probes it) within seconds.
+                shared.rediscover();
                 shared
                     .device
                     .switch_path(now, &peer, Endpoint::Relay(key), out, &mut net);
