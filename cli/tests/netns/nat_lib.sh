@@ -28,6 +28,11 @@ router() {
 	ip -n "$r" route add default via "fd40:$n::1"
 	ip -n "$r" addr add "fd41:$n::1/64" dev lan nodad
 	lan_node "$n" "$r" "$node" 2 || return 1
+	# The bridge switches LAN to LAN traffic as a home router's switch
+	# does: not through the IP hooks (br_netfilter, when loaded, would pass
+	# it through the forward counters below).
+	[[ -e /proc/sys/net/bridge/bridge-nf-call-iptables ]] &&
+		in_ns "$r" sysctl -qw net.bridge.bridge-nf-call-iptables=0 net.bridge.bridge-nf-call-ip6tables=0
 	in_ns "$r" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1 &&
 		in_ns "$r" nft -f - <<NFT
 table inet nat {
@@ -79,7 +84,8 @@ wait_udp() {
 
 # counters ROUTER: nftables counters in ROUTER's forward path: TCP to the
 # relay (port 8443), and UDP from its node toward the other NATs' public
-# addresses and LANs (probes and direct traffic; not STUN). And a home
+# addresses and LANs (probes and direct traffic; not STUN); on its input,
+# UDP from the LAN to the router's own public address (hairpinning). And a home
 # router's firewall: unsolicited datagrams to the router itself are
 # dropped. Without it Linux confirms a conntrack entry for a peer's probe
 # that arrives before our node's own probe went out, and masquerade then
@@ -91,7 +97,9 @@ table inet count {
 	chain input {
 		type filter hook input priority filter; policy accept;
 		iifname "wan" ct state new drop
+		iifname "lan" ip daddr 10.240.0.0/16 udp dport != { 3478, 6443 } counter name hairpin
 	}
+	counter hairpin {}
 	counter relay {}
 	counter peer_udp {}
 	chain count_forward {
