@@ -69,9 +69,10 @@ fn stun_from_the_wireguard_socket_finds_its_port_and_ignores_spoofed_answers() {
     );
 }
 
-/// A relay that records what the engine sends through it.
+/// A relay that records what the engine sends through it; `1` counts its
+/// sessions (registrations), as `RelayClient`'s status does.
 #[derive(Default)]
-struct Recorder(Mutex<Vec<(PublicKey, Vec<u8>)>>);
+struct Recorder(Mutex<Vec<(PublicKey, Vec<u8>)>>, std::sync::atomic::AtomicU64);
 
 impl RelayTransport for Recorder {
     fn send(&self, to: &PublicKey, datagram: &[u8]) -> bool {
@@ -83,6 +84,9 @@ impl RelayTransport for Recorder {
     }
     fn rekeyed(&self) {}
     fn reconnect(&self) {}
+    fn sessions(&self) -> u64 {
+        self.1.load(std::sync::atomic::Ordering::Relaxed)
+    }
     fn as_any(&self) -> &dyn Any {
         self
     }
@@ -190,4 +194,47 @@ fn a_fallback_to_the_relay_starts_a_discovery_round_at_once() {
         answered()
     );
     a.engine.detach_relay();
+}
+
+/// Candidates sent on a relay session that then ended can be lost with
+/// its connection (the public address change in nat_pairs.sh resets the
+/// relay's TCP connection right after the new address is announced): a
+/// new session announces ours to every peer again at once, not at the
+/// next ANNOUNCE_INTERVAL (30 s).
+#[test]
+fn a_new_relay_session_announces_our_candidates_again() {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let nodes = mesh(2, false);
+    let e = &nodes[1].engine;
+    let peer = nodes[0].key.public_key();
+    let stun = StunServer::bind("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap();
+    e.set_stun_servers(&[stun.local_addr()]).unwrap();
+    let relay = Arc::new(Recorder::default());
+    relay.1.store(1, Relaxed);
+    e.attach_relay(relay.clone(), Duration::from_secs(5))
+        .unwrap();
+    let announced = || {
+        relay
+            .0
+            .lock()
+            .iter()
+            .filter(|(to, m)| *to == peer && Candidates::decode(m).is_ok())
+            .count()
+    };
+    // The first announcement, and the one when STUN finds our address.
+    assert!(wait_until(Duration::from_secs(5), || announced() >= 1
+        && e.nat_status().reflexive.is_some()));
+    std::thread::sleep(Duration::from_secs(1));
+    let before = announced();
+    // Nothing new for a while: no announcement (the next is 30 s away).
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(announced(), before, "announced with nothing new");
+    // The relay connected again: a new session.
+    relay.1.fetch_add(1, Relaxed);
+    assert!(
+        wait_until(Duration::from_secs(2), || announced() > before),
+        "a new relay session got no announcement of our candidates"
+    );
+    e.detach_relay();
 }

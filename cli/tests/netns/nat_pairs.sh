@@ -201,6 +201,7 @@ address_change() {
 	for i in $(seq 200); do
 		((SECONDS < end)) || break
 		e=$(endpoint "$N3" "$IF3" "$IF1")
+		echo "$(secs "$t0" "$(now_ms)") N3->N1 $e N1->N3 $(endpoint "$N1" "$IF1" "$IF3")" >>"$T/change.path"
 		if [[ -z $seen_relay ]] && is_relay "$e"; then
 			seen_relay=$(secs "$t0" "$(now_ms)")
 		fi
@@ -213,6 +214,7 @@ address_change() {
 	sleep 2
 	kill -INT "$pingpid" 2>/dev/null
 	wait "$pingpid" 2>/dev/null
+	[[ -n ${NAT_DEBUG_DIR:-} ]] && mkdir -p "$NAT_DEBUG_DIR" && cp "$T"/*.log "$T"/change.* "$NAT_DEBUG_DIR"/
 	# The longest time between two answered pings, from ping -D's stamps.
 	gap=$(awk -F'[][]' '/bytes from/ { if (p) { d = $2 - p; if (d > m) m = d }; p = $2 } END { printf "%.2f", m }' "$T/change.ping")
 	lost=$(awk '/packet loss/ { print $1 - $4 }' "$T/change.ping")

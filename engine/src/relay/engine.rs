@@ -42,6 +42,10 @@ impl RelayTransport for RelayClient {
         RelayClient::reconnect(self);
     }
 
+    fn sessions(&self) -> u64 {
+        self.status().sessions
+    }
+
     fn as_any(&self) -> &dyn Any {
         self
     }

@@ -55,6 +55,12 @@ pub trait RelayTransport: Send + Sync + 'static {
     /// from an address that is gone, which nothing notices until the
     /// relay's idle timeout. End it and connect again now.
     fn reconnect(&self);
+    /// Sessions (registrations) so far. A new one means what was sent on
+    /// the last may be lost with its connection: candidates are announced
+    /// again. Transports that cannot tell return 0.
+    fn sessions(&self) -> u64 {
+        0
+    }
     /// The transport itself, for its owner to look at.
     fn as_any(&self) -> &dyn Any;
 }
@@ -292,6 +298,8 @@ struct NatTick {
     /// Per peer: the generation of our candidates it got last, and when.
     announced: HashMap<PublicKey, (u64, Instant)>,
     answered: HashMap<PublicKey, Instant>,
+    /// The relay's session count when we last looked.
+    sessions: u64,
 }
 
 impl NatTick {
@@ -303,6 +311,13 @@ impl NatTick {
         out: &mut [u8],
     ) {
         let now = Instant::now();
+        let sessions = active.transport.sessions();
+        if sessions != self.sessions {
+            // A new relay session: announcements sent on the last one may
+            // have died with its connection, so every peer gets ours again.
+            self.sessions = sessions;
+            self.announced.clear();
+        }
         let (generation, ours) = shared.nat_candidates();
         let send = |to: &PublicKey| {
             if active
