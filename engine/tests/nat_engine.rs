@@ -72,7 +72,10 @@ fn stun_from_the_wireguard_socket_finds_its_port_and_ignores_spoofed_answers() {
 /// A relay that records what the engine sends through it; `1` counts its
 /// sessions (registrations), as `RelayClient`'s status does.
 #[derive(Default)]
-struct Recorder(Mutex<Vec<(PublicKey, Vec<u8>)>>, std::sync::atomic::AtomicU64);
+struct Recorder(
+    Mutex<Vec<(PublicKey, Vec<u8>)>>,
+    std::sync::atomic::AtomicU64,
+);
 
 impl RelayTransport for Recorder {
     fn send(&self, to: &PublicKey, datagram: &[u8]) -> bool {
@@ -185,7 +188,11 @@ fn a_fallback_to_the_relay_starts_a_discovery_round_at_once() {
         std::thread::sleep(Duration::from_millis(200));
         a.engine.nat_stats().fallbacks >= 1
     });
-    assert!(fell_back, "no fallback to the relay: {:?}", a.engine.nat_stats());
+    assert!(
+        fell_back,
+        "no fallback to the relay: {:?}",
+        a.engine.nat_stats()
+    );
     let fallback_after = start.elapsed();
     assert!(
         wait_until(Duration::from_secs(3), || answered() > first),
