@@ -162,10 +162,8 @@ fn main() {
     let limit = Some(Duration::from_secs(timeout));
 
     let [(ea, _), (eb, addr_b)] = engine_pair();
-    let a = Netstack::attach(&ea, config.clone())
-        .unwrap_or_else(|e| die(format!("stack a: {e}")));
-    let b = Netstack::attach(&eb, config)
-        .unwrap_or_else(|e| die(format!("stack b: {e}")));
+    let a = Netstack::attach(&ea, config.clone()).unwrap_or_else(|e| die(format!("stack a: {e}")));
+    let b = Netstack::attach(&eb, config).unwrap_or_else(|e| die(format!("stack b: {e}")));
     let remote = SocketAddr::new(addr_b, PORT);
     let listener = b
         .tcp_listen(remote, streams as usize)
