@@ -5,8 +5,11 @@
 //! same way, so the figures compare.
 //!
 //!   netstack_xfer [--streams N] [--bytes TOTAL] [--timeout SECONDS]
+//!                 [--tcp-buffer BYTES]
 //!
-//! The timeout bounds the whole transfer (default 300 s).
+//! The timeout bounds the whole transfer (default 300 s). `--tcp-buffer`
+//! sets both stacks' TCP receive and send buffers (default: the
+//! `NetstackConfig` default), the window a stream can have in flight.
 //!
 //! Each connection starts with a 16-byte header (stream index, length,
 //! little-endian) and then carries the deterministic pattern of
@@ -133,6 +136,7 @@ fn main() {
     let mut streams = 1u64;
     let mut total = 1u64 << 30;
     let mut timeout = 300u64;
+    let mut config = NetstackConfig::default();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -144,6 +148,10 @@ fn main() {
             "--streams" => streams = v,
             "--bytes" => total = v,
             "--timeout" => timeout = v,
+            "--tcp-buffer" => {
+                config.tcp_rx_buffer = v as usize;
+                config.tcp_tx_buffer = v as usize;
+            }
             _ => die(format!("unknown argument {a}")),
         }
     }
@@ -154,10 +162,8 @@ fn main() {
     let limit = Some(Duration::from_secs(timeout));
 
     let [(ea, _), (eb, addr_b)] = engine_pair();
-    let a = Netstack::attach(&ea, NetstackConfig::default())
-        .unwrap_or_else(|e| die(format!("stack a: {e}")));
-    let b = Netstack::attach(&eb, NetstackConfig::default())
-        .unwrap_or_else(|e| die(format!("stack b: {e}")));
+    let a = Netstack::attach(&ea, config.clone()).unwrap_or_else(|e| die(format!("stack a: {e}")));
+    let b = Netstack::attach(&eb, config).unwrap_or_else(|e| die(format!("stack b: {e}")));
     let remote = SocketAddr::new(addr_b, PORT);
     let listener = b
         .tcp_listen(remote, streams as usize)
