@@ -128,6 +128,12 @@
 #define MESHVPN_ADDR_MAX 64
 
 /**
+ * The bytes a buffer for `meshvpn_control_server_create_key` needs: the
+ * key's text (`mvpn-key-<16 hex>-<64 hex>`) and its NUL.
+ */
+#define MESHVPN_JOIN_KEY_LEN 91
+
+/**
  * The outcome of a call. `MESHVPN_OK` is success; anything else is an
  * error whose detail `meshvpn_last_error_message` reads back on the same
  * thread.
@@ -358,6 +364,26 @@ enum meshvpn_result
    * called, or the relay was stopped), or the tunnel server serves none.
    */
   MESHVPN_RELAY_NOT_RUNNING = 520,
+  /**
+   * The control database cannot be opened, read or written (the
+   * message says why: a missing directory, a full disk, a lock held
+   * too long by another process).
+   */
+  MESHVPN_CONTROL_STORE = 620,
+  /**
+   * A policy that does not load; the message names the line and column.
+   * Nothing was stored.
+   */
+  MESHVPN_CONTROL_POLICY_INVALID = 621,
+  /**
+   * No such node or join key.
+   */
+  MESHVPN_CONTROL_NOT_FOUND = 622,
+  /**
+   * A route that cannot be approved: the node does not advertise it, or
+   * it overlaps an approved route of another cluster (named).
+   */
+  MESHVPN_CONTROL_ROUTE_REFUSED = 623,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -492,6 +518,12 @@ typedef uint32_t meshvpn_drop_reason;
  * is a handle, not a pointer to memory: never dereference it.
  */
 typedef struct meshvpn_conn meshvpn_conn;
+
+/**
+ * A control server. Opaque: created by `meshvpn_control_server_new`,
+ * released by `meshvpn_control_server_free`. A handle, never dereferenced.
+ */
+typedef struct meshvpn_control_server meshvpn_control_server;
 
 /**
  * A WireGuard engine. Opaque: created by `meshvpn_engine_new` or
@@ -1318,6 +1350,99 @@ typedef struct meshvpn_relay_server_stats {
    */
   uint64_t session_queued_bytes_peak;
 } meshvpn_relay_server_stats;
+
+/**
+ * How a control server keeps its state and whom it serves. Strings are
+ * NUL-terminated and only read during `meshvpn_control_server_new`.
+ */
+typedef struct meshvpn_control_server_config {
+  /**
+   * The database file (SQLite), created 0600 when missing. Required.
+   * Several processes may open it at once (`meshvpn control ... --db`).
+   */
+  const char *db_path;
+  /**
+   * The prefix new nodes get their IPv4 address from; NULL means
+   * `100.64.0.0/10`. Registered nodes keep theirs when it changes.
+   */
+  const char *ipv4_prefix;
+  /**
+   * A policy (JSON, see docs/control.md) to set at creation when it
+   * differs from the stored one; NULL keeps the stored policy (none:
+   * allow-all). An invalid one fails the call, naming its line.
+   */
+  const char *policy;
+  /**
+   * A file to read that policy from instead; at most one of `policy`
+   * and `policy_file`.
+   */
+  const char *policy_file;
+  /**
+   * Milliseconds an ephemeral node stays after it disconnects; 0 means
+   * 30 minutes (headscale's default).
+   */
+  uint32_t ephemeral_timeout_ms;
+  /**
+   * Control sessions at once (one per node, each a thread and three
+   * open files); 0 means 4096. More are answered 503.
+   */
+  uint32_t max_sessions;
+  /**
+   * Control sessions at once from one source address; 0 means 64.
+   */
+  uint32_t max_sessions_per_source;
+  /**
+   * The relay nodes may use (`wss://HOST:PORT/v1-meshvpn/relay`), sent
+   * in every network map; NULL: none.
+   */
+  const char *relay_url;
+  /**
+   * `"ADDRESS:PORT"` for a listener of its own (HTTPS, started by `new`,
+   * port 0 picks a free one; see `meshvpn_control_server_local_addr`);
+   * NULL: none, serve it through `meshvpn_control_server_attach`.
+   */
+  const char *listen;
+  /**
+   * PEM: that listener's certificate chain and key; required with
+   * `listen`, ignored without.
+   */
+  const char *cert_pem;
+  const char *key_pem;
+  /**
+   * That listener also serves the WireGuard relay (`/v1-meshvpn/relay`).
+   */
+  bool relay;
+} meshvpn_control_server_config;
+
+/**
+ * What `meshvpn_control_server_create_key` makes. Strings are
+ * NUL-terminated and only read during the call.
+ */
+typedef struct meshvpn_join_key_options {
+  /**
+   * Usable by any number of nodes; otherwise single-use.
+   */
+  bool reusable;
+  /**
+   * Nodes that join with it are removed after the ephemeral timeout
+   * once they disconnect.
+   */
+  bool ephemeral;
+  /**
+   * Seconds it works for; 0: it never expires. At most 10 years.
+   */
+  uint64_t expiry_seconds;
+  /**
+   * Comma-separated tags for the nodes that join with it
+   * (`"tag:k3s,tag:east"`); NULL or empty: none.
+   */
+  const char *tags;
+  /**
+   * The cluster of the nodes that join with it (`"k3s-east"`): routes of
+   * different clusters must not overlap. NULL: the unlabelled cluster.
+   */
+  const char *cluster;
+} meshvpn_join_key_options;
 
 /**
  * The `meshvpn_timeout_ms` that waits without a deadline (until the call
@@ -2783,6 +2908,225 @@ meshvpn_result meshvpn_tunnel_stream_close(struct meshvpn_tunnel_stream *stream)
  * Thread safety: safe to call from any thread.
  */
 meshvpn_result meshvpn_tunnel_stream_free(struct meshvpn_tunnel_stream *stream);
+
+/**
+ * Creates a control server from `config`: opens (or creates) its
+ * database, sets the given policy, and starts watching the store; with
+ * `config->listen` it also listens. On success `*out_server` receives a
+ * handle the caller owns and must release with
+ * `meshvpn_control_server_free`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_ARGUMENT` (a bad
+ * listen address, both `policy` and `policy_file`, an unreadable policy
+ * file), `MESHVPN_PREFIX_INVALID`, `MESHVPN_CONTROL_POLICY_INVALID` (the
+ * message names the line and column), `MESHVPN_CONTROL_STORE` (the
+ * database cannot be opened or written), `MESHVPN_TUNNEL_TLS`,
+ * `MESHVPN_TUNNEL_LISTEN_FAILED`, `MESHVPN_THREAD_FAILED`.
+ *
+ * Thread safety: safe to call from any thread at any time.
+ */
+meshvpn_result meshvpn_control_server_new(const struct meshvpn_control_server_config *config,
+                                          struct meshvpn_control_server **out_server);
+
+/**
+ * Serves the control protocol (`/v1-meshvpn/control`) on `tunnel`'s
+ * listener from its next `meshvpn_tunnel_server_start` on, next to the
+ * k3s tunnel and the relay, under the listener's handshake caps. Call it
+ * before starting the tunnel server (or stop it first). The tunnel server
+ * keeps serving the path after the control server is closed, refusing
+ * every node, until it is stopped.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_CLOSED`,
+ * `MESHVPN_INVALID_ARGUMENT` (the tunnel server is running, or serves a
+ * control server already).
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_control_server_attach(struct meshvpn_control_server *server,
+                                             struct meshvpn_tunnel_server *tunnel);
+
+/**
+ * Writes the address of the server's own listener (`config->listen`) into
+ * `buf`, following the buffer protocol of `meshvpn_result_message`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_CLOSED`, `MESHVPN_BUFFER_TOO_SMALL`,
+ * `MESHVPN_TUNNEL_NOT_RUNNING` (created without `listen`).
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_control_server_local_addr(struct meshvpn_control_server *server,
+                                                 char *buf,
+                                                 size_t buf_len,
+                                                 size_t *out_len);
+
+/**
+ * Creates a join key and writes its text (`mvpn-key-...`) into `buf`,
+ * which must hold `MESHVPN_JOIN_KEY_LEN` bytes: the text is shown only
+ * now (the database keeps its hash), so the size is checked before the key
+ * is made. `*out_len` receives the text's length.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_CLOSED`, `MESHVPN_BUFFER_TOO_SMALL` (nothing created),
+ * `MESHVPN_INVALID_ARGUMENT` (a bad tag or cluster name, an expiry over
+ * 10 years), `MESHVPN_CONTROL_STORE`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_control_server_create_key(struct meshvpn_control_server *server,
+                                                 const struct meshvpn_join_key_options *options,
+                                                 char *buf,
+                                                 size_t buf_len,
+                                                 size_t *out_len);
+
+/**
+ * Writes the join keys as a JSON array into `buf` (the buffer protocol of
+ * `meshvpn_result_message`): each `{"id", "state"` (`valid`, `expired`,
+ * `revoked`, `used`)`, "uses", "created", "expires"` (Unix seconds or
+ * null)`, "reusable", "ephemeral", "tags", "cluster"}`. No secrets: the
+ * database has none.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_CLOSED`, `MESHVPN_BUFFER_TOO_SMALL`, `MESHVPN_CONTROL_STORE`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_control_server_keys(struct meshvpn_control_server *server,
+                                           char *buf,
+                                           size_t buf_len,
+                                           size_t *out_len);
+
+/**
+ * Revokes the join key `key` (its id, or its whole text); nodes that
+ * joined with it stay.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_CLOSED`, `MESHVPN_CONTROL_NOT_FOUND`, `MESHVPN_CONTROL_STORE`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_control_server_revoke_key(struct meshvpn_control_server *server,
+                                                 const char *key);
+
+/**
+ * Writes the nodes as a JSON array into `buf` (the buffer protocol of
+ * `meshvpn_result_message`): each `{"id", "name", "ipv4", "ipv6",
+ * "public_key"` (base64)`, "tags", "cluster", "ephemeral", "online"`
+ * (a session with this server now)`, "offline_since"` (Unix seconds or
+ * null)`}`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_CLOSED`, `MESHVPN_BUFFER_TOO_SMALL`, `MESHVPN_CONTROL_STORE`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_control_server_nodes(struct meshvpn_control_server *server,
+                                            char *buf,
+                                            size_t buf_len,
+                                            size_t *out_len);
+
+/**
+ * Removes the node `node` (its id, name or base64 public key) with its
+ * routes: its session is told and closed, its key is refused from now
+ * on, and connected nodes drop it as a peer. Routes it blocked in other
+ * clusters are re-examined.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_CLOSED`, `MESHVPN_CONTROL_NOT_FOUND`, `MESHVPN_CONTROL_STORE`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_control_server_remove_node(struct meshvpn_control_server *server,
+                                                  const char *node);
+
+/**
+ * Writes the advertised routes as a JSON array into `buf` (the buffer
+ * protocol of `meshvpn_result_message`): each `{"node_id", "node",
+ * "cluster", "prefix", "status"` (`approved`, `pending`, `refused`)`,
+ * "approved_by"` (`policy`, `operator` or null)`, "reason"}`; a refused
+ * route's reason names the conflicting node and both clusters.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_CLOSED`, `MESHVPN_BUFFER_TOO_SMALL`, `MESHVPN_CONTROL_STORE`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_control_server_routes(struct meshvpn_control_server *server,
+                                             char *buf,
+                                             size_t buf_len,
+                                             size_t *out_len);
+
+/**
+ * Approves the route `prefix` (`"10.42.1.0/24"`) that node `node` (id,
+ * name or public key) advertises.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_CLOSED`, `MESHVPN_PREFIX_INVALID`, `MESHVPN_CONTROL_NOT_FOUND`,
+ * `MESHVPN_CONTROL_ROUTE_REFUSED` (not advertised by the node, or it
+ * overlaps an approved route of another cluster: the message names it),
+ * `MESHVPN_CONTROL_POLICY_INVALID` (the stored policy no longer loads),
+ * `MESHVPN_CONTROL_STORE`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_control_server_approve_route(struct meshvpn_control_server *server,
+                                                    const char *node,
+                                                    const char *prefix);
+
+/**
+ * Validates `policy` (JSON: `tagOwners`, `acls`, `autoApprovers`; see
+ * docs/control.md) and makes it the policy, as a new version written to
+ * `*out_version` (may be NULL); routes are re-examined for
+ * auto-approval and connected nodes get their new packet filter at once.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_CLOSED`, `MESHVPN_CONTROL_POLICY_INVALID` (the message names
+ * the line and column; nothing was stored), `MESHVPN_CONTROL_STORE`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_control_server_set_policy(struct meshvpn_control_server *server,
+                                                 const char *policy,
+                                                 uint64_t *out_version);
+
+/**
+ * Writes the policy's text as set into `buf` (the buffer protocol of
+ * `meshvpn_result_message`) and its version into `*out_version` (may be
+ * NULL); with no policy set (allow-all) the text is empty and the
+ * version 0.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_CLOSED`, `MESHVPN_BUFFER_TOO_SMALL`, `MESHVPN_CONTROL_STORE`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_control_server_get_policy(struct meshvpn_control_server *server,
+                                                 char *buf,
+                                                 size_t buf_len,
+                                                 size_t *out_len,
+                                                 uint64_t *out_version);
+
+/**
+ * Stops the server: its own listener, its watcher and every node's
+ * session (nodes keep their data plane and reconnect when a server
+ * serves the database again); later calls fail with `MESHVPN_CLOSED`.
+ * The handle stays valid until freed.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_control_server_close(struct meshvpn_control_server *server);
+
+/**
+ * Closes the server (as `meshvpn_control_server_close`) and releases it.
+ * Freeing NULL is a no-op.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`.
+ *
+ * Thread safety: safe to call from any thread.
+ */
+meshvpn_result meshvpn_control_server_free(struct meshvpn_control_server *server);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -22,6 +22,11 @@
 // errors.Is(err, meshvpn.ErrNoRoute), errors.Is(err, net.ErrClosed) (after
 // Close), or errors.Is(err, os.ErrDeadlineExceeded) (a read timeout).
 //
+// A ControlServer is the mesh's coordination (join keys, nodes, routes,
+// the ACL policy) embedded in the program, served on a TunnelServer's port
+// through TunnelServerConfig.Control, next to the k3s tunnel and the
+// relay (see README.md and docs/control.md).
+//
 // Building: see README.md. By default the package links
 // bindings/go/lib/libmeshvpn.a, made by `make -C bindings/go lib`, and the
 // header include/meshvpn.h of the repository; with -tags meshvpn_pkgconfig

@@ -337,6 +337,11 @@ type TunnelServerConfig struct {
 	// make no progress this long (it does not read), freeing its queue
 	// (RelayServerStats.ClosedSlow). 0 means 10 s; rounded up to ms.
 	RelayWriteTimeout time.Duration
+	// Control, when set, serves that control server on this listener
+	// (path /v1-meshvpn/control), so one port serves the k3s tunnel, the
+	// relay and the mesh's coordination. Closing the control server
+	// first makes the path refuse nodes until this server stops.
+	Control *ControlServer
 }
 
 // TunnelServerStats are a TunnelServer's sessions, handshakes and
@@ -412,6 +417,12 @@ func NewTunnelServer(cfg TunnelServerConfig) (*TunnelServer, error) {
 	s := &TunnelServer{}
 	s.h.set(h)
 	runtime.SetFinalizer(s, func(s *TunnelServer) { _ = s.Close() })
+	if cfg.Control != nil {
+		if err := cfg.Control.attach(s); err != nil {
+			s.Close()
+			return nil, err
+		}
+	}
 	return s, nil
 }
 

@@ -16,13 +16,13 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
+use meshvpn_control::admin;
 use meshvpn_control::keys::{self, KeyOptions};
-use meshvpn_control::routes::{self, cluster_name, Approver, RouteChange, RouteStatus};
+use meshvpn_control::routes::{cluster_name, Approver, RouteChange, RouteStatus};
 use meshvpn_control::server::{self, ControlServer, ControlServerConfig};
 use meshvpn_control::store::{SqliteStore, Store, StoreConfig};
-use meshvpn_control::{NodeRecord, Policy};
+use meshvpn_control::Policy;
 use meshvpn_engine::supervisor::{ServerConfig, TunnelServer};
-use meshvpn_engine::IpPrefix;
 
 use crate::persist::DEFAULT_STATE_DIR;
 use crate::CliResult;
@@ -192,9 +192,9 @@ pub fn run(args: ControlArgs) -> CliResult {
         ControlCommand::Policy(PolicyCommand::Set { file }) => {
             let text = std::fs::read_to_string(file)
                 .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-            let policy = Policy::parse(&text)
+            Policy::parse(&text)
                 .map_err(|e| format!("{}: {e}; nothing was stored", file.display()))?;
-            Some((text, policy))
+            Some(text)
         }
         _ => None,
     };
@@ -326,23 +326,11 @@ pub fn run(args: ControlArgs) -> CliResult {
             }
         }
         ControlCommand::Nodes(NodesCommand::Remove { node }) => {
-            let found = find_node(&store.list_nodes()?, &node).ok_or_else(|| {
-                format!(
-                    "no node {node} in {} (see `meshvpn control nodes list`)",
-                    path.display()
-                )
-            })?;
-            match store.remove_node(found.id)? {
-                Some(n) => println!("removed node {} ({}, {}, {})", n.id, n.name, n.ipv4, n.ipv6),
-                // Removed by another process between the two calls.
-                None => return Err(format!("node {node} was removed meanwhile").into()),
-            }
-            // Routes its routes blocked in other clusters are free now. The
-            // removal stands either way; a failure here is reported, and the
-            // server's next re-examination catches up.
-            let freed = routes::stored_policy(&store)
-                .and_then(|policy| routes::reevaluate(&store, policy.as_ref(), now));
-            match freed {
+            let removed = admin::remove_node(&store, &node, now)
+                .map_err(|e| format!("{e} in {}", path.display()))?;
+            let n = &removed.node;
+            println!("removed node {} ({}, {}, {})", n.id, n.name, n.ipv4, n.ipv6);
+            match removed.freed {
                 Ok(changes) => report_changes(&changes),
                 Err(e) => eprintln!("warning: routes were not re-examined: {e}"),
             }
@@ -377,17 +365,10 @@ pub fn run(args: ControlArgs) -> CliResult {
             }
         }
         ControlCommand::Routes(RoutesCommand::Approve { node, prefix }) => {
-            let prefix: IpPrefix = prefix
-                .parse()
-                .map_err(|e| format!("`{prefix}` is not a prefix (10.42.1.0/24): {e}"))?;
-            let found = find_node(&store.list_nodes()?, &node).ok_or_else(|| {
-                format!(
-                    "no node {node} in {} (see `meshvpn control nodes list`)",
-                    path.display()
-                )
+            let r = admin::approve_route(&store, &node, &prefix, now).map_err(|e| match e {
+                admin::AdminError::NoSuchNode(_) => format!("{e} in {}", path.display()),
+                e => e.to_string(),
             })?;
-            let policy = routes::stored_policy(&store)?;
-            let r = routes::approve(&store, policy.as_ref(), found.id, prefix, now)?;
             println!(
                 "approved {} for node {} (cluster {})",
                 r.prefix,
@@ -396,10 +377,10 @@ pub fn run(args: ControlArgs) -> CliResult {
             );
         }
         ControlCommand::Policy(PolicyCommand::Set { file }) => {
-            let (text, policy) = new_policy.expect("parsed above");
-            let version = store.set_policy(&text, now)?;
+            let text = new_policy.expect("read above");
+            let (version, changes) = admin::set_policy(&store, &text, now)?;
             println!("policy version {version} set from {}", file.display());
-            report_changes(&routes::reevaluate(&store, Some(&policy), now)?);
+            report_changes(&changes);
         }
         ControlCommand::Policy(PolicyCommand::Get) => match store.policy()? {
             Some(p) => {
@@ -481,17 +462,6 @@ fn serve(store: SqliteStore, a: ServeArgs) -> CliResult {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
-}
-
-/// By id, then name, then public key (base64).
-fn find_node(nodes: &[NodeRecord], which: &str) -> Option<NodeRecord> {
-    let by_id = which.parse::<i64>().ok();
-    nodes
-        .iter()
-        .find(|n| Some(n.id) == by_id)
-        .or_else(|| nodes.iter().find(|n| n.name == which))
-        .or_else(|| nodes.iter().find(|n| n.public_key.to_base64() == which))
-        .cloned()
 }
 
 fn unix_now() -> u64 {

@@ -8,6 +8,7 @@
 //! types, so the data path stays free of policy syntax and of the store.
 #![deny(unsafe_code)]
 
+pub mod admin;
 pub mod apply;
 pub mod client;
 pub mod keys;

@@ -324,6 +324,14 @@ struct Handler(Arc<Shared>);
 impl UpgradeHandler for Handler {
     fn serve(&self, conn: Conn) {
         let peer = conn.peer_addr();
+        // The route outlives a stopped server when a host program keeps
+        // its listener (the C/Go bindings): with no watcher left, a
+        // session would get a map that never changes.
+        if self.0.stop.load(Relaxed) {
+            conn.close();
+            tracing::info!(?peer, "control: session refused, the server is stopped");
+            return;
+        }
         if let Err(e) = self.0.serve(conn) {
             tracing::info!(?peer, error = %e, "control: session refused");
         }

@@ -568,3 +568,45 @@ fn route_conflicts_and_auto_approvals_reach_the_node_that_advertised() {
     let r = c.state().routes[0].clone();
     assert_eq!((r.status.as_str(), r.approved), ("approved", true), "{r:?}");
 }
+
+/// A host program (the C and Go bindings) may keep the listener running
+/// after it closes the control server: the route it keeps must then refuse
+/// nodes rather than register them into a map that never changes again.
+#[test]
+fn a_listener_that_outlives_its_control_server_registers_nobody() {
+    let mesh = Mesh::start("outlived", |_| {});
+    let key = mesh.key(KeyOptions::default());
+    let url = mesh.url();
+    let Mesh {
+        _dir,
+        tunnel,
+        control,
+        cli,
+    } = mesh;
+    drop(control);
+    let mut config = ControlClientConfig::new(
+        url,
+        JoinRequest {
+            join_key: Some(key),
+            hostname: "late".into(),
+            routes: vec![],
+            tags: vec![],
+            endpoints: vec![],
+        },
+    );
+    config.backoff_initial = Duration::from_millis(50);
+    config.backoff_max = Duration::from_millis(200);
+    let client = ControlClient::start(config, secret()).unwrap();
+    // An attempt ended in an error: the session was turned away.
+    assert!(
+        client.wait(WAIT, |_, st| st.last_error.is_some() && !st.connected),
+        "{:?}",
+        client.status()
+    );
+    let st = client.status();
+    assert_eq!(st.sessions, 0, "{st:?}");
+    assert!(!client.state().has_map());
+    assert!(cli.list_nodes().unwrap().is_empty());
+    drop(client);
+    drop(tunnel);
+}

@@ -158,13 +158,27 @@ pub enum meshvpn_result {
     /// The engine has no relay (`meshvpn_engine_relay_start` was not
     /// called, or the relay was stopped), or the tunnel server serves none.
     MESHVPN_RELAY_NOT_RUNNING = 520,
+
+    // The control server (`meshvpn_control_server`).
+    /// The control database cannot be opened, read or written (the
+    /// message says why: a missing directory, a full disk, a lock held
+    /// too long by another process).
+    MESHVPN_CONTROL_STORE = 620,
+    /// A policy that does not load; the message names the line and column.
+    /// Nothing was stored.
+    MESHVPN_CONTROL_POLICY_INVALID = 621,
+    /// No such node or join key.
+    MESHVPN_CONTROL_NOT_FOUND = 622,
+    /// A route that cannot be approved: the node does not advertise it, or
+    /// it overlaps an approved route of another cluster (named).
+    MESHVPN_CONTROL_ROUTE_REFUSED = 623,
 }
 
 use meshvpn_result::*;
 
 impl meshvpn_result {
     /// Every code, for tests and the message function.
-    pub(crate) const ALL: [meshvpn_result; 50] = [
+    pub(crate) const ALL: [meshvpn_result; 54] = [
         MESHVPN_OK,
         MESHVPN_PANIC,
         MESHVPN_NULL_PARAMETER,
@@ -215,6 +229,10 @@ impl meshvpn_result {
         MESHVPN_TUNNEL_LIMIT,
         MESHVPN_TUNNEL_NOT_RUNNING,
         MESHVPN_RELAY_NOT_RUNNING,
+        MESHVPN_CONTROL_STORE,
+        MESHVPN_CONTROL_POLICY_INVALID,
+        MESHVPN_CONTROL_NOT_FOUND,
+        MESHVPN_CONTROL_ROUTE_REFUSED,
     ];
 
     fn from_u32(n: u32) -> Option<meshvpn_result> {
@@ -274,6 +292,10 @@ impl meshvpn_result {
             MESHVPN_TUNNEL_LIMIT => "the tunnel session is at its stream limit",
             MESHVPN_TUNNEL_NOT_RUNNING => "the tunnel server or agent is not started",
             MESHVPN_RELAY_NOT_RUNNING => "no relay is running",
+            MESHVPN_CONTROL_STORE => "the control database failed",
+            MESHVPN_CONTROL_POLICY_INVALID => "invalid policy",
+            MESHVPN_CONTROL_NOT_FOUND => "no such node or join key",
+            MESHVPN_CONTROL_ROUTE_REFUSED => "the route cannot be approved",
         }
     }
 }

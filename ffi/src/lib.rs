@@ -21,6 +21,7 @@
 //! | `tunnel::server` | `meshvpn_tunnel_server`: accepts agents (and relay clients), dials through them |
 //! | `tunnel::stream` | `meshvpn_tunnel_stream`: one connection through a tunnel |
 //! | `timeout` | `meshvpn_timeout_ms`, `MESHVPN_WAIT_FOREVER`: every blocking call's timeout |
+//! | `control_server` | `meshvpn_control_server`: the mesh's control server, its own listener or a tunnel server's; join keys, nodes, routes, policy |
 //! | `interrupter` | `meshvpn_interrupter`: cancels a call that has no handle of its own (ping) |
 //!
 //! Rules every exported function follows:
@@ -69,6 +70,8 @@ pub mod udp;
 // The supervisor tunnel.
 pub mod relay;
 pub mod tunnel;
+// The mesh's coordination.
+pub mod control_server;
 
 use std::ffi::c_char;
 

@@ -6,7 +6,8 @@
 # valgrind (memory errors and definite/indirect leaks fail). The tunnel
 # test (tunnel_test.c) runs the same way, with certificates made here by
 # the openssl command (a CA, a server certificate for 127.0.0.1, a k3s-style
-# node client certificate, and an unrelated CA).
+# node client certificate, and an unrelated CA). The control server test
+# (control_test.c) uses the same certificates.
 #
 #   ffi/tests/run-c-tests.sh              dev build (fast; what CI runs)
 #   PROFILE=release ffi/tests/run-c-tests.sh
@@ -34,6 +35,9 @@ echo "== compile (dynamic and static) against $prefix"
     "$prefix/lib/libmeshvpn.a" $(pkg-config --static --libs-only-l meshvpn | sed 's/-lmeshvpn//') -lpthread
 # shellcheck disable=SC2086
 "$cc" $cflags "$here/c/tunnel_test.c" -o "$work/tunnel_test" \
+    $(pkg-config --libs meshvpn) -Wl,-rpath,"$prefix/lib" -lpthread
+# shellcheck disable=SC2086
+"$cc" $cflags "$here/c/control_test.c" -o "$work/control_test" \
     $(pkg-config --libs meshvpn) -Wl,-rpath,"$prefix/lib" -lpthread
 printf '#include <meshvpn.h>\nint main() { return meshvpn_version() == nullptr; }\n' > "$work/cxx.cc"
 # shellcheck disable=SC2086
@@ -65,6 +69,8 @@ echo "== run (dynamic)"
 "$work/abi_test"
 echo "== run tunnel test"
 "$work/tunnel_test" "$pki"
+echo "== run control server test"
+"$work/control_test" "$pki"
 
 if [[ -z "${NO_VALGRIND:-}" ]]; then
     if ! command -v valgrind >/dev/null; then
@@ -81,4 +87,7 @@ if [[ -z "${NO_VALGRIND:-}" ]]; then
     valgrind --error-exitcode=1 --leak-check=full \
         --errors-for-leak-kinds=definite,indirect --quiet \
         --suppressions="$root/ffi/tests/valgrind-tls.supp" "$work/tunnel_test" "$pki"
+    valgrind --error-exitcode=1 --leak-check=full \
+        --errors-for-leak-kinds=definite,indirect --quiet \
+        --suppressions="$root/ffi/tests/valgrind-tls.supp" "$work/control_test" "$pki"
 fi

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ::meshvpn_engine::relay::RelayServerConfig;
+use ::meshvpn_engine::supervisor::upgrade::UpgradeRoute;
 use ::meshvpn_engine::supervisor::{ServerAuth, ServerConfig, TunnelServer, K3S_PATH};
 use ::meshvpn_engine::ws::tls;
 use parking_lot::Mutex;
@@ -111,7 +112,9 @@ fn or_default(value: u32, default: usize) -> usize {
 }
 
 struct ServerHandle {
-    config: ServerConfig,
+    /// Read at each start; services above the engine (the control server)
+    /// add their upgrade routes to it between starts.
+    config: Mutex<ServerConfig>,
     /// The address to bind; after the first start, the bound one.
     listen: Mutex<SocketAddr>,
     running: Mutex<Option<Arc<TunnelServer>>>,
@@ -147,6 +150,28 @@ impl ServerHandle {
         // dial in progress holds one for at most SESSION_WAIT_SLICE.
         drop(self.running.lock().take());
     }
+}
+
+/// Adds `route` to the stopped server `server`'s upgrade paths, served
+/// from its next start (`meshvpn_control_server_attach`).
+pub(crate) fn add_route(server: *mut meshvpn_tunnel_server, route: UpgradeRoute) -> Result<()> {
+    let s = lookup_server(server)?;
+    // Held across the check and the push, so a start cannot slip between.
+    let running = s.running.lock();
+    if running.is_some() {
+        return Err(Error::invalid(
+            "the tunnel server is running: attach before meshvpn_tunnel_server_start (or stop it first)",
+        ));
+    }
+    let mut config = s.config.lock();
+    if config.extra.iter().any(|r| r.path == route.path) {
+        return Err(Error::invalid(format!(
+            "the tunnel server serves {} already",
+            route.path
+        )));
+    }
+    config.extra.push(route);
+    Ok(())
 }
 
 /// Reads the server configuration.
@@ -306,7 +331,7 @@ pub unsafe extern "C" fn meshvpn_tunnel_server_new(
         // SAFETY: the config's pointers are valid as its doc says.
         let (listen, config) = unsafe { read_server_config(c) }?;
         let handle = Arc::new(ServerHandle {
-            config,
+            config: Mutex::new(config),
             listen: Mutex::new(listen),
             running: Mutex::new(None),
         });
@@ -333,7 +358,7 @@ pub extern "C" fn meshvpn_tunnel_server_start(
             return Ok(());
         }
         let addr = *s.listen.lock();
-        let bound = TunnelServer::bind(addr, s.config.clone()).map_err(|e| {
+        let bound = TunnelServer::bind(addr, s.config.lock().clone()).map_err(|e| {
             Error::new(MESHVPN_TUNNEL_LISTEN_FAILED, format!("{addr}: {e}"))
         })?;
         *s.listen.lock() = bound.local_addr();
