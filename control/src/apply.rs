@@ -43,7 +43,7 @@ pub struct PlannedPeer {
     pub allowed_ips: Vec<IpPrefix>,
     /// The first endpoint candidate (what the peer reported first, else
     /// the address the server saw) outside every prefix this plan routes
-    /// into the mesh.
+    /// into the mesh and outside the peer's own routes.
     pub endpoint: Option<SocketAddr>,
     /// The map carries a relay and the peer holds a session with the
     /// server, so the relay can reach it when UDP does not.
@@ -149,18 +149,21 @@ pub fn plan(state: &NodeState, options: PlanOptions) -> Plan {
     // peer reported) would carry the peer's encrypted packets into the
     // tunnel itself: a loop no handshake gets out of. wg-quick keeps
     // endpoints out of the tunnel's routes with its fwmark rule for the
-    // same reason; here the candidate is skipped for the next one.
+    // same reason. An address inside the peer's own approved routes (its
+    // pod bridge, 10.42.1.1) is behind the peer, so never a way to it,
+    // accepted or not. Such candidates are skipped for the next one.
     let meshed = routes(&out);
     for (id, p) in &state.peers {
-        if let Some(planned) = out.peers.get_mut(&p.key) {
-            if planned.node_id == *id {
-                planned.endpoint = p
-                    .endpoints
-                    .iter()
-                    .copied()
-                    .find(|e| usable(e) && !meshed.iter().any(|r| r.contains(e.ip())));
-            }
+        let Some(planned) = out.peers.get_mut(&p.key) else {
+            continue;
+        };
+        if planned.node_id != *id {
+            continue;
         }
+        let behind: Vec<IpPrefix> = p.routes.iter().filter_map(|r| r.parse().ok()).collect();
+        planned.endpoint = p.endpoints.iter().copied().find(|e| {
+            usable(e) && !meshed.iter().chain(&behind).any(|r| r.contains(e.ip()))
+        });
     }
     out.conflicts = claims
         .into_iter()
@@ -357,12 +360,15 @@ mod tests {
             None,
             "no candidate outside the mesh's routes: none (the relay's case)"
         );
-        // Not accepting routes, 10.42.1.0/24 is reached through the host's
-        // own routes, so the pod bridge's address is usable.
+        // Not accepting routes either: an address inside the peer's own
+        // approved route is behind the peer (its pod bridge), never a way
+        // to it; a node that skipped it only on accepting routes sent its
+        // handshakes there until the peer's own handshake roamed it.
         let p = plan(&s, PlanOptions::default());
         assert_eq!(
             p.peers[&key(2).to_base64()].endpoint,
-            Some("10.42.1.1:51820".parse().unwrap())
+            Some("192.0.2.2:51820".parse().unwrap()),
+            "the peer's own route is skipped without accepted routes too"
         );
     }
 
