@@ -161,9 +161,11 @@ pub fn plan(state: &NodeState, options: PlanOptions) -> Plan {
             continue;
         }
         let behind: Vec<IpPrefix> = p.routes.iter().filter_map(|r| r.parse().ok()).collect();
-        planned.endpoint = p.endpoints.iter().copied().find(|e| {
-            usable(e) && !meshed.iter().chain(&behind).any(|r| r.contains(e.ip()))
-        });
+        planned.endpoint = p
+            .endpoints
+            .iter()
+            .copied()
+            .find(|e| usable(e) && !meshed.iter().chain(&behind).any(|r| r.contains(e.ip())));
     }
     out.conflicts = claims
         .into_iter()
