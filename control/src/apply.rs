@@ -41,8 +41,9 @@ pub struct PlannedPeer {
     pub public_key: PublicKey,
     /// Sorted, no duplicates.
     pub allowed_ips: Vec<IpPrefix>,
-    /// The first endpoint candidate: what the peer reported first, else
-    /// the address the server saw.
+    /// The first endpoint candidate (what the peer reported first, else
+    /// the address the server saw) outside every prefix this plan routes
+    /// into the mesh and outside the peer's own routes.
     pub endpoint: Option<SocketAddr>,
     /// The map carries a relay and the peer holds a session with the
     /// server, so the relay can reach it when UDP does not.
@@ -137,11 +138,34 @@ pub fn plan(state: &NodeState, options: PlanOptions) -> Plan {
                 name: p.name.clone(),
                 public_key,
                 allowed_ips: allowed.into_iter().collect(),
-                endpoint: p.endpoints.iter().copied().find(usable),
+                endpoint: None,
                 relay: relay_in_map && p.online,
                 routes_not_used: not_used,
             },
         );
+    }
+    // An endpoint inside a prefix this node routes into the mesh (another
+    // peer's mesh address, an accepted pod CIDR whose bridge address the
+    // peer reported) would carry the peer's encrypted packets into the
+    // tunnel itself: a loop no handshake gets out of. wg-quick keeps
+    // endpoints out of the tunnel's routes with its fwmark rule for the
+    // same reason. An address inside the peer's own approved routes (its
+    // pod bridge, 10.42.1.1) is behind the peer, so never a way to it,
+    // accepted or not. Such candidates are skipped for the next one.
+    let meshed = routes(&out);
+    for (id, p) in &state.peers {
+        let Some(planned) = out.peers.get_mut(&p.key) else {
+            continue;
+        };
+        if planned.node_id != *id {
+            continue;
+        }
+        let behind: Vec<IpPrefix> = p.routes.iter().filter_map(|r| r.parse().ok()).collect();
+        planned.endpoint = p
+            .endpoints
+            .iter()
+            .copied()
+            .find(|e| usable(e) && !meshed.iter().chain(&behind).any(|r| r.contains(e.ip())));
     }
     out.conflicts = claims
         .into_iter()
@@ -307,6 +331,46 @@ mod tests {
         assert_eq!(
             p.peers[&key(2).to_base64()].endpoint,
             Some("192.0.2.2:7".parse().unwrap())
+        );
+    }
+
+    /// A k3s node reports every host address, its pod bridge's (10.42.1.1)
+    /// among them; a node that routes that pod CIDR into the mesh would
+    /// send the peer's encrypted packets into its own tunnel and never
+    /// complete a handshake (seen in cli/tests/netns/control_k3s.sh).
+    #[test]
+    fn endpoints_inside_what_the_mesh_routes_are_skipped() {
+        let s = state(
+            1,
+            vec![
+                peer(
+                    2,
+                    &["10.42.1.0/24"],
+                    &["10.42.1.1:51820", "100.64.0.3:51820", "192.0.2.2:51820"],
+                ),
+                peer(3, &[], &["100.64.0.2:7", "10.42.1.9:7"]),
+            ],
+        );
+        let p = plan(&s, ACCEPT);
+        assert_eq!(
+            p.peers[&key(2).to_base64()].endpoint,
+            Some("192.0.2.2:51820".parse().unwrap()),
+            "the pod bridge and another peer's mesh address are not endpoints"
+        );
+        assert_eq!(
+            p.peers[&key(3).to_base64()].endpoint,
+            None,
+            "no candidate outside the mesh's routes: none (the relay's case)"
+        );
+        // Not accepting routes either: an address inside the peer's own
+        // approved route is behind the peer (its pod bridge), never a way
+        // to it; a node that skipped it only on accepting routes sent its
+        // handshakes there until the peer's own handshake roamed it.
+        let p = plan(&s, PlanOptions::default());
+        assert_eq!(
+            p.peers[&key(2).to_base64()].endpoint,
+            Some("192.0.2.2:51820".parse().unwrap()),
+            "the peer's own route is skipped without accepted routes too"
         );
     }
 
