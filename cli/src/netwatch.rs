@@ -103,7 +103,8 @@ mod tests {
     use std::sync::Arc;
 
     use meshvpn_engine::config::{Config, InterfaceConfig, PeerConfig, PrivateKey};
-    use meshvpn_engine::wg::RelayTransport;
+    use meshvpn_engine::peer::Endpoint;
+    use meshvpn_engine::wg::{RelayTransport, Transport, Unsent};
 
     use super::*;
 
@@ -113,10 +114,13 @@ mod tests {
         reconnects: AtomicUsize,
     }
 
-    impl RelayTransport for CountingRelay {
-        fn send(&self, _: &meshvpn_engine::config::PublicKey, _: &[u8]) -> bool {
-            true
+    impl Transport for CountingRelay {
+        fn send_batch(&self, _: &[u8], _: usize, _: &Endpoint) -> Result<(), Unsent> {
+            Ok(())
         }
+    }
+
+    impl RelayTransport for CountingRelay {
         fn is_up(&self) -> bool {
             true
         }

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{mesh, send_and_receive, udp_packet, wait_until};
+use meshvpn_engine::peer::Endpoint;
 use meshvpn_engine::relay::protocol::Candidates;
 use meshvpn_engine::wg::stun::StunServer;
-use meshvpn_engine::wg::RelayTransport;
+use meshvpn_engine::wg::{RelayTransport, Transport, Unsent};
 use meshvpn_engine::wire::stun::encode_binding_success;
 use meshvpn_engine::{PrivateKey, PublicKey};
 use parking_lot::Mutex;
@@ -77,11 +78,18 @@ struct Recorder(
     std::sync::atomic::AtomicU64,
 );
 
-impl RelayTransport for Recorder {
-    fn send(&self, to: &PublicKey, datagram: &[u8]) -> bool {
-        self.0.lock().push((*to, datagram.to_vec()));
-        true
+impl Transport for Recorder {
+    fn send_batch(&self, batch: &[u8], segment: usize, to: &Endpoint) -> Result<(), Unsent> {
+        let Endpoint::Relay(key) = to else {
+            return Err(Unsent::all(batch.len(), segment));
+        };
+        let mut sent = self.0.lock();
+        sent.extend(batch.chunks(segment).map(|d| (*key, d.to_vec())));
+        Ok(())
     }
+}
+
+impl RelayTransport for Recorder {
     fn is_up(&self) -> bool {
         true
     }

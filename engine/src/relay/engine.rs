@@ -12,7 +12,8 @@ use boringtun::x25519::StaticSecret;
 use super::client::{RelayClient, RelayConfig, RelayOwner, RelayStatus};
 use super::protocol::KEY_LEN;
 use crate::config::PublicKey;
-use crate::wg::{Engine, RelayInbox, RelayTransport};
+use crate::peer::Endpoint;
+use crate::wg::{Engine, RelayInbox, RelayTransport, Transport, Unsent};
 use crate::ws::TunnelError;
 
 impl RelayOwner for RelayInbox {
@@ -25,11 +26,26 @@ impl RelayOwner for RelayInbox {
     }
 }
 
-impl RelayTransport for RelayClient {
-    fn send(&self, to: &PublicKey, datagram: &[u8]) -> bool {
-        RelayClient::send(self, to.as_bytes(), datagram)
+impl Transport for RelayClient {
+    /// Frames each datagram of the batch for the relay, one by one (the
+    /// websocket carries one datagram per frame).
+    fn send_batch(&self, batch: &[u8], segment: usize, to: &Endpoint) -> Result<(), Unsent> {
+        let Endpoint::Relay(key) = to else {
+            return Err(Unsent::all(batch.len(), segment));
+        };
+        let unsent = batch
+            .chunks(segment.max(1))
+            .filter(|d| !RelayClient::send(self, key.as_bytes(), d))
+            .count();
+        if unsent == 0 {
+            Ok(())
+        } else {
+            Err(Unsent(unsent))
+        }
     }
+}
 
+impl RelayTransport for RelayClient {
     fn is_up(&self) -> bool {
         self.status().connected
     }

@@ -1,6 +1,6 @@
 use std::cell::RefCell;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -153,14 +153,15 @@ thread_local! {
 }
 
 /// Encrypted datagrams waiting to leave together: a run of equal-sized
-/// datagrams to one endpoint (the last may be shorter), as UDP GSO wants.
+/// datagrams to one endpoint (the last may be shorter), as UDP GSO wants
+/// and as [`Transport::send_batch`] takes it, whatever the endpoint.
 struct TxBatch {
     buf: Vec<u8>,
     /// Bytes of `buf` holding encrypted datagrams.
     used: usize,
     /// Where the current run starts, its destination and segment size.
     run_start: usize,
-    run: Option<(SocketAddr, usize)>,
+    run: Option<(Endpoint, usize)>,
     /// True once the run has a short (final) segment.
     run_closed: bool,
 }
@@ -187,20 +188,13 @@ impl TxBatch {
     }
 
     /// Adds the datagram just written at `buf[at..at + len]`.
-    fn push(
-        &mut self,
-        at: usize,
-        len: usize,
-        to: SocketAddr,
-        t: &UdpTransport,
-        c: &EngineCounters,
-    ) {
-        let fits = match self.run {
-            Some((dst, seg)) => dst == to && !self.run_closed && len <= seg && at == self.used,
+    fn push(&mut self, at: usize, len: usize, to: Endpoint, shared: &Shared, udp: &UdpTransport) {
+        let fits = match &self.run {
+            Some((dst, seg)) => *dst == to && !self.run_closed && len <= *seg && at == self.used,
             None => false,
         };
         if !fits {
-            self.send_run(t, c);
+            self.send_run(shared, udp);
             self.run_start = at;
             self.run = Some((to, len));
             self.run_closed = false;
@@ -210,20 +204,15 @@ impl TxBatch {
         self.used = at + len;
     }
 
-    fn send_run(&mut self, t: &UdpTransport, c: &EngineCounters) {
+    fn send_run(&mut self, shared: &Shared, udp: &UdpTransport) {
         if let Some((to, seg)) = self.run.take() {
-            let run = &self.buf[self.run_start..self.used];
-            if t.send(run, Some(seg), to).is_err() {
-                bump(&c.udp_send_errors);
-                c.udp_send_dropped
-                    .fetch_add(run.len().div_ceil(seg) as u64, Relaxed);
-            }
+            shared.send_batch(udp, &self.buf[self.run_start..self.used], seg, &to);
         }
         self.run_start = self.used;
     }
 
-    fn flush(&mut self, t: &UdpTransport, c: &EngineCounters) {
-        self.send_run(t, c);
+    fn flush(&mut self, shared: &Shared, udp: &UdpTransport) {
+        self.send_run(shared, udp);
         self.used = 0;
         self.run_start = 0;
     }
@@ -667,12 +656,13 @@ impl RxBurst {
     }
 }
 
-/// The runtime's side of [`DeviceIo`]: UDP or the relay.
+/// The runtime's side of [`DeviceIo`]: the transport of the endpoint's kind.
 struct Net<'a>(&'a Shared);
 
 impl DeviceIo for Net<'_> {
     fn send(&mut self, datagram: &[u8], to: &Endpoint) {
-        self.0.send_datagram(datagram, to);
+        let udp = self.0.transport.read().clone();
+        self.0.send_batch(&udp, datagram, datagram.len(), to);
     }
 }
 
@@ -708,24 +698,19 @@ impl Shared {
             let mut accepted = 0;
             for packet in packets {
                 if batch.room() < output_buffer_len(packet.len()) {
-                    batch.flush(&transport, &self.counters);
+                    batch.flush(self, &transport);
                 }
                 let at = batch.used;
                 match self.device.encapsulate(now, packet, &mut batch.buf[at..]) {
                     Ok(Encapsulated::Datagram { len, to }) => {
                         accepted += 1;
-                        match to {
-                            Endpoint::Udp(addr) => {
-                                batch.push(at, len, addr, &transport, &self.counters)
-                            }
-                            Endpoint::Relay(key) => self.send_relay(&key, &batch.buf[at..at + len]),
-                        }
+                        batch.push(at, len, to, self, &transport);
                     }
                     Ok(Encapsulated::Queued) => accepted += 1,
                     Err(e) => rejected(packet, e),
                 }
             }
-            batch.flush(&transport, &self.counters);
+            batch.flush(self, &transport);
             accepted
         })
     }

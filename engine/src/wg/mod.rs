@@ -2,7 +2,8 @@
 //! table, over the pure layers below.
 //!
 //! ```text
-//!   send:  host/TUN/netstack --send_packet--> Device::encapsulate --> UDP (GSO batch) or relay
+//!   send:  host/TUN/netstack --send_packet--> Device::encapsulate --> GSO batch --> Transport
+//!          (transport.rs: UDP or the relay, by the endpoint's kind)
 //!   recv:  UDP --rx thread--> Device::handle_datagram --> RxBurst (one receive
 //!          call's packets) --> InnerSink::deliver_burst
 //!          relay --RelayInbox--^   (engine/relay_path.rs, relay/engine.rs; engine/docs/relay.md)
@@ -16,6 +17,7 @@
 mod engine;
 mod pool;
 mod sink;
+mod transport;
 mod uapi;
 
 pub use crate::peer::{BufferBudget, DEFAULT_BUFFER_LIMIT};
@@ -25,6 +27,7 @@ pub use engine::{
 pub use engine::{NatStats, NatStatus, ANNOUNCE_INTERVAL, ANSWER_GAP, REDISCOVER_INTERVAL};
 pub use pool::{BufferPool, PacketBuf};
 pub use sink::{HostQueue, InnerBurst, InnerSink};
+pub use transport::{Transport, Unsent};
 pub use uapi::{
     UapiServer, MAX_CONNECTIONS, MAX_REQUEST_BYTES, UAPI_CLOSE_WITHIN, UAPI_DIR, UAPI_WRITE_TIMEOUT,
 };

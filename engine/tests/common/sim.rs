@@ -34,6 +34,9 @@ pub struct Net {
     pub reorder_ticks: u64,
     /// Every datagram takes at least this many ticks (0: next tick).
     pub delay_ticks: u64,
+    /// Chance in 1000 that a datagram arrives twice (the copy with a delay
+    /// and reordering of its own), as a network may duplicate it.
+    pub duplicate: u32,
 }
 
 pub struct Node {
@@ -142,6 +145,8 @@ pub struct SimStats {
     pub relayed: u64,
     /// UDP datagrams a NAT dropped (no conntrack entry for them).
     pub nat_filtered: u64,
+    /// UDP datagrams the network delivered twice.
+    pub udp_duplicated: u64,
 }
 
 pub struct Sim {
@@ -421,16 +426,25 @@ impl Sim {
             self.stats.udp_lost += 1;
             return;
         }
-        let mut at = self.tick + 1 + self.net.delay_ticks;
-        if self.rng.chance(self.net.reorder) {
-            at += 1 + self.rng.below(self.net.reorder_ticks.max(1));
+        // No draw when off: seeded runs without duplication stay as they were.
+        let copies = if self.net.duplicate > 0 && self.rng.chance(self.net.duplicate) {
+            self.stats.udp_duplicated += 1;
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            let mut at = self.tick + 1 + self.net.delay_ticks;
+            if self.rng.chance(self.net.reorder) {
+                at += 1 + self.rng.below(self.net.reorder_ticks.max(1));
+            }
+            self.queue.push(InFlight {
+                at,
+                to: j,
+                from: Endpoint::Udp(from),
+                bytes: bytes.clone(),
+            });
         }
-        self.queue.push(InFlight {
-            at,
-            to: j,
-            from: Endpoint::Udp(from),
-            bytes,
-        });
     }
 
     /// Hands node `j` a datagram from `from` now, as its runtime would.

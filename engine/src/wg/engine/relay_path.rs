@@ -3,8 +3,8 @@
 //! that moves peers between UDP and the relay.
 //!
 //! ```text
-//!   send: Peer -> ToNetwork{to: Endpoint::Relay(key)} --> RelayTransport::send(key)
-//!                          {to: Endpoint::Udp(addr)}  --> UDP
+//!   send: Peer -> ToNetwork{to: Endpoint::Relay(key)} --> Transport::send_batch of the RelayTransport
+//!                          {to: Endpoint::Udp(addr)}  --> Transport::send_batch of UdpTransport
 //!   recv: relay [src key][datagram] -> RelayInbox::deliver -> Device::handle_datagram(from Relay(src key))
 //!         (authenticates like any datagram; roaming then points the peer at the relay)
 //!   path thread, every PATH_TICK, per peer:
@@ -34,19 +34,19 @@ use parking_lot::{Mutex, RwLock};
 use super::{Engine, EngineError, Net, RxBurst, Shared};
 use crate::config::PublicKey;
 use crate::device::{Endpoint, PathAction, PathState, ProbeBudget};
+use crate::io::udp::UdpTransport;
 use crate::io::udp::MAX_DATAGRAM;
 use crate::peer::{output_buffer_len, PeerPath};
 use crate::relay::protocol::Candidates;
+use crate::wg::transport::{Transport, Unsent};
 
 /// How often the path thread looks at the peers.
 const PATH_TICK: Duration = Duration::from_millis(250);
 
 /// A way to reach peers by key through a relay: what the engine needs of
-/// a relay client.
-pub trait RelayTransport: Send + Sync + 'static {
-    /// Sends one datagram to the client registered as `to`; false when it
-    /// could not (no session, queue full).
-    fn send(&self, to: &PublicKey, datagram: &[u8]) -> bool;
+/// a relay client. Datagrams go through its [`Transport`] side, to
+/// [`Endpoint::Relay`] endpoints (any other endpoint is unsent).
+pub trait RelayTransport: Transport + 'static {
     /// True while registered with the relay.
     fn is_up(&self) -> bool;
     /// Our key changed: register again under the new one.
@@ -124,30 +124,32 @@ impl RelayInbox {
 }
 
 impl Shared {
-    /// Sends one encrypted datagram over UDP or through the relay.
-    pub(super) fn send_datagram(&self, datagram: &[u8], to: &Endpoint) {
+    /// Sends a batch of encrypted datagrams (see [`Transport::send_batch`])
+    /// through the transport of `to`'s kind, and counts what it could not
+    /// send. Every datagram the engine sends passes here.
+    pub(super) fn send_batch(
+        &self,
+        udp: &UdpTransport,
+        batch: &[u8],
+        segment: usize,
+        to: &Endpoint,
+    ) {
         match to {
-            Endpoint::Udp(addr) => {
-                let transport = self.transport.read().clone();
-                if transport.send_to(datagram, *addr).is_err() {
+            Endpoint::Udp(_) => {
+                if let Err(Unsent(n)) = udp.send_batch(batch, segment, to) {
                     super::bump(&self.counters.udp_send_errors);
-                    super::bump(&self.counters.udp_send_dropped);
+                    self.counters.udp_send_dropped.fetch_add(n as u64, Relaxed);
                 }
             }
-            Endpoint::Relay(key) => self.send_relay(key, datagram),
-        }
-    }
-
-    /// Sends one encrypted datagram to `peer` through the relay.
-    pub(super) fn send_relay(&self, peer: &PublicKey, datagram: &[u8]) {
-        let sent = self
-            .relay
-            .active
-            .read()
-            .as_ref()
-            .is_some_and(|r| r.transport.send(peer, datagram));
-        if !sent {
-            self.relay.unsent.fetch_add(1, Relaxed);
+            Endpoint::Relay(_) => {
+                let sent = match self.relay.active.read().as_ref() {
+                    Some(r) => r.transport.send_batch(batch, segment, to),
+                    None => Err(Unsent::all(batch.len(), segment)),
+                };
+                if let Err(Unsent(n)) = sent {
+                    self.relay.unsent.fetch_add(n as u64, Relaxed);
+                }
+            }
         }
     }
 }
@@ -320,9 +322,11 @@ impl NatTick {
         }
         let (generation, ours) = shared.nat_candidates();
         let send = |to: &PublicKey| {
+            let frame = Candidates(ours.clone()).encode();
             if active
                 .transport
-                .send(to, &Candidates(ours.clone()).encode())
+                .send_batch(&frame, frame.len(), &Endpoint::Relay(*to))
+                .is_ok()
             {
                 shared.nat.sent.fetch_add(1, Relaxed);
             }
