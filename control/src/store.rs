@@ -38,19 +38,17 @@
 //! rqlite (Raft-replicated SQLite over HTTP) would keep this schema and SQL
 //! nearly unchanged; it is the fallback when no etcd is at hand.
 
+use std::collections::VecDeque;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use meshvpn_engine::{IpPrefix, PublicKey};
 use ring::rand::SecureRandom;
-use rusqlite::{
-    params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior,
-};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use crate::keys::{JoinError, JoinKeyRecord};
 use crate::node::{node_name, unique_name, AddressPlan, NodeRecord, NodeRequest, PlanError};

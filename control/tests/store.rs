@@ -638,7 +638,10 @@ fn grouped_writes_on_one_store_each_commit_before_returning() {
                 if let Ok(n) = &got {
                     let other = open(&store.path().to_path_buf());
                     assert_eq!(
-                        other.node_by_public_key(&n.public_key).unwrap().map(|o| o.id),
+                        other
+                            .node_by_public_key(&n.public_key)
+                            .unwrap()
+                            .map(|o| o.id),
                         Some(n.id)
                     );
                 }
