@@ -636,7 +636,7 @@ fn grouped_writes_on_one_store_each_commit_before_returning() {
                 assert!(matches!(bad, Err(StoreError::NoSuchNode(_))), "{bad:?}");
                 // Committed now: a separate connection sees it.
                 if let Ok(n) = &got {
-                    let other = open(&store.path().to_path_buf());
+                    let other = open(store.path());
                     assert_eq!(
                         other
                             .node_by_public_key(&n.public_key)
