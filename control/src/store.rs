@@ -38,17 +38,17 @@
 //! rqlite (Raft-replicated SQLite over HTTP) would keep this schema and SQL
 //! nearly unchanged; it is the fallback when no etcd is at hand.
 
+use std::collections::VecDeque;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use meshvpn_engine::{IpPrefix, PublicKey};
 use ring::rand::SecureRandom;
-use rusqlite::{
-    params, Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior,
-};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use crate::keys::{JoinError, JoinKeyRecord};
 use crate::node::{node_name, unique_name, AddressPlan, NodeRecord, NodeRequest, PlanError};
@@ -205,6 +205,8 @@ pub enum StoreError {
     Busy(PathBuf),
     #[error("no node with id {0}")]
     NoSuchNode(i64),
+    #[error("{path}: the transaction was not committed: {detail}")]
+    NotCommitted { path: PathBuf, detail: String },
     #[error("cannot create {path}: {source}")]
     Io {
         path: PathBuf,
@@ -328,12 +330,81 @@ impl Default for StoreConfig {
     }
 }
 
-/// [`Store`] in one SQLite file. One connection behind a mutex: SQLite
-/// writes one transaction at a time anyway, and every call is short.
+/// Writes committed together at most: a batch is committed once it holds
+/// this many, even while more writers are waiting.
+pub const GROUP_COMMIT_MAX_WRITES: usize = 256;
+/// A batch is committed once it has been open this long, even while more
+/// writers are waiting, so a steady stream of writers cannot hold one
+/// writer's commit back.
+pub const GROUP_COMMIT_MAX_DELAY: Duration = Duration::from_millis(20);
+
+/// [`Store`] in one SQLite file: one connection for writes and one for
+/// reads (WAL: readers see only committed transactions and never wait for
+/// the writer), each behind a mutex.
+///
+/// Group commit: concurrent writes share one transaction and one fsync
+/// (the classic group commit of PostgreSQL's `commit_delay` and InnoDB's
+/// binlog group commit). Each write runs in its own `SAVEPOINT` inside
+/// the open batch (a failed write rolls back only itself), then waits:
+/// the last writer in (no other writer waiting for the connection), or
+/// the first once the batch holds [`GROUP_COMMIT_MAX_WRITES`] or is
+/// [`GROUP_COMMIT_MAX_DELAY`] old, commits the batch, and every write of
+/// it returns only after that commit (or its failure), so a write is still
+/// committed before its method returns. A lone writer commits at once.
 pub struct SqliteStore {
     path: PathBuf,
-    conn: Mutex<Connection>,
+    writer: Mutex<Writer>,
+    /// Signalled when a batch ends, or a writer left the connection.
+    batch_done: Condvar,
+    /// Writers waiting to take `writer`.
+    wanting: AtomicUsize,
+    reader: Mutex<Connection>,
     plan: AddressPlan,
+}
+
+/// The write connection and its open batch.
+struct Writer {
+    conn: Connection,
+    /// Id of the batch open in `conn` (a `BEGIN IMMEDIATE` not yet
+    /// committed), if any.
+    open: Option<u64>,
+    next: u64,
+    /// Writes done in the open batch, and when it was opened.
+    writes: usize,
+    opened: Instant,
+    /// Every batch up to this id has ended.
+    ended: u64,
+    /// The last batches that failed to commit, with why.
+    failed: VecDeque<(u64, String)>,
+    /// A write's closure is running (still set after it panicked).
+    in_write: bool,
+}
+
+/// Failed batches remembered for their waiters.
+const FAILED_KEPT: usize = 64;
+
+impl Writer {
+    /// Ends the open batch: `COMMIT`, or on failure `ROLLBACK` and a
+    /// record of why for its waiters.
+    fn end_batch(&mut self, commit: bool) {
+        let Some(id) = self.open.take() else {
+            return;
+        };
+        let result = if commit {
+            self.conn.execute_batch("COMMIT").map_err(|e| e.to_string())
+        } else {
+            Err("an earlier write of the same batch failed".to_string())
+        };
+        if let Err(why) = result {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            if self.failed.len() >= FAILED_KEPT {
+                self.failed.pop_front();
+            }
+            self.failed.push_back((id, why));
+        }
+        self.ended = id;
+        self.writes = 0;
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -388,9 +459,26 @@ impl SqliteStore {
         migrate(path, &mut conn, MIGRATIONS)?;
         let ula = ula_global_id(path, &conn)?;
         let plan = AddressPlan::new(config.ipv4_prefix, ula)?;
+        let reader = Connection::open_with_flags(path, flags).map_err(err)?;
+        reader.busy_timeout(config.busy_timeout).map_err(err)?;
+        reader
+            .execute_batch("PRAGMA foreign_keys=ON;")
+            .map_err(err)?;
         Ok(Self {
             path: path.to_path_buf(),
-            conn: Mutex::new(conn),
+            writer: Mutex::new(Writer {
+                conn,
+                open: None,
+                next: 0,
+                writes: 0,
+                opened: Instant::now(),
+                ended: 0,
+                failed: VecDeque::new(),
+                in_write: false,
+            }),
+            batch_done: Condvar::new(),
+            wanting: AtomicUsize::new(0),
+            reader: Mutex::new(reader),
             plan,
         })
     }
@@ -402,7 +490,7 @@ impl SqliteStore {
     /// `PRAGMA integrity_check` plus the foreign keys: `Ok(())` or what is
     /// wrong.
     pub fn integrity_check(&self) -> Result<(), StoreError> {
-        let conn = self.lock();
+        let conn = self.lock_reader();
         let report: Vec<String> = conn
             .prepare("PRAGMA integrity_check")
             .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
@@ -427,33 +515,124 @@ impl SqliteStore {
         Ok(())
     }
 
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves no half-done transaction
-        // behind (it rolls back on drop), so the connection is still usable.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_reader(&self) -> MutexGuard<'_, Connection> {
+        // Reads hold no transaction open between calls: a panic during one
+        // leaves the connection usable.
+        self.reader.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The write connection; a batch left half-done by a write that
+    /// panicked is rolled back, and its other writes fail.
+    fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.recover(&mut w);
+        w
+    }
+
+    fn recover(&self, w: &mut Writer) {
+        if w.in_write {
+            w.in_write = false;
+            w.end_batch(false);
+            self.batch_done.notify_all();
+        }
     }
 
     fn err(&self, e: rusqlite::Error) -> StoreError {
         classify(&self.path, e)
     }
 
-    /// One `BEGIN IMMEDIATE` transaction, committed before returning `Ok`;
-    /// rolled back (on drop) when `f` fails.
+    /// `f` inside the write lock (`BEGIN IMMEDIATE`) as part of a group
+    /// commit (see [`SqliteStore`]): committed before this returns `Ok`;
+    /// when `f` fails, what it wrote is rolled back and the batch's other
+    /// writes stand.
     fn write<T, E: From<StoreError>>(
         &self,
-        f: impl FnOnce(&Transaction<'_>) -> Result<T, E>,
+        f: impl FnOnce(&Connection) -> Result<T, E>,
     ) -> Result<T, E> {
-        let mut conn = self.lock();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| self.err(e))?;
-        let out = f(&tx)?;
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(out)
+        self.wanting.fetch_add(1, Ordering::SeqCst);
+        let mut w = self.lock_writer();
+        self.wanting.fetch_sub(1, Ordering::SeqCst);
+        if w.open.is_none() {
+            if let Err(e) = w.conn.execute_batch("BEGIN IMMEDIATE") {
+                self.batch_done.notify_all();
+                return Err(self.err(e).into());
+            }
+            w.next += 1;
+            w.open = Some(w.next);
+            w.writes = 0;
+            w.opened = Instant::now();
+        }
+        let id = w.next;
+        let savepoint = w.conn.execute_batch("SAVEPOINT write");
+        let out = match savepoint {
+            Err(e) => Err(E::from(self.err(e))),
+            Ok(()) => {
+                w.in_write = true;
+                let out = f(&w.conn);
+                w.in_write = false;
+                let end = if out.is_ok() {
+                    "RELEASE write"
+                } else {
+                    "ROLLBACK TO write; RELEASE write"
+                };
+                match w.conn.execute_batch(end) {
+                    Ok(()) => out,
+                    Err(e) => {
+                        // The batch is in an unknown state: none of it
+                        // stands.
+                        w.end_batch(false);
+                        self.batch_done.notify_all();
+                        return Err(self.err(e).into());
+                    }
+                }
+            }
+        };
+        let out = match out {
+            Ok(v) => v,
+            Err(e) => {
+                // Nothing of this write is in the batch: no need to wait,
+                // but an empty batch nobody else will use is closed.
+                if w.writes == 0 && self.wanting.load(Ordering::SeqCst) == 0 {
+                    w.end_batch(false);
+                }
+                self.batch_done.notify_all();
+                return Err(e);
+            }
+        };
+        w.writes += 1;
+        loop {
+            if w.ended >= id {
+                return match w.failed.iter().find(|(f, _)| *f == id) {
+                    None => Ok(out),
+                    Some((_, why)) => Err(StoreError::NotCommitted {
+                        path: self.path.clone(),
+                        detail: why.clone(),
+                    }
+                    .into()),
+                };
+            }
+            if w.open == Some(id)
+                && (self.wanting.load(Ordering::SeqCst) == 0
+                    || w.writes >= GROUP_COMMIT_MAX_WRITES
+                    || w.opened.elapsed() >= GROUP_COMMIT_MAX_DELAY)
+            {
+                w.end_batch(true);
+                self.batch_done.notify_all();
+                continue;
+            }
+            // Another writer adds to the batch and commits it, or leaves
+            // and wakes this one to.
+            w = self
+                .batch_done
+                .wait_timeout(w, Duration::from_millis(2))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+            self.recover(&mut w);
+        }
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
-        let conn = self.lock();
+        let conn = self.lock_reader();
         f(&conn).map_err(|e| self.err(e))
     }
 
@@ -567,7 +746,7 @@ impl SqliteStore {
 
     fn register(
         &self,
-        tx: &Transaction<'_>,
+        tx: &Connection,
         key: &JoinKeyRecord,
         req: &NodeRequest,
         now: u64,
@@ -847,7 +1026,7 @@ impl Store for SqliteStore {
     }
 
     fn list_routes(&self) -> Result<Vec<RouteRecord>, StoreError> {
-        let conn = self.lock();
+        let conn = self.lock_reader();
         self.routes_in(&conn)
     }
 

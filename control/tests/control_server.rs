@@ -610,3 +610,65 @@ fn a_listener_that_outlives_its_control_server_registers_nobody() {
     drop(client);
     drop(tunnel);
 }
+
+/// The cap on sessions from all sources (`max_sessions`, nginx
+/// `limit_conn` on a zone for the whole server): nodes past it are refused
+/// with a clear 503 and counted, and the admitted ones keep their
+/// sessions; a freed slot is taken by a waiting node.
+#[test]
+fn the_total_session_cap_refuses_the_excess_and_keeps_the_rest() {
+    const CAP: usize = 3;
+    let mesh = Mesh::start("totalcap", |c| {
+        c.max_sessions = CAP;
+        // The per-source cap is not the one that bites here.
+        c.max_sessions_per_source = 64;
+    });
+    let key = mesh.key(KeyOptions {
+        reusable: true,
+        ..Default::default()
+    });
+    let ok: Vec<ControlClient> = (0..CAP)
+        .map(|i| mesh.join(Some(&key), &format!("n{i}"), &secret()))
+        .collect();
+    for c in &ok {
+        assert!(c.wait(WAIT, |s, _| s.has_map()), "{:?}", c.status());
+    }
+    // Three times the cap of nodes beyond it.
+    let extra: Vec<ControlClient> = (0..3 * CAP)
+        .map(|i| mesh.join(Some(&key), &format!("x{i}"), &secret()))
+        .collect();
+    for c in &extra {
+        assert!(
+            c.wait(WAIT, |_, st| st
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("503"))),
+            "{:?}",
+            c.status()
+        );
+        assert!(!c.status().connected);
+    }
+    let stats = mesh.tunnel.extra_stats(CONTROL_PATH).unwrap();
+    assert_eq!(stats.sessions, CAP, "{stats:?}");
+    assert!(stats.refused_sessions >= 3 * CAP as u64, "{stats:?}");
+    assert_eq!(stats.refused_sessions_per_source, 0, "{stats:?}");
+    assert_eq!(mesh.control.stats().sessions, CAP);
+    // The admitted nodes are still served: a change reaches them.
+    let victim = mesh.cli.list_nodes().unwrap().last().unwrap().id;
+    mesh.cli.remove_node(victim).unwrap();
+    mesh.control.poke();
+    for c in &ok {
+        let mine = c.state().node.unwrap().node_id;
+        if mine != victim {
+            assert!(c.wait(WAIT, |s, _| !s.peers.contains_key(&victim)));
+        }
+    }
+    // A freed slot is taken by one of the waiting nodes.
+    drop(ok);
+    let start = Instant::now();
+    while start.elapsed() < WAIT && !extra.iter().any(|c| c.status().connected) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(extra.iter().any(|c| c.status().connected));
+    assert!(mesh.control.stats().sessions <= CAP);
+}

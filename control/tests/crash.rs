@@ -29,6 +29,8 @@ const DEADLINE: Duration = Duration::from_secs(90);
 const CHILD_MAX_WRITES: usize = 5_000;
 const CHILD_MAX_TIME: Duration = Duration::from_secs(30);
 const ENV_DB: &str = "MESHVPN_CRASH_DB";
+/// Threads writing beside the main writer.
+const CHILD_EXTRA_WRITERS: usize = 3;
 
 /// The writer. Does nothing in a normal test run (no `MESHVPN_CRASH_DB`).
 #[test]
@@ -36,19 +38,41 @@ fn crash_writer_child() {
     let Some(db) = std::env::var_os(ENV_DB) else {
         return;
     };
-    let store = SqliteStore::open(&PathBuf::from(db), &StoreConfig::default()).unwrap();
+    let store = std::sync::Arc::new(
+        SqliteStore::open(&PathBuf::from(db), &StoreConfig::default()).unwrap(),
+    );
     let rng = SystemRandom::new();
+    // Writers on other threads, so the kill also lands inside batches of
+    // the store's group commit: each acknowledges a key only after its
+    // write returned.
+    for _ in 0..CHILD_EXTRA_WRITERS {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            let rng = SystemRandom::new();
+            let start = Instant::now();
+            for i in 0..CHILD_MAX_WRITES {
+                if start.elapsed() > CHILD_MAX_TIME {
+                    break;
+                }
+                let now = 1_800_000_000 + i as u64;
+                let key = keys::create(&*store, &KeyOptions::default(), now, &rng).unwrap();
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "ACK key {}", key.record.id).unwrap();
+                out.flush().unwrap();
+            }
+        });
+    }
+    let store = &*store;
     let policy = Policy::parse(
         r#"{"tagOwners": {"tag:k3s": []}, "autoApprovers": {"routes": {"10.42.0.0/16": ["tag:k3s"]}}}"#,
     )
     .unwrap();
     let start = Instant::now();
-    let out = std::io::stdout();
-    let mut out = out.lock();
     for i in 0..CHILD_MAX_WRITES {
         if start.elapsed() > CHILD_MAX_TIME {
             break;
         }
+        let mut out = std::io::stdout().lock();
         let now = 1_800_000_000 + i as u64;
         // Two clusters taking turns; nodes 6k and 6k+3 (one of each)
         // advertise the same pod CIDR, so half the decisions are conflicts.
@@ -57,18 +81,18 @@ fn crash_writer_child() {
             cluster: Some(if i % 2 == 0 { "a" } else { "b" }.into()),
             ..Default::default()
         };
-        let key = keys::create(&store, &opts, now, &rng).unwrap();
+        let key = keys::create(store, &opts, now, &rng).unwrap();
         writeln!(out, "ACK key {}", key.record.id).unwrap();
         let pk = PrivateKey::generate().public_key();
         let req = NodeRequest {
             public_key: pk,
             hostname: format!("n{i}"),
         };
-        let node = keys::redeem(&store, &key.text, &req, now).unwrap();
+        let node = keys::redeem(store, &key.text, &req, now).unwrap();
         writeln!(out, "ACK node {} {} {}", pk.to_base64(), node.id, node.ipv4).unwrap();
         if i % 3 == 0 {
             let route: IpPrefix = format!("10.42.{}.0/24", (i / 6) % 256).parse().unwrap();
-            let got = routes::decide(&store, Some(&policy), &node, &[route], now).unwrap();
+            let got = routes::decide(store, Some(&policy), &node, &[route], now).unwrap();
             writeln!(out, "ACK route {} {route} {}", node.id, got[0].1.word()).unwrap();
         }
         if i % 7 == 0 {

@@ -603,3 +603,68 @@ fn ephemeral_nodes_offline_past_the_cutoff_are_removed_and_others_stay() {
         None
     );
 }
+
+/// Group commit: writers sharing one store (one write connection) are
+/// batched into shared transactions; each write still stands or falls
+/// alone, is committed when its method returns (another connection sees
+/// it), and a single-use key still registers one node even when its
+/// racing redeems land in one batch.
+#[test]
+fn grouped_writes_on_one_store_each_commit_before_returning() {
+    const THREADS: usize = 16;
+    let dir = TempDir::new("group");
+    let store = Arc::new(open(&dir.db()));
+    let single = create(&*store, KeyOptions::default());
+    let reusable = create(
+        &*store,
+        KeyOptions {
+            reusable: true,
+            ..Default::default()
+        },
+    );
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let handles: Vec<_> = (0..THREADS)
+        .map(|i| {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            let (single, reusable) = (single.clone(), reusable.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let text = if i % 2 == 0 { &single } else { &reusable };
+                let got = keys::redeem(&*store, text, &node(&format!("g{i}")), NOW);
+                // A failing write in the middle of the burst.
+                let bad = store.set_advertised_routes(10_000 + i as i64, &[]);
+                assert!(matches!(bad, Err(StoreError::NoSuchNode(_))), "{bad:?}");
+                // Committed now: a separate connection sees it.
+                if let Ok(n) = &got {
+                    let other = open(store.path());
+                    assert_eq!(
+                        other
+                            .node_by_public_key(&n.public_key)
+                            .unwrap()
+                            .map(|o| o.id),
+                        Some(n.id)
+                    );
+                }
+                (i, got)
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let single_ok = results
+        .iter()
+        .filter(|(i, r)| i % 2 == 0 && r.is_ok())
+        .count();
+    assert_eq!(single_ok, 1, "{results:?}");
+    for (i, r) in results.iter() {
+        if i % 2 == 1 {
+            assert!(r.is_ok(), "{i}: {r:?}");
+        }
+    }
+    let nodes = open(&dir.db()).list_nodes().unwrap();
+    assert_eq!(nodes.len(), 1 + THREADS / 2);
+    let mut v4: Vec<_> = nodes.iter().map(|n| n.ipv4).collect();
+    v4.sort();
+    v4.dedup();
+    assert_eq!(v4.len(), nodes.len());
+    open(&dir.db()).integrity_check().unwrap();
+}
