@@ -32,7 +32,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::peer::{PeerPath, PeerStats};
+use crate::peer::{Endpoint, PeerPath, PeerStats};
 use crate::relay::protocol::{Candidates, MAX_CANDIDATES};
 
 /// The second probing round after candidates arrive; each later round of
@@ -102,6 +102,29 @@ impl Default for ProbeBudget {
     }
 }
 
+/// While the peer is on a path it has candidates besides, one
+/// measurement probe (a handshake initiation to ONE other path, so its
+/// answer times that path alone) goes out this often, in turn to the
+/// current path, each candidate and the relay.
+pub const MEASURE_GAP: Duration = Duration::from_secs(10);
+/// A measurement unanswered this long marks its path as not working (the
+/// handshake's own REKEY_TIMEOUT).
+pub const MEASURE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A round trip older than this is forgotten (a path not measured again
+/// is no longer compared).
+pub const RTT_MAX_AGE: Duration = Duration::from_secs(120);
+/// Hysteresis: another path must be faster by this share of the current
+/// path's round trip (and at least [`SWITCH_MARGIN_MIN`]) ...
+pub const SWITCH_MARGIN_PERCENT: u32 = 10;
+pub const SWITCH_MARGIN_MIN: Duration = Duration::from_millis(2);
+/// ... and stay so for this long, confirmed by a second measurement of it,
+/// before the peer moves (Tailscale's magicsock likewise keeps a chosen address for a
+/// trust time and moves only to a clearly better one, `betterAddr`).
+pub const SWITCH_DWELL: Duration = Duration::from_secs(20);
+/// Paths with a round trip remembered per peer: the candidates, the last
+/// UDP endpoint and the relay.
+const MAX_TIMED_PATHS: usize = MAX_CANDIDATES + 2;
+
 /// Initiations sent without anything authenticated coming back before a
 /// peer moves to the relay: the first and its retry after REKEY_TIMEOUT
 /// (5 s, WireGuard paper section 6.4).
@@ -141,6 +164,30 @@ pub struct PathState {
     pub probes_sent: u64,
     /// Times a direct path was given up for the relay.
     pub fallbacks: u64,
+    /// The last round trip measured per path (`None`: its measurement went
+    /// unanswered), and when.
+    rtts: Vec<(Endpoint, Option<Duration>, Instant)>,
+    /// The path the policy chose: where the peer is put back after a
+    /// measurement moved it (roaming) to a path that is not better.
+    chosen: Option<Endpoint>,
+    /// The relay was chosen for its round trip, not as a fallback: no
+    /// candidate rounds then, measurements instead.
+    relay_by_rtt: bool,
+    /// The measurement in flight: its path and when it left.
+    measuring: Option<(Endpoint, Instant)>,
+    /// The path the last answered measurement timed, and when.
+    measured: Option<(Endpoint, Instant)>,
+    next_measure: Option<Instant>,
+    cursor: usize,
+    /// A path better than the chosen one by the margin, since when.
+    better: Option<(Endpoint, Instant)>,
+    /// Measurement probes sent (also in `probes_sent`), and those sent
+    /// since something authenticated last arrived (they do not count as
+    /// unanswered initiations of the current path).
+    pub measures_sent: u64,
+    measures_at_rx: u64,
+    /// Times the policy moved the peer for a lower round trip.
+    pub rtt_switches: u64,
 }
 
 impl PathState {
@@ -166,7 +213,191 @@ impl PathState {
             probe_rounds: 0,
             probes_sent: 0,
             fallbacks: 0,
+            rtts: Vec::new(),
+            chosen: None,
+            relay_by_rtt: false,
+            measuring: None,
+            measured: None,
+            next_measure: None,
+            cursor: 0,
+            better: None,
+            measures_sent: 0,
+            measures_at_rx: 0,
+            rtt_switches: 0,
         }
+    }
+
+    /// The path the policy chose for the peer (`None` until it has one).
+    pub fn chosen(&self) -> Option<Endpoint> {
+        self.chosen
+    }
+
+    /// The last round trip measured on `path` (`Some(None)`: unanswered).
+    pub fn rtt_of(&self, path: &Endpoint) -> Option<Option<Duration>> {
+        self.rtts.iter().find(|r| r.0 == *path).map(|r| r.1)
+    }
+
+    /// A round trip measured from authenticated packets (the peer's
+    /// [`crate::peer::Peer::take_rtt_sample`]: initiation sent, response
+    /// authenticated), on the path the response came back on.
+    pub fn observe_rtt(&mut self, path: Endpoint, rtt: Duration, now: Instant) {
+        if let Endpoint::Udp(a) = path {
+            let a = SocketAddr::new(a.ip().to_canonical(), a.port());
+            // Only paths the policy knows are remembered: the table stays
+            // bounded whatever addresses the peer roams from.
+            if !self.candidates.contains(&a) && self.udp != Some(a) && self.chosen != Some(path)
+            {
+                return;
+            }
+        }
+        if self.measuring.is_some_and(|(p, _)| p == path) {
+            self.measuring = None;
+            self.measured = Some((path, now));
+        }
+        self.record(path, Some(rtt), now);
+    }
+
+    fn record(&mut self, path: Endpoint, rtt: Option<Duration>, now: Instant) {
+        if let Some(r) = self.rtts.iter_mut().find(|r| r.0 == path) {
+            *r = (path, rtt, now);
+            return;
+        }
+        if self.rtts.len() >= MAX_TIMED_PATHS {
+            // The oldest goes.
+            if let Some(i) = (0..self.rtts.len()).min_by_key(|&i| self.rtts[i].2) {
+                self.rtts.swap_remove(i);
+            }
+        }
+        self.rtts.push((path, rtt, now));
+    }
+
+    /// Where a measurement probe goes now, if one is due: the peer is on a
+    /// chosen direct path (or on the relay for its round trip) and has
+    /// other paths to compare; one path per [`MEASURE_GAP`], in turn.
+    /// `relay`: the relay endpoint if a relay is up. Send ONE initiation
+    /// there ([`super::Device::probe`]); its answer moves the peer there
+    /// for a moment (roaming), and [`PathState::choose`] puts it back
+    /// unless that path is better.
+    pub fn measure_round(
+        &mut self,
+        stats: &PeerStats,
+        relay: Option<Endpoint>,
+        now: Instant,
+        budget: &mut ProbeBudget,
+    ) -> Option<Endpoint> {
+        let on_chosen = current(stats).is_some_and(|c| Some(c) == self.chosen);
+        let direct = stats.path == PeerPath::Udp && stats.endpoint.is_some();
+        if !on_chosen || !(direct || self.relay_by_rtt) || self.candidates.is_empty() {
+            self.next_measure = None;
+            return None;
+        }
+        if self.measuring.is_some() {
+            return None;
+        }
+        let next = *self.next_measure.get_or_insert(now + MEASURE_GAP);
+        if next > now {
+            return None;
+        }
+        let mut targets: Vec<Endpoint> = self.chosen.into_iter().collect();
+        for c in &self.candidates {
+            if !targets.contains(&Endpoint::Udp(*c)) {
+                targets.push(Endpoint::Udp(*c));
+            }
+        }
+        if let Some(r) = relay.filter(|r| !targets.contains(r)) {
+            targets.push(r);
+        }
+        if !budget.take(now, 1) {
+            return None;
+        }
+        let target = targets[self.cursor % targets.len()];
+        self.cursor = self.cursor.wrapping_add(1);
+        self.next_measure = Some(now + MEASURE_GAP);
+        self.measuring = Some((target, now));
+        self.measures_sent += 1;
+        self.probes_sent += 1;
+        Some(target)
+    }
+
+    /// Path choice by round trip, after [`PathState::step`]: returns the
+    /// path to move the peer to (with `Device::switch_path`), if any.
+    ///
+    /// - A move the policy did not make by measuring (the first direct
+    ///   path, a fallback to the relay, the peer roaming) is followed.
+    /// - The chosen path's measurement unanswered while another path
+    ///   answered: move there at once.
+    /// - Another path faster by the margin ([`SWITCH_MARGIN_PERCENT`],
+    ///   [`SWITCH_MARGIN_MIN`]) in every measurement for [`SWITCH_DWELL`]:
+    ///   move there. Otherwise, after a measurement moved the peer, back
+    ///   to the chosen path.
+    pub fn choose(&mut self, stats: &PeerStats, now: Instant) -> Option<Endpoint> {
+        if let Some((p, t)) = self.measuring {
+            if now.saturating_duration_since(t) >= MEASURE_TIMEOUT {
+                self.measuring = None;
+                self.record(p, None, now);
+            }
+        }
+        self.rtts
+            .retain(|r| now.saturating_duration_since(r.2) < RTT_MAX_AGE);
+        let cur = current(stats)?;
+        // The peer sits on the path the last measurement timed: that
+        // measurement moved it, not a change of the network.
+        let moved_by_measure = self.measured.is_some_and(|(p, _)| p == cur)
+            || self.measuring.is_some_and(|(p, _)| p == cur);
+        match self.chosen {
+            Some(c) if c == cur || moved_by_measure => {}
+            _ => {
+                self.chosen = Some(cur);
+                self.relay_by_rtt = false;
+                self.better = None;
+                self.measured = None;
+            }
+        }
+        let chosen = self.chosen?;
+        let best = self
+            .rtts
+            .iter()
+            .filter(|r| r.0 != chosen)
+            .filter_map(|r| r.1.map(|rtt| (r.0, rtt)))
+            .min_by_key(|r| r.1);
+        match (self.rtt_of(&chosen), best) {
+            // The chosen path stopped answering; another answers.
+            (Some(None), Some((b, _))) => self.move_to(b),
+            (Some(Some(c_rtt)), Some((b, b_rtt))) => {
+                let margin = (c_rtt * SWITCH_MARGIN_PERCENT / 100).max(SWITCH_MARGIN_MIN);
+                if b_rtt + margin <= c_rtt {
+                    match self.better {
+                        // A second measurement of it, after the dwell, confirms.
+                        Some((p, since)) if p == b => {
+                            let confirmed = self
+                                .rtts
+                                .iter()
+                                .any(|r| r.0 == b && r.2 > since);
+                            if confirmed && now.saturating_duration_since(since) >= SWITCH_DWELL {
+                                self.move_to(b);
+                            }
+                        }
+                        _ => self.better = Some((b, now)),
+                    }
+                } else {
+                    self.better = None;
+                }
+            }
+            _ => self.better = None,
+        }
+        let chosen = self.chosen?;
+        if cur != chosen {
+            self.measured = None;
+            return Some(chosen);
+        }
+        None
+    }
+
+    fn move_to(&mut self, to: Endpoint) {
+        self.chosen = Some(to);
+        self.relay_by_rtt = matches!(to, Endpoint::Relay(_));
+        self.better = None;
+        self.rtt_switches += 1;
     }
 
     /// The peer's candidates as last received.
@@ -223,7 +454,11 @@ impl PathState {
         budget: &mut ProbeBudget,
     ) -> Option<Vec<SocketAddr>> {
         let direct = stats.path == PeerPath::Udp && stats.endpoint.is_some();
-        if direct || self.candidates.is_empty() || self.next_round.is_none_or(|t| t > now) {
+        if direct
+            || self.relay_by_rtt
+            || self.candidates.is_empty()
+            || self.next_round.is_none_or(|t| t > now)
+        {
             return None;
         }
         let mut targets = self.candidates.clone();
@@ -260,6 +495,7 @@ impl PathState {
         if rx_moved {
             self.rx_bytes = stats.rx_bytes;
             self.initiations_at_rx = stats.handshakes_initiated;
+            self.measures_at_rx = self.measures_sent;
         }
         if stats.path != self.path {
             self.path = stats.path;
@@ -275,9 +511,11 @@ impl PathState {
         match (stats.path, stats.endpoint) {
             (PeerPath::Udp, Some(udp)) => {
                 self.udp = Some(udp);
+                // Measurements go to other paths: not this one's failures.
                 let unanswered = stats
                     .handshakes_initiated
-                    .saturating_sub(self.initiations_at_rx);
+                    .saturating_sub(self.initiations_at_rx)
+                    .saturating_sub(self.measures_sent - self.measures_at_rx);
                 if relay_up && unanswered >= UNANSWERED_INITIATIONS {
                     self.path = PeerPath::Relay;
                     self.last_probe = now;
@@ -316,6 +554,15 @@ impl PathState {
             }
             (PeerPath::Udp, None) => PathAction::Stay,
         }
+    }
+}
+
+/// The peer's endpoint as a path.
+fn current(stats: &PeerStats) -> Option<Endpoint> {
+    match (stats.path, stats.endpoint) {
+        (PeerPath::Relay, _) => Some(Endpoint::Relay(stats.public_key)),
+        (PeerPath::Udp, Some(a)) => Some(Endpoint::Udp(a)),
+        (PeerPath::Udp, None) => None,
     }
 }
 

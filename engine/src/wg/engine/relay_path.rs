@@ -256,6 +256,9 @@ fn tick(
             .entry(key)
             .or_insert_with(|| PathState::new(&stats, now));
         let before = st.path;
+        if let Some((path, rtt)) = peer.take_rtt_sample() {
+            st.observe_rtt(path, rtt, now);
+        }
         let action = st.step(&stats, relay_up, probe_interval, now);
         if stats.path != before {
             tracing::info!(peer = %key, path = stats.path.name(), "peer path changed");
@@ -277,6 +280,10 @@ fn tick(
                     tracing::debug!(peer = %key, %udp, "probing UDP");
                 }
             }
+        }
+        if let Some(to) = st.choose(&peer.stats(), now) {
+            tracing::debug!(peer = %key, ?to, "path chosen by round trip");
+            shared.device.switch_path(now, &peer, to, out, &mut net);
         }
     }
 }
@@ -356,6 +363,13 @@ impl NatTick {
                 shared.nat.rounds.fetch_add(1, Relaxed);
                 shared.nat.probes.fetch_add(n as u64, Relaxed);
                 tracing::debug!(peer = %key, probes = n, "probing candidates");
+            }
+            let relay = Some(Endpoint::Relay(*key));
+            if let Some(to) = st.measure_round(&peer.stats(), relay, now, &mut self.budget) {
+                if shared.device.probe(now, &peer, to, out, &mut net) {
+                    shared.nat.probes.fetch_add(1, Relaxed);
+                    tracing::debug!(peer = %key, ?to, "measuring a path's round trip");
+                }
             }
             shared
                 .nat
