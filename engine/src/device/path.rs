@@ -32,6 +32,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use crate::config::PublicKey;
 use crate::peer::{Endpoint, PeerPath, PeerStats};
 use crate::relay::protocol::{Candidates, MAX_CANDIDATES};
 
@@ -121,6 +122,9 @@ pub const SWITCH_MARGIN_MIN: Duration = Duration::from_millis(2);
 /// before the peer moves (Tailscale's magicsock likewise keeps a chosen address for a
 /// trust time and moves only to a clearly better one, `betterAddr`).
 pub const SWITCH_DWELL: Duration = Duration::from_secs(20);
+/// After the policy moves the peer (or measures a path), how long a move
+/// back to a path it knows is taken for datagrams still in flight there.
+pub const SETTLE: Duration = Duration::from_secs(2);
 /// Paths with a round trip remembered per peer: the candidates, the last
 /// UDP endpoint and the relay.
 const MAX_TIMED_PATHS: usize = MAX_CANDIDATES + 2;
@@ -188,6 +192,24 @@ pub struct PathState {
     measures_at_rx: u64,
     /// Times the policy moved the peer for a lower round trip.
     pub rtt_switches: u64,
+    /// This side measures and chooses; the other follows (roaming).
+    controlling: bool,
+    /// Until then, a move to a path the policy knows is datagrams still
+    /// in flight on a path just left or measured: the peer is put back.
+    settle_until: Option<Instant>,
+    /// A measurement of another path was answered: the other side, moved
+    /// there by our initiation, must be called back to the chosen path.
+    recall: bool,
+}
+
+/// A move [`PathState::choose`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathMove {
+    pub to: Endpoint,
+    /// Start a handshake there (`Device::switch_path`): the other side
+    /// must see an authenticated packet from the path to move too.
+    /// Otherwise only our endpoint goes back (`Peer::set_endpoint`).
+    pub handshake: bool,
 }
 
 impl PathState {
@@ -224,7 +246,35 @@ impl PathState {
             measures_sent: 0,
             measures_at_rx: 0,
             rtt_switches: 0,
+            controlling: true,
+            settle_until: None,
+            recall: false,
         }
+    }
+
+    /// Until when the peer's endpoint must not roam ([`crate::peer::Peer::hold_endpoint`]):
+    /// while a measurement is out and for [`SETTLE`] after the policy moved
+    /// the peer. `None` on the side that follows.
+    pub fn hold_until(&self) -> Option<Instant> {
+        self.settle_until.filter(|_| self.controlling)
+    }
+
+    /// A path the policy times: a candidate, the last UDP endpoint, the relay.
+    fn known(&self, path: &Endpoint) -> bool {
+        match path {
+            Endpoint::Relay(_) => true,
+            Endpoint::Udp(a) => self.candidates.contains(a) || self.udp == Some(*a),
+        }
+    }
+
+    /// Which side of the pair chooses the path by round trip: the one with
+    /// the lower public key (ICE's controlling agent, RFC 8445 section
+    /// 6.1.1, nominates; here by key order, which both sides know without
+    /// a message). The other side measures nothing and follows where the
+    /// chooser's authenticated packets come from (roaming), so the two
+    /// never pull the peer apart. Both sides keep the fallback to the relay.
+    pub fn set_role(&mut self, ours: &PublicKey, theirs: &PublicKey) {
+        self.controlling = ours.as_bytes() < theirs.as_bytes();
     }
 
     /// The path the policy chose for the peer (`None` until it has one).
@@ -245,14 +295,15 @@ impl PathState {
             let a = SocketAddr::new(a.ip().to_canonical(), a.port());
             // Only paths the policy knows are remembered: the table stays
             // bounded whatever addresses the peer roams from.
-            if !self.candidates.contains(&a) && self.udp != Some(a) && self.chosen != Some(path)
-            {
+            if !self.candidates.contains(&a) && self.udp != Some(a) && self.chosen != Some(path) {
                 return;
             }
         }
         if self.measuring.is_some_and(|(p, _)| p == path) {
             self.measuring = None;
             self.measured = Some((path, now));
+            // The other side moved to the measured path on our initiation.
+            self.recall = self.chosen.is_some_and(|c| c != path);
         }
         self.record(path, Some(rtt), now);
     }
@@ -285,6 +336,9 @@ impl PathState {
         now: Instant,
         budget: &mut ProbeBudget,
     ) -> Option<Endpoint> {
+        if !self.controlling {
+            return None;
+        }
         let on_chosen = current(stats).is_some_and(|c| Some(c) == self.chosen);
         let direct = stats.path == PeerPath::Udp && stats.endpoint.is_some();
         if !on_chosen || !(direct || self.relay_by_rtt) || self.candidates.is_empty() {
@@ -313,6 +367,7 @@ impl PathState {
         let target = targets[self.cursor % targets.len()];
         self.cursor = self.cursor.wrapping_add(1);
         self.next_measure = Some(now + MEASURE_GAP);
+        self.settle_until = Some(now + MEASURE_TIMEOUT + SETTLE);
         self.measuring = Some((target, now));
         self.measures_sent += 1;
         self.probes_sent += 1;
@@ -330,7 +385,7 @@ impl PathState {
     ///   [`SWITCH_MARGIN_MIN`]) in every measurement for [`SWITCH_DWELL`]:
     ///   move there. Otherwise, after a measurement moved the peer, back
     ///   to the chosen path.
-    pub fn choose(&mut self, stats: &PeerStats, now: Instant) -> Option<Endpoint> {
+    pub fn choose(&mut self, stats: &PeerStats, now: Instant) -> Option<PathMove> {
         if let Some((p, t)) = self.measuring {
             if now.saturating_duration_since(t) >= MEASURE_TIMEOUT {
                 self.measuring = None;
@@ -344,8 +399,13 @@ impl PathState {
         // measurement moved it, not a change of the network.
         let moved_by_measure = self.measured.is_some_and(|(p, _)| p == cur)
             || self.measuring.is_some_and(|(p, _)| p == cur);
+        // Authenticated datagrams still in flight on a path just left (the
+        // slower one, typically) move the peer back by roaming.
+        let stale =
+            self.controlling && self.settle_until.is_some_and(|t| now < t) && self.known(&cur);
+        let before = self.chosen;
         match self.chosen {
-            Some(c) if c == cur || moved_by_measure => {}
+            Some(c) if c == cur || moved_by_measure || stale => {}
             _ => {
                 self.chosen = Some(cur);
                 self.relay_by_rtt = false;
@@ -354,6 +414,11 @@ impl PathState {
             }
         }
         let chosen = self.chosen?;
+        // The moment our measurement moved the peer is this call's only.
+        self.measured = None;
+        if !self.controlling {
+            return None;
+        }
         let best = self
             .rtts
             .iter()
@@ -361,18 +426,23 @@ impl PathState {
             .filter_map(|r| r.1.map(|rtt| (r.0, rtt)))
             .min_by_key(|r| r.1);
         match (self.rtt_of(&chosen), best) {
-            // The chosen path stopped answering; another answers.
-            (Some(None), Some((b, _))) => self.move_to(b),
+            // The chosen path stopped answering; another answers: no
+            // dwell. To the relay, it is a fallback (holddown, rounds).
+            (Some(None), Some((b, _))) => {
+                self.chosen = Some(b);
+                self.relay_by_rtt = false;
+                self.better = None;
+                if matches!(b, Endpoint::Relay(_)) {
+                    self.fell_back(now);
+                }
+            }
             (Some(Some(c_rtt)), Some((b, b_rtt))) => {
                 let margin = (c_rtt * SWITCH_MARGIN_PERCENT / 100).max(SWITCH_MARGIN_MIN);
                 if b_rtt + margin <= c_rtt {
                     match self.better {
                         // A second measurement of it, after the dwell, confirms.
                         Some((p, since)) if p == b => {
-                            let confirmed = self
-                                .rtts
-                                .iter()
-                                .any(|r| r.0 == b && r.2 > since);
+                            let confirmed = self.rtts.iter().any(|r| r.0 == b && r.2 > since);
                             if confirmed && now.saturating_duration_since(since) >= SWITCH_DWELL {
                                 self.move_to(b);
                             }
@@ -386,11 +456,15 @@ impl PathState {
             _ => self.better = None,
         }
         let chosen = self.chosen?;
-        if cur != chosen {
-            self.measured = None;
-            return Some(chosen);
+        let recall = std::mem::take(&mut self.recall);
+        if cur == chosen && !recall {
+            return None;
         }
-        None
+        self.settle_until = Some(now + SETTLE);
+        Some(PathMove {
+            to: chosen,
+            handshake: recall || moved_by_measure || before != Some(chosen),
+        })
     }
 
     fn move_to(&mut self, to: Endpoint) {
@@ -434,6 +508,27 @@ impl PathState {
             self.next_round = Some(now);
         } else if self.next_round.is_none() {
             self.next_round = Some(now + PROBE_FIRST_RETRY);
+        }
+    }
+
+    /// Bookkeeping of a direct path given up for the relay.
+    fn fell_back(&mut self, now: Instant) {
+        self.last_probe = now;
+        self.fallbacks += 1;
+        let lived = self
+            .direct_since
+            .take()
+            .map(|t| now.saturating_duration_since(t));
+        match lived {
+            Some(l) if l < STABLE_DIRECT => self.flaps = self.flaps.saturating_add(1),
+            Some(_) => self.flaps = 0,
+            None => {}
+        }
+        if !self.candidates.is_empty() {
+            // Burst over: the path just failed, so the next round waits
+            // out the holddown, then REPROBE_INTERVAL.
+            self.rounds = PROBE_BURST_ROUNDS;
+            self.next_round = Some(now + self.holddown());
         }
     }
 
@@ -518,23 +613,7 @@ impl PathState {
                     .saturating_sub(self.measures_sent - self.measures_at_rx);
                 if relay_up && unanswered >= UNANSWERED_INITIATIONS {
                     self.path = PeerPath::Relay;
-                    self.last_probe = now;
-                    self.fallbacks += 1;
-                    let lived = self
-                        .direct_since
-                        .take()
-                        .map(|t| now.saturating_duration_since(t));
-                    match lived {
-                        Some(l) if l < STABLE_DIRECT => self.flaps = self.flaps.saturating_add(1),
-                        Some(_) => self.flaps = 0,
-                        None => {}
-                    }
-                    if !self.candidates.is_empty() {
-                        // Burst over: the path just failed, so the next
-                        // round waits out the holddown, then REPROBE_INTERVAL.
-                        self.rounds = PROBE_BURST_ROUNDS;
-                        self.next_round = Some(now + self.holddown());
-                    }
+                    self.fell_back(now);
                     return PathAction::ToRelay;
                 }
                 PathAction::Stay

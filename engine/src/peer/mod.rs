@@ -100,6 +100,9 @@ struct PeerState {
     /// The round trip that response measured and the path it came back
     /// on, until the path policy takes it ([`Peer::take_rtt_sample`]).
     rtt_sample: Option<(Endpoint, Duration)>,
+    /// Until then, authenticated packets do not move the endpoint (see
+    /// [`Peer::hold_endpoint`]).
+    hold_until: Option<Instant>,
     /// When an initiation from the peer last authenticated and was
     /// answered: the start of the [`MIN_INITIATION_INTERVAL`] window.
     last_initiation: Option<Instant>,
@@ -210,6 +213,7 @@ impl Peer {
                 last_sent: None,
                 initiation_sent: None,
                 rtt_sample: None,
+                hold_until: None,
                 last_initiation: None,
                 answered: None,
                 held: VecDeque::new(),
@@ -428,7 +432,9 @@ impl Peer {
             && kind != MessageKind::CookieReply
             && !answered_with_cookie;
         if authenticated {
-            st.endpoint = Some(src);
+            if st.hold_until.is_none_or(|t| now >= t) {
+                st.endpoint = Some(src);
+            }
             // Our simulated-clock-free RTT: boringtun's own handshake RTT
             // reads the real clock, so the sans-IO path policy measures
             // from `now` here, per path the response came back on.
@@ -681,6 +687,14 @@ impl Peer {
             _ => {}
         }
         result
+    }
+
+    /// Keeps the endpoint where it is until `until`, whatever path
+    /// authenticated packets come from: the path policy measuring another
+    /// path, or datagrams still in flight on a path it just left, must not
+    /// move the peer by roaming (`device::PathState::hold_until`).
+    pub fn hold_endpoint(&self, until: Option<Instant>) {
+        self.state.lock().hold_until = until;
     }
 
     /// The round trip of the last handshake we initiated that completed,

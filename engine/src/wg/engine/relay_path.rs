@@ -256,6 +256,9 @@ fn tick(
             .entry(key)
             .or_insert_with(|| PathState::new(&stats, now));
         let before = st.path;
+        if let Some(ours) = shared.device.public_key() {
+            st.set_role(&ours, &key);
+        }
         if let Some((path, rtt)) = peer.take_rtt_sample() {
             st.observe_rtt(path, rtt, now);
         }
@@ -281,9 +284,14 @@ fn tick(
                 }
             }
         }
-        if let Some(to) = st.choose(&peer.stats(), now) {
-            tracing::debug!(peer = %key, ?to, "path chosen by round trip");
-            shared.device.switch_path(now, &peer, to, out, &mut net);
+        if let Some(mv) = st.choose(&peer.stats(), now) {
+            if mv.handshake {
+                tracing::debug!(peer = %key, to = ?mv.to, "path chosen by round trip");
+                shared.device.switch_path(now, &peer, mv.to, out, &mut net);
+            } else {
+                peer.set_endpoint(mv.to);
+            }
+            peer.hold_endpoint(st.hold_until());
         }
     }
 }
@@ -366,6 +374,7 @@ impl NatTick {
             }
             let relay = Some(Endpoint::Relay(*key));
             if let Some(to) = st.measure_round(&peer.stats(), relay, now, &mut self.budget) {
+                peer.hold_endpoint(st.hold_until());
                 if shared.device.probe(now, &peer, to, out, &mut net) {
                     shared.nat.probes.fetch_add(1, Relaxed);
                     tracing::debug!(peer = %key, ?to, "measuring a path's round trip");
