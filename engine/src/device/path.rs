@@ -202,6 +202,24 @@ pub struct PathState {
     recall: bool,
 }
 
+/// One peer's path policy as status pages show it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathSummary {
+    /// The path chosen (`None` until the peer has one).
+    pub chosen: Option<Endpoint>,
+    /// The peer's candidates as last received.
+    pub candidates: Vec<SocketAddr>,
+    /// Probe datagrams sent (rounds and measurements), rounds, measurements.
+    pub probes_sent: u64,
+    pub probe_rounds: u64,
+    pub measures_sent: u64,
+    /// Moves for a lower round trip; direct paths given up for the relay.
+    pub rtt_switches: u64,
+    pub fallbacks: u64,
+    /// The last round trip per path (`None`: its measurement went unanswered).
+    pub rtts: Vec<(Endpoint, Option<Duration>)>,
+}
+
 /// A move [`PathState::choose`] asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PathMove {
@@ -275,6 +293,19 @@ impl PathState {
     /// never pull the peer apart. Both sides keep the fallback to the relay.
     pub fn set_role(&mut self, ours: &PublicKey, theirs: &PublicKey) {
         self.controlling = ours.as_bytes() < theirs.as_bytes();
+    }
+
+    pub fn summary(&self) -> PathSummary {
+        PathSummary {
+            chosen: self.chosen,
+            candidates: self.candidates.clone(),
+            probes_sent: self.probes_sent,
+            probe_rounds: self.probe_rounds,
+            measures_sent: self.measures_sent,
+            rtt_switches: self.rtt_switches,
+            fallbacks: self.fallbacks,
+            rtts: self.rtts.iter().map(|r| (r.0, r.1)).collect(),
+        }
     }
 
     /// The path the policy chose for the peer (`None` until it has one).

@@ -223,6 +223,8 @@ fn path_loop(shared: Weak<Shared>, stop: Receiver<()>, probe_interval: Duration)
         if relay_up {
             nat.tick(&shared, &active, &mut peers, &mut out);
         }
+        // One entry per peer: `tick` keeps `peers` to the device's peers.
+        shared.nat.inner.lock().paths = peers.iter().map(|(k, st)| (*k, st.summary())).collect();
     }
     // Relay gone: peers on it go back to their last UDP endpoint.
     if let Some(shared) = shared.upgrade() {
