@@ -347,6 +347,73 @@ pub fn render(engine: &Engine, ifname: &str) -> String {
             esc(&addr.to_string())
         );
     }
+    let path_label = |e: &meshvpn_engine::device::Endpoint| match e {
+        meshvpn_engine::device::Endpoint::Relay(_) => "relay".to_owned(),
+        meshvpn_engine::device::Endpoint::Udp(a) => a.to_string(),
+    };
+    let per_peer: [(&str, &str, fn(&meshvpn_engine::device::PathSummary) -> u64); 3] = [
+        (
+            "meshvpn_nat_peer_probes_total",
+            "Probe datagrams sent to a peer's paths (probing rounds and round-trip measurements).",
+            |s| s.probes_sent,
+        ),
+        (
+            "meshvpn_nat_peer_measurements_total",
+            "Round-trip measurements of a peer's paths.",
+            |s| s.measures_sent,
+        ),
+        (
+            "meshvpn_nat_peer_rtt_switches_total",
+            "Times a peer was moved to a path with a lower round trip.",
+            |s| s.rtt_switches,
+        ),
+    ];
+    for (name, help, get) in per_peer {
+        family(&mut out, name, "counter", help);
+        for (key, s) in &status.peer_paths {
+            let _ = writeln!(
+                out,
+                "{name}{{interface=\"{iface}\",peer=\"{}\"}} {}",
+                esc(&key.to_base64()),
+                get(s)
+            );
+        }
+    }
+    family(
+        &mut out,
+        "meshvpn_nat_path_rtt_seconds",
+        "gauge",
+        "The last round trip measured per peer and path (a path whose measurement went unanswered is left out).",
+    );
+    for (key, s) in &status.peer_paths {
+        for (path, rtt) in &s.rtts {
+            if let Some(rtt) = rtt {
+                let _ = writeln!(
+                    out,
+                    "meshvpn_nat_path_rtt_seconds{{interface=\"{iface}\",peer=\"{}\",path=\"{}\"}} {}",
+                    esc(&key.to_base64()),
+                    esc(&path_label(path)),
+                    rtt.as_secs_f64()
+                );
+            }
+        }
+    }
+    family(
+        &mut out,
+        "meshvpn_nat_path_chosen",
+        "gauge",
+        "1 for the path the policy chose per peer.",
+    );
+    for (key, s) in &status.peer_paths {
+        if let Some(c) = &s.chosen {
+            let _ = writeln!(
+                out,
+                "meshvpn_nat_path_chosen{{interface=\"{iface}\",peer=\"{}\",path=\"{}\"}} 1",
+                esc(&key.to_base64()),
+                esc(&path_label(c))
+            );
+        }
+    }
     family(&mut out, "meshvpn_peers", "gauge", "Peers configured.");
     let _ = writeln!(
         out,
@@ -482,6 +549,8 @@ mod tests {
         assert!(page.contains("# TYPE meshvpn_peer_drops_total counter"));
         assert!(page.contains("meshvpn_nat_probes_sent_total{interface=\"fw0\"} 0"));
         assert!(page.contains("# TYPE meshvpn_nat_candidate gauge"));
+        assert!(page.contains("# TYPE meshvpn_nat_peer_probes_total counter"));
+        assert!(page.contains("# TYPE meshvpn_nat_path_rtt_seconds gauge"));
 
         // A request past MAX_REQUEST_BYTES without its blank line is cut
         // off unanswered.

@@ -50,6 +50,44 @@ fn metric(text: &str, name: &str, key: &str) -> Option<f64> {
     sum
 }
 
+/// The label `want` and value of each series `name` whose `peer` label
+/// is `key` (the NAT series label the peer as `peer`, not `public_key`).
+fn labels_values(text: &str, name: &str, key: &str, want: &str) -> Vec<(String, f64)> {
+    let peer = format!("peer=\"{key}\"");
+    let start = format!("{want}=\"");
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if !(line.starts_with(name) && line[name.len()..].starts_with('{') && line.contains(&peer))
+        {
+            continue;
+        }
+        let Some(i) = line.find(&start) else { continue };
+        let rest = &line[i + start.len()..];
+        let Some(end) = rest.find('"') else { continue };
+        let v = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        out.push((rest[..end].to_owned(), v));
+    }
+    out
+}
+
+fn labels(text: &str, name: &str, key: &str, want: &str) -> Vec<String> {
+    labels_values(text, name, key, want)
+        .into_iter()
+        .map(|(l, _)| l)
+        .collect()
+}
+
+fn metric_peer(text: &str, name: &str, key: &str) -> Option<f64> {
+    let peer = format!("peer=\"{key}\"");
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with('{') && l.contains(&peer))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 fn ago(t: Duration) -> String {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -81,6 +119,26 @@ pub fn run(a: StatusArgs) -> CliResult {
             let rtt = metric(m, "meshvpn_peer_handshake_rtt_seconds", &key).unwrap_or(0.0);
             let drops = metric(m, "meshvpn_peer_drops_total", &key).unwrap_or(0.0);
             extra = format!(", rtt {:.1} ms, drops {drops}", rtt * 1000.0);
+            // NAT traversal: the peer's candidates, probes, and the path
+            // the policy chose with each path's round trip.
+            let cands = labels(m, "meshvpn_nat_candidate", &key, "address");
+            if !cands.is_empty() {
+                let probes = metric_peer(m, "meshvpn_nat_peer_probes_total", &key).unwrap_or(0.0);
+                let switches =
+                    metric_peer(m, "meshvpn_nat_peer_rtt_switches_total", &key).unwrap_or(0.0);
+                let chosen = labels(m, "meshvpn_nat_path_chosen", &key, "path");
+                let rtts: Vec<String> =
+                    labels_values(m, "meshvpn_nat_path_rtt_seconds", &key, "path")
+                        .into_iter()
+                        .map(|(p, v)| format!("{p} {:.1} ms", v * 1000.0))
+                        .collect();
+                extra.push_str(&format!(
+                    "\n  candidates {}\n  chosen {}, probes {probes}, switches for round trip {switches}{}",
+                    cands.join(","),
+                    chosen.first().map_or("(none)", |s| s.as_str()),
+                    if rtts.is_empty() { String::new() } else { format!(", rtt {}", rtts.join(", ")) }
+                ));
+            }
         }
         println!(
             "peer {key}\n  subnet {}  endpoint {}  path {}\n  handshake {}, sent {} B, received {} B{extra}",
@@ -93,4 +151,37 @@ pub fn run(a: StatusArgs) -> CliResult {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nat_series_of_one_peer_are_read_by_their_peer_label() {
+        let page = "\
+meshvpn_nat_candidate{interface=\"m0\",peer=\"self\",address=\"192.0.2.9:1\"} 1
+meshvpn_nat_candidate{interface=\"m0\",peer=\"K1\",address=\"192.0.2.1:51820\"} 1
+meshvpn_nat_candidate{interface=\"m0\",peer=\"K1\",address=\"203.0.113.1:40000\"} 1
+meshvpn_nat_candidate{interface=\"m0\",peer=\"K2\",address=\"198.51.100.2:1\"} 1
+meshvpn_nat_peer_probes_total{interface=\"m0\",peer=\"K1\"} 17
+meshvpn_nat_path_rtt_seconds{interface=\"m0\",peer=\"K1\",path=\"relay\"} 0.122
+";
+        assert_eq!(
+            labels(page, "meshvpn_nat_candidate", "K1", "address"),
+            ["192.0.2.1:51820", "203.0.113.1:40000"]
+        );
+        assert_eq!(
+            metric_peer(page, "meshvpn_nat_peer_probes_total", "K1"),
+            Some(17.0)
+        );
+        assert_eq!(
+            metric_peer(page, "meshvpn_nat_peer_probes_total", "K2"),
+            None
+        );
+        assert_eq!(
+            labels_values(page, "meshvpn_nat_path_rtt_seconds", "K1", "path"),
+            [("relay".to_owned(), 0.122)]
+        );
+    }
 }

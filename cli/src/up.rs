@@ -512,12 +512,20 @@ impl Node {
                     self.engine
                         .add_peer(&cfg)
                         .map_err(|e| format!("peer {}: {e}", p.name))?;
+                    if !p.candidates.is_empty() {
+                        self.engine
+                            .set_peer_candidates(&p.public_key, &p.candidates);
+                    }
                 }
                 Change::Update {
                     public_key,
                     allowed_ips,
                     endpoint,
+                    candidates,
                 } => {
+                    if let Some(c) = candidates {
+                        self.engine.set_peer_candidates(&public_key, &c);
+                    }
                     let update = PeerUpdate {
                         preshared_key: None,
                         endpoint,

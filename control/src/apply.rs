@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
+use meshvpn_engine::relay::protocol::MAX_CANDIDATES;
 use meshvpn_engine::{IpPrefix, PublicKey};
 
 use crate::client::NodeState;
@@ -45,6 +46,12 @@ pub struct PlannedPeer {
     /// the address the server saw) outside every prefix this plan routes
     /// into the mesh and outside the peer's own routes.
     pub endpoint: Option<SocketAddr>,
+    /// Every usable endpoint the map lists for the peer outside the same
+    /// prefixes as `endpoint`, in its order, no duplicates, at most
+    /// [`MAX_CANDIDATES`]: the engine's NAT-traversal
+    /// probe targets (`Engine::set_peer_candidates`), as if the peer had
+    /// sent them through the relay.
+    pub candidates: Vec<SocketAddr>,
     /// The map carries a relay and the peer holds a session with the
     /// server, so the relay can reach it when UDP does not.
     pub relay: bool,
@@ -74,12 +81,28 @@ pub enum Change {
         allowed_ips: Option<Vec<IpPrefix>>,
         /// A new endpoint, when the map's choice changed.
         endpoint: Option<SocketAddr>,
+        /// The new candidate list, when it changed.
+        candidates: Option<Vec<SocketAddr>>,
     },
     Remove(PublicKey),
 }
 
 fn usable(e: &SocketAddr) -> bool {
     e.port() != 0 && !e.ip().is_unspecified() && !e.ip().is_multicast()
+}
+
+/// The map's endpoints as probe targets: usable, distinct, bounded.
+fn candidates(endpoints: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for e in endpoints.iter().filter(|e| usable(e)) {
+        if out.len() == MAX_CANDIDATES {
+            break;
+        }
+        if !out.contains(e) {
+            out.push(*e);
+        }
+    }
+    out
 }
 
 /// The peer set the node's map asks for. Peers whose key or routes do not
@@ -139,6 +162,7 @@ pub fn plan(state: &NodeState, options: PlanOptions) -> Plan {
                 public_key,
                 allowed_ips: allowed.into_iter().collect(),
                 endpoint: None,
+                candidates: Vec::new(),
                 relay: relay_in_map && p.online,
                 routes_not_used: not_used,
             },
@@ -161,11 +185,14 @@ pub fn plan(state: &NodeState, options: PlanOptions) -> Plan {
             continue;
         }
         let behind: Vec<IpPrefix> = p.routes.iter().filter_map(|r| r.parse().ok()).collect();
-        planned.endpoint = p
+        let outside: Vec<SocketAddr> = p
             .endpoints
             .iter()
             .copied()
-            .find(|e| usable(e) && !meshed.iter().chain(&behind).any(|r| r.contains(e.ip())));
+            .filter(|e| !meshed.iter().chain(&behind).any(|r| r.contains(e.ip())))
+            .collect();
+        planned.endpoint = outside.iter().copied().find(usable);
+        planned.candidates = candidates(&outside);
     }
     out.conflicts = claims
         .into_iter()
@@ -194,11 +221,15 @@ pub fn diff(old: &Plan, new: &Plan) -> Vec<Change> {
                 } else {
                     None
                 };
-                if allowed_ips.is_some() || endpoint.is_some() {
+                // As the endpoint: an empty list keeps what the engine has.
+                let candidates = (was.candidates != p.candidates && !p.candidates.is_empty())
+                    .then(|| p.candidates.clone());
+                if allowed_ips.is_some() || endpoint.is_some() || candidates.is_some() {
                     out.push(Change::Update {
                         public_key: p.public_key,
                         allowed_ips,
                         endpoint,
+                        candidates,
                     });
                 }
             }
@@ -478,11 +509,13 @@ mod tests {
                         "10.42.9.0/24"
                     ])),
                     endpoint: None,
+                    candidates: None,
                 },
                 Change::Update {
                     public_key: key(3),
                     allowed_ips: None,
                     endpoint: Some("192.0.2.33:1".parse().unwrap()),
+                    candidates: Some(vec!["192.0.2.33:1".parse().unwrap()]),
                 },
                 Change::Add(after.peers[&key(6).to_base64()].clone()),
             ]
@@ -491,6 +524,43 @@ mod tests {
         let gone = plan(&state(1, vec![peer(3, &[], &[])]), ACCEPT);
         let from = plan(&state(1, vec![peer(3, &[], &["192.0.2.3:1"])]), ACCEPT);
         assert!(diff(&from, &gone).is_empty());
+    }
+
+    #[test]
+    fn every_usable_endpoint_is_a_candidate_bounded_and_distinct() {
+        let many: Vec<String> = ["0.0.0.0:1", "192.0.2.9:0", "192.0.2.1:1", "192.0.2.1:1"]
+            .into_iter()
+            .map(String::from)
+            .chain((2..=20).map(|i| format!("192.0.2.{i}:51820")))
+            .collect();
+        let refs: Vec<&str> = many.iter().map(|s| s.as_str()).collect();
+        let p = plan(&state(1, vec![peer(2, &[], &refs)]), ACCEPT);
+        let c = &p.peers[&key(2).to_base64()].candidates;
+        assert_eq!(c.len(), MAX_CANDIDATES, "{c:?}");
+        assert_eq!(c[0], "192.0.2.1:1".parse::<SocketAddr>().unwrap());
+        assert_eq!(c[1], "192.0.2.2:51820".parse::<SocketAddr>().unwrap());
+        assert!(!c[1..].contains(&c[0]), "a duplicate kept: {c:?}");
+        // A peer reporting a second address: an update with both.
+        let one = plan(&state(1, vec![peer(2, &[], &["192.0.2.1:1"])]), ACCEPT);
+        let two = plan(
+            &state(
+                1,
+                vec![peer(2, &[], &["192.0.2.1:1", "198.51.100.7:41641"])],
+            ),
+            ACCEPT,
+        );
+        assert_eq!(
+            diff(&one, &two),
+            [Change::Update {
+                public_key: key(2),
+                allowed_ips: None,
+                endpoint: None,
+                candidates: Some(vec![
+                    "192.0.2.1:1".parse().unwrap(),
+                    "198.51.100.7:41641".parse().unwrap()
+                ]),
+            }]
+        );
     }
 
     #[test]

@@ -30,6 +30,8 @@ struct Driver {
     budgets: Vec<ProbeBudget>,
     /// (time in ms, node, peer, new path) for every change seen.
     changes: Vec<(u64, usize, usize, PeerPath)>,
+    /// (time in ms, node, peer, path) each time the chosen path changed.
+    chosen: Vec<(u64, usize, usize, Endpoint)>,
 }
 
 fn sa(s: &str) -> SocketAddr {
@@ -39,12 +41,27 @@ fn sa(s: &str) -> SocketAddr {
 /// Two nodes that know no UDP endpoint of each other, each behind a NAT
 /// (`Some(random)`) or public (`None`), with a session over the relay.
 fn two_nodes(seed: u64, nats: [Option<bool>; 2]) -> (Sim, Driver) {
+    two_nodes_with(seed, nats, 0)
+}
+
+/// As [`two_nodes`]; `same_nat`: both behind ONE endpoint-independent
+/// NAT, so each has two direct paths to the other (their LAN, and the
+/// NAT's public mapping, hairpinned); relayed datagrams take
+/// `relay_delay` ticks.
+fn two_nodes_with(seed: u64, nats: [Option<bool>; 2], relay_delay: u64) -> (Sim, Driver) {
     let mut sim = Sim::new(seed, Net::default());
+    sim.relay_delay_ticks = relay_delay;
     for i in 0..2 {
         sim.add_node(i);
     }
     sim.introduce(0, 1, false);
     sim.introduce(1, 0, false);
+    if relay_delay > 0 {
+        sim.nats.push(NatBox::new(sa("203.0.113.1:0").ip(), false));
+        for i in 0..2 {
+            sim.put_behind(i, 0, SocketAddr::from(([172, 16, i as u8, 2], 51820)));
+        }
+    }
     for (i, nat) in nats.iter().enumerate() {
         if let Some(random) = nat {
             let public = [sa("203.0.113.1:0"), sa("198.51.100.1:0")][i].ip();
@@ -66,6 +83,7 @@ fn two_nodes(seed: u64, nats: [Option<bool>; 2]) -> (Sim, Driver) {
         states,
         budgets: vec![ProbeBudget::default(), ProbeBudget::default()],
         changes: Vec::new(),
+        chosen: Vec::new(),
     };
     (sim, d)
 }
@@ -99,6 +117,10 @@ fn policy(sim: &mut Sim, d: &mut Driver) {
         let now = sim.now();
         let st = d.states.get_mut(&(i, j)).unwrap();
         let before = st.path;
+        st.set_role(&sim.nodes[i].public(), &key);
+        if let Some((path, rtt)) = peer.take_rtt_sample() {
+            st.observe_rtt(path, rtt, now);
+        }
         let action = st.step(&peer.stats(), true, Duration::from_secs(5), now);
         let after = peer.stats().path;
         if after != before {
@@ -117,10 +139,40 @@ fn policy(sim: &mut Sim, d: &mut Driver) {
             }),
         }
         let st = d.states.get_mut(&(i, j)).unwrap();
+        if let Some(mv) = st.choose(&peer.stats(), now) {
+            if mv.handshake {
+                sim.with_device(i, |dev, now, out, io| {
+                    dev.switch_path(now, &peer, mv.to, out, io)
+                });
+            } else {
+                peer.set_endpoint(mv.to);
+            }
+            peer.hold_endpoint(d.states[&(i, j)].hold_until());
+        }
+        let st = d.states.get_mut(&(i, j)).unwrap();
         if let Some(targets) = st.candidate_round(&peer.stats(), now, &mut d.budgets[i]) {
             sim.with_device(i, |dev, now, out, io| {
                 dev.probe_many(now, &peer, &targets, out, io);
             });
+        }
+        let st = d.states.get_mut(&(i, j)).unwrap();
+        let relay = Some(Endpoint::Relay(key));
+        if let Some(to) = st.measure_round(&peer.stats(), relay, now, &mut d.budgets[i]) {
+            peer.hold_endpoint(st.hold_until());
+            sim.with_device(i, |dev, now, out, io| {
+                dev.probe(now, &peer, to, out, io);
+            });
+        }
+        if let Some(c) = d.states[&(i, j)].chosen() {
+            if d.chosen.last().is_none_or(|l| (l.1, l.2, l.3) != (i, j, c))
+                && d.chosen
+                    .iter()
+                    .rev()
+                    .find(|l| (l.1, l.2) == (i, j))
+                    .is_none_or(|l| l.3 != c)
+            {
+                d.chosen.push((sim.ticks(), i, j, c));
+            }
         }
     }
 }
@@ -341,4 +393,194 @@ fn a_failed_direct_path_falls_back_to_the_relay_and_returns() {
     );
     let st = &d.states[&(0, 1)];
     assert!(st.fallbacks >= 1 || d.states[&(1, 0)].fallbacks >= 1);
+}
+
+// ---- Path choice by round trip (device::PathState::choose) ----
+
+const LAN: [&str; 2] = ["172.16.0.2:51820", "172.16.1.2:51820"];
+const NAT_IP: &str = "203.0.113.1";
+
+/// Both nodes behind one NAT: LAN datagrams take `lan` ticks each way,
+/// hairpinned ones through the NAT's public address `public`, the relay
+/// 60. Returns the simulation once node 0 is direct to node 1.
+fn same_nat_pair(seed: u64, lan: u64, public: u64) -> (Sim, Driver) {
+    let (mut sim, mut d) = two_nodes_with(seed, [None, None], 60);
+    set_delays(&mut sim, lan, public);
+    announce(&mut sim, &mut d, 0, 1);
+    announce(&mut sim, &mut d, 1, 0);
+    run(&mut sim, &mut d, Duration::from_secs(20), |sim, _| {
+        direct(sim, 0, 1) && direct(sim, 1, 0)
+    });
+    assert!(direct(&sim, 0, 1) && direct(&sim, 1, 0), "no direct path");
+    (sim, d)
+}
+
+fn set_delays(sim: &mut Sim, lan: u64, public: u64) {
+    for l in LAN {
+        sim.udp_delay_to.insert(sa(l).ip(), lan);
+    }
+    sim.udp_delay_to.insert(
+        format!("{NAT_IP}:0").parse::<SocketAddr>().unwrap().ip(),
+        public,
+    );
+}
+
+fn on_lan(sim: &Sim, i: usize, j: usize) -> bool {
+    sim.endpoint(i, j) == Some(Endpoint::Udp(sa(LAN[j])))
+}
+
+fn on_public(sim: &Sim, i: usize, j: usize) -> bool {
+    matches!(sim.endpoint(i, j), Some(Endpoint::Udp(a)) if a.ip().to_string() == NAT_IP)
+}
+
+/// Traffic both ways, one packet each per PATH_TICK.
+fn traffic(sim: &mut Sim, n: &mut u8) {
+    sim.send(0, 1, *n);
+    sim.send(1, 0, *n);
+    *n = n.wrapping_add(1);
+}
+
+#[test]
+fn of_two_direct_paths_the_faster_wins() {
+    // LAN 30 ms each way, the NAT's public mapping 5 ms. The first probing
+    // race is won by the LAN: the public mapping filters until both sides
+    // have sent through it, so the path taken first is the slower one.
+    let (mut sim, mut d) = same_nat_pair(seed(25), 30, 5);
+    assert!(on_lan(&sim, 0, 1), "the race did not take the LAN first");
+    let start = sim.ticks();
+    let mut n = 0u8;
+    let mut at = None;
+    run(&mut sim, &mut d, Duration::from_secs(180), |sim, _| {
+        traffic(sim, &mut n);
+        if at.is_none() && on_public(sim, 0, 1) && on_public(sim, 1, 0) {
+            at = Some(sim.ticks() - start);
+        }
+        false
+    });
+    for (k, st) in &d.states {
+        eprintln!(
+            "{k:?}: chosen {:?} measures {} switches {} lan {:?} relay {:?}",
+            st.chosen(),
+            st.measures_sent,
+            st.rtt_switches,
+            st.rtt_of(&Endpoint::Udp(sa(LAN[1 - k.0]))),
+            st.rtt_of(&Endpoint::Relay(sim.nodes[k.1].public())),
+        );
+    }
+    eprintln!("chosen: {:?} endpoint {:?}", d.chosen, sim.endpoint(0, 1));
+    let ms = at.expect("the faster public path was never chosen in 180 s");
+    let st = &d.states[&(0, 1)];
+    eprintln!(
+        "public path chosen after {ms} ms; rtt lan {:?}, now on {:?}, {} measurements",
+        st.rtt_of(&Endpoint::Udp(sa(LAN[1]))),
+        sim.endpoint(0, 1),
+        st.measures_sent
+    );
+    // Each path measured in turn (3 paths x MEASURE_GAP), then confirmed
+    // by a second measurement after the dwell.
+    assert!(ms <= 90_000, "switched only after {ms} ms");
+    assert!(
+        on_public(&sim, 0, 1) && on_public(&sim, 1, 0),
+        "not on the faster path at the end"
+    );
+    let switches: u64 = d.states.values().map(|s| s.rtt_switches).sum();
+    assert!(switches >= 1, "no switch for round trip");
+    // Data moves on the faster path: the LAN carries none of it.
+    let lan = |sim: &Sim| {
+        sim.udp_log
+            .iter()
+            .filter(|(_, a)| LAN.contains(&a.to_string().as_str()))
+            .count()
+    };
+    let before = lan(&sim);
+    for s in 0..10u8 {
+        sim.send(0, 1, s);
+        sim.send(1, 0, s);
+    }
+    sim.settle(200);
+    assert_eq!(lan(&sim), before, "data still took the slower LAN");
+}
+
+#[test]
+fn two_close_paths_do_not_flap() {
+    // 20 and 21 ms each way: within the margin of each other.
+    let (mut sim, mut d) = same_nat_pair(seed(26), 20, 21);
+    let start_paths = (sim.endpoint(0, 1), sim.endpoint(1, 0));
+    let chosen_before = d.chosen.len();
+    let mut n = 0u8;
+    // Ten minutes of simulated time, with traffic.
+    run(&mut sim, &mut d, Duration::from_secs(600), |sim, _| {
+        traffic(sim, &mut n);
+        false
+    });
+    let switches: u64 = d.states.values().map(|s| s.rtt_switches).sum();
+    let measures: u64 = d.states.values().map(|s| s.measures_sent).sum();
+    // The side that measures is the one that chooses; the other follows
+    // every authenticated packet (its measurements' included).
+    let chooser = if d.states[&(0, 1)].measures_sent > 0 {
+        0
+    } else {
+        1
+    };
+    let changes: Vec<_> = d.chosen[chosen_before..]
+        .iter()
+        .filter(|c| c.1 == chooser)
+        .collect();
+    eprintln!(
+        "10 min: {measures} measurements, {switches} switches for round trip, chosen-path changes {changes:?}"
+    );
+    assert!(measures >= 50, "paths were hardly measured: {measures}");
+    assert_eq!(switches, 0, "the policy moved between two close paths");
+    assert!(
+        changes.len() <= 1,
+        "the chosen path changed {} times: {changes:?}",
+        changes.len()
+    );
+    assert_eq!(
+        (sim.endpoint(0, 1), sim.endpoint(1, 0)),
+        start_paths,
+        "the peers ended on other paths"
+    );
+}
+
+#[test]
+fn when_the_faster_path_dies_the_peer_moves_to_the_other_in_bounded_time() {
+    let (mut sim, mut d) = same_nat_pair(seed(27), 2, 30);
+    assert!(
+        on_lan(&sim, 0, 1) && on_lan(&sim, 1, 0),
+        "not on the LAN first"
+    );
+    let mut n = 0u8;
+    // Both paths measured at least once.
+    run(&mut sim, &mut d, Duration::from_secs(60), |sim, _| {
+        traffic(sim, &mut n);
+        false
+    });
+    for l in LAN {
+        sim.udp_dead_to.insert(sa(l).ip());
+    }
+    let died = sim.ticks();
+    let got = sim.nodes[1].received.len();
+    let mut at = None;
+    run(&mut sim, &mut d, Duration::from_secs(120), |sim, _| {
+        traffic(sim, &mut n);
+        if on_public(sim, 0, 1) && on_public(sim, 1, 0) {
+            at = Some(sim.ticks() - died);
+            return true;
+        }
+        false
+    });
+    let ms = at.expect("still not on the public path 120 s after the LAN died");
+    eprintln!("on the public path {ms} ms after the LAN died");
+    // Every path is measured within (paths x MEASURE_GAP); the dead one
+    // is known MEASURE_TIMEOUT later.
+    assert!(ms <= 40_000, "took {ms} ms");
+    run(&mut sim, &mut d, Duration::from_secs(5), |sim, _| {
+        traffic(sim, &mut n);
+        false
+    });
+    assert!(
+        sim.nodes[1].received.len() > got + 10,
+        "no traffic on the remaining path"
+    );
 }

@@ -32,7 +32,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::peer::{PeerPath, PeerStats};
+use crate::config::PublicKey;
+use crate::peer::{Endpoint, PeerPath, PeerStats};
 use crate::relay::protocol::{Candidates, MAX_CANDIDATES};
 
 /// The second probing round after candidates arrive; each later round of
@@ -102,6 +103,32 @@ impl Default for ProbeBudget {
     }
 }
 
+/// While the peer is on a path it has candidates besides, one
+/// measurement probe (a handshake initiation to ONE other path, so its
+/// answer times that path alone) goes out this often, in turn to the
+/// current path, each candidate and the relay.
+pub const MEASURE_GAP: Duration = Duration::from_secs(10);
+/// A measurement unanswered this long marks its path as not working (the
+/// handshake's own REKEY_TIMEOUT).
+pub const MEASURE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A round trip older than this is forgotten (a path not measured again
+/// is no longer compared).
+pub const RTT_MAX_AGE: Duration = Duration::from_secs(120);
+/// Hysteresis: another path must be faster by this share of the current
+/// path's round trip (and at least [`SWITCH_MARGIN_MIN`]) ...
+pub const SWITCH_MARGIN_PERCENT: u32 = 10;
+pub const SWITCH_MARGIN_MIN: Duration = Duration::from_millis(2);
+/// ... and stay so for this long, confirmed by a second measurement of it,
+/// before the peer moves (Tailscale's magicsock likewise keeps a chosen address for a
+/// trust time and moves only to a clearly better one, `betterAddr`).
+pub const SWITCH_DWELL: Duration = Duration::from_secs(20);
+/// After the policy moves the peer (or measures a path), how long a move
+/// back to a path it knows is taken for datagrams still in flight there.
+pub const SETTLE: Duration = Duration::from_secs(2);
+/// Paths with a round trip remembered per peer: the candidates, the last
+/// UDP endpoint and the relay.
+const MAX_TIMED_PATHS: usize = MAX_CANDIDATES + 2;
+
 /// Initiations sent without anything authenticated coming back before a
 /// peer moves to the relay: the first and its retry after REKEY_TIMEOUT
 /// (5 s, WireGuard paper section 6.4).
@@ -141,6 +168,66 @@ pub struct PathState {
     pub probes_sent: u64,
     /// Times a direct path was given up for the relay.
     pub fallbacks: u64,
+    /// The last round trip measured per path (`None`: its measurement went
+    /// unanswered), and when.
+    rtts: Vec<(Endpoint, Option<Duration>, Instant)>,
+    /// The path the policy chose: where the peer is put back after a
+    /// measurement moved it (roaming) to a path that is not better.
+    chosen: Option<Endpoint>,
+    /// The relay was chosen for its round trip, not as a fallback: no
+    /// candidate rounds then, measurements instead.
+    relay_by_rtt: bool,
+    /// The measurement in flight: its path and when it left.
+    measuring: Option<(Endpoint, Instant)>,
+    /// The path the last answered measurement timed, and when.
+    measured: Option<(Endpoint, Instant)>,
+    next_measure: Option<Instant>,
+    cursor: usize,
+    /// A path better than the chosen one by the margin, since when.
+    better: Option<(Endpoint, Instant)>,
+    /// Measurement probes sent (also in `probes_sent`), and those sent
+    /// since something authenticated last arrived (they do not count as
+    /// unanswered initiations of the current path).
+    pub measures_sent: u64,
+    measures_at_rx: u64,
+    /// Times the policy moved the peer for a lower round trip.
+    pub rtt_switches: u64,
+    /// This side measures and chooses; the other follows (roaming).
+    controlling: bool,
+    /// Until then, a move to a path the policy knows is datagrams still
+    /// in flight on a path just left or measured: the peer is put back.
+    settle_until: Option<Instant>,
+    /// A measurement of another path was answered: the other side, moved
+    /// there by our initiation, must be called back to the chosen path.
+    recall: bool,
+}
+
+/// One peer's path policy as status pages show it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PathSummary {
+    /// The path chosen (`None` until the peer has one).
+    pub chosen: Option<Endpoint>,
+    /// The peer's candidates as last received.
+    pub candidates: Vec<SocketAddr>,
+    /// Probe datagrams sent (rounds and measurements), rounds, measurements.
+    pub probes_sent: u64,
+    pub probe_rounds: u64,
+    pub measures_sent: u64,
+    /// Moves for a lower round trip; direct paths given up for the relay.
+    pub rtt_switches: u64,
+    pub fallbacks: u64,
+    /// The last round trip per path (`None`: its measurement went unanswered).
+    pub rtts: Vec<(Endpoint, Option<Duration>)>,
+}
+
+/// A move [`PathState::choose`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathMove {
+    pub to: Endpoint,
+    /// Start a handshake there (`Device::switch_path`): the other side
+    /// must see an authenticated packet from the path to move too.
+    /// Otherwise only our endpoint goes back (`Peer::set_endpoint`).
+    pub handshake: bool,
 }
 
 impl PathState {
@@ -166,7 +253,256 @@ impl PathState {
             probe_rounds: 0,
             probes_sent: 0,
             fallbacks: 0,
+            rtts: Vec::new(),
+            chosen: None,
+            relay_by_rtt: false,
+            measuring: None,
+            measured: None,
+            next_measure: None,
+            cursor: 0,
+            better: None,
+            measures_sent: 0,
+            measures_at_rx: 0,
+            rtt_switches: 0,
+            controlling: true,
+            settle_until: None,
+            recall: false,
         }
+    }
+
+    /// Until when the peer's endpoint must not roam ([`crate::peer::Peer::hold_endpoint`]):
+    /// while a measurement is out and for [`SETTLE`] after the policy moved
+    /// the peer. `None` on the side that follows.
+    pub fn hold_until(&self) -> Option<Instant> {
+        self.settle_until.filter(|_| self.controlling)
+    }
+
+    /// A path the policy times: a candidate, the last UDP endpoint, the relay.
+    fn known(&self, path: &Endpoint) -> bool {
+        match path {
+            Endpoint::Relay(_) => true,
+            Endpoint::Udp(a) => self.candidates.contains(a) || self.udp == Some(*a),
+        }
+    }
+
+    /// Which side of the pair chooses the path by round trip: the one with
+    /// the lower public key (ICE's controlling agent, RFC 8445 section
+    /// 6.1.1, nominates; here by key order, which both sides know without
+    /// a message). The other side measures nothing and follows where the
+    /// chooser's authenticated packets come from (roaming), so the two
+    /// never pull the peer apart. Both sides keep the fallback to the relay.
+    pub fn set_role(&mut self, ours: &PublicKey, theirs: &PublicKey) {
+        self.controlling = ours.as_bytes() < theirs.as_bytes();
+    }
+
+    pub fn summary(&self) -> PathSummary {
+        PathSummary {
+            chosen: self.chosen,
+            candidates: self.candidates.clone(),
+            probes_sent: self.probes_sent,
+            probe_rounds: self.probe_rounds,
+            measures_sent: self.measures_sent,
+            rtt_switches: self.rtt_switches,
+            fallbacks: self.fallbacks,
+            rtts: self.rtts.iter().map(|r| (r.0, r.1)).collect(),
+        }
+    }
+
+    /// The path the policy chose for the peer (`None` until it has one).
+    pub fn chosen(&self) -> Option<Endpoint> {
+        self.chosen
+    }
+
+    /// The last round trip measured on `path` (`Some(None)`: unanswered).
+    pub fn rtt_of(&self, path: &Endpoint) -> Option<Option<Duration>> {
+        self.rtts.iter().find(|r| r.0 == *path).map(|r| r.1)
+    }
+
+    /// A round trip measured from authenticated packets (the peer's
+    /// [`crate::peer::Peer::take_rtt_sample`]: initiation sent, response
+    /// authenticated), on the path the response came back on.
+    pub fn observe_rtt(&mut self, path: Endpoint, rtt: Duration, now: Instant) {
+        if let Endpoint::Udp(a) = path {
+            let a = SocketAddr::new(a.ip().to_canonical(), a.port());
+            // Only paths the policy knows are remembered: the table stays
+            // bounded whatever addresses the peer roams from.
+            if !self.candidates.contains(&a) && self.udp != Some(a) && self.chosen != Some(path) {
+                return;
+            }
+        }
+        if self.measuring.is_some_and(|(p, _)| p == path) {
+            self.measuring = None;
+            self.measured = Some((path, now));
+            // The other side moved to the measured path on our initiation.
+            self.recall = self.chosen.is_some_and(|c| c != path);
+        }
+        self.record(path, Some(rtt), now);
+    }
+
+    fn record(&mut self, path: Endpoint, rtt: Option<Duration>, now: Instant) {
+        if let Some(r) = self.rtts.iter_mut().find(|r| r.0 == path) {
+            *r = (path, rtt, now);
+            return;
+        }
+        if self.rtts.len() >= MAX_TIMED_PATHS {
+            // The oldest goes.
+            if let Some(i) = (0..self.rtts.len()).min_by_key(|&i| self.rtts[i].2) {
+                self.rtts.swap_remove(i);
+            }
+        }
+        self.rtts.push((path, rtt, now));
+    }
+
+    /// Where a measurement probe goes now, if one is due: the peer is on a
+    /// chosen direct path (or on the relay for its round trip) and has
+    /// other paths to compare; one path per [`MEASURE_GAP`], in turn.
+    /// `relay`: the relay endpoint if a relay is up. Send ONE initiation
+    /// there ([`super::Device::probe`]); its answer moves the peer there
+    /// for a moment (roaming), and [`PathState::choose`] puts it back
+    /// unless that path is better.
+    pub fn measure_round(
+        &mut self,
+        stats: &PeerStats,
+        relay: Option<Endpoint>,
+        now: Instant,
+        budget: &mut ProbeBudget,
+    ) -> Option<Endpoint> {
+        if !self.controlling {
+            return None;
+        }
+        let on_chosen = current(stats).is_some_and(|c| Some(c) == self.chosen);
+        let direct = stats.path == PeerPath::Udp && stats.endpoint.is_some();
+        if !on_chosen || !(direct || self.relay_by_rtt) || self.candidates.is_empty() {
+            self.next_measure = None;
+            return None;
+        }
+        if self.measuring.is_some() {
+            return None;
+        }
+        let next = *self.next_measure.get_or_insert(now + MEASURE_GAP);
+        if next > now {
+            return None;
+        }
+        let mut targets: Vec<Endpoint> = self.chosen.into_iter().collect();
+        for c in &self.candidates {
+            if !targets.contains(&Endpoint::Udp(*c)) {
+                targets.push(Endpoint::Udp(*c));
+            }
+        }
+        if let Some(r) = relay.filter(|r| !targets.contains(r)) {
+            targets.push(r);
+        }
+        if !budget.take(now, 1) {
+            return None;
+        }
+        let target = targets[self.cursor % targets.len()];
+        self.cursor = self.cursor.wrapping_add(1);
+        self.next_measure = Some(now + MEASURE_GAP);
+        self.settle_until = Some(now + MEASURE_TIMEOUT + SETTLE);
+        self.measuring = Some((target, now));
+        self.measures_sent += 1;
+        self.probes_sent += 1;
+        Some(target)
+    }
+
+    /// Path choice by round trip, after [`PathState::step`]: returns the
+    /// path to move the peer to (with `Device::switch_path`), if any.
+    ///
+    /// - A move the policy did not make by measuring (the first direct
+    ///   path, a fallback to the relay, the peer roaming) is followed.
+    /// - The chosen path's measurement unanswered while another path
+    ///   answered: move there at once.
+    /// - Another path faster by the margin ([`SWITCH_MARGIN_PERCENT`],
+    ///   [`SWITCH_MARGIN_MIN`]) in every measurement for [`SWITCH_DWELL`]:
+    ///   move there. Otherwise, after a measurement moved the peer, back
+    ///   to the chosen path.
+    pub fn choose(&mut self, stats: &PeerStats, now: Instant) -> Option<PathMove> {
+        if let Some((p, t)) = self.measuring {
+            if now.saturating_duration_since(t) >= MEASURE_TIMEOUT {
+                self.measuring = None;
+                self.record(p, None, now);
+            }
+        }
+        self.rtts
+            .retain(|r| now.saturating_duration_since(r.2) < RTT_MAX_AGE);
+        let cur = current(stats)?;
+        // The peer sits on the path the last measurement timed: that
+        // measurement moved it, not a change of the network.
+        let moved_by_measure = self.measured.is_some_and(|(p, _)| p == cur)
+            || self.measuring.is_some_and(|(p, _)| p == cur);
+        // Authenticated datagrams still in flight on a path just left (the
+        // slower one, typically) move the peer back by roaming.
+        let stale =
+            self.controlling && self.settle_until.is_some_and(|t| now < t) && self.known(&cur);
+        let before = self.chosen;
+        match self.chosen {
+            Some(c) if c == cur || moved_by_measure || stale => {}
+            _ => {
+                self.chosen = Some(cur);
+                self.relay_by_rtt = false;
+                self.better = None;
+                self.measured = None;
+            }
+        }
+        let chosen = self.chosen?;
+        // The moment our measurement moved the peer is this call's only.
+        self.measured = None;
+        if !self.controlling {
+            return None;
+        }
+        let best = self
+            .rtts
+            .iter()
+            .filter(|r| r.0 != chosen)
+            .filter_map(|r| r.1.map(|rtt| (r.0, rtt)))
+            .min_by_key(|r| r.1);
+        match (self.rtt_of(&chosen), best) {
+            // The chosen path stopped answering; another answers: no
+            // dwell. To the relay, it is a fallback (holddown, rounds).
+            (Some(None), Some((b, _))) => {
+                self.chosen = Some(b);
+                self.relay_by_rtt = false;
+                self.better = None;
+                if matches!(b, Endpoint::Relay(_)) {
+                    self.fell_back(now);
+                }
+            }
+            (Some(Some(c_rtt)), Some((b, b_rtt))) => {
+                let margin = (c_rtt * SWITCH_MARGIN_PERCENT / 100).max(SWITCH_MARGIN_MIN);
+                if b_rtt + margin <= c_rtt {
+                    match self.better {
+                        // A second measurement of it, after the dwell, confirms.
+                        Some((p, since)) if p == b => {
+                            let confirmed = self.rtts.iter().any(|r| r.0 == b && r.2 > since);
+                            if confirmed && now.saturating_duration_since(since) >= SWITCH_DWELL {
+                                self.move_to(b);
+                            }
+                        }
+                        _ => self.better = Some((b, now)),
+                    }
+                } else {
+                    self.better = None;
+                }
+            }
+            _ => self.better = None,
+        }
+        let chosen = self.chosen?;
+        let recall = std::mem::take(&mut self.recall);
+        if cur == chosen && !recall {
+            return None;
+        }
+        self.settle_until = Some(now + SETTLE);
+        Some(PathMove {
+            to: chosen,
+            handshake: recall || moved_by_measure || before != Some(chosen),
+        })
+    }
+
+    fn move_to(&mut self, to: Endpoint) {
+        self.chosen = Some(to);
+        self.relay_by_rtt = matches!(to, Endpoint::Relay(_));
+        self.better = None;
+        self.rtt_switches += 1;
     }
 
     /// The peer's candidates as last received.
@@ -206,6 +542,27 @@ impl PathState {
         }
     }
 
+    /// Bookkeeping of a direct path given up for the relay.
+    fn fell_back(&mut self, now: Instant) {
+        self.last_probe = now;
+        self.fallbacks += 1;
+        let lived = self
+            .direct_since
+            .take()
+            .map(|t| now.saturating_duration_since(t));
+        match lived {
+            Some(l) if l < STABLE_DIRECT => self.flaps = self.flaps.saturating_add(1),
+            Some(_) => self.flaps = 0,
+            None => {}
+        }
+        if !self.candidates.is_empty() {
+            // Burst over: the path just failed, so the next round waits
+            // out the holddown, then REPROBE_INTERVAL.
+            self.rounds = PROBE_BURST_ROUNDS;
+            self.next_round = Some(now + self.holddown());
+        }
+    }
+
     /// The wait after a direct path failed.
     fn holddown(&self) -> Duration {
         FLAP_HOLDDOWN * (1u32 << self.flaps.min(MAX_FLAP_SHIFT))
@@ -223,7 +580,11 @@ impl PathState {
         budget: &mut ProbeBudget,
     ) -> Option<Vec<SocketAddr>> {
         let direct = stats.path == PeerPath::Udp && stats.endpoint.is_some();
-        if direct || self.candidates.is_empty() || self.next_round.is_none_or(|t| t > now) {
+        if direct
+            || self.relay_by_rtt
+            || self.candidates.is_empty()
+            || self.next_round.is_none_or(|t| t > now)
+        {
             return None;
         }
         let mut targets = self.candidates.clone();
@@ -260,6 +621,7 @@ impl PathState {
         if rx_moved {
             self.rx_bytes = stats.rx_bytes;
             self.initiations_at_rx = stats.handshakes_initiated;
+            self.measures_at_rx = self.measures_sent;
         }
         if stats.path != self.path {
             self.path = stats.path;
@@ -275,28 +637,14 @@ impl PathState {
         match (stats.path, stats.endpoint) {
             (PeerPath::Udp, Some(udp)) => {
                 self.udp = Some(udp);
+                // Measurements go to other paths: not this one's failures.
                 let unanswered = stats
                     .handshakes_initiated
-                    .saturating_sub(self.initiations_at_rx);
+                    .saturating_sub(self.initiations_at_rx)
+                    .saturating_sub(self.measures_sent - self.measures_at_rx);
                 if relay_up && unanswered >= UNANSWERED_INITIATIONS {
                     self.path = PeerPath::Relay;
-                    self.last_probe = now;
-                    self.fallbacks += 1;
-                    let lived = self
-                        .direct_since
-                        .take()
-                        .map(|t| now.saturating_duration_since(t));
-                    match lived {
-                        Some(l) if l < STABLE_DIRECT => self.flaps = self.flaps.saturating_add(1),
-                        Some(_) => self.flaps = 0,
-                        None => {}
-                    }
-                    if !self.candidates.is_empty() {
-                        // Burst over: the path just failed, so the next
-                        // round waits out the holddown, then REPROBE_INTERVAL.
-                        self.rounds = PROBE_BURST_ROUNDS;
-                        self.next_round = Some(now + self.holddown());
-                    }
+                    self.fell_back(now);
                     return PathAction::ToRelay;
                 }
                 PathAction::Stay
@@ -316,6 +664,15 @@ impl PathState {
             }
             (PeerPath::Udp, None) => PathAction::Stay,
         }
+    }
+}
+
+/// The peer's endpoint as a path.
+fn current(stats: &PeerStats) -> Option<Endpoint> {
+    match (stats.path, stats.endpoint) {
+        (PeerPath::Relay, _) => Some(Endpoint::Relay(stats.public_key)),
+        (PeerPath::Udp, Some(a)) => Some(Endpoint::Udp(a)),
+        (PeerPath::Udp, None) => None,
     }
 }
 

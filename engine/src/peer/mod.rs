@@ -94,6 +94,15 @@ struct PeerState {
     preshared_key: Option<PresharedKey>,
     persistent_keepalive: Option<u16>,
     last_sent: Option<Instant>,
+    /// When our last handshake initiation left (a probe or a handshake to
+    /// the endpoint), until a response authenticates.
+    initiation_sent: Option<Instant>,
+    /// The round trip that response measured and the path it came back
+    /// on, until the path policy takes it ([`Peer::take_rtt_sample`]).
+    rtt_sample: Option<(Endpoint, Duration)>,
+    /// Until then, authenticated packets do not move the endpoint (see
+    /// [`Peer::hold_endpoint`]).
+    hold_until: Option<Instant>,
     /// When an initiation from the peer last authenticated and was
     /// answered: the start of the [`MIN_INITIATION_INTERVAL`] window.
     last_initiation: Option<Instant>,
@@ -202,6 +211,9 @@ impl Peer {
                 preshared_key: cfg.preshared_key.clone(),
                 persistent_keepalive: cfg.persistent_keepalive.filter(|&k| k > 0),
                 last_sent: None,
+                initiation_sent: None,
+                rtt_sample: None,
+                hold_until: None,
                 last_initiation: None,
                 answered: None,
                 held: VecDeque::new(),
@@ -420,7 +432,17 @@ impl Peer {
             && kind != MessageKind::CookieReply
             && !answered_with_cookie;
         if authenticated {
-            st.endpoint = Some(src);
+            if st.hold_until.is_none_or(|t| now >= t) {
+                st.endpoint = Some(src);
+            }
+            // Our simulated-clock-free RTT: boringtun's own handshake RTT
+            // reads the real clock, so the sans-IO path policy measures
+            // from `now` here, per path the response came back on.
+            if kind == MessageKind::HandshakeResponse {
+                if let Some(sent) = st.initiation_sent.take() {
+                    st.rtt_sample = Some((src, now.saturating_duration_since(sent)));
+                }
+            }
             if kind == MessageKind::HandshakeInitiation {
                 st.last_initiation = Some(now);
             }
@@ -624,6 +646,7 @@ impl Peer {
         let result = match tunn.format_handshake_initiation(out, force) {
             TunnResult::WriteToNetwork(d) => {
                 st.last_sent = Some(now);
+                st.initiation_sent = Some(now);
                 PeerOutput::ToNetwork { len: d.len(), to }
             }
             _ => PeerOutput::Done,
@@ -648,6 +671,7 @@ impl Peer {
             _ => return None,
         };
         st.last_sent = Some(now);
+        st.initiation_sent = Some(now);
         drop(st);
         self.counters.sent_datagram(&out[..len], 0);
         Some(len)
@@ -663,6 +687,21 @@ impl Peer {
             _ => {}
         }
         result
+    }
+
+    /// Keeps the endpoint where it is until `until`, whatever path
+    /// authenticated packets come from: the path policy measuring another
+    /// path, or datagrams still in flight on a path it just left, must not
+    /// move the peer by roaming (`device::PathState::hold_until`).
+    pub fn hold_endpoint(&self, until: Option<Instant>) {
+        self.state.lock().hold_until = until;
+    }
+
+    /// The round trip of the last handshake we initiated that completed,
+    /// and the path its response came back on; taken once (see
+    /// `device::PathState::observe_rtt`).
+    pub fn take_rtt_sample(&self) -> Option<(Endpoint, Duration)> {
+        self.state.lock().rtt_sample.take()
     }
 
     /// A snapshot for `wg show` and the stats APIs.

@@ -169,6 +169,13 @@ pub struct Sim {
     /// UDP datagrams sent to an address no node has (an attacker's or a
     /// spoofed source): (to, bytes).
     pub off_net: Vec<(SocketAddr, Vec<u8>)>,
+    /// Extra ticks for UDP datagrams sent to this IP (one path slower
+    /// than another), on top of `net.delay_ticks`.
+    pub udp_delay_to: HashMap<IpAddr, u64>,
+    /// UDP datagrams sent to these IPs are lost (one path dead).
+    pub udp_dead_to: HashSet<IpAddr>,
+    /// Ticks every relayed datagram takes (0: next tick).
+    pub relay_delay_ticks: u64,
     rng: Rng,
     tick: u64,
     start: Instant,
@@ -209,6 +216,9 @@ impl Sim {
             behind: HashMap::new(),
             udp_log: Vec::new(),
             off_net: Vec::new(),
+            udp_delay_to: HashMap::new(),
+            udp_dead_to: HashSet::new(),
+            relay_delay_ticks: 0,
             rng: Rng::new(seed),
             tick: 0,
             start: Instant::now(),
@@ -342,7 +352,7 @@ impl Sim {
                         .map(|f| f.at)
                         .max()
                         .unwrap_or(0)
-                        .max(self.tick + 1);
+                        .max(self.tick + 1 + self.relay_delay_ticks);
                     self.queue.push(InFlight {
                         at,
                         to: j,
@@ -413,6 +423,10 @@ impl Sim {
         sender: Option<usize>,
     ) {
         self.stats.udp_sent += 1;
+        if self.udp_dead_to.contains(&to.ip()) {
+            self.stats.udp_unreachable += 1;
+            return;
+        }
         let Some(j) = self.destination(from, to, sender) else {
             self.stats.udp_unreachable += 1;
             self.off_net.push((to, bytes));
@@ -434,7 +448,10 @@ impl Sim {
             1
         };
         for _ in 0..copies {
-            let mut at = self.tick + 1 + self.net.delay_ticks;
+            let mut at = self.tick
+                + 1
+                + self.net.delay_ticks
+                + self.udp_delay_to.get(&to.ip()).copied().unwrap_or(0);
             if self.rng.chance(self.net.reorder) {
                 at += 1 + self.rng.below(self.net.reorder_ticks.max(1));
             }

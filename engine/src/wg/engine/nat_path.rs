@@ -25,6 +25,7 @@ use parking_lot::Mutex;
 
 use super::{Engine, Shared};
 use crate::config::PublicKey;
+use crate::device::PathSummary;
 use crate::nat::{
     random_transaction_id, Discovered, Discovery, DiscoveryConfig, DiscoveryStats, Output,
 };
@@ -75,10 +76,13 @@ pub struct NatStatus {
     pub stats: NatStats,
     /// Per peer: its candidates as last received.
     pub peer_candidates: Vec<(PublicKey, Vec<SocketAddr>)>,
+    /// Per peer: the path policy (chosen path, probes, round trips), as
+    /// the path thread last saw it (empty while no relay is up).
+    pub peer_paths: Vec<(PublicKey, PathSummary)>,
 }
 
 #[derive(Default)]
-struct Inner {
+pub(super) struct Inner {
     discovery: Option<Discovery>,
     servers: Vec<SocketAddr>,
     next_round: Option<Instant>,
@@ -89,11 +93,13 @@ struct Inner {
     pending: HashMap<PublicKey, Vec<SocketAddr>>,
     /// Every peer's last list (for status).
     known: HashMap<PublicKey, Vec<SocketAddr>>,
+    /// Every peer's path policy, written by the path thread (for status).
+    pub(super) paths: Vec<(PublicKey, PathSummary)>,
 }
 
 #[derive(Default)]
 pub(super) struct NatSlot {
-    inner: Mutex<Inner>,
+    pub(super) inner: Mutex<Inner>,
     received: AtomicU64,
     malformed: AtomicU64,
     unsupported: AtomicU64,
@@ -251,6 +257,22 @@ impl Shared {
 }
 
 impl Engine {
+    /// Candidates of peer `key` from a control server's network map (the
+    /// server vouches for them as the relay does for a candidate message):
+    /// probed as relayed candidates are, bounded to `MAX_CANDIDATES` and
+    /// the same probe budget. False when `key` is not a peer.
+    pub fn set_peer_candidates(&self, key: &PublicKey, list: &[SocketAddr]) -> bool {
+        if self.shared.device.peer(key).is_none() {
+            return false;
+        }
+        let mut list = list.to_vec();
+        list.truncate(MAX_CANDIDATES);
+        let mut inner = self.shared.nat.inner.lock();
+        inner.known.insert(*key, list.clone());
+        inner.pending.insert(*key, list);
+        true
+    }
+
     /// Discovers this node's public address with STUN Binding requests to
     /// `servers`, sent from the WireGuard socket (empty: off). A round
     /// starts now and every [`REDISCOVER_INTERVAL`].
@@ -304,6 +326,7 @@ impl Engine {
                 .unwrap_or_default(),
             stats: self.nat_stats(),
             peer_candidates: inner.known.iter().map(|(k, v)| (*k, v.clone())).collect(),
+            peer_paths: inner.paths.clone(),
         }
     }
 }

@@ -231,6 +231,8 @@ fn path_loop(shared: Weak<Shared>, stop: Receiver<()>, probe_interval: Duration)
         if relay_up {
             nat.tick(&shared, &active, &mut peers, &mut out);
         }
+        // One entry per peer: `tick` keeps `peers` to the device's peers.
+        shared.nat.inner.lock().paths = peers.iter().map(|(k, st)| (*k, st.summary())).collect();
     }
     // Relay gone: peers on it go back to their last UDP endpoint.
     if let Some(shared) = shared.upgrade() {
@@ -264,6 +266,12 @@ fn tick(
             .entry(key)
             .or_insert_with(|| PathState::new(&stats, now));
         let before = st.path;
+        if let Some(ours) = shared.device.public_key() {
+            st.set_role(&ours, &key);
+        }
+        if let Some((path, rtt)) = peer.take_rtt_sample() {
+            st.observe_rtt(path, rtt, now);
+        }
         let action = st.step(&stats, relay_up, probe_interval, now);
         if stats.path != before {
             tracing::info!(peer = %key, path = stats.path.name(), "peer path changed");
@@ -288,6 +296,15 @@ fn tick(
                     tracing::debug!(peer = %key, %udp, "probing UDP");
                 }
             }
+        }
+        if let Some(mv) = st.choose(&peer.stats(), now) {
+            if mv.handshake {
+                tracing::debug!(peer = %key, to = ?mv.to, "path chosen by round trip");
+                shared.device.switch_path(now, &peer, mv.to, out, &mut net);
+            } else {
+                peer.set_endpoint(mv.to);
+            }
+            peer.hold_endpoint(st.hold_until());
         }
     }
 }
@@ -378,6 +395,14 @@ impl NatTick {
                 shared.nat.rounds.fetch_add(1, Relaxed);
                 shared.nat.probes.fetch_add(n as u64, Relaxed);
                 tracing::debug!(peer = %key, probes = n, "probing candidates");
+            }
+            let relay = Some(Endpoint::Relay(*key));
+            if let Some(to) = st.measure_round(&peer.stats(), relay, now, &mut self.budget) {
+                peer.hold_endpoint(st.hold_until());
+                if shared.device.probe(now, &peer, to, out, &mut net) {
+                    shared.nat.probes.fetch_add(1, Relaxed);
+                    tracing::debug!(peer = %key, ?to, "measuring a path's round trip");
+                }
             }
             shared
                 .nat
