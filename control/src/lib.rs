@@ -10,6 +10,7 @@
 
 pub mod apply;
 pub mod client;
+pub mod join;
 pub mod keys;
 pub mod node;
 pub mod policy;
