@@ -429,6 +429,15 @@ impl Node {
         }
     }
 
+    /// Puts an event taken by [`Node::next_event`] back in front (a C
+    /// caller's buffer was too small for it).
+    pub fn requeue_event(&self, e: Event) {
+        let mut q = self.shared.events.queue.lock();
+        if q.len() < EVENT_QUEUE {
+            q.push_front(e);
+        }
+    }
+
     /// Whether the loop has stopped (a final refusal, or closed).
     pub fn stopped(&self) -> bool {
         self.shared.view.lock().done

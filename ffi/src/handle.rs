@@ -54,6 +54,8 @@ pub(crate) mod tag {
     pub(crate) const TUNNEL_SERVER: usize = 7;
     pub(crate) const TUNNEL_STREAM: usize = 8;
     pub(crate) const INTERRUPTER: usize = 9;
+    // A mesh node (control/src/join.rs).
+    pub(crate) const NODE: usize = 10;
     // At most 15 types: 4 tag bits on 32-bit targets.
 }
 

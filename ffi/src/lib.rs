@@ -21,6 +21,7 @@
 //! | `tunnel::server` | `meshvpn_tunnel_server`: accepts agents (and relay clients), dials through them |
 //! | `tunnel::stream` | `meshvpn_tunnel_stream`: one connection through a tunnel |
 //! | `timeout` | `meshvpn_timeout_ms`, `MESHVPN_WAIT_FOREVER`: every blocking call's timeout |
+//! | `join`   | `meshvpn_node`, `meshvpn_join`: a node of a mesh run by a control server |
 //! | `interrupter` | `meshvpn_interrupter`: cancels a call that has no handle of its own (ping) |
 //!
 //! Rules every exported function follows:
@@ -69,6 +70,8 @@ pub mod udp;
 // The supervisor tunnel.
 pub mod relay;
 pub mod tunnel;
+// A node of a mesh run by a control server.
+pub mod join;
 
 use std::ffi::c_char;
 
