@@ -2917,8 +2917,9 @@ meshvpn_result meshvpn_node_status(const struct meshvpn_node *node,
  * `policy_version`), `policy_changed` (`version`), `route` (`prefix`,
  * `status`: approved/pending/refused, `reason`), `disconnected`
  * (`error`), `reconnected`, `stopped` (`code`, `message`: the node left
- * the mesh). Buffer protocol of `meshvpn_result_message`; an event that
- * does not fit stays queued.
+ * the mesh). Buffer protocol of `meshvpn_result_message`; after a size
+ * query (`buf` NULL, `buf_len` 0) or into a buffer too small, the event
+ * stays queued for the next call.
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
  * `MESHVPN_TIMEOUT` (none in time), `MESHVPN_CLOSED` (the node was

@@ -287,8 +287,9 @@ pub unsafe extern "C" fn meshvpn_node_status(
 /// `policy_version`), `policy_changed` (`version`), `route` (`prefix`,
 /// `status`: approved/pending/refused, `reason`), `disconnected`
 /// (`error`), `reconnected`, `stopped` (`code`, `message`: the node left
-/// the mesh). Buffer protocol of `meshvpn_result_message`; an event that
-/// does not fit stays queued.
+/// the mesh). Buffer protocol of `meshvpn_result_message`; after a size
+/// query (`buf` NULL, `buf_len` 0) or into a buffer too small, the event
+/// stays queued for the next call.
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
 /// `MESHVPN_TIMEOUT` (none in time), `MESHVPN_CLOSED` (the node was
@@ -316,7 +317,8 @@ pub unsafe extern "C" fn meshvpn_node_next_event(
         let text = event_json(&e);
         // SAFETY: the caller's promise: NULL or buf_len writable bytes.
         let r = unsafe { ptr::write_text(buf, buf_len, out_len, &text) };
-        if r.is_err() {
+        // A size query (NULL, 0) or a short buffer leaves it queued.
+        if r.is_err() || buf.is_null() {
             n.0.requeue_event(e);
         }
         r
@@ -541,7 +543,7 @@ mod tests {
             )
             .expect("a dials b over the mesh");
         let (_, from) = l.accept_timeout(Some(Duration::from_secs(5))).unwrap();
-        assert_eq!(IpAddr::from(from.ip()), a_stack.addresses()[0]);
+        assert_eq!(from.ip(), a_stack.addresses()[0]);
         drop(conn);
 
         let mut engine = std::ptr::null_mut();
