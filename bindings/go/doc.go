@@ -22,6 +22,10 @@
 // errors.Is(err, meshvpn.ErrNoRoute), errors.Is(err, net.ErrClosed) (after
 // Close), or errors.Is(err, os.ErrDeadlineExceeded) (a read timeout).
 //
+// Join(ctx, JoinConfig{ControlURL, JoinKey, ...}) makes this program a
+// node of a mesh run by a control server (`meshvpn control serve`): its
+// Node has the Engine, a Netstack in userspace mode, Status and Events.
+//
 // Building: see README.md. By default the package links
 // bindings/go/lib/libmeshvpn.a, made by `make -C bindings/go lib`, and the
 // header include/meshvpn.h of the repository; with -tags meshvpn_pkgconfig
