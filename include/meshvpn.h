@@ -365,6 +365,28 @@ enum meshvpn_result
    */
   MESHVPN_RELAY_NOT_RUNNING = 520,
   /**
+   * The control server refused the join key: malformed or unknown.
+   */
+  MESHVPN_JOIN_KEY_INVALID = 530,
+  /**
+   * The join key expired.
+   */
+  MESHVPN_JOIN_KEY_EXPIRED = 531,
+  /**
+   * The join key was revoked.
+   */
+  MESHVPN_JOIN_KEY_REVOKED = 532,
+  /**
+   * The single-use join key was used by another node already.
+   */
+  MESHVPN_JOIN_KEY_REUSED = 533,
+  /**
+   * The control server refused the node for another reason that
+   * retrying cannot fix (removed, a tag its key does not grant, unknown
+   * without a join key); the message says which.
+   */
+  MESHVPN_JOIN_REFUSED = 534,
+  /**
    * The control database cannot be opened, read or written (the
    * message says why: a missing directory, a full disk, a lock held
    * too long by another process).
@@ -552,6 +574,12 @@ typedef struct meshvpn_listener meshvpn_listener;
  * is a handle, not a pointer to memory: never dereference it.
  */
 typedef struct meshvpn_netstack meshvpn_netstack;
+
+/**
+ * A node of a mesh. Opaque: created by `meshvpn_join`, released by
+ * `meshvpn_node_free`. The value is a handle, not a pointer to memory.
+ */
+typedef struct meshvpn_node meshvpn_node;
 
 /**
  * A tunnel agent. Opaque: created by `meshvpn_tunnel_agent_new`, released
@@ -1443,6 +1471,64 @@ typedef struct meshvpn_join_key_options {
    */
   const char *cluster;
 } meshvpn_join_key_options;
+
+/**
+ * How to join. Strings are NUL-terminated and only read during the call;
+ * lists are comma-separated. Zero-initialise it and fill what you need.
+ */
+typedef struct meshvpn_join_config {
+  /**
+   * `wss://host:port/v1-meshvpn/control` (`ws://` on a test network).
+   * Required.
+   */
+  const char *control_url;
+  /**
+   * The join key (`meshvpn control keys create`); NULL to rejoin a
+   * server that knows `private_key` already. Never logged.
+   */
+  const char *join_key;
+  /**
+   * The node's WireGuard key, its identity to the server: keep it to
+   * rejoin as the same node (same addresses). NULL: a new one.
+   */
+  const struct meshvpn_key *private_key;
+  /**
+   * The name to register with; NULL: "node".
+   */
+  const char *hostname;
+  /**
+   * Routes this node carries (e.g. its pod CIDR): "10.42.1.0/24,...".
+   */
+  const char *advertise_routes;
+  /**
+   * Tags to register with, each granted by the join key: "tag:k3s,...".
+   */
+  const char *tags;
+  /**
+   * The CA (PEM text) of the control server's certificate; required for
+   * `wss://`.
+   */
+  const char *ca_pem;
+  /**
+   * IP addresses to report as this node's UDP endpoints (with the
+   * engine's port): "192.0.2.7,...". NULL: none (peers use the address
+   * the server sees).
+   */
+  const char *endpoint_ips;
+  /**
+   * The engine's UDP port; 0: any free one.
+   */
+  uint16_t listen_port;
+  /**
+   * Route the peers' approved routes (their pod CIDRs) through the mesh.
+   */
+  bool accept_routes;
+  /**
+   * Attach a userspace stack (`meshvpn_node_netstack`) on the node's
+   * mesh addresses.
+   */
+  bool userspace;
+} meshvpn_join_config;
 
 /**
  * The `meshvpn_timeout_ms` that waits without a deadline (until the call
@@ -3127,6 +3213,108 @@ meshvpn_result meshvpn_control_server_close(struct meshvpn_control_server *serve
  * Thread safety: safe to call from any thread.
  */
 meshvpn_result meshvpn_control_server_free(struct meshvpn_control_server *server);
+
+/**
+ * Joins the mesh: starts an engine, registers with the control server and
+ * waits up to `timeout_ms` for the registration (the mesh addresses; the
+ * netstack attached in userspace mode). The node then stays in the mesh
+ * in the background: it applies every map change to its engine and
+ * reconnects with backoff when the server goes away (the data plane keeps
+ * running meanwhile).
+ *
+ * On success `*out_node` receives a handle the caller owns and must
+ * release with `meshvpn_node_free`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_ARGUMENT` (a list or
+ * the CA does not parse, no UDP port), `MESHVPN_JOIN_KEY_INVALID`,
+ * `MESHVPN_JOIN_KEY_EXPIRED`, `MESHVPN_JOIN_KEY_REVOKED`,
+ * `MESHVPN_JOIN_KEY_REUSED`, `MESHVPN_JOIN_REFUSED` (each with the
+ * server's reason as the message), `MESHVPN_TIMEOUT` (no registration in
+ * time: the server unreachable; the message has the last error).
+ *
+ * Thread safety: safe from any thread; blocks up to `timeout_ms`.
+ */
+meshvpn_result meshvpn_join(const struct meshvpn_join_config *config,
+                            meshvpn_timeout_ms timeout_ms,
+                            struct meshvpn_node **out_node);
+
+/**
+ * Writes the node's status as one JSON object (`node`: id, name, ipv4,
+ * ipv6, tags; `connected`, `sessions`, `policy_version`, `filter_rules`,
+ * `routes` with `status` and a refusal's `reason`, `peers` with their
+ * path and bytes, `stopped`: why the node left, or null), following the
+ * buffer protocol of `meshvpn_result_message`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_BUFFER_TOO_SMALL` (`*out_len` holds the size needed).
+ *
+ * Thread safety: safe from any thread.
+ */
+meshvpn_result meshvpn_node_status(const struct meshvpn_node *node,
+                                   char *buf,
+                                   size_t buf_len,
+                                   size_t *out_len);
+
+/**
+ * Waits up to `timeout_ms` for the node's next event and writes it as one
+ * JSON object with a `type`: `joined`, `map_applied` (`peers`,
+ * `policy_version`), `policy_changed` (`version`), `route` (`prefix`,
+ * `status`: approved/pending/refused, `reason`), `disconnected`
+ * (`error`), `reconnected`, `stopped` (`code`, `message`: the node left
+ * the mesh). Buffer protocol of `meshvpn_result_message`; after a size
+ * query (`buf` NULL, `buf_len` 0) or into a buffer too small, the event
+ * stays queued for the next call.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_TIMEOUT` (none in time), `MESHVPN_CLOSED` (the node was
+ * closed and no event is left), `MESHVPN_BUFFER_TOO_SMALL`.
+ *
+ * Thread safety: safe from any thread; blocks up to `timeout_ms`.
+ */
+meshvpn_result meshvpn_node_next_event(const struct meshvpn_node *node,
+                                       meshvpn_timeout_ms timeout_ms,
+                                       char *buf,
+                                       size_t buf_len,
+                                       size_t *out_len);
+
+/**
+ * A new handle on the node's engine (peers, stats, the packet API),
+ * which the caller owns and releases with `meshvpn_engine_free`.
+ * Stopping or freeing it closes the node's engine (the data plane) as
+ * with any engine handle: free it when done with the node, before or
+ * after `meshvpn_node_free`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
+ */
+meshvpn_result meshvpn_node_engine(const struct meshvpn_node *node,
+                                   struct meshvpn_engine **out_engine);
+
+/**
+ * A new handle on the node's userspace stack (dial, listen, ping over the
+ * mesh), which the caller owns and releases with `meshvpn_netstack_free`
+ * (that ends the stack for the node too).
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_NO_ADDRESS` (the node was not joined with `userspace`).
+ */
+meshvpn_result meshvpn_node_netstack(const struct meshvpn_node *node,
+                                     struct meshvpn_netstack **out_netstack);
+
+/**
+ * Leaves the mesh: ends the control session, the netstack and the engine,
+ * and wakes a blocked `meshvpn_node_next_event`. The handle stays valid
+ * until `meshvpn_node_free`. Idempotent.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`.
+ */
+meshvpn_result meshvpn_node_close(struct meshvpn_node *node);
+
+/**
+ * Closes the node (as `meshvpn_node_close`) and releases its handle.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`.
+ */
+meshvpn_result meshvpn_node_free(struct meshvpn_node *node);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -27,6 +27,10 @@
 // through TunnelServerConfig.Control, next to the k3s tunnel and the
 // relay (see README.md and docs/control.md).
 //
+// Join(ctx, JoinConfig{ControlURL, JoinKey, ...}) makes this program a
+// node of a mesh run by a control server (`meshvpn control serve`): its
+// Node has the Engine, a Netstack in userspace mode, Status and Events.
+//
 // Building: see README.md. By default the package links
 // bindings/go/lib/libmeshvpn.a, made by `make -C bindings/go lib`, and the
 // header include/meshvpn.h of the repository; with -tags meshvpn_pkgconfig

@@ -3,13 +3,17 @@
 //!
 //! ```text
 //!   state dir: node.key (WireGuard key) ─┐
-//!              node.json (registered) ───┼─► ControlClient (reconnects, backoff)
-//!   join key file (first join only) ─────┘        │ NodeState: full map, then deltas
-//!                                                 ▼
-//!   main loop: plan (meshvpn_control::apply) ─ diff ─► engine peers (add/update/remove)
-//!                                            └─ route diff ─► `ip route` on the TUN
-//!              status file ◄── engine per-peer stats + the map
+//!              node.json (registered) ───┼─► meshvpn_control::join::Node
+//!   join key file (first join only) ─────┘     (map ─► engine peers, filter, routes)
+//!                                                 │ Host: CliHost
+//!   TUN addresses + `ip route` (none with --userspace) ◄┘
+//!   status file ◄── Node::status() every 200 ms
 //! ```
+//!
+//! The node logic (applying the map, reconnecting, events) is the
+//! library's (`control/src/join.rs`), shared with C and Go; this file
+//! keeps what belongs to a host command: the state dir, the TUN, kernel
+//! routes, signals and the status file.
 //!
 //! The WireGuard key lives in the state directory, so a restart registers
 //! as the same node (the server keeps its id, name and addresses) without
@@ -27,26 +31,18 @@
 //! Runs in the foreground (for systemd, a container, or `&`); `meshvpn up
 //! --status` prints what the running one wrote to STATE_DIR/status.
 
-use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use clap::Args;
-use meshvpn_control::apply::{self, Change, Plan, PlanOptions, MESH_KEEPALIVE};
-use meshvpn_control::client::{
-    ClientError, ClientStatus, ControlClient, ControlClientConfig, JoinRequest, NodeState,
-};
+use meshvpn_control::client::{ClientError, NodeInfo};
+use meshvpn_control::join::{new_engine, Host, JoinConfig, Node, NodeStatus};
 use meshvpn_control::proto::ErrorCode;
-use meshvpn_engine::config::DEFAULT_MTU;
-use meshvpn_engine::filter::FilterRules;
-use meshvpn_engine::relay::RelayConfig;
 use meshvpn_engine::ws::tls;
-use meshvpn_engine::{
-    Config, Engine, InterfaceConfig, IpPrefix, PeerConfig, PeerUpdate, PrivateKey, UapiServer,
-};
+use meshvpn_engine::{IpPrefix, NetstackConfig, PrivateKey, UapiServer};
 use nix::sys::signal::{SigSet, Signal};
 use zeroize::Zeroizing;
 
@@ -61,11 +57,8 @@ pub const NODE_FILE: &str = "node.json";
 pub const STATUS_FILE: &str = "status";
 /// The TUN interface's default name.
 pub const DEFAULT_INTERFACE: &str = "meshvpn0";
-/// How often the main loop looks at the map, the engine and the host's
-/// addresses when nothing wakes it sooner.
+/// How often the status file is refreshed and signals looked at.
 const TICK: Duration = Duration::from_millis(200);
-/// How often the host's addresses are re-read for the endpoints reported.
-const ENDPOINTS_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Args)]
 #[command(
@@ -75,7 +68,9 @@ const ENDPOINTS_EVERY: Duration = Duration::from_secs(5);
         a restart rejoins as the same node with the same addresses. Creates the TUN interface, \
         puts the node's mesh addresses on it and a route per peer (and per accepted route). \
         Keeps running when the control server is down: existing peers keep working. \
-        Runs in the foreground."
+        With --userspace there is no TUN and no root is needed: the node is reached through \
+        the userspace network stack (it answers pings) and the policy's packet filter still \
+        applies. Runs in the foreground."
 )]
 pub struct UpArgs {
     /// The control server, e.g. wss://server:8443/v1-meshvpn/control (ws:// on a test network).
@@ -111,6 +106,11 @@ pub struct UpArgs {
     /// Print the running node's status (from --state-dir) and exit.
     #[arg(long)]
     status: bool,
+    /// No TUN and no root: the mesh is reached through the userspace
+    /// network stack (it answers pings; other nodes' routes are not put in
+    /// the kernel). The policy's packet filter is still enforced.
+    #[arg(long)]
+    userspace: bool,
 }
 
 /// The registration kept in the state dir.
@@ -192,6 +192,91 @@ fn fatal_message(e: &ClientError, url: &str, state_dir: &Path) -> String {
     format!("{what} {url}: {e}{hint}")
 }
 
+/// The host side of `meshvpn up`: the TUN's addresses and kernel routes
+/// (none in userspace mode), the host's addresses as endpoints, and the
+/// registration kept in the state dir.
+struct CliHost {
+    /// The TUN; `None` in userspace mode.
+    tun: Option<String>,
+    /// Excluded from the endpoints reported.
+    ifname: String,
+    url: String,
+    node_file: PathBuf,
+    wrote_node: bool,
+}
+
+impl Host for CliHost {
+    fn set_addresses(&mut self, n: &NodeInfo) -> Result<(), String> {
+        if let Some(ifname) = &self.tun {
+            ip(&["addr", "replace", &format!("{}/32", n.ipv4), "dev", ifname])?;
+            // IPv6 may be off on the host; the IPv4 mesh still works.
+            if let Err(e) = ip(&[
+                "-6",
+                "addr",
+                "replace",
+                &format!("{}/128", n.ipv6),
+                "dev",
+                ifname,
+                "nodad",
+            ]) {
+                tracing::warn!("no IPv6 mesh address: {e}");
+            }
+        }
+        println!(
+            "joined the mesh at {} as {} (node {}): {} {}{}",
+            self.url,
+            n.name,
+            n.node_id,
+            n.ipv4,
+            n.ipv6,
+            if self.tun.is_none() {
+                " (userspace)"
+            } else {
+                ""
+            }
+        );
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        Ok(())
+    }
+
+    fn add_route(&mut self, r: IpPrefix) -> Result<(), String> {
+        match &self.tun {
+            Some(ifname) => ip(&["route", "replace", &r.to_string(), "dev", ifname]),
+            None => Ok(()),
+        }
+    }
+
+    fn del_route(&mut self, r: IpPrefix) -> Result<(), String> {
+        match &self.tun {
+            Some(ifname) => ip(&["route", "del", &r.to_string(), "dev", ifname]),
+            None => Ok(()),
+        }
+    }
+
+    fn endpoints(&mut self, port: u16) -> Vec<SocketAddr> {
+        host_endpoints(&self.ifname, port)
+    }
+
+    fn registered(&mut self, n: &NodeInfo) -> Result<(), String> {
+        if self.wrote_node {
+            return Ok(());
+        }
+        let text = serde_json::json!({
+            "control": self.url,
+            "node_id": n.node_id,
+            "name": n.name,
+            "ipv4": n.ipv4.to_string(),
+            "ipv6": n.ipv6.to_string(),
+        })
+        .to_string();
+        write_atomic(&self.node_file, text.as_bytes())
+            .map_err(|e| format!("cannot write {}: {e}", self.node_file.display()))?;
+        self.wrote_node = true;
+        Ok(())
+    }
+}
+
 pub fn run(args: UpArgs) -> CliResult {
     if args.status {
         let path = args.state_dir.join(STATUS_FILE);
@@ -260,21 +345,14 @@ pub fn run(args: UpArgs) -> CliResult {
     signals.thread_block()?;
 
     let name = args.interface.as_str();
-    let tun = crate::daemon::create_tun(name)?;
-    let config = Config {
-        interface: InterfaceConfig {
-            private_key: Some(key.clone()),
-            listen_port: Some(args.port),
-            mtu: Some(DEFAULT_MTU),
-            ..Default::default()
-        },
-        peers: Vec::new(),
-    };
-    let engine = Arc::new(Engine::new(&config).map_err(|e| format!("cannot start: {e}"))?);
-    engine
-        .attach_tun(tun)
-        .map_err(|e| format!("cannot start the TUN reader: {e}"))?;
-    ip(&["link", "set", name, "up"])?;
+    let engine = Arc::new(new_engine(key, args.port)?);
+    if !args.userspace {
+        let tun = crate::daemon::create_tun(name)?;
+        engine
+            .attach_tun(tun)
+            .map_err(|e| format!("cannot start the TUN reader: {e}"))?;
+        ip(&["link", "set", name, "up"])?;
+    }
     // `wg show` and `meshvpn status -i IFNAME` read peers and paths here.
     let uapi = UapiServer::start(engine.clone(), name).map_err(|e| {
         format!(
@@ -283,25 +361,23 @@ pub fn run(args: UpArgs) -> CliResult {
         )
     })?;
 
-    let mut endpoints = host_endpoints(name, engine.listen_port());
-    let request = JoinRequest {
-        join_key,
-        hostname: hostname(&args),
-        routes: args.advertise_routes.clone(),
-        tags: args.tags.clone(),
-        endpoints: endpoints.clone(),
+    let mut config = JoinConfig::new(url.clone());
+    config.join_key = join_key;
+    config.hostname = hostname(&args);
+    config.advertise_routes = args.advertise_routes.clone();
+    config.tags = args.tags.clone();
+    config.accept_routes = args.accept_routes;
+    config.tls = tls;
+    config.netstack = args.userspace.then(NetstackConfig::default);
+    let host = CliHost {
+        tun: (!args.userspace).then(|| name.to_owned()),
+        ifname: name.to_owned(),
+        url: url.clone(),
+        node_file: node_file.clone(),
+        wrote_node: registered.is_some(),
     };
-    let mut client_config = ControlClientConfig::new(url.clone(), request);
-    client_config.tls = tls.clone();
-    let secret = engine
-        .relay_inbox()
-        .static_secret()
-        .ok_or("the engine has no private key")?;
-    let mut client = ControlClient::start(client_config.clone(), secret.clone())?;
-    // A reused single-use key may be this node's own: a run that ended
-    // after the server registered it but before node.json was written.
-    // The server knows its node key then, so the proof alone rejoins it.
-    let mut refused_key: Option<ClientError> = None;
+    let node = Node::start(config, engine.clone(), Box::new(host), registered.is_some())
+        .map_err(|e| e.to_string())?;
 
     let (sig_tx, sig_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
@@ -312,62 +388,22 @@ pub fn run(args: UpArgs) -> CliResult {
             }
         })?;
 
-    let mut node = Node {
-        engine: engine.clone(),
-        ifname: name.to_owned(),
-        url: url.clone(),
-        options: PlanOptions {
-            accept_routes: args.accept_routes,
-        },
-        applied: Plan::default(),
-        routes: BTreeSet::new(),
-        addressed: false,
-        seen_map: None,
-        filter: None,
-        seen_sessions: 0,
-        relay_started: false,
-        relay_config: Box::new(move |url| RelayConfig::new(url, tls.clone())),
-        status_path: args.state_dir.join(STATUS_FILE),
-        node_file: node_file.clone(),
-        wrote_node: registered.is_some(),
-        last_status: String::new(),
-    };
-    let mut next_endpoints = Instant::now() + ENDPOINTS_EVERY;
+    let status_path = args.state_dir.join(STATUS_FILE);
+    let mut last_status = String::new();
     let result = loop {
-        if let Ok(sig) = sig_rx.try_recv() {
-            tracing::info!("shutting down: got {sig}");
-            break Ok(());
+        match sig_rx.recv_timeout(TICK) {
+            Ok(sig) => {
+                tracing::info!("shutting down: got {sig}");
+                break Ok(());
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
         }
-        if engine.device_gone() {
+        if !args.userspace && engine.device_gone() {
             break Err(format!("the interface {name} was deleted"));
         }
-        let (state, status) = (client.state(), client.status());
+        let status = node.status();
         if let Some(e) = &status.fatal {
-            let reused = matches!(
-                e,
-                ClientError::Refused {
-                    code: ErrorCode::KeyReused,
-                    ..
-                }
-            );
-            if reused && !node.wrote_node && refused_key.is_none() {
-                refused_key = Some(e.clone());
-                let mut retry = client_config.clone();
-                retry.request.join_key = None;
-                client = ControlClient::start(retry, secret.clone())?;
-                continue;
-            }
-            // Not known by its key either: the key's refusal is the answer.
-            let e = match (&refused_key, e) {
-                (
-                    Some(first),
-                    ClientError::Refused {
-                        code: ErrorCode::NodeUnknown,
-                        ..
-                    },
-                ) => first,
-                _ => e,
-            };
             if matches!(
                 e,
                 ClientError::Refused {
@@ -379,331 +415,132 @@ pub fn run(args: UpArgs) -> CliResult {
             }
             break Err(fatal_message(e, &url, &args.state_dir));
         }
-        if let Err(e) = node.step(&state, status.sessions) {
-            tracing::warn!("applying the map: {e}");
-        }
-        if status.connected
-            && status.sessions != node.seen_sessions
-            // A new session registered with the endpoints of the start;
-            // tell it what they are now.
-            && client.update_endpoints(endpoints.clone())
-        {
-            node.seen_sessions = status.sessions;
-        }
-        if Instant::now() >= next_endpoints {
-            next_endpoints = Instant::now() + ENDPOINTS_EVERY;
-            let now = host_endpoints(name, engine.listen_port());
-            if now != endpoints && client.update_endpoints(now.clone()) {
-                endpoints = now;
+        let text = status_text(&status, name, args.userspace);
+        if text != last_status {
+            // Renamed over the old one so a reader sees one version; not
+            // fsynced: it describes this run only and is removed at its end.
+            let tmp = status_path.with_extension("tmp");
+            match std::fs::write(&tmp, text.as_bytes())
+                .and_then(|()| std::fs::rename(&tmp, &status_path))
+            {
+                Ok(()) => last_status = text,
+                Err(e) => tracing::debug!("status {}: {e}", status_path.display()),
             }
         }
-        node.write_status(&state, &status);
-        let updates = state.updates;
-        let sessions = status.sessions;
-        client.wait(TICK, |s, st| {
-            s.updates != updates || st.sessions != sessions || st.fatal.is_some()
-        });
     };
-    drop(client);
+    node.close();
     drop(uapi);
-    engine.close();
-    let _ = std::fs::remove_file(args.state_dir.join(STATUS_FILE));
+    let _ = std::fs::remove_file(&status_path);
     result.map_err(Into::into)
 }
 
-/// What the main loop has applied to the engine and the kernel.
-struct Node {
-    engine: Arc<Engine>,
-    ifname: String,
-    url: String,
-    options: PlanOptions,
-    applied: Plan,
-    routes: BTreeSet<IpPrefix>,
-    addressed: bool,
-    /// (session, map messages) last applied: the count restarts with each
-    /// session.
-    seen_map: Option<(u64, u64)>,
-    /// The packet filter installed in the engine (the map's, compiled by
-    /// the server from the policy for this node); `None`: allow all.
-    filter: Option<FilterRules>,
-    seen_sessions: u64,
-    relay_started: bool,
-    /// The relay's settings for the URL the map names (the control
-    /// server's TLS trust).
-    relay_config: Box<dyn Fn(String) -> RelayConfig>,
-    status_path: PathBuf,
-    node_file: PathBuf,
-    wrote_node: bool,
-    last_status: String,
-}
-
-impl Node {
-    /// Applies what changed in the map since the last step.
-    fn step(&mut self, state: &NodeState, session: u64) -> Result<(), String> {
-        if let Some(n) = &state.node {
-            if !self.wrote_node {
-                let text = serde_json::json!({
-                    "control": self.url,
-                    "node_id": n.node_id,
-                    "name": n.name,
-                    "ipv4": n.ipv4.to_string(),
-                    "ipv6": n.ipv6.to_string(),
-                })
-                .to_string();
-                write_atomic(&self.node_file, text.as_bytes())
-                    .map_err(|e| format!("cannot write {}: {e}", self.node_file.display()))?;
-                self.wrote_node = true;
-            }
-            if !self.addressed {
-                ip(&[
-                    "addr",
-                    "replace",
-                    &format!("{}/32", n.ipv4),
-                    "dev",
-                    &self.ifname,
-                ])?;
-                // IPv6 may be off on the host; the IPv4 mesh still works.
-                if let Err(e) = ip(&[
-                    "-6",
-                    "addr",
-                    "replace",
-                    &format!("{}/128", n.ipv6),
-                    "dev",
-                    &self.ifname,
-                    "nodad",
-                ]) {
-                    tracing::warn!("no IPv6 mesh address: {e}");
-                }
-                self.engine.set_addresses(vec![
-                    IpPrefix::host(IpAddr::V4(n.ipv4)),
-                    IpPrefix::host(IpAddr::V6(n.ipv6)),
-                ]);
-                self.addressed = true;
-                println!(
-                    "joined the mesh at {} as {} (node {}): {} {}",
-                    self.url, n.name, n.node_id, n.ipv4, n.ipv6
-                );
-                use std::io::Write as _;
-                let _ = std::io::stdout().flush();
-            }
-        }
-        if let (Some(relay), false) = (&state.relay_url, self.relay_started) {
-            // Peers whose UDP handshakes go unanswered move to it.
-            match self.engine.start_relay((self.relay_config)(relay.clone())) {
-                Ok(()) => self.relay_started = true,
-                Err(e) => tracing::warn!("relay {relay}: {e}"),
-            }
-        }
-        // Not before this session's full map is complete (it comes in
-        // parts): until then the engine keeps what it has.
-        if !state.has_map() || self.seen_map == Some((session, state.updates)) {
-            return Ok(());
-        }
-        self.seen_map = Some((session, state.updates));
-        let plan = apply::plan(state, self.options);
-        for change in apply::diff(&self.applied, &plan) {
-            match change {
-                Change::Add(p) => {
-                    let mut cfg = PeerConfig::new(p.public_key);
-                    cfg.allowed_ips = p.allowed_ips;
-                    cfg.endpoint = p.endpoint;
-                    cfg.persistent_keepalive = Some(MESH_KEEPALIVE);
-                    tracing::info!(peer = %p.name, "peer added");
-                    self.engine
-                        .add_peer(&cfg)
-                        .map_err(|e| format!("peer {}: {e}", p.name))?;
-                    if !p.candidates.is_empty() {
-                        self.engine
-                            .set_peer_candidates(&p.public_key, &p.candidates);
-                    }
-                }
-                Change::Update {
-                    public_key,
-                    allowed_ips,
-                    endpoint,
-                    candidates,
-                } => {
-                    if let Some(c) = candidates {
-                        self.engine.set_peer_candidates(&public_key, &c);
-                    }
-                    let update = PeerUpdate {
-                        preshared_key: None,
-                        endpoint,
-                        persistent_keepalive: None,
-                        replace_allowed_ips: allowed_ips.is_some(),
-                        allowed_ips: allowed_ips.unwrap_or_default(),
-                    };
-                    self.engine
-                        .update_peer(&public_key, &update, false)
-                        .map_err(|e| format!("peer {}: {e}", public_key.to_base64()))?;
-                }
-                Change::Remove(k) => {
-                    tracing::info!(peer = %k.to_base64(), "peer removed");
-                    self.engine.remove_peer(&k);
-                }
-            }
-        }
-        self.applied = plan;
-        // The policy's filter, after the peers it names exist: a denied
-        // flow is dropped (and counted) by the engine from now on, tracked
-        // flows of rules still allowed go on.
-        if state.filter != self.filter {
-            tracing::info!(
-                policy_version = state.policy_version,
-                rules = state
-                    .filter
-                    .as_ref()
-                    .map(|f| f.inbound.len() + f.outbound.len()),
-                "packet filter installed"
-            );
-            self.engine.set_filter(state.filter.clone().map(Arc::new));
-            self.filter = state.filter.clone();
-        }
-        let want = apply::routes(&self.applied);
-        let (add, del) = apply::route_diff(&self.routes, &want);
-        for r in del {
-            // Gone already when the kernel dropped it with an address.
-            if let Err(e) = ip(&["route", "del", &r.to_string(), "dev", &self.ifname]) {
-                tracing::debug!("{e}");
-            }
-            self.routes.remove(&r);
-        }
-        for r in add {
-            match ip(&["route", "replace", &r.to_string(), "dev", &self.ifname]) {
-                Ok(()) => {
-                    self.routes.insert(r);
-                }
-                Err(e) => tracing::warn!("{e}"),
-            }
-        }
-        Ok(())
-    }
-
-    /// Rewrites the status file when what it says changed.
-    fn write_status(&mut self, state: &NodeState, status: &ClientStatus) {
-        let mut t = String::new();
-        match &state.node {
-            Some(n) => {
-                let _ = writeln!(
-                    t,
-                    "node {} (id {}): {} {}, interface {}, port {}, tags {}",
-                    n.name,
-                    n.node_id,
-                    n.ipv4,
-                    n.ipv6,
-                    self.ifname,
-                    self.engine.listen_port(),
-                    if n.tags.is_empty() {
-                        "-".into()
-                    } else {
-                        n.tags.join(",")
-                    }
-                );
-            }
-            None => {
-                let _ = writeln!(t, "node: not registered yet");
-            }
-        }
-        let _ = writeln!(
-            t,
-            "control {}: {}, sessions {}, map updates {}{}",
-            self.url,
-            if status.connected {
-                "connected"
-            } else {
-                "disconnected"
-            },
-            status.sessions,
-            state.updates,
-            status
-                .last_error
-                .as_ref()
-                .filter(|_| !status.connected)
-                .map_or(String::new(), |e| format!(", last error: {e}"))
-        );
-        let _ = writeln!(
-            t,
-            "policy version {}: {}",
-            state.policy_version,
-            match &state.filter {
-                None => "no policy (allow all between nodes)".to_string(),
-                Some(f) => format!(
-                    "{} inbound and {} outbound rules, enforced by the engine",
-                    f.inbound.len(),
-                    f.outbound.len()
-                ),
-            }
-        );
-        let routes: Vec<String> = state
-            .routes
-            .iter()
-            .map(|r| match (&r.reason, r.approved) {
-                (Some(why), _) => format!("{} refused ({why})", r.prefix),
-                (None, true) => format!("{} approved", r.prefix),
-                (None, false) => format!("{} pending approval", r.prefix),
-            })
-            .collect();
-        let _ = writeln!(
-            t,
-            "routes advertised: {}; accepting routes: {}",
-            if routes.is_empty() {
-                "none".into()
-            } else {
-                routes.join(", ")
-            },
-            if self.options.accept_routes {
-                "yes"
-            } else {
-                "no"
-            }
-        );
-        for (prefix, ids) in &self.applied.conflicts {
+/// What `meshvpn up --status` prints.
+fn status_text(s: &NodeStatus, ifname: &str, userspace: bool) -> String {
+    let mut t = String::new();
+    match &s.node {
+        Some(n) => {
             let _ = writeln!(
                 t,
-                "route conflict: {prefix} is carried by nodes {ids:?}; routed to node {}",
-                ids[0]
-            );
-        }
-        let stats = self.engine.all_peer_stats();
-        let _ = writeln!(t, "{} peers", self.applied.peers.len());
-        for p in self.applied.peers.values() {
-            let s = stats.iter().find(|s| s.public_key == p.public_key);
-            let allowed: Vec<String> = p.allowed_ips.iter().map(|a| a.to_string()).collect();
-            let _ = writeln!(
-                t,
-                "peer {} (id {}) {}\n  allowed {}  endpoint {}  path {}{}\n  handshake {}, sent {} B, received {} B{}",
-                p.name,
-                p.node_id,
-                p.public_key.to_base64(),
-                allowed.join(","),
-                s.and_then(|s| s.endpoint)
-                    .map_or("(none)".into(), |e| e.to_string()),
-                s.map_or("-", |s| s.path.name()),
-                if p.relay { ", relay available" } else { "" },
-                s.and_then(|s| s.last_handshake)
-                    .and_then(|h| SystemTime::now().duration_since(h).ok())
-                    .map_or("never".into(), |d| format!("{} s ago", d.as_secs())),
-                s.map_or(0, |s| s.tx_bytes),
-                s.map_or(0, |s| s.rx_bytes),
-                if p.routes_not_used.is_empty() {
-                    String::new()
+                "node {} (id {}): {} {}, {}, port {}, tags {}",
+                n.name,
+                n.node_id,
+                n.ipv4,
+                n.ipv6,
+                if userspace {
+                    "userspace (netstack, no TUN)".to_string()
                 } else {
-                    let r: Vec<String> = p.routes_not_used.iter().map(|r| r.to_string()).collect();
-                    format!("\n  routes not used: {}", r.join(","))
+                    format!("interface {ifname}")
+                },
+                s.listen_port,
+                if n.tags.is_empty() {
+                    "-".into()
+                } else {
+                    n.tags.join(",")
                 }
             );
         }
-        if self.last_status == t {
-            return;
-        }
-        // Renamed over the old one so a reader sees one version; not
-        // fsynced: it describes this run only and is removed at its end.
-        let tmp = self.status_path.with_extension("tmp");
-        match std::fs::write(&tmp, t.as_bytes())
-            .and_then(|()| std::fs::rename(&tmp, &self.status_path))
-        {
-            Ok(()) => self.last_status = t,
-            Err(e) => tracing::debug!("status {}: {e}", self.status_path.display()),
+        None => {
+            let _ = writeln!(t, "node: not registered yet");
         }
     }
+    let _ = writeln!(
+        t,
+        "control {}: {}, sessions {}, map updates {}{}",
+        s.control_url,
+        if s.connected {
+            "connected"
+        } else {
+            "disconnected"
+        },
+        s.sessions,
+        s.map_updates,
+        s.last_error
+            .as_ref()
+            .filter(|_| !s.connected)
+            .map_or(String::new(), |e| format!(", last error: {e}"))
+    );
+    let _ = writeln!(
+        t,
+        "policy version {}: {}",
+        s.policy_version,
+        match s.filter_rules {
+            None => "no policy (allow all between nodes)".to_string(),
+            Some((i, o)) => format!("{i} inbound and {o} outbound rules, enforced by the engine"),
+        }
+    );
+    let routes: Vec<String> = s
+        .routes
+        .iter()
+        .map(|r| match (&r.reason, r.approved) {
+            (Some(why), _) => format!("{} refused ({why})", r.prefix),
+            (None, true) => format!("{} approved", r.prefix),
+            (None, false) => format!("{} pending approval", r.prefix),
+        })
+        .collect();
+    let _ = writeln!(
+        t,
+        "routes advertised: {}; accepting routes: {}",
+        if routes.is_empty() {
+            "none".into()
+        } else {
+            routes.join(", ")
+        },
+        if s.accept_routes { "yes" } else { "no" }
+    );
+    for (prefix, ids) in &s.conflicts {
+        let _ = writeln!(
+            t,
+            "route conflict: {prefix} is carried by nodes {ids:?}; routed to node {}",
+            ids[0]
+        );
+    }
+    let _ = writeln!(t, "{} peers", s.peers.len());
+    for peer in &s.peers {
+        let (p, st) = (&peer.planned, peer.stats.as_ref());
+        let allowed: Vec<String> = p.allowed_ips.iter().map(|a| a.to_string()).collect();
+        let _ = writeln!(
+            t,
+            "peer {} (id {}) {}\n  allowed {}  endpoint {}  path {}{}\n  handshake {}, sent {} B, received {} B{}",
+            p.name,
+            p.node_id,
+            p.public_key.to_base64(),
+            allowed.join(","),
+            st.and_then(|s| s.endpoint)
+                .map_or("(none)".into(), |e| e.to_string()),
+            st.map_or("-", |s| s.path.name()),
+            if p.relay { ", relay available" } else { "" },
+            st.and_then(|s| s.last_handshake)
+                .and_then(|h| SystemTime::now().duration_since(h).ok())
+                .map_or("never".into(), |d| format!("{} s ago", d.as_secs())),
+            st.map_or(0, |s| s.tx_bytes),
+            st.map_or(0, |s| s.rx_bytes),
+            if p.routes_not_used.is_empty() {
+                String::new()
+            } else {
+                let r: Vec<String> = p.routes_not_used.iter().map(|r| r.to_string()).collect();
+                format!("\n  routes not used: {}", r.join(","))
+            }
+        );
+    }
+    t
 }

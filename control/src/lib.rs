@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod apply;
 pub mod client;
+pub mod join;
 pub mod keys;
 pub mod node;
 pub mod policy;

@@ -111,6 +111,19 @@ pub(crate) fn lookup(engine: *const meshvpn_engine) -> Result<Arc<EngineHandle>>
     ENGINES.lookup(engine)
 }
 
+/// A new handle on an engine something else started (a mesh node's,
+/// `meshvpn_node_engine`).
+pub(crate) fn insert_running(engine: Arc<Engine>, out: Out<*mut meshvpn_engine>) -> Result<()> {
+    let wakeup = Arc::new(Wakeup::default());
+    wakeup.attach(&engine);
+    let h = ENGINES.insert(Arc::new(EngineHandle {
+        state: RwLock::new(State::Running(engine)),
+        wakeup,
+    }))?;
+    out.write(h);
+    Ok(())
+}
+
 fn insert(handle: EngineHandle, out: Out<*mut meshvpn_engine>) -> Result<()> {
     let handle = Arc::new(handle);
     match ENGINES.insert(handle.clone()) {

@@ -158,6 +158,18 @@ pub enum meshvpn_result {
     /// The engine has no relay (`meshvpn_engine_relay_start` was not
     /// called, or the relay was stopped), or the tunnel server serves none.
     MESHVPN_RELAY_NOT_RUNNING = 520,
+    /// The control server refused the join key: malformed or unknown.
+    MESHVPN_JOIN_KEY_INVALID = 530,
+    /// The join key expired.
+    MESHVPN_JOIN_KEY_EXPIRED = 531,
+    /// The join key was revoked.
+    MESHVPN_JOIN_KEY_REVOKED = 532,
+    /// The single-use join key was used by another node already.
+    MESHVPN_JOIN_KEY_REUSED = 533,
+    /// The control server refused the node for another reason that
+    /// retrying cannot fix (removed, a tag its key does not grant, unknown
+    /// without a join key); the message says which.
+    MESHVPN_JOIN_REFUSED = 534,
 
     // The control server (`meshvpn_control_server`).
     /// The control database cannot be opened, read or written (the
@@ -178,7 +190,7 @@ use meshvpn_result::*;
 
 impl meshvpn_result {
     /// Every code, for tests and the message function.
-    pub(crate) const ALL: [meshvpn_result; 54] = [
+    pub(crate) const ALL: [meshvpn_result; 59] = [
         MESHVPN_OK,
         MESHVPN_PANIC,
         MESHVPN_NULL_PARAMETER,
@@ -229,6 +241,11 @@ impl meshvpn_result {
         MESHVPN_TUNNEL_LIMIT,
         MESHVPN_TUNNEL_NOT_RUNNING,
         MESHVPN_RELAY_NOT_RUNNING,
+        MESHVPN_JOIN_KEY_INVALID,
+        MESHVPN_JOIN_KEY_EXPIRED,
+        MESHVPN_JOIN_KEY_REVOKED,
+        MESHVPN_JOIN_KEY_REUSED,
+        MESHVPN_JOIN_REFUSED,
         MESHVPN_CONTROL_STORE,
         MESHVPN_CONTROL_POLICY_INVALID,
         MESHVPN_CONTROL_NOT_FOUND,
@@ -292,6 +309,11 @@ impl meshvpn_result {
             MESHVPN_TUNNEL_LIMIT => "the tunnel session is at its stream limit",
             MESHVPN_TUNNEL_NOT_RUNNING => "the tunnel server or agent is not started",
             MESHVPN_RELAY_NOT_RUNNING => "no relay is running",
+            MESHVPN_JOIN_KEY_INVALID => "the join key is malformed or unknown",
+            MESHVPN_JOIN_KEY_EXPIRED => "the join key expired",
+            MESHVPN_JOIN_KEY_REVOKED => "the join key was revoked",
+            MESHVPN_JOIN_KEY_REUSED => "the single-use join key was used already",
+            MESHVPN_JOIN_REFUSED => "the control server refused the node",
             MESHVPN_CONTROL_STORE => "the control database failed",
             MESHVPN_CONTROL_POLICY_INVALID => "invalid policy",
             MESHVPN_CONTROL_NOT_FOUND => "no such node or join key",

@@ -56,6 +56,8 @@ pub(crate) mod tag {
     pub(crate) const INTERRUPTER: usize = 9;
     // The mesh's coordination.
     pub(crate) const CONTROL_SERVER: usize = 10;
+    // A mesh node (control/src/join.rs).
+    pub(crate) const NODE: usize = 11;
     // At most 15 types: 4 tag bits on 32-bit targets.
 }
 

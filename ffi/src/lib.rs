@@ -22,6 +22,7 @@
 //! | `tunnel::stream` | `meshvpn_tunnel_stream`: one connection through a tunnel |
 //! | `timeout` | `meshvpn_timeout_ms`, `MESHVPN_WAIT_FOREVER`: every blocking call's timeout |
 //! | `control_server` | `meshvpn_control_server`: the mesh's control server, its own listener or a tunnel server's; join keys, nodes, routes, policy |
+//! | `join`   | `meshvpn_node`, `meshvpn_join`: a node of a mesh run by a control server |
 //! | `interrupter` | `meshvpn_interrupter`: cancels a call that has no handle of its own (ping) |
 //!
 //! Rules every exported function follows:
@@ -72,6 +73,8 @@ pub mod relay;
 pub mod tunnel;
 // The mesh's coordination.
 pub mod control_server;
+// A node of a mesh run by a control server.
+pub mod join;
 
 use std::ffi::c_char;
 

@@ -137,6 +137,13 @@ impl Handled for NetstackHandle {
     }
 }
 
+/// A new handle on a stack something else attached (a mesh node's,
+/// `meshvpn_node_netstack`).
+pub(crate) fn insert_attached(stack: Arc<Netstack>, out: Out<*mut meshvpn_netstack>) -> Result<()> {
+    out.write(NETSTACKS.insert(Arc::new(NetstackHandle { stack }))?);
+    Ok(())
+}
+
 pub(crate) fn lookup(netstack: *const meshvpn_netstack) -> Result<Arc<NetstackHandle>> {
     NETSTACKS.lookup(netstack)
 }

@@ -1,0 +1,576 @@
+//! `meshvpn_node`: this program as a node of a mesh run by a control
+//! server (`meshvpn control serve`, or one embedded elsewhere): the
+//! library's `meshvpn_control::join::Node`, the same code `meshvpn up`
+//! runs. The node has its own engine (reach it with `meshvpn_node_engine`)
+//! and, in userspace mode, a netstack (`meshvpn_node_netstack`); the map
+//! from the server becomes the engine's peers and packet filter.
+//!
+//! Status and events are JSON text, following the buffer protocol of
+//! `meshvpn_result_message`. Events wait in a bounded queue (256; past it
+//! the oldest is dropped and counted in the status' `events_dropped`), read
+//! with `meshvpn_node_next_event`.
+
+use std::ffi::c_char;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::meshvpn_control::client::ClientError;
+use ::meshvpn_control::join::{Event, JoinConfig, JoinError, Node, NodeStatus};
+use ::meshvpn_control::proto::ErrorCode;
+use ::meshvpn_engine::{IpPrefix, NetstackConfig, PrivateKey};
+use zeroize::Zeroizing;
+
+use crate::engine::meshvpn_engine;
+use crate::error::{meshvpn_result, Error, Result};
+use crate::handle::{tag, HandleTable, Handled};
+use crate::key::meshvpn_key;
+use crate::netstack::meshvpn_netstack;
+use crate::ptr::{self, Out};
+use crate::timeout::{self, meshvpn_timeout_ms};
+
+/// A node of a mesh. Opaque: created by `meshvpn_join`, released by
+/// `meshvpn_node_free`. The value is a handle, not a pointer to memory.
+pub struct meshvpn_node {
+    _private: [u8; 0],
+}
+
+/// How to join. Strings are NUL-terminated and only read during the call;
+/// lists are comma-separated. Zero-initialise it and fill what you need.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct meshvpn_join_config {
+    /// `wss://host:port/v1-meshvpn/control` (`ws://` on a test network).
+    /// Required.
+    pub control_url: *const c_char,
+    /// The join key (`meshvpn control keys create`); NULL to rejoin a
+    /// server that knows `private_key` already. Never logged.
+    pub join_key: *const c_char,
+    /// The node's WireGuard key, its identity to the server: keep it to
+    /// rejoin as the same node (same addresses). NULL: a new one.
+    pub private_key: *const meshvpn_key,
+    /// The name to register with; NULL: "node".
+    pub hostname: *const c_char,
+    /// Routes this node carries (e.g. its pod CIDR): "10.42.1.0/24,...".
+    pub advertise_routes: *const c_char,
+    /// Tags to register with, each granted by the join key: "tag:k3s,...".
+    pub tags: *const c_char,
+    /// The CA (PEM text) of the control server's certificate; required for
+    /// `wss://`.
+    pub ca_pem: *const c_char,
+    /// IP addresses to report as this node's UDP endpoints (with the
+    /// engine's port): "192.0.2.7,...". NULL: none (peers use the address
+    /// the server sees).
+    pub endpoint_ips: *const c_char,
+    /// The engine's UDP port; 0: any free one.
+    pub listen_port: u16,
+    /// Route the peers' approved routes (their pod CIDRs) through the mesh.
+    pub accept_routes: bool,
+    /// Attach a userspace stack (`meshvpn_node_netstack`) on the node's
+    /// mesh addresses.
+    pub userspace: bool,
+}
+
+struct NodeHandle(Node);
+
+static NODES: HandleTable<meshvpn_node, NodeHandle> = HandleTable::new(tag::NODE);
+
+impl Handled for NodeHandle {
+    const NAME: &'static str = "meshvpn_node";
+
+    fn close(&self) {
+        self.0.close();
+    }
+}
+
+fn list<T>(text: Option<&str>, what: &str, parse: impl Fn(&str) -> Option<T>) -> Result<Vec<T>> {
+    text.unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| parse(s).ok_or_else(|| Error::invalid(format!("{what}: `{s}` does not parse"))))
+        .collect()
+}
+
+impl From<JoinError> for Error {
+    fn from(e: JoinError) -> Error {
+        use meshvpn_result::*;
+        let code = match &e {
+            JoinError::Refused(ClientError::Refused { code, .. }) => match code {
+                ErrorCode::KeyMalformed | ErrorCode::KeyUnknown => MESHVPN_JOIN_KEY_INVALID,
+                ErrorCode::KeyExpired => MESHVPN_JOIN_KEY_EXPIRED,
+                ErrorCode::KeyRevoked => MESHVPN_JOIN_KEY_REVOKED,
+                ErrorCode::KeyReused => MESHVPN_JOIN_KEY_REUSED,
+                _ => MESHVPN_JOIN_REFUSED,
+            },
+            JoinError::Refused(_) => MESHVPN_JOIN_REFUSED,
+            JoinError::TimedOut(..) => MESHVPN_TIMEOUT,
+            JoinError::Setup(_) => MESHVPN_INVALID_ARGUMENT,
+        };
+        Error::new(code, e.to_string())
+    }
+}
+
+/// Joins the mesh: starts an engine, registers with the control server and
+/// waits up to `timeout_ms` for the registration (the mesh addresses; the
+/// netstack attached in userspace mode). The node then stays in the mesh
+/// in the background: it applies every map change to its engine and
+/// reconnects with backoff when the server goes away (the data plane keeps
+/// running meanwhile).
+///
+/// On success `*out_node` receives a handle the caller owns and must
+/// release with `meshvpn_node_free`.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_ARGUMENT` (a list or
+/// the CA does not parse, no UDP port), `MESHVPN_JOIN_KEY_INVALID`,
+/// `MESHVPN_JOIN_KEY_EXPIRED`, `MESHVPN_JOIN_KEY_REVOKED`,
+/// `MESHVPN_JOIN_KEY_REUSED`, `MESHVPN_JOIN_REFUSED` (each with the
+/// server's reason as the message), `MESHVPN_TIMEOUT` (no registration in
+/// time: the server unreachable; the message has the last error).
+///
+/// Thread safety: safe from any thread; blocks up to `timeout_ms`.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_join(
+    config: *const meshvpn_join_config,
+    timeout_ms: meshvpn_timeout_ms,
+    out_node: *mut *mut meshvpn_node,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let out = Out::new(out_node, "out_node")?;
+        // SAFETY: the caller's promise: a valid config or NULL.
+        let c = unsafe { ptr::try_ref(config, "config") }?;
+        // SAFETY (every string below): NULL or NUL-terminated, per the
+        // struct's contract.
+        let url = unsafe { ptr::try_str(c.control_url, "control_url") }?;
+        let mut jc = JoinConfig::new(url);
+        jc.join_key = unsafe { ptr::try_opt_str(c.join_key, "join_key") }?
+            .map(|k| Zeroizing::new(k.trim().to_owned()));
+        if let Some(h) = unsafe { ptr::try_opt_str(c.hostname, "hostname") }? {
+            jc.hostname = h.to_owned();
+        }
+        jc.advertise_routes = list(
+            unsafe { ptr::try_opt_str(c.advertise_routes, "advertise_routes") }?,
+            "advertise_routes",
+            |s| s.parse::<IpPrefix>().ok(),
+        )?;
+        jc.tags = list(unsafe { ptr::try_opt_str(c.tags, "tags") }?, "tags", |s| {
+            Some(s.to_owned())
+        })?;
+        let endpoint_ips = list(
+            unsafe { ptr::try_opt_str(c.endpoint_ips, "endpoint_ips") }?,
+            "endpoint_ips",
+            |s| s.parse::<IpAddr>().ok(),
+        )?;
+        if let Some(pem) = unsafe { ptr::try_opt_str(c.ca_pem, "ca_pem") }? {
+            jc.tls = Some(
+                ::meshvpn_engine::ws::tls::client_config(pem.as_bytes(), None)
+                    .map_err(|e| Error::invalid(format!("ca_pem: {e}")))?,
+            );
+        } else if url.starts_with("wss://") {
+            return Err(Error::invalid("ca_pem is required for a wss:// control server"));
+        }
+        jc.accept_routes = c.accept_routes;
+        jc.netstack = c.userspace.then(NetstackConfig::default);
+        // SAFETY: NULL or a valid key, per the struct's contract.
+        let key = match unsafe { c.private_key.as_ref() } {
+            Some(k) => k.private(),
+            None => PrivateKey::generate(),
+        };
+        let limit = timeout::limit(timeout_ms).unwrap_or(Duration::MAX);
+        let node = Node::join(jc, key, c.listen_port, endpoint_ips, limit)?;
+        out.write(NODES.insert(Arc::new(NodeHandle(node)))?);
+        Ok(())
+    }}
+}
+
+fn status_json(s: &NodeStatus) -> String {
+    let node = s.node.as_ref().map(|n| {
+        serde_json::json!({
+            "id": n.node_id, "name": n.name, "ipv4": n.ipv4.to_string(),
+            "ipv6": n.ipv6.to_string(), "tags": n.tags,
+        })
+    });
+    let routes: Vec<_> = s
+        .routes
+        .iter()
+        .map(|r| {
+            serde_json::json!({"prefix": r.prefix, "approved": r.approved,
+                "status": r.status, "reason": r.reason})
+        })
+        .collect();
+    let peers: Vec<_> = s
+        .peers
+        .iter()
+        .map(|p| {
+            let st = p.stats.as_ref();
+            serde_json::json!({
+                "id": p.planned.node_id,
+                "name": p.planned.name,
+                "public_key": p.planned.public_key.to_base64(),
+                "allowed_ips": p.planned.allowed_ips.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "endpoint": st.and_then(|s| s.endpoint).map(|e| e.to_string()),
+                "path": st.map(|s| s.path.name()),
+                "tx_bytes": st.map_or(0, |s| s.tx_bytes),
+                "rx_bytes": st.map_or(0, |s| s.rx_bytes),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "control_url": s.control_url,
+        "node": node,
+        "connected": s.connected,
+        "sessions": s.sessions,
+        "map_updates": s.map_updates,
+        "last_error": s.last_error,
+        "stopped": s.fatal.as_ref().map(|e| e.to_string()),
+        "policy_version": s.policy_version,
+        "filter_rules": s.filter_rules.map(|(i, o)| i + o),
+        "routes": routes,
+        "peers": peers,
+        "listen_port": s.listen_port,
+        "events_dropped": s.events_dropped,
+    })
+    .to_string()
+}
+
+fn event_json(e: &Event) -> String {
+    use serde_json::json;
+    match e {
+        Event::Joined(n) => json!({"type": "joined", "id": n.node_id, "name": n.name,
+            "ipv4": n.ipv4.to_string(), "ipv6": n.ipv6.to_string()}),
+        Event::MapApplied {
+            peers,
+            policy_version,
+        } => json!({"type": "map_applied", "peers": peers, "policy_version": policy_version}),
+        Event::PolicyChanged { version } => json!({"type": "policy_changed", "version": version}),
+        Event::Route {
+            prefix,
+            status,
+            reason,
+        } => json!({"type": "route", "prefix": prefix, "status": status, "reason": reason}),
+        Event::Disconnected { error } => json!({"type": "disconnected", "error": error}),
+        Event::Reconnected => json!({"type": "reconnected"}),
+        Event::Stopped { code, message } => json!({"type": "stopped",
+            "code": code.map(|c| serde_json::to_value(c).unwrap_or_default()),
+            "message": message}),
+    }
+    .to_string()
+}
+
+/// Writes the node's status as one JSON object (`node`: id, name, ipv4,
+/// ipv6, tags; `connected`, `sessions`, `policy_version`, `filter_rules`,
+/// `routes` with `status` and a refusal's `reason`, `peers` with their
+/// path and bytes, `stopped`: why the node left, or null), following the
+/// buffer protocol of `meshvpn_result_message`.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_BUFFER_TOO_SMALL` (`*out_len` holds the size needed).
+///
+/// Thread safety: safe from any thread.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_node_status(
+    node: *const meshvpn_node,
+    buf: *mut c_char,
+    buf_len: usize,
+    out_len: *mut usize,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let out_len = Out::new(out_len, "out_len")?;
+        let n = NODES.lookup(node)?;
+        // SAFETY: the caller's promise: NULL or buf_len writable bytes.
+        unsafe { ptr::write_text(buf, buf_len, out_len, &status_json(&n.0.status())) }
+    }}
+}
+
+/// Waits up to `timeout_ms` for the node's next event and writes it as one
+/// JSON object with a `type`: `joined`, `map_applied` (`peers`,
+/// `policy_version`), `policy_changed` (`version`), `route` (`prefix`,
+/// `status`: approved/pending/refused, `reason`), `disconnected`
+/// (`error`), `reconnected`, `stopped` (`code`, `message`: the node left
+/// the mesh). Buffer protocol of `meshvpn_result_message`; after a size
+/// query (`buf` NULL, `buf_len` 0) or into a buffer too small, the event
+/// stays queued for the next call.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_TIMEOUT` (none in time), `MESHVPN_CLOSED` (the node was
+/// closed and no event is left), `MESHVPN_BUFFER_TOO_SMALL`.
+///
+/// Thread safety: safe from any thread; blocks up to `timeout_ms`.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_node_next_event(
+    node: *const meshvpn_node,
+    timeout_ms: meshvpn_timeout_ms,
+    buf: *mut c_char,
+    buf_len: usize,
+    out_len: *mut usize,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let out_len = Out::new(out_len, "out_len")?;
+        let n = NODES.lookup(node)?;
+        let limit = timeout::limit(timeout_ms).unwrap_or(Duration::MAX);
+        let Some(e) = n.0.next_event(limit) else {
+            if n.0.stopped() {
+                return Err(Error::new(meshvpn_result::MESHVPN_CLOSED, "the node is closed"));
+            }
+            return Err(Error::new(meshvpn_result::MESHVPN_TIMEOUT, "no event"));
+        };
+        let text = event_json(&e);
+        // SAFETY: the caller's promise: NULL or buf_len writable bytes.
+        let r = unsafe { ptr::write_text(buf, buf_len, out_len, &text) };
+        // A size query (NULL, 0) or a short buffer leaves it queued.
+        if r.is_err() || buf.is_null() {
+            n.0.requeue_event(e);
+        }
+        r
+    }}
+}
+
+/// A new handle on the node's engine (peers, stats, the packet API),
+/// which the caller owns and releases with `meshvpn_engine_free`.
+/// Stopping or freeing it closes the node's engine (the data plane) as
+/// with any engine handle: free it when done with the node, before or
+/// after `meshvpn_node_free`.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_node_engine(
+    node: *const meshvpn_node,
+    out_engine: *mut *mut meshvpn_engine,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let out = Out::new(out_engine, "out_engine")?;
+        let n = NODES.lookup(node)?;
+        crate::engine::insert_running(n.0.engine().clone(), out)
+    }}
+}
+
+/// A new handle on the node's userspace stack (dial, listen, ping over the
+/// mesh), which the caller owns and releases with `meshvpn_netstack_free`
+/// (that ends the stack for the node too).
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_NO_ADDRESS` (the node was not joined with `userspace`).
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_node_netstack(
+    node: *const meshvpn_node,
+    out_netstack: *mut *mut meshvpn_netstack,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let out = Out::new(out_netstack, "out_netstack")?;
+        let n = NODES.lookup(node)?;
+        let stack = n.0.netstack().ok_or_else(|| {
+            Error::new(
+                meshvpn_result::MESHVPN_NO_ADDRESS,
+                "the node has no netstack: join with userspace set",
+            )
+        })?;
+        crate::netstack::insert_attached(stack, out)
+    }}
+}
+
+/// Leaves the mesh: ends the control session, the netstack and the engine,
+/// and wakes a blocked `meshvpn_node_next_event`. The handle stays valid
+/// until `meshvpn_node_free`. Idempotent.
+///
+/// Errors: `MESHVPN_INVALID_HANDLE`.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_node_close(node: *mut meshvpn_node) -> meshvpn_result {
+    ffi_boundary! {{
+        NODES.close(node)
+    }}
+}
+
+/// Closes the node (as `meshvpn_node_close`) and releases its handle.
+///
+/// Errors: `MESHVPN_INVALID_HANDLE`.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_node_free(node: *mut meshvpn_node) -> meshvpn_result {
+    ffi_boundary! {{
+        NODES.free(node)
+    }}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CString;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use ::meshvpn_control::keys::{self, KeyOptions};
+    use ::meshvpn_control::proto::CONTROL_PATH;
+    use ::meshvpn_control::server::{ControlServer, ControlServerConfig};
+    use ::meshvpn_control::store::{SqliteStore, StoreConfig};
+    use ::meshvpn_engine::supervisor::{ServerAuth, ServerConfig, TunnelServer};
+
+    use super::*;
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn text(f: impl Fn(*mut c_char, usize, *mut usize) -> meshvpn_result) -> String {
+        let mut buf = vec![0u8; 8192];
+        let mut len = 0usize;
+        assert_eq!(
+            f(buf.as_mut_ptr().cast(), buf.len(), &mut len),
+            meshvpn_result::MESHVPN_OK,
+            "{}",
+            crate::error::last_error_for_tests()
+        );
+        String::from_utf8(buf[..len].to_vec()).unwrap()
+    }
+
+    /// Two userspace nodes through the C functions: a good key joins (the
+    /// status names the node and its peer, the netstack handle dials the
+    /// other node), an expired key gets its own code, and a node's events
+    /// arrive as JSON.
+    #[test]
+    fn join_status_events_and_a_refused_key_through_the_c_abi() {
+        let dir = std::env::temp_dir().join(format!("meshvpn-ffi-join-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("control.db");
+        let store = Arc::new(SqliteStore::open(&db, &StoreConfig::default()).unwrap());
+        let control = ControlServer::start(store.clone(), ControlServerConfig::default()).unwrap();
+        let mut tc = ServerConfig::new("/v1-k3s/connect", None, ServerAuth::default());
+        tc.extra.push(control.route());
+        let tunnel = TunnelServer::bind("127.0.0.1:0".parse().unwrap(), tc).unwrap();
+        let rng = ring::rand::SystemRandom::new();
+        let url = CString::new(format!("ws://{}{CONTROL_PATH}", tunnel.local_addr())).unwrap();
+        let reusable = KeyOptions {
+            reusable: true,
+            ..Default::default()
+        };
+        let good = CString::new(
+            keys::create(&*store, &reusable, now(), &rng)
+                .unwrap()
+                .text
+                .as_str(),
+        )
+        .unwrap();
+        let expired = CString::new(
+            keys::create(
+                &*store,
+                &KeyOptions {
+                    expiry: Some(Duration::from_secs(60)),
+                    ..Default::default()
+                },
+                now() - 3600,
+                &rng,
+            )
+            .unwrap()
+            .text
+            .as_str(),
+        )
+        .unwrap();
+        let lo = CString::new("127.0.0.1").unwrap();
+        let config = |key: &CString| meshvpn_join_config {
+            control_url: url.as_ptr(),
+            join_key: key.as_ptr(),
+            private_key: std::ptr::null(),
+            hostname: std::ptr::null(),
+            advertise_routes: std::ptr::null(),
+            tags: std::ptr::null(),
+            ca_pem: std::ptr::null(),
+            endpoint_ips: lo.as_ptr(),
+            listen_port: 0,
+            accept_routes: false,
+            userspace: true,
+        };
+        let join = |key: &CString| {
+            let mut node = std::ptr::null_mut();
+            // SAFETY: a valid config whose strings outlive the call.
+            let r = unsafe { meshvpn_join(&config(key), 15_000, &mut node) };
+            (r, node)
+        };
+
+        let (r, _) = join(&expired);
+        assert_eq!(r, meshvpn_result::MESHVPN_JOIN_KEY_EXPIRED);
+        let msg = crate::error::last_error_for_tests();
+        assert!(msg.contains("expired"), "{msg}");
+
+        let (r, a) = join(&good);
+        assert_eq!(
+            r,
+            meshvpn_result::MESHVPN_OK,
+            "{}",
+            crate::error::last_error_for_tests()
+        );
+        let (r, b) = join(&good);
+        assert_eq!(r, meshvpn_result::MESHVPN_OK);
+        // SAFETY (the calls below): valid handles and buffers.
+        let joined = text(|p, n, l| unsafe { meshvpn_node_next_event(a, 5000, p, n, l) });
+        assert!(joined.contains(r#""type":"joined""#), "{joined}");
+        let b_status: serde_json::Value =
+            serde_json::from_str(&text(|p, n, l| unsafe { meshvpn_node_status(b, p, n, l) }))
+                .unwrap();
+        let b_ip: IpAddr = b_status["node"]["ipv4"].as_str().unwrap().parse().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let s = text(|p, n, l| unsafe { meshvpn_node_status(a, p, n, l) });
+            let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+            if v["peers"].as_array().is_some_and(|p| p.len() == 1) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "a never got b: {s}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        let mut bs = std::ptr::null_mut();
+        let mut as_ = std::ptr::null_mut();
+        // SAFETY: valid handles and out pointers.
+        unsafe {
+            assert_eq!(
+                meshvpn_node_netstack(b, &mut bs),
+                meshvpn_result::MESHVPN_OK
+            );
+            assert_eq!(
+                meshvpn_node_netstack(a, &mut as_),
+                meshvpn_result::MESHVPN_OK
+            );
+        }
+        let b_stack = crate::netstack::lookup(bs).unwrap().stack.clone();
+        let a_stack = crate::netstack::lookup(as_).unwrap().stack.clone();
+        let l = b_stack
+            .tcp_listen(std::net::SocketAddr::new(b_ip, 7000), 4)
+            .unwrap();
+        let conn = a_stack
+            .tcp_connect(
+                std::net::SocketAddr::new(b_ip, 7000),
+                Some(Duration::from_secs(15)),
+            )
+            .expect("a dials b over the mesh");
+        let (_, from) = l.accept_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(from.ip(), a_stack.addresses()[0]);
+        drop(conn);
+
+        let mut engine = std::ptr::null_mut();
+        // SAFETY: valid handles and out pointers.
+        unsafe {
+            assert_eq!(
+                meshvpn_node_engine(a, &mut engine),
+                meshvpn_result::MESHVPN_OK
+            );
+            assert_eq!(
+                crate::engine::meshvpn_engine_free(engine),
+                meshvpn_result::MESHVPN_OK
+            );
+            assert_eq!(
+                crate::netstack::meshvpn_netstack_free(as_),
+                meshvpn_result::MESHVPN_OK
+            );
+            assert_eq!(
+                crate::netstack::meshvpn_netstack_free(bs),
+                meshvpn_result::MESHVPN_OK
+            );
+            assert_eq!(meshvpn_node_free(a), meshvpn_result::MESHVPN_OK);
+            assert_eq!(meshvpn_node_free(b), meshvpn_result::MESHVPN_OK);
+            assert_eq!(meshvpn_node_free(a), meshvpn_result::MESHVPN_INVALID_HANDLE);
+        }
+        drop(tunnel);
+        drop(control);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
