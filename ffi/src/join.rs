@@ -139,28 +139,33 @@ pub unsafe extern "C" fn meshvpn_join(
         let out = Out::new(out_node, "out_node")?;
         // SAFETY: the caller's promise: a valid config or NULL.
         let c = unsafe { ptr::try_ref(config, "config") }?;
-        // SAFETY (every string below): NULL or NUL-terminated, per the
-        // struct's contract.
+        // SAFETY: NULL or a NUL-terminated string, per the struct's contract.
         let url = unsafe { ptr::try_str(c.control_url, "control_url") }?;
         let mut jc = JoinConfig::new(url);
+        // SAFETY: NULL or a NUL-terminated string, per the struct's contract.
         jc.join_key = unsafe { ptr::try_opt_str(c.join_key, "join_key") }?
             .map(|k| Zeroizing::new(k.trim().to_owned()));
+        // SAFETY: NULL or a NUL-terminated string, per the struct's contract.
         if let Some(h) = unsafe { ptr::try_opt_str(c.hostname, "hostname") }? {
             jc.hostname = h.to_owned();
         }
         jc.advertise_routes = list(
+            // SAFETY: NULL or a NUL-terminated string, per the struct's contract.
             unsafe { ptr::try_opt_str(c.advertise_routes, "advertise_routes") }?,
             "advertise_routes",
             |s| s.parse::<IpPrefix>().ok(),
         )?;
+        // SAFETY: NULL or a NUL-terminated string, per the struct's contract.
         jc.tags = list(unsafe { ptr::try_opt_str(c.tags, "tags") }?, "tags", |s| {
             Some(s.to_owned())
         })?;
         let endpoint_ips = list(
+            // SAFETY: NULL or a NUL-terminated string, per the struct's contract.
             unsafe { ptr::try_opt_str(c.endpoint_ips, "endpoint_ips") }?,
             "endpoint_ips",
             |s| s.parse::<IpAddr>().ok(),
         )?;
+        // SAFETY: NULL or a NUL-terminated string, per the struct's contract.
         if let Some(pem) = unsafe { ptr::try_opt_str(c.ca_pem, "ca_pem") }? {
             jc.tls = Some(
                 ::meshvpn_engine::ws::tls::client_config(pem.as_bytes(), None)
@@ -500,15 +505,17 @@ mod tests {
         );
         let (r, b) = join(&good);
         assert_eq!(r, meshvpn_result::MESHVPN_OK);
-        // SAFETY (the calls below): valid handles and buffers.
+        // SAFETY: a valid node handle and a buffer of the length given.
         let joined = text(|p, n, l| unsafe { meshvpn_node_next_event(a, 5000, p, n, l) });
         assert!(joined.contains(r#""type":"joined""#), "{joined}");
         let b_status: serde_json::Value =
+            // SAFETY: a valid node handle and a buffer of the length given.
             serde_json::from_str(&text(|p, n, l| unsafe { meshvpn_node_status(b, p, n, l) }))
                 .unwrap();
         let b_ip: IpAddr = b_status["node"]["ipv4"].as_str().unwrap().parse().unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         loop {
+            // SAFETY: a valid node handle and a buffer of the length given.
             let s = text(|p, n, l| unsafe { meshvpn_node_status(a, p, n, l) });
             let v: serde_json::Value = serde_json::from_str(&s).unwrap();
             if v["peers"].as_array().is_some_and(|p| p.len() == 1) {
