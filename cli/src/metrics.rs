@@ -351,7 +351,13 @@ pub fn render(engine: &Engine, ifname: &str) -> String {
         meshvpn_engine::device::Endpoint::Relay(_) => "relay".to_owned(),
         meshvpn_engine::device::Endpoint::Udp(a) => a.to_string(),
     };
-    let per_peer: [(&str, &str, fn(&meshvpn_engine::device::PathSummary) -> u64); 3] = [
+    /// A per-peer counter family: name, help, and how to read it.
+    type PeerCounter = (
+        &'static str,
+        &'static str,
+        fn(&meshvpn_engine::device::PathSummary) -> u64,
+    );
+    let per_peer: [PeerCounter; 3] = [
         (
             "meshvpn_nat_peer_probes_total",
             "Probe datagrams sent to a peer's paths (probing rounds and round-trip measurements).",
