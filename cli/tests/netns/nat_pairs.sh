@@ -191,8 +191,9 @@ random_verdict() {
 # address_change: N1 pings N3 every 0.1 s (500 at most, 50 s at most)
 # while R1's public address moves from 10.240.1.2 to 10.240.1.3 (the
 # kernel drops masquerade's mappings of the old address, as after a new
-# DHCP lease). The pings continue, N3 sees N1 on the relay and then direct
-# at 10.240.1.3, and the longest gap between answered pings is bounded.
+# DHCP lease). The pings continue, N3 sees N1 direct at 10.240.1.3 again
+# (through the relay or re-punched at once), and the longest gap between
+# answered pings is bounded.
 address_change() {
 	local pingpid e e1 seen_relay="" back="" t0 i gap lost f0 f1
 	f0=$(metric "$N1" meshvpn_nat_fallbacks_total)
@@ -231,9 +232,17 @@ address_change() {
 	lost=$(awk '/packet loss/ { print $1 - $4 }' "$T/change.ping")
 	f1=$(metric "$N1" meshvpn_nat_fallbacks_total)
 	echo "    address change: the relay seen after ${seen_relay:-never} s, direct to 10.240.1.3 after ${back:-never} s; N1's fallbacks ${f0:-?} -> ${f1:-?}; longest ping gap ${gap} s, ${lost:-?} pings lost"
-	((${f1:-0} > ${f0:-0})) &&
-		pass "address change: N1 fell back to the relay (fallbacks ${f0} -> ${f1}; a relay endpoint seen at ${seen_relay:-no poll} s)" ||
-		fail "address change: N1 never fell back to the relay (fallbacks ${f0:-?} -> ${f1:-?})"
+	# Two ways back are both right, and which one comes first is a race:
+	# N1 gives the direct path up for the relay (its fallback counter
+	# moves), or N3 learns N1's new address through the relay (N1's
+	# rediscovery announces it) and the probes punch the new mapping while
+	# N1 still counts its path as direct. What must hold is below: direct
+	# again to the new address, and the pings go on.
+	if ((${f1:-0} > ${f0:-0})); then
+		echo "    address change: N1 fell back to the relay first (fallbacks ${f0} -> ${f1})"
+	else
+		echo "    address change: re-punched to the new address without a fallback (fallbacks ${f0:-?} -> ${f1:-?})"
+	fi
 	[[ -n $back ]] && pass "address change: direct again to R1's new address ${back} s after the change" ||
 		fail "address change: not direct to 10.240.1.3 within 40 s ($(endpoint "$N3" "$IF3" "$IF1") / $(endpoint "$N1" "$IF1" "$IF3"))"
 	GAP=$gap

@@ -297,7 +297,17 @@ fn tick(
                 }
             }
         }
-        if let Some(mv) = st.choose(&peer.stats(), now) {
+        let fell_before = st.fallbacks;
+        let chosen = st.choose(&peer.stats(), now);
+        if st.fallbacks > fell_before {
+            // The chosen direct path stopped answering its measurement and
+            // the relay did: the same fallback as unanswered handshakes,
+            // counted and followed by a discovery round the same way.
+            shared.nat.fallbacks.fetch_add(1, Relaxed);
+            tracing::info!(peer = %key, "direct path unanswered; moving the peer to the relay");
+            shared.rediscover();
+        }
+        if let Some(mv) = chosen {
             if mv.handshake {
                 tracing::debug!(peer = %key, to = ?mv.to, "path chosen by round trip");
                 shared.device.switch_path(now, &peer, mv.to, out, &mut net);
