@@ -55,6 +55,7 @@ pub mod error;
 mod handle;
 pub mod key;
 pub mod log;
+pub mod nat;
 pub mod packet;
 #[cfg(test)]
 mod parity;
