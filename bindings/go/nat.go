@@ -138,3 +138,18 @@ func (e *Engine) NATStatus() (NATStatus, error) {
 	}
 	return s, nil
 }
+
+// SetSTUNServers sets the STUN servers discovery asks ("host:port" each),
+// replacing the previous ones, and starts a discovery round at once; none
+// stops discovery. The local address towards each server and the
+// server-reflexive address found are the candidates the engine announces
+// to its peers through the relay. A bad address fails with
+// ErrEndpointInvalid.
+func (e *Engine) SetSTUNServers(servers []string) error {
+	var a arena
+	defer a.free()
+	list, n := a.strs(servers)
+	return e.do("Engine.SetSTUNServers", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_set_stun_servers(h, list, n)
+	})
+}

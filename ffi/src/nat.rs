@@ -9,8 +9,9 @@ use ::meshvpn_engine::peer::Endpoint;
 use ::meshvpn_engine::wg::NatStatus;
 use serde_json::{json, Value};
 
+use crate::config::parse_endpoint;
 use crate::engine::{lookup, meshvpn_engine};
-use crate::error::meshvpn_result;
+use crate::error::{meshvpn_result, Error};
 use crate::ptr::{self, Out};
 
 fn endpoint(e: &Endpoint) -> Value {
@@ -35,7 +36,12 @@ pub(crate) fn status_json(s: &NatStatus) -> Value {
             json!({
                 "public_key": key.to_string(),
                 "path": p.chosen.as_ref().map(endpoint),
-                "candidates": addrs(&p.candidates),
+                // As last received: the path state takes them on its next tick.
+                "candidates": addrs(s
+                    .peer_candidates
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map_or(&p.candidates, |(_, c)| c)),
                 "probes_sent": p.probes_sent,
                 "probe_rounds": p.probe_rounds,
                 "measures_sent": p.measures_sent,
@@ -112,4 +118,91 @@ pub unsafe extern "C" fn meshvpn_engine_nat_status(
         // SAFETY: the caller promises `buf` has `buf_len` writable bytes.
         unsafe { ptr::write_text(buf, buf_len, out_len, &text) }
     }}
+}
+
+/// Sets the STUN servers discovery asks (each `"host:port"`, resolved
+/// now), replacing the previous ones, and starts a discovery round at
+/// once; `len` 0 stops discovery. Our local address towards each server
+/// and the server-reflexive address found become the candidates announced
+/// to peers through the relay.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_ENGINE_STOPPED`, `MESHVPN_ENDPOINT_INVALID`,
+/// `MESHVPN_INVALID_ARGUMENT` (a list discovery refuses).
+///
+/// Thread safety: safe to call from any thread at any time.
+///
+/// # Safety
+/// `servers` is NULL (with `len` 0) or points to `len` NUL-terminated strings.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_engine_set_stun_servers(
+    engine: *const meshvpn_engine,
+    servers: *const *const c_char,
+    len: usize,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        // SAFETY: the caller's promise about `servers`.
+        let items = unsafe { ptr::try_slice(servers, len, "servers") }?;
+        let mut list = Vec::with_capacity(items.len());
+        for (i, &s) in items.iter().enumerate() {
+            let what = format!("servers[{i}]");
+            // SAFETY: the caller's promise, per element.
+            let text = unsafe { ptr::try_str(s, &what) }?;
+            list.push(parse_endpoint(text, &what)?);
+        }
+        let e = lookup(engine)?.running()?;
+        e.set_stun_servers(&list)
+            .map_err(|why| Error::new(meshvpn_result::MESHVPN_INVALID_ARGUMENT, why))
+    }}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ::meshvpn_engine::config::PublicKey;
+    use ::meshvpn_engine::device::PathSummary;
+
+    use super::*;
+
+    #[test]
+    fn status_json_carries_paths_candidates_and_round_trips() {
+        let key = PublicKey::from_bytes([7; 32]);
+        let other = PublicKey::from_bytes([9; 32]);
+        let direct: std::net::SocketAddr = "127.0.0.2:51820".parse().unwrap();
+        let mut s = NatStatus {
+            reflexive: Some("127.0.0.9:4000".parse().unwrap()),
+            candidates: vec!["127.0.0.1:51820".parse().unwrap()],
+            peer_candidates: vec![(other, vec![direct])],
+            ..Default::default()
+        };
+        s.stats.probes_sent = 18;
+        s.peer_paths = vec![(
+            key,
+            PathSummary {
+                chosen: Some(Endpoint::Udp(direct)),
+                candidates: vec![direct],
+                probes_sent: 9,
+                rtts: vec![
+                    (Endpoint::Udp(direct), Some(Duration::from_micros(1500))),
+                    (Endpoint::Relay(key), None),
+                ],
+                ..Default::default()
+            },
+        )];
+        let v = status_json(&s);
+        assert_eq!(v["reflexive"], "127.0.0.9:4000");
+        assert_eq!(v["candidates"][0], "127.0.0.1:51820");
+        assert_eq!(v["stats"]["probes_sent"], 18);
+        let p = &v["peers"][0];
+        assert_eq!(p["public_key"], key.to_string());
+        assert_eq!(p["path"]["kind"], "udp");
+        assert_eq!(p["path"]["address"], "127.0.0.2:51820");
+        assert_eq!(p["probes_sent"], 9);
+        assert_eq!(p["rtts"][0]["rtt_us"], 1500);
+        assert_eq!(p["rtts"][1]["path"]["kind"], "relay");
+        assert!(p["rtts"][1]["rtt_us"].is_null());
+        assert_eq!(v["pending_candidates"][0]["public_key"], other.to_string());
+        assert_eq!(v["peers"].as_array().unwrap().len(), 1);
+    }
 }
