@@ -906,6 +906,49 @@ typedef struct meshvpn_peer_stats {
 } meshvpn_peer_stats;
 
 /**
+ * NAT traversal counters of one engine, from `meshvpn_engine_nat_stats`
+ * (the fields of the engine's `NatStats`, checked by the parity test).
+ */
+typedef struct meshvpn_nat_stats {
+  /**
+   * Candidate messages accepted from peers.
+   */
+  uint64_t candidates_received;
+  /**
+   * Candidate messages refused by the parser.
+   */
+  uint64_t candidates_malformed;
+  /**
+   * Candidate messages of a version we do not speak.
+   */
+  uint64_t candidates_unsupported;
+  /**
+   * Candidate messages from a key that is not a peer.
+   */
+  uint64_t candidates_unknown_peer;
+  /**
+   * Candidate messages sent to peers.
+   */
+  uint64_t candidates_sent;
+  /**
+   * Probing rounds, all peers.
+   */
+  uint64_t probe_rounds;
+  /**
+   * Datagrams those rounds sent.
+   */
+  uint64_t probes_sent;
+  /**
+   * Rounds put off by the device-wide probe budget.
+   */
+  uint64_t probes_deferred;
+  /**
+   * Direct paths given up for the relay.
+   */
+  uint64_t fallbacks;
+} meshvpn_nat_stats;
+
+/**
  * Sizes and limits of a stack. Fill it with
  * `meshvpn_netstack_options_default` and change what you need. Memory is
  * bounded by about `max_sockets * (tcp_rx_buffer + tcp_tx_buffer) +
@@ -1984,6 +2027,49 @@ meshvpn_result meshvpn_set_log_callback(meshvpn_log_callback callback,
                                         uint32_t max_level);
 
 /**
+ * Writes the engine's NAT traversal state as one JSON object into `buf`,
+ * following the buffer protocol of `meshvpn_result_message`:
+ * `stun_servers` (strings), `reflexive` (this node's server-reflexive
+ * address as STUN found it, or null), `candidates` (what we announce:
+ * local and reflexive addresses), `discovery` (STUN counters), `stats`
+ * (a subset of `meshvpn_nat_stats`), `peers` (per peer: `public_key`
+ * base64, `path` = {`kind`: "udp"|"relay", `address`} or null,
+ * `candidates`, `probes_sent`, `probe_rounds`, `measures_sent`,
+ * `rtt_switches`, `fallbacks`, `rtts` = [{`path`, `rtt_us` or null when
+ * unanswered}]) and `pending_candidates` (received for peers without path
+ * state yet: `public_key`, `candidates`).
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_ENGINE_STOPPED`, `MESHVPN_BUFFER_TOO_SMALL`.
+ *
+ * Thread safety: safe to call from any thread at any time.
+ */
+meshvpn_result meshvpn_engine_nat_status(const struct meshvpn_engine *engine,
+                                         char *buf,
+                                         size_t buf_len,
+                                         size_t *out_len);
+
+/**
+ * Sets the STUN servers discovery asks (each `"host:port"`, resolved
+ * now), replacing the previous ones, and starts a discovery round at
+ * once; `len` 0 stops discovery. Our local address towards each server
+ * and the server-reflexive address found become the candidates announced
+ * to peers through the relay.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_ENGINE_STOPPED`, `MESHVPN_ENDPOINT_INVALID`,
+ * `MESHVPN_INVALID_ARGUMENT` (a list discovery refuses).
+ *
+ * Thread safety: safe to call from any thread at any time.
+ *
+ * # Safety
+ * `servers` is NULL (with `len` 0) or points to `len` NUL-terminated strings.
+ */
+meshvpn_result meshvpn_engine_set_stun_servers(const struct meshvpn_engine *engine,
+                                               const char *const *servers,
+                                               size_t len);
+
+/**
  * Sends one inner IP packet into the mesh: it is routed by destination
  * to the peer whose AllowedIPs cover it, encrypted and sent over UDP on
  * the calling thread. A packet for a peer without a session is queued
@@ -2124,6 +2210,18 @@ meshvpn_result meshvpn_engine_stats(const struct meshvpn_engine *engine,
 meshvpn_result meshvpn_engine_peer_stats(const struct meshvpn_engine *engine,
                                          const struct meshvpn_key *public_key,
                                          struct meshvpn_peer_stats *out_stats);
+
+/**
+ * Copies the engine's NAT traversal counters into `*out_stats`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_ENGINE_STOPPED`.
+ *
+ * Thread safety: safe to call from any thread at any time; see
+ * `meshvpn_engine_stats` on consistency.
+ */
+meshvpn_result meshvpn_engine_nat_stats(const struct meshvpn_engine *engine,
+                                        struct meshvpn_nat_stats *out_stats);
 
 /**
  * Creates an unconnected TCP connection on `netstack`; connect it with

@@ -189,3 +189,49 @@ func (s *TunnelServer) RelayStats() (RelayServerStats, error) {
 		QueuedBytesPeak: uint64(st.queued_bytes_peak), SessionQueuedBytesPeak: uint64(st.session_queued_bytes_peak),
 	}, err
 }
+
+// NATStats are an engine's NAT traversal counters since it started.
+type NATStats struct {
+	// CandidatesReceived counts candidate messages accepted from peers.
+	CandidatesReceived uint64
+	// CandidatesMalformed counts candidate messages refused by the parser.
+	CandidatesMalformed uint64
+	// CandidatesUnsupported counts candidate messages of a version the
+	// engine does not speak.
+	CandidatesUnsupported uint64
+	// CandidatesUnknownPeer counts candidate messages from a key that is
+	// not a peer.
+	CandidatesUnknownPeer uint64
+	// CandidatesSent counts candidate messages sent to peers.
+	CandidatesSent uint64
+	// ProbeRounds counts probing rounds, all peers.
+	ProbeRounds uint64
+	// ProbesSent counts the datagrams those rounds sent.
+	ProbesSent uint64
+	// ProbesDeferred counts rounds put off by the device-wide probe budget.
+	ProbesDeferred uint64
+	// Fallbacks counts direct paths given up for the relay.
+	Fallbacks uint64
+}
+
+// NATStats returns the engine's NAT traversal counters (read one by one,
+// not as an atomic snapshot); an error matching net.ErrClosed after Close.
+func (e *Engine) NATStats() (NATStats, error) {
+	var s C.meshvpn_nat_stats
+	if err := e.do("Engine.NATStats", func(h *C.meshvpn_engine) C.meshvpn_result {
+		return C.meshvpn_engine_nat_stats(h, &s)
+	}); err != nil {
+		return NATStats{}, err
+	}
+	return NATStats{
+		CandidatesReceived:    uint64(s.candidates_received),
+		CandidatesMalformed:   uint64(s.candidates_malformed),
+		CandidatesUnsupported: uint64(s.candidates_unsupported),
+		CandidatesUnknownPeer: uint64(s.candidates_unknown_peer),
+		CandidatesSent:        uint64(s.candidates_sent),
+		ProbeRounds:           uint64(s.probe_rounds),
+		ProbesSent:            uint64(s.probes_sent),
+		ProbesDeferred:        uint64(s.probes_deferred),
+		Fallbacks:             uint64(s.fallbacks),
+	}, nil
+}

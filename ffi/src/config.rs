@@ -211,7 +211,7 @@ unsafe fn read_prefixes(
         .collect()
 }
 
-fn parse_endpoint(text: &str, field: &str) -> Result<SocketAddr> {
+pub(crate) fn parse_endpoint(text: &str, field: &str) -> Result<SocketAddr> {
     let text = text.trim();
     let bad = |why: &str| {
         Error::new(

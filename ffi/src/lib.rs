@@ -9,7 +9,8 @@
 //! | `key`    | `meshvpn_key`, generation and conversion    |
 //! | `config` | `meshvpn_config`, `meshvpn_peer_config`, `meshvpn_peer_update` |
 //! | `engine` | `meshvpn_engine`: lifecycle, keys, peers, configuration |
-//! | `stats`  | `meshvpn_stats`, `meshvpn_peer_stats` |
+//! | `stats`  | `meshvpn_stats`, `meshvpn_peer_stats`, `meshvpn_nat_stats` |
+//! | `nat`    | `meshvpn_engine_nat_status`: NAT traversal state as JSON |
 //! | `packet` | `meshvpn_packet`: batched send/receive, eventfd and callback wakeups |
 //! | `log`    | `meshvpn_set_log_callback`                  |
 //! | `uapi`   | `meshvpn_engine_uapi_get/set`: the WireGuard UAPI as calls |
@@ -55,6 +56,7 @@ pub mod error;
 mod handle;
 pub mod key;
 pub mod log;
+pub mod nat;
 pub mod packet;
 #[cfg(test)]
 mod parity;

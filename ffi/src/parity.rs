@@ -12,7 +12,7 @@ use ::meshvpn_engine::peer::{DropReason, PeerStats};
 use ::meshvpn_engine::relay::{RelayServerStats, RelayStatus};
 use ::meshvpn_engine::stats::StatField;
 use ::meshvpn_engine::supervisor::{AgentStats, ServerStats};
-use ::meshvpn_engine::wg::EngineStats;
+use ::meshvpn_engine::wg::{EngineStats, NatStats};
 
 /// A field whose C or Go name is not the Rust one. `c` empty: the Rust
 /// name; ending in `()`: not a struct field but a function of its own.
@@ -39,6 +39,13 @@ const EXPORTED: &[Exported] = &[
         fields: EngineStats::FIELDS,
         c: "meshvpn_stats",
         go: "Stats",
+        renames: &[],
+    },
+    Exported {
+        rust: "NatStats",
+        fields: NatStats::FIELDS,
+        c: "meshvpn_nat_stats",
+        go: "NATStats",
         renames: &[],
     },
     Exported {

@@ -7,7 +7,7 @@ use std::time::UNIX_EPOCH;
 use ::meshvpn_engine::peer::{DropReason, PeerPath, PeerStats};
 use ::meshvpn_engine::relay::RelayServerStats;
 use ::meshvpn_engine::supervisor::{AgentStats, ServerStats};
-use ::meshvpn_engine::wg::EngineStats;
+use ::meshvpn_engine::wg::{EngineStats, NatStats};
 
 use crate::engine::{lookup, meshvpn_engine};
 use crate::error::{meshvpn_result, Error};
@@ -397,4 +397,76 @@ impl From<AgentStats> for meshvpn_tunnel_agent_status {
             dials_failed,
         }
     }
+}
+
+/// NAT traversal counters of one engine, from `meshvpn_engine_nat_stats`
+/// (the fields of the engine's `NatStats`, checked by the parity test).
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct meshvpn_nat_stats {
+    /// Candidate messages accepted from peers.
+    pub candidates_received: u64,
+    /// Candidate messages refused by the parser.
+    pub candidates_malformed: u64,
+    /// Candidate messages of a version we do not speak.
+    pub candidates_unsupported: u64,
+    /// Candidate messages from a key that is not a peer.
+    pub candidates_unknown_peer: u64,
+    /// Candidate messages sent to peers.
+    pub candidates_sent: u64,
+    /// Probing rounds, all peers.
+    pub probe_rounds: u64,
+    /// Datagrams those rounds sent.
+    pub probes_sent: u64,
+    /// Rounds put off by the device-wide probe budget.
+    pub probes_deferred: u64,
+    /// Direct paths given up for the relay.
+    pub fallbacks: u64,
+}
+
+impl From<NatStats> for meshvpn_nat_stats {
+    fn from(s: NatStats) -> Self {
+        // Exhaustive: a new engine field does not compile until it is here.
+        let NatStats {
+            candidates_received,
+            candidates_malformed,
+            candidates_unsupported,
+            candidates_unknown_peer,
+            candidates_sent,
+            probe_rounds,
+            probes_sent,
+            probes_deferred,
+            fallbacks,
+        } = s;
+        meshvpn_nat_stats {
+            candidates_received,
+            candidates_malformed,
+            candidates_unsupported,
+            candidates_unknown_peer,
+            candidates_sent,
+            probe_rounds,
+            probes_sent,
+            probes_deferred,
+            fallbacks,
+        }
+    }
+}
+
+/// Copies the engine's NAT traversal counters into `*out_stats`.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_ENGINE_STOPPED`.
+///
+/// Thread safety: safe to call from any thread at any time; see
+/// `meshvpn_engine_stats` on consistency.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_engine_nat_stats(
+    engine: *const meshvpn_engine,
+    out_stats: *mut meshvpn_nat_stats,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let e = lookup(engine)?.running()?;
+        Out::new(out_stats, "out_stats")?.write(e.nat_stats().into());
+        Ok(())
+    }}
 }

@@ -543,6 +543,18 @@ static void test_packet_exchange(struct node *a, struct node *b) {
     OK(meshvpn_engine_stats(a->engine, &es));
     CHECK(es.tx_no_route == 1 && es.tx_malformed == 2);
     CHECK_RC(meshvpn_engine_stats(a->engine, NULL), MESHVPN_NULL_PARAMETER);
+    meshvpn_nat_stats ns;
+    OK(meshvpn_engine_nat_stats(a->engine, &ns));
+    CHECK(ns.candidates_malformed == 0 && ns.candidates_unknown_peer == 0);
+    CHECK_RC(meshvpn_engine_nat_stats(a->engine, NULL), MESHVPN_NULL_PARAMETER);
+    {
+        char nat[4096];
+        size_t nat_len = 0;
+        OK(meshvpn_engine_nat_status(a->engine, nat, sizeof nat, &nat_len));
+        CHECK(nat_len > 2 && nat[0] == '{' && strstr(nat, "\"candidates\":[") != NULL &&
+              strstr(nat, "\"peers\":[") != NULL);
+        CHECK_RC(meshvpn_engine_nat_status(a->engine, nat, 1, &nat_len), MESHVPN_BUFFER_TOO_SMALL);
+    }
 
     sent = 555;
     CHECK_RC(meshvpn_engine_send_packets(a->engine, NULL, 2, &sent), MESHVPN_NULL_PARAMETER);

@@ -30,6 +30,7 @@ use crate::nat::{
     random_transaction_id, Discovered, Discovery, DiscoveryConfig, DiscoveryStats, Output,
 };
 use crate::relay::protocol::{Candidates, CandidatesError, MAX_CANDIDATES};
+use crate::stats::stats_struct;
 
 /// A new discovery round this often (Tailscale's netcheck runs every
 /// 20-26 s; NAT mappings for UDP commonly expire after 30 s to minutes).
@@ -41,6 +42,7 @@ pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(30);
 /// peer (a peer resending cannot make us send more).
 pub const ANSWER_GAP: Duration = Duration::from_secs(5);
 
+stats_struct! {
 /// NAT traversal counters of one engine.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NatStats {
@@ -62,6 +64,7 @@ pub struct NatStats {
     pub probes_deferred: u64,
     /// Direct paths given up for the relay.
     pub fallbacks: u64,
+}
 }
 
 /// What `meshvpn status` shows of NAT traversal.
