@@ -3328,12 +3328,20 @@ meshvpn_result meshvpn_control_server_free(struct meshvpn_control_server *server
  * `MESHVPN_JOIN_KEY_EXPIRED`, `MESHVPN_JOIN_KEY_REVOKED`,
  * `MESHVPN_JOIN_KEY_REUSED`, `MESHVPN_JOIN_REFUSED` (each with the
  * server's reason as the message), `MESHVPN_TIMEOUT` (no registration in
- * time: the server unreachable; the message has the last error).
+ * time: the server unreachable; the message has the last error),
+ * `MESHVPN_INTERRUPTED` (`interrupter` was interrupted: the node was
+ * closed, nothing is left running), `MESHVPN_INVALID_HANDLE` (a dead
+ * `interrupter`).
+ *
+ * `interrupter` (may be NULL) cancels the join from another thread:
+ * `meshvpn_interrupter_interrupt` makes it return `MESHVPN_INTERRUPTED`
+ * within about 20 ms (Go's `Join` does this when its ctx is cancelled).
  *
  * Thread safety: safe from any thread; blocks up to `timeout_ms`.
  */
 meshvpn_result meshvpn_join(const struct meshvpn_join_config *config,
                             meshvpn_timeout_ms timeout_ms,
+                            const struct meshvpn_interrupter *interrupter,
                             struct meshvpn_node **out_node);
 
 /**

@@ -196,3 +196,52 @@ func TestJoinUserspaceMesh(t *testing.T) {
 		t.Fatalf("the refusal names the other cluster: %+v", ev)
 	}
 }
+
+// TestJoinCancelEndsTheCCall: a Join to a server that accepts and never
+// answers, cancelled after 100 ms, returns ctx.Err() at once, and the C
+// meshvpn_join returns too (no call left in flight), long before its
+// 30 s wait.
+func TestJoinCancelEndsTheCCall(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		var held []net.Conn
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				for _, c := range held {
+					c.Close()
+				}
+				return
+			}
+			held = append(held, c)
+		}
+	}()
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(100*time.Millisecond, cancel)
+	start := time.Now()
+	n, err := Join(ctx, JoinConfig{
+		ControlURL:  "ws://" + l.Addr().String() + "/v1-meshvpn/control",
+		JoinKey:     "mvk-never-checked",
+		EndpointIPs: []string{"127.0.0.1"},
+		Userspace:   true,
+	})
+	if n != nil || !errors.Is(err, context.Canceled) {
+		t.Fatalf("Join = %v, %v; want nil, context.Canceled", n, err)
+	}
+	returned := time.Since(start)
+	if returned > time.Second {
+		t.Fatalf("Join took %v after a 100 ms cancel", returned)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for joinsInFlight.Load() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("meshvpn_join still running 2 s after the cancel")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Logf("Join returned after %v, the C call had ended by %v", returned, time.Since(start))
+}

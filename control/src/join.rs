@@ -149,6 +149,9 @@ pub enum JoinError {
     TimedOut(Duration, String),
     #[error("{0}")]
     Setup(String),
+    /// The caller cancelled the join while it waited.
+    #[error("the join was interrupted")]
+    Interrupted,
 }
 
 impl JoinError {
@@ -279,6 +282,25 @@ impl Node {
         endpoint_ips: Vec<IpAddr>,
         timeout: Duration,
     ) -> Result<Node, JoinError> {
+        Node::join_until(config, key, port, endpoint_ips, timeout, &|| false)
+    }
+
+    /// [`Node::join`] that also gives up once `cancelled` says so
+    /// ([`JoinError::Interrupted`]); it is asked every 20 ms while waiting
+    /// (the C ABI's `meshvpn_interrupter`). The engine is closed before
+    /// returning; the control thread ends in the background once its
+    /// connection attempt does (at most the handshake timeout).
+    pub fn join_until(
+        config: JoinConfig,
+        key: PrivateKey,
+        port: u16,
+        endpoint_ips: Vec<IpAddr>,
+        timeout: Duration,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Node, JoinError> {
+        if cancelled() {
+            return Err(JoinError::Interrupted);
+        }
         let engine = Arc::new(new_engine(key, port).map_err(JoinError::Setup)?);
         let node = Node::start(
             config,
@@ -286,8 +308,20 @@ impl Node {
             Box::new(UserspaceHost { endpoint_ips }),
             false,
         )?;
-        match node.wait_joined(timeout) {
+        match node.wait_joined_until(timeout, cancelled) {
             Ok(_) => Ok(node),
+            Err(JoinError::Interrupted) => {
+                // The caller wants out now; a connection attempt still in
+                // its handshake ends within the handshake timeout, so the
+                // node is closed (the engine at once, the control thread
+                // when that attempt ends) off the caller's thread.
+                node.shared.stop.store(true, Ordering::Release);
+                node.shared.engine.close();
+                let _ = std::thread::Builder::new()
+                    .name("meshvpn-node-close".into())
+                    .spawn(move || node.close());
+                Err(JoinError::Interrupted)
+            }
             Err(e) => {
                 node.close();
                 Err(e)
@@ -375,7 +409,16 @@ impl Node {
     /// known, and the netstack attached when asked for), a final refusal,
     /// or `timeout`.
     pub fn wait_joined(&self, timeout: Duration) -> Result<NodeInfo, JoinError> {
-        let deadline = Instant::now() + timeout;
+        self.wait_joined_until(timeout, &|| false)
+    }
+
+    fn wait_joined_until(
+        &self,
+        timeout: Duration,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<NodeInfo, JoinError> {
+        const POLL: Duration = Duration::from_millis(20);
+        let deadline = Instant::now().checked_add(timeout);
         let mut v = self.shared.view.lock();
         loop {
             if let Some(e) = &v.status.fatal {
@@ -387,7 +430,17 @@ impl Node {
             if v.done {
                 return Err(JoinError::Setup("the node was closed".into()));
             }
-            if self.shared.joined.wait_until(&mut v, deadline).timed_out() {
+            if cancelled() {
+                return Err(JoinError::Interrupted);
+            }
+            let now = Instant::now();
+            let slice = match deadline {
+                Some(d) => d.min(now + POLL),
+                None => now + POLL,
+            };
+            if self.shared.joined.wait_until(&mut v, slice).timed_out()
+                && deadline.is_some_and(|d| Instant::now() >= d)
+            {
                 let why = v
                     .status
                     .last_error

@@ -24,6 +24,7 @@ use zeroize::Zeroizing;
 use crate::engine::meshvpn_engine;
 use crate::error::{meshvpn_result, Error, Result};
 use crate::handle::{tag, HandleTable, Handled};
+use crate::interrupter::{self, meshvpn_interrupter};
 use crate::key::meshvpn_key;
 use crate::netstack::meshvpn_netstack;
 use crate::ptr::{self, Out};
@@ -106,6 +107,7 @@ impl From<JoinError> for Error {
             JoinError::Refused(_) => MESHVPN_JOIN_REFUSED,
             JoinError::TimedOut(..) => MESHVPN_TIMEOUT,
             JoinError::Setup(_) => MESHVPN_INVALID_ARGUMENT,
+            JoinError::Interrupted => MESHVPN_INTERRUPTED,
         };
         Error::new(code, e.to_string())
     }
@@ -126,17 +128,26 @@ impl From<JoinError> for Error {
 /// `MESHVPN_JOIN_KEY_EXPIRED`, `MESHVPN_JOIN_KEY_REVOKED`,
 /// `MESHVPN_JOIN_KEY_REUSED`, `MESHVPN_JOIN_REFUSED` (each with the
 /// server's reason as the message), `MESHVPN_TIMEOUT` (no registration in
-/// time: the server unreachable; the message has the last error).
+/// time: the server unreachable; the message has the last error),
+/// `MESHVPN_INTERRUPTED` (`interrupter` was interrupted: the node was
+/// closed, nothing is left running), `MESHVPN_INVALID_HANDLE` (a dead
+/// `interrupter`).
+///
+/// `interrupter` (may be NULL) cancels the join from another thread:
+/// `meshvpn_interrupter_interrupt` makes it return `MESHVPN_INTERRUPTED`
+/// within about 20 ms (Go's `Join` does this when its ctx is cancelled).
 ///
 /// Thread safety: safe from any thread; blocks up to `timeout_ms`.
 #[no_mangle]
 pub unsafe extern "C" fn meshvpn_join(
     config: *const meshvpn_join_config,
     timeout_ms: meshvpn_timeout_ms,
+    interrupter: *const meshvpn_interrupter,
     out_node: *mut *mut meshvpn_node,
 ) -> meshvpn_result {
     ffi_boundary! {{
         let out = Out::new(out_node, "out_node")?;
+        let interrupter = interrupter::lookup_optional(interrupter)?;
         // SAFETY: the caller's promise: a valid config or NULL.
         let c = unsafe { ptr::try_ref(config, "config") }?;
         // SAFETY: NULL or a NUL-terminated string, per the struct's contract.
@@ -182,7 +193,8 @@ pub unsafe extern "C" fn meshvpn_join(
             None => PrivateKey::generate(),
         };
         let limit = timeout::limit(timeout_ms).unwrap_or(Duration::MAX);
-        let node = Node::join(jc, key, c.listen_port, endpoint_ips, limit)?;
+        let cancelled = interrupter.poll();
+        let node = Node::join_until(jc, key, c.listen_port, endpoint_ips, limit, &cancelled)?;
         out.write(NODES.insert(Arc::new(NodeHandle(node)))?);
         Ok(())
     }}
@@ -487,7 +499,7 @@ mod tests {
         let join = |key: &CString| {
             let mut node = std::ptr::null_mut();
             // SAFETY: a valid config whose strings outlive the call.
-            let r = unsafe { meshvpn_join(&config(key), 15_000, &mut node) };
+            let r = unsafe { meshvpn_join(&config(key), 15_000, std::ptr::null(), &mut node) };
             (r, node)
         };
 
@@ -579,5 +591,65 @@ mod tests {
         drop(tunnel);
         drop(control);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A join to a server that accepts and never answers ends when its
+    /// interrupter is interrupted, long before its timeout.
+    #[test]
+    fn an_interrupter_ends_a_join_to_a_silent_server() {
+        use crate::interrupter::{
+            meshvpn_interrupter_free, meshvpn_interrupter_interrupt, meshvpn_interrupter_new,
+        };
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = CString::new(format!(
+            "ws://{}{CONTROL_PATH}",
+            silent.local_addr().unwrap()
+        ))
+        .unwrap();
+        let held = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            while let Ok((c, _)) = silent.accept() {
+                conns.push(c);
+                if conns.len() > 16 {
+                    break;
+                }
+            }
+        });
+        let key = CString::new("mvk-x").unwrap();
+        let config = meshvpn_join_config {
+            control_url: url.as_ptr(),
+            join_key: key.as_ptr(),
+            private_key: std::ptr::null(),
+            hostname: std::ptr::null(),
+            advertise_routes: std::ptr::null(),
+            tags: std::ptr::null(),
+            ca_pem: std::ptr::null(),
+            endpoint_ips: std::ptr::null(),
+            listen_port: 0,
+            accept_routes: false,
+            userspace: true,
+        };
+        let mut token = std::ptr::null_mut();
+        // SAFETY: a valid out pointer.
+        assert_eq!(
+            unsafe { meshvpn_interrupter_new(&mut token) },
+            meshvpn_result::MESHVPN_OK
+        );
+        let addr = token as usize;
+        let waker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            meshvpn_interrupter_interrupt(addr as *mut meshvpn_interrupter)
+        });
+        let start = std::time::Instant::now();
+        let mut node = std::ptr::null_mut();
+        // SAFETY: a valid config whose strings outlive the call.
+        let r = unsafe { meshvpn_join(&config, 20_000, token, &mut node) };
+        let took = start.elapsed();
+        assert_eq!(r, meshvpn_result::MESHVPN_INTERRUPTED);
+        assert!(node.is_null());
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        assert_eq!(waker.join().unwrap(), meshvpn_result::MESHVPN_OK);
+        assert_eq!(meshvpn_interrupter_free(token), meshvpn_result::MESHVPN_OK);
+        drop(held);
     }
 }

@@ -120,6 +120,18 @@ impl Interrupter {
     pub fn interrupt(&self) {
         self.signal.interrupt();
     }
+
+    /// For a call that polls the token instead of sleeping on it (a join
+    /// waiting on another condition): the returned check is true once an
+    /// interrupt came after this call, or if one was pending before it
+    /// (consumed here, as a wait starting then would).
+    pub fn poll(&self) -> impl Fn() -> bool + Send + Sync + '_ {
+        let (seen, pending) = {
+            let mut s = self.signal.state.lock();
+            (s.generation, std::mem::take(&mut s.pending))
+        };
+        move || pending || self.signal.state.lock().interrupted_at > seen
+    }
 }
 
 #[cfg(test)]
@@ -140,6 +152,20 @@ mod tests {
         let seen = s.generation();
         s.notify();
         assert!(s.wait(seen, None), "a plain notify is not an interrupt");
+    }
+
+    #[test]
+    fn poll_sees_an_interrupt_pending_before_or_coming_after() {
+        let i = Interrupter::new();
+        assert!(!(i.poll())());
+        i.interrupt();
+        let before = i.poll();
+        assert!(before(), "the pending interrupt counts once");
+        assert!(!(i.poll())(), "and is consumed");
+        let check = i.poll();
+        assert!(!check());
+        i.interrupt();
+        assert!(check());
     }
 
     #[test]
