@@ -631,10 +631,8 @@ mod tests {
         };
         let mut token = std::ptr::null_mut();
         // SAFETY: a valid out pointer.
-        assert_eq!(
-            unsafe { meshvpn_interrupter_new(&mut token) },
-            meshvpn_result::MESHVPN_OK
-        );
+        let made = unsafe { meshvpn_interrupter_new(&mut token) };
+        assert_eq!(made, meshvpn_result::MESHVPN_OK);
         let addr = token as usize;
         let waker = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
