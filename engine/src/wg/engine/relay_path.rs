@@ -272,6 +272,7 @@ fn tick(
         if let Some((path, rtt)) = peer.take_rtt_sample() {
             st.observe_rtt(path, rtt, now);
         }
+        let fell_before = st.fallbacks;
         let action = st.step(&stats, relay_up, probe_interval, now);
         if stats.path != before {
             tracing::info!(peer = %key, path = stats.path.name(), "peer path changed");
@@ -279,11 +280,7 @@ fn tick(
         match action {
             PathAction::Stay => {}
             PathAction::ToRelay => {
-                shared.nat.fallbacks.fetch_add(1, Relaxed);
                 tracing::info!(peer = %key, "UDP handshakes unanswered; moving the peer to the relay");
-                // Perhaps our NAT moved us: learn the new mapping now, so
-                // the peer gets it (and probes it) within seconds.
-                shared.rediscover();
                 shared
                     .device
                     .switch_path(now, &peer, Endpoint::Relay(key), out, &mut net);
@@ -297,14 +294,13 @@ fn tick(
                 }
             }
         }
-        let fell_before = st.fallbacks;
         let chosen = st.choose(&peer.stats(), now);
+        // A direct path given up for the relay, by unanswered handshakes
+        // (`step`) or by an unanswered measurement (`choose`): counted
+        // once, and perhaps our NAT moved us, so learn the new mapping now
+        // and the peer gets it (and probes it) within seconds.
         if st.fallbacks > fell_before {
-            // The chosen direct path stopped answering its measurement and
-            // the relay did: the same fallback as unanswered handshakes,
-            // counted and followed by a discovery round the same way.
             shared.nat.fallbacks.fetch_add(1, Relaxed);
-            tracing::info!(peer = %key, "direct path unanswered; moving the peer to the relay");
             shared.rediscover();
         }
         if let Some(mv) = chosen {
