@@ -1574,6 +1574,22 @@ typedef struct meshvpn_join_config {
 } meshvpn_join_config;
 
 /**
+ * Receives one node event: `event_json` is a NUL-terminated JSON object
+ * (the same text `meshvpn_node_next_event` writes), `len` its length
+ * without the NUL. Both are borrowed for the call only: copy what you keep.
+ *
+ * Called on the node's event thread (one per node, started by the first
+ * `meshvpn_node_set_event_callback`), one event at a time and in order.
+ * It must return quickly (queue the text, signal a condition): while it
+ * runs, further events wait in the node's bounded queue, and past 256 the
+ * oldest are dropped (counted in the status' `events_dropped`). It must
+ * not call `meshvpn_node_close` or `meshvpn_node_free` on any node (they
+ * return `MESHVPN_WOULD_DEADLOCK`); every other function may be called,
+ * including `meshvpn_node_set_event_callback` to replace or clear itself.
+ */
+typedef void (*meshvpn_node_event_callback)(void *userdata, const char *event_json, size_t len);
+
+/**
  * The `meshvpn_timeout_ms` that waits without a deadline (until the call
  * succeeds, fails, is interrupted, or its object is closed).
  */
@@ -3384,6 +3400,33 @@ meshvpn_result meshvpn_node_next_event(const struct meshvpn_node *node,
                                        size_t *out_len);
 
 /**
+ * Pushes the node's events to `callback` (see
+ * `meshvpn_node_event_callback` for the thread it runs on and what it may
+ * do) with `userdata`, replacing any previous callback; NULL clears it.
+ *
+ * While a callback is set it receives every event, including those queued
+ * before it was set, and the polling queue stays empty: do not also call
+ * `meshvpn_node_next_event` then (the two would share the events). Once it
+ * is cleared, events queue again for `meshvpn_node_next_event`.
+ *
+ * When this returns, no call of the previous callback is running and none
+ * will start (unless it was called from inside an event callback, where it
+ * returns at once: that callback's own call ends when it returns), so the
+ * previous `userdata` may be released. `userdata` must stay valid, and
+ * usable from the node's event thread, until the callback is replaced or
+ * cleared or the node is closed.
+ *
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_CLOSED` (setting one on a
+ * closed node; clearing is always fine).
+ *
+ * Thread safety: safe from any thread at any time, while events flow,
+ * and from inside the callback itself.
+ */
+meshvpn_result meshvpn_node_set_event_callback(struct meshvpn_node *node,
+                                               meshvpn_node_event_callback callback,
+                                               void *userdata);
+
+/**
  * A new handle on the node's engine (peers, stats, the packet API),
  * which the caller owns and releases with `meshvpn_engine_free`.
  * Stopping or freeing it closes the node's engine (the data plane) as
@@ -3408,17 +3451,26 @@ meshvpn_result meshvpn_node_netstack(const struct meshvpn_node *node,
 
 /**
  * Leaves the mesh: ends the control session, the netstack and the engine,
- * and wakes a blocked `meshvpn_node_next_event`. The handle stays valid
- * until `meshvpn_node_free`. Idempotent.
+ * and wakes a blocked `meshvpn_node_next_event`. Waits for a running
+ * event callback to return; none is called afterwards (events not yet
+ * delivered stay readable with `meshvpn_node_next_event`). The handle
+ * stays valid until `meshvpn_node_free`. Idempotent.
  *
- * Errors: `MESHVPN_INVALID_HANDLE`.
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_WOULD_DEADLOCK` (called from
+ * inside a node's event callback).
+ *
+ * Thread safety: safe from any thread except inside an event callback.
  */
 meshvpn_result meshvpn_node_close(struct meshvpn_node *node);
 
 /**
- * Closes the node (as `meshvpn_node_close`) and releases its handle.
+ * Closes the node (as `meshvpn_node_close`, waiting for a running event
+ * callback) and releases its handle.
  *
- * Errors: `MESHVPN_INVALID_HANDLE`.
+ * Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_WOULD_DEADLOCK` (called from
+ * inside a node's event callback; nothing is freed then).
+ *
+ * Thread safety: safe from any thread except inside an event callback.
  */
 meshvpn_result meshvpn_node_free(struct meshvpn_node *node);
 

@@ -16,8 +16,8 @@ pub(crate) struct Userdata(pub *mut c_void);
 
 // SAFETY: the library never dereferences the pointer; it only hands it
 // back to the caller's callback, on threads the caller agreed to (see the
-// doc comments of meshvpn_set_log_callback and
-// meshvpn_engine_set_recv_callback).
+// doc comments of meshvpn_set_log_callback,
+// meshvpn_engine_set_recv_callback and meshvpn_node_set_event_callback).
 unsafe impl Send for Userdata {}
 // SAFETY: as above; shared access only copies the pointer value.
 unsafe impl Sync for Userdata {}
@@ -32,6 +32,9 @@ pub(crate) enum Inside {
     /// A tunnel agent's event or allow callback, on the agent's thread:
     /// stopping or freeing the agent would join the calling thread.
     Tunnel,
+    /// A node's event callback, on the node's event thread: closing or
+    /// freeing a node waits for a running callback to return.
+    Node,
 }
 
 thread_local! {

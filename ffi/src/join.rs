@@ -8,12 +8,19 @@
 //! Status and events are JSON text, following the buffer protocol of
 //! `meshvpn_result_message`. Events wait in a bounded queue (256; past it
 //! the oldest is dropped and counted in the status' `events_dropped`), read
-//! with `meshvpn_node_next_event`.
+//! with `meshvpn_node_next_event`, or are pushed to a callback
+//! (`meshvpn_node_set_event_callback`) from a thread of the node's own: a
+//! slow callback only fills that queue, it never holds up the node's
+//! control loop.
 
-use std::ffi::c_char;
+use std::ffi::{c_char, c_void, CString};
 use std::net::IpAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
 
 use ::meshvpn_control::client::ClientError;
 use ::meshvpn_control::join::{Event, JoinConfig, JoinError, Node, NodeStatus};
@@ -21,6 +28,7 @@ use ::meshvpn_control::proto::ErrorCode;
 use ::meshvpn_engine::{IpPrefix, NetstackConfig, PrivateKey};
 use zeroize::Zeroizing;
 
+use crate::callback::{self, Inside, Userdata};
 use crate::engine::meshvpn_engine;
 use crate::error::{meshvpn_result, Error, Result};
 use crate::handle::{tag, HandleTable, Handled};
@@ -72,15 +80,187 @@ pub struct meshvpn_join_config {
     pub userspace: bool,
 }
 
-struct NodeHandle(Node);
+/// Receives one node event: `event_json` is a NUL-terminated JSON object
+/// (the same text `meshvpn_node_next_event` writes), `len` its length
+/// without the NUL. Both are borrowed for the call only: copy what you keep.
+///
+/// Called on the node's event thread (one per node, started by the first
+/// `meshvpn_node_set_event_callback`), one event at a time and in order.
+/// It must return quickly (queue the text, signal a condition): while it
+/// runs, further events wait in the node's bounded queue, and past 256 the
+/// oldest are dropped (counted in the status' `events_dropped`). It must
+/// not call `meshvpn_node_close` or `meshvpn_node_free` on any node (they
+/// return `MESHVPN_WOULD_DEADLOCK`); every other function may be called,
+/// including `meshvpn_node_set_event_callback` to replace or clear itself.
+pub type meshvpn_node_event_callback =
+    Option<unsafe extern "C" fn(userdata: *mut c_void, event_json: *const c_char, len: usize)>;
+
+type EventCallback = (
+    unsafe extern "C" fn(*mut c_void, *const c_char, usize),
+    Userdata,
+);
+
+/// How long the event thread waits for an event before it looks at its
+/// state again; `close` and a cleared callback wake it sooner.
+const EVENT_POLL: Duration = Duration::from_secs(1);
+
+struct NodeHandle {
+    node: Arc<Node>,
+    push: Arc<Push>,
+}
+
+/// The push side of a node's events: the callback, and the thread that
+/// takes events from the node's queue and calls it.
+#[derive(Default)]
+struct Push {
+    state: Mutex<PushState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct PushState {
+    callback: Option<EventCallback>,
+    /// A call of the callback is under way.
+    running: bool,
+    /// Set by close: the thread calls nothing more and ends.
+    closing: bool,
+    thread: Option<JoinHandle<()>>,
+    /// The thread has started and not yet ended.
+    alive: bool,
+}
+
+impl Push {
+    /// Sets, replaces or clears (None) the callback; starts the event
+    /// thread the first time one is set. Unless called from inside an event
+    /// callback, returns only once no call of the old callback is running,
+    /// so the caller may release what the old `userdata` points to.
+    fn set(self: &Arc<Self>, node: &Arc<Node>, callback: Option<EventCallback>) -> Result<()> {
+        let mut s = self.state.lock();
+        if s.closing {
+            return match callback {
+                None => Ok(()),
+                Some(_) => Err(Error::new(
+                    meshvpn_result::MESHVPN_CLOSED,
+                    "the node is closed",
+                )),
+            };
+        }
+        if callback.is_some() && !s.alive {
+            let (push, node) = (self.clone(), node.clone());
+            let t = std::thread::Builder::new()
+                .name("meshvpn-node-events".into())
+                .spawn(move || push.run(&node))
+                .map_err(|e| Error::invalid(format!("no thread for the event callback: {e}")))?;
+            s.thread = Some(t);
+            s.alive = true;
+        }
+        s.callback = callback;
+        self.changed.notify_all();
+        // The event thread's own call (or another node's) must not wait for
+        // itself; a call from there returns at once and the old callback's
+        // running call ends when it returns.
+        if callback::inside() != Some(Inside::Node) {
+            while s.running {
+                self.changed.wait(&mut s);
+            }
+        }
+        Ok(())
+    }
+
+    /// The event thread: waits for a callback, then hands it each event.
+    fn run(&self, node: &Node) {
+        loop {
+            {
+                let mut s = self.state.lock();
+                while s.callback.is_none() && !s.closing {
+                    self.changed.wait(&mut s);
+                }
+                if s.closing {
+                    break;
+                }
+            }
+            let Some(event) = node.next_event(EVENT_POLL) else {
+                continue;
+            };
+            let callback = {
+                let mut s = self.state.lock();
+                match s.callback {
+                    Some(c) if !s.closing => {
+                        s.running = true;
+                        c
+                    }
+                    // Cleared (or closing) while the event was taken: it
+                    // goes back in front, for polling.
+                    _ => {
+                        drop(s);
+                        node.requeue_event(event);
+                        continue;
+                    }
+                }
+            };
+            // Nothing unwinds out of here: a panic would end the thread
+            // with `running` set and leave close waiting for ever. (The C
+            // callback itself cannot unwind: an unwinding `extern "C"`
+            // function aborts.)
+            let _ = catch_unwind(AssertUnwindSafe(|| deliver(callback, &event)));
+            self.state.lock().running = false;
+            self.changed.notify_all();
+        }
+        let mut s = self.state.lock();
+        s.alive = false;
+        self.changed.notify_all();
+    }
+
+    /// Tells the event thread to call nothing more and end.
+    fn stop(&self) {
+        let mut s = self.state.lock();
+        s.closing = true;
+        s.callback = None;
+        self.changed.notify_all();
+    }
+
+    /// Waits until the event thread has ended, so no callback runs once
+    /// this returns. Never called on the event thread itself
+    /// (`meshvpn_node_close` and `_free` refuse from inside a callback).
+    fn wait_stopped(&self) {
+        let mut s = self.state.lock();
+        while s.alive {
+            self.changed.wait(&mut s);
+        }
+        let thread = s.thread.take();
+        drop(s);
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+fn deliver((f, userdata): EventCallback, event: &Event) {
+    // serde_json escapes a NUL inside a string, so the text has none.
+    let text = CString::new(event_json(event)).unwrap_or_default();
+    let _guard = callback::Guard::enter(Inside::Node);
+    // SAFETY: the caller registered `f` with `userdata` and promised both
+    // may be used from the node's event thread until replaced or the node
+    // is closed (close and set wait for this call to return); `text` lives
+    // across the call.
+    unsafe { f(userdata.0, text.as_ptr(), text.as_bytes().len()) };
+}
 
 static NODES: HandleTable<meshvpn_node, NodeHandle> = HandleTable::new(tag::NODE);
 
 impl Handled for NodeHandle {
     const NAME: &'static str = "meshvpn_node";
+    /// Closing waits for a running event callback, so from inside one it
+    /// would wait for itself.
+    const FREE_REFUSED_INSIDE: &'static [Inside] = &[Inside::Log, Inside::Node];
 
     fn close(&self) {
-        self.0.close();
+        // In this order: the event thread learns it must stop before the
+        // node's close wakes it out of its wait for an event (else it would
+        // go back to waiting for one), and no callback runs after this.
+        self.push.stop();
+        self.node.close();
+        self.push.wait_stopped();
     }
 }
 
@@ -195,7 +375,10 @@ pub unsafe extern "C" fn meshvpn_join(
         let limit = timeout::limit(timeout_ms).unwrap_or(Duration::MAX);
         let cancelled = interrupter.poll();
         let node = Node::join_until(jc, key, c.listen_port, endpoint_ips, limit, &cancelled)?;
-        out.write(NODES.insert(Arc::new(NodeHandle(node)))?);
+        out.write(NODES.insert(Arc::new(NodeHandle {
+            node: Arc::new(node),
+            push: Arc::default(),
+        }))?);
         Ok(())
     }}
 }
@@ -295,7 +478,7 @@ pub unsafe extern "C" fn meshvpn_node_status(
         let out_len = Out::new(out_len, "out_len")?;
         let n = NODES.lookup(node)?;
         // SAFETY: the caller's promise: NULL or buf_len writable bytes.
-        unsafe { ptr::write_text(buf, buf_len, out_len, &status_json(&n.0.status())) }
+        unsafe { ptr::write_text(buf, buf_len, out_len, &status_json(&n.node.status())) }
     }}
 }
 
@@ -325,8 +508,8 @@ pub unsafe extern "C" fn meshvpn_node_next_event(
         let out_len = Out::new(out_len, "out_len")?;
         let n = NODES.lookup(node)?;
         let limit = timeout::limit(timeout_ms).unwrap_or(Duration::MAX);
-        let Some(e) = n.0.next_event(limit) else {
-            if n.0.stopped() {
+        let Some(e) = n.node.next_event(limit) else {
+            if n.node.stopped() {
                 return Err(Error::new(meshvpn_result::MESHVPN_CLOSED, "the node is closed"));
             }
             return Err(Error::new(meshvpn_result::MESHVPN_TIMEOUT, "no event"));
@@ -336,9 +519,42 @@ pub unsafe extern "C" fn meshvpn_node_next_event(
         let r = unsafe { ptr::write_text(buf, buf_len, out_len, &text) };
         // A size query (NULL, 0) or a short buffer leaves it queued.
         if r.is_err() || buf.is_null() {
-            n.0.requeue_event(e);
+            n.node.requeue_event(e);
         }
         r
+    }}
+}
+
+/// Pushes the node's events to `callback` (see
+/// `meshvpn_node_event_callback` for the thread it runs on and what it may
+/// do) with `userdata`, replacing any previous callback; NULL clears it.
+///
+/// While a callback is set it receives every event, including those queued
+/// before it was set, and the polling queue stays empty: do not also call
+/// `meshvpn_node_next_event` then (the two would share the events). Once it
+/// is cleared, events queue again for `meshvpn_node_next_event`.
+///
+/// When this returns, no call of the previous callback is running and none
+/// will start (unless it was called from inside an event callback, where it
+/// returns at once: that callback's own call ends when it returns), so the
+/// previous `userdata` may be released. `userdata` must stay valid, and
+/// usable from the node's event thread, until the callback is replaced or
+/// cleared or the node is closed.
+///
+/// Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_CLOSED` (setting one on a
+/// closed node; clearing is always fine).
+///
+/// Thread safety: safe from any thread at any time, while events flow,
+/// and from inside the callback itself.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_node_set_event_callback(
+    node: *mut meshvpn_node,
+    callback: meshvpn_node_event_callback,
+    userdata: *mut c_void,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let n = NODES.lookup(node)?;
+        n.push.set(&n.node, callback.map(|f| (f, Userdata(userdata))))
     }}
 }
 
@@ -357,7 +573,7 @@ pub unsafe extern "C" fn meshvpn_node_engine(
     ffi_boundary! {{
         let out = Out::new(out_engine, "out_engine")?;
         let n = NODES.lookup(node)?;
-        crate::engine::insert_running(n.0.engine().clone(), out)
+        crate::engine::insert_running(n.node.engine().clone(), out)
     }}
 }
 
@@ -375,7 +591,7 @@ pub unsafe extern "C" fn meshvpn_node_netstack(
     ffi_boundary! {{
         let out = Out::new(out_netstack, "out_netstack")?;
         let n = NODES.lookup(node)?;
-        let stack = n.0.netstack().ok_or_else(|| {
+        let stack = n.node.netstack().ok_or_else(|| {
             Error::new(
                 meshvpn_result::MESHVPN_NO_ADDRESS,
                 "the node has no netstack: join with userspace set",
@@ -386,20 +602,30 @@ pub unsafe extern "C" fn meshvpn_node_netstack(
 }
 
 /// Leaves the mesh: ends the control session, the netstack and the engine,
-/// and wakes a blocked `meshvpn_node_next_event`. The handle stays valid
-/// until `meshvpn_node_free`. Idempotent.
+/// and wakes a blocked `meshvpn_node_next_event`. Waits for a running
+/// event callback to return; none is called afterwards (events not yet
+/// delivered stay readable with `meshvpn_node_next_event`). The handle
+/// stays valid until `meshvpn_node_free`. Idempotent.
 ///
-/// Errors: `MESHVPN_INVALID_HANDLE`.
+/// Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_WOULD_DEADLOCK` (called from
+/// inside a node's event callback).
+///
+/// Thread safety: safe from any thread except inside an event callback.
 #[no_mangle]
 pub unsafe extern "C" fn meshvpn_node_close(node: *mut meshvpn_node) -> meshvpn_result {
     ffi_boundary! {{
+        callback::refuse_inside(&[Inside::Node], "meshvpn_node_close")?;
         NODES.close(node)
     }}
 }
 
-/// Closes the node (as `meshvpn_node_close`) and releases its handle.
+/// Closes the node (as `meshvpn_node_close`, waiting for a running event
+/// callback) and releases its handle.
 ///
-/// Errors: `MESHVPN_INVALID_HANDLE`.
+/// Errors: `MESHVPN_INVALID_HANDLE`, `MESHVPN_WOULD_DEADLOCK` (called from
+/// inside a node's event callback; nothing is freed then).
+///
+/// Thread safety: safe from any thread except inside an event callback.
 #[no_mangle]
 pub unsafe extern "C" fn meshvpn_node_free(node: *mut meshvpn_node) -> meshvpn_result {
     ffi_boundary! {{
@@ -439,37 +665,68 @@ mod tests {
         String::from_utf8(buf[..len].to_vec()).unwrap()
     }
 
+    /// A control server on a tunnel server's port, with a reusable key.
+    struct Mesh {
+        dir: std::path::PathBuf,
+        store: Arc<SqliteStore>,
+        url: CString,
+        key: CString,
+        tunnel: Option<TunnelServer>,
+        control: Option<ControlServer>,
+    }
+
+    impl Mesh {
+        fn start(name: &str) -> Mesh {
+            let dir =
+                std::env::temp_dir().join(format!("meshvpn-ffi-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let db = dir.join("control.db");
+            let store = Arc::new(SqliteStore::open(&db, &StoreConfig::default()).unwrap());
+            let control =
+                ControlServer::start(store.clone(), ControlServerConfig::default()).unwrap();
+            let mut tc = ServerConfig::new("/v1-k3s/connect", None, ServerAuth::default());
+            tc.extra.push(control.route());
+            let tunnel = TunnelServer::bind("127.0.0.1:0".parse().unwrap(), tc).unwrap();
+            let url = CString::new(format!("ws://{}{CONTROL_PATH}", tunnel.local_addr())).unwrap();
+            let reusable = KeyOptions {
+                reusable: true,
+                ..Default::default()
+            };
+            let rng = ring::rand::SystemRandom::new();
+            let key = keys::create(&*store, &reusable, now(), &rng).unwrap();
+            let key = CString::new(key.text.as_str()).unwrap();
+            Mesh {
+                dir,
+                store,
+                url,
+                key,
+                tunnel: Some(tunnel),
+                control: Some(control),
+            }
+        }
+    }
+
+    impl Drop for Mesh {
+        fn drop(&mut self) {
+            drop(self.tunnel.take());
+            drop(self.control.take());
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
     /// Two userspace nodes through the C functions: a good key joins (the
     /// status names the node and its peer, the netstack handle dials the
     /// other node), an expired key gets its own code, and a node's events
     /// arrive as JSON.
     #[test]
     fn join_status_events_and_a_refused_key_through_the_c_abi() {
-        let dir = std::env::temp_dir().join(format!("meshvpn-ffi-join-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let db = dir.join("control.db");
-        let store = Arc::new(SqliteStore::open(&db, &StoreConfig::default()).unwrap());
-        let control = ControlServer::start(store.clone(), ControlServerConfig::default()).unwrap();
-        let mut tc = ServerConfig::new("/v1-k3s/connect", None, ServerAuth::default());
-        tc.extra.push(control.route());
-        let tunnel = TunnelServer::bind("127.0.0.1:0".parse().unwrap(), tc).unwrap();
+        let mesh = Mesh::start("join");
+        let (store, url, good) = (&mesh.store, &mesh.url, &mesh.key);
         let rng = ring::rand::SystemRandom::new();
-        let url = CString::new(format!("ws://{}{CONTROL_PATH}", tunnel.local_addr())).unwrap();
-        let reusable = KeyOptions {
-            reusable: true,
-            ..Default::default()
-        };
-        let good = CString::new(
-            keys::create(&*store, &reusable, now(), &rng)
-                .unwrap()
-                .text
-                .as_str(),
-        )
-        .unwrap();
         let expired = CString::new(
             keys::create(
-                &*store,
+                &**store,
                 &KeyOptions {
                     expiry: Some(Duration::from_secs(60)),
                     ..Default::default()
@@ -508,14 +765,14 @@ mod tests {
         let msg = crate::error::last_error_for_tests();
         assert!(msg.contains("expired"), "{msg}");
 
-        let (r, a) = join(&good);
+        let (r, a) = join(good);
         assert_eq!(
             r,
             meshvpn_result::MESHVPN_OK,
             "{}",
             crate::error::last_error_for_tests()
         );
-        let (r, b) = join(&good);
+        let (r, b) = join(good);
         assert_eq!(r, meshvpn_result::MESHVPN_OK);
         // SAFETY: a valid node handle and a buffer of the length given.
         let joined = text(|p, n, l| unsafe { meshvpn_node_next_event(a, 5000, p, n, l) });
@@ -588,9 +845,7 @@ mod tests {
             assert_eq!(meshvpn_node_free(b), meshvpn_result::MESHVPN_OK);
             assert_eq!(meshvpn_node_free(a), meshvpn_result::MESHVPN_INVALID_HANDLE);
         }
-        drop(tunnel);
-        drop(control);
-        let _ = std::fs::remove_dir_all(&dir);
+        drop(mesh);
     }
 
     /// A join to a server that accepts and never answers ends when its
@@ -649,5 +904,213 @@ mod tests {
         assert_eq!(waker.join().unwrap(), meshvpn_result::MESHVPN_OK);
         assert_eq!(meshvpn_interrupter_free(token), meshvpn_result::MESHVPN_OK);
         drop(held);
+    }
+
+    /// What an event callback saw; its `userdata`.
+    #[derive(Default)]
+    struct Seen {
+        events: parking_lot::Mutex<Vec<String>>,
+        arrived: parking_lot::Condvar,
+        /// How long each call takes.
+        delay: Duration,
+        entered: std::sync::atomic::AtomicUsize,
+        left: std::sync::atomic::AtomicUsize,
+        /// When set: the node whose callback this is, for calls back into
+        /// the library from inside it, and what they returned.
+        node: std::sync::atomic::AtomicUsize,
+        inside_rcs: parking_lot::Mutex<Vec<meshvpn_result>>,
+    }
+
+    impl Seen {
+        /// Waits (bounded) for an event containing `needle`.
+        fn wait_for(&self, needle: &str) -> String {
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            let mut events = self.events.lock();
+            loop {
+                if let Some(e) = events.iter().find(|e| e.contains(needle)) {
+                    return e.clone();
+                }
+                let timed_out = self.arrived.wait_until(&mut events, deadline).timed_out();
+                assert!(!timed_out, "no event with {needle}: {:?}", *events);
+            }
+        }
+    }
+
+    unsafe extern "C" fn record(userdata: *mut c_void, json: *const c_char, len: usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        // SAFETY: the tests pass a `Seen` that outlives the callback.
+        let seen = unsafe { &*userdata.cast::<Seen>() };
+        seen.entered.fetch_add(1, SeqCst);
+        // SAFETY: the library passes `len` bytes followed by a NUL.
+        let text = unsafe { std::ffi::CStr::from_ptr(json) }
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(text.len(), len);
+        std::thread::sleep(seen.delay);
+        let node = seen.node.load(SeqCst) as *mut meshvpn_node;
+        if !node.is_null() {
+            // SAFETY: a live node handle.
+            let rcs = unsafe {
+                [
+                    meshvpn_node_close(node),
+                    meshvpn_node_free(node),
+                    meshvpn_node_set_event_callback(node, None, std::ptr::null_mut()),
+                ]
+            };
+            seen.inside_rcs.lock().extend(rcs);
+        }
+        seen.events.lock().push(text);
+        seen.arrived.notify_all();
+        seen.left.fetch_add(1, SeqCst);
+    }
+
+    fn userdata(seen: &Seen) -> *mut c_void {
+        (seen as *const Seen).cast_mut().cast()
+    }
+
+    /// The event callback through the C functions: events queued before it
+    /// was set and later ones arrive by callback (and not by polling);
+    /// cleared, they queue for polling again; close and free are refused
+    /// from inside it while clearing itself works; and `_close` waits for a
+    /// running call, after which none runs, so `userdata` may be freed.
+    #[test]
+    fn an_event_callback_gets_the_events_until_cleared_and_close_waits_for_it() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mesh = Mesh::start("events");
+        let join = || {
+            let config = meshvpn_join_config {
+                control_url: mesh.url.as_ptr(),
+                join_key: mesh.key.as_ptr(),
+                private_key: std::ptr::null(),
+                hostname: std::ptr::null(),
+                advertise_routes: std::ptr::null(),
+                tags: std::ptr::null(),
+                ca_pem: std::ptr::null(),
+                endpoint_ips: std::ptr::null(),
+                listen_port: 0,
+                accept_routes: false,
+                userspace: false,
+            };
+            let mut node = std::ptr::null_mut();
+            // SAFETY: a valid config whose strings outlive the call.
+            let r = unsafe { meshvpn_join(&config, 15_000, std::ptr::null(), &mut node) };
+            assert_eq!(
+                r,
+                meshvpn_result::MESHVPN_OK,
+                "{}",
+                crate::error::last_error_for_tests()
+            );
+            node
+        };
+        let poll = |node, ms| {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            // SAFETY: a node handle and a buffer of the length given.
+            let r = unsafe {
+                meshvpn_node_next_event(node, ms, buf.as_mut_ptr().cast(), buf.len(), &mut len)
+            };
+            (r, String::from_utf8_lossy(&buf[..len]).into_owned())
+        };
+
+        let a = join();
+        let seen = Seen::default();
+        // SAFETY: a live node; `seen` outlives the callback (cleared below).
+        let r = unsafe { meshvpn_node_set_event_callback(a, Some(record), userdata(&seen)) };
+        assert_eq!(r, meshvpn_result::MESHVPN_OK);
+        // Queued before the callback was set.
+        seen.wait_for(r#""type":"joined""#);
+        let b = join();
+        // After it was set.
+        seen.wait_for(r#""peers":1"#);
+
+        // Cleared: the next change queues for polling, the callback sees nothing.
+        // SAFETY: a live node.
+        let r = unsafe { meshvpn_node_set_event_callback(a, None, std::ptr::null_mut()) };
+        assert_eq!(r, meshvpn_result::MESHVPN_OK);
+        let calls = seen.entered.load(SeqCst);
+        assert_eq!(
+            seen.left.load(SeqCst),
+            calls,
+            "a call still running after clear"
+        );
+        let c = join();
+        let (r, polled) = poll(a, 10_000);
+        assert_eq!(r, meshvpn_result::MESHVPN_OK);
+        assert!(polled.contains(r#""type":"map_applied""#), "{polled}");
+        assert_eq!(seen.entered.load(SeqCst), calls);
+
+        // From inside: close and free refused, clearing itself works.
+        let inside = Seen::default();
+        inside.node.store(c as usize, SeqCst);
+        // SAFETY: a live node; `inside` outlives the callback.
+        let r = unsafe { meshvpn_node_set_event_callback(c, Some(record), userdata(&inside)) };
+        assert_eq!(r, meshvpn_result::MESHVPN_OK);
+        inside.wait_for(r#""type":"joined""#);
+        assert_eq!(
+            *inside.inside_rcs.lock(),
+            [
+                meshvpn_result::MESHVPN_WOULD_DEADLOCK,
+                meshvpn_result::MESHVPN_WOULD_DEADLOCK,
+                meshvpn_result::MESHVPN_OK
+            ]
+        );
+        assert_eq!(
+            inside.entered.load(SeqCst),
+            1,
+            "cleared from inside its first call"
+        );
+
+        // A slow call under way when b is closed: close waits for it.
+        let slow = Box::new(Seen {
+            delay: Duration::from_millis(300),
+            ..Default::default()
+        });
+        // SAFETY: a live node; `slow` lives until the node is freed.
+        let r = unsafe { meshvpn_node_set_event_callback(b, Some(record), userdata(&slow)) };
+        assert_eq!(r, meshvpn_result::MESHVPN_OK);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while slow.entered.load(SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the slow callback never ran"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // SAFETY: a live node.
+        assert_eq!(unsafe { meshvpn_node_close(b) }, meshvpn_result::MESHVPN_OK);
+        let (entered, left) = (slow.entered.load(SeqCst), slow.left.load(SeqCst));
+        assert_eq!(entered, left, "close returned while the callback ran");
+        // Closed: setting is refused, clearing is fine.
+        // SAFETY: a live (closed) node.
+        unsafe {
+            assert_eq!(
+                meshvpn_node_set_event_callback(b, Some(record), userdata(&slow)),
+                meshvpn_result::MESHVPN_CLOSED
+            );
+            assert_eq!(
+                meshvpn_node_set_event_callback(b, None, std::ptr::null_mut()),
+                meshvpn_result::MESHVPN_OK
+            );
+            assert_eq!(meshvpn_node_free(b), meshvpn_result::MESHVPN_OK);
+        }
+        drop(slow);
+
+        // Freed while a callback is set and events may flow.
+        let late = Seen::default();
+        // SAFETY: live nodes; `late` outlives them.
+        unsafe {
+            assert_eq!(
+                meshvpn_node_set_event_callback(a, Some(record), userdata(&late)),
+                meshvpn_result::MESHVPN_OK
+            );
+            assert_eq!(meshvpn_node_free(c), meshvpn_result::MESHVPN_OK);
+            assert_eq!(meshvpn_node_free(a), meshvpn_result::MESHVPN_OK);
+        }
+        let after = late.entered.load(SeqCst);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(late.entered.load(SeqCst), after, "called after free");
+        assert_eq!(late.left.load(SeqCst), after);
+        drop(mesh);
     }
 }
