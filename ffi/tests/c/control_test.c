@@ -4,7 +4,8 @@
  * listed, revoked; a bad policy refused naming its line; policy versions;
  * unknown nodes; bad prefixes), attaching to a tunnel server whose agents
  * still connect on the same port, its own listener, close, and bad input
- * (NULL, undersized buffers, double free, use after free).
+ * (NULL, undersized buffers, double free, use after free); and nodes
+ * joined to it whose events reach C by callback (meshvpn_node_*).
  *
  *   control_test PKI_DIR
  *
@@ -17,10 +18,12 @@
 
 #include "check.h"
 
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 CHECK_COUNTERS;
@@ -259,6 +262,119 @@ static void test_own_listener(void) {
     OK(meshvpn_control_server_free(s));
 }
 
+/* What a node's event callback saw: its userdata. */
+struct seen {
+    pthread_mutex_t mu;
+    pthread_cond_t cond;
+    int calls, running, joined, map_applied, bad_len;
+    int slow_ms;
+};
+
+static void on_event(void *userdata, const char *json, size_t len) {
+    struct seen *s = userdata;
+    pthread_mutex_lock(&s->mu);
+    s->calls++;
+    s->running = 1;
+    if (strlen(json) != len || json[0] != '{') {
+        s->bad_len++;
+    }
+    s->joined += strstr(json, "\"type\":\"joined\"") != NULL;
+    s->map_applied += strstr(json, "\"type\":\"map_applied\"") != NULL;
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->mu);
+    if (s->slow_ms) {
+        struct timespec d = {.tv_sec = 0, .tv_nsec = s->slow_ms * 1000000L};
+        nanosleep(&d, NULL);
+    }
+    /* Closing any node from here would wait for this very call. */
+    CHECK_RC(meshvpn_node_close(NULL), MESHVPN_WOULD_DEADLOCK);
+    pthread_mutex_lock(&s->mu);
+    s->running = 0;
+    pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* Waits (bounded) until *field reaches at_least; returns whether it did. */
+static int wait_seen(struct seen *s, const int *field, int at_least) {
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += WAIT_MS / 1000;
+    pthread_mutex_lock(&s->mu);
+    int rc = 0;
+    while (*field < at_least && rc == 0) {
+        rc = pthread_cond_timedwait(&s->cond, &s->mu, &deadline);
+    }
+    int ok = *field >= at_least;
+    pthread_mutex_unlock(&s->mu);
+    return ok;
+}
+
+static int seen_calls(struct seen *s) {
+    pthread_mutex_lock(&s->mu);
+    int c = s->calls;
+    pthread_mutex_unlock(&s->mu);
+    return c;
+}
+
+static meshvpn_node *join_node(const char *url, const char *key) {
+    meshvpn_join_config jc = {.control_url = url, .join_key = key, .ca_pem = ca_pem,
+                              .endpoint_ips = "127.0.0.1"};
+    meshvpn_node *n = NULL;
+    OK(meshvpn_join(&jc, WAIT_MS, NULL, &n));
+    return n;
+}
+
+static void test_node_event_callback(void) {
+    meshvpn_control_server_config c = {
+        .db_path = db,
+        .listen = "127.0.0.1:0",
+        .cert_pem = server_pem,
+        .key_pem = server_key,
+    };
+    meshvpn_control_server *cs = NULL;
+    OK(meshvpn_control_server_new(&c, &cs));
+    char addr[64], url[160], key[MESHVPN_JOIN_KEY_LEN];
+    size_t n = 0;
+    OK(meshvpn_control_server_local_addr(cs, addr, sizeof addr, &n));
+    snprintf(url, sizeof url, "wss://%s/v1-meshvpn/control", addr);
+    meshvpn_join_key_options o = {.reusable = true};
+    OK(meshvpn_control_server_create_key(cs, &o, key, sizeof key, &n));
+
+    struct seen s = {.mu = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER};
+    meshvpn_node *a = join_node(url, key);
+    CHECK_RC(meshvpn_node_set_event_callback(NULL, on_event, &s), MESHVPN_NULL_PARAMETER);
+    OK(meshvpn_node_set_event_callback(a, on_event, &s));
+    /* Queued before the callback was set, then one after. */
+    CHECK(wait_seen(&s, &s.joined, 1));
+    meshvpn_node *b = join_node(url, key);
+    CHECK(wait_seen(&s, &s.map_applied, 1));
+
+    /* Cleared: b leaving reaches a's queue, not the callback. */
+    OK(meshvpn_node_set_event_callback(a, NULL, NULL));
+    int calls = seen_calls(&s);
+    OK(meshvpn_node_free(b));
+    char ev[1024];
+    CHECK_RC(meshvpn_node_next_event(a, WAIT_MS, ev, sizeof ev, &n), MESHVPN_OK);
+    CHECK(strstr(ev, "\"type\":\"map_applied\"") != NULL);
+    CHECK(seen_calls(&s) == calls);
+
+    /* A slow call under way when a is freed: the free waits for it. */
+    struct seen slow = {.mu = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER,
+                        .slow_ms = 300};
+    OK(meshvpn_node_set_event_callback(a, on_event, &slow));
+    b = join_node(url, key);
+    CHECK(wait_seen(&slow, &slow.running, 1));
+    OK(meshvpn_node_free(a));
+    pthread_mutex_lock(&slow.mu);
+    CHECK(slow.running == 0);
+    int after_free = slow.calls;
+    pthread_mutex_unlock(&slow.mu);
+    CHECK(s.bad_len == 0 && slow.bad_len == 0);
+    OK(meshvpn_node_free(b));
+    OK(meshvpn_control_server_free(cs));
+    CHECK(seen_calls(&slow) == after_free);
+}
+
 int main(int argc, char **argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s PKI_DIR\n", argv[0]);
@@ -277,6 +393,7 @@ int main(int argc, char **argv) {
     test_admin();
     test_same_port_as_the_tunnel();
     test_own_listener();
+    test_node_event_callback();
 
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
