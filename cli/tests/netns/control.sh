@@ -29,76 +29,12 @@ NETNS_TOOLS="ping ss"
 # shellcheck source=cli/tests/netns/lib.sh
 source "$ROOT/cli/tests/netns/lib.sh"
 
-P=mvc$ID-p
-SERVER=10.250.0.1
-URL=ws://$SERVER:8443/v1-meshvpn/control
-DB=$T/control.db
-ctl() { meshvpn control --db "$DB" "$@"; }
+CTL_NS=mvc$ID CTL_NET=10.250 CTL_IF=mc
+# shellcheck source=cli/tests/netns/control_lib.sh
+source "$ROOT/cli/tests/netns/control_lib.sh"
 
-add_ns "$P" || exit 1
-ip -n "$P" addr add "$SERVER/32" dev lo
-in_ns "$P" sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
-
-# node N NAME: namespace mvcID-NAME, 10.250.N.2 behind P.
-node_ns() {
-	local n=$1 ns=mvc$ID-$2
-	add_ns "$ns" || return 1
-	ip -n "$P" link add "p$n" type veth peer name eth0 netns "$ns"
-	ip -n "$P" addr add "10.250.$n.1/24" dev "p$n"
-	ip -n "$P" link set "p$n" up
-	ip -n "$ns" addr add "10.250.$n.2/24" dev eth0
-	ip -n "$ns" link set eth0 up
-	ip -n "$ns" route add default via "10.250.$n.1"
-}
+control_ns || exit 1
 node_ns 1 a && node_ns 2 b && node_ns 3 c && node_ns 4 d && node_ns 5 x || exit 1
-
-SERVER_PID=
-serve() {
-	# Not through in_ns (a function: $! would be a subshell): ip netns exec
-	# execs meshvpn, so $! is the server's pid.
-	ip netns exec "$P" meshvpn control --db "$DB" serve --listen 0.0.0.0:8443 --plain >>"$T/server.log" 2>&1 &
-	SERVER_PID=$!
-	wait_listen "$P" 8443
-}
-
-# up NAME [ARGS...]: `meshvpn up` in ns NAME, state in $T/NAME, interface
-# mcNAMEID; its pid in UP_PID[NAME], its output in $T/NAME.log.
-declare -A UP_PID
-up() {
-	local name=$1
-	shift
-	ip netns exec "mvc$ID-$name" meshvpn up --control "$URL" --state-dir "$T/$name" \
-		--interface "mc$name$ID" --hostname "$name" "$@" >>"$T/$name.log" 2>&1 &
-	UP_PID[$name]=$!
-}
-
-# joined NAME: its `meshvpn up` printed that it joined (10 s at most); sets
-# V4 and V6 to its mesh addresses.
-joined() {
-	local i
-	for i in $(seq 100); do
-		if grep -q "^joined" "$T/$1.log" 2>/dev/null; then
-			read -r V4 V6 < <(grep "^joined" "$T/$1.log" | tail -1 | awk '{ print $(NF-1), $NF }')
-			return 0
-		fi
-		sleep 0.1
-	done
-	return 1
-}
-
-# has_peer NAME PEER: PEER is in NAME's status.
-has_peer() { meshvpn up --status --state-dir "$T/$1" 2>/dev/null | grep -q "^peer $2 "; }
-
-# wait_for SECONDS CMD...: CMD succeeds within SECONDS (checked every 0.1 s).
-wait_for() {
-	local n=$(($1 * 10)) i
-	shift
-	for i in $(seq "$n"); do
-		"$@" && return 0
-		sleep 0.1
-	done
-	return 1
-}
 
 serve || { fail "control server did not start: $(tail -3 "$T/server.log")"; exit 1; }
 
@@ -145,8 +81,6 @@ fi
 # --- ACL policy on live traffic ------------------------------------------
 # policy_set TEXT: stores TEXT as the policy (validated by the CLI).
 policy_set() { printf '%s\n' "$1" >"$T/policy.json" && ctl policy set "$T/policy.json" >/dev/null 2>&1; }
-# policy_is NODE VERSION: NODE's engine enforces the policy's VERSION.
-policy_is() { meshvpn up --status --state-dir "$T/$1" 2>/dev/null | grep -q "policy version $2: .*enforced"; }
 # ping_once NS DST: one echo answered within 0.5 s.
 ping_once() { in_ns "$1" ping -q -c 1 -W 0.5 "$2" >/dev/null 2>&1; }
 # Only a may open flows to b: a's echoes (and b's replies) pass, b's own

@@ -54,32 +54,20 @@ source "$ROOT/cli/tests/netns/lib.sh"
 # one, and the latency figures should not carry a shell script's start.
 PY=$(python3 -c 'import sys; print(sys.executable)')
 POD_PY=$ROOT/cli/tests/netns/pod.py
-P=mvk$ID-p
-SERVER=10.251.0.1
-URL=ws://$SERVER:8443/v1-meshvpn/control
-DB=$T/control.db
-ctl() { meshvpn control --db "$DB" "$@"; }
+CTL_NS=mvk$ID CTL_NET=10.251 CTL_IF=mk
+# shellcheck source=cli/tests/netns/control_lib.sh
+source "$ROOT/cli/tests/netns/control_lib.sh"
 now() { date +%s.%N; }
 # since T0 [T1]: seconds from T0 to T1 (default: now), 2 decimals.
 since() { awk -v a="$1" -v b="${2:-$(now)}" 'BEGIN { printf "%.2f", b - a }'; }
 # below X LIMIT: X < LIMIT.
 below() { awk -v x="$1" -v l="$2" 'BEGIN { exit !(x < l) }'; }
 
-add_ns "$P" || exit 1
-ip -n "$P" addr add "$SERVER/32" dev lo
-in_ns "$P" sysctl -qw net.ipv4.ip_forward=1
-
-# node_ns N NAME: namespace mvkID-NAME, 10.251.N.2 behind P, forwarding.
-node_ns() {
-	local n=$1 ns=mvk$ID-$2
-	add_ns "$ns" || return 1
-	ip -n "$P" link add "p$n" type veth peer name eth0 netns "$ns"
-	ip -n "$P" addr add "10.251.$n.1/24" dev "p$n"
-	ip -n "$P" link set "p$n" up
-	ip -n "$ns" addr add "10.251.$n.2/24" dev eth0
-	ip -n "$ns" link set eth0 up
-	ip -n "$ns" route add default via "10.251.$n.1"
-	in_ns "$ns" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0
+control_ns || exit 1
+# k3s_node N NAME: node_ns, forwarding for the pod namespace behind it.
+k3s_node() {
+	node_ns "$1" "$2" &&
+		in_ns "mvk$ID-$2" sysctl -qw net.ipv4.ip_forward=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0
 }
 # pod_ns NODE NET: pod namespace mvkID-NODEp behind node NODE, NET.10/24
 # (NET like 10.42.0), the node NET.1 on its side; a TCP service answering
@@ -96,55 +84,12 @@ pod_ns() {
 	in_ns "$ns" timeout 300 "$PY" "$POD_PY" serve "$1p" 8080 9090 >>"$T/$1p.log" 2>&1 &
 	wait_listen "$ns" 9090
 }
-node_ns 1 a1 && node_ns 2 a2 && node_ns 3 b1 && node_ns 4 b2 || exit 1
-node_ns 5 r1 && node_ns 6 r2 && node_ns 7 r3 || exit 1
+k3s_node 1 a1 && k3s_node 2 a2 && k3s_node 3 b1 && k3s_node 4 b2 || exit 1
+k3s_node 5 r1 && k3s_node 6 r2 && k3s_node 7 r3 || exit 1
 pod_ns a1 10.42.0 && pod_ns a2 10.42.1 || exit 1
 
-SERVER_PID=
-serve() {
-	# ip netns exec execs meshvpn, so $! is the server's pid.
-	ip netns exec "$P" meshvpn control --db "$DB" serve --listen 0.0.0.0:8443 --plain >>"$T/server.log" 2>&1 &
-	SERVER_PID=$!
-	wait_listen "$P" 8443
-}
-
-# up NS NAME [ARGS...]: `meshvpn up` in ns mvkID-NS as node NAME, state in
-# $T/NAME, interface mkNAMEID; pid in UP_PID[NAME], output in $T/NAME.log.
-declare -A UP_PID
-up() {
-	local ns=$1 name=$2
-	shift 2
-	ip netns exec "mvk$ID-$ns" meshvpn up --control "$URL" --state-dir "$T/$name" \
-		--interface "mk$name$ID" --hostname "$name" "$@" >>"$T/$name.log" 2>&1 &
-	UP_PID[$name]=$!
-}
-# joined NAME: its `meshvpn up` printed that it joined (10 s at most); sets
-# V4 to its mesh IPv4 address.
-joined() {
-	local i
-	for i in $(seq 100); do
-		if grep -q "^joined" "$T/$1.log" 2>/dev/null; then
-			V4=$(grep "^joined" "$T/$1.log" | tail -1 | awk '{ print $(NF-1) }')
-			return 0
-		fi
-		sleep 0.1
-	done
-	return 1
-}
-status() { meshvpn up --status --state-dir "$T/$1" 2>/dev/null; }
-has_peer() { status "$1" | grep -q "^peer $2 "; }
 # peer_routes NODE PEER: PEER's allowed IPs at NODE.
 peer_routes() { status "$1" | grep -A1 "^peer $2 " | awk '/allowed/ { print $2 }'; }
-policy_is() { status "$1" | grep -q "^policy version $2: .*enforced"; }
-wait_for() {
-	local n=$(($1 * 10)) i
-	shift
-	for i in $(seq "$n"); do
-		"$@" && return 0
-		sleep 0.1
-	done
-	return 1
-}
 # all NODES... -- CMD...: CMD NODE succeeds for every node.
 all() {
 	local nodes=() n
@@ -201,16 +146,16 @@ ctl keys create --reusable --tags tag:k3s-b --cluster b >"$T/b.key" 2>/dev/null
 
 # --- two clusters, the second first on the same pod CIDR -------------------
 T0=$(now)
-up a1 a1 --join-key-file "$T/a.key" --tags tag:k3s-a --advertise-routes 10.42.0.0/24 --accept-routes
-up a2 a2 --join-key-file "$T/a.key" --tags tag:k3s-a --advertise-routes 10.42.1.0/24 --accept-routes
+up a1 --join-key-file "$T/a.key" --tags tag:k3s-a --advertise-routes 10.42.0.0/24 --accept-routes
+up a2 --join-key-file "$T/a.key" --tags tag:k3s-a --advertise-routes 10.42.1.0/24 --accept-routes
 if joined a1 && A1=$V4 && joined a2 && A2=$V4; then
 	pass "cluster a joined: a1 $A1, a2 $A2"
 else
 	fail "cluster a did not join: $(tail -2 "$T/a1.log" "$T/a2.log")"
 	exit 1
 fi
-up b1 b1 --join-key-file "$T/b.key" --tags tag:k3s-b --advertise-routes 10.42.0.0/24 --accept-routes
-up b2 b2 --join-key-file "$T/b.key" --tags tag:k3s-b --advertise-routes 10.42.1.0/24 --accept-routes
+up b1 --join-key-file "$T/b.key" --tags tag:k3s-b --advertise-routes 10.42.0.0/24 --accept-routes
+up b2 --join-key-file "$T/b.key" --tags tag:k3s-b --advertise-routes 10.42.1.0/24 --accept-routes
 if joined b1 && B1=$V4 && joined b2 && B2=$V4 &&
 	wait_for 10 all a1 a2 b1 -- has_peer b2 && wait_for 10 all a1 a2 b2 -- has_peer b1 &&
 	wait_for 10 all a2 b1 b2 -- has_peer a1 && wait_for 10 all a1 b1 b2 -- has_peer a2; then
@@ -252,8 +197,8 @@ T0=$(now)
 for n in b1 b2; do kill -TERM "${UP_PID[$n]}"; done
 for n in b1 b2; do wait "${UP_PID[$n]}" 2>/dev/null; done
 pod_ns b1 10.43.0 && pod_ns b2 10.43.1 || exit 1
-up b1 b1 --tags tag:k3s-b --advertise-routes 10.43.0.0/24 --accept-routes
-up b2 b2 --tags tag:k3s-b --advertise-routes 10.43.1.0/24 --accept-routes
+up b1 --tags tag:k3s-b --advertise-routes 10.43.0.0/24 --accept-routes
+up b2 --tags tag:k3s-b --advertise-routes 10.43.1.0/24 --accept-routes
 approved_here() { status "$1" | grep -q "routes advertised: $2 approved;"; }
 routed() { [[ $(peer_routes "$1" "$2") == *"$3"* ]]; }
 if wait_for 10 approved_here b1 10.43.0.0/24 && wait_for 10 approved_here b2 10.43.1.0/24 &&
@@ -361,7 +306,7 @@ ctl nodes list >"$T/nodes.before" 2>&1
 ctl routes list >"$T/routes.before" 2>&1
 policy_set "$OPEN_9090" || fail "policy set before the kill"
 for i in 1 2 3; do
-	up "r$i" "r$i" --join-key-file "$T/r$i.key" --tags tag:k3s-a --advertise-routes "10.42.$((10 + i)).0/24"
+	up "r$i" --join-key-file "$T/r$i.key" --tags tag:k3s-a --advertise-routes "10.42.$((10 + i)).0/24"
 done
 # The kill lands 0.05 to 0.35 s after the registrations start: before,
 # during or after each (the count acknowledged is printed).
