@@ -665,6 +665,23 @@ mod tests {
         String::from_utf8(buf[..len].to_vec()).unwrap()
     }
 
+    /// A join config for `url` and `key`, nothing else set.
+    fn join_config(url: &CString, key: &CString, userspace: bool) -> meshvpn_join_config {
+        meshvpn_join_config {
+            control_url: url.as_ptr(),
+            join_key: key.as_ptr(),
+            private_key: std::ptr::null(),
+            hostname: std::ptr::null(),
+            advertise_routes: std::ptr::null(),
+            tags: std::ptr::null(),
+            ca_pem: std::ptr::null(),
+            endpoint_ips: std::ptr::null(),
+            listen_port: 0,
+            accept_routes: false,
+            userspace,
+        }
+    }
+
     /// A control server on a tunnel server's port, with a reusable key.
     struct Mesh {
         dir: std::path::PathBuf,
@@ -741,17 +758,8 @@ mod tests {
         .unwrap();
         let lo = CString::new("127.0.0.1").unwrap();
         let config = |key: &CString| meshvpn_join_config {
-            control_url: url.as_ptr(),
-            join_key: key.as_ptr(),
-            private_key: std::ptr::null(),
-            hostname: std::ptr::null(),
-            advertise_routes: std::ptr::null(),
-            tags: std::ptr::null(),
-            ca_pem: std::ptr::null(),
             endpoint_ips: lo.as_ptr(),
-            listen_port: 0,
-            accept_routes: false,
-            userspace: true,
+            ..join_config(url, key, true)
         };
         let join = |key: &CString| {
             let mut node = std::ptr::null_mut();
@@ -871,19 +879,7 @@ mod tests {
             }
         });
         let key = CString::new("mvk-x").unwrap();
-        let config = meshvpn_join_config {
-            control_url: url.as_ptr(),
-            join_key: key.as_ptr(),
-            private_key: std::ptr::null(),
-            hostname: std::ptr::null(),
-            advertise_routes: std::ptr::null(),
-            tags: std::ptr::null(),
-            ca_pem: std::ptr::null(),
-            endpoint_ips: std::ptr::null(),
-            listen_port: 0,
-            accept_routes: false,
-            userspace: true,
-        };
+        let config = join_config(&url, &key, true);
         let mut token = std::ptr::null_mut();
         // SAFETY: a valid out pointer.
         let made = unsafe { meshvpn_interrupter_new(&mut token) };
@@ -979,19 +975,7 @@ mod tests {
         use std::sync::atomic::Ordering::SeqCst;
         let mesh = Mesh::start("events");
         let join = || {
-            let config = meshvpn_join_config {
-                control_url: mesh.url.as_ptr(),
-                join_key: mesh.key.as_ptr(),
-                private_key: std::ptr::null(),
-                hostname: std::ptr::null(),
-                advertise_routes: std::ptr::null(),
-                tags: std::ptr::null(),
-                ca_pem: std::ptr::null(),
-                endpoint_ips: std::ptr::null(),
-                listen_port: 0,
-                accept_routes: false,
-                userspace: false,
-            };
+            let config = join_config(&mesh.url, &mesh.key, false);
             let mut node = std::ptr::null_mut();
             // SAFETY: a valid config whose strings outlive the call.
             let r = unsafe { meshvpn_join(&config, 15_000, std::ptr::null(), &mut node) };

@@ -401,8 +401,7 @@ pub unsafe extern "C" fn meshvpn_tunnel_server_local_addr(
         let out_len = Out::new(out_len, "out_len")?;
         let addr = lookup_server(server)?.running()?.local_addr().to_string();
         // SAFETY: the caller promises `buf` has `buf_len` writable bytes.
-        out_len.write(unsafe { ptr::copy_text(buf, buf_len, &addr) }?);
-        Ok(())
+        unsafe { ptr::write_text(buf, buf_len, out_len, &addr) }
     }}
 }
 
@@ -425,8 +424,7 @@ pub unsafe extern "C" fn meshvpn_tunnel_server_sessions(
         let out_len = Out::new(out_len, "out_len")?;
         let keys = lookup_server(server)?.running()?.clients().join("\n");
         // SAFETY: the caller promises `buf` has `buf_len` writable bytes.
-        out_len.write(unsafe { ptr::copy_text(buf, buf_len, &keys) }?);
-        Ok(())
+        unsafe { ptr::write_text(buf, buf_len, out_len, &keys) }
     }}
 }
 
