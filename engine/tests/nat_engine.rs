@@ -253,3 +253,42 @@ fn a_new_relay_session_announces_our_candidates_again() {
     );
     e.detach_relay();
 }
+
+/// The relay tells each session the address it sees it come from. A new
+/// IP (our NAT's public address changed, and our UDP mapping with it)
+/// starts a discovery round at once and is counted; the first report, and
+/// a new port on the same IP (a new TCP connection), do not.
+#[test]
+fn a_new_public_ip_seen_by_the_relay_starts_a_discovery_round_at_once() {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let nodes = mesh(2, false);
+    let e = &nodes[0].engine;
+    let stun = StunServer::bind("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap();
+    e.set_stun_servers(&[stun.local_addr()]).unwrap();
+    let answered = || stun.stats().answered.load(Relaxed);
+    assert!(
+        wait_until(Duration::from_secs(5), || answered() >= 1),
+        "no first discovery round"
+    );
+    let inbox = e.relay_inbox();
+    let quiet = |what: &str| {
+        let before = answered();
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(answered(), before, "a discovery round after {what}");
+    };
+    inbox.observed("198.51.100.7:40000".parse().unwrap());
+    quiet("the first report");
+    inbox.observed("198.51.100.7:40001".parse().unwrap());
+    quiet("a new port on the same IP");
+    assert_eq!(e.nat_status().relay_ip_changes, 0);
+    let before = answered();
+    inbox.observed("203.0.113.9:40002".parse().unwrap());
+    assert!(
+        wait_until(Duration::from_secs(1), || answered() > before),
+        "no discovery round within 1 s of a new public IP (the timer's next is at 30 s)"
+    );
+    let s = e.nat_status();
+    assert_eq!(s.relay_ip_changes, 1);
+    assert_eq!(s.relay_observed, Some("203.0.113.9:40002".parse().unwrap()));
+}

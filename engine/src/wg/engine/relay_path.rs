@@ -106,6 +106,15 @@ impl RelayInbox {
         self.0.upgrade()?.device.static_secret()
     }
 
+    /// The address the relay sees our session come from: when its IP is
+    /// not the last session's, our NAT's public address changed (and with
+    /// it our UDP mapping), so discovery runs at once.
+    pub fn observed(&self, address: std::net::SocketAddr) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.relay_observed(address);
+        }
+    }
+
     /// A datagram the relay delivered from the client registered as `from`.
     pub fn deliver(&self, from: &PublicKey, datagram: &[u8]) {
         let Some(shared) = self.0.upgrade() else {
