@@ -377,6 +377,14 @@ fn register(server: &TunnelServer, key: &PrivateKey) -> Ws {
     ws.send(Message::Binary(Bytes::copy_from_slice(&proof)))
         .unwrap();
     assert_eq!(&binary(&mut ws).unwrap()[..], &relay::ACCEPTED);
+    // Then, before any frame, where the relay sees us from: a message too
+    // short to be a frame (a client older than it drops it as such).
+    let observed = binary(&mut ws).unwrap();
+    assert!(relay::Frame::decode(&observed).is_err());
+    match relay::Control::decode(&observed) {
+        Ok(relay::Control::Observed(a)) => assert_eq!(a.0.ip(), server.local_addr().ip()),
+        other => panic!("not an observed address: {other:?}"),
+    }
     ws
 }
 

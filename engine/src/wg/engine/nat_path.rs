@@ -278,6 +278,13 @@ impl Shared {
         }
     }
 
+    /// Whether any peer has candidates (the path thread has work without
+    /// a relay).
+    pub(super) fn has_peer_candidates(&self) -> bool {
+        let inner = self.nat.inner.lock();
+        inner.known.values().any(|c| !c.is_empty())
+    }
+
     /// Candidate lists received since the last call.
     pub(super) fn take_pending_candidates(&self) -> Vec<(PublicKey, Vec<SocketAddr>)> {
         self.nat.inner.lock().pending.drain().collect()
