@@ -7,6 +7,10 @@
 //!             -> ToRelay (endpoint := relay, handshake now)
 //!   on relay: every probe_interval -> Probe(last UDP endpoint): a handshake
 //!             initiation over UDP whose answer moves the peer back (roaming)
+//!   liveness: on UDP, sending data and nothing received for LIVENESS_QUIET
+//!             -> Probe(the path itself); LIVENESS_MISSES unanswered in a
+//!             row (LIVENESS_TIMEOUT each) -> ToRelay, or without a relay
+//!             the candidates are probed again
 //! ```
 //!
 //! NAT traversal adds the peer's **candidates** (UDP addresses it sent
