@@ -253,3 +253,109 @@ fn a_new_relay_session_announces_our_candidates_again() {
     );
     e.detach_relay();
 }
+
+/// The relay tells each session the address it sees it come from. A new
+/// IP (our NAT's public address changed, and our UDP mapping with it)
+/// starts a discovery round at once and is counted; the first report, and
+/// a new port on the same IP (a new TCP connection), do not.
+#[test]
+fn a_new_public_ip_seen_by_the_relay_starts_a_discovery_round_at_once() {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    let nodes = mesh(2, false);
+    let e = &nodes[0].engine;
+    let stun = StunServer::bind("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap();
+    e.set_stun_servers(&[stun.local_addr()]).unwrap();
+    let answered = || stun.stats().answered.load(Relaxed);
+    assert!(
+        wait_until(Duration::from_secs(5), || answered() >= 1),
+        "no first discovery round"
+    );
+    let inbox = e.relay_inbox();
+    let quiet = |what: &str| {
+        let before = answered();
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(answered(), before, "a discovery round after {what}");
+    };
+    inbox.observed("198.51.100.7:40000".parse().unwrap());
+    quiet("the first report");
+    inbox.observed("198.51.100.7:40001".parse().unwrap());
+    quiet("a new port on the same IP");
+    assert_eq!(e.nat_status().relay_ip_changes, 0);
+    let before = answered();
+    inbox.observed("203.0.113.9:40002".parse().unwrap());
+    assert!(
+        wait_until(Duration::from_secs(1), || answered() > before),
+        "no discovery round within 1 s of a new public IP (the timer's next is at 30 s)"
+    );
+    let s = e.nat_status();
+    assert_eq!(s.relay_ip_changes, 1);
+    assert_eq!(s.relay_observed, Some("203.0.113.9:40002".parse().unwrap()));
+}
+
+/// This host's address on its default route (a connected UDP socket sends
+/// nothing): a usable candidate (loopback ones are not), and datagrams to
+/// it stay on this host. `None` on a host without one.
+fn own_address() -> Option<std::net::IpAddr> {
+    let s = UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("198.51.100.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// Two engines that know no endpoint of each other, no relay: only a
+/// control server's map (`set_peer_candidates`) says where each is.
+fn unrelayed_pair() -> (
+    Vec<(PrivateKey, meshvpn_engine::Engine)>,
+    [std::net::IpAddr; 2],
+) {
+    use meshvpn_engine::config::{Config, InterfaceConfig, PeerConfig};
+    let keys = [PrivateKey::generate(), PrivateKey::generate()];
+    let v4: [std::net::IpAddr; 2] = ["10.78.0.1".parse().unwrap(), "10.78.0.2".parse().unwrap()];
+    let engines: Vec<_> = (0..2)
+        .map(|i| {
+            let cfg = Config {
+                interface: InterfaceConfig {
+                    private_key: Some(keys[i].clone()),
+                    listen_port: Some(0),
+                    ..Default::default()
+                },
+                peers: vec![],
+            };
+            let e = meshvpn_engine::Engine::new(&cfg).unwrap();
+            let mut p = PeerConfig::new(keys[1 - i].public_key());
+            p.allowed_ips = vec![meshvpn_engine::IpPrefix::host(v4[1 - i])];
+            e.add_peer(&p).unwrap();
+            (keys[i].clone(), e)
+        })
+        .collect();
+    (engines, v4)
+}
+
+/// Map candidates are probed without any relay: two nodes with public
+/// addresses and a control map reach their direct path.
+#[test]
+fn without_a_relay_map_candidates_are_probed_and_the_direct_path_found() {
+    let Some(ip) = own_address() else {
+        eprintln!("skipped: this host has no address besides loopback");
+        return;
+    };
+    let (nodes, v4) = unrelayed_pair();
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let at = |e: &meshvpn_engine::Engine| SocketAddr::new(ip, e.listen_port());
+    assert!(a.1.set_peer_candidates(&b.0.public_key(), &[at(&b.1)]));
+    assert!(b.1.set_peer_candidates(&a.0.public_key(), &[at(&a.1)]));
+    let direct = wait_until(Duration::from_secs(5), || {
+        a.1.peer_stats(&b.0.public_key()).unwrap().endpoint == Some(at(&b.1))
+            && b.1.peer_stats(&a.0.public_key()).unwrap().endpoint == Some(at(&a.1))
+    });
+    assert!(
+        direct,
+        "no direct path without a relay within 5 s: {:?} / {:?}",
+        a.1.nat_stats(),
+        a.1.peer_stats(&b.0.public_key())
+    );
+    assert!(a.1.nat_stats().probe_rounds >= 1);
+    let p = udp_packet(v4[0], v4[1], 64, 1);
+    assert!(send_and_receive(&a.1, &b.1, &p).is_some());
+}

@@ -13,8 +13,8 @@ use std::time::Duration;
 use common::link::seed;
 use common::sim::{NatBox, Net, Sim};
 use meshvpn_engine::device::{
-    Endpoint, PathAction, PathState, ProbeBudget, MIN_BURST_GAP, PROBE_BURST_ROUNDS,
-    REPROBE_INTERVAL,
+    Endpoint, PathAction, PathState, ProbeBudget, LIVENESS_MISSES, LIVENESS_QUIET,
+    LIVENESS_TIMEOUT, MIN_BURST_GAP, PROBE_BURST_ROUNDS, REPROBE_INTERVAL,
 };
 use meshvpn_engine::peer::PeerPath;
 use meshvpn_engine::relay::protocol::Candidates;
@@ -592,4 +592,91 @@ fn when_the_faster_path_dies_the_peer_moves_to_the_other_in_bounded_time() {
         sim.nodes[1].received.len() > got + 10,
         "no traffic on the remaining path"
     );
+}
+
+// ---- Liveness of the direct path (device::PathState::step) ----
+
+/// Both NATs lose their mappings while both sides send: the direct path
+/// is dark both ways. The liveness probes (nothing received for
+/// LIVENESS_QUIET while sending, then LIVENESS_MISSES probes unanswered
+/// for LIVENESS_TIMEOUT each) give it up for the relay within seconds, on
+/// simulated time and with no help from WireGuard's own timers (15-20 s,
+/// which the simulation does not run: without the probes the dead path
+/// was kept for good).
+#[test]
+fn a_dead_direct_path_under_traffic_falls_back_to_the_relay_within_seconds() {
+    let (mut sim, mut d) = two_nodes(seed(25), [Some(false), Some(false)]);
+    announce(&mut sim, &mut d, 0, 1);
+    announce(&mut sim, &mut d, 1, 0);
+    run(&mut sim, &mut d, Duration::from_secs(10), |sim, _| {
+        direct(sim, 0, 1) && direct(sim, 1, 0)
+    });
+    assert!(direct(&sim, 0, 1) && direct(&sim, 1, 0), "no direct path");
+    let mut n = 0u8;
+    run(&mut sim, &mut d, Duration::from_secs(5), |sim, _| {
+        traffic(sim, &mut n);
+        false
+    });
+    for nat in &mut sim.nats {
+        nat.expire();
+    }
+    let dark_at = sim.ticks();
+    let mut gap = None;
+    let received = sim.nodes[1].received.len();
+    run(&mut sim, &mut d, Duration::from_secs(40), |sim, _| {
+        traffic(sim, &mut n);
+        if !direct(sim, 0, 1) && !direct(sim, 1, 0) && sim.nodes[1].received.len() > received {
+            gap = Some(sim.ticks() - dark_at);
+            return true;
+        }
+        false
+    });
+    let gap = gap.expect("the dead direct path was kept (no traffic over the relay in 40 s)");
+    let bound = (LIVENESS_QUIET + LIVENESS_TIMEOUT * LIVENESS_MISSES).as_millis() as u64 + 1_000;
+    println!("direct path dark: traffic over the relay {gap} ms later (bound {bound} ms)");
+    assert!(gap <= bound, "{gap} ms to the relay, bound {bound} ms");
+    let fallbacks = d.states[&(0, 1)].fallbacks + d.states[&(1, 0)].fallbacks;
+    assert!(fallbacks >= 1, "not counted as a fallback");
+}
+
+/// A lossy but working direct path is not given up: 5 % of datagrams
+/// lost each way, node 0 sending one packet per tick and node 1 sending
+/// nothing back (so only the liveness probes' answers tell node 0 the path
+/// works, the worst case for them), 10 minutes. Each probe's round trip
+/// fails about one time in ten; LIVENESS_MISSES in a row are needed.
+#[test]
+fn a_lossy_direct_path_with_one_way_traffic_does_not_flap() {
+    let (mut sim, mut d) = two_nodes(seed(26), [Some(false), Some(false)]);
+    announce(&mut sim, &mut d, 0, 1);
+    announce(&mut sim, &mut d, 1, 0);
+    run(&mut sim, &mut d, Duration::from_secs(10), |sim, _| {
+        direct(sim, 0, 1) && direct(sim, 1, 0)
+    });
+    assert!(direct(&sim, 0, 1) && direct(&sim, 1, 0), "no direct path");
+    sim.net.loss = 50;
+    let mut n = 0u8;
+    let mut off_direct = 0u32;
+    run(&mut sim, &mut d, Duration::from_secs(600), |sim, _| {
+        sim.send(0, 1, n);
+        n = n.wrapping_add(1);
+        if !direct(sim, 0, 1) {
+            off_direct += 1;
+        }
+        false
+    });
+    let st = &d.states[&(0, 1)];
+    println!(
+        "10 min at 5 % loss, one-way traffic: {} liveness probes, {} fallbacks, \
+         {} ticks off direct",
+        st.liveness_probes, st.fallbacks, off_direct
+    );
+    assert!(
+        st.liveness_probes >= 100,
+        "the liveness check did not run: {}",
+        st.liveness_probes
+    );
+    // (Ticks off direct are the round-trip measurements of the relay,
+    // which move the peer there for a moment by design.)
+    assert_eq!(st.fallbacks, 0, "a working lossy path was given up");
+    assert_eq!(d.states[&(1, 0)].fallbacks, 0);
 }

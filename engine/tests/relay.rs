@@ -377,6 +377,14 @@ fn register(server: &TunnelServer, key: &PrivateKey) -> Ws {
     ws.send(Message::Binary(Bytes::copy_from_slice(&proof)))
         .unwrap();
     assert_eq!(&binary(&mut ws).unwrap()[..], &relay::ACCEPTED);
+    // Then, before any frame, where the relay sees us from: a message too
+    // short to be a frame (a client older than it drops it as such).
+    let observed = binary(&mut ws).unwrap();
+    assert!(relay::Frame::decode(&observed).is_err());
+    match relay::Control::decode(&observed) {
+        Ok(relay::Control::Observed(a)) => assert_eq!(a.0.ip(), server.local_addr().ip()),
+        other => panic!("not an observed address: {other:?}"),
+    }
     ws
 }
 
@@ -814,4 +822,49 @@ fn relay_behind_a_client_ca_takes_a_client_certificate() {
     let with = RelayClient::start(with, owner).unwrap();
     assert!(with.wait_connected(WAIT), "{:?}", with.status());
     assert_eq!(server.relay_stats().unwrap().clients, 1);
+}
+
+/// A relay owner that also records the addresses the relay says it sees.
+struct Observer {
+    key: PrivateKey,
+    seen: Sender<SocketAddr>,
+}
+
+impl RelayOwner for Observer {
+    fn static_secret(&self) -> Option<boringtun::x25519::StaticSecret> {
+        Some(secret(&self.key))
+    }
+    fn deliver(&self, _: &[u8; 32], _: &[u8]) {}
+    fn observed(&self, address: SocketAddr) {
+        let _ = self.seen.send(address);
+    }
+}
+
+/// After the key proof the relay tells the client the address it sees the
+/// connection come from (its NAT's public address), once per session; the
+/// control message is neither delivered as a datagram nor counted dropped.
+#[test]
+fn the_relay_tells_each_session_the_address_it_comes_from() {
+    let pki = pki();
+    let server = relay_server(Some(&pki));
+    let (tx, rx) = unbounded();
+    let owner = Arc::new(Observer {
+        key: PrivateKey::generate(),
+        seen: tx,
+    });
+    let c = RelayClient::start(relay_config(&pki, server.local_addr()), owner).unwrap();
+    assert!(c.wait_connected(WAIT), "{:?}", c.status());
+    let first = rx.recv_timeout(WAIT).expect("no observed address");
+    assert_eq!(first.ip(), server.local_addr().ip(), "{first}");
+    assert!(first.port() != 0 && first.port() != server.local_addr().port());
+    // A new session: told again, from its new connection's port.
+    c.reconnect();
+    let second = rx
+        .recv_timeout(WAIT)
+        .expect("no address for the new session");
+    assert_eq!(second.ip(), first.ip());
+    assert_ne!(second.port(), first.port(), "the old session's address");
+    assert!(rx.try_recv().is_err(), "more than one per session");
+    let s = c.status();
+    assert_eq!((s.frames_received, s.frames_dropped), (0, 0), "{s:?}");
 }

@@ -6,7 +6,10 @@
 //! - nothing it accepts frames as a WireGuard message (old peers drop it);
 //! - what it accepts re-encodes to a message that decodes to the same list;
 //! - the path policy given the list probes only those addresses, at most
-//!   MAX_CANDIDATES of them per round.
+//!   MAX_CANDIDATES of them per round;
+//! - the relay server's control messages (`relay::protocol::Control`, the
+//!   same relay stream): never a frame, an observed address re-encodes to a
+//!   message that decodes to itself, and nothing longer than KEY_LEN is one.
 #![no_main]
 
 use std::time::{Duration, Instant};
@@ -16,7 +19,9 @@ use std::sync::{Arc, OnceLock};
 
 use meshvpn_engine::device::{Device, PathState, ProbeBudget};
 use meshvpn_engine::peer::{BufferBudget, PeerStats};
-use meshvpn_engine::relay::protocol::{Candidates, MAX_CANDIDATES, MAX_CANDIDATES_LEN};
+use meshvpn_engine::relay::protocol::{
+    Candidates, Control, Frame, KEY_LEN, MAX_CANDIDATES, MAX_CANDIDATES_LEN,
+};
 use meshvpn_engine::wire::WireMessage;
 use meshvpn_engine::{PeerUpdate, PrivateKey};
 
@@ -36,6 +41,16 @@ fn stats() -> &'static PeerStats {
 }
 
 fuzz_target!(|data: &[u8]| {
+    match Control::decode(data) {
+        Ok(control) => {
+            assert!(data.len() <= KEY_LEN);
+            assert!(Frame::decode(data).is_err(), "a control message framed");
+            if let Control::Observed(a) = control {
+                assert_eq!(Control::decode(&a.encode()), Ok(Control::Observed(a)));
+            }
+        }
+        Err(_) => assert!(data.len() > KEY_LEN || data.len() < 2 || data[0] == 0xA0),
+    }
     let Ok(c) = Candidates::decode(data) else {
         return;
     };

@@ -7,6 +7,10 @@
 //!             -> ToRelay (endpoint := relay, handshake now)
 //!   on relay: every probe_interval -> Probe(last UDP endpoint): a handshake
 //!             initiation over UDP whose answer moves the peer back (roaming)
+//!   liveness: on UDP, sending data and nothing received for LIVENESS_QUIET
+//!             -> Probe(the path itself); LIVENESS_MISSES unanswered in a
+//!             row (LIVENESS_TIMEOUT each) -> ToRelay, or without a relay
+//!             the candidates are probed again
 //! ```
 //!
 //! NAT traversal adds the peer's **candidates** (UDP addresses it sent
@@ -134,6 +138,21 @@ const MAX_TIMED_PATHS: usize = MAX_CANDIDATES + 2;
 /// (5 s, WireGuard paper section 6.4).
 pub const UNANSWERED_INITIATIONS: u64 = 2;
 
+/// Liveness of the direct path while traffic flows: nothing authenticated
+/// received for this long while we keep sending on it, and the path is
+/// probed (one handshake initiation to it) ...
+pub const LIVENESS_QUIET: Duration = Duration::from_secs(3);
+/// ... a probe unanswered this long is one miss, and the next probe goes
+/// at once ...
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_secs(1);
+/// ... and this many misses in a row (anything authenticated received
+/// resets them: one lost probe is not death) give the path up: to the
+/// relay if one is up, otherwise back to probing the candidates. About
+/// 6 s from the last datagram received, as Tailscale's magicsock trusts
+/// a path for 6.5 s after its last pong; WireGuard's own timers take 15
+/// to 20 s.
+pub const LIVENESS_MISSES: u32 = 3;
+
 /// What the policy asks for one peer now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathAction {
@@ -168,6 +187,23 @@ pub struct PathState {
     pub probes_sent: u64,
     /// Times a direct path was given up for the relay.
     pub fallbacks: u64,
+    /// When anything authenticated last arrived, our data bytes sent, and
+    /// when they last moved (the liveness check runs while we send data
+    /// and hear nothing).
+    rx_at: Instant,
+    tx_bytes: u64,
+    tx_at: Option<Instant>,
+    /// The liveness probe in flight, when it left; misses in a row.
+    alive_probe: Option<Instant>,
+    alive_misses: u32,
+    /// Liveness probes sent (also in `probes_sent`), and those sent since
+    /// something authenticated last arrived (not the path's own
+    /// unanswered initiations).
+    pub liveness_probes: u64,
+    liveness_at_rx: u64,
+    /// No relay was up when the direct path died: it is probed again with
+    /// the candidates, as if not direct, until something arrives.
+    direct_dead: bool,
     /// The last round trip measured per path (`None`: its measurement went
     /// unanswered), and when.
     rtts: Vec<(Endpoint, Option<Duration>, Instant)>,
@@ -253,6 +289,14 @@ impl PathState {
             probe_rounds: 0,
             probes_sent: 0,
             fallbacks: 0,
+            rx_at: now,
+            tx_bytes: stats.tx_inner_bytes,
+            tx_at: None,
+            alive_probe: None,
+            alive_misses: 0,
+            liveness_probes: 0,
+            liveness_at_rx: 0,
+            direct_dead: false,
             rtts: Vec::new(),
             chosen: None,
             relay_by_rtt: false,
@@ -376,7 +420,8 @@ impl PathState {
             self.next_measure = None;
             return None;
         }
-        if self.measuring.is_some() {
+        // One initiation in flight at a time: a newer one cancels the older.
+        if self.measuring.is_some() || self.alive_probe.is_some() {
             return None;
         }
         let next = *self.next_measure.get_or_insert(now + MEASURE_GAP);
@@ -420,7 +465,17 @@ impl PathState {
         if let Some((p, t)) = self.measuring {
             if now.saturating_duration_since(t) >= MEASURE_TIMEOUT {
                 self.measuring = None;
-                self.record(p, None, now);
+                if matches!(p, Endpoint::Udp(_)) && self.chosen == Some(p) {
+                    // The chosen direct path: one lost datagram is not
+                    // death. Something received since it left proves the
+                    // path; otherwise it is a liveness miss, and the
+                    // liveness probes (`step`) judge the path.
+                    if self.rx_at <= t {
+                        self.alive_misses += 1;
+                    }
+                } else {
+                    self.record(p, None, now);
+                }
             }
         }
         self.rtts
@@ -542,6 +597,48 @@ impl PathState {
         }
     }
 
+    /// The direct path's liveness while traffic flows ([`LIVENESS_QUIET`],
+    /// [`LIVENESS_TIMEOUT`], [`LIVENESS_MISSES`]): a probe when we send
+    /// and hear nothing, the next at once when one goes unanswered, and
+    /// the path given up after the misses. Probes are handshake
+    /// initiations to the path itself; their answers are round trips too.
+    fn liveness(&mut self, udp: SocketAddr, relay_up: bool, now: Instant) -> PathAction {
+        if let Some(sent) = self.alive_probe {
+            if now.saturating_duration_since(sent) < LIVENESS_TIMEOUT {
+                return PathAction::Stay;
+            }
+            self.alive_probe = None;
+            self.alive_misses += 1;
+            if self.alive_misses >= LIVENESS_MISSES {
+                self.alive_misses = 0;
+                if relay_up {
+                    self.path = PeerPath::Relay;
+                    self.fell_back(now);
+                    return PathAction::ToRelay;
+                }
+                // Nowhere to go: probe the candidates again (the peer's
+                // address may have changed; a new map brings new ones).
+                if !self.direct_dead {
+                    self.direct_dead = true;
+                    self.fell_back(now);
+                }
+                return PathAction::Stay;
+            }
+        }
+        let sending = self.tx_at.is_some_and(|t| t > self.rx_at);
+        let quiet = now.saturating_duration_since(self.rx_at) >= LIVENESS_QUIET;
+        let due = self.alive_misses > 0 || (sending && quiet);
+        // A measurement in flight is an initiation too: a second would
+        // cancel it. A dead path with no relay is left to the rounds.
+        if !due || self.measuring.is_some() || self.direct_dead {
+            return PathAction::Stay;
+        }
+        self.alive_probe = Some(now);
+        self.liveness_probes += 1;
+        self.probes_sent += 1;
+        PathAction::Probe(udp)
+    }
+
     /// Bookkeeping of a direct path given up for the relay.
     fn fell_back(&mut self, now: Instant) {
         self.last_probe = now;
@@ -579,7 +676,7 @@ impl PathState {
         now: Instant,
         budget: &mut ProbeBudget,
     ) -> Option<Vec<SocketAddr>> {
-        let direct = stats.path == PeerPath::Udp && stats.endpoint.is_some();
+        let direct = stats.path == PeerPath::Udp && stats.endpoint.is_some() && !self.direct_dead;
         if direct
             || self.relay_by_rtt
             || self.candidates.is_empty()
@@ -622,11 +719,24 @@ impl PathState {
             self.rx_bytes = stats.rx_bytes;
             self.initiations_at_rx = stats.handshakes_initiated;
             self.measures_at_rx = self.measures_sent;
+            self.liveness_at_rx = self.liveness_probes;
+            self.rx_at = now;
+            self.alive_probe = None;
+            self.alive_misses = 0;
+            self.direct_dead = false;
+        }
+        // Data, not keepalives or handshakes (ours would keep the check
+        // going on an idle path).
+        if stats.tx_inner_bytes != self.tx_bytes {
+            self.tx_bytes = stats.tx_inner_bytes;
+            self.tx_at = Some(now);
         }
         if stats.path != self.path {
             self.path = stats.path;
             self.initiations_at_rx = stats.handshakes_initiated;
             self.last_probe = now;
+            self.alive_probe = None;
+            self.alive_misses = 0;
         }
         // A direct path is proven once something authenticated arrived on it.
         if stats.path != PeerPath::Udp {
@@ -637,17 +747,19 @@ impl PathState {
         match (stats.path, stats.endpoint) {
             (PeerPath::Udp, Some(udp)) => {
                 self.udp = Some(udp);
-                // Measurements go to other paths: not this one's failures.
+                // Measurements go to other paths: not this one's failures;
+                // liveness probes are judged by their own rule below.
                 let unanswered = stats
                     .handshakes_initiated
                     .saturating_sub(self.initiations_at_rx)
-                    .saturating_sub(self.measures_sent - self.measures_at_rx);
+                    .saturating_sub(self.measures_sent - self.measures_at_rx)
+                    .saturating_sub(self.liveness_probes - self.liveness_at_rx);
                 if relay_up && unanswered >= UNANSWERED_INITIATIONS {
                     self.path = PeerPath::Relay;
                     self.fell_back(now);
                     return PathAction::ToRelay;
                 }
-                PathAction::Stay
+                self.liveness(udp, relay_up, now)
             }
             // With candidates, `candidate_round` probes (the last UDP
             // endpoint among them), on its schedule with its holddown.

@@ -24,7 +24,7 @@ use tungstenite::{Message, WebSocket};
 use super::pump::{
     self as relay_pump, exporter, read_binary, Outbox, Pump, PumpTimers, QueueLimits,
 };
-use crate::relay::protocol::{check_accepted, prove, Frame, KEY_LEN};
+use crate::relay::protocol::{check_accepted, prove, Control, Frame, KEY_LEN};
 use crate::stats::stats_struct;
 use crate::ws::reconnect::{
     Protocol, Reconnecting, Up, WebsocketTarget, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX,
@@ -109,6 +109,9 @@ pub trait RelayOwner: Send + Sync {
     fn static_secret(&self) -> Option<StaticSecret>;
     /// A datagram the relay delivered from the peer with public key `source`.
     fn deliver(&self, source: &[u8; KEY_LEN], datagram: &[u8]);
+    /// The address the relay sees this session come from (the NAT's public
+    /// address), told once per session by a relay that knows the message.
+    fn observed(&self, _address: std::net::SocketAddr) {}
 }
 
 struct ClientShared {
@@ -282,6 +285,14 @@ fn session(
         write_timeout: None,
     };
     let reason = pump.run(&mut ws, &timers, &mut |m| match Frame::decode(&m) {
+        // Too short for a frame: the server's control message.
+        Err(_) if Control::is_control(&m) => match Control::decode(&m) {
+            Ok(Control::Observed(a)) => shared.owner.observed(a.0),
+            Ok(Control::Unknown) => {}
+            Err(_) => {
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        },
         Ok(f) => {
             shared.received.fetch_add(1, Ordering::Relaxed);
             shared.owner.deliver(f.key, f.datagram);

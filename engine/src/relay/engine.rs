@@ -24,6 +24,10 @@ impl RelayOwner for RelayInbox {
     fn deliver(&self, source: &[u8; KEY_LEN], datagram: &[u8]) {
         RelayInbox::deliver(self, &PublicKey::from_bytes(*source), datagram);
     }
+
+    fn observed(&self, address: std::net::SocketAddr) {
+        RelayInbox::observed(self, address);
+    }
 }
 
 impl Transport for RelayClient {

@@ -29,6 +29,19 @@
 //! The sender is the frame's key as the relay server wrote it (the key the
 //! sender proved), never anything in the payload.
 //!
+//! A relay message of at most [`KEY_LEN`] bytes cannot be a frame (a frame
+//! holds a key and a non-empty datagram): such messages are the server's
+//! **control messages**, `[kind][version][body]`. A client ignores kinds and
+//! versions it does not know; a client older than control messages refuses
+//! them as frames too short (counts one dropped frame) and carries on. The
+//! one kind so far, sent once right after [`ACCEPTED`], tells the client the
+//! address the server sees its connection come from ([`ObservedAddress`],
+//! as DERP's server tells its clients their public IP):
+//!
+//! ```text
+//!   [OBSERVED_KIND 0xA0][OBSERVED_VERSION 1]( [4][IPv4 4][port 2 BE] | [6][IPv6 16][port 2 BE] )
+//! ```
+//!
 //! The proof shows possession of the private key of the registered public
 //! key (only its owner can compute K), is fresh (the server's nonce and
 //! ephemeral key), and is bound to this TLS session (the exporter), so a
@@ -236,6 +249,95 @@ impl Candidates {
             return Err(CandidatesError::Malformed);
         }
         Ok(Candidates(list))
+    }
+}
+
+/// First byte of the server's control message carrying [`ObservedAddress`].
+pub const OBSERVED_KIND: u8 = 0xA0;
+/// Version of the observed-address message; a client ignores other ones.
+pub const OBSERVED_VERSION: u8 = 1;
+
+/// What a relay message of at most [`KEY_LEN`] bytes (a server control
+/// message) says, as far as this client understands it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// The address the server sees the client's connection come from.
+    Observed(ObservedAddress),
+    /// A kind or version this client does not know: ignored (a later
+    /// server may send more than this one understands).
+    Unknown,
+}
+
+/// Why a control message was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("not a control message")]
+    NotControl,
+    #[error("malformed control message")]
+    Malformed,
+}
+
+/// The client's address (IP and TCP port) as the relay server sees it: the
+/// public address of the client's NAT, if it has one. The IP changing
+/// between sessions means the NAT's public address changed (the UDP
+/// mapping with it), so the client runs discovery again at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObservedAddress(pub std::net::SocketAddr);
+
+impl ObservedAddress {
+    /// The control message (9 bytes for IPv4, 21 for IPv6: never a frame).
+    pub fn encode(&self) -> Vec<u8> {
+        use std::net::IpAddr;
+        let mut m = vec![OBSERVED_KIND, OBSERVED_VERSION];
+        match self.0.ip().to_canonical() {
+            IpAddr::V4(v4) => {
+                m.push(4);
+                m.extend_from_slice(&v4.octets());
+            }
+            IpAddr::V6(v6) => {
+                m.push(6);
+                m.extend_from_slice(&v6.octets());
+            }
+        }
+        m.extend_from_slice(&self.0.port().to_be_bytes());
+        m
+    }
+}
+
+impl Control {
+    /// True when a relay message is a control message (too short for a frame).
+    pub fn is_control(message: &[u8]) -> bool {
+        message.len() <= KEY_LEN
+    }
+
+    /// Parses a control message. An unknown kind or version is
+    /// [`Control::Unknown`]; a known one must be exact (no trailing bytes).
+    pub fn decode(message: &[u8]) -> Result<Control, ControlError> {
+        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+        if !Self::is_control(message) {
+            return Err(ControlError::NotControl);
+        }
+        match message {
+            [OBSERVED_KIND, OBSERVED_VERSION, rest @ ..] => {
+                let ip = match rest {
+                    [4, a, b, c, d, _, _] => IpAddr::V4(Ipv4Addr::new(*a, *b, *c, *d)),
+                    [6, body @ ..] if body.len() == 18 => {
+                        let mut o = [0u8; 16];
+                        o.copy_from_slice(&body[..16]);
+                        IpAddr::V6(Ipv6Addr::from(o))
+                    }
+                    _ => return Err(ControlError::Malformed),
+                };
+                let n = rest.len();
+                let port = u16::from_be_bytes([rest[n - 2], rest[n - 1]]);
+                Ok(Control::Observed(ObservedAddress(SocketAddr::new(
+                    ip.to_canonical(),
+                    port,
+                ))))
+            }
+            [_, _, ..] => Ok(Control::Unknown),
+            _ => Err(ControlError::Malformed),
+        }
     }
 }
 
@@ -550,6 +652,57 @@ mod tests {
             Err(CandidatesError::NotCandidates)
         );
         assert_eq!(Candidates::decode(&[]), Err(CandidatesError::NotCandidates));
+    }
+
+    #[test]
+    fn observed_address_round_trips_and_is_never_a_frame() {
+        for a in [
+            "192.0.2.7:40000",
+            "[2001:db8::9]:443",
+            "[::ffff:198.51.100.2]:5",
+        ] {
+            let a = sa(a);
+            let m = ObservedAddress(a).encode();
+            assert!(Control::is_control(&m), "{a}");
+            assert!(Frame::decode(&m).is_err(), "an old client must refuse {a}");
+            let want = std::net::SocketAddr::new(a.ip().to_canonical(), a.port());
+            assert_eq!(
+                Control::decode(&m),
+                Ok(Control::Observed(ObservedAddress(want)))
+            );
+        }
+        // A frame is never a control message.
+        assert_eq!(
+            Control::decode(&[0; KEY_LEN + 1]),
+            Err(ControlError::NotControl)
+        );
+    }
+
+    #[test]
+    fn control_messages_unknown_are_ignored_malformed_refused() {
+        let good = ObservedAddress(sa("192.0.2.7:40000")).encode();
+        // Every truncation and one byte too many of a known kind.
+        for n in 2..good.len() {
+            assert_eq!(Control::decode(&good[..n]), Err(ControlError::Malformed));
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert_eq!(Control::decode(&long), Err(ControlError::Malformed));
+        let mut fam = good.clone();
+        fam[2] = 5;
+        assert_eq!(Control::decode(&fam), Err(ControlError::Malformed));
+        // Too short to say its kind and version.
+        assert_eq!(Control::decode(&[]), Err(ControlError::Malformed));
+        assert_eq!(
+            Control::decode(&[OBSERVED_KIND]),
+            Err(ControlError::Malformed)
+        );
+        // Another version, another kind: a later server's, ignored.
+        let mut v2 = good.clone();
+        v2[1] = 2;
+        assert_eq!(Control::decode(&v2), Ok(Control::Unknown));
+        assert_eq!(Control::decode(&[0xA1, 1, 9, 9]), Ok(Control::Unknown));
+        assert_eq!(Control::decode(&[0; KEY_LEN]), Ok(Control::Unknown));
     }
 
     #[test]

@@ -36,7 +36,9 @@ use super::pump::{
 };
 use crate::config::PublicKey;
 use crate::peer::BufferBudget;
-use crate::relay::protocol::{Frame, ServerHandshake, ACCEPTED, KEY_LEN, MAX_FRAME};
+use crate::relay::protocol::{
+    Frame, ObservedAddress, ServerHandshake, ACCEPTED, KEY_LEN, MAX_FRAME,
+};
 use crate::stats::stats_struct;
 use crate::ws::transport::Transport;
 use crate::ws::TunnelError;
@@ -258,10 +260,12 @@ impl Relay {
 
     /// Serves one upgraded websocket: the key proof (still within the
     /// handshake deadline), then frames until the session ends.
-    /// `registered` runs once the proof is settled, either way.
+    /// `registered` runs once the proof is settled, either way. `peer`: the
+    /// TCP peer's address, told to the client after the acceptance.
     pub(crate) fn serve(
         &self,
         mut ws: WebSocket<Transport>,
+        peer: Option<std::net::SocketAddr>,
         registered: &mut dyn FnMut(),
     ) -> Result<String, TunnelError> {
         let proof = self.authenticate(&mut ws);
@@ -287,6 +291,13 @@ impl Relay {
         // in the registry before it can read it: once told it is registered,
         // datagrams for it are delivered.
         pump.outbox().push_unlimited(Bytes::from_static(&ACCEPTED));
+        // Then where we see the client from: its NAT's public address, which
+        // it compares with the last session's (DERP's server tells its
+        // clients their public IP likewise). One short message per session.
+        if let Some(peer) = peer {
+            pump.outbox()
+                .push_unlimited(Bytes::from(ObservedAddress(peer).encode()));
+        }
         let session = self.counters.sessions.fetch_add(1, Relaxed);
         let mut clients = self.clients.write();
         if self.stopped.load(Relaxed) {

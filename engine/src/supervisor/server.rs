@@ -616,7 +616,7 @@ fn serve_relay(
     };
     let peer = ws.get_ref().sock.tcp.peer_addr().ok();
     let mut handshake = Some(handshake);
-    let result = relay.serve(ws, &mut || drop(handshake.take()));
+    let result = relay.serve(ws, peer, &mut || drop(handshake.take()));
     if let Err(e) = result {
         tracing::info!(?peer, error = %e, "relay: registration refused");
     }

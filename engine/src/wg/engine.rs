@@ -257,6 +257,7 @@ impl Engine {
         engine.spawn("meshvpn-rx4", |s, _| rx_loop(s, true))?;
         engine.spawn("meshvpn-rx6", |s, _| rx_loop(s, false))?;
         engine.spawn("meshvpn-timers", timer_loop)?;
+        engine.spawn("meshvpn-path", relay_path::path_loop)?;
         Ok(engine)
     }
 

@@ -82,6 +82,12 @@ pub struct NatStatus {
     /// Per peer: the path policy (chosen path, probes, round trips), as
     /// the path thread last saw it (empty while no relay is up).
     pub peer_paths: Vec<(PublicKey, PathSummary)>,
+    /// The address the relay saw our last session come from (relays that
+    /// tell it; `None` before the first session or with an older relay).
+    pub relay_observed: Option<SocketAddr>,
+    /// Times that address's IP changed from one session to the next (each
+    /// started a discovery round).
+    pub relay_ip_changes: u64,
 }
 
 #[derive(Default)]
@@ -98,6 +104,8 @@ pub(super) struct Inner {
     known: HashMap<PublicKey, Vec<SocketAddr>>,
     /// Every peer's path policy, written by the path thread (for status).
     pub(super) paths: Vec<(PublicKey, PathSummary)>,
+    /// The address the relay saw our last session come from.
+    relay_observed: Option<SocketAddr>,
 }
 
 #[derive(Default)]
@@ -112,6 +120,7 @@ pub(super) struct NatSlot {
     pub(super) probes: AtomicU64,
     pub(super) deferred: AtomicU64,
     pub(super) fallbacks: AtomicU64,
+    relay_ip_changes: AtomicU64,
 }
 
 impl NatSlot {
@@ -253,6 +262,29 @@ impl Shared {
         }
     }
 
+    /// The relay told us where it sees our session come from. A new IP
+    /// (not the first one) starts a discovery round, through the same
+    /// entry point as a fallback, and is counted.
+    pub(super) fn relay_observed(&self, address: SocketAddr) {
+        let changed = {
+            let mut inner = self.nat.inner.lock();
+            let last = inner.relay_observed.replace(address);
+            last.is_some_and(|l| l.ip() != address.ip())
+        };
+        if changed {
+            tracing::info!(%address, "relay: our public address changed; discovering again");
+            self.nat.relay_ip_changes.fetch_add(1, Relaxed);
+            self.rediscover();
+        }
+    }
+
+    /// Whether any peer has candidates (the path thread has work without
+    /// a relay).
+    pub(super) fn has_peer_candidates(&self) -> bool {
+        let inner = self.nat.inner.lock();
+        inner.known.values().any(|c| !c.is_empty())
+    }
+
     /// Candidate lists received since the last call.
     pub(super) fn take_pending_candidates(&self) -> Vec<(PublicKey, Vec<SocketAddr>)> {
         self.nat.inner.lock().pending.drain().collect()
@@ -330,6 +362,8 @@ impl Engine {
             stats: self.nat_stats(),
             peer_candidates: inner.known.iter().map(|(k, v)| (*k, v.clone())).collect(),
             peer_paths: inner.paths.clone(),
+            relay_observed: inner.relay_observed,
+            relay_ip_changes: self.shared.nat.relay_ip_changes.load(Relaxed),
         }
     }
 }

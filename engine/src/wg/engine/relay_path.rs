@@ -7,12 +7,17 @@
 //!                          {to: Endpoint::Udp(addr)}  --> Transport::send_batch of UdpTransport
 //!   recv: relay [src key][datagram] -> RelayInbox::deliver -> Device::handle_datagram(from Relay(src key))
 //!         (authenticates like any datagram; roaming then points the peer at the relay)
-//!   path thread, every PATH_TICK, per peer:
+//!   path thread (one per engine, idle until a relay or a peer's candidates
+//!   are there), every PATH_TICK, per peer:
 //!     on UDP:   2 initiations sent with nothing authenticated received since
 //!               (one REKEY_TIMEOUT unanswered) -> endpoint := relay, handshake now
 //!     on relay: every probe_interval, a handshake initiation over UDP to the last
 //!               UDP endpoint; the answer over UDP moves the peer back (roaming)
 //! ```
+//!
+//! Candidates (from the relay or a control server's map) are probed and
+//! paths measured whether or not a relay is attached: two nodes with
+//! public addresses and a map reach their direct path without one.
 //!
 //! Both peers need no coordination: the first datagram that authenticates
 //! through the relay moves the other side's endpoint to the relay too. This
@@ -24,12 +29,11 @@ use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use boringtun::x25519::StaticSecret;
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
-use parking_lot::{Mutex, RwLock};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use parking_lot::RwLock;
 
 use super::{Engine, EngineError, Net, RxBurst, Shared};
 use crate::config::PublicKey;
@@ -42,6 +46,9 @@ use crate::wg::transport::{Transport, Unsent};
 
 /// How often the path thread looks at the peers.
 const PATH_TICK: Duration = Duration::from_millis(250);
+/// How often a peer on the relay path is probed over UDP while no relay
+/// is attached (an attached one brings its own `probe_interval`).
+const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A way to reach peers by key through a relay: what the engine needs of
 /// a relay client. Datagrams go through its [`Transport`] side, to
@@ -75,18 +82,7 @@ pub(super) struct RelaySlot {
 
 struct ActiveRelay {
     transport: Arc<dyn RelayTransport>,
-    /// Dropped to stop the path thread.
-    stop: Mutex<Option<Sender<()>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl ActiveRelay {
-    fn stop(&self) {
-        self.stop.lock().take();
-        if let Some(t) = self.thread.lock().take() {
-            let _ = t.join();
-        }
-    }
+    probe_interval: Duration,
 }
 
 thread_local! {
@@ -104,6 +100,15 @@ impl RelayInbox {
     /// The engine's static secret, `None` while it has none (or is gone).
     pub fn static_secret(&self) -> Option<StaticSecret> {
         self.0.upgrade()?.device.static_secret()
+    }
+
+    /// The address the relay sees our session come from: when its IP is
+    /// not the last session's, our NAT's public address changed (and with
+    /// it our UDP mapping), so discovery runs at once.
+    pub fn observed(&self, address: std::net::SocketAddr) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.relay_observed(address);
+        }
     }
 
     /// A datagram the relay delivered from the client registered as `from`.
@@ -171,28 +176,19 @@ impl Engine {
         if self.is_closed() {
             return Err(EngineError::Closed);
         }
-        self.detach_relay();
-        let (stop_tx, stop_rx) = bounded(0);
-        let active = Arc::new(ActiveRelay {
+        // The engine's path thread picks it up at its next tick.
+        *self.shared.relay.active.write() = Some(Arc::new(ActiveRelay {
             transport,
-            stop: Mutex::new(Some(stop_tx)),
-            thread: Mutex::new(None),
-        });
-        let shared = Arc::downgrade(&self.shared);
-        let thread = std::thread::Builder::new()
-            .name("meshvpn-relay-path".into())
-            .spawn(move || path_loop(shared, stop_rx, probe_interval))
-            .map_err(EngineError::Thread)?;
-        *active.thread.lock() = Some(thread);
-        *self.shared.relay.active.write() = Some(active);
+            probe_interval,
+        }));
         Ok(())
     }
 
     /// Detaches the relay; peers on it go back to their last UDP
-    /// endpoint. Returns the transport that was attached. Idempotent.
+    /// endpoint (at the path thread's next tick). Returns the transport
+    /// that was attached. Idempotent.
     pub fn detach_relay(&self) -> Option<Arc<dyn RelayTransport>> {
         let active = self.shared.relay.active.write().take()?;
-        active.stop();
         Some(active.transport.clone())
     }
 
@@ -208,41 +204,56 @@ impl Engine {
     }
 }
 
-fn path_loop(shared: Weak<Shared>, stop: Receiver<()>, probe_interval: Duration) {
+/// The engine's path thread (started with the engine): the path policy
+/// for every peer while a relay is attached or any peer has candidates
+/// (from the relay or a control server's map); idle otherwise.
+pub(super) fn path_loop(shared: Arc<Shared>, stop: Receiver<()>) {
     let mut peers: HashMap<PublicKey, PathState> = HashMap::new();
     let mut nat = NatTick::default();
     let mut own_key = None;
+    let mut had_relay = false;
     let mut out = vec![0u8; output_buffer_len(MAX_DATAGRAM)];
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(PATH_TICK) {
-        let Some(shared) = shared.upgrade() else {
+        if shared.closed.load(Relaxed) {
             break;
-        };
-        let Some(active) = shared.relay.active.read().clone() else {
-            continue;
-        };
+        }
+        let active = shared.relay.active.read().clone();
         let key = shared.device.public_key();
-        if own_key.is_some() && key != own_key {
-            // New key: register it (peers' sessions restart anyway).
-            active.transport.rekeyed();
+        if let Some(a) = &active {
+            if own_key.is_some() && key != own_key {
+                // New key: register it (peers' sessions restart anyway).
+                a.transport.rekeyed();
+            }
         }
         own_key = key;
-        let relay_up = active.transport.is_up();
-        tick(&shared, &mut peers, relay_up, probe_interval, &mut out);
-        if relay_up {
-            nat.tick(&shared, &active, &mut peers, &mut out);
+        if had_relay && active.is_none() {
+            back_to_udp(&shared, &peers);
         }
+        had_relay = active.is_some();
+        if active.is_none() && !shared.has_peer_candidates() {
+            // Nothing to choose between: no state kept, as before a relay.
+            peers.clear();
+            continue;
+        }
+        let relay_up = active.as_ref().is_some_and(|a| a.transport.is_up());
+        let probe_interval = active
+            .as_ref()
+            .map_or(DEFAULT_PROBE_INTERVAL, |a| a.probe_interval);
+        tick(&shared, &mut peers, relay_up, probe_interval, &mut out);
+        let relay = active.as_deref().filter(|_| relay_up);
+        nat.tick(&shared, relay, &mut peers, &mut out);
         // One entry per peer: `tick` keeps `peers` to the device's peers.
         shared.nat.inner.lock().paths = peers.iter().map(|(k, st)| (*k, st.summary())).collect();
     }
-    // Relay gone: peers on it go back to their last UDP endpoint.
-    if let Some(shared) = shared.upgrade() {
-        for (key, st) in &peers {
-            if let (Some(peer), PeerPath::Relay, Some(udp)) =
-                (shared.device.peer(key), st.path, st.udp)
-            {
-                if peer.endpoint().map(|e| e.path()) == Some(PeerPath::Relay) {
-                    peer.set_endpoint(Endpoint::Udp(udp));
-                }
+}
+
+/// The relay went away: peers on it go back to their last UDP endpoint.
+fn back_to_udp(shared: &Shared, peers: &HashMap<PublicKey, PathState>) {
+    for (key, st) in peers {
+        if let (Some(peer), PeerPath::Relay, Some(udp)) = (shared.device.peer(key), st.path, st.udp)
+        {
+            if peer.endpoint().map(|e| e.path()) == Some(PeerPath::Relay) {
+                peer.set_endpoint(Endpoint::Udp(udp));
             }
         }
     }
@@ -328,23 +339,30 @@ struct NatTick {
 }
 
 impl NatTick {
+    /// `relay`: the relay, when one is attached and up (candidates are
+    /// exchanged through it); rounds and measurements run without one.
     fn tick(
         &mut self,
         shared: &Shared,
-        active: &ActiveRelay,
+        relay: Option<&ActiveRelay>,
         states: &mut HashMap<PublicKey, PathState>,
         out: &mut [u8],
     ) {
         let now = Instant::now();
-        let sessions = active.transport.sessions();
-        if sessions != self.sessions {
-            // A new relay session: announcements sent on the last one may
-            // have died with its connection, so every peer gets ours again.
-            self.sessions = sessions;
-            self.announced.clear();
+        if let Some(active) = relay {
+            let sessions = active.transport.sessions();
+            if sessions != self.sessions {
+                // A new relay session: announcements sent on the last one may
+                // have died with its connection, so every peer gets ours again.
+                self.sessions = sessions;
+                self.announced.clear();
+            }
         }
         let (generation, ours) = shared.nat_candidates();
         let send = |to: &PublicKey| {
+            let Some(active) = relay else {
+                return;
+            };
             let frame = Candidates(ours.clone()).encode();
             if active
                 .transport
@@ -367,7 +385,7 @@ impl NatTick {
                 .answered
                 .get(&key)
                 .is_some_and(|t| now.saturating_duration_since(*t) < super::nat_path::ANSWER_GAP);
-            if !ours.is_empty() && !recent {
+            if relay.is_some() && !ours.is_empty() && !recent {
                 self.answered.insert(key, now);
                 send(&key);
             }
@@ -375,7 +393,7 @@ impl NatTick {
         let keys = shared.device.peer_keys();
         self.answered.retain(|k, _| keys.contains(k));
         self.announced.retain(|k, _| keys.contains(k));
-        if !ours.is_empty() {
+        if relay.is_some() && !ours.is_empty() {
             // A new peer, new candidates, or ANNOUNCE_INTERVAL since.
             for key in keys {
                 let due = self.announced.get(&key).is_none_or(|(g, t)| {
@@ -402,8 +420,8 @@ impl NatTick {
                 shared.nat.probes.fetch_add(n as u64, Relaxed);
                 tracing::debug!(peer = %key, probes = n, "probing candidates");
             }
-            let relay = Some(Endpoint::Relay(*key));
-            if let Some(to) = st.measure_round(&peer.stats(), relay, now, &mut self.budget) {
+            let via_relay = relay.map(|_| Endpoint::Relay(*key));
+            if let Some(to) = st.measure_round(&peer.stats(), via_relay, now, &mut self.budget) {
                 peer.hold_endpoint(st.hold_until());
                 if shared.device.probe(now, &peer, to, out, &mut net) {
                     shared.nat.probes.fetch_add(1, Relaxed);
