@@ -43,7 +43,8 @@ fn control(db: &Path, args: &[&str]) -> String {
 }
 
 /// Waits until `node`'s output says it joined; returns its mesh IPv4.
-fn joined(node: &mut Daemon) -> String {
+/// On failure the node's status file says what it last got.
+fn joined(node: &mut Daemon, state_dir: &Path) -> String {
     let t = Instant::now();
     loop {
         let log = node.log_text();
@@ -54,7 +55,8 @@ fn joined(node: &mut Daemon) -> String {
         }
         assert!(
             node.alive() && t.elapsed() < STEP,
-            "the node did not join within {STEP:?}:\n{log}"
+            "the node did not join within {STEP:?}:\n{log}\nstatus: {}",
+            std::fs::read_to_string(state_dir.join("status")).unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -173,11 +175,11 @@ fn tunnel_relay_and_control_share_one_port_from_the_cli() {
     let t = Instant::now();
     // a serves the echo service on its mesh address, port 7000.
     let mut a = node("a", &["--remote".into(), format!("0.0.0.0:7000={echo}")]);
-    let ip_a = joined(&mut a);
+    let ip_a = joined(&mut a, &dir.path().join("a"));
     // b forwards a local port to a's mesh address.
     let local: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let mut b = node("b", &["--local".into(), format!("{local}={ip_a}:7000")]);
-    let ip_b = joined(&mut b);
+    let ip_b = joined(&mut b, &dir.path().join("b"));
     println!("a {ip_a} and b {ip_b} joined in {:?}", t.elapsed());
 
     let answer = exchange(local, b"hello over the mesh")
