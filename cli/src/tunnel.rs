@@ -150,7 +150,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH", help_heading = "Control server")]
     pub control_db: Option<PathBuf>,
     #[command(flatten, next_help_heading = "Control server (with --control-db)")]
-    pub control: crate::control::ControlServerArgs,
+    pub control: Box<crate::control::ControlServerArgs>,
 }
 
 /// What `--stun-listen` asks for.
@@ -293,6 +293,24 @@ fn parse_forward(spec: &str) -> Result<Forward, String> {
 
 fn serve(a: ServeArgs) -> Result<(), String> {
     let stun_addr = stun_listen(&a)?;
+    if a.control_db.is_some() && a.client_ca.is_some() && a.tokens.is_none() && !a.plain {
+        // The client CA alone makes TLS demand a certificate of every
+        // client, and `meshvpn up` has none: nodes would fail the handshake.
+        return Err(
+            "--control-db with --client-ca alone would refuse every node at the TLS \
+                    handshake (nodes present no client certificate): give --tokens too, \
+                    so that a client certificate is optional"
+                .into(),
+        );
+    }
+    if a.control_db.is_some() && a.relay && a.relay_require_auth {
+        return Err(
+            "--control-db with --relay-require-auth: nodes joined through the control \
+                    server hold no token nor client certificate for the relay; drop \
+                    --relay-require-auth (the relay still checks each node's WireGuard key)"
+                .into(),
+        );
+    }
     let tls = if a.plain {
         None
     } else {
@@ -321,25 +339,13 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         );
     }
     if tokens.is_empty() && a.client_ca.is_none() && (!a.relay || a.relay_require_auth) {
-        return Err("no way to authenticate agents: give --client-ca and/or --tokens".into());
-    }
-    if a.control_db.is_some() && a.client_ca.is_some() && a.tokens.is_none() && !a.plain {
-        // The client CA alone makes TLS demand a certificate of every
-        // client, and `meshvpn up` has none: nodes would fail the handshake.
-        return Err(
-            "--control-db with --client-ca alone would refuse every node at the TLS \
-                    handshake (nodes present no client certificate): give --tokens too, \
-                    so that a client certificate is optional"
-                .into(),
-        );
-    }
-    if a.control_db.is_some() && a.relay && a.relay_require_auth {
-        return Err(
-            "--control-db with --relay-require-auth: nodes joined through the control \
-                    server hold no token nor client certificate for the relay; drop \
-                    --relay-require-auth (the relay still checks each node's WireGuard key)"
-                .into(),
-        );
+        return Err(if a.control_db.is_some() {
+            "no way to authenticate agents: give --client-ca and/or --tokens (for a control \
+             server without agents, run `meshvpn control serve`)"
+        } else {
+            "no way to authenticate agents: give --client-ca and/or --tokens"
+        }
+        .into());
     }
     // Before the listener: a bad database or policy file fails the start.
     let control = match &a.control_db {
