@@ -12,7 +12,8 @@
 //! A join key's text is printed once, on stdout alone (so `> key-file`
 //! captures just the key); the database keeps only its hash.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
@@ -110,12 +111,38 @@ pub struct ServeArgs {
     /// proof is then not bound to a TLS session).
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
     plain: bool,
-    /// The prefix new nodes get their IPv4 address from.
-    #[arg(long, value_name = "PREFIX", default_value = meshvpn_control::node::DEFAULT_IPV4_PREFIX)]
-    ipv4_prefix: meshvpn_engine::IpPrefix,
     /// Also serve the WireGuard relay on this port (`/v1-meshvpn/relay`).
     #[arg(long)]
     relay: bool,
+    /// TLS and HTTP handshakes in progress at once from one source address.
+    #[arg(long, value_name = "N", default_value_t = meshvpn_engine::supervisor::DEFAULT_MAX_HANDSHAKES_PER_SOURCE)]
+    max_handshakes_per_source: usize,
+    #[command(flatten)]
+    control: ControlServerArgs,
+}
+
+/// The control server's own options, the same flags in `meshvpn control
+/// serve` and `meshvpn tunnel serve --control-db` (where clap requires
+/// `--control-db` with any of them): one definition, one builder
+/// ([`ControlServerArgs::start`]).
+#[derive(Args, Debug)]
+#[group(id = CONTROL_SERVER_ARGS, multiple = true)]
+pub struct ControlServerArgs {
+    /// The prefix new nodes get their IPv4 address from (registered nodes
+    /// keep theirs when it changes).
+    #[arg(long, value_name = "PREFIX", default_value = meshvpn_control::node::DEFAULT_IPV4_PREFIX)]
+    ipv4_prefix: meshvpn_engine::IpPrefix,
+    /// An ACL policy file (JSON, see `meshvpn control policy set`) made the
+    /// policy at start when it differs from the stored one; checked first:
+    /// an error names its line and nothing is stored. Without it the stored
+    /// policy stays (none: every node may reach every other).
+    #[arg(long, value_name = "FILE")]
+    policy_file: Option<PathBuf>,
+    /// The relay URL sent to nodes in their network map, for peers they
+    /// cannot reach over UDP, e.g. wss://server:6443/v1-meshvpn/relay (this
+    /// server's own with --relay). Without it nodes use UDP only.
+    #[arg(long, value_name = "URL")]
+    map_relay_url: Option<String>,
     /// Control sessions at once (one per node; each a thread and three
     /// open files); more are answered 503.
     #[arg(long, value_name = "N", default_value_t = server::DEFAULT_MAX_SESSIONS)]
@@ -124,13 +151,72 @@ pub struct ServeArgs {
     /// NAT); more from it are answered 503.
     #[arg(long, value_name = "N", default_value_t = server::DEFAULT_MAX_SESSIONS_PER_SOURCE)]
     max_sessions_per_source: usize,
-    /// TLS and HTTP handshakes in progress at once from one source address.
-    #[arg(long, value_name = "N", default_value_t = meshvpn_engine::supervisor::DEFAULT_MAX_HANDSHAKES_PER_SOURCE)]
-    max_handshakes_per_source: usize,
     /// How long an ephemeral node stays after it disconnects: 90s, 30m, 24h.
     #[arg(long, value_name = "DURATION", value_parser = keys::parse_duration,
           default_value = "30m")]
     ephemeral_timeout: Duration,
+}
+
+/// The clap group id of [`ControlServerArgs`]' flags.
+pub const CONTROL_SERVER_ARGS: &str = "control_server_args";
+
+impl ControlServerArgs {
+    /// Opens the database at `path` (created 0600 when missing), sets
+    /// `--policy-file` if it differs from the stored policy, and starts the
+    /// control server; serve it by putting [`ControlServer::route`] in a
+    /// tunnel server's `extra` routes.
+    pub fn start(&self, path: &Path) -> Result<ControlServer, String> {
+        // A policy that does not load is refused before the database is
+        // touched, as `policy set` does.
+        let policy = match &self.policy_file {
+            Some(file) => {
+                let text = std::fs::read_to_string(file)
+                    .map_err(|e| format!("--policy-file {}: {e}", file.display()))?;
+                Policy::parse(&text).map_err(|e| {
+                    format!("--policy-file {}: {e}; nothing was stored", file.display())
+                })?;
+                Some(text)
+            }
+            None => None,
+        };
+        let store = SqliteStore::open(
+            path,
+            &StoreConfig {
+                create: true,
+                ipv4_prefix: self.ipv4_prefix,
+                ..Default::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        if let Some(text) = policy {
+            // Only a change makes a new version: restarting with the same
+            // file does not bump it (nor wake every node).
+            if store
+                .policy()
+                .map_err(|e| e.to_string())?
+                .is_none_or(|p| p.text != text)
+            {
+                let (version, changes) =
+                    admin::set_policy(&store, &text, unix_now()).map_err(|e| e.to_string())?;
+                let file = self.policy_file.as_ref().map(|f| f.display().to_string());
+                tracing::info!(version, file, "policy set from --policy-file");
+                for c in &changes {
+                    tracing::info!("{}", change_text(c));
+                }
+            }
+        }
+        ControlServer::start(
+            Arc::new(store),
+            ControlServerConfig {
+                max_sessions: self.max_sessions,
+                max_sessions_per_source: self.max_sessions_per_source,
+                ephemeral_timeout: self.ephemeral_timeout,
+                relay_url: self.map_relay_url.clone(),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| format!("cannot start the control server: {e}"))
+    }
 }
 
 #[derive(Subcommand)]
@@ -206,17 +292,17 @@ pub fn run(args: ControlArgs) -> CliResult {
             )
         })?;
     }
-    let mut config = StoreConfig {
+    if let ControlCommand::Serve(a) = args.command {
+        return serve(&path, a);
+    }
+    let config = StoreConfig {
         create,
         ..Default::default()
     };
-    if let ControlCommand::Serve(a) = &args.command {
-        config.ipv4_prefix = a.ipv4_prefix;
-    }
     let store = SqliteStore::open(&path, &config)?;
     let now = unix_now();
     match args.command {
-        ControlCommand::Serve(a) => return serve(store, a),
+        ControlCommand::Serve(_) => unreachable!("served above"),
         ControlCommand::Keys(KeysCommand::Create {
             reusable,
             ephemeral,
@@ -400,20 +486,24 @@ pub fn run(args: ControlArgs) -> CliResult {
 /// Routes whose status a re-examination changed, one line each.
 fn report_changes(changes: &[RouteChange]) {
     for c in changes {
-        match c {
-            RouteChange::Set(r) => println!(
-                "route {} of node {} is now {}",
-                r.prefix, r.node_name, r.status
-            ),
-            RouteChange::Remove { node_id, prefix } => {
-                println!("route {prefix} of node {node_id} was removed")
-            }
+        println!("{}", change_text(c));
+    }
+}
+
+fn change_text(c: &RouteChange) -> String {
+    match c {
+        RouteChange::Set(r) => format!(
+            "route {} of node {} is now {}",
+            r.prefix, r.node_name, r.status
+        ),
+        RouteChange::Remove { node_id, prefix } => {
+            format!("route {prefix} of node {node_id} was removed")
         }
     }
 }
 
 /// Serves until the process ends.
-fn serve(store: SqliteStore, a: ServeArgs) -> CliResult {
+fn serve(path: &Path, a: ServeArgs) -> CliResult {
     let tls = if a.plain {
         None
     } else {
@@ -431,16 +521,7 @@ fn serve(store: SqliteStore, a: ServeArgs) -> CliResult {
             .map_err(|e| e.to_string())?,
         )
     };
-    let control = ControlServer::start(
-        std::sync::Arc::new(store),
-        ControlServerConfig {
-            max_sessions: a.max_sessions,
-            max_sessions_per_source: a.max_sessions_per_source,
-            ephemeral_timeout: a.ephemeral_timeout,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| e.to_string())?;
+    let control = a.control.start(path)?;
     // No agent credentials: the tunnel path refuses everyone; this port
     // serves the control protocol (and the relay with --relay).
     let mut config = ServerConfig::new(
@@ -455,13 +536,18 @@ fn serve(store: SqliteStore, a: ServeArgs) -> CliResult {
     }
     let server = TunnelServer::bind(a.listen, config).map_err(|e| e.to_string())?;
     tracing::info!(addr = %server.local_addr(), relay = a.relay, "control server listening");
-    // On stdout for scripts and tests that asked for port 0.
-    println!("listening on {}", server.local_addr());
-    use std::io::Write as _;
-    let _ = std::io::stdout().flush();
+    print_listening(server.local_addr());
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
+}
+
+/// `listening on ADDR` on stdout, flushed: for scripts and tests that
+/// asked for port 0.
+pub fn print_listening(addr: std::net::SocketAddr) {
+    use std::io::Write as _;
+    println!("listening on {addr}");
+    let _ = std::io::stdout().flush();
 }
 
 fn unix_now() -> u64 {

@@ -97,14 +97,29 @@ pub struct Forwarder {
     /// Local addresses actually bound by `--local` rules, in order (port 0
     /// in a rule picks one).
     pub local_addrs: Vec<SocketAddr>,
-    stop: Arc<AtomicBool>,
+    _rules: Rules,
 }
 
 impl Drop for Forwarder {
     fn drop(&mut self) {
-        self.stop.store(true, Relaxed);
+        self._rules.stop.store(true, Relaxed);
         self.stack.close();
         self.engine.close();
+    }
+}
+
+/// The forwards of some rules on a stack someone else owns (`meshvpn up
+/// --userspace`); dropping it stops the local listeners. Mesh listeners
+/// end with their stack.
+pub struct Rules {
+    /// Local addresses bound by the `local` rules, in order.
+    pub local_addrs: Vec<SocketAddr>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Rules {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
     }
 }
 
@@ -157,10 +172,26 @@ pub fn start(args: &ForwardArgs) -> Result<Forwarder, String> {
         ..NetstackConfig::default()
     };
     let stack = Arc::new(Netstack::attach(&engine, stack_config).map_err(|e| e.to_string())?);
+    let rules = start_rules(&stack, &args.local, &args.remote)?;
+    Ok(Forwarder {
+        engine,
+        stack,
+        local_addrs: rules.local_addrs.clone(),
+        _rules: rules,
+    })
+}
+
+/// Starts `local` (local listener to mesh dial) and `remote` (mesh
+/// listener to local dial) forwards on `stack`.
+pub fn start_rules(
+    stack: &Arc<Netstack>,
+    local: &[Forward],
+    remote: &[Forward],
+) -> Result<Rules, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(Counts::default());
     let mut local_addrs = Vec::new();
-    for &f in &args.local {
+    for &f in local {
         let bound = if f.udp {
             let sock = std::net::UdpSocket::bind(f.from).map_err(|e| format!("{}: {e}", f.from))?;
             let _ = sock.set_read_timeout(Some(TICK));
@@ -211,7 +242,7 @@ pub fn start(args: &ForwardArgs) -> Result<Forwarder, String> {
         tracing::info!(local = %bound, mesh = %f.to, udp = f.udp, "forward: local -> mesh");
         local_addrs.push(bound);
     }
-    for &f in &args.remote {
+    for &f in remote {
         if f.udp {
             let sock = stack
                 .udp_bind(f.from)
@@ -238,12 +269,7 @@ pub fn start(args: &ForwardArgs) -> Result<Forwarder, String> {
         }
         tracing::info!(mesh = %f.from, local = %f.to, udp = f.udp, "forward: mesh -> local");
     }
-    Ok(Forwarder {
-        engine,
-        stack,
-        local_addrs,
-        stop,
-    })
+    Ok(Rules { local_addrs, stop })
 }
 
 /// A byte stream the forwarder can pipe: a kernel TCP socket or a mesh one.

@@ -45,6 +45,7 @@ pub enum TunnelCommand {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_group(crate::control::CONTROL_SERVER_ARGS, |g| g.requires("control_db")))]
 pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0:6443")]
@@ -139,6 +140,17 @@ pub struct ServeArgs {
     /// spoofed flood can reflect); more requests are dropped.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_STUN_TOTAL)]
     pub stun_total: u32,
+    /// Also be the mesh's control server on this port
+    /// (`/v1-meshvpn/control`, next to the tunnel and the relay), keeping
+    /// its state in this SQLite file (created when missing); `meshvpn
+    /// control keys|nodes|routes|policy --db PATH` work on the same file
+    /// while it runs. --relay is not needed: nodes reach each other over
+    /// UDP; add it (and --map-relay-url) for nodes that cannot. Nodes
+    /// present no client certificate, so with --client-ca give --tokens too.
+    #[arg(long, value_name = "PATH", help_heading = "Control server")]
+    pub control_db: Option<PathBuf>,
+    #[command(flatten, next_help_heading = "Control server (with --control-db)")]
+    pub control: Box<crate::control::ControlServerArgs>,
 }
 
 /// What `--stun-listen` asks for.
@@ -281,6 +293,24 @@ fn parse_forward(spec: &str) -> Result<Forward, String> {
 
 fn serve(a: ServeArgs) -> Result<(), String> {
     let stun_addr = stun_listen(&a)?;
+    if a.control_db.is_some() && a.client_ca.is_some() && a.tokens.is_none() && !a.plain {
+        // The client CA alone makes TLS demand a certificate of every
+        // client, and `meshvpn up` has none: nodes would fail the handshake.
+        return Err(
+            "--control-db with --client-ca alone would refuse every node at the TLS \
+                    handshake (nodes present no client certificate): give --tokens too, \
+                    so that a client certificate is optional"
+                .into(),
+        );
+    }
+    if a.control_db.is_some() && a.relay && a.relay_require_auth {
+        return Err(
+            "--control-db with --relay-require-auth: nodes joined through the control \
+                    server hold no token nor client certificate for the relay; drop \
+                    --relay-require-auth (the relay still checks each node's WireGuard key)"
+                .into(),
+        );
+    }
     let tls = if a.plain {
         None
     } else {
@@ -309,8 +339,19 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         );
     }
     if tokens.is_empty() && a.client_ca.is_none() && (!a.relay || a.relay_require_auth) {
-        return Err("no way to authenticate agents: give --client-ca and/or --tokens".into());
+        return Err(if a.control_db.is_some() {
+            "no way to authenticate agents: give --client-ca and/or --tokens (for a control \
+             server without agents, run `meshvpn control serve`)"
+        } else {
+            "no way to authenticate agents: give --client-ca and/or --tokens"
+        }
+        .into());
     }
+    // Before the listener: a bad database or policy file fails the start.
+    let control = match &a.control_db {
+        Some(path) => Some(a.control.start(path)?),
+        None => None,
+    };
     let relay = if a.relay {
         let allowed_keys = match &a.relay_keys {
             Some(p) => Some(parse_keys(&String::from_utf8_lossy(&read(p)?))?),
@@ -347,8 +388,12 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     config.relay = relay;
     config.max_handshakes = a.max_handshakes;
     config.max_handshakes_per_source = a.max_handshakes_per_source;
+    if let Some(control) = &control {
+        config.extra.push(control.route());
+    }
     let server = Arc::new(TunnelServer::bind(a.listen, config).map_err(|e| e.to_string())?);
-    tracing::info!(addr = %server.local_addr(), relay = a.relay, "tunnel server listening");
+    tracing::info!(addr = %server.local_addr(), relay = a.relay, control = control.is_some(), "tunnel server listening");
+    crate::control::print_listening(server.local_addr());
     let stun_config = StunServerConfig {
         per_source: a.stun_per_source,
         total: a.stun_total,
@@ -400,6 +445,9 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             }
         });
     }
+    // The control server lives as long as the listener that serves it: a
+    // route whose server is gone refuses every node.
+    let _control = control;
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }

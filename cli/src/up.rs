@@ -111,6 +111,17 @@ pub struct UpArgs {
     /// the kernel). The policy's packet filter is still enforced.
     #[arg(long)]
     userspace: bool,
+    /// With --userspace: accept on a local address and forward into the
+    /// mesh, as `meshvpn forward --local` (ADDR=MESHADDR[/udp], e.g.
+    /// 127.0.0.1:8080=100.64.0.2:80). Repeatable.
+    #[arg(long, value_name = "ADDR=MESHADDR[/udp]", requires = "userspace")]
+    local: Vec<crate::forward::Forward>,
+    /// With --userspace: listen on this node's mesh addresses and forward
+    /// to a local service, as `meshvpn forward --remote` (0.0.0.0:PORT: the
+    /// node's mesh IPv4, whatever the server gives it), e.g.
+    /// 0.0.0.0:2222=127.0.0.1:22. Repeatable.
+    #[arg(long, value_name = "MESHADDR=ADDR[/udp]", requires = "userspace")]
+    remote: Vec<crate::forward::Forward>,
 }
 
 /// The registration kept in the state dir.
@@ -390,6 +401,8 @@ pub fn run(args: UpArgs) -> CliResult {
 
     let status_path = args.state_dir.join(STATUS_FILE);
     let mut last_status = String::new();
+    // Started once the node joined: its stack exists from then on.
+    let mut forwards = None;
     let result = loop {
         match sig_rx.recv_timeout(TICK) {
             Ok(sig) => {
@@ -401,6 +414,17 @@ pub fn run(args: UpArgs) -> CliResult {
         }
         if !args.userspace && engine.device_gone() {
             break Err(format!("the interface {name} was deleted"));
+        }
+        if forwards.is_none() && !(args.local.is_empty() && args.remote.is_empty()) {
+            if let Some(stack) = node.netstack() {
+                match crate::forward::start_rules(&stack, &args.local, &args.remote) {
+                    Ok(rules) => {
+                        tracing::info!(local = ?rules.local_addrs, remote = args.remote.len(), "forwards started");
+                        forwards = Some(rules);
+                    }
+                    Err(e) => break Err(format!("cannot start the forwards: {e}")),
+                }
+            }
         }
         let status = node.status();
         if let Some(e) = &status.fatal {
@@ -428,6 +452,7 @@ pub fn run(args: UpArgs) -> CliResult {
             }
         }
     };
+    drop(forwards);
     node.close();
     drop(uapi);
     let _ = std::fs::remove_file(&status_path);
