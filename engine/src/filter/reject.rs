@@ -125,3 +125,42 @@ pub fn tcp_reset(packet: &[u8], out: &mut [u8; REJECT_ANSWER_MAX]) -> Option<usi
         .fill_checksum(pseudo);
     Some(total)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_syn_gets_a_checksummed_rst_back() {
+        let mut p = vec![0u8; 60];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&20u16.to_be_bytes());
+        p[6] = PROTO_TCP;
+        p[8..10].copy_from_slice(&[0xfd, 0x7a]);
+        p[23] = 1;
+        p[24..26].copy_from_slice(&[0xfd, 0x7a]);
+        p[39] = 2;
+        p[40..42].copy_from_slice(&5000u16.to_be_bytes());
+        p[42..44].copy_from_slice(&443u16.to_be_bytes());
+        p[44..48].copy_from_slice(&u32::MAX.to_be_bytes());
+        p[52] = 5 << 4;
+        p[53] = flags::SYN;
+        let mut out = [0u8; REJECT_ANSWER_MAX];
+        let len = tcp_reset(&p, &mut out).expect("a RST");
+        assert_eq!(len, 60);
+        let ip = IpPacket::new_checked(&out[..len]).unwrap();
+        assert!(!ip.is_v4());
+        assert_eq!(&ip.addrs()[..16], &p[24..40]);
+        assert_eq!(&ip.addrs()[16..], &p[8..24]);
+        let t = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert!(t.verify_checksum(ip.pseudo_header_sum(PROTO_TCP, 20)));
+        assert_eq!((t.src_port(), t.dst_port()), (443, 5000));
+        assert_eq!(t.flags(), flags::RST | flags::ACK);
+        assert_eq!(t.ack_number(), 0, "SEQ+1 wraps");
+        // A RST or a SYN-ACK is never answered (no RST storms).
+        p[53] = flags::SYN | flags::ACK;
+        assert_eq!(tcp_reset(&p, &mut out), None);
+        p[53] = flags::RST;
+        assert_eq!(tcp_reset(&p, &mut out), None);
+    }
+}
