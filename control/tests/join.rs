@@ -182,11 +182,22 @@ fn userspace_nodes_reach_each_other_and_the_policy_refuses_a_denied_port() {
     }
     let t = Instant::now();
     let denied = echo(&a, SocketAddr::new(b_ip, 9090), Duration::from_secs(2));
+    let took = t.elapsed();
+    println!("denied port: {denied:?} after {took:?}");
     assert!(
         denied.is_err(),
         "port 9090 is not in the policy, yet a reached it"
     );
-    println!("denied port: {denied:?} after {:?}", t.elapsed());
+    // a's engine refuses its own SYN and answers it with a RST, so the
+    // connect fails at once rather than by its 2 s timeout.
+    assert!(
+        took < Duration::from_millis(500),
+        "the denied connect took {took:?}, not failing fast: {denied:?}"
+    );
+    assert!(
+        a.engine().filter_rejects().0 > 0,
+        "a's engine answered no refused SYN"
+    );
     echo(&a, SocketAddr::new(b_ip, 8080), WAIT).expect("8080 is allowed");
     // Dropped by a's engine at send or by b's on arrival, and counted.
     let drops = a.engine().stats().filter_outbound_denied + b.engine().stats().filter_not_allowed;

@@ -452,13 +452,17 @@ mod filter {
     use meshvpn_engine::device::SendError;
     use meshvpn_engine::filter::{
         default_icmp_types, ByteSet, FilterDrop, FilterRules, PortRange, Rule,
+        REJECT_ANSWERS_PER_SEC, REJECT_ANSWER_MAX,
     };
+    use meshvpn_engine::wire::{IpPacket, TcpPacket};
     use meshvpn_engine::IpPrefix;
+    use std::time::Duration;
 
     const TCP: u8 = 6;
     const UDP: u8 = 17;
     const ICMP: u8 = 1;
     const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
     const ACK: u8 = 0x10;
 
     fn ip4(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
@@ -624,6 +628,90 @@ mod filter {
         );
         assert_eq!(sim.in_flight(), 0, "a denied packet left the node");
         assert_eq!(drops(&sim, 1, FilterDrop::OutboundDenied), 1);
+    }
+
+    /// A SYN the rules refuse at the sender gets a RST back for the host
+    /// (nftables `reject with tcp reset`), so its connect fails at once;
+    /// nothing goes to the peer, and other refused packets get no answer.
+    #[test]
+    fn filter_denied_outbound_syn_is_answered_with_a_rst_to_the_host_only() {
+        let mut sim = filtered_sim(5);
+        let (a, b) = (sim.nodes[0].ip, sim.nodes[1].ip);
+        let mut denied = tcp(b, 40004, a, 80, SYN);
+        denied[24..28].copy_from_slice(&1000u32.to_be_bytes()); // seq
+        let mut answer = [0u8; REJECT_ANSWER_MAX];
+        let mut got = None;
+        sim.with_device(1, |d, now, out, io| {
+            let sent = d.send(now, &denied, out, io);
+            assert_eq!(sent, Err(SendError::Filtered(FilterDrop::OutboundDenied)));
+            got = d.reject_answer(now, &denied, &mut answer);
+        });
+        assert_eq!(sim.in_flight(), 0, "a denied SYN left the node");
+        let len = got.expect("a RST for the refused SYN");
+        let rst = &answer[..len];
+        let ip = IpPacket::new_checked(rst).unwrap();
+        assert!(ip.verify_checksum());
+        assert_eq!(
+            &ip.addrs()[..4],
+            &denied[16..20],
+            "from the SYN's destination"
+        );
+        assert_eq!(&ip.addrs()[4..8], &denied[12..16], "to the SYN's source");
+        let t = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert!(t.verify_checksum(ip.pseudo_header_sum(TCP, 20)));
+        assert_eq!((t.src_port(), t.dst_port()), (80, 40004));
+        assert_eq!(t.flags(), RST | ACK);
+        assert_eq!(t.ack_number(), 1001, "acknowledges the SYN");
+        // Only a SYN is answered: a refused UDP datagram or a stray ACK
+        // gets nothing.
+        sim.with_device(1, |d, now, _, _| {
+            assert_eq!(
+                d.reject_answer(now, &udp(b, 40005, a, 9), &mut answer),
+                None
+            );
+            assert_eq!(
+                d.reject_answer(now, &tcp(b, 40006, a, 80, ACK), &mut answer),
+                None
+            );
+        });
+        assert_eq!(sim.nodes[1].device.reject_stats(), (1, 0));
+        // A refused peer packet is never answered: the receive path has
+        // no answer to make, the peer sees nothing.
+        assert!(!passes(&mut sim, 0, &tcp(a, 40007, b, 80, SYN)));
+        assert_eq!(sim.nodes[0].received.len(), 0, "the peer heard back");
+    }
+
+    /// Attack: the host floods refused SYNs; at most
+    /// `REJECT_ANSWERS_PER_SEC` answers leave per second (a fixed-size
+    /// token bucket: no memory grows with the flood), the rest are counted.
+    #[test]
+    fn filter_reject_answers_are_rate_limited_under_a_flood() {
+        let mut sim = filtered_sim(6);
+        let (a, b) = (sim.nodes[0].ip, sim.nodes[1].ip);
+        let per_sec = REJECT_ANSWERS_PER_SEC as u64;
+        let flood = 20 * per_sec;
+        let mut answered = Vec::new();
+        sim.with_device(1, |d, now, _, _| {
+            let mut answer = [0u8; REJECT_ANSWER_MAX];
+            for sec in 0..3u64 {
+                let at = now + Duration::from_secs(sec);
+                let mut n = 0;
+                for k in 0..flood {
+                    let syn = tcp(b, 1024 + k as u16, a, 80, SYN);
+                    let step = at + Duration::from_micros(k * 1_000_000 / flood / 2);
+                    n += u64::from(d.reject_answer(step, &syn, &mut answer).is_some());
+                }
+                answered.push(n);
+            }
+        });
+        println!("answers per second under a flood of {flood}/s: {answered:?}");
+        for n in &answered {
+            assert!(*n <= per_sec + per_sec / 2, "{n} answers in one second");
+            assert!(*n > 0, "no answer at all once the bucket refilled");
+        }
+        let (sent, limited) = sim.nodes[1].device.reject_stats();
+        assert_eq!(sent, answered.iter().sum::<u64>());
+        assert_eq!(sent + limited, 3 * flood);
     }
 
     /// Documented semantics (`meshvpn_engine::filter`): new rules judge

@@ -34,6 +34,7 @@
 //! ends or expires. Removing every rule (`None`) clears the table.
 
 mod conntrack;
+pub mod reject;
 mod rules;
 mod sharded;
 pub mod text;
@@ -51,6 +52,7 @@ pub use conntrack::{
     SWEEP_INTERVAL, TCP_CLOSING_TIMEOUT, TCP_ESTABLISHED_TIMEOUT, TCP_UNREPLIED_TIMEOUT,
     UDP_REPLIED_TIMEOUT, UDP_UNREPLIED_TIMEOUT,
 };
+pub use reject::{RejectLimiter, REJECT_ANSWERS_PER_SEC, REJECT_ANSWER_MAX};
 pub use rules::{
     default_icmp_types, default_protocols, ByteSet, FilterRules, FlowStart, PortRange, Rule,
 };

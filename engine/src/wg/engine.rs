@@ -19,7 +19,7 @@ use super::sink::{HostQueue, InnerBurst, InnerSink};
 use crate::config::{Config, PeerConfig, PrivateKey, PublicKey, DEFAULT_MTU};
 use crate::device::{Device, DeviceIo, Encapsulated, Endpoint, PeerError, Received};
 pub use crate::device::{PeerUpdate, SendError};
-use crate::filter::{FilterDrop, FilterRules, FilterStats};
+use crate::filter::{FilterDrop, FilterRules, FilterStats, REJECT_ANSWER_MAX};
 use crate::io::tun::{Tun, TunBurst};
 use crate::io::udp::{normalize, RecvBatch, UdpTransport, MAX_DATAGRAM, RECV_POLL};
 use crate::peer::{output_buffer_len, BufferBudget, DropReason, Peer, PeerStats};
@@ -478,6 +478,12 @@ impl Engine {
 
     /// The packet filter's own counters (accepted packets by kind, and
     /// the flows tracked).
+    /// RSTs handed to the host for SYNs the filter refused, and refused
+    /// SYNs left unanswered by [`crate::filter::REJECT_ANSWERS_PER_SEC`].
+    pub fn filter_rejects(&self) -> (u64, u64) {
+        self.shared.device.reject_stats()
+    }
+
     pub fn filter_stats(&self) -> FilterStats {
         self.shared.device.filter_stats().0
     }
@@ -671,10 +677,29 @@ impl Shared {
         if self.closed.load(Relaxed) {
             return Err(SendError::Closed);
         }
-        OUT_BUF.with_borrow_mut(|out| {
-            self.device
-                .send(Instant::now(), packet, out, &mut Net(self))
-        })
+        let now = Instant::now();
+        let sent =
+            OUT_BUF.with_borrow_mut(|out| self.device.send(now, packet, out, &mut Net(self)));
+        if let Err(e) = &sent {
+            self.answer_refused(now, packet, e);
+        }
+        sent
+    }
+
+    /// Hands the host the answer to a packet the filter refused (a RST for
+    /// a SYN, rate-limited), so its connect fails at once rather than by
+    /// timeout. Only the host's own packets get here: a peer's refused
+    /// packet is dropped silently on the receive path.
+    fn answer_refused(&self, now: Instant, packet: &[u8], e: &SendError) {
+        if !matches!(e, SendError::Filtered(FilterDrop::OutboundDenied)) {
+            return;
+        }
+        let mut answer = [0u8; REJECT_ANSWER_MAX];
+        if let Some(len) = self.device.reject_answer(now, packet, &mut answer) {
+            let sink = self.sink.read().clone();
+            // A full sink drops it like any packet for the host.
+            sink.deliver(&answer[..len]);
+        }
     }
 
     /// Sends many packets; consecutive ones to the same endpoint are
@@ -707,7 +732,10 @@ impl Shared {
                         batch.push(at, len, to, self, &transport);
                     }
                     Ok(Encapsulated::Queued) => accepted += 1,
-                    Err(e) => rejected(packet, e),
+                    Err(e) => {
+                        self.answer_refused(now, packet, &e);
+                        rejected(packet, e)
+                    }
                 }
             }
             batch.flush(self, &transport);
