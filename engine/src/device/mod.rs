@@ -240,18 +240,23 @@ impl Device {
     }
 
     /// The answer for the host to a packet it sent that the filter refused
-    /// ([`SendError::Filtered`] with [`FilterDrop::OutboundDenied`]): a TCP
-    /// RST for a SYN, written into `out`, so the host's connect fails at
-    /// once (as nftables `reject with tcp reset`). `None` for other
-    /// packets, and beyond [`crate::filter::REJECT_ANSWERS_PER_SEC`]. The
-    /// caller hands it to the host's sink; it never goes to a peer.
+    /// ([`SendError::Filtered`] with [`FilterDrop::OutboundDenied`]),
+    /// written into `out` so the host's flow fails at once, as nftables
+    /// `reject` does: a TCP RST for a SYN, an ICMP destination
+    /// unreachable (administratively prohibited) for UDP, an echo request
+    /// or another protocol ([`reject::answer`]). `None` for packets that
+    /// get no answer (other TCP segments, ICMP errors, later fragments,
+    /// broadcast and multicast), and beyond
+    /// [`crate::filter::REJECT_ANSWERS_PER_SEC`], which RSTs and ICMP
+    /// errors share. The caller hands it to the host's sink; it never goes
+    /// to a peer.
     pub fn reject_answer(
         &self,
         now: Instant,
         packet: &[u8],
         out: &mut [u8; REJECT_ANSWER_MAX],
     ) -> Option<usize> {
-        let len = reject::tcp_reset(packet, out)?;
+        let len = reject::answer(packet, out)?;
         self.rejects.lock().allow(now).then_some(len)
     }
 
@@ -548,8 +553,9 @@ impl Device {
         // at the receiver with a TSMP reject that the sender turns into a
         // local failure; here the sender holds the rules itself, so it
         // refuses at once. The runtime, which holds the sink (TUN, stack),
-        // answers a refused SYN with a RST ([`Device::reject_answer`]) so a
-        // connect fails at once; packet API callers get the error too.
+        // answers a refused SYN with a RST and other refused packets with
+        // an ICMP admin-prohibited error ([`Device::reject_answer`]) so the
+        // flow fails at once; packet API callers get the error too.
         self.filter_admits(Direction::Outbound, packet, &peer, now)
             .map_err(SendError::Filtered)?;
         match peer.encapsulate(now, packet, out) {

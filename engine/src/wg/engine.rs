@@ -476,14 +476,15 @@ impl Engine {
         self.shared.device.filter_rules()
     }
 
-    /// The packet filter's own counters (accepted packets by kind, and
-    /// the flows tracked).
-    /// RSTs handed to the host for SYNs the filter refused, and refused
-    /// SYNs left unanswered by [`crate::filter::REJECT_ANSWERS_PER_SEC`].
+    /// Answers (RSTs and ICMP admin-prohibited errors) handed to the host
+    /// for packets the filter refused, and refused packets left unanswered
+    /// by [`crate::filter::REJECT_ANSWERS_PER_SEC`].
     pub fn filter_rejects(&self) -> (u64, u64) {
         self.shared.device.reject_stats()
     }
 
+    /// The packet filter's own counters (accepted packets by kind, and
+    /// the flows tracked).
     pub fn filter_stats(&self) -> FilterStats {
         self.shared.device.filter_stats().0
     }
@@ -687,9 +688,10 @@ impl Shared {
     }
 
     /// Hands the host the answer to a packet the filter refused (a RST for
-    /// a SYN, rate-limited), so its connect fails at once rather than by
-    /// timeout. Only the host's own packets get here: a peer's refused
-    /// packet is dropped silently on the receive path.
+    /// a SYN, an ICMP admin-prohibited error for UDP and the rest;
+    /// rate-limited), so its flow fails at once rather than by timeout.
+    /// Only the host's own packets get here: a peer's refused packet is
+    /// dropped silently on the receive path.
     fn answer_refused(&self, now: Instant, packet: &[u8], e: &SendError) {
         if !matches!(e, SendError::Filtered(FilterDrop::OutboundDenied)) {
             return;
