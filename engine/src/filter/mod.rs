@@ -26,6 +26,14 @@
 //!   when a rule of their direction names the protocol with all ports.
 //!   IPv6 extension headers are not walked: such a packet's protocol is
 //!   its first next-header value.
+//! - What a refused flow sees: a peer's refused packet is dropped without
+//!   an answer. A refused host packet fails at the sender, and the caller
+//!   that holds the host's sink hands it the answer [`reject::answer`]
+//!   makes, as nftables `reject` does: a RST for a SYN, an ICMP
+//!   destination unreachable, administratively prohibited, for UDP, echo
+//!   requests and other protocols; nothing for ICMP errors, later
+//!   fragments, broadcast or multicast. At most
+//!   [`REJECT_ANSWERS_PER_SEC`] answers of both kinds together.
 //!
 //! A new rule set ([`Filter::set_rules`]) applies to the next packet: new
 //! flows by the new rules. Tracked flows are kept, as Tailscale keeps them
