@@ -4,6 +4,10 @@ serve NAME PORT...          answer every connection on each PORT with
                             "NAME:PORT" and close (a pod's service)
 get HOST PORT SECONDS       print the banner HOST:PORT answers within
                             SECONDS; exit 0 if one came, 1 if not
+refused HOST PORT SECONDS   connect once (at most SECONDS): print the
+                            outcome ("refused", "connected", "timeout" or
+                            the error's name) and the seconds it took;
+                            exit 0 if the connect was refused
 flip HOST PORT open|closed SECONDS
                             connect every 20 ms (each attempt at most
                             150 ms) until the port is in the given state:
@@ -27,6 +31,21 @@ def banner(host, port, timeout):
             return s.recv(256).decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+def refused(host, port, timeout):
+    start = time.monotonic()
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            outcome = "connected"
+    except ConnectionRefusedError:
+        outcome = "refused"
+    except socket.timeout:
+        outcome = "timeout"
+    except OSError as e:
+        outcome = type(e).__name__
+    print(f"{outcome} {time.monotonic() - start:.4f}")
+    return 0 if outcome == "refused" else 1
 
 
 def serve(name, ports):
@@ -57,6 +76,8 @@ def main(argv):
         got = banner(argv[1], argv[2], float(argv[3]))
         print(got)
         return 0 if got else 1
+    elif argv[0] == "refused":
+        return refused(argv[1], argv[2], float(argv[3]))
     elif argv[0] == "flip":
         host, port, want, seconds = argv[1], argv[2], argv[3], float(argv[4])
         end = time.monotonic() + seconds
