@@ -8,6 +8,12 @@ refused HOST PORT SECONDS   connect once (at most SECONDS): print the
                             outcome ("refused", "connected", "timeout" or
                             the error's name) and the seconds it took;
                             exit 0 if the connect was refused
+udp HOST PORT SECONDS       send one datagram on a connected UDP socket
+                            and wait up to SECONDS for an answer: print
+                            the outcome ("reply", "timeout" or the errno's
+                            name, e.g. EHOSTUNREACH for an ICMP
+                            admin-prohibited) and the seconds it took;
+                            exit 0 on EHOSTUNREACH
 flip HOST PORT open|closed SECONDS
                             connect every 20 ms (each attempt at most
                             150 ms) until the port is in the given state:
@@ -18,6 +24,7 @@ flip HOST PORT open|closed SECONDS
                             after that first attempt
 """
 
+import errno
 import selectors
 import socket
 import sys
@@ -46,6 +53,23 @@ def refused(host, port, timeout):
         outcome = type(e).__name__
     print(f"{outcome} {time.monotonic() - start:.4f}")
     return 0 if outcome == "refused" else 1
+
+
+def udp(host, port, timeout):
+    start = time.monotonic()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect((host, int(port)))
+            s.send(b"ping")
+            s.recv(256)
+            outcome = "reply"
+        except socket.timeout:
+            outcome = "timeout"
+        except OSError as e:
+            outcome = errno.errorcode.get(e.errno, type(e).__name__)
+    print(f"{outcome} {time.monotonic() - start:.4f}")
+    return 0 if outcome == "EHOSTUNREACH" else 1
 
 
 def serve(name, ports):
@@ -78,6 +102,8 @@ def main(argv):
         return 0 if got else 1
     elif argv[0] == "refused":
         return refused(argv[1], argv[2], float(argv[3]))
+    elif argv[0] == "udp":
+        return udp(argv[1], argv[2], float(argv[3]))
     elif argv[0] == "flip":
         host, port, want, seconds = argv[1], argv[2], argv[3], float(argv[4])
         end = time.monotonic() + seconds
