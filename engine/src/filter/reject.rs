@@ -102,39 +102,28 @@ pub fn icmp_prohibited(packet: &[u8], out: &mut [u8; REJECT_ANSWER_MAX]) -> Opti
         return None;
     }
     let v4 = ip.is_v4();
-    match ip.protocol() {
-        // Only an echo request among ICMP messages: never an error (no
-        // error about an error), nor neighbour discovery or the like.
-        PROTO_ICMP if v4 => {
-            if !IcmpPacket::new_checked(ip.payload(), true)
-                .ok()?
-                .is_echo_request()
-            {
-                return None;
-            }
-        }
-        PROTO_ICMPV6 if !v4 => {
-            if !IcmpPacket::new_checked(ip.payload(), false)
-                .ok()?
-                .is_echo_request()
-            {
-                return None;
-            }
-        }
-        // A fragment header right after the IPv6 header: only the first
-        // fragment (offset 0) is answered.
-        V6_FRAGMENT_HEADER if !v4 => {
-            let frag = ip.payload().get(2..4)?;
-            if u16::from_be_bytes([frag[0], frag[1]]) >> 3 != 0 {
-                return None;
-            }
-        }
-        _ => {}
+    let icmp = if v4 { PROTO_ICMP } else { PROTO_ICMPV6 };
+    // Only an echo request among ICMP messages: never an error (no error
+    // about an error), nor neighbour discovery or the like.
+    if ip.protocol() == icmp
+        && !IcmpPacket::new_checked(ip.payload(), v4)
+            .ok()?
+            .is_echo_request()
+    {
+        return None;
     }
-    let (ip_len, max, proto) = if v4 {
-        (20, ICMP4_ANSWER_MAX, PROTO_ICMP)
+    // A fragment header right after the IPv6 header: only the first
+    // fragment (offset 0) is answered.
+    if !v4 && ip.protocol() == V6_FRAGMENT_HEADER {
+        let frag = ip.payload().get(2..4)?;
+        if u16::from_be_bytes([frag[0], frag[1]]) >> 3 != 0 {
+            return None;
+        }
+    }
+    let (ip_len, max) = if v4 {
+        (20, ICMP4_ANSWER_MAX)
     } else {
-        (40, ICMP6_ANSWER_MAX, PROTO_ICMPV6)
+        (40, ICMP6_ANSWER_MAX)
     };
     let quoted = packet.len().min(max - ip_len - ICMP_ERROR_HEADER);
     let icmp_len = ICMP_ERROR_HEADER + quoted;
@@ -150,7 +139,7 @@ pub fn icmp_prohibited(packet: &[u8], out: &mut [u8; REJECT_ANSWER_MAX]) -> Opti
         buf[1] = 0xc0;
         buf[2..4].copy_from_slice(&(total as u16).to_be_bytes());
         buf[8] = 64;
-        buf[9] = proto;
+        buf[9] = icmp;
         buf[12..16].copy_from_slice(src);
         buf[16..20].copy_from_slice(dst);
         let c = checksum::checksum(&buf[..20], 0);
@@ -158,7 +147,7 @@ pub fn icmp_prohibited(packet: &[u8], out: &mut [u8; REJECT_ANSWER_MAX]) -> Opti
     } else {
         buf[0] = 0x60;
         buf[4..6].copy_from_slice(&(icmp_len as u16).to_be_bytes());
-        buf[6] = proto;
+        buf[6] = icmp;
         buf[7] = 64;
         buf[8..24].copy_from_slice(src);
         buf[24..40].copy_from_slice(dst);
@@ -178,7 +167,7 @@ pub fn icmp_prohibited(packet: &[u8], out: &mut [u8; REJECT_ANSWER_MAX]) -> Opti
     } else {
         IpPacket::new_checked(&buf[..])
             .ok()?
-            .pseudo_header_sum(proto, icmp_len)
+            .pseudo_header_sum(icmp, icmp_len)
     };
     let c = checksum::checksum(&buf[ip_len..], initial);
     buf[ip_len + 2..ip_len + 4].copy_from_slice(&c.to_be_bytes());
