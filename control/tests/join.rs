@@ -17,7 +17,7 @@ use meshvpn_control::proto::{ErrorCode, CONTROL_PATH};
 use meshvpn_control::server::{ControlServer, ControlServerConfig};
 use meshvpn_control::store::{SqliteStore, Store, StoreConfig};
 use meshvpn_engine::supervisor::{ServerAuth, ServerConfig, TunnelServer};
-use meshvpn_engine::{NetstackConfig, PrivateKey};
+use meshvpn_engine::{NetstackConfig, NetstackError, PrivateKey};
 use ring::rand::SystemRandom;
 use zeroize::Zeroizing;
 
@@ -182,12 +182,64 @@ fn userspace_nodes_reach_each_other_and_the_policy_refuses_a_denied_port() {
     }
     let t = Instant::now();
     let denied = echo(&a, SocketAddr::new(b_ip, 9090), Duration::from_secs(2));
+    let took = t.elapsed();
+    println!("denied port: {denied:?} after {took:?}");
     assert!(
         denied.is_err(),
         "port 9090 is not in the policy, yet a reached it"
     );
-    println!("denied port: {denied:?} after {:?}", t.elapsed());
+    // a's engine refuses its own SYN and answers it with a RST, so the
+    // connect fails at once rather than by its 2 s timeout.
+    assert!(
+        took < Duration::from_millis(500),
+        "the denied connect took {took:?}, not failing fast: {denied:?}"
+    );
+    assert!(
+        a.engine().filter_rejects().0 > 0,
+        "a's engine answered no refused SYN"
+    );
     echo(&a, SocketAddr::new(b_ip, 8080), WAIT).expect("8080 is allowed");
+    // UDP to the refused port: a's engine answers the datagram with an
+    // ICMP admin-prohibited, and a's netstack fails the connected socket
+    // with "connection refused" rather than leaving it to its timeout.
+    let a_ip = IpAddr::V4(a.status().node.unwrap().ipv4);
+    let ns = a.netstack().unwrap();
+    let answers = a.engine().filter_rejects().0;
+    let udp = ns.udp_bind(SocketAddr::new(a_ip, 0)).unwrap();
+    udp.connect(SocketAddr::new(b_ip, 9090)).unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(2)));
+    let t = Instant::now();
+    udp.send(b"ping").unwrap();
+    let got = udp.recv(&mut [0u8; 64]);
+    let took = t.elapsed();
+    println!("denied UDP port: {got:?} after {took:?}");
+    assert_eq!(got, Err(NetstackError::Refused), "after {took:?}");
+    assert!(
+        took < Duration::from_millis(500),
+        "the refused datagram's error took {took:?}"
+    );
+    assert!(
+        a.engine().filter_rejects().0 > answers,
+        "a's engine answered no refused datagram"
+    );
+    // Reported once, as Linux's sk_err; the allowed port's answer comes
+    // back on the same socket once connected there.
+    udp.set_read_timeout(Some(Duration::from_millis(300)));
+    assert_eq!(udp.recv(&mut [0u8; 64]), Err(NetstackError::TimedOut));
+    let server = b
+        .netstack()
+        .unwrap()
+        .udp_bind(SocketAddr::new(b_ip, 8080))
+        .unwrap();
+    server.set_read_timeout(Some(WAIT));
+    udp.connect(SocketAddr::new(b_ip, 8080)).unwrap();
+    udp.send(b"ping").unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = server.recv_from(&mut buf).expect("UDP 8080 is allowed");
+    server.send_to(&buf[..n], from).unwrap();
+    udp.set_read_timeout(Some(WAIT));
+    let n = udp.recv(&mut buf).expect("the answer from 8080");
+    assert_eq!(&buf[..n], b"ping");
     // Dropped by a's engine at send or by b's on arrival, and counted.
     let drops = a.engine().stats().filter_outbound_denied + b.engine().stats().filter_not_allowed;
     assert!(drops > 0, "no engine counted a filter drop");

@@ -452,13 +452,19 @@ mod filter {
     use meshvpn_engine::device::SendError;
     use meshvpn_engine::filter::{
         default_icmp_types, ByteSet, FilterDrop, FilterRules, PortRange, Rule,
+        REJECT_ANSWERS_PER_SEC, REJECT_ANSWER_MAX,
     };
+    use meshvpn_engine::wire::checksum::checksum;
+    use meshvpn_engine::wire::{IpPacket, TcpPacket};
     use meshvpn_engine::IpPrefix;
+    use std::time::Duration;
 
     const TCP: u8 = 6;
     const UDP: u8 = 17;
     const ICMP: u8 = 1;
+    const ICMPV6: u8 = 58;
     const SYN: u8 = 0x02;
+    const RST: u8 = 0x04;
     const ACK: u8 = 0x10;
 
     fn ip4(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8]) -> Vec<u8> {
@@ -487,11 +493,20 @@ mod filter {
     }
 
     fn udp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16) -> Vec<u8> {
-        let mut u = [0u8; 12];
+        ip4(src, dst, UDP, &udp_l4(sport, dport, 4))
+    }
+
+    /// A UDP header and `payload` bytes of a counting pattern.
+    fn udp_l4(sport: u16, dport: u16, payload: usize) -> Vec<u8> {
+        let len = 8 + payload;
+        let mut u = vec![0u8; len];
         u[0..2].copy_from_slice(&sport.to_be_bytes());
         u[2..4].copy_from_slice(&dport.to_be_bytes());
-        u[4..6].copy_from_slice(&12u16.to_be_bytes());
-        ip4(src, dst, UDP, &u)
+        u[4..6].copy_from_slice(&(len as u16).to_be_bytes());
+        for (i, b) in u[8..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        u
     }
 
     /// An ICMP echo request (8) or reply (0) with identifier `id`.
@@ -624,6 +639,297 @@ mod filter {
         );
         assert_eq!(sim.in_flight(), 0, "a denied packet left the node");
         assert_eq!(drops(&sim, 1, FilterDrop::OutboundDenied), 1);
+    }
+
+    /// A SYN the rules refuse at the sender gets a RST back for the host
+    /// (nftables `reject with tcp reset`), so its connect fails at once;
+    /// nothing goes to the peer, and other refused packets get no answer.
+    #[test]
+    fn filter_denied_outbound_syn_is_answered_with_a_rst_to_the_host_only() {
+        let mut sim = filtered_sim(5);
+        let (a, b) = (sim.nodes[0].ip, sim.nodes[1].ip);
+        let mut denied = tcp(b, 40004, a, 80, SYN);
+        denied[24..28].copy_from_slice(&1000u32.to_be_bytes()); // seq
+        let mut answer = [0u8; REJECT_ANSWER_MAX];
+        let mut got = None;
+        sim.with_device(1, |d, now, out, io| {
+            let sent = d.send(now, &denied, out, io);
+            assert_eq!(sent, Err(SendError::Filtered(FilterDrop::OutboundDenied)));
+            got = d.reject_answer(now, &denied, &mut answer);
+        });
+        assert_eq!(sim.in_flight(), 0, "a denied SYN left the node");
+        let len = got.expect("a RST for the refused SYN");
+        let rst = &answer[..len];
+        let ip = IpPacket::new_checked(rst).unwrap();
+        assert!(ip.verify_checksum());
+        assert_eq!(
+            &ip.addrs()[..4],
+            &denied[16..20],
+            "from the SYN's destination"
+        );
+        assert_eq!(&ip.addrs()[4..8], &denied[12..16], "to the SYN's source");
+        let t = TcpPacket::new_checked(ip.payload()).unwrap();
+        assert!(t.verify_checksum(ip.pseudo_header_sum(TCP, 20)));
+        assert_eq!((t.src_port(), t.dst_port()), (80, 40004));
+        assert_eq!(t.flags(), RST | ACK);
+        assert_eq!(t.ack_number(), 1001, "acknowledges the SYN");
+        // Only a SYN is answered among TCP segments: a stray ACK gets
+        // nothing.
+        sim.with_device(1, |d, now, _, _| {
+            assert_eq!(
+                d.reject_answer(now, &tcp(b, 40006, a, 80, ACK), &mut answer),
+                None
+            );
+        });
+        assert_eq!(sim.nodes[1].device.reject_stats(), (1, 0));
+        // A refused peer packet is never answered: the receive path has
+        // no answer to make, the peer sees nothing.
+        assert!(!passes(&mut sim, 0, &tcp(a, 40007, b, 80, SYN)));
+        assert_eq!(sim.nodes[0].received.len(), 0, "the peer heard back");
+    }
+
+    fn ip6(src: [u8; 16], dst: [u8; 16], next: u8, l4: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; 40 + l4.len()];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&(l4.len() as u16).to_be_bytes());
+        p[6] = next;
+        p[7] = 64;
+        p[8..24].copy_from_slice(&src);
+        p[24..40].copy_from_slice(&dst);
+        p[40..].copy_from_slice(l4);
+        p
+    }
+
+    /// Checks `answer` is the ICMP admin-prohibited error for `refused`:
+    /// from its destination to its source, both checksums right, and as
+    /// much of `refused` as fits in 576 (IPv4) or 1280 (IPv6) bytes.
+    fn assert_prohibited(answer: &[u8], refused: &[u8]) {
+        let ip = IpPacket::new_checked(answer).expect("an IP packet");
+        let orig = IpPacket::new_checked(refused).unwrap();
+        let v4 = ip.is_v4();
+        assert_eq!(v4, orig.is_v4());
+        assert_eq!(ip.declared_len(), answer.len(), "length field");
+        assert!(ip.verify_checksum(), "IPv4 header checksum");
+        let half = orig.addrs().len() / 2;
+        assert_eq!(
+            &ip.addrs()[..half],
+            &orig.addrs()[half..],
+            "from the destination"
+        );
+        assert_eq!(&ip.addrs()[half..], &orig.addrs()[..half], "to the source");
+        let icmp = ip.payload();
+        let (proto, ty, code, max) = if v4 {
+            (ICMP, 3, 13, 576)
+        } else {
+            (ICMPV6, 1, 1, 1280)
+        };
+        assert_eq!(ip.protocol(), proto);
+        assert_eq!((icmp[0], icmp[1]), (ty, code), "type and code");
+        assert_eq!(&icmp[4..8], &[0; 4], "unused");
+        let pseudo = if v4 {
+            0
+        } else {
+            ip.pseudo_header_sum(ICMPV6, icmp.len())
+        };
+        assert_eq!(checksum(icmp, pseudo), 0, "ICMP checksum");
+        let quoted = refused.len().min(max - ip.header_len() - 8);
+        assert_eq!(answer.len(), ip.header_len() + 8 + quoted);
+        assert!(answer.len() <= max, "{} bytes", answer.len());
+        assert_eq!(&icmp[8..], &refused[..quoted], "the refused packet");
+    }
+
+    /// A UDP datagram the rules refuse at the sender gets an ICMP
+    /// destination unreachable, administratively prohibited, back for the
+    /// host (nftables `reject with icmp type admin-prohibited`), with as
+    /// much of the datagram as RFC 1812 / RFC 4443 allow; so do an echo
+    /// request and an untracked protocol. Nothing goes to the peer.
+    #[test]
+    fn filter_denied_outbound_udp_is_answered_with_icmp_admin_prohibited() {
+        let mut sim = filtered_sim(7);
+        let (a, b) = (sim.nodes[0].ip, sim.nodes[1].ip);
+        let mut answer = [0u8; REJECT_ANSWER_MAX];
+        // Small, and large enough to be cut at 576 bytes.
+        for payload in [4, 1300] {
+            let denied = ip4(b, a, UDP, &udp_l4(40010, 9, payload));
+            let mut got = None;
+            sim.with_device(1, |d, now, out, io| {
+                let sent = d.send(now, &denied, out, io);
+                assert_eq!(sent, Err(SendError::Filtered(FilterDrop::OutboundDenied)));
+                got = d.reject_answer(now, &denied, &mut answer);
+            });
+            assert_eq!(sim.in_flight(), 0, "a denied datagram left the node");
+            let len = got.expect("an ICMP error for the refused datagram");
+            assert_prohibited(&answer[..len], &denied);
+        }
+        let ping = echo(b, a, 8, 9);
+        let gre = ip4(b, a, 47, &[0; 8]);
+        sim.with_device(1, |d, now, out, io| {
+            for p in [&ping, &gre] {
+                assert_eq!(
+                    d.send(now, p, out, io),
+                    Err(SendError::Filtered(FilterDrop::OutboundDenied))
+                );
+                let len = d.reject_answer(now, p, &mut answer).expect("an answer");
+                assert_prohibited(&answer[..len], p);
+            }
+        });
+        // IPv6: type 1 code 1, the pseudo-header in the checksum, cut at
+        // 1280 bytes.
+        let (s6, d6) = (
+            [0xfd, 0x7a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            [0xfd, 0x7a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        );
+        sim.with_device(1, |d, now, _, _| {
+            for payload in [4, 1400] {
+                let p = ip6(s6, d6, UDP, &udp_l4(40011, 9, payload));
+                let len = d.reject_answer(now, &p, &mut answer).expect("an answer");
+                assert_prohibited(&answer[..len], &p);
+            }
+        });
+        assert_eq!(sim.nodes[1].device.reject_stats(), (6, 0));
+    }
+
+    /// Never an answer to an ICMP error, to a fragment after the first, to
+    /// a broadcast or multicast destination or from a source that is not
+    /// one host (RFC 1812 4.3.2.7, RFC 4443 2.4 (e)): no error storms, no
+    /// amplification.
+    #[test]
+    fn filter_refused_packets_that_must_not_be_answered_get_nothing() {
+        let mut sim = filtered_sim(8);
+        let (a, b) = (sim.nodes[0].ip, sim.nodes[1].ip);
+        let unreachable = {
+            let quoted = udp(a, 9, b, 40012);
+            let mut i = vec![3u8, 13, 0, 0, 0, 0, 0, 0];
+            i.extend_from_slice(&quoted);
+            ip4(b, a, ICMP, &i)
+        };
+        let mut later_fragment = udp(b, 40013, a, 9);
+        later_fragment[6..8].copy_from_slice(&10u16.to_be_bytes());
+        let mut first_fragment = udp(b, 40014, a, 9);
+        first_fragment[6..8].copy_from_slice(&0x2000u16.to_be_bytes()); // MF
+        let bcast = udp(b, 40015, IpAddr::from([255, 255, 255, 255]), 9);
+        let mcast = udp(b, 40016, IpAddr::from([224, 0, 0, 251]), 5353);
+        let from_any = udp(IpAddr::from([0, 0, 0, 0]), 68, a, 67);
+        let syn_to_mcast = tcp(b, 40017, IpAddr::from([239, 1, 1, 1]), 80, SYN);
+        let (s6, d6) = (
+            [0xfd, 0x7a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+            [0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        );
+        let v6_mcast = ip6(s6, d6, UDP, &udp_l4(40018, 9, 4));
+        let mut d6u = d6;
+        d6u[0..2].copy_from_slice(&[0xfd, 0x7a]);
+        let v6_error = ip6(s6, d6u, ICMPV6, &[1, 1, 0, 0, 0, 0, 0, 0]);
+        // A fragment header (44) at offset 8 (in 8-byte units), then one
+        // at offset 0, which is answered.
+        let v6_later = ip6(s6, d6u, 44, &[UDP, 0, 0, 8 << 3, 0, 0, 0, 1, 0, 0]);
+        let v6_first = ip6(s6, d6u, 44, &[UDP, 0, 0, 1, 0, 0, 0, 1, 0, 0]);
+        let mut answer = [0u8; REJECT_ANSWER_MAX];
+        sim.with_device(1, |d, now, _, _| {
+            for (what, p) in [
+                ("ICMP error", &unreachable),
+                ("later fragment", &later_fragment),
+                ("broadcast", &bcast),
+                ("multicast", &mcast),
+                ("from 0.0.0.0", &from_any),
+                ("SYN to multicast", &syn_to_mcast),
+                ("IPv6 multicast", &v6_mcast),
+                ("ICMPv6 error", &v6_error),
+                ("IPv6 later fragment", &v6_later),
+            ] {
+                assert_eq!(d.reject_answer(now, p, &mut answer), None, "{what}");
+            }
+            for p in [&first_fragment, &v6_first] {
+                let len = d
+                    .reject_answer(now, p, &mut answer)
+                    .expect("first fragment");
+                assert_prohibited(&answer[..len], p);
+            }
+        });
+        // Only the two answers took tokens.
+        assert_eq!(sim.nodes[1].device.reject_stats(), (2, 0));
+    }
+
+    /// Attack: the host floods refused UDP datagrams and SYNs together;
+    /// RSTs and ICMP errors share one bucket, so at most
+    /// `REJECT_ANSWERS_PER_SEC` answers of both kinds leave per second,
+    /// every one well formed, and the rest are counted.
+    #[test]
+    fn filter_icmp_and_rst_answers_share_one_rate_limit_under_a_flood() {
+        let mut sim = filtered_sim(9);
+        let (a, b) = (sim.nodes[0].ip, sim.nodes[1].ip);
+        let per_sec = REJECT_ANSWERS_PER_SEC as u64;
+        let flood = 20 * per_sec;
+        let mut per_second = Vec::new();
+        sim.with_device(1, |d, now, _, _| {
+            let mut answer = [0u8; REJECT_ANSWER_MAX];
+            for sec in 0..3u64 {
+                let at = now + Duration::from_secs(sec);
+                let (mut icmp, mut rst) = (0u64, 0u64);
+                for k in 0..flood {
+                    let port = 1024 + k as u16;
+                    let p = if k % 2 == 0 {
+                        udp(b, port, a, 9)
+                    } else {
+                        tcp(b, port, a, 80, SYN)
+                    };
+                    let step = at + Duration::from_micros(k * 1_000_000 / flood / 2);
+                    if let Some(len) = d.reject_answer(step, &p, &mut answer) {
+                        if k % 2 == 0 {
+                            assert_prohibited(&answer[..len], &p);
+                            icmp += 1;
+                        } else {
+                            rst += 1;
+                        }
+                    }
+                }
+                per_second.push((icmp, rst));
+            }
+        });
+        println!("(ICMP, RST) answers per second under a flood of {flood}/s: {per_second:?}");
+        for &(icmp, rst) in &per_second {
+            assert!(
+                icmp + rst <= per_sec + per_sec / 2,
+                "{icmp} ICMP + {rst} RST answers in one second"
+            );
+            assert!(icmp > 0 && rst > 0, "one kind starved: {icmp} / {rst}");
+        }
+        let total: u64 = per_second.iter().map(|(i, r)| i + r).sum();
+        let (sent, limited) = sim.nodes[1].device.reject_stats();
+        assert_eq!(sent, total);
+        assert_eq!(sent + limited, 3 * flood);
+    }
+
+    /// Attack: the host floods refused SYNs; at most
+    /// `REJECT_ANSWERS_PER_SEC` answers leave per second (a fixed-size
+    /// token bucket: no memory grows with the flood), the rest are counted.
+    #[test]
+    fn filter_reject_answers_are_rate_limited_under_a_flood() {
+        let mut sim = filtered_sim(6);
+        let (a, b) = (sim.nodes[0].ip, sim.nodes[1].ip);
+        let per_sec = REJECT_ANSWERS_PER_SEC as u64;
+        let flood = 20 * per_sec;
+        let mut answered = Vec::new();
+        sim.with_device(1, |d, now, _, _| {
+            let mut answer = [0u8; REJECT_ANSWER_MAX];
+            for sec in 0..3u64 {
+                let at = now + Duration::from_secs(sec);
+                let mut n = 0;
+                for k in 0..flood {
+                    let syn = tcp(b, 1024 + k as u16, a, 80, SYN);
+                    let step = at + Duration::from_micros(k * 1_000_000 / flood / 2);
+                    n += u64::from(d.reject_answer(step, &syn, &mut answer).is_some());
+                }
+                answered.push(n);
+            }
+        });
+        println!("answers per second under a flood of {flood}/s: {answered:?}");
+        for n in &answered {
+            assert!(*n <= per_sec + per_sec / 2, "{n} answers in one second");
+            assert!(*n > 0, "no answer at all once the bucket refilled");
+        }
+        let (sent, limited) = sim.nodes[1].device.reject_stats();
+        assert_eq!(sent, answered.iter().sum::<u64>());
+        assert_eq!(sent + limited, 3 * flood);
     }
 
     /// Documented semantics (`meshvpn_engine::filter`): new rules judge

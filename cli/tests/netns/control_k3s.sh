@@ -21,7 +21,10 @@
 #   approved by the policy, a's nodes route them, pods reachable;
 # - pods across the clusters reach each other only where the ACL says:
 #   TCP 8080 b->a passes (the banner comes back), 9090 b->a and 8080 a->b
-#   do not, ICMP a's node->b's pod passes, a's pod->b's pod and b's pod->a's
+#   do not (9090 b->a fails at once with "connection refused": the sending
+#   node's engine answers the refused SYN with a RST; UDP to it, not in
+#   the ACL, fails with EHOSTUNREACH from the ICMP admin-prohibited it
+#   answers), ICMP a's node->b's pod passes, a's pod->b's pod and b's pod->a's
 #   pod do not; inside a cluster everything passes;
 # - a policy change opens, then closes, b->a 9090 on live traffic: the
 #   time from `policy set` to the first connection that sees it is
@@ -225,6 +228,23 @@ if [[ -z $(tcp b1p 10.42.0.10 9090) ]] && [[ -z $(tcp a1p 10.43.0.10 8080) ]]; t
 	pass "TCP denied: b's pod to a's pod on 9090, a's pod to b's pod on 8080"
 else
 	fail "denied TCP got through: b1p->a1p:9090 '$(tcp b1p 10.42.0.10 9090)', a1p->b1p:8080 '$(tcp a1p 10.43.0.10 8080)'"
+fi
+# b1's engine refuses b1p's SYN to 9090 at send and answers it with a RST
+# (filter/reject.rs), so the connect fails at once instead of timing out.
+REFUSED=$(in_ns "mvk$ID-b1p" "$PY" "$POD_PY" refused 10.42.0.10 9090 2)
+if [[ $REFUSED == refused\ * ]] && below "${REFUSED#* }" 0.5; then
+	pass "denied TCP fails fast: b1p -> a1p:9090 connection refused after ${REFUSED#* } s (bound 0.5 s)"
+else
+	fail "denied TCP b1p -> a1p:9090 does not fail fast: '$REFUSED'"
+fi
+# UDP is not in the ACL: b1's engine answers the datagram with an ICMP
+# admin-prohibited, which the pod's kernel turns into EHOSTUNREACH on its
+# connected socket.
+UDP_REFUSED=$(in_ns "mvk$ID-b1p" "$PY" "$POD_PY" udp 10.42.0.10 9090 2)
+if [[ $UDP_REFUSED == EHOSTUNREACH\ * ]] && below "${UDP_REFUSED#* }" 0.5; then
+	pass "denied UDP fails fast: b1p -> a1p:9090 EHOSTUNREACH (ICMP admin-prohibited) after ${UDP_REFUSED#* } s (bound 0.5 s)"
+else
+	fail "denied UDP b1p -> a1p:9090 does not fail fast: '$UDP_REFUSED'"
 fi
 if ping1 a1 10.43.0.10 && ping1 a2 10.43.1.10; then
 	pass "ICMP allowed: a's nodes (tag:k3s-a) ping b's pods"

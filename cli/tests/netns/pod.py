@@ -4,6 +4,16 @@ serve NAME PORT...          answer every connection on each PORT with
                             "NAME:PORT" and close (a pod's service)
 get HOST PORT SECONDS       print the banner HOST:PORT answers within
                             SECONDS; exit 0 if one came, 1 if not
+refused HOST PORT SECONDS   connect once (at most SECONDS): print the
+                            outcome ("refused", "connected", "timeout" or
+                            the error's name) and the seconds it took;
+                            exit 0 if the connect was refused
+udp HOST PORT SECONDS       send one datagram on a connected UDP socket
+                            and wait up to SECONDS for an answer: print
+                            the outcome ("reply", "timeout" or the errno's
+                            name, e.g. EHOSTUNREACH for an ICMP
+                            admin-prohibited) and the seconds it took;
+                            exit 0 on EHOSTUNREACH
 flip HOST PORT open|closed SECONDS
                             connect every 20 ms (each attempt at most
                             150 ms) until the port is in the given state:
@@ -14,6 +24,7 @@ flip HOST PORT open|closed SECONDS
                             after that first attempt
 """
 
+import errno
 import selectors
 import socket
 import sys
@@ -27,6 +38,38 @@ def banner(host, port, timeout):
             return s.recv(256).decode(errors="replace").strip()
     except OSError:
         return ""
+
+
+def refused(host, port, timeout):
+    start = time.monotonic()
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            outcome = "connected"
+    except ConnectionRefusedError:
+        outcome = "refused"
+    except socket.timeout:
+        outcome = "timeout"
+    except OSError as e:
+        outcome = type(e).__name__
+    print(f"{outcome} {time.monotonic() - start:.4f}")
+    return 0 if outcome == "refused" else 1
+
+
+def udp(host, port, timeout):
+    start = time.monotonic()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect((host, int(port)))
+            s.send(b"ping")
+            s.recv(256)
+            outcome = "reply"
+        except socket.timeout:
+            outcome = "timeout"
+        except OSError as e:
+            outcome = errno.errorcode.get(e.errno, type(e).__name__)
+    print(f"{outcome} {time.monotonic() - start:.4f}")
+    return 0 if outcome == "EHOSTUNREACH" else 1
 
 
 def serve(name, ports):
@@ -57,6 +100,10 @@ def main(argv):
         got = banner(argv[1], argv[2], float(argv[3]))
         print(got)
         return 0 if got else 1
+    elif argv[0] == "refused":
+        return refused(argv[1], argv[2], float(argv[3]))
+    elif argv[0] == "udp":
+        return udp(argv[1], argv[2], float(argv[3]))
     elif argv[0] == "flip":
         host, port, want, seconds = argv[1], argv[2], argv[3], float(argv[4])
         end = time.monotonic() + seconds

@@ -41,7 +41,8 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::config::{PeerConfig, PresharedKey, PrivateKey, PublicKey};
 use crate::filter::{
-    ConntrackLimits, Direction, FilterDrop, FilterRules, FilterStats, ShardedFilter, Verdict,
+    reject, ConntrackLimits, Direction, FilterDrop, FilterRules, FilterStats, RejectLimiter,
+    ShardedFilter, Verdict, REJECT_ANSWER_MAX,
 };
 use crate::peer::{BufferBudget, DropReason, Peer, PeerOutput, PeerStats};
 pub use crate::peer::{Endpoint, PeerPath};
@@ -218,6 +219,8 @@ pub struct Device {
     last_reset: Mutex<Option<Instant>>,
     /// The packet filter (inactive, allow all, until rules are set).
     filter: ShardedFilter,
+    /// Paces the answers to refused host packets ([`Device::reject_answer`]).
+    rejects: Mutex<RejectLimiter>,
 }
 
 impl Device {
@@ -233,7 +236,36 @@ impl Device {
                 ConntrackLimits::default(),
                 u64::from(random_u32()) << 32 | u64::from(random_u32()),
             ),
+            rejects: Mutex::new(RejectLimiter::default()),
         }
+    }
+
+    /// The answer for the host to a packet it sent that the filter refused
+    /// ([`SendError::Filtered`] with [`FilterDrop::OutboundDenied`]),
+    /// written into `out` so the host's flow fails at once, as nftables
+    /// `reject` does: a TCP RST for a SYN, an ICMP destination
+    /// unreachable (administratively prohibited) for UDP, an echo request
+    /// or another protocol ([`reject::answer`]). `None` for packets that
+    /// get no answer (other TCP segments, ICMP errors, later fragments,
+    /// broadcast and multicast), and beyond
+    /// [`crate::filter::REJECT_ANSWERS_PER_SEC`], which RSTs and ICMP
+    /// errors share. The caller hands it to the host's sink; it never goes
+    /// to a peer.
+    pub fn reject_answer(
+        &self,
+        now: Instant,
+        packet: &[u8],
+        out: &mut [u8; REJECT_ANSWER_MAX],
+    ) -> Option<usize> {
+        let len = reject::answer(packet, out)?;
+        self.rejects.lock().allow(now).then_some(len)
+    }
+
+    /// Answers made by [`Device::reject_answer`], and refused packets left
+    /// unanswered by its rate limit.
+    pub fn reject_stats(&self) -> (u64, u64) {
+        let r = self.rejects.lock();
+        (r.sent, r.limited)
     }
 
     /// Installs the packet filter's rules (`None`: allow all, the
@@ -521,9 +553,10 @@ impl Device {
         // only records the flow so replies pass) and answers a refused SYN
         // at the receiver with a TSMP reject that the sender turns into a
         // local failure; here the sender holds the rules itself, so it
-        // refuses at once. No RST or ICMP unreachable is made up for the
-        // host: the send path has no way into the sink (TUN, stack), and
-        // the error reaches packet API callers at once.
+        // refuses at once. The runtime, which holds the sink (TUN, stack),
+        // answers a refused SYN with a RST and other refused packets with
+        // an ICMP admin-prohibited error ([`Device::reject_answer`]) so the
+        // flow fails at once; packet API callers get the error too.
         self.filter_admits(Direction::Outbound, packet, &peer, now)
             .map_err(SendError::Filtered)?;
         match peer.encapsulate(now, packet, out) {

@@ -26,6 +26,14 @@
 //!   when a rule of their direction names the protocol with all ports.
 //!   IPv6 extension headers are not walked: such a packet's protocol is
 //!   its first next-header value.
+//! - What a refused flow sees: a peer's refused packet is dropped without
+//!   an answer. A refused host packet fails at the sender, and the caller
+//!   that holds the host's sink hands it the answer [`reject::answer`]
+//!   makes, as nftables `reject` does: a RST for a SYN, an ICMP
+//!   destination unreachable, administratively prohibited, for UDP, echo
+//!   requests and other protocols; nothing for ICMP errors, later
+//!   fragments, broadcast or multicast. At most
+//!   [`REJECT_ANSWERS_PER_SEC`] answers of both kinds together.
 //!
 //! A new rule set ([`Filter::set_rules`]) applies to the next packet: new
 //! flows by the new rules. Tracked flows are kept, as Tailscale keeps them
@@ -34,6 +42,7 @@
 //! ends or expires. Removing every rule (`None`) clears the table.
 
 mod conntrack;
+pub mod reject;
 mod rules;
 mod sharded;
 pub mod text;
@@ -51,6 +60,7 @@ pub use conntrack::{
     SWEEP_INTERVAL, TCP_CLOSING_TIMEOUT, TCP_ESTABLISHED_TIMEOUT, TCP_UNREPLIED_TIMEOUT,
     UDP_REPLIED_TIMEOUT, UDP_UNREPLIED_TIMEOUT,
 };
+pub use reject::{RejectLimiter, REJECT_ANSWERS_PER_SEC, REJECT_ANSWER_MAX};
 pub use rules::{
     default_icmp_types, default_protocols, ByteSet, FilterRules, FlowStart, PortRange, Rule,
 };

@@ -117,6 +117,11 @@ pub(crate) struct Entry {
     pub unreachable: bool,
     /// The handle was closed; the socket only drains.
     pub closed: bool,
+    /// A connected UDP socket's remote ([`super::UdpSocket::connect`]).
+    pub udp_peer: Option<SocketAddr>,
+    /// An ICMP error about a connected UDP socket's datagram, reported
+    /// once by its next send or receive (Linux's `sk_err`).
+    pub error: Option<NetstackError>,
 }
 
 pub(crate) struct Listener {
@@ -141,6 +146,9 @@ pub(crate) struct Stack {
     /// The addresses bound on each port of each kind; `None` holds the
     /// whole port (an unspecified address, or a dial's ephemeral port).
     ports: HashMap<(Kind, u16), Vec<Option<IpAddr>>>,
+    /// Connected UDP sockets by local port and remote, so an ICMP error
+    /// finds its socket in one lookup.
+    connected_udp: HashMap<(u16, SocketAddr), SocketHandle>,
     next_port: u16,
     next_id: u64,
     epoch: Instant,
@@ -241,6 +249,7 @@ impl Inner {
                 listeners: HashMap::new(),
                 closing: Vec::new(),
                 ports: HashMap::new(),
+                connected_udp: HashMap::new(),
                 next_port: *EPHEMERAL.start() + (random_u64() % 16384) as u16,
                 next_id: 1,
                 epoch,
@@ -490,6 +499,47 @@ fn syn_destination(packet: &[u8]) -> Option<SocketAddr> {
     (tcp.syn() && !tcp.ack()).then(|| SocketAddr::new(dst, tcp.dst_port()))
 }
 
+/// The local port, remote and error of an ICMP destination unreachable
+/// that quotes a UDP datagram the stack sent: port unreachable and
+/// administratively prohibited (what a filter's `reject` sends) refuse,
+/// net and host unreachable make the remote unreachable. Other ICMP
+/// messages give `None`.
+fn udp_icmp_error(packet: &[u8]) -> Option<(u16, SocketAddr, NetstackError)> {
+    use crate::wire::icmp::types;
+    use crate::wire::ip::{PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP};
+    use crate::wire::{IcmpPacket, IpPacket, UdpPacket};
+    let ip = IpPacket::new_checked(packet).ok()?;
+    let v4 = ip.is_v4();
+    if ip.protocol() != if v4 { PROTO_ICMP } else { PROTO_ICMPV6 } || ip.fragment_offset() != 0 {
+        return None;
+    }
+    let icmp = IcmpPacket::new_checked(ip.payload(), v4).ok()?;
+    let err = match (v4, icmp.msg_type(), icmp.code()) {
+        // RFC 1812 5.2.7.1: port unreachable (3); administratively
+        // prohibited (9, 10, 13).
+        (true, types::V4_DEST_UNREACHABLE, 3 | 9 | 10 | 13) => NetstackError::Refused,
+        (true, types::V4_DEST_UNREACHABLE, 0 | 1) => NetstackError::Unreachable,
+        // RFC 4443 3.1: administratively prohibited (1), port
+        // unreachable (4); no route (0), address unreachable (3).
+        (false, types::V6_DEST_UNREACHABLE, 1 | 4) => NetstackError::Refused,
+        (false, types::V6_DEST_UNREACHABLE, 0 | 3) => NetstackError::Unreachable,
+        _ => return None,
+    };
+    // The quoted datagram: its IP header and at least the UDP ports.
+    let quoted = IpPacket::new_checked(ip.payload().get(8..)?).ok()?;
+    if quoted.is_v4() != v4 || quoted.protocol() != PROTO_UDP || quoted.fragment_offset() != 0 {
+        return None;
+    }
+    let udp = UdpPacket::new_checked(quoted.payload()).ok()?;
+    let a = quoted.addrs();
+    let dst: IpAddr = if v4 {
+        <[u8; 4]>::try_from(&a[4..]).ok()?.into()
+    } else {
+        <[u8; 16]>::try_from(&a[16..]).ok()?.into()
+    };
+    Some((udp.src_port(), SocketAddr::new(dst, udp.dst_port()), err))
+}
+
 impl Stack {
     pub fn now(&self) -> SmolInstant {
         SmolInstant::from_micros(self.epoch.elapsed().as_micros() as i64)
@@ -579,6 +629,8 @@ impl Stack {
                 connecting: false,
                 unreachable: false,
                 closed: false,
+                udp_peer: None,
+                error: None,
             },
         );
         SockRef { handle, id }
@@ -588,10 +640,52 @@ impl Stack {
     pub fn release(&mut self, h: SocketHandle) {
         if let Some(e) = self.entries.remove(&h) {
             if let Some(b) = e.owned_port {
+                if let Some(peer) = e.udp_peer {
+                    self.connected_udp.remove(&(b.port, peer));
+                }
                 self.free_port(b);
             }
             e.signal.notify();
             self.sockets.remove(h);
+        }
+    }
+
+    /// Connects UDP socket `r` (bound on `port`) to `peer`: only its
+    /// datagrams are received, and ICMP errors about datagrams to it fail
+    /// the next send or receive.
+    pub fn connect_udp(
+        &mut self,
+        r: SockRef,
+        port: u16,
+        peer: SocketAddr,
+    ) -> Result<(), NetstackError> {
+        if self
+            .connected_udp
+            .get(&(port, peer))
+            .is_some_and(|h| *h != r.handle)
+        {
+            return Err(NetstackError::AddrInUse);
+        }
+        let e = self.entry(r)?;
+        let old = e.udp_peer.replace(peer);
+        e.error = None;
+        if let Some(old) = old {
+            self.connected_udp.remove(&(port, old));
+        }
+        self.connected_udp.insert((port, peer), r.handle);
+        Ok(())
+    }
+
+    /// Hands an ICMP error the stack received to the connected UDP socket
+    /// whose datagram it quotes, as Linux does for connected sockets
+    /// (`__udp4_lib_err`); smoltcp's UDP sockets ignore ICMP.
+    fn refuse_udp(&mut self, port: u16, peer: SocketAddr, err: NetstackError) {
+        let Some(h) = self.connected_udp.get(&(port, peer)) else {
+            return;
+        };
+        if let Some(e) = self.entries.get_mut(h) {
+            e.error = Some(err);
+            e.signal.notify();
         }
     }
 
@@ -652,9 +746,15 @@ impl Stack {
 
     /// Feeds the queued packets to smoltcp one by one; a SYN for a listener
     /// first gets a listening socket (or is dropped when the backlog or the
-    /// socket limit is full).
+    /// socket limit is full); an ICMP error about a connected UDP socket's
+    /// datagram is noted for that socket.
     fn ingress(&mut self, now: SmolInstant, inner: &Inner) {
         while let Some(front) = self.device.rx.front() {
+            let icmp_error = if self.connected_udp.is_empty() {
+                None
+            } else {
+                udp_icmp_error(front)
+            };
             let listener = if self.listeners.is_empty() {
                 None
             } else {
@@ -666,6 +766,9 @@ impl Stack {
                     inner.counters.syns_dropped.fetch_add(1, Relaxed);
                     continue;
                 }
+            }
+            if let Some((port, peer, err)) = icmp_error {
+                self.refuse_udp(port, peer, err);
             }
             self.iface
                 .poll_ingress_single(now, &mut self.device, &mut self.sockets);
@@ -811,5 +914,90 @@ impl Stack {
         }
         self.free_port(key);
         l.signal.notify();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::filter::reject::{icmp_prohibited, tcp_reset};
+    use crate::filter::REJECT_ANSWER_MAX;
+
+    /// A UDP datagram (or, with `proto` 6, a bare SYN) from `src` port
+    /// 40000 to `dst` port 9090, `payload` bytes long.
+    fn datagram(src: IpAddr, dst: IpAddr, proto: u8, payload: usize) -> Vec<u8> {
+        let l4 = if proto == 6 {
+            20 + payload
+        } else {
+            8 + payload
+        };
+        let (mut p, h) = match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let mut p = vec![0u8; 20 + l4];
+                p[0] = 0x45;
+                p[2..4].copy_from_slice(&((20 + l4) as u16).to_be_bytes());
+                p[8] = 64;
+                p[9] = proto;
+                p[12..16].copy_from_slice(&s.octets());
+                p[16..20].copy_from_slice(&d.octets());
+                (p, 20)
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let mut p = vec![0u8; 40 + l4];
+                p[0] = 0x60;
+                p[4..6].copy_from_slice(&(l4 as u16).to_be_bytes());
+                p[6] = proto;
+                p[7] = 64;
+                p[8..24].copy_from_slice(&s.octets());
+                p[24..40].copy_from_slice(&d.octets());
+                (p, 40)
+            }
+            _ => unreachable!("one family"),
+        };
+        p[h..h + 2].copy_from_slice(&40000u16.to_be_bytes());
+        p[h + 2..h + 4].copy_from_slice(&9090u16.to_be_bytes());
+        if proto == 6 {
+            p[h + 12] = 5 << 4;
+            p[h + 13] = 0x02;
+        } else {
+            p[h + 4..h + 6].copy_from_slice(&(l4 as u16).to_be_bytes());
+        }
+        p
+    }
+
+    #[test]
+    fn an_icmp_error_names_the_connected_udp_socket_it_quotes() {
+        let (a4, b4) = (IpAddr::from([10, 0, 0, 1]), IpAddr::from([10, 0, 0, 2]));
+        let (a6, b6): (IpAddr, IpAddr) = ("fd7a::1".parse().unwrap(), "fd7a::2".parse().unwrap());
+        let mut out = [0u8; REJECT_ANSWER_MAX];
+        // The engine's own answer to a refused datagram, small and cut
+        // (the quote ends inside the datagram), both families.
+        for (a, b) in [(a4, b4), (a6, b6)] {
+            for payload in [4, 1400] {
+                let len = icmp_prohibited(&datagram(a, b, 17, payload), &mut out).unwrap();
+                assert_eq!(
+                    udp_icmp_error(&out[..len]),
+                    Some((40000, SocketAddr::new(b, 9090), NetstackError::Refused)),
+                    "{a} {payload}"
+                );
+            }
+        }
+        // Host unreachable makes the remote unreachable.
+        let len = icmp_prohibited(&datagram(a4, b4, 17, 4), &mut out).unwrap();
+        out[21] = 1;
+        assert_eq!(
+            udp_icmp_error(&out[..len]).map(|e| e.2),
+            Some(NetstackError::Unreachable)
+        );
+        // Not about UDP, not an error, or cut inside the UDP header: none.
+        let len = icmp_prohibited(&datagram(a4, b4, 47, 4), &mut out).unwrap();
+        assert_eq!(udp_icmp_error(&out[..len]), None, "quotes GRE");
+        let len = tcp_reset(&datagram(a4, b4, 6, 0), &mut out).unwrap();
+        assert_eq!(udp_icmp_error(&out[..len]), None, "a RST");
+        let len = icmp_prohibited(&datagram(a4, b4, 17, 4), &mut out).unwrap();
+        out[20] = 8;
+        assert_eq!(udp_icmp_error(&out[..len]), None, "an echo request");
+        out[20] = 3;
+        assert_eq!(udp_icmp_error(&out[..20 + 8 + 20 + 4]), None, "cut short");
     }
 }

@@ -37,6 +37,8 @@ pub struct UdpSocket {
     nonblocking: AtomicBool,
     closed: AtomicBool,
     read_limit: Mutex<Option<Duration>>,
+    /// The remote of [`UdpSocket::connect`].
+    peer: Mutex<Option<SocketAddr>>,
 }
 
 fn packet_buffer(bytes: usize) -> udp::PacketBuffer<'static> {
@@ -77,6 +79,7 @@ impl UdpSocket {
             nonblocking: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             read_limit: Mutex::new(None),
+            peer: Mutex::new(None),
         })
     }
 
@@ -112,6 +115,52 @@ impl UdpSocket {
         Ok(())
     }
 
+    /// Connects the socket to `remote`, as `connect(2)` on a UDP socket:
+    /// from now on it receives only `remote`'s datagrams, [`UdpSocket::send`]
+    /// sends there, and an ICMP destination unreachable about a datagram
+    /// to `remote` fails the next send or receive once: `Refused` for port
+    /// unreachable or administratively prohibited (a filter's `reject`,
+    /// such as the engine's answer to a datagram its policy refuses),
+    /// `Unreachable` for net or host unreachable. An unconnected socket
+    /// ignores ICMP errors, as on Linux without `IP_RECVERR`.
+    pub fn connect(&self, remote: SocketAddr) -> Result<(), NetstackError> {
+        self.check_open()?;
+        if remote.port() == 0 {
+            return Err(NetstackError::InvalidInput("port 0"));
+        }
+        self.inner.check_route(remote.ip())?;
+        let mut peer = self.peer.lock();
+        self.inner
+            .stack
+            .lock()
+            .connect_udp(self.sock, self.local.port(), remote)?;
+        *peer = Some(remote);
+        Ok(())
+    }
+
+    /// The remote of [`UdpSocket::connect`], if connected.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        *self.peer.lock()
+    }
+
+    /// Sends one datagram to the connected remote ([`UdpSocket::connect`]).
+    pub fn send(&self, buf: &[u8]) -> Result<usize, NetstackError> {
+        let remote = self
+            .peer_addr()
+            .ok_or(NetstackError::InvalidInput("not connected"))?;
+        self.send_to(buf, remote)
+    }
+
+    /// The next datagram from the connected remote, waiting up to the read
+    /// timeout; an ICMP error about the remote ends it (see
+    /// [`UdpSocket::connect`]).
+    pub fn recv(&self, buf: &mut [u8]) -> Result<usize, NetstackError> {
+        if self.peer_addr().is_none() {
+            return Err(NetstackError::InvalidInput("not connected"));
+        }
+        self.recv_from(buf).map(|(n, _)| n)
+    }
+
     /// Sends one datagram (at most the MTU less headers); waits for room in
     /// the socket's buffer unless non-blocking.
     pub fn send_to(&self, buf: &[u8], dst: SocketAddr) -> Result<usize, NetstackError> {
@@ -131,8 +180,13 @@ impl UdpSocket {
         let r = self
             .inner
             .wait(&self.signal, None, self.nonblocking.load(Relaxed), |st| {
-                if let Err(e) = st.entry(sock) {
-                    return Some(Err(e));
+                match st.entry(sock) {
+                    Err(e) => return Some(Err(e)),
+                    Ok(e) => {
+                        if let Some(err) = e.error.take() {
+                            return Some(Err(err));
+                        }
+                    }
                 }
                 let s = st.sockets.get_mut::<udp::Socket>(sock.handle);
                 match s.send_slice(buf, dst) {
@@ -173,19 +227,33 @@ impl UdpSocket {
             timeout.map(|t| Instant::now() + t),
             self.nonblocking.load(Relaxed),
             |st| {
-                if let Err(e) = st.entry(sock) {
-                    return Some(Err(e));
-                }
-                let s = st.sockets.get_mut::<udp::Socket>(sock.handle);
-                match s.recv() {
-                    Ok((data, meta)) => {
-                        let n = data.len().min(buf.len());
-                        buf[..n].copy_from_slice(&data[..n]);
-                        Some(Ok((n, SocketAddr::from(meta.endpoint))))
+                let peer = match st.entry(sock) {
+                    Err(e) => return Some(Err(e)),
+                    Ok(e) => {
+                        if let Some(err) = e.error.take() {
+                            return Some(Err(err));
+                        }
+                        e.udp_peer
                     }
-                    Err(_) => {
-                        s.register_recv_waker(&self.waker);
-                        None
+                };
+                let s = st.sockets.get_mut::<udp::Socket>(sock.handle);
+                loop {
+                    match s.recv() {
+                        Ok((data, meta)) => {
+                            let from = SocketAddr::from(meta.endpoint);
+                            // A connected socket drops other sources'
+                            // datagrams, as connect(2) does.
+                            if peer.is_some_and(|p| p != from) {
+                                continue;
+                            }
+                            let n = data.len().min(buf.len());
+                            buf[..n].copy_from_slice(&data[..n]);
+                            return Some(Ok((n, from)));
+                        }
+                        Err(_) => {
+                            s.register_recv_waker(&self.waker);
+                            return None;
+                        }
                     }
                 }
             },

@@ -19,7 +19,7 @@ use super::sink::{HostQueue, InnerBurst, InnerSink};
 use crate::config::{Config, PeerConfig, PrivateKey, PublicKey, DEFAULT_MTU};
 use crate::device::{Device, DeviceIo, Encapsulated, Endpoint, PeerError, Received};
 pub use crate::device::{PeerUpdate, SendError};
-use crate::filter::{FilterDrop, FilterRules, FilterStats};
+use crate::filter::{FilterDrop, FilterRules, FilterStats, REJECT_ANSWER_MAX};
 use crate::io::tun::{Tun, TunBurst};
 use crate::io::udp::{normalize, RecvBatch, UdpTransport, MAX_DATAGRAM, RECV_POLL};
 use crate::peer::{output_buffer_len, BufferBudget, DropReason, Peer, PeerStats};
@@ -477,6 +477,13 @@ impl Engine {
         self.shared.device.filter_rules()
     }
 
+    /// Answers (RSTs and ICMP admin-prohibited errors) handed to the host
+    /// for packets the filter refused, and refused packets left unanswered
+    /// by [`crate::filter::REJECT_ANSWERS_PER_SEC`].
+    pub fn filter_rejects(&self) -> (u64, u64) {
+        self.shared.device.reject_stats()
+    }
+
     /// The packet filter's own counters (accepted packets by kind, and
     /// the flows tracked).
     pub fn filter_stats(&self) -> FilterStats {
@@ -672,10 +679,30 @@ impl Shared {
         if self.closed.load(Relaxed) {
             return Err(SendError::Closed);
         }
-        OUT_BUF.with_borrow_mut(|out| {
-            self.device
-                .send(Instant::now(), packet, out, &mut Net(self))
-        })
+        let now = Instant::now();
+        let sent =
+            OUT_BUF.with_borrow_mut(|out| self.device.send(now, packet, out, &mut Net(self)));
+        if let Err(e) = &sent {
+            self.answer_refused(now, packet, e);
+        }
+        sent
+    }
+
+    /// Hands the host the answer to a packet the filter refused (a RST for
+    /// a SYN, an ICMP admin-prohibited error for UDP and the rest;
+    /// rate-limited), so its flow fails at once rather than by timeout.
+    /// Only the host's own packets get here: a peer's refused packet is
+    /// dropped silently on the receive path.
+    fn answer_refused(&self, now: Instant, packet: &[u8], e: &SendError) {
+        if !matches!(e, SendError::Filtered(FilterDrop::OutboundDenied)) {
+            return;
+        }
+        let mut answer = [0u8; REJECT_ANSWER_MAX];
+        if let Some(len) = self.device.reject_answer(now, packet, &mut answer) {
+            let sink = self.sink.read().clone();
+            // A full sink drops it like any packet for the host.
+            sink.deliver(&answer[..len]);
+        }
     }
 
     /// Sends many packets; consecutive ones to the same endpoint are
@@ -708,7 +735,10 @@ impl Shared {
                         batch.push(at, len, to, self, &transport);
                     }
                     Ok(Encapsulated::Queued) => accepted += 1,
-                    Err(e) => rejected(packet, e),
+                    Err(e) => {
+                        self.answer_refused(now, packet, &e);
+                        rejected(packet, e)
+                    }
                 }
             }
             batch.flush(self, &transport);
