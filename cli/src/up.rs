@@ -365,12 +365,26 @@ pub fn run(args: UpArgs) -> CliResult {
         ip(&["link", "set", name, "up"])?;
     }
     // `wg show` and `meshvpn status -i IFNAME` read peers and paths here.
-    let uapi = UapiServer::start(engine.clone(), name).map_err(|e| {
-        format!(
-            "cannot listen on {}: {e}",
-            UapiServer::socket_path(name).display()
-        )
-    })?;
+    // Userspace mode runs without root, where the socket directory is
+    // usually not writable: the node then runs without it, and
+    // `meshvpn up --status` still reads its status file.
+    let uapi = match UapiServer::start(engine.clone(), name) {
+        Ok(uapi) => Some(uapi),
+        Err(e) if args.userspace => {
+            tracing::warn!(
+                "no UAPI socket at {} ({e}): `wg show` and `meshvpn status -i {name}` will not see this node; `meshvpn up --status` will",
+                UapiServer::socket_path(name).display()
+            );
+            None
+        }
+        Err(e) => {
+            return Err(format!(
+                "cannot listen on {}: {e}",
+                UapiServer::socket_path(name).display()
+            )
+            .into())
+        }
+    };
 
     let mut config = JoinConfig::new(url.clone());
     config.join_key = join_key;
