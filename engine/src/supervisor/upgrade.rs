@@ -507,6 +507,9 @@ impl HostedRoute {
         let sock = Socket::hosted(stream, Instant::now() + self.handshake_timeout, head);
         let mut session = None;
         let mut refusal = None;
+        // tungstenite's callback returns its `ErrorResponse` (an
+        // http::Response) by value.
+        #[allow(clippy::result_large_err)]
         let callback = |request: &Request, response: Response| {
             if request.uri().path() != self.route.path {
                 refusal = Some(HostedError::BadRequest(format!(
