@@ -1230,9 +1230,30 @@ mod tests {
         }
         assert!(server.nodes().is_empty());
 
-        // After close: refused, and answered 503... by the caller only: the
-        // library has nothing to serve with, so it closes the descriptor.
+        // A good upgrade gets its 101 and the server's challenge; close
+        // ends it while it waits for the node's proof (at once, not at the
+        // 10 s handshake deadline).
+        let (theirs, mut ours) = pair();
+        assert_eq!(
+            server.serve(theirs.into_raw_fd(), &head, "192.0.2.1:1"),
+            MESHVPN_OK
+        );
+        ours.set_read_timeout(Some(WAIT)).unwrap();
+        let mut first = [0u8; 12];
+        ours.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"HTTP/1.1 101");
+        let started = Instant::now();
         assert_eq!(meshvpn_control_server_close(server.0), MESHVPN_OK);
+        let mut rest = Vec::new();
+        ours.read_to_end(&mut rest).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a connection in its handshake ended {:?} after close",
+            started.elapsed()
+        );
+
+        // After close: refused; the library has nothing to serve with, so it
+        // closes the descriptor (Go's handler answers 503 itself).
         let (theirs, ours) = pair();
         assert_eq!(
             server.serve(

@@ -442,6 +442,11 @@ pub struct HostedRoute {
     handshakes: Arc<Admission>,
     sessions: Arc<Sessions>,
     handshake_timeout: Duration,
+    /// A second handle on every connection being served, from the 101 to
+    /// its end, so that stop also ends one still in the service's own
+    /// handshake (not yet a session `Sessions` can stop).
+    served: Arc<Mutex<HashMap<u64, HostStream>>>,
+    next: AtomicU64,
 }
 
 impl HostedRoute {
@@ -455,6 +460,8 @@ impl HostedRoute {
             route,
             sessions: Arc::new(Sessions::default()),
             handshake_timeout: crate::ws::DEFAULT_HANDSHAKE_TIMEOUT,
+            served: Arc::default(),
+            next: AtomicU64::new(0),
         }
     }
 
@@ -547,6 +554,17 @@ impl HostedRoute {
         };
         let session = session.ok_or(HostedError::Stopped)?;
         ws.get_mut().sock.end_head();
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        {
+            // Checked under the lock stop takes: after stop, nothing is
+            // added that it would miss.
+            let mut served = self.served.lock();
+            if self.sessions.is_stopped() {
+                return Err(HostedError::Stopped);
+            }
+            served.insert(id, ws.get_ref().sock.tcp.try_clone()?);
+        }
+        let served = self.served.clone();
         let handler = self.route.handler.clone();
         let conn = Conn::server(
             ws,
@@ -557,9 +575,16 @@ impl HostedRoute {
             session,
             self.sessions.clone(),
         );
-        std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("hosted-session".into())
-            .spawn(move || handler.serve(conn))?;
+            .spawn(move || {
+                handler.serve(conn);
+                served.lock().remove(&id);
+            });
+        if let Err(e) = spawned {
+            self.served.lock().remove(&id);
+            return Err(e.into());
+        }
         Ok(())
     }
 
@@ -574,9 +599,14 @@ impl HostedRoute {
         }
     }
 
-    /// Ends every session and refuses new ones.
+    /// Ends every session, and every connection still in the service's
+    /// handshake, and refuses new ones.
     pub fn stop(&self) {
+        let served = self.served.lock();
         self.sessions.stop_all();
+        for stream in served.values() {
+            let _ = stream.shutdown();
+        }
     }
 }
 

@@ -44,6 +44,15 @@ impl HostStream {
         }
     }
 
+    /// A second handle on the same socket (a `dup`), e.g. to shut it down
+    /// from another thread.
+    pub(crate) fn try_clone(&self) -> io::Result<HostStream> {
+        Ok(match self {
+            HostStream::Tcp(s) => HostStream::Tcp(s.try_clone()?),
+            HostStream::Unix(s) => HostStream::Unix(s.try_clone()?),
+        })
+    }
+
     /// Ends both directions (best effort: callers ignore the result).
     pub(crate) fn shutdown(&self) -> io::Result<()> {
         match self {
