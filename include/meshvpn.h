@@ -134,6 +134,12 @@
 #define MESHVPN_JOIN_KEY_LEN 91
 
 /**
+ * The bytes of the TLS exporter value `meshvpn_control_server_serve_conn`
+ * takes.
+ */
+#define MESHVPN_CONTROL_EXPORTER_LEN 32
+
+/**
  * The outcome of a call. `MESHVPN_OK` is success; anything else is an
  * error whose detail `meshvpn_last_error_message` reads back on the same
  * thread.
@@ -3146,6 +3152,54 @@ meshvpn_result meshvpn_control_server_attach(struct meshvpn_control_server *serv
                                              struct meshvpn_tunnel_server *tunnel);
 
 /**
+ * Serves one control connection that the host program's own HTTPS router
+ * accepted (k3s serves its tunnel on its own router; see docs/control.md,
+ * "Embedding in k3s"): the host ended TLS, read the request head and
+ * hijacked the connection; it hands over `fd`, one end of a socketpair
+ * (`AF_UNIX`, `SOCK_STREAM`; a TCP socket works too), copies bytes
+ * between the other end and the client's connection (first any bytes it
+ * read past the head), and closes both when either side ends.
+ *
+ * - `fd`: owned by the library from this call on, on every path: closed
+ *   at once on an error, when the session ends otherwise.
+ * - `request_head`, `request_head_len`: the request line and headers
+ *   through the blank line (`\r\n\r\n`, nothing after it), at most 64 KiB:
+ *   a websocket upgrade (`GET /v1-meshvpn/control HTTP/1.1`, with
+ *   `Upgrade`, `Connection`, `Sec-WebSocket-Key`, `Sec-WebSocket-Version`).
+ * - `remote_addr`: the client's `"ADDRESS:PORT"` as the host saw it (Go's
+ *   `r.RemoteAddr`): the session caps count it as the source, and the
+ *   server offers it to the other nodes as an endpoint of the node.
+ * - `tls_exporter`: `MESHVPN_CONTROL_EXPORTER_LEN` bytes, the client's TLS
+ *   session's exporter value (RFC 8446 section 7.5; Go's
+ *   `ConnectionState.ExportKeyingMaterial`) for the label
+ *   `EXPORTER-meshvpn-control-v1` with no context: nodes bind their key
+ *   proof to the TLS session they see, which the host ended.
+ *
+ * The websocket handshake runs on the calling thread (it does not wait on
+ * the client: the head is complete), then the session runs on a thread
+ * of its own, exactly as on the library's own listener, under the same
+ * caps (`max_sessions`, `max_sessions_per_source`, and the listener's
+ * handshake caps); the call returns at once. Every refusal is answered
+ * on `fd` (503 over a cap or after close, 404 on another path) before it
+ * is closed, so the host only relays it; a head the websocket handshake
+ * cannot read is closed without an answer.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_CLOSED`, `MESHVPN_INVALID_ARGUMENT` (a bad descriptor, not a
+ * stream socket, a bad `remote_addr`), `MESHVPN_TUNNEL_HANDSHAKE` (not a
+ * websocket upgrade for `/v1-meshvpn/control`, or a head cut short or too
+ * long), `MESHVPN_TUNNEL_LIMIT` (over a cap), `MESHVPN_THREAD_FAILED`.
+ *
+ * Thread safety: safe to call from any thread, concurrently.
+ */
+meshvpn_result meshvpn_control_server_serve_conn(struct meshvpn_control_server *server,
+                                                 int fd,
+                                                 const uint8_t *request_head,
+                                                 size_t request_head_len,
+                                                 const char *remote_addr,
+                                                 const uint8_t *tls_exporter);
+
+/**
  * Writes the address of the server's own listener (`config->listen`) into
  * `buf`, following the buffer protocol of `meshvpn_result_message`.
  *
@@ -3213,7 +3267,9 @@ meshvpn_result meshvpn_control_server_revoke_key(struct meshvpn_control_server *
  * `meshvpn_result_message`): each `{"id", "name", "ipv4", "ipv6",
  * "public_key"` (base64)`, "tags", "cluster", "ephemeral", "online"`
  * (a session with this server now)`, "offline_since"` (Unix seconds or
- * null)`}`.
+ * null)`, "seen"` (`"ADDRESS:PORT"` its session comes from, as the listener
+ * or the host program saw it, offered to the other nodes as an endpoint;
+ * null when offline)`, "endpoints"` (the UDP endpoints it reported)`}`.
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
  * `MESHVPN_CLOSED`, `MESHVPN_BUFFER_TOO_SMALL`, `MESHVPN_CONTROL_STORE`.

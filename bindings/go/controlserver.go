@@ -99,6 +99,12 @@ type ControlNode struct {
 	Ephemeral    bool     `json:"ephemeral"`
 	Online       bool     `json:"online"`        // a session with this server now
 	OfflineSince *int64   `json:"offline_since"` // Unix seconds
+	// Seen is the address its session comes from, as the listener (or,
+	// through Handler, r.RemoteAddr) saw it, offered to the other nodes
+	// as an endpoint; nil when offline.
+	Seen *string `json:"seen"`
+	// Endpoints are the UDP endpoints it reported (while online).
+	Endpoints []string `json:"endpoints"`
 }
 
 // ControlRoute is a route a node advertises.
@@ -116,8 +122,9 @@ type ControlRoute struct {
 // ControlServer is the mesh's control server (nodes join with a join key
 // and get the network map), embedded in this process: on a TunnelServer's
 // port next to the k3s tunnel and the relay (TunnelServerConfig.Control),
-// or on its own listener (ControlServerConfig.Addr). All methods are safe
-// for concurrent use.
+// on its own listener (ControlServerConfig.Addr), or as an http.Handler on
+// the host's own HTTPS router (Handler). All methods are safe for
+// concurrent use.
 type ControlServer struct {
 	h handle
 }

@@ -295,6 +295,19 @@ impl ControlServer {
         v
     }
 
+    /// Where each connected node's session comes from (the address the
+    /// listener, or the host program that handed the connection over,
+    /// saw) and the endpoints it reported, by node id.
+    pub fn seen(&self) -> BTreeMap<i64, (SocketAddr, Vec<SocketAddr>)> {
+        self.shared
+            .live
+            .lock()
+            .sessions
+            .iter()
+            .map(|(id, s)| (*id, (s.seen, s.endpoints.clone())))
+            .collect()
+    }
+
     /// Re-reads the store and pushes what changed now, without waiting for
     /// the next poll.
     pub fn poke(&self) {

@@ -6,6 +6,8 @@
 //!   new(config) ──┬─ attach(tunnel_server) ─ tunnel_server_start: one port serves
 //!                 │                           the k3s tunnel, the relay and /v1-meshvpn/control
 //!                 └─ config.listen: its own HTTPS listener
+//!                 └─ serve_conn(fd, head, remote, exporter): a connection the host's own
+//!                    HTTPS router accepted and hijacked (Go: ControlServer.Handler)
 //!   admin: create_key (text shown once) / keys / revoke_key, nodes / remove_node,
 //!          routes / approve_route, set_policy / get_policy
 //!   close / free
@@ -18,18 +20,22 @@
 //! written once, to the caller's buffer, and wiped from the library's
 //! memory; it is never logged.
 
-use std::ffi::c_char;
-use std::net::SocketAddr;
+use std::ffi::{c_char, c_int};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ::meshvpn_control::admin::{self, AdminError};
 use ::meshvpn_control::keys::{self, CreateError, KeyOptions};
+use ::meshvpn_control::proto::EXPORTER_LABEL;
 use ::meshvpn_control::routes::{cluster_name, Approver, RouteStatus};
 use ::meshvpn_control::server::{ControlServer, ControlServerConfig};
 use ::meshvpn_control::store::{SqliteStore, Store, StoreConfig, StoreError};
 use ::meshvpn_control::{Policy, RouteError};
+use ::meshvpn_engine::supervisor::upgrade::{HostStream, HostTls, HostedError, HostedRoute};
 use ::meshvpn_engine::supervisor::{ServerAuth, ServerConfig, TunnelServer, K3S_PATH};
 use ::meshvpn_engine::ws::tls;
 use ::meshvpn_engine::IpPrefix;
@@ -114,6 +120,9 @@ pub struct meshvpn_join_key_options {
 }
 
 struct Running {
+    /// Connections the host program's own router hands over
+    /// (`meshvpn_control_server_serve_conn`); dropped first, ending them.
+    hosted: HostedRoute,
     store: Arc<SqliteStore>,
     control: ControlServer,
     /// Its own listener, with `config.listen`.
@@ -272,6 +281,7 @@ unsafe fn open(c: &meshvpn_control_server_config) -> Result<Running> {
             }
         };
     Ok(Running {
+        hosted: HostedRoute::new(control.route()),
         store,
         control,
         listener,
@@ -331,6 +341,136 @@ pub extern "C" fn meshvpn_control_server_attach(
     ffi_boundary! {{
         let r = lookup(server)?;
         crate::tunnel::server::add_route(tunnel, r.control.route())
+    }}
+}
+
+/// The bytes of the TLS exporter value `meshvpn_control_server_serve_conn`
+/// takes.
+pub const MESHVPN_CONTROL_EXPORTER_LEN: usize = 32;
+
+/// Takes `fd` as the library's own: an open stream socket (a socketpair
+/// end, or a TCP socket). Anything else is refused, and an open `fd` is
+/// closed all the same.
+fn own_stream_socket(fd: c_int) -> Result<HostStream> {
+    if fd < 0 {
+        return Err(Error::invalid(format!("fd {fd} is not a descriptor")));
+    }
+    // SAFETY: F_GETFD reads the descriptor's flags and touches no memory.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(Error::invalid(format!("fd {fd} is not open")));
+    }
+    // SAFETY: `fd` is open (checked above) and the caller hands it over
+    // (the function's contract): from here it has one owner, this value.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let option = |name: c_int| -> Option<c_int> {
+        let mut value: c_int = 0;
+        let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+        // SAFETY: `value` and `len` are live locals of the sizes given.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                name,
+                (&mut value as *mut c_int).cast(),
+                &mut len,
+            )
+        };
+        (rc == 0).then_some(value)
+    };
+    if option(libc::SO_TYPE) != Some(libc::SOCK_STREAM) {
+        return Err(Error::invalid(format!("fd {fd} is not a stream socket")));
+    }
+    match option(libc::SO_DOMAIN) {
+        Some(libc::AF_UNIX) => Ok(HostStream::Unix(UnixStream::from(owned))),
+        Some(libc::AF_INET | libc::AF_INET6) => Ok(HostStream::Tcp(TcpStream::from(owned))),
+        _ => Err(Error::invalid(format!(
+            "fd {fd} is neither a Unix nor a TCP socket"
+        ))),
+    }
+}
+
+/// Serves one control connection that the host program's own HTTPS router
+/// accepted (k3s serves its tunnel on its own router; see docs/control.md,
+/// "Embedding in k3s"): the host ended TLS, read the request head and
+/// hijacked the connection; it hands over `fd`, one end of a socketpair
+/// (`AF_UNIX`, `SOCK_STREAM`; a TCP socket works too), copies bytes
+/// between the other end and the client's connection (first any bytes it
+/// read past the head), and closes both when either side ends.
+///
+/// - `fd`: owned by the library from this call on, on every path: closed
+///   at once on an error, when the session ends otherwise.
+/// - `request_head`, `request_head_len`: the request line and headers
+///   through the blank line (`\r\n\r\n`, nothing after it), at most 64 KiB:
+///   a websocket upgrade (`GET /v1-meshvpn/control HTTP/1.1`, with
+///   `Upgrade`, `Connection`, `Sec-WebSocket-Key`, `Sec-WebSocket-Version`).
+/// - `remote_addr`: the client's `"ADDRESS:PORT"` as the host saw it (Go's
+///   `r.RemoteAddr`): the session caps count it as the source, and the
+///   server offers it to the other nodes as an endpoint of the node.
+/// - `tls_exporter`: `MESHVPN_CONTROL_EXPORTER_LEN` bytes, the client's TLS
+///   session's exporter value (RFC 8446 section 7.5; Go's
+///   `ConnectionState.ExportKeyingMaterial`) for the label
+///   `EXPORTER-meshvpn-control-v1` with no context: nodes bind their key
+///   proof to the TLS session they see, which the host ended.
+///
+/// The websocket handshake runs on the calling thread (it does not wait on
+/// the client: the head is complete), then the session runs on a thread
+/// of its own, exactly as on the library's own listener, under the same
+/// caps (`max_sessions`, `max_sessions_per_source`, and the listener's
+/// handshake caps); the call returns at once. Every refusal is answered
+/// on `fd` (503 over a cap or after close, 404 on another path) before it
+/// is closed, so the host only relays it; a head the websocket handshake
+/// cannot read is closed without an answer.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_CLOSED`, `MESHVPN_INVALID_ARGUMENT` (a bad descriptor, not a
+/// stream socket, a bad `remote_addr`), `MESHVPN_TUNNEL_HANDSHAKE` (not a
+/// websocket upgrade for `/v1-meshvpn/control`, or a head cut short or too
+/// long), `MESHVPN_TUNNEL_LIMIT` (over a cap), `MESHVPN_THREAD_FAILED`.
+///
+/// Thread safety: safe to call from any thread, concurrently.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_control_server_serve_conn(
+    server: *mut meshvpn_control_server,
+    fd: c_int,
+    request_head: *const u8,
+    request_head_len: usize,
+    remote_addr: *const c_char,
+    tls_exporter: *const u8,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        // First, so that every later error closes it.
+        let stream = own_stream_socket(fd)?;
+        // SAFETY: the caller passes `request_head_len` readable bytes, a
+        // NUL-terminated string and `MESHVPN_CONTROL_EXPORTER_LEN`
+        // readable bytes (or NULLs, refused here).
+        let (head, remote, exporter) = unsafe {
+            (
+                ptr::try_slice(request_head, request_head_len, "request_head")?,
+                ptr::try_str(remote_addr, "remote_addr")?,
+                ptr::try_slice(tls_exporter, MESHVPN_CONTROL_EXPORTER_LEN, "tls_exporter")?,
+            )
+        };
+        if head.is_empty() {
+            return Err(Error::null("request_head"));
+        }
+        let peer: SocketAddr = remote.parse().map_err(|_| {
+            Error::invalid(format!("remote_addr {remote:?} is not ADDRESS:PORT"))
+        })?;
+        let mut value = [0u8; MESHVPN_CONTROL_EXPORTER_LEN];
+        value.copy_from_slice(exporter);
+        let tls = HostTls {
+            label: EXPORTER_LABEL.to_vec(),
+            exporter: value,
+        };
+        let r = lookup(server)?;
+        r.hosted
+            .serve(stream, head.to_vec(), peer, tls)
+            .map_err(|e| match e {
+                HostedError::Busy(_) => Error::new(MESHVPN_TUNNEL_LIMIT, e.to_string()),
+                HostedError::BadRequest(_) => Error::new(MESHVPN_TUNNEL_HANDSHAKE, e.to_string()),
+                HostedError::Stopped => Error::new(MESHVPN_CLOSED, e.to_string()),
+                HostedError::Io(_) => Error::new(MESHVPN_THREAD_FAILED, e.to_string()),
+            })
     }}
 }
 
@@ -504,7 +644,9 @@ pub unsafe extern "C" fn meshvpn_control_server_revoke_key(
 /// `meshvpn_result_message`): each `{"id", "name", "ipv4", "ipv6",
 /// "public_key"` (base64)`, "tags", "cluster", "ephemeral", "online"`
 /// (a session with this server now)`, "offline_since"` (Unix seconds or
-/// null)`}`.
+/// null)`, "seen"` (`"ADDRESS:PORT"` its session comes from, as the listener
+/// or the host program saw it, offered to the other nodes as an endpoint;
+/// null when offline)`, "endpoints"` (the UDP endpoints it reported)`}`.
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
 /// `MESHVPN_CLOSED`, `MESHVPN_BUFFER_TOO_SMALL`, `MESHVPN_CONTROL_STORE`.
@@ -521,6 +663,7 @@ pub unsafe extern "C" fn meshvpn_control_server_nodes(
         let out_len = Out::new(out_len, "out_len")?;
         let r = lookup(server)?;
         let online = r.control.connected();
+        let seen = r.control.seen();
         let list: Vec<_> = r
             .store
             .list_nodes()
@@ -538,6 +681,11 @@ pub unsafe extern "C" fn meshvpn_control_server_nodes(
                     "ephemeral": n.ephemeral,
                     "online": online.binary_search(&n.id).is_ok(),
                     "offline_since": n.offline_since,
+                    "seen": seen.get(&n.id).map(|(s, _)| s.to_string()),
+                    "endpoints": seen
+                        .get(&n.id)
+                        .map(|(_, e)| e.iter().map(ToString::to_string).collect::<Vec<_>>())
+                        .unwrap_or_default(),
                 })
             })
             .collect();
@@ -747,4 +895,506 @@ pub extern "C" fn meshvpn_control_server_free(
     ffi_boundary! {{
         CONTROLS.free(server)
     }}
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::CString;
+    use std::io::Read;
+    use std::net::{Shutdown, TcpListener};
+    use std::os::fd::IntoRawFd;
+    use std::sync::mpsc;
+    use std::time::Instant;
+
+    use ::boringtun::x25519::StaticSecret;
+    use ::meshvpn_control::client::{ControlClient, ControlClientConfig, JoinRequest};
+    use ::meshvpn_control::proto::CONTROL_PATH;
+    use ::meshvpn_engine::PrivateKey;
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(15);
+
+    struct Server(*mut meshvpn_control_server, std::path::PathBuf);
+
+    impl Server {
+        fn new(name: &str, per_source: u32) -> Server {
+            let dir = std::env::temp_dir()
+                .join(format!("meshvpn-ffi-hosted-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let db = CString::new(dir.join("control.db").to_str().unwrap()).unwrap();
+            let config = meshvpn_control_server_config {
+                db_path: db.as_ptr(),
+                ipv4_prefix: std::ptr::null(),
+                policy: std::ptr::null(),
+                policy_file: std::ptr::null(),
+                ephemeral_timeout_ms: 0,
+                max_sessions: 0,
+                max_sessions_per_source: per_source,
+                relay_url: std::ptr::null(),
+                listen: std::ptr::null(),
+                cert_pem: std::ptr::null(),
+                key_pem: std::ptr::null(),
+                relay: false,
+            };
+            let mut handle = std::ptr::null_mut();
+            // SAFETY: a valid config whose strings outlive the call.
+            let rc = unsafe { meshvpn_control_server_new(&config, &mut handle) };
+            assert_eq!(rc, MESHVPN_OK, "{}", crate::error::last_error_for_tests());
+            Server(handle, dir)
+        }
+
+        fn key(&self) -> String {
+            let options = meshvpn_join_key_options {
+                reusable: true,
+                ephemeral: false,
+                expiry_seconds: 0,
+                tags: std::ptr::null(),
+                cluster: std::ptr::null(),
+            };
+            let mut buf = [0u8; MESHVPN_JOIN_KEY_LEN];
+            let mut len = 0;
+            // SAFETY: valid options and a buffer of the length given.
+            let rc = unsafe {
+                meshvpn_control_server_create_key(
+                    self.0,
+                    &options,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, MESHVPN_OK);
+            String::from_utf8(buf[..len].to_vec()).unwrap()
+        }
+
+        fn nodes(&self) -> Vec<serde_json::Value> {
+            let mut buf = vec![0u8; 16384];
+            let mut len = 0;
+            // SAFETY: a buffer of the length given.
+            let rc = unsafe {
+                meshvpn_control_server_nodes(self.0, buf.as_mut_ptr().cast(), buf.len(), &mut len)
+            };
+            assert_eq!(rc, MESHVPN_OK);
+            serde_json::from_slice(&buf[..len]).unwrap()
+        }
+
+        fn serve(&self, fd: c_int, head: &[u8], remote: &str) -> meshvpn_result {
+            serve_fd(self.0, fd, head, remote)
+        }
+    }
+
+    /// Hands `fd` over as a host program would.
+    fn serve_fd(
+        server: *mut meshvpn_control_server,
+        fd: c_int,
+        head: &[u8],
+        remote: &str,
+    ) -> meshvpn_result {
+        let remote = CString::new(remote).unwrap();
+        let exporter = [0u8; MESHVPN_CONTROL_EXPORTER_LEN];
+        // SAFETY: pointers to live buffers of the lengths given.
+        unsafe {
+            meshvpn_control_server_serve_conn(
+                server,
+                fd,
+                head.as_ptr(),
+                head.len(),
+                remote.as_ptr(),
+                exporter.as_ptr(),
+            )
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            meshvpn_control_server_free(self.0);
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+
+    fn upgrade_head(path: &str) -> Vec<u8> {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    /// What the library wrote on its end of a socketpair before closing it.
+    fn answer(mut ours: UnixStream) -> String {
+        ours.set_read_timeout(Some(WAIT)).unwrap();
+        let mut text = String::new();
+        ours.read_to_string(&mut text).unwrap();
+        text
+    }
+
+    /// Bad descriptors, missing pointers, heads that are not a complete
+    /// websocket upgrade for the control path and bad addresses each get
+    /// their code; the library closes a descriptor it was given on every
+    /// error; after close the call is refused.
+    #[test]
+    fn serve_conn_refuses_bad_arguments_with_codes() {
+        let server = Server::new("args", 0);
+        let head = upgrade_head(CONTROL_PATH);
+        let remote = CString::new("192.0.2.1:1000").unwrap();
+        let exporter = [0u8; 32];
+        let pair = || UnixStream::pair().unwrap();
+
+        assert_eq!(
+            server.serve(-1, &head, "192.0.2.1:1"),
+            MESHVPN_INVALID_ARGUMENT
+        );
+        // A descriptor number nothing has open.
+        let closed = {
+            let (a, _b) = pair();
+            a.into_raw_fd()
+        };
+        // SAFETY: `closed` is ours (just made), closed once here.
+        unsafe { libc::close(closed) };
+        assert_eq!(
+            server.serve(closed, &head, "192.0.2.1:1"),
+            MESHVPN_INVALID_ARGUMENT
+        );
+        // Not a stream socket: a file, a UDP socket, a datagram pair.
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(
+            server.serve(file.into_raw_fd(), &head, "192.0.2.1:1"),
+            MESHVPN_INVALID_ARGUMENT
+        );
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert_eq!(
+            server.serve(udp.into_raw_fd(), &head, "192.0.2.1:1"),
+            MESHVPN_INVALID_ARGUMENT
+        );
+        let (dgram, _) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        assert_eq!(
+            server.serve(dgram.into_raw_fd(), &head, "192.0.2.1:1"),
+            MESHVPN_INVALID_ARGUMENT
+        );
+
+        // NULLs: each refused, and the descriptor closed (the other end
+        // reads end-of-file at once).
+        type Call<'a> = Box<dyn Fn(c_int) -> meshvpn_result + 'a>;
+        let calls: Vec<(&str, Call)> = vec![
+            (
+                "server",
+                Box::new(|fd| unsafe {
+                    // SAFETY: valid buffers; the handle is NULL on purpose.
+                    meshvpn_control_server_serve_conn(
+                        std::ptr::null_mut(),
+                        fd,
+                        head.as_ptr(),
+                        head.len(),
+                        remote.as_ptr(),
+                        exporter.as_ptr(),
+                    )
+                }),
+            ),
+            (
+                "head",
+                Box::new(|fd| unsafe {
+                    // SAFETY: as above, the head NULL on purpose.
+                    meshvpn_control_server_serve_conn(
+                        server.0,
+                        fd,
+                        std::ptr::null(),
+                        10,
+                        remote.as_ptr(),
+                        exporter.as_ptr(),
+                    )
+                }),
+            ),
+            (
+                "empty head",
+                Box::new(|fd| unsafe {
+                    // SAFETY: as above, with a length of 0.
+                    meshvpn_control_server_serve_conn(
+                        server.0,
+                        fd,
+                        head.as_ptr(),
+                        0,
+                        remote.as_ptr(),
+                        exporter.as_ptr(),
+                    )
+                }),
+            ),
+            (
+                "remote",
+                Box::new(|fd| unsafe {
+                    // SAFETY: as above, the address NULL on purpose.
+                    meshvpn_control_server_serve_conn(
+                        server.0,
+                        fd,
+                        head.as_ptr(),
+                        head.len(),
+                        std::ptr::null(),
+                        exporter.as_ptr(),
+                    )
+                }),
+            ),
+            (
+                "exporter",
+                Box::new(|fd| unsafe {
+                    // SAFETY: as above, the exporter NULL on purpose.
+                    meshvpn_control_server_serve_conn(
+                        server.0,
+                        fd,
+                        head.as_ptr(),
+                        head.len(),
+                        remote.as_ptr(),
+                        std::ptr::null(),
+                    )
+                }),
+            ),
+        ];
+        for (what, call) in calls {
+            let (theirs, ours) = pair();
+            let rc = call(theirs.into_raw_fd());
+            assert_eq!(rc, MESHVPN_NULL_PARAMETER, "NULL {what}");
+            assert_eq!(answer(ours), "", "NULL {what}: closed without a word");
+        }
+
+        // Heads: garbage, cut short, more than the head, too long, another
+        // path, a plain GET; a bad address.
+        let mut long = b"GET /v1-meshvpn/control HTTP/1.1\r\nX: ".to_vec();
+        long.resize(70 << 10, b'a');
+        long.extend_from_slice(b"\r\n\r\n");
+        let mut trailing = head.clone();
+        trailing.extend_from_slice(b"\x82\x00");
+        let cases: Vec<(&str, Vec<u8>, &str, meshvpn_result, &str)> = vec![
+            (
+                "garbage",
+                b"\x00\xffhello\r\n\r\n".to_vec(),
+                "192.0.2.1:1",
+                MESHVPN_TUNNEL_HANDSHAKE,
+                "",
+            ),
+            (
+                "cut short",
+                head[..head.len() - 2].to_vec(),
+                "192.0.2.1:1",
+                MESHVPN_TUNNEL_HANDSHAKE,
+                "400",
+            ),
+            (
+                "bytes after the head",
+                trailing,
+                "192.0.2.1:1",
+                MESHVPN_TUNNEL_HANDSHAKE,
+                "400",
+            ),
+            (
+                "too long",
+                long,
+                "192.0.2.1:1",
+                MESHVPN_TUNNEL_HANDSHAKE,
+                "400",
+            ),
+            (
+                "another path",
+                upgrade_head("/v1-k3s/connect"),
+                "192.0.2.1:1",
+                MESHVPN_TUNNEL_HANDSHAKE,
+                "404",
+            ),
+            (
+                "no upgrade",
+                b"GET /v1-meshvpn/control HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+                "192.0.2.1:1",
+                MESHVPN_TUNNEL_HANDSHAKE,
+                "",
+            ),
+            (
+                "bad address",
+                head.clone(),
+                "nowhere",
+                MESHVPN_INVALID_ARGUMENT,
+                "",
+            ),
+        ];
+        for (what, head, remote, want, status) in cases {
+            let (theirs, ours) = pair();
+            let rc = server.serve(theirs.into_raw_fd(), &head, remote);
+            assert_eq!(rc, want, "{what}: {}", crate::error::last_error_for_tests());
+            let text = answer(ours);
+            if status.is_empty() {
+                assert!(!text.contains("101"), "{what}: {text}");
+            } else {
+                assert!(
+                    text.starts_with(&format!("HTTP/1.1 {status}")),
+                    "{what}: {text:?}"
+                );
+            }
+        }
+        assert!(server.nodes().is_empty());
+
+        // A good upgrade gets its 101 and the server's challenge; close
+        // ends it while it waits for the node's proof (at once, not at the
+        // 10 s handshake deadline).
+        let (theirs, mut ours) = pair();
+        assert_eq!(
+            server.serve(theirs.into_raw_fd(), &head, "192.0.2.1:1"),
+            MESHVPN_OK
+        );
+        ours.set_read_timeout(Some(WAIT)).unwrap();
+        let mut first = [0u8; 12];
+        ours.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"HTTP/1.1 101");
+        let started = Instant::now();
+        assert_eq!(meshvpn_control_server_close(server.0), MESHVPN_OK);
+        let mut rest = Vec::new();
+        ours.read_to_end(&mut rest).unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "a connection in its handshake ended {:?} after close",
+            started.elapsed()
+        );
+
+        // After close: refused; the library has nothing to serve with, so it
+        // closes the descriptor (Go's handler answers 503 itself).
+        let (theirs, ours) = pair();
+        assert_eq!(
+            server.serve(
+                theirs.into_raw_fd(),
+                &upgrade_head(CONTROL_PATH),
+                "192.0.2.1:1"
+            ),
+            MESHVPN_CLOSED
+        );
+        assert_eq!(answer(ours), "");
+    }
+
+    /// A host program's router in miniature: accepts TCP, reads the request
+    /// head, and hands a socketpair end over with the head and the address
+    /// it says the client has, copying bytes both ways.
+    struct Router {
+        url: String,
+        results: mpsc::Receiver<meshvpn_result>,
+    }
+
+    fn route(server: &Arc<ServerRef>, remote: &'static str) -> Router {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("ws://{}{CONTROL_PATH}", listener.local_addr().unwrap());
+        let (tx, results) = mpsc::channel();
+        let server = server.clone();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(mut tcp) = tcp else { return };
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+                    if tcp.read(&mut byte).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                let (theirs, ours) = UnixStream::pair().unwrap();
+                let rc = server.serve(theirs.into_raw_fd(), &head, remote);
+                let (mut a, mut b) = (tcp.try_clone().unwrap(), ours.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a, &mut b);
+                    let _ = b.shutdown(Shutdown::Both);
+                });
+                let (mut a, mut b) = (ours, tcp);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut a, &mut b);
+                    let _ = b.shutdown(Shutdown::Both);
+                });
+                if tx.send(rc).is_err() {
+                    return;
+                }
+            }
+        });
+        Router { url, results }
+    }
+
+    /// The handle, shared with the router's thread.
+    struct ServerRef(*mut meshvpn_control_server);
+    // SAFETY: a handle is a number the library looks up, usable from any
+    // thread (every function says so).
+    unsafe impl Send for ServerRef {}
+    // SAFETY: as above.
+    unsafe impl Sync for ServerRef {}
+
+    impl ServerRef {
+        fn serve(&self, fd: c_int, head: &[u8], remote: &str) -> meshvpn_result {
+            serve_fd(self.0, fd, head, remote)
+        }
+    }
+
+    fn node(url: &str, key: &str, name: &str) -> ControlClient {
+        let request = JoinRequest {
+            join_key: Some(key.to_string().into()),
+            hostname: name.into(),
+            endpoints: vec!["192.0.2.50:51820".parse().unwrap()],
+            ..Default::default()
+        };
+        let mut config = ControlClientConfig::new(url, request);
+        config.backoff_initial = Duration::from_millis(50);
+        config.backoff_max = Duration::from_millis(200);
+        let secret = StaticSecret::from(*PrivateKey::generate().as_bytes());
+        ControlClient::start(config, secret).unwrap()
+    }
+
+    /// Nodes register through a host program's router: the seen address is
+    /// the one the host gave (not the socketpair's, which has none), the
+    /// per-source cap counts by it (the excess is answered 503 through the
+    /// host, and the call says `MESHVPN_TUNNEL_LIMIT`) while another source
+    /// is served, and closing the control server ends the sessions.
+    #[test]
+    fn nodes_register_through_a_host_router_counted_by_its_address() {
+        let server = Server::new("router", 2);
+        let key = server.key();
+        let shared = Arc::new(ServerRef(server.0));
+        let nat = route(&shared, "203.0.113.9:4242");
+        let other = route(&shared, "198.51.100.7:999");
+        let a = node(&nat.url, &key, "a");
+        let b = node(&nat.url, &key, "b");
+        for n in [&a, &b] {
+            assert!(n.wait(WAIT, |s, _| s.has_map()), "{:?}", n.status());
+        }
+        for _ in 0..2 {
+            assert_eq!(nat.results.recv_timeout(WAIT).unwrap(), MESHVPN_OK);
+        }
+        let c = node(&nat.url, &key, "c");
+        assert!(c.wait(WAIT, |_, st| st
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("503"))));
+        assert_eq!(
+            nat.results.recv_timeout(WAIT).unwrap(),
+            MESHVPN_TUNNEL_LIMIT
+        );
+        drop(c);
+        let d = node(&other.url, &key, "d");
+        assert!(d.wait(WAIT, |s, _| s.has_map()), "{:?}", d.status());
+        let nodes = server.nodes();
+        let seen = |name: &str| {
+            nodes
+                .iter()
+                .find(|n| n["name"] == name)
+                .map(|n| n["seen"].clone())
+                .unwrap()
+        };
+        assert_eq!(seen("a"), "203.0.113.9:4242");
+        assert_eq!(seen("b"), "203.0.113.9:4242");
+        assert_eq!(seen("d"), "198.51.100.7:999");
+        // The other nodes are offered the seen address as an endpoint.
+        let peers = d.state();
+        let pa = peers.peers.values().find(|p| p.name == "a").unwrap();
+        assert!(
+            pa.endpoints.contains(&"203.0.113.9:4242".parse().unwrap()),
+            "{:?}",
+            pa.endpoints
+        );
+
+        let started = Instant::now();
+        assert_eq!(meshvpn_control_server_close(server.0), MESHVPN_OK);
+        for n in [&a, &b, &d] {
+            assert!(n.wait(WAIT, |_, st| !st.connected), "{:?}", n.status());
+        }
+        eprintln!("sessions ended {:?} after close", started.elapsed());
+    }
 }

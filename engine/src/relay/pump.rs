@@ -285,7 +285,7 @@ impl Pump {
         self.outbox.close();
         let _ = ws.close(None);
         let _ = ws.flush();
-        let _ = ws.get_ref().sock.tcp.shutdown(std::net::Shutdown::Both);
+        let _ = ws.get_ref().sock.tcp.shutdown();
         reason
     }
 

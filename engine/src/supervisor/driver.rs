@@ -144,7 +144,7 @@ pub(crate) fn run(
     // Best effort: tell the peer, without waiting.
     let _ = ws.close(None);
     let _ = ws.flush();
-    let _ = ws.get_ref().sock.tcp.shutdown(std::net::Shutdown::Both);
+    let _ = ws.get_ref().sock.tcp.shutdown();
     reason
 }
 

@@ -29,7 +29,7 @@ use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::http::StatusCode;
 
 use super::driver::{self, Incoming, SessionHooks, SessionShared};
-use super::upgrade::{Conn, Routes, UpgradeRoute};
+use super::upgrade::{route_refusal, Conn, Routes, UpgradeRoute};
 use super::TunnelStream;
 use super::{Limits, Role};
 use crate::io::accept::{accept_with_backoff, AcceptBackoff};
@@ -446,16 +446,16 @@ fn accept_loop(shared: &Arc<ServerShared>, listener: TcpListener) {
                     // The service's own handshake still holds the handshake
                     // slot (and deadline) until it calls `handshake_done`.
                     let (r, _) = &worker.extra.routes[route];
-                    match Conn::server(
+                    let conn = Conn::server(
                         ws,
+                        peer,
+                        None,
                         r.max_message,
                         slot,
                         session,
                         worker.extra.sessions.clone(),
-                    ) {
-                        Ok(conn) => r.handler.serve(conn),
-                        Err(e) => tracing::debug!(?peer, error = %e, "tunnel: upgrade lost"),
-                    }
+                    );
+                    r.handler.serve(conn);
                 }
                 Err(e) => {
                     drop(slot);
@@ -465,7 +465,7 @@ fn accept_loop(shared: &Arc<ServerShared>, listener: TcpListener) {
     }
 }
 
-fn reject(status: StatusCode, text: &str) -> ErrorResponse {
+pub(crate) fn reject(status: StatusCode, text: &str) -> ErrorResponse {
     let mut response = ErrorResponse::new(Some(text.to_owned()));
     *response.status_mut() = status;
     response
@@ -515,14 +515,8 @@ fn handshake(
             // upgrade); the route caps its sessions as the relay's are.
             extra_session = match shared.extra.routes[i].1.admit(source) {
                 Ok(slot) => Some((i, slot)),
-                Err(Refused::PerSource) => {
-                    return Err(reject(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "too many sessions from this address",
-                    ))
-                }
-                Err(Refused::Total) => {
-                    return Err(reject(StatusCode::SERVICE_UNAVAILABLE, "too many sessions"))
+                Err(why) => {
+                    return Err(reject(StatusCode::SERVICE_UNAVAILABLE, route_refusal(why)))
                 }
             };
             admitting = shared.begin_admitting();

@@ -31,9 +31,15 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
 use crate::relay::pump::{Outbox, Pump, PumpTimers, QueueLimits, Refused};
-use crate::ws::admission::{Admission, Slot};
+use std::time::Instant;
+
+use tungstenite::handshake::server::{Request, Response};
+use tungstenite::http::StatusCode;
+
+use crate::ws::admission::{self, Admission, Slot};
 use crate::ws::reconnect::{open_websocket, WebsocketTarget};
-use crate::ws::transport::Transport;
+use crate::ws::transport::{Socket, Transport};
+pub use crate::ws::HostStream;
 use crate::ws::TunnelError;
 
 /// A service on its own upgrade path of the tunnel server's listener.
@@ -95,6 +101,10 @@ pub(crate) struct Sessions {
 }
 
 impl Sessions {
+    fn is_stopped(&self) -> bool {
+        self.live.lock().0
+    }
+
     pub(crate) fn stop_all(&self) {
         let mut live = self.live.lock();
         live.0 = true;
@@ -150,6 +160,9 @@ impl Routes {
 pub struct Conn {
     ws: WebSocket<Transport>,
     peer: SocketAddr,
+    /// On a host program's connection: the exporter value its TLS session
+    /// gave for one label.
+    host_tls: Option<HostTls>,
     /// Held until the service's own handshake is done.
     handshake: Option<Slot>,
     _session: Option<Slot>,
@@ -159,11 +172,13 @@ pub struct Conn {
 impl Conn {
     pub(crate) fn server(
         ws: WebSocket<Transport>,
+        peer: SocketAddr,
+        host_tls: Option<HostTls>,
         max_message: usize,
         handshake: Slot,
         session: Slot,
         sessions: Arc<Sessions>,
-    ) -> Result<Conn, TunnelError> {
+    ) -> Conn {
         // The upgrade was read with the listener's websocket settings,
         // whose 128 KiB read buffer tungstenite fills (zeroes) whole on the
         // first read: a service with thousands of sessions would hold that
@@ -176,14 +191,14 @@ impl Conn {
             tungstenite::protocol::Role::Server,
             Some(websocket_config(max_message)),
         );
-        let peer = ws.get_ref().sock.tcp.peer_addr()?;
-        Ok(Conn {
+        Conn {
             ws,
             peer,
+            host_tls,
             handshake: Some(handshake),
             _session: Some(session),
             sessions: Some(sessions),
-        })
+        }
     }
 
     /// The other end's address as this side sees it (behind NAT: the
@@ -193,8 +208,21 @@ impl Conn {
     }
 
     /// The TLS exporter value (RFC 8446 section 7.5) for `label`, to bind a
-    /// proof to this TLS session; zeros on a plain (test-only) connection.
+    /// proof to this TLS session; on a host program's connection the value
+    /// its TLS session gave (for that label only); zeros on a plain
+    /// (test-only) connection.
     pub fn exporter(&self, label: &[u8]) -> Result<[u8; 32], TunnelError> {
+        if let Some(host) = &self.host_tls {
+            return if host.label == label {
+                Ok(host.exporter)
+            } else {
+                Err(TunnelError::Tls(format!(
+                    "the host program exported {:?}, not {:?}",
+                    String::from_utf8_lossy(&host.label),
+                    String::from_utf8_lossy(label)
+                )))
+            };
+        }
         match &self.ws.get_ref().tls {
             Some(tls) => tls
                 .export_keying_material([0u8; 32], label, None)
@@ -344,6 +372,266 @@ impl ConnSession {
     }
 }
 
+/// The answer to an upgrade its route's [`Admission`] refused (nginx
+/// `limit_conn` answers 503).
+pub(crate) fn route_refusal(why: admission::Refused) -> &'static str {
+    match why {
+        admission::Refused::PerSource => "too many sessions from this address",
+        admission::Refused::Total => "too many sessions",
+    }
+}
+
+/// What a host program's TLS session exported for the service's proof
+/// binding: the value for `label` (RFC 8446 section 7.5, no context),
+/// which [`Conn::exporter`] gives for that label only.
+#[derive(Clone)]
+pub struct HostTls {
+    pub label: Vec<u8>,
+    pub exporter: [u8; 32],
+}
+
+impl std::fmt::Debug for HostTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The exporter value is a session secret's derivative: never logged.
+        f.debug_struct("HostTls")
+            .field("label", &String::from_utf8_lossy(&self.label))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why [`HostedRoute::serve`] did not start a session. Every refusal was
+/// answered to the client on the stream (an HTTP status and its reason)
+/// before the stream was closed, so the host program only relays it.
+#[derive(Debug, thiserror::Error)]
+pub enum HostedError {
+    /// Over a cap (handshakes or sessions, in total or from this source),
+    /// or stopping: answered 503.
+    #[error("{0}")]
+    Busy(&'static str),
+    /// Not a websocket upgrade for this route's path: answered 400 or 404.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The route was stopped: answered 503.
+    #[error("the service was stopped")]
+    Stopped,
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The longest request head a host program may hand over (tungstenite's
+/// own limit on the listener).
+pub const MAX_HOSTED_HEAD: usize = 64 << 10;
+
+/// An [`UpgradeRoute`] served on connections a host program accepted on
+/// its own HTTPS router (k3s serves its remotedialer tunnel from its own Go
+/// router on 6443): the host ends TLS, reads the request head, hijacks the
+/// connection and hands over a stream socket (one end of a socketpair, the
+/// host copying bytes between the other end and its connection), the head,
+/// the client's address as it saw it, and its TLS session's exporter value.
+///
+/// From there it is the listener's path: the route's session caps
+/// ([`Admission`], counted by the address the host gave), the websocket
+/// server handshake (the 101, or a 503 / 400 / 404 written back on the
+/// stream), then [`UpgradeHandler::serve`] on its own thread with a
+/// [`Conn`], under the same handshake deadline and handshake caps
+/// ([`super::DEFAULT_MAX_HANDSHAKES`], [`super::DEFAULT_MAX_HANDSHAKES_PER_SOURCE`])
+/// as on the listener. [`HostedRoute::stop`] (and drop) ends every session.
+pub struct HostedRoute {
+    route: UpgradeRoute,
+    admission: Arc<Admission>,
+    handshakes: Arc<Admission>,
+    sessions: Arc<Sessions>,
+    handshake_timeout: Duration,
+    /// A second handle on every connection being served, from the 101 to
+    /// its end, so that stop also ends one still in the service's own
+    /// handshake (not yet a session `Sessions` can stop).
+    served: Arc<Mutex<HashMap<u64, HostStream>>>,
+    next: AtomicU64,
+}
+
+impl HostedRoute {
+    pub fn new(route: UpgradeRoute) -> HostedRoute {
+        HostedRoute {
+            admission: Admission::new(route.max_sessions, route.max_sessions_per_source),
+            handshakes: Admission::new(
+                super::DEFAULT_MAX_HANDSHAKES,
+                super::DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            ),
+            route,
+            sessions: Arc::new(Sessions::default()),
+            handshake_timeout: crate::ws::DEFAULT_HANDSHAKE_TIMEOUT,
+            served: Arc::default(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// Serves one connection: the websocket handshake on `stream` from
+    /// `head` (the request line and headers through the blank line, which
+    /// the host read already), then the route's handler on a thread of its
+    /// own. Returns once the session started (`Ok`) or was refused; the
+    /// stream is closed on every path but `Ok`'s.
+    pub fn serve(
+        &self,
+        mut stream: HostStream,
+        head: Vec<u8>,
+        peer: SocketAddr,
+        tls: HostTls,
+    ) -> Result<(), HostedError> {
+        // The handshake blocks under deadlines, whatever mode the host
+        // created its socketpair in.
+        stream.set_nonblocking(false)?;
+        stream.set_write_timeout(Some(self.handshake_timeout))?;
+        let answer = |stream: &mut HostStream, status: StatusCode, text: &str| {
+            let _ = write_status(stream, status, text);
+        };
+        let handshake = match self.handshakes.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                let text = match why {
+                    admission::Refused::PerSource => "too many handshakes from this address",
+                    admission::Refused::Total => "too many handshakes",
+                };
+                answer(&mut stream, StatusCode::SERVICE_UNAVAILABLE, text);
+                return Err(HostedError::Busy(text));
+            }
+        };
+        if self.sessions.is_stopped() {
+            answer(
+                &mut stream,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server shutting down",
+            );
+            return Err(HostedError::Stopped);
+        }
+        // Only the head, and all of it: bytes after the blank line would be
+        // frames read before the 101 and lost (see `Conn::server`).
+        let end = head.windows(4).position(|w| w == b"\r\n\r\n");
+        if head.len() > MAX_HOSTED_HEAD || end.map(|e| e + 4) != Some(head.len()) {
+            let text = "the request head must end at its blank line and be at most 64 KiB";
+            answer(&mut stream, StatusCode::BAD_REQUEST, text);
+            return Err(HostedError::BadRequest(text.into()));
+        }
+        let sock = Socket::hosted(stream, Instant::now() + self.handshake_timeout, head);
+        let mut session = None;
+        let mut refusal = None;
+        // tungstenite's callback returns its `ErrorResponse` (an
+        // http::Response) by value.
+        #[allow(clippy::result_large_err)]
+        let callback = |request: &Request, response: Response| {
+            if request.uri().path() != self.route.path {
+                refusal = Some(HostedError::BadRequest(format!(
+                    "not found: this service is on {}",
+                    self.route.path
+                )));
+                return Err(super::server::reject(StatusCode::NOT_FOUND, "not found"));
+            }
+            match self.admission.admit(peer.ip()) {
+                Ok(slot) => {
+                    session = Some(slot);
+                    Ok(response)
+                }
+                Err(why) => {
+                    let text = route_refusal(why);
+                    refusal = Some(HostedError::Busy(text));
+                    Err(super::server::reject(StatusCode::SERVICE_UNAVAILABLE, text))
+                }
+            }
+        };
+        let ws = tungstenite::accept_hdr_with_config(
+            Transport::plain(sock),
+            callback,
+            Some(websocket_config(self.route.max_message)),
+        );
+        let mut ws = match ws {
+            Ok(ws) => ws,
+            Err(e) => {
+                // A refusal was answered (its status and reason); a request
+                // tungstenite cannot read is closed without an answer.
+                let text = e.to_string();
+                drop(e);
+                return Err(refusal.unwrap_or(HostedError::BadRequest(text)));
+            }
+        };
+        let session = session.ok_or(HostedError::Stopped)?;
+        ws.get_mut().sock.end_head();
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        {
+            // Checked under the lock stop takes: after stop, nothing is
+            // added that it would miss.
+            let mut served = self.served.lock();
+            if self.sessions.is_stopped() {
+                return Err(HostedError::Stopped);
+            }
+            served.insert(id, ws.get_ref().sock.tcp.try_clone()?);
+        }
+        let served = self.served.clone();
+        let handler = self.route.handler.clone();
+        let conn = Conn::server(
+            ws,
+            peer,
+            Some(tls),
+            self.route.max_message,
+            handshake,
+            session,
+            self.sessions.clone(),
+        );
+        let spawned = std::thread::Builder::new()
+            .name("hosted-session".into())
+            .spawn(move || {
+                handler.serve(conn);
+                served.lock().remove(&id);
+            });
+        if let Err(e) = spawned {
+            self.served.lock().remove(&id);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Sessions now and refusals by the route's caps (as the listener's
+    /// [`super::ExtraRouteStats`]).
+    pub fn stats(&self) -> super::ExtraRouteStats {
+        let (refused_sessions, refused_sessions_per_source) = self.admission.refused();
+        super::ExtraRouteStats {
+            sessions: self.admission.held(),
+            refused_sessions,
+            refused_sessions_per_source,
+        }
+    }
+
+    /// Ends every session, and every connection still in the service's
+    /// handshake, and refuses new ones.
+    pub fn stop(&self) {
+        let served = self.served.lock();
+        self.sessions.stop_all();
+        for stream in served.values() {
+            let _ = stream.shutdown();
+        }
+    }
+}
+
+impl Drop for HostedRoute {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A plain HTTP answer on a stream no websocket took over.
+fn write_status(
+    out: &mut impl std::io::Write,
+    status: StatusCode,
+    text: &str,
+) -> std::io::Result<()> {
+    let body = format!("{text}\n");
+    write!(
+        out,
+        "HTTP/1.1 {} {}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+}
+
 /// Opens a websocket to `url` (`wss://`, or `ws://` for tests) within
 /// `timeout`; the connection stays in handshake mode (blocking, with that
 /// deadline) for the service's own exchange.
@@ -367,6 +655,7 @@ pub fn connect(
     Ok(Conn {
         ws,
         peer,
+        host_tls: None,
         handshake: None,
         _session: None,
         sessions: None,

@@ -14,6 +14,8 @@ pub(crate) mod reconnect;
 pub mod tls;
 pub(crate) mod transport;
 
+pub use transport::HostStream;
+
 pub use reconnect::{
     Backoff, DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX, DEFAULT_HANDSHAKE_TIMEOUT,
     STABLE_SESSION,

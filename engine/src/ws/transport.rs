@@ -6,27 +6,140 @@
 //! Reading and writing TLS are kept independent (a write that cannot proceed
 //! never stops a read), which a plain `rustls::StreamOwned` does not promise.
 
-use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::io::{self, Cursor, Read, Write};
+use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
-use std::time::Instant;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
-/// A TCP stream with an optional deadline for every blocking read and write.
+/// The stream socket under a transport: TCP, or a connection a host
+/// program accepted itself (its own HTTPS router, TLS ended there) and
+/// handed over as one end of a socketpair, or as its TCP socket
+/// ([`crate::supervisor::upgrade::HostedRoute`]).
+#[derive(Debug)]
+pub enum HostStream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl HostStream {
+    pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            HostStream::Tcp(s) => s.set_read_timeout(t),
+            HostStream::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    pub(crate) fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            HostStream::Tcp(s) => s.set_write_timeout(t),
+            HostStream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            HostStream::Tcp(s) => s.set_nonblocking(on),
+            HostStream::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
+    /// A second handle on the same socket (a `dup`), e.g. to shut it down
+    /// from another thread.
+    pub(crate) fn try_clone(&self) -> io::Result<HostStream> {
+        Ok(match self {
+            HostStream::Tcp(s) => HostStream::Tcp(s.try_clone()?),
+            HostStream::Unix(s) => HostStream::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Ends both directions (best effort: callers ignore the result).
+    pub(crate) fn shutdown(&self) -> io::Result<()> {
+        match self {
+            HostStream::Tcp(s) => s.shutdown(Shutdown::Both),
+            HostStream::Unix(s) => s.shutdown(Shutdown::Both),
+        }
+    }
+
+    /// The TCP peer's address; a socketpair has none (the host program
+    /// says whom it serves).
+    pub(crate) fn peer_addr(&self) -> io::Result<std::net::SocketAddr> {
+        match self {
+            HostStream::Tcp(s) => s.peer_addr(),
+            HostStream::Unix(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a host program's socket has no peer address",
+            )),
+        }
+    }
+
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            HostStream::Tcp(s) => s.as_raw_fd(),
+            HostStream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for HostStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            HostStream::Tcp(s) => s.read(buf),
+            HostStream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for HostStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            HostStream::Tcp(s) => s.write(buf),
+            HostStream::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A stream socket with an optional deadline for every blocking read and
+/// write.
 #[derive(Debug)]
 pub(crate) struct Socket {
-    pub(crate) tcp: TcpStream,
+    pub(crate) tcp: HostStream,
     deadline: Option<Instant>,
     /// Bytes the kernel took so far: a session's write progress.
     written: u64,
+    /// A request head the host program read already: reads return it
+    /// first, and nothing after it until [`Socket::end_head`] (a head cut
+    /// short must fail the handshake, not wait on the socket).
+    head: Option<Cursor<Vec<u8>>>,
 }
 
 impl Socket {
     pub(crate) fn with_deadline(tcp: TcpStream, deadline: Instant) -> Self {
         Self {
-            tcp,
+            tcp: HostStream::Tcp(tcp),
             deadline: Some(deadline),
             written: 0,
+            head: None,
         }
+    }
+
+    /// A host program's connection whose request head it read already.
+    pub(crate) fn hosted(stream: HostStream, deadline: Instant, head: Vec<u8>) -> Self {
+        Self {
+            tcp: stream,
+            deadline: Some(deadline),
+            written: 0,
+            head: Some(Cursor::new(head)),
+        }
+    }
+
+    /// The host's request head was read: reads come from the socket now.
+    pub(crate) fn end_head(&mut self) {
+        self.head = None;
     }
 
     /// Bytes written to the socket so far.
@@ -60,7 +173,7 @@ impl Socket {
     }
 
     pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.tcp.as_raw_fd()
+        self.tcp.raw_fd()
     }
 }
 
@@ -80,6 +193,16 @@ fn deadline_error(e: io::Error, had_deadline: bool) -> io::Error {
 
 impl Read for Socket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(head) = &mut self.head {
+            let n = head.read(buf)?;
+            if n == 0 && !buf.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the request head ended before its blank line",
+                ));
+            }
+            return Ok(n);
+        }
         let left = self.remaining()?;
         if left.is_some() {
             self.tcp.set_read_timeout(left)?;

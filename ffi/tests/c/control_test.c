@@ -4,8 +4,11 @@
  * listed, revoked; a bad policy refused naming its line; policy versions;
  * unknown nodes; bad prefixes), attaching to a tunnel server whose agents
  * still connect on the same port, its own listener, close, and bad input
- * (NULL, undersized buffers, double free, use after free); and nodes
- * joined to it whose events reach C by callback (meshvpn_node_*).
+ * (NULL, undersized buffers, double free, use after free);
+ * meshvpn_control_server_serve_conn with a socketpair (bad descriptor,
+ * NULLs, a garbage head: their codes, the descriptor closed; a good
+ * upgrade answered 101 and ended by close); and nodes joined to it whose
+ * events reach C by callback (meshvpn_node_*).
  *
  *   control_test PKI_DIR
  *
@@ -22,7 +25,10 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <fcntl.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -193,6 +199,97 @@ static void test_bad_input(void) {
     meshvpn_control_server_config missing = {.db_path = dbdir};
     CHECK_RC(meshvpn_control_server_new(&missing, &s), MESHVPN_CONTROL_STORE);
     CHECK_RC(meshvpn_control_server_attach(NULL, NULL), MESHVPN_NULL_PARAMETER);
+}
+
+static const char upgrade_head[] =
+    "GET /v1-meshvpn/control HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    "Sec-WebSocket-Version: 13\r\n\r\n";
+
+/* A socketpair whose second end reads with a 10 s limit. */
+static void pair(int sv[2]) {
+    CHECK(socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0);
+    struct timeval tv = {.tv_sec = 10};
+    setsockopt(sv[1], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+}
+
+/* Reads sv's second end to its end; returns the bytes read (-1: error). */
+static long drain(int fd, char *first, size_t first_len) {
+    long total = 0;
+    char buf[4096];
+    for (int i = 0; i < 10000; i++) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        if (n <= 0) {
+            close(fd);
+            return n < 0 ? -1 : total;
+        }
+        if (first && (size_t)total < first_len) {
+            size_t k = (size_t)n < first_len - (size_t)total ? (size_t)n : first_len - (size_t)total;
+            memcpy(first + total, buf, k);
+        }
+        total += n;
+    }
+    close(fd);
+    return -1;
+}
+
+static void test_serve_conn(void) {
+    char hdb[600];
+    snprintf(hdb, sizeof hdb, "%s/hosted.db", dir);
+    meshvpn_control_server_config c = {.db_path = hdb};
+    meshvpn_control_server *s = NULL;
+    OK(meshvpn_control_server_new(&c, &s));
+    const uint8_t *head = (const uint8_t *)upgrade_head;
+    size_t head_len = strlen(upgrade_head);
+    uint8_t exporter[MESHVPN_CONTROL_EXPORTER_LEN] = {0};
+    int sv[2];
+
+    /* Refusals: each its code, the descriptor closed without a word. */
+    pair(sv);
+    CHECK_RC(meshvpn_control_server_serve_conn(NULL, sv[0], head, head_len, "192.0.2.1:1", exporter),
+             MESHVPN_NULL_PARAMETER);
+    CHECK(drain(sv[1], NULL, 0) == 0);
+    pair(sv);
+    CHECK_RC(meshvpn_control_server_serve_conn(s, sv[0], head, head_len, "192.0.2.1:1", NULL),
+             MESHVPN_NULL_PARAMETER);
+    CHECK(drain(sv[1], NULL, 0) == 0);
+    pair(sv);
+    CHECK_RC(meshvpn_control_server_serve_conn(s, sv[0], head, head_len, "nowhere", exporter),
+             MESHVPN_INVALID_ARGUMENT);
+    CHECK(drain(sv[1], NULL, 0) == 0);
+    pair(sv);
+    const char *garbage = "\x01\x02 garbage\r\n\r\n";
+    CHECK_RC(meshvpn_control_server_serve_conn(s, sv[0], (const uint8_t *)garbage, strlen(garbage),
+                                               "192.0.2.1:1", exporter),
+             MESHVPN_TUNNEL_HANDSHAKE);
+    CHECK(drain(sv[1], NULL, 0) == 0);
+    CHECK_RC(meshvpn_control_server_serve_conn(s, -1, head, head_len, "192.0.2.1:1", exporter),
+             MESHVPN_INVALID_ARGUMENT);
+    int file = open("/dev/null", 0);
+    CHECK_RC(meshvpn_control_server_serve_conn(s, file, head, head_len, "192.0.2.1:1", exporter),
+             MESHVPN_INVALID_ARGUMENT);
+    CHECK(fcntl(file, F_GETFD) == -1); /* the library closed it */
+
+    /* A good upgrade: 101, then close ends it while it waits for a proof. */
+    pair(sv);
+    OK(meshvpn_control_server_serve_conn(s, sv[0], head, head_len, "192.0.2.1:1", exporter));
+    char first[13] = {0};
+    size_t got = 0;
+    while (got < 12) {
+        ssize_t n = read(sv[1], first + got, 12 - got);
+        if (n <= 0) {
+            break;
+        }
+        got += (size_t)n;
+    }
+    CHECK(strcmp(first, "HTTP/1.1 101") == 0);
+    OK(meshvpn_control_server_close(s));
+    CHECK(drain(sv[1], NULL, 0) >= 0);
+    pair(sv);
+    CHECK_RC(meshvpn_control_server_serve_conn(s, sv[0], head, head_len, "192.0.2.1:1", exporter),
+             MESHVPN_CLOSED);
+    CHECK(drain(sv[1], NULL, 0) == 0);
+    OK(meshvpn_control_server_free(s));
 }
 
 static void test_same_port_as_the_tunnel(void) {
@@ -393,6 +490,7 @@ int main(int argc, char **argv) {
     test_admin();
     test_same_port_as_the_tunnel();
     test_own_listener();
+    test_serve_conn();
     test_node_event_callback();
 
     char cmd[600];
