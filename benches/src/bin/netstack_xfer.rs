@@ -5,7 +5,12 @@
 //! same way, so the figures compare.
 //!
 //!   netstack_xfer [--streams N] [--bytes TOTAL] [--timeout SECONDS]
-//!                 [--tcp-buffer BYTES]
+//!                 [--tcp-buffer BYTES] [--duplex 1]
+//!
+//! `--duplex 1` lays the threads out as `meshvpn forward` does: each
+//! sending connection also has a thread blocked in `read` on it (the copy
+//! of the other direction, which has nothing to carry), so a wake meant
+//! for the writer that also reaches the reader shows in the figures.
 //!
 //! The timeout bounds the whole transfer (default 300 s). `--tcp-buffer`
 //! sets both stacks' TCP receive and send buffers (default: the
@@ -136,6 +141,7 @@ fn main() {
     let mut streams = 1u64;
     let mut total = 1u64 << 30;
     let mut timeout = 300u64;
+    let mut duplex = false;
     let mut config = NetstackConfig::default();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -148,6 +154,7 @@ fn main() {
             "--streams" => streams = v,
             "--bytes" => total = v,
             "--timeout" => timeout = v,
+            "--duplex" => duplex = v != 0,
             "--tcp-buffer" => {
                 config.tcp_rx_buffer = v as usize;
                 config.tcp_tx_buffer = v as usize;
@@ -200,6 +207,21 @@ fn main() {
             .iter()
             .map(|r| scope.spawn(move || receive(r, streams, per)))
             .collect();
+        // The other direction of a forwarder: blocked in read until the
+        // transfer ends (then interrupted); it must never get a byte.
+        let idle_readers: Vec<_> = tx
+            .iter()
+            .filter(|_| duplex)
+            .map(|s| {
+                scope.spawn(move || {
+                    let mut buf = vec![0u8; IO];
+                    match s.read_timeout(&mut buf, limit) {
+                        Ok(0) | Err(_) => Ok(()),
+                        Ok(n) => Err(format!("the idle direction got {n} bytes")),
+                    }
+                })
+            })
+            .collect();
         let mut moved = 0;
         let mut first_err = None;
         for h in receivers {
@@ -212,6 +234,17 @@ fn main() {
         }
         for h in senders {
             if let Err(e) = h.join().unwrap_or_else(|_| Err("sender panicked".into())) {
+                first_err.get_or_insert(e);
+            }
+        }
+        for s in &tx {
+            s.interrupter().interrupt();
+        }
+        for h in idle_readers {
+            if let Err(e) = h
+                .join()
+                .unwrap_or_else(|_| Err("idle reader panicked".into()))
+            {
                 first_err.get_or_insert(e);
             }
         }
