@@ -81,6 +81,25 @@ fn labels(text: &str, name: &str, key: &str, want: &str) -> Vec<String> {
         .collect()
 }
 
+/// The value of `name` for peer `key`, `path` and `dir` (0 when absent).
+fn path_dir_value(text: &str, name: &str, key: &str, path: &str, dir: &str) -> f64 {
+    let (peer, path, dir) = (
+        format!("peer=\"{key}\""),
+        format!("path=\"{path}\""),
+        format!("dir=\"{dir}\""),
+    );
+    text.lines()
+        .find(|l| {
+            l.starts_with(name)
+                && l[name.len()..].starts_with('{')
+                && l.contains(&peer)
+                && l.contains(&path)
+                && l.contains(&dir)
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 fn metric_peer(text: &str, name: &str, key: &str) -> Option<f64> {
     let peer = format!("peer=\"{key}\"");
     text.lines()
@@ -111,6 +130,13 @@ pub fn run(a: StatusArgs) -> CliResult {
         reply.listen_port,
         reply.peers.len()
     );
+    if let Some(age) = metrics.as_deref().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("meshvpn_nat_discovery_age_seconds{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    }) {
+        println!("  last STUN discovery round {age:.0} s ago");
+    }
     for p in &reply.peers {
         let key = p.public_key.to_base64();
         let subnets: Vec<String> = p.allowed_ips.iter().map(|a| a.to_string()).collect();
@@ -138,6 +164,25 @@ pub fn run(a: StatusArgs) -> CliResult {
                     chosen.first().map_or("(none)", |s| s.as_str()),
                     if rtts.is_empty() { String::new() } else { format!(", rtt {}", rtts.join(", ")) }
                 ));
+            }
+            // Bytes and time per path kind (direct UDP, relay).
+            let secs = labels_values(m, "meshvpn_nat_peer_path_seconds_total", &key, "path");
+            if !secs.is_empty() {
+                let per_path: Vec<String> = ["direct", "relay"]
+                    .iter()
+                    .map(|path| {
+                        let dir = |d: &str| {
+                            path_dir_value(m, "meshvpn_nat_peer_path_bytes_total", &key, path, d)
+                        };
+                        let t = secs.iter().find(|(p, _)| p == path).map_or(0.0, |v| v.1);
+                        format!(
+                            "{path} sent {} B received {} B for {t:.0} s",
+                            dir("tx"),
+                            dir("rx")
+                        )
+                    })
+                    .collect();
+                extra.push_str(&format!("\n  {}", per_path.join("; ")));
             }
         }
         println!(
@@ -182,6 +227,25 @@ meshvpn_nat_path_rtt_seconds{interface=\"m0\",peer=\"K1\",path=\"relay\"} 0.122
         assert_eq!(
             labels_values(page, "meshvpn_nat_path_rtt_seconds", "K1", "path"),
             [("relay".to_owned(), 0.122)]
+        );
+        let page = "\
+meshvpn_nat_peer_path_bytes_total{interface=\"m0\",peer=\"K1\",path=\"direct\",dir=\"tx\"} 10
+meshvpn_nat_peer_path_bytes_total{interface=\"m0\",peer=\"K1\",path=\"direct\",dir=\"rx\"} 20
+meshvpn_nat_peer_path_bytes_total{interface=\"m0\",peer=\"K1\",path=\"relay\",dir=\"tx\"} 30
+meshvpn_nat_peer_path_bytes_total{interface=\"m0\",peer=\"K2\",path=\"relay\",dir=\"rx\"} 40
+";
+        let v = |k, p, d| path_dir_value(page, "meshvpn_nat_peer_path_bytes_total", k, p, d);
+        assert_eq!(
+            (
+                v("K1", "direct", "tx"),
+                v("K1", "direct", "rx"),
+                v("K1", "relay", "tx")
+            ),
+            (10.0, 20.0, 30.0)
+        );
+        assert_eq!(
+            (v("K1", "relay", "rx"), v("K2", "relay", "rx")),
+            (0.0, 40.0)
         );
     }
 }

@@ -61,7 +61,27 @@ pub(crate) fn status_json(s: &NatStatus) -> Value {
         .filter(|(k, _)| !s.peer_paths.iter().any(|(p, _)| p == k))
         .map(|(k, c)| json!({ "public_key": k.to_string(), "candidates": addrs(c) }))
         .collect();
+    let use_json = |u: &::meshvpn_engine::peer::PathUse| {
+        json!({
+            "tx_bytes": u.tx_bytes,
+            "rx_bytes": u.rx_bytes,
+            "time_ms": u.time.as_millis() as u64,
+        })
+    };
+    let traffic: Vec<Value> = s
+        .peer_traffic
+        .iter()
+        .map(|(k, t)| {
+            json!({
+                "public_key": k.to_string(),
+                "direct": use_json(&t.udp),
+                "relay": use_json(&t.relay),
+            })
+        })
+        .collect();
     json!({
+        "discovery_age_ms": s.since_discovery.map(|d| d.as_millis() as u64),
+        "traffic": traffic,
         "stun_servers": addrs(&s.stun_servers),
         "reflexive": s.reflexive.map(|a| a.to_string()),
         "candidates": addrs(&s.candidates),
@@ -204,5 +224,20 @@ mod tests {
         assert!(p["rtts"][1]["rtt_us"].is_null());
         assert_eq!(v["pending_candidates"][0]["public_key"], other.to_string());
         assert_eq!(v["peers"].as_array().unwrap().len(), 1);
+        assert!(v["discovery_age_ms"].is_null());
+        s.since_discovery = Some(Duration::from_millis(2500));
+        let mut t = ::meshvpn_engine::peer::PathTraffic::default();
+        t.udp.tx_bytes = 100;
+        t.relay.rx_bytes = 7;
+        t.relay.time = Duration::from_secs(3);
+        s.peer_traffic = vec![(key, t)];
+        let v = status_json(&s);
+        assert_eq!(v["discovery_age_ms"], 2500);
+        let t = &v["traffic"][0];
+        assert_eq!(t["public_key"], key.to_string());
+        assert_eq!(t["direct"]["tx_bytes"], 100);
+        assert_eq!(t["direct"]["rx_bytes"], 0);
+        assert_eq!(t["relay"]["rx_bytes"], 7);
+        assert_eq!(t["relay"]["time_ms"], 3000);
     }
 }

@@ -29,6 +29,7 @@ use crate::device::PathSummary;
 use crate::nat::{
     random_transaction_id, Discovered, Discovery, DiscoveryConfig, DiscoveryStats, Output,
 };
+use crate::peer::PathTraffic;
 use crate::relay::protocol::{Candidates, CandidatesError, MAX_CANDIDATES};
 use crate::stats::stats_struct;
 
@@ -82,6 +83,12 @@ pub struct NatStatus {
     /// Per peer: the path policy (chosen path, probes, round trips), as
     /// the path thread last saw it (empty while no relay is up).
     pub peer_paths: Vec<(PublicKey, PathSummary)>,
+    /// Per peer (every peer, relay or not): bytes and time on direct UDP
+    /// and on the relay.
+    pub peer_traffic: Vec<(PublicKey, PathTraffic)>,
+    /// Since the last discovery round started (`None`: none yet, or STUN
+    /// is off).
+    pub since_discovery: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -89,6 +96,8 @@ pub(super) struct Inner {
     discovery: Option<Discovery>,
     servers: Vec<SocketAddr>,
     next_round: Option<Instant>,
+    /// When the last round started.
+    last_round: Option<Instant>,
     reflexive: Option<SocketAddr>,
     /// Bumped whenever our candidates change, so the path thread announces.
     generation: u64,
@@ -164,6 +173,9 @@ impl Shared {
             let due = next <= now;
             if due {
                 inner.next_round = Some(now + REDISCOVER_INTERVAL);
+                if inner.discovery.is_some() {
+                    inner.last_round = Some(now);
+                }
             }
             let Some(d) = inner.discovery.as_mut() else {
                 return;
@@ -285,11 +297,13 @@ impl Engine {
             inner.discovery = None;
             inner.servers.clear();
             inner.next_round = None;
+            inner.last_round = None;
             return Ok(());
         }
         inner.discovery = Some(Discovery::new(servers, DiscoveryConfig::default())?);
         inner.servers = servers.to_vec();
         inner.next_round = Some(Instant::now());
+        inner.last_round = None;
         inner.reflexive = None;
         inner.generation += 1;
         Ok(())
@@ -315,10 +329,26 @@ impl Engine {
         }
     }
 
+    /// Bytes and time of peer `key` on direct UDP and on the relay.
+    pub fn peer_path_traffic(&self, key: &PublicKey) -> Option<PathTraffic> {
+        let peer = self.shared.device.peer(key)?;
+        Some(peer.path_traffic(Instant::now()))
+    }
+
     pub fn nat_status(&self) -> NatStatus {
         let (_, candidates) = self.shared.nat_candidates();
+        let now = Instant::now();
+        let peer_traffic = self
+            .shared
+            .device
+            .peers()
+            .iter()
+            .map(|p| (p.public_key(), p.path_traffic(now)))
+            .collect();
         let inner = self.shared.nat.inner.lock();
         NatStatus {
+            peer_traffic,
+            since_discovery: inner.last_round.map(|t| now.saturating_duration_since(t)),
             stun_servers: inner.servers.clone(),
             reflexive: inner.reflexive,
             candidates,
