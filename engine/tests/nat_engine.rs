@@ -507,3 +507,155 @@ fn bytes_and_time_are_counted_on_the_relay_then_on_direct_udp() {
     a.engine.detach_relay();
     b.engine.detach_relay();
 }
+
+/// A non-loopback address of this host (NAT traversal takes no loopback
+/// candidate): the source the kernel picks towards a documentation
+/// address, found with `connect`, which sends nothing. Datagrams to it are
+/// delivered locally and never leave the host.
+fn local_non_loopback() -> std::net::IpAddr {
+    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+    s.connect("198.51.100.1:9")
+        .expect("this test needs a route (and so a non-loopback local address)");
+    let ip = s.local_addr().unwrap().ip();
+    assert!(
+        !ip.is_loopback() && !ip.is_unspecified(),
+        "no non-loopback local address: {ip}"
+    );
+    ip
+}
+
+/// The RTT policy (`PathState::choose`), not unanswered handshakes
+/// (`step`), gives up a direct path: its measurement goes unanswered while
+/// the relay's answered. That fallback is counted (engine and peer) and
+/// starts a discovery round at once, as `step`'s does.
+#[test]
+fn a_direct_path_given_up_by_an_unanswered_measurement_counts_a_fallback_and_rediscovers() {
+    use common::lossy_relay::{LinkProfile, LossyRelay};
+    use meshvpn_engine::device::PathSummary;
+    use meshvpn_engine::peer::PeerPath;
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Instant;
+
+    let nodes = mesh(2, false);
+    // `a` is the side that measures and chooses: the lower public key.
+    let (a, b) = if nodes[0].key.public_key().as_bytes() < nodes[1].key.public_key().as_bytes() {
+        (&nodes[0], &nodes[1])
+    } else {
+        (&nodes[1], &nodes[0])
+    };
+    let (ka, kb) = (a.key.public_key(), b.key.public_key());
+    let host = local_non_loopback();
+    let lo = |e: &meshvpn_engine::wg::Engine| SocketAddr::from(([127, 0, 0, 1], e.listen_port()));
+    let link = LossyRelay::start_on(
+        host,
+        lo(&a.engine),
+        lo(&b.engine),
+        LinkProfile {
+            drop: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+            seed: 1,
+        },
+    );
+    for (e, peer, to) in [
+        (&a.engine, kb, link.toward_b),
+        (&b.engine, ka, link.toward_a),
+    ] {
+        let u = meshvpn_engine::wg::PeerUpdate {
+            endpoint: Some(to),
+            ..Default::default()
+        };
+        e.update_peer(&peer, &u, false).unwrap();
+    }
+    let hub = Hub::new();
+    hub.attach(&a.engine, ka, Duration::from_secs(5));
+    hub.attach(&b.engine, kb, Duration::from_secs(5));
+    // Direct first, then b's direct address is its candidate: measured.
+    let p = udp_packet(a.v4, b.v4, 64, 1);
+    assert!(send_and_receive(&a.engine, &b.engine, &p).is_some());
+    assert!(a.engine.set_peer_candidates(&kb, &[link.toward_b]));
+    let summary = || -> PathSummary {
+        a.engine
+            .nat_status()
+            .peer_paths
+            .into_iter()
+            .find(|(k, _)| *k == kb)
+            .map(|(_, s)| s)
+            .unwrap_or_default()
+    };
+    // Measurements go in turn to the chosen path and the relay, one per
+    // MEASURE_GAP (10 s): wait until the relay's answered.
+    let relay_timed = wait_until(Duration::from_secs(35), || {
+        summary()
+            .rtts
+            .iter()
+            .any(|(p, rtt)| matches!(p, Endpoint::Relay(_)) && rtt.is_some())
+    });
+    assert!(
+        relay_timed,
+        "the relay's round trip never measured: {:?}",
+        summary()
+    );
+    assert_eq!(a.engine.peer_stats(&kb).unwrap().path, PeerPath::Udp);
+    assert_eq!(a.engine.nat_stats().fallbacks, 0);
+
+    // The direct path dies. No data is sent, so no handshake can go
+    // unanswered: only the next measurement of the chosen path can notice.
+    link.set_blocked(true);
+    let stun = StunServer::bind("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap();
+    a.engine.set_stun_servers(&[stun.local_addr()]).unwrap();
+    let blocked = Instant::now();
+    let answered = || stun.stats().answered.load(Relaxed);
+    assert!(
+        wait_until(Duration::from_secs(5), || answered() >= 1),
+        "no first discovery round"
+    );
+    let first = answered();
+    let at_block = (a.engine.peer_stats(&kb).unwrap(), summary());
+    let fell_back = wait_until(Duration::from_secs(20), || {
+        a.engine.nat_stats().fallbacks >= 1
+    });
+    let fell_after = blocked.elapsed();
+    let (stats, s) = (a.engine.peer_stats(&kb).unwrap(), summary());
+    assert!(
+        fell_back,
+        "no fallback within 20 s: {:?} {s:?}",
+        a.engine.nat_stats()
+    );
+    assert_eq!(s.fallbacks, 1, "the peer's own count: {s:?}");
+    assert!(
+        wait_until(Duration::from_secs(2), || a
+            .engine
+            .peer_stats(&kb)
+            .unwrap()
+            .path
+            == PeerPath::Relay),
+        "the peer stayed on the dead direct path"
+    );
+    // `step` needs UNANSWERED_INITIATIONS (2) initiations other than
+    // measurements; besides the measurements, at most the handshake of the
+    // move itself went out.
+    let initiations = stats.handshakes_initiated - at_block.0.handshakes_initiated;
+    let measures = s.measures_sent - at_block.1.measures_sent;
+    assert!(
+        initiations <= measures + 1,
+        "{initiations} initiations, {measures} of them measurements: unanswered handshakes \
+         could have caused the fallback"
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || answered() > first),
+        "no discovery round within 3 s of the fallback ({fell_after:?} after the block; \
+         the timer's next round is at 30 s)"
+    );
+    let age = a.engine.nat_status().since_discovery.expect("a round ran");
+    assert!(
+        age < Duration::from_secs(4),
+        "last discovery round {age:?} ago"
+    );
+    eprintln!(
+        "fallback by measurement {fell_after:?} after the block; {measures} measurements, \
+         {initiations} initiations; discovery round {age:?} ago"
+    );
+    a.engine.detach_relay();
+    b.engine.detach_relay();
+}
