@@ -92,15 +92,25 @@ type NATPathUse struct {
 
 // NATPathTraffic is one peer's traffic split by path kind.
 type NATPathTraffic struct {
-	Direct NATPathUse `json:"direct"`
-	Relay  NATPathUse `json:"relay"`
+	Direct, Relay NATPathUse
+}
+
+type natPathUseJSON struct {
+	TxBytes uint64 `json:"tx_bytes"`
+	RxBytes uint64 `json:"rx_bytes"`
+	TimeMs  uint64 `json:"time_ms"`
+}
+
+func (u natPathUseJSON) use() NATPathUse {
+	return NATPathUse{TxBytes: u.TxBytes, RxBytes: u.RxBytes, Time: time.Duration(u.TimeMs) * time.Millisecond}
 }
 
 type natStatusJSON struct {
 	DiscoveryAgeMs *uint64 `json:"discovery_age_ms"`
 	Traffic        []struct {
-		PublicKey string `json:"public_key"`
-		NATPathTraffic
+		PublicKey string         `json:"public_key"`
+		Direct    natPathUseJSON `json:"direct"`
+		Relay     natPathUseJSON `json:"relay"`
 	} `json:"traffic"`
 	STUNServers []netip.AddrPort `json:"stun_servers"`
 	Reflexive   *netip.AddrPort  `json:"reflexive"`
@@ -151,10 +161,7 @@ func (e *Engine) NATStatus() (NATStatus, error) {
 		s.SinceDiscovery, s.DiscoveryRan = time.Duration(*j.DiscoveryAgeMs)*time.Millisecond, true
 	}
 	for _, t := range j.Traffic {
-		pt := t.NATPathTraffic
-		pt.Direct.Time = time.Duration(pt.Direct.TimeMs) * time.Millisecond
-		pt.Relay.Time = time.Duration(pt.Relay.TimeMs) * time.Millisecond
-		s.Traffic[t.PublicKey] = pt
+		s.Traffic[t.PublicKey] = NATPathTraffic{Direct: t.Direct.use(), Relay: t.Relay.use()}
 	}
 	if j.Reflexive != nil {
 		s.Reflexive = *j.Reflexive
