@@ -329,6 +329,31 @@ impl Engine {
         }
     }
 
+    /// The reply to the UAPI request `get=meshvpn-paths` (`meshvpn status`
+    /// without `--metrics`): `key=value` lines, without the closing
+    /// `errno=0`: `last_discovery_ms` (when a round ran), then per peer
+    /// `public_key` (hex) and one `candidate` line per candidate (the path
+    /// is `get=1`'s endpoint). A request of its own, not keys added to `get=1`: `wg`
+    /// and wgctrl ignore unknown keys there, but older meshvpn parsers
+    /// (`config::uapi::parse_get`) refuse them.
+    pub fn uapi_paths(&self) -> String {
+        use std::fmt::Write;
+        let status = self.nat_status();
+        let mut out = String::new();
+        if let Some(d) = status.since_discovery {
+            let _ = writeln!(out, "last_discovery_ms={}", d.as_millis());
+        }
+        for peer in self.shared.device.peers() {
+            let key = peer.public_key();
+            let _ = writeln!(out, "public_key={}", key.to_hex());
+            let listed = status.peer_candidates.iter().find(|(k, _)| *k == key);
+            for a in listed.map(|(_, c)| c.as_slice()).unwrap_or_default() {
+                let _ = writeln!(out, "candidate={a}");
+            }
+        }
+        out
+    }
+
     /// Bytes and time of peer `key` on direct UDP and on the relay.
     pub fn peer_path_traffic(&self, key: &PublicKey) -> Option<PathTraffic> {
         let peer = self.shared.device.peer(key)?;
