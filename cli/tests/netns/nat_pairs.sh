@@ -169,6 +169,16 @@ direct_checks() {
 			else
 				fail "$name: bytes per path during iperf3: direct '${d0:-?}' -> '${d1:-?}', relay '${q0:-?}' -> '${q1:-?}'"
 			fi
+			# Plain status (no --metrics): the peer's candidates, among them
+			# R3's public address, and the last STUN round.
+			local plain cands
+			plain=$(in_ns "$a" "$MESHVPN_BIN" status -i "$ia" 2>&1)
+			cands=$(awk -v k="peer $(wg pubkey <"$T/$ib.key")" '$0 == k { f = 1 } f && /candidates/ { print $2; exit }' <<<"$plain")
+			if [[ ,$cands, == *,10.240.3.2:* ]] && grep -q 'last STUN discovery round' <<<"$plain"; then
+				pass "$name: meshvpn status shows ${b##*-}'s candidates $cands and the last STUN round"
+			else
+				fail "$name: meshvpn status without --metrics: candidates '$cands': $plain"
+			fi
 		fi
 		TPUT[$name]=$mbit
 		echo "    $name iperf3 -t 2: $mbit Mbit/s; at ${router##*-}: relay TCP +$((r1 - r0)) bytes, forwarded peer UDP +$((u1 - u0)), hairpin UDP +$((h1 - h0))"
