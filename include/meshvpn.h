@@ -2058,8 +2058,11 @@ meshvpn_result meshvpn_set_log_callback(meshvpn_log_callback callback,
  * base64, `path` = {`kind`: "udp"|"relay", `address`} or null,
  * `candidates`, `probes_sent`, `probe_rounds`, `measures_sent`,
  * `rtt_switches`, `fallbacks`, `rtts` = [{`path`, `rtt_us` or null when
- * unanswered}]) and `pending_candidates` (received for peers without path
- * state yet: `public_key`, `candidates`).
+ * unanswered}]), `pending_candidates` (received for peers without path
+ * state yet: `public_key`, `candidates`), `traffic` (every peer:
+ * `public_key`, `direct` and `relay` = {`tx_bytes`, `rx_bytes`, `time_ms`}:
+ * WireGuard datagram bytes and time on each path kind) and
+ * `discovery_age_ms` (since the last STUN round started; null before one).
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
  * `MESHVPN_ENGINE_STOPPED`, `MESHVPN_BUFFER_TOO_SMALL`.

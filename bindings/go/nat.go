@@ -68,9 +68,50 @@ type NATStatus struct {
 	Peers      []NATPeer
 	// Pending holds candidates received from peers without path state yet.
 	Pending map[string][]netip.AddrPort
+	// Traffic holds, per peer public key (every peer, relay up or not),
+	// bytes and time on direct UDP and on the relay.
+	Traffic map[string]NATPathTraffic
+	// SinceDiscovery is the time since the last STUN discovery round
+	// started; DiscoveryRan is false (and SinceDiscovery 0) before the
+	// first round or with STUN off.
+	SinceDiscovery time.Duration
+	DiscoveryRan   bool
+}
+
+// NATPathUse is one peer's traffic and time on one path kind.
+type NATPathUse struct {
+	// TxBytes and RxBytes count WireGuard datagrams (handshakes, probes
+	// and keepalives included), as Stats' transfer does.
+	TxBytes uint64 `json:"tx_bytes"`
+	RxBytes uint64 `json:"rx_bytes"`
+	// Time the peer's endpoint was of this kind, the current stretch
+	// included.
+	Time   time.Duration `json:"-"`
+	TimeMs uint64        `json:"time_ms"`
+}
+
+// NATPathTraffic is one peer's traffic split by path kind.
+type NATPathTraffic struct {
+	Direct, Relay NATPathUse
+}
+
+type natPathUseJSON struct {
+	TxBytes uint64 `json:"tx_bytes"`
+	RxBytes uint64 `json:"rx_bytes"`
+	TimeMs  uint64 `json:"time_ms"`
+}
+
+func (u natPathUseJSON) use() NATPathUse {
+	return NATPathUse{TxBytes: u.TxBytes, RxBytes: u.RxBytes, Time: time.Duration(u.TimeMs) * time.Millisecond}
 }
 
 type natStatusJSON struct {
+	DiscoveryAgeMs *uint64 `json:"discovery_age_ms"`
+	Traffic        []struct {
+		PublicKey string         `json:"public_key"`
+		Direct    natPathUseJSON `json:"direct"`
+		Relay     natPathUseJSON `json:"relay"`
+	} `json:"traffic"`
 	STUNServers []netip.AddrPort `json:"stun_servers"`
 	Reflexive   *netip.AddrPort  `json:"reflexive"`
 	Candidates  []netip.AddrPort `json:"candidates"`
@@ -114,6 +155,13 @@ func (e *Engine) NATStatus() (NATStatus, error) {
 		Candidates:  j.Candidates,
 		Discovery:   j.Discovery,
 		Pending:     map[string][]netip.AddrPort{},
+		Traffic:     map[string]NATPathTraffic{},
+	}
+	if j.DiscoveryAgeMs != nil {
+		s.SinceDiscovery, s.DiscoveryRan = time.Duration(*j.DiscoveryAgeMs)*time.Millisecond, true
+	}
+	for _, t := range j.Traffic {
+		s.Traffic[t.PublicKey] = NATPathTraffic{Direct: t.Direct.use(), Relay: t.Relay.use()}
 	}
 	if j.Reflexive != nil {
 		s.Reflexive = *j.Reflexive

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"net"
+	"net/netip"
 	"testing"
 	"time"
 )
@@ -105,6 +106,71 @@ func TestNATStatsAndStatusThroughTheRelay(t *testing.T) {
 		t.Errorf("b's path at a: %+v", peerB)
 	} else {
 		t.Logf("b at a: path %+v", *peerB.Path)
+	}
+
+	// Bytes and time per path kind: UDP is blackholed, so packets go on
+	// the relay once a's handshakes there go unanswered (about 5 s; sent
+	// again each second for at most 30 s), and nothing arrives over UDP.
+	aAddr, bAddr := netip.MustParseAddr("10.79.0.1"), netip.MustParseAddr("10.79.0.2")
+	ping := udpPacket(aAddr, bAddr, 1000, 3)
+	bufs, sizes := mtuBuffers(t, b, 1)
+	delivered := 0
+	for deadline := time.Now().Add(30 * time.Second); delivered == 0 && time.Now().Before(deadline); {
+		if err := a.SendPacket(ping); err != nil {
+			t.Fatal(err)
+		}
+		n, err := b.ReadPackets(bufs, sizes, time.Second)
+		if err != nil && !errors.Is(err, ErrTimeout) {
+			t.Fatal(err)
+		}
+		delivered += n
+	}
+	if delivered == 0 {
+		t.Fatal("no packet through the relay within 30 s")
+	}
+	before, err := a.NATStatus()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const burst = 20
+	for i := 0; i < burst; i++ {
+		if err := a.SendPacket(udpPacket(aAddr, bAddr, 1000, byte(i))); err != nil {
+			t.Fatal(err)
+		}
+		readN(t, b, 1)
+	}
+	after, err := a.NATStatus()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bStatus, err := b.NATStatus()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb, ta := after.Traffic[kb.PublicKey().String()], bStatus.Traffic[ka.PublicKey().String()]
+	t.Logf("a's traffic to b %+v, b's from a %+v", tb, ta)
+	sent := tb.Relay.TxBytes - before.Traffic[kb.PublicKey().String()].Relay.TxBytes
+	if sent < burst*1000 {
+		t.Errorf("a counted %d B on the relay for %d packets of 1000 B", sent, burst)
+	}
+	if ta.Relay.RxBytes < burst*1000 || ta.Direct.RxBytes != 0 {
+		t.Errorf("b's bytes from a: %+v", ta)
+	}
+	if tb.Direct.TxBytes == 0 || tb.Direct.RxBytes != 0 {
+		t.Errorf("a's unanswered UDP handshakes: %+v", tb.Direct)
+	}
+	if tb.Relay.Time <= 0 || tb.Relay.Time > time.Minute {
+		t.Errorf("a's time on the relay: %v", tb.Relay.Time)
+	}
+	ps, err := a.PeerStats(kb.PublicKey())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tb.Direct.TxBytes+tb.Relay.TxBytes > ps.TxBytes {
+		t.Errorf("per-path bytes %+v exceed the peer's transfer %d", tb, ps.TxBytes)
+	}
+	if !after.DiscoveryRan || after.SinceDiscovery > 31*time.Second {
+		t.Errorf("time since the last discovery round: %v (ran %v)", after.SinceDiscovery, after.DiscoveryRan)
 	}
 
 	a.Close()

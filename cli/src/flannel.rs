@@ -191,6 +191,21 @@ pub fn uapi_get(ifname: &str) -> Result<GetReply, String> {
     parse_get(&text).map_err(|e| format!("the daemon's reply: {e}"))
 }
 
+/// The daemon's `get=meshvpn-paths` reply (each peer's path and NAT
+/// candidates; `Engine::uapi_paths`), without its `errno` line. Empty
+/// from a daemon that predates the request (it closes the connection).
+pub fn uapi_paths(ifname: &str) -> Result<String, String> {
+    let mut s = connect(ifname)?;
+    s.write_all(b"get=meshvpn-paths\n\n")
+        .map_err(|e| e.to_string())?;
+    let text = read_reply(&s)?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with("errno="))
+        .map(|l| format!("{l}\n"))
+        .collect())
+}
+
 /// Sends `lines` (UAPI set keys, carrying keys: never logged).
 fn uapi_set(ifname: &str, lines: &str) -> Result<(), String> {
     let mut s = connect(ifname)?;

@@ -420,6 +420,52 @@ pub fn render(engine: &Engine, ifname: &str) -> String {
             );
         }
     }
+    family(
+        &mut out,
+        "meshvpn_nat_peer_path_bytes_total",
+        "counter",
+        "WireGuard datagram bytes per peer, path kind (direct UDP or the relay) and direction.",
+    );
+    for (key, t) in &status.peer_traffic {
+        for (path, u) in [("direct", &t.udp), ("relay", &t.relay)] {
+            for (dir, v) in [("tx", u.tx_bytes), ("rx", u.rx_bytes)] {
+                let _ = writeln!(
+                    out,
+                    "meshvpn_nat_peer_path_bytes_total{{interface=\"{iface}\",peer=\"{}\",path=\"{path}\",dir=\"{dir}\"}} {v}",
+                    esc(&key.to_base64()),
+                );
+            }
+        }
+    }
+    family(
+        &mut out,
+        "meshvpn_nat_peer_path_seconds_total",
+        "counter",
+        "Time per peer on each path kind (direct UDP or the relay), the current stretch included.",
+    );
+    for (key, t) in &status.peer_traffic {
+        for (path, u) in [("direct", &t.udp), ("relay", &t.relay)] {
+            let _ = writeln!(
+                out,
+                "meshvpn_nat_peer_path_seconds_total{{interface=\"{iface}\",peer=\"{}\",path=\"{path}\"}} {}",
+                esc(&key.to_base64()),
+                u.time.as_secs_f64()
+            );
+        }
+    }
+    if let Some(d) = status.since_discovery {
+        family(
+            &mut out,
+            "meshvpn_nat_discovery_age_seconds",
+            "gauge",
+            "Time since the last STUN discovery round started.",
+        );
+        let _ = writeln!(
+            out,
+            "meshvpn_nat_discovery_age_seconds{{interface=\"{iface}\"}} {}",
+            d.as_secs_f64()
+        );
+    }
     family(&mut out, "meshvpn_peers", "gauge", "Peers configured.");
     let _ = writeln!(
         out,
@@ -557,6 +603,8 @@ mod tests {
         assert!(page.contains("# TYPE meshvpn_nat_candidate gauge"));
         assert!(page.contains("# TYPE meshvpn_nat_peer_probes_total counter"));
         assert!(page.contains("# TYPE meshvpn_nat_path_rtt_seconds gauge"));
+        assert!(page.contains("# TYPE meshvpn_nat_peer_path_bytes_total counter"));
+        assert!(page.contains("# TYPE meshvpn_nat_peer_path_seconds_total counter"));
 
         // A request past MAX_REQUEST_BYTES without its blank line is cut
         // off unanswered.

@@ -359,3 +359,375 @@ fn without_a_relay_map_candidates_are_probed_and_the_direct_path_found() {
     let p = udp_packet(v4[0], v4[1], 64, 1);
     assert!(send_and_receive(&a.1, &b.1, &p).is_some());
 }
+
+/// An in-process relay between engines: what one sends to a key is
+/// delivered, on the hub's thread, to the engine attached under that key,
+/// from the sender's key (a relay vouches for the key each frame came
+/// from). Bounded: beyond `HUB_QUEUE` datagrams in flight, sends fail.
+struct Hub {
+    tx: std::sync::mpsc::SyncSender<(PublicKey, PublicKey, Vec<u8>)>,
+    inboxes: Arc<Mutex<std::collections::HashMap<PublicKey, meshvpn_engine::wg::RelayInbox>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const HUB_QUEUE: usize = 4096;
+
+struct HubLink {
+    me: PublicKey,
+    tx: std::sync::mpsc::SyncSender<(PublicKey, PublicKey, Vec<u8>)>,
+}
+
+impl Transport for HubLink {
+    fn send_batch(&self, batch: &[u8], segment: usize, to: &Endpoint) -> Result<(), Unsent> {
+        let Endpoint::Relay(key) = to else {
+            return Err(Unsent::all(batch.len(), segment));
+        };
+        let unsent = batch
+            .chunks(segment.max(1))
+            .filter(|d| self.tx.try_send((self.me, *key, d.to_vec())).is_err())
+            .count();
+        if unsent == 0 {
+            Ok(())
+        } else {
+            Err(Unsent(unsent))
+        }
+    }
+}
+
+impl RelayTransport for HubLink {
+    fn is_up(&self) -> bool {
+        true
+    }
+    fn rekeyed(&self) {}
+    fn reconnect(&self) {}
+    fn sessions(&self) -> u64 {
+        1
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+impl Hub {
+    fn new() -> Hub {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(PublicKey, PublicKey, Vec<u8>)>(HUB_QUEUE);
+        let inboxes: Arc<Mutex<std::collections::HashMap<_, meshvpn_engine::wg::RelayInbox>>> =
+            Default::default();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (i, s) = (inboxes.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Relaxed) {
+                match rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok((from, to, d)) => {
+                        let inbox = i.lock().get(&to).cloned();
+                        if let Some(inbox) = inbox {
+                            inbox.deliver(&from, &d);
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        Hub {
+            tx,
+            inboxes,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn attach(&self, e: &meshvpn_engine::wg::Engine, key: PublicKey, probe_interval: Duration) {
+        self.inboxes.lock().insert(key, e.relay_inbox());
+        let link = Arc::new(HubLink {
+            me: key,
+            tx: self.tx.clone(),
+        });
+        e.attach_relay(link, probe_interval).unwrap();
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Every WireGuard byte to and from a peer is counted on the path kind it
+/// travelled: on the relay while the UDP path is blackholed, on direct UDP
+/// once a probe finds it open again (relay bytes then flat), the two
+/// summing to the peer's transfer (`wg show`), and the time on each kind
+/// adding up across the switch.
+#[test]
+fn bytes_and_time_are_counted_on_the_relay_then_on_direct_udp() {
+    use common::lossy_relay::{LinkProfile, LossyRelay};
+    use meshvpn_engine::peer::{PathTraffic, PeerPath};
+    use std::time::Instant;
+
+    const PACKETS: usize = 50;
+    const PAYLOAD: usize = 1000;
+    let nodes = mesh(2, false);
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (ka, kb) = (a.key.public_key(), b.key.public_key());
+    let link = LossyRelay::between(
+        &a.engine,
+        ka,
+        &b.engine,
+        kb,
+        LinkProfile {
+            drop: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+            seed: 1,
+        },
+    );
+    link.set_blocked(true);
+    let hub = Hub::new();
+    let started = Instant::now();
+    hub.attach(&a.engine, ka, Duration::from_millis(500));
+    hub.attach(&b.engine, kb, Duration::from_millis(500));
+    let path_of = |e: &meshvpn_engine::wg::Engine, k: &PublicKey| e.peer_stats(k).unwrap().path;
+    let traffic = |e: &meshvpn_engine::wg::Engine, k: &PublicKey| -> PathTraffic {
+        e.peer_path_traffic(k).unwrap()
+    };
+    let drain = |e: &meshvpn_engine::wg::Engine| {
+        while e.recv_packet(Duration::from_millis(100)).is_some() {}
+    };
+    let burst = |seed: u8| {
+        let mut got = 0;
+        for i in 0..PACKETS {
+            let p = udp_packet(a.v4, b.v4, PAYLOAD, seed.wrapping_add(i as u8));
+            if send_and_receive(&a.engine, &b.engine, &p).is_some() {
+                got += 1;
+            }
+        }
+        got
+    };
+
+    // UDP blackholed: a's handshakes go unanswered and a moves to the relay.
+    let on_relay = wait_until(Duration::from_secs(20), || {
+        let _ = a.engine.send_packet(&udp_packet(a.v4, b.v4, 64, 1));
+        std::thread::sleep(Duration::from_millis(200));
+        path_of(&a.engine, &kb) == PeerPath::Relay
+    });
+    assert!(
+        on_relay,
+        "a never moved to the relay: {:?}",
+        traffic(&a.engine, &kb)
+    );
+    let relay_seen = Instant::now();
+    drain(&b.engine);
+    let before = (traffic(&a.engine, &kb), traffic(&b.engine, &ka));
+    assert_eq!(burst(1), PACKETS, "packets lost on the relay");
+    let after = (traffic(&a.engine, &kb), traffic(&b.engine, &ka));
+    let data = (PACKETS * PAYLOAD) as u64;
+    assert!(
+        after.0.relay.tx_bytes - before.0.relay.tx_bytes >= data,
+        "{after:?}"
+    );
+    assert!(
+        after.1.relay.rx_bytes - before.1.relay.rx_bytes >= data,
+        "{after:?}"
+    );
+    assert_eq!(after.1.udp.rx_bytes, 0, "b received over blackholed UDP");
+    assert!(
+        after.0.udp.tx_bytes > 0,
+        "a's unanswered UDP handshakes uncounted"
+    );
+
+    // UDP open again: the relay path's probe finds it; a moves back.
+    link.set_blocked(false);
+    let mut last_relay = Instant::now();
+    let direct = wait_until(Duration::from_secs(10), || {
+        if path_of(&a.engine, &kb) == PeerPath::Relay {
+            last_relay = Instant::now();
+            return false;
+        }
+        path_of(&b.engine, &ka) == PeerPath::Udp
+    });
+    assert!(
+        direct,
+        "no way back to direct UDP: {:?}",
+        traffic(&a.engine, &kb)
+    );
+    let direct_seen = Instant::now();
+    drain(&b.engine);
+    let before = (traffic(&a.engine, &kb), traffic(&b.engine, &ka));
+    assert_eq!(burst(2), PACKETS, "packets lost on direct UDP");
+    let after = (traffic(&a.engine, &kb), traffic(&b.engine, &ka));
+    assert!(
+        after.0.udp.tx_bytes - before.0.udp.tx_bytes >= data,
+        "{after:?}"
+    );
+    assert!(
+        after.1.udp.rx_bytes - before.1.udp.rx_bytes >= data,
+        "{after:?}"
+    );
+    // Relay bytes flat: not one data packet's worth moved there.
+    let moved = after.0.relay.tx_bytes - before.0.relay.tx_bytes;
+    assert!(
+        moved < PAYLOAD as u64,
+        "{moved} B went on the relay while direct"
+    );
+    let moved = after.1.relay.rx_bytes - before.1.relay.rx_bytes;
+    assert!(
+        moved < PAYLOAD as u64,
+        "{moved} B came on the relay while direct"
+    );
+
+    // The per-kind bytes are the peer's transfer, split.
+    for (e, k) in [(&a.engine, &kb), (&b.engine, &ka)] {
+        let s = e.peer_stats(k).unwrap();
+        let t = traffic(e, k);
+        assert_eq!(t.udp.tx_bytes + t.relay.tx_bytes, s.tx_bytes);
+        assert_eq!(t.udp.rx_bytes + t.relay.rx_bytes, s.rx_bytes);
+    }
+    // Time: a's stretch on the relay covers what the test saw of it, and is
+    // frozen now; the direct stretch grows.
+    let t1 = traffic(&a.engine, &kb);
+    assert!(
+        t1.relay.time >= last_relay - relay_seen,
+        "relay time {:?} shorter than seen {:?}",
+        t1.relay.time,
+        last_relay - relay_seen
+    );
+    assert!(t1.relay.time <= direct_seen - started, "{t1:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let t2 = traffic(&a.engine, &kb);
+    assert_eq!(
+        t2.relay.time, t1.relay.time,
+        "relay time grows while direct"
+    );
+    assert!(t2.udp.time >= t1.udp.time + Duration::from_millis(300));
+    eprintln!("a's traffic to b: {t2:?}");
+    let total = t2.udp.time + t2.relay.time;
+    assert!(
+        total <= started.elapsed() + Duration::from_secs(1),
+        "{t2:?}"
+    );
+    a.engine.detach_relay();
+    b.engine.detach_relay();
+}
+
+/// A non-loopback address of this host (NAT traversal takes no loopback
+/// candidate); datagrams to it never leave the host (see `own_address`).
+fn local_non_loopback() -> std::net::IpAddr {
+    own_address().expect("this test needs a route (and so a non-loopback local address)")
+}
+
+/// The path policy (`PathState::choose`: liveness probes while data
+/// flows), not unanswered data handshakes (`step`), gives up a dead direct
+/// path. That fallback is counted (engine and peer) and starts a discovery
+/// round at once, as `step`'s does.
+#[test]
+fn a_direct_path_given_up_by_the_path_policy_counts_a_fallback_and_rediscovers() {
+    use common::lossy_relay::{LinkProfile, LossyRelay};
+    use meshvpn_engine::device::PathSummary;
+    use meshvpn_engine::peer::PeerPath;
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Instant;
+
+    let nodes = mesh(2, false);
+    // `a` is the side that measures and chooses: the lower public key.
+    let (a, b) = if nodes[0].key.public_key().as_bytes() < nodes[1].key.public_key().as_bytes() {
+        (&nodes[0], &nodes[1])
+    } else {
+        (&nodes[1], &nodes[0])
+    };
+    let (ka, kb) = (a.key.public_key(), b.key.public_key());
+    let host = local_non_loopback();
+    let lo = |e: &meshvpn_engine::wg::Engine| SocketAddr::from(([127, 0, 0, 1], e.listen_port()));
+    let link = LossyRelay::start_on(
+        host,
+        lo(&a.engine),
+        lo(&b.engine),
+        LinkProfile {
+            drop: 0.0,
+            duplicate: 0.0,
+            reorder: 0.0,
+            seed: 1,
+        },
+    );
+    for (e, peer, to) in [
+        (&a.engine, kb, link.toward_b),
+        (&b.engine, ka, link.toward_a),
+    ] {
+        let u = meshvpn_engine::wg::PeerUpdate {
+            endpoint: Some(to),
+            ..Default::default()
+        };
+        e.update_peer(&peer, &u, false).unwrap();
+    }
+    let hub = Hub::new();
+    hub.attach(&a.engine, ka, Duration::from_secs(5));
+    hub.attach(&b.engine, kb, Duration::from_secs(5));
+    // Direct first, then b's direct address is its candidate: measured.
+    let p = udp_packet(a.v4, b.v4, 64, 1);
+    assert!(send_and_receive(&a.engine, &b.engine, &p).is_some());
+    assert!(a.engine.set_peer_candidates(&kb, &[link.toward_b]));
+    let summary = || -> PathSummary {
+        a.engine
+            .nat_status()
+            .peer_paths
+            .into_iter()
+            .find(|(k, _)| *k == kb)
+            .map(|(_, s)| s)
+            .unwrap_or_default()
+    };
+    assert_eq!(a.engine.peer_stats(&kb).unwrap().path, PeerPath::Udp);
+    assert_eq!(a.engine.nat_stats().fallbacks, 0);
+
+    // The direct path dies while `a` sends one way (b has nothing to say):
+    // the liveness probes go unanswered.
+    link.set_blocked(true);
+    let stun = StunServer::bind("127.0.0.1:0".parse().unwrap(), Default::default()).unwrap();
+    a.engine.set_stun_servers(&[stun.local_addr()]).unwrap();
+    let blocked = Instant::now();
+    let answered = || stun.stats().answered.load(Relaxed);
+    assert!(
+        wait_until(Duration::from_secs(5), || answered() >= 1),
+        "no first discovery round"
+    );
+    let first = answered();
+    // Bounded: at most 15 s, 20 datagrams a second.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while a.engine.nat_stats().fallbacks == 0 && Instant::now() < deadline {
+        let _ = a.engine.send_packet(&udp_packet(a.v4, b.v4, 64, 1));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let fell_after = blocked.elapsed();
+    let s = summary();
+    assert!(
+        a.engine.nat_stats().fallbacks >= 1,
+        "no fallback within 15 s of sending into a dead direct path: {:?} {s:?}",
+        a.engine.nat_stats()
+    );
+    assert_eq!(s.fallbacks, 1, "the peer's own count: {s:?}");
+    assert!(
+        wait_until(Duration::from_secs(2), || a
+            .engine
+            .peer_stats(&kb)
+            .unwrap()
+            .path
+            == PeerPath::Relay),
+        "the peer stayed on the dead direct path"
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || answered() > first),
+        "no discovery round within 3 s of the fallback ({fell_after:?} after the block; \
+         the timer's next round is at 30 s)"
+    );
+    let age = a.engine.nat_status().since_discovery.expect("a round ran");
+    assert!(
+        age < Duration::from_secs(4),
+        "last discovery round {age:?} ago"
+    );
+    eprintln!("fallback {fell_after:?} after the block; discovery round {age:?} ago");
+    a.engine.detach_relay();
+    b.engine.detach_relay();
+}

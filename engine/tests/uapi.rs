@@ -698,3 +698,35 @@ fn owner_only_sockets_leave_the_umask_alone_under_concurrency() {
         "socket modes"
     );
 }
+
+/// `get=meshvpn-paths` gives each peer's NAT candidates (what `meshvpn
+/// status` shows without --metrics), while `get=1` stays what `wg` and
+/// older meshvpn parsers know: no key of it is added there.
+#[test]
+fn the_paths_request_lists_candidates_and_get_keeps_its_keys() {
+    let path = temp_socket("paths");
+    let (engine, keys) = engine_with_peers(2);
+    let engine = Arc::new(engine);
+    let cand: SocketAddr = "192.0.2.7:51820".parse().unwrap();
+    assert!(engine.set_peer_candidates(&keys[0], &[cand]));
+    let _server = UapiServer::start_at(engine.clone(), &path).unwrap();
+    let stream = UnixStream::connect(&path).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    w.write_all(b"get=meshvpn-paths\n\n").unwrap();
+    let reply = read_reply(&mut r);
+    assert!(reply.ends_with("errno=0\n\n"), "{reply}");
+    let first = format!("public_key={}\ncandidate={cand}\n", key_hex(&keys[0]));
+    assert!(reply.contains(&first), "{reply}");
+    let second = format!("public_key={}\n", key_hex(&keys[1]));
+    assert!(reply.contains(&second), "{reply}");
+    assert_eq!(reply.matches("candidate=").count(), 1, "{reply}");
+    // The same connection still serves get=1, and it parses strictly.
+    w.write_all(b"get=1\n\n").unwrap();
+    let reply = read_reply(&mut r);
+    assert!(!reply.contains("candidate"), "{reply}");
+    assert_eq!(parse_get(&reply).unwrap().peers.len(), 2);
+}

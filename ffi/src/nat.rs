@@ -61,7 +61,27 @@ pub(crate) fn status_json(s: &NatStatus) -> Value {
         .filter(|(k, _)| !s.peer_paths.iter().any(|(p, _)| p == k))
         .map(|(k, c)| json!({ "public_key": k.to_string(), "candidates": addrs(c) }))
         .collect();
+    let use_json = |u: &::meshvpn_engine::peer::PathUse| {
+        json!({
+            "tx_bytes": u.tx_bytes,
+            "rx_bytes": u.rx_bytes,
+            "time_ms": u.time.as_millis() as u64,
+        })
+    };
+    let traffic: Vec<Value> = s
+        .peer_traffic
+        .iter()
+        .map(|(k, t)| {
+            json!({
+                "public_key": k.to_string(),
+                "direct": use_json(&t.udp),
+                "relay": use_json(&t.relay),
+            })
+        })
+        .collect();
     json!({
+        "discovery_age_ms": s.since_discovery.map(|d| d.as_millis() as u64),
+        "traffic": traffic,
         "stun_servers": addrs(&s.stun_servers),
         "reflexive": s.reflexive.map(|a| a.to_string()),
         "candidates": addrs(&s.candidates),
@@ -97,8 +117,11 @@ pub(crate) fn status_json(s: &NatStatus) -> Value {
 /// base64, `path` = {`kind`: "udp"|"relay", `address`} or null,
 /// `candidates`, `probes_sent`, `probe_rounds`, `measures_sent`,
 /// `rtt_switches`, `fallbacks`, `rtts` = [{`path`, `rtt_us` or null when
-/// unanswered}]) and `pending_candidates` (received for peers without path
-/// state yet: `public_key`, `candidates`).
+/// unanswered}]), `pending_candidates` (received for peers without path
+/// state yet: `public_key`, `candidates`), `traffic` (every peer:
+/// `public_key`, `direct` and `relay` = {`tx_bytes`, `rx_bytes`, `time_ms`}:
+/// WireGuard datagram bytes and time on each path kind) and
+/// `discovery_age_ms` (since the last STUN round started; null before one).
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
 /// `MESHVPN_ENGINE_STOPPED`, `MESHVPN_BUFFER_TOO_SMALL`.
@@ -204,5 +227,20 @@ mod tests {
         assert!(p["rtts"][1]["rtt_us"].is_null());
         assert_eq!(v["pending_candidates"][0]["public_key"], other.to_string());
         assert_eq!(v["peers"].as_array().unwrap().len(), 1);
+        assert!(v["discovery_age_ms"].is_null());
+        s.since_discovery = Some(Duration::from_millis(2500));
+        let mut t = ::meshvpn_engine::peer::PathTraffic::default();
+        t.udp.tx_bytes = 100;
+        t.relay.rx_bytes = 7;
+        t.relay.time = Duration::from_secs(3);
+        s.peer_traffic = vec![(key, t)];
+        let v = status_json(&s);
+        assert_eq!(v["discovery_age_ms"], 2500);
+        let t = &v["traffic"][0];
+        assert_eq!(t["public_key"], key.to_string());
+        assert_eq!(t["direct"]["tx_bytes"], 100);
+        assert_eq!(t["direct"]["rx_bytes"], 0);
+        assert_eq!(t["relay"]["rx_bytes"], 7);
+        assert_eq!(t["relay"]["time_ms"], 3000);
     }
 }

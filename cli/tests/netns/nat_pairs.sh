@@ -32,7 +32,9 @@
 #
 # Prints PASS/FAIL lines and "N passed, N failed"; exits non-zero on any
 # FAIL. Needs root, `ip netns`, nftables, wireguard-tools, iperf3, ping,
-# /dev/net/tun. CI suite `nat_pairs`: about 60 s (66 s on a 2-core
+# /dev/net/tun. The masquerade/masquerade pair's iperf3 bytes are also
+# read from N1's daemon per path kind (direct grows, relay flat).
+# CI suite `nat_pairs`: about 60 s (66 s on a 2-core
 # machine at load 16): setup 2 s, the address change ~23 s, the rest the
 # direct pairs' pings and 2 s iperf3 runs; random/random is judged after
 # the address change, so its 20 s of probing cost nothing extra.
@@ -114,6 +116,24 @@ direct_all() {
 	done
 }
 
+# path_bytes NODE OTHER_IFNAME PATH DIR: NODE's daemon's count of bytes
+# to (DIR tx) or from (rx) the peer of OTHER_IFNAME's key on PATH (direct
+# or relay), from its metrics page.
+path_bytes() {
+	local k
+	k=$(wg pubkey <"$T/$2.key")
+	in_ns "$1" bash -c 'exec 3<>/dev/tcp/127.0.0.1/9586 && printf "GET /metrics HTTP/1.0\r\n\r\n" >&3 && cat <&3' 2>/dev/null |
+		awk -v k="peer=\"$k\"" -v p="path=\"$3\"" -v d="dir=\"$4\"" \
+			'index($1, "meshvpn_nat_peer_path_bytes_total{") == 1 && index($1, k) && index($1, p) && index($1, d) { print $2 }'
+}
+
+# status_paths NODE IFNAME OTHER_IFNAME: the per-path line of `meshvpn
+# status --metrics` for the peer of OTHER_IFNAME's key.
+status_paths() {
+	in_ns "$1" "$MESHVPN_BIN" status -i "$2" --metrics 127.0.0.1:9586 2>&1 |
+		awk -v k="peer $(wg pubkey <"$T/$3.key")" '$0 == k { f = 1 } f && /direct sent/ { sub(/^ +/, ""); print; exit }'
+}
+
 # direct_checks: each direct pair pings both ways and moves an iperf3 run
 # (A's side is the client) on the direct path, with no relay bytes at A's
 # router (none for NP, which has no router) and, for the LAN pair, no
@@ -134,8 +154,32 @@ direct_checks() {
 		case $a in "$N1") router=$R1 ;; "$N4") router=$R4 ;; esac
 		[[ -z $router ]] && router=$R1 # NP: N1's router carries the other side
 		r0=$(count "$router" relay) u0=$(count "$router" peer_udp) h0=$(count "$router" hairpin)
+		local d0 d1 q0 q1
+		d0=$(path_bytes "$a" "$ib" direct tx) q0=$(path_bytes "$a" "$ib" relay tx)
 		mbit=$(IPERF_SECONDS=2 tput "$b" "$a" "10.250.0.$nb")
+		d1=$(path_bytes "$a" "$ib" direct tx) q1=$(path_bytes "$a" "$ib" relay tx)
 		r1=$(count "$router" relay) u1=$(count "$router" peer_udp) h1=$(count "$router" hairpin)
+		# The daemon's own count per path kind: the run's bytes on direct
+		# UDP (at least 1 MB of a 2 s iperf3), the relay's flat (a round-
+		# trip measurement there is one 148-byte initiation).
+		if [[ $name == masquerade/masquerade ]]; then
+			echo "    $name: ${a##*-}'s bytes to ${b##*-} during iperf3: direct +$((${d1:-0} - ${d0:-0})), relay +$((${q1:-0} - ${q0:-0})) (status: $(status_paths "$a" "$ia" "$ib"))"
+			if [[ -n $d0 && -n $q1 ]] && ((d1 - d0 >= 1000000 && q1 - q0 < 2000)); then
+				pass "$name: the daemon counts +$((d1 - d0)) bytes direct and +$((q1 - q0)) on the relay during iperf3"
+			else
+				fail "$name: bytes per path during iperf3: direct '${d0:-?}' -> '${d1:-?}', relay '${q0:-?}' -> '${q1:-?}'"
+			fi
+			# Plain status (no --metrics): the peer's candidates, among them
+			# R3's public address, and the last STUN round.
+			local plain cands
+			plain=$(in_ns "$a" "$MESHVPN_BIN" status -i "$ia" 2>&1)
+			cands=$(awk -v k="peer $(wg pubkey <"$T/$ib.key")" '$0 == k { f = 1 } f && /candidates/ { print $2; exit }' <<<"$plain")
+			if [[ ,$cands, == *,10.240.3.2:* ]] && grep -q 'last STUN discovery round' <<<"$plain"; then
+				pass "$name: meshvpn status shows ${b##*-}'s candidates $cands and the last STUN round"
+			else
+				fail "$name: meshvpn status without --metrics: candidates '$cands': $plain"
+			fi
+		fi
 		TPUT[$name]=$mbit
 		echo "    $name iperf3 -t 2: $mbit Mbit/s; at ${router##*-}: relay TCP +$((r1 - r0)) bytes, forwarded peer UDP +$((u1 - u0)), hairpin UDP +$((h1 - h0))"
 		if [[ $name == same-NAT* ]]; then

@@ -824,7 +824,7 @@ impl Device {
         out: &mut [u8],
         io: &mut dyn DeviceIo,
     ) -> bool {
-        match peer.probe(now, out) {
+        match peer.probe(now, out, to.path()) {
             Some(len) => {
                 io.send(&out[..len], &to);
                 true
@@ -850,7 +850,7 @@ impl Device {
         if to.is_empty() {
             return 0;
         }
-        let Some(len) = peer.probe(now, out) else {
+        let Some(len) = peer.probe(now, out, crate::peer::PeerPath::Udp) else {
             return 0;
         };
         for a in to {

@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 
 pub use budget::{BufferBudget, DEFAULT_BUFFER_LIMIT};
 pub use path::{relay_endpoint, relay_index, Endpoint, PeerPath};
-pub use stats::{DropReason, PeerCounters, PeerStats};
+pub use stats::{DropReason, PathTraffic, PathUse, PeerCounters, PeerStats};
 
 use crate::config::{PeerConfig, PresharedKey, PrivateKey, PublicKey};
 use crate::wire::MessageKind;
@@ -91,6 +91,11 @@ struct PeerState {
     private_key: PrivateKey,
     limiter: Arc<RateLimiter>,
     endpoint: Option<Endpoint>,
+    /// Time on each path kind: the finished stretches (udp, relay) and the
+    /// kind of the current one with its start. Updated only when the
+    /// endpoint's kind changes (`PeerState::set_endpoint`), never per packet.
+    path_time: (Duration, Duration),
+    path_since: Option<(PeerPath, Instant)>,
     preshared_key: Option<PresharedKey>,
     persistent_keepalive: Option<u16>,
     last_sent: Option<Instant>,
@@ -175,6 +180,28 @@ pub struct Peer {
 }
 
 impl PeerState {
+    /// Every change of the endpoint goes here, so the time on each path
+    /// kind adds up: a change of kind closes the current stretch.
+    fn set_endpoint(&mut self, endpoint: Endpoint, now: Instant) {
+        self.endpoint = Some(endpoint);
+        let kind = endpoint.path();
+        match self.path_since {
+            Some((k, _)) if k == kind => {}
+            Some((k, since)) => {
+                *self.time_on(k) += now.saturating_duration_since(since);
+                self.path_since = Some((kind, now));
+            }
+            None => self.path_since = Some((kind, now)),
+        }
+    }
+
+    fn time_on(&mut self, kind: PeerPath) -> &mut Duration {
+        match kind {
+            PeerPath::Udp => &mut self.path_time.0,
+            PeerPath::Relay => &mut self.path_time.1,
+        }
+    }
+
     /// The protocol state, made now if this is its first use.
     fn tunn(&mut self, public_key: PublicKey, index: u32) -> &mut Tunn {
         let (key, psk, limiter) = (&self.private_key, &self.preshared_key, &self.limiter);
@@ -200,14 +227,16 @@ impl Peer {
         index: u32,
         limiter: Arc<RateLimiter>,
     ) -> Peer {
-        Peer {
+        let peer = Peer {
             public_key: cfg.public_key,
             index,
             state: Mutex::new(PeerState {
                 tunn: None,
                 private_key: private_key.clone(),
                 limiter,
-                endpoint: cfg.endpoint.map(|a| Endpoint::from_uapi(a, cfg.public_key)),
+                endpoint: None,
+                path_time: Default::default(),
+                path_since: None,
                 preshared_key: cfg.preshared_key.clone(),
                 persistent_keepalive: cfg.persistent_keepalive.filter(|&k| k > 0),
                 last_sent: None,
@@ -221,7 +250,11 @@ impl Peer {
             }),
             waiting: AtomicBool::new(false),
             counters: PeerCounters::default(),
+        };
+        if let Some(a) = cfg.endpoint {
+            peer.set_endpoint(Endpoint::from_uapi(a, cfg.public_key));
         }
+        peer
     }
 
     pub fn public_key(&self) -> PublicKey {
@@ -246,7 +279,23 @@ impl Peer {
     }
 
     pub fn set_endpoint(&self, endpoint: Endpoint) {
-        self.state.lock().endpoint = Some(endpoint);
+        self.state.lock().set_endpoint(endpoint, Instant::now());
+    }
+
+    /// Bytes and time per path kind, the current stretch counted up to
+    /// `now`.
+    pub fn path_traffic(&self, now: Instant) -> PathTraffic {
+        let st = self.state.lock();
+        let (mut udp, mut relay) = st.path_time;
+        if let Some((kind, since)) = st.path_since {
+            let d = now.saturating_duration_since(since);
+            match kind {
+                PeerPath::Udp => udp += d,
+                PeerPath::Relay => relay += d,
+            }
+        }
+        drop(st);
+        self.counters.path_bytes(udp, relay)
     }
 
     pub fn persistent_keepalive(&self) -> Option<u16> {
@@ -433,7 +482,7 @@ impl Peer {
             && !answered_with_cookie;
         if authenticated {
             if st.hold_until.is_none_or(|t| now >= t) {
-                st.endpoint = Some(src);
+                st.set_endpoint(src, now);
             }
             // Our simulated-clock-free RTT: boringtun's own handshake RTT
             // reads the real clock, so the sans-IO path policy measures
@@ -465,15 +514,16 @@ impl Peer {
         }
         drop(st);
         if authenticated {
-            self.counters.received_datagram(kind, datagram.len());
+            self.counters
+                .received_datagram(kind, datagram.len(), src.path());
         }
         // A decrypted packet is counted when the runtime delivers it, after
         // the AllowedIPs source check (`Peer::delivered`).
         if let PeerOutput::Dropped(reason) = result {
             self.counters.dropped(reason);
         }
-        if let PeerOutput::ToNetwork { len, .. } = result {
-            self.counters.sent_datagram(&out[..len], 0);
+        if let PeerOutput::ToNetwork { len, to } = result {
+            self.counters.sent_datagram(&out[..len], 0, to.path());
         }
         result
     }
@@ -663,7 +713,10 @@ impl Peer {
     /// retried for REKEY_ATTEMPT_TIME, 90 s); boringtun keeps it as the
     /// previous initiation, so its answer still completes. `None` only when
     /// no initiation can be made. Returns its length in `out`.
-    pub fn probe(&self, now: Instant, out: &mut [u8]) -> Option<usize> {
+    /// `path` is the kind of path it goes out on, for the byte counts: one
+    /// initiation is counted once, as `tx_bytes` counts it, however many
+    /// candidates the caller sends copies to.
+    pub fn probe(&self, now: Instant, out: &mut [u8], path: PeerPath) -> Option<usize> {
         let mut st = self.state.lock();
         let tunn = st.tunn(self.public_key, self.index);
         let len = match tunn.format_handshake_initiation(out, true) {
@@ -673,15 +726,16 @@ impl Peer {
         st.last_sent = Some(now);
         st.initiation_sent = Some(now);
         drop(st);
-        self.counters.sent_datagram(&out[..len], 0);
+        self.counters.sent_datagram(&out[..len], 0, path);
         Some(len)
     }
 
     /// Counts what an outgoing call produced.
     fn account(&self, result: PeerOutput, out: &[u8], inner_len: usize) -> PeerOutput {
         match result {
-            PeerOutput::ToNetwork { len, .. } => {
-                self.counters.sent_datagram(&out[..len], inner_len)
+            PeerOutput::ToNetwork { len, to } => {
+                self.counters
+                    .sent_datagram(&out[..len], inner_len, to.path())
             }
             PeerOutput::Dropped(reason) => self.counters.dropped(reason),
             _ => {}

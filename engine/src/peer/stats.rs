@@ -71,11 +71,46 @@ pub struct PeerCounters {
     handshakes_received: AtomicU64,
     keepalives_received: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
+    /// Wire bytes per path kind and direction ([`path_slot`]): counted with
+    /// `tx_wire_bytes`/`rx_wire_bytes`, so the four sum to those two.
+    path_bytes: [AtomicU64; 4],
+}
+
+/// The slot of `path_bytes` for one path kind and direction.
+fn path_slot(path: super::PeerPath, tx: bool) -> usize {
+    let p = match path {
+        super::PeerPath::Udp => 0,
+        super::PeerPath::Relay => 2,
+    };
+    p + usize::from(!tx)
+}
+
+/// Bytes and time of one peer on one path kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathUse {
+    /// Wire bytes of WireGuard datagrams sent on this path kind (handshakes,
+    /// probes and keepalives included, as `PeerStats::tx_bytes`).
+    pub tx_bytes: u64,
+    /// Wire bytes received on it that authenticated as the peer.
+    pub rx_bytes: u64,
+    /// Time the peer's endpoint was of this kind: every past stretch and
+    /// the current one.
+    pub time: Duration,
+}
+
+/// A peer's traffic split by path kind: direct UDP and the relay.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PathTraffic {
+    pub udp: PathUse,
+    pub relay: PathUse,
 }
 
 impl PeerCounters {
-    pub(crate) fn sent_datagram(&self, datagram: &[u8], inner_len: usize) {
+    /// Every WireGuard datagram produced for the peer, with the path kind
+    /// it goes out on (the one place sent bytes are counted).
+    pub(crate) fn sent_datagram(&self, datagram: &[u8], inner_len: usize, path: super::PeerPath) {
         self.tx_wire_bytes.fetch_add(datagram.len() as u64, Relaxed);
+        self.path_bytes[path_slot(path, true)].fetch_add(datagram.len() as u64, Relaxed);
         match datagram.first() {
             Some(1) => {
                 self.handshakes_initiated.fetch_add(1, Relaxed);
@@ -88,8 +123,11 @@ impl PeerCounters {
         }
     }
 
-    pub(crate) fn received_datagram(&self, kind: MessageKind, len: usize) {
+    /// Every datagram that authenticated as the peer, with the path kind
+    /// it came in on (the one place received bytes are counted).
+    pub(crate) fn received_datagram(&self, kind: MessageKind, len: usize, path: super::PeerPath) {
         self.rx_wire_bytes.fetch_add(len as u64, Relaxed);
+        self.path_bytes[path_slot(path, false)].fetch_add(len as u64, Relaxed);
         match kind {
             MessageKind::HandshakeInitiation | MessageKind::HandshakeResponse => {
                 self.handshakes_received.fetch_add(1, Relaxed);
@@ -112,6 +150,24 @@ impl PeerCounters {
 
     pub fn drops(&self, reason: DropReason) -> u64 {
         self.drops[reason as usize].load(Relaxed)
+    }
+
+    /// Bytes per path kind; the times are the caller's (`Peer::path_traffic`).
+    pub(crate) fn path_bytes(&self, udp_time: Duration, relay_time: Duration) -> PathTraffic {
+        let b = |path, tx| self.path_bytes[path_slot(path, tx)].load(Relaxed);
+        use super::PeerPath::{Relay, Udp};
+        PathTraffic {
+            udp: PathUse {
+                tx_bytes: b(Udp, true),
+                rx_bytes: b(Udp, false),
+                time: udp_time,
+            },
+            relay: PathUse {
+                tx_bytes: b(Relay, true),
+                rx_bytes: b(Relay, false),
+                time: relay_time,
+            },
+        }
     }
 
     pub(crate) fn snapshot(

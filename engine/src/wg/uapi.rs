@@ -8,6 +8,8 @@
 //!        at most MAX_CONNECTIONS, each request at most MAX_REQUEST_BYTES
 //!          "get=1\n\n"         -> Engine::uapi_get -> "<lines>errno=0\n\n"
 //!          "set=1\n<lines>\n"  -> Engine::uapi_set -> "errno=N\n\n"
+//!          "get=meshvpn-paths\n\n" -> Engine::uapi_paths (each peer's path
+//!                              and NAT candidates, for `meshvpn status`)
 //!        every read and write waits at most POLL at a time, so a stop is
 //!        seen within POLL; a reply the client does not take within
 //!        UAPI_WRITE_TIMEOUT ends its connection
@@ -343,6 +345,17 @@ fn serve_connection(stream: UnixStream, engine: &Engine, stop: &AtomicBool) -> i
                     return Ok(());
                 }
                 let mut reply = engine.uapi_get();
+                reply.push_str("errno=0\n\n");
+                write_reply(&mut writer, &reply, stop)?;
+            }
+            b"get=meshvpn-paths\n" => {
+                line.clear();
+                read_line(&mut reader, &mut line, MAX_LINE_BYTES, stop)?;
+                if line != b"\n" {
+                    write_reply(&mut writer, &format!("errno={}\n\n", errno::EPROTO), stop)?;
+                    return Ok(());
+                }
+                let mut reply = engine.uapi_paths();
                 reply.push_str("errno=0\n\n");
                 write_reply(&mut writer, &reply, stop)?;
             }

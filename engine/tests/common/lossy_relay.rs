@@ -113,8 +113,19 @@ fn forward(
 impl LossyRelay {
     /// Relays between the engines listening at `a` and `b` (loopback).
     pub fn start(a: SocketAddr, b: SocketAddr, profile: LinkProfile) -> LossyRelay {
-        let toward_b = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let toward_a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        LossyRelay::start_on([127, 0, 0, 1].into(), a, b, profile)
+    }
+
+    /// [`LossyRelay::start`] with its two sockets bound on `ip` (a local
+    /// address: what is sent there never leaves the host).
+    pub fn start_on(
+        ip: std::net::IpAddr,
+        a: SocketAddr,
+        b: SocketAddr,
+        profile: LinkProfile,
+    ) -> LossyRelay {
+        let toward_b = UdpSocket::bind((ip, 0)).unwrap();
+        let toward_a = UdpSocket::bind((ip, 0)).unwrap();
         let stats = Arc::new(RelayStats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let blocked = Arc::new(AtomicBool::new(false));

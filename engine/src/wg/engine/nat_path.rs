@@ -29,6 +29,7 @@ use crate::device::PathSummary;
 use crate::nat::{
     random_transaction_id, Discovered, Discovery, DiscoveryConfig, DiscoveryStats, Output,
 };
+use crate::peer::PathTraffic;
 use crate::relay::protocol::{Candidates, CandidatesError, MAX_CANDIDATES};
 use crate::stats::stats_struct;
 
@@ -88,6 +89,12 @@ pub struct NatStatus {
     /// Times that address's IP changed from one session to the next (each
     /// started a discovery round).
     pub relay_ip_changes: u64,
+    /// Per peer (every peer, relay or not): bytes and time on direct UDP
+    /// and on the relay.
+    pub peer_traffic: Vec<(PublicKey, PathTraffic)>,
+    /// Since the last discovery round started (`None`: none yet, or STUN
+    /// is off).
+    pub since_discovery: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -95,6 +102,8 @@ pub(super) struct Inner {
     discovery: Option<Discovery>,
     servers: Vec<SocketAddr>,
     next_round: Option<Instant>,
+    /// When the last round started.
+    last_round: Option<Instant>,
     reflexive: Option<SocketAddr>,
     /// Bumped whenever our candidates change, so the path thread announces.
     generation: u64,
@@ -173,6 +182,9 @@ impl Shared {
             let due = next <= now;
             if due {
                 inner.next_round = Some(now + REDISCOVER_INTERVAL);
+                if inner.discovery.is_some() {
+                    inner.last_round = Some(now);
+                }
             }
             let Some(d) = inner.discovery.as_mut() else {
                 return;
@@ -317,11 +329,13 @@ impl Engine {
             inner.discovery = None;
             inner.servers.clear();
             inner.next_round = None;
+            inner.last_round = None;
             return Ok(());
         }
         inner.discovery = Some(Discovery::new(servers, DiscoveryConfig::default())?);
         inner.servers = servers.to_vec();
         inner.next_round = Some(Instant::now());
+        inner.last_round = None;
         inner.reflexive = None;
         inner.generation += 1;
         Ok(())
@@ -347,10 +361,51 @@ impl Engine {
         }
     }
 
+    /// The reply to the UAPI request `get=meshvpn-paths` (`meshvpn status`
+    /// without `--metrics`): `key=value` lines, without the closing
+    /// `errno=0`: `last_discovery_ms` (when a round ran), then per peer
+    /// `public_key` (hex) and one `candidate` line per candidate (the path
+    /// is `get=1`'s endpoint). A request of its own, not keys added to `get=1`: `wg`
+    /// and wgctrl ignore unknown keys there, but older meshvpn parsers
+    /// (`config::uapi::parse_get`) refuse them.
+    pub fn uapi_paths(&self) -> String {
+        use std::fmt::Write;
+        let status = self.nat_status();
+        let mut out = String::new();
+        if let Some(d) = status.since_discovery {
+            let _ = writeln!(out, "last_discovery_ms={}", d.as_millis());
+        }
+        for peer in self.shared.device.peers() {
+            let key = peer.public_key();
+            let _ = writeln!(out, "public_key={}", key.to_hex());
+            let listed = status.peer_candidates.iter().find(|(k, _)| *k == key);
+            for a in listed.map(|(_, c)| c.as_slice()).unwrap_or_default() {
+                let _ = writeln!(out, "candidate={a}");
+            }
+        }
+        out
+    }
+
+    /// Bytes and time of peer `key` on direct UDP and on the relay.
+    pub fn peer_path_traffic(&self, key: &PublicKey) -> Option<PathTraffic> {
+        let peer = self.shared.device.peer(key)?;
+        Some(peer.path_traffic(Instant::now()))
+    }
+
     pub fn nat_status(&self) -> NatStatus {
         let (_, candidates) = self.shared.nat_candidates();
+        let now = Instant::now();
+        let peer_traffic = self
+            .shared
+            .device
+            .peers()
+            .iter()
+            .map(|p| (p.public_key(), p.path_traffic(now)))
+            .collect();
         let inner = self.shared.nat.inner.lock();
         NatStatus {
+            peer_traffic,
+            since_discovery: inner.last_round.map(|t| now.saturating_duration_since(t)),
             stun_servers: inner.servers.clone(),
             reflexive: inner.reflexive,
             candidates,
