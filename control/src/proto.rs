@@ -243,7 +243,7 @@ pub enum NodeBody {
     },
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize)]
 struct Envelope<B> {
     v: u32,
     #[serde(flatten)]
@@ -254,22 +254,183 @@ fn encode<B: Serialize>(body: &B) -> Vec<u8> {
     serde_json::to_vec(&Envelope { v: VERSION, body }).expect("plain data serializes")
 }
 
-fn decode<B: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<B, ProtoError> {
-    if bytes.len() > MAX_MESSAGE {
-        return Err(ProtoError::TooLarge(bytes.len()));
-    }
+/// The envelope's version alone, read when a message does not parse, so a
+/// peer speaking another version gets [`ProtoError::Version`] rather than
+/// a syntax error about a field it laid out differently.
+fn check_version(bytes: &[u8], error: serde_json::Error) -> ProtoError {
     #[derive(Deserialize)]
     struct Version {
         v: u32,
     }
-    let v: Version =
-        serde_json::from_slice(bytes).map_err(|e| ProtoError::Syntax(e.to_string()))?;
-    if v.v != VERSION {
-        return Err(ProtoError::Version(v.v));
+    match serde_json::from_slice::<Version>(bytes) {
+        Ok(v) if v.v != VERSION => ProtoError::Version(v.v),
+        _ => ProtoError::Syntax(error.to_string()),
     }
-    let e: Envelope<B> =
-        serde_json::from_slice(bytes).map_err(|e| ProtoError::Syntax(e.to_string()))?;
-    Ok(e.body)
+}
+
+/// Parses one message in one pass. The envelope is `{"v", "type", the
+/// body's fields}` (what [`encode`] writes with `#[serde(flatten)]` and an
+/// internally tagged enum); deriving the decoder the same way makes serde
+/// buffer every value of the message as an owned `Content` tree and parse
+/// it twice, which is most of a node's CPU when a mesh of 1000 joins (every
+/// node decodes every other node's entry at least once). So each side
+/// reads a flat struct of every field of every message type (`W`), then
+/// takes the variant's fields from it (`into_body`); unknown fields are
+/// still ignored, so the wire format is unchanged.
+fn decode<W, B>(
+    bytes: &[u8],
+    into_body: impl FnOnce(W) -> Result<B, ProtoError>,
+) -> Result<B, ProtoError>
+where
+    W: for<'de> Deserialize<'de> + Versioned,
+{
+    if bytes.len() > MAX_MESSAGE {
+        return Err(ProtoError::TooLarge(bytes.len()));
+    }
+    let wire: W = serde_json::from_slice(bytes).map_err(|e| check_version(bytes, e))?;
+    if wire.version() != VERSION {
+        return Err(ProtoError::Version(wire.version()));
+    }
+    into_body(wire)
+}
+
+trait Versioned {
+    fn version(&self) -> u32;
+}
+
+fn missing(field: &str) -> ProtoError {
+    ProtoError::Syntax(format!("missing field `{field}`"))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ServerKind {
+    Challenge,
+    Registered,
+    Error,
+    Map,
+}
+
+/// Every field of every [`ServerBody`] variant (see [`decode`]).
+#[derive(Deserialize)]
+struct ServerWire {
+    v: u32,
+    #[serde(rename = "type")]
+    kind: ServerKind,
+    challenge: Option<String>,
+    node_id: Option<i64>,
+    name: Option<String>,
+    ipv4: Option<Ipv4Addr>,
+    ipv6: Option<Ipv6Addr>,
+    tags: Option<Vec<String>>,
+    code: Option<ErrorCode>,
+    message: Option<String>,
+    full: Option<bool>,
+    #[serde(default)]
+    upserts: Vec<Peer>,
+    #[serde(default)]
+    removed: Vec<i64>,
+    #[serde(default)]
+    routes: Option<Vec<RouteState>>,
+    policy_version: Option<u64>,
+    #[serde(default)]
+    filter: Option<WireFilter>,
+    #[serde(default)]
+    filter_set: bool,
+    #[serde(default)]
+    relay_url: Option<String>,
+    #[serde(default)]
+    more: bool,
+}
+
+impl Versioned for ServerWire {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+
+impl ServerWire {
+    fn into_body(self) -> Result<ServerBody, ProtoError> {
+        Ok(match self.kind {
+            ServerKind::Challenge => ServerBody::Challenge {
+                challenge: self.challenge.ok_or_else(|| missing("challenge"))?,
+            },
+            ServerKind::Registered => ServerBody::Registered {
+                node_id: self.node_id.ok_or_else(|| missing("node_id"))?,
+                name: self.name.ok_or_else(|| missing("name"))?,
+                ipv4: self.ipv4.ok_or_else(|| missing("ipv4"))?,
+                ipv6: self.ipv6.ok_or_else(|| missing("ipv6"))?,
+                tags: self.tags.ok_or_else(|| missing("tags"))?,
+            },
+            ServerKind::Error => ServerBody::Error {
+                code: self.code.ok_or_else(|| missing("code"))?,
+                message: self.message.ok_or_else(|| missing("message"))?,
+            },
+            ServerKind::Map => ServerBody::Map(MapUpdate {
+                full: self.full.ok_or_else(|| missing("full"))?,
+                upserts: self.upserts,
+                removed: self.removed,
+                routes: self.routes,
+                policy_version: self
+                    .policy_version
+                    .ok_or_else(|| missing("policy_version"))?,
+                filter: self.filter,
+                filter_set: self.filter_set,
+                relay_url: self.relay_url,
+                more: self.more,
+            }),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum NodeKind {
+    Register,
+    Update,
+}
+
+/// Every field of every [`NodeBody`] variant (see [`decode`]).
+#[derive(Deserialize)]
+struct NodeWire {
+    v: u32,
+    #[serde(rename = "type")]
+    kind: NodeKind,
+    #[serde(default)]
+    join_key: Option<String>,
+    proof: Option<String>,
+    hostname: Option<String>,
+    #[serde(default)]
+    routes: Option<Vec<String>>,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    endpoints: Option<Vec<SocketAddr>>,
+}
+
+impl Versioned for NodeWire {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+
+impl NodeWire {
+    fn into_body(self) -> Result<NodeBody, ProtoError> {
+        Ok(match self.kind {
+            NodeKind::Register => NodeBody::Register {
+                join_key: self.join_key,
+                proof: self.proof.ok_or_else(|| missing("proof"))?,
+                hostname: self.hostname.ok_or_else(|| missing("hostname"))?,
+                routes: self.routes.unwrap_or_default(),
+                tags: self.tags.unwrap_or_default(),
+                endpoints: self.endpoints.unwrap_or_default(),
+            },
+            NodeKind::Update => NodeBody::Update {
+                endpoints: self.endpoints,
+                routes: self.routes,
+            },
+        })
+    }
 }
 
 fn cap(what: &'static str, count: usize, max: usize) -> Result<(), ProtoError> {
@@ -301,6 +462,16 @@ pub fn parse_routes(routes: &[String]) -> Result<Vec<IpPrefix>, ProtoError> {
         .collect()
 }
 
+/// [`parse_routes`]'s checks without collecting the prefixes.
+fn check_routes(routes: &[String]) -> Result<(), ProtoError> {
+    cap("routes", routes.len(), crate::store::MAX_ROUTES_PER_NODE)?;
+    routes.iter().try_for_each(|r| {
+        r.parse::<IpPrefix>()
+            .map(|_| ())
+            .map_err(|e| ProtoError::Invalid(format!("route {r:?}: {e}")))
+    })
+}
+
 fn check_tags(tags: &[String]) -> Result<(), ProtoError> {
     cap("tags", tags.len(), MAX_TAGS)?;
     tags.iter().try_for_each(|t| text("tag", t))
@@ -311,7 +482,7 @@ fn check_peer(p: &Peer) -> Result<(), ProtoError> {
         .map_err(|e| ProtoError::Invalid(format!("peer {}: key: {}", p.id, e.reason())))?;
     text("peer name", &p.name)?;
     check_tags(&p.tags)?;
-    parse_routes(&p.routes)?;
+    check_routes(&p.routes)?;
     cap("endpoints", p.endpoints.len(), MAX_ENDPOINTS)
 }
 
@@ -322,7 +493,7 @@ impl ServerBody {
 
     /// Parses and checks a server message (the node's side).
     pub fn decode(bytes: &[u8]) -> Result<ServerBody, ProtoError> {
-        let body: ServerBody = decode(bytes)?;
+        let body = decode(bytes, ServerWire::into_body)?;
         match &body {
             ServerBody::Challenge { challenge } => {
                 if challenge.len() != CHALLENGE_LEN * 2 {
@@ -360,7 +531,7 @@ impl NodeBody {
 
     /// Parses and checks a node message (the server's side).
     pub fn decode(bytes: &[u8]) -> Result<NodeBody, ProtoError> {
-        let body: NodeBody = decode(bytes)?;
+        let body = decode(bytes, NodeWire::into_body)?;
         match &body {
             NodeBody::Register {
                 join_key,

@@ -420,6 +420,7 @@ fn a_node_that_stops_reading_is_dropped_and_others_are_served() {
     use socket2::{Domain, Socket, Type};
     use tungstenite::Message;
 
+    let _heavy = HEAVY.lock();
     // Many registrations: on tmpfs where there is one (fsyncs are free).
     let shm = PathBuf::from("/dev/shm");
     let base = if shm.is_dir() {
@@ -671,4 +672,197 @@ fn the_total_session_cap_refuses_the_excess_and_keeps_the_rest() {
     }
     assert!(extra.iter().any(|c| c.status().connected));
     assert!(mesh.control.stats().sessions <= CAP);
+}
+
+/// The tests that measure this process's memory run one at a time, so
+/// one's peak is not another's.
+static HEAVY: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
+/// VmRSS of this process in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The send-queue cap attacked: a node registers and then reads nothing
+/// while the operator sets big policies, each compiled into a filter of
+/// about 5 MiB for every node. The socket buffers hold a few MiB; after
+/// them the node's queue fills to its byte cap
+/// ([`meshvpn_control::server::DEFAULT_QUEUE_BYTES`]) within a few
+/// changes, and the session is dropped and counted as `dropped_slow`: not
+/// by the write timeout, set far beyond the test here. A reading node gets
+/// every policy throughout, and the process's peak memory does not grow
+/// while tens of MiB more are pushed after the drop (without the cap the
+/// queue would hold all of it).
+#[test]
+fn a_node_that_never_reads_big_changes_is_dropped_at_its_queue_cap() {
+    use meshvpn_control::client::Step;
+    use meshvpn_control::proto::{filter_to_wire, MapUpdate, ServerBody};
+    use meshvpn_control::server::DEFAULT_QUEUE_BYTES;
+    use socket2::{Domain, Socket, Type};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use tungstenite::Message;
+
+    /// Policy changes made; each reaches every node.
+    const CHANGES: u64 = 12;
+    let _heavy = HEAVY.lock();
+    let mesh = Mesh::start("queuecap", |c| {
+        c.write_timeout = Duration::from_secs(600);
+    });
+    let key = mesh.key(KeyOptions {
+        reusable: true,
+        ..Default::default()
+    });
+    let reader = mesh.join(Some(&key), "reader", &secret());
+    assert!(
+        reader.wait(WAIT, |st, _| st.has_map()),
+        "{:?}",
+        reader.status()
+    );
+
+    // The silent node: a raw websocket with a small receive buffer that
+    // registers and then never reads again.
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    sock.connect(&mesh.tunnel.local_addr().into()).unwrap();
+    let tcp: std::net::TcpStream = sock.into();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    let (mut ws, _) = tungstenite::client(mesh.url(), tcp).unwrap();
+    let request = JoinRequest {
+        join_key: Some(key.clone()),
+        hostname: "silent".into(),
+        ..Default::default()
+    };
+    let (s, mut state) = (secret(), NodeState::new());
+    for _ in 0..2 {
+        let Message::Binary(m) = ws.read().unwrap() else {
+            panic!("binary expected")
+        };
+        if let Step::Reply(r) = state.handle(&m, &s, &[0u8; 32], &request).unwrap() {
+            ws.send(Message::Binary(r.into())).unwrap();
+        }
+    }
+    let silent = state.node.as_ref().expect("registered").node_id;
+    assert!(reader.wait(WAIT, |st, _| st
+        .peers
+        .get(&silent)
+        .is_some_and(|p| p.online)));
+
+    // Every TCP port but a few, one by one, to every node: 2 x 30000
+    // destinations each way per ACL.
+    let ports = |from: u32| {
+        (0..30_000)
+            .map(|i| (from + 2 * i).to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let policy = |n: u64| {
+        format!(
+            r#"{{"acls": [
+                {{"action": "accept", "src": ["*"], "dst": ["*:{}"], "proto": "tcp"}},
+                {{"action": "accept", "src": ["*"], "dst": ["*:{},{}"], "proto": "tcp"}}
+            ]}}"#,
+            ports(1),
+            ports(2),
+            60_001 + n
+        )
+    };
+
+    let baseline = rss_kib();
+    let peak = Arc::new(AtomicU64::new(baseline));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        std::thread::spawn(move || {
+            while sampling.load(Ordering::Relaxed) {
+                peak.fetch_max(rss_kib(), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let start = Instant::now();
+    let mut pushed = 0usize;
+    let mut dropped_after = None;
+    let mut largest = 0;
+    for n in 0..CHANGES {
+        let (version, _) =
+            meshvpn_control::admin::set_policy(&mesh.cli, &policy(n), now()).unwrap();
+        mesh.control.poke();
+        assert!(
+            reader.wait(WAIT, |st, _| st.policy_version == version),
+            "the reading node did not get policy {version} after {:?}: {:?}",
+            start.elapsed(),
+            reader.status()
+        );
+        // What the silent node was sent: the same filter as the reader's,
+        // its own addresses in place of the reader's.
+        let filter = reader
+            .state()
+            .filter
+            .expect("a policy compiles to a filter");
+        let size = ServerBody::Map(MapUpdate {
+            policy_version: version,
+            filter: Some(filter_to_wire(&filter)),
+            filter_set: true,
+            ..Default::default()
+        })
+        .encode()
+        .len();
+        pushed += size;
+        largest = largest.max(size);
+        if dropped_after.is_none() && mesh.control.stats().dropped_slow > 0 {
+            dropped_after = Some((n + 1, pushed, peak.load(Ordering::Relaxed)));
+        }
+    }
+    sampling.store(false, Ordering::Relaxed);
+    sampler.join().unwrap();
+    let stats = mesh.control.stats();
+    let peak = peak.load(Ordering::Relaxed);
+    println!(
+        "{CHANGES} policies in {:?}: {} MiB toward the silent node, {} KiB at most in one message; \
+         dropped after {:?} (changes, bytes, peak RSS KiB); RSS before {} MiB, peak {} MiB; {stats:?}",
+        start.elapsed(),
+        pushed >> 20,
+        largest >> 10,
+        dropped_after,
+        baseline >> 10,
+        peak >> 10,
+    );
+    assert_eq!(stats.dropped_slow, 1, "{stats:?}");
+    assert!(
+        !mesh.control.connected().contains(&silent),
+        "the silent node still has a session"
+    );
+    let (changes, at, peak_at_drop) = dropped_after.unwrap();
+    // Held when it was dropped: the queue up to its cap, one message in
+    // the websocket's write buffer, the socket buffers (at most 4 MiB on
+    // loopback), and the message that did not fit.
+    assert!(
+        at <= DEFAULT_QUEUE_BYTES + 3 * largest + (4 << 20),
+        "dropped only after {} MiB",
+        at >> 20
+    );
+    // Bounded: what was pushed after the drop (which the queue would have
+    // held without its cap) did not raise the peak.
+    let after = pushed - at;
+    assert!(
+        after >= 32 << 20 && changes + 3 <= CHANGES,
+        "only {} MiB after the drop",
+        after >> 20
+    );
+    assert!(
+        peak <= peak_at_drop + (16 << 10),
+        "memory grew from {} MiB to {} MiB after the drop, while {} MiB more were pushed",
+        peak_at_drop >> 10,
+        peak >> 10,
+        after >> 20
+    );
+    // The reading node is still served after the drop.
+    assert!(reader.status().connected && reader.status().sessions == 1);
+    drop(ws);
 }
