@@ -651,6 +651,20 @@ fn packet_filter_on_real_engines() {
         b.engine.send_packet(&unsolicited),
         Err(SendError::Filtered(FilterDrop::OutboundDenied))
     );
+    // The host that sent it learns at once: ICMP destination unreachable,
+    // administratively prohibited, from the refused packet's destination.
+    let answer = b
+        .engine
+        .recv_packet(Duration::from_secs(1))
+        .expect("no ICMP answer to the refused datagram");
+    let octets = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v4) => v4.octets(),
+        std::net::IpAddr::V6(_) => panic!("the mesh addresses here are IPv4"),
+    };
+    assert_eq!(answer[9], 1, "not ICMP: {:?}", &answer[..]);
+    assert_eq!(answer[12..16], octets(a.v4), "source");
+    assert_eq!(answer[16..20], octets(b.v4), "destination");
+    assert_eq!((answer[20], answer[21]), (3, 13), "type and code");
     let s = b.engine.stats();
     assert_eq!(s.filter_outbound_denied, 1);
     assert_eq!(s.filter_flows, 1);

@@ -1381,13 +1381,23 @@ mod tests {
         assert_eq!(seen("a"), "203.0.113.9:4242");
         assert_eq!(seen("b"), "203.0.113.9:4242");
         assert_eq!(seen("d"), "198.51.100.7:999");
-        // The other nodes are offered the seen address as an endpoint.
-        let peers = d.state();
-        let pa = peers.peers.values().find(|p| p.name == "a").unwrap();
+        // The other nodes are offered the seen address as an endpoint. A
+        // node's first map is the server's last snapshot; nodes that
+        // joined just before it arrive in the next change (within
+        // MIN_REFRESH), so wait for it.
+        let offered = |s: &::meshvpn_control::client::NodeState| {
+            s.peers.values().any(|p| {
+                p.name == "a" && p.endpoints.contains(&"203.0.113.9:4242".parse().unwrap())
+            })
+        };
         assert!(
-            pa.endpoints.contains(&"203.0.113.9:4242".parse().unwrap()),
+            d.wait(WAIT, |s, _| offered(s)),
             "{:?}",
-            pa.endpoints
+            d.state()
+                .peers
+                .values()
+                .map(|p| (p.name.clone(), p.endpoints.clone()))
+                .collect::<Vec<_>>()
         );
 
         let started = Instant::now();

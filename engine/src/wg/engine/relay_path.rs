@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use boringtun::x25519::StaticSecret;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use super::{Engine, EngineError, Net, RxBurst, Shared};
 use crate::config::PublicKey;
@@ -76,6 +76,10 @@ pub trait RelayTransport: Transport + 'static {
 #[derive(Default)]
 pub(super) struct RelaySlot {
     active: RwLock<Option<Arc<ActiveRelay>>>,
+    /// The path policy's state per peer, owned by the path thread (locked
+    /// once per tick); `detach_relay` takes it to put peers back on UDP
+    /// before it returns.
+    paths: Mutex<HashMap<PublicKey, PathState>>,
     /// Datagrams for the relay with no transport or session to take them.
     unsent: AtomicU64,
 }
@@ -184,11 +188,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Detaches the relay; peers on it go back to their last UDP
-    /// endpoint (at the path thread's next tick). Returns the transport
-    /// that was attached. Idempotent.
+    /// Detaches the relay; peers on it are back on their last UDP
+    /// endpoint when it returns. Returns the transport that was attached.
+    /// Idempotent.
     pub fn detach_relay(&self) -> Option<Arc<dyn RelayTransport>> {
         let active = self.shared.relay.active.write().take()?;
+        // After any tick in progress (which may still have used the relay).
+        back_to_udp(&self.shared, &self.shared.relay.paths.lock());
         Some(active.transport.clone())
     }
 
@@ -208,7 +214,6 @@ impl Engine {
 /// for every peer while a relay is attached or any peer has candidates
 /// (from the relay or a control server's map); idle otherwise.
 pub(super) fn path_loop(shared: Arc<Shared>, stop: Receiver<()>) {
-    let mut peers: HashMap<PublicKey, PathState> = HashMap::new();
     let mut nat = NatTick::default();
     let mut own_key = None;
     let mut had_relay = false;
@@ -218,6 +223,8 @@ pub(super) fn path_loop(shared: Arc<Shared>, stop: Receiver<()>) {
             break;
         }
         let active = shared.relay.active.read().clone();
+        let mut paths = shared.relay.paths.lock();
+        let peers = &mut *paths;
         let key = shared.device.public_key();
         if let Some(a) = &active {
             if own_key.is_some() && key != own_key {
@@ -227,7 +234,7 @@ pub(super) fn path_loop(shared: Arc<Shared>, stop: Receiver<()>) {
         }
         own_key = key;
         if had_relay && active.is_none() {
-            back_to_udp(&shared, &peers);
+            back_to_udp(&shared, peers);
         }
         had_relay = active.is_some();
         if active.is_none() && !shared.has_peer_candidates() {
@@ -239,9 +246,9 @@ pub(super) fn path_loop(shared: Arc<Shared>, stop: Receiver<()>) {
         let probe_interval = active
             .as_ref()
             .map_or(DEFAULT_PROBE_INTERVAL, |a| a.probe_interval);
-        tick(&shared, &mut peers, relay_up, probe_interval, &mut out);
+        tick(&shared, peers, relay_up, probe_interval, &mut out);
         let relay = active.as_deref().filter(|_| relay_up);
-        nat.tick(&shared, relay, &mut peers, &mut out);
+        nat.tick(&shared, relay, peers, &mut out);
         // One entry per peer: `tick` keeps `peers` to the device's peers.
         shared.nat.inner.lock().paths = peers.iter().map(|(k, st)| (*k, st.summary())).collect();
     }
