@@ -611,6 +611,10 @@ impl PathState {
             self.alive_misses += 1;
             if self.alive_misses >= LIVENESS_MISSES {
                 self.alive_misses = 0;
+                // Timed as unanswered, so `choose` leaves it for any path
+                // that answers (a candidate the peer moved to, the relay)
+                // instead of holding it by its last good round trip.
+                self.record(Endpoint::Udp(udp), None, now);
                 if relay_up {
                     self.path = PeerPath::Relay;
                     self.fell_back(now);
