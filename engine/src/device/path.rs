@@ -625,6 +625,10 @@ impl PathState {
                 if !self.direct_dead {
                     self.direct_dead = true;
                     self.fell_back(now);
+                    // No relay to hold down against: a new burst at once
+                    // (a peer restarted on a new port answers there).
+                    self.rounds = 0;
+                    self.next_round = Some(now);
                 }
                 return PathAction::Stay;
             }
