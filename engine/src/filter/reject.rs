@@ -133,25 +133,8 @@ pub fn icmp_prohibited(packet: &[u8], out: &mut [u8; REJECT_ANSWER_MAX]) -> Opti
     let (src, dst) = (&a[half..], &a[..half]);
     let buf = &mut out[..total];
     buf[..ip_len + ICMP_ERROR_HEADER].fill(0);
-    if v4 {
-        buf[0] = 0x45;
-        // Internetwork control precedence, as Linux's ICMP errors.
-        buf[1] = 0xc0;
-        buf[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        buf[8] = 64;
-        buf[9] = icmp;
-        buf[12..16].copy_from_slice(src);
-        buf[16..20].copy_from_slice(dst);
-        let c = checksum::checksum(&buf[..20], 0);
-        buf[10..12].copy_from_slice(&c.to_be_bytes());
-    } else {
-        buf[0] = 0x60;
-        buf[4..6].copy_from_slice(&(icmp_len as u16).to_be_bytes());
-        buf[6] = icmp;
-        buf[7] = 64;
-        buf[8..24].copy_from_slice(src);
-        buf[24..40].copy_from_slice(dst);
-    }
+    // Internetwork control precedence, as Linux's ICMP errors.
+    write_ip_header(buf, src, dst, icmp, icmp_len, 0xc0, false);
     let (ty, code) = if v4 {
         (ICMP4_UNREACHABLE, ICMP4_ADMIN_PROHIBITED)
     } else {
@@ -243,24 +226,7 @@ pub fn tcp_reset(packet: &[u8], out: &mut [u8; REJECT_ANSWER_MAX]) -> Option<usi
     let total = ip_len + 20;
     let buf = &mut out[..total];
     buf.fill(0);
-    if ip.is_v4() {
-        buf[0] = 0x45;
-        buf[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        buf[6] = 0x40; // don't fragment
-        buf[8] = 64;
-        buf[9] = PROTO_TCP;
-        buf[12..16].copy_from_slice(src);
-        buf[16..20].copy_from_slice(dst);
-        let c = checksum::checksum(&buf[..20], 0);
-        buf[10..12].copy_from_slice(&c.to_be_bytes());
-    } else {
-        buf[0] = 0x60;
-        buf[4..6].copy_from_slice(&20u16.to_be_bytes());
-        buf[6] = PROTO_TCP;
-        buf[7] = 64;
-        buf[8..24].copy_from_slice(src);
-        buf[24..40].copy_from_slice(dst);
-    }
+    write_ip_header(buf, src, dst, PROTO_TCP, 20, 0, true);
     let t = &mut buf[ip_len..];
     t[0..2].copy_from_slice(&tcp.dst_port().to_be_bytes());
     t[2..4].copy_from_slice(&tcp.src_port().to_be_bytes());
@@ -275,6 +241,42 @@ pub fn tcp_reset(packet: &[u8], out: &mut [u8; REJECT_ANSWER_MAX]) -> Option<usi
         .ok()?
         .fill_checksum(pseudo);
     Some(total)
+}
+
+/// The IP header of an answer from `src` to `dst` (4 bytes each for IPv4,
+/// 16 for IPv6) carrying `payload_len` bytes of `proto`, written into the
+/// start of `buf`, which the caller zeroed. `tos` and `dont_fragment`
+/// apply to IPv4 only; the hop limit is 64 either way.
+fn write_ip_header(
+    buf: &mut [u8],
+    src: &[u8],
+    dst: &[u8],
+    proto: u8,
+    payload_len: usize,
+    tos: u8,
+    dont_fragment: bool,
+) {
+    if src.len() == 4 {
+        buf[0] = 0x45;
+        buf[1] = tos;
+        buf[2..4].copy_from_slice(&((20 + payload_len) as u16).to_be_bytes());
+        if dont_fragment {
+            buf[6] = 0x40;
+        }
+        buf[8] = 64;
+        buf[9] = proto;
+        buf[12..16].copy_from_slice(src);
+        buf[16..20].copy_from_slice(dst);
+        let c = checksum::checksum(&buf[..20], 0);
+        buf[10..12].copy_from_slice(&c.to_be_bytes());
+    } else {
+        buf[0] = 0x60;
+        buf[4..6].copy_from_slice(&(payload_len as u16).to_be_bytes());
+        buf[6] = proto;
+        buf[7] = 64;
+        buf[8..24].copy_from_slice(src);
+        buf[24..40].copy_from_slice(dst);
+    }
 }
 
 #[cfg(test)]
