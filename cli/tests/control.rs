@@ -320,7 +320,7 @@ fn sigkilled_cli_writers_lose_no_printed_key() {
                     .arg(&db)
                     .args(["keys", "create"])
                     .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::piped())
                     .spawn()
                     .unwrap()
             })
@@ -337,7 +337,10 @@ fn sigkilled_cli_writers_lose_no_printed_key() {
                     acked.push(keys::parse(&text).expect("a whole key was printed").id);
                 }
                 None => killed += 1,
-                Some(code) => panic!("keys create failed with {code}"),
+                Some(code) => panic!(
+                    "keys create failed with {code}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
             }
         }
         if db.exists() {

@@ -457,9 +457,23 @@ impl SqliteStore {
         let mut conn = Connection::open_with_flags(path, flags).map_err(err)?;
         conn.busy_timeout(config.busy_timeout).map_err(err)?;
         // The first statement that reads the file: a non-database fails here.
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(err)?;
+        // On a file not yet in WAL mode the switch takes an exclusive lock,
+        // and SQLite answers "busy" at once, without the busy handler, while
+        // another connection holds the file (several processes opening a new
+        // file together); so the switch is retried here for the same
+        // busy timeout.
+        let deadline = Instant::now() + config.busy_timeout;
+        let mode: String = loop {
+            match conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)) {
+                Err(e)
+                    if matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy))
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                r => break r.map_err(err)?,
+            }
+        };
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Corrupt {
                 path: path.to_path_buf(),
