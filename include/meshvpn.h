@@ -607,7 +607,10 @@ typedef struct meshvpn_tunnel_server meshvpn_tunnel_server;
 typedef struct meshvpn_tunnel_stream meshvpn_tunnel_stream;
 
 /**
- * A UDP socket. Opaque: created by `meshvpn_udp_bind`, released by
+ * A UDP socket, unconnected (`meshvpn_udp_send_to`, `meshvpn_udp_recv_from`)
+ * or connected to one remote (`meshvpn_udp_connect`, then
+ * `meshvpn_udp_send` and `meshvpn_udp_recv`, which also report ICMP
+ * errors). Opaque: created by `meshvpn_udp_bind`, released by
  * `meshvpn_udp_free`. The value is a handle, not a pointer to memory:
  * never dereference it.
  */
@@ -2678,6 +2681,79 @@ meshvpn_result meshvpn_udp_recv_from(struct meshvpn_udp *udp,
                                      char *from_buf,
                                      size_t from_buf_len,
                                      size_t *out_n);
+
+/**
+ * Connects the socket to `addr` (`"10.0.0.2:53"`), as `connect(2)` on a
+ * UDP socket: from then on it receives only `addr`'s datagrams,
+ * `meshvpn_udp_send` sends there, and an ICMP destination unreachable
+ * about one of its datagrams (a closed port, or a packet filter's
+ * administratively prohibited answer such as the engine's own for a
+ * datagram its policy refuses) fails the next `meshvpn_udp_send` or
+ * `meshvpn_udp_recv` once: `MESHVPN_CONNECTION_REFUSED` for port
+ * unreachable or administratively prohibited, `MESHVPN_UNREACHABLE` for
+ * net or host unreachable. Connecting again replaces the remote. An
+ * unconnected socket ignores ICMP errors, as on Linux without
+ * `IP_RECVERR`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_INVALID_ARGUMENT` (port 0), `MESHVPN_UNREACHABLE` (no peer
+ * routes the address), `MESHVPN_ADDRESS_IN_USE` (another socket on the
+ * same port is connected to `addr`), `MESHVPN_CLOSED`.
+ *
+ * Thread safety: safe from any thread at any time.
+ */
+meshvpn_result meshvpn_udp_connect(struct meshvpn_udp *udp, const char *addr);
+
+/**
+ * Sends `len` bytes of `buf` as one datagram to the connected remote
+ * (`meshvpn_udp_connect`), waiting for room in the socket's buffer if
+ * needed. Limits as `meshvpn_udp_send_to`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_NOT_CONNECTED`, `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_MESSAGE_TOO_LARGE`,
+ * `MESHVPN_CONNECTION_REFUSED` and `MESHVPN_UNREACHABLE` (an ICMP error
+ * about an earlier datagram, see `meshvpn_udp_connect`; also no route),
+ * `MESHVPN_NO_ADDRESS`, `MESHVPN_INTERRUPTED`, `MESHVPN_CLOSED`.
+ *
+ * Thread safety: safe from any thread at any time.
+ */
+meshvpn_result meshvpn_udp_send(struct meshvpn_udp *udp, const uint8_t *buf, size_t len);
+
+/**
+ * Waits up to `timeout_ms` (`MESHVPN_WAIT_FOREVER`: no limit; 0: only
+ * what has arrived) for the next datagram from the connected remote
+ * (`meshvpn_udp_connect`), copies it into `buf` (a longer one is
+ * truncated to `len`) and writes the number of bytes copied into
+ * `*out_n`.
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_NOT_CONNECTED`, `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_CONNECTION_REFUSED`
+ * and `MESHVPN_UNREACHABLE` (an ICMP error about a datagram sent, see
+ * `meshvpn_udp_connect`), `MESHVPN_TIMEOUT`, `MESHVPN_INTERRUPTED`,
+ * `MESHVPN_CLOSED`.
+ *
+ * Thread safety: safe from any thread at any time.
+ */
+meshvpn_result meshvpn_udp_recv(struct meshvpn_udp *udp,
+                                uint8_t *buf,
+                                size_t len,
+                                meshvpn_timeout_ms timeout_ms,
+                                size_t *out_n);
+
+/**
+ * Writes the connected remote (`meshvpn_udp_connect`) into `buf` (buffer
+ * protocol of `meshvpn_result_message`; `MESHVPN_ADDR_MAX` bytes
+ * suffice).
+ *
+ * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+ * `MESHVPN_NOT_CONNECTED` (never connected), `MESHVPN_BUFFER_TOO_SMALL`.
+ *
+ * Thread safety: safe from any thread at any time.
+ */
+meshvpn_result meshvpn_udp_peer_addr(const struct meshvpn_udp *udp,
+                                     char *buf,
+                                     size_t buf_len,
+                                     size_t *out_len);
 
 /**
  * Wakes the calls blocked on the socket without closing it: they return

@@ -1097,4 +1097,200 @@ mod tests {
         assert_eq!(late.left.load(SeqCst), after);
         drop(mesh);
     }
+
+    /// A connected UDP socket through the C functions, between two
+    /// userspace nodes over loopback: it echoes with b, names its remote,
+    /// and once the policy refuses the port, a's engine answers the
+    /// datagram with an ICMP admin-prohibited that fails the socket's next
+    /// receive with `MESHVPN_CONNECTION_REFUSED` (long before its timeout);
+    /// an unconnected socket's send and receive get `MESHVPN_NOT_CONNECTED`.
+    #[test]
+    fn a_connected_udp_socket_echoes_and_reports_a_refusal_through_the_c_abi() {
+        use crate::netstack::meshvpn_netstack_free;
+        use crate::udp::*;
+        let mesh = Mesh::start("udpconnect");
+        let lo = CString::new("127.0.0.1").unwrap();
+        let join = || {
+            let config = meshvpn_join_config {
+                endpoint_ips: lo.as_ptr(),
+                ..join_config(&mesh.url, &mesh.key, true)
+            };
+            let mut node = std::ptr::null_mut();
+            // SAFETY: a valid config whose strings outlive the call.
+            let r = unsafe { meshvpn_join(&config, 15_000, std::ptr::null(), &mut node) };
+            assert_eq!(
+                r,
+                meshvpn_result::MESHVPN_OK,
+                "{}",
+                crate::error::last_error_for_tests()
+            );
+            node
+        };
+        let status = |node| -> serde_json::Value {
+            // SAFETY: a valid node handle and a buffer of the length given.
+            serde_json::from_str(&text(|p, n, l| unsafe {
+                meshvpn_node_status(node, p, n, l)
+            }))
+            .unwrap()
+        };
+        let (a, b) = (join(), join());
+        let b_ip: IpAddr = status(b)["node"]["ipv4"].as_str().unwrap().parse().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while status(a)["peers"].as_array().is_none_or(|p| p.is_empty()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a never got b as a peer"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        // b echoes on 8080 and 9090.
+        let b_stack = NODES.lookup(b).unwrap().node.netstack().unwrap();
+        let servers: Vec<_> = [8080u16, 9090]
+            .into_iter()
+            .map(|port| {
+                let s = Arc::new(
+                    b_stack
+                        .udp_bind(std::net::SocketAddr::new(b_ip, port))
+                        .unwrap(),
+                );
+                let echo = s.clone();
+                let t = std::thread::spawn(move || {
+                    let mut buf = [0u8; 1500];
+                    while let Ok((n, from)) = echo.recv_from_timeout(&mut buf, None) {
+                        let _ = echo.send_to(&buf[..n], from);
+                    }
+                });
+                (s, t)
+            })
+            .collect();
+
+        let mut ns = std::ptr::null_mut();
+        // SAFETY: a live node and an out pointer.
+        assert_eq!(
+            unsafe { meshvpn_node_netstack(a, &mut ns) },
+            meshvpn_result::MESHVPN_OK
+        );
+        let any = CString::new("0.0.0.0:0").unwrap();
+        let mut udp = std::ptr::null_mut();
+        // SAFETY: live handles, a NUL-terminated address, an out pointer.
+        assert_eq!(
+            unsafe { meshvpn_udp_bind(ns, any.as_ptr(), &mut udp) },
+            meshvpn_result::MESHVPN_OK
+        );
+        let mut buf = [0u8; 64];
+        let mut n = 0usize;
+        // Not connected yet.
+        // SAFETY: a live socket and buffers of the lengths given.
+        unsafe {
+            assert_eq!(
+                meshvpn_udp_send(udp, b"x".as_ptr(), 1),
+                meshvpn_result::MESHVPN_NOT_CONNECTED
+            );
+            assert_eq!(
+                meshvpn_udp_recv(udp, buf.as_mut_ptr(), buf.len(), 0, &mut n),
+                meshvpn_result::MESHVPN_NOT_CONNECTED
+            );
+            assert_eq!(
+                meshvpn_udp_peer_addr(udp, std::ptr::null_mut(), 0, &mut n),
+                meshvpn_result::MESHVPN_NOT_CONNECTED
+            );
+        }
+        let connect = |port: u16| {
+            let to = CString::new(format!("{b_ip}:{port}")).unwrap();
+            // SAFETY: a live socket and a NUL-terminated address.
+            let r = unsafe { meshvpn_udp_connect(udp, to.as_ptr()) };
+            assert_eq!(
+                r,
+                meshvpn_result::MESHVPN_OK,
+                "{}",
+                crate::error::last_error_for_tests()
+            );
+        };
+        // One datagram out and its answer back, or the error on the way.
+        let exchange = |timeout_ms: u32| {
+            let mut buf = [0u8; 64];
+            let mut n = 0usize;
+            // SAFETY: a live socket and buffers of the lengths given.
+            let r = unsafe { meshvpn_udp_send(udp, b"ping".as_ptr(), 4) };
+            if r != meshvpn_result::MESHVPN_OK {
+                return (r, Vec::new());
+            }
+            // SAFETY: as above.
+            let r =
+                unsafe { meshvpn_udp_recv(udp, buf.as_mut_ptr(), buf.len(), timeout_ms, &mut n) };
+            (r, buf[..n].to_vec())
+        };
+        connect(9090);
+        assert_eq!(
+            // SAFETY: a live socket and a buffer of the length given.
+            text(|p, l, o| unsafe { meshvpn_udp_peer_addr(udp, p, l, o) }),
+            format!("{b_ip}:9090")
+        );
+        // The first datagrams may go before the handshake is done.
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let (r, got) = exchange(500);
+            if r == meshvpn_result::MESHVPN_OK {
+                assert_eq!(got, b"ping");
+                break;
+            }
+            assert_eq!(r, meshvpn_result::MESHVPN_TIMEOUT);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no echo over the mesh"
+            );
+        }
+
+        // Only 8080 allowed: a's engine refuses the datagram to 9090 and
+        // answers it, and the socket's receive fails at once.
+        let cli = SqliteStore::open(&mesh.dir.join("control.db"), &StoreConfig::default()).unwrap();
+        let (version, _) = ::meshvpn_control::admin::set_policy(
+            &cli,
+            r#"{"acls": [{"action": "accept", "src": ["*"], "dst": ["*:8080"]}]}"#,
+            now(),
+        )
+        .unwrap();
+        let want = format!(r#""policy_version":{version}"#);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !status(a).to_string().contains(&want) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a never applied the policy"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let t = std::time::Instant::now();
+        let (r, _) = exchange(2000);
+        let took = t.elapsed();
+        println!("refused datagram: {r:?} after {took:?}");
+        assert_eq!(
+            r,
+            meshvpn_result::MESHVPN_CONNECTION_REFUSED,
+            "after {took:?}"
+        );
+        assert!(
+            took < Duration::from_millis(1000),
+            "the refusal took {took:?}"
+        );
+        // Reported once; connected to the allowed port the socket echoes again.
+        connect(8080);
+        assert_eq!(
+            exchange(5000),
+            (meshvpn_result::MESHVPN_OK, b"ping".to_vec())
+        );
+
+        assert_eq!(meshvpn_udp_free(udp), meshvpn_result::MESHVPN_OK);
+        assert_eq!(meshvpn_netstack_free(ns), meshvpn_result::MESHVPN_OK);
+        for (s, t) in servers {
+            s.close();
+            t.join().unwrap();
+        }
+        // SAFETY: live nodes, each freed once.
+        unsafe {
+            assert_eq!(meshvpn_node_free(a), meshvpn_result::MESHVPN_OK);
+            assert_eq!(meshvpn_node_free(b), meshvpn_result::MESHVPN_OK);
+        }
+        drop(mesh);
+    }
 }

@@ -16,7 +16,10 @@ use crate::netstack::{self, lookup as netstack_lookup, meshvpn_netstack, timed, 
 use crate::ptr::{self, Out};
 use crate::timeout::{self, meshvpn_timeout_ms};
 
-/// A UDP socket. Opaque: created by `meshvpn_udp_bind`, released by
+/// A UDP socket, unconnected (`meshvpn_udp_send_to`, `meshvpn_udp_recv_from`)
+/// or connected to one remote (`meshvpn_udp_connect`, then
+/// `meshvpn_udp_send` and `meshvpn_udp_recv`, which also report ICMP
+/// errors). Opaque: created by `meshvpn_udp_bind`, released by
 /// `meshvpn_udp_free`. The value is a handle, not a pointer to memory:
 /// never dereference it.
 pub struct meshvpn_udp {
@@ -27,6 +30,16 @@ static UDPS: HandleTable<meshvpn_udp, UdpSocket> = HandleTable::new(tag::UDP);
 
 fn lookup(udp: *const meshvpn_udp) -> Result<Arc<UdpSocket>> {
     UDPS.lookup(udp)
+}
+
+/// The socket's connected remote, or `MESHVPN_NOT_CONNECTED`.
+fn remote(s: &UdpSocket) -> Result<std::net::SocketAddr> {
+    s.peer_addr().ok_or_else(|| {
+        Error::new(
+            meshvpn_result::MESHVPN_NOT_CONNECTED,
+            "the socket is not connected (meshvpn_udp_connect)",
+        )
+    })
 }
 
 impl Handled for UdpSocket {
@@ -135,6 +148,121 @@ pub unsafe extern "C" fn meshvpn_udp_recv_from(
         }
         out.write(n);
         Ok(())
+    }}
+}
+
+/// Connects the socket to `addr` (`"10.0.0.2:53"`), as `connect(2)` on a
+/// UDP socket: from then on it receives only `addr`'s datagrams,
+/// `meshvpn_udp_send` sends there, and an ICMP destination unreachable
+/// about one of its datagrams (a closed port, or a packet filter's
+/// administratively prohibited answer such as the engine's own for a
+/// datagram its policy refuses) fails the next `meshvpn_udp_send` or
+/// `meshvpn_udp_recv` once: `MESHVPN_CONNECTION_REFUSED` for port
+/// unreachable or administratively prohibited, `MESHVPN_UNREACHABLE` for
+/// net or host unreachable. Connecting again replaces the remote. An
+/// unconnected socket ignores ICMP errors, as on Linux without
+/// `IP_RECVERR`.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_INVALID_ARGUMENT` (port 0), `MESHVPN_UNREACHABLE` (no peer
+/// routes the address), `MESHVPN_ADDRESS_IN_USE` (another socket on the
+/// same port is connected to `addr`), `MESHVPN_CLOSED`.
+///
+/// Thread safety: safe from any thread at any time.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_udp_connect(
+    udp: *mut meshvpn_udp,
+    addr: *const c_char,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let s = lookup(udp)?;
+        // SAFETY: the caller passes a NUL-terminated string or NULL.
+        let remote = unsafe { netstack::socket_addr(addr, "addr") }?;
+        s.connect(remote)?;
+        Ok(())
+    }}
+}
+
+/// Sends `len` bytes of `buf` as one datagram to the connected remote
+/// (`meshvpn_udp_connect`), waiting for room in the socket's buffer if
+/// needed. Limits as `meshvpn_udp_send_to`.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_NOT_CONNECTED`, `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_MESSAGE_TOO_LARGE`,
+/// `MESHVPN_CONNECTION_REFUSED` and `MESHVPN_UNREACHABLE` (an ICMP error
+/// about an earlier datagram, see `meshvpn_udp_connect`; also no route),
+/// `MESHVPN_NO_ADDRESS`, `MESHVPN_INTERRUPTED`, `MESHVPN_CLOSED`.
+///
+/// Thread safety: safe from any thread at any time.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_udp_send(
+    udp: *mut meshvpn_udp,
+    buf: *const u8,
+    len: usize,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let s = lookup(udp)?;
+        // SAFETY: the caller promises `len` readable bytes at `buf`.
+        let buf = unsafe { ptr::try_slice(buf, len, "buf") }?;
+        remote(&s)?;
+        timed(Instant::now(), None, s.send(buf))?;
+        Ok(())
+    }}
+}
+
+/// Waits up to `timeout_ms` (`MESHVPN_WAIT_FOREVER`: no limit; 0: only
+/// what has arrived) for the next datagram from the connected remote
+/// (`meshvpn_udp_connect`), copies it into `buf` (a longer one is
+/// truncated to `len`) and writes the number of bytes copied into
+/// `*out_n`.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_NOT_CONNECTED`, `MESHVPN_INVALID_ARGUMENT`, `MESHVPN_CONNECTION_REFUSED`
+/// and `MESHVPN_UNREACHABLE` (an ICMP error about a datagram sent, see
+/// `meshvpn_udp_connect`), `MESHVPN_TIMEOUT`, `MESHVPN_INTERRUPTED`,
+/// `MESHVPN_CLOSED`.
+///
+/// Thread safety: safe from any thread at any time.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_udp_recv(
+    udp: *mut meshvpn_udp,
+    buf: *mut u8,
+    len: usize,
+    timeout_ms: meshvpn_timeout_ms,
+    out_n: *mut usize,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let s = lookup(udp)?;
+        let out = Out::new(out_n, "out_n")?;
+        // SAFETY: the caller promises `len` writable bytes at `buf`.
+        let buf = unsafe { ptr::try_slice_mut(buf, len, "buf") }?;
+        remote(&s)?;
+        let limit = timeout::limit(timeout_ms);
+        let n = timed(Instant::now(), limit, s.recv_timeout(buf, limit))?;
+        out.write(n);
+        Ok(())
+    }}
+}
+
+/// Writes the connected remote (`meshvpn_udp_connect`) into `buf` (buffer
+/// protocol of `meshvpn_result_message`; `MESHVPN_ADDR_MAX` bytes
+/// suffice).
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_NOT_CONNECTED` (never connected), `MESHVPN_BUFFER_TOO_SMALL`.
+///
+/// Thread safety: safe from any thread at any time.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_udp_peer_addr(
+    udp: *const meshvpn_udp,
+    buf: *mut c_char,
+    buf_len: usize,
+    out_len: *mut usize,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let addr = remote(&*lookup(udp)?)?;
+        // SAFETY: the caller promises `buf` has `buf_len` writable bytes.
+        unsafe { netstack::write_addr(addr, buf, buf_len, out_len) }
     }}
 }
 

@@ -155,10 +155,20 @@ impl UdpSocket {
     /// timeout; an ICMP error about the remote ends it (see
     /// [`UdpSocket::connect`]).
     pub fn recv(&self, buf: &mut [u8]) -> Result<usize, NetstackError> {
+        let t = *self.read_limit.lock();
+        self.recv_timeout(buf, t)
+    }
+
+    /// As [`UdpSocket::recv`], waiting up to `timeout` (`None`: no limit).
+    pub fn recv_timeout(
+        &self,
+        buf: &mut [u8],
+        timeout: Option<Duration>,
+    ) -> Result<usize, NetstackError> {
         if self.peer_addr().is_none() {
             return Err(NetstackError::InvalidInput("not connected"));
         }
-        self.recv_from(buf).map(|(n, _)| n)
+        self.recv_from_timeout(buf, timeout).map(|(n, _)| n)
     }
 
     /// Sends one datagram (at most the MTU less headers); waits for room in
