@@ -50,10 +50,17 @@ func (ns *Netstack) Dial(network, address string) (net.Conn, error) {
 
 // DialContext connects to address ("10.0.0.2:80", "[fd00::2]:80"; IPs
 // only) over the mesh. ctx's deadline bounds the handshake; cancelling
-// ctx abandons it.
+// ctx abandons it. Network "udp" (or "udp4", "udp6") returns a connected
+// *UDPConn (see DialUDP), which sends nothing until written to.
 func (ns *Netstack) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
 	opErr := func(err error) error {
 		return &net.OpError{Op: "dial", Net: network, Err: err}
+	}
+	if checkNetwork(network, "udp") == nil {
+		if err := ctx.Err(); err != nil {
+			return nil, opErr(err)
+		}
+		return ns.DialUDP(network, address)
 	}
 	if err := checkNetwork(network, "tcp"); err != nil {
 		return nil, opErr(err)

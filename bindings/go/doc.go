@@ -29,7 +29,14 @@
 //
 // Join(ctx, JoinConfig{ControlURL, JoinKey, ...}) makes this program a
 // node of a mesh run by a control server (`meshvpn control serve`): its
-// Node has the Engine, a Netstack in userspace mode, Status and Events.
+// Node has the Engine, a Netstack in userspace mode, Status and Events
+// (pushed by the library through a callback into a bounded channel that
+// drops its oldest event when nobody reads; see Node.Events).
+//
+// A Netstack dials TCP (Dial, DialContext) and UDP (DialUDP, or Dial with
+// "udp": a connected *UDPConn, a net.Conn that reports an ICMP refusal as
+// an error matching syscall.ECONNREFUSED), listens (Listen,
+// ListenPacket) and pings.
 //
 // Building: see README.md. By default the package links
 // bindings/go/lib/libmeshvpn.a, made by `make -C bindings/go lib`, and the

@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"syscall"
 	"unsafe"
 )
 
@@ -73,7 +74,8 @@ func (r Result) Error() string {
 }
 
 // Is makes the codes that mean "this object is closed" match
-// net.ErrClosed, and a timeout match os.ErrDeadlineExceeded, so callers
+// net.ErrClosed, a timeout match os.ErrDeadlineExceeded, and a refusal or
+// no route match syscall.ECONNREFUSED or syscall.EHOSTUNREACH, so callers
 // can use the standard library's sentinels.
 func (r Result) Is(target error) bool {
 	switch target {
@@ -81,6 +83,10 @@ func (r Result) Is(target error) bool {
 		return r == ErrInvalidHandle || r == ErrEngineStopped || r == ErrClosed || r == ErrTunnelClosed
 	case os.ErrDeadlineExceeded:
 		return r == ErrTimeout
+	case syscall.ECONNREFUSED:
+		return r == ErrConnectionRefused
+	case syscall.EHOSTUNREACH:
+		return r == ErrUnreachable
 	}
 	return false
 }

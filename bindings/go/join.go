@@ -6,6 +6,19 @@ package meshvpn
 //
 // static inline meshvpn_node *mv_node(uintptr_t h) { return (meshvpn_node *)h; }
 // static inline meshvpn_interrupter *mv_join_interrupter(uintptr_t h) { return (meshvpn_interrupter *)h; }
+//
+// extern void meshvpnGoNodeEvent(uintptr_t sink, char *json, size_t len);
+//
+// static void mv_node_event_trampoline(void *userdata, const char *json, size_t len) {
+//     meshvpnGoNodeEvent((uintptr_t)userdata, (char *)json, len);
+// }
+//
+// // sink is a cgo.Handle, passed to the library as the callback's
+// // userdata (an integer it never dereferences); 0 clears the callback.
+// static meshvpn_result mv_node_set_events(uintptr_t node, uintptr_t sink) {
+//     return meshvpn_node_set_event_callback((meshvpn_node *)node,
+//         sink ? mv_node_event_trampoline : NULL, (void *)sink);
+// }
 import "C"
 
 import (
@@ -14,6 +27,7 @@ import (
 	"errors"
 	"net/netip"
 	"runtime"
+	"runtime/cgo"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -44,6 +58,7 @@ type JoinConfig struct {
 	EndpointIPs     []string // IPs to report as UDP endpoints (with the engine's port)
 	ListenPort      uint16   // 0: any
 	Userspace       bool     // attach a Netstack on the mesh addresses (no TUN, no root)
+	EventBuffer     int      // capacity of the Events channel; 0: 64
 }
 
 // NodeEvent is one change of a node: Type is joined, map_applied,
@@ -100,9 +115,85 @@ type Node struct {
 	h        handle
 	engine   *Engine
 	netstack *Netstack
-	events   chan NodeEvent
-	done     chan struct{}
-	once     sync.Once
+	sink     *eventSink
+	handle   cgo.Handle // the sink, as the event callback's userdata
+	closeMu  sync.Mutex // one Close at a time: a second waits for the first
+}
+
+// defaultEventBuffer is the Events channel's capacity when
+// JoinConfig.EventBuffer is 0.
+const defaultEventBuffer = 64
+
+// eventSink is what the library's event callback feeds: the Events
+// channel and its counters. The cgo.Handle refers to it and not to the
+// Node, so an unclosed Node can still be collected (and its finalizer
+// close it).
+type eventSink struct {
+	ch chan NodeEvent
+	// dropped counts the events the callback took out of a full channel
+	// to make room for a newer one.
+	dropped atomic.Uint64
+	// delivered counts the callback's calls (tests: proof that events
+	// come by callback).
+	delivered atomic.Uint64
+	// closed is set once the node is freed, before ch is closed; late
+	// counts callback calls that came after it (the library promises
+	// none; tests check).
+	closed atomic.Bool
+	late   atomic.Uint64
+}
+
+// callbackPanics counts panics caught in the event callback (none are
+// expected; a panic must never unwind into the library's thread).
+var callbackPanics atomic.Uint64
+
+// eventHook, when set (tests only), runs inside the callback before the
+// event is queued: a slow callback that Close must wait for.
+var eventHook atomic.Pointer[func(*eventSink)]
+
+// deliverEvent is the event callback's body: it never blocks the
+// library's event thread. When the channel is full the oldest event is
+// dropped and counted (Node.EventsDropped), as the library does with its
+// own queue; the newest state is the one worth keeping.
+func deliverEvent(h uintptr, text []byte) {
+	defer func() {
+		if recover() != nil {
+			callbackPanics.Add(1)
+		}
+	}()
+	s, ok := cgo.Handle(h).Value().(*eventSink)
+	if !ok {
+		return
+	}
+	if s.closed.Load() {
+		s.late.Add(1)
+		return
+	}
+	s.delivered.Add(1)
+	if hook := eventHook.Load(); hook != nil {
+		(*hook)(s)
+	}
+	var ev NodeEvent
+	if json.Unmarshal(text, &ev) != nil {
+		return
+	}
+	// The callback is the channel's only sender and is never called
+	// twice at once, so after taking one out there is room.
+	select {
+	case s.ch <- ev:
+		return
+	default:
+	}
+	select {
+	case <-s.ch:
+		s.dropped.Add(1)
+	default:
+	}
+	select {
+	case s.ch <- ev:
+	default:
+		s.dropped.Add(1)
+	}
 }
 
 // joinsInFlight counts the meshvpn_join calls not yet returned (for tests).
@@ -187,7 +278,7 @@ func Join(ctx context.Context, cfg JoinConfig) (*Node, error) {
 		if r.err != nil {
 			return nil, r.err
 		}
-		return newNode(r.h, cfg.Userspace)
+		return newNode(r.h, cfg.Userspace, cfg.EventBuffer)
 	case <-ctx.Done():
 		go func() {
 			if r := <-ch; r.err == nil {
@@ -198,10 +289,21 @@ func Join(ctx context.Context, cfg JoinConfig) (*Node, error) {
 	}
 }
 
-func newNode(h uintptr, userspace bool) (*Node, error) {
-	n := &Node{events: make(chan NodeEvent, 64), done: make(chan struct{})}
+func newNode(h uintptr, userspace bool, buffer int) (*Node, error) {
+	if buffer <= 0 {
+		buffer = defaultEventBuffer
+	}
+	n := &Node{sink: &eventSink{ch: make(chan NodeEvent, buffer)}}
 	n.h.set(h)
 	runtime.SetFinalizer(n, func(n *Node) { _ = n.Close() })
+	// Events are pushed by the library's event thread: nothing polls.
+	n.handle = cgo.NewHandle(n.sink)
+	if err := n.h.do("Node.Events", func(h C.uintptr_t) C.meshvpn_result {
+		return C.mv_node_set_events(h, C.uintptr_t(n.handle))
+	}); err != nil {
+		_ = n.Close()
+		return nil, err
+	}
 	eh, err := newHandle("Node.Engine", func(out unsafe.Pointer) C.meshvpn_result {
 		return C.meshvpn_node_engine(C.mv_node(C.uintptr_t(h)), (**C.meshvpn_engine)(out))
 	})
@@ -222,47 +324,21 @@ func newNode(h uintptr, userspace bool) (*Node, error) {
 		n.netstack = &Netstack{}
 		n.netstack.h.set(sh)
 	}
-	go n.pump()
 	return n, nil
 }
 
-// pump moves the library's events to the Events channel; when nobody
-// reads it, the oldest are dropped (the channel holds 64).
-func (n *Node) pump() {
-	defer close(n.events)
-	for {
-		select {
-		case <-n.done:
-			return
-		default:
-		}
-		text, err := n.h.textOut("Node.Events", func(h C.uintptr_t, buf *C.char, sz C.size_t, got *C.size_t) C.meshvpn_result {
-			return C.meshvpn_node_next_event(C.mv_node(h), 200, buf, sz, got)
-		})
-		if err != nil {
-			if errors.Is(err, ErrTimeout) {
-				continue
-			}
-			return
-		}
-		var ev NodeEvent
-		if json.Unmarshal([]byte(text), &ev) != nil {
-			continue
-		}
-		select {
-		case n.events <- ev:
-		default:
-			select {
-			case <-n.events:
-			default:
-			}
-			n.events <- ev
-		}
-	}
-}
+// Events delivers the node's changes, pushed by the library as they
+// happen (no polling); closed by Close. The library calls into Go on its
+// own event thread and never waits for the reader: when the channel
+// (JoinConfig.EventBuffer, default 64) is full, the oldest event is
+// dropped and counted in EventsDropped. Status().EventsDropped counts the
+// events the library's own queue (256) dropped, which only happens if
+// its thread cannot get into Go in time.
+func (n *Node) Events() <-chan NodeEvent { return n.sink.ch }
 
-// Events delivers the node's changes; closed after Close.
-func (n *Node) Events() <-chan NodeEvent { return n.events }
+// EventsDropped is the number of events dropped because the Events
+// channel was full.
+func (n *Node) EventsDropped() uint64 { return n.sink.dropped.Load() }
 
 // Engine is the node's engine (peers, stats, packets). Close the Node, not
 // the Engine.
@@ -300,19 +376,28 @@ func (n *Node) IPv4() (netip.Addr, error) {
 }
 
 // Close leaves the mesh: the control session, the netstack and the engine
-// end. Idempotent.
+// end, the event callback is unregistered (the library waits for a
+// running call), and Events is closed; no event is delivered after Close
+// returns. Idempotent; a Close racing with another returns once the first
+// is done.
 func (n *Node) Close() error {
-	n.once.Do(func() { close(n.done) })
+	n.closeMu.Lock()
+	defer n.closeMu.Unlock()
 	if n.netstack != nil {
 		_ = n.netstack.Close()
 	}
 	if n.engine != nil {
 		_ = n.engine.Close()
 	}
+	// meshvpn_node_free stops the event thread and waits for a running
+	// callback: once it returns none runs, so the channel may close.
 	freed, err := n.h.release("Node.Close", func(h C.uintptr_t) C.meshvpn_result {
 		return C.meshvpn_node_free(C.mv_node(h))
 	})
 	if freed {
+		n.sink.closed.Store(true)
+		close(n.sink.ch)
+		n.handle.Delete()
 		runtime.SetFinalizer(n, nil)
 	}
 	return err
