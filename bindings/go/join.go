@@ -58,7 +58,7 @@ type JoinConfig struct {
 	EndpointIPs     []string // IPs to report as UDP endpoints (with the engine's port)
 	ListenPort      uint16   // 0: any
 	Userspace       bool     // attach a Netstack on the mesh addresses (no TUN, no root)
-	EventBuffer     int      // capacity of the Events channel; 0: 64
+	EventBuffer     int      // capacity of the Events channel (see Node.Events); 0: 64
 }
 
 // NodeEvent is one change of a node: Type is joined, map_applied,
