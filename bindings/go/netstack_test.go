@@ -310,8 +310,8 @@ func TestDialErrors(t *testing.T) {
 	if _, err := na.Dial("tcp", "10.99.0.1:80"); !errors.Is(err, ErrUnreachable) {
 		t.Fatalf("no route: %v", err)
 	}
-	if _, err := na.Dial("udp", b.addr.String()+":80"); err == nil {
-		t.Fatal("Dial(udp) succeeded")
+	if _, err := na.Dial("ip4", b.addr.String()+":80"); err == nil {
+		t.Fatal("Dial(ip4) succeeded")
 	}
 	if _, err := na.Dial("tcp", "example.com:80"); err == nil {
 		t.Fatal("a name was dialed")

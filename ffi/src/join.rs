@@ -1167,17 +1167,13 @@ mod tests {
 
         let mut ns = std::ptr::null_mut();
         // SAFETY: a live node and an out pointer.
-        assert_eq!(
-            unsafe { meshvpn_node_netstack(a, &mut ns) },
-            meshvpn_result::MESHVPN_OK
-        );
+        let r = unsafe { meshvpn_node_netstack(a, &mut ns) };
+        assert_eq!(r, meshvpn_result::MESHVPN_OK);
         let any = CString::new("0.0.0.0:0").unwrap();
         let mut udp = std::ptr::null_mut();
         // SAFETY: live handles, a NUL-terminated address, an out pointer.
-        assert_eq!(
-            unsafe { meshvpn_udp_bind(ns, any.as_ptr(), &mut udp) },
-            meshvpn_result::MESHVPN_OK
-        );
+        let r = unsafe { meshvpn_udp_bind(ns, any.as_ptr(), &mut udp) };
+        assert_eq!(r, meshvpn_result::MESHVPN_OK);
         let mut buf = [0u8; 64];
         let mut n = 0usize;
         // Not connected yet.
