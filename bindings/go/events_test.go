@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"runtime/cgo"
 	"sync"
 	"sync/atomic"
@@ -297,5 +298,25 @@ func TestEventsCloseWaitsForARunningCallback(t *testing.T) {
 	}
 	if late := x.sink.late.Load(); late != 0 {
 		t.Fatalf("%d callbacks after Close", late)
+	}
+}
+
+// TestUnclosedNodeIsClosedByItsFinalizer: the callback's handle refers to
+// the event sink, not the Node, so a Node dropped without Close is
+// collected and its finalizer closes it (Events closes, the library node
+// is freed).
+func TestUnclosedNodeIsClosedByItsFinalizer(t *testing.T) {
+	s := startControl(t)
+	key := s.ctl(t, "keys", "create", "--reusable")
+	sink := func() *eventSink { return joinNode(t, s, key, "lost", 0).sink }()
+	deadline := time.Now().Add(10 * time.Second)
+	for !sink.closed.Load() {
+		if time.Now().After(deadline) {
+			t.Fatal("the unreachable node was never closed by its finalizer")
+		}
+		runtime.GC()
+		time.Sleep(10 * time.Millisecond)
+	}
+	for range sink.ch { // closed: the receive ends
 	}
 }
