@@ -32,6 +32,11 @@ struct Driver {
     changes: Vec<(u64, usize, usize, PeerPath)>,
     /// (time in ms, node, peer, path) each time the chosen path changed.
     chosen: Vec<(u64, usize, usize, Endpoint)>,
+    /// (time in ms, node, peer) of each fallback the policy reported (the
+    /// engine counts it and starts a discovery round).
+    fell_back: Vec<(u64, usize, usize)>,
+    /// A relay is up to fall back to (and to measure).
+    relay_up: bool,
 }
 
 fn sa(s: &str) -> SocketAddr {
@@ -84,6 +89,8 @@ fn two_nodes_with(seed: u64, nats: [Option<bool>; 2], relay_delay: u64) -> (Sim,
         budgets: vec![ProbeBudget::default(), ProbeBudget::default()],
         changes: Vec::new(),
         chosen: Vec::new(),
+        fell_back: Vec::new(),
+        relay_up: true,
     };
     (sim, d)
 }
@@ -109,59 +116,36 @@ fn announce(sim: &mut Sim, d: &mut Driver, i: usize, j: usize) {
         .set_candidates(&got.0, now);
 }
 
-/// One look of the policy at every peer, as the engine's path thread.
+/// One look of the policy at every peer: the engine's path thread's own
+/// per-peer sequence (`Device::path_tick`), with each node's budget.
 fn policy(sim: &mut Sim, d: &mut Driver) {
     for (i, j) in [(0, 1), (1, 0)] {
         let peer = sim.peer(i, j);
-        let key = sim.nodes[j].public();
-        let now = sim.now();
         let st = d.states.get_mut(&(i, j)).unwrap();
-        let before = st.path;
-        st.set_role(&sim.nodes[i].public(), &key);
-        if let Some((path, rtt)) = peer.take_rtt_sample() {
-            st.observe_rtt(path, rtt, now);
-        }
-        let action = st.step(&peer.stats(), true, Duration::from_secs(5), now);
-        let after = peer.stats().path;
-        if after != before {
+        let budget = &mut d.budgets[i];
+        let relay_up = d.relay_up;
+        let mut t = None;
+        sim.with_device(i, |dev, now, out, io| {
+            t = Some(dev.path_tick(
+                now,
+                &peer,
+                st,
+                relay_up,
+                Duration::from_secs(5),
+                budget,
+                out,
+                io,
+            ));
+        });
+        let t = t.expect("the policy ran");
+        if let Some(after) = t.path_changed {
             d.changes.push((sim.ticks(), i, j, after));
         }
-        match action {
-            PathAction::Stay => {}
-            PathAction::ToRelay => {
-                d.changes.push((sim.ticks(), i, j, PeerPath::Relay));
-                sim.with_device(i, |dev, now, out, io| {
-                    dev.switch_path(now, &peer, Endpoint::Relay(key), out, io)
-                })
-            }
-            PathAction::Probe(udp) => sim.with_device(i, |dev, now, out, io| {
-                dev.probe(now, &peer, Endpoint::Udp(udp), out, io);
-            }),
+        if t.action == PathAction::ToRelay {
+            d.changes.push((sim.ticks(), i, j, PeerPath::Relay));
         }
-        let st = d.states.get_mut(&(i, j)).unwrap();
-        if let Some(mv) = st.choose(&peer.stats(), now) {
-            if mv.handshake {
-                sim.with_device(i, |dev, now, out, io| {
-                    dev.switch_path(now, &peer, mv.to, out, io)
-                });
-            } else {
-                peer.set_endpoint(mv.to);
-            }
-            peer.hold_endpoint(d.states[&(i, j)].hold_until());
-        }
-        let st = d.states.get_mut(&(i, j)).unwrap();
-        if let Some(targets) = st.candidate_round(&peer.stats(), now, &mut d.budgets[i]) {
-            sim.with_device(i, |dev, now, out, io| {
-                dev.probe_many(now, &peer, &targets, out, io);
-            });
-        }
-        let st = d.states.get_mut(&(i, j)).unwrap();
-        let relay = Some(Endpoint::Relay(key));
-        if let Some(to) = st.measure_round(&peer.stats(), relay, now, &mut d.budgets[i]) {
-            peer.hold_endpoint(st.hold_until());
-            sim.with_device(i, |dev, now, out, io| {
-                dev.probe(now, &peer, to, out, io);
-            });
+        if t.fell_back {
+            d.fell_back.push((sim.ticks(), i, j));
         }
         if let Some(c) = d.states[&(i, j)].chosen() {
             if d.chosen.last().is_none_or(|l| (l.1, l.2, l.3) != (i, j, c))
@@ -637,6 +621,13 @@ fn a_dead_direct_path_under_traffic_falls_back_to_the_relay_within_seconds() {
     assert!(gap <= bound, "{gap} ms to the relay, bound {bound} ms");
     let fallbacks = d.states[&(0, 1)].fallbacks + d.states[&(1, 0)].fallbacks;
     assert!(fallbacks >= 1, "not counted as a fallback");
+    // What the engine counts (and starts a discovery round on): once each.
+    assert_eq!(
+        d.fell_back.len() as u64,
+        fallbacks,
+        "fallbacks reported: {:?}",
+        d.fell_back
+    );
 }
 
 /// A lossy but working direct path is not given up: 5 % of datagrams
