@@ -33,6 +33,7 @@
 //!                ProbeBudget (PROBES_PER_SECOND)
 //! ```
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -69,16 +70,19 @@ pub const PROBES_PER_SECOND: u32 = 200;
 /// Liveness probes may use the whole allowance.
 pub const LIVENESS_RESERVE_PERCENT: u32 = 25;
 
-/// The device-wide bound on probe datagrams: a one-second window, as the
-/// handshake limiter's, with a reserve only liveness probes reach
-/// ([`LIVENESS_RESERVE_PERCENT`]).
+/// The device-wide bound on probe datagrams: at most `per_second` in ANY
+/// second (a sliding window: a log of the last second's takes, at most
+/// `per_second` entries since each takes one datagram or more; a fixed
+/// window would let twice the allowance through across its edge), with a
+/// reserve only liveness probes reach ([`LIVENESS_RESERVE_PERCENT`]).
 #[derive(Debug, Clone)]
 pub struct ProbeBudget {
     per_second: u32,
-    window: Option<Instant>,
+    /// Takes of the last second: when, and how many datagrams.
+    log: VecDeque<(Instant, u32)>,
     used: u32,
     /// Probes (rounds, measurements, liveness probes) put off because the
-    /// window was spent.
+    /// last second's allowance was spent.
     pub deferred: u64,
 }
 
@@ -86,20 +90,20 @@ impl ProbeBudget {
     pub fn new(per_second: u32) -> ProbeBudget {
         ProbeBudget {
             per_second,
-            window: None,
+            log: VecDeque::new(),
             used: 0,
             deferred: 0,
         }
     }
 
-    /// Takes `n` datagrams of a probing round or a measurement from this
-    /// second's allowance less the liveness reserve, all or none.
+    /// Takes `n` datagrams of a probing round or a measurement from the
+    /// last second's allowance less the liveness reserve, all or none.
     pub fn take(&mut self, now: Instant, n: u32) -> bool {
         let reserve = self.per_second * LIVENESS_RESERVE_PERCENT / 100;
         self.take_up_to(now, n, self.per_second - reserve)
     }
 
-    /// Takes one liveness probe from this second's whole allowance.
+    /// Takes one liveness probe from the last second's whole allowance.
     ///
     /// Liveness before candidates: a liveness probe checks a path that
     /// carries the peer's data now (while it is dark, data is lost until
@@ -112,18 +116,19 @@ impl ProbeBudget {
     }
 
     fn take_up_to(&mut self, now: Instant, n: u32, limit: u32) -> bool {
-        if self
-            .window
-            .is_none_or(|w| now.saturating_duration_since(w) >= Duration::from_secs(1))
-        {
-            self.window = Some(now);
-            self.used = 0;
+        while let Some(&(t, k)) = self.log.front() {
+            if now.saturating_duration_since(t) < Duration::from_secs(1) {
+                break;
+            }
+            self.log.pop_front();
+            self.used -= k;
         }
-        if self.used.saturating_add(n) > limit {
-            self.deferred += 1;
-            return false;
+        if n == 0 || self.used.saturating_add(n) > limit {
+            self.deferred += u64::from(n > 0);
+            return n == 0;
         }
         self.used += n;
+        self.log.push_back((now, n));
         true
     }
 }
@@ -1077,9 +1082,12 @@ mod tests {
         assert!(b.take_liveness(t0 + Duration::from_millis(999)));
         assert!(b.take_liveness(t0 + Duration::from_millis(999)));
         assert!(!b.take_liveness(t0 + Duration::from_millis(999)));
-        assert!(b.take(t0 + Duration::from_secs(1), 8));
+        // A sliding second: at t0 + 1 s only the 6 of t0 are free again.
+        assert!(!b.take(t0 + Duration::from_secs(1), 5));
+        assert!(b.take(t0 + Duration::from_secs(1), 4));
         assert!(b.take_liveness(t0 + Duration::from_secs(1)));
-        assert_eq!(b.deferred, 3);
+        assert!(b.take(t0 + Duration::from_millis(1999), 3));
+        assert_eq!(b.deferred, 4);
     }
 
     /// Liveness probes are charged to the budget: a spent allowance puts
@@ -1088,17 +1096,16 @@ mod tests {
     #[test]
     fn a_liveness_probe_waits_for_the_budget_and_is_no_miss_until_sent() {
         let t0 = Instant::now();
-        let mut p = Peer {
+        let p = Peer {
             relay: false,
             rx: 100,
             inits: 1,
         };
         let mut st = PathState::new(&p.stats(), t0);
         let mut budget = ProbeBudget::new(4);
-        // Data flows both ways, then only out.
+        // Data goes out; nothing comes back.
         let mut s = p.stats();
         s.tx_inner_bytes = 1;
-        p.rx += 1;
         st.step(&s, true, Duration::from_secs(5), t0, &mut budget);
         s.tx_inner_bytes = 2;
         let quiet = t0 + Duration::from_millis(250);
