@@ -863,3 +863,100 @@ fn a_dead_path_is_given_up_in_bounded_time_while_probing_rounds_spend_the_budget
         Some(Endpoint::Relay(sim.nodes[1].public()))
     );
 }
+
+// ---- A peer restarted on a new port (no relay) ----
+
+/// Node `a` sends to node `b` one way with no relay; `b` restarts on a new
+/// UDP port of the same IP (a new device with the same key: no session),
+/// and `a`'s map brings `b`'s new address a second later. `a`'s liveness
+/// probes give the old port up, and with no relay a probing round goes at
+/// once to the candidates (the new port): `a` finds `b` again within the
+/// liveness bound. Before that (a round only after the flap holddown,
+/// 5 s doubled per recent fallback) it took 10 s more. Returns the time
+/// from the restart until `b` got `a`'s data again.
+fn restart_on_a_new_port(seed: u64, restart_controlling: bool) -> u64 {
+    let mut sim = Sim::full_mesh(2, seed, Net::default());
+    assert!(sim.establish(0, 1, 5), "no session over UDP");
+    // The side that measures and chooses has the lower key.
+    let low = usize::from(sim.nodes[1].public().as_bytes() < sim.nodes[0].public().as_bytes());
+    let b = if restart_controlling { low } else { 1 - low };
+    let a = 1 - b;
+    let mut d = Driver {
+        states: HashMap::new(),
+        budgets: vec![ProbeBudget::default(), ProbeBudget::default()],
+        changes: Vec::new(),
+        chosen: Vec::new(),
+        fell_back: Vec::new(),
+        relay_up: false,
+    };
+    let now = sim.now();
+    for (i, j) in [(0, 1), (1, 0)] {
+        let mut st = PathState::new(&sim.peer(i, j).stats(), now);
+        // The map's candidates: each node's UDP address.
+        st.set_candidates(&[sim.nodes[j].addr], now);
+        d.states.insert((i, j), st);
+    }
+    let mut n = 0u8;
+    run(&mut sim, &mut d, Duration::from_secs(30), |sim, _| {
+        sim.send(a, b, n);
+        n = n.wrapping_add(1);
+        false
+    });
+    let old = sim.nodes[b].addr;
+    assert_eq!(sim.endpoint(a, b), Some(Endpoint::Udp(old)), "not direct");
+    assert!(sim.nodes[b].received.len() >= 100, "no traffic before");
+
+    let new = SocketAddr::new(old.ip(), old.port() + 1);
+    sim.restart(b, new);
+    sim.introduce(b, a, true);
+    let now = sim.now();
+    let mut st = PathState::new(&sim.peer(b, a).stats(), now);
+    st.set_candidates(&[sim.nodes[a].addr], now);
+    d.states.insert((b, a), st);
+    let restarted = sim.ticks();
+    let mut found = None;
+    // Bounded: 40 s of simulated time.
+    run(&mut sim, &mut d, Duration::from_secs(40), |sim, d| {
+        if sim.ticks() - restarted == 1_000 {
+            let now = sim.now();
+            d.states
+                .get_mut(&(a, b))
+                .unwrap()
+                .set_candidates(&[new], now);
+        }
+        if sim.endpoint(a, b) == Some(Endpoint::Udp(new)) && !sim.nodes[b].received.is_empty() {
+            found = Some(sim.ticks() - restarted);
+            return true;
+        }
+        sim.send(a, b, n);
+        n = n.wrapping_add(1);
+        false
+    });
+    let st = &d.states[&(a, b)];
+    println!(
+        "node {b} restarted on a new port ({}controlling): node {a} found it after {found:?} ms; \
+         {} liveness probes, {} rounds, {} fallbacks reported",
+        if restart_controlling { "" } else { "not " },
+        st.liveness_probes,
+        st.probe_rounds,
+        d.fell_back.len()
+    );
+    let found = found.expect("the restarted peer was not found again in 40 s");
+    assert!(
+        d.fell_back.iter().any(|f| (f.1, f.2) == (a, b)),
+        "the old port's give-up was not reported as a fallback"
+    );
+    found
+}
+
+#[test]
+fn a_peer_restarted_on_a_new_port_is_found_again_without_a_relay() {
+    // Nothing heard for LIVENESS_QUIET, LIVENESS_MISSES probes (a
+    // measurement in flight may hold them off for its MEASURE_TIMEOUT,
+    // one miss), then one round trip.
+    let bound = (LIVENESS_QUIET + LIVENESS_TIMEOUT * LIVENESS_MISSES).as_millis() as u64 + 2_000;
+    for (s, controlling) in [(30, false), (31, true)] {
+        let ms = restart_on_a_new_port(seed(s), controlling);
+        assert!(ms <= bound, "found again after {ms} ms, bound {bound} ms");
+    }
+}
