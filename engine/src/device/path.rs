@@ -30,8 +30,13 @@
 //!                        tried ever more rarely, never more than every 80 s)
 //!   every round: only to candidates and the last UDP endpoint, at most
 //!                MAX_CANDIDATES + 1 datagrams, within the device-wide
-//!                ProbeBudget (PROBES_PER_SECOND)
+//!                ProbeBudget (PROBES_PER_SECOND in any second; rounds and
+//!                measurements leave LIVENESS_RESERVE_PERCENT of it to the
+//!                liveness probes, which are charged to it too)
 //! ```
+//!
+//! [`Device::path_tick`] runs the whole sequence for one peer; the
+//! engine's path thread and the simulation both call it.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;

@@ -13,6 +13,8 @@
 //!               (one REKEY_TIMEOUT unanswered) -> endpoint := relay, handshake now
 //!     on relay: every probe_interval, a handshake initiation over UDP to the last
 //!               UDP endpoint; the answer over UDP moves the peer back (roaming)
+//!   (the per-peer sequence is `Device::path_tick`, which the simulation
+//!   runs too; here: its logs, counters, and a discovery round on fallback)
 //! ```
 //!
 //! Candidates (from the relay or a control server's map) are probed and
