@@ -14,7 +14,7 @@ use common::initiator::Initiator;
 use common::link::seed;
 use common::sim::{Net, Sim};
 use meshvpn_engine::device::{
-    Device, Endpoint, PathAction, PathState, SendError, HANDSHAKES_PER_SECOND,
+    Device, Endpoint, PathAction, PathState, ProbeBudget, SendError, HANDSHAKES_PER_SECOND,
 };
 use meshvpn_engine::peer::{
     DropReason, PeerPath, CONFIRM_WAIT, HANDSHAKE_QUEUE_PACKETS, MIN_INITIATION_INTERVAL,
@@ -181,7 +181,14 @@ fn crossing_handshakes_both_end_with_a_working_session() {
 fn path_step(sim: &mut Sim, st: &mut PathState, i: usize, j: usize) -> PathAction {
     let now = sim.now();
     let peer = sim.peer(i, j);
-    let action = st.step(&peer.stats(), true, Duration::from_secs(5), now);
+    let mut budget = ProbeBudget::default();
+    let action = st.step(
+        &peer.stats(),
+        true,
+        Duration::from_secs(5),
+        now,
+        &mut budget,
+    );
     let key = sim.nodes[j].public();
     match action {
         PathAction::Stay => {}

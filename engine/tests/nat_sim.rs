@@ -14,7 +14,7 @@ use common::link::seed;
 use common::sim::{NatBox, Net, Sim};
 use meshvpn_engine::device::{
     Endpoint, PathAction, PathState, ProbeBudget, LIVENESS_MISSES, LIVENESS_QUIET,
-    LIVENESS_TIMEOUT, MIN_BURST_GAP, PROBE_BURST_ROUNDS, REPROBE_INTERVAL,
+    LIVENESS_TIMEOUT, MIN_BURST_GAP, PROBES_PER_SECOND, PROBE_BURST_ROUNDS, REPROBE_INTERVAL,
 };
 use meshvpn_engine::peer::PeerPath;
 use meshvpn_engine::relay::protocol::Candidates;
@@ -32,6 +32,11 @@ struct Driver {
     changes: Vec<(u64, usize, usize, PeerPath)>,
     /// (time in ms, node, peer, path) each time the chosen path changed.
     chosen: Vec<(u64, usize, usize, Endpoint)>,
+    /// (time in ms, node, peer) of each fallback the policy reported (the
+    /// engine counts it and starts a discovery round).
+    fell_back: Vec<(u64, usize, usize)>,
+    /// A relay is up to fall back to (and to measure).
+    relay_up: bool,
 }
 
 fn sa(s: &str) -> SocketAddr {
@@ -84,6 +89,8 @@ fn two_nodes_with(seed: u64, nats: [Option<bool>; 2], relay_delay: u64) -> (Sim,
         budgets: vec![ProbeBudget::default(), ProbeBudget::default()],
         changes: Vec::new(),
         chosen: Vec::new(),
+        fell_back: Vec::new(),
+        relay_up: true,
     };
     (sim, d)
 }
@@ -109,59 +116,36 @@ fn announce(sim: &mut Sim, d: &mut Driver, i: usize, j: usize) {
         .set_candidates(&got.0, now);
 }
 
-/// One look of the policy at every peer, as the engine's path thread.
+/// One look of the policy at every peer: the engine's path thread's own
+/// per-peer sequence (`Device::path_tick`), with each node's budget.
 fn policy(sim: &mut Sim, d: &mut Driver) {
     for (i, j) in [(0, 1), (1, 0)] {
         let peer = sim.peer(i, j);
-        let key = sim.nodes[j].public();
-        let now = sim.now();
         let st = d.states.get_mut(&(i, j)).unwrap();
-        let before = st.path;
-        st.set_role(&sim.nodes[i].public(), &key);
-        if let Some((path, rtt)) = peer.take_rtt_sample() {
-            st.observe_rtt(path, rtt, now);
-        }
-        let action = st.step(&peer.stats(), true, Duration::from_secs(5), now);
-        let after = peer.stats().path;
-        if after != before {
+        let budget = &mut d.budgets[i];
+        let relay_up = d.relay_up;
+        let mut t = None;
+        sim.with_device(i, |dev, now, out, io| {
+            t = Some(dev.path_tick(
+                now,
+                &peer,
+                st,
+                relay_up,
+                Duration::from_secs(5),
+                budget,
+                out,
+                io,
+            ));
+        });
+        let t = t.expect("the policy ran");
+        if let Some(after) = t.path_changed {
             d.changes.push((sim.ticks(), i, j, after));
         }
-        match action {
-            PathAction::Stay => {}
-            PathAction::ToRelay => {
-                d.changes.push((sim.ticks(), i, j, PeerPath::Relay));
-                sim.with_device(i, |dev, now, out, io| {
-                    dev.switch_path(now, &peer, Endpoint::Relay(key), out, io)
-                })
-            }
-            PathAction::Probe(udp) => sim.with_device(i, |dev, now, out, io| {
-                dev.probe(now, &peer, Endpoint::Udp(udp), out, io);
-            }),
+        if t.action == PathAction::ToRelay {
+            d.changes.push((sim.ticks(), i, j, PeerPath::Relay));
         }
-        let st = d.states.get_mut(&(i, j)).unwrap();
-        if let Some(mv) = st.choose(&peer.stats(), now) {
-            if mv.handshake {
-                sim.with_device(i, |dev, now, out, io| {
-                    dev.switch_path(now, &peer, mv.to, out, io)
-                });
-            } else {
-                peer.set_endpoint(mv.to);
-            }
-            peer.hold_endpoint(d.states[&(i, j)].hold_until());
-        }
-        let st = d.states.get_mut(&(i, j)).unwrap();
-        if let Some(targets) = st.candidate_round(&peer.stats(), now, &mut d.budgets[i]) {
-            sim.with_device(i, |dev, now, out, io| {
-                dev.probe_many(now, &peer, &targets, out, io);
-            });
-        }
-        let st = d.states.get_mut(&(i, j)).unwrap();
-        let relay = Some(Endpoint::Relay(key));
-        if let Some(to) = st.measure_round(&peer.stats(), relay, now, &mut d.budgets[i]) {
-            peer.hold_endpoint(st.hold_until());
-            sim.with_device(i, |dev, now, out, io| {
-                dev.probe(now, &peer, to, out, io);
-            });
+        if t.fell_back {
+            d.fell_back.push((sim.ticks(), i, j));
         }
         if let Some(c) = d.states[&(i, j)].chosen() {
             if d.chosen.last().is_none_or(|l| (l.1, l.2, l.3) != (i, j, c))
@@ -637,6 +621,13 @@ fn a_dead_direct_path_under_traffic_falls_back_to_the_relay_within_seconds() {
     assert!(gap <= bound, "{gap} ms to the relay, bound {bound} ms");
     let fallbacks = d.states[&(0, 1)].fallbacks + d.states[&(1, 0)].fallbacks;
     assert!(fallbacks >= 1, "not counted as a fallback");
+    // What the engine counts (and starts a discovery round on): once each.
+    assert_eq!(
+        d.fell_back.len() as u64,
+        fallbacks,
+        "fallbacks reported: {:?}",
+        d.fell_back
+    );
 }
 
 /// A lossy but working direct path is not given up: 5 % of datagrams
@@ -679,4 +670,293 @@ fn a_lossy_direct_path_with_one_way_traffic_does_not_flap() {
     // which move the peer there for a moment by design.)
     assert_eq!(st.fallbacks, 0, "a working lossy path was given up");
     assert_eq!(d.states[&(1, 0)].fallbacks, 0);
+}
+
+// ---- Liveness probes within the device-wide probe budget ----
+
+/// Node 0 and `n` spokes (nodes 1..=n), each a peer of node 0 only, with
+/// UDP endpoints and a session each; node 0's policy state per spoke.
+fn hub(n: usize, seed: u64) -> (Sim, HashMap<usize, PathState>) {
+    let mut sim = Sim::new(seed, Net::default());
+    for i in 0..=n {
+        sim.add_node(i);
+    }
+    let mut states = HashMap::new();
+    for j in 1..=n {
+        sim.introduce(0, j, true);
+        sim.introduce(j, 0, true);
+        assert!(sim.establish(0, j, 5), "no session with spoke {j}");
+        // Within the hub's handshake limiter (HANDSHAKES_PER_SECOND).
+        sim.advance(Duration::from_millis(20));
+        states.insert(j, PathState::new(&sim.peer(0, j).stats(), sim.now()));
+    }
+    (sim, states)
+}
+
+/// One look of node 0's policy at the spokes in `order`, with node 0's
+/// one budget; returns the spokes that fell back.
+fn hub_policy(
+    sim: &mut Sim,
+    states: &mut HashMap<usize, PathState>,
+    order: &[usize],
+    budget: &mut ProbeBudget,
+) -> Vec<usize> {
+    let mut fell = Vec::new();
+    for &j in order {
+        let peer = sim.peer(0, j);
+        let st = states.get_mut(&j).unwrap();
+        let mut t = None;
+        sim.with_device(0, |dev, now, out, io| {
+            t = Some(dev.path_tick(
+                now,
+                &peer,
+                st,
+                true,
+                Duration::from_secs(5),
+                budget,
+                out,
+                io,
+            ));
+        });
+        if t.expect("the policy ran").fell_back {
+            fell.push(j);
+        }
+    }
+    fell
+}
+
+/// The most handshake initiations node 0 sent over UDP in any 1 s of
+/// simulated time from `from` on (read off the wire).
+fn peak_initiations_per_second(sim: &Sim, from: u64) -> usize {
+    let at: Vec<u64> = sim
+        .udp_initiations
+        .iter()
+        .filter(|(t, n)| *n == 0 && *t >= from)
+        .map(|(t, _)| *t)
+        .collect();
+    let mut peak = 0;
+    let mut lo = 0;
+    for hi in 0..at.len() {
+        while at[hi] - at[lo] >= 1000 {
+            lo += 1;
+        }
+        peak = peak.max(hi - lo + 1);
+    }
+    peak
+}
+
+/// The attack: 240 peers (more than PROBES_PER_SECOND) take data from
+/// node 0 one way, and every direct path goes dark at the same moment, so
+/// every peer wants its liveness probes in the same second. Node 0's probe
+/// datagrams stay within its device-wide budget in every second (they were
+/// bounded per peer only: 240 in one second), the rest wait, and every
+/// peer still gives its dead path up, later by the wait.
+#[test]
+fn liveness_probes_of_many_peers_stay_within_the_probe_budget() {
+    const N: usize = 240;
+    let (mut sim, mut states) = hub(N, seed(28));
+    let order: Vec<usize> = (1..=N).collect();
+    let mut budget = ProbeBudget::default();
+    for j in 1..=N {
+        sim.udp_cut.insert((0, j));
+    }
+    let dark_at = sim.ticks();
+    let mut gave_up: HashMap<usize, u64> = HashMap::new();
+    // Bounded: 30 s of simulated time.
+    for _ in 0..(30_000 / PATH_TICK.as_millis() as u64) {
+        for j in 1..=N {
+            sim.send(0, j, 1);
+        }
+        for j in hub_policy(&mut sim, &mut states, &order, &mut budget) {
+            gave_up.entry(j).or_insert(sim.ticks() - dark_at);
+        }
+        sim.advance(PATH_TICK);
+    }
+    let peak = peak_initiations_per_second(&sim, dark_at);
+    let liveness: u64 = states.values().map(|s| s.liveness_probes).sum();
+    let last = gave_up.values().max().copied();
+    println!(
+        "{N} peers, dead direct paths, one-way traffic: peak {peak} probe datagrams in 1 s \
+         (budget {PROBES_PER_SECOND}), {liveness} liveness probes, {} probes deferred, \
+         {} of {N} gave up, the last {last:?} ms after the paths died",
+        budget.deferred,
+        gave_up.len()
+    );
+    assert!(
+        peak <= PROBES_PER_SECOND as usize,
+        "{peak} probe datagrams in one second, budget {PROBES_PER_SECOND}"
+    );
+    assert!(
+        budget.deferred > 0,
+        "the budget was never spent: the test proves nothing"
+    );
+    assert_eq!(gave_up.len(), N, "peers kept their dead direct path");
+    // Each peer needs LIVENESS_MISSES probes; ceil(N / budget) peers'
+    // worth of them share each second.
+    let turns = N.div_ceil(PROBES_PER_SECOND as usize) as u32;
+    let bound =
+        (LIVENESS_QUIET + LIVENESS_TIMEOUT * LIVENESS_MISSES * turns).as_millis() as u64 + 1_000;
+    let last = last.unwrap();
+    assert!(
+        last <= bound,
+        "the last give-up {last} ms, bound {bound} ms"
+    );
+}
+
+/// Liveness before candidates: 60 peers on the relay probe 8 candidates
+/// each (their bursts want about 2400 datagrams in 8 s, more than the
+/// rounds' share of the budget), and ONE peer's direct path dies under
+/// one-way traffic, looked at last in every tick. Its liveness probes take
+/// the reserve the rounds may not use, so it gives the path up within the
+/// bound of a lone peer; the whole device stays within its budget.
+#[test]
+fn a_dead_path_is_given_up_in_bounded_time_while_probing_rounds_spend_the_budget() {
+    const ROUNDS: usize = 60;
+    let (mut sim, mut states) = hub(ROUNDS + 1, seed(29));
+    // Spoke 1 is direct; the others are on the relay with candidates
+    // nobody answers (the probes' answers would stop their rounds).
+    let now = sim.now();
+    for j in 2..=ROUNDS + 1 {
+        let peer = sim.peer(0, j);
+        peer.set_endpoint(Endpoint::Relay(sim.nodes[j].public()));
+        let cands: Vec<SocketAddr> = (1..=8)
+            .map(|k| SocketAddr::from(([198, 18, j as u8, k], 51820)))
+            .collect();
+        let st = states.get_mut(&j).unwrap();
+        *st = PathState::new(&peer.stats(), now);
+        st.set_candidates(&cands, now);
+    }
+    let mut order: Vec<usize> = (2..=ROUNDS + 1).collect();
+    order.push(1);
+    let mut budget = ProbeBudget::default();
+    sim.udp_cut.insert((0, 1));
+    let dark_at = sim.ticks();
+    let mut gave_up = None;
+    // Bounded: 20 s of simulated time.
+    for _ in 0..(20_000 / PATH_TICK.as_millis() as u64) {
+        sim.send(0, 1, 1);
+        if hub_policy(&mut sim, &mut states, &order, &mut budget).contains(&1) {
+            gave_up.get_or_insert(sim.ticks() - dark_at);
+        }
+        sim.advance(PATH_TICK);
+    }
+    let peak = peak_initiations_per_second(&sim, dark_at);
+    let rounds: u64 = states.values().map(|s| s.probe_rounds).sum();
+    println!(
+        "1 dead path among {ROUNDS} peers probing candidates: given up after {gave_up:?} ms; \
+         {rounds} rounds, {} deferred, peak {peak} probe datagrams in 1 s",
+        budget.deferred
+    );
+    assert!(
+        budget.deferred > 0,
+        "the rounds never spent the budget: the test proves nothing"
+    );
+    assert!(peak <= PROBES_PER_SECOND as usize, "peak {peak}");
+    let gave_up = gave_up.expect("the dead direct path was kept for 20 s");
+    let bound = (LIVENESS_QUIET + LIVENESS_TIMEOUT * LIVENESS_MISSES).as_millis() as u64 + 1_000;
+    assert!(
+        gave_up <= bound,
+        "given up after {gave_up} ms, bound {bound} ms"
+    );
+    assert_eq!(
+        sim.endpoint(0, 1),
+        Some(Endpoint::Relay(sim.nodes[1].public()))
+    );
+}
+
+// ---- A peer restarted on a new port (no relay) ----
+
+/// Node `a` sends to node `b` one way with no relay; `b` restarts on a new
+/// UDP port of the same IP (a new device with the same key: no session),
+/// and `a`'s map brings `b`'s new address a second later. `a`'s liveness
+/// probes give the old port up, and with no relay a probing round goes at
+/// once to the candidates (the new port): `a` finds `b` again within the
+/// liveness bound. Before that (a round only after the flap holddown,
+/// 5 s doubled per recent fallback) it took 10 s more. Returns the time
+/// from the restart until `b` got `a`'s data again.
+fn restart_on_a_new_port(seed: u64, restart_controlling: bool) -> u64 {
+    let mut sim = Sim::full_mesh(2, seed, Net::default());
+    assert!(sim.establish(0, 1, 5), "no session over UDP");
+    // The side that measures and chooses has the lower key.
+    let low = usize::from(sim.nodes[1].public().as_bytes() < sim.nodes[0].public().as_bytes());
+    let b = if restart_controlling { low } else { 1 - low };
+    let a = 1 - b;
+    let mut d = Driver {
+        states: HashMap::new(),
+        budgets: vec![ProbeBudget::default(), ProbeBudget::default()],
+        changes: Vec::new(),
+        chosen: Vec::new(),
+        fell_back: Vec::new(),
+        relay_up: false,
+    };
+    let now = sim.now();
+    for (i, j) in [(0, 1), (1, 0)] {
+        let mut st = PathState::new(&sim.peer(i, j).stats(), now);
+        // The map's candidates: each node's UDP address.
+        st.set_candidates(&[sim.nodes[j].addr], now);
+        d.states.insert((i, j), st);
+    }
+    let mut n = 0u8;
+    run(&mut sim, &mut d, Duration::from_secs(30), |sim, _| {
+        sim.send(a, b, n);
+        n = n.wrapping_add(1);
+        false
+    });
+    let old = sim.nodes[b].addr;
+    assert_eq!(sim.endpoint(a, b), Some(Endpoint::Udp(old)), "not direct");
+    assert!(sim.nodes[b].received.len() >= 100, "no traffic before");
+
+    let new = SocketAddr::new(old.ip(), old.port() + 1);
+    sim.restart(b, new);
+    sim.introduce(b, a, true);
+    let now = sim.now();
+    let mut st = PathState::new(&sim.peer(b, a).stats(), now);
+    st.set_candidates(&[sim.nodes[a].addr], now);
+    d.states.insert((b, a), st);
+    let restarted = sim.ticks();
+    let mut found = None;
+    // Bounded: 40 s of simulated time.
+    run(&mut sim, &mut d, Duration::from_secs(40), |sim, d| {
+        if sim.ticks() - restarted == 1_000 {
+            let now = sim.now();
+            d.states
+                .get_mut(&(a, b))
+                .unwrap()
+                .set_candidates(&[new], now);
+        }
+        if sim.endpoint(a, b) == Some(Endpoint::Udp(new)) && !sim.nodes[b].received.is_empty() {
+            found = Some(sim.ticks() - restarted);
+            return true;
+        }
+        sim.send(a, b, n);
+        n = n.wrapping_add(1);
+        false
+    });
+    let st = &d.states[&(a, b)];
+    println!(
+        "node {b} restarted on a new port ({}controlling): node {a} found it after {found:?} ms; \
+         {} liveness probes, {} rounds, {} fallbacks reported",
+        if restart_controlling { "" } else { "not " },
+        st.liveness_probes,
+        st.probe_rounds,
+        d.fell_back.len()
+    );
+    let found = found.expect("the restarted peer was not found again in 40 s");
+    assert!(
+        d.fell_back.iter().any(|f| (f.1, f.2) == (a, b)),
+        "the old port's give-up was not reported as a fallback"
+    );
+    found
+}
+
+#[test]
+fn a_peer_restarted_on_a_new_port_is_found_again_without_a_relay() {
+    // Nothing heard for LIVENESS_QUIET, LIVENESS_MISSES probes (a
+    // measurement in flight may hold them off for its MEASURE_TIMEOUT,
+    // one miss), then one round trip.
+    let bound = (LIVENESS_QUIET + LIVENESS_TIMEOUT * LIVENESS_MISSES).as_millis() as u64 + 2_000;
+    for (s, controlling) in [(30, false), (31, true)] {
+        let ms = restart_on_a_new_port(seed(s), controlling);
+        assert!(ms <= bound, "found again after {ms} ms, bound {bound} ms");
+    }
 }

@@ -30,14 +30,21 @@
 //!                        tried ever more rarely, never more than every 80 s)
 //!   every round: only to candidates and the last UDP endpoint, at most
 //!                MAX_CANDIDATES + 1 datagrams, within the device-wide
-//!                ProbeBudget (PROBES_PER_SECOND)
+//!                ProbeBudget (PROBES_PER_SECOND in any second; rounds and
+//!                measurements leave LIVENESS_RESERVE_PERCENT of it to the
+//!                liveness probes, which are charged to it too)
 //! ```
+//!
+//! [`Device::path_tick`] runs the whole sequence for one peer; the
+//! engine's path thread and the simulation both call it.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::{Device, DeviceIo};
 use crate::config::PublicKey;
-use crate::peer::{Endpoint, PeerPath, PeerStats};
+use crate::peer::{Endpoint, Peer, PeerPath, PeerStats};
 use crate::relay::protocol::{Candidates, MAX_CANDIDATES};
 
 /// The second probing round after candidates arrive; each later round of
@@ -58,18 +65,29 @@ pub const FLAP_HOLDDOWN: Duration = Duration::from_secs(5);
 pub const MAX_FLAP_SHIFT: u32 = 4;
 /// A direct path that lasted this long was no flap: the holddown resets.
 pub const STABLE_DIRECT: Duration = Duration::from_secs(60);
-/// Probe datagrams per second the whole device sends, all peers together
-/// (beyond it a round waits for the next second).
+/// Probe datagrams per second the whole device sends, all peers together:
+/// probing rounds, measurements and liveness probes (beyond it a probe
+/// waits for the next second).
 pub const PROBES_PER_SECOND: u32 = 200;
+/// The share of [`PROBES_PER_SECOND`] (in percent) that only liveness
+/// probes may use: rounds and measurements never take it, so however many
+/// peers probe candidates, a path that carries data now is still checked.
+/// Liveness probes may use the whole allowance.
+pub const LIVENESS_RESERVE_PERCENT: u32 = 25;
 
-/// The device-wide bound on probe datagrams: a one-second window, as the
-/// handshake limiter's.
+/// The device-wide bound on probe datagrams: at most `per_second` in ANY
+/// second (a sliding window: a log of the last second's takes, at most
+/// `per_second` entries since each takes one datagram or more; a fixed
+/// window would let twice the allowance through across its edge), with a
+/// reserve only liveness probes reach ([`LIVENESS_RESERVE_PERCENT`]).
 #[derive(Debug, Clone)]
 pub struct ProbeBudget {
     per_second: u32,
-    window: Option<Instant>,
+    /// Takes of the last second: when, and how many datagrams.
+    log: VecDeque<(Instant, u32)>,
     used: u32,
-    /// Rounds put off because the window was spent.
+    /// Probes (rounds, measurements, liveness probes) put off because the
+    /// last second's allowance was spent.
     pub deferred: u64,
 }
 
@@ -77,26 +95,45 @@ impl ProbeBudget {
     pub fn new(per_second: u32) -> ProbeBudget {
         ProbeBudget {
             per_second,
-            window: None,
+            log: VecDeque::new(),
             used: 0,
             deferred: 0,
         }
     }
 
-    /// Takes `n` datagrams from this second's allowance, all or none.
+    /// Takes `n` datagrams of a probing round or a measurement from the
+    /// last second's allowance less the liveness reserve, all or none.
     pub fn take(&mut self, now: Instant, n: u32) -> bool {
-        if self
-            .window
-            .is_none_or(|w| now.saturating_duration_since(w) >= Duration::from_secs(1))
-        {
-            self.window = Some(now);
-            self.used = 0;
+        let reserve = self.per_second * LIVENESS_RESERVE_PERCENT / 100;
+        self.take_up_to(now, n, self.per_second - reserve)
+    }
+
+    /// Takes one liveness probe from the last second's whole allowance.
+    ///
+    /// Liveness before candidates: a liveness probe checks a path that
+    /// carries the peer's data now (while it is dark, data is lost until
+    /// the path is given up), and costs one datagram; a probing round
+    /// looks for a better path for a peer that has one (the relay), costs
+    /// up to `MAX_CANDIDATES + 1` datagrams and is retried on its own
+    /// schedule anyway.
+    pub fn take_liveness(&mut self, now: Instant) -> bool {
+        self.take_up_to(now, 1, self.per_second)
+    }
+
+    fn take_up_to(&mut self, now: Instant, n: u32, limit: u32) -> bool {
+        while let Some(&(t, k)) = self.log.front() {
+            if now.saturating_duration_since(t) < Duration::from_secs(1) {
+                break;
+            }
+            self.log.pop_front();
+            self.used -= k;
         }
-        if self.used.saturating_add(n) > self.per_second {
-            self.deferred += 1;
-            return false;
+        if n == 0 || self.used.saturating_add(n) > limit {
+            self.deferred += u64::from(n > 0);
+            return n == 0;
         }
         self.used += n;
+        self.log.push_back((now, n));
         true
     }
 }
@@ -602,7 +639,13 @@ impl PathState {
     /// and hear nothing, the next at once when one goes unanswered, and
     /// the path given up after the misses. Probes are handshake
     /// initiations to the path itself; their answers are round trips too.
-    fn liveness(&mut self, udp: SocketAddr, relay_up: bool, now: Instant) -> PathAction {
+    fn liveness(
+        &mut self,
+        udp: SocketAddr,
+        relay_up: bool,
+        now: Instant,
+        budget: &mut ProbeBudget,
+    ) -> PathAction {
         if let Some(sent) = self.alive_probe {
             if now.saturating_duration_since(sent) < LIVENESS_TIMEOUT {
                 return PathAction::Stay;
@@ -639,6 +682,12 @@ impl PathState {
         // A measurement in flight is an initiation too: a second would
         // cancel it. A dead path with no relay is left to the rounds.
         if !due || self.measuring.is_some() || self.direct_dead {
+            return PathAction::Stay;
+        }
+        // Beyond the device-wide budget the probe waits for the next tick:
+        // a probe not sent is no miss, so a spent budget delays the
+        // give-up, never hastens it.
+        if !budget.take_liveness(now) {
             return PathAction::Stay;
         }
         self.alive_probe = Some(now);
@@ -714,13 +763,15 @@ impl PathState {
     }
 
     /// One look at the peer (`stats` now). `relay_up`: a relay is there to
-    /// move to.
+    /// move to. Probes it asks for are taken from `budget` (liveness
+    /// probes with priority, [`ProbeBudget::take_liveness`]).
     pub fn step(
         &mut self,
         stats: &PeerStats,
         relay_up: bool,
         probe_interval: Duration,
         now: Instant,
+        budget: &mut ProbeBudget,
     ) -> PathAction {
         let rx_moved = stats.rx_bytes != self.rx_bytes;
         if rx_moved {
@@ -767,7 +818,7 @@ impl PathState {
                     self.fell_back(now);
                     return PathAction::ToRelay;
                 }
-                self.liveness(udp, relay_up, now)
+                self.liveness(udp, relay_up, now, budget)
             }
             // With candidates, `candidate_round` probes (the last UDP
             // endpoint among them), on its schedule with its holddown.
@@ -776,13 +827,113 @@ impl PathState {
                 let Some(udp) = self.udp else {
                     return PathAction::Stay;
                 };
-                if now.saturating_duration_since(self.last_probe) < probe_interval {
+                if now.saturating_duration_since(self.last_probe) < probe_interval
+                    || !budget.take(now, 1)
+                {
                     return PathAction::Stay;
                 }
                 self.last_probe = now;
                 PathAction::Probe(udp)
             }
             (PeerPath::Udp, None) => PathAction::Stay,
+        }
+    }
+}
+
+/// What one look at a peer ([`Device::path_tick`]) did, for the runtime
+/// to log and count; the datagrams are already handed to its `DeviceIo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathTick {
+    /// The peer's path when the policy looked, if it changed since the
+    /// last look (roaming: the other side moved, or our own probe's answer).
+    pub path_changed: Option<PeerPath>,
+    /// What [`PathState::step`] asked for, done: a move to the relay with a
+    /// handshake there, or one probe (`probed`: the peer could send it).
+    pub action: PathAction,
+    pub probed: bool,
+    /// A direct path was given up, by [`PathState::step`] (unanswered
+    /// handshakes or liveness probes) or by [`PathState::choose`] (its
+    /// measurement unanswered while the relay answered): counted once
+    /// here. Our NAT may have moved us, so the runtime learns its mapping
+    /// again now (a discovery round) and the peer gets it within seconds.
+    pub fell_back: bool,
+    /// The move [`PathState::choose`] asked for, done.
+    pub moved: Option<PathMove>,
+    /// Datagrams of the probing round sent ([`PathState::candidate_round`]).
+    pub round_probes: usize,
+    /// The path a measurement probe went to ([`PathState::measure_round`]).
+    pub measured: Option<Endpoint>,
+}
+
+impl Device {
+    /// The path policy's whole look at one peer, in its order: `step` (and
+    /// what it asks: to the relay, a probe), `choose` (and its move), the
+    /// fallback count, the probing round, the measurement. The engine's
+    /// path thread and the simulation both run exactly this; the caller
+    /// keeps `st` per peer and ONE `budget` per device. `relay_up`: a
+    /// relay is there to move to (and to measure); `probe_interval`: how
+    /// often a peer on the relay without candidates is probed over UDP.
+    #[allow(clippy::too_many_arguments)]
+    pub fn path_tick(
+        &self,
+        now: Instant,
+        peer: &Peer,
+        st: &mut PathState,
+        relay_up: bool,
+        probe_interval: Duration,
+        budget: &mut ProbeBudget,
+        out: &mut [u8],
+        io: &mut dyn DeviceIo,
+    ) -> PathTick {
+        let key = peer.public_key();
+        let stats = peer.stats();
+        let before = st.path;
+        if let Some(ours) = self.public_key() {
+            st.set_role(&ours, &key);
+        }
+        if let Some((path, rtt)) = peer.take_rtt_sample() {
+            st.observe_rtt(path, rtt, now);
+        }
+        let fell_before = st.fallbacks;
+        let action = st.step(&stats, relay_up, probe_interval, now, budget);
+        let path_changed = (stats.path != before).then_some(stats.path);
+        let probed = match action {
+            PathAction::Stay => false,
+            PathAction::ToRelay => {
+                self.switch_path(now, peer, Endpoint::Relay(key), out, io);
+                false
+            }
+            PathAction::Probe(udp) => self.probe(now, peer, Endpoint::Udp(udp), out, io),
+        };
+        let moved = st.choose(&peer.stats(), now);
+        if let Some(mv) = moved {
+            if mv.handshake {
+                self.switch_path(now, peer, mv.to, out, io);
+            } else {
+                peer.set_endpoint(mv.to);
+            }
+            peer.hold_endpoint(st.hold_until());
+        }
+        let fell_back = st.fallbacks > fell_before;
+        let round_probes = st
+            .candidate_round(&peer.stats(), now, budget)
+            .map_or(0, |targets| self.probe_many(now, peer, &targets, out, io));
+        let relay = relay_up.then_some(Endpoint::Relay(key));
+        let mut measured = None;
+        if let Some(to) = st.measure_round(&peer.stats(), relay, now, budget) {
+            peer.hold_endpoint(st.hold_until());
+            if self.probe(now, peer, to, out, io) {
+                measured = Some(to);
+            }
+        }
+        PathTick {
+            path_changed,
+            action,
+            probed,
+            fell_back,
+            moved,
+            round_probes,
+            measured,
         }
     }
 }
@@ -843,7 +994,7 @@ mod tests {
         let mut now = from;
         while now < until {
             let s = p.stats();
-            st.step(&s, true, Duration::from_secs(5), now);
+            st.step(&s, true, Duration::from_secs(5), now, budget);
             if st.candidate_round(&s, now, budget).is_some() {
                 at.push(now - from);
             }
@@ -881,11 +1032,11 @@ mod tests {
         for lived in [10u64, 10, 10, 10, 10, 70] {
             p.relay = false;
             p.rx += 100;
-            st.step(&p.stats(), true, Duration::from_secs(5), now);
+            st.step(&p.stats(), true, Duration::from_secs(5), now, &mut budget);
             now += Duration::from_secs(lived);
             p.inits += UNANSWERED_INITIATIONS;
             assert_eq!(
-                st.step(&p.stats(), true, Duration::from_secs(5), now),
+                st.step(&p.stats(), true, Duration::from_secs(5), now, &mut budget),
                 PathAction::ToRelay
             );
             p.relay = true;
@@ -925,12 +1076,65 @@ mod tests {
         let secs: Vec<u64> = r.iter().map(|d| d.as_secs()).collect();
         assert_eq!(secs, vec![0, 1, 3, 7, 15, 45, 75]);
         assert_eq!(st.probes_sent, 7 * MAX_CANDIDATES as u64);
-        // The device-wide budget: a second's allowance, all or nothing.
+        // The device-wide budget: a second's allowance, all or nothing;
+        // rounds and measurements leave the liveness reserve (a quarter:
+        // 2 of 10) alone, liveness probes may take all of it.
         let mut b = ProbeBudget::new(10);
-        assert!(b.take(t0, 8));
+        assert!(b.take(t0, 6));
         assert!(!b.take(t0, 3));
         assert!(b.take(t0 + Duration::from_millis(999), 2));
-        assert!(b.take(t0 + Duration::from_secs(1), 10));
-        assert_eq!(b.deferred, 1);
+        assert!(!b.take(t0 + Duration::from_millis(999), 1), "the reserve");
+        assert!(b.take_liveness(t0 + Duration::from_millis(999)));
+        assert!(b.take_liveness(t0 + Duration::from_millis(999)));
+        assert!(!b.take_liveness(t0 + Duration::from_millis(999)));
+        // A sliding second: at t0 + 1 s only the 6 of t0 are free again.
+        assert!(!b.take(t0 + Duration::from_secs(1), 5));
+        assert!(b.take(t0 + Duration::from_secs(1), 4));
+        assert!(b.take_liveness(t0 + Duration::from_secs(1)));
+        assert!(b.take(t0 + Duration::from_millis(1999), 3));
+        assert_eq!(b.deferred, 4);
+    }
+
+    /// Liveness probes are charged to the budget: a spent allowance puts
+    /// the probe off (no miss counted), and the path is still given up
+    /// once probes go out again.
+    #[test]
+    fn a_liveness_probe_waits_for_the_budget_and_is_no_miss_until_sent() {
+        let t0 = Instant::now();
+        let p = Peer {
+            relay: false,
+            rx: 100,
+            inits: 1,
+        };
+        let mut st = PathState::new(&p.stats(), t0);
+        let mut budget = ProbeBudget::new(4);
+        // Data goes out; nothing comes back.
+        let mut s = p.stats();
+        s.tx_inner_bytes = 1;
+        st.step(&s, true, Duration::from_secs(5), t0, &mut budget);
+        s.tx_inner_bytes = 2;
+        let quiet = t0 + Duration::from_millis(250);
+        st.step(&s, true, Duration::from_secs(5), quiet, &mut budget);
+        // The whole second's allowance spent elsewhere.
+        let spent = t0 + LIVENESS_QUIET;
+        for _ in 0..4 {
+            assert!(budget.take_liveness(spent));
+        }
+        let mut now = spent;
+        let mut sent = Vec::new();
+        while now < spent + Duration::from_secs(10) {
+            match st.step(&s, true, Duration::from_secs(5), now, &mut budget) {
+                PathAction::Probe(_) => sent.push(now - spent),
+                PathAction::ToRelay => break,
+                PathAction::Stay => {}
+            }
+            now += Duration::from_millis(250);
+        }
+        // The first probe waited for the next second; three unanswered.
+        let ms: Vec<u128> = sent.iter().map(|d| d.as_millis()).collect();
+        assert_eq!(ms, vec![1000, 2000, 3000]);
+        assert_eq!(now - spent, Duration::from_secs(4), "given up at");
+        assert_eq!(st.liveness_probes, 3);
+        assert!(budget.deferred >= 4, "deferred: {}", budget.deferred);
     }
 }

@@ -48,11 +48,14 @@ pub struct Node {
     pub ip: IpAddr,
     /// Decrypted packets the node delivered, in order.
     pub received: Vec<Vec<u8>>,
+    /// `key`'s public key, computed once (the relay looks nodes up by it
+    /// for every datagram).
+    public: PublicKey,
 }
 
 impl Node {
     pub fn public(&self) -> PublicKey {
-        self.key.public_key()
+        self.public
     }
 }
 
@@ -166,6 +169,9 @@ pub struct Sim {
     pub behind: HashMap<usize, usize>,
     /// Every UDP datagram a node sent: (node, destination).
     pub udp_log: Vec<(usize, SocketAddr)>,
+    /// Every WireGuard handshake initiation a node sent over UDP, read off
+    /// the wire (message type 1): (tick, node).
+    pub udp_initiations: Vec<(u64, usize)>,
     /// UDP datagrams sent to an address no node has (an attacker's or a
     /// spoofed source): (to, bytes).
     pub off_net: Vec<(SocketAddr, Vec<u8>)>,
@@ -215,6 +221,7 @@ impl Sim {
             nats: Vec::new(),
             behind: HashMap::new(),
             udp_log: Vec::new(),
+            udp_initiations: Vec::new(),
             off_net: Vec::new(),
             udp_delay_to: HashMap::new(),
             udp_dead_to: HashSet::new(),
@@ -232,11 +239,22 @@ impl Sim {
         let device = Device::new(Some(key.clone()), 1420, Arc::new(BufferBudget::default()));
         self.nodes.push(Node {
             device,
+            public: key.public_key(),
             key,
             addr: SocketAddr::from(([192, 0, 2, 1 + i as u8], 51820)),
             ip: IpAddr::from([10, 0, 0, 1 + i as u8]),
             received: Vec::new(),
         });
+    }
+
+    /// Node `i` restarts on `addr` (a new UDP port, say): a new device with
+    /// the same key and no peers, no session; datagrams in flight to it
+    /// are lost with the old socket.
+    pub fn restart(&mut self, i: usize, addr: SocketAddr) {
+        let key = self.nodes[i].key.clone();
+        self.nodes[i].device = Device::new(Some(key), 1420, Arc::new(BufferBudget::default()));
+        self.nodes[i].addr = addr;
+        self.queue.retain(|f| f.to != i);
     }
 
     /// Makes `j` a peer of `i` (with `j`'s UDP endpoint when `endpoint`).
@@ -367,6 +385,9 @@ impl Sim {
     /// Sends a UDP datagram from node `i`'s current address.
     fn send_udp(&mut self, i: usize, addr: SocketAddr, bytes: Vec<u8>) {
         self.udp_log.push((i, addr));
+        if bytes.len() == 148 && bytes[..4] == [1, 0, 0, 0] {
+            self.udp_initiations.push((self.tick, i));
+        }
         let mut from = self.nodes[i].addr;
         if let Some(&n) = self.behind.get(&i) {
             // To a node behind the same NAT: straight over their LAN.

@@ -13,6 +13,8 @@
 //!               (one REKEY_TIMEOUT unanswered) -> endpoint := relay, handshake now
 //!     on relay: every probe_interval, a handshake initiation over UDP to the last
 //!               UDP endpoint; the answer over UDP moves the peer back (roaming)
+//!   (the per-peer sequence is `Device::path_tick`, which the simulation
+//!   runs too; here: its logs, counters, and a discovery round on fallback)
 //! ```
 //!
 //! Candidates (from the relay or a control server's map) are probed and
@@ -246,9 +248,10 @@ pub(super) fn path_loop(shared: Arc<Shared>, stop: Receiver<()>) {
         let probe_interval = active
             .as_ref()
             .map_or(DEFAULT_PROBE_INTERVAL, |a| a.probe_interval);
-        tick(&shared, peers, relay_up, probe_interval, &mut out);
         let relay = active.as_deref().filter(|_| relay_up);
-        nat.tick(&shared, relay, peers, &mut out);
+        // Candidates in (and ours out) first, then the policy per peer.
+        nat.exchange(&shared, relay, peers);
+        tick(&shared, peers, relay_up, probe_interval, &mut nat, &mut out);
         // One entry per peer: `tick` keeps `peers` to the device's peers.
         shared.nat.inner.lock().paths = peers.iter().map(|(k, st)| (*k, st.summary())).collect();
     }
@@ -266,69 +269,81 @@ fn back_to_udp(shared: &Shared, peers: &HashMap<PublicKey, PathState>) {
     }
 }
 
+/// One look of the path policy at every peer ([`crate::device::Device::path_tick`],
+/// the same per-peer sequence the simulation runs), and what the engine
+/// does with what it reports: logs, counters, a discovery round after a
+/// fallback.
 fn tick(
     shared: &Shared,
     states: &mut HashMap<PublicKey, PathState>,
     relay_up: bool,
     probe_interval: Duration,
+    nat: &mut NatTick,
     out: &mut [u8],
 ) {
     let now = Instant::now();
     let peers = shared.device.peers();
     states.retain(|k, _| peers.iter().any(|p| p.public_key() == *k));
+    // Each tick starts at another peer: with the probe budget spent, the
+    // same peers do not take it first every second.
+    nat.turn = nat.turn.wrapping_add(1);
+    let start = if peers.is_empty() {
+        0
+    } else {
+        nat.turn % peers.len()
+    };
     let mut net = Net(shared);
-    for peer in peers {
-        let stats = peer.stats();
+    for peer in peers[start..].iter().chain(&peers[..start]) {
         let key = peer.public_key();
         let st = states
             .entry(key)
-            .or_insert_with(|| PathState::new(&stats, now));
-        let before = st.path;
-        if let Some(ours) = shared.device.public_key() {
-            st.set_role(&ours, &key);
+            .or_insert_with(|| PathState::new(&peer.stats(), now));
+        let deferred = nat.budget.deferred;
+        let t = shared.device.path_tick(
+            now,
+            peer,
+            st,
+            relay_up,
+            probe_interval,
+            &mut nat.budget,
+            out,
+            &mut net,
+        );
+        shared
+            .nat
+            .deferred
+            .fetch_add(nat.budget.deferred - deferred, Relaxed);
+        if let Some(path) = t.path_changed {
+            tracing::info!(peer = %key, path = path.name(), "peer path changed");
         }
-        if let Some((path, rtt)) = peer.take_rtt_sample() {
-            st.observe_rtt(path, rtt, now);
-        }
-        let fell_before = st.fallbacks;
-        let action = st.step(&stats, relay_up, probe_interval, now);
-        if stats.path != before {
-            tracing::info!(peer = %key, path = stats.path.name(), "peer path changed");
-        }
-        match action {
+        match t.action {
             PathAction::Stay => {}
             PathAction::ToRelay => {
                 tracing::info!(peer = %key, "UDP handshakes unanswered; moving the peer to the relay");
-                shared
-                    .device
-                    .switch_path(now, &peer, Endpoint::Relay(key), out, &mut net);
             }
             PathAction::Probe(udp) => {
-                if shared
-                    .device
-                    .probe(now, &peer, Endpoint::Udp(udp), out, &mut net)
-                {
+                if t.probed {
                     tracing::debug!(peer = %key, %udp, "probing UDP");
                 }
             }
         }
-        let chosen = st.choose(&peer.stats(), now);
-        // A direct path given up for the relay, by unanswered handshakes
-        // (`step`) or by an unanswered measurement (`choose`): counted
-        // once, and perhaps our NAT moved us, so learn the new mapping now
-        // and the peer gets it (and probes it) within seconds.
-        if st.fallbacks > fell_before {
+        if let Some(mv) = t.moved.filter(|m| m.handshake) {
+            tracing::debug!(peer = %key, to = ?mv.to, "path chosen by round trip");
+        }
+        // Perhaps our NAT moved us: learn the new mapping now, and the
+        // peer gets it (and probes it) within seconds.
+        if t.fell_back {
             shared.nat.fallbacks.fetch_add(1, Relaxed);
             shared.rediscover();
         }
-        if let Some(mv) = chosen {
-            if mv.handshake {
-                tracing::debug!(peer = %key, to = ?mv.to, "path chosen by round trip");
-                shared.device.switch_path(now, &peer, mv.to, out, &mut net);
-            } else {
-                peer.set_endpoint(mv.to);
-            }
-            peer.hold_endpoint(st.hold_until());
+        if t.round_probes > 0 {
+            shared.nat.rounds.fetch_add(1, Relaxed);
+            shared.nat.probes.fetch_add(t.round_probes as u64, Relaxed);
+            tracing::debug!(peer = %key, probes = t.round_probes, "probing candidates");
+        }
+        if let Some(to) = t.measured {
+            shared.nat.probes.fetch_add(1, Relaxed);
+            tracing::debug!(peer = %key, ?to, "measuring a path's round trip");
         }
     }
 }
@@ -343,17 +358,19 @@ struct NatTick {
     answered: HashMap<PublicKey, Instant>,
     /// The relay's session count when we last looked.
     sessions: u64,
+    /// Ticks so far: where the round over the peers starts.
+    turn: usize,
 }
 
 impl NatTick {
-    /// `relay`: the relay, when one is attached and up (candidates are
-    /// exchanged through it); rounds and measurements run without one.
-    fn tick(
+    /// The peers' candidates in, ours out. `relay`: the relay, when one
+    /// is attached and up (candidates are exchanged through it); rounds
+    /// and measurements ([`tick`]) run without one.
+    fn exchange(
         &mut self,
         shared: &Shared,
         relay: Option<&ActiveRelay>,
         states: &mut HashMap<PublicKey, PathState>,
-        out: &mut [u8],
     ) {
         let now = Instant::now();
         if let Some(active) = relay {
@@ -412,33 +429,6 @@ impl NatTick {
                     send(&key);
                 }
             }
-        }
-        let mut net = Net(shared);
-        for (key, st) in states.iter_mut() {
-            let Some(peer) = shared.device.peer(key) else {
-                continue;
-            };
-            let deferred = self.budget.deferred;
-            if let Some(targets) = st.candidate_round(&peer.stats(), now, &mut self.budget) {
-                let n = shared
-                    .device
-                    .probe_many(now, &peer, &targets, out, &mut net);
-                shared.nat.rounds.fetch_add(1, Relaxed);
-                shared.nat.probes.fetch_add(n as u64, Relaxed);
-                tracing::debug!(peer = %key, probes = n, "probing candidates");
-            }
-            let via_relay = relay.map(|_| Endpoint::Relay(*key));
-            if let Some(to) = st.measure_round(&peer.stats(), via_relay, now, &mut self.budget) {
-                peer.hold_endpoint(st.hold_until());
-                if shared.device.probe(now, &peer, to, out, &mut net) {
-                    shared.nat.probes.fetch_add(1, Relaxed);
-                    tracing::debug!(peer = %key, ?to, "measuring a path's round trip");
-                }
-            }
-            shared
-                .nat
-                .deferred
-                .fetch_add(self.budget.deferred - deferred, Relaxed);
         }
     }
 }
