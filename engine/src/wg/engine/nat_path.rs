@@ -267,7 +267,19 @@ impl Shared {
     /// shows it). A round is one Binding request per server, and a server
     /// still being asked keeps its transaction, so calling this often sends
     /// no more.
+    ///
+    /// The same change may have killed the relay's TCP connection, which
+    /// would otherwise be noticed only by its keepalive pings: the relay
+    /// session is checked too (one ping with a deadline, as Tailscale pings
+    /// its DERP connections after a rebind; a check while one is out adds
+    /// nothing).
     pub(super) fn rediscover(&self) {
+        self.check_relay();
+        self.discover_now();
+    }
+
+    /// Starts a discovery round now (see [`Shared::rediscover`]).
+    fn discover_now(&self) {
         let mut inner = self.nat.inner.lock();
         if inner.discovery.is_some() {
             inner.next_round = Some(Instant::now());
@@ -275,8 +287,7 @@ impl Shared {
     }
 
     /// The relay told us where it sees our session come from. A new IP
-    /// (not the first one) starts a discovery round, through the same
-    /// entry point as a fallback, and is counted.
+    /// (not the first one) starts a discovery round and is counted.
     pub(super) fn relay_observed(&self, address: SocketAddr) {
         let changed = {
             let mut inner = self.nat.inner.lock();
@@ -286,7 +297,8 @@ impl Shared {
         if changed {
             tracing::info!(%address, "relay: our public address changed; discovering again");
             self.nat.relay_ip_changes.fetch_add(1, Relaxed);
-            self.rediscover();
+            // The session that told us is new: no need to check it.
+            self.discover_now();
         }
     }
 
