@@ -955,6 +955,11 @@ typedef struct meshvpn_nat_stats {
    * Direct paths given up for the relay.
    */
   uint64_t fallbacks;
+  /**
+   * Times the IP the relay sees our session come from changed between
+   * sessions (our NAT's public address moved; each started a STUN round).
+   */
+  uint64_t relay_ip_changes;
 } meshvpn_nat_stats;
 
 /**
@@ -2065,7 +2070,11 @@ meshvpn_result meshvpn_set_log_callback(meshvpn_log_callback callback,
  * state yet: `public_key`, `candidates`), `traffic` (every peer:
  * `public_key`, `direct` and `relay` = {`tx_bytes`, `rx_bytes`, `time_ms`}:
  * WireGuard datagram bytes and time on each path kind) and
- * `discovery_age_ms` (since the last STUN round started; null before one).
+ * `discovery_age_ms` (since the last STUN round started; null before one),
+ * `relay_observed` (the address the relay sees this node's session come
+ * from, its NAT's public address; null before a relay told one) and, in
+ * `stats`, `relay_ip_changes` (times that address's IP changed between
+ * sessions).
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
  * `MESHVPN_ENGINE_STOPPED`, `MESHVPN_BUFFER_TOO_SMALL`.

@@ -76,6 +76,13 @@ type NATStatus struct {
 	// first round or with STUN off.
 	SinceDiscovery time.Duration
 	DiscoveryRan   bool
+	// RelayObserved is the address the relay sees this node's session
+	// come from: its NAT's public address (invalid before a relay told
+	// one; older relays do not).
+	RelayObserved netip.AddrPort
+	// RelayIPChanges counts the times RelayObserved's IP changed between
+	// sessions (each started a STUN round); NATStats has it too.
+	RelayIPChanges uint64
 }
 
 // NATPathUse is one peer's traffic and time on one path kind.
@@ -116,7 +123,11 @@ type natStatusJSON struct {
 	Reflexive   *netip.AddrPort  `json:"reflexive"`
 	Candidates  []netip.AddrPort `json:"candidates"`
 	Discovery   NATDiscovery     `json:"discovery"`
-	Peers       []struct {
+	Stats       struct {
+		RelayIPChanges uint64 `json:"relay_ip_changes"`
+	} `json:"stats"`
+	RelayObserved *netip.AddrPort `json:"relay_observed"`
+	Peers         []struct {
 		PublicKey    string           `json:"public_key"`
 		Path         *NATPath         `json:"path"`
 		Candidates   []netip.AddrPort `json:"candidates"`
@@ -166,6 +177,10 @@ func (e *Engine) NATStatus() (NATStatus, error) {
 	if j.Reflexive != nil {
 		s.Reflexive = *j.Reflexive
 	}
+	if j.RelayObserved != nil {
+		s.RelayObserved = *j.RelayObserved
+	}
+	s.RelayIPChanges = j.Stats.RelayIPChanges
 	for _, p := range j.Peers {
 		np := NATPeer{
 			PublicKey: p.PublicKey, Path: p.Path, Candidates: p.Candidates,

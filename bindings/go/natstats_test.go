@@ -96,6 +96,13 @@ func TestNATStatsAndStatusThroughTheRelay(t *testing.T) {
 		st.Discovery.Requests == 0 || st.Discovery.Answers == 0 {
 		t.Errorf("a's own candidates and STUN: %+v", st)
 	}
+	// The relay told a where its session comes from: a's loopback address
+	// and the connection's port; one session, so no IP change yet.
+	if !st.RelayObserved.IsValid() || st.RelayObserved.Addr() != netip.MustParseAddr("127.0.0.1") ||
+		st.RelayObserved.Port() == 0 || st.RelayIPChanges != 0 || sa.RelayIPChanges != 0 {
+		t.Errorf("a's relay-observed address: %v, IP changes %d (NATStats %d)",
+			st.RelayObserved, st.RelayIPChanges, sa.RelayIPChanges)
+	}
 	var peerB *NATPeer
 	for i, p := range st.Peers {
 		if p.PublicKey == kb.PublicKey().String() {

@@ -212,6 +212,10 @@ type NATStats struct {
 	ProbesDeferred uint64
 	// Fallbacks counts direct paths given up for the relay.
 	Fallbacks uint64
+	// RelayIPChanges counts the times the IP the relay sees this node's
+	// session come from changed between sessions (its NAT's public address
+	// moved; each started a STUN round).
+	RelayIPChanges uint64
 }
 
 // NATStats returns the engine's NAT traversal counters (read one by one,
@@ -233,5 +237,6 @@ func (e *Engine) NATStats() (NATStats, error) {
 		ProbesSent:            uint64(s.probes_sent),
 		ProbesDeferred:        uint64(s.probes_deferred),
 		Fallbacks:             uint64(s.fallbacks),
+		RelayIPChanges:        uint64(s.relay_ip_changes),
 	}, nil
 }

@@ -271,57 +271,16 @@ pub fn render(engine: &Engine, ifname: &str) -> String {
         family(&mut out, &name, "counter", help);
         let _ = writeln!(out, "{name}{{interface=\"{iface}\"}} {value}");
     }
+    // Every NAT counter, named and explained by its one declaration
+    // (`NatStats`, which C and Go export too).
     let n = engine.nat_stats();
-    let nat_counters: [(&str, u64, &str); 9] = [
-        (
-            "candidates_received",
-            n.candidates_received,
-            "Candidate messages accepted from peers.",
-        ),
-        (
-            "candidates_malformed",
-            n.candidates_malformed,
-            "Candidate messages the parser refused.",
-        ),
-        (
-            "candidates_unsupported",
-            n.candidates_unsupported,
-            "Candidate messages of another version.",
-        ),
-        (
-            "candidates_unknown_peer",
-            n.candidates_unknown_peer,
-            "Candidate messages from keys that are not peers.",
-        ),
-        (
-            "candidates_sent",
-            n.candidates_sent,
-            "Candidate messages sent to peers through the relay.",
-        ),
-        (
-            "probe_rounds",
-            n.probe_rounds,
-            "NAT traversal probing rounds, all peers.",
-        ),
-        (
-            "probes_sent",
-            n.probes_sent,
-            "Datagrams those probing rounds sent.",
-        ),
-        (
-            "probes_deferred",
-            n.probes_deferred,
-            "Probing rounds put off by the device-wide probe budget.",
-        ),
-        (
-            "fallbacks",
-            n.fallbacks,
-            "Direct paths given up for the relay.",
-        ),
-    ];
-    for (name, value, help) in nat_counters {
-        let name = format!("meshvpn_nat_{name}_total");
-        family(&mut out, &name, "counter", help);
+    for (field, value) in meshvpn_engine::wg::NatStats::FIELDS
+        .iter()
+        .zip(n.counters())
+    {
+        let name = format!("meshvpn_nat_{}_total", field.name);
+        let help: Vec<&str> = field.doc.lines().map(str::trim).collect();
+        family(&mut out, &name, "counter", &help.join(" "));
         let _ = writeln!(out, "{name}{{interface=\"{iface}\"}} {value}");
     }
     let status = engine.nat_status();
@@ -345,6 +304,19 @@ pub fn render(engine: &Engine, ifname: &str) -> String {
             "meshvpn_nat_candidate{{interface=\"{iface}\",peer=\"{}\",address=\"{}\"}} 1",
             esc(&who),
             esc(&addr.to_string())
+        );
+    }
+    if let Some(a) = status.relay_observed {
+        family(
+            &mut out,
+            "meshvpn_nat_relay_observed",
+            "gauge",
+            "1 for the address the relay sees this node's session come from (its NAT's public address).",
+        );
+        let _ = writeln!(
+            out,
+            "meshvpn_nat_relay_observed{{interface=\"{iface}\",address=\"{}\"}} 1",
+            esc(&a.to_string())
         );
     }
     let path_label = |e: &meshvpn_engine::device::Endpoint| match e {
@@ -605,6 +577,26 @@ mod tests {
         assert!(page.contains("# TYPE meshvpn_nat_path_rtt_seconds gauge"));
         assert!(page.contains("# TYPE meshvpn_nat_peer_path_bytes_total counter"));
         assert!(page.contains("# TYPE meshvpn_nat_peer_path_seconds_total counter"));
+        // Every NAT counter, from its one declaration, with its doc as help.
+        for f in meshvpn_engine::wg::NatStats::FIELDS {
+            let line = format!("meshvpn_nat_{}_total{{interface=\"fw0\"}} 0", f.name);
+            assert!(page.contains(&line), "{line} not in\n{page}");
+        }
+        assert!(page.contains(
+            "# HELP meshvpn_nat_relay_ip_changes_total Times the IP the relay sees our session come from changed between sessions (our NAT's public address moved; each started a STUN round).\n"
+        ), "{page}");
+        // The address the relay sees us come from, once a relay told one.
+        assert!(!page.contains("meshvpn_nat_relay_observed{"), "{page}");
+        engine
+            .relay_inbox()
+            .observed("203.0.113.9:40002".parse().unwrap());
+        let page = get(addr);
+        assert!(
+            page.contains(
+                "meshvpn_nat_relay_observed{interface=\"fw0\",address=\"203.0.113.9:40002\"} 1"
+            ),
+            "{page}"
+        );
 
         // A request past MAX_REQUEST_BYTES without its blank line is cut
         // off unanswered.

@@ -125,6 +125,9 @@ fn ago(t: Duration) -> String {
 #[derive(Debug, Default, PartialEq)]
 struct Paths {
     last_discovery_ms: Option<u64>,
+    /// The address the relay sees us come from, and how often its IP changed.
+    relay_observed: Option<String>,
+    relay_ip_changes: Option<u64>,
     peers: Vec<(String, Vec<String>)>,
 }
 
@@ -136,6 +139,8 @@ fn parse_paths(text: &str) -> Paths {
         };
         match (k, p.peers.last_mut()) {
             ("last_discovery_ms", _) => p.last_discovery_ms = v.parse().ok(),
+            ("relay_observed", None) => p.relay_observed = Some(v.to_owned()),
+            ("relay_ip_changes", None) => p.relay_ip_changes = v.parse().ok(),
             ("public_key", _) => p.peers.push((v.to_owned(), Vec::new())),
             ("candidate", Some(peer)) => peer.1.push(v.to_owned()),
             _ => {}
@@ -167,6 +172,12 @@ pub fn run(a: StatusArgs) -> CliResult {
             .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
     }) {
         println!("  last STUN discovery round {age:.0} s ago");
+    }
+    if let Some(a) = &paths.relay_observed {
+        println!(
+            "  the relay sees us at {a} (public IP changed {} times)",
+            paths.relay_ip_changes.unwrap_or(0)
+        );
     }
     for p in &reply.peers {
         let key = p.public_key.to_base64();
@@ -285,6 +296,18 @@ meshvpn_nat_peer_path_bytes_total{interface=\"m0\",peer=\"K2\",path=\"relay\",di
              candidate=203.0.113.1:4000\nsome_future_key=1\npublic_key=bb\npath=udp\n",
         );
         assert_eq!(p.last_discovery_ms, Some(2500));
+        assert_eq!((p.relay_observed, p.relay_ip_changes), (None, None));
+        let p = parse_paths(
+            "last_discovery_ms=2500\nrelay_observed=203.0.113.9:40002\nrelay_ip_changes=3\n\
+             public_key=aa\ncandidate=192.0.2.1:51820\n",
+        );
+        assert_eq!(p.relay_observed.as_deref(), Some("203.0.113.9:40002"));
+        assert_eq!(p.relay_ip_changes, Some(3));
+        assert_eq!(p.peers[0].1, ["192.0.2.1:51820"]);
+        let p = parse_paths(
+            "last_discovery_ms=2500\npublic_key=aa\npath=relay\ncandidate=192.0.2.1:51820\n\
+             candidate=203.0.113.1:4000\nsome_future_key=1\npublic_key=bb\npath=udp\n",
+        );
         assert_eq!(
             p.peers,
             [

@@ -22,7 +22,7 @@
 //! | `filter`                                           | stateful packet filter: compiled ACL rules and conntrack      | no  |
 //! | `config`                                           | keys, peer specs, wg-quick `.conf`, the UAPI text protocol    | resolver (hostnames in `.conf`, replaceable) |
 //! | `supervisor::{error, limits, message, session, varint}` | the remotedialer protocol: messages, session, limits     | no  |
-//! | `relay::protocol`                                  | the relay's registration proof and frames                     | no  |
+//! | `relay::{protocol, liveness}`                      | the relay's registration proof and frames; when a session is dead | no  |
 //! | `io`                                               | syscalls: UDP sockets, TUN devices, unix sockets, accept, dial| yes |
 //! | `peer`                                             | one boringtun `Tunn` per peer, typed endpoint, stats, keepalive (takes `now`) | wall clock (stats' last handshake) |
 //! | `device`                                           | sans-IO device core: identity, peer table, routing, dispatch, cookies, source check, path policy | no |

@@ -31,7 +31,36 @@ pub struct StatField {
 ///
 /// Every field needs a doc comment (the macro refuses an undocumented
 /// one), and takes no other attribute.
+///
+/// `stats_struct! { @counters ... }` declares a struct of `u64` counters
+/// only (any other type does not compile) and adds `counters()`: the values
+/// in the order of `FIELDS`, so a metrics page or a status listing is
+/// written from the one declaration (names, docs and values) too.
 macro_rules! stats_struct {
+    (
+        @counters
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident {
+            $(
+                $(#[doc = $doc:literal])+
+                $fvis:vis $field:ident : u64
+            ),* $(,)?
+        }
+    ) => {
+        $crate::stats::stats_struct! {
+            $(#[$meta])*
+            $vis struct $name {
+                $( $(#[doc = $doc])+ $fvis $field: u64, )*
+            }
+        }
+
+        impl $name {
+            /// Every counter's value, in the order of `Self::FIELDS`.
+            pub fn counters(&self) -> [u64; [$(stringify!($field)),*].len()] {
+                [$(self.$field),*]
+            }
+        }
+    };
     (
         $(#[$meta:meta])*
         $vis:vis struct $name:ident {
@@ -115,6 +144,29 @@ mod tests {
             /// B.
             pub b: usize,
         }
+    }
+
+    stats_struct! {
+        @counters
+        #[derive(Default)]
+        pub struct Counters {
+            /// X.
+            pub x: u64,
+            /// Y.
+            pub y: u64,
+        }
+    }
+
+    #[test]
+    fn counters_follow_the_fields() {
+        let c = Counters { x: 3, y: 5 };
+        let named: Vec<_> = Counters::FIELDS
+            .iter()
+            .map(|f| f.name)
+            .zip(c.counters())
+            .collect();
+        assert_eq!(named, [("x", 3), ("y", 5)]);
+        assert_eq!(Counters::default().counters(), [0, 0]);
     }
 
     stats_reasons! {

@@ -281,7 +281,7 @@ fn a_new_public_ip_seen_by_the_relay_starts_a_discovery_round_at_once() {
     quiet("the first report");
     inbox.observed("198.51.100.7:40001".parse().unwrap());
     quiet("a new port on the same IP");
-    assert_eq!(e.nat_status().relay_ip_changes, 0);
+    assert_eq!(e.nat_status().stats.relay_ip_changes, 0);
     let before = answered();
     inbox.observed("203.0.113.9:40002".parse().unwrap());
     assert!(
@@ -289,8 +289,15 @@ fn a_new_public_ip_seen_by_the_relay_starts_a_discovery_round_at_once() {
         "no discovery round within 1 s of a new public IP (the timer's next is at 30 s)"
     );
     let s = e.nat_status();
-    assert_eq!(s.relay_ip_changes, 1);
+    assert_eq!(s.stats.relay_ip_changes, 1);
+    assert_eq!(e.nat_stats().relay_ip_changes, 1);
     assert_eq!(s.relay_observed, Some("203.0.113.9:40002".parse().unwrap()));
+    // Plain `meshvpn status` reads both from the paths request.
+    let paths = e.uapi_paths();
+    assert!(
+        paths.contains("relay_observed=203.0.113.9:40002\nrelay_ip_changes=1\n"),
+        "{paths}"
+    );
 }
 
 /// This host's address on its default route (a connected UDP socket sends

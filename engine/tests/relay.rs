@@ -868,3 +868,204 @@ fn the_relay_tells_each_session_the_address_it_comes_from() {
     let s = c.status();
     assert_eq!((s.frames_received, s.frames_dropped), (0, 0), "{s:?}");
 }
+
+/// A TCP proxy on loopback in front of the relay. `blackhole` makes every
+/// connection open at that moment silently stop forwarding in both
+/// directions, without closing: what a NAT that lost its mapping (or a
+/// middlebox that dropped the flow) does to a TCP connection. Connections
+/// accepted later forward normally, to the real relay.
+struct BlackholeProxy {
+    addr: SocketAddr,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    holes: Arc<std::sync::Mutex<Vec<Arc<std::sync::atomic::AtomicBool>>>>,
+    sockets: Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlackholeProxy {
+    fn start(to: SocketAddr) -> BlackholeProxy {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let listener = std::net::TcpListener::bind(loopback()).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let proxy = BlackholeProxy {
+            addr: listener.local_addr().unwrap(),
+            accepted: Arc::new(AtomicUsize::new(0)),
+            holes: Default::default(),
+            sockets: Default::default(),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let (accepted, holes, sockets, stop) = (
+            proxy.accepted.clone(),
+            proxy.holes.clone(),
+            proxy.sockets.clone(),
+            proxy.stop.clone(),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let client = match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                client.set_nonblocking(false).unwrap();
+                let Ok(upstream) = TcpStream::connect(to) else {
+                    continue;
+                };
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let hole = Arc::new(AtomicBool::new(false));
+                holes.lock().unwrap().push(hole.clone());
+                let mut kept = sockets.lock().unwrap();
+                kept.push(client.try_clone().unwrap());
+                kept.push(upstream.try_clone().unwrap());
+                drop(kept);
+                for (from, to) in [
+                    (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
+                    (upstream, client),
+                ] {
+                    let hole = hole.clone();
+                    std::thread::spawn(move || forward(from, to, &hole));
+                }
+            }
+        });
+        proxy
+    }
+
+    /// Every connection open now stops forwarding (and stays open).
+    fn blackhole(&self) {
+        for hole in self.holes.lock().unwrap().iter() {
+            hole.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Copies `from` to `to` until either ends; once `hole` is set, reads and
+/// discards (no error, no close, no backpressure: the bytes just vanish).
+fn forward(mut from: TcpStream, mut to: TcpStream, hole: &std::sync::atomic::AtomicBool) {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if hole.load(std::sync::atomic::Ordering::SeqCst) {
+            continue;
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    if !hole.load(std::sync::atomic::Ordering::SeqCst) {
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Drop for BlackholeProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in self.sockets.lock().unwrap().iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// A relay client whose connection is blackholed (no close, no error: the
+/// NAT in front of it lost the flow) notices within seconds once it sends
+/// and nothing comes back, and registers again through a new connection.
+/// The bound is the client's quiet time before its check ping (2 s) plus
+/// that ping's deadline (3 s), plus 3 s of slack; without the check the
+/// client only noticed at its 15 s ping's 60 s idle timeout.
+#[test]
+fn a_blackholed_relay_connection_is_replaced_within_seconds_once_the_client_sends() {
+    const BOUND: Duration = Duration::from_secs(8);
+    let pki = pki();
+    let server = relay_server(Some(&pki));
+    let proxy = BlackholeProxy::start(server.local_addr());
+    let (k1, k2) = (PrivateKey::generate(), PrivateKey::generate());
+    let (tx, rx1) = unbounded();
+    let owner = Arc::new(Owner {
+        key: k1.clone(),
+        got: tx,
+    });
+    let c1 = RelayClient::start(relay_config(&pki, proxy.addr), owner).unwrap();
+    assert!(c1.wait_connected(WAIT), "{:?}", c1.status());
+    let (c2, rx2) = client(&pki, &server, &k2);
+    assert!(wait_until(WAIT, || server.relay_stats().unwrap().clients == 2));
+    assert!(c1.send(k2.public_key().as_bytes(), b"\x04before"));
+    assert_eq!(rx2.recv_timeout(WAIT).unwrap().1, b"\x04before");
+    assert!(c2.send(k1.public_key().as_bytes(), b"\x04back"));
+    assert_eq!(rx1.recv_timeout(WAIT).unwrap().1, b"\x04back");
+    assert_eq!(proxy.accepted(), 1);
+
+    proxy.blackhole();
+    let start = Instant::now();
+    // The client keeps sending (a peer moved to the relay, say), a frame
+    // every 200 ms, until it has a new session or the bound passes.
+    let mut sent = 0u32;
+    while c1.status().sessions < 2 && start.elapsed() < BOUND {
+        c1.send(k2.public_key().as_bytes(), b"\x04into the hole");
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let took = start.elapsed();
+    assert!(
+        c1.status().sessions >= 2,
+        "no new relay session within {BOUND:?} of the blackhole ({sent} frames sent): {:?}",
+        c1.status()
+    );
+    println!("blackholed relay connection replaced after {took:?}");
+    assert!(c1.wait_connected(WAIT), "{:?}", c1.status());
+    assert_eq!(proxy.accepted(), 2, "the new session's fresh connection");
+    while rx2.try_recv().is_ok() {}
+    // Frames flow both ways on the new session, through the real relay.
+    assert!(wait_until(WAIT, || {
+        c1.send(k2.public_key().as_bytes(), b"\x04after");
+        rx2.recv_timeout(Duration::from_millis(200))
+            .is_ok_and(|(_, d)| d == b"\x04after")
+    }));
+    assert!(wait_until(WAIT, || {
+        c2.send(k1.public_key().as_bytes(), b"\x04back after");
+        rx1.recv_timeout(Duration::from_millis(200))
+            .is_ok_and(|(_, d)| d == b"\x04back after")
+    }));
+}
+
+/// The engine checks its relay session at once when it rediscovers (the
+/// network changed, or a direct path was given up): a blackholed session
+/// that has sent nothing is replaced within the check ping's deadline
+/// (3 s) plus 2 s of slack, not at the next 15 s keepalive ping.
+#[test]
+fn a_rediscovery_checks_the_relay_session_at_once() {
+    const BOUND: Duration = Duration::from_secs(5);
+    let pki = pki();
+    let server = relay_server(Some(&pki));
+    let proxy = BlackholeProxy::start(server.local_addr());
+    let nodes = mesh(1, false);
+    let engine = &nodes[0].engine;
+    engine.start_relay(relay_config(&pki, proxy.addr)).unwrap();
+    assert!(
+        engine.wait_relay_connected(WAIT),
+        "{:?}",
+        engine.relay_status()
+    );
+    assert_eq!(engine.relay_status().unwrap().sessions, 1);
+
+    proxy.blackhole();
+    let start = Instant::now();
+    engine.rediscover();
+    let replaced = wait_until(BOUND, || engine.relay_status().unwrap().sessions >= 2);
+    assert!(
+        replaced,
+        "the relay session was not checked: no new session within {BOUND:?} of the rediscovery: {:?}",
+        engine.relay_status()
+    );
+    println!("checked and replaced after {:?}", start.elapsed());
+    assert!(engine.wait_relay_connected(WAIT));
+    assert_eq!(proxy.accepted(), 2);
+}

@@ -102,7 +102,9 @@ pub(crate) fn status_json(s: &NatStatus) -> Value {
             "probe_rounds": n.probe_rounds,
             "probes_sent": n.probes_sent,
             "fallbacks": n.fallbacks,
+            "relay_ip_changes": n.relay_ip_changes,
         },
+        "relay_observed": s.relay_observed.map(|a| a.to_string()),
         "peers": peers,
         "pending_candidates": pending,
     })
@@ -121,7 +123,11 @@ pub(crate) fn status_json(s: &NatStatus) -> Value {
 /// state yet: `public_key`, `candidates`), `traffic` (every peer:
 /// `public_key`, `direct` and `relay` = {`tx_bytes`, `rx_bytes`, `time_ms`}:
 /// WireGuard datagram bytes and time on each path kind) and
-/// `discovery_age_ms` (since the last STUN round started; null before one).
+/// `discovery_age_ms` (since the last STUN round started; null before one),
+/// `relay_observed` (the address the relay sees this node's session come
+/// from, its NAT's public address; null before a relay told one) and, in
+/// `stats`, `relay_ip_changes` (times that address's IP changed between
+/// sessions).
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
 /// `MESHVPN_ENGINE_STOPPED`, `MESHVPN_BUFFER_TOO_SMALL`.
@@ -242,5 +248,12 @@ mod tests {
         assert_eq!(t["direct"]["rx_bytes"], 0);
         assert_eq!(t["relay"]["rx_bytes"], 7);
         assert_eq!(t["relay"]["time_ms"], 3000);
+        assert!(v["relay_observed"].is_null());
+        assert_eq!(v["stats"]["relay_ip_changes"], 0);
+        s.relay_observed = Some("203.0.113.9:40002".parse().unwrap());
+        s.stats.relay_ip_changes = 2;
+        let v = status_json(&s);
+        assert_eq!(v["relay_observed"], "203.0.113.9:40002");
+        assert_eq!(v["stats"]["relay_ip_changes"], 2);
     }
 }

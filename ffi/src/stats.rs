@@ -422,6 +422,9 @@ pub struct meshvpn_nat_stats {
     pub probes_deferred: u64,
     /// Direct paths given up for the relay.
     pub fallbacks: u64,
+    /// Times the IP the relay sees our session come from changed between
+    /// sessions (our NAT's public address moved; each started a STUN round).
+    pub relay_ip_changes: u64,
 }
 
 impl From<NatStats> for meshvpn_nat_stats {
@@ -437,6 +440,7 @@ impl From<NatStats> for meshvpn_nat_stats {
             probes_sent,
             probes_deferred,
             fallbacks,
+            relay_ip_changes,
         } = s;
         meshvpn_nat_stats {
             candidates_received,
@@ -448,6 +452,7 @@ impl From<NatStats> for meshvpn_nat_stats {
             probes_sent,
             probes_deferred,
             fallbacks,
+            relay_ip_changes,
         }
     }
 }

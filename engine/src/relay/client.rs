@@ -24,6 +24,7 @@ use tungstenite::{Message, WebSocket};
 use super::pump::{
     self as relay_pump, exporter, read_binary, Outbox, Pump, PumpTimers, QueueLimits,
 };
+use crate::relay::liveness::KEEPALIVE_EVERY;
 use crate::relay::protocol::{check_accepted, prove, Control, Frame, KEY_LEN};
 use crate::stats::stats_struct;
 use crate::ws::reconnect::{
@@ -183,6 +184,16 @@ impl RelayClient {
         self.client.wait_connected(timeout)
     }
 
+    /// Checks the session now: one ping, and a new session at once if
+    /// nothing at all arrives within [`crate::relay::liveness::PONG_TIMEOUT`]
+    /// (call it when the network may have changed under the connection).
+    /// Nothing without a session.
+    pub fn check(&self) {
+        if let Some(outbox) = self.client.protocol().current.read().as_ref() {
+            outbox.check();
+        }
+    }
+
     /// Ends the current session; the client registers again at once (with
     /// the owner's key of that moment: call after a key change).
     pub fn reconnect(&self) {
@@ -197,8 +208,8 @@ const CLIENT_CERTIFICATE_REQUIRED: &str =
      pass --relay-cert and --relay-key (C: meshvpn_relay_config.client_cert_pem and \
      client_key_pem; Go: RelayConfig.ClientCertPEM and ClientKeyPEM)";
 
-/// Websocket pings from the client; the relay ends silent sessions after 60 s.
-const PING_EVERY: Duration = Duration::from_secs(15);
+/// The session ends after this long with nothing from the relay; the
+/// liveness pings ([`crate::relay::liveness`]) notice a dead one long before.
 const IDLE: Duration = Duration::from_secs(60);
 
 impl Protocol for ClientShared {
@@ -280,9 +291,10 @@ fn session(
         pump.outbox().stop();
     }
     let timers = PumpTimers {
-        ping_every: Some(PING_EVERY),
+        ping_every: Some(KEEPALIVE_EVERY),
         idle: IDLE,
         write_timeout: None,
+        liveness: true,
     };
     let reason = pump.run(&mut ws, &timers, &mut |m| match Frame::decode(&m) {
         // Too short for a frame: the server's control message.

@@ -62,6 +62,10 @@ impl RelayTransport for RelayClient {
         RelayClient::reconnect(self);
     }
 
+    fn check(&self) {
+        RelayClient::check(self);
+    }
+
     fn sessions(&self) -> u64 {
         self.status().sessions
     }

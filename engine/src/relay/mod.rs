@@ -7,6 +7,8 @@
 //! - `client`: [`RelayClient`], one registration for the local key,
 //!   reconnecting with backoff; its [`RelayOwner`] (the engine) gets the
 //!   datagrams.
+//! - `liveness` (sans-IO): when the client pings and when it gives a
+//!   silent session up (seconds, not the 60 s idle timeout).
 //! - `pump`: the non-blocking websocket loop both ends run, with byte-bounded
 //!   queues.
 //! - `engine`: plugs the client into the WireGuard engine from above, as
@@ -18,6 +20,7 @@
 
 mod client;
 mod engine;
+pub mod liveness;
 pub mod protocol;
 pub(crate) mod pump;
 pub(crate) mod server;

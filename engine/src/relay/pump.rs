@@ -30,6 +30,7 @@ use tungstenite::protocol::WebSocketConfig;
 use tungstenite::{Message, WebSocket};
 
 use crate::peer::BufferBudget;
+use crate::relay::liveness::{Liveness, Next, PONG_TIMEOUT};
 use crate::relay::protocol::{EXPORTER_LABEL, EXPORTER_LEN, MAX_FRAME};
 use crate::ws::poll::{is_would_block, read_one, session_poll, write_queued, Received};
 use crate::ws::transport::Transport;
@@ -137,6 +138,8 @@ pub(crate) struct Outbox {
     waker: Waker,
     sleeping: AtomicBool,
     stop: AtomicBool,
+    /// A liveness check was asked for (see [`Outbox::check`]).
+    check: AtomicBool,
 }
 
 impl Outbox {
@@ -151,6 +154,7 @@ impl Outbox {
             waker,
             sleeping: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            check: AtomicBool::new(false),
         }
     }
 
@@ -230,6 +234,14 @@ impl Outbox {
         self.stop.store(true, Ordering::SeqCst);
         let _ = self.waker.wake();
     }
+
+    /// Asks a pump that checks liveness ([`PumpTimers::liveness`]) to ping
+    /// now and end the session if nothing answers within its deadline;
+    /// ignored by one that does not.
+    pub(crate) fn check(&self) {
+        self.check.store(true, Ordering::SeqCst);
+        let _ = self.waker.wake();
+    }
 }
 
 /// What a pump does besides moving frames.
@@ -243,6 +255,9 @@ pub(crate) struct PumpTimers {
     /// not read). DERP closes such a client the same way, with a write
     /// deadline on every frame it sends.
     pub(crate) write_timeout: Option<Duration>,
+    /// End the session when a ping goes unanswered (the client side): see
+    /// [`crate::relay::liveness`] for when it pings.
+    pub(crate) liveness: bool,
 }
 
 pub(crate) struct Pump {
@@ -301,6 +316,13 @@ impl Pump {
         let mut stalled: Option<Message> = None;
         // Since when output has waited, and the socket's byte count then.
         let mut waiting: Option<(Instant, u64)> = None;
+        let mut live = timers.liveness.then(Liveness::new);
+        // A ping to write as soon as nothing else waits in `stalled`, and
+        // one put there and not yet taken by the websocket.
+        let mut ping_wanted = false;
+        let mut ping_queued = false;
+        // The socket's byte count when the last flush found it full.
+        let mut blocked_at: Option<u64> = None;
         loop {
             if self.outbox.stop.load(Ordering::SeqCst) {
                 return "stopped".into();
@@ -310,9 +332,17 @@ impl Pump {
                 match read_one(ws) {
                     Ok(Received::Binary(b)) => {
                         last_rx = Instant::now();
+                        if let Some(l) = live.as_mut() {
+                            l.received();
+                        }
                         on_frame(b);
                     }
-                    Ok(Received::Keepalive) => last_rx = Instant::now(),
+                    Ok(Received::Keepalive) => {
+                        last_rx = Instant::now();
+                        if let Some(l) = live.as_mut() {
+                            l.received();
+                        }
+                    }
                     Ok(Received::Other) => {}
                     Ok(Received::Blocked) => {
                         read_blocked = true;
@@ -326,24 +356,61 @@ impl Pump {
             if now.duration_since(last_rx) > timers.idle {
                 return format!("nothing from the peer for {:?}", timers.idle);
             }
+            if let Some(l) = live.as_mut() {
+                if self.outbox.check.swap(false, Ordering::SeqCst) {
+                    l.check();
+                }
+                match l.poll(now) {
+                    Next::Dead => {
+                        return format!(
+                            "no answer to a ping within {PONG_TIMEOUT:?} (the connection is dead)"
+                        )
+                    }
+                    Next::Ping => ping_wanted = true,
+                    Next::Wait(_) => {}
+                }
+            }
             if let (Some(at), Some(every)) = (next_ping, timers.ping_every) {
-                if now >= at && stalled.is_none() {
-                    stalled = Some(Message::Ping(Bytes::new()));
+                if now >= at {
+                    ping_wanted = true;
                     next_ping = Some(now + every);
                 }
+            }
+            // One ping at a time covers the keepalive and the check.
+            ping_wanted &= !ping_queued;
+            if ping_wanted && stalled.is_none() {
+                stalled = Some(Message::Ping(Bytes::new()));
+                ping_wanted = false;
+                ping_queued = true;
             }
             let wrote =
                 match write_queued(ws, &mut stalled, || self.outbox.pop().map(Message::Binary)) {
                     Ok(w) => w,
                     Err(e) => return e,
                 };
+            if let Some(l) = live.as_mut() {
+                if wrote {
+                    l.sent(now);
+                }
+                if ping_queued && !matches!(stalled, Some(Message::Ping(_))) {
+                    ping_queued = false;
+                    l.ping_written(now);
+                }
+            }
             let write_blocked = match ws.flush() {
                 Ok(()) => false,
                 Err(e) if is_would_block(&e) => true,
                 Err(e) => return format!("websocket flush: {e}"),
             };
+            let written = ws.get_ref().sock.bytes_written();
+            if let (Some(mark), Some(l)) = (blocked_at, live.as_mut()) {
+                // A full socket took more: the far end acknowledged data.
+                if written > mark {
+                    l.progress(now);
+                }
+            }
+            blocked_at = write_blocked.then_some(written);
             if let Some(limit) = timers.write_timeout {
-                let written = ws.get_ref().sock.bytes_written();
                 if !write_blocked {
                     waiting = None;
                 } else {
@@ -360,10 +427,12 @@ impl Pump {
                 continue;
             }
 
-            // Sleep until the socket, a push, the next ping or the idle limit.
+            // Sleep until the socket, a push, the next ping, the idle limit
+            // or a liveness deadline.
             self.outbox.sleeping.store(true, Ordering::SeqCst);
             let more = !write_blocked && (stalled.is_some() || !self.outbox.is_empty());
-            if more || self.outbox.stop.load(Ordering::SeqCst) {
+            let checked = live.is_some() && self.outbox.check.load(Ordering::SeqCst);
+            if more || checked || self.outbox.stop.load(Ordering::SeqCst) {
                 self.outbox.sleeping.store(false, Ordering::SeqCst);
                 continue;
             }
@@ -373,6 +442,18 @@ impl Pump {
             }
             if let (Some((since, _)), Some(limit)) = (waiting, timers.write_timeout) {
                 wake_at = wake_at.min(since + limit);
+            }
+            if let Some(l) = live.as_mut() {
+                match l.poll(Instant::now()) {
+                    Next::Wait(Some(at)) => wake_at = wake_at.min(at),
+                    Next::Wait(None) => {}
+                    // A ping that waits for the socket sleeps with it.
+                    Next::Ping if ping_wanted || ping_queued => {}
+                    Next::Ping | Next::Dead => {
+                        self.outbox.sleeping.store(false, Ordering::SeqCst);
+                        continue;
+                    }
+                }
             }
             let timeout = wake_at
                 .saturating_duration_since(Instant::now())

@@ -325,6 +325,7 @@ impl Relay {
             ping_every: None,
             idle: self.config.idle,
             write_timeout: Some(self.config.write_timeout),
+            liveness: false,
         };
         // `run` frees the queue before the session leaves the registry; a
         // frame pushed in between is refused as for a key without a session.

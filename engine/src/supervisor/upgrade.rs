@@ -282,6 +282,7 @@ impl Conn {
                 ping_every: limits.ping_every,
                 idle: limits.idle,
                 write_timeout: limits.write_timeout,
+                liveness: false,
             },
         })
     }

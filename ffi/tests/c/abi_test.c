@@ -545,14 +545,18 @@ static void test_packet_exchange(struct node *a, struct node *b) {
     CHECK_RC(meshvpn_engine_stats(a->engine, NULL), MESHVPN_NULL_PARAMETER);
     meshvpn_nat_stats ns;
     OK(meshvpn_engine_nat_stats(a->engine, &ns));
-    CHECK(ns.candidates_malformed == 0 && ns.candidates_unknown_peer == 0);
+    CHECK(ns.candidates_malformed == 0 && ns.candidates_unknown_peer == 0 &&
+          ns.relay_ip_changes == 0);
     CHECK_RC(meshvpn_engine_nat_stats(a->engine, NULL), MESHVPN_NULL_PARAMETER);
     {
         char nat[4096];
         size_t nat_len = 0;
         OK(meshvpn_engine_nat_status(a->engine, nat, sizeof nat, &nat_len));
         CHECK(nat_len > 2 && nat[0] == '{' && strstr(nat, "\"candidates\":[") != NULL &&
-              strstr(nat, "\"peers\":[") != NULL);
+              strstr(nat, "\"peers\":[") != NULL &&
+              /* No relay has told an address yet. */
+              strstr(nat, "\"relay_observed\":null") != NULL &&
+              strstr(nat, "\"relay_ip_changes\":0") != NULL);
         CHECK_RC(meshvpn_engine_nat_status(a->engine, nat, 1, &nat_len), MESHVPN_BUFFER_TOO_SMALL);
     }
 

@@ -44,7 +44,9 @@ pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(30);
 pub const ANSWER_GAP: Duration = Duration::from_secs(5);
 
 stats_struct! {
-/// NAT traversal counters of one engine.
+@counters
+/// NAT traversal counters of one engine (also the metrics page's
+/// `meshvpn_nat_<field>_total`, with the field's doc as help).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NatStats {
     /// Candidate messages accepted from peers.
@@ -65,6 +67,9 @@ pub struct NatStats {
     pub probes_deferred: u64,
     /// Direct paths given up for the relay.
     pub fallbacks: u64,
+    /// Times the IP the relay sees our session come from changed between
+    /// sessions (our NAT's public address moved; each started a STUN round).
+    pub relay_ip_changes: u64,
 }
 }
 
@@ -85,10 +90,8 @@ pub struct NatStatus {
     pub peer_paths: Vec<(PublicKey, PathSummary)>,
     /// The address the relay saw our last session come from (relays that
     /// tell it; `None` before the first session or with an older relay).
+    /// The times its IP changed are `stats.relay_ip_changes`.
     pub relay_observed: Option<SocketAddr>,
-    /// Times that address's IP changed from one session to the next (each
-    /// started a discovery round).
-    pub relay_ip_changes: u64,
     /// Per peer (every peer, relay or not): bytes and time on direct UDP
     /// and on the relay.
     pub peer_traffic: Vec<(PublicKey, PathTraffic)>,
@@ -267,7 +270,19 @@ impl Shared {
     /// shows it). A round is one Binding request per server, and a server
     /// still being asked keeps its transaction, so calling this often sends
     /// no more.
+    ///
+    /// The same change may have killed the relay's TCP connection, which
+    /// would otherwise be noticed only by its keepalive pings: the relay
+    /// session is checked too (one ping with a deadline, as Tailscale pings
+    /// its DERP connections after a rebind; a check while one is out adds
+    /// nothing).
     pub(super) fn rediscover(&self) {
+        self.check_relay();
+        self.discover_now();
+    }
+
+    /// Starts a discovery round now (see [`Shared::rediscover`]).
+    fn discover_now(&self) {
         let mut inner = self.nat.inner.lock();
         if inner.discovery.is_some() {
             inner.next_round = Some(Instant::now());
@@ -275,8 +290,7 @@ impl Shared {
     }
 
     /// The relay told us where it sees our session come from. A new IP
-    /// (not the first one) starts a discovery round, through the same
-    /// entry point as a fallback, and is counted.
+    /// (not the first one) starts a discovery round and is counted.
     pub(super) fn relay_observed(&self, address: SocketAddr) {
         let changed = {
             let mut inner = self.nat.inner.lock();
@@ -286,7 +300,8 @@ impl Shared {
         if changed {
             tracing::info!(%address, "relay: our public address changed; discovering again");
             self.nat.relay_ip_changes.fetch_add(1, Relaxed);
-            self.rediscover();
+            // The session that told us is new: no need to check it.
+            self.discover_now();
         }
     }
 
@@ -358,12 +373,15 @@ impl Engine {
             probes_sent: n.probes.load(Relaxed),
             probes_deferred: n.deferred.load(Relaxed),
             fallbacks: n.fallbacks.load(Relaxed),
+            relay_ip_changes: n.relay_ip_changes.load(Relaxed),
         }
     }
 
     /// The reply to the UAPI request `get=meshvpn-paths` (`meshvpn status`
     /// without `--metrics`): `key=value` lines, without the closing
-    /// `errno=0`: `last_discovery_ms` (when a round ran), then per peer
+    /// `errno=0`: `last_discovery_ms` (when a round ran), `relay_observed`
+    /// and `relay_ip_changes` (the address the relay sees us come from and
+    /// how often its IP changed; when a relay told one), then per peer
     /// `public_key` (hex) and one `candidate` line per candidate (the path
     /// is `get=1`'s endpoint). A request of its own, not keys added to `get=1`: `wg`
     /// and wgctrl ignore unknown keys there, but older meshvpn parsers
@@ -374,6 +392,10 @@ impl Engine {
         let mut out = String::new();
         if let Some(d) = status.since_discovery {
             let _ = writeln!(out, "last_discovery_ms={}", d.as_millis());
+        }
+        if let Some(a) = status.relay_observed {
+            let _ = writeln!(out, "relay_observed={a}");
+            let _ = writeln!(out, "relay_ip_changes={}", status.stats.relay_ip_changes);
         }
         for peer in self.shared.device.peers() {
             let key = peer.public_key();
@@ -418,7 +440,6 @@ impl Engine {
             peer_candidates: inner.known.iter().map(|(k, v)| (*k, v.clone())).collect(),
             peer_paths: inner.paths.clone(),
             relay_observed: inner.relay_observed,
-            relay_ip_changes: self.shared.nat.relay_ip_changes.load(Relaxed),
         }
     }
 }

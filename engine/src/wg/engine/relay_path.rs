@@ -64,6 +64,10 @@ pub trait RelayTransport: Transport + 'static {
     /// from an address that is gone, which nothing notices until the
     /// relay's idle timeout. End it and connect again now.
     fn reconnect(&self);
+    /// The network may have changed under the session (a direct path was
+    /// given up, the host's network changed): check it now and connect
+    /// again if it is dead (the websocket client pings with a deadline).
+    fn check(&self) {}
     /// Sessions (registrations) so far. A new one means what was sent on
     /// the last may be lost with its connection: candidates are announced
     /// again. Transports that cannot tell return 0.
@@ -161,6 +165,15 @@ impl Shared {
                     self.relay.unsent.fetch_add(n as u64, Relaxed);
                 }
             }
+        }
+    }
+}
+
+impl Shared {
+    /// Asks the attached relay transport to check its session now.
+    pub(super) fn check_relay(&self) {
+        if let Some(active) = self.relay.active.read().as_ref() {
+            active.transport.check();
         }
     }
 }
