@@ -31,6 +31,7 @@ mod signal;
 mod sink;
 mod stack;
 mod tcp;
+mod tx;
 mod udp;
 
 use std::net::{IpAddr, SocketAddr};
