@@ -31,7 +31,6 @@ mod signal;
 mod sink;
 mod stack;
 mod tcp;
-mod tx;
 mod udp;
 
 use std::net::{IpAddr, SocketAddr};

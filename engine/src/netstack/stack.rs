@@ -24,9 +24,10 @@ use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint, Ipv4Packet, Ipv6P
 use super::device::MeshDevice;
 use super::signal::Signal;
 use super::sink::NetstackSink;
-use super::tx::{self, TxQueue};
 use super::{NetstackConfig, NetstackError};
-use crate::wg::{BufferPool, Engine, PacketBuf};
+use crate::peer::DropReason;
+use crate::wg::{BufferPool, Engine, PacketBuf, SendError};
+use crate::wire::IpHeader;
 
 /// Packets taken from the queue per poll.
 const RX_BATCH: usize = 256;
@@ -157,7 +158,7 @@ pub(crate) struct Stack {
 struct Counters {
     rx_dropped: Arc<AtomicU64>,
     syns_dropped: AtomicU64,
-    tx_unroutable: Arc<AtomicU64>,
+    tx_unroutable: AtomicU64,
 }
 
 pub(crate) struct Inner {
@@ -264,7 +265,7 @@ impl Inner {
             counters: Counters {
                 rx_dropped: rx_dropped.clone(),
                 syns_dropped: AtomicU64::new(0),
-                tx_unroutable: Arc::new(AtomicU64::new(0)),
+                tx_unroutable: AtomicU64::new(0),
             },
             config,
         });
@@ -416,37 +417,6 @@ fn run(inner: Arc<Inner>, packets: Receiver<PacketBuf>, kicks: Receiver<()>) {
         }
     }
     let _stopped = Stopped(&inner);
-    // The packets of each poll are encrypted and sent by a thread of their
-    // own (tx.rs), so smoltcp runs while the previous batch is sealed.
-    let tx = Arc::new(TxQueue::default());
-    let sender = {
-        let kick = inner.kick.clone();
-        tx::spawn(
-            tx.clone(),
-            tx::engine_sender(inner.engine.clone(), inner.counters.tx_unroutable.clone()),
-            move || {
-                let _ = kick.try_send(());
-            },
-        )
-    };
-    let Ok(sender) = sender else {
-        tracing::warn!("netstack: cannot start the sender thread");
-        return;
-    };
-    // The sender finishes what it was handed and stops, whichever way the
-    // loop ends (declared after `_stopped`, so it runs first).
-    struct StopSender(Arc<TxQueue>, Option<JoinHandle<()>>);
-    impl Drop for StopSender {
-        fn drop(&mut self) {
-            self.0.close();
-            if let Some(t) = self.1.take() {
-                let _ = t.join();
-            }
-        }
-    }
-    let _stop_sender = StopSender(tx.clone(), Some(sender));
-    let mut send_here =
-        tx::engine_sender(inner.engine.clone(), inner.counters.tx_unroutable.clone());
     let mut out: Vec<Vec<u8>> = Vec::new();
     let mut spare: Vec<Vec<u8>> = Vec::new();
     let mut unreachable: Vec<IpAddr> = Vec::new();
@@ -462,8 +432,7 @@ fn run(inner: Arc<Inner>, packets: Receiver<PacketBuf>, kicks: Receiver<()>) {
             }
         };
         while kicks.try_recv().is_ok() {}
-        let Ok(_engine) = inner.engine() else { break };
-        tx.take(&mut spare, &mut unreachable);
+        let Ok(engine) = inner.engine() else { break };
         {
             let mut guard = inner.stack.lock();
             let st = &mut *guard;
@@ -483,13 +452,18 @@ fn run(inner: Arc<Inner>, packets: Receiver<PacketBuf>, kicks: Receiver<()>) {
             delay = st.delay().min(IDLE_CHECK);
             std::mem::swap(&mut out, &mut st.device.tx);
         }
-        let bytes: usize = out.iter().map(Vec::len).sum();
-        if bytes < tx::TX_INLINE_BYTES && tx.idle() {
-            send_here(&out, &mut unreachable);
-            spare.append(&mut out);
-        } else if !tx.push(&mut out) {
-            break;
-        }
+        // One batch: consecutive packets to a peer leave in one GSO send.
+        engine.send_packets_reporting(out.iter().map(Vec::as_slice), |p, e| {
+            if let SendError::NoRoute | SendError::Dropped(DropReason::NoEndpoint) = e {
+                inner.counters.tx_unroutable.fetch_add(1, Relaxed);
+                if let Ok(h) = IpHeader::new_checked(p) {
+                    if !unreachable.contains(&h.dst) {
+                        unreachable.push(h.dst);
+                    }
+                }
+            }
+        });
+        spare.append(&mut out);
         if !unreachable.is_empty() || !packets.is_empty() {
             delay = Duration::ZERO;
         }
