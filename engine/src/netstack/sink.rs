@@ -100,6 +100,29 @@ impl RxPool {
         }
     }
 
+    /// Counts `len` more bytes allocated, freeing idle buffers of the
+    /// other kind (`small`: the copy buffers) if the ceiling needs it: after
+    /// a bulk transfer filled it with idle batch-sized buffers, a trickle of
+    /// small batches must still get a copy buffer, and the other way round.
+    fn charge_or_reclaim(&self, len: usize, small: bool) -> bool {
+        loop {
+            if self.charge(len) {
+                return true;
+            }
+            let idle = if small {
+                self.small.lock().pop().map(|_| self.copy_len)
+            } else {
+                self.big.lock().pop().map(|b| b.len())
+            };
+            match idle {
+                Some(freed) => {
+                    self.allocated.fetch_sub(freed, Relaxed);
+                }
+                None => return false,
+            }
+        }
+    }
+
     /// An idle buffer of exactly `len` bytes, or a new one within the
     /// ceiling.
     fn take_big(&self, len: usize) -> Option<Vec<u8>> {
@@ -113,14 +136,14 @@ impl RxPool {
                 self.allocated.fetch_sub(b.len(), Relaxed);
             }
         }
-        self.charge(len).then(|| vec![0u8; len])
+        self.charge_or_reclaim(len, true).then(|| vec![0u8; len])
     }
 
     fn take_small(&self) -> Option<Vec<u8>> {
         if let Some(b) = self.small.lock().pop() {
             return Some(b);
         }
-        self.charge(self.copy_len)
+        self.charge_or_reclaim(self.copy_len, false)
             .then(|| Vec::with_capacity(self.copy_len))
     }
 
@@ -564,6 +587,46 @@ mod tests {
         let mut b = burst(300, 1400, 0);
         s.deliver_burst(&mut b);
         assert_eq!(s.dropped.load(Relaxed), before, "room again once read");
+        assert!(s.pool.allocated() <= ceiling);
+        drop(rx.try_iter().count());
+    }
+
+    /// Idle buffers of one kind do not starve the other: after a bulk
+    /// transfer left the ceiling full of idle batch-sized buffers, small
+    /// batches still get copy buffers (and the other way round).
+    #[test]
+    fn idle_buffers_of_one_kind_make_room_for_the_other() {
+        let (s, rx) = sink(700, host_queue());
+        // Room for two batch-sized buffers and not a copy buffer more.
+        let ceiling = 700 * 1500;
+        // Batch-sized buffers until the ceiling refuses one more, all idle.
+        let mut held = Vec::new();
+        while s.pool.allocated() + (512 << 10) <= ceiling {
+            let mut b = burst(100, 1400, 0);
+            s.deliver_burst(&mut b);
+            held.extend(rx.try_iter());
+        }
+        drop(held);
+        for _ in 0..20 {
+            let mut b = burst(3, 100, 0);
+            s.deliver_burst(&mut b);
+            drop(rx.try_iter().count());
+        }
+        assert_eq!(s.dropped.load(Relaxed), 0, "small batches were refused");
+        // And copy buffers filling the ceiling give way to a large batch.
+        let mut held = Vec::new();
+        for _ in 0..40 {
+            let mut b = burst(40, 1400, 0);
+            s.deliver_burst(&mut b);
+            held.extend(rx.try_iter());
+        }
+        drop(held);
+        let mut b = burst(100, 1400, 0);
+        s.deliver_burst(&mut b);
+        assert!(
+            !rx.try_recv().unwrap().small,
+            "no room for the buffer hand-over"
+        );
         assert!(s.pool.allocated() <= ceiling);
     }
 }
