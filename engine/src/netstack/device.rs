@@ -1,5 +1,6 @@
 //! The stack's side of the mesh, as a smoltcp `Device`: a queue of received
-//! inner packets filled by the netstack thread from the engine's sink, and a
+//! batches of inner packets filled by the netstack thread from the engine's
+//! sink, each packet read in place where the receive thread left it, and a
 //! list of packets to send that the thread hands to `Engine::send_packet`
 //! after releasing the stack lock. Buffers are recycled, so a warm stack
 //! allocates nothing per packet.
@@ -9,14 +10,19 @@ use std::collections::VecDeque;
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
-use crate::wg::PacketBuf;
+use super::sink::RxBatch;
 
 /// Packets one poll may produce before smoltcp is told the device is busy
 /// (the thread sends them and polls again).
 const TX_BATCH: usize = 512;
 
 pub(crate) struct MeshDevice {
-    pub rx: VecDeque<PacketBuf>,
+    /// Received batches; the front one may be read through already (it is
+    /// dropped, and its buffer goes back to the pool, by the next receive
+    /// or [`MeshDevice::pop`], or at the end of the poll).
+    rx: VecDeque<RxBatch>,
+    /// Packets in `rx` not read yet.
+    rx_pending: usize,
     pub tx: Vec<Vec<u8>>,
     /// Empty buffers from earlier batches, reused for `tx`.
     pub free: Vec<Vec<u8>>,
@@ -27,6 +33,7 @@ impl MeshDevice {
     pub fn new(mtu: usize) -> MeshDevice {
         MeshDevice {
             rx: VecDeque::new(),
+            rx_pending: 0,
             tx: Vec::new(),
             free: Vec::new(),
             mtu,
@@ -34,16 +41,51 @@ impl MeshDevice {
     }
 }
 
-pub(crate) struct RxToken(PacketBuf);
+impl MeshDevice {
+    pub fn push(&mut self, batch: RxBatch) {
+        self.rx_pending += batch.remaining();
+        self.rx.push_back(batch);
+    }
+
+    /// Packets received and not yet read by smoltcp.
+    pub fn pending(&self) -> usize {
+        self.rx_pending
+    }
+
+    /// Drops the batches read through, so their buffers go back.
+    pub fn drop_read(&mut self) {
+        while self.rx.front().is_some_and(|b| b.remaining() == 0) {
+            self.rx.pop_front();
+        }
+    }
+
+    /// The next packet smoltcp will read.
+    pub fn peek(&self) -> Option<&[u8]> {
+        self.rx.iter().find_map(RxBatch::peek)
+    }
+
+    /// Skips the next packet.
+    pub fn pop(&mut self) {
+        self.drop_read();
+        if let Some(b) = self.rx.front_mut() {
+            if b.advance().is_some() {
+                self.rx_pending -= 1;
+            }
+        }
+        self.drop_read();
+    }
+}
+
+pub(crate) struct RxToken<'a>(&'a [u8]);
 
 pub(crate) struct TxToken<'a> {
     tx: &'a mut Vec<Vec<u8>>,
     free: &'a mut Vec<Vec<u8>>,
 }
 
-impl phy::RxToken for RxToken {
+impl phy::RxToken for RxToken<'_> {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        f(&self.0)
+        f(self.0)
     }
 }
 
@@ -59,13 +101,19 @@ impl phy::TxToken for TxToken<'_> {
 }
 
 impl phy::Device for MeshDevice {
-    type RxToken<'a> = RxToken;
+    type RxToken<'a> = RxToken<'a>;
     type TxToken<'a> = TxToken<'a>;
 
-    fn receive(&mut self, _now: Instant) -> Option<(RxToken, TxToken<'_>)> {
-        let p = self.rx.pop_front()?;
+    fn receive(&mut self, _now: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
+        // The batch stays until the packet is read: its buffer is dropped
+        // by the next peek or pop.
+        self.drop_read();
+        let batch = self.rx.front_mut()?;
+        let span = batch.advance()?;
+        self.rx_pending -= 1;
+        let batch = self.rx.front()?;
         Some((
-            RxToken(p),
+            RxToken(batch.packet_at(span)),
             TxToken {
                 tx: &mut self.tx,
                 free: &mut self.free,

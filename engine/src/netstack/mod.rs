@@ -4,6 +4,8 @@
 //!
 //! ```text
 //!   engine rx thread --InnerSink--> NetstackSink --(ours?)--> bounded queue --> netstack thread
+//!                     (one message per receive batch; a large one in the buffer it was
+//!                      decrypted into, a small one copied into one pooled buffer)
 //!                                        \--(not ours)--> previous sink (host queue, TUN)
 //!   netstack thread: drain a batch --> Interface ingress + egress --> Engine::send_packet
 //!   TcpStream / TcpListener / UdpSocket / ping: lock the stack, move bytes in or
@@ -18,7 +20,8 @@
 //! signal's generation while still holding it, so no wake-up is lost.
 //!
 //! Memory is bounded by [`NetstackConfig`]: at most `max_sockets` sockets,
-//! each with fixed buffers, and at most `rx_queue_packets` queued packets.
+//! each with fixed buffers, and at most `rx_queue_packets` queued packets
+//! in buffers of at most `rx_queue_packets * mtu` bytes in all.
 //!
 //! This layer opens no OS socket and reads no device: packets come from the
 //! engine's sink and leave through [`Engine::send_packet`].
@@ -66,6 +69,10 @@ pub struct NetstackConfig {
     /// Bytes of payload buffer per UDP socket, each direction.
     pub udp_buffer: usize,
     /// Decrypted packets queued for the stack before new ones are dropped.
+    /// The buffers they wait in (whole receive batches, handed over
+    /// uncopied, or pooled copy buffers) total at most this times the MTU
+    /// in bytes; past either bound packets are dropped and counted in
+    /// [`NetstackStats::rx_dropped`].
     pub rx_queue_packets: usize,
     /// Disable Nagle's algorithm on new TCP sockets (Go's default too).
     pub tcp_nodelay: bool,

@@ -23,13 +23,14 @@ use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint, Ipv4Packet, Ipv6P
 
 use super::device::MeshDevice;
 use super::signal::Signal;
-use super::sink::NetstackSink;
+use super::sink::{NetstackSink, RxBatch, RxPool};
 use super::{NetstackConfig, NetstackError};
 use crate::peer::DropReason;
-use crate::wg::{BufferPool, Engine, PacketBuf, SendError};
+use crate::wg::{Engine, SendError};
 use crate::wire::IpHeader;
 
-/// Packets taken from the queue per poll.
+/// Packets smoltcp reads per poll before it sends what they caused (the
+/// rest of a receive batch waits for the next poll).
 const RX_BATCH: usize = 256;
 /// Longest sleep of an idle stack thread: how late it may notice that the
 /// engine closed.
@@ -280,7 +281,7 @@ impl Inner {
         let sink = NetstackSink {
             addresses,
             queue: packets_tx,
-            pool: BufferPool::new(inner.config.rx_queue_packets.min(1024), mtu),
+            pool: RxPool::new(inner.config.rx_queue_packets, mtu),
             next: engine.sink(),
             detached,
             dropped: rx_dropped,
@@ -405,7 +406,7 @@ impl Inner {
 
 /// The netstack thread: waits for packets, kicks or the next socket
 /// deadline, then polls once for the whole batch and sends its output.
-fn run(inner: Arc<Inner>, packets: Receiver<PacketBuf>, kicks: Receiver<()>) {
+fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
     // However the loop ends (engine gone, stack closed, or a panic), the
     // stack is marked closed and every blocked caller wakes.
     struct Stopped<'a>(&'a Inner);
@@ -436,10 +437,12 @@ fn run(inner: Arc<Inner>, packets: Receiver<PacketBuf>, kicks: Receiver<()>) {
         {
             let mut guard = inner.stack.lock();
             let st = &mut *guard;
-            st.device.rx.extend(first);
-            while st.device.rx.len() < RX_BATCH {
+            if let Some(b) = first {
+                st.device.push(b);
+            }
+            while st.device.pending() < RX_BATCH {
                 match packets.try_recv() {
-                    Ok(p) => st.device.rx.push_back(p),
+                    Ok(b) => st.device.push(b),
                     Err(_) => break,
                 }
             }
@@ -450,6 +453,9 @@ fn run(inner: Arc<Inner>, packets: Receiver<PacketBuf>, kicks: Receiver<()>) {
             }
             st.poll(&inner);
             delay = st.delay().min(IDLE_CHECK);
+            if st.device.pending() > 0 {
+                delay = Duration::ZERO;
+            }
             std::mem::swap(&mut out, &mut st.device.tx);
         }
         // One batch: consecutive packets to a peer leave in one GSO send.
@@ -726,6 +732,7 @@ impl Stack {
         let now = self.now();
         self.iface.poll_maintenance(now);
         self.ingress(now, inner);
+        self.device.drop_read();
         while self
             .iface
             .poll_egress(now, &mut self.device, &mut self.sockets)
@@ -749,7 +756,10 @@ impl Stack {
     /// socket limit is full); an ICMP error about a connected UDP socket's
     /// datagram is noted for that socket.
     fn ingress(&mut self, now: SmolInstant, inner: &Inner) {
-        while let Some(front) = self.device.rx.front() {
+        for _ in 0..RX_BATCH {
+            let Some(front) = self.device.peek() else {
+                break;
+            };
             let icmp_error = if self.connected_udp.is_empty() {
                 None
             } else {
@@ -762,7 +772,7 @@ impl Stack {
             };
             if let Some(key) = listener {
                 if !self.ready_listener(key, &inner.config) {
-                    self.device.rx.pop_front();
+                    self.device.pop();
                     inner.counters.syns_dropped.fetch_add(1, Relaxed);
                     continue;
                 }

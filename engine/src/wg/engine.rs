@@ -655,7 +655,8 @@ impl RxBurst {
         sink.deliver_burst(&mut self.packets);
         for (i, peer) in self.peers.drain(..).enumerate() {
             if self.packets.delivered(i) {
-                peer.delivered(self.packets.packet(i).len());
+                // A sink may have kept the buffer (`replace_buf`): lengths only.
+                peer.delivered(self.packets.packet_len(i));
             } else {
                 peer.drop_for(DropReason::SinkFull);
             }

@@ -49,6 +49,9 @@ pub struct InnerBurst {
     used: usize,
     spans: Vec<(usize, usize)>,
     delivered: Vec<bool>,
+    /// The buffer went to a sink ([`InnerBurst::replace_buf`]): the
+    /// packets' bytes are gone, their lengths and marks stay.
+    moved: bool,
 }
 
 impl InnerBurst {
@@ -59,6 +62,7 @@ impl InnerBurst {
             used: 0,
             spans: Vec::with_capacity(packets),
             delivered: Vec::with_capacity(packets),
+            moved: false,
         }
     }
 
@@ -87,19 +91,60 @@ impl InnerBurst {
         self.spans.is_empty()
     }
 
+    /// Packet `i`'s bytes; empty once the buffer was replaced.
     pub fn packet(&self, i: usize) -> &[u8] {
+        if self.moved {
+            return &[];
+        }
         let (at, len) = self.spans[i];
         &self.buf[at..at + len]
     }
 
+    /// Where packet `i` starts in the buffer, and its length.
+    pub fn span(&self, i: usize) -> (usize, usize) {
+        self.spans[i]
+    }
+
+    pub fn packet_len(&self, i: usize) -> usize {
+        self.spans[i].1
+    }
+
+    /// The length of the buffer (what [`InnerBurst::replace_buf`] wants).
+    pub fn buf_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Hands the whole buffer, packets and all, to a sink that keeps it
+    /// (the userspace stack reads its packets in place instead of copying
+    /// them), and goes on with `with`, of the same length, for the next
+    /// batch. Afterwards the packets' bytes are gone ([`InnerBurst::packet`]
+    /// is empty) but their lengths and delivered marks stay, for the
+    /// engine's counters. `Err(with)` when the lengths differ.
+    pub fn replace_buf(&mut self, with: Vec<u8>) -> Result<Vec<u8>, Vec<u8>> {
+        if with.len() != self.buf.len() || self.moved {
+            return Err(with);
+        }
+        self.moved = true;
+        Ok(std::mem::replace(&mut self.buf, with))
+    }
+
     pub fn packets(&self) -> impl Iterator<Item = &[u8]> {
-        self.spans.iter().map(|&(at, len)| &self.buf[at..at + len])
+        let moved = self.moved;
+        self.spans.iter().map(move |&(at, len)| {
+            if moved {
+                &[][..]
+            } else {
+                &self.buf[at..at + len]
+            }
+        })
     }
 
     /// The packets and their delivered marks, to fill in together.
     pub fn parts(&mut self) -> (impl Iterator<Item = &[u8]>, &mut [bool]) {
-        let (buf, spans) = (&self.buf, &self.spans);
-        let packets = spans.iter().map(move |&(at, len)| &buf[at..at + len]);
+        let (buf, spans, moved) = (&self.buf, &self.spans, self.moved);
+        let packets = spans
+            .iter()
+            .map(move |&(at, len)| if moved { &[][..] } else { &buf[at..at + len] });
         (packets, &mut self.delivered[..])
     }
 
@@ -117,6 +162,7 @@ impl InnerBurst {
         self.used = 0;
         self.spans.clear();
         self.delivered.clear();
+        self.moved = false;
     }
 }
 
