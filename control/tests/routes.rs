@@ -429,3 +429,79 @@ fn an_advertisement_over_the_cap_changes_nothing() {
     }
     assert_eq!(store.list_routes().unwrap(), before);
 }
+
+/// CPU time of the calling thread (ns), from the scheduler's accounting.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What one registration costs the store (the key redeemed, the node
+/// registered, its pod CIDR decided: the two write transactions the
+/// server runs per joining node) as the mesh grows to 1000, 2000 and 4000
+/// nodes, two clusters, one /25 each. Prints the mean wall and CPU time
+/// per registration over the last 200 before each mark. Bounded by count
+/// (4000 registrations) and by time (fails past 600 s).
+///
+/// `cargo test --release -p meshvpn-control --test routes -- --ignored --nocapture registration_cost`
+#[test]
+#[ignore = "measurement: prints the per-registration cost at 1000, 2000, 4000 nodes"]
+fn registration_cost_at_1000_2000_4000_nodes() {
+    const MARKS: [usize; 3] = [1000, 2000, 4000];
+    const WINDOW: usize = 200;
+    let limit = std::time::Duration::from_secs(600);
+    let dir = TempDir::new("regcost");
+    let store = open(&dir.db());
+    let policy = Policy::parse(POLICY).unwrap();
+    let keys: Vec<_> = ["even", "odd"]
+        .iter()
+        .map(|c| {
+            keys::create(
+                &store,
+                &KeyOptions {
+                    tags: vec!["tag:k3s".into()],
+                    cluster: Some(c.to_string()),
+                    reusable: true,
+                    ..Default::default()
+                },
+                NOW,
+                &SystemRandom::new(),
+            )
+            .unwrap()
+            .text
+        })
+        .collect();
+    let started = Instant::now();
+    let (mut wall, mut cpu) = (std::time::Duration::ZERO, 0u64);
+    for i in 0..MARKS[MARKS.len() - 1] {
+        assert!(started.elapsed() < limit, "over {limit:?} at node {i}");
+        let second = 42 + i % 2;
+        let k = i / 2;
+        let prefix = p(&format!("10.{second}.{}.{}/25", k / 2 % 256, k % 2 * 128));
+        let req = NodeRequest {
+            public_key: PrivateKey::generate().public_key(),
+            hostname: format!("n{i}"),
+        };
+        let (t, c) = (Instant::now(), thread_cpu_ns());
+        let node = keys::redeem(&store, &keys[i % 2], &req, NOW).unwrap();
+        let got = routes::decide(&store, Some(&policy), &node, &[prefix], NOW).unwrap();
+        let (t, c) = (t.elapsed(), thread_cpu_ns() - c);
+        assert_eq!(got.len(), 1);
+        if i + WINDOW >= MARKS.iter().copied().find(|m| *m > i).unwrap() {
+            wall += t;
+            cpu += c;
+        }
+        if MARKS.contains(&(i + 1)) {
+            println!(
+                "{} nodes: per registration {:.3} ms wall, {:.3} ms CPU (mean of the last {WINDOW})",
+                i + 1,
+                wall.as_secs_f64() * 1e3 / WINDOW as f64,
+                cpu as f64 / 1e6 / WINDOW as f64,
+            );
+            (wall, cpu) = (std::time::Duration::ZERO, 0);
+        }
+    }
+    assert_eq!(store.list_nodes().unwrap().len(), MARKS[MARKS.len() - 1]);
+}
