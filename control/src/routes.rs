@@ -4,9 +4,11 @@
 //!
 //! Sans-IO: [`plan`] is a pure function of the route table (every node and
 //! route, as the store holds them), the policy and what changed. The store
-//! runs it inside ONE write transaction ([`Store::change_routes`]), so two
-//! nodes of different clusters registering the same prefix at the same
-//! moment cannot both be approved, whichever process or thread they reach.
+//! runs it inside ONE write transaction ([`Store::change_routes`], or
+//! [`Store::change_routes_near`] for [`plan_near`], the same `plan` over
+//! only the rows a change can affect), so two nodes of different clusters
+//! registering the same prefix at the same moment cannot both be approved,
+//! whichever process or thread they reach.
 //!
 //! The rules, applied to every route in the order of its node's id (older
 //! nodes first) and prefix:
@@ -30,16 +32,24 @@
 //!    for the node (by tag, or by the node's address) is approved.
 //! 4. Otherwise it is **pending** until `meshvpn control routes approve`.
 //!
-//! A refused route is re-examined on every pass: once the route it
-//! conflicted with is withdrawn or its node removed, it becomes pending or
-//! approved. When two routes of different clusters become approvable in the
-//! same pass, the older node's wins.
+//! A pass sweeps the rules over its routes until a sweep changes nothing,
+//! so every rule holds in what it writes (one sweep could leave an older
+//! node's route pending beside a newer node's route of another cluster
+//! that it auto-approved later in the same sweep). A refused route is
+//! re-examined by the pass that withdraws or removes the route it
+//! conflicted with: it becomes pending or approved. When two routes of
+//! different clusters become approvable in the same pass, the older
+//! node's wins.
 //!
-//! Cost: a pass looks each route up in an index of the approved ones
-//! (ancestors by exact lookup, contained prefixes by an ordered range), so
-//! it is O(routes x prefix length x log routes) plus reading the node and
-//! route tables; one decision over 1000 nodes with a pod CIDR each is
-//! measured in `tests/routes.rs` (`a_pass_over_a_thousand_nodes_is_fast`).
+//! Cost: registrations, advertisements, approvals and removals run
+//! [`plan_near`], whose cost is the routes overlapping the changed ones
+//! (indexed queries), not the mesh's size; policy changes and the server's
+//! start run [`plan`] over every route (`reevaluate`). A pass looks each
+//! route up in an index of the approved ones (ancestors by exact lookup,
+//! contained prefixes by an ordered range), so it is O(routes x prefix
+//! length x log routes); both are measured in `tests/routes.rs`
+//! (`a_pass_over_a_thousand_nodes_is_fast`,
+//! `registration_cost_at_1000_2000_4000_nodes`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -172,7 +182,8 @@ pub enum Target<'a> {
     Approve { node_id: i64, prefix: IpPrefix },
 }
 
-/// The result of a pass: the rows to write and the whole table after it.
+/// The result of a pass: the rows to write and the table after it (the
+/// whole table for [`plan`], the rows examined for [`plan_near`]).
 #[derive(Clone, Debug, Default)]
 pub struct Planned {
     pub changes: Vec<RouteChange>,
@@ -666,8 +677,9 @@ pub fn decide(
 }
 
 /// [`decide`], returning the whole pass: every row it changed (of any
-/// node: what the server sends in network-map updates) and the route
-/// table after it.
+/// node: what the server sends in network-map updates) and the rows it
+/// examined after it (an incremental pass, [`plan_near`]: the node's
+/// routes and their neighbours, not the whole table).
 pub fn advertise(
     store: &dyn Store,
     policy: Option<&Policy>,
@@ -718,8 +730,9 @@ pub fn approve(
 }
 
 /// Re-examines every route: after the policy changed (new auto-approvals;
-/// nothing approved is taken back), after a node was removed (routes it
-/// blocked are freed), and when the server starts. Returns what changed.
+/// nothing approved is taken back), after nodes were removed by a process
+/// that did not run [`withdrawn`], and when the server starts. Returns
+/// what changed.
 pub fn reevaluate(
     store: &dyn Store,
     policy: Option<&Policy>,

@@ -1588,6 +1588,14 @@ mod tests {
         );
         assert_eq!(store.policy().unwrap().unwrap().version, 3);
         store.integrity_check().unwrap();
+        // The route got its overlap key (schema 4) from its text.
+        let (net, len): (Vec<u8>, u8) = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT net, len FROM routes", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((net, len), (vec![4, 10, 42, 0, 0], 24));
 
         let key = crate::keys::create(
             &store,
