@@ -335,10 +335,7 @@ pub trait Store: Send + Sync {
     /// In ONE write transaction, as [`Store::change_routes`], but `plan`
     /// reads only the rows it asks for ([`RouteRows`]): a pass that
     /// re-examines what one node's change can affect.
-    fn change_routes_near(
-        &self,
-        plan: &mut dyn FnMut(&mut dyn RouteRows) -> Result<Vec<RouteChange>, RouteError>,
-    ) -> Result<(), RouteError>;
+    fn change_routes_near(&self, plan: &mut NearPlan<'_>) -> Result<(), RouteError>;
     /// Replaces what the node advertises with no decision: a route it
     /// still advertises keeps its status, a new one starts pending. At
     /// most [`MAX_ROUTES_PER_NODE`] distinct prefixes, else nothing
@@ -379,6 +376,10 @@ pub trait RouteRows {
     /// Every node and every route, as [`Store::change_routes`] reads them.
     fn all(&mut self) -> Result<RouteTable, StoreError>;
 }
+
+/// What [`Store::change_routes_near`] runs: reads what it needs, returns
+/// the rows to write.
+pub type NearPlan<'a> = dyn FnMut(&mut dyn RouteRows) -> Result<Vec<RouteChange>, RouteError> + 'a;
 
 /// [`RouteRows`] of a [`SqliteStore`]'s open write transaction.
 struct TxRows<'a> {
@@ -1266,10 +1267,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn change_routes_near(
-        &self,
-        plan: &mut dyn FnMut(&mut dyn RouteRows) -> Result<Vec<RouteChange>, RouteError>,
-    ) -> Result<(), RouteError> {
+    fn change_routes_near(&self, plan: &mut NearPlan<'_>) -> Result<(), RouteError> {
         self.write(|tx| {
             let changes = plan(&mut TxRows { store: self, tx })?;
             self.write_route_changes(tx, changes)
