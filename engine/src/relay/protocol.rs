@@ -175,7 +175,6 @@ impl Candidates {
     /// The message for these candidates. Unusable addresses and duplicates
     /// are left out, and at most [`MAX_CANDIDATES`] are written.
     pub fn encode(&self) -> Vec<u8> {
-        use std::net::IpAddr;
         let mut m = Vec::with_capacity(MAX_CANDIDATES_LEN);
         m.extend_from_slice(&[CANDIDATES_KIND, CANDIDATES_VERSION, 0]);
         let mut seen: Vec<std::net::SocketAddr> = Vec::new();
@@ -185,17 +184,7 @@ impl Candidates {
                 continue;
             }
             seen.push(a);
-            match a.ip() {
-                IpAddr::V4(v4) => {
-                    m.push(4);
-                    m.extend_from_slice(&v4.octets());
-                }
-                IpAddr::V6(v6) => {
-                    m.push(6);
-                    m.extend_from_slice(&v6.octets());
-                }
-            }
-            m.extend_from_slice(&a.port().to_be_bytes());
+            put_addr(&mut m, a);
         }
         m[2] = seen.len() as u8;
         m
@@ -205,7 +194,6 @@ impl Candidates {
     /// nothing after them, every address [`usable`](Self::usable) and none
     /// twice. Anything else is refused whole.
     pub fn decode(datagram: &[u8]) -> Result<Candidates, CandidatesError> {
-        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
         if !Self::is_candidates(datagram) {
             return Err(CandidatesError::NotCandidates);
         }
@@ -222,28 +210,12 @@ impl Candidates {
         let mut list = Vec::with_capacity(count);
         let mut rest = &datagram[3..];
         for _ in 0..count {
-            let (ip, n) = match rest.first() {
-                Some(4) if rest.len() >= 7 => {
-                    let b: [u8; 4] = rest[1..5]
-                        .try_into()
-                        .map_err(|_| CandidatesError::Malformed)?;
-                    (IpAddr::V4(Ipv4Addr::from(b)), 5)
-                }
-                Some(6) if rest.len() >= 19 => {
-                    let b: [u8; 16] = rest[1..17]
-                        .try_into()
-                        .map_err(|_| CandidatesError::Malformed)?;
-                    (IpAddr::V6(Ipv6Addr::from(b)), 17)
-                }
-                _ => return Err(CandidatesError::Malformed),
-            };
-            let port = u16::from_be_bytes([rest[n], rest[n + 1]]);
-            let a = SocketAddr::new(ip.to_canonical(), port);
+            let (a, after) = take_addr(rest).ok_or(CandidatesError::Malformed)?;
             if !Self::usable(&a) || list.contains(&a) {
                 return Err(CandidatesError::Malformed);
             }
             list.push(a);
-            rest = &rest[n + 2..];
+            rest = after;
         }
         if !rest.is_empty() {
             return Err(CandidatesError::Malformed);
@@ -287,19 +259,8 @@ pub struct ObservedAddress(pub std::net::SocketAddr);
 impl ObservedAddress {
     /// The control message (9 bytes for IPv4, 21 for IPv6: never a frame).
     pub fn encode(&self) -> Vec<u8> {
-        use std::net::IpAddr;
         let mut m = vec![OBSERVED_KIND, OBSERVED_VERSION];
-        match self.0.ip().to_canonical() {
-            IpAddr::V4(v4) => {
-                m.push(4);
-                m.extend_from_slice(&v4.octets());
-            }
-            IpAddr::V6(v6) => {
-                m.push(6);
-                m.extend_from_slice(&v6.octets());
-            }
-        }
-        m.extend_from_slice(&self.0.port().to_be_bytes());
+        put_addr(&mut m, self.0);
         m
     }
 }
@@ -313,31 +274,58 @@ impl Control {
     /// Parses a control message. An unknown kind or version is
     /// [`Control::Unknown`]; a known one must be exact (no trailing bytes).
     pub fn decode(message: &[u8]) -> Result<Control, ControlError> {
-        use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
         if !Self::is_control(message) {
             return Err(ControlError::NotControl);
         }
         match message {
-            [OBSERVED_KIND, OBSERVED_VERSION, rest @ ..] => {
-                let ip = match rest {
-                    [4, a, b, c, d, _, _] => IpAddr::V4(Ipv4Addr::new(*a, *b, *c, *d)),
-                    [6, body @ ..] if body.len() == 18 => {
-                        let mut o = [0u8; 16];
-                        o.copy_from_slice(&body[..16]);
-                        IpAddr::V6(Ipv6Addr::from(o))
-                    }
-                    _ => return Err(ControlError::Malformed),
-                };
-                let n = rest.len();
-                let port = u16::from_be_bytes([rest[n - 2], rest[n - 1]]);
-                Ok(Control::Observed(ObservedAddress(SocketAddr::new(
-                    ip.to_canonical(),
-                    port,
-                ))))
-            }
+            [OBSERVED_KIND, OBSERVED_VERSION, rest @ ..] => match take_addr(rest) {
+                Some((a, [])) => Ok(Control::Observed(ObservedAddress(a))),
+                _ => Err(ControlError::Malformed),
+            },
             [_, _, ..] => Ok(Control::Unknown),
             _ => Err(ControlError::Malformed),
         }
+    }
+}
+
+/// Appends one address as the candidate and observed-address messages
+/// carry it: `[4][IPv4 4][port 2 BE]` or `[6][IPv6 16][port 2 BE]`, an
+/// IPv4-mapped IPv6 address written as IPv4.
+fn put_addr(m: &mut Vec<u8>, a: std::net::SocketAddr) {
+    use std::net::IpAddr;
+    match a.ip().to_canonical() {
+        IpAddr::V4(v4) => {
+            m.push(4);
+            m.extend_from_slice(&v4.octets());
+        }
+        IpAddr::V6(v6) => {
+            m.push(6);
+            m.extend_from_slice(&v6.octets());
+        }
+    }
+    m.extend_from_slice(&a.port().to_be_bytes());
+}
+
+/// Reads one address [`put_addr`] wrote from the front of `b`: the address
+/// (its IP canonical) and the bytes after it, or `None` when `b` does not
+/// start with a whole one.
+fn take_addr(b: &[u8]) -> Option<(std::net::SocketAddr, &[u8])> {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let (ip, rest) = match b {
+        [4, x, y, z, w, rest @ ..] => (IpAddr::V4(Ipv4Addr::new(*x, *y, *z, *w)), rest),
+        [6, rest @ ..] if rest.len() >= 16 => {
+            let (octets, rest) = rest.split_at(16);
+            let octets: [u8; 16] = octets.try_into().ok()?;
+            (IpAddr::V6(Ipv6Addr::from(octets)), rest)
+        }
+        _ => return None,
+    };
+    match rest {
+        [hi, lo, rest @ ..] => Some((
+            SocketAddr::new(ip.to_canonical(), u16::from_be_bytes([*hi, *lo])),
+            rest,
+        )),
+        _ => None,
     }
 }
 
