@@ -52,12 +52,15 @@ pub struct Removed {
 pub fn remove_node(store: &dyn Store, which: &str, now: u64) -> Result<Removed, AdminError> {
     let found = find_node(&store.list_nodes()?, which)
         .ok_or_else(|| AdminError::NoSuchNode(which.to_string()))?;
-    let node = store
-        .remove_node(found.id)?
+    let removed = store
+        .remove_node_with_routes(found.id)?
         .ok_or_else(|| AdminError::RemovedMeanwhile(which.to_string()))?;
     let freed = routes::stored_policy(store)
-        .and_then(|policy| routes::reevaluate(store, policy.as_ref(), now));
-    Ok(Removed { node, freed })
+        .and_then(|policy| routes::withdrawn(store, policy.as_ref(), &removed.routes, now));
+    Ok(Removed {
+        node: removed.node,
+        freed,
+    })
 }
 
 /// Approves the route `prefix` that node `which` advertises; refused when

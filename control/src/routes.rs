@@ -4,9 +4,11 @@
 //!
 //! Sans-IO: [`plan`] is a pure function of the route table (every node and
 //! route, as the store holds them), the policy and what changed. The store
-//! runs it inside ONE write transaction ([`Store::change_routes`]), so two
-//! nodes of different clusters registering the same prefix at the same
-//! moment cannot both be approved, whichever process or thread they reach.
+//! runs it inside ONE write transaction ([`Store::change_routes`], or
+//! [`Store::change_routes_near`] for [`plan_near`], the same `plan` over
+//! only the rows a change can affect), so two nodes of different clusters
+//! registering the same prefix at the same moment cannot both be approved,
+//! whichever process or thread they reach.
 //!
 //! The rules, applied to every route in the order of its node's id (older
 //! nodes first) and prefix:
@@ -30,18 +32,26 @@
 //!    for the node (by tag, or by the node's address) is approved.
 //! 4. Otherwise it is **pending** until `meshvpn control routes approve`.
 //!
-//! A refused route is re-examined on every pass: once the route it
-//! conflicted with is withdrawn or its node removed, it becomes pending or
-//! approved. When two routes of different clusters become approvable in the
-//! same pass, the older node's wins.
+//! A pass sweeps the rules over its routes until a sweep changes nothing,
+//! so every rule holds in what it writes (one sweep could leave an older
+//! node's route pending beside a newer node's route of another cluster
+//! that it auto-approved later in the same sweep). A refused route is
+//! re-examined by the pass that withdraws or removes the route it
+//! conflicted with: it becomes pending or approved. When two routes of
+//! different clusters become approvable in the same pass, the older
+//! node's wins.
 //!
-//! Cost: a pass looks each route up in an index of the approved ones
-//! (ancestors by exact lookup, contained prefixes by an ordered range), so
-//! it is O(routes x prefix length x log routes) plus reading the node and
-//! route tables; one decision over 1000 nodes with a pod CIDR each is
-//! measured in `tests/routes.rs` (`a_pass_over_a_thousand_nodes_is_fast`).
+//! Cost: registrations, advertisements, approvals and removals run
+//! [`plan_near`], whose cost is the routes overlapping the changed ones
+//! (indexed queries), not the mesh's size; policy changes and the server's
+//! start run [`plan`] over every route (`reevaluate`). A pass looks each
+//! route up in an index of the approved ones (ancestors by exact lookup,
+//! contained prefixes by an ordered range), so it is O(routes x prefix
+//! length x log routes); both are measured in `tests/routes.rs`
+//! (`a_pass_over_a_thousand_nodes_is_fast`,
+//! `registration_cost_at_1000_2000_4000_nodes`).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -49,7 +59,7 @@ use meshvpn_engine::IpPrefix;
 
 use crate::node::NodeRecord;
 use crate::policy::{overlap, MeshNode, Policy, PolicyError};
-use crate::store::{RouteRecord, Store, StoreError};
+use crate::store::{RouteRecord, RouteRows, Store, StoreError};
 
 /// Where a route stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -172,7 +182,8 @@ pub enum Target<'a> {
     Approve { node_id: i64, prefix: IpPrefix },
 }
 
-/// The result of a pass: the rows to write and the whole table after it.
+/// The result of a pass: the rows to write and the table after it (the
+/// whole table for [`plan`], the rows examined for [`plan_near`]).
 #[derive(Clone, Debug, Default)]
 pub struct Planned {
     pub changes: Vec<RouteChange>,
@@ -261,7 +272,7 @@ impl ApprovedIndex {
 }
 
 /// The last address of a prefix.
-fn last_addr(p: IpPrefix) -> IpAddr {
+pub(crate) fn last_addr(p: IpPrefix) -> IpAddr {
     match p.network().addr() {
         IpAddr::V4(a) => {
             let host = u32::MAX.checked_shr(u32::from(p.len())).unwrap_or(0);
@@ -337,43 +348,7 @@ pub fn plan(
         }
     }
     work.sort_by_key(|r| (r.node_id, r.prefix));
-    let nodes: HashMap<i64, &NodeRecord> = table.nodes.iter().map(|n| (n.id, n)).collect();
-    let mut approved = ApprovedIndex::default();
-    for (i, r) in work.iter().enumerate() {
-        if r.status == RouteStatus::Approved {
-            approved.insert(r.prefix, i);
-        }
-    }
-    for i in 0..work.len() {
-        let (status, by) = match approved.conflict(i, &work) {
-            Some(c) => (RouteStatus::Refused(c), None),
-            None if work[i].status == RouteStatus::Approved => {
-                (RouteStatus::Approved, work[i].approved_by)
-            }
-            None => {
-                let auto = policy.is_some_and(|p| {
-                    nodes
-                        .get(&work[i].node_id)
-                        .is_some_and(|n| p.auto_approves(&mesh_node(n), work[i].prefix))
-                });
-                if auto {
-                    (RouteStatus::Approved, Some(Approver::Policy))
-                } else {
-                    (RouteStatus::Pending, None)
-                }
-            }
-        };
-        let was = work[i].status == RouteStatus::Approved;
-        let is = status == RouteStatus::Approved;
-        if was && !is {
-            approved.remove(work[i].prefix, i);
-        } else if is && !was {
-            approved.insert(work[i].prefix, i);
-        }
-        if work[i].status != status || work[i].approved_by != by {
-            work[i].set(status, by, now);
-        }
-    }
+    settle(&table.nodes, &mut work, policy, now);
     if let Target::Approve { node_id, prefix } = target {
         let prefix = prefix.network();
         let r = work
@@ -416,6 +391,255 @@ pub fn plan(
     })
 }
 
+/// Sweeps at most: a sweep that approves nothing new only refuses pending
+/// routes or names an older conflict, so the third sweep after any input
+/// changes nothing (the bound only guards against a mistake in that
+/// reasoning).
+const MAX_SWEEPS: usize = 8;
+
+/// Applies the rules to `work` (ordered by node id, then prefix) until a
+/// sweep changes nothing, so what a pass writes holds every rule at once:
+/// a route left pending by one sweep because a newer node's route of
+/// another cluster was auto-approved after it is refused by the next
+/// (one sweep alone left it pending until some later pass).
+fn settle(nodes: &[NodeRecord], work: &mut [RouteRecord], policy: Option<&Policy>, now: u64) {
+    let nodes: HashMap<i64, &NodeRecord> = nodes.iter().map(|n| (n.id, n)).collect();
+    let mut approved = ApprovedIndex::default();
+    for (i, r) in work.iter().enumerate() {
+        if r.status == RouteStatus::Approved {
+            approved.insert(r.prefix, i);
+        }
+    }
+    for _ in 0..MAX_SWEEPS {
+        if !sweep(&nodes, work, &mut approved, policy, now) {
+            return;
+        }
+    }
+    debug_assert!(
+        false,
+        "route decisions did not settle in {MAX_SWEEPS} sweeps"
+    );
+}
+
+/// One sweep of the rules over every route of `work`, in order; true when
+/// it changed a route.
+fn sweep(
+    nodes: &HashMap<i64, &NodeRecord>,
+    work: &mut [RouteRecord],
+    approved: &mut ApprovedIndex,
+    policy: Option<&Policy>,
+    now: u64,
+) -> bool {
+    let mut changed = false;
+    for i in 0..work.len() {
+        let (status, by) = match approved.conflict(i, work) {
+            Some(c) => (RouteStatus::Refused(c), None),
+            None if work[i].status == RouteStatus::Approved => {
+                (RouteStatus::Approved, work[i].approved_by)
+            }
+            None => {
+                let auto = policy.is_some_and(|p| {
+                    nodes
+                        .get(&work[i].node_id)
+                        .is_some_and(|n| p.auto_approves(&mesh_node(n), work[i].prefix))
+                });
+                if auto {
+                    (RouteStatus::Approved, Some(Approver::Policy))
+                } else {
+                    (RouteStatus::Pending, None)
+                }
+            }
+        };
+        let was = work[i].status == RouteStatus::Approved;
+        let is = status == RouteStatus::Approved;
+        if was && !is {
+            approved.remove(work[i].prefix, i);
+        } else if is && !was {
+            approved.insert(work[i].prefix, i);
+        }
+        if work[i].status != status || work[i].approved_by != by {
+            work[i].set(status, by, now);
+            changed = true;
+        }
+    }
+    changed
+}
+
+/// The rows an incremental pass examines, keyed as a pass orders them.
+#[derive(Default)]
+struct Near {
+    routes: BTreeMap<(i64, IpPrefix), RouteRecord>,
+    nodes: BTreeMap<i64, NodeRecord>,
+    /// Non-approved routes whose approved neighbours have been read.
+    with_context: HashSet<(i64, IpPrefix)>,
+    /// Routes the pass approved whose neighbours have been read.
+    grown: HashSet<(i64, IpPrefix)>,
+}
+
+impl Near {
+    /// Adds `r`; false when it was there.
+    fn add(&mut self, r: RouteRecord) -> bool {
+        let key = (r.node_id, r.prefix);
+        if self.routes.contains_key(&key) {
+            return false;
+        }
+        self.routes.insert(key, r);
+        true
+    }
+
+    /// Two approved routes of different clusters overlap: only a node that
+    /// changed cluster (registered again with another cluster's key), or
+    /// rows written without a pass, leave that; approvals may then be
+    /// taken back and free routes anywhere, so the whole table is planned.
+    fn approved_conflict(&self) -> bool {
+        let table: Vec<RouteRecord> = self.routes.values().cloned().collect();
+        let mut index = ApprovedIndex::default();
+        for (i, r) in table.iter().enumerate() {
+            if r.status == RouteStatus::Approved {
+                index.insert(r.prefix, i);
+            }
+        }
+        (0..table.len()).any(|i| {
+            table[i].status == RouteStatus::Approved && index.conflict(i, &table).is_some()
+        })
+    }
+
+    fn table(&self) -> RouteTable {
+        RouteTable {
+            nodes: self.nodes.values().cloned().collect(),
+            routes: self.routes.values().cloned().collect(),
+        }
+    }
+}
+
+/// The incremental pass: [`plan`] (the same rules, the same code) over only
+/// the rows `target` and the `withdrawn` prefixes can affect, read through
+/// [`RouteRows`]' indexed queries; the result equals [`plan`] over the
+/// whole table when the table was left by passes (every rule holds in
+/// it), which `tests/routes.rs` checks on random sequences. What it reads:
+///
+/// - the target node's routes, and every route overlapping one of its
+///   prefixes before or after, or a withdrawn prefix (the refused routes
+///   waiting on one, the approved ones that conflict with it);
+/// - for each of those not approved, the approved routes overlapping it
+///   (what decides whether it is refused, and by which);
+/// - for each route the pass newly approves, the routes overlapping it,
+///   then it plans again (a pending route there is now refused); a newly
+///   approved route never takes an approval back, so this stops.
+///
+/// When two approved routes of different clusters overlap among them (the
+/// target node changed cluster) it plans the whole table instead.
+/// [`Planned::routes`] holds the rows it examined, not the whole table.
+pub fn plan_near(
+    rows: &mut dyn RouteRows,
+    policy: Option<&Policy>,
+    target: Target<'_>,
+    withdrawn: &[IpPrefix],
+    now: u64,
+) -> Result<Planned, RouteError> {
+    let mut near = Near::default();
+    let mut seeds: BTreeSet<IpPrefix> = withdrawn.iter().map(|p| p.network()).collect();
+    let target_node = match target {
+        Target::None => None,
+        Target::Advertise { node_id, .. } | Target::Approve { node_id, .. } => Some(node_id),
+    };
+    if let Some(id) = target_node {
+        // The same errors as `plan`, in its order.
+        let Some(n) = rows.node(id)? else {
+            return Err(StoreError::NoSuchNode(id).into());
+        };
+        near.nodes.insert(id, n);
+        match target {
+            Target::Advertise { node_id, prefixes } => {
+                seeds.extend(crate::store::advertised_set(node_id, prefixes)?);
+            }
+            Target::Approve { prefix, .. } => {
+                seeds.insert(prefix.network());
+            }
+            Target::None => {}
+        }
+        for r in rows.routes_of(id)? {
+            seeds.insert(r.prefix);
+            near.add(r);
+        }
+    }
+    for s in &seeds {
+        for r in rows.overlapping(*s)? {
+            near.add(r);
+        }
+    }
+    loop {
+        // The approved neighbours of every route not approved.
+        let open: Vec<(i64, IpPrefix)> = near
+            .routes
+            .iter()
+            .filter(|(k, r)| r.status != RouteStatus::Approved && !near.with_context.contains(k))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in open {
+            near.with_context.insert(key);
+            for r in rows.overlapping(key.1)? {
+                if r.status == RouteStatus::Approved {
+                    near.add(r);
+                }
+            }
+        }
+        let missing: Vec<i64> = near
+            .routes
+            .keys()
+            .map(|k| k.0)
+            .filter(|id| !near.nodes.contains_key(id))
+            .collect();
+        for id in missing {
+            if let Some(n) = rows.node(id)? {
+                near.nodes.insert(id, n);
+            }
+        }
+        if near.approved_conflict() {
+            return plan(&rows.all()?, policy, target, now);
+        }
+        let planned = plan(&near.table(), policy, target, now)?;
+        let approved_now: Vec<(i64, IpPrefix)> = planned
+            .routes
+            .iter()
+            .filter(|r| r.status == RouteStatus::Approved)
+            .map(|r| (r.node_id, r.prefix))
+            .filter(|k| {
+                near.routes
+                    .get(k)
+                    .is_none_or(|r| r.status != RouteStatus::Approved)
+                    && !near.grown.contains(k)
+            })
+            .collect();
+        let mut added = false;
+        for key in approved_now {
+            near.grown.insert(key);
+            for r in rows.overlapping(key.1)? {
+                added |= near.add(r);
+            }
+        }
+        if !added {
+            return Ok(planned);
+        }
+    }
+}
+
+/// Runs one incremental pass ([`plan_near`]) in one store transaction.
+fn run_near(
+    store: &dyn Store,
+    policy: Option<&Policy>,
+    target: Target<'_>,
+    withdrawn: &[IpPrefix],
+    now: u64,
+) -> Result<Planned, RouteError> {
+    let mut out = Planned::default();
+    store.change_routes_near(&mut |rows| {
+        out = plan_near(rows, policy, target, withdrawn, now)?;
+        Ok(out.changes.clone())
+    })?;
+    Ok(out)
+}
+
 /// Runs one pass in one store transaction and returns it.
 fn run(
     store: &dyn Store,
@@ -453,8 +677,9 @@ pub fn decide(
 }
 
 /// [`decide`], returning the whole pass: every row it changed (of any
-/// node: what the server sends in network-map updates) and the route
-/// table after it.
+/// node: what the server sends in network-map updates) and the rows it
+/// examined after it (an incremental pass, [`plan_near`]: the node's
+/// routes and their neighbours, not the whole table).
 pub fn advertise(
     store: &dyn Store,
     policy: Option<&Policy>,
@@ -466,7 +691,24 @@ pub fn advertise(
         node_id: node.id,
         prefixes: advertised,
     };
-    run(store, policy, target, now)
+    run_near(store, policy, target, &[], now)
+}
+
+/// Re-examines what the routes of removed nodes blocked or conflicted
+/// with (the routes overlapping `removed`; see [`plan_near`]): after
+/// [`Store::remove_node_with_routes`] and the ephemeral clean-up.
+/// Returns what changed.
+pub fn withdrawn(
+    store: &dyn Store,
+    policy: Option<&Policy>,
+    removed: &[RouteRecord],
+    now: u64,
+) -> Result<Vec<RouteChange>, RouteError> {
+    if removed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let prefixes: Vec<IpPrefix> = removed.iter().map(|r| r.prefix).collect();
+    Ok(run_near(store, policy, Target::None, &prefixes, now)?.changes)
 }
 
 /// The operator approves a route; refused (nothing stored) when it
@@ -478,7 +720,7 @@ pub fn approve(
     prefix: IpPrefix,
     now: u64,
 ) -> Result<RouteRecord, RouteError> {
-    let done = run(store, policy, Target::Approve { node_id, prefix }, now)?;
+    let done = run_near(store, policy, Target::Approve { node_id, prefix }, &[], now)?;
     let prefix = prefix.network();
     Ok(done
         .routes
@@ -488,8 +730,9 @@ pub fn approve(
 }
 
 /// Re-examines every route: after the policy changed (new auto-approvals;
-/// nothing approved is taken back), after a node was removed (routes it
-/// blocked are freed), and when the server starts. Returns what changed.
+/// nothing approved is taken back), after nodes were removed by a process
+/// that did not run [`withdrawn`], and when the server starts. Returns
+/// what changed.
 pub fn reevaluate(
     store: &dyn Store,
     policy: Option<&Policy>,

@@ -640,6 +640,15 @@ impl Shared {
                         self.counters
                             .ephemeral_removed
                             .fetch_add(gone.len() as u64, Relaxed);
+                        // Routes the removed nodes blocked in other
+                        // clusters are freed now, as `nodes remove` does.
+                        let routes: Vec<_> = gone.into_iter().flat_map(|g| g.routes).collect();
+                        if let Err(e) = routes::stored_policy(&*self.store).and_then(|p| {
+                            routes::withdrawn(&*self.store, p.as_ref(), &routes, now_secs())
+                        }) {
+                            self.counters.store_errors.fetch_add(1, Relaxed);
+                            tracing::warn!(error = %e, "control: routes of removed ephemeral nodes not re-examined");
+                        }
                     }
                     Err(e) => {
                         self.counters.store_errors.fetch_add(1, Relaxed);

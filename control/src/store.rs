@@ -139,7 +139,35 @@ pub const MIGRATIONS: &[&str] = &[
      ALTER TABLE routes ADD COLUMN conflict_cluster TEXT;
      ALTER TABLE routes ADD COLUMN updated INTEGER NOT NULL DEFAULT 0;
      UPDATE routes SET status = 'approved', approved_by = 'operator' WHERE approved = 1;",
+    // 4: each route's network as an ordered key (`net_key`) and its length,
+    // indexed, so a pass reads the routes overlapping a prefix (its
+    // ancestors by exact lookup, what it holds by a key range) instead of
+    // every route. Existing rows are filled in by `fill_route_keys`.
+    "ALTER TABLE routes ADD COLUMN net BLOB;
+     ALTER TABLE routes ADD COLUMN len INTEGER;
+     CREATE INDEX routes_net ON routes (net, len);",
 ];
+
+/// The step of [`MIGRATIONS`] that adds `routes.net` and `routes.len`;
+/// [`migrate`] fills them in for the rows already there.
+const ROUTE_KEYS_STEP: usize = 3;
+
+/// A prefix's network address as a key that sorts by address inside its
+/// family and never between families: 4 or 6, then the address bytes.
+pub(crate) fn net_key(addr: std::net::IpAddr) -> Vec<u8> {
+    match addr {
+        std::net::IpAddr::V4(a) => {
+            let mut k = vec![4];
+            k.extend_from_slice(&a.octets());
+            k
+        }
+        std::net::IpAddr::V6(a) => {
+            let mut k = vec![6];
+            k.extend_from_slice(&a.octets());
+            k
+        }
+    }
+}
 
 /// What a node advertises as a set: each prefix as its network, sorted,
 /// without repeats, at most [`MAX_ROUTES_PER_NODE`] of them (else the
@@ -181,6 +209,13 @@ pub struct RouteRecord {
     pub approved_by: Option<Approver>,
     /// When its status last changed (Unix seconds; 0 before schema 3).
     pub updated: u64,
+}
+
+/// A node removed, with the routes that went with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemovedNode {
+    pub node: NodeRecord,
+    pub routes: Vec<RouteRecord>,
 }
 
 /// The policy's text as last set, and its version (1, 2, ...).
@@ -273,14 +308,20 @@ pub trait Store: Send + Sync {
     fn list_nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
     fn node_by_public_key(&self, key: &PublicKey) -> Result<Option<NodeRecord>, StoreError>;
     /// Removes the node and its routes; `None` when there is no such node.
-    fn remove_node(&self, id: i64) -> Result<Option<NodeRecord>, StoreError>;
+    fn remove_node(&self, id: i64) -> Result<Option<NodeRecord>, StoreError> {
+        Ok(self.remove_node_with_routes(id)?.map(|r| r.node))
+    }
+    /// [`Store::remove_node`], returning the routes removed with it (what
+    /// [`crate::routes::withdrawn`] re-examines the neighbours of).
+    fn remove_node_with_routes(&self, id: i64) -> Result<Option<RemovedNode>, StoreError>;
 
     /// Records that the node connected (`offline_since` cleared) or
     /// disconnected (`offline_since = now`). False when there is no such node.
     fn set_node_online(&self, id: i64, online: bool, now: u64) -> Result<bool, StoreError>;
     /// Removes the ephemeral nodes offline since before `cutoff` (and their
-    /// routes) and returns them: the server's periodic clean-up.
-    fn remove_ephemeral_offline_before(&self, cutoff: u64) -> Result<Vec<NodeRecord>, StoreError>;
+    /// routes) and returns them with their routes: the server's periodic
+    /// clean-up.
+    fn remove_ephemeral_offline_before(&self, cutoff: u64) -> Result<Vec<RemovedNode>, StoreError>;
 
     /// In ONE write transaction: hands `plan` every node and every route,
     /// writes the changes it returns and commits. Route decisions
@@ -291,6 +332,10 @@ pub trait Store: Send + Sync {
         &self,
         plan: &mut dyn FnMut(&RouteTable) -> Result<Vec<RouteChange>, RouteError>,
     ) -> Result<(), RouteError>;
+    /// In ONE write transaction, as [`Store::change_routes`], but `plan`
+    /// reads only the rows it asks for ([`RouteRows`]): a pass that
+    /// re-examines what one node's change can affect.
+    fn change_routes_near(&self, plan: &mut NearPlan<'_>) -> Result<(), RouteError>;
     /// Replaces what the node advertises with no decision: a route it
     /// still advertises keeps its status, a new one starts pending. At
     /// most [`MAX_ROUTES_PER_NODE`] distinct prefixes, else nothing
@@ -315,6 +360,86 @@ pub trait Store: Send + Sync {
 
     /// Where this mesh's addresses come from.
     fn address_plan(&self) -> AddressPlan;
+}
+
+/// The rows a route pass reads inside its write transaction
+/// ([`Store::change_routes_near`]): only what it asks for, each through an
+/// index, or the whole table when it must re-examine every route.
+pub trait RouteRows {
+    /// The node `id`, if it exists.
+    fn node(&mut self, id: i64) -> Result<Option<NodeRecord>, StoreError>;
+    /// The routes node `id` advertises, by prefix.
+    fn routes_of(&mut self, node_id: i64) -> Result<Vec<RouteRecord>, StoreError>;
+    /// Every route (any node, any status) that overlaps `prefix`: holds it
+    /// or is held by it.
+    fn overlapping(&mut self, prefix: IpPrefix) -> Result<Vec<RouteRecord>, StoreError>;
+    /// Every node and every route, as [`Store::change_routes`] reads them.
+    fn all(&mut self) -> Result<RouteTable, StoreError>;
+}
+
+/// What [`Store::change_routes_near`] runs: reads what it needs, returns
+/// the rows to write.
+pub type NearPlan<'a> = dyn FnMut(&mut dyn RouteRows) -> Result<Vec<RouteChange>, RouteError> + 'a;
+
+/// [`RouteRows`] of a [`SqliteStore`]'s open write transaction.
+struct TxRows<'a> {
+    store: &'a SqliteStore,
+    tx: &'a Connection,
+}
+
+impl RouteRows for TxRows<'_> {
+    fn node(&mut self, id: i64) -> Result<Option<NodeRecord>, StoreError> {
+        self.tx
+            .prepare_cached(select_nodes!(" WHERE id = ?1"))
+            .and_then(|mut s| s.query_row([id], |r| self.store.node_row(r)).optional())
+            .map_err(|e| self.store.err(e))
+    }
+
+    fn routes_of(&mut self, node_id: i64) -> Result<Vec<RouteRecord>, StoreError> {
+        self.store
+            .routes_where(self.tx, "WHERE r.node_id = ?1", [node_id])
+    }
+
+    fn overlapping(&mut self, prefix: IpPrefix) -> Result<Vec<RouteRecord>, StoreError> {
+        let net = prefix.network();
+        let mut out = Vec::new();
+        // The prefix itself and its ancestors: one exact lookup per length.
+        for len in 0..=net.len() {
+            let a = IpPrefix::new(net.addr(), len)
+                .map_err(|e| StoreError::BadRow {
+                    path: self.store.path.clone(),
+                    what: "route prefix",
+                    detail: format!("{net}: {e}"),
+                })?
+                .network();
+            out.extend(self.store.routes_where(
+                self.tx,
+                "WHERE r.net = ?1 AND r.len = ?2",
+                params![net_key(a.addr()), len],
+            )?);
+        }
+        // What it holds: longer prefixes whose network lies inside it.
+        out.extend(self.store.routes_where(
+            self.tx,
+            "WHERE r.net BETWEEN ?1 AND ?2 AND r.len > ?3",
+            params![
+                net_key(net.addr()),
+                net_key(crate::routes::last_addr(net)),
+                net.len()
+            ],
+        )?);
+        Ok(out)
+    }
+
+    fn all(&mut self) -> Result<RouteTable, StoreError> {
+        let nodes: Vec<NodeRecord> = self
+            .tx
+            .prepare(select_nodes!(" ORDER BY id"))
+            .and_then(|mut s| s.query_map([], |r| self.store.node_row(r))?.collect())
+            .map_err(|e| self.store.err(e))?;
+        let routes = self.store.routes_in(self.tx)?;
+        Ok(RouteTable { nodes, routes })
+    }
 }
 
 /// How to open a [`SqliteStore`].
@@ -694,6 +819,17 @@ impl SqliteStore {
 
     /// Every route with its node's name and cluster, by node id and prefix.
     fn routes_in(&self, c: &Connection) -> Result<Vec<RouteRecord>, StoreError> {
+        self.routes_where(c, "", [])
+    }
+
+    /// The routes `filter` (a `WHERE` clause on `r`, the routes, or empty)
+    /// selects, with their nodes' names and clusters, by node id and prefix.
+    fn routes_where(
+        &self,
+        c: &Connection,
+        filter: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Vec<RouteRecord>, StoreError> {
         type Row = (
             i64,
             String,
@@ -706,15 +842,16 @@ impl SqliteStore {
             Option<String>,
             i64,
         );
+        let sql = format!(
+            "SELECT r.node_id, n.name, n.cluster, r.prefix, r.status, r.approved_by,
+                    r.conflict_prefix, r.conflict_node, r.conflict_cluster, r.updated
+             FROM routes r JOIN nodes n ON n.id = r.node_id {filter}
+             ORDER BY r.node_id, r.prefix"
+        );
         let rows: Vec<Row> = c
-            .prepare(
-                "SELECT r.node_id, n.name, n.cluster, r.prefix, r.status, r.approved_by,
-                        r.conflict_prefix, r.conflict_node, r.conflict_cluster, r.updated
-                 FROM routes r JOIN nodes n ON n.id = r.node_id
-                 ORDER BY r.node_id, r.prefix",
-            )
+            .prepare_cached(&sql)
             .and_then(|mut s| {
-                s.query_map([], |r| {
+                s.query_map(args, |r| {
                     Ok((
                         r.get(0)?,
                         r.get(1)?,
@@ -772,6 +909,60 @@ impl SqliteStore {
                 },
             )
             .collect()
+    }
+
+    /// Writes a pass's rows in the open transaction.
+    fn write_route_changes(
+        &self,
+        tx: &Connection,
+        changes: Vec<RouteChange>,
+    ) -> Result<(), RouteError> {
+        let e = |e| self.err(e);
+        for c in changes {
+            match c {
+                RouteChange::Remove { node_id, prefix } => {
+                    tx.execute(
+                        "DELETE FROM routes WHERE node_id = ?1 AND prefix = ?2",
+                        params![node_id, prefix.to_string()],
+                    )
+                    .map_err(e)?;
+                }
+                RouteChange::Set(r) => {
+                    let conflict = match &r.status {
+                        RouteStatus::Refused(c) => Some(c),
+                        _ => None,
+                    };
+                    tx.execute(
+                        "INSERT INTO routes (node_id, prefix, approved, status, approved_by,
+                             conflict_prefix, conflict_node, conflict_cluster, updated,
+                             net, len)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                         ON CONFLICT (node_id, prefix) DO UPDATE SET
+                             approved = excluded.approved, status = excluded.status,
+                             approved_by = excluded.approved_by,
+                             conflict_prefix = excluded.conflict_prefix,
+                             conflict_node = excluded.conflict_node,
+                             conflict_cluster = excluded.conflict_cluster,
+                             updated = excluded.updated",
+                        params![
+                            r.node_id,
+                            r.prefix.network().to_string(),
+                            r.approved,
+                            r.status.word(),
+                            r.approved_by.map(approver_word),
+                            conflict.map(|c| c.prefix.to_string()),
+                            conflict.map(|c| c.other_node.clone()),
+                            conflict.and_then(|c| c.other_cluster.clone()),
+                            r.updated as i64,
+                            net_key(r.prefix.network().addr()),
+                            r.prefix.len(),
+                        ],
+                    )
+                    .map_err(e)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn register(
@@ -946,18 +1137,20 @@ impl Store for SqliteStore {
         })
     }
 
-    fn remove_node(&self, id: i64) -> Result<Option<NodeRecord>, StoreError> {
+    fn remove_node_with_routes(&self, id: i64) -> Result<Option<RemovedNode>, StoreError> {
         self.write(|tx| {
             let node = tx
                 .query_row(select_nodes!(" WHERE id = ?1"), [id], |r| self.node_row(r))
                 .optional()
                 .map_err(|e| self.err(e))?;
-            if node.is_some() {
-                // Routes go with it (ON DELETE CASCADE).
-                tx.execute("DELETE FROM nodes WHERE id = ?1", [id])
-                    .map_err(|e| self.err(e))?;
-            }
-            Ok(node)
+            let Some(node) = node else {
+                return Ok(None);
+            };
+            let routes = self.routes_where(tx, "WHERE r.node_id = ?1", [id])?;
+            // Routes go with it (ON DELETE CASCADE).
+            tx.execute("DELETE FROM nodes WHERE id = ?1", [id])
+                .map_err(|e| self.err(e))?;
+            Ok(Some(RemovedNode { node, routes }))
         })
     }
 
@@ -974,7 +1167,7 @@ impl Store for SqliteStore {
         })
     }
 
-    fn remove_ephemeral_offline_before(&self, cutoff: u64) -> Result<Vec<NodeRecord>, StoreError> {
+    fn remove_ephemeral_offline_before(&self, cutoff: u64) -> Result<Vec<RemovedNode>, StoreError> {
         self.write(|tx| {
             let e = |e| self.err(e);
             let gone: Vec<NodeRecord> = tx
@@ -986,11 +1179,14 @@ impl Store for SqliteStore {
                         .collect()
                 })
                 .map_err(e)?;
-            for n in &gone {
-                tx.execute("DELETE FROM nodes WHERE id = ?1", [n.id])
+            let mut removed = Vec::with_capacity(gone.len());
+            for node in gone {
+                let routes = self.routes_where(tx, "WHERE r.node_id = ?1", [node.id])?;
+                tx.execute("DELETE FROM nodes WHERE id = ?1", [node.id])
                     .map_err(e)?;
+                removed.push(RemovedNode { node, routes });
             }
-            Ok(gone)
+            Ok(removed)
         })
     }
 
@@ -1004,10 +1200,8 @@ impl Store for SqliteStore {
             if !known {
                 return Err(StoreError::NoSuchNode(node_id));
             }
-            let wanted: Vec<String> = advertised_set(node_id, routes)?
-                .iter()
-                .map(|p| p.to_string())
-                .collect();
+            let wanted_prefixes = advertised_set(node_id, routes)?;
+            let wanted: Vec<String> = wanted_prefixes.iter().map(|p| p.to_string()).collect();
             let current: Vec<String> = tx
                 .prepare("SELECT prefix FROM routes WHERE node_id = ?1")
                 .and_then(|mut s| s.query_map([node_id], |r| r.get(0))?.collect())
@@ -1019,10 +1213,11 @@ impl Store for SqliteStore {
                 )
                 .map_err(e)?;
             }
-            for p in &wanted {
+            for (p, text) in wanted_prefixes.iter().zip(&wanted) {
                 tx.execute(
-                    "INSERT OR IGNORE INTO routes (node_id, prefix, approved) VALUES (?1, ?2, 0)",
-                    params![node_id, p],
+                    "INSERT OR IGNORE INTO routes (node_id, prefix, approved, net, len)
+                     VALUES (?1, ?2, 0, ?3, ?4)",
+                    params![node_id, text, net_key(p.addr()), p.len()],
                 )
                 .map_err(e)?;
             }
@@ -1068,48 +1263,14 @@ impl Store for SqliteStore {
                 .map_err(e)?;
             let routes = self.routes_in(tx)?;
             let changes = plan(&RouteTable { nodes, routes })?;
-            for c in changes {
-                match c {
-                    RouteChange::Remove { node_id, prefix } => {
-                        tx.execute(
-                            "DELETE FROM routes WHERE node_id = ?1 AND prefix = ?2",
-                            params![node_id, prefix.to_string()],
-                        )
-                        .map_err(e)?;
-                    }
-                    RouteChange::Set(r) => {
-                        let conflict = match &r.status {
-                            RouteStatus::Refused(c) => Some(c),
-                            _ => None,
-                        };
-                        tx.execute(
-                            "INSERT INTO routes (node_id, prefix, approved, status, approved_by,
-                                 conflict_prefix, conflict_node, conflict_cluster, updated)
-                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                             ON CONFLICT (node_id, prefix) DO UPDATE SET
-                                 approved = excluded.approved, status = excluded.status,
-                                 approved_by = excluded.approved_by,
-                                 conflict_prefix = excluded.conflict_prefix,
-                                 conflict_node = excluded.conflict_node,
-                                 conflict_cluster = excluded.conflict_cluster,
-                                 updated = excluded.updated",
-                            params![
-                                r.node_id,
-                                r.prefix.network().to_string(),
-                                r.approved,
-                                r.status.word(),
-                                r.approved_by.map(approver_word),
-                                conflict.map(|c| c.prefix.to_string()),
-                                conflict.map(|c| c.other_node.clone()),
-                                conflict.and_then(|c| c.other_cluster.clone()),
-                                r.updated as i64,
-                            ],
-                        )
-                        .map_err(e)?;
-                    }
-                }
-            }
-            Ok(())
+            self.write_route_changes(tx, changes)
+        })
+    }
+
+    fn change_routes_near(&self, plan: &mut NearPlan<'_>) -> Result<(), RouteError> {
+        self.write(|tx| {
+            let changes = plan(&mut TxRows { store: self, tx })?;
+            self.write_route_changes(tx, changes)
         })
     }
 
@@ -1241,6 +1402,9 @@ fn migrate(path: &Path, conn: &mut Connection, steps: &[&str]) -> Result<(), Sto
             return Ok(());
         }
         tx.execute_batch(steps[version as usize]).map_err(err)?;
+        if version as usize == ROUTE_KEYS_STEP {
+            fill_route_keys(path, &tx)?;
+        }
         if version == 0 {
             // The mesh's ULA /48: 40 random bits (RFC 4193 section 3.2).
             let mut id = [0u8; 5];
@@ -1262,6 +1426,33 @@ fn migrate(path: &Path, conn: &mut Connection, steps: &[&str]) -> Result<(), Sto
             .map_err(err)?;
         tx.commit().map_err(err)?;
     }
+}
+
+/// Sets `net` and `len` of the routes stored before they existed.
+fn fill_route_keys(path: &Path, tx: &Connection) -> Result<(), StoreError> {
+    let err = |e| classify(path, e);
+    let rows: Vec<(i64, String)> = tx
+        .prepare("SELECT node_id, prefix FROM routes WHERE net IS NULL")
+        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .map_err(err)?;
+    for (node_id, text) in rows {
+        let prefix: IpPrefix = text.parse().map_err(|e| StoreError::BadRow {
+            path: path.to_path_buf(),
+            what: "route",
+            detail: format!("{text}: {e}"),
+        })?;
+        tx.execute(
+            "UPDATE routes SET net = ?3, len = ?4 WHERE node_id = ?1 AND prefix = ?2",
+            params![
+                node_id,
+                text,
+                net_key(prefix.network().addr()),
+                prefix.len()
+            ],
+        )
+        .map_err(err)?;
+    }
+    Ok(())
 }
 
 fn hex5(b: &[u8; 5]) -> String {
@@ -1395,6 +1586,14 @@ mod tests {
         );
         assert_eq!(store.policy().unwrap().unwrap().version, 3);
         store.integrity_check().unwrap();
+        // The route got its overlap key (schema 4) from its text.
+        let (net, len): (Vec<u8>, u8) = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT net, len FROM routes", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap();
+        assert_eq!((net, len), (vec![4, 10, 42, 0, 0], 24));
 
         let key = crate::keys::create(
             &store,

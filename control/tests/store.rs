@@ -600,7 +600,7 @@ fn ephemeral_nodes_offline_past_the_cutoff_are_removed_and_others_stay() {
         .unwrap();
     let removed = store.remove_ephemeral_offline_before(NOW + 300).unwrap();
     assert_eq!(
-        removed.iter().map(|n| n.id).collect::<Vec<_>>(),
+        removed.iter().map(|n| n.node.id).collect::<Vec<_>>(),
         vec![gone.id]
     );
     let left: Vec<i64> = store.list_nodes().unwrap().iter().map(|n| n.id).collect();
