@@ -534,6 +534,16 @@ impl PathState {
                 self.relay_by_rtt = false;
                 self.better = None;
                 self.measured = None;
+                // The peer roamed here on an authenticated datagram from
+                // this path: a verdict of "unanswered" from before (the
+                // path given up, a measurement lost) is older than that
+                // proof. Kept, it moved the peer straight back to the
+                // relay and counted a fallback each time the other side's
+                // probes came in on the path again (after our public
+                // address changed, say), pushing our own probing out by
+                // the holddown each time. Whether the path carries our
+                // data is judged by the liveness probes (`step`).
+                self.rtts.retain(|r| r.0 != cur || r.1.is_some());
             }
         }
         let chosen = self.chosen?;
