@@ -35,6 +35,27 @@ func stacks(t testing.TB) (*node, *node, *Netstack, *Netstack) {
 	return a, b, na, nb
 }
 
+// udpEcho answers every datagram to port on ns with itself until the test
+// ends.
+func udpEcho(t testing.TB, ns *Netstack, port string) {
+	t.Helper()
+	srv, err := ns.ListenPacket("udp", port)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := srv.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			srv.WriteTo(buf[:n], from)
+		}
+	}()
+}
+
 func TestUAPIGetAndSet(t *testing.T) {
 	a, b := pair(t)
 	text, err := a.e.UAPIGet()
@@ -343,21 +364,7 @@ func TestDialErrors(t *testing.T) {
 
 func TestUDPEchoAndPing(t *testing.T) {
 	a, b, na, nb := stacks(t)
-	srv, err := nb.ListenPacket("udp", ":7")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer srv.Close()
-	go func() {
-		buf := make([]byte, 2048)
-		for {
-			n, from, err := srv.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			srv.WriteTo(buf[:n], from)
-		}
-	}()
+	udpEcho(t, nb, ":7")
 	cl, err := na.ListenPacket("udp", ":0")
 	if err != nil {
 		t.Fatal(err)

@@ -21,21 +21,7 @@ func TestUDPConnEchoDeadlinesAndRefusal(t *testing.T) {
 	a, b, na, nb := stacks(t)
 	bAddr := func(port int) string { return netip.AddrPortFrom(b.addr, uint16(port)).String() }
 	for _, port := range []string{":7", ":9"} {
-		srv, err := nb.ListenPacket("udp", port)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer srv.Close()
-		go func() {
-			buf := make([]byte, 2048)
-			for {
-				n, from, err := srv.ReadFrom(buf)
-				if err != nil {
-					return
-				}
-				srv.WriteTo(buf[:n], from)
-			}
-		}()
+		udpEcho(t, nb, port)
 	}
 	c, err := na.DialUDP("udp", bAddr(7))
 	if err != nil {
