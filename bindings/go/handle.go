@@ -18,7 +18,16 @@ import (
 // must never see it as one), 0 once closed. Each C call goes through do,
 // each Close through release, so a call racing with Close fails cleanly
 // (a stale handle is refused by the library's generational table).
-type handle struct{ v atomic.Uintptr }
+//
+// The padding keeps a type that holds nothing but a handle (Engine) at 16
+// bytes: Go's allocator batches smaller objects without pointers into one
+// 16-byte block, and a finalizer on such an object runs only once every
+// object of its block is unreachable, so the Close backstop could wait
+// forever (runtime.SetFinalizer's documentation).
+type handle struct {
+	v atomic.Uintptr
+	_ [8]byte
+}
 
 func (h *handle) set(v uintptr) { h.v.Store(v) }
 
