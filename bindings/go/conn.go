@@ -168,15 +168,8 @@ func (c *Conn) CloseWrite() error {
 // Close closes the connection; blocked Read and Write calls return an
 // error matching net.ErrClosed. A second Close returns such an error too.
 func (c *Conn) Close() error {
-	freed, err := c.h.release("Conn.Close", func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_conn_free(C.mv_conn(h)) })
-	if err != nil {
-		return c.opErr("close", err)
-	}
-	if !freed {
-		return c.opErr("close", net.ErrClosed)
-	}
-	runtime.SetFinalizer(c, nil)
-	return nil
+	return c.h.closeSocket("Conn.Close", c, func(err error) error { return c.opErr("close", err) },
+		func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_conn_free(C.mv_conn(h)) })
 }
 
 func (c *Conn) LocalAddr() net.Addr  { return c.local }

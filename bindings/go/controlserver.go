@@ -342,9 +342,7 @@ func (s *ControlServer) Policy() (string, uint64, error) {
 // Close stops the server (its listener, and every node's session; nodes
 // keep their data plane) and releases it. It is idempotent.
 func (s *ControlServer) Close() error {
-	runtime.SetFinalizer(s, nil)
-	_, err := s.h.release("ControlServer.Close", func(h C.uintptr_t) C.meshvpn_result {
+	return s.h.closeIdempotent("ControlServer.Close", s, func(h C.uintptr_t) C.meshvpn_result {
 		return C.meshvpn_control_server_free(C.mv_control(h))
 	})
-	return err
 }

@@ -68,13 +68,9 @@ func newEngine(op string, create func(**C.meshvpn_engine) C.meshvpn_result) (*En
 // return nil. Blocked ReadPackets calls return within about 20 ms with
 // an error matching net.ErrClosed.
 func (e *Engine) Close() error {
-	freed, err := e.h.release("Engine.Close", func(h C.uintptr_t) C.meshvpn_result {
+	return e.h.closeIdempotent("Engine.Close", e, func(h C.uintptr_t) C.meshvpn_result {
 		return C.meshvpn_engine_free(C.mv_engine(h))
 	})
-	if freed {
-		runtime.SetFinalizer(e, nil)
-	}
-	return err
 }
 
 // do runs one C call on the engine's handle.

@@ -7,6 +7,7 @@ package meshvpn
 import "C"
 
 import (
+	"net"
 	"runtime"
 	"sync/atomic"
 	"time"
@@ -61,6 +62,33 @@ func (h *handle) release(op string, free func(C.uintptr_t) C.meshvpn_result) (bo
 		return false, err
 	}
 	return true, nil
+}
+
+// closeSocket is Close for the types that behave as net.Conn and
+// net.Listener do: the first call frees the handle, a later one fails with
+// net.ErrClosed, and errors come back through wrap (the type's own
+// *net.OpError). owner's finalizer is cleared once the handle is freed.
+func (h *handle) closeSocket(op string, owner any, wrap func(error) error, free func(C.uintptr_t) C.meshvpn_result) error {
+	freed, err := h.release(op, free)
+	if err != nil {
+		return wrap(err)
+	}
+	if !freed {
+		return wrap(net.ErrClosed)
+	}
+	runtime.SetFinalizer(owner, nil)
+	return nil
+}
+
+// closeIdempotent is Close for the types whose later Close calls return
+// nil (engines, stacks, servers): it frees the handle and clears owner's
+// finalizer once freed.
+func (h *handle) closeIdempotent(op string, owner any, free func(C.uintptr_t) C.meshvpn_result) error {
+	freed, err := h.release(op, free)
+	if freed {
+		runtime.SetFinalizer(owner, nil)
+	}
+	return err
 }
 
 // newHandle runs a C constructor that writes a handle.

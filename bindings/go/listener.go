@@ -66,15 +66,8 @@ func (l *Listener) Accept() (net.Conn, error) {
 
 // Close stops listening; connections not yet accepted are reset.
 func (l *Listener) Close() error {
-	freed, err := l.h.release("Listener.Close", func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_listener_free(C.mv_listener(h)) })
-	if err != nil {
-		return l.opErr(err)
-	}
-	if !freed {
-		return l.opErr(net.ErrClosed)
-	}
-	runtime.SetFinalizer(l, nil)
-	return nil
+	return l.h.closeSocket("Listener.Close", l, l.opErr,
+		func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_listener_free(C.mv_listener(h)) })
 }
 
 func (l *Listener) Addr() net.Addr { return l.addr }

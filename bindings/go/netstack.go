@@ -87,13 +87,9 @@ func (e *Engine) NewNetstack(opts *NetstackOptions) (*Netstack, error) {
 // Close stops the stack: blocked calls on its connections wake with an
 // error matching net.ErrClosed. Idempotent.
 func (ns *Netstack) Close() error {
-	freed, err := ns.h.release("Netstack.Close", func(h C.uintptr_t) C.meshvpn_result {
+	return ns.h.closeIdempotent("Netstack.Close", ns, func(h C.uintptr_t) C.meshvpn_result {
 		return C.meshvpn_netstack_free(C.mv_netstack(h))
 	})
-	if freed {
-		runtime.SetFinalizer(ns, nil)
-	}
-	return err
 }
 
 // do runs one C call on the stack's handle.

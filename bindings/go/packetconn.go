@@ -93,15 +93,8 @@ func (p *PacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 // Close closes the socket; blocked calls return an error matching
 // net.ErrClosed, and so does a second Close.
 func (p *PacketConn) Close() error {
-	freed, err := p.h.release("PacketConn.Close", func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_udp_free(C.mv_udp(h)) })
-	if err != nil {
-		return p.opErr("close", nil, err)
-	}
-	if !freed {
-		return p.opErr("close", nil, net.ErrClosed)
-	}
-	runtime.SetFinalizer(p, nil)
-	return nil
+	return p.h.closeSocket("PacketConn.Close", p, func(err error) error { return p.opErr("close", nil, err) },
+		func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_udp_free(C.mv_udp(h)) })
 }
 
 func (p *PacketConn) LocalAddr() net.Addr { return p.local }

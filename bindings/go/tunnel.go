@@ -553,11 +553,9 @@ func (s *TunnelServer) DialContext(ctx context.Context, clientKey, network, addr
 // Close stops the server and releases it. It is idempotent. Connections
 // dialed through it fail but must still be closed.
 func (s *TunnelServer) Close() error {
-	runtime.SetFinalizer(s, nil)
-	_, err := s.h.release("TunnelServer.Close", func(h C.uintptr_t) C.meshvpn_result {
+	return s.h.closeIdempotent("TunnelServer.Close", s, func(h C.uintptr_t) C.meshvpn_result {
 		return C.meshvpn_tunnel_server_free(C.mv_server(h))
 	})
-	return err
 }
 
 // ------------------------------------------------------------------ conn
@@ -628,11 +626,9 @@ func (c *tunnelConn) CloseWrite() error {
 // Close closes the connection; blocked Reads and Writes return an error
 // matching net.ErrClosed. Idempotent.
 func (c *tunnelConn) Close() error {
-	runtime.SetFinalizer(c, nil)
-	_, err := c.h.release("TunnelConn.Close", func(h C.uintptr_t) C.meshvpn_result {
+	return c.h.closeIdempotent("TunnelConn.Close", c, func(h C.uintptr_t) C.meshvpn_result {
 		return C.meshvpn_tunnel_stream_free(C.mv_stream(h))
 	})
-	return err
 }
 
 func (c *tunnelConn) LocalAddr() net.Addr  { return c.local }

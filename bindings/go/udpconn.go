@@ -104,15 +104,8 @@ func (c *UDPConn) Write(b []byte) (int, error) {
 // Close closes the socket; blocked calls return an error matching
 // net.ErrClosed, and so does a second Close.
 func (c *UDPConn) Close() error {
-	freed, err := c.h.release("UDPConn.Close", func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_udp_free(C.mv_udp_c(h)) })
-	if err != nil {
-		return c.opErr("close", err)
-	}
-	if !freed {
-		return c.opErr("close", net.ErrClosed)
-	}
-	runtime.SetFinalizer(c, nil)
-	return nil
+	return c.h.closeSocket("UDPConn.Close", c, func(err error) error { return c.opErr("close", err) },
+		func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_udp_free(C.mv_udp_c(h)) })
 }
 
 func (c *UDPConn) LocalAddr() net.Addr  { return c.local }
