@@ -2778,7 +2778,9 @@ meshvpn_result meshvpn_udp_interrupt(struct meshvpn_udp *udp);
 
 /**
  * Writes the bound address into `buf` (buffer protocol of
- * `meshvpn_result_message`; `MESHVPN_ADDR_MAX` bytes suffice).
+ * `meshvpn_result_message`; `MESHVPN_ADDR_MAX` bytes suffice). Once
+ * connected, a socket bound to the unspecified address shows the source
+ * address its datagrams carry, as `getsockname(2)` does on Linux.
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
  * `MESHVPN_BUFFER_TOO_SMALL`.

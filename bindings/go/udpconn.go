@@ -31,8 +31,9 @@ var _ net.Conn = (*UDPConn)(nil)
 
 // DialUDP connects a new UDP socket to address ("10.0.0.2:53",
 // "[fd00::2]:53"; IPs only). The socket is bound to the unspecified
-// address of the remote's family and a free port; LocalAddr reports that
-// (the stack picks the source address per datagram). Nothing is sent:
+// address of the remote's family and a free port; LocalAddr reports the
+// source address its datagrams carry (the stack's address of that family)
+// and the port. Nothing is sent:
 // an address no peer routes fails here, a refused one on Read or Write.
 func (ns *Netstack) DialUDP(network, address string) (*UDPConn, error) {
 	opErr := func(err error) error {

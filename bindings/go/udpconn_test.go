@@ -31,9 +31,11 @@ func TestUDPConnEchoDeadlinesAndRefusal(t *testing.T) {
 	if got := c.RemoteAddr().String(); got != bAddr(7) {
 		t.Fatalf("RemoteAddr %s", got)
 	}
+	// Connected, the socket shows the source address its datagrams carry
+	// (this node's mesh address), as getsockname(2) does on Linux.
 	local := c.LocalAddr().(*net.UDPAddr)
-	if local.Port == 0 {
-		t.Fatalf("LocalAddr %v", local)
+	if local.Port == 0 || local.AddrPort().Addr().Unmap() != a.addr {
+		t.Fatalf("LocalAddr %v, want %v and a port", local, a.addr)
 	}
 	echo := func(c net.Conn, msg string) error {
 		if _, err := c.Write([]byte(msg)); err != nil {

@@ -283,7 +283,9 @@ pub extern "C" fn meshvpn_udp_interrupt(udp: *mut meshvpn_udp) -> meshvpn_result
 }
 
 /// Writes the bound address into `buf` (buffer protocol of
-/// `meshvpn_result_message`; `MESHVPN_ADDR_MAX` bytes suffice).
+/// `meshvpn_result_message`; `MESHVPN_ADDR_MAX` bytes suffice). Once
+/// connected, a socket bound to the unspecified address shows the source
+/// address its datagrams carry, as `getsockname(2)` does on Linux.
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
 /// `MESHVPN_BUFFER_TOO_SMALL`.

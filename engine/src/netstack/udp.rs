@@ -1,6 +1,6 @@
 //! UDP over the stack.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::Waker;
@@ -19,7 +19,7 @@ const DATAGRAMS_PER_64K: usize = 64;
 const UDP_HEADER: usize = 8;
 
 /// The largest IP header the stack sends for `ip`'s family.
-pub(crate) fn ip_header_len(ip: std::net::IpAddr) -> usize {
+pub(crate) fn ip_header_len(ip: IpAddr) -> usize {
     if ip.is_ipv4() {
         20
     } else {
@@ -39,6 +39,10 @@ pub struct UdpSocket {
     read_limit: Mutex<Option<Duration>>,
     /// The remote of [`UdpSocket::connect`].
     peer: Mutex<Option<SocketAddr>>,
+    /// For a socket bound to the unspecified address, the source address
+    /// the stack picks for the connected remote (what `local_addr` shows
+    /// once connected, as `getsockname(2)` does on Linux).
+    source: Mutex<Option<IpAddr>>,
 }
 
 fn packet_buffer(bytes: usize) -> udp::PacketBuffer<'static> {
@@ -80,11 +84,17 @@ impl UdpSocket {
             closed: AtomicBool::new(false),
             read_limit: Mutex::new(None),
             peer: Mutex::new(None),
+            source: Mutex::new(None),
         })
     }
 
+    /// The bound address; once connected, a socket bound to the
+    /// unspecified address shows the source address its datagrams carry.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local
+        match *self.source.lock() {
+            Some(ip) => SocketAddr::new(ip, self.local.port()),
+            None => self.local,
+        }
     }
 
     /// Wakes a blocked send or receive early (see [`Interrupter`]).
@@ -104,7 +114,7 @@ impl UdpSocket {
     }
 
     /// The largest datagram payload to `dst` that fits the MTU.
-    pub fn max_payload(&self, dst: std::net::IpAddr) -> usize {
+    pub fn max_payload(&self, dst: IpAddr) -> usize {
         self.inner.mtu - ip_header_len(dst) - UDP_HEADER
     }
 
@@ -130,10 +140,15 @@ impl UdpSocket {
         }
         self.inner.check_route(remote.ip())?;
         let mut peer = self.peer.lock();
-        self.inner
-            .stack
-            .lock()
-            .connect_udp(self.sock, self.local.port(), remote)?;
+        let mut st = self.inner.stack.lock();
+        st.connect_udp(self.sock, self.local.port(), remote)?;
+        if self.local.ip().is_unspecified() {
+            // The address smoltcp puts on a datagram from an unbound socket.
+            *self.source.lock() = st
+                .iface
+                .get_source_address(&remote.ip().into())
+                .map(IpAddr::from);
+        }
         *peer = Some(remote);
         Ok(())
     }
