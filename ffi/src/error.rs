@@ -390,10 +390,20 @@ thread_local! {
     static LAST_ERROR: RefCell<Option<(meshvpn_result, String)>> = const { RefCell::new(None) };
 }
 
-/// Records `e` as this thread's last error and returns its code.
+/// Records `e` as this thread's last error and returns its code. The
+/// message leads with the code's text, once: a message that already starts
+/// with it ("connection refused" for `MESHVPN_CONNECTION_REFUSED`) is kept
+/// as it is.
 pub(crate) fn record(e: Error) -> meshvpn_result {
     let code = e.code;
-    let message = format!("{}: {}", code.text(), e.message);
+    let text = code.text();
+    let message = if e.message.is_empty() {
+        text.to_owned()
+    } else if e.message.starts_with(text) {
+        e.message
+    } else {
+        format!("{text}: {}", e.message)
+    };
     LAST_ERROR.with_borrow_mut(|last| *last = Some((code, message)));
     code
 }
@@ -489,6 +499,27 @@ mod tests {
             assert_eq!(meshvpn_result::from_u32(*r as u32), Some(*r));
         }
         assert_eq!(meshvpn_result::from_u32(99), None);
+    }
+
+    #[test]
+    fn recorded_message_names_the_code_once() {
+        record(Error::new(MESHVPN_CONNECTION_REFUSED, "connection refused"));
+        assert_eq!(last_error_for_tests(), "connection refused");
+        record(Error::new(
+            MESHVPN_UNREACHABLE,
+            "no route to the address: no peer's AllowedIPs cover it",
+        ));
+        assert_eq!(
+            last_error_for_tests(),
+            "no route to the address: no peer's AllowedIPs cover it"
+        );
+        record(Error::new(MESHVPN_INVALID_ARGUMENT, "port 0"));
+        assert_eq!(
+            last_error_for_tests(),
+            format!("{}: port 0", MESHVPN_INVALID_ARGUMENT.text())
+        );
+        record(Error::new(MESHVPN_CLOSED, String::new()));
+        assert_eq!(last_error_for_tests(), "closed");
     }
 
     #[test]
