@@ -458,7 +458,6 @@ fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
             }
             std::mem::swap(&mut out, &mut st.device.tx);
         }
-        super::device::coalesce_acks(&mut out, &mut spare);
         // One batch: consecutive packets to a peer leave in one GSO send.
         engine.send_packets_reporting(out.iter().map(Vec::as_slice), |p, e| {
             if let SendError::NoRoute | SendError::Dropped(DropReason::NoEndpoint) = e {

@@ -11,16 +11,12 @@ pub(super) mod cubic;
 pub(super) mod reno;
 
 /// meshvpn patch: how much an ACK of `acked` bytes grows the window in slow
-/// start: all of it, as Linux's `tcp_slow_start` (which counts the segments
-/// ACKed, with no per-ACK limit), not at most 1 MSS. A receiver that ACKs
-/// every second segment (RFC 9293) then makes the window double per RTT,
-/// and so does one that sends one stretch ACK per batch of segments (Linux
-/// behind GRO; meshvpn's netstack, whose `coalesce_acks` keeps the last of
-/// a batch's cumulative ACKs); with RFC 3465's limit L = 2 MSS the latter
-/// would grow the window by 2 MSS per batch.
+/// start: what it ACKed, up to RFC 3465's limit L = 2 MSS (so a stretch ACK
+/// does not cause a burst). With 1 MSS per ACK, a receiver that ACKs every
+/// second segment (RFC 9293) makes slow start grow 1.5x per RTT, not 2x.
 #[cfg(any(feature = "socket-tcp-cubic", feature = "socket-tcp-reno"))]
-pub(super) fn slow_start_increase(acked: usize, _mss: usize) -> usize {
-    acked
+pub(super) fn slow_start_increase(acked: usize, mss: usize) -> usize {
+    acked.min(2 * mss)
 }
 
 #[allow(unused_variables)]

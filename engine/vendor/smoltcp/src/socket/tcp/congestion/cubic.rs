@@ -105,8 +105,10 @@ impl Controller for Cubic {
             return;
         } else if self.cwnd < self.ssthresh {
             // Slow start: increase `cwnd` by what was ACKed (meshvpn patch:
-            // all of it, as Linux's tcp_slow_start, instead of at most 1
-            // MSS; see `slow_start_increase`).
+            // up to 2 MSS per ACK, RFC 3465's L, instead of 1 MSS: with a
+            // receiver that ACKs every second segment the window then doubles
+            // per RTT, as Linux's tcp_slow_start, which counts the segments
+            // ACKed, does).
             self.cwnd = self
                 .cwnd
                 .saturating_add(super::slow_start_increase(len, self.mss))
@@ -482,16 +484,16 @@ mod test {
         assert_eq!(cubic.recovery_start, None);
         assert_eq!(cubic.w_max, w_max_before_rto);
 
-        // slow start grows by what each ack covers (meshvpn patch: as
-        // Linux; it was at most 1 MSS)
+        // slow start grows by at most 2 MSS per ack (meshvpn patch: RFC
+        // 3465's L; it was 1 MSS)
         let initial_cwnd = cubic.window();
         for i in 0..5 {
             let initial_cwnd = cubic.window();
             let now = Instant::from_millis(i);
             ack(&mut cubic, MSS * 3, now);
-            assert_eq!(cubic.window(), initial_cwnd + 3 * MSS);
+            assert_eq!(cubic.window(), initial_cwnd + 2 * MSS);
         }
-        assert_eq!(cubic.window(), initial_cwnd + MSS * 15);
+        assert_eq!(cubic.window(), initial_cwnd + MSS * 10);
 
         // slow start uses the number of ACKed bytes if they're less than the MSS
         let initial_cwnd = cubic.window();

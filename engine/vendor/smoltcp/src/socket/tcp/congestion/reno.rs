@@ -57,8 +57,8 @@ impl Controller for Reno {
         }
 
         let inc = if self.cwnd < self.ssthresh {
-            // Slow start: increase `cwnd` by what was ACKed (meshvpn
-            // patch, see `slow_start_increase`).
+            // Slow start: increase `cwnd` by what was ACKed, up to 2 MSS
+            // (meshvpn patch, see `slow_start_increase`).
             super::slow_start_increase(len, self.mss)
         } else {
             // Congestion avoidance: increase by ~1 MSS per RTT.
@@ -212,16 +212,16 @@ mod test {
         assert_eq!(reno.ssthresh, inflight / 2);
         assert_eq!(reno.window(), MSS);
 
-        // slow start grows by what each ack covers (meshvpn patch: as
-        // Linux; it was at most 1 MSS)
+        // slow start grows by at most 2 MSS per ack (meshvpn patch: RFC
+        // 3465's L; it was 1 MSS)
         let initial_cwnd = reno.window();
         for i in 0..5 {
             let initial_cwnd = reno.window();
             let now = Instant::from_millis(i);
             ack(&mut reno, MSS * 3, now);
-            assert_eq!(reno.window(), initial_cwnd + 3 * MSS);
+            assert_eq!(reno.window(), initial_cwnd + 2 * MSS);
         }
-        assert_eq!(reno.window(), initial_cwnd + MSS * 15);
+        assert_eq!(reno.window(), initial_cwnd + MSS * 10);
 
         // slow start uses the number of ACKed bytes if they're less than the MSS
         let initial_cwnd = reno.window();
