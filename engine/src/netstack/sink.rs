@@ -26,6 +26,15 @@ use crate::wire::IpHeader;
 /// its whole decryption buffer over when the pool has one to give back.
 const COPY_BUF: usize = 64 << 10;
 
+/// The idle list [`RxPool::charge_or_reclaim`] frees buffers from when the
+/// ceiling is reached: the copy buffers (`Small`) or the batch-sized ones
+/// (`Big`).
+#[derive(Clone, Copy)]
+enum IdleList {
+    Small,
+    Big,
+}
+
 /// The buffers packets wait in between the receive threads and the stack
 /// thread, and the count of packets waiting. Both are bounded: packets by
 /// `NetstackConfig::rx_queue_packets`, the bytes the pool ever allocated
@@ -101,18 +110,17 @@ impl RxPool {
     }
 
     /// Counts `len` more bytes allocated, freeing idle buffers of the
-    /// other kind (`small`: the copy buffers) if the ceiling needs it: after
-    /// a bulk transfer filled it with idle batch-sized buffers, a trickle of
-    /// small batches must still get a copy buffer, and the other way round.
-    fn charge_or_reclaim(&self, len: usize, small: bool) -> bool {
+    /// other kind (`from`) if the ceiling needs it: after a bulk transfer
+    /// filled it with idle batch-sized buffers, a trickle of small batches
+    /// must still get a copy buffer, and the other way round.
+    fn charge_or_reclaim(&self, len: usize, from: IdleList) -> bool {
         loop {
             if self.charge(len) {
                 return true;
             }
-            let idle = if small {
-                self.small.lock().pop().map(|_| self.copy_len)
-            } else {
-                self.big.lock().pop().map(|b| b.len())
+            let idle = match from {
+                IdleList::Small => self.small.lock().pop().map(|_| self.copy_len),
+                IdleList::Big => self.big.lock().pop().map(|b| b.len()),
             };
             match idle {
                 Some(freed) => {
@@ -136,14 +144,15 @@ impl RxPool {
                 self.allocated.fetch_sub(b.len(), Relaxed);
             }
         }
-        self.charge_or_reclaim(len, true).then(|| vec![0u8; len])
+        self.charge_or_reclaim(len, IdleList::Small)
+            .then(|| vec![0u8; len])
     }
 
     fn take_small(&self) -> Option<Vec<u8>> {
         if let Some(b) = self.small.lock().pop() {
             return Some(b);
         }
-        self.charge_or_reclaim(self.copy_len, false)
+        self.charge_or_reclaim(self.copy_len, IdleList::Big)
             .then(|| Vec::with_capacity(self.copy_len))
     }
 
