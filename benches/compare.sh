@@ -15,7 +15,9 @@
 #   boringtun      boringtun-cli (cargo install --locked boringtun-cli)
 #   forward        `meshvpn forward` (userspace stack, no TUN) against meshvpn
 #                  in TUN mode, both in one namespace against the same Debian
-#                  wireguard-go peer: single-flow TCP each way, and the ratio
+#                  wireguard-go peer: single-flow TCP each way, and the ratio;
+#                  the log also gives each run's CPU seconds per GB of the
+#                  forwarding meshvpn process and of the TUN daemon
 #
 # Per implementation: single-flow TCP, four flows (-P 4), UDP at a fixed
 # offered rate (received rate and loss), each the median of N runs of S
@@ -43,7 +45,7 @@ while (($#)); do
 	--impls) IMPLS=$2 && shift ;;
 	--out) OUT=$2 && shift ;;
 	-h | --help)
-		sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+		sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
 		exit 0
 		;;
 	*)
@@ -203,6 +205,23 @@ measure() {
 	del_ns "$A" "$B"
 }
 
+# mode_ticks NS tun|forward: utime+stime clock ticks of the meshvpn process
+# in NS of that mode (`meshvpn forward`, or the TUN daemon).
+mode_ticks() {
+	local pid total=0 cmd t
+	for pid in $(ip netns pids "$1" 2>/dev/null); do
+		cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || continue
+		[[ $cmd == *meshvpn* ]] || continue
+		case $cmd in
+		*" forward "*) [[ $2 == forward ]] || continue ;;
+		*) [[ $2 == tun ]] || continue ;;
+		esac
+		t=$(awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat" 2>/dev/null) || continue
+		total=$((total + ${t:-0}))
+	done
+	echo "$total"
+}
+
 # measure_forward N: `meshvpn forward --local` (inner 10.232.0.1) and meshvpn
 # with TUN (inner 10.232.0.3) side by side in ns A, peers of one Debian
 # wireguard-go in ns B (10.232.0.2, iperf3 -s); single-flow TCP up (A to B)
@@ -229,18 +248,27 @@ measure_forward() {
 		del_ns "$A" "$B"
 		return
 	fi
-	local -A runs
+	local -A runs cpus
+	local c0 c1 bytes cpu
 	for r in $(seq "$RUNS"); do
 		for mode in tun forward; do
 			for dir in up down; do
 				flag=()
 				[[ $dir == down ]] && flag=(-R)
+				c0=$(mode_ticks "$A" $mode)
 				if [[ $mode == forward ]]; then
 					out=$(IPERF_DIAL="127.0.0.1 15201" client "$B" "$A" 10.232.0.2 "${flag[@]}" | json tcp)
 				else
 					out=$(client "$B" "$A" 10.232.0.2 "${flag[@]}" | json tcp)
 				fi
-				echo "forward run $r: $mode $dir $(gbit "${out%% *}") Gbit/s"
+				c1=$(mode_ticks "$A" $mode)
+				bytes=${out##* }
+				cpu=-
+				if [[ -n $out ]] && positive "$bytes"; then
+					cpu=$(awk -v t=$((c1 - c0)) -v hz="$TICK" -v b="$bytes" 'BEGIN { printf "%.2f", t / hz / (b / 1e9) }')
+					cpus[$mode.$dir]+=" $cpu"
+				fi
+				echo "forward run $r: $mode $dir $(gbit "${out%% *}") Gbit/s, $cpu CPU s/GB"
 				runs[$mode.$dir]+=" ${out%% *}"
 			done
 		done
@@ -249,8 +277,11 @@ measure_forward() {
 		for dir in up down; do
 			# shellcheck disable=SC2086
 			R[forward,$mode.$dir]=$(median ${runs[$mode.$dir]})
+			# shellcheck disable=SC2086
+			R[forward,$mode.$dir.cpu]=$(median ${cpus[$mode.$dir]:-})
 		done
 	done
+	echo "forward: CPU s/GB of the meshvpn process (medians): up $(or_dash "${R[forward,forward.up.cpu]}") vs TUN $(or_dash "${R[forward,tun.up.cpu]}"), down $(or_dash "${R[forward,forward.down.cpu]}") vs TUN $(or_dash "${R[forward,tun.down.cpu]}")"
 	echo "forward: up $(gbit "${R[forward,forward.up]}") vs TUN $(gbit "${R[forward,tun.up]}") Gbit/s, down $(gbit "${R[forward,forward.down]}") vs TUN $(gbit "${R[forward,tun.down]}") Gbit/s"
 	del_ns "$A" "$B"
 }
