@@ -1105,9 +1105,13 @@ mod tests {
                 for (p, rs) in by_prefix {
                     assert_eq!(rs.iter().filter(|r| r.primary).count(), 1, "{p}: {rs:?}");
                 }
-                for r in before.iter().filter(|r| r.primary && !down.contains(&r.node_id)) {
+                for r in before
+                    .iter()
+                    .filter(|r| r.primary && !down.contains(&r.node_id))
+                {
                     assert!(
-                        t.iter().any(|n| n.node_id == r.node_id && n.prefix == r.prefix && n.primary),
+                        t.iter()
+                            .any(|n| n.node_id == r.node_id && n.prefix == r.prefix && n.primary),
                         "{r:?} lost its prefix while up"
                     );
                 }

@@ -678,14 +678,12 @@ impl Shared {
     fn elect(&self, routes: &mut [crate::store::RouteRecord]) {
         let (connected, disconnected) = {
             let live = self.live.lock();
-            let connected: std::collections::HashSet<i64> =
-                live.sessions.keys().copied().collect();
+            let connected: std::collections::HashSet<i64> = live.sessions.keys().copied().collect();
             (connected, live.disconnected.clone())
         };
         let up = |id: i64| {
             connected.contains(&id)
-                || disconnected.get(&id).unwrap_or(&self.started).elapsed()
-                    < routes::PRIMARY_GRACE
+                || disconnected.get(&id).unwrap_or(&self.started).elapsed() < routes::PRIMARY_GRACE
         };
         let changes = routes::elect(routes, &up);
         if changes.is_empty() {
