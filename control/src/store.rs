@@ -1611,6 +1611,16 @@ mod tests {
             })
             .unwrap();
         assert_eq!((net, len), (vec![4, 10, 42, 0, 0], 24));
+        // Schema 5: the approved route stands by until an election makes
+        // it primary; the flag is written and read back.
+        assert_eq!(routes[0].role(), crate::routes::STANDBY);
+        store
+            .change_routes(&mut |t| Ok(crate::routes::elect(&t.routes, &|_| true)))
+            .unwrap();
+        assert_eq!(
+            store.list_routes().unwrap()[0].role(),
+            crate::routes::PRIMARY
+        );
 
         let key = crate::keys::create(
             &store,

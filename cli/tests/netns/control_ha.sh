@@ -98,6 +98,7 @@ outage() {
 		prev = t
 	} END { if (after >= 10) printf "%.2f", gap }' "$T/ping.log"
 }
+ping_once() { in_ns "$1" ping -q -c 1 -W 0.5 "$2" >/dev/null 2>&1; }
 below() { awk -v x="$1" -v l="$2" 'BEGIN { exit !(x != "" && x < l) }'; }
 
 # --- two routers, one primary ------------------------------------------
@@ -149,6 +150,7 @@ wait "${UP_PID[r1]}" 2>/dev/null
 mv "$T/r1.log" "$T/r1.first.log"
 up r1 --advertise-routes "$LAN"
 joined r1 || fail "r1 did not rejoin: $(tail -2 "$T/r1.log")"
+R1_4=$V4
 sleep 3 # past PRIMARY_GRACE and a few polls
 if role_is r2 primary && role_is r1 standby && carries r2 && pings "mvh$ID-c" "$HOST"; then
 	pass "r1 back: r2 stays primary, c still pings h"
@@ -157,6 +159,16 @@ else
 fi
 
 # --- the primary removed ---------------------------------------------------
+# c still holds the WireGuard session it had with r1's first process; the
+# restarted r1 does not know it. Traffic to r1 renews it first (timed: it
+# is the engine's recovery from a restarted peer, not the failover), so
+# the outage below is the route's move alone.
+S0=$(date +%s.%N)
+if wait_for 20 ping_once "mvh$ID-c" "$R1_4"; then
+	echo "c reaches the restarted r1 at $R1_4 $(awk -v s="$S0" 'BEGIN { printf "%.2f", '"$(date +%s.%N)"' - s }') s after its first try"
+else
+	fail "c cannot reach the restarted r1 at $R1_4"
+fi
 failover_ping
 T0=$(date +%s.%N)
 ctl nodes remove r2 >>"$T/ctl.log" 2>&1
