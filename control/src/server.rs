@@ -739,6 +739,10 @@ impl Shared {
         });
         let snap = &mut live.snapshot;
         snap.nodes = nodes.into_iter().map(|n| (n.id, n)).collect();
+        // Removed nodes' disconnection times go with them: the map holds at
+        // most one entry per node in the store.
+        live.disconnected
+            .retain(|id, _| snap.nodes.contains_key(id));
         snap.routes.clear();
         for r in routes {
             let reason = match &r.status {
