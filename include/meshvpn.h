@@ -3389,8 +3389,10 @@ meshvpn_result meshvpn_control_server_remove_node(struct meshvpn_control_server 
  * Writes the advertised routes as a JSON array into `buf` (the buffer
  * protocol of `meshvpn_result_message`): each `{"node_id", "node",
  * "cluster", "prefix", "status"` (`approved`, `pending`, `refused`)`,
- * "approved_by"` (`policy`, `operator` or null)`, "reason"}`; a refused
- * route's reason names the conflicting node and both clusters.
+ * "approved_by"` (`policy`, `operator` or null)`, "role"` (an approved
+ * route's part in its prefix: `primary`, the one the network map gives
+ * the prefix to, or `standby`; empty when not approved)`, "reason"}`; a
+ * refused route's reason names the conflicting node and both clusters.
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
  * `MESHVPN_CLOSED`, `MESHVPN_BUFFER_TOO_SMALL`, `MESHVPN_CONTROL_STORE`.
@@ -3509,7 +3511,8 @@ meshvpn_result meshvpn_join(const struct meshvpn_join_config *config,
 /**
  * Writes the node's status as one JSON object (`node`: id, name, ipv4,
  * ipv6, tags; `connected`, `sessions`, `policy_version`, `filter_rules`,
- * `routes` with `status` and a refusal's `reason`, `peers` with their
+ * `routes` with `status`, `role` (`primary` or `standby` when approved)
+ * and a refusal's `reason`, `peers` with their
  * path and bytes, `stopped`: why the node left, or null), following the
  * buffer protocol of `meshvpn_result_message`.
  *

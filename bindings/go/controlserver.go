@@ -115,6 +115,10 @@ type ControlRoute struct {
 	Prefix     string  `json:"prefix"`
 	Status     string  `json:"status"`      // approved, pending, refused
 	ApprovedBy *string `json:"approved_by"` // "policy" or "operator"
+	// Role of an approved route in its prefix: "primary" (the network
+	// map gives the prefix to this node) or "standby" (another router of
+	// the cluster carries it); empty when not approved.
+	Role string `json:"role"`
 	// Reason of a refusal: names the conflicting node and both clusters.
 	Reason string `json:"reason"`
 }

@@ -292,8 +292,15 @@ func TestControlServerNode(t *testing.T) {
 	if r := route("10.242.1.0/24"); r.Status != "approved" || r.ApprovedBy == nil || *r.ApprovedBy != "policy" {
 		t.Fatalf("auto-approved route: %+v", r)
 	}
-	if r := route("10.242.2.0/24"); r.Status != "pending" {
+	if r := route("10.242.2.0/24"); r.Status != "pending" || r.Role != "" {
 		t.Fatalf("route without an approver: %+v", r)
+	}
+	// The only router of its prefix: the server elects it primary.
+	for deadline := time.Now().Add(5 * time.Second); route("10.242.1.0/24").Role != "primary"; {
+		if time.Now().After(deadline) {
+			t.Fatalf("auto-approved route never primary: %+v", route("10.242.1.0/24"))
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 	if err := cs.ApproveRoute("gonode", "10.242.2.0/24"); err != nil {
 		t.Fatal(err)

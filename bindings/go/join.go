@@ -92,6 +92,7 @@ type NodeStatus struct {
 		Prefix   string  `json:"prefix"`
 		Approved bool    `json:"approved"`
 		Status   string  `json:"status"`
+		Role     string  `json:"role"` // approved: "primary" or "standby"
 		Reason   *string `json:"reason"`
 	} `json:"routes"`
 	Peers []struct {

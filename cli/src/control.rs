@@ -424,8 +424,8 @@ pub fn run(args: ControlArgs) -> CliResult {
         ControlCommand::Routes(RoutesCommand::List) => {
             let list = store.list_routes()?;
             println!(
-                "{:>4}  {:<20}  {:<16}  {:<18}  {:<8}  REASON",
-                "ID", "NODE", "CLUSTER", "PREFIX", "STATUS"
+                "{:>4}  {:<20}  {:<16}  {:<18}  {:<8}  {:<7}  REASON",
+                "ID", "NODE", "CLUSTER", "PREFIX", "STATUS", "ROLE"
             );
             for r in list {
                 let reason = match (&r.status, r.approved_by) {
@@ -439,13 +439,18 @@ pub fn run(args: ControlArgs) -> CliResult {
                     ),
                     (RouteStatus::Refused(c), _) => c.to_string(),
                 };
+                let role = match r.role() {
+                    "" => "-",
+                    role => role,
+                };
                 println!(
-                    "{:>4}  {:<20}  {:<16}  {:<18}  {:<8}  {}",
+                    "{:>4}  {:<20}  {:<16}  {:<18}  {:<8}  {:<7}  {}",
                     r.node_id,
                     r.node_name,
                     cluster_name(r.cluster.as_deref()),
                     r.prefix.to_string(),
                     r.status.word(),
+                    role,
                     reason,
                 );
             }

@@ -532,6 +532,10 @@ fn status_text(s: &NodeStatus, ifname: &str, userspace: bool) -> String {
         .iter()
         .map(|r| match (&r.reason, r.approved) {
             (Some(why), _) => format!("{} refused ({why})", r.prefix),
+            (None, true) if r.role == meshvpn_control::routes::STANDBY => format!(
+                "{} approved, standby (another router of the cluster carries it)",
+                r.prefix
+            ),
             (None, true) => format!("{} approved", r.prefix),
             (None, false) => format!("{} pending approval", r.prefix),
         })

@@ -449,6 +449,7 @@ mod tests {
             prefix: "10.42.1.0/24".into(),
             approved: true,
             status: "approved".into(),
+            role: "standby".into(),
             reason: None,
         }];
         let p = plan(&s, ACCEPT);

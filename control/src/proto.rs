@@ -139,6 +139,12 @@ pub struct RouteState {
     /// `approved`, `pending` or `refused` (absent from older servers).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub status: String,
+    /// An approved route's part in its prefix: `primary` (the map gives
+    /// the prefix to this node) or `standby` (another router of the
+    /// cluster carries it; this one takes over when that one goes away).
+    /// Absent when not approved, and from older servers.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub role: String,
     /// Why a route was refused: the overlapping route, its node and
     /// cluster, as `meshvpn control routes list` shows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -709,6 +715,7 @@ mod tests {
                     prefix: "10.42.0.0/24".into(),
                     approved: false,
                     status: "refused".into(),
+                    role: String::new(),
                     reason: Some("overlaps 10.42.0.0/16 of node a in cluster one".into()),
                 }]),
                 policy_version: 4,

@@ -755,7 +755,86 @@ pub fn stored_policy(store: &dyn Store) -> Result<Option<Policy>, RouteError> {
     }
 }
 
+/// How long the node of a primary route may be without a control session
+/// before its prefixes move to a standby router of the same prefix. Long
+/// enough that a control session that drops and reconnects at once (the
+/// client's first retry) keeps its primaries; short enough that traffic
+/// through a router that died moves within a few seconds. The server
+/// counts its own start as every node's disconnection, so nodes
+/// reconnecting after a server restart keep their primaries too.
+pub const PRIMARY_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// [`RouteRecord::role`] of the route the map gives its prefix to.
+pub const PRIMARY: &str = "primary";
+/// [`RouteRecord::role`] of an approved route whose prefix another router
+/// carries.
+pub const STANDBY: &str = "standby";
+
+/// Elects the primary router of every approved prefix (sans-IO): of the
+/// approved routes with one prefix (several subnet routers of one cluster
+/// for one LAN, as Tailscale's and headscale's high-availability routes;
+/// approved routes of different clusters never overlap), exactly one is
+/// primary and goes in the network map, the others stand by. Per prefix:
+///
+/// 1. the primary stays while its node is `up` (has a control session,
+///    or lost it less than [`PRIMARY_GRACE`] ago): a router that joins,
+///    or a former primary that comes back, takes nothing over;
+/// 2. else the first `up` route in approval order (its `updated`, then
+///    the lowest node id) becomes primary;
+/// 3. with no router `up`, the primary stays (there is nothing better),
+///    or, when it was withdrawn or its node removed, the first route in
+///    approval order becomes primary.
+///
+/// Longer or shorter overlapping prefixes are other prefixes: each gets
+/// its own primary and the most specific route wins in the data plane.
+/// `routes` must hold every route of each prefix it holds (the whole
+/// table, as the server reads it). Returns the routes whose `primary`
+/// flag changes, with the new flag, for [`Store::change_routes`]. The cost
+/// is one sort of the approved routes: O(routes x log routes).
+pub fn elect(routes: &[RouteRecord], up: &dyn Fn(i64) -> bool) -> Vec<RouteChange> {
+    let mut groups: BTreeMap<IpPrefix, Vec<&RouteRecord>> = BTreeMap::new();
+    let mut changes = Vec::new();
+    for r in routes {
+        if r.status == RouteStatus::Approved {
+            groups.entry(r.prefix.network()).or_default().push(r);
+        } else if r.primary {
+            let mut r = r.clone();
+            r.primary = false;
+            changes.push(RouteChange::Set(r));
+        }
+    }
+    for group in groups.values_mut() {
+        group.sort_by_key(|r| (r.updated, r.node_id));
+        let current = group.iter().copied().filter(|r| r.primary);
+        let chosen = current
+            .clone()
+            .find(|r| up(r.node_id))
+            .or_else(|| group.iter().copied().find(|r| up(r.node_id)))
+            .or_else(|| current.clone().next())
+            .unwrap_or(group[0]);
+        for r in group.iter() {
+            let want = std::ptr::eq(*r, chosen);
+            if r.primary != want {
+                let mut r = (*r).clone();
+                r.primary = want;
+                changes.push(RouteChange::Set(r));
+            }
+        }
+    }
+    changes
+}
+
 impl RouteRecord {
+    /// Its part in its prefix: `primary` (the map gives the prefix to its
+    /// node) or `standby` when approved, empty otherwise.
+    pub fn role(&self) -> &'static str {
+        match (self.status == RouteStatus::Approved, self.primary) {
+            (true, true) => PRIMARY,
+            (true, false) => STANDBY,
+            (false, _) => "",
+        }
+    }
+
     fn new(
         node: &NodeRecord,
         prefix: IpPrefix,
@@ -772,11 +851,15 @@ impl RouteRecord {
             status,
             approved_by,
             updated: now,
+            primary: false,
         }
     }
 
     fn set(&mut self, status: RouteStatus, approved_by: Option<Approver>, now: u64) {
         self.approved = status == RouteStatus::Approved;
+        // A route that stops being approved gives up its prefix; the next
+        // election (`elect`) picks another primary.
+        self.primary &= self.approved;
         self.status = status;
         self.approved_by = approved_by;
         self.updated = now;
@@ -801,6 +884,7 @@ mod tests {
             },
             approved_by: None,
             updated: 0,
+            primary: false,
         }
     }
 
@@ -849,6 +933,188 @@ mod tests {
                     .map(|o| o.node_name.clone());
                 let got = index.conflict(i, &table).map(|c| c.other_node);
                 assert_eq!(got, scan, "{}", r.prefix);
+            }
+        }
+    }
+
+    fn approved(node_id: i64, prefix: &str, updated: u64) -> RouteRecord {
+        let mut r = record(node_id, "lan", prefix.parse().unwrap(), true);
+        r.updated = updated;
+        r
+    }
+
+    /// Applies an election's changes to the table.
+    fn apply(table: &mut [RouteRecord], up: &dyn Fn(i64) -> bool) {
+        for c in elect(table, up) {
+            let RouteChange::Set(new) = c else {
+                panic!("an election only sets flags")
+            };
+            let r = table
+                .iter_mut()
+                .find(|r| r.node_id == new.node_id && r.prefix == new.prefix)
+                .unwrap();
+            assert_eq!((r.status.clone(), r.updated), (new.status, new.updated));
+            r.primary = new.primary;
+        }
+        assert!(elect(table, up).is_empty(), "an election is stable");
+    }
+
+    fn primaries(table: &[RouteRecord], prefix: &str) -> Vec<i64> {
+        let p: IpPrefix = prefix.parse().unwrap();
+        table
+            .iter()
+            .filter(|r| r.prefix == p && r.primary)
+            .map(|r| r.node_id)
+            .collect()
+    }
+
+    const ALL_UP: &dyn Fn(i64) -> bool = &|_| true;
+
+    #[test]
+    fn the_earliest_approved_router_becomes_primary_then_the_lowest_id() {
+        let mut t = vec![
+            approved(3, "192.168.1.0/24", 10),
+            approved(5, "192.168.1.0/24", 7),
+            approved(4, "192.168.1.0/24", 7),
+        ];
+        apply(&mut t, ALL_UP);
+        assert_eq!(primaries(&t, "192.168.1.0/24"), [4]);
+        assert_eq!(t[0].role(), STANDBY);
+        assert_eq!(t[2].role(), PRIMARY);
+        // The same table in another order elects the same router.
+        let mut u = vec![t[2].clone(), t[0].clone(), t[1].clone()];
+        for r in &mut u {
+            r.primary = false;
+        }
+        apply(&mut u, ALL_UP);
+        assert_eq!(primaries(&u, "192.168.1.0/24"), [4]);
+    }
+
+    #[test]
+    fn a_single_router_is_primary_and_other_prefixes_get_their_own() {
+        let mut t = vec![
+            approved(1, "192.168.1.0/24", 1),
+            approved(2, "192.168.0.0/16", 1),
+            approved(3, "192.168.1.0/25", 1),
+            record(4, "lan", "192.168.1.0/24".parse().unwrap(), false),
+        ];
+        apply(&mut t, ALL_UP);
+        assert_eq!(primaries(&t, "192.168.1.0/24"), [1]);
+        assert_eq!(primaries(&t, "192.168.0.0/16"), [2]);
+        assert_eq!(primaries(&t, "192.168.1.0/25"), [3]);
+        assert_eq!(t[3].role(), "", "a pending route has no part");
+    }
+
+    #[test]
+    fn the_primary_stays_while_up_when_routers_join_or_come_back() {
+        let mut t = vec![approved(7, "10.0.0.0/24", 50)];
+        apply(&mut t, ALL_UP);
+        // A router approved earlier by the clock, and one with a lower id,
+        // join: neither takes over.
+        t.push(approved(2, "10.0.0.0/24", 1));
+        t.push(approved(1, "10.0.0.0/24", 60));
+        apply(&mut t, ALL_UP);
+        assert_eq!(primaries(&t, "10.0.0.0/24"), [7]);
+        // 7 goes away: the earliest approved of the others takes over.
+        apply(&mut t, &|id| id != 7);
+        assert_eq!(primaries(&t, "10.0.0.0/24"), [2]);
+        // 7 comes back: 2 keeps it (no flapping back).
+        apply(&mut t, ALL_UP);
+        assert_eq!(primaries(&t, "10.0.0.0/24"), [2]);
+        // 2 and 1 go away, 7 is up: 7 again.
+        apply(&mut t, &|id| id == 7);
+        assert_eq!(primaries(&t, "10.0.0.0/24"), [7]);
+    }
+
+    #[test]
+    fn with_no_router_up_the_primary_stays() {
+        let mut t = vec![approved(1, "10.0.0.0/24", 1), approved(2, "10.0.0.0/24", 2)];
+        apply(&mut t, &|id| id == 2);
+        assert_eq!(primaries(&t, "10.0.0.0/24"), [2]);
+        apply(&mut t, &|_| false);
+        assert_eq!(primaries(&t, "10.0.0.0/24"), [2]);
+    }
+
+    #[test]
+    fn a_removed_or_withdrawn_primary_is_replaced() {
+        let mut t = vec![
+            approved(1, "10.0.0.0/24", 1),
+            approved(2, "10.0.0.0/24", 2),
+            approved(3, "10.0.0.0/24", 3),
+        ];
+        apply(&mut t, ALL_UP);
+        assert_eq!(primaries(&t, "10.0.0.0/24"), [1]);
+        // Node 1 removed: its routes are gone from the table.
+        t.remove(0);
+        apply(&mut t, ALL_UP);
+        assert_eq!(primaries(&t, "10.0.0.0/24"), [2]);
+        // Node 2's route no longer approved (a pass's `set` drops the
+        // flag): 3 takes over, even with every node down.
+        t[0].set(RouteStatus::Pending, None, 9);
+        assert!(!t[0].primary);
+        apply(&mut t, &|_| false);
+        assert_eq!(primaries(&t, "10.0.0.0/24"), [3]);
+    }
+
+    /// Random sequences of joins, approvals, withdrawals, removals and
+    /// nodes going up and down (seeded, bounded): after every election
+    /// each approved prefix has exactly one primary, no route that is not
+    /// approved is primary, and a primary whose node stayed up kept it.
+    #[test]
+    fn exactly_one_primary_per_approved_prefix_and_it_sticks_while_up() {
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let prefixes = ["10.0.0.0/24", "10.0.0.0/25", "10.1.0.0/16", "fd00::/64"];
+        for _ in 0..200 {
+            let mut t: Vec<RouteRecord> = Vec::new();
+            let mut down: HashSet<i64> = HashSet::new();
+            for step in 0..60u64 {
+                let node = rand(8) as i64;
+                let prefix: IpPrefix = prefixes[rand(4) as usize].parse().unwrap();
+                let at = t
+                    .iter()
+                    .position(|r| r.node_id == node && r.prefix == prefix);
+                match (rand(6), at) {
+                    (0 | 1, None) => t.push(record(node, "lan", prefix, false)),
+                    (0 | 1, Some(i)) => t[i].set(RouteStatus::Approved, None, step),
+                    (2, Some(i)) => {
+                        t.remove(i);
+                    }
+                    (3, _) => t.retain(|r| r.node_id != node),
+                    (4, Some(i)) => t[i].set(RouteStatus::Pending, None, step),
+                    _ => {
+                        if !down.remove(&node) {
+                            down.insert(node);
+                        }
+                    }
+                }
+                let before: Vec<RouteRecord> = t.clone();
+                apply(&mut t, &|id| !down.contains(&id));
+                let mut by_prefix: BTreeMap<IpPrefix, Vec<&RouteRecord>> = BTreeMap::new();
+                for r in &t {
+                    assert!(r.approved || !r.primary, "{r:?}");
+                    if r.approved {
+                        by_prefix.entry(r.prefix).or_default().push(r);
+                    }
+                }
+                for (p, rs) in by_prefix {
+                    assert_eq!(rs.iter().filter(|r| r.primary).count(), 1, "{p}: {rs:?}");
+                }
+                for r in before
+                    .iter()
+                    .filter(|r| r.primary && !down.contains(&r.node_id))
+                {
+                    assert!(
+                        t.iter()
+                            .any(|n| n.node_id == r.node_id && n.prefix == r.prefix && n.primary),
+                        "{r:?} lost its prefix while up"
+                    );
+                }
             }
         }
     }

@@ -182,6 +182,11 @@ const REMOVED_GRACE: Duration = Duration::from_secs(1);
 
 struct Live {
     sessions: HashMap<i64, Session>,
+    /// When each node's last session ended (since the server started;
+    /// a node not here and without a session counts as disconnected at
+    /// the start): what decides whether a primary router is still up
+    /// ([`routes::PRIMARY_GRACE`]).
+    disconnected: HashMap<i64, Instant>,
     /// Sessions of removed nodes, told why and closed at the instant.
     closing: Vec<(Instant, ConnOutbox)>,
     snapshot: Snapshot,
@@ -197,6 +202,7 @@ struct Shared {
     wake: Condvar,
     stop: AtomicBool,
     counters: Counters,
+    started: Instant,
 }
 
 /// A running control server (its watcher thread); the sessions run on the
@@ -226,6 +232,7 @@ impl ControlServer {
             store,
             live: Mutex::new(Live {
                 sessions: HashMap::new(),
+                disconnected: HashMap::new(),
                 closing: Vec::new(),
                 snapshot: Snapshot::default(),
                 next_generation: 0,
@@ -234,6 +241,7 @@ impl ControlServer {
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
             counters: Counters::default(),
+            started: Instant::now(),
         });
         // Routes decided under an older policy or blocked by a node removed
         // while the server was down are re-examined once, as `policy set`
@@ -456,6 +464,7 @@ impl Shared {
             if let Some(old) = old {
                 old.outbox.stop();
             }
+            live.disconnected.remove(&record.id);
         }
         if let Err(e) = self.store.set_node_online(record.id, true, now_secs()) {
             tracing::warn!(error = %e, "control: could not record a node online");
@@ -472,6 +481,7 @@ impl Shared {
                 .is_some_and(|s| s.generation == generation)
             {
                 live.sessions.remove(&id);
+                live.disconnected.insert(id, Instant::now());
             }
         }
         if end.write_timed_out {
@@ -660,6 +670,45 @@ impl Shared {
         }
     }
 
+    /// Elects the primary router of each approved prefix
+    /// ([`routes::elect`]) from the sessions now, records a change in the
+    /// store (in one transaction over the table as it is then, so a
+    /// concurrent route decision is not overwritten) and applies it to
+    /// `routes`, the table this refresh builds the map from.
+    fn elect(&self, routes: &mut [crate::store::RouteRecord]) {
+        let (connected, disconnected) = {
+            let live = self.live.lock();
+            let connected: std::collections::HashSet<i64> = live.sessions.keys().copied().collect();
+            (connected, live.disconnected.clone())
+        };
+        let up = |id: i64| {
+            connected.contains(&id)
+                || disconnected.get(&id).unwrap_or(&self.started).elapsed() < routes::PRIMARY_GRACE
+        };
+        let changes = routes::elect(routes, &up);
+        if changes.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .store
+            .change_routes(&mut |table| Ok(routes::elect(&table.routes, &up)))
+        {
+            self.counters.store_errors.fetch_add(1, Relaxed);
+            tracing::warn!(error = %e, "control: primary routes not recorded");
+        }
+        for c in changes {
+            if let routes::RouteChange::Set(new) = c {
+                if let Some(r) = routes
+                    .iter_mut()
+                    .find(|r| r.node_id == new.node_id && r.prefix == new.prefix)
+                {
+                    tracing::info!(node = %r.node_name, prefix = %r.prefix, primary = new.primary, "control: primary route changed");
+                    r.primary = new.primary;
+                }
+            }
+        }
+    }
+
     /// Reads the store, diffs, and pushes the changes to every session.
     fn refresh(&self) {
         let read = (|| {
@@ -669,7 +718,7 @@ impl Shared {
                 self.store.policy()?,
             ))
         })();
-        let (nodes, routes, policy) = match read {
+        let (nodes, mut routes, policy) = match read {
             Ok(r) => r,
             Err(e) => {
                 self.counters.store_errors.fetch_add(1, Relaxed);
@@ -677,6 +726,7 @@ impl Shared {
                 return;
             }
         };
+        self.elect(&mut routes);
         let mut live = self.live.lock();
         let live = &mut *live;
         let now = Instant::now();
@@ -689,6 +739,10 @@ impl Shared {
         });
         let snap = &mut live.snapshot;
         snap.nodes = nodes.into_iter().map(|n| (n.id, n)).collect();
+        // Removed nodes' disconnection times go with them: the map holds at
+        // most one entry per node in the store.
+        live.disconnected
+            .retain(|id, _| snap.nodes.contains_key(id));
         snap.routes.clear();
         for r in routes {
             let reason = match &r.status {
@@ -699,6 +753,7 @@ impl Shared {
                 prefix: r.prefix.to_string(),
                 approved: r.approved,
                 status: r.status.word().to_string(),
+                role: r.role().to_string(),
                 reason,
             });
         }
@@ -755,12 +810,13 @@ impl Shared {
                     endpoints.push(s.seen);
                 }
             }
+            // A prefix several routers carry goes to its primary only.
             let approved = snap
                 .routes
                 .get(id)
                 .map(|r| {
                     r.iter()
-                        .filter(|r| r.approved)
+                        .filter(|r| r.role == routes::PRIMARY)
                         .map(|r| r.prefix.clone())
                         .collect()
                 })

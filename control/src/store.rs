@@ -146,6 +146,11 @@ pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE routes ADD COLUMN net BLOB;
      ALTER TABLE routes ADD COLUMN len INTEGER;
      CREATE INDEX routes_net ON routes (net, len);",
+    // 5: the primary router of a prefix several nodes of one cluster
+    // advertise (`crate::routes::elect`): the one route of the prefix the
+    // network map gives. Existing rows start as standby; the server's
+    // first election picks one per prefix.
+    "ALTER TABLE routes ADD COLUMN is_primary INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The step of [`MIGRATIONS`] that adds `routes.net` and `routes.len`;
@@ -209,6 +214,10 @@ pub struct RouteRecord {
     pub approved_by: Option<Approver>,
     /// When its status last changed (Unix seconds; 0 before schema 3).
     pub updated: u64,
+    /// The approved route of its prefix the network map gives (one per
+    /// prefix; the others of the prefix stand by): see
+    /// [`crate::routes::elect`]. Always false when not approved.
+    pub primary: bool,
 }
 
 /// A node removed, with the routes that went with it.
@@ -841,10 +850,12 @@ impl SqliteStore {
             Option<String>,
             Option<String>,
             i64,
+            bool,
         );
         let sql = format!(
             "SELECT r.node_id, n.name, n.cluster, r.prefix, r.status, r.approved_by,
-                    r.conflict_prefix, r.conflict_node, r.conflict_cluster, r.updated
+                    r.conflict_prefix, r.conflict_node, r.conflict_cluster, r.updated,
+                    r.is_primary
              FROM routes r JOIN nodes n ON n.id = r.node_id {filter}
              ORDER BY r.node_id, r.prefix"
         );
@@ -863,6 +874,7 @@ impl SqliteStore {
                         r.get(7)?,
                         r.get(8)?,
                         r.get(9)?,
+                        r.get(10)?,
                     ))
                 })?
                 .collect()
@@ -878,7 +890,7 @@ impl SqliteStore {
         };
         rows.into_iter()
             .map(
-                |(node_id, node_name, cluster, p, status, by, cp, cn, cc, updated)| {
+                |(node_id, node_name, cluster, p, status, by, cp, cn, cc, updated, primary)| {
                     let status = match (status.as_str(), cp, cn) {
                         ("approved", _, _) => RouteStatus::Approved,
                         ("pending", _, _) => RouteStatus::Pending,
@@ -896,6 +908,7 @@ impl SqliteStore {
                         Some("operator") => Some(Approver::Operator),
                         Some(other) => return Err(bad(format!("{p}: approved by {other}"))),
                     };
+                    let status_approved = status == RouteStatus::Approved;
                     Ok(RouteRecord {
                         node_id,
                         node_name,
@@ -905,6 +918,7 @@ impl SqliteStore {
                         status,
                         approved_by,
                         updated: updated as u64,
+                        primary: primary && status_approved,
                     })
                 },
             )
@@ -935,15 +949,16 @@ impl SqliteStore {
                     tx.execute(
                         "INSERT INTO routes (node_id, prefix, approved, status, approved_by,
                              conflict_prefix, conflict_node, conflict_cluster, updated,
-                             net, len)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                             net, len, is_primary)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
                          ON CONFLICT (node_id, prefix) DO UPDATE SET
                              approved = excluded.approved, status = excluded.status,
                              approved_by = excluded.approved_by,
                              conflict_prefix = excluded.conflict_prefix,
                              conflict_node = excluded.conflict_node,
                              conflict_cluster = excluded.conflict_cluster,
-                             updated = excluded.updated",
+                             updated = excluded.updated,
+                             is_primary = excluded.is_primary",
                         params![
                             r.node_id,
                             r.prefix.network().to_string(),
@@ -956,6 +971,7 @@ impl SqliteStore {
                             r.updated as i64,
                             net_key(r.prefix.network().addr()),
                             r.prefix.len(),
+                            r.primary && r.approved,
                         ],
                     )
                     .map_err(e)?;
@@ -1237,6 +1253,7 @@ impl Store for SqliteStore {
                     "UPDATE routes SET approved = ?3,
                          status = CASE ?3 WHEN 1 THEN 'approved' ELSE 'pending' END,
                          approved_by = CASE ?3 WHEN 1 THEN 'operator' END,
+                         is_primary = CASE ?3 WHEN 1 THEN is_primary ELSE 0 END,
                          conflict_prefix = NULL, conflict_node = NULL, conflict_cluster = NULL
                      WHERE node_id = ?1 AND prefix = ?2",
                     params![node_id, prefix.network().to_string(), approved],
@@ -1594,6 +1611,16 @@ mod tests {
             })
             .unwrap();
         assert_eq!((net, len), (vec![4, 10, 42, 0, 0], 24));
+        // Schema 5: the approved route stands by until an election makes
+        // it primary; the flag is written and read back.
+        assert_eq!(routes[0].role(), crate::routes::STANDBY);
+        store
+            .change_routes(&mut |t| Ok(crate::routes::elect(&t.routes, &|_| true)))
+            .unwrap();
+        assert_eq!(
+            store.list_routes().unwrap()[0].role(),
+            crate::routes::PRIMARY
+        );
 
         let key = crate::keys::create(
             &store,

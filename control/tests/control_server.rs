@@ -866,3 +866,122 @@ fn a_node_that_never_reads_big_changes_is_dropped_at_its_queue_cap() {
     assert!(reader.status().connected && reader.status().sessions == 1);
     drop(ws);
 }
+
+/// Three subnet routers of one cluster advertise one LAN, auto-approved:
+/// a node's map gives the prefix to exactly one of them (the first to be
+/// approved), the routers' own states say primary or standby; when the
+/// primary's session ends the prefix moves to a standby after
+/// `PRIMARY_GRACE`, when that one is removed (from a second store handle,
+/// as the CLI does) to the last; the observer never sees two routers
+/// claim the prefix.
+#[test]
+fn one_primary_router_per_prefix_fails_over_on_disconnect_and_removal() {
+    use meshvpn_control::routes::{self, PRIMARY, PRIMARY_GRACE, STANDBY};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const LAN: &str = "192.168.50.0/24";
+    let mesh = Mesh::start("primary", |_| {});
+    mesh.cli
+        .set_policy(
+            r#"{"tagOwners": {"tag:router": []},
+                "autoApprovers": {"routes": {"192.168.50.0/24": ["tag:router"]}}}"#,
+            now(),
+        )
+        .unwrap();
+    let key = mesh.key(KeyOptions {
+        reusable: true,
+        cluster: Some("site".into()),
+        tags: vec!["tag:router".into()],
+        ..Default::default()
+    });
+    let router = |host: &str| {
+        let c = mesh.join_with(
+            JoinRequest {
+                join_key: Some(key.clone()),
+                hostname: host.into(),
+                routes: vec![LAN.parse().unwrap()],
+                ..Default::default()
+            },
+            &secret(),
+        );
+        assert!(
+            c.wait(WAIT, |s, _| s.routes.iter().any(|r| r.approved)),
+            "{host} never got its route approved: {:?}",
+            c.state().routes
+        );
+        c
+    };
+    let a = router("a");
+    let b = router("b");
+    let c = router("c");
+    let id = |c: &ControlClient| c.state().node.unwrap().node_id;
+    let (a_id, b_id, c_id) = (id(&a), id(&b), id(&c));
+    let observer = mesh.join(Some(&key), "observer", &secret());
+    let twice = AtomicBool::new(false);
+    let twice = &twice;
+    let carrier_is = |want: i64| {
+        move |s: &NodeState, _: &_| {
+            let claim: Vec<i64> = s
+                .peers
+                .values()
+                .filter(|p| p.routes.iter().any(|r| r == LAN))
+                .map(|p| p.id)
+                .collect();
+            if claim.len() > 1 {
+                twice.store(true, Ordering::SeqCst);
+            }
+            claim == [want]
+        }
+    };
+    let role = |c: &ControlClient| c.state().routes[0].role.clone();
+    assert!(
+        observer.wait(WAIT, carrier_is(a_id)),
+        "the first approved router carries the LAN: {:?}",
+        observer.state().peers
+    );
+    assert!(
+        a.wait(WAIT, |s, _| s.routes[0].role == PRIMARY),
+        "a primary"
+    );
+    for standby in [&b, &c] {
+        assert!(
+            standby.wait(WAIT, |s, _| s.routes[0].role == STANDBY),
+            "{:?}",
+            standby.state().routes
+        );
+    }
+
+    // The primary's session ends: b (approved before c) takes over, no
+    // sooner than the grace.
+    let gone = Instant::now();
+    drop(a);
+    assert!(
+        observer.wait(WAIT, carrier_is(b_id)),
+        "b carries the LAN after a left: {:?}",
+        observer.state().peers
+    );
+    assert!(gone.elapsed() >= PRIMARY_GRACE, "{:?}", gone.elapsed());
+    assert!(b.wait(WAIT, |s, _| s.routes[0].role == PRIMARY));
+    assert_eq!(role(&c), STANDBY, "c stays standby");
+    let listed = mesh.cli.list_routes().unwrap();
+    let stored: Vec<(i64, bool)> = listed.iter().map(|r| (r.node_id, r.primary)).collect();
+    assert_eq!(
+        stored,
+        [(a_id, false), (b_id, true), (c_id, false)],
+        "the store records it"
+    );
+
+    // b removed as `meshvpn control nodes remove` does: c at once.
+    let removed = mesh.cli.remove_node_with_routes(b_id).unwrap().unwrap();
+    let policy = routes::stored_policy(&mesh.cli).unwrap();
+    routes::withdrawn(&mesh.cli, policy.as_ref(), &removed.routes, now()).unwrap();
+    assert!(
+        observer.wait(WAIT, carrier_is(c_id)),
+        "c carries the LAN after b's removal: {:?}",
+        observer.state().peers
+    );
+    assert!(c.wait(WAIT, |s, _| s.routes[0].role == PRIMARY));
+    assert!(
+        !twice.load(Ordering::SeqCst),
+        "the observer saw two routers claim the LAN"
+    );
+}

@@ -725,8 +725,10 @@ pub unsafe extern "C" fn meshvpn_control_server_remove_node(
 /// Writes the advertised routes as a JSON array into `buf` (the buffer
 /// protocol of `meshvpn_result_message`): each `{"node_id", "node",
 /// "cluster", "prefix", "status"` (`approved`, `pending`, `refused`)`,
-/// "approved_by"` (`policy`, `operator` or null)`, "reason"}`; a refused
-/// route's reason names the conflicting node and both clusters.
+/// "approved_by"` (`policy`, `operator` or null)`, "role"` (an approved
+/// route's part in its prefix: `primary`, the one the network map gives
+/// the prefix to, or `standby`; empty when not approved)`, "reason"}`; a
+/// refused route's reason names the conflicting node and both clusters.
 ///
 /// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
 /// `MESHVPN_CLOSED`, `MESHVPN_BUFFER_TOO_SMALL`, `MESHVPN_CONTROL_STORE`.
@@ -764,6 +766,7 @@ pub unsafe extern "C" fn meshvpn_control_server_routes(
                     "prefix": rt.prefix.to_string(),
                     "status": rt.status.word(),
                     "approved_by": approved_by,
+                    "role": rt.role(),
                     "reason": reason,
                 })
             })

@@ -395,7 +395,7 @@ fn status_json(s: &NodeStatus) -> String {
         .iter()
         .map(|r| {
             serde_json::json!({"prefix": r.prefix, "approved": r.approved,
-                "status": r.status, "reason": r.reason})
+                "status": r.status, "role": r.role, "reason": r.reason})
         })
         .collect();
     let peers: Vec<_> = s
@@ -459,7 +459,8 @@ fn event_json(e: &Event) -> String {
 
 /// Writes the node's status as one JSON object (`node`: id, name, ipv4,
 /// ipv6, tags; `connected`, `sessions`, `policy_version`, `filter_rules`,
-/// `routes` with `status` and a refusal's `reason`, `peers` with their
+/// `routes` with `status`, `role` (`primary` or `standby` when approved)
+/// and a refusal's `reason`, `peers` with their
 /// path and bytes, `stopped`: why the node left, or null), following the
 /// buffer protocol of `meshvpn_result_message`.
 ///
