@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::link::seed;
 use common::sim::{NatBox, Net, Sim};
 use meshvpn_engine::device::{
-    Endpoint, PathAction, PathState, ProbeBudget, LIVENESS_MISSES, LIVENESS_QUIET,
+    Endpoint, PathAction, PathState, ProbeBudget, HOLD_YIELD, LIVENESS_MISSES, LIVENESS_QUIET,
     LIVENESS_TIMEOUT, MIN_BURST_GAP, PROBES_PER_SECOND, PROBE_BURST_ROUNDS, REPROBE_INTERVAL,
 };
 use meshvpn_engine::peer::PeerPath;
@@ -1027,7 +1027,11 @@ fn address_change(s: u64, i: usize, chooser: usize, after_measure: Option<u64>) 
         let mut at = None;
         // A measurement goes every MEASURE_GAP (10 s); wait for the next.
         run(&mut sim, &mut d, Duration::from_secs(30), |sim, d| {
-            if at.is_none() && d.measured[before..].iter().any(|m| (m.1, m.2) == (chooser, o)) {
+            if at.is_none()
+                && d.measured[before..]
+                    .iter()
+                    .any(|m| (m.1, m.2) == (chooser, o))
+            {
                 at = Some(sim.ticks());
             }
             if at.is_some_and(|t| sim.ticks() - t >= wait) {
@@ -1155,9 +1159,10 @@ fn after_the_address_of_the_side_that_follows_changes_a_measurement_hold_does_no
         let s = 50 + k as u64;
         let (i, chooser) = if k % 2 == 0 { (0, 1) } else { (1, 0) };
         let r = address_change(s, i, chooser, Some(wait));
-        let fell = *r.fell.first().unwrap_or_else(|| {
-            panic!("seed {s}: node {i} never gave the dead direct path up")
-        });
+        let fell = *r
+            .fell
+            .first()
+            .unwrap_or_else(|| panic!("seed {s}: node {i} never gave the dead direct path up"));
         let answer = r
             .first_answer
             .unwrap_or_else(|| panic!("seed {s}: no ping answered after the change"));
@@ -1181,4 +1186,60 @@ fn after_the_address_of_the_side_that_follows_changes_a_measurement_hold_does_no
         assert_eq!(r.fell.len(), 1, "seed {s}: fallbacks of node {i}");
     }
     println!("longest wait for an answer after the give-up: {worst} ms");
+}
+
+/// The endpoint hold itself (`Peer::hold_endpoint`), what it still
+/// guards and when it yields: node 0 holds its endpoint (node 1's UDP
+/// address, C) as a measurement does, and node 1 talks over the relay.
+/// - While C has nothing of ours unanswered, node 1's data over the relay
+///   does not move node 0 (datagrams in flight on a path just left).
+/// - Once node 0 sent to C and C is silent (the UDP path cut), node 1's
+///   data still does not move it for HOLD_YIELD, nor, after it, does the
+///   answer to an initiation of ours over the relay (a measurement's
+///   answer times the relay; it says nothing of where the peer is).
+/// - Node 1's own data over the relay after HOLD_YIELD moves node 0 to
+///   the relay, and the endpoint left is handed to the policy once.
+#[test]
+fn an_endpoint_hold_yields_only_to_the_peers_own_packets_once_the_endpoint_is_silent() {
+    let mut sim = Sim::full_mesh(2, seed(60), Net::default());
+    assert!(sim.establish(0, 1, 5), "no session over UDP");
+    let c = Endpoint::Udp(sim.nodes[1].addr);
+    let relay0 = Endpoint::Relay(sim.nodes[0].public());
+    let relay1 = Endpoint::Relay(sim.nodes[1].public());
+    assert_eq!(sim.endpoint(0, 1), Some(c));
+    let hold = sim.now() + Duration::from_secs(7);
+    sim.peer(0, 1).hold_endpoint(Some(hold));
+    sim.peer(1, 0).set_endpoint(relay0);
+    let mut n = 0u8;
+    let mut from_1 = |sim: &mut Sim| {
+        let got = sim.nodes[0].received.len();
+        sim.send(1, 0, n);
+        n = n.wrapping_add(1);
+        sim.settle(100);
+        assert!(sim.nodes[0].received.len() > got, "node 1's data lost");
+    };
+    from_1(&mut sim);
+    assert_eq!(sim.endpoint(0, 1), Some(c), "moved with nothing unanswered");
+    sim.udp_cut.insert((0, 1));
+    sim.send(0, 1, 0);
+    sim.settle(100);
+    sim.advance(HOLD_YIELD - Duration::from_millis(100));
+    from_1(&mut sim);
+    assert_eq!(sim.endpoint(0, 1), Some(c), "moved before HOLD_YIELD");
+    sim.advance(Duration::from_millis(200));
+    let peer = sim.peer(0, 1);
+    sim.with_device(0, |dev, now, out, io| {
+        assert!(dev.probe(now, &peer, relay1, out, io), "no initiation");
+    });
+    sim.settle(100);
+    assert!(
+        peer.take_rtt_sample().is_some_and(|(p, _)| p == relay1),
+        "the initiation over the relay was not answered"
+    );
+    assert_eq!(sim.endpoint(0, 1), Some(c), "moved by an answer of ours");
+    assert_eq!(peer.take_hold_yield(), None);
+    from_1(&mut sim);
+    assert_eq!(sim.endpoint(0, 1), Some(relay1), "the hold did not yield");
+    assert_eq!(peer.take_hold_yield(), Some(c));
+    assert_eq!(peer.take_hold_yield(), None, "handed over twice");
 }
