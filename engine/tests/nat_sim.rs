@@ -1208,7 +1208,7 @@ fn an_endpoint_hold_yields_only_to_the_peers_own_packets_once_the_endpoint_is_si
     let relay1 = Endpoint::Relay(sim.nodes[1].public());
     assert_eq!(sim.endpoint(0, 1), Some(c));
     let hold = sim.now() + Duration::from_secs(7);
-    sim.peer(0, 1).hold_endpoint(Some(hold));
+    sim.peer(0, 1).hold_endpoint(Some(hold), HOLD_YIELD);
     sim.peer(1, 0).set_endpoint(relay0);
     let mut n = 0u8;
     let mut from_1 = |sim: &mut Sim| {

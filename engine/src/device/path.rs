@@ -951,7 +951,7 @@ impl Device {
             } else {
                 peer.set_endpoint(mv.to);
             }
-            peer.hold_endpoint(st.hold_until());
+            peer.hold_endpoint(st.hold_until(), HOLD_YIELD);
         }
         let fell_back = st.fallbacks > fell_before;
         let round_probes = st
@@ -960,7 +960,7 @@ impl Device {
         let relay = relay_up.then_some(Endpoint::Relay(key));
         let mut measured = None;
         if let Some(to) = st.measure_round(&peer.stats(), relay, now, budget) {
-            peer.hold_endpoint(st.hold_until());
+            peer.hold_endpoint(st.hold_until(), HOLD_YIELD);
             if self.probe(now, peer, to, out, io) {
                 measured = Some(to);
             }

@@ -26,7 +26,6 @@ pub use path::{relay_endpoint, relay_index, Endpoint, PeerPath};
 pub use stats::{DropReason, PathTraffic, PathUse, PeerCounters, PeerStats};
 
 use crate::config::{PeerConfig, PresharedKey, PrivateKey, PublicKey};
-use crate::device::HOLD_YIELD;
 use crate::wire::MessageKind;
 
 /// First byte of a cookie reply message.
@@ -107,12 +106,14 @@ struct PeerState {
     /// on, until the path policy takes it ([`Peer::take_rtt_sample`]).
     rtt_sample: Option<(Endpoint, Duration)>,
     /// Until then, authenticated packets do not move the endpoint (see
-    /// [`Peer::hold_endpoint`]).
+    /// [`Peer::hold_endpoint`]), unless the endpoint has left what we sent
+    /// it unanswered for `hold_yield`.
     hold_until: Option<Instant>,
+    hold_yield: Duration,
     /// The first datagram sent to the endpoint since something
     /// authenticated last came from it: the endpoint has not answered
     /// since then (a hold yields to the peer's own packets from elsewhere
-    /// once that is [`HOLD_YIELD`] old).
+    /// once that is `hold_yield` old).
     unanswered_since: Option<Instant>,
     /// The endpoint a hold yielded, until the path policy takes it
     /// ([`Peer::take_hold_yield`]).
@@ -216,7 +217,7 @@ impl PeerState {
     /// Whether an authenticated datagram of `kind` from `src` moves the
     /// endpoint there. Always, unless a hold is on ([`Peer::hold_endpoint`]);
     /// then only when the hold has nothing left to guard: the endpoint
-    /// left what we sent it unanswered for [`HOLD_YIELD`] (a datagram in
+    /// left what we sent it unanswered for `hold_yield` (a datagram in
     /// flight on a path just left, or the peer following our measurement
     /// for a round trip, is over well within it), and the datagram is the
     /// peer's own (data, a keepalive, its initiation), not the answer to an
@@ -230,7 +231,7 @@ impl PeerState {
             && kind != MessageKind::HandshakeResponse
             && self
                 .unanswered_since
-                .is_some_and(|t| now.saturating_duration_since(t) >= HOLD_YIELD)
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.hold_yield)
     }
 
     fn time_on(&mut self, kind: PeerPath) -> &mut Duration {
@@ -281,6 +282,7 @@ impl Peer {
                 initiation_sent: None,
                 rtt_sample: None,
                 hold_until: None,
+                hold_yield: Duration::ZERO,
                 unanswered_since: None,
                 hold_yielded: None,
                 last_initiation: None,
@@ -796,13 +798,15 @@ impl Peer {
     /// path, or datagrams still in flight on a path it just left, must not
     /// move the peer by roaming (`device::PathState::hold_until`).
     ///
-    /// The hold yields once the endpoint has stopped answering while the
-    /// peer's own packets come from elsewhere (see `PeerState::roams_to`):
-    /// then it guards nothing but a dead path (the peer's NAT took a new
-    /// address and the peer moved to the relay). The endpoint left is kept
-    /// for [`Peer::take_hold_yield`].
-    pub fn hold_endpoint(&self, until: Option<Instant>) {
-        self.state.lock().hold_until = until;
+    /// The hold yields once the endpoint has left what we sent it
+    /// unanswered for `yield_after` while the peer's own packets come from
+    /// elsewhere (see `PeerState::roams_to`): then it guards nothing but a
+    /// dead path (the peer's NAT took a new address and the peer moved to
+    /// the relay). The endpoint left is kept for [`Peer::take_hold_yield`].
+    pub fn hold_endpoint(&self, until: Option<Instant>, yield_after: Duration) {
+        let mut st = self.state.lock();
+        st.hold_until = until;
+        st.hold_yield = yield_after;
     }
 
     /// The endpoint a hold yielded since the last call (it had stopped
