@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::link::seed;
 use common::sim::{NatBox, Net, Sim};
 use meshvpn_engine::device::{
-    Endpoint, PathAction, PathState, ProbeBudget, LIVENESS_MISSES, LIVENESS_QUIET,
+    Endpoint, PathAction, PathState, ProbeBudget, HOLD_YIELD, LIVENESS_MISSES, LIVENESS_QUIET,
     LIVENESS_TIMEOUT, MIN_BURST_GAP, PROBES_PER_SECOND, PROBE_BURST_ROUNDS, REPROBE_INTERVAL,
 };
 use meshvpn_engine::peer::PeerPath;
@@ -35,6 +35,8 @@ struct Driver {
     /// (time in ms, node, peer) of each fallback the policy reported (the
     /// engine counts it and starts a discovery round).
     fell_back: Vec<(u64, usize, usize)>,
+    /// (time in ms, node, peer, path) of each measurement probe sent.
+    measured: Vec<(u64, usize, usize, Endpoint)>,
     /// A relay is up to fall back to (and to measure).
     relay_up: bool,
 }
@@ -90,6 +92,7 @@ fn two_nodes_with(seed: u64, nats: [Option<bool>; 2], relay_delay: u64) -> (Sim,
         changes: Vec::new(),
         chosen: Vec::new(),
         fell_back: Vec::new(),
+        measured: Vec::new(),
         relay_up: true,
     };
     (sim, d)
@@ -146,6 +149,9 @@ fn policy(sim: &mut Sim, d: &mut Driver) {
         }
         if t.fell_back {
             d.fell_back.push((sim.ticks(), i, j));
+        }
+        if let Some(to) = t.measured {
+            d.measured.push((sim.ticks(), i, j, to));
         }
         if let Some(c) = d.states[&(i, j)].chosen() {
             if d.chosen.last().is_none_or(|l| (l.1, l.2, l.3) != (i, j, c))
@@ -887,6 +893,7 @@ fn restart_on_a_new_port(seed: u64, restart_controlling: bool) -> u64 {
         changes: Vec::new(),
         chosen: Vec::new(),
         fell_back: Vec::new(),
+        measured: Vec::new(),
         relay_up: false,
     };
     let now = sim.now();
@@ -967,20 +974,31 @@ fn a_peer_restarted_on_a_new_port_is_found_again_without_a_relay() {
 /// reconnects it 5.5 s later, before the direct path is given up (about
 /// 6 s). Node `i` pings (one packet per tick), the other answers each
 /// ping it gets and sends nothing else, so only node `i` gives the path
-/// up. `i` is the side that chooses (the lower key). Returns the ms until
-/// both sides are direct to the new address and stay so for 10 s, and
-/// the fallbacks node `i` reported meanwhile.
-fn address_change(s: u64, i: usize) -> (Option<u64>, usize) {
-    // Keys are random: new pairs until node `i` has the lower key (each
+/// up. `chooser` is the side with the lower key (it measures and
+/// chooses). With `after_measure`, the address changes that many ms after
+/// a measurement probe of the chooser's left (so the next one, and the
+/// endpoint hold it brings, falls at a chosen moment of the change).
+struct AddressChange {
+    /// Both sides direct to the new address (and staying so for 10 s),
+    /// this many ms after the change.
+    back: Option<u64>,
+    /// Fallbacks node `i` reported, and when (ms after the change).
+    fell: Vec<u64>,
+    /// The first ping answered after the change reached node `i` then (ms).
+    first_answer: Option<u64>,
+}
+
+fn address_change(s: u64, i: usize, chooser: usize, after_measure: Option<u64>) -> AddressChange {
+    // Keys are random: new pairs until `chooser` has the lower key (each
     // try is even odds; 64 tries fail one time in 2^64).
     let (mut sim, mut d) = (0..64)
         .map(|_| two_nodes(seed(s), [Some(false), Some(false)]))
         .find(|(sim, _)| {
             let low =
                 usize::from(sim.nodes[1].public().as_bytes() < sim.nodes[0].public().as_bytes());
-            low == i
+            low == chooser
         })
-        .expect("a pair with node i choosing");
+        .expect("a pair with the wanted side choosing");
     let j = 1 - i;
     announce(&mut sim, &mut d, 0, 1);
     announce(&mut sim, &mut d, 1, 0);
@@ -1003,6 +1021,27 @@ fn address_change(s: u64, i: usize) -> (Option<u64>, usize) {
         ping(sim);
         false
     });
+    if let Some(wait) = after_measure {
+        let o = 1 - chooser;
+        let before = d.measured.len();
+        let mut at = None;
+        // A measurement goes every MEASURE_GAP (10 s); wait for the next.
+        run(&mut sim, &mut d, Duration::from_secs(30), |sim, d| {
+            if at.is_none()
+                && d.measured[before..]
+                    .iter()
+                    .any(|m| (m.1, m.2) == (chooser, o))
+            {
+                at = Some(sim.ticks());
+            }
+            if at.is_some_and(|t| sim.ticks() - t >= wait) {
+                return true;
+            }
+            ping(sim);
+            false
+        });
+        assert!(at.is_some(), "the chooser measured nothing in 30 s");
+    }
     let nat = sim.behind[&i];
     let new_ip = sa("203.0.113.77:0").ip();
     sim.nats[nat].public_ip = new_ip;
@@ -1010,12 +1049,17 @@ fn address_change(s: u64, i: usize) -> (Option<u64>, usize) {
     sim.relay_dead.insert(i);
     let changed = sim.ticks();
     let fell_before = d.fell_back.len();
+    let answers_before = sim.nodes[i].received.len();
+    let mut first_answer = None;
     let mut announced = 0;
     let mut direct_since = None;
     let mut back = None;
     run(&mut sim, &mut d, Duration::from_secs(60), |sim, d| {
         ping(sim);
         let since = sim.ticks() - changed;
+        if first_answer.is_none() && sim.nodes[i].received.len() > answers_before {
+            first_answer = Some(since);
+        }
         if since >= 5_500 {
             sim.relay_dead.remove(&i);
         }
@@ -1050,11 +1094,24 @@ fn address_change(s: u64, i: usize) -> (Option<u64>, usize) {
         .filter(|c| c.0 >= changed)
         .map(|c| (c.0 - changed, c.1, c.3.name()))
         .collect();
+    let measured: Vec<(u64, &str)> = d
+        .measured
+        .iter()
+        .filter(|m| m.0 + 10_000 >= changed && m.1 == chooser)
+        .map(|m| (m.0.saturating_sub(changed), m.3.path().name()))
+        .collect();
     println!(
-        "seed {s}: node {i}'s address changed: direct to the new address (for 10 s) after {back:?} ms; \
-         node {i}'s fallbacks at {fell:?} ms; path changes (ms, node, path) {changes:?}"
+        "seed {s}: node {i}'s address changed, node {chooser} chooses, {after_measure:?} ms \
+         after a measurement: first ping answered after {first_answer:?} ms; direct to the new \
+         address (for 10 s) after {back:?} ms; node {i}'s fallbacks at {fell:?} ms; node \
+         {chooser}'s measurements (ms, path; before the change: 0) {measured:?}; path changes \
+         (ms, node, path) {changes:?}"
     );
-    (back, fell.len())
+    AddressChange {
+        back,
+        fell,
+        first_answer,
+    }
 }
 
 /// After the public address of the side that chooses changes, the pair
@@ -1071,13 +1128,118 @@ fn address_change(s: u64, i: usize) -> (Option<u64>, usize) {
 fn after_a_public_address_change_the_pair_is_direct_again() {
     // Both orders: the policy looks at node 0's peer first in each tick.
     for (s, i) in [(40, 0), (41, 1), (42, 0), (43, 1)] {
-        let (back, fallbacks) = address_change(s, i);
-        let back =
-            back.unwrap_or_else(|| panic!("seed {s}: not direct to the new address in 60 s"));
+        let r = address_change(s, i, i, None);
+        let back = r
+            .back
+            .unwrap_or_else(|| panic!("seed {s}: not direct to the new address in 60 s"));
         assert!(
             back <= 15_000,
             "seed {s}: direct again only after {back} ms"
         );
-        assert_eq!(fallbacks, 1, "seed {s}: fallbacks of the chooser");
+        assert_eq!(r.fell.len(), 1, "seed {s}: fallbacks of the chooser");
     }
+}
+
+/// As above, but the side whose address changes does NOT choose: the
+/// other side's round-trip measurements hold its endpoint (no roaming
+/// while a measurement is out, `MEASURE_TIMEOUT` + `SETTLE`, every
+/// `MEASURE_GAP`). When the changed side gives the dead path up and its
+/// authenticated packets reach the chooser from another path (the
+/// relay), the chooser must follow them at once, not keep answering on
+/// the dead path until the hold is over (`nat_pairs.sh`: a ping gap of
+/// about 12 s against 6 s in the other order). The change lands at every
+/// second of the chooser's measurement cycle.
+#[test]
+fn after_the_address_of_the_side_that_follows_changes_a_measurement_hold_does_not_stall_it() {
+    let mut worst = 0;
+    for (k, wait) in [0u64, 1_000, 3_000, 4_000, 5_000, 6_000, 8_000, 9_000]
+        .into_iter()
+        .enumerate()
+    {
+        let s = 50 + k as u64;
+        let (i, chooser) = if k % 2 == 0 { (0, 1) } else { (1, 0) };
+        let r = address_change(s, i, chooser, Some(wait));
+        let fell = *r
+            .fell
+            .first()
+            .unwrap_or_else(|| panic!("seed {s}: node {i} never gave the dead direct path up"));
+        let answer = r
+            .first_answer
+            .unwrap_or_else(|| panic!("seed {s}: no ping answered after the change"));
+        // From the changed side's give-up, its packets reach the chooser
+        // over the relay at once; the chooser's answers must follow them.
+        let late = answer.saturating_sub(fell);
+        worst = worst.max(late);
+        assert!(
+            late <= 3_000,
+            "seed {s} ({wait} ms after a measurement): the first ping answered {late} ms \
+             after node {i} gave the dead path up (at {fell} ms)"
+        );
+        let back = r
+            .back
+            .unwrap_or_else(|| panic!("seed {s}: not direct to the new address in 60 s"));
+        assert!(
+            back <= fell + 3_000,
+            "seed {s} ({wait} ms after a measurement): direct again only {back} ms after \
+             the change, node {i} gave the path up at {fell} ms"
+        );
+        assert_eq!(r.fell.len(), 1, "seed {s}: fallbacks of node {i}");
+    }
+    println!("longest wait for an answer after the give-up: {worst} ms");
+}
+
+/// The endpoint hold itself (`Peer::hold_endpoint`), what it still
+/// guards and when it yields: node 0 holds its endpoint (node 1's UDP
+/// address, C) as a measurement does, and node 1 talks over the relay.
+/// - While C has nothing of ours unanswered, node 1's data over the relay
+///   does not move node 0 (datagrams in flight on a path just left).
+/// - Once node 0 sent to C and C is silent (the UDP path cut), node 1's
+///   data still does not move it for HOLD_YIELD, nor, after it, does the
+///   answer to an initiation of ours over the relay (a measurement's
+///   answer times the relay; it says nothing of where the peer is).
+/// - Node 1's own data over the relay after HOLD_YIELD moves node 0 to
+///   the relay, and the endpoint left is handed to the policy once.
+#[test]
+fn an_endpoint_hold_yields_only_to_the_peers_own_packets_once_the_endpoint_is_silent() {
+    let mut sim = Sim::full_mesh(2, seed(60), Net::default());
+    assert!(sim.establish(0, 1, 5), "no session over UDP");
+    let c = Endpoint::Udp(sim.nodes[1].addr);
+    let relay0 = Endpoint::Relay(sim.nodes[0].public());
+    let relay1 = Endpoint::Relay(sim.nodes[1].public());
+    assert_eq!(sim.endpoint(0, 1), Some(c));
+    let hold = sim.now() + Duration::from_secs(7);
+    sim.peer(0, 1).hold_endpoint(Some(hold), HOLD_YIELD);
+    sim.peer(1, 0).set_endpoint(relay0);
+    let mut n = 0u8;
+    let mut from_1 = |sim: &mut Sim| {
+        let got = sim.nodes[0].received.len();
+        sim.send(1, 0, n);
+        n = n.wrapping_add(1);
+        sim.settle(100);
+        assert!(sim.nodes[0].received.len() > got, "node 1's data lost");
+    };
+    from_1(&mut sim);
+    assert_eq!(sim.endpoint(0, 1), Some(c), "moved with nothing unanswered");
+    sim.udp_cut.insert((0, 1));
+    sim.send(0, 1, 0);
+    sim.settle(100);
+    sim.advance(HOLD_YIELD - Duration::from_millis(100));
+    from_1(&mut sim);
+    assert_eq!(sim.endpoint(0, 1), Some(c), "moved before HOLD_YIELD");
+    sim.advance(Duration::from_millis(200));
+    let peer = sim.peer(0, 1);
+    sim.with_device(0, |dev, now, out, io| {
+        assert!(dev.probe(now, &peer, relay1, out, io), "no initiation");
+    });
+    sim.settle(100);
+    assert!(
+        peer.take_rtt_sample().is_some_and(|(p, _)| p == relay1),
+        "the initiation over the relay was not answered"
+    );
+    assert_eq!(sim.endpoint(0, 1), Some(c), "moved by an answer of ours");
+    assert_eq!(peer.take_hold_yield(), None);
+    from_1(&mut sim);
+    assert_eq!(sim.endpoint(0, 1), Some(relay1), "the hold did not yield");
+    assert_eq!(peer.take_hold_yield(), Some(c));
+    assert_eq!(peer.take_hold_yield(), None, "handed over twice");
 }

@@ -126,7 +126,8 @@ daemon() {
 	for s in "${servers[@]}"; do
 		stun+=(--stun-server "$s")
 	done
-	wg genkey >"$T/$ifname.key"
+	# A key made beforehand (a chosen key order) is kept.
+	[[ -s $T/$ifname.key ]] || wg genkey >"$T/$ifname.key"
 	in_ns "$node" env LOG_LEVEL="${MESHVPN_LOG_LEVEL:-info}" meshvpn "$ifname" \
 		--metrics-listen 127.0.0.1:9586 \
 		--relay-url "ws://$PUB:8443/v1-meshvpn/relay" --relay-token-file "$T/token" \

@@ -81,6 +81,19 @@ setup() {
 	in_ns "$P" "$MESHVPN_BIN" tunnel serve --plain --tokens "$T/tokens" \
 		--listen "$PUB:6443" >>"$T/stun.log" 2>&1 &
 	wait_listen "$P" 8443 && wait_udp "$P" 6443 || return 1
+	# NAT_CHOOSER=N1 or N3: keys for N1 and N3 such that this side has the
+	# lower key, the side that measures and chooses (the address change
+	# runs differently in each order); otherwise random, either order.
+	if [[ -n ${NAT_CHOOSER:-} ]]; then
+		local k low
+		for k in $(seq 64); do
+			wg genkey >"$T/$IF1.key"
+			wg genkey >"$T/$IF3.key"
+			low=N3
+			[[ $(key_hex "$IF1") < $(key_hex "$IF3") ]] && low=N1
+			[[ $low == "$NAT_CHOOSER" ]] && break
+		done
+	fi
 	daemon "$NP" "$IFP" 9 && daemon "$N1" "$IF1" 1 && daemon "$N3" "$IF3" 3 &&
 		daemon "$N4" "$IF4" 4 && daemon "$N6" "$IF6" 6 &&
 		daemon "$N2" "$IF2" 2 && daemon "$N5" "$IF5" 5
@@ -238,6 +251,12 @@ random_verdict() {
 # DHCP lease). The pings continue, N3 sees N1 direct at 10.240.1.3 again
 # (through the relay or re-punched at once), and the longest gap between
 # answered pings is bounded.
+# key_hex IFNAME: the interface's public key as hex (byte order compares
+# as the engine compares keys).
+key_hex() {
+	wg pubkey <"$T/$1.key" | base64 -d | od -An -tx1 | tr -d ' \n'
+}
+
 address_change() {
 	local pingpid e e1 seen_relay="" back="" t0 i gap lost f0 f1
 	f0=$(metric "$N1" meshvpn_nat_fallbacks_total)
@@ -275,7 +294,11 @@ address_change() {
 	gap=$(awk -F'[][]' '/bytes from/ { if (p) { d = $2 - p; if (d > m) m = d }; p = $2 } END { printf "%.2f", m }' "$T/change.ping")
 	lost=$(awk '/packet loss/ { print $1 - $4 }' "$T/change.ping")
 	f1=$(metric "$N1" meshvpn_nat_fallbacks_total)
-	echo "    address change: the relay seen after ${seen_relay:-never} s, direct to 10.240.1.3 after ${back:-never} s; N1's fallbacks ${f0:-?} -> ${f1:-?}; longest ping gap ${gap} s, ${lost:-?} pings lost"
+	# The side with the lower public key measures round trips and chooses
+	# the path (engine/docs/nat.md); which one it is changes the timeline.
+	local chooser=N3
+	[[ $(key_hex "$IF1") < $(key_hex "$IF3") ]] && chooser=N1
+	echo "    address change: the relay seen after ${seen_relay:-never} s, direct to 10.240.1.3 after ${back:-never} s; N1's fallbacks ${f0:-?} -> ${f1:-?}; longest ping gap ${gap} s, ${lost:-?} pings lost; ${chooser} chooses"
 	# Two ways back are both right, and which one comes first is a race:
 	# N1 gives the direct path up for the relay (its fallback counter
 	# moves), or N3 learns N1's new address through the relay (N1's

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 mod path;
 
 pub use path::{
-    PathAction, PathMove, PathState, PathSummary, PathTick, ProbeBudget, FLAP_HOLDDOWN,
+    PathAction, PathMove, PathState, PathSummary, PathTick, ProbeBudget, FLAP_HOLDDOWN, HOLD_YIELD,
     LIVENESS_MISSES, LIVENESS_QUIET, LIVENESS_RESERVE_PERCENT, LIVENESS_TIMEOUT, MAX_FLAP_SHIFT,
     MEASURE_GAP, MEASURE_TIMEOUT, MIN_BURST_GAP, PROBES_PER_SECOND, PROBE_BURST_ROUNDS,
     PROBE_FIRST_RETRY, REPROBE_INTERVAL, RTT_MAX_AGE, SETTLE, STABLE_DIRECT, SWITCH_DWELL,

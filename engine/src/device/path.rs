@@ -166,6 +166,14 @@ pub const SWITCH_DWELL: Duration = Duration::from_secs(20);
 /// After the policy moves the peer (or measures a path), how long a move
 /// back to a path it knows is taken for datagrams still in flight there.
 pub const SETTLE: Duration = Duration::from_secs(2);
+/// A hold on the endpoint (a measurement out, [`SETTLE`]) yields to the
+/// peer's own authenticated packets from another path once the endpoint
+/// has left what we sent it unanswered this long: the round trip the
+/// liveness check allows a path ([`LIVENESS_TIMEOUT`]). The hold guards
+/// against datagrams of a round trip or so (in flight on a path just left,
+/// or sent by the peer after our measurement moved it); past that it only
+/// keeps us sending to a dead path (`crate::peer::Peer::hold_endpoint`).
+pub const HOLD_YIELD: Duration = LIVENESS_TIMEOUT;
 /// Paths with a round trip remembered per peer: the candidates, the last
 /// UDP endpoint and the relay.
 const MAX_TIMED_PATHS: usize = MAX_CANDIDATES + 2;
@@ -356,6 +364,24 @@ impl PathState {
     /// the peer. `None` on the side that follows.
     pub fn hold_until(&self) -> Option<Instant> {
         self.settle_until.filter(|_| self.controlling)
+    }
+
+    /// The peer's endpoint left `left` although a hold was on
+    /// ([`crate::peer::Peer::take_hold_yield`]): `left` had stopped
+    /// answering while the peer's own packets came from another path (its
+    /// NAT took a new address, and it gave the dead path up for the
+    /// relay). The policy follows: no settling back onto `left`, the
+    /// measurement in flight is moot (its path is not where the peer is),
+    /// and `left` is timed as unanswered, so [`PathState::choose`] does not
+    /// return to it by its last good round trip (until the peer roams back
+    /// onto it, which forgets the verdict).
+    pub fn hold_yielded(&mut self, left: Endpoint, now: Instant) {
+        self.settle_until = None;
+        self.measuring = None;
+        self.measured = None;
+        self.alive_probe = None;
+        self.alive_misses = 0;
+        self.record(left, None, now);
     }
 
     /// A path the policy times: a candidate, the last UDP endpoint, the relay.
@@ -901,6 +927,9 @@ impl Device {
         if let Some(ours) = self.public_key() {
             st.set_role(&ours, &key);
         }
+        if let Some(left) = peer.take_hold_yield() {
+            st.hold_yielded(left, now);
+        }
         if let Some((path, rtt)) = peer.take_rtt_sample() {
             st.observe_rtt(path, rtt, now);
         }
@@ -922,7 +951,7 @@ impl Device {
             } else {
                 peer.set_endpoint(mv.to);
             }
-            peer.hold_endpoint(st.hold_until());
+            peer.hold_endpoint(st.hold_until(), HOLD_YIELD);
         }
         let fell_back = st.fallbacks > fell_before;
         let round_probes = st
@@ -931,7 +960,7 @@ impl Device {
         let relay = relay_up.then_some(Endpoint::Relay(key));
         let mut measured = None;
         if let Some(to) = st.measure_round(&peer.stats(), relay, now, budget) {
-            peer.hold_endpoint(st.hold_until());
+            peer.hold_endpoint(st.hold_until(), HOLD_YIELD);
             if self.probe(now, peer, to, out, io) {
                 measured = Some(to);
             }

@@ -106,8 +106,18 @@ struct PeerState {
     /// on, until the path policy takes it ([`Peer::take_rtt_sample`]).
     rtt_sample: Option<(Endpoint, Duration)>,
     /// Until then, authenticated packets do not move the endpoint (see
-    /// [`Peer::hold_endpoint`]).
+    /// [`Peer::hold_endpoint`]), unless the endpoint has left what we sent
+    /// it unanswered for `hold_yield`.
     hold_until: Option<Instant>,
+    hold_yield: Duration,
+    /// The first datagram sent to the endpoint since something
+    /// authenticated last came from it: the endpoint has not answered
+    /// since then (a hold yields to the peer's own packets from elsewhere
+    /// once that is `hold_yield` old).
+    unanswered_since: Option<Instant>,
+    /// The endpoint a hold yielded, until the path policy takes it
+    /// ([`Peer::take_hold_yield`]).
+    hold_yielded: Option<Endpoint>,
     /// When an initiation from the peer last authenticated and was
     /// answered: the start of the [`MIN_INITIATION_INTERVAL`] window.
     last_initiation: Option<Instant>,
@@ -183,6 +193,9 @@ impl PeerState {
     /// Every change of the endpoint goes here, so the time on each path
     /// kind adds up: a change of kind closes the current stretch.
     fn set_endpoint(&mut self, endpoint: Endpoint, now: Instant) {
+        if self.endpoint != Some(endpoint) {
+            self.unanswered_since = None;
+        }
         self.endpoint = Some(endpoint);
         let kind = endpoint.path();
         match self.path_since {
@@ -193,6 +206,32 @@ impl PeerState {
             }
             None => self.path_since = Some((kind, now)),
         }
+    }
+
+    /// A datagram went to the endpoint.
+    fn sent_to_endpoint(&mut self, now: Instant) {
+        self.last_sent = Some(now);
+        self.unanswered_since.get_or_insert(now);
+    }
+
+    /// Whether an authenticated datagram of `kind` from `src` moves the
+    /// endpoint there. Always, unless a hold is on ([`Peer::hold_endpoint`]);
+    /// then only when the hold has nothing left to guard: the endpoint
+    /// left what we sent it unanswered for `hold_yield` (a datagram in
+    /// flight on a path just left, or the peer following our measurement
+    /// for a round trip, is over well within it), and the datagram is the
+    /// peer's own (data, a keepalive, its initiation), not the answer to an
+    /// initiation of ours (a measurement's answer times its path and says
+    /// nothing of where the peer is).
+    fn roams_to(&self, src: Endpoint, kind: MessageKind, now: Instant) -> bool {
+        if self.hold_until.is_none_or(|t| now >= t) {
+            return true;
+        }
+        self.endpoint != Some(src)
+            && kind != MessageKind::HandshakeResponse
+            && self
+                .unanswered_since
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.hold_yield)
     }
 
     fn time_on(&mut self, kind: PeerPath) -> &mut Duration {
@@ -243,6 +282,9 @@ impl Peer {
                 initiation_sent: None,
                 rtt_sample: None,
                 hold_until: None,
+                hold_yield: Duration::ZERO,
+                unanswered_since: None,
+                hold_yielded: None,
                 last_initiation: None,
                 answered: None,
                 held: VecDeque::new(),
@@ -395,7 +437,7 @@ impl Peer {
             .encapsulate(packet, out)
         {
             TunnResult::WriteToNetwork(d) => {
-                st.last_sent = Some(now);
+                st.sent_to_endpoint(now);
                 PeerOutput::ToNetwork { len: d.len(), to }
             }
             TunnResult::Err(e) => PeerOutput::Dropped(DropReason::from_error(&e)),
@@ -481,8 +523,16 @@ impl Peer {
             && kind != MessageKind::CookieReply
             && !answered_with_cookie;
         if authenticated {
-            if st.hold_until.is_none_or(|t| now >= t) {
+            if st.roams_to(src, kind, now) {
+                if st.hold_until.take().is_some_and(|t| now < t) {
+                    // The endpoint stopped answering while the peer talks
+                    // from elsewhere: the policy follows it too.
+                    st.hold_yielded = st.endpoint;
+                }
                 st.set_endpoint(src, now);
+            }
+            if st.endpoint == Some(src) {
+                st.unanswered_since = None;
             }
             // Our simulated-clock-free RTT: boringtun's own handshake RTT
             // reads the real clock, so the sans-IO path policy measures
@@ -574,7 +624,7 @@ impl Peer {
         };
         let result = match sent {
             Some(len) => {
-                st.last_sent = Some(now);
+                st.sent_to_endpoint(now);
                 PeerOutput::ToNetwork { len, to }
             }
             None => {
@@ -632,7 +682,7 @@ impl Peer {
     pub fn update_timers(&self, now: Instant, out: &mut [u8]) -> PeerOutput {
         let mut st = self.state.lock();
         if let r @ PeerOutput::ToNetwork { .. } = self.after_unconfirmed_answer(&mut st, now, out) {
-            st.last_sent = Some(now);
+            st.sent_to_endpoint(now);
             drop(st);
             return self.account(r, out, 0);
         }
@@ -670,7 +720,7 @@ impl Peer {
             }
         }
         if let PeerOutput::ToNetwork { .. } = result {
-            st.last_sent = Some(now);
+            st.sent_to_endpoint(now);
         }
         drop(st);
         self.account(result, out, 0)
@@ -695,7 +745,7 @@ impl Peer {
         let tunn = st.tunn(self.public_key, self.index);
         let result = match tunn.format_handshake_initiation(out, force) {
             TunnResult::WriteToNetwork(d) => {
-                st.last_sent = Some(now);
+                st.sent_to_endpoint(now);
                 st.initiation_sent = Some(now);
                 PeerOutput::ToNetwork { len: d.len(), to }
             }
@@ -747,8 +797,23 @@ impl Peer {
     /// authenticated packets come from: the path policy measuring another
     /// path, or datagrams still in flight on a path it just left, must not
     /// move the peer by roaming (`device::PathState::hold_until`).
-    pub fn hold_endpoint(&self, until: Option<Instant>) {
-        self.state.lock().hold_until = until;
+    ///
+    /// The hold yields once the endpoint has left what we sent it
+    /// unanswered for `yield_after` while the peer's own packets come from
+    /// elsewhere (see `PeerState::roams_to`): then it guards nothing but a
+    /// dead path (the peer's NAT took a new address and the peer moved to
+    /// the relay). The endpoint left is kept for [`Peer::take_hold_yield`].
+    pub fn hold_endpoint(&self, until: Option<Instant>, yield_after: Duration) {
+        let mut st = self.state.lock();
+        st.hold_until = until;
+        st.hold_yield = yield_after;
+    }
+
+    /// The endpoint a hold yielded since the last call (it had stopped
+    /// answering and the peer's packets moved the endpoint elsewhere);
+    /// taken once (`device::PathState::hold_yielded`).
+    pub fn take_hold_yield(&self) -> Option<Endpoint> {
+        self.state.lock().hold_yielded.take()
     }
 
     /// The round trip of the last handshake we initiated that completed,
