@@ -362,7 +362,11 @@ fn without_a_relay_map_candidates_are_probed_and_the_direct_path_found() {
         a.1.nat_stats(),
         a.1.peer_stats(&b.0.public_key())
     );
-    assert!(a.1.nat_stats().probe_rounds >= 1);
+    // One side's probe can make both sides direct before the other's
+    // first round (its answer is authenticated, and it moves the other's
+    // endpoint): the rounds are counted over the pair.
+    let rounds = a.1.nat_stats().probe_rounds + b.1.nat_stats().probe_rounds;
+    assert!(rounds >= 1, "direct with no probe round on either side");
     let p = udp_packet(v4[0], v4[1], 64, 1);
     assert!(send_and_receive(&a.1, &b.1, &p).is_some());
 }
