@@ -119,6 +119,17 @@ fn announce(sim: &mut Sim, d: &mut Driver, i: usize, j: usize) {
         .set_candidates(&got.0, now);
 }
 
+/// Both nodes' candidates announced to each other, then the simulation
+/// run until both are direct (at most `within`), which it asserts.
+fn until_direct(sim: &mut Sim, d: &mut Driver, within: Duration, what: &str) {
+    announce(sim, d, 0, 1);
+    announce(sim, d, 1, 0);
+    run(sim, d, within, |sim, _| {
+        direct(sim, 0, 1) && direct(sim, 1, 0)
+    });
+    assert!(direct(sim, 0, 1) && direct(sim, 1, 0), "{what}");
+}
+
 /// One look of the policy at every peer: the engine's path thread's own
 /// per-peer sequence (`Device::path_tick`), with each node's budget.
 fn policy(sim: &mut Sim, d: &mut Driver) {
@@ -314,14 +325,11 @@ fn a_peer_resending_candidates_cannot_speed_up_probing() {
 #[test]
 fn a_failed_direct_path_falls_back_to_the_relay_and_returns() {
     let (mut sim, mut d) = two_nodes(seed(24), [Some(false), Some(false)]);
-    announce(&mut sim, &mut d, 0, 1);
-    announce(&mut sim, &mut d, 1, 0);
-    run(&mut sim, &mut d, Duration::from_secs(10), |sim, _| {
-        direct(sim, 0, 1) && direct(sim, 1, 0)
-    });
-    assert!(
-        direct(&sim, 0, 1) && direct(&sim, 1, 0),
-        "no direct path to start from"
+    until_direct(
+        &mut sim,
+        &mut d,
+        Duration::from_secs(10),
+        "no direct path to start from",
     );
     // Both NATs lose their mappings (a reboot, a new public port) mid-transfer.
     for n in &mut sim.nats {
@@ -396,12 +404,7 @@ const NAT_IP: &str = "203.0.113.1";
 fn same_nat_pair(seed: u64, lan: u64, public: u64) -> (Sim, Driver) {
     let (mut sim, mut d) = two_nodes_with(seed, [None, None], 60);
     set_delays(&mut sim, lan, public);
-    announce(&mut sim, &mut d, 0, 1);
-    announce(&mut sim, &mut d, 1, 0);
-    run(&mut sim, &mut d, Duration::from_secs(20), |sim, _| {
-        direct(sim, 0, 1) && direct(sim, 1, 0)
-    });
-    assert!(direct(&sim, 0, 1) && direct(&sim, 1, 0), "no direct path");
+    until_direct(&mut sim, &mut d, Duration::from_secs(20), "no direct path");
     (sim, d)
 }
 
@@ -596,12 +599,7 @@ fn when_the_faster_path_dies_the_peer_moves_to_the_other_in_bounded_time() {
 #[test]
 fn a_dead_direct_path_under_traffic_falls_back_to_the_relay_within_seconds() {
     let (mut sim, mut d) = two_nodes(seed(25), [Some(false), Some(false)]);
-    announce(&mut sim, &mut d, 0, 1);
-    announce(&mut sim, &mut d, 1, 0);
-    run(&mut sim, &mut d, Duration::from_secs(10), |sim, _| {
-        direct(sim, 0, 1) && direct(sim, 1, 0)
-    });
-    assert!(direct(&sim, 0, 1) && direct(&sim, 1, 0), "no direct path");
+    until_direct(&mut sim, &mut d, Duration::from_secs(10), "no direct path");
     let mut n = 0u8;
     run(&mut sim, &mut d, Duration::from_secs(5), |sim, _| {
         traffic(sim, &mut n);
@@ -644,12 +642,7 @@ fn a_dead_direct_path_under_traffic_falls_back_to_the_relay_within_seconds() {
 #[test]
 fn a_lossy_direct_path_with_one_way_traffic_does_not_flap() {
     let (mut sim, mut d) = two_nodes(seed(26), [Some(false), Some(false)]);
-    announce(&mut sim, &mut d, 0, 1);
-    announce(&mut sim, &mut d, 1, 0);
-    run(&mut sim, &mut d, Duration::from_secs(10), |sim, _| {
-        direct(sim, 0, 1) && direct(sim, 1, 0)
-    });
-    assert!(direct(&sim, 0, 1) && direct(&sim, 1, 0), "no direct path");
+    until_direct(&mut sim, &mut d, Duration::from_secs(10), "no direct path");
     sim.net.loss = 50;
     let mut n = 0u8;
     let mut off_direct = 0u32;
@@ -1000,12 +993,7 @@ fn address_change(s: u64, i: usize, chooser: usize, after_measure: Option<u64>) 
         })
         .expect("a pair with the wanted side choosing");
     let j = 1 - i;
-    announce(&mut sim, &mut d, 0, 1);
-    announce(&mut sim, &mut d, 1, 0);
-    run(&mut sim, &mut d, Duration::from_secs(10), |sim, _| {
-        direct(sim, 0, 1) && direct(sim, 1, 0)
-    });
-    assert!(direct(&sim, 0, 1) && direct(&sim, 1, 0), "no direct path");
+    until_direct(&mut sim, &mut d, Duration::from_secs(10), "no direct path");
     let mut n = 0u8;
     let mut answered = sim.nodes[j].received.len();
     let mut ping = move |sim: &mut Sim| {
