@@ -38,7 +38,13 @@
 # machine at load 16): setup 2 s, the address change ~23 s, the rest the
 # direct pairs' pings and 2 s iperf3 runs; random/random is judged after
 # the address change, so its 20 s of probing cost nothing extra.
+#
+# NAT_CHOOSER=N1|N3 makes that side of the N1/N3 pair the one that chooses
+# the path (keys drawn until its key is the lower); otherwise the order is
+# random. GAP_MAX bounds the address change's longest ping gap (default
+# 10 s).
 set -uo pipefail
+GAP_MAX=${GAP_MAX:-10}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
 if [[ -z ${MESHVPN_BIN:-} ]]; then
@@ -85,13 +91,11 @@ setup() {
 	# lower key, the side that measures and chooses (the address change
 	# runs differently in each order); otherwise random, either order.
 	if [[ -n ${NAT_CHOOSER:-} ]]; then
-		local k low
+		local k
 		for k in $(seq 64); do
 			wg genkey >"$T/$IF1.key"
 			wg genkey >"$T/$IF3.key"
-			low=N3
-			[[ $(key_hex "$IF1") < $(key_hex "$IF3") ]] && low=N1
-			[[ $low == "$NAT_CHOOSER" ]] && break
+			[[ $(chooser) == "$NAT_CHOOSER" ]] && break
 		done
 	fi
 	daemon "$NP" "$IFP" 9 && daemon "$N1" "$IF1" 1 && daemon "$N3" "$IF3" 3 &&
@@ -245,18 +249,24 @@ random_verdict() {
 	fi
 }
 
-# address_change: N1 pings N3 every 0.1 s (500 at most, 50 s at most)
-# while R1's public address moves from 10.240.1.2 to 10.240.1.3 (the
-# kernel drops masquerade's mappings of the old address, as after a new
-# DHCP lease). The pings continue, N3 sees N1 direct at 10.240.1.3 again
-# (through the relay or re-punched at once), and the longest gap between
-# answered pings is bounded.
 # key_hex IFNAME: the interface's public key as hex (byte order compares
 # as the engine compares keys).
 key_hex() {
 	wg pubkey <"$T/$1.key" | base64 -d | od -An -tx1 | tr -d ' \n'
 }
 
+# chooser: N1 or N3, the side of that pair with the lower public key, which
+# measures round trips and chooses the path (engine/docs/nat.md).
+chooser() {
+	if [[ $(key_hex "$IF1") < $(key_hex "$IF3") ]]; then echo N1; else echo N3; fi
+}
+
+# address_change: N1 pings N3 every 0.1 s (500 at most, 50 s at most)
+# while R1's public address moves from 10.240.1.2 to 10.240.1.3 (the
+# kernel drops masquerade's mappings of the old address, as after a new
+# DHCP lease). The pings continue, N3 sees N1 direct at 10.240.1.3 again
+# (through the relay or re-punched at once), and the longest gap between
+# answered pings is bounded.
 address_change() {
 	local pingpid e e1 seen_relay="" back="" t0 i gap lost f0 f1
 	f0=$(metric "$N1" meshvpn_nat_fallbacks_total)
@@ -294,11 +304,8 @@ address_change() {
 	gap=$(awk -F'[][]' '/bytes from/ { if (p) { d = $2 - p; if (d > m) m = d }; p = $2 } END { printf "%.2f", m }' "$T/change.ping")
 	lost=$(awk '/packet loss/ { print $1 - $4 }' "$T/change.ping")
 	f1=$(metric "$N1" meshvpn_nat_fallbacks_total)
-	# The side with the lower public key measures round trips and chooses
-	# the path (engine/docs/nat.md); which one it is changes the timeline.
-	local chooser=N3
-	[[ $(key_hex "$IF1") < $(key_hex "$IF3") ]] && chooser=N1
-	echo "    address change: the relay seen after ${seen_relay:-never} s, direct to 10.240.1.3 after ${back:-never} s; N1's fallbacks ${f0:-?} -> ${f1:-?}; longest ping gap ${gap} s, ${lost:-?} pings lost; ${chooser} chooses"
+	# Which side chooses changes the timeline.
+	echo "    address change: the relay seen after ${seen_relay:-never} s, direct to 10.240.1.3 after ${back:-never} s; N1's fallbacks ${f0:-?} -> ${f1:-?}; longest ping gap ${gap} s, ${lost:-?} pings lost; $(chooser) chooses"
 	# Two ways back are both right, and which one comes first is a race:
 	# N1 gives the direct path up for the relay (its fallback counter
 	# moves), or N3 learns N1's new address through the relay (N1's
@@ -313,9 +320,13 @@ address_change() {
 	[[ -n $back ]] && pass "address change: direct again to R1's new address ${back} s after the change" ||
 		fail "address change: not direct to 10.240.1.3 within 40 s ($(endpoint "$N3" "$IF3" "$IF1") / $(endpoint "$N1" "$IF1" "$IF3"))"
 	GAP=$gap
-	awk -v g="$gap" 'BEGIN { exit !(g > 0 && g < 30) }' &&
-		pass "address change: pings went on, longest gap ${gap} s" ||
-		fail "address change: longest gap between answered pings '${gap}' s"
+	# The dead direct path is given up after about 6 s and the pair is
+	# direct again within a second of it, whichever side chooses (6.1-6.7 s
+	# measured, under load too); a measurement's endpoint hold that kept the
+	# chooser on the dead path made it about 12 s when N3 chose.
+	awk -v g="$gap" -v max="$GAP_MAX" 'BEGIN { exit !(g > 0 && g < max) }' &&
+		pass "address change: pings went on, longest gap ${gap} s (bound ${GAP_MAX} s, $(chooser) chooses)" ||
+		fail "address change: longest gap between answered pings '${gap}' s (bound ${GAP_MAX} s, $(chooser) chooses)"
 }
 
 main() {
