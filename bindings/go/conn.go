@@ -6,17 +6,13 @@ package meshvpn
 //
 // static inline meshvpn_conn *mv_conn(uintptr_t h) { return (meshvpn_conn *)h; }
 // static inline meshvpn_netstack *mv_netstack_c(uintptr_t h) { return (meshvpn_netstack *)h; }
-// meshvpn_result meshvpn_conn_event_fds(meshvpn_conn *conn, int32_t *out);
 import "C"
 
 import (
 	"context"
 	"io"
 	"net"
-	"os"
 	"runtime"
-	"sync"
-	"syscall"
 	"time"
 	"unsafe"
 )
@@ -27,60 +23,6 @@ import (
 type Conn struct {
 	socket
 	local, remote *net.TCPAddr
-	evOnce        sync.Once
-	evOK          bool
-	files         [2]*os.File
-	rc            [2]syscall.RawConn
-}
-
-func (c *Conn) events() bool {
-	c.evOnce.Do(func() {
-		var fds [2]C.int32_t
-		if c.h.do("ev", func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_conn_event_fds(C.mv_conn(h), &fds[0]) }) != nil {
-			return
-		}
-		for i := range fds {
-			f := os.NewFile(uintptr(fds[i]), "meshvpn-event")
-			rc, err := f.SyscallConn()
-			if err != nil {
-				return
-			}
-			c.files[i] = f
-			c.rc[i] = rc
-		}
-		c.evOK = true
-	})
-	return c.evOK
-}
-
-func (c *Conn) ioEv(op string, dir int, d *deadline, f func(*C.meshvpn_conn, C.meshvpn_timeout_ms, *C.size_t) C.meshvpn_result) (int, error) {
-	var n C.size_t
-	for c.events() {
-		v := c.h.load()
-		if v == 0 {
-			break
-		}
-		if _, expired := d.timeout(); expired {
-			break
-		}
-		r := f(C.mv_conn(C.uintptr_t(v)), 0, &n)
-		runtime.KeepAlive(c)
-		if r == C.MESHVPN_OK {
-			return int(n), nil
-		}
-		if r != C.MESHVPN_TIMEOUT {
-			break
-		}
-		var b [8]byte
-		err := c.rc[dir].Read(func(fd uintptr) bool {
-			_, e := syscall.Read(int(fd), b[:])
-			return e != syscall.EAGAIN
-		})
-		if err != nil {
-			break
-		}
-	}
-	return c.io(op, d, f)
 }
 
 var _ net.Conn = (*Conn)(nil)
@@ -188,7 +130,7 @@ func (c *Conn) Read(b []byte) (int, error) {
 	if len(b) == 0 {
 		return 0, nil
 	}
-	n, err := c.ioEv("read", 0, &c.rd, func(h *C.meshvpn_conn, ms C.meshvpn_timeout_ms, n *C.size_t) C.meshvpn_result {
+	n, err := c.io("read", &c.rd, func(h *C.meshvpn_conn, ms C.meshvpn_timeout_ms, n *C.size_t) C.meshvpn_result {
 		return C.meshvpn_conn_read(h, ptr(b), C.size_t(len(b)), ms, n)
 	})
 	if err == nil && n == 0 {
@@ -203,7 +145,7 @@ func (c *Conn) Write(b []byte) (int, error) {
 	total := 0
 	for total < len(b) {
 		rest := b[total:]
-		n, err := c.ioEv("write", 1, &c.wd, func(h *C.meshvpn_conn, ms C.meshvpn_timeout_ms, n *C.size_t) C.meshvpn_result {
+		n, err := c.io("write", &c.wd, func(h *C.meshvpn_conn, ms C.meshvpn_timeout_ms, n *C.size_t) C.meshvpn_result {
 			return C.meshvpn_conn_write(h, ptr(rest), C.size_t(len(rest)), ms, n)
 		})
 		total += n

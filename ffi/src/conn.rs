@@ -384,15 +384,3 @@ pub unsafe extern "C" fn meshvpn_conn_peer_addr(
     // SAFETY: forwarded promise.
     unsafe { conn_addr(conn, TcpStream::peer_addr, buf, buf_len, out_len) }
 }
-
-/// Prototype: two eventfds (reader, writer) that become readable when the conn changes.
-#[no_mangle]
-pub unsafe extern "C" fn meshvpn_conn_event_fds(conn: *mut meshvpn_conn, out: *mut i32) -> meshvpn_result {
-    ffi_boundary! {{
-        let c = lookup(conn)?;
-        let fds = c.stream()?.event_fds().map_err(|e| Error::invalid(e.to_string()))?;
-        // SAFETY: prototype.
-        unsafe { *out = fds[0]; *out.add(1) = fds[1]; }
-        Ok(())
-    }}
-}

@@ -32,7 +32,6 @@ struct State {
 pub(crate) struct Signal {
     state: Mutex<State>,
     changed: Condvar,
-    fds: std::sync::OnceLock<[i32; 2]>,
 }
 
 impl Signal {
@@ -51,32 +50,6 @@ impl Signal {
     pub fn notify(&self) {
         self.state.lock().generation += 1;
         self.changed.notify_all();
-        self.poke();
-    }
-
-    #[allow(unsafe_code)]
-    fn poke(&self) {
-        if let Some(fds) = self.fds.get() {
-            for fd in fds {
-                let one = 1u64;
-                // SAFETY: prototype; fd is an eventfd this signal owns.
-                unsafe { libc::write(*fd, (&one as *const u64).cast(), 8) };
-            }
-        }
-    }
-
-    #[allow(unsafe_code)]
-    pub fn event_fds(&self) -> std::io::Result<[i32; 2]> {
-        if let Some(f) = self.fds.get() {
-            return Ok(*f);
-        }
-        let mk = || {
-            // SAFETY: prototype.
-            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-            if fd < 0 { Err(std::io::Error::last_os_error()) } else { Ok(fd) }
-        };
-        let f = [mk()?, mk()?];
-        Ok(*self.fds.get_or_init(|| f))
     }
 
     /// Makes the waiting [`Signal::wait`]s, and the next one, return false.
@@ -86,8 +59,6 @@ impl Signal {
         s.interrupted_at = s.generation;
         s.pending = true;
         self.changed.notify_all();
-        drop(s);
-        self.poke();
     }
 
     /// Sleeps until the generation differs from `seen`. False when

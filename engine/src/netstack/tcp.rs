@@ -120,10 +120,6 @@ impl TcpStream {
     }
 
     /// Wakes a blocked read or write early (see [`Interrupter`]).
-    pub fn event_fds(&self) -> std::io::Result<[i32; 2]> {
-        self.signal.event_fds()
-    }
-
     pub fn interrupter(&self) -> Interrupter {
         Interrupter {
             signal: self.signal.clone(),
