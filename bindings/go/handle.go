@@ -50,15 +50,6 @@ func (h *handle) do(op string, f func(C.uintptr_t) C.meshvpn_result) error {
 	return err
 }
 
-// try runs f once on v, the handle load returned, and reports whether it
-// succeeded. It reads no error message: for a call made only in the hope
-// that it finishes at once, whose failure the caller makes again with do.
-func (h *handle) try(v uintptr, f func(C.uintptr_t) C.meshvpn_result) bool {
-	ok := f(C.uintptr_t(v)) == C.MESHVPN_OK
-	runtime.KeepAlive(h)
-	return ok
-}
-
 // release frees the handle once and reports whether this call did; if the
 // free fails (Close from inside a callback), the handle stays usable.
 func (h *handle) release(op string, free func(C.uintptr_t) C.meshvpn_result) (bool, error) {

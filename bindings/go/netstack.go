@@ -218,21 +218,13 @@ func (s *socket) SetWriteDeadline(t time.Time) error {
 // passes; an interrupt (a deadline set meanwhile) or a timeout makes it
 // look at d again. Errors come back as netErr makes them.
 func (s *socket) retry(op string, d *deadline, f func(h C.uintptr_t, ms C.meshvpn_timeout_ms) C.meshvpn_result) error {
-	first := true
 	for {
-		v := s.h.load()
-		if v == 0 {
+		if s.h.load() == 0 {
 			return net.ErrClosed
 		}
 		ms, expired := d.timeout()
 		if expired {
 			return os.ErrDeadlineExceeded
-		}
-		if first {
-			first = false
-			if s.h.try(v, func(h C.uintptr_t) C.meshvpn_result { return f(h, 0) }) {
-				return nil
-			}
 		}
 		err := s.h.do(op, func(h C.uintptr_t) C.meshvpn_result { return f(h, ms) })
 		if err == nil {
