@@ -155,16 +155,7 @@ func (ns *Netstack) Ping(ctx context.Context, addr netip.Addr) (time.Duration, e
 type deadline struct {
 	mu sync.Mutex
 	t  time.Time
-	// yielded is when a call in this direction last yielded to Go's
-	// scheduler (see retry), as time since yieldEpoch.
-	yielded atomic.Int64
 }
-
-var yieldEpoch = time.Now()
-
-// yieldEvery is how often a direction of a socket yields to Go's
-// scheduler, below sysmon's 10 ms preemption limit.
-const yieldEvery = 2 * time.Millisecond
 
 func (d *deadline) set(t time.Time) {
 	d.mu.Lock()
@@ -227,10 +218,6 @@ func (s *socket) SetWriteDeadline(t time.Time) error {
 // passes; an interrupt (a deadline set meanwhile) or a timeout makes it
 // look at d again. Errors come back as netErr makes them.
 func (s *socket) retry(op string, d *deadline, f func(h C.uintptr_t, ms C.meshvpn_timeout_ms) C.meshvpn_result) error {
-	if now := int64(time.Since(yieldEpoch)); now-d.yielded.Load() >= int64(yieldEvery) {
-		d.yielded.Store(now)
-		runtime.Gosched()
-	}
 	for {
 		if s.h.load() == 0 {
 			return net.ErrClosed
