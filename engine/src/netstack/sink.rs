@@ -13,11 +13,12 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use crossbeam_channel::{Sender, TrySendError};
 use parking_lot::Mutex;
 
+use super::stack::Inner;
 use crate::wg::{InnerBurst, InnerSink};
 use crate::wire::IpHeader;
 
@@ -233,6 +234,9 @@ impl Drop for RxBatch {
 }
 
 pub(crate) struct NetstackSink {
+    /// The stack, run on the receive thread when it is free
+    /// ([`Inner::deliver_direct`]).
+    pub stack: Weak<Inner>,
     pub addresses: Vec<IpAddr>,
     pub queue: Sender<RxBatch>,
     pub pool: Arc<RxPool>,
@@ -250,8 +254,16 @@ impl NetstackSink {
         self.addresses.contains(&h.dst).then_some(h.total_len)
     }
 
-    /// Queues a batch for the stack thread; true when it went.
+    /// Hands a batch to the stack: run here when the stack is free, else
+    /// queued for its thread. True when it went.
     fn send(&self, batch: RxBatch) -> bool {
+        let batch = match self.stack.upgrade() {
+            Some(stack) => match stack.deliver_direct(batch) {
+                Ok(()) => return true,
+                Err(b) => b,
+            },
+            None => batch,
+        };
         match self.queue.try_send(batch) {
             Ok(()) => true,
             // The queue holds at most as many batches as packets may wait
@@ -409,6 +421,7 @@ impl InnerSink for NetstackSink {
     fn rewrap(&self, end: Arc<dyn InnerSink>) -> Option<Arc<dyn InnerSink>> {
         let next = self.next.rewrap(end.clone()).unwrap_or(end);
         Some(Arc::new(NetstackSink {
+            stack: self.stack.clone(),
             addresses: self.addresses.clone(),
             queue: self.queue.clone(),
             pool: self.pool.clone(),
@@ -443,6 +456,7 @@ mod tests {
     ) -> (NetstackSink, crossbeam_channel::Receiver<RxBatch>) {
         let (tx, rx) = crossbeam_channel::bounded(rx_queue_packets);
         let s = NetstackSink {
+            stack: Weak::new(),
             addresses: vec![IpAddr::from(US)],
             queue: tx,
             pool: RxPool::new(rx_queue_packets, 1500),
