@@ -2,8 +2,11 @@
 //! was there before, takes packets addressed to the stack and passes the
 //! rest on untouched.
 //!
-//! Packets reach the stack thread a receive batch at a time, one channel
-//! message (so at most one wake) per batch, not one per packet. A batch
+//! Packets reach the stack a receive batch at a time. When nobody else is
+//! polling the stack, the receive thread runs it on the batch itself and
+//! sends what it put out ([`Inner::deliver_direct`]): no hand-off, no wake.
+//! Otherwise the batch goes to the stack thread as one channel message (so
+//! at most one wake) per batch, not one per packet. A batch
 //! with much for the stack hands over the receive thread's whole decryption
 //! buffer ([`InnerBurst::replace_buf`]): the stack reads its packets where
 //! they were decrypted and the receive thread goes on with an idle buffer
@@ -254,15 +257,18 @@ impl NetstackSink {
         self.addresses.contains(&h.dst).then_some(h.total_len)
     }
 
-    /// Hands a batch to the stack: run here when the stack is free, else
-    /// queued for its thread. True when it went.
-    fn send(&self, batch: RxBatch) -> bool {
+    /// Hands a batch to the stack: with `direct` (a receive thread's
+    /// batch) run here when the stack is free, else queued for its thread.
+    /// True when it went. A single packet ([`InnerSink::deliver`]) may come
+    /// from inside the engine's own send path (a filter's answer), which a
+    /// poll here would enter again: it is always queued.
+    fn send(&self, batch: RxBatch, direct: bool) -> bool {
         let batch = match self.stack.upgrade() {
-            Some(stack) => match stack.deliver_direct(batch) {
+            Some(stack) if direct => match stack.deliver_direct(batch) {
                 Ok(()) => return true,
                 Err(b) => b,
             },
-            None => batch,
+            _ => batch,
         };
         match self.queue.try_send(batch) {
             Ok(()) => true,
@@ -281,7 +287,12 @@ impl NetstackSink {
     /// Copies `packets` (each for the stack, `n` reserved) into small
     /// buffers, as many batches as they need. Returns how many went; the
     /// rest were dropped for want of a buffer (their reservation freed).
-    fn send_copies<'a>(&self, packets: impl Iterator<Item = &'a [u8]>, n: usize) -> usize {
+    fn send_copies<'a>(
+        &self,
+        packets: impl Iterator<Item = &'a [u8]>,
+        n: usize,
+        direct: bool,
+    ) -> usize {
         let mut sent = 0;
         let mut batch: Option<RxBatch> = None;
         let mut left = n;
@@ -294,7 +305,7 @@ impl NetstackSink {
                     let count = b.spans.len();
                     // The reservation of every packet still unsent moves
                     // with the next batch.
-                    if self.send(b) {
+                    if self.send(b, direct) {
                         sent += count;
                     }
                 }
@@ -318,7 +329,7 @@ impl NetstackSink {
         }
         if let Some(b) = batch {
             let count = b.spans.len();
-            if self.send(b) {
+            if self.send(b, direct) {
                 sent += count;
             }
         }
@@ -333,7 +344,9 @@ impl InnerSink for NetstackSink {
         if !self.detached.load(Relaxed) {
             if let Some(len) = self.ours(packet) {
                 let packet = &packet[..len];
-                if self.pool.reserve(1) == 1 && self.send_copies(std::iter::once(packet), 1) == 1 {
+                if self.pool.reserve(1) == 1
+                    && self.send_copies(std::iter::once(packet), 1, false) == 1
+                {
                     return true;
                 }
                 self.dropped.fetch_add(1, Relaxed);
@@ -390,7 +403,7 @@ impl InnerSink for NetstackSink {
                             small: false,
                             pool: self.pool.clone(),
                         };
-                        let ok = self.send(batch);
+                        let ok = self.send(batch, true);
                         for &(i, _) in mine {
                             burst.set_delivered(i, ok);
                         }
@@ -409,6 +422,7 @@ impl InnerSink for NetstackSink {
         let sent = self.send_copies(
             mine.iter().map(|&(i, len)| &burst.packet(i)[..len]),
             mine.len(),
+            true,
         );
         for (k, &(i, _)) in mine.iter().enumerate() {
             burst.set_delivered(i, k < sent);

@@ -425,6 +425,10 @@ impl Inner {
 
 /// The netstack thread: waits for packets, kicks or the next socket
 /// deadline, then polls once for the whole batch and sends its output.
+/// Receive threads and writers poll on their own thread when the stack is
+/// free ([`Inner::deliver_direct`], [`Inner::poll_or_kick`]); this thread
+/// takes what they leave (a busy stack, a batch beyond their bound) and
+/// runs the timers.
 fn run(inner: Arc<Inner>, kicks: Receiver<()>) {
     // However the loop ends (engine gone, stack closed, or a panic), the
     // stack is marked closed and every blocked caller wakes.
@@ -531,7 +535,8 @@ impl Inner {
     /// is sent from here, with no hand-off to the stack thread. Gives the
     /// batch back when the stack is busy (the caller queues it as before).
     pub fn deliver_direct(&self, batch: RxBatch) -> Result<(), RxBatch> {
-        self.poll_here(Some(batch)).map_err(|b| b.expect("a batch was given"))
+        self.poll_here(Some(batch))
+            .map_err(|b| b.expect("a batch was given"))
     }
 
     /// After a caller queued data to send or made room to receive: polls
