@@ -1,9 +1,8 @@
 //! The stack's side of the mesh, as a smoltcp `Device`: a queue of received
-//! batches of inner packets filled, under the stack lock, by whichever
-//! thread polls (the netstack thread, or a receive thread running the
-//! stack directly), each packet read in place where the receive thread left
-//! it, and a list of packets to send that the polling thread hands to
-//! `Engine::send_packets_reporting` after releasing the stack lock. Buffers are recycled, so a warm stack
+//! batches of inner packets filled by the netstack thread from the engine's
+//! sink, each packet read in place where the receive thread left it, and a
+//! list of packets to send that the thread hands to `Engine::send_packet`
+//! after releasing the stack lock. Buffers are recycled, so a warm stack
 //! allocates nothing per packet.
 
 use std::collections::VecDeque;

@@ -2,11 +2,8 @@
 //! was there before, takes packets addressed to the stack and passes the
 //! rest on untouched.
 //!
-//! Packets reach the stack a receive batch at a time. When nobody else is
-//! polling the stack, the receive thread runs it on the batch itself and
-//! sends what it put out ([`Inner::deliver_direct`]): no hand-off, no wake.
-//! Otherwise the batch goes to the stack thread as one channel message (so
-//! at most one wake) per batch, not one per packet. A batch
+//! Packets reach the stack thread a receive batch at a time, one channel
+//! message (so at most one wake) per batch, not one per packet. A batch
 //! with much for the stack hands over the receive thread's whole decryption
 //! buffer ([`InnerBurst::replace_buf`]): the stack reads its packets where
 //! they were decrypted and the receive thread goes on with an idle buffer
@@ -16,12 +13,11 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use crossbeam_channel::{Sender, TrySendError};
 use parking_lot::Mutex;
 
-use super::stack::Inner;
 use crate::wg::{InnerBurst, InnerSink};
 use crate::wire::IpHeader;
 
@@ -237,9 +233,6 @@ impl Drop for RxBatch {
 }
 
 pub(crate) struct NetstackSink {
-    /// The stack, run on the receive thread when it is free
-    /// ([`Inner::deliver_direct`]).
-    pub stack: Weak<Inner>,
     pub addresses: Vec<IpAddr>,
     pub queue: Sender<RxBatch>,
     pub pool: Arc<RxPool>,
@@ -257,19 +250,8 @@ impl NetstackSink {
         self.addresses.contains(&h.dst).then_some(h.total_len)
     }
 
-    /// Hands a batch to the stack: with `direct` (a receive thread's
-    /// batch) run here when the stack is free, else queued for its thread.
-    /// True when it went. A single packet ([`InnerSink::deliver`]) may come
-    /// from inside the engine's own send path (a filter's answer), which a
-    /// poll here would enter again: it is always queued.
-    fn send(&self, batch: RxBatch, direct: bool) -> bool {
-        let batch = match self.stack.upgrade() {
-            Some(stack) if direct => match stack.deliver_direct(batch) {
-                Ok(()) => return true,
-                Err(b) => b,
-            },
-            _ => batch,
-        };
+    /// Queues a batch for the stack thread; true when it went.
+    fn send(&self, batch: RxBatch) -> bool {
         match self.queue.try_send(batch) {
             Ok(()) => true,
             // The queue holds at most as many batches as packets may wait
@@ -287,12 +269,7 @@ impl NetstackSink {
     /// Copies `packets` (each for the stack, `n` reserved) into small
     /// buffers, as many batches as they need. Returns how many went; the
     /// rest were dropped for want of a buffer (their reservation freed).
-    fn send_copies<'a>(
-        &self,
-        packets: impl Iterator<Item = &'a [u8]>,
-        n: usize,
-        direct: bool,
-    ) -> usize {
+    fn send_copies<'a>(&self, packets: impl Iterator<Item = &'a [u8]>, n: usize) -> usize {
         let mut sent = 0;
         let mut batch: Option<RxBatch> = None;
         let mut left = n;
@@ -305,7 +282,7 @@ impl NetstackSink {
                     let count = b.spans.len();
                     // The reservation of every packet still unsent moves
                     // with the next batch.
-                    if self.send(b, direct) {
+                    if self.send(b) {
                         sent += count;
                     }
                 }
@@ -329,7 +306,7 @@ impl NetstackSink {
         }
         if let Some(b) = batch {
             let count = b.spans.len();
-            if self.send(b, direct) {
+            if self.send(b) {
                 sent += count;
             }
         }
@@ -344,9 +321,7 @@ impl InnerSink for NetstackSink {
         if !self.detached.load(Relaxed) {
             if let Some(len) = self.ours(packet) {
                 let packet = &packet[..len];
-                if self.pool.reserve(1) == 1
-                    && self.send_copies(std::iter::once(packet), 1, false) == 1
-                {
+                if self.pool.reserve(1) == 1 && self.send_copies(std::iter::once(packet), 1) == 1 {
                     return true;
                 }
                 self.dropped.fetch_add(1, Relaxed);
@@ -403,7 +378,7 @@ impl InnerSink for NetstackSink {
                             small: false,
                             pool: self.pool.clone(),
                         };
-                        let ok = self.send(batch, true);
+                        let ok = self.send(batch);
                         for &(i, _) in mine {
                             burst.set_delivered(i, ok);
                         }
@@ -422,7 +397,6 @@ impl InnerSink for NetstackSink {
         let sent = self.send_copies(
             mine.iter().map(|&(i, len)| &burst.packet(i)[..len]),
             mine.len(),
-            true,
         );
         for (k, &(i, _)) in mine.iter().enumerate() {
             burst.set_delivered(i, k < sent);
@@ -435,7 +409,6 @@ impl InnerSink for NetstackSink {
     fn rewrap(&self, end: Arc<dyn InnerSink>) -> Option<Arc<dyn InnerSink>> {
         let next = self.next.rewrap(end.clone()).unwrap_or(end);
         Some(Arc::new(NetstackSink {
-            stack: self.stack.clone(),
             addresses: self.addresses.clone(),
             queue: self.queue.clone(),
             pool: self.pool.clone(),
@@ -470,7 +443,6 @@ mod tests {
     ) -> (NetstackSink, crossbeam_channel::Receiver<RxBatch>) {
         let (tx, rx) = crossbeam_channel::bounded(rx_queue_packets);
         let s = NetstackSink {
-            stack: Weak::new(),
             addresses: vec![IpAddr::from(US)],
             queue: tx,
             pool: RxPool::new(rx_queue_packets, 1500),

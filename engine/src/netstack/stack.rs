@@ -14,7 +14,7 @@ use std::task::Waker;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Receiver, Select, Sender};
+use crossbeam_channel::{bounded, select, Receiver, Sender};
 use parking_lot::Mutex;
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
@@ -32,10 +32,6 @@ use crate::wire::IpHeader;
 /// Packets smoltcp reads per poll before it sends what they caused (the
 /// rest of a receive batch waits for the next poll).
 const RX_BATCH: usize = 256;
-/// Polls one direct delivery ([`Inner::deliver_direct`]) runs at most
-/// before it leaves what is left of its packets to the stack thread: a
-/// receive thread also serves the TUN and other peers.
-const DIRECT_POLLS: usize = 4;
 /// Longest sleep of an idle stack thread: how late it may notice that the
 /// engine closed.
 const IDLE_CHECK: Duration = Duration::from_millis(100);
@@ -158,9 +154,6 @@ pub(crate) struct Stack {
     next_id: u64,
     epoch: Instant,
     last_reap: Instant,
-    /// When the stack thread will next poll on its own (its timers); a
-    /// poll on another thread that wants an earlier one kicks it.
-    wake_at: SmolInstant,
 }
 
 struct Counters {
@@ -176,14 +169,6 @@ pub(crate) struct Inner {
     addresses: Vec<IpAddr>,
     engine: Weak<Engine>,
     kick: Sender<()>,
-    /// Batches from the receive threads. Taken only under the stack lock,
-    /// so a batch pushed into the device directly never passes an older
-    /// one still queued.
-    packets: Receiver<RxBatch>,
-    /// Held from a poll until its output is sent, so the output of one
-    /// poll leaves before the next one's (per-peer order on the wire).
-    /// Taken before the stack lock, never while holding it.
-    send_lock: Mutex<()>,
     closed: AtomicBool,
     detached: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -270,14 +255,11 @@ impl Inner {
                 next_id: 1,
                 epoch,
                 last_reap: epoch,
-                wake_at: SmolInstant::ZERO,
             }),
             mtu,
             addresses: addresses.clone(),
             engine: Arc::downgrade(engine),
             kick: kick_tx,
-            packets: packets_rx,
-            send_lock: Mutex::new(()),
             closed: AtomicBool::new(false),
             detached: detached.clone(),
             thread: Mutex::new(None),
@@ -292,12 +274,11 @@ impl Inner {
             let inner = inner.clone();
             std::thread::Builder::new()
                 .name("meshvpn-netstack".into())
-                .spawn(move || run(inner, kick_rx))
+                .spawn(move || run(inner, packets_rx, kick_rx))
                 .map_err(|_| NetstackError::Thread)?
         };
         *inner.thread.lock() = Some(t);
         let sink = NetstackSink {
-            stack: Arc::downgrade(&inner),
             addresses,
             queue: packets_tx,
             pool: RxPool::new(inner.config.rx_queue_packets, mtu),
@@ -425,11 +406,7 @@ impl Inner {
 
 /// The netstack thread: waits for packets, kicks or the next socket
 /// deadline, then polls once for the whole batch and sends its output.
-/// Receive threads and writers poll on their own thread when the stack is
-/// free ([`Inner::deliver_direct`], [`Inner::poll_or_kick`]); this thread
-/// takes what they leave (a busy stack, a batch beyond their bound) and
-/// runs the timers.
-fn run(inner: Arc<Inner>, kicks: Receiver<()>) {
+fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
     // However the loop ends (engine gone, stack closed, or a panic), the
     // stack is marked closed and every blocked caller wakes.
     struct Stopped<'a>(&'a Inner);
@@ -437,84 +414,52 @@ fn run(inner: Arc<Inner>, kicks: Receiver<()>) {
         fn drop(&mut self) {
             self.0.closed.store(true, SeqCst);
             self.0.detached.store(true, SeqCst);
-            // Batches queued before the sink saw `detached` go back.
-            while self.0.packets.try_recv().is_ok() {}
             self.0.wake_all();
         }
     }
     let _stopped = Stopped(&inner);
-    let mut out = Output::default();
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut spare: Vec<Vec<u8>> = Vec::new();
+    let mut unreachable: Vec<IpAddr> = Vec::new();
     let mut delay = Duration::ZERO;
     loop {
-        if !delay.is_zero() {
-            // Wait without taking: batches leave the queue under the lock.
-            let mut sel = Select::new();
-            sel.recv(&inner.packets);
-            sel.recv(&kicks);
-            let _ = sel.ready_timeout(delay);
-        }
+        let first = if delay.is_zero() {
+            packets.try_recv().ok()
+        } else {
+            select! {
+                recv(packets) -> p => p.ok(),
+                recv(kicks) -> _ => None,
+                default(delay) => None,
+            }
+        };
         while kicks.try_recv().is_ok() {}
         let Ok(engine) = inner.engine() else { break };
-        let sending = inner.send_lock.lock();
         {
             let mut guard = inner.stack.lock();
             let st = &mut *guard;
+            if let Some(b) = first {
+                st.device.push(b);
+            }
             while st.device.pending() < RX_BATCH {
-                match inner.packets.try_recv() {
+                match packets.try_recv() {
                     Ok(b) => st.device.push(b),
                     Err(_) => break,
                 }
             }
-            out.poll(st, &inner);
+            st.device.free.append(&mut spare);
+            if !unreachable.is_empty() {
+                st.fail_unreachable(&unreachable);
+                unreachable.clear();
+            }
+            st.poll(&inner);
             delay = st.delay().min(IDLE_CHECK);
             if st.device.pending() > 0 {
                 delay = Duration::ZERO;
             }
-            st.wake_at = st.now() + smol_timeout(Some(delay)).unwrap_or_default();
+            std::mem::swap(&mut out, &mut st.device.tx);
         }
-        out.send(&inner, &engine);
-        drop(sending);
-        if !out.unreachable.is_empty() || !inner.packets.is_empty() {
-            delay = Duration::ZERO;
-        }
-    }
-}
-
-/// What one poll produced and where its buffers go back, kept by each
-/// thread that polls.
-#[derive(Default)]
-struct Output {
-    packets: Vec<Vec<u8>>,
-    spare: Vec<Vec<u8>>,
-    unreachable: Vec<IpAddr>,
-}
-
-thread_local! {
-    /// The [`Output`] of direct polls on this thread.
-    static DIRECT_OUT: std::cell::RefCell<Output> = std::cell::RefCell::default();
-}
-
-impl Output {
-    /// Polls `st` once (under the lock) and takes what it put out.
-    fn poll(&mut self, st: &mut Stack, inner: &Inner) {
-        st.device.free.append(&mut self.spare);
-        if !self.unreachable.is_empty() {
-            st.fail_unreachable(&self.unreachable);
-            self.unreachable.clear();
-        }
-        st.poll(inner);
-        std::mem::swap(&mut self.packets, &mut st.device.tx);
-    }
-
-    /// Sends what the last poll put out (without the stack lock): one
-    /// batch, consecutive packets to a peer in one GSO send. Destinations
-    /// without a route are kept for the next poll to fail their dials.
-    fn send(&mut self, inner: &Inner, engine: &Engine) {
-        if self.packets.is_empty() {
-            return;
-        }
-        let unreachable = &mut self.unreachable;
-        engine.send_packets_reporting(self.packets.iter().map(Vec::as_slice), |p, e| {
+        // One batch: consecutive packets to a peer leave in one GSO send.
+        engine.send_packets_reporting(out.iter().map(Vec::as_slice), |p, e| {
             if let SendError::NoRoute | SendError::Dropped(DropReason::NoEndpoint) = e {
                 inner.counters.tx_unroutable.fetch_add(1, Relaxed);
                 if let Ok(h) = IpHeader::new_checked(p) {
@@ -524,81 +469,10 @@ impl Output {
                 }
             }
         });
-        self.spare.append(&mut self.packets);
-    }
-}
-
-impl Inner {
-    /// Runs the stack on the calling (receive) thread for `batch`, when
-    /// nobody else is polling it: older queued batches and `batch` go into
-    /// the device, then up to [`DIRECT_POLLS`] polls run and their output
-    /// is sent from here, with no hand-off to the stack thread. Gives the
-    /// batch back when the stack is busy (the caller queues it as before).
-    pub fn deliver_direct(&self, batch: RxBatch) -> Result<(), RxBatch> {
-        self.poll_here(Some(batch))
-            .map_err(|b| b.expect("a batch was given"))
-    }
-
-    /// After a caller queued data to send or made room to receive: polls
-    /// on the caller's thread when the stack is free, else kicks the stack
-    /// thread.
-    pub fn poll_or_kick(&self) {
-        if self.poll_here(None).is_err() {
-            self.kick();
+        spare.append(&mut out);
+        if !unreachable.is_empty() || !packets.is_empty() {
+            delay = Duration::ZERO;
         }
-    }
-
-    /// Polls on the calling thread if no other thread polls or sends the
-    /// stack's output; `batch`, if any, is read first. Gives `batch` back
-    /// (`Err`) when the stack is busy.
-    fn poll_here(&self, batch: Option<RxBatch>) -> Result<(), Option<RxBatch>> {
-        let Some(sending) = self.send_lock.try_lock() else {
-            return Err(batch);
-        };
-        let Some(mut st) = self.stack.try_lock() else {
-            return Err(batch);
-        };
-        let Ok(engine) = self.engine() else {
-            return Err(batch);
-        };
-        // Older batches still queued are read first.
-        while let Ok(b) = self.packets.try_recv() {
-            st.device.push(b);
-        }
-        if let Some(b) = batch {
-            st.device.push(b);
-        }
-        DIRECT_OUT.with_borrow_mut(|out| {
-            let mut polls = 0;
-            loop {
-                out.poll(&mut st, self);
-                polls += 1;
-                let now = st.now();
-                let wake = now + smol_timeout(Some(st.delay())).unwrap_or_default();
-                let left = st.device.pending() > 0 || !self.packets.is_empty();
-                // The stack thread sleeps until `wake_at`: a poll here that
-                // wants it earlier (a new timer), or packets left over,
-                // wake it.
-                let kick = wake < st.wake_at || (left && polls >= DIRECT_POLLS);
-                drop(st);
-                out.send(self, &engine);
-                if kick || !out.unreachable.is_empty() {
-                    self.kick();
-                }
-                if !left || polls >= DIRECT_POLLS {
-                    break;
-                }
-                match self.stack.try_lock() {
-                    Some(g) => st = g,
-                    None => {
-                        self.kick();
-                        break;
-                    }
-                }
-            }
-        });
-        drop(sending);
-        Ok(())
     }
 }
 

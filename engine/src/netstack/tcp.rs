@@ -233,7 +233,7 @@ impl TcpStream {
             },
         );
         if r.is_ok() {
-            self.inner.poll_or_kick();
+            self.inner.kick();
         }
         r
     }
