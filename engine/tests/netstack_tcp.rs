@@ -44,7 +44,13 @@ fn bulk_transfer_arrives_intact_while_the_stack_lock_is_contended() {
                 }
             }
         });
-        transfer_both_ways(&nodes[0], &nodes[1], false, 64 << 20, Duration::from_secs(120));
+        transfer_both_ways(
+            &nodes[0],
+            &nodes[1],
+            false,
+            64 << 20,
+            Duration::from_secs(120),
+        );
         stop.store(true, Relaxed);
     });
     assert_eq!(nodes[1].stack.stats().tx_unroutable, 0);
