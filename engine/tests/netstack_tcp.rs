@@ -26,6 +26,37 @@ fn bulk_transfer_both_ways_arrives_intact() {
 }
 
 #[test]
+fn bulk_transfer_arrives_intact_while_the_stack_lock_is_contended() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    let nodes = stack_mesh(2, NetstackConfig::default());
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // Other callers take the stack lock over and over (through
+        // `stats`), so received batches meet a busy stack and take the
+        // queue to its thread as often as they run on the receive thread.
+        s.spawn(|| {
+            for _ in 0..50_000_000u64 {
+                if stop.load(Relaxed) {
+                    return;
+                }
+                for n in &nodes {
+                    std::hint::black_box(n.stack.stats());
+                }
+            }
+        });
+        transfer_both_ways(
+            &nodes[0],
+            &nodes[1],
+            false,
+            64 << 20,
+            Duration::from_secs(120),
+        );
+        stop.store(true, Relaxed);
+    });
+    assert_eq!(nodes[1].stack.stats().tx_unroutable, 0);
+}
+
+#[test]
 fn transfer_over_v6_inner_addresses() {
     let nodes = stack_mesh(2, NetstackConfig::default());
     transfer_both_ways(&nodes[0], &nodes[1], true, 4 << 20, Duration::from_secs(60));
