@@ -239,7 +239,7 @@ run() {
 	}
 	# tsnetbench's path check (it fails unless direct), for the log.
 	if [[ $v == tsnet ]]; then
-		echo "$out" | grep '^PATH ' | sed "s/^/tsnet x$s /" >>"$T/paths"
+		echo "$out" | grep '^PATH ' | sed "s/^PATH /tsnet x$s /" >>"$T/paths"
 	fi
 	# Only a verified transfer prints its RESULT line with the full count.
 	local want=$((BYTES / s * s))
