@@ -7,6 +7,16 @@
 #            (bindings/go/interop/cmd/nsbench -variant meshvpn)
 #   gvisor   wireguard-go with its gVisor netstack (golang.zx2c4.com/wireguard/
 #            tun/netstack; the same command, -variant gvisor)
+#   tsnet    Tailscale's tsnet: two tsnet.Server nodes in one process
+#            (bindings/go/interop/cmd/tsnetbench, its own Go module) joined
+#            to a headscale control server this script starts on loopback
+#            (temp dir, sqlite, embedded DERP and STUN on 127.0.0.1, a
+#            reusable ephemeral pre-auth key from the headscale CLI); the
+#            nodes advertise only their STUN (loopback) endpoints and the
+#            run fails unless a disco ping gets a direct answer before the
+#            transfer and the path is still direct after it (printed per run).
+#            Opt-in only (NSB_VARIANTS="rust gvisor tsnet"): it builds
+#            headscale and tailscale.com, minutes of CPU, nice -n 19.
 # Every variant sends the same deterministic bytes and its receiver compares
 # each byte and the count, so a broken transfer fails the script instead of
 # giving a figure. Prints Gbit/s and CPU seconds per GB (user+system of the
@@ -27,7 +37,8 @@
 # (default 3), variants interleaved within a run so a burst of load on the
 # machine hits all of them; written as a section of benches/RESULTS.md
 # unless --out says otherwise. Needs cargo, go, and the Go module cache or
-# network for wireguard-go and gVisor. No root.
+# network for wireguard-go and gVisor (and for tsnet: tailscale.com and
+# github.com/juanfont/headscale at HEADSCALE_VERSION). No root.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -42,7 +53,7 @@ while (($#)); do
 	--runs) RUNS=$2 && shift ;;
 	--out) OUT=$2 && shift ;;
 	-h | --help)
-		sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'
+		sed -n '2,41p' "$0" | sed 's/^# \{0,1\}//'
 		exit 0
 		;;
 	*)
@@ -90,10 +101,117 @@ if [[ " $VARIANTS " == *" go "* || " $VARIANTS " == *" gvisor "* ]]; then
 	fi
 fi
 
+# headscale, and the tailscale.com tsnetbench's go.mod pins to the same
+# version headscale is built with (its go.mod).
+HEADSCALE_VERSION=v0.27.1
+if [[ " $VARIANTS " == *" tsnet "* ]]; then
+	if ! command -v go >/dev/null; then
+		echo "FAIL: no go command (the tsnet variant needs it)"
+		exit 1
+	fi
+	# Built from the module as published; `go install ...@version` would do
+	# the same but also asks the proxy for the module's version list.
+	echo "building headscale $HEADSCALE_VERSION and tsnetbench (nice -n 19; minutes the first time)"
+	hs_src=$(go mod download -json "github.com/juanfont/headscale@$HEADSCALE_VERSION" 2>>"$T/build.log" |
+		awk -F'"' '$2 == "Dir" { print $4 }')
+	if [[ -z $hs_src ]] || ! cp -r "$hs_src" "$T/hs-src" || ! chmod -R u+w "$T/hs-src" ||
+		! (cd "$T/hs-src" && nice -n 19 timeout 1800 go build -o "$T/headscale" ./cmd/headscale) >>"$T/build.log" 2>&1 ||
+		! (cd bindings/go/interop/cmd/tsnetbench && nice -n 19 timeout 1800 go build -o "$T/tsnetbench" .) >>"$T/build.log" 2>&1; then
+		tail -30 "$T/build.log"
+		echo "FAIL: build of headscale $HEADSCALE_VERSION or bindings/go/interop/cmd/tsnetbench"
+		exit 1
+	fi
+	# One free loopback port (TCP and UDP) per use, from a random base.
+	free_port() {
+		local p
+		for _ in $(seq 50); do
+			p=$((20000 + RANDOM % 40000))
+			if ! ss -Htanu "( sport = :$p )" | grep -q .; then
+				echo "$p"
+				return
+			fi
+		done
+		return 1
+	}
+	HS=$T/headscale.d
+	mkdir -p "$HS"
+	HS_PORT=$(free_port) && HS_METRICS=$(free_port) && HS_GRPC=$(free_port) && HS_STUN=$(free_port) || {
+		echo "FAIL: no free loopback ports for headscale"
+		exit 1
+	}
+	cat >"$HS/config.yaml" <<-YAML
+		server_url: http://127.0.0.1:$HS_PORT
+		listen_addr: 127.0.0.1:$HS_PORT
+		metrics_listen_addr: 127.0.0.1:$HS_METRICS
+		grpc_listen_addr: 127.0.0.1:$HS_GRPC
+		grpc_allow_insecure: false
+		noise:
+		  private_key_path: $HS/noise_private.key
+		prefixes:
+		  v4: 100.64.0.0/10
+		  v6: fd7a:115c:a1e0::/48
+		  allocation: sequential
+		derp:
+		  server:
+		    enabled: true
+		    region_id: 999
+		    region_code: loopback
+		    region_name: loopback
+		    verify_clients: true
+		    stun_listen_addr: 127.0.0.1:$HS_STUN
+		    private_key_path: $HS/derp_server_private.key
+		    automatically_add_embedded_derp_region: true
+		    ipv4: 127.0.0.1
+		  urls: []
+		  paths: []
+		  auto_update_enabled: false
+		disable_check_updates: true
+		ephemeral_node_inactivity_timeout: 30m
+		database:
+		  type: sqlite
+		  sqlite:
+		    path: $HS/db.sqlite
+		log:
+		  level: warn
+		dns:
+		  magic_dns: false
+		  base_domain: nsbench.internal
+		  override_local_dns: false
+		  nameservers:
+		    global: []
+		unix_socket: $HS/headscale.sock
+		unix_socket_permission: "0770"
+		logtail:
+		  enabled: false
+	YAML
+	"$T/headscale" -c "$HS/config.yaml" serve >"$HS/log" 2>&1 &
+	HS_PID=$!
+	trap 'kill "$HS_PID" 2>/dev/null; wait "$HS_PID" 2>/dev/null; rm -rf "$T"' EXIT
+	hs() { "$T/headscale" -c "$HS/config.yaml" "$@"; }
+	for _ in $(seq 100); do
+		[[ -S $HS/headscale.sock ]] && hs users list >/dev/null 2>&1 && break
+		sleep 0.1
+	done
+	HS_USER=$(hs users create nsbench -o json 2>>"$HS/log" | awk -F'[:,]' '/"id"/ { gsub(/[ "]/, "", $2); print $2; exit }')
+	HS_KEY=$(hs preauthkeys create -u "${HS_USER:-0}" --reusable --ephemeral -e 2h -o json 2>>"$HS/log" |
+		awk -F'"' '$2 == "key" { print $4; exit }')
+	if [[ -z $HS_KEY ]]; then
+		tail -20 "$HS/log"
+		echo "FAIL: headscale did not start or gave no pre-auth key (user id '${HS_USER:-}')"
+		exit 1
+	fi
+	echo "headscale $HEADSCALE_VERSION on http://127.0.0.1:$HS_PORT, DERP over HTTP there, STUN on 127.0.0.1:$HS_STUN"
+fi
+
 GO_VERSIONS=
 if [[ " $VARIANTS " == *" go "* || " $VARIANTS " == *" gvisor "* ]]; then
 	GO_VERSIONS="$(go version | awk '{ print $3 }'), $( (cd bindings/go/interop &&
 		go list -m -f '{{.Path}} {{.Version}}' golang.zx2c4.com/wireguard gvisor.dev/gvisor) 2>/dev/null | paste -sd, - | sed 's/,/, /g')"
+fi
+TSNET_VERSIONS=
+if [[ " $VARIANTS " == *" tsnet "* ]]; then
+	TSNET_VERSIONS="$( (cd bindings/go/interop/cmd/tsnetbench &&
+		go list -m -f '{{.Path}} {{.Version}}' tailscale.com gvisor.dev/gvisor) 2>/dev/null | paste -sd, - | sed 's/,/, /g'), headscale $HEADSCALE_VERSION"
 fi
 
 # run VARIANT STREAMS: one transfer; its RESULT line's fields on stdout as
@@ -105,6 +223,11 @@ run() {
 	rust-base) cmd=("${NSB_BASE_BIN:?rust-base needs NSB_BASE_BIN}" --streams "$s" --bytes "$BYTES" --timeout "$TIMEOUT") ;;
 	go) cmd=("$T/nsbench" -variant meshvpn -streams "$s" -bytes "$BYTES" -timeout "$TIMEOUT") ;;
 	gvisor) cmd=("$T/nsbench" -variant gvisor -streams "$s" -bytes "$BYTES" -timeout "$TIMEOUT") ;;
+	tsnet)
+		TSNET_RUN=$((${TSNET_RUN:-0} + 1))
+		cmd=("$T/tsnetbench" -control "http://127.0.0.1:$HS_PORT" -authkey "$HS_KEY" -dir "$T/tsnet.$TSNET_RUN"
+			-streams "$s" -bytes "$BYTES" -timeout "$TIMEOUT")
+		;;
 	*)
 		echo "unknown variant $v" >&2
 		return
@@ -114,6 +237,10 @@ run() {
 		echo "FAIL $v x$s: exit $?: $(tail -3 "$T/err")" >&2
 		return
 	}
+	# tsnetbench's path check (it fails unless direct), for the log.
+	if [[ $v == tsnet ]]; then
+		echo "$out" | grep '^PATH ' | sed "s/^PATH /tsnet x$s /" >>"$T/paths"
+	fi
 	# Only a verified transfer prints its RESULT line with the full count.
 	local want=$((BYTES / s * s))
 	echo "$out" | awk -v want="$want" '/^RESULT / {
@@ -142,7 +269,9 @@ for r in $(seq "$RUNS"); do
 			read -r secs cpu bytes <<<"$res"
 			g=$(awk -v b="$bytes" -v t="$secs" 'BEGIN { printf "%.3f", b * 8 / t / 1e9 }')
 			c=$(awk -v b="$bytes" -v c="$cpu" 'BEGIN { printf "%.2f", c / (b / 1e9) }')
-			echo "run $r $v x$s: $((bytes >> 20)) MiB verified in $secs s = $g Gbit/s, $cpu CPU s = $c s/GB"
+			path=
+			[[ $v == tsnet ]] && path=", $(tail -1 "$T/paths" | cut -d' ' -f3-)"
+			echo "run $r $v x$s: $((bytes >> 20)) MiB verified in $secs s = $g Gbit/s, $cpu CPU s = $c s/GB$path"
 			GB[$v,$s]+=" $g"
 			CPU[$v,$s]+=" $c"
 		done
@@ -187,6 +316,11 @@ table() {
 		echo "Go side: $GO_VERSIONS; wireguard-go's netstack as its examples use it"
 		echo "(\`netstack.CreateNetTUN\`, MTU 1420, \`conn.NewDefaultBind\`, defaults otherwise)."
 	fi
+	if [[ -n $TSNET_VERSIONS ]]; then
+		echo "tsnet: $TSNET_VERSIONS; two \`tsnet.Server\`s with defaults in one process, the control"
+		echo "server on loopback; path between them in every run: $(cut -d' ' -f3- "$T/paths" 2>/dev/null |
+			sed 's/:[0-9]*\( \|$\)/\1/g' | sort | uniq -c | awk '{ $1 = $1 " x"; print }' | paste -sd';' - | sed 's/;/; /g')."
+	fi
 	echo
 	echo "| variant | streams | Gbit/s | CPU s/GB | failed runs |"
 	echo "|---|---|---|---|---|"
@@ -202,6 +336,14 @@ table() {
 	for s in $STREAMS; do
 		echo "| $s | $(ratio "${M[rust,$s,gb]:-}" "${M[gvisor,$s,gb]:-}") | $(ratio "${M[go,$s,gb]:-}" "${M[rust,$s,gb]:-}") | $(ratio "${M[gvisor,$s,cpu]:-}" "${M[rust,$s,cpu]:-}") |"
 	done
+	if [[ " $VARIANTS " == *" tsnet "* ]]; then
+		echo
+		echo "| streams | rust / tsnet Gbit/s | tsnet / rust CPU s/GB | gvisor / tsnet Gbit/s |"
+		echo "|---|---|---|---|"
+		for s in $STREAMS; do
+			echo "| $s | $(ratio "${M[rust,$s,gb]:-}" "${M[tsnet,$s,gb]:-}") | $(ratio "${M[tsnet,$s,cpu]:-}" "${M[rust,$s,cpu]:-}") | $(ratio "${M[gvisor,$s,gb]:-}" "${M[tsnet,$s,gb]:-}") |"
+		done
+	fi
 	if [[ " $VARIANTS " == *" rust-base "* ]]; then
 		echo
 		echo "rust-base: $NSB_BASE_BIN, the same transfer built from another commit."
@@ -213,7 +355,8 @@ table() {
 		done
 	fi
 	echo
-	echo "rust: benches/src/bin/netstack_xfer.rs; go and gvisor: bindings/go/interop/cmd/nsbench."
+	echo "rust: benches/src/bin/netstack_xfer.rs; go and gvisor: bindings/go/interop/cmd/nsbench;"
+	echo "tsnet: bindings/go/interop/cmd/tsnetbench."
 	echo "CPU s/GB: user+system time of the whole process (both nodes) per 10^9 bytes moved."
 }
 table >"$T/table"

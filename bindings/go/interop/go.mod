@@ -34,3 +34,8 @@ require (
 
 // The binding under test, from this checkout (it has no dependencies).
 replace github.com/meshvpn/libmeshvpn/bindings/go => ../
+
+// The transfer shared with cmd/tsnetbench (no dependencies).
+require github.com/meshvpn/libmeshvpn/bindings/go/interop/nsxfer v0.0.0
+
+replace github.com/meshvpn/libmeshvpn/bindings/go/interop/nsxfer => ./nsxfer
