@@ -570,6 +570,10 @@ pub struct Socket<'a> {
     /// meshvpn patch: in-order data is ACKed at once from `process` every
     /// this many full-sized segments (see `set_ack_every`).
     ack_every: usize,
+    /// meshvpn patch: after out-of-order data, in-order data is ACKed every
+    /// second segment again until RCV.NXT reaches this (Linux's quick ACK
+    /// mode), so a sender in loss recovery gets its ACK clock back.
+    quick_ack_until: Option<TcpSeqNumber>,
     /// Delayed ack timer. If set, packets containing exclusively
     /// ACK or window updates (ie, no data) won't be sent until expiry.
     ack_delay_timer: AckDelayTimer,
@@ -600,6 +604,10 @@ pub struct Socket<'a> {
 }
 
 const DEFAULT_MSS: usize = 536;
+
+/// meshvpn patch: in-order segments ACKed every second one after out-of-order
+/// data (Linux's quick ACK mode: up to 16 ACKs).
+const QUICK_ACK_SEGMENTS: usize = 32;
 
 /// Minimum MSS we accept from the remote, same value as Linux's `TCP_MIN_SND_MSS`.
 /// Without it, a peer advertising a tiny MSS could force segments to carry little
@@ -669,6 +677,7 @@ impl<'a> Socket<'a> {
             rack_lost_below: None,
             ack_delay: Some(ACK_DELAY_DEFAULT),
             ack_every: 2,
+            quick_ack_until: None,
             ack_delay_timer: AckDelayTimer::Idle,
             challenge_ack_timer: Instant::from_secs(0),
             nagle: true,
@@ -865,8 +874,11 @@ impl<'a> Socket<'a> {
     /// but never later than a quarter of the receive buffer. Out-of-order
     /// segments and those that fill a hole are still ACKed at once, and the
     /// rest is ACKed by the next `dispatch` (after the delayed ACK timer, if
-    /// one is set). The sender's congestion controllers count the bytes an
-    /// ACK acknowledges, so a smoltcp peer is not slowed by a larger value.
+    /// one is set). After out-of-order data, the next 32 in-order segments
+    /// are ACKed every second one (Linux's quick ACK mode), so a sender in
+    /// loss recovery keeps its ACK clock. The sender's congestion
+    /// controllers count the bytes an ACK acknowledges, so a smoltcp peer is
+    /// not slowed by a larger value.
     pub fn set_ack_every(&mut self, segments: usize) {
         self.ack_every = segments.max(1)
     }
@@ -990,6 +1002,7 @@ impl<'a> Socket<'a> {
         self.remote_mss = DEFAULT_MSS;
         self.remote_last_ts = None;
         self.ack_delay_timer = AckDelayTimer::Idle;
+        self.quick_ack_until = None;
         self.challenge_ack_timer = Instant::from_secs(0);
         self.end_recovery();
         self.snd_max = None;
@@ -2614,7 +2627,14 @@ impl<'a> Socket<'a> {
         // segment: when the socket is polled once per batch of packets, an
         // ACK left to `dispatch` would acknowledge a whole batch at once and
         // starve the sender's ACK clock and congestion window growth.
-        if !self.assembler.is_empty() || !assembler_was_empty || self.immediate_ack_to_transmit() {
+        let out_of_order = !self.assembler.is_empty() || !assembler_was_empty;
+        if out_of_order && self.ack_every > 2 {
+            // meshvpn patch: quick ACKs for the next QUICK_ACK_SEGMENTS.
+            self.quick_ack_until = Some(
+                self.remote_seq_no + self.rx_buffer.len() + QUICK_ACK_SEGMENTS * self.remote_mss,
+            );
+        }
+        if out_of_order || self.immediate_ack_to_transmit() {
             // Note that we change the transmitter state here.
             // This is fine because smoltcp assumes that it can always transmit zero or one
             // packets for every packet it receives.
@@ -2751,8 +2771,15 @@ impl<'a> Socket<'a> {
     /// at most a quarter of the receive buffer (and at least one segment)
     /// goes unacknowledged.
     fn immediate_ack_to_transmit(&self) -> bool {
-        let unacked = self.remote_mss * (self.ack_every - 1);
-        let unacked = if self.ack_every > 2 {
+        let rcv_nxt = self.remote_seq_no + self.rx_buffer.len();
+        let quick = self.quick_ack_until.is_some_and(|until| rcv_nxt < until);
+        let every = if quick {
+            self.ack_every.min(2)
+        } else {
+            self.ack_every
+        };
+        let unacked = self.remote_mss * (every - 1);
+        let unacked = if every > 2 {
             unacked
                 .min(self.rx_buffer.capacity() / 4)
                 .max(self.remote_mss)
@@ -2760,7 +2787,7 @@ impl<'a> Socket<'a> {
             unacked
         };
         if let Some(remote_last_ack) = self.remote_last_ack {
-            remote_last_ack + unacked < self.remote_seq_no + self.rx_buffer.len()
+            remote_last_ack + unacked < rcv_nxt
         } else {
             false
         }
@@ -10208,6 +10235,37 @@ mod test {
         assert_eq!(ack.ack_number, Some(REMOTE_SEQ + 1 + 31 * DEFAULT_MSS));
         let ack = send_segment(&mut s, 31, 20).expect("ACK for the segment filling the hole");
         assert_eq!(ack.ack_number, Some(REMOTE_SEQ + 1 + 33 * DEFAULT_MSS));
+
+        // After out-of-order data, in-order data is ACKed every second
+        // segment again for a while (quick ACKs), then every sixteenth.
+        let mut next = 33;
+        let mut immediate = 0;
+        while next + 2 < 33 + QUICK_ACK_SEGMENTS {
+            assert_eq!(send_segment(&mut s, next, 21), None, "segment {next}");
+            let ack = send_segment(&mut s, next + 1, 21)
+                .unwrap_or_else(|| panic!("quick ACK for {}", next + 1));
+            assert_eq!(
+                ack.ack_number,
+                Some(REMOTE_SEQ + 1 + (next + 2) * DEFAULT_MSS)
+            );
+            immediate += 1;
+            next += 2;
+            // Make room, as a reading application does.
+            s.recv(|data| (data.len(), ())).unwrap();
+        }
+        assert_eq!(immediate, QUICK_ACK_SEGMENTS / 2 - 1);
+        for i in next..next + 15 {
+            assert_eq!(
+                send_segment(&mut s, i, 22),
+                None,
+                "segment {i} after the quick ACKs"
+            );
+        }
+        let ack = send_segment(&mut s, next + 15, 22).expect("ACK for the 16th segment");
+        assert_eq!(
+            ack.ack_number,
+            Some(REMOTE_SEQ + 1 + (next + 16) * DEFAULT_MSS)
+        );
     }
 
     #[test]
