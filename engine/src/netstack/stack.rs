@@ -38,8 +38,8 @@ const RX_BATCH: usize = 256;
 /// RFC 9293 suggests: the kernel's GRO sends about as few ACKs, each costs
 /// an encryption and a UDP send here, and the patched smoltcp sender grows
 /// its window by the bytes an ACK covers, so a stack of ours on the other
-/// end is not slowed by it. Chosen by paired runs of `benches/compare.sh
-/// --impls forward` (engine/docs/performance.md).
+/// end is not slowed by it. Measured against every second segment in
+/// paired runs (engine/docs/performance.md).
 const ACK_EVERY: usize = 16;
 /// Longest sleep of an idle stack thread: how late it may notice that the
 /// engine closed.
