@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::stacks::{bulk_bytes, stack_mesh, transfer_both_ways};
+use common::stacks::{bulk_bytes, recv_all, send_pattern, stack_mesh, transfer_both_ways};
 use meshvpn_engine::NetstackConfig;
 
 #[test]
@@ -126,4 +126,44 @@ fn a_thousand_concurrent_short_connections() {
     assert!(common::wait_until(Duration::from_secs(10), || {
         a.stack.stats().sockets == 0 && b.stack.stats().sockets == 0
     }));
+}
+
+/// The receiving stack acknowledges in-order bulk data every few segments,
+/// not every second one (RFC 9293's rule): each ACK costs an encryption and
+/// a UDP send, and the sending stack's window grows by the bytes an ACK
+/// covers, so fewer ACKs do not slow it down.
+#[test]
+fn bulk_data_is_acknowledged_every_few_segments() {
+    let nodes = stack_mesh(2, NetstackConfig::default());
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let bytes: u64 = 32 << 20;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let at = SocketAddr::new(b.addr(false), 5002);
+    let listener = b.stack.tcp_listen(at, 1).unwrap();
+    std::thread::scope(|scope| {
+        let receiver = scope.spawn(|| {
+            let (conn, _) = listener
+                .accept_timeout(Some(Duration::from_secs(60)))
+                .expect("accept");
+            recv_all(&conn, deadline)
+        });
+        let conn = a
+            .stack
+            .tcp_connect(at, Some(Duration::from_secs(60)))
+            .expect("connect");
+        let sent = send_pattern(&conn, bytes, 7, deadline);
+        let (got, hash) = receiver.join().unwrap();
+        assert_eq!((got, hash), (bytes, sent), "stream arrives whole");
+    });
+    let stats = b.node.engine.peer_stats(&a.node.key.public_key()).unwrap();
+    let (segments, acks) = (stats.rx_packets, stats.tx_packets);
+    eprintln!("{segments} packets in, {acks} out for {} MiB", bytes >> 20);
+    assert!(
+        segments > bytes / 1500,
+        "the data came as {segments} packets"
+    );
+    assert!(
+        acks * 4 < segments,
+        "{acks} packets sent back for {segments} received"
+    );
 }

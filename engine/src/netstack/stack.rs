@@ -32,6 +32,15 @@ use crate::wire::IpHeader;
 /// Packets smoltcp reads per poll before it sends what they caused (the
 /// rest of a receive batch waits for the next poll).
 const RX_BATCH: usize = 256;
+
+/// In-order data is ACKed every this many full-sized segments (and at the
+/// end of every poll; out-of-order data at once), not every second one as
+/// RFC 9293 suggests: the kernel's GRO sends about as few ACKs, each costs
+/// an encryption and a UDP send here, and the patched smoltcp sender grows
+/// its window by the bytes an ACK covers, so a stack of ours on the other
+/// end is not slowed by it. Measured against every second segment in
+/// paired runs (engine/docs/performance.md).
+const ACK_EVERY: usize = 16;
 /// Longest sleep of an idle stack thread: how late it may notice that the
 /// engine closed.
 const IDLE_CHECK: Duration = Duration::from_millis(100);
@@ -704,10 +713,12 @@ impl Stack {
         s.set_congestion_control(tcp::CongestionControl::Cubic);
         s.set_nagle_enabled(!config.tcp_nodelay);
         // The stack is polled once per batch of packets, which already
-        // coalesces ACKs; the patched smoltcp (engine/vendor/README.md) ACKs
-        // every second segment. A delayed-ACK timer on top only slows the
-        // sender's recovery.
+        // coalesces ACKs: every poll ACKs what its batch brought in, and the
+        // patched smoltcp (engine/vendor/README.md) ACKs in-order data every
+        // `ACK_EVERY` segments within a batch. A delayed-ACK timer on top
+        // only slows the sender's recovery.
         s.set_ack_delay(None);
+        s.set_ack_every(ACK_EVERY);
         s
     }
 

@@ -567,6 +567,13 @@ pub struct Socket<'a> {
 
     /// Duration for Delayed ACK. If None no ACKs will be delayed.
     ack_delay: Option<Duration>,
+    /// meshvpn patch: in-order data is ACKed at once from `process` every
+    /// this many full-sized segments (see `set_ack_every`).
+    ack_every: usize,
+    /// meshvpn patch: after out-of-order data, in-order data is ACKed every
+    /// second segment again until RCV.NXT reaches this (Linux's quick ACK
+    /// mode), so a sender in loss recovery gets its ACK clock back.
+    quick_ack_until: Option<TcpSeqNumber>,
     /// Delayed ack timer. If set, packets containing exclusively
     /// ACK or window updates (ie, no data) won't be sent until expiry.
     ack_delay_timer: AckDelayTimer,
@@ -597,6 +604,10 @@ pub struct Socket<'a> {
 }
 
 const DEFAULT_MSS: usize = 536;
+
+/// meshvpn patch: in-order segments ACKed every second one after out-of-order
+/// data (Linux's quick ACK mode: up to 16 ACKs).
+const QUICK_ACK_SEGMENTS: usize = 32;
 
 /// Minimum MSS we accept from the remote, same value as Linux's `TCP_MIN_SND_MSS`.
 /// Without it, a peer advertising a tiny MSS could force segments to carry little
@@ -665,6 +676,8 @@ impl<'a> Socket<'a> {
             probe_sent: None,
             rack_lost_below: None,
             ack_delay: Some(ACK_DELAY_DEFAULT),
+            ack_every: 2,
+            quick_ack_until: None,
             ack_delay_timer: AckDelayTimer::Idle,
             challenge_ack_timer: Instant::from_secs(0),
             nagle: true,
@@ -856,6 +869,20 @@ impl<'a> Socket<'a> {
         self.ack_delay = duration
     }
 
+    /// meshvpn patch: acknowledge in-order data at once every `segments`
+    /// full-sized segments (at least 1; by default 2, RFC 9293 SHLD-19),
+    /// but never later than a quarter of the receive buffer. Out-of-order
+    /// segments and those that fill a hole are still ACKed at once, and the
+    /// rest is ACKed by the next `dispatch` (after the delayed ACK timer, if
+    /// one is set). After out-of-order data, the next 32 in-order segments
+    /// are ACKed every second one (Linux's quick ACK mode), so a sender in
+    /// loss recovery keeps its ACK clock. The sender's congestion
+    /// controllers count the bytes an ACK acknowledges, so a smoltcp peer is
+    /// not slowed by a larger value.
+    pub fn set_ack_every(&mut self, segments: usize) {
+        self.ack_every = segments.max(1)
+    }
+
     /// Enable or disable Nagle's Algorithm.
     ///
     /// Also known as "tinygram prevention". By default, it is enabled.
@@ -975,6 +1002,7 @@ impl<'a> Socket<'a> {
         self.remote_mss = DEFAULT_MSS;
         self.remote_last_ts = None;
         self.ack_delay_timer = AckDelayTimer::Idle;
+        self.quick_ack_until = None;
         self.challenge_ack_timer = Instant::from_secs(0);
         self.end_recovery();
         self.snd_max = None;
@@ -2599,7 +2627,14 @@ impl<'a> Socket<'a> {
         // segment: when the socket is polled once per batch of packets, an
         // ACK left to `dispatch` would acknowledge a whole batch at once and
         // starve the sender's ACK clock and congestion window growth.
-        if !self.assembler.is_empty() || !assembler_was_empty || self.immediate_ack_to_transmit() {
+        let out_of_order = !self.assembler.is_empty() || !assembler_was_empty;
+        if out_of_order && self.ack_every > 2 {
+            // meshvpn patch: quick ACKs for the next QUICK_ACK_SEGMENTS.
+            self.quick_ack_until = Some(
+                self.remote_seq_no + self.rx_buffer.len() + QUICK_ACK_SEGMENTS * self.remote_mss,
+            );
+        }
+        if out_of_order || self.immediate_ack_to_transmit() {
             // Note that we change the transmitter state here.
             // This is fine because smoltcp assumes that it can always transmit zero or one
             // packets for every packet it receives.
@@ -2731,9 +2766,28 @@ impl<'a> Socket<'a> {
     /// In practice, we follow the Linux kernel's empirical value of sending an ACK for every RMSS
     /// byte of new data. For details, see
     /// <https://elixir.bootlin.com/linux/v6.11.4/source/net/ipv4/tcp_input.c#L5747>.
+    ///
+    /// meshvpn patch: every `ack_every` segments (`set_ack_every`); above 2,
+    /// at most a quarter of the receive buffer (and at least one segment)
+    /// goes unacknowledged.
     fn immediate_ack_to_transmit(&self) -> bool {
+        let rcv_nxt = self.remote_seq_no + self.rx_buffer.len();
+        let quick = self.quick_ack_until.is_some_and(|until| rcv_nxt < until);
+        let every = if quick {
+            self.ack_every.min(2)
+        } else {
+            self.ack_every
+        };
+        let unacked = self.remote_mss * (every - 1);
+        let unacked = if every > 2 {
+            unacked
+                .min(self.rx_buffer.capacity() / 4)
+                .max(self.remote_mss)
+        } else {
+            unacked
+        };
         if let Some(remote_last_ack) = self.remote_last_ack {
-            remote_last_ack + self.remote_mss < self.remote_seq_no + self.rx_buffer.len()
+            remote_last_ack + unacked < rcv_nxt
         } else {
             false
         }
@@ -10127,6 +10181,121 @@ mod test {
             })
         );
         recv_nothing!(s);
+    }
+
+    /// meshvpn patch: `set_ack_every(n)` segments between immediate ACKs.
+    fn send_segment(s: &mut TestSocket, index: usize, time: i64) -> Option<TcpRepr<'static>> {
+        send(
+            s,
+            Instant::from_millis(time),
+            &TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + index * DEFAULT_MSS,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &[0; DEFAULT_MSS],
+                ..SEND_TEMPL
+            },
+        )
+        .map(|r| TcpRepr {
+            payload: &[],
+            sack_ranges: [None; 3],
+            ..r
+        })
+    }
+
+    #[test]
+    fn test_ack_every_sixteenth_segment() {
+        let mut s = socket_established_with_buffer_sizes(64 * DEFAULT_MSS, 64 * DEFAULT_MSS);
+        s.set_ack_delay(Some(ACK_DELAY_DEFAULT));
+        s.set_ack_every(16);
+        // Fifteen in-order segments: no immediate ACK.
+        for i in 0..15 {
+            assert_eq!(send_segment(&mut s, i, 0), None, "segment {i}");
+        }
+        // The sixteenth is ACKed at once, all of them.
+        let ack = send_segment(&mut s, 15, 0).expect("ACK for the 16th segment");
+        assert_eq!(ack.ack_number, Some(REMOTE_SEQ + 1 + 16 * DEFAULT_MSS));
+        recv_nothing!(s, time 0);
+
+        // The next run of fifteen waits for the delayed ACK timer, which
+        // still fires.
+        for i in 16..31 {
+            assert_eq!(send_segment(&mut s, i, 1), None, "segment {i}");
+        }
+        recv_nothing!(s, time 5);
+        recv!(s, time 11, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1 + 31 * DEFAULT_MSS),
+            window_len: (33 * DEFAULT_MSS) as u16,
+            ..RECV_TEMPL
+        }));
+
+        // Out of order (segment 31 lost): ACKed at once, and so is the
+        // segment that fills the hole.
+        let ack = send_segment(&mut s, 32, 20).expect("ACK for an out-of-order segment");
+        assert_eq!(ack.ack_number, Some(REMOTE_SEQ + 1 + 31 * DEFAULT_MSS));
+        let ack = send_segment(&mut s, 31, 20).expect("ACK for the segment filling the hole");
+        assert_eq!(ack.ack_number, Some(REMOTE_SEQ + 1 + 33 * DEFAULT_MSS));
+
+        // After out-of-order data, in-order data is ACKed every second
+        // segment again for a while (quick ACKs), then every sixteenth.
+        let mut next = 33;
+        let mut immediate = 0;
+        while next + 2 < 33 + QUICK_ACK_SEGMENTS {
+            assert_eq!(send_segment(&mut s, next, 21), None, "segment {next}");
+            let ack = send_segment(&mut s, next + 1, 21)
+                .unwrap_or_else(|| panic!("quick ACK for {}", next + 1));
+            assert_eq!(
+                ack.ack_number,
+                Some(REMOTE_SEQ + 1 + (next + 2) * DEFAULT_MSS)
+            );
+            immediate += 1;
+            next += 2;
+            // Make room, as a reading application does.
+            s.recv(|data| (data.len(), ())).unwrap();
+        }
+        assert_eq!(immediate, QUICK_ACK_SEGMENTS / 2 - 1);
+        for i in next..next + 15 {
+            assert_eq!(
+                send_segment(&mut s, i, 22),
+                None,
+                "segment {i} after the quick ACKs"
+            );
+        }
+        let ack = send_segment(&mut s, next + 15, 22).expect("ACK for the 16th segment");
+        assert_eq!(
+            ack.ack_number,
+            Some(REMOTE_SEQ + 1 + (next + 16) * DEFAULT_MSS)
+        );
+    }
+
+    #[test]
+    fn test_ack_every_without_ack_delay_acks_on_dispatch() {
+        let mut s = socket_established_with_buffer_sizes(64 * DEFAULT_MSS, 64 * DEFAULT_MSS);
+        s.set_ack_delay(None);
+        s.set_ack_every(16);
+        for i in 0..3 {
+            assert_eq!(send_segment(&mut s, i, 0), None, "segment {i}");
+        }
+        // The end of a batch (the next dispatch) ACKs what came in.
+        recv!(s, time 0, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1 + 3 * DEFAULT_MSS),
+            window_len: (61 * DEFAULT_MSS) as u16,
+            ..RECV_TEMPL
+        }));
+    }
+
+    #[test]
+    fn test_ack_every_is_capped_at_a_quarter_of_the_buffer() {
+        // A quarter of 8 segments is 2: the third segment is ACKed at once
+        // even though 16 were asked for.
+        let mut s = socket_established_with_buffer_sizes(8 * DEFAULT_MSS, 8 * DEFAULT_MSS);
+        s.set_ack_delay(Some(ACK_DELAY_DEFAULT));
+        s.set_ack_every(16);
+        assert_eq!(send_segment(&mut s, 0, 0), None);
+        assert_eq!(send_segment(&mut s, 1, 0), None);
+        let ack = send_segment(&mut s, 2, 0).expect("ACK at a quarter of the buffer");
+        assert_eq!(ack.ack_number, Some(REMOTE_SEQ + 1 + 3 * DEFAULT_MSS));
     }
 
     #[test]

@@ -11,12 +11,26 @@ pub(super) mod cubic;
 pub(super) mod reno;
 
 /// meshvpn patch: how much an ACK of `acked` bytes grows the window in slow
-/// start: what it ACKed, up to RFC 3465's limit L = 2 MSS (so a stretch ACK
-/// does not cause a burst). With 1 MSS per ACK, a receiver that ACKs every
-/// second segment (RFC 9293) makes slow start grow 1.5x per RTT, not 2x.
+/// start: all it acknowledged (RFC 3465 byte counting without its limit L, as
+/// Linux's `tcp_slow_start` credits every segment a stretch ACK covers), so a
+/// receiver that ACKs every Nth segment does not slow the sender down; but
+/// not past `ssthresh` (the rest of the ACK belongs to congestion avoidance).
+/// Upstream grew the window by at most 1 MSS per ACK, which made slow start
+/// grow 1.5x per RTT against a receiver that ACKs every second segment.
 #[cfg(any(feature = "socket-tcp-cubic", feature = "socket-tcp-reno"))]
-pub(super) fn slow_start_increase(acked: usize, mss: usize) -> usize {
-    acked.min(2 * mss)
+pub(super) fn slow_start_increase(cwnd: usize, ssthresh: usize, acked: usize) -> usize {
+    acked.min(ssthresh.saturating_sub(cwnd))
+}
+
+/// meshvpn patch: how much an ACK of `acked` bytes grows the window in
+/// congestion avoidance for a Reno-like rule of one MSS per window of data
+/// acknowledged: `mss * acked / cwnd` (at least 1 byte), the per-ACK form of
+/// RFC 3465's byte counting. Upstream added `mss * mss / cwnd` per ACK whatever
+/// it acknowledged, so a receiver that ACKs every Nth segment made the window
+/// grow N/2 times more slowly than one that ACKs every second.
+#[cfg(any(feature = "socket-tcp-cubic", feature = "socket-tcp-reno"))]
+pub(super) fn avoidance_increase(cwnd: usize, acked: usize, mss: usize) -> usize {
+    (mss.saturating_mul(acked) / cwnd.max(1)).max(1)
 }
 
 #[allow(unused_variables)]

@@ -78,7 +78,11 @@ impl Controller for Cubic {
     }
 
     fn on_ack(&mut self, now: Instant, len: usize, in_flight: usize, rtt: &RttEstimator) {
-        let segment = len.min(self.mss);
+        // meshvpn patch: the bytes this ACK acknowledged, not at most one
+        // MSS, so W_est and the cubic increment grow per byte acknowledged
+        // (RFC 3465 byte counting) and a receiver that ACKs every Nth
+        // segment does not slow congestion avoidance down.
+        let segment = len;
 
         self.absorb_idle(now);
 
@@ -105,13 +109,11 @@ impl Controller for Cubic {
             return;
         } else if self.cwnd < self.ssthresh {
             // Slow start: increase `cwnd` by what was ACKed (meshvpn patch:
-            // up to 2 MSS per ACK, RFC 3465's L, instead of 1 MSS: with a
-            // receiver that ACKs every second segment the window then doubles
-            // per RTT, as Linux's tcp_slow_start, which counts the segments
-            // ACKed, does).
+            // all of it, up to ssthresh, instead of 1 MSS per ACK, see
+            // `slow_start_increase`).
             self.cwnd = self
                 .cwnd
-                .saturating_add(super::slow_start_increase(len, self.mss))
+                .saturating_add(super::slow_start_increase(self.cwnd, self.ssthresh, len))
                 .min(self.rwnd)
                 .max(self.mss);
             return;
@@ -464,6 +466,66 @@ mod test {
         assert_eq!(cubic.ssthresh, (4.0 * MSS as f64 * BETA_CUBIC) as usize);
     }
 
+    // meshvpn patch: byte counting. A stretch ACK of 16 segments grows the
+    // window in slow start by 16 segments, as 16 ACKs of one segment do.
+    #[test]
+    fn stretch_ack_counts_every_segment_in_slow_start() {
+        let mut stretch = Cubic::new();
+        stretch.set_mss(MSS);
+        let mut single = Cubic::new();
+        single.set_mss(MSS);
+        let initial_cwnd = stretch.window();
+
+        ack(&mut stretch, 16 * MSS, Instant::from_millis(1));
+        for _ in 0..16 {
+            ack(&mut single, MSS, Instant::from_millis(1));
+        }
+        assert_eq!(stretch.window(), initial_cwnd + 16 * MSS);
+        assert_eq!(single.window(), stretch.window());
+
+        // It stops at ssthresh, where congestion avoidance takes over.
+        stretch.ssthresh = stretch.window() + 4 * MSS;
+        ack(&mut stretch, 16 * MSS, Instant::from_millis(2));
+        assert_eq!(stretch.window(), stretch.ssthresh);
+    }
+
+    // meshvpn patch: in congestion avoidance the window grows with the
+    // bytes acknowledged, not with the number of ACKs: one window of data
+    // ACKed 16 segments at a time grows it as much as the same data ACKed
+    // segment by segment at the same instants (about one MSS per RTT in the
+    // Reno-friendly region right after a loss; upstream, counting at most
+    // one MSS per ACK, grew it 16 times less).
+    #[test]
+    fn congestion_avoidance_grows_per_byte_not_per_ack() {
+        let grow = |per_ack: usize| {
+            let mut cubic = Cubic::new();
+            cubic.set_mss(MSS);
+            cubic.rwnd = 1024 * MSS;
+            cubic.w_max = 90 * MSS;
+            cubic.recompute_k();
+            cubic.cwnd = 64 * MSS;
+            cubic.ssthresh = cubic.cwnd;
+            cubic.w_est = cubic.cwnd as f64;
+            cubic.cwnd_prior = 90 * MSS;
+            cubic.recovery_start = Some(Instant::from_millis(0));
+            let start = cubic.window();
+            // One RTT of 10 ms: a window's worth of data acknowledged.
+            let acks = start / MSS / per_ack;
+            for i in 0..acks {
+                let now = Instant::from_micros((10_000 * (i + 1) / acks) as i64);
+                ack(&mut cubic, per_ack * MSS, now);
+            }
+            cubic.window() - start
+        };
+        let single = grow(1);
+        let stretch = grow(16);
+        assert!(single > MSS / 4 && single < 2 * MSS, "grew {single}");
+        assert!(
+            stretch * 10 >= single * 8 && stretch * 10 <= single * 12,
+            "per segment {single}, per 16 segments {stretch}"
+        );
+    }
+
     #[test]
     fn slow_start_works() {
         let mut cubic = Cubic::new();
@@ -484,16 +546,16 @@ mod test {
         assert_eq!(cubic.recovery_start, None);
         assert_eq!(cubic.w_max, w_max_before_rto);
 
-        // slow start grows by at most 2 MSS per ack (meshvpn patch: RFC
-        // 3465's L; it was 1 MSS)
+        // slow start grows by what each ack acknowledged (meshvpn patch:
+        // RFC 3465 byte counting; it was 1 MSS per ack)
         let initial_cwnd = cubic.window();
-        for i in 0..5 {
+        for i in 0..3 {
             let initial_cwnd = cubic.window();
             let now = Instant::from_millis(i);
             ack(&mut cubic, MSS * 3, now);
-            assert_eq!(cubic.window(), initial_cwnd + 2 * MSS);
+            assert_eq!(cubic.window(), initial_cwnd + 3 * MSS);
         }
-        assert_eq!(cubic.window(), initial_cwnd + MSS * 10);
+        assert_eq!(cubic.window(), initial_cwnd + MSS * 9);
 
         // slow start uses the number of ACKed bytes if they're less than the MSS
         let initial_cwnd = cubic.window();
@@ -535,15 +597,15 @@ mod test {
         assert_eq!(cubic.window(), MSS);
         assert_eq!(cubic.ssthresh, (rto_cwnd as f64 * BETA_CUBIC) as usize);
 
-        // slow start again until cwnd reaches new ssthresh
+        // slow start again until cwnd reaches new ssthresh (meshvpn patch:
+        // the last step stops at ssthresh, see `slow_start_increase`)
         while cubic.window() < cubic.ssthresh {
             time += 1;
             let initial_cwnd = cubic.window();
             ack(&mut cubic, MSS, Instant::from_millis(time));
-            assert_eq!(cubic.window(), initial_cwnd + MSS);
+            assert_eq!(cubic.window(), (initial_cwnd + MSS).min(cubic.ssthresh));
         }
-        assert!(cubic.window() >= cubic.ssthresh);
-        assert!(cubic.window() < cubic.ssthresh + MSS);
+        assert_eq!(cubic.window(), cubic.ssthresh);
 
         // ca: first CA ACK starts a fresh epoch with W_max = cwnd and K = 0.
         time += 1;

@@ -56,13 +56,14 @@ impl Controller for Reno {
             return;
         }
 
+        // meshvpn patch: both phases count the bytes ACKed, not the ACKs
+        // (see `slow_start_increase` and `avoidance_increase`).
         let inc = if self.cwnd < self.ssthresh {
-            // Slow start: increase `cwnd` by what was ACKed, up to 2 MSS
-            // (meshvpn patch, see `slow_start_increase`).
-            super::slow_start_increase(len, self.mss)
+            // Slow start: increase `cwnd` by what was ACKed.
+            super::slow_start_increase(self.cwnd, self.ssthresh, len)
         } else {
             // Congestion avoidance: increase by ~1 MSS per RTT.
-            (self.mss * self.mss / self.cwnd).max(1)
+            super::avoidance_increase(self.cwnd, len, self.mss)
         };
 
         self.cwnd = self.cwnd.saturating_add(inc).min(self.rwnd).max(self.mss);
@@ -196,6 +197,51 @@ mod test {
         assert!(reno.window() < initial_cwnd + MSS);
     }
 
+    // meshvpn patch: byte counting. A stretch ACK of 16 segments grows the
+    // window in slow start by 16 segments, as 16 ACKs of one segment do.
+    #[test]
+    fn stretch_ack_counts_every_segment_in_slow_start() {
+        let mut stretch = Reno::new();
+        stretch.set_mss(MSS);
+        let mut single = Reno::new();
+        single.set_mss(MSS);
+        let initial_cwnd = stretch.window();
+
+        ack(&mut stretch, 16 * MSS, Instant::from_millis(1));
+        for _ in 0..16 {
+            ack(&mut single, MSS, Instant::from_millis(1));
+        }
+        assert_eq!(stretch.window(), initial_cwnd + 16 * MSS);
+        assert_eq!(single.window(), stretch.window());
+
+        // It stops at ssthresh, where congestion avoidance takes over.
+        stretch.ssthresh = stretch.window() + 4 * MSS;
+        ack(&mut stretch, 16 * MSS, Instant::from_millis(2));
+        assert_eq!(stretch.window(), stretch.ssthresh);
+    }
+
+    // meshvpn patch: congestion avoidance still grows about one MSS per
+    // window of data acknowledged, whether it comes in ACKs of 1, 2 or 16
+    // segments.
+    #[test]
+    fn congestion_avoidance_grows_one_mss_per_window_of_acks() {
+        for per_ack in [1, 2, 16] {
+            let mut reno = Reno::new();
+            reno.set_mss(MSS);
+            reno.rwnd = 1024 * MSS;
+            reno.cwnd = 64 * MSS;
+            reno.ssthresh = 64 * MSS;
+            for i in 0..64 / per_ack {
+                ack(&mut reno, per_ack * MSS, Instant::from_millis(i as i64));
+            }
+            let grown = reno.window() - 64 * MSS;
+            assert!(
+                grown > MSS * 9 / 10 && grown <= MSS,
+                "{per_ack} segments per ack: grew {grown} bytes in one window"
+            );
+        }
+    }
+
     #[test]
     fn slow_start_works() {
         let mut reno = Reno::new();
@@ -212,16 +258,16 @@ mod test {
         assert_eq!(reno.ssthresh, inflight / 2);
         assert_eq!(reno.window(), MSS);
 
-        // slow start grows by at most 2 MSS per ack (meshvpn patch: RFC
-        // 3465's L; it was 1 MSS)
+        // slow start grows by what each ack acknowledged (meshvpn patch:
+        // RFC 3465 byte counting; it was 1 MSS per ack)
         let initial_cwnd = reno.window();
-        for i in 0..5 {
+        for i in 0..3 {
             let initial_cwnd = reno.window();
             let now = Instant::from_millis(i);
             ack(&mut reno, MSS * 3, now);
-            assert_eq!(reno.window(), initial_cwnd + 2 * MSS);
+            assert_eq!(reno.window(), initial_cwnd + 3 * MSS);
         }
-        assert_eq!(reno.window(), initial_cwnd + MSS * 10);
+        assert_eq!(reno.window(), initial_cwnd + MSS * 9);
 
         // slow start uses the number of ACKed bytes if they're less than the MSS
         let initial_cwnd = reno.window();
