@@ -27,10 +27,6 @@
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
-if [[ -z ${MESHVPN_BIN:-} ]]; then
-	MESHVPN_BIN=$ROOT/target/release/meshvpn
-	[[ -x $MESHVPN_BIN ]] || MESHVPN_BIN=$ROOT/target/debug/meshvpn
-fi
 NETNS_TOOLS="ping ss nft"
 # shellcheck source=cli/tests/netns/lib.sh
 source "$ROOT/cli/tests/netns/lib.sh"

@@ -31,10 +31,6 @@
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
-if [[ -z ${MESHVPN_BIN:-} ]]; then
-	MESHVPN_BIN=$ROOT/target/release/meshvpn
-	[[ -x $MESHVPN_BIN ]] || MESHVPN_BIN=$ROOT/target/debug/meshvpn
-fi
 NETNS_TOOLS="wg ping iperf3 curl python3 nft etcd etcdctl openssl ss go"
 # shellcheck source=cli/tests/netns/lib.sh
 source "$ROOT/cli/tests/netns/lib.sh"

@@ -4,8 +4,9 @@
 # SKIP when they are missing), checks for the Debian tools, makes a private
 # temp dir $T (with `meshvpn` on PATH for wg-quick), and installs a cleanup
 # trap that kills every process in the namespaces made through make_pair or
-# add_ns and deletes them. The caller sets ROOT and MESHVPN_BIN first, and
-# may set NETNS_TOOLS (default: wireguard-go wg wg-quick iperf3 ping).
+# add_ns and deletes them. The caller sets ROOT first, and may set
+# MESHVPN_BIN (default: the release build, else the debug build under ROOT)
+# and NETNS_TOOLS (default: wireguard-go wg wg-quick iperf3 ping).
 #
 # Functions: skip pass fail in_ns add_ns del_ns make_pair start_impl
 # configure tunnel_pair pings no_pings iperf_server iperf iperf_both
@@ -31,6 +32,10 @@ done
 if ((${#missing[@]})); then
 	echo "FAIL: missing ${missing[*]}: apt-get install -y --no-install-recommends wireguard-go wireguard-tools iperf3 iputils-ping iproute2" >&2
 	exit 1
+fi
+if [[ -z ${MESHVPN_BIN:-} ]]; then
+	MESHVPN_BIN=$ROOT/target/release/meshvpn
+	[[ -x $MESHVPN_BIN ]] || MESHVPN_BIN=$ROOT/target/debug/meshvpn
 fi
 if [[ ! -x $MESHVPN_BIN ]]; then
 	echo "FAIL: no meshvpn binary at $MESHVPN_BIN: run cargo build --release -p meshvpn-cli, or set MESHVPN_BIN" >&2

@@ -47,10 +47,6 @@ set -uo pipefail
 GAP_MAX=${GAP_MAX:-10}
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
-if [[ -z ${MESHVPN_BIN:-} ]]; then
-	MESHVPN_BIN=$ROOT/target/release/meshvpn
-	[[ -x $MESHVPN_BIN ]] || MESHVPN_BIN=$ROOT/target/debug/meshvpn
-fi
 NETNS_TOOLS="nft ss wg iperf3 ping"
 # shellcheck source=cli/tests/netns/lib.sh
 source "$ROOT/cli/tests/netns/lib.sh"

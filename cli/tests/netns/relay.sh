@@ -19,10 +19,6 @@
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
-if [[ -z ${MESHVPN_BIN:-} ]]; then
-	MESHVPN_BIN=$ROOT/target/release/meshvpn
-	[[ -x $MESHVPN_BIN ]] || MESHVPN_BIN=$ROOT/target/debug/meshvpn
-fi
 NETNS_TOOLS="wg ping openssl ss"
 MESHVPN_LOG_LEVEL=${MESHVPN_LOG_LEVEL:-info}
 # shellcheck source=cli/tests/netns/lib.sh

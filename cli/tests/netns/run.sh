@@ -22,10 +22,6 @@
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)
-if [[ -z ${MESHVPN_BIN:-} ]]; then
-	MESHVPN_BIN=$ROOT/target/release/meshvpn
-	[[ -x $MESHVPN_BIN ]] || MESHVPN_BIN=$ROOT/target/debug/meshvpn
-fi
 MODE=scenarios
 case "${1:-}" in
 --iperf-matrix) MODE=matrix ;;
