@@ -302,6 +302,23 @@ for s in $STREAMS; do
 		M[$v,$s,cpu]=$(median ${CPU[$v,$s]:-})
 	done
 done
+# One table of ratios per stream count: a header, then one column per
+# A/B/KIND (KIND gb or cpu), each the ratio of A's median to B's.
+ratio_table() {
+	local head=$1 s c a b k row
+	shift
+	echo
+	echo "| streams | $head |"
+	echo "|---$(printf '|---%.0s' "$@")|"
+	for s in $STREAMS; do
+		row="| $s"
+		for c in "$@"; do
+			IFS=/ read -r a b k <<<"$c"
+			row+=" | $(ratio "${M[$a,$s,$k]:-}" "${M[$b,$s,$k]:-}")"
+		done
+		echo "$row |"
+	done
+}
 table() {
 	echo "# Userspace TCP/IP stacks in process, side by side"
 	echo
@@ -330,29 +347,14 @@ table() {
 			echo "| $v | $s | $(or_dash "${M[$v,$s,gb]}") | $(or_dash "${M[$v,$s,cpu]}") | ${FAILS[$v,$s]:+yes} |"
 		done
 	done
-	echo
-	echo "| streams | rust / gvisor Gbit/s | go / rust Gbit/s | gvisor / rust CPU s/GB |"
-	echo "|---|---|---|---|"
-	for s in $STREAMS; do
-		echo "| $s | $(ratio "${M[rust,$s,gb]:-}" "${M[gvisor,$s,gb]:-}") | $(ratio "${M[go,$s,gb]:-}" "${M[rust,$s,gb]:-}") | $(ratio "${M[gvisor,$s,cpu]:-}" "${M[rust,$s,cpu]:-}") |"
-	done
+	ratio_table "rust / gvisor Gbit/s | go / rust Gbit/s | gvisor / rust CPU s/GB" rust/gvisor/gb go/rust/gb gvisor/rust/cpu
 	if [[ " $VARIANTS " == *" tsnet "* ]]; then
-		echo
-		echo "| streams | rust / tsnet Gbit/s | tsnet / rust CPU s/GB | gvisor / tsnet Gbit/s |"
-		echo "|---|---|---|---|"
-		for s in $STREAMS; do
-			echo "| $s | $(ratio "${M[rust,$s,gb]:-}" "${M[tsnet,$s,gb]:-}") | $(ratio "${M[tsnet,$s,cpu]:-}" "${M[rust,$s,cpu]:-}") | $(ratio "${M[gvisor,$s,gb]:-}" "${M[tsnet,$s,gb]:-}") |"
-		done
+		ratio_table "rust / tsnet Gbit/s | tsnet / rust CPU s/GB | gvisor / tsnet Gbit/s" rust/tsnet/gb tsnet/rust/cpu gvisor/tsnet/gb
 	fi
 	if [[ " $VARIANTS " == *" rust-base "* ]]; then
 		echo
 		echo "rust-base: $NSB_BASE_BIN, the same transfer built from another commit."
-		echo
-		echo "| streams | rust / rust-base Gbit/s | rust / rust-base CPU s/GB |"
-		echo "|---|---|---|"
-		for s in $STREAMS; do
-			echo "| $s | $(ratio "${M[rust,$s,gb]:-}" "${M[rust-base,$s,gb]:-}") | $(ratio "${M[rust,$s,cpu]:-}" "${M[rust-base,$s,cpu]:-}") |"
-		done
+		ratio_table "rust / rust-base Gbit/s | rust / rust-base CPU s/GB" rust/rust-base/gb rust/rust-base/cpu
 	fi
 	echo
 	echo "rust: benches/src/bin/netstack_xfer.rs; go and gvisor: bindings/go/interop/cmd/nsbench;"
