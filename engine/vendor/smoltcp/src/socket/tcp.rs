@@ -2311,9 +2311,15 @@ impl<'a> Socket<'a> {
                     // Clear the remote endpoint, or we'll send an RST there.
                     self.set_state(State::Closed);
                     self.tuple = None;
-                } else if ack_len == 0 {
+                } else if ack_len == 0 && self.tx_buffer.is_empty() {
                     // Duplicate ACK; our FIN has not been acknowledged.
                     // Per RFC 9293 (3.10.7.4), send a challenge ACK.
+                    // meshvpn patch: only when the FIN is all that is left to
+                    // send. With data still queued, a duplicate ACK is flow
+                    // and loss information (a window update after a zero
+                    // window, SACK blocks): answering it with a challenge ACK
+                    // and dropping it left the window at zero for good, and a
+                    // transfer whose receiver had closed its side first stalled.
                     return self.challenge_ack_reply(cx, ip_repr, repr);
                 }
                 // Partial ACK: fall through to advance SND.UNA normally.
@@ -6433,6 +6439,39 @@ mod test {
         assert_eq!(s.state, State::LastAck);
         // SND.UNA has advanced to the partial ACK number.
         assert_eq!(s.local_seq_no, LOCAL_SEQ + 1 + 1);
+    }
+
+    // meshvpn patch: a LAST-ACK socket with data queued behind a zero window
+    // takes the window update from a duplicate ACK and sends the data.
+    #[test]
+    fn test_last_ack_window_update_with_data_queued() {
+        let mut s = socket_last_ack();
+        s.tx_buffer.enqueue_slice(b"abcdef");
+        s.remote_win_len = 0;
+        // The zero window holds the data back (a probe aside).
+        recv_nothing!(s, time 0);
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                window_len: 64,
+                ..SEND_TEMPL
+            }
+        );
+        assert_eq!(s.state, State::LastAck);
+        assert_eq!(s.remote_win_len, 64);
+        recv!(
+            s,
+            time 0,
+            Ok(TcpRepr {
+                control: TcpControl::Fin,
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + 1),
+                payload: &b"abcdef"[..],
+                ..RECV_TEMPL
+            })
+        );
     }
 
     #[test]
