@@ -2594,8 +2594,10 @@ meshvpn_result meshvpn_netstack_ping(struct meshvpn_netstack *netstack,
  * NUL into `*out_len`. Follows the buffer protocol of
  * `meshvpn_result_message`: `buf` NULL and `buf_len` 0 writes the size
  * needed (NUL included) into `*out_len`; a buffer too small gets
- * `MESHVPN_BUFFER_TOO_SMALL` and nothing is written. The size may grow
- * between two calls (a handshake, new peers): retry with the new size.
+ * `MESHVPN_BUFFER_TOO_SMALL` and nothing is written. The size changes
+ * between two calls (handshake times and byte counters change length, peers
+ * come and go): retry with the new size on `MESHVPN_BUFFER_TOO_SMALL`, or
+ * leave room.
  *
  * The text holds the private and preshared keys: a secret; wipe it.
  *
