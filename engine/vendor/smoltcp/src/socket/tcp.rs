@@ -2737,6 +2737,24 @@ impl<'a> Socket<'a> {
             can_send = false;
         }
 
+        // meshvpn patch: sender-side silly window avoidance (RFC 9293
+        // 3.8.6.2.1; Linux counts its window in whole segments). While data
+        // is in flight, a segment shorter than the MSS goes out only when it
+        // carries the last queued byte, never because the congestion or the
+        // receive window has less than a segment of room left: the ACKs on
+        // the way open it again. Without Nagle, every window edge sent such
+        // a runt, and a peer that pays per packet (a WireGuard receiver)
+        // carried fewer bytes.
+        let queued_end = self.local_seq_no + self.tx_buffer.len();
+        let unsent = if queued_end > self.remote_last_seq {
+            queued_end - self.remote_last_seq
+        } else {
+            0
+        };
+        if data_in_flight && !can_send_full && max_send < unsent {
+            can_send = false;
+        }
+
         // Can we actually send the FIN? We can send it if:
         // 1. We have unsent data that fits in the remote window.
         // 2. We have no unsent data.
@@ -5267,6 +5285,57 @@ mod test {
                 payload: &b"foobar"[..],
                 ..RECV_TEMPL
             }]
+        );
+    }
+
+    // meshvpn patch: sender-side silly window avoidance. With data in flight
+    // and more queued than the window has room for, nothing shorter than
+    // the MSS goes out; the tail of the queued data still does.
+    #[test]
+    fn test_no_runt_at_the_window_edge() {
+        let mut s = socket_established();
+        s.set_nagle_enabled(false);
+        s.remote_mss = 6;
+        s.remote_win_len = 9;
+        s.send_slice(b"abcdefghijklmn").unwrap();
+        // 6 of the 9 bytes of window: one full segment, then 3 bytes of room
+        // with 8 queued: held, not sent as a 3-byte runt.
+        recv!(
+            s,
+            [TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1),
+                payload: &b"abcdef"[..],
+                ..RECV_TEMPL
+            }]
+        );
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1 + 6),
+                window_len: 9,
+                ..SEND_TEMPL
+            }
+        );
+        // The window moved on: a full segment, then the 2-byte tail (the
+        // last queued bytes go out without Nagle even with data in flight).
+        recv!(
+            s,
+            [
+                TcpRepr {
+                    seq_number: LOCAL_SEQ + 1 + 6,
+                    ack_number: Some(REMOTE_SEQ + 1),
+                    payload: &b"ghijkl"[..],
+                    ..RECV_TEMPL
+                },
+                TcpRepr {
+                    seq_number: LOCAL_SEQ + 1 + 12,
+                    ack_number: Some(REMOTE_SEQ + 1),
+                    payload: &b"mn"[..],
+                    ..RECV_TEMPL
+                }
+            ]
         );
     }
 
