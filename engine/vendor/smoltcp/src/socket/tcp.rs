@@ -1608,7 +1608,22 @@ impl<'a> Socket<'a> {
     /// of lost segments takes about one RTT rather than one RTT each.
     fn lost_hole_to_send(&self, mss: usize) -> Option<(TcpSeqNumber, usize)> {
         let (start, len) = self.lost_hole(self.local_seq_no)?;
-        (self.cwnd_remaining() >= len.min(mss)).then_some((start, len))
+        (self.cwnd_room(mss) >= len.min(mss)).then_some((start, len))
+    }
+
+    /// meshvpn patch: the congestion window's room rounded up to whole
+    /// segments, as Linux counts its window in packets: any room at all lets
+    /// a full segment go, overshooting the window by less than one. Byte
+    /// counting and the multiplicative decrease leave the window at no
+    /// multiple of the MSS; rounded down, the rest would go unused for good
+    /// (a recovering window of 4.5 segments carrying 4), and sent as it is,
+    /// it made a runt segment at every window edge.
+    fn cwnd_room(&self, mss: usize) -> usize {
+        let room = self.cwnd_remaining();
+        match room % mss.max(1) {
+            0 => room,
+            part => room.saturating_add(mss - part),
+        }
     }
 
     fn cwnd_remaining(&self) -> usize {
@@ -2713,7 +2728,7 @@ impl<'a> Socket<'a> {
         };
 
         // compare max bytes allowed by cwnd with max bytes allowed by remote
-        let max_send = capped_send_seq.min(self.cwnd_remaining());
+        let max_send = capped_send_seq.min(self.cwnd_room(effective_mss));
 
         // Can we send at least 1 octet?
         let mut can_send = max_send != 0;
@@ -3147,7 +3162,9 @@ impl<'a> Socket<'a> {
                         // the remote got lost.
                         win_limit.min(device_limit)
                     } else {
-                        win_limit.min(device_limit).min(self.cwnd_remaining())
+                        win_limit
+                            .min(device_limit)
+                            .min(self.cwnd_room(effective_mss))
                     };
 
                     let offset = self.flight_size();
@@ -7024,6 +7041,31 @@ mod test {
             payload: &data[..1024],
             ..RECV_TEMPL
         }));
+    }
+
+    // meshvpn patch: the congestion window's room counts in whole segments,
+    // rounded up: Reno's 2048-byte initial window with a 1000-byte MSS sends
+    // three full segments, not two and a 48-byte runt.
+    #[test]
+    #[cfg(feature = "socket-tcp-reno")]
+    fn test_congestion_window_room_rounds_up_to_whole_segments() {
+        let mut s = socket_established_with_buffer_sizes(8192, 64);
+        s.set_congestion_control(CongestionControl::Reno);
+        s.set_nagle_enabled(false);
+        s.remote_win_len = 65535;
+        s.remote_mss = 1000;
+
+        let data = [b'x'; 8192];
+        s.send_slice(&data[..]).unwrap();
+        for i in 0..3 {
+            recv!(s, time 0, Ok(TcpRepr {
+                seq_number: LOCAL_SEQ + 1 + i * 1000,
+                ack_number: Some(REMOTE_SEQ + 1),
+                payload: &data[..1000],
+                ..RECV_TEMPL
+            }));
+        }
+        recv_nothing!(s, time 0);
     }
 
     #[test]
