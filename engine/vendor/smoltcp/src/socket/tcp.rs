@@ -2759,7 +2759,9 @@ impl<'a> Socket<'a> {
         // receive window has less than a segment of room left: the ACKs on
         // the way open it again. Without Nagle, every window edge sent such
         // a runt, and a peer that pays per packet (a WireGuard receiver)
-        // carried fewer bytes.
+        // carried fewer bytes. With the congestion window's room counted in
+        // whole segments (`cwnd_room`), the edge this holds at is the
+        // receive window's.
         let queued_end = self.local_seq_no + self.tx_buffer.len();
         let unsent = if queued_end > self.remote_last_seq {
             queued_end - self.remote_last_seq
