@@ -516,6 +516,13 @@ pub struct Socket<'a> {
     remote_last_ack: Option<TcpSeqNumber>,
     /// The last window length sent.
     remote_last_win: u16,
+    /// meshvpn patch: the furthest right edge (acknowledgement plus scaled
+    /// window) advertised so far, when the last advertisement fell short of
+    /// it. A window is advertised rounded down to the scale, so the edge
+    /// retracts by up to `2^shift - 1` bytes from one ACK to the next
+    /// although no buffer space was taken back; `process` accepts data up
+    /// to this edge.
+    remote_adv_edge: Option<TcpSeqNumber>,
     /// The sending window scaling factor advertised to remotes which support RFC 1323.
     /// It is zero if the window <= 64KiB and/or the remote does not support it.
     remote_win_shift: u8,
@@ -656,6 +663,7 @@ impl<'a> Socket<'a> {
             remote_last_seq: TcpSeqNumber::default(),
             remote_last_ack: None,
             remote_last_win: 0,
+            remote_adv_edge: None,
             remote_win_len: 0,
             remote_win_shift: rx_cap_log2.saturating_sub(16) as u8,
             remote_win_scale: None,
@@ -828,6 +836,17 @@ impl<'a> Socket<'a> {
         u16::try_from(self.rx_buffer.window() >> self.remote_win_shift).unwrap_or(u16::MAX)
     }
 
+    /// meshvpn patch: `remote_adv_edge` once `ack` and `window` are sent:
+    /// the furthest right edge advertised so far, if the new one falls
+    /// short of it.
+    fn furthest_edge(&self, ack: Option<TcpSeqNumber>, window: u16) -> Option<TcpSeqNumber> {
+        let shift = self.remote_win_shift as usize;
+        let (last, ack) = (self.remote_last_ack?, ack?);
+        let last_edge = last + ((self.remote_last_win as usize) << shift);
+        let earlier = self.remote_adv_edge.map_or(last_edge, |e| e.max(last_edge));
+        (earlier > ack + ((window as usize) << shift)).then_some(earlier)
+    }
+
     /// Return the last window field value, including scaling according to RFC 1323.
     ///
     /// Used in internal calculations as well as packet generation.
@@ -842,7 +861,14 @@ impl<'a> Socket<'a> {
         let next_ack = self.remote_seq_no + self.rx_buffer.len();
 
         let last_win = (self.remote_last_win as usize) << self.remote_win_shift;
-        let last_win_adjusted = last_ack + last_win - next_ack;
+        // meshvpn patch: data may have arrived past the last advertised
+        // edge (up to `remote_adv_edge`): then nothing of that window is left.
+        let last_edge = last_ack + last_win;
+        let last_win_adjusted = if last_edge > next_ack {
+            last_edge - next_ack
+        } else {
+            0
+        };
 
         Some(u16::try_from(last_win_adjusted >> self.remote_win_shift).unwrap_or(u16::MAX))
     }
@@ -996,6 +1022,7 @@ impl<'a> Socket<'a> {
         self.remote_last_seq = TcpSeqNumber::default();
         self.remote_last_ack = None;
         self.remote_last_win = 0;
+        self.remote_adv_edge = None;
         self.remote_win_len = 0;
         self.remote_win_scale = None;
         self.remote_win_shift = rx_cap_log2.saturating_sub(16) as u8;
@@ -1724,12 +1751,13 @@ impl<'a> Socket<'a> {
         // to be received.
         reply_repr.seq_number = self.bare_seq();
         reply_repr.ack_number = Some(self.remote_seq_no + self.rx_buffer.len());
-        self.remote_last_ack = reply_repr.ack_number;
 
         // From RFC 1323:
         // The window field [...] of every outgoing segment, with the exception of SYN
         // segments, is right-shifted by [advertised scale value] bits[...]
         reply_repr.window_len = self.scaled_window();
+        self.remote_adv_edge = self.furthest_edge(reply_repr.ack_number, reply_repr.window_len);
+        self.remote_last_ack = reply_repr.ack_number;
         self.remote_last_win = reply_repr.window_len;
 
         // If the remote supports selective acknowledgement, add the option to the outgoing
@@ -1985,7 +2013,21 @@ impl<'a> Socket<'a> {
 
         let window_start = self.remote_seq_no + self.rx_buffer.len();
         let window_end = if let Some(last_ack) = self.remote_last_ack {
-            last_ack + ((self.remote_last_win as usize) << self.remote_win_shift)
+            let advertised = last_ack + ((self.remote_last_win as usize) << self.remote_win_shift);
+            // meshvpn patch: up to the furthest edge advertised, as far as
+            // the buffer reaches (RFC 7323 2.4: a window rounded down to the
+            // scale retracts the edge, and the remote may have sent up to the
+            // earlier one). Trimming that data cut the tail off segments in
+            // flight, which the remote then recovered as a loss, halving its
+            // congestion window: nearly every fast retransmit of a bulk
+            // transfer between two of these stacks.
+            match self.remote_adv_edge {
+                Some(edge) if edge > advertised => {
+                    let buffer_end = self.remote_seq_no + self.rx_buffer.capacity();
+                    edge.min(buffer_end).max(advertised)
+                }
+                _ => advertised,
+            }
         } else {
             window_start
         };
@@ -3306,6 +3348,7 @@ impl<'a> Socket<'a> {
         if self.snd_max.is_some_and(|max| self.remote_last_seq >= max) {
             self.snd_max = None;
         }
+        self.remote_adv_edge = self.furthest_edge(repr.ack_number, repr.window_len);
         self.remote_last_ack = repr.ack_number;
         self.remote_last_win = repr.window_len;
 
@@ -5194,6 +5237,118 @@ mod test {
                 ..RECV_TEMPL
             })
         );
+    }
+
+    // meshvpn patch: a window advertised rounded down to the scale puts the
+    // right edge back a few bytes; data the remote sent up to the earlier
+    // edge is kept whole, not trimmed into a loss.
+    #[test]
+    fn test_data_up_to_a_retracted_edge_is_kept() {
+        const CAP: usize = 262144;
+        let mut s = socket_established_with_buffer_sizes(64, CAP);
+        assert_eq!(s.remote_win_shift, 3);
+        let edge = REMOTE_SEQ + 1 + CAP;
+        // 1003 bytes in order. The ACK's window, the 261141 bytes left
+        // rounded down to a multiple of 8, ends 5 bytes short of `edge`.
+        let first = vec![1u8; 1003];
+        let seg = TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1),
+            payload: &first,
+            ..SEND_TEMPL
+        };
+        let mut ack =
+            send(&mut s, Instant::from_millis(0), &seg).map(|r| (r.ack_number, r.window_len));
+        if ack.is_none() {
+            recv(&mut s, Instant::from_millis(1000), |r| {
+                let r = r.unwrap();
+                ack = Some((r.ack_number, r.window_len));
+            });
+        }
+        let (ack, window) = ack.unwrap();
+        assert_eq!(ack, Some(REMOTE_SEQ + 1 + 1003));
+        assert_eq!(ack.unwrap() + ((window as usize) << 3), edge - 5);
+        // The remote had sent up to `edge` before that ACK reached it.
+        let last = vec![3u8; 1000];
+        let seg = TcpRepr {
+            seq_number: edge - 1000,
+            ack_number: Some(LOCAL_SEQ + 1),
+            payload: &last,
+            ..SEND_TEMPL
+        };
+        send(&mut s, Instant::from_millis(1000), &seg);
+        let hole = CAP - 1003 - 1000;
+        assert_eq!(
+            s.assembler.iter_data().collect::<Vec<_>>(),
+            [(hole, hole + 1000)]
+        );
+        // The hole filled, every byte up to the edge is there to read.
+        let middle = vec![2u8; hole];
+        let seg = TcpRepr {
+            seq_number: REMOTE_SEQ + 1 + 1003,
+            ack_number: Some(LOCAL_SEQ + 1),
+            payload: &middle,
+            ..SEND_TEMPL
+        };
+        send(&mut s, Instant::from_millis(1000), &seg);
+        let mut got = vec![0u8; CAP];
+        let mut n = 0;
+        while let Ok(k @ 1..) = s.recv_slice(&mut got[n..]) {
+            n += k;
+        }
+        assert_eq!(n, CAP);
+        assert!(got[..1003].iter().all(|&b| b == 1));
+        assert!(got[1003..1003 + hole].iter().all(|&b| b == 2));
+        assert!(got[CAP - 1000..].iter().all(|&b| b == 3));
+    }
+
+    // meshvpn patch: in-order data past the last advertised edge (up to an
+    // earlier one) leaves none of the last window, and the window update
+    // after a read goes out (the window left was an underflow before).
+    #[test]
+    fn test_window_update_after_data_past_the_last_edge() {
+        const CAP: usize = 262144;
+        let mut s = socket_established_with_buffer_sizes(64, CAP);
+        s.remote_mss = 1460;
+        let edge = REMOTE_SEQ + 1 + CAP;
+        // 541 bytes left free, advertised as 536 (67 << 3).
+        let first = vec![1u8; CAP - 541];
+        let reply = send(
+            &mut s,
+            Instant::from_millis(0),
+            &TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &first,
+                ..SEND_TEMPL
+            },
+        )
+        .unwrap();
+        assert_eq!(reply.ack_number, Some(edge - 541));
+        assert_eq!(reply.window_len, 67);
+        // The remote sends the 541 bytes an earlier ACK allowed; less than
+        // an MSS, so the ACK waits.
+        let last = vec![2u8; 541];
+        let reply = send(
+            &mut s,
+            Instant::from_millis(0),
+            &TcpRepr {
+                seq_number: edge - 541,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &last,
+                ..SEND_TEMPL
+            },
+        );
+        assert_eq!(reply, None);
+        assert_eq!(s.rx_buffer.len(), CAP);
+        let mut got = vec![0u8; 8000];
+        assert_eq!(s.recv_slice(&mut got), Ok(8000));
+        assert_eq!(s.socket.poll_at(&mut s.cx), PollAt::Now);
+        recv(&mut s, Instant::from_millis(0), |r| {
+            let r = r.unwrap();
+            assert_eq!(r.ack_number, Some(edge));
+            assert_eq!(r.window_len, 1000);
+        });
     }
 
     #[test]
