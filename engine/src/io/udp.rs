@@ -26,6 +26,17 @@ pub const RECV_BATCH: usize = 32;
 /// Largest UDP payload; a GRO train is at most this long too.
 pub const MAX_DATAGRAM: usize = 65535;
 
+/// The most UDP payload one send may carry to `to`, a GSO run's segments
+/// together: what the IP length field leaves. IPv4's total length counts
+/// its own 20-byte header and UDP's 8; IPv6's payload length counts only
+/// UDP's. Past it the kernel refuses the whole run (EMSGSIZE).
+fn max_send_payload(to: &SocketAddr) -> usize {
+    match to {
+        SocketAddr::V4(_) => 65535 - 20 - 8,
+        SocketAddr::V6(_) => 65535 - 8,
+    }
+}
+
 /// Socket buffer size asked of the kernel; bursts of a fast peer would
 /// otherwise overflow the default 208 KiB.
 const SOCKET_BUFFER: usize = 4 << 20;
@@ -76,16 +87,21 @@ impl BoundSocket {
 
     /// Sends `contents` to `to`, as one datagram, or with `segment_size` as
     /// datagrams of that size (the last may be shorter) in as few syscalls
-    /// as the kernel allows.
+    /// as the kernel allows: each GSO send at most its segment count and
+    /// [`max_send_payload`] bytes.
     pub fn send(
         &self,
         contents: &[u8],
         segment_size: Option<usize>,
         to: SocketAddr,
     ) -> io::Result<()> {
-        let max = self.state.max_gso_segments().max(1);
         match segment_size {
             Some(seg) if contents.len() > seg => {
+                let max = self
+                    .state
+                    .max_gso_segments()
+                    .min(max_send_payload(&to) / seg)
+                    .max(1);
                 for chunk in contents.chunks(seg * max) {
                     let seg = if chunk.len() > seg { Some(seg) } else { None };
                     self.send_one(chunk, seg, to)?;
@@ -379,6 +395,40 @@ mod tests {
         assert_eq!(r.unwrap_err().kind(), io::ErrorKind::WouldBlock);
         // Bounded: a handful of attempts, then the error.
         assert!((2..=10).contains(&attempts), "{attempts}");
+    }
+
+    /// A run whose datagrams add up to more than one IP packet can carry
+    /// (64 KiB less the headers), but less than 64 KiB: every datagram
+    /// arrives. One GSO send of it fails with EMSGSIZE, which dropped the
+    /// whole run (45 full WireGuard datagrams and a short one, about once
+    /// per GiB of a bulk transfer).
+    #[test]
+    fn a_run_longer_than_one_ip_packet_arrives_whole() {
+        const SEG: usize = 1452;
+        for (bind, rx_addr) in [(Domain::IPV4, "127.0.0.1:0"), (Domain::IPV6, "[::1]:0")] {
+            let Ok(rx) = UdpSocket::bind(rx_addr) else {
+                continue; // no IPv6 loopback here
+            };
+            rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let to = rx.local_addr().unwrap();
+            let tx = BoundSocket::bind(bind, 0, None).unwrap();
+            // 45 full segments and a last one that takes the run past the
+            // family's limit but not past 65535.
+            let last = max_send_payload(&to) - 45 * SEG + 3;
+            let mut run: Vec<u8> = (0..45).flat_map(|i| [i as u8; SEG]).collect();
+            run.extend(vec![45u8; last]);
+            assert!(run.len() > max_send_payload(&to) && run.len() <= MAX_DATAGRAM);
+            tx.send(&run, Some(SEG), to).unwrap();
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            for i in 0..46 {
+                let n = rx.recv(&mut buf).unwrap();
+                assert_eq!(n, if i < 45 { SEG } else { last }, "datagram {i} to {to}");
+                assert!(
+                    buf[..n].iter().all(|&b| b == i as u8),
+                    "datagram {i} to {to}"
+                );
+            }
+        }
     }
 
     #[test]

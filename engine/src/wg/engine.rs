@@ -166,8 +166,9 @@ struct TxBatch {
     run_closed: bool,
 }
 
-/// Bytes of encrypted datagrams a send batch holds (and so at most what
-/// one GSO send carries: the kernel's limit is 64 KiB).
+/// Bytes of encrypted datagrams a send batch holds. A run of it that is
+/// longer than one IP packet carries (IPv4: 65507 bytes of UDP payload)
+/// leaves in two GSO sends (`io::udp::BoundSocket::send` splits it).
 const TX_BATCH_BYTES: usize = 64 * 1024 - 1;
 
 impl Default for TxBatch {
