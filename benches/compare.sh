@@ -3,7 +3,7 @@
 # TUN, on this machine, in one run: two network namespaces joined by a veth,
 # the same implementation at both ends, iperf3 between the tunnel addresses.
 #
-#   benches/compare.sh [--runs N] [--time S] [--udp-rate R] [--impls "LIST"] [--out FILE]
+#   benches/compare.sh [--runs N] [--time S] [--udp-rate R] [--impls "LIST"] [--out FILE|-]
 #   benches/compare.sh --smoke     one short run each; fails unless each
 #                                  implementation available moved data
 #
@@ -24,7 +24,7 @@
 # seconds; ping RTT through the tunnel idle and under a TCP load; CPU
 # seconds per GB moved (utime+stime of the processes in both namespaces
 # other than iperf3 and ping, from /proc/PID/stat). Writes the tables with
-# machine details and ratios to its section of benches/RESULTS.md (or --out).
+# machine details and ratios to its section of benches/RESULTS.md (or --out FILE; --out - prints only).
 # Needs root.
 set -uo pipefail
 
@@ -49,7 +49,7 @@ while (($#)); do
 		exit 0
 		;;
 	*)
-		echo "usage: $0 [--smoke] [--runs N] [--time S] [--udp-rate R] [--impls LIST] [--out FILE]" >&2
+		echo "usage: $0 [--smoke] [--runs N] [--time S] [--udp-rate R] [--impls LIST] [--out FILE|-]" >&2
 		exit 2
 		;;
 	esac
@@ -390,10 +390,10 @@ echo "load after: $LOAD_AFTER"
 # there too); a run that measured none of a table's rows leaves it alone.
 if ((${#DONE[@]})); then
 	cat "$T/table"
-	results_section "$OUT" compare <"$T/table"
+	[[ $OUT == - ]] || results_section "$OUT" compare <"$T/table"
 fi
 if ((FORWARD)); then
 	echo
 	cat "$T/forward"
-	results_section "$OUT" compare_forward <"$T/forward"
+	[[ $OUT == - ]] || results_section "$OUT" compare_forward <"$T/forward"
 fi
