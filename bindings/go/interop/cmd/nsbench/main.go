@@ -8,6 +8,10 @@
 //	                          (golang.zx2c4.com/wireguard/tun/netstack)
 //
 //	nsbench -variant V [-streams N] [-bytes TOTAL] [-timeout SECONDS]
+//	        [-tcp-buffer BYTES]
+//
+// -tcp-buffer sets both TCP buffers of libmeshvpn's stacks (meshvpn
+// variant only; netstack_xfer's --tcp-buffer); 0 keeps the default.
 //
 // The transfer, its byte check and its RESULT line are package nsxfer's,
 // shared with cmd/tsnetbench.
@@ -36,7 +40,7 @@ var addrs = [2]netip.Addr{netip.MustParseAddr("10.0.0.1"), netip.MustParseAddr("
 
 // meshvpnPair is two libmeshvpn engines, peers of each other on loopback,
 // each with a Netstack.
-func meshvpnPair() [2]nsxfer.Node {
+func meshvpnPair(tcpBuffer int) [2]nsxfer.Node {
 	var keys [2]meshvpn.Key
 	var engines [2]*meshvpn.Engine
 	for i := range engines {
@@ -67,7 +71,7 @@ func meshvpnPair() [2]nsxfer.Node {
 		}); err != nil {
 			nsxfer.Die("add peer: %v", err)
 		}
-		ns, err := e.NewNetstack(nil)
+		ns, err := e.NewNetstack(&meshvpn.NetstackOptions{TCPRxBuffer: tcpBuffer, TCPTxBuffer: tcpBuffer})
 		if err != nil {
 			nsxfer.Die("netstack: %v", err)
 		}
@@ -144,11 +148,12 @@ func main() {
 	streams := flag.Uint64("streams", 1, "TCP streams, 1..64")
 	total := flag.Uint64("bytes", 1<<30, "bytes moved in all, split evenly between the streams")
 	timeout := flag.Int("timeout", 300, "seconds the whole transfer may take")
+	tcpBuffer := flag.Int("tcp-buffer", 0, "both TCP buffers of the meshvpn variant's stacks, bytes (0: the default)")
 	flag.Parse()
 	var nodes [2]nsxfer.Node
 	switch *variant {
 	case "meshvpn":
-		nodes = meshvpnPair()
+		nodes = meshvpnPair(*tcpBuffer)
 	case "gvisor":
 		nodes = gvisorPair()
 	default:
