@@ -151,10 +151,34 @@ func (ns *Netstack) Ping(ctx context.Context, addr netip.Addr) (time.Duration, e
 }
 
 // deadline is one direction's deadline of a Conn, PacketConn or tunnel
-// connection.
+// connection, and when a call in that direction last yielded to Go's
+// scheduler (see yieldEvery).
 type deadline struct {
 	mu sync.Mutex
 	t  time.Time
+	// yielded is the last yield, as time since yieldEpoch.
+	yielded atomic.Int64
+}
+
+// yieldEvery is how often each direction of a socket lets its goroutine
+// pass through Go's scheduler (runtime.Gosched before the library call).
+// A goroutine that lives in blocking cgo calls never does otherwise, and
+// once its P has stayed on one scheduler tick for 10 ms (the runtime's
+// forcePreemptNS) sysmon takes that P from the call at every look and
+// keeps itself on 20 µs ticks. On a 2-CPU machine those wakeups preempted
+// the library's own threads twice as often as in a Rust program making
+// the same calls (engine/docs/performance.md). 8 ms stays under the limit
+// with room for sysmon's tick; 2 ms cost more than it saved with many
+// streams.
+const yieldEvery = 8 * time.Millisecond
+
+var yieldEpoch = time.Now()
+
+// yieldDue reports whether a call in this direction yields first, now
+// being the time since yieldEpoch, and if so records the yield.
+func (d *deadline) yieldDue(now time.Duration) bool {
+	last := d.yielded.Load()
+	return int64(now)-last >= int64(yieldEvery) && d.yielded.CompareAndSwap(last, int64(now))
 }
 
 func (d *deadline) set(t time.Time) {
@@ -218,6 +242,9 @@ func (s *socket) SetWriteDeadline(t time.Time) error {
 // passes; an interrupt (a deadline set meanwhile) or a timeout makes it
 // look at d again. Errors come back as netErr makes them.
 func (s *socket) retry(op string, d *deadline, f func(h C.uintptr_t, ms C.meshvpn_timeout_ms) C.meshvpn_result) error {
+	if d.yieldDue(time.Since(yieldEpoch)) {
+		runtime.Gosched()
+	}
 	for {
 		if s.h.load() == 0 {
 			return net.ErrClosed

@@ -524,3 +524,40 @@ func TestPingCancelEndsTheCCall(t *testing.T) {
 		t.Fatal("Netstack.Close blocked")
 	}
 }
+
+// A direction's calls yield to Go's scheduler at most every yieldEvery,
+// and Read and Write do consult it (see yieldEvery for why).
+func TestBlockingCallsYieldToTheScheduler(t *testing.T) {
+	var d deadline
+	for _, step := range []struct {
+		at   time.Duration
+		want bool
+	}{
+		{yieldEvery, true},
+		{yieldEvery + time.Millisecond, false},
+		{2*yieldEvery - time.Nanosecond, false},
+		{2 * yieldEvery, true},
+		{10 * yieldEvery, true},
+		{10*yieldEvery + 1, false},
+	} {
+		if got := d.yieldDue(step.at); got != step.want {
+			t.Fatalf("yieldDue(%v) = %v, want %v", step.at, got, step.want)
+		}
+	}
+
+	_, b, na, nb := stacks(t)
+	c, s := connPair(t, na, nb, b.addr)
+	cc, sc := c.(*Conn), s.(*Conn)
+	long := -int64(time.Hour)
+	cc.wd.yielded.Store(long)
+	sc.rd.yielded.Store(long)
+	if _, err := c.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Read(make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+	if cc.wd.yielded.Load() == long || sc.rd.yielded.Load() == long {
+		t.Fatalf("a Write and a Read made no yield: write %d, read %d", cc.wd.yielded.Load(), sc.rd.yielded.Load())
+	}
+}
