@@ -840,11 +840,16 @@ impl<'a> Socket<'a> {
     /// the furthest right edge advertised so far, if the new one falls
     /// short of it.
     fn furthest_edge(&self, ack: Option<TcpSeqNumber>, window: u16) -> Option<TcpSeqNumber> {
-        let shift = self.remote_win_shift as usize;
-        let (last, ack) = (self.remote_last_ack?, ack?);
-        let last_edge = last + ((self.remote_last_win as usize) << shift);
+        let (last_edge, ack) = (self.last_advertised_edge()?, ack?);
         let earlier = self.remote_adv_edge.map_or(last_edge, |e| e.max(last_edge));
-        (earlier > ack + ((window as usize) << shift)).then_some(earlier)
+        (earlier > ack + ((window as usize) << self.remote_win_shift)).then_some(earlier)
+    }
+
+    /// meshvpn patch: the right edge of the last advertisement sent (its
+    /// acknowledgement plus its scaled window).
+    fn last_advertised_edge(&self) -> Option<TcpSeqNumber> {
+        let last_win = (self.remote_last_win as usize) << self.remote_win_shift;
+        self.remote_last_ack.map(|ack| ack + last_win)
     }
 
     /// Return the last window field value, including scaling according to RFC 1323.
@@ -857,13 +862,11 @@ impl<'a> Socket<'a> {
     /// advertise.
     #[inline]
     fn last_scaled_window(&self) -> Option<u16> {
-        let last_ack = self.remote_last_ack?;
+        let last_edge = self.last_advertised_edge()?;
         let next_ack = self.remote_seq_no + self.rx_buffer.len();
 
-        let last_win = (self.remote_last_win as usize) << self.remote_win_shift;
         // meshvpn patch: data may have arrived past the last advertised
         // edge (up to `remote_adv_edge`): then nothing of that window is left.
-        let last_edge = last_ack + last_win;
         let last_win_adjusted = if last_edge > next_ack {
             last_edge - next_ack
         } else {
@@ -2012,8 +2015,7 @@ impl<'a> Socket<'a> {
         };
 
         let window_start = self.remote_seq_no + self.rx_buffer.len();
-        let window_end = if let Some(last_ack) = self.remote_last_ack {
-            let advertised = last_ack + ((self.remote_last_win as usize) << self.remote_win_shift);
+        let window_end = if let Some(advertised) = self.last_advertised_edge() {
             // meshvpn patch: up to the furthest edge advertised, as far as
             // the buffer reaches (RFC 7323 2.4: a window rounded down to the
             // scale retracts the edge, and the remote may have sent up to the
