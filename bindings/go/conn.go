@@ -29,8 +29,12 @@ var _ net.Conn = (*Conn)(nil)
 
 func interruptConn(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_conn_interrupt(C.mv_conn(h)) }
 
+func connWaitFds(h C.uintptr_t, r, w *C.int32_t) C.meshvpn_result {
+	return C.meshvpn_conn_wait_fds(C.mv_conn(h), r, w)
+}
+
 func newConn(h uintptr) *Conn {
-	c := &Conn{socket: socket{interrupt: interruptConn}}
+	c := &Conn{socket: socket{interrupt: interruptConn, waitFds: connWaitFds}}
 	c.h.set(h)
 	ch := C.mv_conn(C.uintptr_t(h))
 	c.local = net.TCPAddrFromAddrPort(addrFromC(func(b *C.char, n C.size_t, out *C.size_t) C.meshvpn_result {
@@ -168,7 +172,7 @@ func (c *Conn) CloseWrite() error {
 // Close closes the connection; blocked Read and Write calls return an
 // error matching net.ErrClosed. A second Close returns such an error too.
 func (c *Conn) Close() error {
-	return c.h.closeSocket("Conn.Close", c, func(err error) error { return c.opErr("close", err) },
+	return c.closeSocket("Conn.Close", c, func(err error) error { return c.opErr("close", err) },
 		func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_conn_free(C.mv_conn(h)) })
 }
 

@@ -151,13 +151,17 @@ func (ns *Netstack) Ping(ctx context.Context, addr netip.Addr) (time.Duration, e
 }
 
 // deadline is one direction's deadline of a Conn, PacketConn or tunnel
-// connection, and when a call in that direction last yielded to Go's
-// scheduler (see yieldEvery).
+// connection, when a call in that direction last yielded to Go's
+// scheduler (see yieldEvery), and the direction's wait descriptor.
 type deadline struct {
 	mu sync.Mutex
 	t  time.Time
 	// yielded is the last yield, as time since yieldEpoch.
 	yielded atomic.Int64
+	// file is the direction's wait descriptor (meshvpn_conn_wait_fds) in
+	// Go's netpoller, with t as its read deadline; nil until the socket's
+	// first call, and for sockets that block in the library instead.
+	file atomic.Pointer[os.File]
 }
 
 // yieldEvery is how often each direction of a socket lets its goroutine
@@ -184,6 +188,18 @@ func (d *deadline) yieldDue(now time.Duration) bool {
 func (d *deadline) set(t time.Time) {
 	d.mu.Lock()
 	d.t = t
+	if f := d.file.Load(); f != nil {
+		_ = f.SetReadDeadline(t)
+	}
+	d.mu.Unlock()
+}
+
+// attach makes f the direction's wait descriptor, its deadline the
+// direction's.
+func (d *deadline) attach(f *os.File) {
+	d.mu.Lock()
+	_ = f.SetReadDeadline(d.t)
+	d.file.Store(f)
 	d.mu.Unlock()
 }
 
@@ -204,15 +220,68 @@ func (d *deadline) timeout() (ms C.meshvpn_timeout_ms, expired bool) {
 }
 
 // socket is what Conn, PacketConn and the tunnel connection share: the
-// handle, the deadlines, and the C call that wakes blocked calls when a
-// deadline changes (a plain function, so that it holds no reference to
-// its owner). Deadlines are never polled: a blocking call gets the time
-// left as its timeout, and setting a deadline interrupts it so that it
-// looks again.
+// handle, the deadlines, the C call that wakes blocked calls when a
+// deadline changes, and the one that makes the wait descriptors (plain
+// functions, so that they hold no reference to their owner).
+//
+// Blocking calls wait in one of two ways. Up to blockingCalls at once
+// block in the library with the time left as their timeout, and setting
+// a deadline interrupts them so that they look again. The others, on a
+// socket with wait descriptors (waitFds), call with timeout 0 and park
+// their goroutine in Go's netpoller on the direction's descriptor until
+// the library signals it, the deadline passes or the socket closes: a
+// parked goroutine holds no thread and no P, so a program may leave any
+// number of connections waiting. The tunnel connection has no
+// descriptors, and neither has a socket whose descriptors could not be
+// made; their calls always block in the library.
 type socket struct {
 	h         handle
 	rd, wd    deadline
 	interrupt func(h C.uintptr_t) C.meshvpn_result
+	// waitFds writes the read and write wait descriptors (-1 for a
+	// direction without one); nil for a socket without them.
+	waitFds  func(h C.uintptr_t, r, w *C.int32_t) C.meshvpn_result
+	waitOnce sync.Once
+}
+
+// openWaitFds makes the wait descriptors once; if the library cannot
+// (no descriptors left), calls block in the library as without them.
+func (s *socket) openWaitFds() {
+	r, w := C.int32_t(-1), C.int32_t(-1)
+	if s.h.do("wait descriptors", func(h C.uintptr_t) C.meshvpn_result { return s.waitFds(h, &r, &w) }) != nil {
+		return
+	}
+	for _, p := range []struct {
+		fd C.int32_t
+		d  *deadline
+	}{{r, &s.rd}, {w, &s.wd}} {
+		if p.fd < 0 {
+			continue
+		}
+		// Non-blocking, so os.NewFile registers it with the netpoller.
+		if f := os.NewFile(uintptr(p.fd), "meshvpn-wait"); f != nil {
+			p.d.attach(f)
+		}
+	}
+}
+
+// closeWaitFds closes the wait descriptors after the handle was freed;
+// a goroutine still parked on one wakes with net.ErrClosed.
+func (s *socket) closeWaitFds() {
+	for _, d := range []*deadline{&s.rd, &s.wd} {
+		if f := d.file.Swap(nil); f != nil {
+			_ = f.Close()
+		}
+	}
+}
+
+// closeSocket is handle.closeSocket that also closes the wait descriptors.
+func (s *socket) closeSocket(op string, owner any, wrap func(error) error, free func(C.uintptr_t) C.meshvpn_result) error {
+	err := s.h.closeSocket(op, owner, wrap, free)
+	if s.h.load() == 0 {
+		s.closeWaitFds()
+	}
+	return err
 }
 
 func (s *socket) wake() {
@@ -245,6 +314,16 @@ func (s *socket) retry(op string, d *deadline, f func(h C.uintptr_t, ms C.meshvp
 	if d.yieldDue(time.Since(yieldEpoch)) {
 		runtime.Gosched()
 	}
+	if s.waitFds != nil {
+		s.waitOnce.Do(s.openWaitFds)
+		if file := d.file.Load(); file != nil {
+			if inLibrary.Add(1) > int32(blockingCalls()) {
+				inLibrary.Add(-1)
+				return s.poll(op, file, f)
+			}
+			defer inLibrary.Add(-1)
+		}
+	}
 	for {
 		if s.h.load() == 0 {
 			return net.ErrClosed
@@ -262,6 +341,46 @@ func (s *socket) retry(op string, d *deadline, f func(h C.uintptr_t, ms C.meshvp
 		}
 		return netErr(err)
 	}
+}
+
+// inLibrary counts the calls of sockets with wait descriptors that are
+// blocking in the library now.
+var inLibrary atomic.Int32
+
+// blockingCalls is how many such calls may block in the library at once
+// (one per P by default); the others park in the netpoller. A call
+// blocked in the library is woken directly by the library's thread, the
+// cheapest wakeup there is, so a few busy connections keep it; past one
+// per P, a blocked call would hold a P that a woken goroutine needs, and
+// past thousands, threads would run out. Tests set it to 0 to send every
+// call through the netpoller.
+var blockingCalls = func() int { return runtime.GOMAXPROCS(0) }
+
+// poll is retry for a direction with a wait descriptor: f with timeout 0,
+// and between two calls that found nothing to do, the goroutine parked in
+// the netpoller on file (whose read deadline is the direction's).
+func (s *socket) poll(op string, file *os.File, f func(h C.uintptr_t, ms C.meshvpn_timeout_ms) C.meshvpn_result) error {
+	rc, err := file.SyscallConn()
+	if err != nil {
+		return net.ErrClosed
+	}
+	var callErr error
+	err = rc.Read(func(uintptr) bool {
+		callErr = s.h.do(op, func(h C.uintptr_t) C.meshvpn_result { return f(h, 0) })
+		code, _ := codeOf(callErr)
+		// At timeout 0, a timeout or an interrupt means "nothing yet".
+		return callErr == nil || (code != ErrTimeout && code != ErrInterrupted)
+	})
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return os.ErrDeadlineExceeded
+	case err != nil:
+		// The descriptor was closed: Close ran.
+		return net.ErrClosed
+	case callErr != nil:
+		return netErr(callErr)
+	}
+	return nil
 }
 
 // netErr turns the codes the standard library has sentinels for into

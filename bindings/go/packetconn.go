@@ -25,6 +25,12 @@ var _ net.PacketConn = (*PacketConn)(nil)
 
 func interruptUDP(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_udp_interrupt(C.mv_udp(h)) }
 
+// udpWaitFds makes the read wait descriptor; sends do not wait.
+func udpWaitFds(h C.uintptr_t, r, w *C.int32_t) C.meshvpn_result {
+	*w = -1
+	return C.meshvpn_udp_wait_fd(C.mv_udp(h), r)
+}
+
 // ListenPacket binds a UDP socket on address (":53", "10.0.0.1:0").
 func (ns *Netstack) ListenPacket(network, address string) (net.PacketConn, error) {
 	h, err := ns.open("Netstack.ListenPacket", network, address, "udp", func(nh *C.meshvpn_netstack, s *C.char, out *C.uintptr_t) C.meshvpn_result {
@@ -33,7 +39,7 @@ func (ns *Netstack) ListenPacket(network, address string) (net.PacketConn, error
 	if err != nil {
 		return nil, err
 	}
-	p := &PacketConn{socket: socket{interrupt: interruptUDP}}
+	p := &PacketConn{socket: socket{interrupt: interruptUDP, waitFds: udpWaitFds}}
 	p.h.set(h)
 	p.local = net.UDPAddrFromAddrPort(addrFromC(func(b *C.char, n C.size_t, out *C.size_t) C.meshvpn_result {
 		return C.meshvpn_udp_local_addr(C.mv_udp(C.uintptr_t(h)), b, n, out)
@@ -93,7 +99,7 @@ func (p *PacketConn) WriteTo(b []byte, addr net.Addr) (int, error) {
 // Close closes the socket; blocked calls return an error matching
 // net.ErrClosed, and so does a second Close.
 func (p *PacketConn) Close() error {
-	return p.h.closeSocket("PacketConn.Close", p, func(err error) error { return p.opErr("close", nil, err) },
+	return p.closeSocket("PacketConn.Close", p, func(err error) error { return p.opErr("close", nil, err) },
 		func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_udp_free(C.mv_udp(h)) })
 }
 

@@ -65,7 +65,7 @@ func (ns *Netstack) DialUDP(network, address string) (*UDPConn, error) {
 		C.meshvpn_udp_free(C.mv_udp_c(h))
 		return nil, opErr(netErr(err))
 	}
-	c := &UDPConn{socket: socket{interrupt: interruptUDP}, remote: net.UDPAddrFromAddrPort(ap)}
+	c := &UDPConn{socket: socket{interrupt: interruptUDP, waitFds: udpWaitFds}, remote: net.UDPAddrFromAddrPort(ap)}
 	c.h.set(uintptr(h))
 	c.local = net.UDPAddrFromAddrPort(addrFromC(func(b *C.char, n C.size_t, out *C.size_t) C.meshvpn_result {
 		return C.meshvpn_udp_local_addr(C.mv_udp_c(h), b, n, out)
@@ -105,7 +105,7 @@ func (c *UDPConn) Write(b []byte) (int, error) {
 // Close closes the socket; blocked calls return an error matching
 // net.ErrClosed, and so does a second Close.
 func (c *UDPConn) Close() error {
-	return c.h.closeSocket("UDPConn.Close", c, func(err error) error { return c.opErr("close", err) },
+	return c.closeSocket("UDPConn.Close", c, func(err error) error { return c.opErr("close", err) },
 		func(h C.uintptr_t) C.meshvpn_result { return C.meshvpn_udp_free(C.mv_udp_c(h)) })
 }
 

@@ -16,11 +16,12 @@
 //! can be spurious (a receive with timeout 0 then returns
 //! `MESHVPN_TIMEOUT`).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use ::meshvpn_engine::io::eventfd::EventFd;
 use ::meshvpn_engine::Engine;
 use parking_lot::Mutex;
 
@@ -59,7 +60,7 @@ pub type meshvpn_recv_callback = Option<unsafe extern "C" fn(userdata: *mut std:
 pub(crate) struct Wakeup {
     /// True when the next packet must signal.
     armed: AtomicBool,
-    eventfd: OnceLock<OwnedFd>,
+    eventfd: OnceLock<EventFd>,
     callback: Mutex<Option<(unsafe extern "C" fn(*mut std::ffi::c_void), Userdata)>>,
 }
 
@@ -90,10 +91,7 @@ impl Wakeup {
 
     fn signal(&self) {
         if let Some(fd) = self.eventfd.get() {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to an eventfd this
-            // struct owns. A full counter (EAGAIN) already means "readable".
-            let _ = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            fd.signal();
         }
         // Copied out so the callback may replace itself without deadlock.
         let cb = *self.callback.lock();
@@ -105,32 +103,13 @@ impl Wakeup {
         }
     }
 
-    #[cfg(target_os = "linux")]
     fn eventfd(&self) -> Result<i32> {
         if let Some(fd) = self.eventfd.get() {
             return Ok(fd.as_raw_fd());
         }
-        // SAFETY: plain syscall; the result is checked.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(Error::invalid(format!(
-                "eventfd: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: `raw` is a fresh fd nobody else owns.
-        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        let fd = EventFd::new().map_err(crate::netstack::eventfd_error)?;
         // A racing call may have set one first; ours is then closed.
-        let fd = self.eventfd.get_or_init(|| fd);
-        Ok(fd.as_raw_fd())
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    fn eventfd(&self) -> Result<i32> {
-        Err(Error::new(
-            meshvpn_result::MESHVPN_UNSUPPORTED,
-            "eventfd exists only on Linux; use meshvpn_engine_set_recv_callback",
-        ))
+        Ok(self.eventfd.get_or_init(|| fd).as_raw_fd())
     }
 }
 

@@ -5,10 +5,11 @@
 //! wake blocked calls with `MESHVPN_CLOSED`.
 
 use std::ffi::c_char;
+use std::os::fd::IntoRawFd;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ::meshvpn_engine::netstack::UdpSocket;
+use ::meshvpn_engine::netstack::{Direction, UdpSocket};
 
 use crate::error::{meshvpn_result, Error, Result};
 use crate::handle::{tag, HandleTable, Handled};
@@ -263,6 +264,37 @@ pub unsafe extern "C" fn meshvpn_udp_peer_addr(
         let addr = remote(&*lookup(udp)?)?;
         // SAFETY: the caller promises `buf` has `buf_len` writable bytes.
         unsafe { netstack::write_addr(addr, buf, buf_len, out_len) }
+    }}
+}
+
+/// Writes into `*out_fd` a new file descriptor (a close-on-exec,
+/// non-blocking eventfd) that the caller owns and must close, for waiting
+/// for datagrams in an event loop instead of in a blocking call: call
+/// `meshvpn_udp_recv_from` (or `meshvpn_udp_recv`) with timeout 0, and when
+/// it returns `MESHVPN_TIMEOUT`, poll the descriptor for `POLLIN`, then
+/// call again. The rules are those of `meshvpn_conn_wait_fds`' read
+/// descriptor.
+///
+/// Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
+/// `MESHVPN_CLOSED`, `MESHVPN_UNSUPPORTED` (not Linux),
+/// `MESHVPN_INVALID_ARGUMENT` (an eventfd could not be made, for instance
+/// no file descriptors left; the message says why).
+///
+/// Thread safety: safe from any thread at any time.
+#[no_mangle]
+pub unsafe extern "C" fn meshvpn_udp_wait_fd(
+    udp: *mut meshvpn_udp,
+    out_fd: *mut i32,
+) -> meshvpn_result {
+    ffi_boundary! {{
+        let s = lookup(udp)?;
+        let out = Out::new(out_fd, "out_fd")?;
+        if s.is_closed() {
+            return Err(Error::new(meshvpn_result::MESHVPN_CLOSED, "the socket was closed"));
+        }
+        let fd = s.ready_fd(Direction::Read).map_err(netstack::eventfd_error)?;
+        out.write(fd.into_raw_fd());
+        Ok(())
     }}
 }
 

@@ -1,12 +1,14 @@
 //! Syscalls: UDP sockets, TUN devices, unix sockets.
 //!
 //! `unsafe` (denied crate-wide) is allowed only on the items that make raw
-//! syscalls: `tun` (ioctl, fcntl), `unix` (umask) and [`poll`]; every block
+//! syscalls: `tun` (ioctl, fcntl), `unix` (umask), `eventfd` and [`poll`]; every block
 //! says why it is sound. `udp` goes through socket2 and quinn-udp, `accept`
 //! and `dial` through std, and `offload` is pure logic over the `wire` views.
 
 pub mod accept;
 pub mod dial;
+#[allow(unsafe_code)]
+pub mod eventfd;
 pub mod offload;
 #[allow(unsafe_code)]
 pub mod tun;

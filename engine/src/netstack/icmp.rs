@@ -9,7 +9,7 @@ use smoltcp::phy::Device;
 use smoltcp::socket::icmp;
 use smoltcp::wire::{Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr, IpAddress};
 
-use super::signal::Signal;
+use super::signal::{Direction, Signal};
 use super::stack::{Binding, Inner, Kind};
 use super::NetstackError;
 
@@ -87,7 +87,7 @@ pub(crate) fn ping(
         (st.add(s, Some(bound), signal.clone()), ident, sent)
     };
     inner.kick();
-    let r = inner.wait(&signal, deadline, false, |st| {
+    let r = inner.wait(&signal, Direction::Read, deadline, false, |st| {
         if let Err(e) = st.entry(sock) {
             return Some(Err(e));
         }

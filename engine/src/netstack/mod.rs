@@ -42,7 +42,7 @@ use std::time::Duration;
 
 pub use dialer::MeshDialer;
 pub use error::NetstackError;
-pub use signal::Interrupter;
+pub use signal::{Direction, Interrupter};
 pub use stack::NetstackStats;
 pub use tcp::{TcpListener, TcpStream};
 pub use udp::UdpSocket;

@@ -12,12 +12,42 @@
 //! was between two waits when it came). Both live under the same mutex as
 //! the generation, so an interrupt cannot be lost; a caller may see one
 //! spurious interrupt, which it treats as "look at your deadline again".
+//!
+//! A caller that sleeps in an event loop instead of on the condvar (the Go
+//! binding, in Go's netpoller) asks for the signal's two eventfds, one per
+//! [`Direction`]: a call that found nothing to do arms its direction's
+//! eventfd under the stack lock, and the next notify writes every armed
+//! one. An armed eventfd is drained when it is armed again, so the caller
+//! only polls it and never reads it.
 
-use std::sync::Arc;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Arc, OnceLock};
 use std::task::{Wake, Waker};
 use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
+
+use crate::io::eventfd::EventFd;
+
+/// Which way a call moves data, and so which eventfd its wait arms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Reads, receives, accepts, pings.
+    Read = 0,
+    /// Writes, sends, dials.
+    Write = 1,
+}
+
+/// One direction's eventfd.
+struct ReadyFd {
+    fd: EventFd,
+    /// A call found nothing to do since the last write: the next notify
+    /// writes.
+    armed: AtomicBool,
+    /// Written since the last drain.
+    written: AtomicBool,
+}
 
 #[derive(Default)]
 struct State {
@@ -32,6 +62,8 @@ struct State {
 pub(crate) struct Signal {
     state: Mutex<State>,
     changed: Condvar,
+    /// Made on the first [`Signal::ready_fd`], indexed by [`Direction`].
+    ready: [OnceLock<ReadyFd>; 2],
 }
 
 impl Signal {
@@ -50,6 +82,45 @@ impl Signal {
     pub fn notify(&self) {
         self.state.lock().generation += 1;
         self.changed.notify_all();
+        self.fire();
+    }
+
+    /// A new descriptor (the caller owns it) of `dir`'s eventfd, made on
+    /// first use; see the module doc.
+    pub fn ready_fd(&self, dir: Direction) -> std::io::Result<OwnedFd> {
+        let slot = &self.ready[dir as usize];
+        if let Some(r) = slot.get() {
+            return r.fd.try_clone_fd();
+        }
+        let fresh = ReadyFd {
+            fd: EventFd::new()?,
+            armed: AtomicBool::new(false),
+            written: AtomicBool::new(false),
+        };
+        // A racing call may have set one first; ours is then closed.
+        slot.get_or_init(|| fresh).fd.try_clone_fd()
+    }
+
+    /// A call in `dir` found nothing to do: the next notify writes `dir`'s
+    /// eventfd, if there is one. Called under the stack lock, so a change
+    /// smoltcp wakes for after the call looked cannot come before it.
+    pub fn arm(&self, dir: Direction) {
+        if let Some(r) = self.ready[dir as usize].get() {
+            if r.written.swap(false, SeqCst) {
+                r.fd.drain();
+            }
+            r.armed.store(true, SeqCst);
+        }
+    }
+
+    /// Writes every armed eventfd.
+    fn fire(&self) {
+        for r in self.ready.iter().filter_map(OnceLock::get) {
+            if r.armed.swap(false, SeqCst) {
+                r.written.store(true, SeqCst);
+                r.fd.signal();
+            }
+        }
     }
 
     /// Makes the waiting [`Signal::wait`]s, and the next one, return false.
@@ -59,6 +130,8 @@ impl Signal {
         s.interrupted_at = s.generation;
         s.pending = true;
         self.changed.notify_all();
+        drop(s);
+        self.fire();
     }
 
     /// Sleeps until the generation differs from `seen`. False when

@@ -22,7 +22,7 @@ use smoltcp::time::Instant as SmolInstant;
 use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint, Ipv4Packet, Ipv6Packet, TcpPacket};
 
 use super::device::MeshDevice;
-use super::signal::Signal;
+use super::signal::{Direction, Signal};
 use super::sink::{NetstackSink, RxBatch, RxPool};
 use super::{NetstackConfig, NetstackError};
 use crate::peer::DropReason;
@@ -349,11 +349,14 @@ impl Inner {
 
     /// Runs `attempt` under the stack lock until it gives a result, sleeping
     /// on `signal` in between. `attempt` registers the socket's waker when
-    /// it returns `None`. Wakes on the signal (socket change, handle close,
-    /// stack shutdown) and fails with `TimedOut` at `deadline`.
+    /// it returns `None`, and the wait then arms `dir`'s eventfd (for a
+    /// caller that sleeps in its own event loop). Wakes on the signal
+    /// (socket change, handle close, stack shutdown) and fails with
+    /// `TimedOut` at `deadline`.
     pub fn wait<T>(
         &self,
         signal: &Signal,
+        dir: Direction,
         deadline: Option<Instant>,
         nonblocking: bool,
         mut attempt: impl FnMut(&mut Stack) -> Option<Result<T, NetstackError>>,
@@ -367,6 +370,7 @@ impl Inner {
                 if let Some(r) = attempt(&mut st) {
                     return r;
                 }
+                signal.arm(dir);
                 signal.generation()
             };
             if nonblocking {

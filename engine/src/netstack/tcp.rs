@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::Waker;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use smoltcp::socket::tcp;
 
-use super::signal::{Interrupter, Signal};
+use super::signal::{Direction, Interrupter, Signal};
 use super::stack::{smol_timeout, Binding, Inner, Kind, Listener, SockRef, Stack};
 use super::NetstackError;
 
@@ -85,7 +86,7 @@ impl TcpStream {
         let mut stream = TcpStream::new(inner, sock, signal, remote);
         let waker = stream.waker.clone();
         let timeout_after = inner.config.tcp_timeout;
-        stream.local = inner.wait(&stream.signal, deadline, false, |st| {
+        stream.local = inner.wait(&stream.signal, Direction::Write, deadline, false, |st| {
             let unreachable = match st.entry(sock) {
                 Ok(e) => e.unreachable,
                 Err(e) => return Some(Err(e)),
@@ -124,6 +125,18 @@ impl TcpStream {
         Interrupter {
             signal: self.signal.clone(),
         }
+    }
+
+    /// A new descriptor of an eventfd, owned by the caller, that becomes
+    /// readable when a read or write in `dir` that found nothing to do (timed out
+    /// or would block) may now succeed, and when the stream closes. For a
+    /// caller that sleeps in its own event loop (epoll, Go's netpoller)
+    /// instead of blocking a thread: call with a zero timeout, and on
+    /// `TimedOut` poll the descriptor for readability, then call again.
+    /// Never read it: the next call that finds nothing resets it. Wakeups
+    /// may be spurious. Two per stream at most, made on first use.
+    pub fn ready_fd(&self, dir: Direction) -> io::Result<OwnedFd> {
+        self.signal.ready_fd(dir)
     }
 
     /// Makes `read`/`write` return `WouldBlock` instead of sleeping.
@@ -171,6 +184,7 @@ impl TcpStream {
         let mut kick = false;
         let r = self.inner.wait(
             &self.signal,
+            Direction::Read,
             deadline(timeout),
             self.nonblocking.load(Relaxed),
             |st| {
@@ -215,6 +229,7 @@ impl TcpStream {
         let sock = self.sock;
         let r = self.inner.wait(
             &self.signal,
+            Direction::Write,
             deadline(timeout),
             self.nonblocking.load(Relaxed),
             |st| {
@@ -383,6 +398,7 @@ impl TcpListener {
         let tcp_timeout = self.inner.config.tcp_timeout;
         let (sock, signal, local, peer) = self.inner.wait(
             &self.signal,
+            Direction::Read,
             deadline(timeout),
             self.nonblocking.load(Relaxed),
             |st| {

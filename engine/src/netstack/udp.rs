@@ -1,6 +1,8 @@
 //! UDP over the stack.
 
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::Waker;
@@ -9,7 +11,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use smoltcp::socket::udp;
 
-use super::signal::{Interrupter, Signal};
+use super::signal::{Direction, Interrupter, Signal};
 use super::stack::{Binding, Inner, Kind, SockRef};
 use super::NetstackError;
 
@@ -102,6 +104,18 @@ impl UdpSocket {
         Interrupter {
             signal: self.signal.clone(),
         }
+    }
+
+    /// A new descriptor of an eventfd, owned by the caller, that becomes
+    /// readable when a receive or send in `dir` that found nothing to do (timed out
+    /// or would block) may now succeed, and when the socket closes. For a
+    /// caller that sleeps in its own event loop (epoll, Go's netpoller)
+    /// instead of blocking a thread: call with a zero timeout, and on
+    /// `TimedOut` poll the descriptor for readability, then call again.
+    /// Never read it: the next call that finds nothing resets it. Wakeups
+    /// may be spurious. Two per socket at most, made on first use.
+    pub fn ready_fd(&self, dir: Direction) -> io::Result<OwnedFd> {
+        self.signal.ready_fd(dir)
     }
 
     pub fn set_nonblocking(&self, nonblocking: bool) {
@@ -202,9 +216,12 @@ impl UdpSocket {
         }
         self.inner.check_route(dst.ip())?;
         let sock = self.sock;
-        let r = self
-            .inner
-            .wait(&self.signal, None, self.nonblocking.load(Relaxed), |st| {
+        let r = self.inner.wait(
+            &self.signal,
+            Direction::Write,
+            None,
+            self.nonblocking.load(Relaxed),
+            |st| {
                 match st.entry(sock) {
                     Err(e) => return Some(Err(e)),
                     Ok(e) => {
@@ -224,7 +241,8 @@ impl UdpSocket {
                         Some(Err(NetstackError::InvalidInput("destination")))
                     }
                 }
-            });
+            },
+        );
         if r.is_ok() {
             self.inner.kick();
         }
@@ -249,6 +267,7 @@ impl UdpSocket {
         let sock = self.sock;
         self.inner.wait(
             &self.signal,
+            Direction::Read,
             timeout.map(|t| Instant::now() + t),
             self.nonblocking.load(Relaxed),
             |st| {
@@ -293,6 +312,11 @@ impl UdpSocket {
         }
         self.inner.stack.lock().close_now(self.sock);
         self.signal.notify();
+    }
+
+    /// True once [`UdpSocket::close`] ran.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Relaxed)
     }
 }
 
