@@ -229,16 +229,17 @@ field() { # field NS IFNAME WHAT PEER COLUMN: one column of `wg show IFNAME WHAT
 }
 
 
-# userspace_setup NS_A NS_B IF_B: namespaces for userspace clients (no TUN)
-# in NS_A against Debian wireguard-go IF_B in NS_B (10.232.0.2, fd32::2,
-# port 51821, no peers yet; PUB_B set). Add clients with userspace_peer.
+# userspace_setup NS_A NS_B IF_B [IMPL]: namespaces for userspace clients
+# (no TUN) in NS_A against IF_B in NS_B, run by IMPL (start_impl's names;
+# Debian wireguard-go by default) (10.232.0.2, fd32::2, port 51821, no
+# peers yet; PUB_B set). Add clients with userspace_peer.
 userspace_setup() {
-	local a=$1 b=$2 ifb=$3
+	local a=$1 b=$2 ifb=$3 impl=${4:-wireguard-go}
 	wg genkey >"$T/$ifb.key"
 	wg genpsk >"$T/psk"
 	PUB_B=$(wg pubkey <"$T/$ifb.key")
 	make_pair "$a" "$b" || return 1
-	start_impl wireguard-go "$b" "$ifb" || return 1
+	start_impl "$impl" "$b" "$ifb" || return 1
 	in_ns "$b" wg set "$ifb" private-key "$T/$ifb.key" listen-port 51821 || return 1
 	ip -n "$b" addr add 10.232.0.2/24 dev "$ifb"
 	ip -n "$b" addr add fd32::2/64 dev "$ifb" nodad
