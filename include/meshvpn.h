@@ -2335,22 +2335,21 @@ meshvpn_result meshvpn_conn_write(struct meshvpn_conn *conn,
 /**
  * Writes into `*out_read_fd` and `*out_write_fd` two new file
  * descriptors (close-on-exec, non-blocking eventfds) that the caller owns
- * and must close, for waiting on the connection in an event loop instead of
- * in a blocking call. Call `meshvpn_conn_read` or `meshvpn_conn_write` with timeout 0; when it
- * returns `MESHVPN_TIMEOUT`, poll that direction's descriptor for
- * `POLLIN`, then call again. Never read the descriptors: the next call
- * that finds nothing to do resets its direction's. A descriptor becomes
- * readable only after such a call, when the connection may have changed
- * (bytes arrived, room to send, the peer closed, an error, a close or
- * interrupt); wakeups may be spurious. Each call returns new
- * descriptors of the same two eventfds, which live until the last one is
- * closed.
+ * and must close, for waiting on the connection in an event loop instead
+ * of in a blocking call. Call `meshvpn_conn_read` or `meshvpn_conn_write`
+ * with timeout 0; when it returns `MESHVPN_TIMEOUT`, poll that
+ * direction's descriptor for `POLLIN`, then call again. Never read the
+ * descriptors: the next call that finds nothing to do resets its
+ * direction's. A descriptor becomes readable only after such a call, when
+ * the connection may have changed (bytes arrived, room to send, the peer
+ * closed, an error, a close or interrupt); wakeups may be spurious. Each
+ * call returns new descriptors of the same two eventfds, which live until
+ * the last one is closed.
  *
  * Errors: `MESHVPN_NULL_PARAMETER`, `MESHVPN_INVALID_HANDLE`,
- * `MESHVPN_CLOSED`, `MESHVPN_NOT_CONNECTED`,
- * `MESHVPN_UNSUPPORTED` (not Linux), `MESHVPN_INVALID_ARGUMENT`
- * (an eventfd could not be made, for instance no file descriptors left;
- * the message says why).
+ * `MESHVPN_CLOSED`, `MESHVPN_NOT_CONNECTED`, `MESHVPN_UNSUPPORTED` (not
+ * Linux), `MESHVPN_INVALID_ARGUMENT` (an eventfd could not be made, for
+ * instance no file descriptors left; the message says why).
  *
  * Thread safety: safe from any thread at any time, concurrently with
  * any other call on the same conn (see the module doc).
