@@ -343,6 +343,16 @@ impl Error {
     pub fn invalid(message: impl Into<String>) -> Error {
         Error::new(MESHVPN_INVALID_ARGUMENT, message)
     }
+
+    /// An eventfd that could not be made: `MESHVPN_UNSUPPORTED` off Linux,
+    /// else `MESHVPN_INVALID_ARGUMENT` with the reason.
+    pub fn eventfd(e: std::io::Error) -> Error {
+        if e.kind() == std::io::ErrorKind::Unsupported {
+            Error::new(MESHVPN_UNSUPPORTED, e.to_string())
+        } else {
+            Error::invalid(format!("eventfd: {e}"))
+        }
+    }
 }
 
 pub(crate) type Result<T, E = Error> = std::result::Result<T, E>;

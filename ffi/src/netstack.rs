@@ -182,22 +182,11 @@ pub(crate) fn write_wait_fds(
 ) -> Result<()> {
     let out_read = Out::new(out_read_fd, "out_read_fd")?;
     let out_write = Out::new(out_write_fd, "out_write_fd")?;
-    let read = ready_fd(Direction::Read).map_err(eventfd_error)?;
-    let write = ready_fd(Direction::Write).map_err(eventfd_error)?;
+    let read = ready_fd(Direction::Read).map_err(Error::eventfd)?;
+    let write = ready_fd(Direction::Write).map_err(Error::eventfd)?;
     out_read.write(read.into_raw_fd());
     out_write.write(write.into_raw_fd());
     Ok(())
-}
-
-/// An eventfd that could not be made: `MESHVPN_UNSUPPORTED` off Linux,
-/// else `MESHVPN_INVALID_ARGUMENT` with the reason (as
-/// `meshvpn_engine_recv_fd`).
-pub(crate) fn eventfd_error(e: std::io::Error) -> Error {
-    if e.kind() == std::io::ErrorKind::Unsupported {
-        Error::new(meshvpn_result::MESHVPN_UNSUPPORTED, e.to_string())
-    } else {
-        Error::invalid(format!("eventfd: {e}"))
-    }
 }
 
 /// Parses `"ip:port"`.

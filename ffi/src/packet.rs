@@ -107,7 +107,7 @@ impl Wakeup {
         if let Some(fd) = self.eventfd.get() {
             return Ok(fd.as_raw_fd());
         }
-        let fd = EventFd::new().map_err(crate::netstack::eventfd_error)?;
+        let fd = EventFd::new().map_err(Error::eventfd)?;
         // A racing call may have set one first; ours is then closed.
         Ok(self.eventfd.get_or_init(|| fd).as_raw_fd())
     }

@@ -292,7 +292,7 @@ pub unsafe extern "C" fn meshvpn_udp_wait_fd(
         if s.is_closed() {
             return Err(Error::new(meshvpn_result::MESHVPN_CLOSED, "the socket was closed"));
         }
-        let fd = s.ready_fd(Direction::Read).map_err(netstack::eventfd_error)?;
+        let fd = s.ready_fd(Direction::Read).map_err(Error::eventfd)?;
         out.write(fd.into_raw_fd());
         Ok(())
     }}
