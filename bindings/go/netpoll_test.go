@@ -14,9 +14,8 @@ import (
 // throughNetpoller makes every blocking call of a socket with wait
 // descriptors park in Go's netpoller for the rest of the test.
 func throughNetpoller(t *testing.T) {
-	saved := blockingCalls
-	blockingCalls = func() int { return 0 }
-	t.Cleanup(func() { blockingCalls = saved })
+	netpollOnly.Store(true)
+	t.Cleanup(func() { netpollOnly.Store(false) })
 }
 
 // The deadline, close and wake semantics hold when every call parks in

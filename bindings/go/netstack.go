@@ -352,9 +352,18 @@ var inLibrary atomic.Int32
 // blocked in the library is woken directly by the library's thread, the
 // cheapest wakeup there is, so a few busy connections keep it; past one
 // per P, a blocked call would hold a P that a woken goroutine needs, and
-// past thousands, threads would run out. Tests set it to 0 to send every
-// call through the netpoller.
-var blockingCalls = func() int { return runtime.GOMAXPROCS(0) }
+// past thousands, threads would run out.
+func blockingCalls() int {
+	if netpollOnly.Load() {
+		return 0
+	}
+	return runtime.GOMAXPROCS(0)
+}
+
+// netpollOnly sends every call with a wait descriptor through the
+// netpoller (tests set it; atomic, since calls of other goroutines read
+// it meanwhile).
+var netpollOnly atomic.Bool
 
 // poll is retry for a direction with a wait descriptor: f with timeout 0,
 // and between two calls that found nothing to do, the goroutine parked in
