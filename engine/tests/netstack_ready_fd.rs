@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use common::stacks::stack_mesh;
-use meshvpn_engine::netstack::Direction;
+use meshvpn_engine::netstack::{Direction, TcpStream};
 use meshvpn_engine::{NetstackConfig, NetstackError};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -29,6 +29,28 @@ fn readable(fd: &OwnedFd, within: Duration) -> bool {
     let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
     assert!(rc >= 0, "poll: {}", std::io::Error::last_os_error());
     rc > 0
+}
+
+/// Writes into `stream` until its send buffer and the peer's window are
+/// full (bounded: both are 256 KiB) and stay so: each time it fills, the
+/// bytes in flight are acknowledged and make room, which wakes `wfd`, so
+/// it writes again until a write that found no room is followed by 200 ms
+/// without a wake. Returns the bytes queued; `wfd` is left armed and
+/// drained.
+fn fill(stream: &TcpStream, wfd: &OwnedFd) -> usize {
+    let chunk = vec![0u8; 64 << 10];
+    let mut queued = 0usize;
+    loop {
+        match stream.write_timeout(&chunk, NOW) {
+            Ok(n) => queued += n,
+            Err(NetstackError::TimedOut) if !readable(wfd, Duration::from_millis(200)) => {
+                return queued
+            }
+            Err(NetstackError::TimedOut) => {}
+            Err(e) => panic!("write: {e}"),
+        }
+        assert!(queued < 64 << 20, "the send buffer never filled");
+    }
 }
 
 #[test]
@@ -65,20 +87,9 @@ fn each_direction_wakes_after_a_call_that_found_nothing() {
     );
     assert!(!readable(&rfd, Duration::ZERO), "arming drained it");
 
-    // The write direction: fill the send buffer and the peer's window
-    // (bounded: both are 256 KiB). Each time it fills, the bytes in flight
-    // are acknowledged and make room, which wakes it: write again until a
-    // full buffer stays full. Then the peer reads and it wakes.
-    let mut queued = 0usize;
-    loop {
-        match accepted.write_timeout(&buf, NOW) {
-            Ok(n) => queued += n,
-            Err(NetstackError::TimedOut) if !readable(&wfd, Duration::from_millis(200)) => break,
-            Err(NetstackError::TimedOut) => {}
-            Err(e) => panic!("write: {e}"),
-        }
-        assert!(queued < 64 << 20, "the send buffer never filled");
-    }
+    // The write direction: fill the send buffer and the peer's window,
+    // then the peer reads and it wakes.
+    let queued = fill(&accepted, &wfd);
     let mut got = 0usize;
     while !readable(&wfd, Duration::ZERO) && got < queued {
         got += client.read_timeout(&mut buf, Some(LONG)).unwrap();
@@ -86,12 +97,15 @@ fn each_direction_wakes_after_a_call_that_found_nothing() {
     assert!(readable(&wfd, LONG), "room in the send buffer woke it");
     assert!(accepted.write_timeout(b"more", NOW).unwrap() > 0);
 
-    // The peer's FIN wakes an armed read, and so does a close.
+    // The peer's FIN wakes an armed read, and a close wakes an armed
+    // write (armed and drained by a full buffer that stays full).
     while accepted.read_timeout(&mut buf, NOW).is_ok() {}
+    assert!(!readable(&rfd, Duration::ZERO));
     drop(client);
     assert!(readable(&rfd, LONG), "the FIN woke it");
     let wfd2 = accepted.ready_fd(Direction::Write).unwrap();
-    while accepted.write_timeout(&buf, NOW).is_ok() {}
+    fill(&accepted, &wfd2);
+    assert!(!readable(&wfd, Duration::ZERO));
     accepted.close();
     assert!(readable(&wfd2, LONG), "closing woke the write direction");
     assert!(
