@@ -309,7 +309,9 @@ func (s *socket) SetWriteDeadline(t time.Time) error {
 
 // retry runs f with the time left until d until it succeeds, fails, or d
 // passes; an interrupt (a deadline set meanwhile) or a timeout makes it
-// look at d again. Errors come back as netErr makes them.
+// look at d again. Past blockingCalls, a direction with a wait descriptor
+// goes to poll instead (see socket). Errors come back as netErr makes
+// them.
 func (s *socket) retry(op string, d *deadline, f func(h C.uintptr_t, ms C.meshvpn_timeout_ms) C.meshvpn_result) error {
 	if d.yieldDue(time.Since(yieldEpoch)) {
 		runtime.Gosched()
