@@ -13,11 +13,12 @@
 
 use std::ffi::c_char;
 use std::net::SocketAddr;
+use std::os::fd::IntoRawFd;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::meshvpn_engine::netstack::{Interrupter, NetstackError, TcpStream};
+use ::meshvpn_engine::netstack::{Direction, Interrupter, NetstackError, TcpStream};
 use parking_lot::Mutex;
 
 use crate::error::{meshvpn_result, Error, Result};
@@ -293,7 +294,14 @@ pub unsafe extern "C" fn meshvpn_conn_wait_fds(
 ) -> meshvpn_result {
     ffi_boundary! {{
         let stream = lookup(conn)?.stream()?;
-        netstack::write_wait_fds(|d| stream.ready_fd(d), out_read_fd, out_write_fd)
+        let out_read = Out::new(out_read_fd, "out_read_fd")?;
+        let out_write = Out::new(out_write_fd, "out_write_fd")?;
+        // Neither is written unless both were made.
+        let read = stream.ready_fd(Direction::Read).map_err(Error::eventfd)?;
+        let write = stream.ready_fd(Direction::Write).map_err(Error::eventfd)?;
+        out_read.write(read.into_raw_fd());
+        out_write.write(write.into_raw_fd());
+        Ok(())
     }}
 }
 

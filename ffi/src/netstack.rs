@@ -10,10 +10,11 @@
 //! the netstack and stopping or freeing its engine (within about 100 ms).
 //!
 //! A caller that waits in its own event loop instead of blocking a thread
-//! per call (epoll, Go's netpoller) asks a conn or UDP socket for its two
-//! wait descriptors (`meshvpn_conn_wait_fds`, `meshvpn_udp_wait_fds`),
-//! calls with timeout 0, and polls the descriptor of the call's direction
-//! when the call returns `MESHVPN_TIMEOUT`.
+//! per call (epoll, Go's netpoller) asks a conn for its two wait
+//! descriptors (`meshvpn_conn_wait_fds`) or a UDP socket for its one
+//! (`meshvpn_udp_wait_fd`), calls with timeout 0, and polls the
+//! descriptor of the call's direction when the call returns
+//! `MESHVPN_TIMEOUT`.
 //!
 //! Addresses are text: `"10.0.0.2:80"`, `"[fd00::2]:80"` (an IP literal and
 //! a port; names are not resolved). Outputs of addresses follow the buffer
@@ -22,11 +23,10 @@
 
 use std::ffi::c_char;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::{IntoRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ::meshvpn_engine::netstack::{Direction, Netstack, NetstackConfig, NetstackError};
+use ::meshvpn_engine::netstack::{Netstack, NetstackConfig, NetstackError};
 
 use crate::engine::{lookup as engine_lookup, meshvpn_engine};
 use crate::error::{meshvpn_result, Error, Result};
@@ -171,22 +171,6 @@ pub(crate) fn timed<T>(
         }
         r => Ok(r?),
     }
-}
-
-/// Writes a socket's two wait descriptors, made by `ready_fd` (see
-/// `meshvpn_conn_wait_fds`); neither is written unless both were made.
-pub(crate) fn write_wait_fds(
-    ready_fd: impl Fn(Direction) -> std::io::Result<OwnedFd>,
-    out_read_fd: *mut i32,
-    out_write_fd: *mut i32,
-) -> Result<()> {
-    let out_read = Out::new(out_read_fd, "out_read_fd")?;
-    let out_write = Out::new(out_write_fd, "out_write_fd")?;
-    let read = ready_fd(Direction::Read).map_err(Error::eventfd)?;
-    let write = ready_fd(Direction::Write).map_err(Error::eventfd)?;
-    out_read.write(read.into_raw_fd());
-    out_write.write(write.into_raw_fd());
-    Ok(())
 }
 
 /// Parses `"ip:port"`.

@@ -88,7 +88,7 @@ impl BoundSocket {
     /// Sends `contents` to `to`, as one datagram, or with `segment_size` as
     /// datagrams of that size (the last may be shorter) in as few syscalls
     /// as the kernel allows: each GSO send at most its segment count and
-    /// [`max_send_payload`] bytes.
+    /// `max_send_payload` bytes.
     pub fn send(
         &self,
         contents: &[u8],

@@ -128,8 +128,9 @@ impl TcpStream {
     }
 
     /// A new descriptor of an eventfd, owned by the caller, that becomes
-    /// readable when a read or write in `dir` that found nothing to do (timed out
-    /// or would block) may now succeed, and when the stream closes. For a
+    /// readable when a read or write in `dir` that found nothing to do
+    /// (timed out or would block) may now succeed, and when the stream
+    /// closes. For a
     /// caller that sleeps in its own event loop (epoll, Go's netpoller)
     /// instead of blocking a thread: call with a zero timeout, and on
     /// `TimedOut` poll the descriptor for readability, then call again.

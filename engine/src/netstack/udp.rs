@@ -106,14 +106,8 @@ impl UdpSocket {
         }
     }
 
-    /// A new descriptor of an eventfd, owned by the caller, that becomes
-    /// readable when a receive or send in `dir` that found nothing to do (timed out
-    /// or would block) may now succeed, and when the socket closes. For a
-    /// caller that sleeps in its own event loop (epoll, Go's netpoller)
-    /// instead of blocking a thread: call with a zero timeout, and on
-    /// `TimedOut` poll the descriptor for readability, then call again.
-    /// Never read it: the next call that finds nothing resets it. Wakeups
-    /// may be spurious. Two per socket at most, made on first use.
+    /// As [`super::TcpStream::ready_fd`], for receives (`Read`) and sends
+    /// (`Write`) that found nothing to do.
     pub fn ready_fd(&self, dir: Direction) -> io::Result<OwnedFd> {
         self.signal.ready_fd(dir)
     }
