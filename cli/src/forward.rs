@@ -13,15 +13,15 @@
 //! [`UDP_IDLE`] without traffic. Connections log at debug, counts at info.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use meshvpn_engine::netstack::{TcpStream as MeshStream, UdpSocket as MeshUdp};
+use meshvpn_engine::netstack::{Splice, TcpStream as MeshStream, UdpSocket as MeshUdp};
 use meshvpn_engine::{Engine, Netstack, NetstackConfig, NetstackError};
 
 /// A UDP session without traffic this long ends.
@@ -31,15 +31,20 @@ const UDP_SESSIONS: usize = 1024;
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often blocking loops look at the stop flag.
 const TICK: Duration = Duration::from_millis(200);
-const COPY_BUF: usize = 64 << 10;
-/// Default of `--tcp-buffer`: each mesh TCP connection's receive and send
-/// buffer. The receive buffer is the window the far end may have in
-/// flight, so it caps a connection at about buffer / RTT: the stack's
-/// 256 KiB default held `meshvpn forward` to about 1 Gbit/s at the 1-2 ms a
-/// loaded host shows, below TUN mode, whose kernel TCP grows its window to
-/// several MiB (Linux's `tcp_rmem` maximum is 6 MiB). The buffers are
-/// allocated per connection but only touched as data flows.
+/// Default of `--tcp-buffer`: each mesh TCP connection's receive buffer.
+/// It is the window the far end may have in flight, so it caps a download
+/// at about buffer / RTT: the stack's 256 KiB default held `meshvpn
+/// forward` to about 1 Gbit/s at the 1-2 ms a loaded host shows, below TUN
+/// mode, whose kernel TCP grows its window to several MiB (Linux's
+/// `tcp_rmem` maximum is 6 MiB). The buffers are allocated per connection
+/// but only touched as data flows.
 pub const TCP_BUFFER: usize = 1 << 20;
+/// Default of `--tcp-send-buffer`: each mesh TCP connection's send buffer,
+/// which bounds what an upload has in flight (sent and not yet
+/// acknowledged) the same way. 4 MiB is Linux's `tcp_wmem` maximum; with
+/// 1 MiB an upload through `forward` stayed at 0.8x TUN mode against a
+/// peer that was not the limit.
+pub const TCP_SEND_BUFFER: usize = 4 << 20;
 
 /// Arguments of `meshvpn forward`.
 #[derive(clap::Args, Debug)]
@@ -53,11 +58,15 @@ pub struct ForwardArgs {
     /// Listen on a mesh address of this engine and forward to a local service.
     #[arg(long = "remote", value_name = "MESHADDR=ADDR[/udp]")]
     pub remote: Vec<Forward>,
-    /// Receive and send buffer of each mesh TCP connection, in bytes (the
-    /// receive buffer is the window: a connection moves at most about
-    /// this much per round trip).
+    /// Receive buffer of each mesh TCP connection, in bytes (it is the
+    /// window: a connection receives at most about this much per round
+    /// trip).
     #[arg(long = "tcp-buffer", value_name = "BYTES", default_value_t = TCP_BUFFER)]
     pub tcp_buffer: usize,
+    /// Send buffer of each mesh TCP connection, in bytes (a connection
+    /// sends at most about this much per round trip).
+    #[arg(long = "tcp-send-buffer", value_name = "BYTES", default_value_t = TCP_SEND_BUFFER)]
+    pub tcp_send_buffer: usize,
 }
 
 /// One `FROM=TO[/udp]` rule.
@@ -168,7 +177,7 @@ pub fn start(args: &ForwardArgs) -> Result<Forwarder, String> {
     let engine = Arc::new(Engine::new(&config).map_err(|e| e.to_string())?);
     let stack_config = NetstackConfig {
         tcp_rx_buffer: args.tcp_buffer,
-        tcp_tx_buffer: args.tcp_buffer,
+        tcp_tx_buffer: args.tcp_send_buffer,
         ..NetstackConfig::default()
     };
     let stack = Arc::new(Netstack::attach(&engine, stack_config).map_err(|e| e.to_string())?);
@@ -272,80 +281,36 @@ pub fn start_rules(
     Ok(Rules { local_addrs, stop })
 }
 
-/// A byte stream the forwarder can pipe: a kernel TCP socket or a mesh one.
-trait Duplex: Send + Sync {
-    fn read_some(&self, buf: &mut [u8]) -> io::Result<usize>;
-    fn write_all_of(&self, buf: &[u8]) -> io::Result<()>;
-    fn shutdown_write(&self);
-    fn close(&self);
+/// The two ends of a forwarded TCP connection, in either order: a kernel
+/// socket and a mesh connection, which the stack's thread splices.
+trait SplicePair<B>: Sized {
+    fn splice(self, b: B) -> Result<Splice, NetstackError>;
 }
 
-impl Duplex for std::net::TcpStream {
-    fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self).read(buf)
-    }
-    fn write_all_of(&self, buf: &[u8]) -> io::Result<()> {
-        (&*self).write_all(buf)
-    }
-    fn shutdown_write(&self) {
-        let _ = self.shutdown(Shutdown::Write);
-    }
-    fn close(&self) {
-        let _ = self.shutdown(Shutdown::Both);
+impl SplicePair<MeshStream> for std::net::TcpStream {
+    fn splice(self, mesh: MeshStream) -> Result<Splice, NetstackError> {
+        mesh.splice(self)
     }
 }
 
-impl Duplex for MeshStream {
-    fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self).read(buf)
-    }
-    fn write_all_of(&self, buf: &[u8]) -> io::Result<()> {
-        (&*self).write_all(buf)
-    }
-    fn shutdown_write(&self) {
-        let _ = MeshStream::shutdown_write(self);
-    }
-    fn close(&self) {
-        MeshStream::close(self);
+impl SplicePair<std::net::TcpStream> for MeshStream {
+    fn splice(self, kernel: std::net::TcpStream) -> Result<Splice, NetstackError> {
+        MeshStream::splice(self, kernel)
     }
 }
 
-/// Copies `from` to `to` until end of stream, then half-closes `to`. On
-/// an error both sides close, which also ends the other direction.
-fn copy_half(from: &dyn Duplex, to: &dyn Duplex) -> u64 {
-    let mut buf = vec![0u8; COPY_BUF];
-    let mut total = 0u64;
-    loop {
-        match from.read_some(&mut buf) {
-            Ok(0) => {
-                to.shutdown_write();
-                return total;
-            }
-            Ok(n) => {
-                if to.write_all_of(&buf[..n]).is_err() {
-                    break;
-                }
-                total += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    from.close();
-    to.close();
-    total
-}
-
-/// Accepts connections from `accept` (until it returns `None`) and pipes
-/// each to a connection from `dial`.
+/// Accepts connections from `accept` (until it returns `None`) and splices
+/// each to a connection from `dial`. The stack's thread moves the bytes;
+/// one thread per connection only dials and then waits for the end, to
+/// log it.
 fn serve_tcp<A, B, E>(
     accept: impl Fn() -> Option<(A, SocketAddr)>,
     dial: impl Fn() -> Result<B, E> + Send + Sync + 'static,
     to: SocketAddr,
     counts: Arc<Counts>,
 ) where
-    A: Duplex + 'static,
-    B: Duplex + 'static,
+    A: SplicePair<B> + Send + 'static,
+    B: Send + 'static,
     E: std::fmt::Display,
 {
     let dial = Arc::new(dial);
@@ -357,7 +322,14 @@ fn serve_tcp<A, B, E>(
                 Err(e) => {
                     counts.failed.fetch_add(1, Relaxed);
                     tracing::info!(%from, %to, error = %e, "forward: dial failed");
-                    conn.close();
+                    return;
+                }
+            };
+            let splice = match conn.splice(back) {
+                Ok(s) => s,
+                Err(e) => {
+                    counts.failed.fetch_add(1, Relaxed);
+                    tracing::info!(%from, %to, error = %e, "forward: splice failed");
                     return;
                 }
             };
@@ -365,13 +337,15 @@ fn serve_tcp<A, B, E>(
             let total = counts.total.fetch_add(1, Relaxed) + 1;
             tracing::debug!(%from, %to, active, total, "forward: connection open");
             let t = Instant::now();
-            let (up, down) = std::thread::scope(|s| {
-                let up = s.spawn(|| copy_half(&conn, &back));
-                let down = copy_half(&back, &conn);
-                (up.join().unwrap_or(0), down)
-            });
+            let end = splice.wait(None);
+            let (up, down) = splice.moved();
             let active = counts.active.fetch_sub(1, Relaxed) - 1;
-            tracing::debug!(%from, %to, up, down, secs = t.elapsed().as_secs_f64(), "forward: connection closed");
+            tracing::debug!(
+                %from, %to, up, down,
+                clean = end.is_some_and(|r| r.clean),
+                secs = t.elapsed().as_secs_f64(),
+                "forward: connection closed"
+            );
             tracing::info!(
                 active,
                 total = counts.total.load(Relaxed),
@@ -509,6 +483,7 @@ fn spawn_udp_replies<F: Datagrams, B: Datagrams>(
 mod tests {
     use super::*;
     use meshvpn_engine::{Config, InterfaceConfig, IpPrefix, PeerConfig, PrivateKey};
+    use std::io::{Read, Write};
 
     #[test]
     fn rules_parse() {
@@ -525,7 +500,8 @@ mod tests {
 
     /// `forward` on one engine (from a config file), a second engine with
     /// its own stack as the far side: TCP and UDP both ways.
-    /// `--tcp-buffer` reaches the stack: a size it refuses fails the start.
+    /// `--tcp-buffer` and `--tcp-send-buffer` reach the stack: a size it
+    /// refuses fails the start.
     #[test]
     fn the_tcp_buffer_flag_reaches_the_stack() {
         let dir = std::env::temp_dir().join(format!("meshvpn-forward-buf-{}", std::process::id()));
@@ -539,16 +515,23 @@ mod tests {
             ),
         )
         .unwrap();
-        let args = |tcp_buffer| ForwardArgs {
+        let args = |tcp_buffer, tcp_send_buffer| ForwardArgs {
             config: conf.clone(),
             local: vec![],
             // A mesh listener only: nothing dials out.
             remote: vec!["10.9.0.1:7000=127.0.0.1:9".parse().unwrap()],
             tcp_buffer,
+            tcp_send_buffer,
         };
-        let err = start(&args(0)).err().expect("a zero TCP buffer is refused");
+        let err = start(&args(0, TCP_SEND_BUFFER))
+            .err()
+            .expect("a zero receive buffer is refused");
         assert!(err.contains("TCP buffers"), "{err}");
-        assert!(start(&args(TCP_BUFFER)).is_ok());
+        let err = start(&args(TCP_BUFFER, 0))
+            .err()
+            .expect("a zero send buffer is refused");
+        assert!(err.contains("TCP buffers"), "{err}");
+        assert!(start(&args(TCP_BUFFER, TCP_SEND_BUFFER)).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -615,6 +598,7 @@ mod tests {
                     .unwrap(),
             ],
             tcp_buffer: TCP_BUFFER,
+            tcp_send_buffer: TCP_SEND_BUFFER,
         };
         let fw = start(&args).unwrap();
         let t = Some(Duration::from_secs(5));

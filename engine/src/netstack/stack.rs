@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::Waker;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint, Ipv4Packet, Ipv6P
 use super::device::MeshDevice;
 use super::signal::{Direction, Signal};
 use super::sink::{NetstackSink, RxBatch, RxPool};
+use super::splice::{Pipe, Waiter};
 use super::{NetstackConfig, NetstackError};
 use crate::peer::DropReason;
 use crate::wg::{Engine, SendError};
@@ -163,6 +164,8 @@ pub(crate) struct Stack {
     next_id: u64,
     epoch: Instant,
     last_reap: Instant,
+    /// Connections spliced to kernel sockets ([`super::Netstack::splice`]).
+    pub splices: Vec<Pipe>,
 }
 
 struct Counters {
@@ -182,6 +185,8 @@ pub(crate) struct Inner {
     detached: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
     counters: Counters,
+    /// Made by the first splice.
+    pub waiter: OnceLock<Waiter>,
 }
 
 fn random_u64() -> u64 {
@@ -264,6 +269,7 @@ impl Inner {
                 next_id: 1,
                 epoch,
                 last_reap: epoch,
+                splices: Vec::new(),
             }),
             mtu,
             addresses: addresses.clone(),
@@ -272,6 +278,7 @@ impl Inner {
             closed: AtomicBool::new(false),
             detached: detached.clone(),
             thread: Mutex::new(None),
+            waiter: OnceLock::new(),
             counters: Counters {
                 rx_dropped: rx_dropped.clone(),
                 syns_dropped: AtomicU64::new(0),
@@ -407,7 +414,10 @@ impl Inner {
     }
 
     fn wake_all(&self) {
-        let st = self.stack.lock();
+        let mut st = self.stack.lock();
+        for p in std::mem::take(&mut st.splices) {
+            p.finish(false);
+        }
         for e in st.entries.values() {
             e.signal.notify();
         }
@@ -464,8 +474,14 @@ fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
                 st.fail_unreachable(&unreachable);
                 unreachable.clear();
             }
+            if !st.splices.is_empty() {
+                st.pump(inner.config.close_linger);
+            }
             st.poll(&inner);
             delay = st.delay().min(IDLE_CHECK);
+            if !st.splices.is_empty() && st.pump(inner.config.close_linger) {
+                delay = Duration::ZERO;
+            }
             if st.device.pending() > 0 {
                 delay = Duration::ZERO;
             }

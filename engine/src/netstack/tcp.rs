@@ -14,6 +14,7 @@ use parking_lot::Mutex;
 use smoltcp::socket::tcp;
 
 use super::signal::{Direction, Interrupter, Signal};
+use super::splice::{Splice, Waiter};
 use super::stack::{smol_timeout, Binding, Inner, Kind, Listener, SockRef, Stack};
 use super::NetstackError;
 
@@ -252,6 +253,48 @@ impl TcpStream {
             self.inner.kick();
         }
         r
+    }
+
+    /// Hands this connection and the kernel TCP socket `kernel` to the
+    /// stack's thread, which moves bytes between them both ways with no
+    /// thread of the caller's: an end of stream on either side is passed on
+    /// as a half-close, and the splice ends once both sides have ended, or
+    /// at once when either fails (a reset, an error, the stack closing),
+    /// closing both. See [`Splice`] for how to learn the end. `kernel` is
+    /// made non-blocking; the connection's buffers are all that is queued
+    /// on our side.
+    pub fn splice(self, kernel: std::net::TcpStream) -> Result<Splice, NetstackError> {
+        self.check_open()?;
+        if self.write_shut.load(Relaxed) {
+            return Err(NetstackError::InvalidInput(
+                "the connection's write side is shut",
+            ));
+        }
+        let waiter = match self.inner.waiter.get() {
+            Some(w) => w,
+            None => {
+                let w = Waiter::start(Arc::downgrade(&self.inner))
+                    .map_err(|_| NetstackError::Thread)?;
+                self.inner.waiter.get_or_init(|| w)
+            }
+        };
+        let (pipe, handle) = waiter
+            .pipe(self.sock, kernel)
+            .map_err(|_| NetstackError::InvalidInput("the kernel socket cannot be polled"))?;
+        {
+            let mut st = self.inner.stack.lock();
+            if let Err(e) = st.entry(self.sock) {
+                drop(st);
+                pipe.finish(false);
+                return Err(e);
+            }
+            st.splices.push(pipe);
+        }
+        // The stack's thread owns the socket now: dropping this handle
+        // must not close it.
+        self.closed.store(true, Relaxed);
+        self.inner.kick();
+        Ok(handle)
     }
 
     /// Sends FIN once the queued bytes are out; reading goes on.
