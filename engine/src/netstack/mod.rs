@@ -10,6 +10,8 @@
 //!   netstack thread: drain a batch --> Interface ingress + egress --> Engine::send_packet
 //!   TcpStream / TcpListener / UdpSocket / ping: lock the stack, move bytes in or
 //!   out of a socket buffer, kick the netstack thread, sleep on the socket's signal
+//!   TcpStream::splice: the netstack thread itself moves bytes between the
+//!   connection's buffers and a kernel socket, around each poll (splice.rs)
 //! ```
 //!
 //! One lock guards the smoltcp `Interface` and `SocketSet`. The netstack
@@ -24,7 +26,8 @@
 //! in buffers of at most `rx_queue_packets * mtu` bytes in all.
 //!
 //! This layer opens no OS socket and reads no device: packets come from the
-//! engine's sink and leave through [`Engine::send_packet`].
+//! engine's sink and leave through [`Engine::send_packet`]. The only
+//! sockets it touches are the kernel TCP sockets a caller splices.
 
 mod device;
 mod dialer;
