@@ -23,13 +23,11 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 use smoltcp::socket::tcp;
-
-use super::stack::{Inner, SockRef, Stack};
 
 /// Readiness bits the epoll thread sets on a pipe.
 const READABLE: u8 = 1;
@@ -39,9 +37,9 @@ const WRITABLE: u8 = 2;
 /// stack is gone.
 const WAITER_TICK: Duration = Duration::from_millis(200);
 
-/// One spliced pair, kept by the stack.
+/// One spliced pair's kernel side and progress, kept by the stack beside
+/// its connection.
 pub(crate) struct Pipe {
-    sock: SockRef,
     kernel: std::net::TcpStream,
     token: usize,
     /// Set by the epoll thread.
@@ -131,7 +129,9 @@ pub(crate) struct Waiter {
 }
 
 impl Waiter {
-    pub fn start(inner: Weak<Inner>) -> io::Result<Waiter> {
+    /// Starts the thread; `kick` wakes the stack's thread and returns
+    /// false once the stack is gone (the thread then ends).
+    pub fn start(kick: impl Fn() -> bool + Send + 'static) -> io::Result<Waiter> {
         let mut poll = mio::Poll::new()?;
         let registry = poll.registry().try_clone()?;
         let registered: Arc<Registered> = Arc::default();
@@ -149,7 +149,6 @@ impl Waiter {
                         }
                         continue;
                     }
-                    let Some(inner) = inner.upgrade() else { break };
                     if events.is_empty() {
                         continue;
                     }
@@ -168,7 +167,9 @@ impl Waiter {
                             }
                         }
                     }
-                    inner.kick();
+                    if !kick() {
+                        break;
+                    }
                 }
             })?;
         Ok(Waiter {
@@ -181,7 +182,7 @@ impl Waiter {
 
     /// Makes `kernel` non-blocking, registers it, and returns the pipe and
     /// its handle.
-    pub fn pipe(&self, sock: SockRef, kernel: std::net::TcpStream) -> io::Result<(Pipe, Splice)> {
+    pub fn pipe(&self, kernel: std::net::TcpStream) -> io::Result<(Pipe, Splice)> {
         kernel.set_nonblocking(true)?;
         let token = self.next_token.fetch_add(1, SeqCst);
         let events = Arc::new(AtomicU8::new(0));
@@ -197,7 +198,6 @@ impl Waiter {
         }
         let state = Arc::new(SpliceState::default());
         let pipe = Pipe {
-            sock,
             kernel,
             token,
             events,
@@ -251,90 +251,81 @@ fn step(r: io::Result<usize>, eof_on_zero: bool) -> Step {
     }
 }
 
-impl Stack {
-    /// Moves what can move on every pipe; true when bytes moved (so the
-    /// stack should poll again at once). Ended pipes are closed (the
-    /// connection with `linger`) and dropped.
-    pub fn pump(&mut self, linger: Duration) -> bool {
-        let mut moved = false;
-        let mut i = 0;
-        while i < self.splices.len() {
-            let p = &mut self.splices[i];
-            let events = p.events.swap(0, SeqCst);
-            p.readable |= events & READABLE != 0;
-            p.writable |= events & WRITABLE != 0;
-            let s = self.sockets.get_mut::<tcp::Socket>(p.sock.handle);
-            while p.readable && !p.up_done && !p.failed {
-                let kernel = &p.kernel;
-                let st = s
-                    .send(|free| match free.is_empty() {
-                        true => (0, Step::Stop),
-                        false => match step((&*kernel).read(free), true) {
-                            Step::Moved(n) => (n, Step::Moved(n)),
-                            other => (0, other),
-                        },
-                    })
-                    .unwrap_or(Step::Failed);
-                match st {
-                    Step::Moved(n) => {
-                        moved |= n > 0;
-                        p.state.up.fetch_add(n as u64, SeqCst);
-                    }
-                    Step::Eof => {
-                        s.close();
-                        p.up_done = true;
-                        moved = true;
-                    }
-                    Step::WouldBlock => p.readable = false,
-                    Step::Stop => break,
-                    Step::Failed => p.failed = true,
-                }
+/// What one [`pump`] did.
+pub(crate) struct Pumped {
+    /// Bytes moved, or a FIN was queued: the stack should poll again at
+    /// once.
+    pub moved: bool,
+    /// The pipe ended, cleanly (both ends of stream passed on) or not (the
+    /// connection must then be aborted); the caller closes the connection
+    /// and calls [`Pipe::finish`].
+    pub ended: Option<bool>,
+}
+
+/// Moves what can move between `p`'s kernel socket and its connection `s`.
+pub(crate) fn pump(p: &mut Pipe, s: &mut tcp::Socket<'_>) -> Pumped {
+    let mut moved = false;
+    let events = p.events.swap(0, SeqCst);
+    p.readable |= events & READABLE != 0;
+    p.writable |= events & WRITABLE != 0;
+    while p.readable && !p.up_done && !p.failed {
+        let kernel = &p.kernel;
+        let st = s
+            .send(|free| match free.is_empty() {
+                true => (0, Step::Stop),
+                false => match step((&*kernel).read(free), true) {
+                    Step::Moved(n) => (n, Step::Moved(n)),
+                    other => (0, other),
+                },
+            })
+            .unwrap_or(Step::Failed);
+        match st {
+            Step::Moved(n) => {
+                moved |= n > 0;
+                p.state.up.fetch_add(n as u64, SeqCst);
             }
-            while p.writable && !p.down_done && !p.failed {
-                let kernel = &p.kernel;
-                let st = match s.recv(|data| match data.is_empty() {
-                    true => (0, Step::Stop),
-                    false => match step((&*kernel).write(data), false) {
-                        Step::Moved(n) => (n, Step::Moved(n)),
-                        other => (0, other),
-                    },
-                }) {
-                    Ok(st) => st,
-                    Err(tcp::RecvError::Finished) => Step::Eof,
-                    Err(tcp::RecvError::InvalidState) => Step::Failed,
-                };
-                match st {
-                    Step::Moved(n) => {
-                        moved |= n > 0;
-                        p.state.down.fetch_add(n as u64, SeqCst);
-                    }
-                    Step::Eof => {
-                        let _ = p.kernel.shutdown(Shutdown::Write);
-                        p.down_done = true;
-                    }
-                    Step::WouldBlock => p.writable = false,
-                    Step::Stop => break,
-                    Step::Failed => p.failed = true,
-                }
+            Step::Eof => {
+                s.close();
+                p.up_done = true;
+                moved = true;
             }
-            // A reset or a timeout on the connection shows only in its
-            // state while neither side has bytes to move.
-            if s.state() == tcp::State::Closed && s.recv_queue() == 0 && !(p.up_done && p.down_done)
-            {
-                p.failed = true;
-            }
-            if p.failed || (p.up_done && p.down_done) {
-                let p = self.splices.swap_remove(i);
-                if p.failed {
-                    self.tcp(p.sock.handle).abort();
-                }
-                self.close_tcp(p.sock, linger);
-                let clean = !p.failed;
-                p.finish(clean);
-                continue;
-            }
-            i += 1;
+            Step::WouldBlock => p.readable = false,
+            Step::Stop => break,
+            Step::Failed => p.failed = true,
         }
-        moved
     }
+    while p.writable && !p.down_done && !p.failed {
+        let kernel = &p.kernel;
+        let st = match s.recv(|data| match data.is_empty() {
+            true => (0, Step::Stop),
+            false => match step((&*kernel).write(data), false) {
+                Step::Moved(n) => (n, Step::Moved(n)),
+                other => (0, other),
+            },
+        }) {
+            Ok(st) => st,
+            Err(tcp::RecvError::Finished) => Step::Eof,
+            Err(tcp::RecvError::InvalidState) => Step::Failed,
+        };
+        match st {
+            Step::Moved(n) => {
+                moved |= n > 0;
+                p.state.down.fetch_add(n as u64, SeqCst);
+            }
+            Step::Eof => {
+                let _ = p.kernel.shutdown(Shutdown::Write);
+                p.down_done = true;
+            }
+            Step::WouldBlock => p.writable = false,
+            Step::Stop => break,
+            Step::Failed => p.failed = true,
+        }
+    }
+    // A reset or a timeout of the connection shows only in its state
+    // while neither side has bytes to move.
+    if s.state() == tcp::State::Closed && s.recv_queue() == 0 && !(p.up_done && p.down_done) {
+        p.failed = true;
+    }
+    let ended = (p.failed || (p.up_done && p.down_done)).then_some(!p.failed);
+    Pumped { moved, ended }
 }

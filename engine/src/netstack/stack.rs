@@ -24,7 +24,7 @@ use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint, Ipv4Packet, Ipv6P
 use super::device::MeshDevice;
 use super::signal::{Direction, Signal};
 use super::sink::{NetstackSink, RxBatch, RxPool};
-use super::splice::{Pipe, Waiter};
+use super::splice::{self, Pipe, Waiter};
 use super::{NetstackConfig, NetstackError};
 use crate::peer::DropReason;
 use crate::wg::{Engine, SendError};
@@ -164,8 +164,8 @@ pub(crate) struct Stack {
     next_id: u64,
     epoch: Instant,
     last_reap: Instant,
-    /// Connections spliced to kernel sockets ([`super::Netstack::splice`]).
-    pub splices: Vec<Pipe>,
+    /// Connections spliced to kernel sockets ([`super::TcpStream::splice`]).
+    pub splices: Vec<(SockRef, Pipe)>,
 }
 
 struct Counters {
@@ -415,7 +415,7 @@ impl Inner {
 
     fn wake_all(&self) {
         let mut st = self.stack.lock();
-        for p in std::mem::take(&mut st.splices) {
+        for (_, p) in std::mem::take(&mut st.splices) {
             p.finish(false);
         }
         for e in st.entries.values() {
@@ -474,12 +474,12 @@ fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
                 st.fail_unreachable(&unreachable);
                 unreachable.clear();
             }
-            if !st.splices.is_empty() {
-                st.pump(inner.config.close_linger);
-            }
+            // Spliced bytes the kernel holds leave in this poll; what the
+            // poll received or made room for moves right after it.
+            st.pump_splices(inner.config.close_linger);
             st.poll(&inner);
             delay = st.delay().min(IDLE_CHECK);
-            if !st.splices.is_empty() && st.pump(inner.config.close_linger) {
+            if st.pump_splices(inner.config.close_linger) {
                 delay = Duration::ZERO;
             }
             if st.device.pending() > 0 {
@@ -757,6 +757,30 @@ impl Stack {
         if self.entry(r).is_ok() {
             self.release(r.handle);
         }
+    }
+
+    /// Pumps every splice ([`splice::pump`]); closes the connections of
+    /// those that ended. True when bytes moved.
+    fn pump_splices(&mut self, linger: Duration) -> bool {
+        let mut moved = false;
+        let mut i = 0;
+        while i < self.splices.len() {
+            let (sock, pipe) = &mut self.splices[i];
+            let s = self.sockets.get_mut::<tcp::Socket>(sock.handle);
+            let r = splice::pump(pipe, s);
+            moved |= r.moved;
+            let Some(clean) = r.ended else {
+                i += 1;
+                continue;
+            };
+            let (sock, pipe) = self.splices.swap_remove(i);
+            if !clean {
+                self.tcp(sock.handle).abort();
+            }
+            self.close_tcp(sock, linger);
+            pipe.finish(clean);
+        }
+        moved
     }
 
     fn poll(&mut self, inner: &Inner) {

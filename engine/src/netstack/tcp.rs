@@ -273,13 +273,14 @@ impl TcpStream {
         let waiter = match self.inner.waiter.get() {
             Some(w) => w,
             None => {
-                let w = Waiter::start(Arc::downgrade(&self.inner))
-                    .map_err(|_| NetstackError::Thread)?;
+                let stack = Arc::downgrade(&self.inner);
+                let kick = move || stack.upgrade().map(|s| s.kick()).is_some();
+                let w = Waiter::start(kick).map_err(|_| NetstackError::Thread)?;
                 self.inner.waiter.get_or_init(|| w)
             }
         };
         let (pipe, handle) = waiter
-            .pipe(self.sock, kernel)
+            .pipe(kernel)
             .map_err(|_| NetstackError::InvalidInput("the kernel socket cannot be polled"))?;
         {
             let mut st = self.inner.stack.lock();
@@ -288,7 +289,7 @@ impl TcpStream {
                 pipe.finish(false);
                 return Err(e);
             }
-            st.splices.push(pipe);
+            st.splices.push((self.sock, pipe));
         }
         // The stack's thread owns the socket now: dropping this handle
         // must not close it.
