@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::stacks::{recv_all, send_pattern, stack_mesh, Pattern, StackNode};
-use meshvpn_engine::netstack::TcpStream;
+use meshvpn_engine::netstack::{Splice, TcpStream};
 use meshvpn_engine::{NetstackConfig, NetstackError};
 use ring::digest::{Context, SHA256};
 
@@ -77,6 +77,32 @@ fn kernel_recv(mut s: &KernelStream) -> (u64, [u8; 32]) {
     }
 }
 
+/// `setsockopt(SOL_SOCKET, option)` with `value`.
+fn set_socket_option<T>(s: &KernelStream, option: libc::c_int, value: &T) {
+    // SAFETY: a valid socket, and a value of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
+}
+
+/// A mesh connection from a first node to a second at `port`, its first
+/// end spliced to a kernel socket: (the nodes, the far end, the local
+/// application's kernel socket, the splice).
+fn spliced_pair(port: u16) -> (Vec<StackNode>, TcpStream, KernelStream, Splice) {
+    let nodes = stack_mesh(2, NetstackConfig::default());
+    let (near, far) = mesh_pair(&nodes[0], &nodes[1], port);
+    let (spliced, app) = kernel_pair();
+    let splice = near.splice(spliced).unwrap();
+    (nodes, far, app, splice)
+}
+
 fn threads_named(name: &str) -> usize {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
@@ -88,10 +114,7 @@ fn threads_named(name: &str) -> usize {
 #[test]
 fn bytes_cross_both_ways_and_each_end_of_stream_is_a_half_close() {
     let _g = serial();
-    let nodes = stack_mesh(2, NetstackConfig::default());
-    let (near, far) = mesh_pair(&nodes[0], &nodes[1], 7300);
-    let (spliced, app) = kernel_pair();
-    let splice = near.splice(spliced).unwrap();
+    let (_nodes, far, app, splice) = spliced_pair(7300);
     let (up, down) = (8u64 << 20, 3u64 << 20);
     let deadline = Instant::now() + LONG;
     std::thread::scope(|s| {
@@ -111,10 +134,7 @@ fn bytes_cross_both_ways_and_each_end_of_stream_is_a_half_close() {
 #[test]
 fn a_reset_on_the_kernel_side_resets_the_mesh_connection() {
     let _g = serial();
-    let nodes = stack_mesh(2, NetstackConfig::default());
-    let (near, far) = mesh_pair(&nodes[0], &nodes[1], 7301);
-    let (spliced, app) = kernel_pair();
-    let splice = near.splice(spliced).unwrap();
+    let (_nodes, far, app, splice) = spliced_pair(7301);
     (&app).write_all(b"hello").unwrap();
     let mut buf = [0u8; 16];
     assert_eq!(far.read_timeout(&mut buf, Some(LONG)), Ok(5));
@@ -123,17 +143,7 @@ fn a_reset_on_the_kernel_side_resets_the_mesh_connection() {
         l_onoff: 1,
         l_linger: 0,
     };
-    // SAFETY: a valid socket, and a linger struct of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            app.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
+    set_socket_option(&app, libc::SO_LINGER, &linger);
     drop(app);
     let end = splice.wait(Some(LONG)).expect("the splice ended");
     assert!(!end.clean, "a reset is not a clean end");
@@ -148,10 +158,7 @@ fn a_reset_on_the_kernel_side_resets_the_mesh_connection() {
 #[test]
 fn closing_the_stack_ends_every_splice_and_closes_the_kernel_side() {
     let _g = serial();
-    let nodes = stack_mesh(2, NetstackConfig::default());
-    let (near, _far) = mesh_pair(&nodes[0], &nodes[1], 7302);
-    let (spliced, app) = kernel_pair();
-    let splice = near.splice(spliced).unwrap();
+    let (nodes, _far, app, splice) = spliced_pair(7302);
     nodes[0].stack.close();
     let end = splice.wait(Some(LONG)).expect("the splice ended");
     assert!(!end.clean);
@@ -169,17 +176,7 @@ fn an_application_that_stops_reading_stops_the_far_sender() {
     let (spliced, app) = kernel_pair();
     // A fixed receive buffer: no autotuning behind the test's back.
     let rcvbuf: libc::c_int = 64 << 10;
-    // SAFETY: a valid socket, and an int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            app.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            (&rcvbuf as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0);
+    set_socket_option(&app, libc::SO_RCVBUF, &rcvbuf);
     let splice = near.splice(spliced).unwrap();
     // The far end writes until its writes stop being taken for a while.
     let chunk = vec![7u8; 64 << 10];
