@@ -33,6 +33,10 @@ use smoltcp::socket::tcp;
 const READABLE: u8 = 1;
 const WRITABLE: u8 = 2;
 
+/// Bytes one pump moves at most each way on one pipe: bounds how long the
+/// stack lock is held for one pipe while others (and other callers) wait.
+const PUMP_BUDGET: usize = 1 << 20;
+
 /// How long the epoll thread sleeps at most before it looks whether the
 /// stack is gone.
 const WAITER_TICK: Duration = Duration::from_millis(200);
@@ -268,20 +272,25 @@ pub(crate) fn pump(p: &mut Pipe, s: &mut tcp::Socket<'_>) -> Pumped {
     let events = p.events.swap(0, SeqCst);
     p.readable |= events & READABLE != 0;
     p.writable |= events & WRITABLE != 0;
-    while p.readable && !p.up_done && !p.failed {
+    let mut budget = PUMP_BUDGET;
+    while p.readable && !p.up_done && !p.failed && budget > 0 {
         let kernel = &p.kernel;
         let st = s
             .send(|free| match free.is_empty() {
                 true => (0, Step::Stop),
-                false => match step((&*kernel).read(free), true) {
-                    Step::Moved(n) => (n, Step::Moved(n)),
-                    other => (0, other),
-                },
+                false => {
+                    let room = budget.min(free.len());
+                    match step((&*kernel).read(&mut free[..room]), true) {
+                        Step::Moved(n) => (n, Step::Moved(n)),
+                        other => (0, other),
+                    }
+                }
             })
             .unwrap_or(Step::Failed);
         match st {
             Step::Moved(n) => {
                 moved |= n > 0;
+                budget -= n;
                 p.state.up.fetch_add(n as u64, SeqCst);
             }
             Step::Eof => {
@@ -294,11 +303,12 @@ pub(crate) fn pump(p: &mut Pipe, s: &mut tcp::Socket<'_>) -> Pumped {
             Step::Failed => p.failed = true,
         }
     }
-    while p.writable && !p.down_done && !p.failed {
+    let mut budget = PUMP_BUDGET;
+    while p.writable && !p.down_done && !p.failed && budget > 0 {
         let kernel = &p.kernel;
         let st = match s.recv(|data| match data.is_empty() {
             true => (0, Step::Stop),
-            false => match step((&*kernel).write(data), false) {
+            false => match step((&*kernel).write(&data[..budget.min(data.len())]), false) {
                 Step::Moved(n) => (n, Step::Moved(n)),
                 other => (0, other),
             },
@@ -310,6 +320,7 @@ pub(crate) fn pump(p: &mut Pipe, s: &mut tcp::Socket<'_>) -> Pumped {
         match st {
             Step::Moved(n) => {
                 moved |= n > 0;
+                budget -= n;
                 p.state.down.fetch_add(n as u64, SeqCst);
             }
             Step::Eof => {
