@@ -230,10 +230,8 @@ pub fn start_rules(
                         return None;
                     }
                     match listener.accept() {
-                        Ok((c, from)) => {
-                            let _ = c.set_nonblocking(false);
-                            return Some((c, from));
-                        }
+                        // The splice makes it non-blocking.
+                        Ok(accepted) => return Some(accepted),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             std::thread::sleep(Duration::from_millis(20))
                         }
