@@ -116,14 +116,38 @@ start_flanneld() {
 
 stop_flanneld() { kill -TERM "$(cat "$T/flanneld-$1.pid")" 2>/dev/null; wait "$(cat "$T/flanneld-$1.pid")" 2>/dev/null; }
 
-# wait_subnet N: flanneld of node N leased a subnet and wrote its file.
+# wait_subnet N: flanneld of node N leased a subnet and wrote its file
+# (30 s at most: flanneld takes 40 ms here, but its etcd client backs off
+# after a failed connect, and once in CI a flanneld had not even picked
+# its interface 10 s after it started).
 wait_subnet() {
 	local i
-	for i in $(seq 100); do
+	for i in $(seq 300); do
 		[[ -n $(subnet_of "$1") ]] && return 0
 		sleep 0.1
 	done
 	return 1
+}
+
+# no_lease N: the FAIL line for a flanneld that leased nothing, with what
+# it was doing: its TCP sockets, its ARP entries, and where its main
+# goroutine waited (SIGQUIT makes a Go program print every goroutine's
+# stack and exit; the dump goes to its log, kept with the other logs).
+no_lease() {
+	local n=$1 pid socks neigh stack
+	pid=$(cat "$T/flanneld-$n.pid" 2>/dev/null)
+	socks=$(in_ns "$(node "$n")" ss -tan 2>&1 | tail -n +2 | tr -s ' ' | tr '\n' ';')
+	neigh=$(in_ns "$(node "$n")" ip neigh show 2>&1 | tr '\n' ';')
+	if [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; then
+		kill -QUIT "$pid" 2>/dev/null
+		sleep 1
+		# Its innermost frame, then flannel's and main's frames.
+		stack=$(awk '/^goroutine 1 / {p = 1; next} p && /^$/ {exit} p && !/^\t/' "$T/flanneld-$n.log" |
+			sed 's/([^()]*)$//' | awk 'NR == 1 || /flannel|^main\./' | head -8 | tr '\n' ' ')
+	else
+		stack="flanneld exited"
+	fi
+	fail "node $n: no lease in 30 s (flanneld: $(grep -E '^[IWEF][0-9]{4} ' "$T/flanneld-$n.log" | tail -4 | tr '\n' ';') main goroutine: $stack TCP: $socks ARP: $neigh)"
 }
 
 # add_pod N: pod namespace behind node N's cni0 with SUBNET.2.
@@ -260,7 +284,7 @@ main() {
 	for n in 1 2 3; do add_node "$n" && start_flanneld "$n"; done
 	for n in 1 2 3; do
 		wait_subnet "$n" && add_pod "$n" || {
-			fail "node $n: no lease (flanneld: $(tail -5 "$T/flanneld-$n.log"))"
+			no_lease "$n"
 			return
 		}
 	done
@@ -383,7 +407,7 @@ main() {
 	for n in 4 5; do start_flanneld "$n"; done
 	for n in 4 5; do
 		wait_subnet "$n" && add_pod "$n" || {
-			fail "node $n: no lease ($(tail -3 "$T/flanneld-$n.log"))"
+			no_lease "$n"
 			return
 		}
 	done
