@@ -131,6 +131,46 @@ fn bytes_cross_both_ways_and_each_end_of_stream_is_a_half_close() {
     assert_eq!((end.up, end.down, end.clean), (up, down, true));
 }
 
+/// A stack whose connections are spliced and have nothing to send runs on
+/// its receive thread for each batch (no hand-off to the stack thread); a
+/// stack whose received bytes go to reader threads, and a sending one,
+/// keep the hand-off.
+#[test]
+fn a_spliced_download_runs_the_stack_on_the_receive_thread() {
+    let _g = serial();
+    let (nodes, far, app, splice) = spliced_pair(7306);
+    let down = 16u64 << 20;
+    let deadline = Instant::now() + LONG;
+    std::thread::scope(|s| {
+        let got = s.spawn(|| kernel_recv(&app));
+        let sent = send_pattern(&far, down, 3, deadline);
+        assert_eq!(got.join().unwrap(), (down, sent), "mesh to kernel");
+    });
+    let spliced = nodes[0].stack.stats().polls_on_receive;
+    assert!(
+        spliced > 0,
+        "the spliced receiver never ran on its receive thread"
+    );
+    assert_eq!(nodes[1].stack.stats().polls_on_receive, 0, "the sender did");
+    // The other way the spliced side sends and the far side reads.
+    let up = 16u64 << 20;
+    std::thread::scope(|s| {
+        let app_sent = s.spawn(|| kernel_send(&app, up, 4));
+        assert_eq!(
+            recv_all(&far, deadline),
+            (up, app_sent.join().unwrap()),
+            "kernel to mesh"
+        );
+    });
+    assert_eq!(
+        nodes[1].stack.stats().polls_on_receive,
+        0,
+        "a receiver with a reader thread did"
+    );
+    let end = splice.wait(Some(LONG)).expect("the splice ended");
+    assert_eq!((end.up, end.down, end.clean), (up, down, true));
+}
+
 #[test]
 fn a_reset_on_the_kernel_side_resets_the_mesh_connection() {
     let _g = serial();

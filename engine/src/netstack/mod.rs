@@ -10,14 +10,18 @@
 //!   netstack thread: drain a batch --> Interface ingress + egress --> Engine::send_packet
 //!   TcpStream / TcpListener / UdpSocket / ping: lock the stack, move bytes in or
 //!   out of a socket buffer, kick the netstack thread, sleep on the socket's signal
-//!   TcpStream::splice: the netstack thread itself moves bytes between the
+//!   TcpStream::splice: the polling thread itself moves bytes between the
 //!   connection's buffers and a kernel socket, around each poll (splice.rs)
+//!   spliced, nothing to send: the engine rx thread polls for its own batch
+//!   when the stack is free (no queue, no wake), else queues it as above
 //! ```
 //!
 //! One lock guards the smoltcp `Interface` and `SocketSet`. The netstack
 //! thread takes it once per batch of packets (not per packet) and on socket
 //! deadlines (`poll_delay`); it encrypts and sends the batch's output after
-//! releasing it. Callers' threads take it only to copy bytes. smoltcp wakes a
+//! releasing it. A second lock, taken first and held until the output is
+//! sent, keeps one poll's output ahead of the next one's when a receive
+//! thread polls. Callers' threads take the stack lock only to copy bytes. smoltcp wakes a
 //! socket's [`signal::Signal`] while the lock is held, and a caller reads the
 //! signal's generation while still holding it, so no wake-up is lost.
 //!

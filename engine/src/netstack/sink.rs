@@ -3,7 +3,10 @@
 //! rest on untouched.
 //!
 //! Packets reach the stack thread a receive batch at a time, one channel
-//! message (so at most one wake) per batch, not one per packet. A batch
+//! message (so at most one wake) per batch, not one per packet. When the
+//! stack wants it ([`RunOnReceive`]: its connections are spliced and have
+//! nothing to send) and is free, the receive thread runs the stack for its
+//! batch itself instead, with no hand-off at all. A batch
 //! with much for the stack hands over the receive thread's whole decryption
 //! buffer ([`InnerBurst::replace_buf`]): the stack reads its packets where
 //! they were decrypted and the receive thread goes on with an idle buffer
@@ -13,7 +16,7 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use crossbeam_channel::{Sender, TrySendError};
 use parking_lot::Mutex;
@@ -232,7 +235,19 @@ impl Drop for RxBatch {
     }
 }
 
+/// A stack that a receive thread may run itself for its batch, instead of
+/// queueing the batch for the stack's thread.
+pub(crate) trait RunOnReceive: Send + Sync {
+    /// Whether the stack wants its batches run on the receive thread now.
+    fn wanted(&self) -> bool;
+    /// Runs the stack for `batch` on this thread; gives the batch back
+    /// when the stack is busy or closed.
+    fn run(&self, batch: RxBatch) -> Result<(), RxBatch>;
+}
+
 pub(crate) struct NetstackSink {
+    /// The stack, for batches a receive thread runs itself.
+    pub stack: Weak<dyn RunOnReceive>,
     pub addresses: Vec<IpAddr>,
     pub queue: Sender<RxBatch>,
     pub pool: Arc<RxPool>,
@@ -252,6 +267,15 @@ impl NetstackSink {
 
     /// Queues a batch for the stack thread; true when it went.
     fn send(&self, batch: RxBatch) -> bool {
+        // Run here when the stack wants it, nothing is queued before this
+        // batch, and the stack is free.
+        let batch = match self.stack.upgrade() {
+            Some(stack) if stack.wanted() && self.queue.is_empty() => match stack.run(batch) {
+                Ok(()) => return true,
+                Err(b) => b,
+            },
+            _ => batch,
+        };
         match self.queue.try_send(batch) {
             Ok(()) => true,
             // The queue holds at most as many batches as packets may wait
@@ -409,6 +433,7 @@ impl InnerSink for NetstackSink {
     fn rewrap(&self, end: Arc<dyn InnerSink>) -> Option<Arc<dyn InnerSink>> {
         let next = self.next.rewrap(end.clone()).unwrap_or(end);
         Some(Arc::new(NetstackSink {
+            stack: self.stack.clone(),
             addresses: self.addresses.clone(),
             queue: self.queue.clone(),
             pool: self.pool.clone(),
@@ -437,12 +462,25 @@ mod tests {
 
     const US: [u8; 4] = [10, 0, 0, 1];
 
+    struct NoStack;
+
+    impl RunOnReceive for NoStack {
+        fn wanted(&self) -> bool {
+            false
+        }
+        fn run(&self, batch: RxBatch) -> Result<(), RxBatch> {
+            Err(batch)
+        }
+    }
+
     fn sink(
         rx_queue_packets: usize,
         next: Arc<dyn InnerSink>,
     ) -> (NetstackSink, crossbeam_channel::Receiver<RxBatch>) {
         let (tx, rx) = crossbeam_channel::bounded(rx_queue_packets);
         let s = NetstackSink {
+            // No stack: every batch is queued, as for a stack thread.
+            stack: Weak::<NoStack>::new(),
             addresses: vec![IpAddr::from(US)],
             queue: tx,
             pool: RxPool::new(rx_queue_packets, 1500),

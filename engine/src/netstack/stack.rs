@@ -23,7 +23,7 @@ use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint, Ipv4Packet, Ipv6P
 
 use super::device::MeshDevice;
 use super::signal::{Direction, Signal};
-use super::sink::{NetstackSink, RxBatch, RxPool};
+use super::sink::{NetstackSink, RunOnReceive, RxBatch, RxPool};
 use super::splice::{self, Pipe, Waiter};
 use super::{NetstackConfig, NetstackError};
 use crate::peer::DropReason;
@@ -61,6 +61,9 @@ pub struct NetstackStats {
     pub syns_dropped: u64,
     /// Packets the stack sent that the engine had no peer (or endpoint) for.
     pub tx_unroutable: u64,
+    /// Receive batches the receive thread ran the stack for itself, with no
+    /// hand-off to the stack thread (see [`Inner::deliver_direct`]).
+    pub polls_on_receive: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -166,12 +169,16 @@ pub(crate) struct Stack {
     last_reap: Instant,
     /// Connections spliced to kernel sockets ([`super::TcpStream::splice`]).
     pub splices: Vec<(SockRef, Pipe)>,
+    /// When the stack thread polls next on its own (its timers); a direct
+    /// poll that wants an earlier one kicks it.
+    wake_at: SmolInstant,
 }
 
 struct Counters {
     rx_dropped: Arc<AtomicU64>,
     syns_dropped: AtomicU64,
     tx_unroutable: AtomicU64,
+    polls_on_receive: AtomicU64,
 }
 
 pub(crate) struct Inner {
@@ -187,6 +194,21 @@ pub(crate) struct Inner {
     counters: Counters,
     /// Made by the first splice.
     pub waiter: OnceLock<Waiter>,
+    /// Held from a poll until its output is sent, so the output of one
+    /// poll leaves before the next poll's, whichever thread polls.
+    send_lock: Mutex<()>,
+    /// Destinations a direct poll found no route to, for the stack
+    /// thread's next poll to fail their dials.
+    unreachable: Mutex<Vec<IpAddr>>,
+    /// Whether a receive thread may run the stack for its batch (see
+    /// [`Inner::deliver_direct`]); set after each poll.
+    pub poll_on_receive: AtomicBool,
+}
+
+thread_local! {
+    /// Sent packet buffers of this thread's direct polls, returned to the
+    /// device at its next one.
+    static DIRECT_SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn random_u64() -> u64 {
@@ -270,6 +292,7 @@ impl Inner {
                 epoch,
                 last_reap: epoch,
                 splices: Vec::new(),
+                wake_at: SmolInstant::ZERO,
             }),
             mtu,
             addresses: addresses.clone(),
@@ -279,10 +302,14 @@ impl Inner {
             detached: detached.clone(),
             thread: Mutex::new(None),
             waiter: OnceLock::new(),
+            send_lock: Mutex::new(()),
+            unreachable: Mutex::new(Vec::new()),
+            poll_on_receive: AtomicBool::new(false),
             counters: Counters {
                 rx_dropped: rx_dropped.clone(),
                 syns_dropped: AtomicU64::new(0),
                 tx_unroutable: AtomicU64::new(0),
+                polls_on_receive: AtomicU64::new(0),
             },
             config,
         });
@@ -295,6 +322,7 @@ impl Inner {
         };
         *inner.thread.lock() = Some(t);
         let sink = NetstackSink {
+            stack: Arc::downgrade(&inner) as Weak<dyn RunOnReceive>,
             addresses,
             queue: packets_tx,
             pool: RxPool::new(inner.config.rx_queue_packets, mtu),
@@ -395,6 +423,7 @@ impl Inner {
             rx_dropped: self.counters.rx_dropped.load(Relaxed),
             syns_dropped: self.counters.syns_dropped.load(Relaxed),
             tx_unroutable: self.counters.tx_unroutable.load(Relaxed),
+            polls_on_receive: self.counters.polls_on_receive.load(Relaxed),
         }
     }
 
@@ -457,6 +486,7 @@ fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
         };
         while kicks.try_recv().is_ok() {}
         let Ok(engine) = inner.engine() else { break };
+        let sending = inner.send_lock.lock();
         {
             let mut guard = inner.stack.lock();
             let st = &mut *guard;
@@ -470,6 +500,7 @@ fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
                 }
             }
             st.device.free.append(&mut spare);
+            unreachable.append(&mut inner.unreachable.lock());
             if !unreachable.is_empty() {
                 st.fail_unreachable(&unreachable);
                 unreachable.clear();
@@ -485,6 +516,8 @@ fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
             if st.device.pending() > 0 {
                 delay = Duration::ZERO;
             }
+            st.wake_at = st.now() + smol_timeout(Some(delay)).unwrap_or_default();
+            inner.poll_on_receive.store(st.poll_on_receive(), Relaxed);
             std::mem::swap(&mut out, &mut st.device.tx);
         }
         // One batch: consecutive packets to a peer leave in one GSO send.
@@ -498,10 +531,83 @@ fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
                 }
             }
         });
+        drop(sending);
         spare.append(&mut out);
         if !unreachable.is_empty() || !packets.is_empty() {
             delay = Duration::ZERO;
         }
+    }
+}
+
+impl RunOnReceive for Inner {
+    fn wanted(&self) -> bool {
+        self.poll_on_receive.load(Relaxed)
+    }
+
+    fn run(&self, batch: RxBatch) -> Result<(), RxBatch> {
+        self.deliver_direct(batch)
+    }
+}
+
+impl Inner {
+    /// Runs the stack for `batch` on the calling receive thread, when no
+    /// other thread polls it or sends its output: one poll with its splices
+    /// pumped, its output sent from here, no hand-off to the stack thread.
+    /// Gives the batch back when the stack is busy or closed (the caller
+    /// queues it). Kicks the stack thread when the poll left work or wants
+    /// a timer earlier than the stack thread's next wake. A panic in the
+    /// poll stops the stack, as one on the stack thread does, and does not
+    /// reach the receive thread.
+    pub fn deliver_direct(&self, batch: RxBatch) -> Result<(), RxBatch> {
+        let Some(sending) = self.send_lock.try_lock() else {
+            return Err(batch);
+        };
+        let Some(mut st) = self.stack.try_lock() else {
+            return Err(batch);
+        };
+        let Ok(engine) = self.engine() else {
+            return Err(batch);
+        };
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            DIRECT_SPARE.with_borrow_mut(|spare| st.device.free.append(spare));
+            st.device.push(batch);
+            let linger = self.config.close_linger;
+            st.pump_splices(linger);
+            st.poll(self);
+            let delay = st.delay();
+            let more = st.pump_splices(linger) || st.device.pending() > 0;
+            let wake = st.now() + smol_timeout(Some(delay)).unwrap_or_default();
+            self.poll_on_receive.store(st.poll_on_receive(), Relaxed);
+            (std::mem::take(&mut st.device.tx), more || wake < st.wake_at)
+        }));
+        drop(st);
+        self.counters.polls_on_receive.fetch_add(1, Relaxed);
+        let Ok((mut out, mut kick)) = polled else {
+            // The stack thread sees `closed`, stops, and wakes every caller.
+            self.closed.store(true, SeqCst);
+            self.detached.store(true, SeqCst);
+            self.kick();
+            return Ok(());
+        };
+        engine.send_packets_reporting(out.iter().map(Vec::as_slice), |p, e| {
+            if let SendError::NoRoute | SendError::Dropped(DropReason::NoEndpoint) = e {
+                self.counters.tx_unroutable.fetch_add(1, Relaxed);
+                if let Ok(h) = IpHeader::new_checked(p) {
+                    let mut u = self.unreachable.lock();
+                    if !u.contains(&h.dst) {
+                        u.push(h.dst);
+                    }
+                }
+                // The stack thread's next poll fails the dials.
+                kick = true;
+            }
+        });
+        drop(sending);
+        DIRECT_SPARE.with_borrow_mut(|spare| spare.append(&mut out));
+        if kick {
+            self.kick();
+        }
+        Ok(())
     }
 }
 
@@ -796,6 +902,22 @@ impl Stack {
         if !self.closing.is_empty() && self.last_reap.elapsed() >= REAP_EVERY {
             self.reap();
         }
+    }
+
+    /// Whether a receive thread should run this stack for its batches:
+    /// when connections are spliced (what arrives goes to a kernel socket
+    /// within the poll, with no reader thread to wake) and none has bytes
+    /// queued to send (so the poll sends ACKs, not data). Measured both
+    /// ways in engine/docs/performance.md: a spliced download gains; a
+    /// sender, or a receiver with reader threads, loses when its receive
+    /// thread also runs the stack.
+    fn poll_on_receive(&self) -> bool {
+        !self.splices.is_empty()
+            && !self.sockets.iter().any(|(_, s)| match s {
+                smoltcp::socket::Socket::Tcp(t) => t.send_queue() > 0,
+                #[allow(unreachable_patterns)]
+                _ => false,
+            })
     }
 
     fn delay(&mut self) -> Duration {
