@@ -197,7 +197,7 @@ pub(crate) struct Inner {
     /// Held from a poll until its output is sent, so the output of one
     /// poll leaves before the next poll's, whichever thread polls.
     send_lock: Mutex<()>,
-    /// Destinations a direct poll found no route to, for the stack
+    /// Destinations a poll's output found no route to, for the stack
     /// thread's next poll to fail their dials.
     unreachable: Mutex<Vec<IpAddr>>,
     /// Whether a receive thread may run the stack for its batch (see
@@ -472,7 +472,6 @@ fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
     let _stopped = Stopped(&inner);
     let mut out: Vec<Vec<u8>> = Vec::new();
     let mut spare: Vec<Vec<u8>> = Vec::new();
-    let mut unreachable: Vec<IpAddr> = Vec::new();
     let mut delay = Duration::ZERO;
     loop {
         let first = if delay.is_zero() {
@@ -500,10 +499,9 @@ fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
                 }
             }
             st.device.free.append(&mut spare);
-            unreachable.append(&mut inner.unreachable.lock());
+            let unreachable = std::mem::take(&mut *inner.unreachable.lock());
             if !unreachable.is_empty() {
                 st.fail_unreachable(&unreachable);
-                unreachable.clear();
             }
             // Spliced bytes the kernel holds leave in this poll; what the
             // poll received or made room for moves right after it.
@@ -520,22 +518,35 @@ fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
             inner.poll_on_receive.store(st.poll_on_receive(), Relaxed);
             std::mem::swap(&mut out, &mut st.device.tx);
         }
-        // One batch: consecutive packets to a peer leave in one GSO send.
+        let unroutable = inner.send_output(&engine, &out);
+        drop(sending);
+        spare.append(&mut out);
+        if unroutable || !packets.is_empty() {
+            delay = Duration::ZERO;
+        }
+    }
+}
+
+impl Inner {
+    /// Sends a poll's output (without the stack lock) as one batch:
+    /// consecutive packets to a peer leave in one GSO send. Destinations
+    /// without a route are noted for the next poll to fail their dials;
+    /// true when there were any.
+    fn send_output(&self, engine: &Engine, out: &[Vec<u8>]) -> bool {
+        let mut unroutable = false;
         engine.send_packets_reporting(out.iter().map(Vec::as_slice), |p, e| {
             if let SendError::NoRoute | SendError::Dropped(DropReason::NoEndpoint) = e {
-                inner.counters.tx_unroutable.fetch_add(1, Relaxed);
+                self.counters.tx_unroutable.fetch_add(1, Relaxed);
+                unroutable = true;
                 if let Ok(h) = IpHeader::new_checked(p) {
-                    if !unreachable.contains(&h.dst) {
-                        unreachable.push(h.dst);
+                    let mut u = self.unreachable.lock();
+                    if !u.contains(&h.dst) {
+                        u.push(h.dst);
                     }
                 }
             }
         });
-        drop(sending);
-        spare.append(&mut out);
-        if !unreachable.is_empty() || !packets.is_empty() {
-            delay = Duration::ZERO;
-        }
+        unroutable
     }
 }
 
@@ -589,19 +600,8 @@ impl Inner {
             self.kick();
             return Ok(());
         };
-        engine.send_packets_reporting(out.iter().map(Vec::as_slice), |p, e| {
-            if let SendError::NoRoute | SendError::Dropped(DropReason::NoEndpoint) = e {
-                self.counters.tx_unroutable.fetch_add(1, Relaxed);
-                if let Ok(h) = IpHeader::new_checked(p) {
-                    let mut u = self.unreachable.lock();
-                    if !u.contains(&h.dst) {
-                        u.push(h.dst);
-                    }
-                }
-                // The stack thread's next poll fails the dials.
-                kick = true;
-            }
-        });
+        // The stack thread's next poll fails the dials to unroutable ones.
+        kick |= self.send_output(&engine, &out);
         drop(sending);
         DIRECT_SPARE.with_borrow_mut(|spare| spare.append(&mut out));
         if kick {
