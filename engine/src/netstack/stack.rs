@@ -14,7 +14,7 @@ use std::task::Waker;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, Select, Sender};
 use parking_lot::Mutex;
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
@@ -188,6 +188,9 @@ pub(crate) struct Inner {
     addresses: Vec<IpAddr>,
     engine: Weak<Engine>,
     kick: Sender<()>,
+    /// Receive batches for the stack, taken only under the stack lock, so
+    /// that whichever thread polls reads them in the order they came.
+    packets: Receiver<RxBatch>,
     closed: AtomicBool,
     detached: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -298,6 +301,7 @@ impl Inner {
             addresses: addresses.clone(),
             engine: Arc::downgrade(engine),
             kick: kick_tx,
+            packets: packets_rx,
             closed: AtomicBool::new(false),
             detached: detached.clone(),
             thread: Mutex::new(None),
@@ -317,7 +321,7 @@ impl Inner {
             let inner = inner.clone();
             std::thread::Builder::new()
                 .name("meshvpn-netstack".into())
-                .spawn(move || run(inner, packets_rx, kick_rx))
+                .spawn(move || run(inner, kick_rx))
                 .map_err(|_| NetstackError::Thread)?
         };
         *inner.thread.lock() = Some(t);
@@ -458,7 +462,7 @@ impl Inner {
 
 /// The netstack thread: waits for packets, kicks or the next socket
 /// deadline, then polls once for the whole batch and sends its output.
-fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
+fn run(inner: Arc<Inner>, kicks: Receiver<()>) {
     // However the loop ends (engine gone, stack closed, or a panic), the
     // stack is marked closed and every blocked caller wakes.
     struct Stopped<'a>(&'a Inner);
@@ -466,6 +470,8 @@ fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
         fn drop(&mut self) {
             self.0.closed.store(true, SeqCst);
             self.0.detached.store(true, SeqCst);
+            // Batches queued before the sink saw `detached` go back.
+            while self.0.packets.try_recv().is_ok() {}
             self.0.wake_all();
         }
     }
@@ -474,26 +480,21 @@ fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
     let mut spare: Vec<Vec<u8>> = Vec::new();
     let mut delay = Duration::ZERO;
     loop {
-        let first = if delay.is_zero() {
-            packets.try_recv().ok()
-        } else {
-            select! {
-                recv(packets) -> p => p.ok(),
-                recv(kicks) -> _ => None,
-                default(delay) => None,
-            }
-        };
+        if !delay.is_zero() {
+            // Wait without taking: batches leave the queue under the lock.
+            let mut sel = Select::new();
+            sel.recv(&inner.packets);
+            sel.recv(&kicks);
+            let _ = sel.ready_timeout(delay);
+        }
         while kicks.try_recv().is_ok() {}
         let Ok(engine) = inner.engine() else { break };
         let sending = inner.send_lock.lock();
         {
             let mut guard = inner.stack.lock();
             let st = &mut *guard;
-            if let Some(b) = first {
-                st.device.push(b);
-            }
             while st.device.pending() < RX_BATCH {
-                match packets.try_recv() {
+                match inner.packets.try_recv() {
                     Ok(b) => st.device.push(b),
                     Err(_) => break,
                 }
@@ -521,7 +522,7 @@ fn run(inner: Arc<Inner>, packets: Receiver<RxBatch>, kicks: Receiver<()>) {
         let unroutable = inner.send_output(&engine, &out);
         drop(sending);
         spare.append(&mut out);
-        if unroutable || !packets.is_empty() {
+        if unroutable || !inner.packets.is_empty() {
             delay = Duration::ZERO;
         }
     }
@@ -581,6 +582,10 @@ impl Inner {
         };
         let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             DIRECT_SPARE.with_borrow_mut(|spare| st.device.free.append(spare));
+            // Batches queued before this one are read first.
+            while let Ok(b) = self.packets.try_recv() {
+                st.device.push(b);
+            }
             st.device.push(batch);
             let linger = self.config.close_linger;
             st.pump_splices(linger);
