@@ -238,16 +238,17 @@ impl Drop for RxBatch {
 /// A stack that a receive thread may run itself for its batch, instead of
 /// queueing the batch for the stack's thread.
 pub(crate) trait RunOnReceive: Send + Sync {
-    /// Whether the stack wants its batches run on the receive thread now.
-    fn wanted(&self) -> bool;
     /// Runs the stack for `batch` on this thread; gives the batch back
     /// when the stack is busy or closed.
     fn run(&self, batch: RxBatch) -> Result<(), RxBatch>;
 }
 
 pub(crate) struct NetstackSink {
-    /// The stack, for batches a receive thread runs itself.
+    /// The stack, for batches a receive thread runs itself while
+    /// `run_on_receive` is set. A flag of its own, not a call on the stack:
+    /// a stack that never wants it costs one load per batch.
     pub stack: Weak<dyn RunOnReceive>,
+    pub run_on_receive: Arc<AtomicBool>,
     pub addresses: Vec<IpAddr>,
     pub queue: Sender<RxBatch>,
     pub pool: Arc<RxPool>,
@@ -269,12 +270,17 @@ impl NetstackSink {
     fn send(&self, batch: RxBatch) -> bool {
         // Run here when the stack wants it, nothing is queued before this
         // batch, and the stack is free.
-        let batch = match self.stack.upgrade() {
-            Some(stack) if stack.wanted() && self.queue.is_empty() => match stack.run(batch) {
+        let stack = if self.run_on_receive.load(Relaxed) && self.queue.is_empty() {
+            self.stack.upgrade()
+        } else {
+            None
+        };
+        let batch = match stack {
+            Some(stack) => match stack.run(batch) {
                 Ok(()) => return true,
                 Err(b) => b,
             },
-            _ => batch,
+            None => batch,
         };
         match self.queue.try_send(batch) {
             Ok(()) => true,
@@ -434,6 +440,7 @@ impl InnerSink for NetstackSink {
         let next = self.next.rewrap(end.clone()).unwrap_or(end);
         Some(Arc::new(NetstackSink {
             stack: self.stack.clone(),
+            run_on_receive: self.run_on_receive.clone(),
             addresses: self.addresses.clone(),
             queue: self.queue.clone(),
             pool: self.pool.clone(),
@@ -465,9 +472,6 @@ mod tests {
     struct NoStack;
 
     impl RunOnReceive for NoStack {
-        fn wanted(&self) -> bool {
-            false
-        }
         fn run(&self, batch: RxBatch) -> Result<(), RxBatch> {
             Err(batch)
         }
@@ -481,6 +485,7 @@ mod tests {
         let s = NetstackSink {
             // No stack: every batch is queued, as for a stack thread.
             stack: Weak::<NoStack>::new(),
+            run_on_receive: Arc::new(AtomicBool::new(false)),
             addresses: vec![IpAddr::from(US)],
             queue: tx,
             pool: RxPool::new(rx_queue_packets, 1500),

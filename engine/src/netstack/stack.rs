@@ -204,8 +204,9 @@ pub(crate) struct Inner {
     /// thread's next poll to fail their dials.
     unreachable: Mutex<Vec<IpAddr>>,
     /// Whether a receive thread may run the stack for its batch (see
-    /// [`Inner::deliver_direct`]); set after each poll.
-    pub poll_on_receive: AtomicBool,
+    /// [`Inner::deliver_direct`]); looked at after each poll, written
+    /// only when it changes. Shared with the sink.
+    poll_on_receive: Arc<AtomicBool>,
 }
 
 thread_local! {
@@ -308,7 +309,7 @@ impl Inner {
             waiter: OnceLock::new(),
             send_lock: Mutex::new(()),
             unreachable: Mutex::new(Vec::new()),
-            poll_on_receive: AtomicBool::new(false),
+            poll_on_receive: Arc::new(AtomicBool::new(false)),
             counters: Counters {
                 rx_dropped: rx_dropped.clone(),
                 syns_dropped: AtomicU64::new(0),
@@ -327,6 +328,7 @@ impl Inner {
         *inner.thread.lock() = Some(t);
         let sink = NetstackSink {
             stack: Arc::downgrade(&inner) as Weak<dyn RunOnReceive>,
+            run_on_receive: inner.poll_on_receive.clone(),
             addresses,
             queue: packets_tx,
             pool: RxPool::new(inner.config.rx_queue_packets, mtu),
@@ -516,7 +518,7 @@ fn run(inner: Arc<Inner>, kicks: Receiver<()>) {
                 delay = Duration::ZERO;
             }
             st.wake_at = st.now() + smol_timeout(Some(delay)).unwrap_or_default();
-            inner.poll_on_receive.store(st.poll_on_receive(), Relaxed);
+            inner.note_poll_on_receive(st);
             std::mem::swap(&mut out, &mut st.device.tx);
         }
         let unroutable = inner.send_output(&engine, &out);
@@ -529,7 +531,16 @@ fn run(inner: Arc<Inner>, kicks: Receiver<()>) {
 }
 
 impl Inner {
-    /// Sends a poll's output (without the stack lock) as one batch:
+    /// Updates the flag the sink reads per batch, writing it only when it
+    /// changes (the sink's receive threads read it for every batch).
+    fn note_poll_on_receive(&self, st: &Stack) {
+        let want = st.poll_on_receive();
+        if self.poll_on_receive.load(Relaxed) != want {
+            self.poll_on_receive.store(want, Relaxed);
+        }
+    }
+
+    /// Sends a poll (without the stack lock) as one batch:
     /// consecutive packets to a peer leave in one GSO send. Destinations
     /// without a route are noted for the next poll to fail their dials;
     /// true when there were any.
@@ -552,10 +563,6 @@ impl Inner {
 }
 
 impl RunOnReceive for Inner {
-    fn wanted(&self) -> bool {
-        self.poll_on_receive.load(Relaxed)
-    }
-
     fn run(&self, batch: RxBatch) -> Result<(), RxBatch> {
         self.deliver_direct(batch)
     }
@@ -593,7 +600,7 @@ impl Inner {
             let delay = st.delay();
             let more = st.pump_splices(linger) || st.device.pending() > 0;
             let wake = st.now() + smol_timeout(Some(delay)).unwrap_or_default();
-            self.poll_on_receive.store(st.poll_on_receive(), Relaxed);
+            self.note_poll_on_receive(&st);
             (std::mem::take(&mut st.device.tx), more || wake < st.wake_at)
         }));
         drop(st);
