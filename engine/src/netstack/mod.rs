@@ -21,9 +21,10 @@
 //! deadlines (`poll_delay`); it encrypts and sends the batch's output after
 //! releasing it. A second lock, taken first and held until the output is
 //! sent, keeps one poll's output ahead of the next one's when a receive
-//! thread polls. Callers' threads take the stack lock only to copy bytes. smoltcp wakes a
-//! socket's [`signal::Signal`] while the lock is held, and a caller reads the
-//! signal's generation while still holding it, so no wake-up is lost.
+//! thread polls. Callers' threads take the stack lock only to copy bytes.
+//! smoltcp wakes a socket's [`signal::Signal`] while the lock is held, and a
+//! caller reads the signal's generation while still holding it, so no
+//! wake-up is lost.
 //!
 //! Memory is bounded by [`NetstackConfig`]: at most `max_sockets` sockets,
 //! each with fixed buffers, and at most `rx_queue_packets` queued packets

@@ -266,7 +266,8 @@ impl NetstackSink {
         self.addresses.contains(&h.dst).then_some(h.total_len)
     }
 
-    /// Queues a batch for the stack thread; true when it went.
+    /// Hands a batch to the stack: run on this thread when the stack wants
+    /// it and is free, else queued for the stack thread. True when it went.
     fn send(&self, batch: RxBatch) -> bool {
         // Run here when the stack wants it, nothing is queued before this
         // batch, and the stack is free.

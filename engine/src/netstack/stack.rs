@@ -540,7 +540,7 @@ impl Inner {
         }
     }
 
-    /// Sends a poll (without the stack lock) as one batch:
+    /// Sends a poll's output (without the stack lock) as one batch:
     /// consecutive packets to a peer leave in one GSO send. Destinations
     /// without a route are noted for the next poll to fail their dials;
     /// true when there were any.
@@ -560,15 +560,7 @@ impl Inner {
         });
         unroutable
     }
-}
 
-impl RunOnReceive for Inner {
-    fn run(&self, batch: RxBatch) -> Result<(), RxBatch> {
-        self.deliver_direct(batch)
-    }
-}
-
-impl Inner {
     /// Runs the stack for `batch` on the calling receive thread, when no
     /// other thread polls it or sends its output: one poll with its splices
     /// pumped, its output sent from here, no hand-off to the stack thread.
@@ -620,6 +612,12 @@ impl Inner {
             self.kick();
         }
         Ok(())
+    }
+}
+
+impl RunOnReceive for Inner {
+    fn run(&self, batch: RxBatch) -> Result<(), RxBatch> {
+        self.deliver_direct(batch)
     }
 }
 
